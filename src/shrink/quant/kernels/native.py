@@ -1,0 +1,68 @@
+"""The compiled AVX2 kernel: built on first use with the machine's C++ compiler, cached, optional.
+
+Building at first use (rather than at install) keeps pip from fetching another torch into an isolated
+build environment, and lets a machine without a compiler or without AVX2 fall back to the PyTorch path.
+Set SHRINK_NATIVE=0 to never build or use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ...paths import cache_dir
+
+SOURCE = Path(__file__).with_name("qgemm_avx2.cpp")
+REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+
+
+def cpu_supported() -> bool:
+    """True on x86-64 Linux CPUs that report AVX2, FMA and F16C."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return all(f in flags for f in REQUIRED_FLAGS)
+    return False
+
+
+@lru_cache(maxsize=1)
+def load():
+    """The compiled extension module, or None when it is disabled, unsupported or fails to build."""
+    if os.environ.get("SHRINK_NATIVE", "1") == "0" or not cpu_supported():
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    build_dir = cache_dir() / "kernels" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"shrink_qgemm_{key}"
+    if not any(build_dir.glob(f"{name}*.so")):
+        print("shrink: compiling the AVX2 kernel (once per machine, about a minute)...", file=sys.stderr, flush=True)
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        return build(
+            name=name,
+            sources=[str(SOURCE)],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # a missing compiler or headers must not stop the user: use PyTorch
+        warnings.warn(f"shrink: native kernel unavailable ({type(exc).__name__}: {exc}); using the PyTorch path")
+        return None
+
+
+def available() -> bool:
+    """Whether the native kernel can be used on this machine."""
+    return load() is not None

@@ -1,0 +1,158 @@
+"""QuantLinear: a drop-in `nn.Linear` whose weight is packed low-bit integers plus fp16 scales.
+
+Buffers (all saved in the state dict, nothing else needed to rebuild the layer):
+  qweight  uint8 [out, packed bytes]   codes packed in blocks of 32 inputs (see packing.py)
+  scales   fp16  [out, groups]
+  zeros    uint8 [out, groups]         only for -asym formats
+  bias     fp32  [out]                 when the original layer had one
+The forward pass runs the native AVX2 kernel where it applies and the PyTorch path otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .packing import pack, packed_width
+from .rtn import QuantizedWeight, quantize_weight, symmetric_zero
+from .spec import QuantSpec, parse_format
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with packed integer weights; same forward signature as `nn.Linear`.
+
+    backend: "auto" (native kernel where it applies, else PyTorch), "native" or "torch";
+    defaults to $SHRINK_BACKEND or "auto". Inference only: the weights carry no gradient.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec | str, bias: bool = False,
+                 backend: str | None = None):
+        super().__init__()
+        spec = parse_format(spec)
+        if spec.cast:
+            raise ValueError(f"QuantLinear holds integer formats; use CastLinear for {spec.name}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        groups = in_features // spec.group_for(in_features)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, spec.bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
+        if spec.symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
+        else:
+            self.bias = None
+        self.backend = backend or kernels.default_backend()
+
+    @property
+    def zero_const(self) -> int:
+        return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, name: str = "<linear>",
+                    backend: str | None = None) -> "QuantLinear":
+        """Quantize an `nn.Linear` by round-to-nearest (`name` is used in error messages)."""
+        spec = parse_format(spec)
+        q = quantize_weight(linear.weight, spec, name)
+        return cls.from_quantized(q, linear.in_features, linear.out_features, spec, linear.bias, backend)
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, in_features: int, out_features: int, spec: QuantSpec,
+                       bias: torch.Tensor | None = None, backend: str | None = None) -> "QuantLinear":
+        """Build from already computed codes, scales and zero points (any quantization method)."""
+        layer = cls(in_features, out_features, spec, bias=bias is not None, backend=backend)
+        layer.qweight.copy_(pack(q.codes, spec.bits))
+        layer.scales.copy_(q.scales)
+        if layer.zeros is not None:
+            layer.zeros.copy_(q.zeros)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(torch.float32))
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight these codes stand for."""
+        return kernels.reference.dequant_weight(self.qweight, self.scales, self.zeros, self.zero_const,
+                                                self.spec.bits, self.in_features)
+
+    def uses_native(self) -> bool:
+        """Whether forward runs the compiled kernel on this machine."""
+        if self.backend == "torch":
+            return False
+        ok = kernels.native_supports(self.in_features, self.spec.group_for(self.in_features)) and kernels.native.available()
+        if self.backend == "native" and not ok:
+            raise RuntimeError(
+                f"native backend requested but unavailable for in_features={self.in_features}, format {self.spec.name} "
+                f"(needs AVX2, a C++ compiler, and input and group sizes that are multiples of 32)"
+            )
+        return ok
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.uses_native():
+            ext = kernels.native.load()
+            empty = x2.new_empty(0)
+            y = ext.qlinear(
+                x2.to(torch.float32).contiguous(), self.qweight, self.scales,
+                self.zeros if self.zeros is not None else empty.to(torch.uint8),
+                self.zero_const, self.bias if self.bias is not None else empty.to(torch.float32),
+                self.spec.bits, self.spec.group_for(self.in_features),
+            )
+        else:
+            y = kernels.reference.dequant_linear(x2.to(torch.float32), self.qweight, self.scales, self.zeros,
+                                                 self.zero_const, self.bias, self.spec.bits, self.in_features)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes of packed weights, scales and zero points (bias excluded)."""
+        n = self.qweight.numel() + self.scales.numel() * 2
+        return n + (self.zeros.numel() if self.zeros is not None else 0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, bias={self.bias is not None}"
+
+
+class CastLinear(nn.Module):
+    """Linear layer stored in bf16 or fp16 and computed in the input's dtype (a size baseline)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec | str, bias: bool = False):
+        super().__init__()
+        spec = parse_format(spec)
+        if not spec.cast:
+            raise ValueError(f"CastLinear holds bf16/fp16, not {spec.name}")
+        dtype = torch.bfloat16 if spec.cast == "bf16" else torch.float16
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, name: str = "<linear>") -> "CastLinear":
+        """Cast an `nn.Linear`'s weight (and bias) to the format's dtype."""
+        layer = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError(f"layer {name!r}: weight has NaN or infinite values")
+        layer.weight.copy_(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.to(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), b)
+
+    def weight_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, bias={self.bias is not None}"

@@ -1,0 +1,84 @@
+"""Format strings: what a quantization is called and what it means.
+
+`int4-g64` is 4-bit integers with one fp16 scale per group of 64 inputs; `int8` is 8 bits with one
+scale per output channel; `-asym` adds a uint8 zero point per group. `bf16` and `fp16` are plain casts,
+kept as baselines.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (16, 32, 64, 128)
+CASTS = ("bf16", "fp16")
+
+_PATTERN = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?$")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantization format.
+
+    bits: 2, 3, 4 or 8 for integer formats, 16 for casts.
+    group_size: inputs sharing one scale; None means one scale per output channel.
+    symmetric: False adds a zero point per group.
+    cast: "bf16" or "fp16" for the cast baselines, else None.
+    """
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+    cast: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.cast:
+            return self.cast
+        name = f"int{self.bits}"
+        if self.group_size is not None:
+            name += f"-g{self.group_size}"
+        return name if self.symmetric else name + "-asym"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def group_for(self, in_features: int) -> int:
+        """The group size used for a layer with `in_features` inputs (per-channel: all of them)."""
+        return in_features if self.group_size is None else self.group_size
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage bits per weight including scales (fp16) and zero points (uint8)."""
+        if self.cast:
+            return 16.0
+        g = self.group_for(in_features)
+        return self.bits + 16 / g + (0 if self.symmetric else 8 / g)
+
+
+def parse_format(text: str | QuantSpec) -> QuantSpec:
+    """Parse a format string such as `int8`, `int4-g64`, `int3-g32-asym`, `bf16`.
+
+    Raises ValueError naming the string and the accepted forms.
+    """
+    if isinstance(text, QuantSpec):
+        return text
+    if not isinstance(text, str):
+        raise TypeError(f"a format must be a string such as 'int4-g64', not {type(text).__name__}")
+    t = text.strip().lower()
+    if t in CASTS:
+        return QuantSpec(bits=16, cast=t)
+    m = _PATTERN.match(t)
+    hint = (
+        f"formats are int8, int4-g64, int3-g32-asym, ... (bits {'/'.join(map(str, BITS))}, "
+        f"groups {'/'.join(map(str, GROUP_SIZES))} or none for per-channel, optional -asym) or bf16/fp16"
+    )
+    if not m:
+        raise ValueError(f"unknown format {text!r}: {hint}")
+    bits = int(m["bits"])
+    if bits not in BITS:
+        raise ValueError(f"unknown format {text!r}: {bits} bits is not supported; {hint}")
+    group = int(m["group"]) if m["group"] else None
+    if group is not None and group not in GROUP_SIZES:
+        raise ValueError(f"unknown format {text!r}: group size {group} is not supported; {hint}")
+    return QuantSpec(bits=bits, group_size=group, symmetric=not m["asym"])

@@ -1,0 +1,88 @@
+"""Sizes of a model by kind of module, before and after quantization.
+
+"Before" is the size the same weights take in float32, which is what shrink's loaders produce;
+"after" is what the module holds now. Tied tensors (an output layer sharing the embedding matrix)
+are counted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from .linear import CastLinear, QuantLinear
+
+
+@dataclass
+class SizeRow:
+    """One kind of module: how many, how many weights, bytes in fp32 and now, bits per weight."""
+
+    kind: str
+    modules: int = 0
+    parameters: int = 0
+    bytes_fp32: int = 0
+    bytes_now: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes_now / self.parameters if self.parameters else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bits_per_weight": round(self.bits_per_weight, 4)}
+
+
+def _kind(module: nn.Module, name: str, output_name: str | None) -> str:
+    if isinstance(module, (QuantLinear, CastLinear)):
+        return f"Linear {module.spec.name}"
+    if isinstance(module, nn.Linear):
+        return "Linear fp32 (output, kept)" if name == output_name else "Linear fp32 (kept)"
+    if isinstance(module, nn.Embedding):
+        return "Embedding (kept)"
+    return "other (norms, biases, ...)"
+
+
+def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]:
+    """Rows by kind of module plus a final "total" row."""
+    rows: dict[str, SizeRow] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        tensors = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))]
+        fresh = [t for t in tensors if t.data_ptr() not in seen or t.numel() == 0]
+        seen.update(t.data_ptr() for t in fresh)
+        if not fresh:
+            continue
+        row = rows.setdefault(_kind(module, name, output_name), SizeRow(_kind(module, name, output_name)))
+        row.modules += 1
+        if isinstance(module, (QuantLinear, CastLinear)):
+            n = module.in_features * module.out_features
+            row.parameters += n
+            row.bytes_fp32 += 4 * n
+            row.bytes_now += module.weight_bytes()
+            if module.bias is not None:
+                row.parameters += module.bias.numel()
+                row.bytes_fp32 += 4 * module.bias.numel()
+                row.bytes_now += module.bias.numel() * module.bias.element_size()
+        else:
+            for t in fresh:
+                row.parameters += t.numel()
+                row.bytes_fp32 += 4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
+                row.bytes_now += t.numel() * t.element_size()
+    ordered = sorted(rows.values(), key=lambda r: -r.bytes_fp32)
+    total = SizeRow("total")
+    for r in ordered:
+        total.modules += r.modules
+        total.parameters += r.parameters
+        total.bytes_fp32 += r.bytes_fp32
+        total.bytes_now += r.bytes_now
+    return ordered + [total]
+
+
+def quantized_bits_per_weight(model: nn.Module) -> float:
+    """Average storage bits per weight over the quantized Linear layers (scales and zeros included)."""
+    bits = n = 0
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, CastLinear)):
+            bits += 8 * m.weight_bytes()
+            n += m.in_features * m.out_features
+    return bits / n if n else 0.0
