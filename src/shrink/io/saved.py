@@ -69,6 +69,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
             cfg = model.config
             if getattr(cfg, "quantization_config", None) is not None:
                 del cfg.quantization_config  # the GGUF origin is in shrink.json; transformers must not re-quantize
+            cfg.architectures = [type(model).__name__]
             cfg.save_pretrained(tmp)
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)
@@ -121,7 +122,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                 f"{directory} holds a plain PyTorch model ({manifest.get('architecture')}); "
                 "pass an instance of its architecture: shrink.load(dir, model=MyModel())"
             )
-        model = _build_hf(directory)
+        model = _build_hf(directory, manifest.get("architecture"))
     for name, info in manifest["modules"].items():
         try:
             spec = parse_format(info["format"])
@@ -178,7 +179,7 @@ def _is_tied_alias(model: nn.Module, key: str, state: dict) -> bool:
     return any(k in state and p.data_ptr() == ptr for k, p in params.items() if k != key)
 
 
-def _build_hf(directory: Path) -> nn.Module:
+def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
@@ -186,7 +187,7 @@ def _build_hf(directory: Path) -> nn.Module:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as e:
         raise ShrinkError(f"{directory / 'config.json'}: cannot read Hugging Face config ({e})") from None
-    archs = getattr(config, "architectures", None) or []
+    archs = getattr(config, "architectures", None) or ([architecture] if architecture else [])
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise ShrinkError(f"{directory / 'config.json'}: unknown architecture {archs!r}")

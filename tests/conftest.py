@@ -1,0 +1,48 @@
+import os
+
+import pytest
+import torch
+
+# Keep the tests' cache (compiled kernel, converted default model) in one place per machine.
+os.environ.setdefault("SHRINK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shrink"))
+
+
+def tiny_llama(seed: int = 0, tie: bool = True):
+    """A 2-layer Llama built from a config: hidden 64, MLP 128, vocab 96."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    # Random init is tiny (std 0.02); widen it so quantization error is visible and outputs differ.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+class MLP(torch.nn.Module):
+    """A plain PyTorch classifier: 64 -> 128 -> 128 -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 128)
+        self.fc2 = torch.nn.Linear(128, 128)
+        self.head = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return MLP().eval()

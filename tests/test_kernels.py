@@ -1,0 +1,86 @@
+"""The native kernel against the PyTorch reference of the same arithmetic, and against dequantize+matmul."""
+
+import pytest
+import torch
+
+from shrink.quant.kernels import native, reference
+from shrink.quant.linear import QuantLinear
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernel not built on this machine")
+
+FORMATS = ["int8", "int8-g32-asym", "int8-g128", "int4-g32", "int4-g64", "int4-g128-asym", "int4", "int3-g32",
+           "int3-g64-asym", "int2-g32", "int2-g64-asym"]
+
+
+def _layer(fmt, k=256, n=40, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    return lin, QuantLinear.from_linear(lin, fmt, backend="native")
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 33])
+def test_native_matches_reference_arithmetic(fmt, m):
+    lin, q = _layer(fmt)
+    x = torch.randn(m, 256) * 3
+    y = q(x)
+    ref = reference.int8_activation_linear(x, q.qweight, q.scales, q.zeros, q.zero_const, q.bias, q.spec.bits,
+                                           256, q.spec.group_for(256))
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64", "int2-g32-asym"])
+def test_native_close_to_dequantized_weights(fmt):
+    # Activation quantization (int8 per block of 32) adds well under 1% relative error.
+    lin, q = _layer(fmt, k=512, n=64)
+    x = torch.randn(8, 512)
+    exact = reference.dequant_linear(x, q.qweight, q.scales, q.zeros, q.zero_const, q.bias, q.spec.bits, 512)
+    assert _rel(q(x), exact) < 0.01
+
+
+@needs_native
+def test_activation_quantizer_matches_reference():
+    ext = native.load()
+    x = torch.randn(7, 128) * torch.logspace(-3, 2, 128)  # blocks of very different magnitude
+    x[3, :32] = 0  # an all-zero block
+    xq, d, gsum = ext.quantize_x(x, 64)
+    rq, rd, rgsum = reference.quantize_activations(x, 64)
+    assert torch.equal(xq, rq)
+    assert torch.equal(d, rd)
+    assert torch.allclose(gsum, rgsum, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_native_handles_3d_input_and_no_bias():
+    lin, q = _layer("int4-g32", bias=False)
+    x = torch.randn(2, 3, 256)
+    y = q(x)
+    assert y.shape == (2, 3, 40)
+    flat = q(x.reshape(6, 256)).reshape(2, 3, 40)
+    assert torch.equal(y, flat)
+
+
+def test_torch_backend_is_exact_for_stored_weights():
+    lin, q = _layer("int4-g64")
+    q.backend = "torch"
+    x = torch.randn(4, 256)
+    w = q.dequantized_weight()
+    assert torch.allclose(q(x), x @ w.T + q.bias, atol=1e-5)
+
+
+def test_unsupported_shapes_fall_back_to_torch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 8)  # 48 is not a multiple of 32: torch path even with backend=auto
+    q = QuantLinear.from_linear(lin, "int4-g16")
+    assert not q.uses_native()
+    x = torch.randn(3, 48)
+    assert torch.allclose(q(x), x @ q.dequantized_weight().T + q.bias, atol=1e-5)
+    q.backend = "native"
+    with pytest.raises(RuntimeError, match="in_features=48"):
+        q(x)

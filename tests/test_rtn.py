@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from shrink.quant.rtn import dequantize, quantize_weight
+from shrink.quant.spec import parse_format
+
+
+def _w(n=16, k=128, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-g32", "int4-g32", "int4-g64-asym", "int3-g32", "int2-g16-asym", "int4"])
+def test_error_within_half_step(fmt):
+    spec = parse_format(fmt)
+    w = _w()
+    q = quantize_weight(w, spec)
+    wd = dequantize(q.codes, q.scales.float(), q.zeros, q.zero_const)
+    g = spec.group_for(w.shape[1])
+    step = q.scales.float().abs().repeat_interleave(g, dim=1)
+    # Every weight inside the grid's range is within half a step of its reconstruction.
+    err = (wd - w).abs()
+    inside = err <= step * 0.5 + 1e-6
+    if spec.symmetric and spec.bits < 8:
+        # the one code above the top of the grid may clip weights of the opposite sign to the extreme
+        assert inside.float().mean() > 0.98
+    else:
+        assert inside.all()
+    assert int(q.codes.max()) < 2 ** spec.bits
+
+
+def test_symmetric_4bit_uses_full_range_like_q4_0():
+    w = torch.tensor([[-1.0, 0.5, 0.25, 0.0] * 16])
+    q = quantize_weight(w, parse_format("int4-g64"))
+    assert q.codes[0, 0].item() == 0  # the largest magnitude maps to -8
+    assert q.scales[0, 0].item() == pytest.approx(1 / 8)
+    wd = dequantize(q.codes, q.scales.float(), None, q.zero_const)
+    assert torch.allclose(wd, w)  # all these values lie on the grid
+
+
+def test_asym_reproduces_grid_exactly():
+    # weights already on an asymmetric 4-bit grid come back exactly (the SmolLM2 Q4_1 trap)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (4, 64), generator=g).float()
+    codes[:, 0], codes[:, 1] = 0, 15  # span the full range in every group
+    scale = torch.tensor([[1 / 64], [1 / 32], [3 / 64], [1 / 16]])  # exact in fp16
+    w = (codes - 3) * scale
+    q = quantize_weight(w, parse_format("int4-asym"))
+    assert torch.allclose(dequantize(q.codes, q.scales.float(), q.zeros, 0), w, atol=1e-5)
+
+
+def test_errors_name_the_layer():
+    w = _w(k=96)
+    with pytest.raises(ValueError, match=r"layer 'blocks.3.fc'.*group size 64.*input size 96"):
+        quantize_weight(w, parse_format("int4-g64"), name="blocks.3.fc")
+    w[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 'x'.*1 NaN or infinite"):
+        quantize_weight(w, parse_format("int8"), name="x")
+
+
+def test_zero_group_gives_zero_weights():
+    w = torch.zeros(2, 64)
+    for fmt in ("int4-g32", "int4-g32-asym", "int8"):
+        q = quantize_weight(w, parse_format(fmt))
+        assert torch.equal(dequantize(q.codes, q.scales.float(), q.zeros, q.zero_const), w)

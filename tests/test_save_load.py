@@ -1,0 +1,129 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+import shrink
+from conftest import MLP, tiny_llama
+from shrink.errors import ShrinkError
+from shrink.quant import QuantLinear
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("spec", ["int4-g32", "int8", "int3-g16-asym", {"model.layers.0.*": "int2-g32", "*": "int8-g64-asym"}])
+def test_hf_round_trip_bit_identical(tmp_path, spec):
+    model = shrink.quantize(tiny_llama(), spec, progress=False)
+    ids = torch.randint(3, 96, (2, 10))
+    before = _logits(model, ids)
+    shrink.save(model, tmp_path / "q")
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "shrink.json"]
+    loaded = shrink.load(tmp_path / "q")
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, QuantLinear)
+    assert torch.equal(_logits(loaded, ids), before)
+    assert loaded.shrink_formats == model.shrink_formats
+    # tied embeddings stay tied after loading
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_untied_hf_round_trip(tmp_path):
+    model = shrink.quantize(tiny_llama(tie=False), "int4-g64", keep_output=False, progress=False)
+    ids = torch.randint(3, 96, (1, 7))
+    before = _logits(model, ids)
+    shrink.save(model, tmp_path / "q")
+    assert torch.equal(_logits(shrink.load(tmp_path / "q"), ids), before)
+
+
+def test_plain_module_needs_skeleton(tmp_path):
+    torch.manual_seed(0)
+    model = shrink.quantize(MLP(), "int4-g32-asym", progress=False)
+    x = torch.randn(5, 64)
+    before = model(x)
+    shrink.save(model, tmp_path / "m")
+    with pytest.raises(ShrinkError, match="pass an instance of its architecture"):
+        shrink.load(tmp_path / "m")
+    loaded = shrink.load(tmp_path / "m", model=MLP())
+    assert torch.equal(loaded(x), before)
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    shrink.save(shrink.quantize(tiny_llama(), "int8", progress=False), tmp_path / "q")
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used while loading")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    shrink.load(tmp_path / "q")
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(ShrinkError, match="no such folder"):
+        shrink.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShrinkError, match="is not a shrink folder"):
+        shrink.load(tmp_path / "empty")
+    model = shrink.quantize(tiny_llama(), "int8", progress=False)
+    shrink.save(model, tmp_path / "q")
+    manifest = tmp_path / "q" / "shrink.json"
+    data = json.loads(manifest.read_text())
+
+    data["format_version"] = 99
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ShrinkError, match="format version 99, newer than this shrink reads"):
+        shrink.load(tmp_path / "q")
+
+    manifest.write_text('{\n  "format_version": 1,\n  oops\n}')
+    with pytest.raises(ShrinkError, match=r"shrink.json: invalid JSON at line 3"):
+        shrink.load(tmp_path / "q")
+
+    data["format_version"] = 1
+    manifest.write_text(json.dumps(data))
+    weights = tmp_path / "q" / "model.safetensors"
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ShrinkError, match=r"model.safetensors: cannot read"):
+        shrink.load(tmp_path / "q")
+    weights.unlink()
+    with pytest.raises(ShrinkError, match=r"model.safetensors: missing weights file"):
+        shrink.load(tmp_path / "q")
+
+
+def test_manifest_and_weights_must_agree(tmp_path):
+    shrink.save(shrink.quantize(tiny_llama(), "int8", progress=False), tmp_path / "q")
+    manifest = tmp_path / "q" / "shrink.json"
+    data = json.loads(manifest.read_text())
+    data["modules"]["model.layers.0.mlp.up_proj"]["format"] = "int4-g32"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ShrinkError, match=r"tensor 'model.layers.0.mlp.up_proj.(qweight|scales)' has shape"):
+        shrink.load(tmp_path / "q")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = shrink.quantize(tiny_llama(), "int8", progress=False)
+    import shrink.io.saved as saved
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(saved, "save_model", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        shrink.save(model, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []  # no half-written folder, no temporary left behind
+
+
+def test_save_refuses_to_clobber_other_folders(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep me")
+    model = shrink.quantize(tiny_llama(), "int8", progress=False)
+    with pytest.raises(FileExistsError, match="not empty"):
+        shrink.save(model, tmp_path / "data")
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
+    shrink.save(model, tmp_path / "q")
+    shrink.save(model, tmp_path / "q")  # replacing a shrink folder is fine
+    assert shrink.load(tmp_path / "q") is not None
