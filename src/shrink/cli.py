@@ -77,6 +77,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 def quantize(model, fmt, layers, method, quantize_output, out):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
+    MODEL defaults to the built-in SmolLM2-135M-Instruct.
     Embeddings and the output layer stay in full precision unless asked. With --out, writes
     model.safetensors, shrink.json, config and tokenizer, and results.json.
     """

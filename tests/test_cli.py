@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import shrink
+from conftest import tiny_llama
+from shrink.cli import main
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    path = tmp_path / "tiny"
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def test_quantize_writes_folder_and_results(hf_folder, tmp_path):
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(hf_folder), "--format", "int4-g32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Linear int4-g32" in r.output and "4.50" in r.output
+    assert "kept in full precision: lm_head" in r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["format"] == "int4-g32" and res["quantized_bits_per_weight"] == pytest.approx(4.5)
+    assert res["kept_full_precision"] == ["lm_head"]
+    total = res["sizes"][-1]
+    assert total["kind"] == "total" and total["bytes_now"] < total["bytes_fp32"]
+    model = shrink.load(out)
+    assert model.shrink_formats["model.layers.0.self_attn.q_proj"] == "int4-g32"
+
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Linear int4-g32" in r.output and "shrink format 1" in r.output
+
+
+def test_layer_overrides(hf_folder, tmp_path):
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(hf_folder), "-f", "int4-g32", "--layer", "*.mlp.*=int8",
+                                  "--layer", "model.layers.1.self_attn.*=none", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "shrink.json").read_text())["modules"]
+    assert m["model.layers.0.mlp.up_proj"]["format"] == "int8"
+    assert m["model.layers.0.self_attn.q_proj"]["format"] == "int4-g32"
+    assert "model.layers.1.self_attn.q_proj" not in m
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "shrink.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["quantize", "{tiny}", "--format", "int5-g64"], "unknown format 'int5-g64'"),
+    (["quantize", "{tiny}", "--format", "int4-g128"], "group size 128 of format int4-g128 does not divide its input size 64"),
+    (["quantize", "{tmp}/nope.gguf"], "nope.gguf: no such file"),
+    (["quantize", "{tmp}/bad.gguf"], "bad.gguf: cannot load GGUF file"),
+    (["inspect", "{tmp}"], "not a model folder"),
+    (["quantize", "{tiny}", "--layer", "oops"], "expected GLOB=FORMAT"),
+])
+def test_bad_input_one_line_nonzero_exit(hf_folder, tmp_path, args, needle):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    args = [a.format(tiny=hf_folder, tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "out")] * (args[0] == "quantize")
+    r = _run(*args)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("Error: ") and needle in err[-1], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_newer_format_version_is_refused(hf_folder, tmp_path):
+    out = tmp_path / "q"
+    assert CliRunner().invoke(main, ["quantize", str(hf_folder), "-f", "int8", "-o", str(out)]).exit_code == 0
+    data = json.loads((out / "shrink.json").read_text())
+    data["format_version"] = 2
+    (out / "shrink.json").write_text(json.dumps(data))
+    r = _run("inspect", str(out))
+    assert r.returncode == 1 and "format version 2, newer than this shrink reads (1)" in r.stderr
+
+
+def test_help_states_defaults():
+    r = CliRunner().invoke(main, ["quantize", "--help"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "[default: int4-g64]" in text and "--layer" in text and "SmolLM2" in text
