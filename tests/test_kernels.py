@@ -84,3 +84,23 @@ def test_unsupported_shapes_fall_back_to_torch():
     q.backend = "native"
     with pytest.raises(RuntimeError, match="in_features=48"):
         q(x)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64-asym", "int3-g32", "int2-g128"])
+def test_native_dequantize_is_exact(fmt):
+    lin, q = _layer(fmt, k=256, n=24)
+    ext = native.load()
+    zeros = q.zeros if q.zeros is not None else torch.empty(0, dtype=torch.uint8)
+    w = ext.dequantize(q.qweight, q.scales, zeros, q.zero_const, q.spec.bits, q.spec.group_for(256), 256)
+    assert torch.equal(w, q.dequantized_weight())
+
+
+@needs_native
+def test_large_batches_use_dequantized_gemm():
+    from shrink.quant.linear import LARGE_BATCH
+
+    lin, q = _layer("int4-g32")
+    x = torch.randn(LARGE_BATCH + 3, 256)
+    exact = x @ q.dequantized_weight().T + q.bias
+    assert torch.allclose(q(x), exact, rtol=1e-5, atol=1e-4)

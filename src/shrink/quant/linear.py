@@ -20,6 +20,13 @@ from .rtn import QuantizedWeight, quantize_weight, symmetric_zero
 from .spec import QuantSpec, parse_format
 
 
+# From this many rows on (prompt processing, large batches) a float GEMM on weights dequantized by the
+# kernel beats integer dot products on this class of CPU (measured crossover: 32 to 64 rows).
+LARGE_BATCH = 64
+_NO_U8 = torch.empty(0, dtype=torch.uint8)  # "no zero points" / "no bias" for the kernel
+_NO_F32 = torch.empty(0, dtype=torch.float32)
+
+
 class QuantLinear(nn.Module):
     """Linear layer with packed integer weights; same forward signature as `nn.Linear`.
 
@@ -48,9 +55,12 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.backend = backend or kernels.default_backend()
+        self._group = spec.group_for(in_features)
+        self._native, self._native_for = None, None
 
     @property
     def zero_const(self) -> int:
+        """The zero point of symmetric formats (codes are stored offset by it); 0 for -asym."""
         return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0
 
     @classmethod
@@ -80,33 +90,45 @@ class QuantLinear(nn.Module):
                                                 self.spec.bits, self.in_features)
 
     def uses_native(self) -> bool:
-        """Whether forward runs the compiled kernel on this machine."""
+        """Whether forward runs the compiled kernel on this machine (decided once per backend)."""
+        if self._native_for != self.backend:
+            self._native = self._decide_native()
+            self._native_for = self.backend
+        return self._native is not None
+
+    def _decide_native(self):
         if self.backend == "torch":
-            return False
-        ok = kernels.native_supports(self.in_features, self.spec.group_for(self.in_features)) and kernels.native.available()
-        if self.backend == "native" and not ok:
+            return None
+        ok = kernels.native_supports(self.in_features, self.spec.group_for(self.in_features))
+        ext = kernels.native.load() if ok else None
+        if self.backend == "native" and ext is None:
             raise RuntimeError(
                 f"native backend requested but unavailable for in_features={self.in_features}, format {self.spec.name} "
                 f"(needs AVX2, a C++ compiler, and input and group sizes that are multiples of 32)"
             )
-        return ok
+        return ext
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.uses_native():
-            ext = kernels.native.load()
-            empty = x2.new_empty(0)
-            y = ext.qlinear(
-                x2.to(torch.float32).contiguous(), self.qweight, self.scales,
-                self.zeros if self.zeros is not None else empty.to(torch.uint8),
-                self.zero_const, self.bias if self.bias is not None else empty.to(torch.float32),
-                self.spec.bits, self.spec.group_for(self.in_features),
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        if self.uses_native() and x2.shape[0] >= LARGE_BATCH:
+            w = self._native.dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
+                                        self.zero_const, self.spec.bits, self._group, self.in_features)
+            y = F.linear(x2, w, self.bias)
+        elif self.uses_native():
+            y = self._native.qlinear(
+                x2, self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
+                self.zero_const, self.bias if self.bias is not None else _NO_F32,
+                self.spec.bits, self._group,
             )
         else:
-            y = kernels.reference.dequant_linear(x2.to(torch.float32), self.qweight, self.scales, self.zeros,
+            y = kernels.reference.dequant_linear(x2, self.qweight, self.scales, self.zeros,
                                                  self.zero_const, self.bias, self.spec.bits, self.in_features)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights, scales and zero points (bias excluded)."""
