@@ -149,9 +149,19 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
 
 
 def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # so tied parameters are one object before we look for them
     own = model.state_dict()
-    # save_model drops one of each pair of tied tensors; tie_weights or the shared storage restores it.
-    missing = [k for k in own if k not in state and not _is_tied_alias(model, k, state)]
+    # save_model keeps one name of each group of tied tensors; give the others the same tensor.
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        for n in names:
+            if present and n not in state:
+                state[n] = state[present[0]]
+    missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         parts = []
@@ -165,18 +175,10 @@ def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
             raise ShrinkError(
                 f"{weights}: tensor {k!r} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(own[k].shape)} {own[k].dtype}"
             )
-    model.load_state_dict(state, strict=False)
+    # assign=True adopts the loaded tensors instead of copying into (possibly meta) placeholders.
+    model.load_state_dict(state, strict=True, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-
-
-def _is_tied_alias(model: nn.Module, key: str, state: dict) -> bool:
-    """A parameter absent from the file because it shares storage with one that is present."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if key not in params:
-        return False
-    ptr = params[key].data_ptr()
-    return any(k in state and p.data_ptr() == ptr for k, p in params.items() if k != key)
 
 
 def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
@@ -191,4 +193,10 @@ def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise ShrinkError(f"{directory / 'config.json'}: unknown architecture {archs!r}")
-    return cls(config).float()
+    # Parameters start on the meta device (no memory, no random init): the file fills them all, so
+    # loading never holds a full-precision copy of the model. Buffers are built for real.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    return model
