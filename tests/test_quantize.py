@@ -91,3 +91,12 @@ def test_errors(llama, mlp):
         mlp.fc2.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="layer 'fc2'.*NaN or infinite"):
         shrink.quantize(mlp, "int8", progress=False)
+
+
+def test_quantized_model_deepcopies(mlp):
+    import copy
+
+    shrink.quantize(mlp, "int4-g32", progress=False)
+    x = torch.randn(2, 64)
+    y = mlp(x)  # the backend decision is cached on first use; the copy must still work
+    assert torch.equal(copy.deepcopy(mlp)(x), y)

@@ -147,7 +147,6 @@ def inspect(path):
 def _folder_rows(folder: Path, manifest: dict) -> dict:
     from safetensors import safe_open
 
-    from .errors import ShrinkError
     from .io.saved import WEIGHTS
 
     sizes = {}

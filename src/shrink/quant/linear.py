@@ -56,7 +56,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.backend = backend or kernels.default_backend()
         self._group = spec.group_for(in_features)
-        self._native, self._native_for = None, None
+        self._native, self._native_for = False, None  # whether to use the kernel, and for which backend
 
     @property
     def zero_const(self) -> int:
@@ -94,31 +94,32 @@ class QuantLinear(nn.Module):
         if self._native_for != self.backend:
             self._native = self._decide_native()
             self._native_for = self.backend
-        return self._native is not None
+        return self._native
 
-    def _decide_native(self):
+    def _decide_native(self) -> bool:
         if self.backend == "torch":
-            return None
-        ok = kernels.native_supports(self.in_features, self.spec.group_for(self.in_features))
-        ext = kernels.native.load() if ok else None
-        if self.backend == "native" and ext is None:
+            return False
+        ok = kernels.native_supports(self.in_features, self._group) and kernels.native.available()
+        if self.backend == "native" and not ok:
             raise RuntimeError(
                 f"native backend requested but unavailable for in_features={self.in_features}, format {self.spec.name} "
                 f"(needs AVX2, a C++ compiler, and input and group sizes that are multiples of 32)"
             )
-        return ext
+        return ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
-        if self.uses_native() and x2.shape[0] >= LARGE_BATCH:
-            w = self._native.dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
+        native = self.uses_native()
+        ext = kernels.native.load() if native else None
+        if native and x2.shape[0] >= LARGE_BATCH:
+            w = ext.dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
                                         self.zero_const, self.spec.bits, self._group, self.in_features)
             y = F.linear(x2, w, self.bias)
-        elif self.uses_native():
-            y = self._native.qlinear(
+        elif native:
+            y = ext.qlinear(
                 x2, self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
                 self.zero_const, self.bias if self.bias is not None else _NO_F32,
                 self.spec.bits, self._group,

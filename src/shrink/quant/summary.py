@@ -47,12 +47,13 @@ def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]
     rows: dict[str, SizeRow] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        tensors = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))]
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         fresh = [t for t in tensors if t.data_ptr() not in seen or t.numel() == 0]
         seen.update(t.data_ptr() for t in fresh)
         if not fresh:
             continue
-        row = rows.setdefault(_kind(module, name, output_name), SizeRow(_kind(module, name, output_name)))
+        kind = _kind(module, name, output_name)
+        row = rows.setdefault(kind, SizeRow(kind))
         row.modules += 1
         if isinstance(module, (QuantLinear, CastLinear)):
             n = module.in_features * module.out_features

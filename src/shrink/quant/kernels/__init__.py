@@ -23,8 +23,8 @@ def default_backend() -> str:
 
 
 def native_supports(in_features: int, group_size: int) -> bool:
-    """Shapes the native kernel handles."""
-    return in_features % 32 == 0 and group_size % 32 == 0
+    """Shapes the native kernel handles: multiples of 32, at most 1024 groups per row."""
+    return in_features % 32 == 0 and group_size % 32 == 0 and in_features // group_size <= 1024
 
 
 __all__ = ["BACKENDS", "default_backend", "native", "native_supports", "reference"]
