@@ -77,7 +77,7 @@ def test_size_rows_report_bits(llama):
     q = rows["Linear int4-g32"]
     assert q.bits_per_weight == pytest.approx(4 + 16 / 32)
     assert rows["total"].bytes_now < rows["total"].bytes_fp32
-    assert "Embedding (kept)" in rows
+    assert "Embedding (kept, tied to lm_head)" in rows
 
 
 def test_errors(llama, mlp):

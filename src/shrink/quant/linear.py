@@ -112,7 +112,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
-        native = self.uses_native()
+        native = x2.is_cpu and self.uses_native()  # on GPUs the PyTorch path runs
         ext = kernels.native.load() if native else None
         if native and x2.shape[0] >= LARGE_BATCH:
             w = ext.dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,

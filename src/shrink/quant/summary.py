@@ -32,13 +32,14 @@ class SizeRow:
         return {**asdict(self), "bits_per_weight": round(self.bits_per_weight, 4)}
 
 
-def _kind(module: nn.Module, name: str, output_name: str | None) -> str:
+def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int | None = None) -> str:
     if isinstance(module, (QuantLinear, CastLinear)):
         return f"Linear {module.spec.name}"
     if isinstance(module, nn.Linear):
         return "Linear fp32 (output, kept)" if name == output_name else "Linear fp32 (kept)"
     if isinstance(module, nn.Embedding):
-        return "Embedding (kept)"
+        tied = output_ptr is not None and module.weight.data_ptr() == output_ptr
+        return f"Embedding (kept, tied to {output_name})" if tied else "Embedding (kept)"
     return "other (norms, biases, ...)"
 
 
@@ -46,13 +47,15 @@ def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]
     """Rows by kind of module plus a final "total" row."""
     rows: dict[str, SizeRow] = {}
     seen: set[int] = set()
+    out = model.get_submodule(output_name) if output_name else None
+    output_ptr = out.weight.data_ptr() if isinstance(out, nn.Linear) else None
     for name, module in model.named_modules():
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         fresh = [t for t in tensors if t.data_ptr() not in seen or t.numel() == 0]
         seen.update(t.data_ptr() for t in fresh)
         if not fresh:
             continue
-        kind = _kind(module, name, output_name)
+        kind = _kind(module, name, output_name, output_ptr)
         row = rows.setdefault(kind, SizeRow(kind))
         row.modules += 1
         if isinstance(module, (QuantLinear, CastLinear)):

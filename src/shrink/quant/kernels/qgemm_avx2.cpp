@@ -311,6 +311,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t bpg, int
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                       int64_t zero_const, torch::Tensor bias, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: 2-D contiguous float32");
+  TORCH_CHECK(x.is_cpu() && qweight.is_cpu() && scales.is_cpu(), "the AVX2 kernel runs on CPU tensors only");
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
@@ -355,6 +356,7 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scal
 // dequantized weight beats integer dot products, this keeps the extra cost to one pass over the weights.
 torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t zero_const,
                          int64_t bits, int64_t group_size, int64_t K) {
+  TORCH_CHECK(qweight.is_cpu() && scales.is_cpu(), "the AVX2 kernel runs on CPU tensors only");
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
   TORCH_CHECK(K % QK == 0 && group_size % QK == 0 && K % group_size == 0, "K and group size must be multiples of 32");
