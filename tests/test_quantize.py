@@ -85,12 +85,17 @@ def test_errors(llama, mlp):
         shrink.quantize(llama, "int5")
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj'.*group size 128.*input size 64"):
         shrink.quantize(llama, "int4-g128", progress=False)
-    with pytest.raises(ValueError, match="unknown method 'gptq'"):
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        shrink.quantize(llama, "int4-g32", method="foo")
+    with pytest.raises(ValueError, match="method 'gptq' needs calibration data"):
         shrink.quantize(llama, "int4-g32", method="gptq")
+    with pytest.raises(ValueError, match="target_bits needs calibration data"):
+        shrink.quantize(llama, target_bits=4.5)
     with torch.no_grad():
         mlp.fc2.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="layer 'fc2'.*NaN or infinite"):
         shrink.quantize(mlp, "int8", progress=False)
+    assert type(mlp.fc1) is torch.nn.Linear  # checked before anything changed: the model is whole
 
 
 def test_quantized_model_deepcopies(mlp):

@@ -12,13 +12,16 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 
+import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .linear import CastLinear, QuantLinear
+from .mixed import DEFAULT_LADDER, allocate
+from .rtn import check_weight
 from .spec import QuantSpec, parse_format
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 Spec = str | QuantSpec | Mapping[str, "str | QuantSpec | None"]
 
@@ -66,35 +69,88 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
     return result
 
 
-def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", calibration=None,
+def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", calibration=None, tokenizer=None,
+             n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
+             ladder: tuple[str, ...] | None = None, damp: float = 0.01, act_order: bool = False,
              keep_output: bool = True, backend: str | None = None, progress: bool | None = None) -> nn.Module:
     """Quantize `model`'s Linear layers in place and return it.
 
     spec: a format string (default "int8") or a mapping of module-name globs to formats or None.
-    method: "rtn" (round to nearest, default; needs no calibration data).
+    method: "rtn" (round to nearest, default, no data needed), "gptq", "awq" (activation-aware scaling
+        and clipping), or "awq+gptq" (scaling, then GPTQ); all but rtn need `calibration`.
+    calibration: a .txt or .jsonl path (needs `tokenizer`), or an iterable of tensors (token ids or
+        model inputs); text is cut into `n_samples` (default 128) windows of `seq_len` (default 512) tokens.
+    target_bits: instead of one format, choose one per layer from `ladder` (default int2-g32, int3-g32,
+        int4-g64, int4-g32, int8) so the average bits per weight of the quantized layers meets this
+        budget, keeping the most sensitive layers wider; needs `calibration`.
+    damp, act_order: GPTQ's Hessian dampening (fraction of its mean diagonal, default 0.01) and
+        activation-order option (default off).
     keep_output: keep the output layer in full precision (default True).
     backend: kernel backend for the new layers ("auto", "native", "torch"; default $SHRINK_BACKEND or auto).
     progress: show a progress bar (default: when writing to a terminal).
-    The chosen formats are recorded on the model as `model.shrink_formats` (name -> format or None).
+    The chosen formats are recorded on the model as `model.shrink_formats` (name -> format or None),
+    and for calibrated methods what was done as `model.shrink_calibration`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: available methods are {', '.join(METHODS)}")
-    if calibration is not None and method == "rtn":
-        raise ValueError("method 'rtn' uses no calibration data; leave calibration=None")
+    needs_data = method != "rtn" or target_bits is not None
+    if calibration is None and needs_data:
+        what = f"method {method!r}" if method != "rtn" else "target_bits"
+        raise ValueError(f"{what} needs calibration data: pass calibration=<text file, .jsonl file or tensors>")
+    if calibration is not None and not needs_data:
+        raise ValueError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
+    if target_bits is not None:
+        spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
     assignment = plan(model, spec, keep_output=keep_output)
-    todo = [(n, s) for n, s in assignment.items() if s is not None]
-    modules = dict(model.named_modules())
-    for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
-        linear = modules[name]
-        if fmt.cast:
-            new = CastLinear.from_linear(linear, fmt, name=name)
-        else:
-            new = QuantLinear.from_linear(linear, fmt, name=name, backend=backend)
-        _set_submodule(model, name, new)
+    _validate(model, assignment)
+    record = {}
+    if needs_data:
+        from .calibrated import measure_sensitivity, quantize_calibrated
+        from .calibration import prepare
+
+        data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
+        record = {"data": data.record, "method": method, "damp": damp, "act_order": act_order}
+        if target_bits is not None:
+            lad = tuple(ladder or DEFAULT_LADDER)
+            errors, sizes = measure_sensitivity(model, data.samples, assignment, lad, progress=progress)
+            chosen = allocate(errors, sizes, target_bits, lad)
+            assignment.update({n: parse_format(f) for n, f in chosen.items()})
+            _validate(model, assignment)
+            record["target_bits"] = target_bits
+            record["ladder"] = list(lad)
+        report = quantize_calibrated(model, assignment, data.samples, method, backend=backend, damp=damp,
+                                     act_order=act_order, progress=progress)
+        record["layers"] = report.layers
+        record["warnings"] = report.warnings()
+    else:
+        todo = [(n, s) for n, s in assignment.items() if s is not None]
+        modules = dict(model.named_modules())
+        for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
+            linear = modules[name]
+            if fmt.cast:
+                new = CastLinear.from_linear(linear, fmt, name=name)
+            else:
+                new = QuantLinear.from_linear(linear, fmt, name=name, backend=backend)
+            _set_submodule(model, name, new)
     previous = getattr(model, "shrink_formats", {}) or {}
     model.shrink_formats = {**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}}
     model.shrink_method = method
+    if record:
+        model.shrink_calibration = record
     return model
+
+
+def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None:
+    """Check every layer against its format before changing anything, so an error leaves the model whole."""
+    for name, fmt in assignment.items():
+        if fmt is None:
+            continue
+        w = model.get_submodule(name).weight
+        if fmt.cast:
+            if not torch.isfinite(w).all():
+                raise ValueError(f"layer {name!r}: weight has NaN or infinite values")
+        else:
+            check_weight(w, fmt, name)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

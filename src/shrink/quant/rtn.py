@@ -48,40 +48,56 @@ def check_weight(weight: torch.Tensor, spec: QuantSpec, name: str) -> None:
         )
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>") -> QuantizedWeight:
-    """Round-to-nearest quantization of a [out, in] weight to `spec` (an integer format)."""
-    check_weight(weight, spec, name)
-    w = weight.detach().to(torch.float32)
-    n, k = w.shape
-    g = spec.group_for(k)
-    wg = w.reshape(n, k // g, g)
+def group_params(wg: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0, name: str = "<weight>"):
+    """Scales (fp32 values exactly representable in fp16) and zero points for groups of weights.
+
+    wg: [..., group] float32. clip: factor (scalar or [...] tensor) shrinking the range before the scale
+    is computed (1.0: no clipping). Returns (scale [...], zero [...] float, zero for symmetric formats is
+    the constant offset).
+    """
     levels = (1 << spec.bits) - 1
     if spec.symmetric:
-        zero = symmetric_zero(spec.bits)
+        zero = torch.full(wg.shape[:-1], float(symmetric_zero(spec.bits)))
         if spec.bits == 8:
             scale = wg.abs().amax(-1) / 127.0
         else:
             # Signed value of largest magnitude maps to code 0, i.e. -2**(bits-1) after the offset.
             idx = wg.abs().argmax(-1, keepdim=True)
-            scale = wg.gather(-1, idx).squeeze(-1) / -float(zero)
-        scale = _to_fp16(scale, name)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        codes = torch.clamp(torch.round(wg / safe.unsqueeze(-1)) + zero, 0, levels)
-        zeros = None
+            scale = wg.gather(-1, idx).squeeze(-1) / -float(symmetric_zero(spec.bits))
+        scale = _to_fp16(scale * clip, name)
     else:
-        lo = wg.amin(-1).clamp(max=0)
-        hi = wg.amax(-1).clamp(min=0)
+        lo = wg.amin(-1).clamp(max=0) * clip
+        hi = wg.amax(-1).clamp(min=0) * clip
         scale = _to_fp16((hi - lo) / levels, name)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero_t = torch.clamp(torch.round(-lo / safe), 0, levels)
-        codes = torch.clamp(torch.round(wg / safe.unsqueeze(-1)) + zero_t.unsqueeze(-1), 0, levels)
-        zeros = zero_t.to(torch.uint8)
-        zero = 0
+        zero = torch.clamp(torch.round(-lo / safe), 0, levels)
+    return scale, zero
+
+
+def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round `w` to codes on the grid scale * (code - zero); shapes broadcast. Float codes."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round(w / safe) + zero, 0, (1 << bits) - 1)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>",
+                    clip: torch.Tensor | float = 1.0) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [out, in] weight to `spec` (an integer format).
+
+    clip: optional range factor per group ([out, groups]) or scalar, as chosen by a clipping search.
+    """
+    check_weight(weight, spec, name)
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    g = spec.group_for(k)
+    wg = w.reshape(n, k // g, g)
+    scale, zero = group_params(wg, spec, clip, name)
+    codes = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
     return QuantizedWeight(
         codes=codes.reshape(n, k).to(torch.uint8),
         scales=scale.to(torch.float16),
-        zeros=zeros,
-        zero_const=zero,
+        zeros=None if spec.symmetric else zero.to(torch.uint8),
+        zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
     )
 
 

@@ -1,0 +1,113 @@
+"""Activation-aware scaling (after AWQ, Lin et al., 2023) and clipping search.
+
+Input channels that carry large activations matter most; scaling those weight columns up by s (and the
+activations down by 1/s, folded into the operation that produces them) makes their rounding error
+relatively smaller. s = mean|x| ** alpha, with alpha searched on a grid to minimise the quantized
+layers' output error on calibration inputs. Folding keeps the model's function unchanged before
+rounding. Then, per group, the weight range can be clipped (a factor searched on a grid) when that
+lowers the output error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .rtn import codes_for, group_params
+from .spec import QuantSpec
+
+# (module producing the input, Linear layers sharing that input), by the names Llama-style decoder
+# blocks use (Llama, Mistral, Qwen2, SmolLM); pairs whose shapes do not fit are skipped.
+SCALE_GROUPS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+)
+
+
+def scale_groups(block: nn.Module) -> list[tuple[str, list[str]]]:
+    """The (producer, consumers) pairs of `block` where a per-channel scale can be folded exactly."""
+    mods = dict(block.named_modules())
+    out = []
+    for prev, linears in SCALE_GROUPS:
+        if prev not in mods or not all(n in mods and isinstance(mods[n], nn.Linear) for n in linears):
+            continue
+        width = {mods[n].in_features for n in linears}
+        if len(width) != 1:
+            continue
+        p = mods[prev]
+        produced = p.out_features if isinstance(p, nn.Linear) else getattr(p, "weight", torch.empty(0)).numel()
+        if produced != width.pop():
+            continue  # e.g. v_proj -> o_proj under grouped-query attention
+        out.append((prev, list(linears)))
+    return out
+
+
+def fake_quant(w: torch.Tensor, spec: QuantSpec, clip=1.0) -> torch.Tensor:
+    """w rounded to the format's grid and back to float (groups along the input)."""
+    n, k = w.shape
+    g = spec.group_for(k)
+    wg = w.reshape(n, k // g, g)
+    scale, zero = group_params(wg, spec, clip)
+    c = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
+    return ((c - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
+
+
+def search_scale(weights: list[torch.Tensor], x: torch.Tensor, abs_mean: torch.Tensor, spec: QuantSpec,
+                 grid: int = 20) -> tuple[torch.Tensor, float, float]:
+    """Best per-input-channel scale for layers sharing input `x` [T, K]: (s [K], alpha, error ratio
+    to alpha=0). The error is the squared output error of all the layers together."""
+    w = torch.cat([wi.detach().float() for wi in weights], 0)
+    ref = x @ w.T
+    base = abs_mean.float().clamp(min=1e-8)
+    best = (None, 0.0, float("inf"))
+    err0 = None
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = base.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # keep the scales centred around 1
+        wq = fake_quant(w * s, spec) / s
+        err = (x @ wq.T - ref).pow(2).mean().item()
+        if i == 0:
+            err0 = err
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], best[2] / err0 if err0 else 1.0
+
+
+@torch.no_grad()
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """Divide what `prev` produces by s and multiply the consumers' input columns by s (exact)."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    else:  # a norm layer with a per-channel weight (and maybe bias)
+        prev.weight.div_(s.to(prev.weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.unsqueeze(0).to(lin.weight.dtype))
+
+
+def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, steps: int = 10,
+                min_ratio: float = 0.5) -> torch.Tensor:
+    """Per-group clipping factors [out, groups] minimising each group's output error on `x` [T, K]."""
+    w = weight.detach().float()
+    n, k = w.shape
+    g = spec.group_for(k)
+    wg = w.reshape(n, k // g, g)
+    xg = x.reshape(x.shape[0], k // g, g)  # [T, G, g]
+    best_err = torch.full((n, k // g), float("inf"))
+    best = torch.ones(n, k // g)
+    for i in range(steps + 1):
+        ratio = 1.0 - (1.0 - min_ratio) * i / steps
+        scale, zero = group_params(wg, spec, ratio)
+        c = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
+        dq = (c - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - wg  # [n, G, g]
+        err = torch.einsum("tGj,nGj->tnG", xg, dq).pow(2).mean(0)  # [n, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best

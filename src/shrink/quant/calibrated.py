@@ -1,0 +1,144 @@
+"""Calibrated quantization: GPTQ, activation-aware scaling, and mixed precision, block by block.
+
+Each block of the model (a decoder layer) is quantized in turn on the calibration inputs it receives
+from the already quantized blocks before it, so errors are corrected where they arise and memory holds
+one block's activations at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import awq
+from .apply import _set_submodule
+from .gptq import gptq_quantize
+from .layerwise import blockwise, collect_stats
+from .linear import CastLinear, QuantLinear
+from .mixed import DEFAULT_LADDER, allocate, sensitivity
+from .spec import QuantSpec, parse_format
+
+AWQ_ROWS = 2048  # input rows kept per layer for the scale and clipping searches
+CLIP_ROWS = 512
+
+
+@dataclass
+class CalibrationReport:
+    """What calibrated quantization did, per layer: method details, dampening, chosen scales."""
+
+    method: str
+    layers: dict[str, dict] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
+
+    def warnings(self) -> list[str]:
+        return [f"{n}: Hessian singular, dampening raised to {d['damp']:g}" for n, d in self.layers.items()
+                if d.get("damp_retries")]
+
+
+def _linear_names(block: nn.Module, prefix: str, assignment: dict[str, QuantSpec | None]) -> list[str]:
+    """Relative names of the block's Linear layers that are to be quantized to an integer format."""
+    out = []
+    for name, m in block.named_modules():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(m, nn.Linear) and assignment.get(full) is not None and not assignment[full].cast:
+            out.append(name)
+    return out
+
+
+def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LADDER, progress=None):
+    """Per-layer sensitivity to each format of `ladder`, from one full-precision pass."""
+    errors: dict[str, dict[str, float]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    specs = [parse_format(f) for f in ladder]
+
+    def visit(prefix, block, inputs):
+        names = _linear_names(block, prefix, assignment)
+        stats = collect_stats(block, inputs, names)
+        mods = dict(block.named_modules())
+        for name in names:
+            full = f"{prefix}.{name}" if prefix else name
+            lin = mods[name]
+            sizes[full] = (lin.out_features, lin.in_features)
+            errors[full] = {}
+            for spec in specs:
+                if lin.in_features % spec.group_for(lin.in_features):
+                    errors[full][spec.name] = float("inf")
+                else:
+                    errors[full][spec.name] = sensitivity(lin.weight, stats[name].hessian, spec)
+
+    with torch.no_grad():
+        blockwise(model, samples, visit, progress=progress, desc="sensitivity")
+    return errors, sizes
+
+
+def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None], samples, method: str,
+                        backend: str | None = None, damp: float = 0.01, act_order: bool = False,
+                        progress: bool | None = None) -> CalibrationReport:
+    """Quantize `model` in place by `method` ("gptq", "awq", "awq+gptq" or "rtn") on `samples`."""
+    report = CalibrationReport(method=method)
+    use_awq = method.startswith("awq")
+    use_gptq = method.endswith("gptq")
+
+    def visit(prefix, block, inputs):
+        names = _linear_names(block, prefix, assignment)
+        if not names:
+            return
+        full = {n: (f"{prefix}.{n}" if prefix else n) for n in names}
+        mods = dict(block.named_modules())
+        stats = collect_stats(block, inputs, names, keep_rows=AWQ_ROWS if use_awq else 0)
+        clips = {}
+        if use_awq:
+            for prev, group in awq.scale_groups(block):
+                group = [n for n in group if n in stats]
+                specs = {assignment[full[n]] for n in group}
+                if not group or len(specs) != 1:
+                    continue  # layers sharing an input but given different formats: leave unscaled
+                spec = specs.pop()
+                x = torch.cat(stats[group[0]].sample).float()
+                s, alpha, ratio = awq.search_scale([mods[n].weight for n in group], x, stats[group[0]].abs_mean, spec)
+                awq.fold_scale(mods[prev], [mods[n] for n in group], s)
+                for n in group:
+                    st = stats[n]
+                    inv = (1.0 / s).double()
+                    st.hessian = st.hessian * inv.unsqueeze(0) * inv.unsqueeze(1)
+                    st.sample = [t / s for t in st.sample]
+                    report.layers.setdefault(full[n], {})["awq_alpha"] = alpha
+                    report.layers[full[n]]["awq_error_ratio"] = round(ratio, 4)
+            if not use_gptq:
+                for n in names:
+                    x = torch.cat(stats[n].sample)[:CLIP_ROWS].float()
+                    clips[n] = awq.search_clip(mods[n].weight, x, assignment[full[n]])
+                    report.layers.setdefault(full[n], {})["clip_mean"] = round(float(clips[n].mean()), 4)
+        for n in names:
+            lin, spec = mods[n], assignment[full[n]]
+            info = report.layers.setdefault(full[n], {})
+            if use_gptq:
+                res = gptq_quantize(lin.weight, stats[n].hessian, spec, damp=damp, act_order=act_order, name=full[n])
+                q = res.weight
+                info["damp"] = res.damp
+                info["damp_retries"] = res.retries
+            else:
+                from .rtn import quantize_weight
+
+                q = quantize_weight(lin.weight, spec, full[n], clip=clips.get(n, 1.0))
+            new = QuantLinear.from_quantized(q, lin.in_features, lin.out_features, spec, lin.bias, backend)
+            _set_submodule(block, n, new)
+            report.formats[full[n]] = spec.name
+        # cast formats (bf16/fp16) in this block need no calibration
+        for name, m in list(block.named_modules()):
+            f = f"{prefix}.{name}" if prefix else name
+            if isinstance(m, nn.Linear) and assignment.get(f) is not None and assignment[f].cast:
+                _set_submodule(block, name, CastLinear.from_linear(m, assignment[f], name=f))
+
+    with torch.no_grad():
+        blockwise(model, samples, visit, progress=progress, desc=method)
+    # Linear layers outside the repeated blocks (rare in decoders) get round-to-nearest.
+    leftovers = {n: s for n, s in assignment.items() if s is not None and isinstance(model.get_submodule(n), nn.Linear)}
+    for n, spec in leftovers.items():
+        lin = model.get_submodule(n)
+        new = CastLinear.from_linear(lin, spec, n) if spec.cast else QuantLinear.from_linear(lin, spec, n, backend)
+        _set_submodule(model, n, new)
+        report.layers.setdefault(n, {})["note"] = "outside the repeated blocks: round to nearest"
+    return report

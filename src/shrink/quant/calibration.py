@@ -1,0 +1,125 @@
+"""Calibration data: the user's text or tensors, turned into model inputs, with the split recorded.
+
+A calibration source is a text file (.txt: the whole text), a JSON Lines file (.jsonl: one object a
+line with a "text" field, or "input" and optional "target"), or an iterable of tensors (token ids for
+language models, input tensors otherwise). Text is tokenized and cut into non-overlapping windows of
+`seq_len` tokens; the first `n_samples` windows are used. What was used is described by
+`CalibrationData.record` (file, hash, token range), which shrink.json keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ShrinkError
+
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQ_LEN = 512
+
+
+@dataclass
+class CalibrationData:
+    """Model inputs for calibration, and a record of where they came from."""
+
+    samples: list[torch.Tensor]
+    record: dict = field(default_factory=dict)
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts of a .txt file (one text) or a .jsonl file (one per line); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShrinkError(f"{path}: calibration file not found")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ShrinkError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        if not raw.strip():
+            raise ShrinkError(f"{path}: calibration file is empty")
+        return [raw]
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ShrinkError(f"{path}:{i}: expected a JSON object with a \"text\" or \"input\" field")
+        if isinstance(obj.get("text"), str):
+            texts.append(obj["text"])
+        elif isinstance(obj.get("input"), str):
+            target = obj.get("target")
+            texts.append(obj["input"] + (f" {target}" if isinstance(target, str) else ""))
+        else:
+            raise ShrinkError(f"{path}:{i}: missing field \"text\" (or \"input\")")
+    if not texts:
+        raise ShrinkError(f"{path}: calibration file is empty")
+    return texts
+
+
+def check_tokenizer(tokenizer, model, where: str) -> None:
+    """Refuse a tokenizer whose vocabulary does not fit the model's embedding."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ShrinkError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
+            "the tokenizer does not match the model"
+        )
+
+
+def from_file(path: str | Path, tokenizer, model=None, n_samples: int = DEFAULT_SAMPLES,
+              seq_len: int = DEFAULT_SEQ_LEN) -> CalibrationData:
+    """Calibration windows from a text or JSON Lines file (defaults: 128 windows of 512 tokens)."""
+    path = Path(path)
+    if tokenizer is None:
+        raise ShrinkError(f"{path}: a tokenizer is needed to read text calibration data")
+    if model is not None:
+        check_tokenizer(tokenizer, model, str(path))
+    texts = read_texts(path)
+    eos = tokenizer.eos_token or ""
+    ids = tokenizer(eos.join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if len(ids) < seq_len:
+        raise ShrinkError(f"{path}: {len(ids)} tokens, shorter than one calibration sequence of {seq_len}")
+    n = min(n_samples, len(ids) // seq_len)
+    samples = [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(n)]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = {"source": str(path), "sha256": digest, "samples": n, "seq_len": seq_len,
+              "tokens_used": [0, n * seq_len], "tokens_in_file": int(len(ids))}
+    return CalibrationData(samples, record)
+
+
+def from_tensors(items, model=None) -> CalibrationData:
+    """Calibration from an iterable of tensors (token ids [L] or [1, L], or model inputs)."""
+    samples = []
+    for i, t in enumerate(items):
+        if not torch.is_tensor(t):
+            raise ShrinkError(f"calibration item {i}: expected a tensor, got {type(t).__name__}")
+        if t.dim() == 1:
+            t = t.unsqueeze(0)
+        if not t.is_floating_point():
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+            if vocab is not None and int(t.max()) >= vocab:
+                raise ShrinkError(f"calibration item {i}: token id {int(t.max())} is outside the model's vocabulary "
+                                  f"({vocab}); the tokenizer does not match the model")
+        samples.append(t)
+    if not samples:
+        raise ShrinkError("calibration data is empty")
+    return CalibrationData(samples, {"source": "tensors", "samples": len(samples)})
+
+
+def prepare(calibration, tokenizer=None, model=None, n_samples: int = DEFAULT_SAMPLES,
+            seq_len: int = DEFAULT_SEQ_LEN) -> CalibrationData:
+    """Whatever the user passed (path, CalibrationData, or iterable of tensors) as CalibrationData."""
+    if isinstance(calibration, CalibrationData):
+        return calibration
+    if isinstance(calibration, (str, Path)):
+        return from_file(calibration, tokenizer, model, n_samples, seq_len)
+    return from_tensors(calibration, model)

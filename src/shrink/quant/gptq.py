@@ -1,0 +1,115 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding error
+onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+The Hessian is H = 2/n * sum x x^T over the calibration inputs of the layer. Groups are compatible
+with the packed format: each group's scale and zero point are computed, the moment the group starts,
+from the weights as GPTQ has updated them (or, with activation order, from the original weights, so
+that groups stay contiguous in the stored layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rtn import QuantizedWeight, check_weight, group_params, symmetric_zero
+from .spec import QuantSpec
+
+
+@dataclass
+class GPTQResult:
+    """Codes, scales and zeros, plus how much dampening the Hessian needed."""
+
+    weight: QuantizedWeight
+    damp: float  # relative dampening finally used (fraction of the mean diagonal)
+    retries: int  # times dampening was raised because the Hessian was not positive definite
+
+
+def hessian_inverse_chol(h: torch.Tensor, damp: float, max_retries: int = 6) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of H^-1 after adding damp * mean(diag H) to the diagonal.
+
+    A Hessian that is singular even after that is dampened ten times more, up to `max_retries` times;
+    the dampening used is returned so it can be reported, never silently skipped.
+    """
+    mean = torch.diag(h).mean().item() or 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for retry in range(max_retries + 1):
+        try:
+            chol = torch.linalg.cholesky(h + eye * (damp * mean))
+            hinv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(hinv, upper=True), damp, retry
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise ValueError(f"Hessian is not positive definite even with dampening {damp:g}")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, name: str = "<weight>") -> GPTQResult:
+    """GPTQ for one [out, in] weight given its input Hessian [in, in].
+
+    damp: dampening as a fraction of the mean Hessian diagonal (default 0.01).
+    block_size: columns per lazy batch update (default 128).
+    act_order: quantize columns in order of decreasing Hessian diagonal (default False).
+    """
+    check_weight(weight, spec, name)
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    n, k = w.shape
+    g = spec.group_for(k)
+    dead = torch.diag(h) == 0  # inputs that were always zero: any weight works, use 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    if act_order:
+        # Static groups: computed on the original weights, so groups stay contiguous when stored.
+        sc, zr = group_params(w.float().reshape(n, k // g, g), spec, name=name)
+        static = (sc.double(), zr.double())
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    hinv, used_damp, retries = hessian_inverse_chol(h, damp)
+
+    scales = torch.zeros(n, k // g, dtype=torch.float64)
+    zeros = torch.zeros(n, k // g, dtype=torch.float64)
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    levels = (1 << spec.bits) - 1
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i].item()
+            grp = col // g
+            if act_order:
+                s, z = static[0][:, grp], static[1][:, grp]
+            elif col % g == 0:
+                # Group starts here: its parameters come from the weights as updated so far.
+                rest = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g] if i1 + i + g > i2 else w1[:, i:i + g]
+                sc, zr = group_params(rest.float(), spec, name=name)
+                scales[:, grp], zeros[:, grp] = sc.double(), zr.double()
+                s, z = scales[:, grp], zeros[:, grp]
+            else:
+                s, z = scales[:, grp], zeros[:, grp]
+            x = w1[:, i]
+            safe = torch.where(s == 0, torch.ones_like(s), s)
+            c = torch.clamp(torch.round(x / safe) + z, 0, levels)
+            codes[:, col] = c
+            q = (c - z) * s
+            e = (x - q) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if act_order:
+        scales, zeros = static
+    return GPTQResult(
+        weight=QuantizedWeight(
+            codes=codes.to(torch.uint8),
+            scales=scales.to(torch.float16),
+            zeros=None if spec.symmetric else zeros.to(torch.uint8),
+            zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
+        ),
+        damp=used_damp,
+        retries=retries,
+    )

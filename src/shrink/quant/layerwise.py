@@ -1,0 +1,139 @@
+"""Run calibration data through a model one block at a time, so memory holds one block's activations.
+
+The model's repeated blocks (a transformer's decoder layers) are found as its largest `nn.ModuleList`
+of same-type modules. The inputs of the first block are captured once; then each block is run on them
+with hooks that gather what the quantizers need from its Linear layers (input Hessians, activation
+statistics, a sample of inputs), the caller quantizes the block, and the block is run again to give
+the next block its inputs as the quantized model will see them. A model without repeated blocks is
+treated as one block whose inputs are the calibration samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class LinearStats:
+    """What the quantizers see of one Linear layer's inputs over the calibration data."""
+
+    hessian: torch.Tensor  # 2/n sum x x^T, float64 [in, in]
+    abs_mean: torch.Tensor  # mean |x| per input channel, float64 [in]
+    tokens: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)  # a few input rows, float32
+    sampled: int = 0
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The name and ModuleList of the model's repeated blocks, or None when it has none."""
+    best, best_size = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            size = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+            if size > best_size:
+                best, best_size = (name, m), size
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_inputs(model: nn.Module, block: nn.Module, samples: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the first block receives for each sample, computed by running the model up to it."""
+    captured = []
+
+    def hook(_mod, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for s in samples:
+                try:
+                    if s.is_floating_point():
+                        model(s)
+                    else:
+                        model(s, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != len(samples):
+        raise RuntimeError("could not capture the inputs of the model's first block")
+    return captured
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Run `block` on each captured input; return the inputs of the next block (same kwargs)."""
+    nxt = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            out = _first(block(*args, **kwargs))
+            nxt.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
+    return nxt
+
+
+def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: list[str],
+                  keep_rows: int = 0) -> dict[str, LinearStats]:
+    """Run `block` on `inputs` and gather LinearStats for its Linear submodules named in `names`.
+
+    keep_rows: how many input rows per layer to keep as a sample (spread over the calibration set).
+    """
+    stats: dict[str, LinearStats] = {}
+    modules = dict(block.named_modules())
+    handles = []
+    per_call = max(1, keep_rows // max(1, len(inputs))) if keep_rows else 0
+
+    def make_hook(name):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, mod.in_features).to(torch.float64)
+            st = stats.get(name)
+            if st is None:
+                k = mod.in_features
+                st = stats[name] = LinearStats(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
+            n = x.shape[0]
+            total = st.tokens + n
+            st.hessian.mul_(st.tokens / total).add_(x.T @ x, alpha=2.0 / total)
+            st.abs_mean.mul_(st.tokens / total).add_(x.abs().sum(0), alpha=1.0 / total)
+            st.tokens = total
+            if per_call and st.sampled < keep_rows:
+                idx = torch.linspace(0, n - 1, min(per_call, n)).long()
+                st.sample.append(x[idx].float())
+                st.sampled += len(idx)
+        return hook
+
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def blockwise(model: nn.Module, samples: list[torch.Tensor], visit: Callable, progress: bool | None = None,
+              desc: str = "calibrate") -> None:
+    """Call `visit(block_name, block, inputs)` for each block in order, feeding each block the outputs
+    of the previous one as `visit` left it (quantized). Without repeated blocks: one call on the model."""
+    found = find_blocks(model)
+    if found is None:
+        visit("", model, [((s,), {}) for s in samples])
+        return
+    prefix, blocks = found
+    inputs = capture_inputs(model, blocks[0], samples)
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=None if progress is None else not progress)):
+        visit(f"{prefix}.{i}", block, inputs)
+        if i + 1 < len(blocks):
+            inputs = run_block(block, inputs)

@@ -1,0 +1,60 @@
+"""Mixed precision to a budget: per-layer formats whose average bits per weight meet a target.
+
+A layer's sensitivity to a format is the output error it would add alone, measured on calibration
+inputs: trace(dW H dW^T), with dW the round-to-nearest error and H the layer's input Hessian, which is
+the mean squared change of the layer's outputs. Starting from the narrowest format everywhere, the
+allocator repeatedly widens the layer that buys the largest error reduction per extra bit, while the
+budget allows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .awq import fake_quant
+from .spec import QuantSpec, parse_format
+
+DEFAULT_LADDER = ("int2-g32", "int3-g32", "int4-g64", "int4-g32", "int8")
+
+
+def sensitivity(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> float:
+    """Mean squared output change of one layer quantized to `spec` by round-to-nearest."""
+    w = weight.detach().float()
+    dw = (fake_quant(w, spec) - w).double()
+    return float(torch.einsum("ij,jk,ik->", dw, hessian, dw)) / 2  # H holds 2/n sum x x^T
+
+
+def allocate(errors: dict[str, dict[str, float]], sizes: dict[str, tuple[int, int]], target_bits: float,
+             ladder: tuple[str, ...] = DEFAULT_LADDER) -> dict[str, str]:
+    """Choose a format per layer so that the weight-averaged bits per weight is at most `target_bits`.
+
+    errors: layer -> format -> sensitivity. sizes: layer -> (out_features, in_features).
+    Raises ValueError when even the narrowest format everywhere exceeds the budget.
+    """
+    specs = [parse_format(f) for f in ladder]
+    bits = {name: [s.bits_per_weight(sizes[name][1]) for s in specs] for name in errors}
+    numel = {name: sizes[name][0] * sizes[name][1] for name in errors}
+    total = sum(numel.values())
+    budget = target_bits * total
+    level = {name: 0 for name in errors}
+    used = sum(bits[n][0] * numel[n] for n in errors)
+    if used > budget + 1e-6:
+        raise ValueError(f"target of {target_bits} bits per weight is below the narrowest format "
+                         f"{ladder[0]} ({used / total:.3f} bits per weight)")
+    while True:
+        best, best_gain = None, 0.0
+        for n in errors:
+            i = level[n]
+            for j in range(i + 1, len(specs)):  # any wider format, not only the next one
+                extra = (bits[n][j] - bits[n][i]) * numel[n]
+                if extra <= 0 or used + extra > budget + 1e-6:
+                    continue
+                gain = (errors[n][ladder[i]] - errors[n][ladder[j]]) / extra
+                if gain > best_gain:
+                    best, best_gain = (n, j), gain
+        if best is None:
+            break
+        n, j = best
+        used += (bits[n][j] - bits[n][level[n]]) * numel[n]
+        level[n] = j
+    return {n: ladder[level[n]] for n in errors}
