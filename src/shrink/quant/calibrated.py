@@ -99,11 +99,11 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
                 x = torch.cat(stats[group[0]].sample).float()
                 s, alpha, ratio = awq.search_scale([mods[n].weight for n in group], x, stats[group[0]].abs_mean, spec)
                 awq.fold_scale(mods[prev], [mods[n] for n in group], s)
-                for n in group:
-                    st = stats[n]
-                    inv = (1.0 / s).double()
+                inv = (1.0 / s).double()
+                for st in {id(stats[n]): stats[n] for n in group}.values():  # shared by the group
                     st.hessian = st.hessian * inv.unsqueeze(0) * inv.unsqueeze(1)
                     st.sample = [t / s for t in st.sample]
+                for n in group:
                     report.layers.setdefault(full[n], {})["awq_alpha"] = alpha
                     report.layers[full[n]]["awq_error_ratio"] = round(ratio, 4)
             if not use_gptq:

@@ -53,8 +53,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     act_order: quantize columns in order of decreasing Hessian diagonal (default False).
     """
     check_weight(weight, spec, name)
-    w = weight.detach().to(torch.float64).clone()
     h = hessian.detach().to(torch.float64).clone()
+    w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
     g = spec.group_for(k)
     dead = torch.diag(h) == 0  # inputs that were always zero: any weight works, use 0
@@ -62,47 +62,44 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     w[:, dead] = 0
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    order = perm.tolist()
+    groups = k // g
+    scales = torch.zeros(n, groups)
+    zeros = torch.zeros(n, groups)
     if act_order:
         # Static groups: computed on the original weights, so groups stay contiguous when stored.
-        sc, zr = group_params(w.float().reshape(n, k // g, g), spec, name=name)
-        static = (sc.double(), zr.double())
+        scales, zeros = group_params(w.reshape(n, groups, g), spec, name=name)
     w = w[:, perm]
-    h = h[perm][:, perm]
-    hinv, used_damp, retries = hessian_inverse_chol(h, damp)
+    hinv64, used_damp, retries = hessian_inverse_chol(h[perm][:, perm], damp)
+    hinv = hinv64.float()
 
-    scales = torch.zeros(n, k // g, dtype=torch.float64)
-    zeros = torch.zeros(n, k // g, dtype=torch.float64)
-    codes = torch.zeros(n, k, dtype=torch.float64)
-    levels = (1 << spec.bits) - 1
+    codes = torch.zeros(n, k)
+    levels = float((1 << spec.bits) - 1)
+    s = z = safe_s = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = perm[i1 + i].item()
+            col = order[i1 + i]
             grp = col // g
-            if act_order:
-                s, z = static[0][:, grp], static[1][:, grp]
-            elif col % g == 0:
-                # Group starts here: its parameters come from the weights as updated so far.
-                rest = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g] if i1 + i + g > i2 else w1[:, i:i + g]
-                sc, zr = group_params(rest.float(), spec, name=name)
-                scales[:, grp], zeros[:, grp] = sc.double(), zr.double()
+            if act_order or col % g == 0 or s is None:
+                if not act_order and col % g == 0:
+                    # Group starts here: its parameters come from the weights as updated so far
+                    # (block_size is a multiple of the group size, so the group lies in this block).
+                    sc, zr = group_params(w1[:, i:i + g] if i + g <= i2 - i1 else
+                                          torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], spec, name=name)
+                    scales[:, grp], zeros[:, grp] = sc, zr
                 s, z = scales[:, grp], zeros[:, grp]
-            else:
-                s, z = scales[:, grp], zeros[:, grp]
+                safe_s = torch.where(s == 0, torch.ones_like(s), s)
             x = w1[:, i]
-            safe = torch.where(s == 0, torch.ones_like(s), s)
-            c = torch.clamp(torch.round(x / safe) + z, 0, levels)
+            c = torch.clamp(torch.round(x / safe_s) + z, 0, levels)  # as rtn.codes_for rounds
             codes[:, col] = c
-            q = (c - z) * s
-            e = (x - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            e = (x - (c - z) * s) / hinv1[i, i]
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
             err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if act_order:
-        scales, zeros = static
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
     return GPTQResult(
         weight=QuantizedWeight(
             codes=codes.to(torch.uint8),

@@ -94,25 +94,38 @@ def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: lis
     modules = dict(block.named_modules())
     handles = []
     per_call = max(1, keep_rows // max(1, len(inputs))) if keep_rows else 0
+    # Layers fed the very same tensor in one call (q, k, v; gate, up) share one LinearStats object,
+    # computed once: the Hessian product is the expensive part of calibration.
+    first_for_input: dict[int, tuple[torch.Tensor, str]] = {}  # holding the tensor keeps its id unique
+
+    def new_call(_mod, _args):
+        first_for_input.clear()
 
     def make_hook(name):
         def hook(mod, args):
-            x = args[0].detach().reshape(-1, mod.in_features).to(torch.float64)
+            _, first = first_for_input.setdefault(id(args[0]), (args[0], name))
+            if first != name:
+                stats.setdefault(name, stats[first])
+                if stats[name] is stats[first]:
+                    return
+            x = args[0].detach().reshape(-1, mod.in_features).float()
             st = stats.get(name)
             if st is None:
                 k = mod.in_features
                 st = stats[name] = LinearStats(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
             n = x.shape[0]
             total = st.tokens + n
-            st.hessian.mul_(st.tokens / total).add_(x.T @ x, alpha=2.0 / total)
-            st.abs_mean.mul_(st.tokens / total).add_(x.abs().sum(0), alpha=1.0 / total)
+            # float32 products per call (fast), accumulated in float64 across calls (accurate)
+            st.hessian.mul_(st.tokens / total).add_((x.T @ x).double(), alpha=2.0 / total)
+            st.abs_mean.mul_(st.tokens / total).add_(x.abs().sum(0).double(), alpha=1.0 / total)
             st.tokens = total
             if per_call and st.sampled < keep_rows:
                 idx = torch.linspace(0, n - 1, min(per_call, n)).long()
-                st.sample.append(x[idx].float())
+                st.sample.append(x[idx].clone())
                 st.sampled += len(idx)
         return hook
 
+    handles.append(block.register_forward_pre_hook(new_call))
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
     try:

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from shrink.quant.gptq import gptq_quantize, hessian_inverse_chol
+from shrink.quant.rtn import dequantize, quantize_weight
+from shrink.quant.spec import parse_format
+
+
+def _correlated_inputs(n=2048, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    return z @ mix * torch.linspace(0.2, 3, k)  # correlated, with uneven channel scales
+
+
+def _hessian(x):
+    return 2 * x.T.double() @ x.double() / x.shape[0]
+
+
+def _out_err(x, w, q):
+    wq = dequantize(q.codes, q.scales.float(), q.zeros, q.zero_const)
+    return ((x @ (w - wq).T) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int3-g64-asym", "int8", "int2-g32"])
+def test_diagonal_hessian_reduces_to_round_to_nearest(fmt):
+    # With no correlation between inputs there is nothing to compensate: GPTQ equals RTN exactly.
+    spec = parse_format(fmt)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
+    h = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(2)) + 0.5).double()
+    res = gptq_quantize(w, h, spec)
+    ref = quantize_weight(w, spec)
+    assert torch.equal(res.weight.codes, ref.codes)
+    assert torch.equal(res.weight.scales, ref.scales)
+
+
+@pytest.mark.parametrize("fmt,act_order", [("int4-g32", False), ("int4-g64", True), ("int3-g32", False),
+                                           ("int4", False), ("int4-g32-asym", True)])
+def test_gptq_lowers_output_error(fmt, act_order):
+    spec = parse_format(fmt)
+    x = _correlated_inputs()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    rtn = _out_err(x, w, quantize_weight(w, spec))
+    res = gptq_quantize(w, _hessian(x), spec, act_order=act_order)
+    gptq = _out_err(x, w, res.weight)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+    assert res.weight.scales.shape == (64, 128 // spec.group_for(128))
+    assert int(res.weight.codes.max()) < 2 ** spec.bits
+
+
+def test_dead_inputs_and_singular_hessian():
+    x = _correlated_inputs(n=64)  # fewer samples than... enough, but kill some inputs
+    x[:, :10] = 0
+    w = torch.randn(8, 128)
+    res = gptq_quantize(w, _hessian(x), parse_format("int4-g32"))
+    wq = dequantize(res.weight.codes, res.weight.scales.float(), None, res.weight.zero_const)
+    assert torch.isfinite(wq).all()
+
+
+def test_non_positive_definite_is_dampened_further_and_reported():
+    h = -torch.eye(32, dtype=torch.float64)  # no amount of 1% dampening fixes this at first
+    h[0, 0] = 50.0
+    _, damp, retries = hessian_inverse_chol(h, 0.01)
+    assert retries > 0 and damp > 0.01
+    with pytest.raises(ValueError, match="not positive definite"):
+        hessian_inverse_chol(-torch.eye(4, dtype=torch.float64) * 1e9 + torch.eye(4, dtype=torch.float64) * 0, 0.01, max_retries=1)
