@@ -46,3 +46,24 @@ def llama():
 def mlp():
     torch.manual_seed(0)
     return MLP().eval()
+
+
+WORDS = ("the a of to and in is was for on that with as by at from it be has are said year new market "
+         "bank shares growth sales profit rise fall price company firm deal money tax oil rate economy "
+         "government jobs trade china us uk chief analyst report quarter percent".split())
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over a few dozen words, ids below the tiny models' vocabulary of 96."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+
+
+def word_text(n_words: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n_words,), generator=g).tolist())

@@ -85,3 +85,42 @@ def test_help_states_defaults():
     r = CliRunner().invoke(main, ["quantize", "--help"])
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "[default: int4-g64]" in text and "--layer" in text and "SmolLM2" in text
+
+
+@pytest.fixture
+def hf_folder_with_tokenizer(hf_folder):
+    from conftest import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(hf_folder)
+    return hf_folder
+
+
+def test_calibrated_quantize_cli(hf_folder_with_tokenizer, tmp_path):
+    from conftest import word_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(word_text(600))
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(hf_folder_with_tokenizer), "--method", "gptq", "--target-bits", "4.5",
+                                  "--calibration", str(calib), "--samples", "8", "--seq-len", "64", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "calibration: 8 x 64 tokens" in text and "mixed, 4.5 bits/weight (gptq)" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["quantized_bits_per_weight"] <= 4.5 + 1e-9 and res["target_bits"] == 4.5
+    assert res["calibration"]["data"]["sha256"]
+    assert shrink.load(out).shrink_calibration["method"] == "gptq"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--method", "gptq"], "--method gptq needs --calibration FILE"),
+    (["--target-bits", "4"], "needs --calibration FILE"),
+    (["--method", "awq", "--calibration", "{tmp}/missing.txt"], "missing.txt: calibration file not found"),
+    (["--method", "gptq", "--calibration", "{tmp}/short.txt", "--seq-len", "64"], "short.txt: 5 tokens, shorter than one calibration sequence of 64"),
+])
+def test_calibration_errors_leave_no_output(hf_folder_with_tokenizer, tmp_path, extra, needle):
+    (tmp_path / "short.txt").write_text("the bank said rates rise")
+    out = tmp_path / "out"
+    r = _run("quantize", str(hf_folder_with_tokenizer), *[e.format(tmp=tmp_path) for e in extra], "-o", str(out))
+    assert r.returncode == 1 and needle in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not out.exists()

@@ -70,11 +70,24 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
                    "omit -gN for per-channel), optional -asym; or bf16/fp16.")
 @click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
               help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
-@click.option("--method", default="rtn", show_default=True, help="Quantization method (rtn: round to nearest).")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True,
+              help="rtn: round to nearest (no data); gptq: error-compensating GPTQ; awq: activation-aware scaling "
+                   "and clipping; awq+gptq: scaling, then GPTQ. All but rtn need --calibration.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration text: a .txt file, or .jsonl with a \"text\" (or \"input\") field per line. "
+                   "Keep it apart from the text you evaluate on.")
+@click.option("--samples", default=128, show_default=True, help="Calibration windows to use.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--target-bits", type=float, default=None,
+              help="Mixed precision: choose a format per layer (int2-g32 ... int8) so the quantized layers "
+                   "average at most this many bits per weight, the most sensitive kept wider. Needs --calibration.")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of activation size.")
+@click.option("--damp", default=0.01, show_default=True, help="GPTQ: Hessian dampening, fraction of its mean diagonal.")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Save the quantized model and results.json to this folder (written atomically).")
-def quantize(model, fmt, layers, method, quantize_output, out):
+def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp,
+             quantize_output, out):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
@@ -85,7 +98,13 @@ def quantize(model, fmt, layers, method, quantize_output, out):
     from .io import load_model, save
     from .quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
 
-    parse_format(fmt)  # fail on a bad format before loading anything
+    parse_format(fmt)  # fail on bad options before loading anything
+    if (method != "rtn" or target_bits is not None) and calibration is None:
+        raise ShrinkError(f"--method {method}{' --target-bits' if target_bits else ''} needs --calibration FILE")
+    if calibration is not None and not calibration.is_file():
+        raise ShrinkError(f"{calibration}: calibration file not found")
+    if calibration is not None and method == "rtn" and target_bits is None:
+        raise ShrinkError("--calibration is used by --method gptq/awq/awq+gptq or --target-bits; rtn needs none")
     spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
     t0 = time.perf_counter()
     with console.status("loading model"):
@@ -93,10 +112,21 @@ def quantize(model, fmt, layers, method, quantize_output, out):
     t_load = time.perf_counter() - t0
     out_name = output_layer_name(loaded.model)
     t1 = time.perf_counter()
-    run_quantize(loaded.model, spec, method=method, keep_output=not quantize_output)
+    calib_kw = {}
+    if calibration is not None:
+        calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len,
+                        target_bits=target_bits, act_order=act_order, damp=damp)
+    run_quantize(loaded.model, spec, method=method, keep_output=not quantize_output, **calib_kw)
     t_quant = time.perf_counter() - t1
+    record = getattr(loaded.model, "shrink_calibration", None)
+    if record:
+        d = record["data"]
+        console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
+        for w in record.get("warnings", []):
+            console.print(f"[yellow]warning[/yellow]: {w}")
     rows = size_rows(loaded.model, output_name=out_name)
-    console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {fmt} ({method})"))
+    title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
+    console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
     kept = [n for n, f in loaded.model.shrink_formats.items() if f is None]
     if kept:
         console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
@@ -112,6 +142,7 @@ def quantize(model, fmt, layers, method, quantize_output, out):
         write_json(out / "results.json", {
             "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
             "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
+            "target_bits": target_bits, "formats": loaded.model.shrink_formats, "calibration": record,
             "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
             "seconds": {"load": t_load, "quantize": t_quant, "save": t_save},
         })

@@ -54,6 +54,7 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "source": source or getattr(model, "shrink_source", None) or {},
         "modules": modules,
         "kept_full_precision": sorted(n for n, f in formats.items() if f is None),
+        "calibration": getattr(model, "shrink_calibration", None),
     }
 
 
@@ -144,6 +145,8 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     model.shrink_formats.update({n: None for n in manifest.get("kept_full_precision", [])})
     model.shrink_method = manifest.get("method")
     model.shrink_source = manifest.get("source")
+    if manifest.get("calibration"):
+        model.shrink_calibration = manifest["calibration"]
     model.eval()
     return model
 

@@ -20,8 +20,8 @@ from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate, sensitivity
 from .spec import QuantSpec, parse_format
 
-AWQ_ROWS = 2048  # input rows kept per layer for the scale and clipping searches
-CLIP_ROWS = 512
+AWQ_ROWS = 512  # input rows kept per layer for the scale and clipping searches (spread over the data)
+CLIP_ROWS = 256
 
 
 @dataclass

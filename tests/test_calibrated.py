@@ -1,0 +1,177 @@
+"""Calibrated quantization end to end on tiny models: GPTQ, AWQ, mixed precision, calibration data."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import shrink
+from conftest import tiny_llama, tiny_tokenizer, word_text
+from shrink.errors import ShrinkError
+from shrink.quant import QuantLinear
+from shrink.quant.awq import fold_scale, scale_groups, search_clip, search_scale
+from shrink.quant.calibration import from_file
+from shrink.quant.mixed import allocate
+
+
+def _samples(n=12, length=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (1, length), generator=g) for _ in range(n)]
+
+
+def _err(model, ref, ids):
+    with torch.no_grad():
+        return ((model(ids).logits - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def base_and_ref():
+    base = tiny_llama(seed=3)
+    ids = torch.cat(_samples(4, 32, seed=99))
+    with torch.no_grad():
+        ref = base(ids).logits
+    return base, ref, ids
+
+
+def test_gptq_beats_rtn_on_held_out_inputs(base_and_ref):
+    base, ref, ids = base_and_ref
+    rtn = shrink.quantize(copy.deepcopy(base), "int3-g32", progress=False)
+    gptq = shrink.quantize(copy.deepcopy(base), "int3-g32", method="gptq", calibration=_samples(), progress=False)
+    assert all(isinstance(m, QuantLinear) for n, m in gptq.named_modules() if n.endswith("_proj"))
+    assert _err(gptq, ref, ids) < _err(rtn, ref, ids)
+    rec = gptq.shrink_calibration
+    assert rec["method"] == "gptq" and rec["data"]["samples"] == 12
+    assert rec["layers"]["model.layers.1.mlp.down_proj"]["damp"] == pytest.approx(0.01)
+
+
+def test_awq_folding_keeps_the_function():
+    model = tiny_llama(seed=4)
+    block = model.model.layers[0]
+    ids = torch.cat(_samples(2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    groups = dict((prev, names) for prev, names in scale_groups(block))
+    assert set(groups) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}  # v->o skipped (GQA)
+    mods = dict(block.named_modules())
+    for prev, names in groups.items():
+        s = torch.rand(mods[names[0]].in_features) * 3 + 0.2
+        fold_scale(mods[prev], [mods[n] for n in names], s)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_scale_search_protects_salient_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :4] *= 30  # a few input channels with large activations
+    w = torch.randn(32, 64, generator=g)
+    s, alpha, ratio = search_scale([w], x, x.abs().mean(0), shrink.parse_format("int3-g32"))
+    assert alpha > 0 and ratio < 0.9
+    assert s[:4].mean() > s[4:].mean()
+
+
+def test_clip_search_never_worse_than_no_clip():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 64, generator=g)
+    w = torch.randn(16, 64, generator=g)
+    w[0, 3] = 8.0  # an outlier weight that makes clipping worthwhile for its group
+    spec = shrink.parse_format("int3-g32")
+    clip = search_clip(w, x, spec)
+    assert ((clip >= 0.5) & (clip <= 1.0)).all()
+    from shrink.quant.awq import fake_quant
+
+    err = lambda c: ((x @ (fake_quant(w, spec, c) - w).T) ** 2).mean().item()  # noqa: E731
+    assert err(clip) <= err(1.0) + 1e-9
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_methods_run_and_record(base_and_ref, method):
+    base, ref, ids = base_and_ref
+    m = shrink.quantize(copy.deepcopy(base), "int4-g32", method=method, calibration=_samples(), progress=False)
+    layer = m.shrink_calibration["layers"]["model.layers.0.self_attn.q_proj"]
+    assert 0.0 <= layer["awq_alpha"] <= 1.0
+    assert _err(m, ref, ids) < 0.6
+
+
+def test_allocation_meets_budget_and_prefers_sensitive_layers():
+    sizes = {"a": (64, 64), "b": (64, 64), "c": (64, 128)}
+    errors = {
+        "a": {"int2-g32": 100.0, "int3-g32": 30.0, "int4-g64": 10.0, "int4-g32": 8.0, "int8": 0.1},
+        "b": {"int2-g32": 1.0, "int3-g32": 0.5, "int4-g64": 0.2, "int4-g32": 0.15, "int8": 0.01},
+        "c": {"int2-g32": 10.0, "int3-g32": 3.0, "int4-g64": 1.0, "int4-g32": 0.8, "int8": 0.01},
+    }
+    chosen = allocate(errors, sizes, 4.5)
+    fmt_bits = {f: shrink.parse_format(f).bits_per_weight(64) for f in ["int2-g32", "int3-g32", "int4-g64", "int4-g32", "int8"]}
+    numel = {k: a * b for k, (a, b) in sizes.items()}
+    avg = sum(shrink.parse_format(chosen[k]).bits_per_weight(sizes[k][1]) * numel[k] for k in chosen) / sum(numel.values())
+    assert avg <= 4.5 + 1e-9
+    assert fmt_bits[chosen["a"]] > fmt_bits[chosen["b"]]  # the sensitive layer is kept wider
+    with pytest.raises(ValueError, match="below the narrowest format"):
+        allocate(errors, sizes, 2.0)
+
+
+def test_target_bits_end_to_end_and_round_trip(tmp_path, base_and_ref):
+    base, ref, ids = base_and_ref
+    m = shrink.quantize(copy.deepcopy(base), target_bits=4.5, method="gptq", calibration=_samples(), progress=False)
+    from shrink.quant import quantized_bits_per_weight
+
+    assert quantized_bits_per_weight(m) <= 4.5 + 1e-9
+    assert m.shrink_calibration["target_bits"] == 4.5
+    shrink.save(m, tmp_path / "q")
+    manifest = json.loads((tmp_path / "q" / "shrink.json").read_text())
+    assert manifest["method"] == "gptq" and manifest["calibration"]["target_bits"] == 4.5
+    assert {v["format"] for v in manifest["modules"].values()} <= {"int2-g32", "int3-g32", "int4-g64", "int4-g32", "int8"}
+    loaded = shrink.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, m(ids).logits)
+
+
+def test_calibration_files(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    txt = tmp_path / "calib.txt"
+    txt.write_text(word_text(300))
+    data = from_file(txt, tok, model, n_samples=4, seq_len=64)
+    assert len(data.samples) == 4 and data.samples[0].shape == (1, 64)
+    assert data.record["tokens_used"] == [0, 256] and len(data.record["sha256"]) == 64
+
+    jl = tmp_path / "calib.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": word_text(50, seed=i)}) for i in range(5)))
+    assert len(from_file(jl, tok, model, n_samples=10, seq_len=64).samples) >= 3
+
+    cases = [
+        ("empty.txt", "", "calibration file is empty"),
+        ("short.txt", word_text(20), "20 tokens, shorter than one calibration sequence of 64"),
+        ("bad.jsonl", '{"text": "the bank"}\n{"text": oops}\n', r"bad.jsonl:2: invalid JSON"),
+        ("field.jsonl", '{"text": "the bank"}\n{"body": "x"}\n', r"field.jsonl:2: missing field \"text\""),
+    ]
+    for name, content, msg in cases:
+        p = tmp_path / name
+        p.write_text(content)
+        with pytest.raises(ShrinkError, match=msg):
+            from_file(p, tok, model, n_samples=4, seq_len=64)
+    with pytest.raises(ShrinkError, match="calibration file not found"):
+        from_file(tmp_path / "nope.txt", tok, model)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    p = tmp_path / "c.txt"
+    p.write_text(word_text(200))
+    with pytest.raises(ShrinkError, match=r"c.txt: tokenizer has \d+ tokens but the model's vocabulary has 16"):
+        shrink.quantize(small, "int4-g32", method="gptq", calibration=p, tokenizer=tiny_tokenizer(), n_samples=2, seq_len=32)
+    with pytest.raises(ShrinkError, match="token id 50 is outside the model's vocabulary"):
+        shrink.quantize(small, "int4-g32", method="gptq", calibration=[torch.tensor([[1, 50]])])
+
+
+def test_plain_module_calibrated(mlp):
+    x = torch.randn(64, 64)
+    ref = mlp(x)
+    rtn = shrink.quantize(copy.deepcopy(mlp), "int3-g32", progress=False)
+    gptq = shrink.quantize(mlp, "int3-g32", method="gptq", calibration=[x[i:i + 8] for i in range(0, 64, 8)], progress=False)
+    e = lambda m: ((m(x) - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert e(gptq) < e(rtn)
