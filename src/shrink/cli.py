@@ -79,7 +79,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--samples", default=128, show_default=True, help="Calibration windows to use.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--target-bits", type=float, default=None,
-              help="Mixed precision: choose a format per layer (int2-g32 ... int8) so the quantized layers "
+              help="Mixed precision: choose a format per layer (int2-g32, int3-g32, int4-g64, int4-g32, int8) so the quantized layers "
                    "average at most this many bits per weight, the most sensitive kept wider. Needs --calibration.")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of activation size.")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ: Hessian dampening, fraction of its mean diagonal.")
@@ -127,6 +127,14 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
     rows = size_rows(loaded.model, output_name=out_name)
     title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
     console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
+    if target_bits is not None:
+        by_format: dict[str, list[str]] = {}
+        for n, f in loaded.model.shrink_formats.items():
+            if f is not None:
+                by_format.setdefault(f, []).append(n)
+        for f, names in sorted(by_format.items(), key=lambda kv: -parse_format(kv[0]).bits):
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
+            console.print(f"{f}: {shown}")
     kept = [n for n, f in loaded.model.shrink_formats.items() if f is None]
     if kept:
         console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"

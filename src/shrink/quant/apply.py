@@ -82,7 +82,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
         model inputs); text is cut into `n_samples` (default 128) windows of `seq_len` (default 512) tokens.
     target_bits: instead of one format, choose one per layer from `ladder` (default int2-g32, int3-g32,
         int4-g64, int4-g32, int8) so the average bits per weight of the quantized layers meets this
-        budget, keeping the most sensitive layers wider; needs `calibration`.
+        budget, keeping the layers whose rounding moves the model's output most wider; needs `calibration`.
     damp, act_order: GPTQ's Hessian dampening (fraction of its mean diagonal, default 0.01) and
         activation-order option (default off).
     keep_output: keep the output layer in full precision (default True).

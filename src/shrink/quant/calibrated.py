@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import awq
 from .apply import _set_submodule
 from .gptq import gptq_quantize
 from .layerwise import blockwise, collect_stats
 from .linear import CastLinear, QuantLinear
-from .mixed import DEFAULT_LADDER, allocate, sensitivity
+from .mixed import DEFAULT_LADDER
 from .spec import QuantSpec, parse_format
 
 AWQ_ROWS = 512  # input rows kept per layer for the scale and clipping searches (spread over the data)
@@ -47,29 +48,47 @@ def _linear_names(block: nn.Module, prefix: str, assignment: dict[str, QuantSpec
     return out
 
 
-def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LADDER, progress=None):
-    """Per-layer sensitivity to each format of `ladder`, from one full-precision pass."""
+def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x) if x.is_floating_point() else model(x, use_cache=False)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+def _divergence(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean KL(ref || out) over positions for logits; mean squared error relative to ref otherwise."""
+    if ref.dim() == 3:  # [batch, positions, vocabulary]: next-token distributions
+        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
+        return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    return float(((out - ref) ** 2).mean() / (ref ** 2).mean().clamp(min=1e-12))
+
+
+def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LADDER, progress=None,
+                        probe_samples: int = 1, probe_tokens: int = 256):
+    """Per-layer sensitivity to each format of `ladder`: the divergence of the model's output from its
+    full-precision output (KL of next-token distributions for language models) when that layer alone
+    is rounded to the format, on the first `probe_tokens` tokens of the first `probe_samples` calibration
+    samples. The widest format of the ladder counts as lossless for this purpose."""
     errors: dict[str, dict[str, float]] = {}
     sizes: dict[str, tuple[int, int]] = {}
     specs = [parse_format(f) for f in ladder]
-
-    def visit(prefix, block, inputs):
-        names = _linear_names(block, prefix, assignment)
-        stats = collect_stats(block, inputs, names)
-        mods = dict(block.named_modules())
-        for name in names:
-            full = f"{prefix}.{name}" if prefix else name
-            lin = mods[name]
+    probe = [x if x.is_floating_point() else x[..., :probe_tokens] for x in samples[:probe_samples]]
+    names = [n for n, s in assignment.items() if s is not None and not s.cast]
+    with torch.no_grad():
+        refs = [_output(model, x) for x in probe]
+        for full in tqdm(names, desc="sensitivity", unit="layer", disable=None if progress is None else not progress):
+            lin = model.get_submodule(full)
             sizes[full] = (lin.out_features, lin.in_features)
+            original = lin.weight.data.clone()
             errors[full] = {}
-            for spec in specs:
+            for i, spec in enumerate(specs):
                 if lin.in_features % spec.group_for(lin.in_features):
                     errors[full][spec.name] = float("inf")
-                else:
-                    errors[full][spec.name] = sensitivity(lin.weight, stats[name].hessian, spec)
-
-    with torch.no_grad():
-        blockwise(model, samples, visit, progress=progress, desc="sensitivity")
+                    continue
+                if i == len(specs) - 1:
+                    errors[full][spec.name] = 0.0
+                    continue
+                lin.weight.data.copy_(awq.fake_quant(original, spec))
+                errors[full][spec.name] = sum(_divergence(r, _output(model, x)) for r, x in zip(refs, probe)) / len(probe)
+            lin.weight.data.copy_(original)
     return errors, sizes
 
 

@@ -1,27 +1,16 @@
 """Mixed precision to a budget: per-layer formats whose average bits per weight meet a target.
 
-A layer's sensitivity to a format is the output error it would add alone, measured on calibration
-inputs: trace(dW H dW^T), with dW the round-to-nearest error and H the layer's input Hessian, which is
-the mean squared change of the layer's outputs. Starting from the narrowest format everywhere, the
+A layer's sensitivity to a format is how far the model's output moves when that layer alone is
+rounded to it (measured in shrink.quant.calibrated). Starting from the narrowest format everywhere, the
 allocator repeatedly widens the layer that buys the largest error reduction per extra bit, while the
 budget allows.
 """
 
 from __future__ import annotations
 
-import torch
-
-from .awq import fake_quant
-from .spec import QuantSpec, parse_format
+from .spec import parse_format
 
 DEFAULT_LADDER = ("int2-g32", "int3-g32", "int4-g64", "int4-g32", "int8")
-
-
-def sensitivity(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> float:
-    """Mean squared output change of one layer quantized to `spec` by round-to-nearest."""
-    w = weight.detach().float()
-    dw = (fake_quant(w, spec) - w).double()
-    return float(torch.einsum("ij,jk,ik->", dw, hessian, dw)) / 2  # H holds 2/n sum x x^T
 
 
 def allocate(errors: dict[str, dict[str, float]], sizes: dict[str, tuple[int, int]], target_bits: float,

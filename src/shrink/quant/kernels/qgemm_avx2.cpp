@@ -146,7 +146,10 @@ inline void tile(const Args& a, int64_t n0, int64_t m0) {
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) acc[r][c] = _mm256_setzero_ps();
-  auto unpack_rows = [&](int64_t b, __m256i* w, __m256i* w_abs) {
+  // For block b: the integer dot product of each of the RN weight rows with each of the NC activation
+  // rows, as floats, handed to `use(r, c, t, d)` with d the activation block scale.
+  auto block_dots = [&](int64_t b, auto&& use) {
+    __m256i w[RN], w_abs[RN];
 #pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
       // Fetch the same block of rows a few tiles ahead: the hardware prefetcher alone leaves DRAM
@@ -160,22 +163,20 @@ inline void tile(const Args& a, int64_t n0, int64_t m0) {
         w_abs[r] = w[r];
       }
     }
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[c] + b * QK));
+      const __m256 d = _mm256_broadcast_ss(drow[c] + b);
+#pragma GCC unroll 8
+      for (int r = 0; r < RN; ++r) use(r, c, _mm256_cvtepi32_ps(dot_block<BITS>(w[r], w_abs[r], x, ones16)), d);
+    }
   };
   if (a.bpg == 1) {
     // One block per group: apply both scales at once.
     for (int64_t b = 0; b < nb; ++b) {
-      __m256i w[RN], w_abs[RN];
-      unpack_rows(b, w, w_abs);
-#pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[c] + b * QK));
-        const __m256 d = _mm256_broadcast_ss(drow[c] + b);
-#pragma GCC unroll 8
-        for (int r = 0; r < RN; ++r) {
-          const __m256 t = _mm256_cvtepi32_ps(dot_block<BITS>(w[r], w_abs[r], x, ones16));
-          acc[r][c] = _mm256_fmadd_ps(t, _mm256_mul_ps(d, _mm256_broadcast_ss(&sbuf[r][b])), acc[r][c]);
-        }
-      }
+      block_dots(b, [&](int r, int c, __m256 t, __m256 d) {
+        acc[r][c] = _mm256_fmadd_ps(t, _mm256_mul_ps(d, _mm256_broadcast_ss(&sbuf[r][b])), acc[r][c]);
+      });
     }
   } else {
     // Within a group, scale each block's integer dot product by its activation scale and sum;
@@ -188,18 +189,7 @@ inline void tile(const Args& a, int64_t n0, int64_t m0) {
 #pragma GCC unroll 8
         for (int c = 0; c < NC; ++c) accg[r][c] = _mm256_setzero_ps();
       for (const int64_t e = b + a.bpg; b < e; ++b) {
-        __m256i w[RN], w_abs[RN];
-        unpack_rows(b, w, w_abs);
-#pragma GCC unroll 8
-        for (int c = 0; c < NC; ++c) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[c] + b * QK));
-          const __m256 d = _mm256_broadcast_ss(drow[c] + b);
-#pragma GCC unroll 8
-          for (int r = 0; r < RN; ++r) {
-            const __m256 t = _mm256_cvtepi32_ps(dot_block<BITS>(w[r], w_abs[r], x, ones16));
-            accg[r][c] = _mm256_fmadd_ps(t, d, accg[r][c]);
-          }
-        }
+        block_dots(b, [&](int r, int c, __m256 t, __m256 d) { accg[r][c] = _mm256_fmadd_ps(t, d, accg[r][c]); });
       }
 #pragma GCC unroll 8
       for (int r = 0; r < RN; ++r) {
