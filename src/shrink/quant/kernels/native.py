@@ -59,7 +59,8 @@ def load():
             verbose=False,
         )
     except Exception as exc:  # a missing compiler or headers must not stop the user: use PyTorch
-        warnings.warn(f"shrink: native kernel unavailable ({type(exc).__name__}: {exc}); using the PyTorch path")
+        warnings.warn(f"shrink: native kernel unavailable ({type(exc).__name__}: {exc}); using the PyTorch path",
+                      stacklevel=2)
         return None
 
 
