@@ -19,6 +19,7 @@ from .gptq import gptq_quantize
 from .layerwise import blockwise, collect_stats
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER
+from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
 AWQ_ROWS = 512  # input rows kept per layer for the scale and clipping searches (spread over the data)
@@ -139,8 +140,6 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
                 info["damp"] = res.damp
                 info["damp_retries"] = res.retries
             else:
-                from .rtn import quantize_weight
-
                 q = quantize_weight(lin.weight, spec, full[n], clip=clips.get(n, 1.0))
             new = QuantLinear.from_quantized(q, lin.in_features, lin.out_features, spec, lin.bias, backend)
             _set_submodule(block, n, new)
