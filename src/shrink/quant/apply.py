@@ -126,18 +126,20 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
         todo = [(n, s) for n, s in assignment.items() if s is not None]
         modules = dict(model.named_modules())
         for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
-            linear = modules[name]
-            if fmt.cast:
-                new = CastLinear.from_linear(linear, fmt, name=name)
-            else:
-                new = QuantLinear.from_linear(linear, fmt, name=name, backend=backend)
-            _set_submodule(model, name, new)
+            _set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
     previous = getattr(model, "shrink_formats", {}) or {}
     model.shrink_formats = {**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}}
     model.shrink_method = method
     if record:
         model.shrink_calibration = record
     return model
+
+
+def round_to_nearest(linear: nn.Linear, spec: QuantSpec, name: str, backend: str | None = None) -> nn.Module:
+    """The replacement for `linear` in `spec` without calibration: a cast, or a round-to-nearest QuantLinear."""
+    if spec.cast:
+        return CastLinear.from_linear(linear, spec, name=name)
+    return QuantLinear.from_linear(linear, spec, name=name, backend=backend)
 
 
 def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None:

@@ -97,15 +97,12 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, steps: i
     w = weight.detach().float()
     n, k = w.shape
     g = spec.group_for(k)
-    wg = w.reshape(n, k // g, g)
     xg = x.reshape(x.shape[0], k // g, g)  # [T, G, g]
     best_err = torch.full((n, k // g), float("inf"))
     best = torch.ones(n, k // g)
     for i in range(steps + 1):
         ratio = 1.0 - (1.0 - min_ratio) * i / steps
-        scale, zero = group_params(wg, spec, ratio)
-        c = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
-        dq = (c - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - wg  # [n, G, g]
+        dq = (fake_quant(w, spec, ratio) - w).reshape(n, k // g, g)
         err = torch.einsum("tGj,nGj->tnG", xg, dq).pow(2).mean(0)  # [n, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -14,10 +14,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import awq
-from .apply import _set_submodule
+from .apply import _set_submodule, round_to_nearest
 from .gptq import gptq_quantize
 from .layerwise import blockwise, collect_stats
-from .linear import CastLinear, QuantLinear
+from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
@@ -148,7 +148,7 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
         for name, m in list(block.named_modules()):
             f = f"{prefix}.{name}" if prefix else name
             if isinstance(m, nn.Linear) and assignment.get(f) is not None and assignment[f].cast:
-                _set_submodule(block, name, CastLinear.from_linear(m, assignment[f], name=f))
+                _set_submodule(block, name, round_to_nearest(m, assignment[f], f))
 
     with torch.no_grad():
         blockwise(model, samples, visit, progress=progress, desc=method)
@@ -156,7 +156,6 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
     leftovers = {n: s for n, s in assignment.items() if s is not None and isinstance(model.get_submodule(n), nn.Linear)}
     for n, spec in leftovers.items():
         lin = model.get_submodule(n)
-        new = CastLinear.from_linear(lin, spec, n) if spec.cast else QuantLinear.from_linear(lin, spec, n, backend)
-        _set_submodule(model, n, new)
+        _set_submodule(model, n, round_to_nearest(lin, spec, n, backend))
         report.layers.setdefault(n, {})["note"] = "outside the repeated blocks: round to nearest"
     return report
