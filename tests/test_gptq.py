@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from shrink.quant.gptq import gptq_quantize, hessian_inverse_chol
-from shrink.quant.rtn import dequantize, quantize_weight
+from shrink.quant.gptq import CLIP_RATIOS, gptq_quantize, hessian_inverse_chol, search_group_clip
+from shrink.quant.rtn import codes_for, dequantize, quantize_weight
 from shrink.quant.spec import parse_format
 
 
@@ -28,7 +28,7 @@ def test_diagonal_hessian_reduces_to_round_to_nearest(fmt):
     spec = parse_format(fmt)
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
     h = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(2)) + 0.5).double()
-    res = gptq_quantize(w, h, spec)
+    res = gptq_quantize(w, h, spec, clip_search=False)
     ref = quantize_weight(w, spec)
     assert torch.equal(res.weight.codes, ref.codes)
     assert torch.equal(res.weight.scales, ref.scales)
@@ -46,6 +46,27 @@ def test_gptq_lowers_output_error(fmt, act_order):
     assert gptq < 0.8 * rtn, (gptq, rtn)
     assert res.weight.scales.shape == (64, 128 // spec.group_for(128))
     assert int(res.weight.codes.max()) < 2 ** spec.bits
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int3-g32-asym"])
+def test_group_clip_search_is_the_best_ratio_per_row(fmt):
+    # Brute force: every ratio of the grid, each row's H-weighted error; the search must pick the minimum.
+    spec = parse_format(fmt)
+    x = _correlated_inputs(k=32)
+    h = _hessian(x).float()
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(4))
+    w[0, 5] = 8.0  # an outlier, where clipping pays
+    s, z = search_group_clip(w, h, spec)
+    e = (codes_for(w, s.unsqueeze(1), z.unsqueeze(1), spec.bits) - z.unsqueeze(1)) * s.unsqueeze(1) - w
+    got = ((e @ h) * e).sum(1)
+    errs = []
+    for r in CLIP_RATIOS:
+        q = quantize_weight(w, spec, clip=torch.full((12, 1), r))
+        d = dequantize(q.codes, q.scales.float(), q.zeros, q.zero_const) - w
+        errs.append(((d @ h) * d).sum(1))
+    best = torch.stack(errs).min(0).values
+    assert torch.allclose(got, best, rtol=1e-4)
+    assert (best < errs[0] * 0.999).any()  # clipping helps some row (the outlier's)
 
 
 def test_dead_inputs_and_singular_hessian():

@@ -158,6 +158,74 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 
 
 @main.command()
+@click.argument("original")
+@click.argument("compressed")
+@click.option("--task", "-t", default=None, metavar="FILE",
+              help="Task file: .jsonl (generation, multiple choice, classification or perplexity examples), or "
+                   ".npz/.safetensors tensors (x, y) for plain classifiers. Default: the built-in task of short "
+                   "questions with exact answers, written for the default model.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write report.md, report.html (with plots) and results.json to this folder.")
+@click.option("--tolerance", default=1.0, show_default=True,
+              help="Allowed loss of score, in points (0-100 scale) unless --relative.")
+@click.option("--relative", is_flag=True, help="Tolerance is a percentage of the original's score instead of points.")
+@click.option("--scorer", default=None, metavar="MODULE:FUNCTION",
+              help="Score generated outputs with this Python function f(output, example) -> float or bool.")
+@click.option("--max-new-tokens", default=32, show_default=True,
+              help="Greedy generation length for examples that give none.")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap prompts in the tokenizer's chat template. Default: when the tokenizer has one.")
+@click.option("--strict", is_flag=True, help="Exit with code 3 when the compressed model is past the sweet spot.")
+def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, strict):
+    """Compare COMPRESSED against ORIGINAL on a task, example by example.
+
+    Each model may be "default", a .gguf file, a Hugging Face folder or a folder saved by shrink.
+    Prints the verdict (within tolerance, or past the sweet spot and why), scores per slice
+    (tags, difficulty from the original's confidence, input length) with bootstrap intervals and
+    McNemar's test on flips, and for language models the KL divergence of next-token distributions.
+    """
+    from .comparing import compare as run_compare
+    from .evaluate import load_task
+
+    tk = load_task(task)  # fail on a bad task before loading models
+    with console.status("loading models"):
+        from .io import load_model
+
+        a, b = load_model(original), load_model(compressed)
+    a.source.setdefault("name", original)
+    b.source.setdefault("name", compressed)
+    result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
+                         max_new_tokens=max_new_tokens, chat_template=chat_template,
+                         names=(str(original), str(compressed)))
+    _print_comparison(result)
+    if out is not None:
+        console.print(f"report: {out / 'report.html'} (and report.md, results.json)")
+    if strict and not result.within:
+        sys.exit(3)
+
+
+def _print_comparison(c) -> None:
+    from .report.comparison import SLICE_HEAD, divergence_lines, model_rows, slice_rows
+
+    console.print(f"[bold {'green' if c.within else 'red'}]{c.verdict}[/]")
+    t = Table(title=f"{c.task['name']}: {c.task['kind']}, {c.task['examples']} examples"
+                    + (f", {c.errors} failed" if c.errors else ""))
+    for i, col in enumerate(SLICE_HEAD):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for r in slice_rows(c):
+        t.add_row(*r, style="red" if r[-1] == "PAST" else None)
+    console.print(t)
+    m = Table()
+    for col in ("model", "kind", "size", "time per example"):
+        m.add_column(col)
+    for r in model_rows(c):
+        m.add_row(*r)
+    console.print(m)
+    for line in divergence_lines(c):
+        console.print(line)
+
+
+@main.command()
 @click.argument("path", default="default")
 def inspect(path):
     """Show what a saved shrink folder holds (formats, sizes, source), or the sizes of a model."""

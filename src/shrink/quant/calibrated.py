@@ -95,8 +95,12 @@ def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LA
 
 def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None], samples, method: str,
                         backend: str | None = None, damp: float = 0.01, act_order: bool = False,
-                        progress: bool | None = None) -> CalibrationReport:
-    """Quantize `model` in place by `method` ("gptq", "awq", "awq+gptq" or "rtn") on `samples`."""
+                        true_sequential: bool = True, progress: bool | None = None) -> CalibrationReport:
+    """Quantize `model` in place by `method` ("gptq", "awq", "awq+gptq" or "rtn") on `samples`.
+
+    true_sequential: GPTQ takes each layer's Hessian from inputs that already pass through the
+    quantized layers before it in the block (default True; False computes all from the block's
+    full-precision run, one pass fewer per stage)."""
     report = CalibrationReport(method=method)
     use_awq = method.startswith("awq")
     use_gptq = method.endswith("gptq")
@@ -131,19 +135,30 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
                     x = torch.cat(stats[n].sample)[:CLIP_ROWS].float()
                     clips[n] = awq.search_clip(mods[n].weight, x, assignment[full[n]])
                     report.layers.setdefault(full[n], {})["clip_mean"] = round(float(clips[n].mean()), 4)
-        for n in names:
+
+        def replace(n, q):
             lin, spec = mods[n], assignment[full[n]]
-            info = report.layers.setdefault(full[n], {})
-            if use_gptq:
-                res = gptq_quantize(lin.weight, stats[n].hessian, spec, damp=damp, act_order=act_order, name=full[n])
-                q = res.weight
-                info["damp"] = res.damp
-                info["damp_retries"] = res.retries
-            else:
-                q = quantize_weight(lin.weight, spec, full[n], clip=clips.get(n, 1.0))
             new = QuantLinear.from_quantized(q, lin.in_features, lin.out_features, spec, lin.bias, backend)
             _set_submodule(block, n, new)
             report.formats[full[n]] = spec.name
+
+        if not use_gptq:
+            for n in names:
+                replace(n, quantize_weight(mods[n].weight, assignment[full[n]], full[n], clip=clips.get(n, 1.0)))
+        remaining = [n for n in stats if n in names]  # in the order the block runs them
+        while use_gptq and remaining:
+            # One stage: the layers fed the same input (q, k, v). With true_sequential, the layers after
+            # it get their Hessians again from the block with this stage already quantized.
+            stage = [n for n in remaining if stats[n] is stats[remaining[0]]]
+            for n in stage:
+                res = gptq_quantize(mods[n].weight, stats[n].hessian, assignment[full[n]], damp=damp,
+                                    act_order=act_order, name=full[n])
+                replace(n, res.weight)
+                report.layers.setdefault(full[n], {}).update(damp=res.damp, damp_retries=res.retries)
+            remaining = [n for n in remaining if n not in stage]
+            if remaining and true_sequential:
+                stats = collect_stats(block, inputs, remaining)
+                remaining = [n for n in stats if n in remaining]
         # cast formats (bf16/fp16) in this block need no calibration
         for name, m in list(block.named_modules()):
             f = f"{prefix}.{name}" if prefix else name

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .rtn import QuantizedWeight, check_weight, group_params, symmetric_zero
+from .rtn import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
 from .spec import QuantSpec
+
+CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 down to 0.6
 
 
 @dataclass
@@ -44,13 +46,33 @@ def hessian_inverse_chol(h: torch.Tensor, damp: float, max_retries: int = 6) -> 
     raise ValueError(f"Hessian is not positive definite even with dampening {damp:g}")
 
 
+def search_group_clip(wg: torch.Tensor, h: torch.Tensor, spec: QuantSpec, name: str = "<weight>"):
+    """Scale and zero for one group of columns wg [out, g], choosing per row the clipping ratio in
+    CLIP_RATIOS whose rounding error e costs least on the layer's output, e^T H e with H the group's
+    [g, g] block of the input Hessian. Returns (scale [out], zero [out])."""
+    best_err = best_s = best_z = None
+    for r in CLIP_RATIOS:
+        sc, zr = group_params(wg, spec, r, name)
+        e = (codes_for(wg, sc.unsqueeze(1), zr.unsqueeze(1), spec.bits) - zr.unsqueeze(1)) * sc.unsqueeze(1) - wg
+        err = ((e @ h) * e).sum(1)
+        if best_err is None:
+            best_err, best_s, best_z = err, sc, zr
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, sc, best_s), torch.where(better, zr, best_z)
+    return best_s, best_z
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, name: str = "<weight>") -> GPTQResult:
+                  block_size: int = 128, act_order: bool = False, clip_search: bool = True,
+                  name: str = "<weight>") -> GPTQResult:
     """GPTQ for one [out, in] weight given its input Hessian [in, in].
 
     damp: dampening as a fraction of the mean Hessian diagonal (default 0.01).
     block_size: columns per lazy batch update (default 128).
     act_order: quantize columns in order of decreasing Hessian diagonal (default False).
+    clip_search: choose each group's range by search_group_clip rather than its extremes (default True).
     """
     check_weight(weight, spec, name)
     h = hessian.detach().to(torch.float64).clone()
@@ -66,9 +88,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     groups = k // g
     scales = torch.zeros(n, groups)
     zeros = torch.zeros(n, groups)
+    hf = h.float()
+
+    def params(wg, cols):
+        if clip_search:
+            return search_group_clip(wg, hf[cols][:, cols], spec, name)
+        return group_params(wg, spec, name=name)
+
     if act_order:
         # Static groups: computed on the original weights, so groups stay contiguous when stored.
-        scales, zeros = group_params(w.reshape(n, groups, g), spec, name=name)
+        for grp in range(groups):
+            scales[:, grp], zeros[:, grp] = params(w[:, grp * g:(grp + 1) * g], slice(grp * g, (grp + 1) * g))
     w = w[:, perm]
     hinv64, used_damp, retries = hessian_inverse_chol(h[perm][:, perm], damp)
     hinv = hinv64.float()
@@ -88,8 +118,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 if not act_order and col % g == 0:
                     # Group starts here: its parameters come from the weights as updated so far
                     # (block_size is a multiple of the group size, so the group lies in this block).
-                    sc, zr = group_params(w1[:, i:i + g] if i + g <= i2 - i1 else
-                                          torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], spec, name=name)
+                    sc, zr = params(w1[:, i:i + g] if i + g <= i2 - i1 else
+                                    torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], slice(col, col + g))
                     scales[:, grp], zeros[:, grp] = sc, zr
                 s, z = scales[:, grp], zeros[:, grp]
                 safe_s = torch.where(s == 0, torch.ones_like(s), s)

@@ -1,0 +1,45 @@
+"""`shrink.compare`: load the two models from wherever they are, compare them on a task, write the report.
+
+The comparison itself (evaluate) takes modules; this layer resolves names and paths through io and
+writes the report, so evaluate knows nothing of files of models or of reports.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .evaluate import Comparison, compare as compare_models
+from .io import LoadedModel, load_model
+
+
+def _resolve(model, tokenizer):
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model)
+        return loaded.model, tokenizer or loaded.tokenizer, str(model)
+    if isinstance(model, LoadedModel):
+        return model.model, tokenizer or model.tokenizer, model.source.get("name") or model.source.get("path") or "model"
+    return model, tokenizer, None
+
+
+def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.PathLike | None = None,
+            **options) -> Comparison:
+    """Compare `compressed` against `original` on `task`, example by example, and return the Comparison.
+
+    original, compressed: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default",
+    a .gguf file, a Hugging Face folder, a shrink folder). tokenizer: used for both when given (else each
+    model's own). task: a .jsonl/.npz/.safetensors path, a Task, or None for the built-in default task.
+    out: a folder to write report.md, report.html and results.json into. Other options go to
+    `shrink.evaluate.compare` (tolerance=1.0 points absolute, relative=False, scorer=None,
+    chat_template=None, max_new_tokens=32, progress=None).
+    """
+    a, tok_a, name_a = _resolve(original, tokenizer)
+    b, tok_b, name_b = _resolve(compressed, tokenizer)
+    names = options.pop("names", (name_a or "original", name_b or "compressed"))
+    if names[0] == names[1]:
+        names = (f"{names[0]} (original)", f"{names[1]} (compressed)")
+    result = compare_models(a, b, task, tokenizer=tok_a, compressed_tokenizer=tok_b, names=names, **options)
+    if out is not None:
+        from .report import write_comparison_report
+
+        write_comparison_report(result, out)
+    return result

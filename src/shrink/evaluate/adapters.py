@@ -1,0 +1,252 @@
+"""Model adapters: one way to run each kind of model on each kind of example.
+
+An adapter turns an example into an `Outcome`: the output as text, its score, the original model's
+confidence in it (for difficulty slices), and what the comparison needs to measure divergence: the
+next-token log-probabilities over a token sequence (language models), the label distribution
+(classifiers) or an embedding (encoders). For language models the sequence is the prompt followed by
+the *original* model's answer, so both models are measured on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ShrinkError
+from .scorers import score_generation
+from .tasks import Example, Task
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class Outcome:
+    """What one model did on one example."""
+
+    output: str
+    score: float
+    confidence: float  # higher = easier for this model (margin or mean log-probability)
+    logprobs: torch.Tensor | None = None  # [positions, vocabulary or labels], log-softmax
+    embedding: torch.Tensor | None = None  # encoders: L2-normalized sentence embedding
+    ids: torch.Tensor | None = None  # LMs: the token sequence the log-probabilities are over
+
+
+class Adapter:
+    """Base class. `kind` names the model type; `run` evaluates one example."""
+
+    kind = "model"
+    tasks: tuple[str, ...] = ()
+
+    def check_task(self, task: Task) -> None:
+        if task.kind not in self.tasks:
+            raise ShrinkError(f"task {task.name!r} is a {task.kind} task, which a {self.kind} model cannot run "
+                              f"(it runs: {', '.join(self.tasks)})")
+
+    def run(self, example: Example, task: Task, ids: torch.Tensor | None = None, scorer=None) -> Outcome:
+        raise NotImplementedError
+
+    def signature(self) -> object:
+        """What must match between the original and the compressed model (tokenizer vocabulary, labels)."""
+        return None
+
+
+def _margin(values: list[float] | torch.Tensor) -> float:
+    v = torch.as_tensor(values, dtype=torch.float64).sort(descending=True).values
+    return float(v[0] - v[1]) if len(v) > 1 else float(v[0])
+
+
+class CausalLMAdapter(Adapter):
+    """Hugging Face causal LMs: greedy generation (the same deterministic decoding for both models),
+    log-likelihood of choices and labels, perplexity of text. Prompts go through the tokenizer's chat
+    template when it has one (chat_template=None), always (True) or never (False)."""
+
+    kind = "causal language"
+    tasks = ("generation", "choice", "classification", "perplexity")
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        if tokenizer is None:
+            raise ShrinkError("a causal language model needs its tokenizer (none found beside the model)")
+        self.model, self.tok = model.eval(), tokenizer
+        has = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template and not has:
+            raise ShrinkError("chat template requested, but the tokenizer has none")
+        self.chat = has if chat_template is None else chat_template
+        self.max_new_tokens = max_new_tokens
+
+    def signature(self):
+        return ("vocab", tuple(sorted(self.tok.get_vocab().items())))
+
+    def prompt_ids(self, text: str) -> torch.Tensor:
+        if self.chat:
+            ids = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(self.tok(text).input_ids, dtype=torch.long)
+
+    def _text_ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tok(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    @torch.no_grad()
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the next token at every position but the last: [len(ids) - 1, vocab]."""
+        out = self.model(ids.unsqueeze(0), use_cache=False)
+        return F.log_softmax(out.logits[0, :-1].float(), -1)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding, stopping at the end-of-sequence token; the new token ids."""
+        from transformers import GenerationConfig
+
+        eos = self.tok.eos_token_id
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                               pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else eos)
+        out = self.model.generate(prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  generation_config=cfg)
+        return out[0, len(prompt):]
+
+    def _continuation_logprob(self, lp: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of ids[start:] given what precedes them, from `lp` = logprobs(ids)."""
+        return lp[start - 1:].gather(1, ids[start:].unsqueeze(1)).squeeze(1)
+
+    def _choice_scores(self, prompt: torch.Tensor, choices: list[str]) -> tuple[list[float], list[torch.Tensor]]:
+        scores, seqs = [], []
+        for c in choices:
+            seq = torch.cat([prompt, self._text_ids(c)])
+            lp = self.logprobs(seq)
+            scores.append(float(self._continuation_logprob(lp, len(prompt), seq).sum()))
+            seqs.append(seq)
+        return scores, seqs
+
+    def run(self, example, task, ids=None, scorer=None):
+        kind = example.kind
+        if kind == "perplexity":
+            seq = self._text_ids(example.input) if ids is None else ids
+            if self.tok.bos_token_id is not None and ids is None:
+                seq = torch.cat([torch.tensor([self.tok.bos_token_id]), seq])
+            if len(seq) < 2:
+                raise ShrinkError(f"example {example.id!r}: text is shorter than two tokens")
+            lp = self.logprobs(seq)
+            mean = float(self._continuation_logprob(lp, 1, seq).mean())
+            return Outcome(f"mean log-likelihood {mean:.3f}", mean, mean, lp, ids=seq)
+        prompt = self.prompt_ids(example.input)
+        if kind == "generation":
+            new = self.generate(prompt, example.data.get("max_new_tokens") or self.max_new_tokens)
+            text = self.tok.decode(new, skip_special_tokens=True).strip()
+            score = float(scorer(text, example)) if scorer else score_generation(text, example.data)
+            seq = torch.cat([prompt, new]) if ids is None else ids
+            target = torch.cat([prompt, self._text_ids(str(example.data["target"][0]))])
+            conf = float(self._continuation_logprob(self.logprobs(target), len(prompt), target).mean())
+            return Outcome(text, score, conf, self.logprobs(seq), ids=seq)
+        choices = example.data["choices"] if kind == "choice" else task.labels()
+        answer = example.data["answer"] if kind == "choice" else choices.index(str(example.data["label"]))
+        scores, seqs = self._choice_scores(prompt, choices)
+        pick = max(range(len(scores)), key=scores.__getitem__)
+        seq = seqs[answer] if ids is None else ids
+        return Outcome(choices[pick], float(pick == answer), _margin(scores), self.logprobs(seq), ids=seq)
+
+
+class SequenceClassifierAdapter(Adapter):
+    """Hugging Face sequence classifiers: the predicted label from `config.id2label`."""
+
+    kind = "sequence classifier"
+    tasks = ("classification",)
+
+    def __init__(self, model: nn.Module, tokenizer):
+        if tokenizer is None:
+            raise ShrinkError("a sequence classifier needs its tokenizer (none found beside the model)")
+        self.model, self.tok = model.eval(), tokenizer
+        self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+
+    def signature(self):
+        return ("labels", tuple(self.labels), "vocab", tuple(sorted(self.tok.get_vocab().items())))
+
+    def check_task(self, task):
+        super().check_task(task)
+        missing = [lb for lb in task.labels() if lb not in self.labels]
+        if missing:
+            raise ShrinkError(f"task {task.name!r} has labels {missing} that the model does not know "
+                              f"(its labels: {self.labels})")
+
+    @torch.no_grad()
+    def run(self, example, task, ids=None, scorer=None):
+        enc = self.tok(example.input, return_tensors="pt", truncation=True)
+        lp = F.log_softmax(self.model(**enc).logits[0].float(), -1)
+        pick = int(lp.argmax())
+        label = self.labels[pick]
+        return Outcome(label, float(label == str(example.data["label"])), _margin(lp.exp()), lp.unsqueeze(0))
+
+
+class EncoderAdapter(Adapter):
+    """Hugging Face encoders without a task head (sentence encoders such as MiniLM): mean-pooled,
+    normalized embeddings; classification is zero-shot, by the label whose own embedding is nearest."""
+
+    kind = "encoder"
+    tasks = ("classification",)
+
+    def __init__(self, model: nn.Module, tokenizer):
+        if tokenizer is None:
+            raise ShrinkError("an encoder needs its tokenizer (none found beside the model)")
+        self.model, self.tok = model.eval(), tokenizer
+        self._label_cache: dict[tuple, torch.Tensor] = {}
+
+    def signature(self):
+        return ("vocab", tuple(sorted(self.tok.get_vocab().items())))
+
+    @torch.no_grad()
+    def embed(self, text: str) -> torch.Tensor:
+        enc = self.tok(text, return_tensors="pt", truncation=True)
+        h = self.model(**enc).last_hidden_state[0].float()
+        mask = enc["attention_mask"][0].unsqueeze(1).float()
+        return F.normalize((h * mask).sum(0) / mask.sum(), dim=0)
+
+    def run(self, example, task, ids=None, scorer=None):
+        labels = task.labels()
+        key = tuple(labels)
+        if key not in self._label_cache:
+            self._label_cache[key] = torch.stack([self.embed(lb) for lb in labels])
+        e = self.embed(example.input)
+        sims = self._label_cache[key] @ e
+        pick = int(sims.argmax())
+        return Outcome(labels[pick], float(labels[pick] == str(example.data["label"])), _margin(sims),
+                       embedding=e)
+
+
+class TensorClassifierAdapter(Adapter):
+    """Plain PyTorch classifiers: one input tensor in, class logits out."""
+
+    kind = "tensor classifier"
+    tasks = ("tensor",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def run(self, example, task, ids=None, scorer=None):
+        out = self.model(example.input.unsqueeze(0))
+        logits = (out.logits if hasattr(out, "logits") else out).reshape(-1).float()
+        lp = F.log_softmax(logits, -1)
+        pick = int(lp.argmax())
+        return Outcome(str(pick), float(pick == example.data["label"]), _margin(lp.exp()), lp.unsqueeze(0))
+
+
+def adapter_for(model: nn.Module, tokenizer=None, chat_template: bool | None = None,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Adapter:
+    """The adapter that fits `model`: causal LM, sequence classifier, encoder, or plain classifier."""
+    if isinstance(model, Adapter):
+        return model
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if name.endswith("ForCausalLM") or (config is not None and hasattr(model, "generate")
+                                        and getattr(config, "is_decoder", False)):
+        return CausalLMAdapter(model, tokenizer, chat_template, max_new_tokens)
+    if name.endswith("ForSequenceClassification"):
+        return SequenceClassifierAdapter(model, tokenizer)
+    if config is not None and tokenizer is not None:
+        return EncoderAdapter(model, tokenizer)
+    return TensorClassifierAdapter(model)

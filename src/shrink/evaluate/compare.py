@@ -1,0 +1,293 @@
+"""Compare an original and a compressed model on the user's own task, example by example.
+
+Both models see exactly the same inputs. For every example: both outputs and scores, whether it
+flipped (right to wrong, wrong to right), and how far the compressed model's distribution moved
+(KL divergence and top-1 agreement of next-token distributions for language models, of the label
+distribution for classifiers; embedding cosine for encoders). Then: the score change with a paired
+bootstrap interval, McNemar's exact test on the flips, the same per slice (the example's tags, and
+difficulty slices from the original model's confidence and from input length), and a verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ShrinkError
+from .adapters import Adapter, Outcome, adapter_for
+from .scorers import load_scorer
+from .stats import divergence_summary, mcnemar_exact, paired_bootstrap
+from .tasks import Task, load_task
+
+MIN_SLICE = 5  # slices with fewer examples are reported but cannot fail the verdict
+SIGNIFICANCE = 0.05
+
+
+@dataclass
+class ExampleResult:
+    """One example, both models."""
+
+    id: str
+    tags: list[str]
+    input: str
+    target: str
+    original_output: str = ""
+    compressed_output: str = ""
+    original_score: float = float("nan")
+    compressed_score: float = float("nan")
+    flip: str | None = None  # "right→wrong", "wrong→right" or None
+    confidence: float = float("nan")  # the original model's, higher = easier
+    length: int = 0
+    kl_mean: float | None = None
+    top1_agreement: float | None = None
+    embedding_cosine: float | None = None
+    original_seconds: float = 0.0
+    compressed_seconds: float = 0.0
+    slices: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class SliceResult:
+    """Scores of both models on a group of examples, in points (0-100) or perplexity."""
+
+    name: str
+    n: int
+    original: float
+    compressed: float
+    change: float  # compressed - original, in points (perplexity tasks: percent of perplexity, sign = better)
+    ci_low: float
+    ci_high: float
+    right_to_wrong: int
+    wrong_to_right: int
+    p_value: float | None
+    past: bool = False
+
+
+@dataclass
+class Comparison:
+    """The whole comparison; `to_dict()` is what results.json holds."""
+
+    task: dict
+    original: dict
+    compressed: dict
+    tolerance: float
+    relative: bool
+    overall: SliceResult
+    slices: list[SliceResult]
+    examples: list[ExampleResult]
+    divergence: dict
+    within: bool
+    verdict: str
+    errors: int = 0
+
+    def to_dict(self) -> dict:
+        return _finite(asdict(self))
+
+    @property
+    def flips(self) -> list[ExampleResult]:
+        return [e for e in self.examples if e.flip]
+
+
+def _finite(obj):
+    """NaN and infinity as None, so results.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers as held in memory (tied tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel()) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _kl(p: Outcome, q: Outcome) -> tuple[np.ndarray, np.ndarray]:
+    lp, lq = p.logprobs, q.logprobs
+    kl = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0)
+    return kl.numpy(), (lp.argmax(-1) == lq.argmax(-1)).numpy()
+
+
+def _rank_slices(values: list[float], names: tuple[str, ...]) -> list[str | None]:
+    """Split examples into len(names) equal groups by value (lowest first), ties broken by order."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out: list[str | None] = [None] * len(values)
+    for r, i in enumerate(order):
+        out[i] = names[min(len(names) - 1, r * len(names) // max(1, len(values)))]
+    return out
+
+
+def _slice(name: str, rows: list[ExampleResult], perplexity: bool) -> SliceResult:
+    a = [r.original_score for r in rows]
+    b = [r.compressed_score for r in rows]
+    diff, lo, hi = paired_bootstrap(a, b)
+    if perplexity:  # scores are mean log-likelihoods; report perplexity and its percent change
+        orig, comp = math.exp(-np.mean(a)), math.exp(-np.mean(b))
+        pct = [100 * (math.exp(x) - 1) for x in (diff, lo, hi)]  # ll up = perplexity down = better
+        change, ci_low, ci_high = pct
+        rw = wr = 0
+        p = None
+    else:
+        orig, comp = 100 * float(np.mean(a)), 100 * float(np.mean(b))
+        change, ci_low, ci_high = 100 * diff, 100 * lo, 100 * hi
+        rw = sum(r.flip == "right→wrong" for r in rows)
+        wr = sum(r.flip == "wrong→right" for r in rows)
+        p = mcnemar_exact(rw, wr)
+    return SliceResult(name, len(rows), orig, comp, change, ci_low, ci_high, rw, wr, p)
+
+
+def _verdict(overall: SliceResult, slices: list[SliceResult], allowed, tol_text: str,
+             perplexity: bool) -> tuple[bool, str]:
+    """(within, one line): past when the overall loss exceeds the tolerance, or when a slice of at least
+    MIN_SLICE examples lost more than the tolerance and significantly so; `allowed(slice)` is the loss
+    in points that slice may have."""
+    unit = "%" if perplexity else " points"
+
+    def span(s):
+        return f"{s.change:+.1f}{unit} (CI {s.ci_low:+.1f}…{s.ci_high:+.1f})"
+
+    def significant(s):
+        return (s.p_value is not None and s.p_value < SIGNIFICANCE) or (s.p_value is None and s.ci_high < 0)
+
+    head = f"overall {span(overall)}"
+    if -overall.change > allowed(overall):
+        return False, f"PAST THE SWEET SPOT: {head}, more than the tolerance of {tol_text}"
+    failing = [s for s in slices if s.n >= MIN_SLICE and -s.change > allowed(s) and significant(s)]
+    for s in failing:
+        s.past = True
+    if failing:
+        worst = min(failing, key=lambda s: s.change)
+        p = f"p = {worst.p_value:.3g}" if worst.p_value is not None else f"CI {worst.ci_low:+.1f}…{worst.ci_high:+.1f}"
+        lost = f"{-worst.change:.1f}{unit}" if not perplexity else f"{worst.change:+.1f}% perplexity"
+        why = ""
+        easy = [s for s in slices if s.name in ("confidence:high", "tag:easy", "length:short") and -s.change <= allowed(s)]
+        if easy and worst.name in ("confidence:low", "tag:hard", "length:long", "tag:edge"):
+            why = ": the model still aces simple inputs and fails hard ones"
+        return False, (f"PAST THE SWEET SPOT: {head}, but the {worst.name} slice lost {lost} ({p}){why} "
+                       f"(tolerance {tol_text})")
+    note = ""
+    if -overall.ci_low > allowed(overall):
+        note = f"; the interval reaches {overall.ci_low:+.1f}{unit}, so more examples would tell"
+    return True, f"WITHIN TOLERANCE ({tol_text}): {head}, no slice lost more significantly{note}"
+
+
+def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
+            tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
+            chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
+            progress: bool | None = None) -> Comparison:
+    """Run both models on every example of `task` and compare them.
+
+    original, compressed: modules (Hugging Face or plain PyTorch) or adapters. tokenizer: for both
+    models unless compressed_tokenizer is given. task: a Task, a path (.jsonl, .npz, .safetensors) or
+    None for the built-in default task. tolerance: allowed score loss, in points (default 1.0,
+    absolute; relative=True makes it a percentage of the original's score; perplexity tasks always
+    measure percent of perplexity). scorer: 'module:function' to score generation outputs instead of
+    the task's match rule. chat_template: None uses the tokenizer's when it has one. max_new_tokens:
+    greedy generation length when an example gives none (default 32).
+    """
+    task = load_task(task)
+    score_fn = load_scorer(scorer) if scorer else None
+    a = adapter_for(original, tokenizer, chat_template, max_new_tokens)
+    b = adapter_for(compressed, compressed_tokenizer or tokenizer, chat_template, max_new_tokens)
+    if type(a) is not type(b):
+        raise ShrinkError(f"the models are of different kinds: {names[0]} is a {a.kind} model, {names[1]} a {b.kind} model")
+    sa, sb = a.signature(), b.signature()
+    if sa != sb:
+        what = "label sets" if sa and sa[0] == "labels" and sa[1] != sb[1] else "tokenizers"
+        raise ShrinkError(f"the two models have different {what}; they must see exactly the same inputs")
+    for ad in (a, b):
+        ad.check_task(task)
+
+    perplexity = task.kind == "perplexity"
+    rows: list[ExampleResult] = []
+    kls, agree, cosines = [], [], []
+    for ex in tqdm(task.examples, desc="compare", unit="example", disable=None if progress is None else not progress):
+        d = ex.data
+        target = (" | ".join(map(str, d["target"])) if "target" in d else d["choices"][d["answer"]] if "choices" in d
+                  else str(d.get("label", "")))
+        r = ExampleResult(ex.id, list(ex.tags), ex.input if isinstance(ex.input, str) else f"tensor {tuple(ex.input.shape)}",
+                          target)
+        r.length = len(ex.input.split()) if isinstance(ex.input, str) else int(ex.input.numel())
+        try:
+            t0 = time.perf_counter()
+            po = a.run(ex, task, scorer=score_fn)
+            t1 = time.perf_counter()
+            qo = b.run(ex, task, ids=po.ids, scorer=score_fn)
+            t2 = time.perf_counter()
+        except Exception as e:  # one failing example must not lose the others
+            r.error = f"{type(e).__name__}: {e}"
+            rows.append(r)
+            continue
+        r.original_seconds, r.compressed_seconds = t1 - t0, t2 - t1
+        r.original_output, r.compressed_output = po.output, qo.output
+        r.original_score, r.compressed_score = po.score, qo.score
+        r.confidence = po.confidence
+        if not perplexity:
+            was, now = po.score >= 0.5, qo.score >= 0.5
+            r.flip = "right→wrong" if was and not now else "wrong→right" if now and not was else None
+        if po.logprobs is not None and qo.logprobs is not None:
+            kl, same = _kl(po, qo)
+            kls.append(kl)
+            agree.append(same)
+            r.kl_mean, r.top1_agreement = float(kl.mean()), float(same.mean())
+        if po.embedding is not None:
+            r.embedding_cosine = float(po.embedding @ qo.embedding)
+            cosines.append(r.embedding_cosine)
+        rows.append(r)
+
+    ok = [r for r in rows if r.error is None]
+    if not ok:
+        raise ShrinkError(f"every example failed; the first: example {rows[0].id!r}: {rows[0].error}")
+    # slices: tags, then difficulty from the original's confidence, then input length
+    for r, c in zip(ok, _rank_slices([r.confidence for r in ok], ("confidence:low", "confidence:mid", "confidence:high"))):
+        r.slices = [f"tag:{t}" for t in r.tags] + [c]
+    if task.kind != "tensor":
+        for r, s in zip(ok, _rank_slices([r.length for r in ok], ("length:short", "length:long"))):
+            r.slices.append(s)
+    names_in_order = list(dict.fromkeys(s for r in ok for s in r.slices))
+    slices = [_slice(n, [r for r in ok if n in r.slices], perplexity) for n in names_in_order]
+    overall = _slice("overall", ok, perplexity)
+
+    relative = relative and not perplexity  # perplexity changes are percentages already
+
+    def allowed(s: SliceResult) -> float:
+        return tolerance / 100 * abs(s.original) if relative else tolerance
+
+    tol_text = (f"{tolerance:g}% of perplexity" if perplexity else
+                f"{tolerance:g}% of the original score, relative = {allowed(overall):.2f} points overall" if relative
+                else f"{tolerance:g} points, absolute")
+    within, verdict = _verdict(overall, slices, allowed, tol_text, perplexity)
+
+    divergence = {}
+    if kls:
+        divergence["kl"] = divergence_summary(np.concatenate(kls))
+        divergence["top1_agreement"] = float(np.concatenate(agree).mean())
+    if cosines:
+        divergence["embedding_cosine"] = {"mean": float(np.mean(cosines)), "min": float(np.min(cosines))}
+
+    def model_info(ad: Adapter, secs: list[float], name: str) -> dict:
+        m = getattr(ad, "model", None)
+        return {"name": name, "kind": ad.kind, "bytes": model_bytes(m) if m is not None else None,
+                "seconds_per_example": float(np.median(secs)) if secs else None}
+
+    return Comparison(
+        task={"name": task.name, "kind": task.kind, "source": task.source, "examples": len(task.examples)},
+        original=model_info(a, [r.original_seconds for r in ok], names[0]),
+        compressed=model_info(b, [r.compressed_seconds for r in ok], names[1]),
+        tolerance=tolerance, relative=relative, overall=overall, slices=slices, examples=rows,
+        divergence=divergence, within=within, verdict=verdict, errors=len(rows) - len(ok),
+    )

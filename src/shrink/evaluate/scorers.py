@@ -1,0 +1,81 @@
+"""Scoring one generated output against an example's targets: exact, contains, regex, numeric, or a
+user's Python function named `module:function`."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import string
+from collections.abc import Callable
+
+from ..errors import ShrinkError
+
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def normalize(text: str) -> str:
+    """Lower case, inner whitespace collapsed, surrounding whitespace and punctuation removed."""
+    return " ".join(str(text).split()).casefold().strip(string.punctuation + " ")
+
+
+def exact(output: str, target: str) -> bool:
+    """Equal after `normalize`."""
+    return normalize(output) == normalize(target)
+
+
+def contains(output: str, target: str) -> bool:
+    """The normalized target appears in the normalized output as whole words."""
+    t = normalize(target)
+    return bool(t) and re.search(rf"(?<!\w){re.escape(t)}(?!\w)", normalize(output)) is not None
+
+
+def regex(output: str, pattern: str) -> bool:
+    """The regular expression matches somewhere in the output."""
+    return re.search(pattern, output) is not None
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text` ("1,234.5" reads as 1234.5), or None. The last, because
+    models restate the question ("2 + 3 = 5") before they answer."""
+    found = _NUMBER.findall(text)
+    for m in reversed(found):
+        try:
+            return float(m.replace(",", "").rstrip("."))
+        except ValueError:
+            continue
+    return None
+
+
+def numeric(output: str, target, tolerance: float = 1e-6) -> bool:
+    """The last number in the output is within `tolerance` (relative to |target|, at least absolute
+    `tolerance` near zero) of the target."""
+    x, t = last_number(str(output)), float(target)
+    return x is not None and abs(x - t) <= tolerance * max(1.0, abs(t))
+
+
+MATCHERS = {"exact": exact, "contains": contains, "regex": regex}
+
+
+def score_generation(output: str, data: dict) -> float:
+    """1.0 when the output matches any of the example's targets by its `match`, else 0.0."""
+    match = data.get("match", "exact")
+    for t in data["target"]:
+        ok = numeric(output, t, float(data.get("tolerance", 1e-6))) if match == "numeric" else MATCHERS[match](output, str(t))
+        if ok:
+            return 1.0
+    return 0.0
+
+
+def load_scorer(ref: str) -> Callable:
+    """The function named `module:function`, called as f(output, example) -> float in [0, 1] or bool."""
+    if ref.count(":") != 1:
+        raise ShrinkError(f"scorer {ref!r}: expected 'module:function', e.g. 'my_scorers:exact_date'")
+    mod_name, fn_name = ref.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ShrinkError(f"scorer {ref!r}: cannot import module {mod_name!r} ({e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ShrinkError(f"scorer {ref!r}: module {mod_name!r} has no function {fn_name!r}")
+    return fn

@@ -1,0 +1,224 @@
+"""Tasks: the user's own inputs with a notion of a good output, read from JSON Lines or tensor files.
+
+One example per line of a `.jsonl` file; the fields say the kind of task:
+
+- generation: `{"input": "...", "target": "..."}` (or a list of acceptable targets), scored by
+  `"match"`: `exact` (default; case, surrounding space and final punctuation ignored), `contains`,
+  `regex`, or `numeric` (the last number in the output, within `"tolerance"`, default 1e-6 relative), or by a Python scorer;
+- multiple choice: `{"input": "...", "choices": ["...", ...], "answer": 1}`, scored by the
+  log-likelihood of each choice;
+- classification: `{"input": "...", "label": "sport"}`, the model's predicted label against `label`;
+- perplexity: `{"text": "..."}`, the log-likelihood of the text.
+
+Every example may have an `"id"` (default: its line number) and `"tags"` (slices of the report, such as
+"hard" or "edge"). All examples of a task must be of one kind. Tensor tasks for plain PyTorch
+classifiers are `.npz` or `.safetensors` files with an input array `x` and integer labels `y`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..errors import ShrinkError
+
+KINDS = ("generation", "choice", "classification", "perplexity", "tensor")
+MATCHES = ("exact", "contains", "regex", "numeric")
+_FIELDS = {
+    "generation": {"id", "input", "target", "match", "tolerance", "tags", "max_new_tokens"},
+    "choice": {"id", "input", "choices", "answer", "tags"},
+    "classification": {"id", "input", "label", "tags"},
+    "perplexity": {"id", "text", "tags"},
+}
+
+
+@dataclass
+class Example:
+    """One input and what a good output is. `data` holds the kind's fields (target, choices, ...)."""
+
+    id: str
+    kind: str
+    input: object  # text, or a tensor row for tensor tasks
+    data: dict = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    line: int = 0
+
+
+@dataclass
+class Task:
+    """Examples of one kind, from one file (`source`)."""
+
+    name: str
+    kind: str
+    examples: list[Example]
+    source: str = ""
+
+    def labels(self) -> list[str]:
+        """Classification labels in order of first appearance."""
+        return list(dict.fromkeys(str(e.data["label"]) for e in self.examples)) if self.kind == "classification" else []
+
+
+def _kind_of(obj: dict) -> str | None:
+    if "choices" in obj:
+        return "choice"
+    if "label" in obj:
+        return "classification"
+    if "target" in obj:
+        return "generation"
+    if "text" in obj and "input" not in obj:
+        return "perplexity"
+    return None
+
+
+def _check_example(obj, where: str, line: int) -> Example:
+    if not isinstance(obj, dict):
+        raise ShrinkError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    kind = _kind_of(obj)
+    if kind is None:
+        raise ShrinkError(f"{where}: cannot tell the kind of example: give 'target' (generation), 'choices' and "
+                          "'answer' (multiple choice), 'label' (classification) or 'text' (perplexity)")
+    unknown = set(obj) - _FIELDS[kind]
+    if unknown:
+        raise ShrinkError(f"{where}: unknown field(s) {sorted(unknown)} for a {kind} example "
+                          f"(allowed: {sorted(_FIELDS[kind])})")
+    text_field = "text" if kind == "perplexity" else "input"
+    if not isinstance(obj.get(text_field), str) or not obj[text_field].strip():
+        raise ShrinkError(f"{where}: missing field {text_field!r} (a non-empty string)")
+    tags = obj.get("tags", [])
+    if isinstance(tags, str):
+        tags = [tags]
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise ShrinkError(f"{where}: 'tags' must be a list of non-empty strings")
+    data = {k: v for k, v in obj.items() if k not in ("id", "input", "text", "tags")}
+    if kind == "generation":
+        t = obj["target"]
+        targets = t if isinstance(t, list) else [t]
+        if not targets or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in targets):
+            raise ShrinkError(f"{where}: 'target' must be a string or number, or a non-empty list of them")
+        match = obj.get("match", "exact")
+        if match not in MATCHES:
+            raise ShrinkError(f"{where}: unknown match {match!r} (one of {', '.join(MATCHES)})")
+        if match == "numeric":
+            try:
+                [float(x) for x in targets]
+            except ValueError:
+                raise ShrinkError(f"{where}: numeric match needs numeric targets, got {targets!r}") from None
+        if match == "regex":
+            import re
+
+            for x in targets:
+                try:
+                    re.compile(str(x))
+                except re.error as e:
+                    raise ShrinkError(f"{where}: invalid regular expression {x!r}: {e}") from None
+        data["target"] = targets
+        data["match"] = match
+        mnt = obj.get("max_new_tokens")
+        if mnt is not None and (not isinstance(mnt, int) or mnt < 1):
+            raise ShrinkError(f"{where}: 'max_new_tokens' must be a positive integer")
+    elif kind == "choice":
+        ch, ans = obj["choices"], obj.get("answer")
+        if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
+            raise ShrinkError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(ch):
+            raise ShrinkError(f"{where}: 'answer' must be the index of the right choice (0 to {len(ch) - 1})")
+    elif kind == "classification":
+        if not isinstance(obj["label"], (str, int)) or obj["label"] == "":
+            raise ShrinkError(f"{where}: 'label' must be a non-empty string or an integer")
+    ex_id = obj.get("id", line)
+    if not isinstance(ex_id, (str, int)):
+        raise ShrinkError(f"{where}: 'id' must be a string or an integer")
+    return Example(str(ex_id), kind, obj[text_field], data, tuple(tags), line)
+
+
+def read_jsonl(path: str | os.PathLike, name: str | None = None) -> Task:
+    """Read a JSON Lines task file. Errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ShrinkError(f"{path}: no such task file") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ShrinkError(f"{path}: not a UTF-8 text file ({e})") from None
+    examples, kind, seen = [], None, {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ShrinkError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        ex = _check_example(obj, where, n)
+        if kind is None:
+            kind = ex.kind
+        elif ex.kind != kind:
+            raise ShrinkError(f"{where}: a {ex.kind} example in a {kind} task (one kind per task file)")
+        if ex.id in seen:
+            raise ShrinkError(f"{where}: id {ex.id!r} already used on line {seen[ex.id]}")
+        seen[ex.id] = n
+        examples.append(ex)
+    if not examples:
+        raise ShrinkError(f"{path}: empty task (no examples)")
+    return Task(name or path.stem, kind, examples, str(path))
+
+
+def read_tensors(path: str | os.PathLike, name: str | None = None) -> Task:
+    """A tensor task: `x` (inputs, first axis = examples) and `y` (integer labels) from .npz (no pickle)
+    or .safetensors; optional string array `tags` in .npz (one comma-separated string per example)."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ShrinkError(f"{path}: no such task file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        else:
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(path))
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise ShrinkError(f"{path}: missing array {key!r} (have {sorted(arrays)})")
+    x, y = arrays["x"], arrays["y"]
+    if len(x) == 0:
+        raise ShrinkError(f"{path}: empty task (no examples)")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise ShrinkError(f"{path}: 'y' must be integer labels, one per row of 'x' ({len(x)}), got {y.dtype} {y.shape}")
+    tags = arrays.get("tags")
+    xs = torch.from_numpy(np.ascontiguousarray(x))
+    if xs.is_floating_point():
+        xs = xs.float()
+    examples = []
+    for i in range(len(x)):
+        t = tuple(s for s in str(tags[i]).split(",") if s) if tags is not None else ()
+        examples.append(Example(str(i), "tensor", xs[i], {"label": int(y[i])}, t, i))
+    return Task(name or path.stem, "tensor", examples, str(path))
+
+
+def load_task(task: str | os.PathLike | Task | None = None) -> Task:
+    """A Task from a path (.jsonl, .npz, .safetensors), a Task (returned as is), or None for the
+    built-in default task (short questions with exact answers, for the default model)."""
+    if isinstance(task, Task):
+        return task
+    if task is None or str(task) == "default":
+        return default_task()
+    path = Path(task)
+    if path.suffix in (".npz", ".safetensors"):
+        return read_tensors(path)
+    return read_jsonl(path)
+
+
+def default_task() -> Task:
+    """The built-in task: short questions with exact answers, easy and hard, tagged."""
+    ref = resources.files("shrink.data").joinpath("default_task.jsonl")
+    with resources.as_file(ref) as p:
+        return read_jsonl(p, name="default")

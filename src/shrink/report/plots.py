@@ -1,0 +1,87 @@
+"""Plots for reports, drawn with matplotlib as inline SVG (the HTML report stays one self-contained file)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+
+ORIGINAL, COMPRESSED, BAD, GOOD = "#4c72b0", "#dd8452", "#c44e52", "#55a868"
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype: it is embedded in HTML
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"  # text as text, not paths: smaller and searchable
+    return plt.subplots(figsize=(width, height))
+
+
+def slice_scores(names: list[str], original: list[float], compressed: list[float], unit: str,
+                 labels: tuple[str, str] = ("original", "compressed")) -> str:
+    """Grouped horizontal bars: each slice's score for both models."""
+    fig, ax = _figure(7, 0.45 * len(names) + 1.2)
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, original, 0.4, label=labels[0], color=ORIGINAL)
+    ax.barh(y + 0.2, compressed, 0.4, label=labels[1], color=COMPRESSED)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Score per slice")
+    return _svg(fig)
+
+
+def divergence_histogram(values: list[float], label: str) -> str:
+    """Histogram of per-example divergences on a log axis (zeros drawn at the smallest bin)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    fig, ax = _figure(7, 2.8)
+    if v.size:
+        lo = max(v[v > 0].min() if (v > 0).any() else 1e-6, 1e-6)
+        bins = np.logspace(np.log10(lo), np.log10(max(v.max(), lo * 10)), 30)
+        ax.hist(np.clip(v, lo, None), bins=bins, color=COMPRESSED)
+        ax.set_xscale("log")
+        ax.axvline(float(np.median(v)), color="k", ls="--", lw=1, label=f"median {np.median(v):.3g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("examples")
+    ax.set_title("Divergence of the compressed model, per example")
+    return _svg(fig)
+
+
+def flips(names: list[str], right_to_wrong: list[int], wrong_to_right: list[int]) -> str:
+    """Per slice: examples that went right to wrong (left, red) and wrong to right (right, green)."""
+    fig, ax = _figure(7, 0.4 * len(names) + 1.2)
+    y = np.arange(len(names))
+    ax.barh(y, [-x for x in right_to_wrong], color=BAD, label="right → wrong")
+    ax.barh(y, wrong_to_right, color=GOOD, label="wrong → right")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    m = max([1, *right_to_wrong, *wrong_to_right])
+    ax.set_xlim(-m - 0.5, m + 0.5)
+    ticks = ax.get_xticks()
+    ax.set_xticks(ticks, [str(abs(int(t))) for t in ticks])
+    ax.set_xlabel("examples that flipped")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Flips per slice")
+    return _svg(fig)
+
+
+def strip_ids(svg: str, prefix: str) -> str:
+    """Make matplotlib's element ids unique per plot, so several SVGs can share one page."""
+    return re.sub(r'(id="|url\(#|href="#)', lambda m: m.group(1) + prefix, svg)

@@ -1,0 +1,291 @@
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+import shrink
+from conftest import tiny_llama, tiny_tokenizer, word_text
+from shrink.errors import ShrinkError
+from shrink.evaluate import compare, load_task
+from shrink.evaluate.scorers import contains, exact, last_number, numeric, regex
+from shrink.evaluate.stats import mcnemar_exact, paired_bootstrap
+
+
+def _write(tmp_path, lines, name="task.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
+    return p
+
+
+# ---- task files ---------------------------------------------------------------------------------
+
+def test_task_kinds_and_defaults(tmp_path):
+    t = load_task(_write(tmp_path, [{"input": "q", "target": "a", "tags": ["hard"]}, {"input": "r", "target": [1, 2], "match": "numeric"}]))
+    assert t.kind == "generation" and [e.id for e in t.examples] == ["1", "2"]
+    assert t.examples[0].tags == ("hard",) and t.examples[1].data["target"] == [1, 2]
+    assert load_task(_write(tmp_path, [{"input": "q", "choices": ["a", "b"], "answer": 1}])).kind == "choice"
+    assert load_task(_write(tmp_path, [{"input": "q", "label": "x"}, {"input": "r", "label": "y"}])).labels() == ["x", "y"]
+    assert load_task(_write(tmp_path, [{"text": "some text"}])).kind == "perplexity"
+    d = load_task(None)
+    assert d.name == "default" and len(d.examples) >= 30
+    assert {"easy", "hard"} <= {t for e in d.examples for t in e.tags}
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", r"task.jsonl:2: invalid JSON"),
+    ({"input": "q"}, r"task.jsonl:2: cannot tell the kind"),
+    ({"target": "a"}, r"task.jsonl:2: missing field 'input'"),
+    ({"input": "q", "target": "a", "match": "fuzzy"}, r"task.jsonl:2: unknown match 'fuzzy'"),
+    ({"input": "q", "target": "a", "color": 1}, r"task.jsonl:2: unknown field\(s\) \['color'\]"),
+    ({"input": "q", "choices": ["a", "b"], "answer": 2}, r"task.jsonl:2: 'answer' must be the index"),
+    ({"input": "q", "label": "x"}, r"task.jsonl:2: a classification example in a generation task"),
+    ({"id": "one", "input": "q", "target": "a"}, r"task.jsonl:2: id 'one' already used on line 1"),
+    ({"input": "q", "target": "a(", "match": "regex"}, r"task.jsonl:2: invalid regular expression"),
+    ({"input": "q", "target": "seven", "match": "numeric"}, r"task.jsonl:2: numeric match needs numeric targets"),
+])
+def test_bad_task_lines_name_file_and_line(tmp_path, line, message):
+    p = _write(tmp_path, [{"id": "one", "input": "q", "target": "a"}, line])
+    with pytest.raises(ShrinkError, match=message):
+        load_task(p)
+
+
+def test_empty_and_missing_task(tmp_path):
+    with pytest.raises(ShrinkError, match=r"empty.jsonl: empty task"):
+        load_task(_write(tmp_path, ["", "  "], "empty.jsonl"))
+    with pytest.raises(ShrinkError, match=r"nope.jsonl: no such task file"):
+        load_task(tmp_path / "nope.jsonl")
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 2)))
+    with pytest.raises(ShrinkError, match=r"bad.npz: missing array 'y'"):
+        load_task(tmp_path / "bad.npz")
+
+
+# ---- scorers and statistics --------------------------------------------------------------------
+
+def test_scorers():
+    assert exact("  Paris. ", "paris") and not exact("Paris, France", "Paris")
+    assert contains("The capital is Paris.", "paris") and not contains("Parisian food", "Paris")
+    assert regex("Brasília", "Bras[ií]lia")
+    assert last_number("17 * 23 = 391.") == 391 and last_number("about 1,234.5 km") == 1234.5 and last_number("none") is None
+    assert numeric("2 + 3 = 5", 5) and not numeric("2 + 3 = 6", 5) and numeric("0.333", 1 / 3, tolerance=1e-3)
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (10, 2), (3, 3), (0, 7), (25, 11), (1, 0)])
+def test_mcnemar_exact_matches_scipy_binomial_test(b, c):
+    want = 1.0 if b + c == 0 else sps.binomtest(min(b, c), b + c, 0.5).pvalue
+    assert mcnemar_exact(b, c) == pytest.approx(want, rel=1e-12)
+
+
+def test_paired_bootstrap_matches_scipy():
+    g = np.random.default_rng(1)
+    a = g.random(200)
+    b = a - 0.1 + 0.2 * g.random(200)
+    diff, lo, hi = paired_bootstrap(a, b, resamples=4000)
+    ref = sps.bootstrap((a, b), lambda x, y: np.mean(y - x), paired=True, vectorized=False, method="percentile",
+                        n_resamples=4000, random_state=0).confidence_interval
+    assert diff == pytest.approx((b - a).mean())
+    assert lo == pytest.approx(ref.low, abs=0.004) and hi == pytest.approx(ref.high, abs=0.004)
+
+
+# ---- comparisons with known flips ---------------------------------------------------------------
+
+def _tensor_task(tmp_path):
+    """30 examples, 3 classes, built so that zeroing class 2's output flips exactly known examples."""
+    e = np.eye(3, dtype=np.float32)
+    x, y, tags = [], [], []
+    for _ in range(10):
+        x.append(e[0] + 0.1 * e[1]); y.append(0); tags.append("")          # both right
+    for _ in range(10):
+        x.append(e[2] + 0.5 * e[1]); y.append(2); tags.append("hard")      # right -> wrong
+    for _ in range(2):
+        x.append(e[2] + 0.6 * e[1]); y.append(1); tags.append("edge")      # wrong -> right
+    for _ in range(8):
+        x.append(e[1]); y.append(1); tags.append("easy")                   # both right
+    p = tmp_path / "t.npz"
+    np.savez(p, x=np.stack(x), y=np.array(y), tags=np.array(tags))
+    orig = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        orig.weight.copy_(torch.eye(3))
+    comp = copy.deepcopy(orig)
+    with torch.no_grad():
+        comp.weight[2] = 0
+    return p, orig, comp
+
+
+def test_tensor_classifier_flips_and_statistics(tmp_path):
+    p, orig, comp = _tensor_task(tmp_path)
+    c = compare(orig, comp, p)
+    assert c.task["kind"] == "tensor" and c.errors == 0
+    o = c.overall
+    assert (o.n, o.right_to_wrong, o.wrong_to_right) == (30, 10, 2)
+    assert o.original == pytest.approx(100 * 28 / 30) and o.compressed == pytest.approx(100 * 20 / 30)
+    assert o.change == pytest.approx(-100 * 8 / 30)
+    assert o.p_value == pytest.approx(sps.binomtest(2, 12, 0.5).pvalue)
+    assert o.ci_low < o.change < o.ci_high < 0
+    hard = next(s for s in c.slices if s.name == "tag:hard")
+    assert (hard.n, hard.original, hard.compressed, hard.right_to_wrong) == (10, 100.0, 0.0, 10)
+    assert hard.p_value == pytest.approx(2 / 2 ** 10)
+    assert not c.within and "overall" in c.verdict and "tolerance of 1 points, absolute" in c.verdict
+    flipped = {e.id: e.flip for e in c.flips}
+    assert flipped == {**{str(i): "right→wrong" for i in range(10, 20)}, "20": "wrong→right", "21": "wrong→right"}
+    # the label distributions moved only for inputs with mass on class 2
+    kl = {int(e.id): e.kl_mean for e in c.examples}
+    assert all(kl[i] == pytest.approx(0, abs=1e-7) for i in [*range(10), *range(22, 30)])
+    assert all(kl[i] > 0.1 for i in range(10, 22))
+    assert c.divergence["kl"]["positions"] == 30
+
+
+def test_verdict_names_the_slice_that_broke(tmp_path):
+    # Overall within a generous tolerance, but the hard slice lost everything, significantly.
+    p, orig, comp = _tensor_task(tmp_path)
+    c = compare(orig, comp, p, tolerance=30)
+    assert not c.within
+    assert "overall -26.7 points" in c.verdict
+    assert "the tag:hard slice lost 100.0 points (p = 0.00195)" in c.verdict
+    assert "still aces simple inputs and fails hard ones" in c.verdict
+    assert [s.name for s in c.slices if s.past] == ["tag:hard"]
+    c = compare(orig, orig, p)
+    assert c.within and c.overall.change == 0 and not c.flips and c.verdict.startswith("WITHIN TOLERANCE")
+
+
+def test_relative_tolerance(tmp_path):
+    p, orig, comp = _tensor_task(tmp_path)
+    c = compare(orig, comp, p, tolerance=40, relative=True)  # 40% of 93.3 = 37.3 points allowed overall
+    assert "40% of the original score, relative = 37.33 points overall" in c.verdict
+    assert c.relative
+
+
+def test_difficulty_slices_without_tags(tmp_path):
+    p, orig, comp = _tensor_task(tmp_path)
+    z = dict(np.load(p))
+    np.savez(p, x=z["x"], y=z["y"])
+    c = compare(orig, comp, p)
+    names = [s.name for s in c.slices]
+    assert names and set(names) == {"confidence:low", "confidence:mid", "confidence:high"}
+    assert sum(s.n for s in c.slices) == 30
+
+
+# ---- language models ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tok():
+    return tiny_tokenizer()
+
+
+def _gen_task(tmp_path, n=8):
+    lines = [{"id": f"e{i}", "input": word_text(6, seed=i), "target": word_text(1, seed=100 + i), "match": "contains",
+              "tags": ["hard"] if i % 2 else ["easy"], "max_new_tokens": 4} for i in range(n)]
+    return _write(tmp_path, lines)
+
+
+def test_identical_models_have_zero_divergence(tmp_path, tok):
+    m = tiny_llama()
+    c = compare(m, copy.deepcopy(m), _gen_task(tmp_path), tokenizer=tok)
+    assert c.errors == 0 and not c.flips and c.within
+    assert c.divergence["kl"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert c.divergence["top1_agreement"] == 1.0
+    assert all(e.original_output == e.compressed_output for e in c.examples)
+
+
+def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, tok):
+    m = tiny_llama()
+    q = shrink.quantize(copy.deepcopy(m), "int2-g32", keep_output=False)
+    c = compare(m, q, _gen_task(tmp_path), tokenizer=tok)
+    assert c.divergence["kl"]["mean"] > 0.01 and c.divergence["top1_agreement"] < 1
+    assert c.compressed["bytes"] < c.original["bytes"]
+    # KL of one example by hand: both models on prompt + the original's greedy answer
+    ex = load_task(tmp_path / "task.jsonl").examples[0]
+    ids = torch.tensor(tok(ex.input).input_ids)
+    new = m.generate(ids.unsqueeze(0), max_new_tokens=4, do_sample=False, eos_token_id=2, pad_token_id=2)[0, len(ids):]
+    seq = torch.cat([ids, new]).unsqueeze(0)
+    with torch.no_grad():
+        lp = torch.log_softmax(m(seq).logits[0, :-1], -1)
+        lq = torch.log_softmax(q(seq).logits[0, :-1], -1)
+    want = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    assert c.examples[0].kl_mean == pytest.approx(want, rel=1e-4)
+    assert c.examples[0].original_output == tok.decode(new, skip_special_tokens=True).strip()
+
+
+def test_choice_log_likelihood_and_perplexity_by_hand(tmp_path, tok):
+    m = tiny_llama()
+    choices = ["market", "bank shares", "oil"]
+    p = _write(tmp_path, [{"input": "the price of", "choices": choices, "answer": 1}])
+    c = compare(m, m, p, tokenizer=tok)
+    prompt = tok("the price of").input_ids
+    scores = []
+    for ch in choices:
+        ids = torch.tensor(prompt + tok(ch, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            lp = torch.log_softmax(m(ids.unsqueeze(0)).logits[0, :-1], -1)
+        scores.append(lp[len(prompt) - 1:].gather(1, ids[len(prompt):].unsqueeze(1)).sum().item())
+    best = int(np.argmax(scores))
+    assert c.examples[0].original_output == choices[best]
+    assert c.examples[0].original_score == float(best == 1)
+    top = sorted(scores, reverse=True)
+    assert c.examples[0].confidence == pytest.approx(top[0] - top[1], rel=1e-5)
+
+    text = word_text(20, seed=5)
+    c = compare(m, m, _write(tmp_path, [{"text": text}], "ppl.jsonl"), tokenizer=tok)
+    ids = torch.tensor([1] + tok(text, add_special_tokens=False).input_ids).unsqueeze(0)
+    with torch.no_grad():
+        loss = m(ids, labels=ids).loss.item()
+    assert c.overall.original == pytest.approx(math.exp(loss), rel=1e-4)
+    assert "%" in c.verdict
+
+
+def test_failing_example_is_recorded_and_others_kept(tmp_path, tok, monkeypatch):
+    (tmp_path / "my_scorer.py").write_text(
+        "def score(output, example):\n"
+        "    if example.id == 'e3':\n"
+        "        raise RuntimeError('scorer cannot read this one')\n"
+        "    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = tiny_llama()
+    c = compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="my_scorer:score")
+    assert c.errors == 1 and c.overall.n == 7 and c.overall.original == 100.0
+    bad = next(e for e in c.examples if e.id == "e3")
+    assert bad.error == "RuntimeError: scorer cannot read this one"
+    with pytest.raises(ShrinkError, match="scorer 'my_scorer:nope': module 'my_scorer' has no function 'nope'"):
+        compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="my_scorer:nope")
+
+
+def test_mismatched_models_are_refused(tmp_path, tok):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2, "other": 3}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    m = tiny_llama()
+    with pytest.raises(ShrinkError, match="different tokenizers"):
+        compare(m, m, _gen_task(tmp_path), tokenizer=tok, compressed_tokenizer=other)
+    with pytest.raises(ShrinkError, match="perplexity task, which a tensor classifier model cannot run"):
+        compare(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), _write(tmp_path, [{"text": "a b"}]))
+
+    def bert(labels):
+        cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         num_labels=2, id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)})
+        return BertForSequenceClassification(cfg).eval()
+
+    task = _write(tmp_path, [{"input": "bank shares rise", "label": "up"}, {"input": "oil price fall", "label": "down"}])
+    c = compare(bert(["up", "down"]), bert(["up", "down"]), task, tokenizer=tok)
+    assert c.task["kind"] == "classification" and c.divergence["kl"]["positions"] == 2
+    with pytest.raises(ShrinkError, match="different label sets"):
+        compare(bert(["up", "down"]), bert(["up", "sideways"]), task, tokenizer=tok)
+    with pytest.raises(ShrinkError, match=r"labels \['down'\] that the model does not know"):
+        compare(bert(["up", "flat"]), bert(["up", "flat"]), task, tokenizer=tok)
+
+
+def test_encoder_zero_shot_classification(tmp_path, tok):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).eval()
+    task = _write(tmp_path, [{"input": "bank shares rise", "label": "bank"}, {"input": "oil price fall", "label": "oil"}])
+    c = compare(enc, enc, task, tokenizer=tok)
+    assert c.original["kind"] == "encoder"
+    assert c.divergence["embedding_cosine"]["min"] == pytest.approx(1.0, abs=1e-5)
