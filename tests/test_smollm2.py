@@ -59,3 +59,24 @@ def test_default_model_int8_and_int4(smol, tmp_path):
     with torch.no_grad():
         for n in (7, 100):  # the integer kernel path and the large-batch path
             assert torch.equal(loaded(ids[:, :n]).logits, int4(ids[:, :n]).logits)
+
+
+def test_compare_on_default_task_examples(smol, tmp_path):
+    # A few examples of the built-in task through the chat template: the original answers the easy ones,
+    # int8 stays close to it token by token, and 2-bit breaks it.
+    from shrink.evaluate import Task, default_task
+
+    task = default_task()
+    pick = {"capital-france", "opposite-hot", "days-week", "capital-australia"}
+    small = Task("few", task.kind, [e for e in task.examples if e.id in pick], task.source)
+    q8 = shrink.quantize(copy.deepcopy(smol.model), "int8")
+    c = shrink.compare(smol, q8, small, max_new_tokens=12, out=tmp_path / "rep")
+    assert c.errors == 0 and c.overall.n == 4
+    assert {e.id: e.original_score for e in c.examples} == dict.fromkeys(pick, 1.0)
+    assert c.divergence["kl"]["mean"] < 0.05 and c.divergence["top1_agreement"] > 0.9
+    assert c.within, c.verdict
+    q2 = shrink.quantize(copy.deepcopy(smol.model), "int2-g32")
+    c2 = shrink.compare(smol, q2, small, max_new_tokens=12)
+    assert c2.divergence["kl"]["mean"] > 10 * c.divergence["kl"]["mean"]
+    assert not c2.within and c2.overall.right_to_wrong >= 2
+    assert (tmp_path / "rep" / "report.html").is_file()

@@ -192,11 +192,9 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
         from .io import load_model
 
         a, b = load_model(original), load_model(compressed)
-    a.source.setdefault("name", original)
-    b.source.setdefault("name", compressed)
     result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
                          max_new_tokens=max_new_tokens, chat_template=chat_template,
-                         names=(str(original), str(compressed)))
+                         names=(Path(original).name, Path(compressed).name))
     _print_comparison(result)
     if out is not None:
         console.print(f"report: {out / 'report.html'} (and report.md, results.json)")
@@ -205,13 +203,13 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
 
 
 def _print_comparison(c) -> None:
-    from .report.comparison import SLICE_HEAD, divergence_lines, model_rows, slice_rows
+    from .report.comparison import divergence_lines, model_rows, slice_rows
 
     console.print(f"[bold {'green' if c.within else 'red'}]{c.verdict}[/]")
     t = Table(title=f"{c.task['name']}: {c.task['kind']}, {c.task['examples']} examples"
                     + (f", {c.errors} failed" if c.errors else ""))
-    for i, col in enumerate(SLICE_HEAD):
-        t.add_column(col, justify="left" if i == 0 else "right")
+    for i, col in enumerate(("slice", "n", "orig", "comp", "change", "95% CI", "R→W", "W→R", "p", "")):
+        t.add_column(col, justify="left" if i == 0 else "right", no_wrap=i in (0, 5))
     for r in slice_rows(c):
         t.add_row(*r, style="red" if r[-1] == "PAST" else None)
     console.print(t)

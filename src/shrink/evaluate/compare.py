@@ -182,7 +182,7 @@ def _verdict(overall: SliceResult, slices: list[SliceResult], allowed, tol_text:
     note = ""
     if -overall.ci_low > allowed(overall):
         note = f"; the interval reaches {overall.ci_low:+.1f}{unit}, so more examples would tell"
-    return True, f"WITHIN TOLERANCE ({tol_text}): {head}, no slice lost more significantly{note}"
+    return True, f"WITHIN TOLERANCE ({tol_text}): {head}, no slice lost significantly more{note}"
 
 
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
@@ -258,7 +258,9 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     if task.kind != "tensor":
         for r, s in zip(ok, _rank_slices([r.length for r in ok], ("length:short", "length:long"))):
             r.slices.append(s)
-    names_in_order = list(dict.fromkeys(s for r in ok for s in r.slices))
+    present = {s for r in ok for s in r.slices}
+    fixed = ("confidence:low", "confidence:mid", "confidence:high", "length:short", "length:long")
+    names_in_order = [f"tag:{t}" for t in dict.fromkeys(t for r in ok for t in r.tags)] + [n for n in fixed if n in present]
     slices = [_slice(n, [r for r in ok if n in r.slices], perplexity) for n in names_in_order]
     overall = _slice("overall", ok, perplexity)
 

@@ -16,7 +16,7 @@ h1{font-size:1.5em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid 
 .verdict{padding:.8em 1em;border-radius:6px;font-weight:600;font-size:1.05em}
 .ok{background:#e8f5e9;border:1px solid #55a868} .past{background:#fdecea;border:1px solid #c44e52}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px} th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top}
-th{background:#f4f4f4;cursor:pointer;user-select:none} td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4;cursor:pointer;user-select:none} td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.bad td{background:#fff4f4} .muted{color:#777} pre{white-space:pre-wrap;margin:0;font:12px/1.35 ui-monospace,monospace}
 .plots svg{max-width:100%;height:auto;display:block;margin:1em 0}
 """

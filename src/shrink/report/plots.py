@@ -47,19 +47,20 @@ def slice_scores(names: list[str], original: list[float], compressed: list[float
 
 
 def divergence_histogram(values: list[float], label: str) -> str:
-    """Histogram of per-example divergences on a log axis (zeros drawn at the smallest bin)."""
+    """Histogram of per-example divergences on a log axis; examples with none at all are counted in the title."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    pos = v[v > 1e-12]
     fig, ax = _figure(7, 2.8)
-    if v.size:
-        lo = max(v[v > 0].min() if (v > 0).any() else 1e-6, 1e-6)
-        bins = np.logspace(np.log10(lo), np.log10(max(v.max(), lo * 10)), 30)
-        ax.hist(np.clip(v, lo, None), bins=bins, color=COMPRESSED)
+    if pos.size:
+        lo, hi = np.log10(pos.min()) - 0.1, np.log10(pos.max()) + 0.1
+        ax.hist(pos, bins=np.logspace(lo, max(hi, lo + 0.5), 30), color=COMPRESSED)
         ax.set_xscale("log")
         ax.axvline(float(np.median(v)), color="k", ls="--", lw=1, label=f"median {np.median(v):.3g}")
         ax.legend(fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("examples")
-    ax.set_title("Divergence of the compressed model, per example")
+    zero = v.size - pos.size
+    ax.set_title("Divergence of the compressed model, per example" + (f" ({zero} of {v.size} with none)" if zero else ""))
     return _svg(fig)
 
 
@@ -74,8 +75,10 @@ def flips(names: list[str], right_to_wrong: list[int], wrong_to_right: list[int]
     ax.invert_yaxis()
     m = max([1, *right_to_wrong, *wrong_to_right])
     ax.set_xlim(-m - 0.5, m + 0.5)
-    ticks = ax.get_xticks()
-    ax.set_xticks(ticks, [str(abs(int(t))) for t in ticks])
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: str(abs(int(t)))))
     ax.set_xlabel("examples that flipped")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Flips per slice")
