@@ -35,9 +35,10 @@ from shrink.quant import quantized_bits_per_weight  # noqa: E402
 
 DEFAULT_VARIANTS = (
     "rtn:int4-g64,gptq:int4-g64,awq:int4-g64,awq+gptq:int4-g64,"
-    "rtn:int4-g32,gptq:int4-g32,awq:int4-g32,"
+    "rtn:int4-g32,gptq:int4-g32,awq:int4-g32,awq+gptq:int4-g32,gguf:Q4_0,"
     "rtn:int3-g32,gptq:int3-g32,awq:int3-g32,awq+gptq:int3-g32,"
-    "gptq:mixed-4.5,gptq:mixed-3.5,gguf:Q4_0,gguf:Q8_0"
+    "awq+gptq:mixed-4.5,awq+gptq:mixed-3.5,"
+    "rtn:int8,rtn:int8-g32,gguf:Q8_0"
 )
 EVAL_FILES = (0, 60)
 CALIB_FILES = (200, 200)

@@ -175,3 +175,39 @@ def test_plain_module_calibrated(mlp):
     gptq = shrink.quantize(mlp, "int3-g32", method="gptq", calibration=[x[i:i + 8] for i in range(0, 64, 8)], progress=False)
     e = lambda m: ((m(x) - ref).norm() / ref.norm()).item()  # noqa: E731
     assert e(gptq) < e(rtn)
+
+
+def test_first_stage_only_stops_after_the_first_layers():
+    from shrink.quant.layerwise import capture_inputs, collect_stats
+
+    model = tiny_llama(seed=5)
+    block = model.model.layers[0]
+    inputs = capture_inputs(model, block, _samples(3, 16))
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    full = collect_stats(block, inputs, names)
+    first = collect_stats(block, inputs, names, first_stage_only=True)
+    assert set(first) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
+    assert torch.allclose(first["self_attn.q_proj"].hessian, full["self_attn.q_proj"].hessian)
+    later = collect_stats(block, inputs, ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"], first_stage_only=True)
+    assert set(later) == {"mlp.gate_proj", "mlp.up_proj"}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_true_sequential_feeds_later_layers_quantized_inputs(method):
+    # q, k, v see the same inputs either way; o_proj and the MLP see what the quantized q, k, v produce.
+    from shrink.quant.calibrated import quantize_calibrated
+    from shrink.quant.spec import parse_format
+
+    runs = {}
+    for ts in (True, False):
+        m = tiny_llama(seed=6)
+        spec = parse_format("int3-g32")
+        assignment = {n: spec for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+        quantize_calibrated(m, assignment, _samples(6, 24), method, true_sequential=ts)
+        runs[ts] = dict(m.named_modules())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
+        assert torch.equal(runs[True][name].qweight, runs[False][name].qweight)
+    changed = [n for n in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj")
+               if not torch.equal(runs[True][n].qweight, runs[False][n].qweight)]
+    assert len(changed) == 3
+    assert all(isinstance(runs[True][n], QuantLinear) for n in runs[True] if n.endswith("_proj"))

@@ -81,7 +81,8 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--target-bits", type=float, default=None,
               help="Mixed precision: choose a format per layer (int2-g32, int3-g32, int4-g64, int4-g32, int8) so the quantized layers "
                    "average at most this many bits per weight, the most sensitive kept wider. Needs --calibration.")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of activation size.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ: quantize columns in order of activation size (groups stay static, so the format is unchanged).")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ: Hessian dampening, fraction of its mean diagonal.")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -85,10 +85,12 @@ def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
 
 
 def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: list[str],
-                  keep_rows: int = 0) -> dict[str, LinearStats]:
+                  keep_rows: int = 0, first_stage_only: bool = False) -> dict[str, LinearStats]:
     """Run `block` on `inputs` and gather LinearStats for its Linear submodules named in `names`.
 
     keep_rows: how many input rows per layer to keep as a sample (spread over the calibration set).
+    first_stage_only: stop each run of the block once the first layers reached (those fed one
+    tensor, like q, k and v) have their inputs; the rest of the block is not computed.
     """
     stats: dict[str, LinearStats] = {}
     modules = dict(block.named_modules())
@@ -103,6 +105,8 @@ def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: lis
 
     def make_hook(name):
         def hook(mod, args):
+            if first_stage_only and first_for_input and id(args[0]) not in first_for_input:
+                raise _Stop
             _, first = first_for_input.setdefault(id(args[0]), (args[0], name))
             if first != name:
                 stats.setdefault(name, stats[first])
@@ -129,7 +133,12 @@ def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: lis
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
     try:
-        run_block(block, inputs)
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                try:
+                    block(*args, **kwargs)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
