@@ -250,6 +250,12 @@ def test_failing_example_is_recorded_and_others_kept(tmp_path, tok, monkeypatch)
     assert bad.error == "RuntimeError: scorer cannot read this one"
     with pytest.raises(ShrinkError, match="scorer 'my_scorer:nope': module 'my_scorer' has no function 'nope'"):
         compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="my_scorer:nope")
+    with pytest.raises(ShrinkError, match="scorer 'no_such_mod:f': cannot import 'no_such_mod'"):
+        compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="no_such_mod:f")
+    # a file path works too, and the scorer's return value is the score
+    (tmp_path / "half.py").write_text("def score(output, example):\n    return 0.25\n")
+    c = compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer=f"{tmp_path / 'half.py'}:score")
+    assert c.overall.original == 25.0 and c.errors == 0
 
 
 def test_mismatched_models_are_refused(tmp_path, tok):

@@ -171,7 +171,8 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
               help="Allowed loss of score, in points (0-100 scale) unless --relative.")
 @click.option("--relative", is_flag=True, help="Tolerance is a percentage of the original's score instead of points.")
 @click.option("--scorer", default=None, metavar="MODULE:FUNCTION",
-              help="Score generated outputs with this Python function f(output, example) -> float or bool.")
+              help="Score generated outputs with this Python function f(output, example) -> float or bool; "
+                   "MODULE is importable from the current folder, or a path to a .py file.")
 @click.option("--max-new-tokens", default=32, show_default=True,
               help="Greedy generation length for examples that give none.")
 @click.option("--chat-template/--no-chat-template", default=None,

@@ -197,7 +197,8 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     absolute; relative=True makes it a percentage of the original's score; perplexity tasks always
     measure percent of perplexity). scorer: 'module:function' to score generation outputs instead of
     the task's match rule. chat_template: None uses the tokenizer's when it has one. max_new_tokens:
-    greedy generation length when an example gives none (default 32).
+    greedy generation length when an example gives none (default 32). An example counts as right
+    when its score is at least 0.5 (flips are counted on that); scores themselves are averaged.
     """
     task = load_task(task)
     score_fn = load_scorer(scorer) if scorer else None

@@ -4,8 +4,12 @@ user's Python function named `module:function`."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import re
 import string
+import sys
+from pathlib import Path
 from collections.abc import Callable
 
 from ..errors import ShrinkError
@@ -67,14 +71,32 @@ def score_generation(output: str, data: dict) -> float:
 
 
 def load_scorer(ref: str) -> Callable:
-    """The function named `module:function`, called as f(output, example) -> float in [0, 1] or bool."""
+    """The function named `module:function` (a module importable from here or the current folder) or
+    `path/to/file.py:function`, called as f(output, example) -> float in [0, 1] or bool."""
     if ref.count(":") != 1:
-        raise ShrinkError(f"scorer {ref!r}: expected 'module:function', e.g. 'my_scorers:exact_date'")
+        raise ShrinkError(f"scorer {ref!r}: expected 'module:function' or 'file.py:function', e.g. 'my_scorers:exact_date'")
     mod_name, fn_name = ref.split(":")
     try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ShrinkError(f"scorer {ref!r}: cannot import module {mod_name!r} ({e})") from None
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise ShrinkError(f"scorer {ref!r}: no such file {path}")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            added = os.getcwd() not in sys.path
+            if added:  # the command line does not put the current folder on the path
+                sys.path.insert(0, os.getcwd())
+            try:
+                mod = importlib.import_module(mod_name)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
+    except ShrinkError:
+        raise
+    except Exception as e:
+        raise ShrinkError(f"scorer {ref!r}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ShrinkError(f"scorer {ref!r}: module {mod_name!r} has no function {fn_name!r}")
