@@ -1,0 +1,88 @@
+"""Distillation losses: soft targets with a temperature (Hinton et al., 2015), hard labels, hidden states."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, times T² so that its gradients
+    keep their size as T changes. Logits [..., classes]; mask [...] selects positions (default: all).
+    Mean over the selected positions."""
+    t = temperature
+    log_p = F.log_softmax(teacher_logits.float() / t, -1)
+    log_q = F.log_softmax(student_logits.float() / t, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is not None:
+        kl = kl[mask]
+    return kl.mean() * t * t
+
+
+def topk_soft_target_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor,
+                          temperature: float = 2.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft-target loss from a cached teacher: only its top-k logits per position are kept. The teacher's
+    distribution is the softmax over those k; the student's log-probabilities are its full-vocabulary ones
+    at the same indices, so the loss is the cross-entropy to the truncated teacher, less its entropy."""
+    t = temperature
+    log_p = F.log_softmax(top_values.float() / t, -1)
+    log_q = F.log_softmax(student_logits.float() / t, -1).gather(-1, top_indices)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is not None:
+        kl = kl[mask]
+    return kl.mean() * t * t
+
+
+def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy with the true labels (next tokens for LMs); positions labelled ignore_index skipped."""
+    return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind: str = "mse",
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance between a student's and a teacher's hidden states of the same width: "mse" or "cosine"
+    (1 - cosine similarity per position). Mean over positions selected by mask."""
+    s, t = student_hidden.float(), teacher_hidden.float()
+    if s.shape != t.shape:
+        raise ValueError(f"hidden states differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)}; "
+                         "map layers of the same width or add a projection")
+    if kind == "mse":
+        d = (s - t).pow(2).mean(-1)
+    elif kind == "cosine":
+        d = 1 - F.cosine_similarity(s, t, dim=-1)
+    else:
+        raise ValueError(f"hidden-state loss {kind!r}: expected 'mse' or 'cosine'")
+    if mask is not None:
+        d = d[mask]
+    return d.mean()
+
+
+def distillation_loss(student_logits, teacher_logits=None, labels=None, *, temperature: float = 2.0,
+                      alpha: float = 0.5, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
+    """alpha * soft-target loss + (1 - alpha) * hard-label loss; returns (loss, parts as floats).
+
+    The teacher comes as full logits or as cached (top-k values, indices). With alpha=1 no labels are
+    needed; with alpha=0 no teacher.
+    """
+    parts = {}
+    total = student_logits.new_zeros(())
+    mask = labels != ignore_index if labels is not None else None
+    if alpha > 0:
+        if teacher_topk is not None:
+            soft = topk_soft_target_loss(student_logits, *teacher_topk, temperature=temperature, mask=mask)
+        elif teacher_logits is not None:
+            soft = soft_target_loss(student_logits, teacher_logits, temperature, mask=mask)
+        else:
+            raise ValueError("alpha > 0 needs the teacher's logits (or its cached top-k)")
+        total = total + alpha * soft
+        parts["soft"] = float(soft)
+    if alpha < 1:
+        if labels is None:
+            raise ValueError("alpha < 1 needs hard labels")
+        hard = hard_label_loss(student_logits, labels, ignore_index)
+        total = total + (1 - alpha) * hard
+        parts["hard"] = float(hard)
+    return total, parts

@@ -1,0 +1,177 @@
+"""Students: built from the teacher (fewer transformer layers, optionally a narrower MLP) or from a
+short spec for plain classifiers ("mlp:784-800-800-10", "cnn:1x28x28-16-32-10")."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn as nn
+
+from ..errors import ShrinkError
+
+# MLP projections by architecture: (rows sliced when narrowing: gate/up or BERT's intermediate; columns sliced: down/output)
+_MLP_NAMES = (
+    (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),  # Llama, Mistral, Qwen2, SmolLM
+    (("intermediate.dense",), ("output.dense",)),             # BERT-style encoders
+)
+
+
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n and len({type(c) for c in m}) == 1:
+            if best is None or len(name) < len(best[0]):
+                best = (name, m)
+    if best is None:
+        raise ShrinkError(f"{type(model).__name__}: cannot find its list of {n} transformer layers to take a subset of")
+    return best
+
+
+def parse_layers(keep: str | int | list[int], n: int) -> list[int]:
+    """Teacher layer indices for the student: "every-other" (0, 2, 4, ...; the default), "first-N",
+    "N" or an int (N layers spread evenly, always keeping the first and last), or a list."""
+    if isinstance(keep, (list, tuple)):
+        idx = [int(i) for i in keep]
+    elif keep == "every-other":
+        idx = list(range(0, n, 2))
+    elif isinstance(keep, str) and keep.startswith("first-"):
+        idx = list(range(int(keep[6:])))
+    else:
+        try:
+            k = int(keep)
+        except (TypeError, ValueError):
+            raise ShrinkError(f"student layers {keep!r}: expected 'every-other', 'first-N', a count, or a list of indices") from None
+        if not 1 <= k <= n:
+            raise ShrinkError(f"student layers {k}: the teacher has {n} layers")
+        idx = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [0]
+    if not idx or any(not 0 <= i < n for i in idx) or len(set(idx)) != len(idx):
+        raise ShrinkError(f"student layers {idx}: need distinct indices between 0 and {n - 1}")
+    return idx
+
+
+def student_from_teacher(teacher: nn.Module, layers: str | int | list[int] = "every-other",
+                         intermediate_size: int | None = None) -> tuple[nn.Module, list[int]]:
+    """A Hugging Face student with a subset of the teacher's layers, initialised from them (as DistilBERT
+    was), and optionally a narrower MLP keeping the intermediate channels whose weights have the largest
+    norm. Embeddings, norms and head are copied. Returns (student, teacher layer index per student layer)."""
+    config = getattr(teacher, "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        raise ShrinkError(f"{type(teacher).__name__}: building a student from the teacher needs a Hugging Face "
+                          "transformer; give a student module or a spec such as 'mlp:784-128-10'")
+    prefix, _ = _layer_list(teacher)
+    n = config.num_hidden_layers
+    idx = parse_layers(layers, n)
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = len(idx)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [config.layer_types[i] for i in idx]
+    if intermediate_size is not None:
+        if not hasattr(cfg, "intermediate_size") or not 0 < intermediate_size <= cfg.intermediate_size:
+            raise ShrinkError(f"intermediate size {intermediate_size}: must be between 1 and the teacher's "
+                              f"{getattr(cfg, 'intermediate_size', '?')}")
+        cfg.intermediate_size = intermediate_size
+    student = type(teacher)(cfg).eval()
+    sd = teacher.state_dict()
+    out = {}
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    for k, v in sd.items():
+        m = pat.match(k)
+        if m is None:
+            out[k] = v
+        elif int(m.group(1)) in idx:
+            out[f"{prefix}.{idx.index(int(m.group(1)))}.{m.group(2)}"] = v
+    if intermediate_size is not None and intermediate_size < config.intermediate_size:
+        out = _narrow_mlp(out, prefix, len(idx), intermediate_size)
+    missing, unexpected = student.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ShrinkError(f"student from {type(teacher).__name__}: cannot map weights "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False) and hasattr(student, "tie_weights"):
+        student.tie_weights()
+    return student, idx
+
+
+def _narrow_mlp(sd: dict, prefix: str, n_layers: int, width: int) -> dict:
+    for i in range(n_layers):
+        for rows, cols in _MLP_NAMES:
+            rk = [f"{prefix}.{i}.{r}.weight" for r in rows]
+            ck = [f"{prefix}.{i}.{c}.weight" for c in cols]
+            if not all(k in sd for k in rk + ck):
+                continue
+            # importance of an intermediate channel: norms of what writes it and what reads it
+            score = sum(sd[k].float().norm(dim=1) for k in rk) * sum(sd[k].float().norm(dim=0) for k in ck)
+            keep = score.topk(width).indices.sort().values
+            for k in rk:
+                sd[k] = sd[k][keep].clone()
+                b = k[:-len("weight")] + "bias"
+                if b in sd:
+                    sd[b] = sd[b][keep].clone()
+            for k in ck:
+                sd[k] = sd[k][:, keep].clone()
+            break
+        else:
+            raise ShrinkError(f"layer {i}: narrowing the MLP knows Llama-style (gate/up/down) and BERT-style layers only")
+    return sd
+
+
+class MLPClassifier(nn.Sequential):
+    """Flatten, then Linear+ReLU layers of the given widths, then a Linear to the classes."""
+
+    def __init__(self, widths: list[int], dropout: float = 0.0):
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(widths[:-2], widths[1:-1]):
+            layers += [nn.Linear(a, b), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+        layers.append(nn.Linear(widths[-2], widths[-1]))
+        super().__init__(*layers)
+
+
+class CNNClassifier(nn.Module):
+    """Conv 3x3 + ReLU + 2x2 max-pool per channel count, then global average pooling and a Linear."""
+
+    def __init__(self, in_shape: tuple[int, int, int], channels: list[int], classes: int):
+        super().__init__()
+        c_in = in_shape[0]
+        self.in_shape = in_shape
+        blocks: list[nn.Module] = []
+        for c in channels:
+            blocks += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_in, classes)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], *self.in_shape)
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def student_from_spec(spec: str) -> nn.Module:
+    """A plain classifier from a short spec: "mlp:784-128-10" (input, hidden..., classes; optional
+    ",dropout=0.1") or "cnn:1x28x28-16-32-10" (input shape, conv channels..., classes)."""
+    m = re.fullmatch(r"(mlp|cnn):([0-9x\-]+)(?:,dropout=([0-9.]+))?", spec.strip())
+    if m is None:
+        raise ShrinkError(f"student spec {spec!r}: expected e.g. 'mlp:784-128-10' or 'cnn:1x28x28-16-32-10'")
+    kind, body, dropout = m.groups()
+    parts = body.split("-")
+    try:
+        if kind == "mlp":
+            widths = [int(p) for p in parts]
+            if len(widths) < 2 or min(widths) < 1:
+                raise ValueError
+            return MLPClassifier(widths, float(dropout or 0))
+        shape = tuple(int(p) for p in parts[0].split("x"))
+        chans = [int(p) for p in parts[1:]]
+        if len(shape) != 3 or len(chans) < 2:
+            raise ValueError
+        return CNNClassifier(shape, chans[:-1], chans[-1])
+    except ValueError:
+        raise ShrinkError(f"student spec {spec!r}: widths must be positive integers, e.g. 'mlp:784-128-10' or "
+                          "'cnn:1x28x28-16-32-10'") from None
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters (tied ones once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
