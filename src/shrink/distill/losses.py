@@ -78,11 +78,11 @@ def distillation_loss(student_logits, teacher_logits=None, labels=None, *, tempe
         else:
             raise ValueError("alpha > 0 needs the teacher's logits (or its cached top-k)")
         total = total + alpha * soft
-        parts["soft"] = float(soft)
+        parts["soft"] = soft.item()
     if alpha < 1:
         if labels is None:
             raise ValueError("alpha < 1 needs hard labels")
         hard = hard_label_loss(student_logits, labels, ignore_index)
         total = total + (1 - alpha) * hard
-        parts["hard"] = float(hard)
+        parts["hard"] = hard.item()
     return total, parts

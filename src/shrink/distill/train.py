@@ -1,0 +1,325 @@
+"""The distillation loop: AdamW with warmup and cosine decay, gradient accumulation, periodic evaluation,
+the best checkpoint kept, atomic checkpoints that resume exactly, and DistributedDataParallel under torchrun.
+
+Where training is, is (step, epoch, offset): the data order of each epoch is a permutation drawn from the
+seed and the epoch number, and each optimizer step takes the next `batch_size x world_size x grad_accum`
+examples of it (rank r takes its contiguous share), so a resumed run, or the same global batch split over
+more processes, sees exactly the same examples in the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_dir, write_json
+from ..errors import ShrinkError
+from .data import DistillData
+from .losses import distillation_loss, hidden_state_loss
+
+
+@dataclass
+class DistillConfig:
+    """Options of a distillation run (defaults in brackets are what `shrink distill --help` states)."""
+
+    temperature: float = 2.0  # softening of both distributions; 2 for LMs as DistilBERT used
+    alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha goes to the hard labels
+    hidden_weight: float = 0.0  # weight of hidden-state matching (HF models, same width)
+    hidden_loss: str = "mse"  # or "cosine"
+    steps: int = 1000  # optimizer steps (the learning-rate schedule spans them)
+    time_budget: float | None = None  # seconds; stop early (after a checkpoint) when spent
+    batch_size: int = 32  # examples per process per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of steps with linearly rising learning rate
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    eval_batches: int | None = None  # cap on evaluation batches (None: the whole held-out split)
+    seed: int = 0
+
+
+@dataclass
+class DistillResult:
+    """What a run did: steps, evaluation history, best step, where things were written."""
+
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    seconds: float = 0.0
+    out: str | None = None
+    resumed_from: int | None = None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _world()
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _schedule(cfg: DistillConfig):
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, cfg.steps - warm))))
+    return f
+
+
+class _Position:
+    """Epoch and offset in the epoch's permutation; next global batch of `size` examples."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0):
+        self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
+        self._perm = None
+
+    def perm(self):
+        if self._perm is None or self._perm[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            self._perm = (self.epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def take(self, size: int) -> torch.Tensor:
+        if size > self.n:
+            raise ShrinkError(f"a global batch of {size} examples is larger than the training split ({self.n})")
+        if self.offset + size > self.n:  # drop the incomplete last batch of the epoch
+            self.epoch, self.offset = self.epoch + 1, 0
+        idx = self.perm()[self.offset:self.offset + size]
+        self.offset += size
+        return idx
+
+
+def _batch(data: DistillData, idx: torch.Tensor, train: bool = True):
+    x = (data.train_x if train else data.eval_x)[idx]
+    if data.kind == "text":
+        return x, x[:, 1:]  # labels: next tokens (logits of the last position are dropped)
+    return x, (data.train_y if train else data.eval_y)[idx]
+
+
+def _forward(model, x, kind: str, hidden: bool):
+    if kind == "text":
+        out = model(x, use_cache=False, output_hidden_states=hidden)
+        return out.logits[:, :-1], (out.hidden_states if hidden else None)
+    out = model(x)
+    return _logits(out), None
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, teacher: nn.Module | None, data: DistillData, cfg: DistillConfig) -> dict:
+    """Held-out metrics: the student's cross-entropy (and perplexity for LMs), KL(teacher || student) at
+    T=1 and top-1 agreement with the teacher, and accuracies for classifiers; teacher and student on the
+    same examples."""
+    student.eval()
+    n = len(data.eval_x)
+    bs = cfg.batch_size
+    tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "acc": 0.0, "teacher_acc": 0.0, "teacher_ce": 0.0, "count": 0}
+    batches = range(0, n, bs)
+    if cfg.eval_batches is not None:
+        batches = list(batches)[:cfg.eval_batches]
+    for i in batches:
+        idx = torch.arange(i, min(n, i + bs))
+        x, y = _batch(data, idx, train=False)
+        s, _ = _forward(student, x, data.kind, False)
+        s = s.float()
+        count = y.numel()
+        tot["ce"] += F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), reduction="sum").item()
+        pred = s.argmax(-1)
+        tot["acc"] += (pred == y).sum().item()
+        if teacher is not None:
+            t, _ = _forward(teacher, x, data.kind, False)
+            t = t.float()
+            lp, lq = F.log_softmax(t, -1), F.log_softmax(s, -1)
+            tot["kl"] += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+            tot["agree"] += (t.argmax(-1) == pred).sum().item()
+            tot["teacher_acc"] += (t.argmax(-1) == y).sum().item()
+            tot["teacher_ce"] += F.cross_entropy(t.reshape(-1, t.shape[-1]), y.reshape(-1), reduction="sum").item()
+        tot["count"] += count
+    c = max(1, tot["count"])
+    out = {"ce": tot["ce"] / c, "accuracy": tot["acc"] / c}
+    if teacher is not None:
+        out.update(kl=tot["kl"] / c, top1_agreement=tot["agree"] / c, teacher_accuracy=tot["teacher_acc"] / c,
+                   teacher_ce=tot["teacher_ce"] / c)
+    if data.kind == "text":
+        out["perplexity"] = math.exp(min(out["ce"], 50))
+        if teacher is not None:
+            out["teacher_perplexity"] = math.exp(min(out["teacher_ce"], 50))
+    student.train()
+    return out
+
+
+def _save_checkpoint(folder: Path, student, opt, sched, step, pos, best, history, cfg, data):
+    state = {"step": step, "epoch": pos.epoch, "offset": pos.offset, "rng": torch.get_rng_state(),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": json.dumps(best),
+             "history": json.dumps(history), "config": json.dumps(asdict(cfg)), "data": data.fingerprint,
+             "world": _world()[1]}
+    with atomic_dir(folder, replaceable=lambda p: (p / "state.pt").exists()) as tmp:
+        save_model(_unwrap(student), str(tmp / "student.safetensors"))  # tied weights stored once
+        torch.save(state, tmp / "state.pt")
+
+
+def _unwrap(m):
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+def _load_state_dict(model: nn.Module, path: Path):
+    try:
+        load_model(model, str(path), strict=True)
+    except Exception as e:
+        raise ShrinkError(f"{path}: does not match the student ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cfg: DistillConfig | None = None, *,
+            out: str | os.PathLike | None = None, resume: bool = False, layer_map: dict[int, int] | None = None,
+            progress: bool | None = None, on_eval=None) -> DistillResult:
+    """Train `student` to imitate `teacher` on `data`, in place; returns the run's history.
+
+    teacher: None trains the student on hard labels alone (the baseline distillation is measured against).
+    out: folder for checkpoint/ (latest, written atomically every cfg.checkpoint_every steps), best/ (the
+    student at its best held-out cross-entropy) and results.json. resume: continue from out/checkpoint.
+    layer_map: student layer -> teacher layer for hidden-state matching (hidden_states indices, 0 = embeddings).
+    on_eval: called as on_eval(step, metrics) after each evaluation (for example a task comparison).
+    Under torchrun, call init_distributed() first: each rank trains on its share of every global batch.
+    """
+    cfg = cfg or DistillConfig()
+    rank, world = _world()
+    torch.manual_seed(cfg.seed)
+    use_hidden = cfg.hidden_weight > 0
+    if use_hidden and (data.kind != "text" or not layer_map):
+        raise ShrinkError("hidden-state matching needs Hugging Face models and a layer map (student layer -> teacher layer)")
+    if teacher is None and cfg.alpha > 0:
+        raise ShrinkError("alpha > 0 needs a teacher (alpha=0 trains on hard labels alone)")
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    student.train()
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    pos = _Position(len(data), cfg.seed)
+    step, history, best = 0, [], None
+    out = Path(out) if out is not None else None
+    resumed = None
+    if resume:
+        if out is None or not (out / "checkpoint" / "state.pt").is_file():
+            raise ShrinkError(f"{out}: nothing to resume (no checkpoint/state.pt)")
+        state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+        if state["data"] != data.fingerprint:
+            raise ShrinkError(f"{out}: the checkpoint was trained on other data (fingerprint {state['data']}, "
+                              f"now {data.fingerprint})")
+        saved_cfg = json.loads(state["config"])
+        changed = {k for k, v in asdict(cfg).items() if k not in ("time_budget",) and saved_cfg.get(k) != v}
+        if changed:
+            raise ShrinkError(f"{out}: resuming with different options {sorted(changed)} than the checkpoint")
+        _load_state_dict(student, out / "checkpoint" / "student.safetensors")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, resumed = state["step"], state["step"]
+        pos = _Position(len(data), cfg.seed, state["epoch"], state["offset"])
+        history, best = json.loads(state["history"]), json.loads(state["best"])
+
+    global_batch = cfg.batch_size * world
+    units = data.units_per_example() * global_batch * cfg.grad_accum
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step",
+               disable=(rank != 0) or (None if progress is None else not progress))
+    last_loss = float("nan")
+    stop = False
+    while step < cfg.steps and not stop:
+        opt.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = pos.take(global_batch)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            x, y = _batch(data, idx)
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            ctx = model.no_sync() if (world > 1 and not sync) else _null()
+            with ctx:
+                s_logits, s_hidden = _forward(model, x, data.kind, use_hidden)
+                t_logits = t_hidden = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
+                loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha)
+                if use_hidden:
+                    h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss) for si, ti in layer_map.items())
+                    h = h / len(layer_map)
+                    loss = loss + cfg.hidden_weight * h
+                    parts["hidden"] = h.item()
+                (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+            last_loss = loss.item()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        step += 1
+        elapsed = time.perf_counter() - t0
+        rate = (step - (resumed or 0)) * units / max(elapsed, 1e-9)
+        bar.set_postfix(loss=f"{last_loss:.4f}", **{f"{data.unit()}/s": f"{rate:,.0f}"})
+        bar.update(1)
+        out_of_time = cfg.time_budget is not None and elapsed >= cfg.time_budget
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            metrics = {"step": step, "loss": last_loss, **parts_sum, "lr": sched.get_last_lr()[0],
+                       "seconds": round(elapsed, 2), **evaluate(student, teacher, data, cfg)}
+            history.append(metrics)
+            if on_eval is not None:
+                on_eval(step, metrics)
+            if best is None or metrics["ce"] < best["ce"]:
+                best = metrics
+                if out is not None and rank == 0:
+                    with atomic_dir(out / "best", replaceable=lambda p: (p / "student.safetensors").exists()) as tmp:
+                        save_model(student, str(tmp / "student.safetensors"))
+        if out is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
+            _save_checkpoint(out / "checkpoint", student, opt, sched, step, pos, best, history, cfg, data)
+        if world > 1:
+            flag = torch.tensor([1.0 if out_of_time else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop together
+            out_of_time = bool(flag.item())
+        stop = out_of_time
+    bar.close()
+    result = DistillResult(step, history, best, time.perf_counter() - t0, str(out) if out else None, resumed)
+    if out is not None and rank == 0:
+        write_json(out / "results.json", {"steps": step, "resumed_from": resumed, "seconds": result.seconds,
+                                          "config": asdict(cfg), "data": {"source": data.source,
+                                                                          "fingerprint": data.fingerprint,
+                                                                          "train": len(data), "eval": len(data.eval_x)},
+                                          "best": best, "history": history, "world_size": world})
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,165 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import tiny_llama, tiny_tokenizer, word_text
+from shrink.distill import (DistillConfig, distill, from_tensors, pack_text, parameter_count, soft_target_loss,
+                            student_from_spec, student_from_teacher, topk_soft_target_loss)
+from shrink.distill.losses import distillation_loss, hidden_state_loss
+from shrink.errors import ShrinkError
+
+WORKER = str(Path(__file__).parent / "distill_worker.py")
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+
+
+def test_soft_target_loss_matches_torch_kl_div():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(7, 11, generator=g), torch.randn(7, 11, generator=g) * 3
+    for T in (1.0, 2.0, 5.0):
+        ref = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
+        assert soft_target_loss(s, t, T).item() == pytest.approx(ref.item(), rel=1e-5)
+    # top-k with k = all classes is the full loss; with fewer, the teacher is renormalised over its top k
+    vals, idx = t.topk(11, -1)
+    assert topk_soft_target_loss(s, vals, idx, 2.0).item() == pytest.approx(soft_target_loss(s, t, 2.0).item(), rel=1e-5)
+    vals, idx = t.topk(3, -1)
+    masked = torch.full_like(t, -1e9).scatter(-1, idx, vals)
+    p = F.softmax(masked / 2, -1)
+    ref = (p * (torch.log(p.clamp_min(1e-30)) - F.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    assert topk_soft_target_loss(s, vals, idx, 2.0).item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_distillation_loss_mixes_soft_and_hard():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 5, 9, generator=g), torch.randn(2, 5, 9, generator=g)
+    y = torch.randint(0, 9, (2, 5), generator=g)
+    y[0, 0] = -100  # ignored position: neither loss sees it
+    loss, parts = distillation_loss(s, t, y, temperature=2.0, alpha=0.3)
+    keep = y != -100
+    soft = soft_target_loss(s[keep], t[keep], 2.0)
+    hard = F.cross_entropy(s[keep], y[keep])
+    assert loss.item() == pytest.approx(0.3 * soft.item() + 0.7 * hard.item(), rel=1e-5)
+    assert parts == pytest.approx({"soft": soft.item(), "hard": hard.item()}, rel=1e-5)
+    with pytest.raises(ValueError, match="needs hard labels"):
+        distillation_loss(s, t, None, alpha=0.5)
+    h = torch.randn(2, 5, 8)
+    assert hidden_state_loss(h, h, "cosine").item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        hidden_state_loss(h, torch.randn(2, 5, 4))
+
+
+def test_student_from_teacher():
+    t = tiny_llama()
+    ids = torch.randint(3, 90, (1, 12))
+    same, idx = student_from_teacher(t, [0, 1])
+    assert idx == [0, 1]
+    with torch.no_grad():
+        assert torch.allclose(same(ids).logits, t(ids).logits, atol=1e-5)
+    half, idx = student_from_teacher(t, "every-other", intermediate_size=48)
+    assert idx == [0] and half.config.num_hidden_layers == 1
+    assert half.model.layers[0].mlp.up_proj.weight.shape == (48, 64)
+    assert parameter_count(half) < parameter_count(t)
+    # the kept layer's attention is the teacher's layer 0, unchanged
+    assert torch.equal(half.model.layers[0].self_attn.q_proj.weight, t.model.layers[0].self_attn.q_proj.weight)
+    assert half.lm_head.weight is half.model.embed_tokens.weight  # still tied
+    with pytest.raises(ShrinkError, match="the teacher has 2 layers"):
+        student_from_teacher(t, 5)
+    with pytest.raises(ShrinkError, match="needs a Hugging Face transformer"):
+        student_from_teacher(torch.nn.Linear(2, 2))
+
+
+def test_student_specs():
+    assert student_from_spec("mlp:784-128-10")(torch.zeros(3, 784)).shape == (3, 10)
+    assert student_from_spec("cnn:1x28x28-8-16-10")(torch.zeros(2, 784)).shape == (2, 10)
+    for bad in ("mlp:784", "mlp:784-0-10", "rnn:1-2", "cnn:28x28-8-10"):
+        with pytest.raises(ShrinkError, match="student spec"):
+            student_from_spec(bad)
+
+
+def test_distilled_student_learns_from_teacher_on_a_language_model(tmp_path):
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(seed=1)
+    data = pack_text([word_text(600, seed=3)], tok, seq_len=32, eval_fraction=0.1)
+    student, idx = student_from_teacher(teacher, [1])
+    before = distill(teacher, student, data, DistillConfig(steps=1, batch_size=4, lr=1e-9), progress=False).best["kl"]
+    cfg = DistillConfig(steps=40, batch_size=4, eval_every=20, checkpoint_every=20, lr=3e-3, alpha=0.9,
+                        hidden_weight=0.5, hidden_loss="cosine")
+    res = distill(teacher, student, data, cfg, out=tmp_path / "run", layer_map={1: 2}, progress=False)
+    assert res.steps == 40 and [h["step"] for h in res.history] == [20, 40]
+    assert res.best["kl"] < 0.7 * before
+    assert "hidden" in res.history[-1] and "perplexity" in res.history[-1]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["steps"] == 40 and saved["best"]["step"] in (20, 40)
+    assert (tmp_path / "run" / "best" / "student.safetensors").is_file()
+
+
+def _final_weights(out):
+    return load_file(str(Path(out) / "checkpoint" / "student.safetensors"))
+
+
+def _step(out):
+    try:
+        return torch.load(Path(out) / "checkpoint" / "state.pt", weights_only=True)["step"]
+    except Exception:
+        return 0
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    steps = "600"
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, WORKER, str(ref), steps, "32"], check=True, env=ENV, timeout=600)
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, WORKER, str(run), steps, "32"], env=ENV)
+    deadline = time.time() + 300
+    while _step(run) < 100 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = _step(run)
+    assert 100 <= killed_at < 600
+    subprocess.run([sys.executable, WORKER, str(run), steps, "32", "--resume"], check=True, env=ENV, timeout=600)
+    got, want = _final_weights(run), _final_weights(ref)
+    assert json.loads((run / "results.json").read_text())["resumed_from"] == killed_at
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), k
+
+
+def test_resume_refuses_other_data_or_options(tmp_path):
+    from distill_worker import setup
+
+    teacher, student, data = setup()
+    distill(teacher, student, data, DistillConfig(steps=5, checkpoint_every=5), out=tmp_path, progress=False)
+    with pytest.raises(ShrinkError, match="different options \\['lr'\\]"):
+        distill(teacher, student, data, DistillConfig(steps=5, checkpoint_every=5, lr=0.5), out=tmp_path, resume=True)
+    other = from_tensors(data.train_x[:100], data.train_y[:100])
+    with pytest.raises(ShrinkError, match="trained on other data"):
+        distill(teacher, student, other, DistillConfig(steps=5, checkpoint_every=5), out=tmp_path, resume=True)
+    with pytest.raises(ShrinkError, match="nothing to resume"):
+        distill(teacher, student, data, DistillConfig(), out=tmp_path / "none", resume=True)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # no dropout here: one process and two draw their dropout masks from different streams
+    subprocess.run([sys.executable, WORKER, str(one), "60", "32", "--no-dropout"], check=True, env=ENV, timeout=600)
+    import socket
+
+    with socket.socket() as sock:  # a free local port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", port,
+                    WORKER, str(two), "60", "16", "--no-dropout"], check=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    a, b = _final_weights(one), _final_weights(two)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    assert json.loads((two / "results.json").read_text())["world_size"] == 2
