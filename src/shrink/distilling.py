@@ -1,0 +1,118 @@
+"""`shrink.distill`: resolve teacher, student and data from names, paths or objects, train, and save the
+student as a normal model folder (Hugging Face for HF students), ready for `shrink quantize`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+from .atomic import atomic_dir, write_json
+from .distill import (DistillConfig, DistillData, distill as train, from_tensors, load_tensor_file, mnist, pack_text,
+                      read_texts, student_from_spec, student_from_teacher)
+from .errors import ShrinkError
+from .io import LoadedModel, load_model as load_any
+
+STUDENT_SPEC = "student.json"
+
+
+def load_data(data, tokenizer=None, seq_len: int = 256, eval_fraction: float | None = None,
+              max_sequences: int | None = None) -> DistillData:
+    """DistillData from "mnist", a .npz/.safetensors file (x, y), a .txt/.jsonl text file (needs the
+    tokenizer; packed into sequences of seq_len tokens), a (x, y) pair of tensors, or DistillData."""
+    if isinstance(data, DistillData):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        return from_tensors(*data, eval_fraction=eval_fraction or 0.1)
+    if str(data) == "mnist":
+        return mnist(eval_fraction or 0.2)
+    path = Path(data)
+    if path.suffix in (".npz", ".safetensors"):
+        return load_tensor_file(path, eval_fraction or 0.1)
+    if tokenizer is None:
+        raise ShrinkError(f"{path}: text data needs the teacher's tokenizer")
+    return pack_text(read_texts(path), tokenizer, seq_len, eval_fraction or 0.05, str(path), max_sequences)
+
+
+def build_student(student, teacher: nn.Module | None, intermediate_size: int | None = None) -> tuple[nn.Module, dict]:
+    """The student and a record of how it was made: a module as is; a spec "mlp:..."/"cnn:..."; from the
+    teacher: "every-other", "layers=N" (N spread evenly) or "layers=0,3,6"."""
+    if isinstance(student, nn.Module):
+        return student, {"kind": "module", "class": type(student).__name__}
+    spec = str(student)
+    if spec.startswith(("mlp:", "cnn:")):
+        return student_from_spec(spec), {"kind": "spec", "spec": spec}
+    if teacher is None:
+        raise ShrinkError(f"student {spec!r}: building a student from the teacher needs a teacher")
+    if spec == "every-other":
+        layers = "every-other"
+    elif spec.startswith("layers="):
+        body = spec[len("layers="):]
+        layers = [int(x) for x in body.split(",")] if "," in body else body
+    else:
+        raise ShrinkError(f"student {spec!r}: expected 'every-other', 'layers=N', 'layers=0,2,4', "
+                          "'mlp:784-128-10' or 'cnn:1x28x28-16-32-10'")
+    model, idx = student_from_teacher(teacher, layers, intermediate_size)
+    return model, {"kind": "from-teacher", "teacher_layers": idx, "intermediate_size": intermediate_size}
+
+
+def _resolve_teacher(teacher):
+    if teacher is None or (isinstance(teacher, str) and teacher.lower() == "none"):
+        return None, None, None
+    if isinstance(teacher, (str, os.PathLike)):
+        loaded = load_any(teacher)
+        return loaded.model, loaded.tokenizer, str(teacher)
+    if isinstance(teacher, LoadedModel):
+        return teacher.model, teacher.tokenizer, teacher.source.get("name") or teacher.source.get("path")
+    return teacher, None, type(teacher).__name__
+
+
+def save_student(student: nn.Module, folder: Path, record: dict, tokenizer=None) -> None:
+    """A Hugging Face folder for HF students; model.safetensors + student.json for spec-built ones."""
+    with atomic_dir(folder, replaceable=lambda p: (p / "config.json").exists() or (p / STUDENT_SPEC).exists()) as tmp:
+        if hasattr(student, "save_pretrained"):
+            student.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        elif record.get("kind") == "spec":
+            save_model(student, str(tmp / "model.safetensors"))
+            write_json(tmp / STUDENT_SPEC, {"spec": record["spec"]})
+        else:
+            save_model(student, str(tmp / "model.safetensors"))
+
+
+def distill(teacher, student, data, *, out: str | os.PathLike | None = None, config: DistillConfig | None = None,
+            tokenizer=None, intermediate_size: int | None = None, student_record: dict | None = None,
+            seq_len: int = 256, max_sequences: int | None = None,
+            hidden_layers: bool = False, resume: bool = False, progress: bool | None = None, **options):
+    """Distill `teacher` into `student` on `data`; returns (student, DistillResult).
+
+    teacher: a module, a LoadedModel, a name/path for `shrink.load_model`, or None (hard labels alone).
+    student: a module, a spec ("mlp:784-128-10", "cnn:1x28x28-16-32-10"), or built from the teacher
+    ("every-other", "layers=N", "layers=0,2,4"; intermediate_size narrows its MLP).
+    data: see `load_data`. config: DistillConfig (or its fields as keyword options). student_record: how a
+    student module was built (from `build_student`), so that it is saved the same way.
+    hidden_layers: match each student layer's output to the teacher layer it was copied from (with
+    config.hidden_weight > 0). out: folder for checkpoints, best/, model/ (the best student) and results.json.
+    """
+    cfg = config or DistillConfig(**options)
+    t_model, t_tok, t_name = _resolve_teacher(teacher)
+    tok = tokenizer or t_tok
+    if isinstance(student, nn.Module) and student_record is not None:
+        s_model, record = student, student_record  # built by build_student already
+    else:
+        s_model, record = build_student(student, t_model, intermediate_size)
+    dd = load_data(data, tok, seq_len, max_sequences=max_sequences)
+    layer_map = None
+    if hidden_layers and record.get("teacher_layers"):
+        layer_map = {j + 1: i + 1 for j, i in enumerate(record["teacher_layers"])}  # hidden_states[0] = embeddings
+    result = train(t_model, s_model, dd, cfg, out=out, resume=resume, layer_map=layer_map, progress=progress)
+    if out is not None:
+        out = Path(out)
+        if (out / "best" / "student.safetensors").is_file():
+            load_model(s_model, str(out / "best" / "student.safetensors"), strict=True)
+        save_student(s_model, out / "model", record, tok)
+    s_model.shrink_student = {**record, "teacher": t_name}
+    return s_model, result
