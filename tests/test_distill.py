@@ -213,7 +213,7 @@ def test_cli_distill_classifier_and_errors(tmp_path):
     teacher = shrink.load_model(tmp_path / "t" / "model")
     assert teacher.source["spec"] == "mlp:12-32-2"
     r = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t" / "model"), "--student", "mlp:12-4-2",
-                                  "--out", str(tmp_path / "s")] + base)
+                                  "--out", str(tmp_path / "s"), "--cache-topk", "2"] + base)
     assert r.exit_code == 0, r.output
     assert "teacher_accuracy" in r.output
     r = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t" / "model"), "--student", "every-other",
@@ -221,3 +221,38 @@ def test_cli_distill_classifier_and_errors(tmp_path):
     assert r.exit_code == 1 and "needs a Hugging Face transformer" in r.output
     r = CliRunner().invoke(main, ["distill", "--teacher", "none", "--student", "mlp:12-x-2", "--out", str(tmp_path / "y")] + base)
     assert r.exit_code == 1 and "student spec 'mlp:12-x-2'" in r.output
+
+
+def test_teacher_topk_cache(tmp_path):
+    from distill_worker import setup
+
+    from shrink.distill import teacher_topk
+
+    teacher, student, data = setup(0.0)
+    v, i = teacher_topk(teacher, data, k=6, cache_dir=tmp_path)
+    with torch.no_grad():
+        ref = teacher(data.train_x).topk(6, -1)
+    assert torch.allclose(v.float(), ref.values, atol=1e-2) and torch.equal(i.long(), ref.indices)
+    files = list(tmp_path.glob("teacher-*/topk.safetensors"))
+    assert len(files) == 1
+    # reused when teacher, data and k match: a changed file on disk is what comes back
+    t = load_file(str(files[0]))
+    t["values"] = t["values"] * 0
+    from safetensors.torch import save_file
+    save_file(t, str(files[0]))
+    assert float(teacher_topk(teacher, data, k=6, cache_dir=tmp_path)[0].abs().sum()) == 0
+    with torch.no_grad():
+        teacher[1].weight.add_(0.01)  # another teacher: another cache file
+    teacher_topk(teacher, data, k=6, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("teacher-*/topk.safetensors"))) == 2
+    # training from the cache with all classes kept equals training with the live teacher
+    torch.manual_seed(0)
+    s1, s2 = student_from_spec("mlp:32-16-6"), None
+    s2 = student_from_spec("mlp:32-16-6")
+    s2.load_state_dict(s1.state_dict())
+    cfg = DistillConfig(steps=15, batch_size=32, eval_every=100)
+    full = teacher_topk(teacher, data, k=6)
+    distill(teacher, s1, data, cfg, progress=False)
+    distill(teacher, s2, data, cfg, progress=False, teacher_cache=(full[0].float(), full[1]))
+    for a, b in zip(s1.parameters(), s2.parameters()):
+        assert torch.allclose(a, b, atol=2e-3)

@@ -186,9 +186,13 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 @click.option("--eval-every", default=100, show_default=True)
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--cache-topk", default=0, show_default=True,
+              help="Cache the teacher's top-K logits per position once (in shrink's cache) instead of running it "
+                   "every step; pays off from the second epoch. 0: off.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (same data and options).")
 def distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss, steps,
-            time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed, resume):
+            time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed,
+            cache_topk, resume):
     """Train a smaller student to imitate a teacher: KL divergence of temperature-softened outputs (times
     T squared) mixed with the hard-label loss, optionally hidden-state matching.
 
@@ -221,7 +225,7 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
         console.print(f"{world} process(es); global batch {batch_size * world * grad_accum}")
     model, result = run_distill(t_model, s_model, data, out=out, config=cfg, tokenizer=t_tok, student_record=record,
                                 seq_len=seq_len, max_sequences=max_sequences, hidden_layers=hidden_weight > 0,
-                                resume=resume)
+                                cache_topk=cache_topk, resume=resume)
     if rank == 0 and result.best:
         b = result.best
         keys = [k for k in ("ce", "perplexity", "accuracy", "kl", "top1_agreement", "teacher_perplexity",

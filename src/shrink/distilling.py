@@ -86,7 +86,8 @@ def save_student(student: nn.Module, folder: Path, record: dict, tokenizer=None)
 def distill(teacher, student, data, *, out: str | os.PathLike | None = None, config: DistillConfig | None = None,
             tokenizer=None, intermediate_size: int | None = None, student_record: dict | None = None,
             seq_len: int = 256, max_sequences: int | None = None,
-            hidden_layers: bool = False, resume: bool = False, progress: bool | None = None, **options):
+            hidden_layers: bool = False, cache_topk: int = 0, resume: bool = False, progress: bool | None = None,
+            **options):
     """Distill `teacher` into `student` on `data`; returns (student, DistillResult).
 
     teacher: a module, a LoadedModel, a name/path for `shrink.load_model`, or None (hard labels alone).
@@ -95,7 +96,8 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     data: see `load_data`. config: DistillConfig (or its fields as keyword options). student_record: how a
     student module was built (from `build_student`), so that it is saved the same way.
     hidden_layers: match each student layer's output to the teacher layer it was copied from (with
-    config.hidden_weight > 0). out: folder for checkpoints, best/, model/ (the best student) and results.json.
+    config.hidden_weight > 0). cache_topk: keep the teacher's top-k logits per position in shrink's cache
+    (computed once, reused by later epochs and runs on the same teacher and data; default 0: off). out: folder for checkpoints, best/, model/ (the best student) and results.json.
     """
     cfg = config or DistillConfig(**options)
     t_model, t_tok, t_name = _resolve_teacher(teacher)
@@ -108,7 +110,14 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     layer_map = None
     if hidden_layers and record.get("teacher_layers"):
         layer_map = {j + 1: i + 1 for j, i in enumerate(record["teacher_layers"])}  # hidden_states[0] = embeddings
-    result = train(t_model, s_model, dd, cfg, out=out, resume=resume, layer_map=layer_map, progress=progress)
+    cache = None
+    if cache_topk and t_model is not None and cfg.alpha > 0:
+        from .distill import teacher_topk
+        from .paths import cache_dir
+
+        cache = teacher_topk(t_model, dd, cache_topk, cache_dir() / "teacher", batch_size=cfg.batch_size, progress=progress)
+    result = train(t_model, s_model, dd, cfg, out=out, resume=resume, layer_map=layer_map, progress=progress,
+                   teacher_cache=cache)
     if out is not None:
         out = Path(out)
         if (out / "best" / "student.safetensors").is_file():

@@ -1,13 +1,14 @@
 """Distillation: train a smaller student to imitate a teacher's outputs (soft targets with a temperature,
 optionally hidden states), with a student built from the teacher or from a short spec."""
 
+from .cache import model_fingerprint, teacher_topk
 from .data import DistillData, from_tensors, load_tensor_file, mnist, pack_text, read_texts
 from .losses import distillation_loss, hidden_state_loss, soft_target_loss, topk_soft_target_loss
 from .students import CNNClassifier, MLPClassifier, parameter_count, student_from_spec, student_from_teacher
 from .train import DistillConfig, DistillResult, distill, evaluate, init_distributed
 
 __all__ = [
-    "CNNClassifier", "DistillConfig", "DistillData", "DistillResult", "MLPClassifier", "distill",
+    "model_fingerprint", "teacher_topk", "CNNClassifier", "DistillConfig", "DistillData", "DistillResult", "MLPClassifier", "distill",
     "distillation_loss", "evaluate", "from_tensors", "hidden_state_loss", "init_distributed", "load_tensor_file",
     "mnist", "pack_text", "parameter_count", "read_texts", "soft_target_loss", "student_from_spec",
     "student_from_teacher", "topk_soft_target_loss",

@@ -195,7 +195,8 @@ def _load_state_dict(model: nn.Module, path: Path):
 
 def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cfg: DistillConfig | None = None, *,
             out: str | os.PathLike | None = None, resume: bool = False, layer_map: dict[int, int] | None = None,
-            progress: bool | None = None, on_eval=None) -> DistillResult:
+            progress: bool | None = None, on_eval=None,
+            teacher_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> DistillResult:
     """Train `student` to imitate `teacher` on `data`, in place; returns the run's history.
 
     teacher: None trains the student on hard labels alone (the baseline distillation is measured against).
@@ -203,6 +204,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     student at its best held-out cross-entropy) and results.json. resume: continue from out/checkpoint.
     layer_map: student layer -> teacher layer for hidden-state matching (hidden_states indices, 0 = embeddings).
     on_eval: called as on_eval(step, metrics) after each evaluation (for example a task comparison).
+    teacher_cache: (values, indices) of the teacher's top-k logits for every training example, from
+    `teacher_topk`; the teacher then runs only for evaluation.
     Under torchrun, call init_distributed() first: each rank trains on its share of every global batch.
     """
     cfg = cfg or DistillConfig()
@@ -211,6 +214,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     use_hidden = cfg.hidden_weight > 0
     if use_hidden and (data.kind != "text" or not layer_map):
         raise ShrinkError("hidden-state matching needs Hugging Face models and a layer map (student layer -> teacher layer)")
+    if teacher_cache is not None and use_hidden:
+        raise ShrinkError("hidden-state matching runs the teacher every step; it cannot use a cached teacher")
     if teacher is None and cfg.alpha > 0:
         raise ShrinkError("alpha > 0 needs a teacher (alpha=0 trains on hard labels alone)")
     if teacher is not None:
@@ -264,11 +269,14 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
             ctx = model.no_sync() if (world > 1 and not sync) else _null()
             with ctx:
                 s_logits, s_hidden = _forward(model, x, data.kind, use_hidden)
-                t_logits = t_hidden = None
-                if teacher is not None:
+                t_logits = t_hidden = topk = None
+                if teacher_cache is not None:
+                    topk = (teacher_cache[0][idx].float(), teacher_cache[1][idx].long())
+                elif teacher is not None and cfg.alpha > 0:
                     with torch.no_grad():
                         t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
-                loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha)
+                loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
+                                                teacher_topk=topk)
                 if use_hidden:
                     h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss) for si, ti in layer_map.items())
                     h = h / len(layer_map)
