@@ -185,6 +185,40 @@ def _verdict(overall: SliceResult, slices: list[SliceResult], allowed, tol_text:
     return True, f"WITHIN TOLERANCE ({tol_text}): {head}, no slice lost significantly more{note}"
 
 
+def _compare_example(a: Adapter, b: Adapter, ex, task: Task, score_fn, perplexity: bool):
+    """Both models on one example: (ExampleResult, per-position KL or None, per-position top-1 match or None).
+    An exception in either model or the scorer is recorded in the result, never raised."""
+    d = ex.data
+    target = (" | ".join(map(str, d["target"])) if "target" in d else d["choices"][d["answer"]] if "choices" in d
+              else str(d.get("label", "")))
+    text = ex.input if isinstance(ex.input, str) else f"tensor {tuple(ex.input.shape)}"
+    r = ExampleResult(ex.id, list(ex.tags), text, target)
+    r.length = len(ex.input.split()) if isinstance(ex.input, str) else int(ex.input.numel())
+    try:
+        t0 = time.perf_counter()
+        po = a.run(ex, task, scorer=score_fn)
+        t1 = time.perf_counter()
+        qo = b.run(ex, task, ids=po.ids, scorer=score_fn)  # on the original's tokens
+        t2 = time.perf_counter()
+    except Exception as e:  # one failing example must not lose the others
+        r.error = f"{type(e).__name__}: {e}"
+        return r, None, None
+    r.original_seconds, r.compressed_seconds = t1 - t0, t2 - t1
+    r.original_output, r.compressed_output = po.output, qo.output
+    r.original_score, r.compressed_score = po.score, qo.score
+    r.confidence = po.confidence
+    if not perplexity:
+        was, now = po.score >= 0.5, qo.score >= 0.5
+        r.flip = "right→wrong" if was and not now else "wrong→right" if now and not was else None
+    kl = same = None
+    if po.logprobs is not None and qo.logprobs is not None:
+        kl, same = _kl(po, qo)
+        r.kl_mean, r.top1_agreement = float(kl.mean()), float(same.mean())
+    if po.embedding is not None:
+        r.embedding_cosine = float(po.embedding @ qo.embedding)
+    return r, kl, same
+
+
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
             tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
             chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
@@ -217,38 +251,13 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     rows: list[ExampleResult] = []
     kls, agree, cosines = [], [], []
     for ex in tqdm(task.examples, desc="compare", unit="example", disable=None if progress is None else not progress):
-        d = ex.data
-        target = (" | ".join(map(str, d["target"])) if "target" in d else d["choices"][d["answer"]] if "choices" in d
-                  else str(d.get("label", "")))
-        r = ExampleResult(ex.id, list(ex.tags), ex.input if isinstance(ex.input, str) else f"tensor {tuple(ex.input.shape)}",
-                          target)
-        r.length = len(ex.input.split()) if isinstance(ex.input, str) else int(ex.input.numel())
-        try:
-            t0 = time.perf_counter()
-            po = a.run(ex, task, scorer=score_fn)
-            t1 = time.perf_counter()
-            qo = b.run(ex, task, ids=po.ids, scorer=score_fn)
-            t2 = time.perf_counter()
-        except Exception as e:  # one failing example must not lose the others
-            r.error = f"{type(e).__name__}: {e}"
-            rows.append(r)
-            continue
-        r.original_seconds, r.compressed_seconds = t1 - t0, t2 - t1
-        r.original_output, r.compressed_output = po.output, qo.output
-        r.original_score, r.compressed_score = po.score, qo.score
-        r.confidence = po.confidence
-        if not perplexity:
-            was, now = po.score >= 0.5, qo.score >= 0.5
-            r.flip = "right→wrong" if was and not now else "wrong→right" if now and not was else None
-        if po.logprobs is not None and qo.logprobs is not None:
-            kl, same = _kl(po, qo)
+        r, kl, same = _compare_example(a, b, ex, task, score_fn, perplexity)
+        rows.append(r)
+        if kl is not None:
             kls.append(kl)
             agree.append(same)
-            r.kl_mean, r.top1_agreement = float(kl.mean()), float(same.mean())
-        if po.embedding is not None:
-            r.embedding_cosine = float(po.embedding @ qo.embedding)
+        if r.embedding_cosine is not None:
             cosines.append(r.embedding_cosine)
-        rows.append(r)
 
     ok = [r for r in rows if r.error is None]
     if not ok:
