@@ -256,3 +256,23 @@ def test_teacher_topk_cache(tmp_path):
     distill(teacher, s2, data, cfg, progress=False, teacher_cache=(full[0].float(), full[1]))
     for a, b in zip(s1.parameters(), s2.parameters()):
         assert torch.allclose(a, b, atol=2e-3)
+
+
+def test_augment_is_applied_to_every_training_batch():
+    from distill_worker import setup
+
+    teacher, student, data = setup(0.0)
+    seen = []
+
+    def zero(x):
+        seen.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    w0 = student[1].weight.detach().clone()
+    distill(teacher, student, data, DistillConfig(steps=6, batch_size=16, grad_accum=2, eval_every=6, weight_decay=0.0),
+            augment=zero, progress=False)
+    assert seen == [16] * 12
+    # the first layer saw only zeros, so it got no gradient at all
+    assert torch.equal(student[1].weight, w0)
+    with pytest.raises(ShrinkError, match="cannot be used with augmentation"):
+        distill(teacher, student, data, DistillConfig(steps=1), augment=zero, teacher_cache=(torch.zeros(1), torch.zeros(1)))

@@ -196,7 +196,7 @@ def _load_state_dict(model: nn.Module, path: Path):
 def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cfg: DistillConfig | None = None, *,
             out: str | os.PathLike | None = None, resume: bool = False, layer_map: dict[int, int] | None = None,
             progress: bool | None = None, on_eval=None,
-            teacher_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> DistillResult:
+            teacher_cache: tuple[torch.Tensor, torch.Tensor] | None = None, augment=None) -> DistillResult:
     """Train `student` to imitate `teacher` on `data`, in place; returns the run's history.
 
     teacher: None trains the student on hard labels alone (the baseline distillation is measured against).
@@ -206,6 +206,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     on_eval: called as on_eval(step, metrics) after each evaluation (for example a task comparison).
     teacher_cache: (values, indices) of the teacher's top-k logits for every training example, from
     `teacher_topk`; the teacher then runs only for evaluation.
+    augment: a function applied to each training batch of inputs (for example random shifts of images),
+    drawing from torch's random generator, whose state checkpoints keep; not with a cached teacher.
     Under torchrun, call init_distributed() first: each rank trains on its share of every global batch.
     """
     cfg = cfg or DistillConfig()
@@ -214,6 +216,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     use_hidden = cfg.hidden_weight > 0
     if use_hidden and (data.kind != "text" or not layer_map):
         raise ShrinkError("hidden-state matching needs Hugging Face models and a layer map (student layer -> teacher layer)")
+    if teacher_cache is not None and augment is not None:
+        raise ShrinkError("a cached teacher saw the inputs unchanged; it cannot be used with augmentation")
     if teacher_cache is not None and use_hidden:
         raise ShrinkError("hidden-state matching runs the teacher every step; it cannot use a cached teacher")
     if teacher is None and cfg.alpha > 0:
@@ -265,6 +269,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
         for micro in range(cfg.grad_accum):
             idx = pos.take(global_batch)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             x, y = _batch(data, idx)
+            if augment is not None:
+                x = augment(x)
             sync = micro == cfg.grad_accum - 1 or world == 1
             ctx = model.no_sync() if (world > 1 and not sync) else _null()
             with ctx:
