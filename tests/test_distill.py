@@ -276,3 +276,26 @@ def test_augment_is_applied_to_every_training_batch():
     assert torch.equal(student[1].weight, w0)
     with pytest.raises(ShrinkError, match="cannot be used with augmentation"):
         distill(teacher, student, data, DistillConfig(steps=1), augment=zero, teacher_cache=(torch.zeros(1), torch.zeros(1)))
+
+
+def test_bad_input_is_refused_before_training(tmp_path):
+    from distill_worker import setup
+
+    teacher, student, data = setup(0.0)
+    with pytest.raises(ShrinkError, match=r"temperature must be > 0 \(got 0\)"):
+        distill(teacher, student, data, DistillConfig(temperature=0))
+    with pytest.raises(ShrinkError, match="alpha must be between 0 and 1"):
+        distill(teacher, student, data, DistillConfig(alpha=1.5))
+    with pytest.raises(ShrinkError, match=r"outputs \(1, 3\) do not match the teacher's \(1, 6\) \(different classes: 3 vs 6\)"):
+        distill(teacher, student_from_spec("mlp:32-8-3"), data, DistillConfig())
+    small = from_tensors(data.train_x[:20], data.train_y[:20])
+    with pytest.raises(ShrinkError, match="fewer than one global batch"):
+        distill(teacher, student, small, DistillConfig(batch_size=64))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ShrinkError, match="state.pt: not a readable shrink checkpoint"):
+        distill(teacher, student, data, DistillConfig(), out=tmp_path, resume=True)
+    torch.save({"step": 3}, tmp_path / "checkpoint" / "state.pt")
+    with pytest.raises(ShrinkError, match="not a shrink distillation checkpoint"):
+        distill(teacher, student, data, DistillConfig(), out=tmp_path, resume=True)
+    assert all(p.grad is None for p in student.parameters())  # nothing trained

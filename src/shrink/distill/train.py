@@ -211,6 +211,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     Under torchrun, call init_distributed() first: each rank trains on its share of every global batch.
     """
     cfg = cfg or DistillConfig()
+    _check_config(cfg)
     rank, world = _world()
     torch.manual_seed(cfg.seed)
     use_hidden = cfg.hidden_weight > 0
@@ -226,6 +227,10 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        _check_shapes(teacher, student, data)
+    if cfg.batch_size * world > len(data):
+        raise ShrinkError(f"{data.source}: {len(data)} training examples are fewer than one global batch "
+                          f"({cfg.batch_size} x {world} processes)")
     student.train()
     model = student
     if world > 1:
@@ -240,7 +245,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     if resume:
         if out is None or not (out / "checkpoint" / "state.pt").is_file():
             raise ShrinkError(f"{out}: nothing to resume (no checkpoint/state.pt)")
-        state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+        state = _read_state(out / "checkpoint" / "state.pt")
         if state["data"] != data.fingerprint:
             raise ShrinkError(f"{out}: the checkpoint was trained on other data (fingerprint {state['data']}, "
                               f"now {data.fingerprint})")
@@ -329,6 +334,56 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
                                                                           "train": len(data), "eval": len(data.eval_x)},
                                           "best": best, "history": history, "world_size": world})
     return result
+
+
+STATE_KEYS = ("step", "epoch", "offset", "rng", "optimizer", "scheduler", "best", "history", "config", "data")
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, weights_only=True)  # never unpickles arbitrary objects
+    except Exception as e:
+        raise ShrinkError(f"{path}: not a readable shrink checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ShrinkError(f"{path}: not a shrink distillation checkpoint (missing {missing})")
+    return state
+
+
+def _check_config(cfg: DistillConfig) -> None:
+    problems = []
+    if not cfg.temperature > 0:
+        problems.append(f"temperature must be > 0 (got {cfg.temperature})")
+    if not 0 <= cfg.alpha <= 1:
+        problems.append(f"alpha must be between 0 and 1 (got {cfg.alpha})")
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.lr <= 0:
+        problems.append(f"lr must be > 0 (got {cfg.lr})")
+    if cfg.hidden_loss not in ("mse", "cosine"):
+        problems.append(f"hidden_loss must be 'mse' or 'cosine' (got {cfg.hidden_loss!r})")
+    if problems:
+        raise ShrinkError("distillation options: " + "; ".join(problems))
+
+
+@torch.no_grad()
+def _check_shapes(teacher: nn.Module, student: nn.Module, data: DistillData) -> None:
+    """The student must predict over the same classes (vocabulary) as the teacher: checked on one example."""
+    x = data.train_x[:1]
+    was = student.training
+    student.eval()
+    try:
+        t, _ = _forward(teacher, x, data.kind, False)
+        s, _ = _forward(student, x, data.kind, False)
+    except Exception as e:
+        raise ShrinkError(f"cannot run the models on the data ({type(e).__name__}: {e})") from None
+    finally:
+        student.train(was)
+    if t.shape != s.shape:
+        what = "vocabulary" if data.kind == "text" else "classes"
+        raise ShrinkError(f"the student's outputs {tuple(s.shape)} do not match the teacher's {tuple(t.shape)} "
+                          f"(different {what}: {s.shape[-1]} vs {t.shape[-1]})")
 
 
 class _null:
