@@ -208,13 +208,17 @@ def test_cli_distill_classifier_and_errors(tmp_path):
     x = g.normal(size=(300, 12)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
     base = ["--data", str(tmp_path / "d.npz"), "--steps", "20", "--batch-size", "16", "--eval-every", "10"]
+    np.savez(tmp_path / "task.npz", x=x[:40], y=(x[:40, 0] > 0).astype(np.int64))
     r = CliRunner().invoke(main, ["distill", "--teacher", "none", "--student", "mlp:12-32-2", "--out", str(tmp_path / "t")] + base)
     assert r.exit_code == 0, r.output
     teacher = shrink.load_model(tmp_path / "t" / "model")
     assert teacher.source["spec"] == "mlp:12-32-2"
     r = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t" / "model"), "--student", "mlp:12-4-2",
-                                  "--out", str(tmp_path / "s"), "--cache-topk", "2"] + base)
+                                  "--out", str(tmp_path / "s"), "--cache-topk", "2", "--task", str(tmp_path / "task.npz")] + base)
     assert r.exit_code == 0, r.output
+    hist = json.loads((tmp_path / "s" / "results.json").read_text())["history"]
+    assert [h["task"]["teacher"] for h in hist] == [hist[0]["task"]["teacher"]] * 2  # the teacher does not change
+    assert "on the task at the last evaluation" in r.output
     assert "teacher_accuracy" in r.output
     r = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t" / "model"), "--student", "every-other",
                                   "--out", str(tmp_path / "x")] + base)

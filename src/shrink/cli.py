@@ -189,10 +189,12 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 @click.option("--cache-topk", default=0, show_default=True,
               help="Cache the teacher's top-K logits per position once (in shrink's cache) instead of running it "
                    "every step; pays off from the second epoch. 0: off.")
+@click.option("--task", default=None, metavar="FILE",
+              help="At every evaluation, also compare student and teacher on this task (as shrink compare does).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (same data and options).")
 def distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss, steps,
             time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed,
-            cache_topk, resume):
+            cache_topk, task, resume):
     """Train a smaller student to imitate a teacher: KL divergence of temperature-softened outputs (times
     T squared) mixed with the hard-label loss, optionally hidden-state matching.
 
@@ -225,12 +227,14 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
         console.print(f"{world} process(es); global batch {batch_size * world * grad_accum}")
     model, result = run_distill(t_model, s_model, data, out=out, config=cfg, tokenizer=t_tok, student_record=record,
                                 seq_len=seq_len, max_sequences=max_sequences, hidden_layers=hidden_weight > 0,
-                                cache_topk=cache_topk, resume=resume)
+                                cache_topk=cache_topk, task=task, resume=resume)
     if rank == 0 and result.best:
         b = result.best
         keys = [k for k in ("ce", "perplexity", "accuracy", "kl", "top1_agreement", "teacher_perplexity",
                             "teacher_accuracy") if k in b]
         console.print("best (held out, step " + str(b["step"]) + "): " + ", ".join(f"{k} {b[k]:.4g}" for k in keys))
+        if "task" in result.history[-1]:
+            console.print(f"on the task at the last evaluation: {result.history[-1]['task']['verdict']}")
         console.print(f"student saved to {out / 'model'}; quantize it with `shrink quantize {out / 'model'}`")
 
 

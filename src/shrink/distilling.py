@@ -86,8 +86,8 @@ def save_student(student: nn.Module, folder: Path, record: dict, tokenizer=None)
 def distill(teacher, student, data, *, out: str | os.PathLike | None = None, config: DistillConfig | None = None,
             tokenizer=None, intermediate_size: int | None = None, student_record: dict | None = None,
             seq_len: int = 256, max_sequences: int | None = None,
-            hidden_layers: bool = False, cache_topk: int = 0, resume: bool = False, progress: bool | None = None,
-            **options):
+            hidden_layers: bool = False, cache_topk: int = 0, task=None, resume: bool = False,
+            progress: bool | None = None, **options):
     """Distill `teacher` into `student` on `data`; returns (student, DistillResult).
 
     teacher: a module, a LoadedModel, a name/path for `shrink.load_model`, or None (hard labels alone).
@@ -97,7 +97,9 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     student module was built (from `build_student`), so that it is saved the same way.
     hidden_layers: match each student layer's output to the teacher layer it was copied from (with
     config.hidden_weight > 0). cache_topk: keep the teacher's top-k logits per position in shrink's cache
-    (computed once, reused by later epochs and runs on the same teacher and data; default 0: off). out: folder for checkpoints, best/, model/ (the best student) and results.json.
+    (computed once, reused by later epochs and runs on the same teacher and data; default 0: off).
+    task: a task for `shrink.compare` (path or Task): at every evaluation the student is compared with the
+    teacher on it, and the scores, change and verdict go into the history. out: folder for checkpoints, best/, model/ (the best student) and results.json.
     """
     cfg = config or DistillConfig(**options)
     t_model, t_tok, t_name = _resolve_teacher(teacher)
@@ -116,8 +118,23 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
         from .paths import cache_dir
 
         cache = teacher_topk(t_model, dd, cache_topk, cache_dir() / "teacher", batch_size=cfg.batch_size, progress=progress)
+    on_eval = None
+    if task is not None:
+        if t_model is None:
+            raise ShrinkError("comparing on a task needs a teacher to compare the student with")
+        from .evaluate import compare, load_task
+
+        tk = load_task(task)
+
+        def on_eval(step, metrics):
+            was = s_model.training
+            c = compare(t_model, s_model, tk, tokenizer=tok, names=("teacher", "student"), progress=False)
+            s_model.train(was)
+            metrics["task"] = {"teacher": c.overall.original, "student": c.overall.compressed,
+                               "change": c.overall.change, "within": c.within, "verdict": c.verdict}
+
     result = train(t_model, s_model, dd, cfg, out=out, resume=resume, layer_map=layer_map, progress=progress,
-                   teacher_cache=cache)
+                   teacher_cache=cache, on_eval=on_eval)
     if out is not None:
         out = Path(out)
         if (out / "best" / "student.safetensors").is_file():
