@@ -10,7 +10,6 @@ from click.testing import CliRunner
 import shrink
 from conftest import tiny_llama, tiny_tokenizer, word_text
 from shrink.cli import main
-from shrink.report import write_comparison_report
 from test_evaluate import _tensor_task, _write
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

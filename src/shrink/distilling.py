@@ -33,7 +33,7 @@ def load_data(data, tokenizer=None, seq_len: int = 256, eval_fraction: float | N
         return load_tensor_file(path, eval_fraction or 0.1)
     if tokenizer is None:
         raise ShrinkError(f"{path}: text data needs the teacher's tokenizer")
-    return pack_text(read_texts(path), tokenizer, seq_len, eval_fraction or 0.05, str(path), max_sequences)
+    return pack_text(read_texts(path, "training data"), tokenizer, seq_len, eval_fraction or 0.05, str(path), max_sequences)
 
 
 def build_student(student, teacher: nn.Module | None, intermediate_size: int | None = None) -> tuple[nn.Module, dict]:

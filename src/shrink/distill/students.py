@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import re
 
-import torch
 import torch.nn as nn
 
 from ..errors import ShrinkError

@@ -10,13 +10,13 @@ language models, input tensors otherwise). Text is tokenized and cut into non-ov
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ShrinkError
+from ..texts import read_texts
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
@@ -28,41 +28,6 @@ class CalibrationData:
 
     samples: list[torch.Tensor]
     record: dict = field(default_factory=dict)
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """Texts of a .txt file (one text) or a .jsonl file (one per line); errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShrinkError(f"{path}: calibration file not found")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ShrinkError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        if not raw.strip():
-            raise ShrinkError(f"{path}: calibration file is empty")
-        return [raw]
-    texts = []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise ShrinkError(f"{path}:{i}: expected a JSON object with a \"text\" or \"input\" field")
-        if isinstance(obj.get("text"), str):
-            texts.append(obj["text"])
-        elif isinstance(obj.get("input"), str):
-            target = obj.get("target")
-            texts.append(obj["input"] + (f" {target}" if isinstance(target, str) else ""))
-        else:
-            raise ShrinkError(f"{path}:{i}: missing field \"text\" (or \"input\")")
-    if not texts:
-        raise ShrinkError(f"{path}: calibration file is empty")
-    return texts
 
 
 def check_tokenizer(tokenizer, model, where: str) -> None:
@@ -83,7 +48,7 @@ def from_file(path: str | Path, tokenizer, model=None, n_samples: int = DEFAULT_
         raise ShrinkError(f"{path}: a tokenizer is needed to read text calibration data")
     if model is not None:
         check_tokenizer(tokenizer, model, str(path))
-    texts = read_texts(path)
+    texts = read_texts(path, "calibration file")
     eos = tokenizer.eos_token or ""
     ids = tokenizer(eos.join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
     if len(ids) < seq_len:

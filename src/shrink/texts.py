@@ -1,0 +1,44 @@
+"""Reading the user's text files (calibration text, training text): .txt as one text, .jsonl one per line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ShrinkError
+
+
+def read_texts(path: str | Path, what: str = "text file") -> list[str]:
+    """Texts of a .txt file (one text) or a .jsonl file (one per line: "text", or "input" and optional
+    "target" joined); errors name the file and line, and call the file `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShrinkError(f"{path}: {what} not found")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ShrinkError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        if not raw.strip():
+            raise ShrinkError(f"{path}: {what} is empty")
+        return [raw]
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ShrinkError(f"{path}:{i}: expected a JSON object with a \"text\" or \"input\" field")
+        if isinstance(obj.get("text"), str):
+            texts.append(obj["text"])
+        elif isinstance(obj.get("input"), str):
+            target = obj.get("target")
+            texts.append(obj["input"] + (f" {target}" if isinstance(target, str) else ""))
+        else:
+            raise ShrinkError(f"{path}:{i}: missing field \"text\" (or \"input\")")
+    if not texts:
+        raise ShrinkError(f"{path}: {what} is empty")
+    return texts
