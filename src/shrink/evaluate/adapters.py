@@ -58,7 +58,19 @@ def _margin(values: list[float] | torch.Tensor) -> float:
     return float(v[0] - v[1]) if len(v) > 1 else float(v[0])
 
 
-class CausalLMAdapter(Adapter):
+class _TextAdapter(Adapter):
+    """Hugging Face models that read text through their tokenizer."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        if tokenizer is None:
+            raise ShrinkError(f"a {self.kind} model needs its tokenizer (none found beside the model)")
+        self.model, self.tok = model.eval(), tokenizer
+
+    def signature(self):
+        return ("vocab", tuple(sorted(self.tok.get_vocab().items())))
+
+
+class CausalLMAdapter(_TextAdapter):
     """Hugging Face causal LMs: greedy generation (the same deterministic decoding for both models),
     log-likelihood of choices and labels, perplexity of text. Prompts go through the tokenizer's chat
     template when it has one (chat_template=None), always (True) or never (False)."""
@@ -68,17 +80,12 @@ class CausalLMAdapter(Adapter):
 
     def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
-        if tokenizer is None:
-            raise ShrinkError("a causal language model needs its tokenizer (none found beside the model)")
-        self.model, self.tok = model.eval(), tokenizer
+        super().__init__(model, tokenizer)
         has = bool(getattr(tokenizer, "chat_template", None))
         if chat_template and not has:
             raise ShrinkError("chat template requested, but the tokenizer has none")
         self.chat = has if chat_template is None else chat_template
         self.max_new_tokens = max_new_tokens
-
-    def signature(self):
-        return ("vocab", tuple(sorted(self.tok.get_vocab().items())))
 
     def prompt_ids(self, text: str) -> torch.Tensor:
         if self.chat:
@@ -151,20 +158,18 @@ class CausalLMAdapter(Adapter):
         return Outcome(choices[pick], float(pick == answer), _margin(scores), self.logprobs(seq), ids=seq)
 
 
-class SequenceClassifierAdapter(Adapter):
+class SequenceClassifierAdapter(_TextAdapter):
     """Hugging Face sequence classifiers: the predicted label from `config.id2label`."""
 
     kind = "sequence classifier"
     tasks = ("classification",)
 
     def __init__(self, model: nn.Module, tokenizer):
-        if tokenizer is None:
-            raise ShrinkError("a sequence classifier needs its tokenizer (none found beside the model)")
-        self.model, self.tok = model.eval(), tokenizer
+        super().__init__(model, tokenizer)
         self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
 
     def signature(self):
-        return ("labels", tuple(self.labels), "vocab", tuple(sorted(self.tok.get_vocab().items())))
+        return ("labels", tuple(self.labels), *super().signature())
 
     def check_task(self, task):
         super().check_task(task)
@@ -182,7 +187,7 @@ class SequenceClassifierAdapter(Adapter):
         return Outcome(label, float(label == str(example.data["label"])), _margin(lp.exp()), lp.unsqueeze(0))
 
 
-class EncoderAdapter(Adapter):
+class EncoderAdapter(_TextAdapter):
     """Hugging Face encoders without a task head (sentence encoders such as MiniLM): mean-pooled,
     normalized embeddings; classification is zero-shot, by the label whose own embedding is nearest."""
 
@@ -190,13 +195,8 @@ class EncoderAdapter(Adapter):
     tasks = ("classification",)
 
     def __init__(self, model: nn.Module, tokenizer):
-        if tokenizer is None:
-            raise ShrinkError("an encoder needs its tokenizer (none found beside the model)")
-        self.model, self.tok = model.eval(), tokenizer
+        super().__init__(model, tokenizer)
         self._label_cache: dict[tuple, torch.Tensor] = {}
-
-    def signature(self):
-        return ("vocab", tuple(sorted(self.tok.get_vocab().items())))
 
     @torch.no_grad()
     def embed(self, text: str) -> torch.Tensor:
