@@ -9,6 +9,7 @@ more processes, sees exactly the same examples in the same steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -193,6 +194,27 @@ def _load_state_dict(model: nn.Module, path: Path):
         raise ShrinkError(f"{path}: does not match the student ({type(e).__name__}: {str(e)[:300]})") from None
 
 
+def _restore(out: Path | None, student, opt, sched, cfg: DistillConfig, data: DistillData):
+    """Load out/checkpoint into student, optimizer, schedule and random state, after checking it was made
+    with the same data and options; returns (step, position, history, best)."""
+    if out is None or not (out / "checkpoint" / "state.pt").is_file():
+        raise ShrinkError(f"{out}: nothing to resume (no checkpoint/state.pt)")
+    state = _read_state(out / "checkpoint" / "state.pt")
+    if state["data"] != data.fingerprint:
+        raise ShrinkError(f"{out}: the checkpoint was trained on other data (fingerprint {state['data']}, "
+                          f"now {data.fingerprint})")
+    saved_cfg = json.loads(state["config"])
+    changed = {k for k, v in asdict(cfg).items() if k != "time_budget" and saved_cfg.get(k) != v}
+    if changed:
+        raise ShrinkError(f"{out}: resuming with different options {sorted(changed)} than the checkpoint")
+    _load_state_dict(student, out / "checkpoint" / "student.safetensors")
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    pos = _Position(len(data), cfg.seed, state["epoch"], state["offset"])
+    return state["step"], pos, json.loads(state["history"]), json.loads(state["best"])
+
+
 def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cfg: DistillConfig | None = None, *,
             out: str | os.PathLike | None = None, resume: bool = False, layer_map: dict[int, int] | None = None,
             progress: bool | None = None, on_eval=None,
@@ -243,23 +265,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     out = Path(out) if out is not None else None
     resumed = None
     if resume:
-        if out is None or not (out / "checkpoint" / "state.pt").is_file():
-            raise ShrinkError(f"{out}: nothing to resume (no checkpoint/state.pt)")
-        state = _read_state(out / "checkpoint" / "state.pt")
-        if state["data"] != data.fingerprint:
-            raise ShrinkError(f"{out}: the checkpoint was trained on other data (fingerprint {state['data']}, "
-                              f"now {data.fingerprint})")
-        saved_cfg = json.loads(state["config"])
-        changed = {k for k, v in asdict(cfg).items() if k not in ("time_budget",) and saved_cfg.get(k) != v}
-        if changed:
-            raise ShrinkError(f"{out}: resuming with different options {sorted(changed)} than the checkpoint")
-        _load_state_dict(student, out / "checkpoint" / "student.safetensors")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, resumed = state["step"], state["step"]
-        pos = _Position(len(data), cfg.seed, state["epoch"], state["offset"])
-        history, best = json.loads(state["history"]), json.loads(state["best"])
+        step, pos, history, best = _restore(out, student, opt, sched, cfg, data)
+        resumed = step
 
     global_batch = cfg.batch_size * world
     units = data.units_per_example() * global_batch * cfg.grad_accum
@@ -277,7 +284,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
             if augment is not None:
                 x = augment(x)
             sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = model.no_sync() if (world > 1 and not sync) else _null()
+            ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 s_logits, s_hidden = _forward(model, x, data.kind, use_hidden)
                 t_logits = t_hidden = topk = None
@@ -384,11 +391,3 @@ def _check_shapes(teacher: nn.Module, student: nn.Module, data: DistillData) -> 
         what = "vocabulary" if data.kind == "text" else "classes"
         raise ShrinkError(f"the student's outputs {tuple(s.shape)} do not match the teacher's {tuple(t.shape)} "
                           f"(different {what}: {s.shape[-1]} vs {t.shape[-1]})")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
