@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from shrink.distill import DistillConfig, distill, from_tensors, init_distributed, student_from_spec
+from shrink.distill import DistillConfig, distill, finish_distributed, from_tensors, init_distributed, student_from_spec
 
 
 def setup(dropout: float = 0.1):
@@ -33,3 +33,4 @@ if __name__ == "__main__":
     teacher, student, data = setup(0.0 if "--no-dropout" in sys.argv else 0.1)
     cfg = DistillConfig(steps=steps, batch_size=batch, eval_every=50, checkpoint_every=10, lr=3e-3, temperature=3)
     distill(teacher, student, data, cfg, out=out, resume="--resume" in sys.argv, progress=False)
+    finish_distributed()

@@ -202,7 +202,7 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
     CPU, nccl on GPUs); each process takes its share of every global batch. Checkpoints are atomic; a run
     killed at any point continues with --resume and reaches the same result.
     """
-    from .distill import DistillConfig, init_distributed, parameter_count
+    from .distill import DistillConfig, finish_distributed, init_distributed, parameter_count
     from .distilling import distill as run_distill
 
     rank, world = init_distributed()
@@ -236,6 +236,7 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
         if "task" in result.history[-1]:
             console.print(f"on the task at the last evaluation: {result.history[-1]['task']['verdict']}")
         console.print(f"student saved to {out / 'model'}; quantize it with `shrink quantize {out / 'model'}`")
+    finish_distributed()
 
 
 @main.command()

@@ -78,6 +78,14 @@ def init_distributed() -> tuple[int, int]:
     return _world()
 
 
+def finish_distributed() -> None:
+    """Wait for every rank (rank 0 may still be writing), then leave the process group cleanly; a
+    process that exits with gloo's threads still running aborts."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out
 
