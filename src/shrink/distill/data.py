@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..arrays import read_arrays
 from ..errors import ShrinkError
 from ..texts import read_texts  # noqa: F401  (part of this module's interface)
 
@@ -75,21 +75,7 @@ def from_tensors(x: torch.Tensor, y: torch.Tensor, eval_fraction: float = 0.1, s
 
 def load_tensor_file(path: str | os.PathLike, eval_fraction: float = 0.1) -> DistillData:
     """Classifier data from a .npz (no pickle) or .safetensors file with arrays `x` and `y`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShrinkError(f"{path}: no such data file")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        else:
-            from safetensors.numpy import load_file
-
-            arrays = load_file(str(path))
-    except Exception as e:
-        raise ShrinkError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
-    if "x" not in arrays or "y" not in arrays:
-        raise ShrinkError(f"{path}: needs arrays 'x' and 'y' (has {sorted(arrays)})")
+    arrays = read_arrays(path, "data file", ("x", "y"))
     return from_tensors(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]), eval_fraction, str(path))
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..arrays import read_arrays
 from ..errors import ShrinkError
 
 KINDS = ("generation", "choice", "classification", "perplexity", "tensor")
@@ -173,21 +174,7 @@ def read_tensors(path: str | os.PathLike, name: str | None = None) -> Task:
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise ShrinkError(f"{path}: no such task file")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        else:
-            from safetensors.numpy import load_file
-
-            arrays = load_file(str(path))
-    except Exception as e:
-        raise ShrinkError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise ShrinkError(f"{path}: missing array {key!r} (have {sorted(arrays)})")
+    arrays = read_arrays(path, "task file", ("x", "y"))
     x, y = arrays["x"], arrays["y"]
     if len(x) == 0:
         raise ShrinkError(f"{path}: empty task (no examples)")
