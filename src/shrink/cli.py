@@ -289,12 +289,16 @@ def _print_comparison(c) -> None:
     from .report.comparison import divergence_lines, model_rows, slice_rows
 
     console.print(f"[bold {'green' if c.within else 'red'}]{c.verdict}[/]")
+    from rich import box
+
     t = Table(title=f"{c.task['name']}: {c.task['kind']}, {c.task['examples']} examples"
-                    + (f", {c.errors} failed" if c.errors else ""))
-    for i, col in enumerate(("slice", "n", "orig", "comp", "change", "95% CI", "R→W", "W→R", "p", "")):
-        t.add_column(col, justify="left" if i == 0 else "right", no_wrap=i in (0, 5))
+                    + (f", {c.errors} failed" if c.errors else ""), box=box.SIMPLE_HEAD)
+    # numbers never wrap; past slices are shown in red (the report names them), so the table fits 80 columns
+    for i, col in enumerate(("slice", "n", "orig", "comp", "change", "95% CI", "R→W", "W→R", "p")):
+        t.add_column(col, justify="left" if i == 0 else "right", no_wrap=i > 0, overflow="fold" if i == 0 else "ellipsis")
     for r in slice_rows(c):
-        t.add_row(*r, style="red" if r[-1] == "PAST" else None)
+        r[5] = r[5].replace(" … ", "…")
+        t.add_row(*r[:-1], style="bold red" if r[-1] == "PAST" else None)
     console.print(t)
     m = Table()
     for col in ("model", "kind", "size", "time per example"):
