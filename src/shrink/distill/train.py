@@ -187,12 +187,8 @@ def _save_checkpoint(folder: Path, student, opt, sched, step, pos, best, history
              "history": json.dumps(history), "config": json.dumps(asdict(cfg)), "data": data.fingerprint,
              "world": _world()[1]}
     with atomic_dir(folder, replaceable=lambda p: (p / "state.pt").exists()) as tmp:
-        save_model(_unwrap(student), str(tmp / "student.safetensors"))  # tied weights stored once
+        save_model(student, str(tmp / "student.safetensors"))  # tied weights stored once
         torch.save(state, tmp / "state.pt")
-
-
-def _unwrap(m):
-    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
 def _load_state_dict(model: nn.Module, path: Path):
