@@ -6,6 +6,7 @@
     model = shrink.load("out/")                   # outputs bit-identical to the saved model
     shrink.compare("default", "out/", "task.jsonl", out="report/")  # per example, slices, verdict
     student, run = shrink.distill("default", "every-other", "text.txt", out="student/", steps=500)
+    found = shrink.search("default", "task.jsonl", out="search/")  # the smallest model within tolerance
 """
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ from .distilling import distill  # noqa: E402
 from .errors import ShrinkError  # noqa: E402
 from .io import load, load_model, save  # noqa: E402
 from .quant import QuantLinear, QuantSpec, parse_format, quantize  # noqa: E402
+from .search import search  # noqa: E402
 
 __all__ = ["QuantLinear", "QuantSpec", "ShrinkError", "__version__", "compare", "distill", "load", "load_model",
-           "parse_format", "quantize", "save"]
+           "parse_format", "quantize", "save", "search"]

@@ -185,9 +185,10 @@ def _verdict(overall: SliceResult, slices: list[SliceResult], allowed, tol_text:
     return True, f"WITHIN TOLERANCE ({tol_text}): {head}, no slice lost significantly more{note}"
 
 
-def _compare_example(a: Adapter, b: Adapter, ex, task: Task, score_fn, perplexity: bool):
+def _compare_example(a: Adapter, b: Adapter, ex, task: Task, score_fn, perplexity: bool, cache: dict | None = None):
     """Both models on one example: (ExampleResult, per-position KL or None, per-position top-1 match or None).
-    An exception in either model or the scorer is recorded in the result, never raised."""
+    An exception in either model or the scorer is recorded in the result, never raised. `cache` holds the
+    original model's outcomes by example id: used when present, filled when not."""
     d = ex.data
     target = (" | ".join(map(str, d["target"])) if "target" in d else d["choices"][d["answer"]] if "choices" in d
               else str(d.get("label", "")))
@@ -195,15 +196,21 @@ def _compare_example(a: Adapter, b: Adapter, ex, task: Task, score_fn, perplexit
     r = ExampleResult(ex.id, list(ex.tags), text, target)
     r.length = len(ex.input.split()) if isinstance(ex.input, str) else int(ex.input.numel())
     try:
-        t0 = time.perf_counter()
-        po = a.run(ex, task, scorer=score_fn)
+        if cache is not None and ex.id in cache:
+            po, original_seconds = cache[ex.id]
+        else:
+            t0 = time.perf_counter()
+            po = a.run(ex, task, scorer=score_fn)
+            original_seconds = time.perf_counter() - t0
+            if cache is not None:
+                cache[ex.id] = (po, original_seconds)
         t1 = time.perf_counter()
         qo = b.run(ex, task, ids=po.ids, scorer=score_fn)  # on the original's tokens
         t2 = time.perf_counter()
     except Exception as e:  # one failing example must not lose the others
         r.error = f"{type(e).__name__}: {e}"
         return r, None, None
-    r.original_seconds, r.compressed_seconds = t1 - t0, t2 - t1
+    r.original_seconds, r.compressed_seconds = original_seconds, t2 - t1
     r.original_output, r.compressed_output = po.output, qo.output
     r.original_score, r.compressed_score = po.score, qo.score
     r.confidence = po.confidence
@@ -222,7 +229,7 @@ def _compare_example(a: Adapter, b: Adapter, ex, task: Task, score_fn, perplexit
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
             tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
             chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
-            progress: bool | None = None) -> Comparison:
+            progress: bool | None = None, cache: dict | None = None) -> Comparison:
     """Run both models on every example of `task` and compare them.
 
     original, compressed: modules (Hugging Face or plain PyTorch) or adapters. tokenizer: for both
@@ -233,6 +240,9 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     the task's match rule. chat_template: None uses the tokenizer's when it has one. max_new_tokens:
     greedy generation length when an example gives none (default 32). An example counts as right
     when its score is at least 0.5 (flips are counted on that); scores themselves are averaged.
+    cache: a dict that keeps the original model's outcomes by example id, so that comparing many
+    compressed models with one original (a search) runs the original once; pass the same dict each
+    time, with the same task, tokenizer and options (default None: no cache).
     """
     task = load_task(task)
     score_fn = load_scorer(scorer) if scorer else None
@@ -251,7 +261,7 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     rows: list[ExampleResult] = []
     kls, agree, cosines = [], [], []
     for ex in tqdm(task.examples, desc="compare", unit="example", disable=None if progress is None else not progress):
-        r, kl, same = _compare_example(a, b, ex, task, score_fn, perplexity)
+        r, kl, same = _compare_example(a, b, ex, task, score_fn, perplexity, cache)
         rows.append(r)
         if kl is not None:
             kls.append(kl)

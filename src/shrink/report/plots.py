@@ -88,3 +88,30 @@ def flips(names: list[str], right_to_wrong: list[int], wrong_to_right: list[int]
 def strip_ids(svg: str, prefix: str) -> str:
     """Make matplotlib's element ids unique per plot, so several SVGs can share one page."""
     return re.sub(r'(id="|url\(#|href="#)', lambda m: m.group(1) + prefix, svg)
+
+
+def frontier(costs: list[float], changes: list[float], names: list[str], ok: list[bool], front: list[bool],
+             cost_label: str, allowed: float | None, log_x: bool = False, unit: str = "points") -> str:
+    """Quality change against a cost, one point per candidate (green: qualifies, red: does not), the
+    Pareto frontier joined by a line, and the tolerance as a dashed line."""
+    fig, ax = _figure(7, 3.6)
+    c = np.asarray(costs, dtype=np.float64)
+    q = np.asarray(changes, dtype=np.float64)
+    colors = [GOOD if k else BAD for k in ok]
+    ax.scatter(c, q, c=colors, s=36, zorder=3, edgecolors="k", linewidths=0.5)
+    idx = sorted((i for i in range(len(c)) if front[i]), key=lambda i: c[i])
+    if idx:
+        ax.plot(c[idx], q[idx], color=ORIGINAL, lw=1.2, zorder=2, label="Pareto frontier")
+    for i, n in enumerate(names):
+        ax.annotate(n, (c[i], q[i]), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    if allowed is not None:
+        ax.axhline(-allowed, color="k", ls="--", lw=0.8, label=f"tolerance (−{allowed:g} {unit})")
+    ax.axhline(0, color="#999", lw=0.6)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(cost_label)
+    ax.set_ylabel(f"quality change ({unit})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Quality against {cost_label.split(' (')[0]}")
+    return _svg(fig)

@@ -1,0 +1,139 @@
+"""Candidates of a search: what to try, in which order, and how to build each from the original model.
+
+A candidate is a recipe: quantize the original (a format, or a bit budget for mixed precision, with a
+method), distill a student from it, or both (distill, then quantize the student). The order puts cheap,
+likely-good candidates first: round-to-nearest from 8 bits down, then calibrated methods where
+round-to-nearest fell short, then mixed precision, then students. Each candidate belongs to a
+direction (a method on a model, widest first); once one fails the quality bar, the narrower ones in
+its direction are not tried.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from ..quant import parse_format, quantize
+
+RTN_FORMATS = ("int8", "int4-g32", "int4-g64", "int3-g32", "int2-g32")
+CALIBRATED_FORMATS = ("int4-g32", "int4-g64", "int3-g32", "int2-g32")
+MIXED_BITS = (6.0, 4.5, 3.5)
+STUDENT_FORMATS = ("int8", "int4-g32")
+TYPICAL_IN_FEATURES = 576  # for ordering only: per-channel scales cost 16 bits per row of this width
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe. name is unique in a search ("rtn:int4-g64", "awq+gptq:mixed-4.5",
+    "student:every-other", "student:every-other+rtn:int8")."""
+
+    name: str
+    method: str | None = "rtn"  # None: the student as trained, not quantized
+    format: str | None = None
+    target_bits: float | None = None
+    student: str | None = None  # student spec (see shrink.distill); None: the original model
+
+    @property
+    def bits(self) -> float:
+        """Expected bits per quantized weight, for ordering (16 when nothing is quantized)."""
+        if self.target_bits is not None:
+            return self.target_bits
+        if self.format is None:
+            return 16.0
+        return parse_format(self.format).bits_per_weight(TYPICAL_IN_FEATURES)
+
+    @property
+    def direction(self) -> str:
+        """Candidates that share a direction get narrower along it; a failure stops the rest of it."""
+        base = f"student:{self.student}" if self.student else "original"
+        kind = "mixed" if self.target_bits is not None else "uniform"
+        return f"{base}|{self.method or 'none'}|{kind}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method not in (None, "rtn") or self.target_bits is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(**{k: d.get(k) for k in ("name", "method", "format", "target_bits", "student")})
+
+
+def quantization_candidates(formats=RTN_FORMATS, methods=("awq+gptq",), calibrated_formats=CALIBRATED_FORMATS,
+                            mixed_bits=MIXED_BITS, calibration: bool = False, mixed_method: str = "awq",
+                            student: str | None = None) -> list[Candidate]:
+    """The quantization ladder: rtn at `formats` (widest first); with calibration, each of `methods` at
+    `calibrated_formats` and mixed precision (`mixed_method`) at each of `mixed_bits`."""
+    prefix = f"student:{student}+" if student else ""
+    out = [Candidate(f"{prefix}rtn:{f}", "rtn", f, student=student) for f in formats]
+    if calibration:
+        for m in methods:
+            out += [Candidate(f"{prefix}{m}:{f}", m, f, student=student) for f in calibrated_formats]
+        out += [Candidate(f"{prefix}{mixed_method}:mixed-{b:g}", mixed_method, None, b, student=student)
+                for b in mixed_bits]
+    return out
+
+
+def student_candidates(students, formats=STUDENT_FORMATS) -> list[Candidate]:
+    """Each student as trained, then quantized (rtn) at `formats`."""
+    out = []
+    for s in students:
+        out.append(Candidate(f"student:{s}", None, None, None, s))
+        out += [Candidate(f"student:{s}+rtn:{f}", "rtn", f, None, s) for f in formats]
+    return out
+
+
+def order(candidates: list[Candidate]) -> list[Candidate]:
+    """Cheap and likely-good first: the original's rtn ladder, then calibrated methods, then mixed
+    precision, then students; widest first within each. Stable for equal keys."""
+    def key(c: Candidate):
+        stage = 3 if c.student else 0 if c.method == "rtn" else 2 if c.target_bits is not None else 1
+        student_stage = 0 if c.method is None else 1
+        return (stage, c.student or "", student_stage, -c.bits)
+    return sorted(candidates, key=key)
+
+
+def skip_reason(c: Candidate, done: list[dict], best_size: float | None, objective: str) -> str | None:
+    """Why `c` need not be measured, given the finished results, or None.
+
+    - a wider candidate of its direction already failed the quality bar;
+    - its student failed the quality bar (a quantized student cannot do better than the student);
+    - optimising size, a candidate that qualified is already no wider than this one would be.
+    """
+    for r in done:
+        if r.get("status") != "done" or r["quality_ok"]:
+            continue
+        rc = Candidate.from_dict(r["candidate"])
+        if rc.direction == c.direction and rc.bits >= c.bits:
+            return f"{rc.name} already failed the quality bar"
+        if c.student and rc.student == c.student and rc.method is None and c.method is not None:
+            return f"its student {rc.name} already failed the quality bar"
+    if objective == "size" and best_size is not None and not c.student:
+        qualifying_bits = [Candidate.from_dict(r["candidate"]).bits for r in done
+                           if r.get("status") == "done" and r["qualifies"] and not r["candidate"].get("student")]
+        if qualifying_bits and min(qualifying_bits) <= c.bits:
+            return f"a qualifying candidate of {min(qualifying_bits):.2f} bits per weight is already no wider"
+    return None
+
+
+def build(c: Candidate, original: nn.Module, *, students: dict[str, nn.Module], calibration=None, tokenizer=None,
+          n_samples: int = 128, seq_len: int = 512, progress: bool | None = None) -> nn.Module:
+    """The candidate's model: a copy of the original (or of its trained student) quantized by the recipe.
+    `students` maps student specs to trained students (see `search.run`); calibration and tokenizer feed
+    calibrated methods (n_samples windows of seq_len tokens)."""
+    base = students[c.student] if c.student else original
+    model = copy.deepcopy(base)
+    if c.method is None:
+        return model
+    kw = {}
+    if c.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"candidate {c.name}: needs calibration data")
+        kw = dict(calibration=calibration, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len)
+    if c.target_bits is not None:
+        return quantize(model, "int4-g64", method=c.method, target_bits=c.target_bits, progress=progress, **kw)
+    return quantize(model, c.format, method=c.method, progress=progress, **kw)

@@ -1,0 +1,42 @@
+"""What a candidate costs on this machine: bytes on disk, bytes in memory, time per generated token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..evaluate.compare import model_bytes
+from ..io import save
+from ..io.saved import WEIGHTS
+
+__all__ = ["disk_bytes", "memory_bytes", "seconds_per_token"]
+
+memory_bytes = model_bytes  # parameters and buffers as held in memory, tied tensors once
+
+
+def disk_bytes(model: nn.Module, folder: Path, tokenizer=None) -> int:
+    """Save `model` to `folder` as shrink saves any model and return the size of its weights file
+    (config, manifest and tokenizer are the same few kilobytes for every candidate)."""
+    save(model, folder, tokenizer=tokenizer)
+    return (Path(folder) / WEIGHTS).stat().st_size
+
+
+@torch.no_grad()
+def seconds_per_token(model: nn.Module, tokenizer, new_tokens: int = 32, repeats: int = 2) -> float | None:
+    """Greedy decoding speed of a Hugging Face causal LM: seconds per new token after a short prompt,
+    the best of `repeats` runs (None for models that do not generate)."""
+    if tokenizer is None or not hasattr(model, "generate") or not getattr(model.config, "is_decoder", True):
+        return None
+    if "ForCausalLM" not in type(model).__name__:
+        return None
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. Once upon a time", return_tensors="pt").input_ids
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        best = min(best, time.perf_counter() - t0)
+    return best / new_tokens

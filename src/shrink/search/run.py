@@ -1,0 +1,327 @@
+"""The search loop: measure candidates one by one against the user's constraints, stream the results,
+resume where a previous run stopped, keep the best model so far, and write the report.
+
+The folder of a search:
+    search.json     what is searched (model, task, constraints, candidates): a resume must match it
+    results.jsonl   one line per finished candidate, appended and flushed as each finishes
+    students/       distilled students (each resumable from its own checkpoints)
+    best/           the recommended model so far, loadable with shrink.load
+    report.html, report.md, results.json   written at the end
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+from rich.console import Console
+
+from ..atomic import write_json, write_text
+from ..distill.cache import model_fingerprint
+from ..errors import ShrinkError
+from ..evaluate import compare as compare_models
+from ..evaluate.adapters import adapter_for
+from ..evaluate.compare import _finite
+from ..evaluate.tasks import Task, load_task
+from ..io import LoadedModel, load_model
+from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
+from .constraints import Constraints, human_bytes
+from .frontier import explain, judge, pareto, rank_key, recommend
+from .measure import disk_bytes, memory_bytes, seconds_per_token
+
+RESULTS, CONFIG = "results.jsonl", "search.json"
+
+
+@dataclass
+class SearchResult:
+    """What a search found: the original's measurements, every finished candidate (dicts as in
+    results.jsonl), those skipped or left for lack of budget, the recommendation and its line."""
+
+    original: dict
+    results: list[dict]
+    skipped: list[dict] = field(default_factory=list)
+    untried: list[str] = field(default_factory=list)
+    recommendation: dict | None = None
+    line: str = ""
+    constraints: dict = field(default_factory=dict)
+    task: dict = field(default_factory=dict)
+    out: str | None = None
+    seconds: float = 0.0
+
+    def frontier(self, cost: str = "size_bytes") -> list[dict]:
+        """Pareto frontier of quality against `cost` ("size_bytes", "latency_example", "latency_token")."""
+        return pareto(self.results, cost)
+
+    def to_dict(self) -> dict:
+        return _finite({"recommendation": self.recommendation, "line": self.line, "constraints": self.constraints,
+                "task": self.task, "original": self.original, "results": self.results, "skipped": self.skipped,
+                "untried": self.untried, "frontier_size": [r["candidate"]["name"] for r in self.frontier("size_bytes")],
+                "frontier_latency": [r["candidate"]["name"] for r in self.frontier("latency_example")],
+                "seconds": self.seconds})
+
+
+def task_fingerprint(task: Task) -> str:
+    """A hash of the task's examples (ids, inputs, targets), so a resume can tell it is the same task."""
+    h = hashlib.sha256(task.kind.encode())
+    for ex in task.examples:
+        h.update(ex.id.encode())
+        h.update(ex.input.encode() if isinstance(ex.input, str) else ex.input.numpy().tobytes())
+        h.update(json.dumps(ex.data, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_results(path: Path) -> list[dict]:
+    """Finished candidates from results.jsonl; a last line cut short by a crash is dropped."""
+    if not path.is_file():
+        return []
+    out = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # the write that was interrupted; that candidate is measured again
+            raise ShrinkError(f"{path}:{i + 1}: not a JSON line; the results file is damaged") from None
+    return out
+
+
+def _append(path: Path, record: dict) -> None:
+    """One line per candidate, flushed to disk before the next candidate starts."""
+    with open(path, "a") as f:
+        f.write(json.dumps(_finite(record)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _promote(src: Path, dst: Path) -> None:
+    """Make folder `src` the new `dst` (the previous one removed only after the new one is in place)."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def min_possible_bytes(model: nn.Module) -> int:
+    """A lower bound on any quantized copy's weights: the Linear layers at 2.5 bits per weight, everything
+    else (embeddings, norms, the output layer) as it is."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return int(memory_bytes(model) - 4 * linear + linear * 2.5 / 8)
+
+
+def _resolve(model, tokenizer):
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model)
+        return loaded.model, tokenizer or loaded.tokenizer, loaded.source.get("name") or str(model)
+    if isinstance(model, LoadedModel):
+        return model.model, tokenizer or model.tokenizer, model.source.get("name") or model.source.get("path") or "model"
+    return model, tokenizer, type(model).__name__
+
+
+def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints | None = None,
+           candidates: list[Candidate] | None = None, calibration=None, methods=("awq+gptq",),
+           n_samples: int = 32, seq_len: int = 512, distill_data=None, students=("every-other",),
+           distill_seconds: float = 600.0, distill_options: dict | None = None, tokenizer=None,
+           resume: bool = False, max_new_tokens: int = 32, progress: bool | None = None,
+           console: Console | None = None) -> SearchResult:
+    """Search compressed versions of `model` for the best one under `constraints`, measured on `task`.
+
+    model: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default", .gguf, folders).
+    task: a .jsonl/.npz/.safetensors path, a Task, or None for the built-in default task.
+    out: the search's folder (see the module docstring); resume=True continues a search there.
+    constraints: tolerance, size, latency, objective and budget (default: 1 point absolute, no limits).
+    candidates: the recipes to try (default: the rtn ladder; with `calibration`, `methods` at 4/3/2 bits
+    and mixed precision at 6, 4.5 and 3.5 bits per weight; with `distill_data`, each of `students`
+    trained for `distill_seconds` (default 600) and then quantized). They are tried cheap and likely-good
+    first, and a direction is abandoned at its first failure. n_samples, seq_len: calibration windows
+    (default 32 of 512 tokens; fewer than quantize's 128, as a search calibrates many candidates).
+    distill_options: more DistillConfig fields for the students (for example steps, lr, batch_size).
+    Returns a SearchResult; the report is written to out/report.html, report.md and results.json.
+    """
+    t_start = time.perf_counter()
+    con = constraints or Constraints()
+    console = console or Console(quiet=progress is False)
+    out = Path(out)
+    original, tok, name = _resolve(model, tokenizer)
+    original.eval()
+    task = load_task(task)
+    adapter_for(original, tok, None, max_new_tokens).check_task(task)  # a task this model cannot run: say so now
+    if con.latency_per == "token" and con.max_latency is not None and tok is None:
+        raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
+    if candidates is None:
+        candidates = quantization_candidates(calibration=calibration is not None, methods=methods)
+        if distill_data is not None:
+            candidates += student_candidates(students)
+    candidates = order(candidates)
+    if len({c.name for c in candidates}) != len(candidates):
+        raise ShrinkError("candidate names must be unique")
+    if any(c.needs_calibration for c in candidates) and calibration is None:
+        raise ShrinkError("calibrated candidates (gptq, awq, mixed precision) need --calibration FILE")
+    if any(c.student for c in candidates) and distill_data is None:
+        raise ShrinkError("student candidates need training data (--distill FILE)")
+    floor = min_possible_bytes(original)
+    if con.max_size is not None and con.max_size < floor and not any(c.student for c in candidates):
+        raise ShrinkError(f"nothing can meet --max-size {human_bytes(con.max_size)} by quantization: even at 2 bits "
+                          f"this model's weights take at least {human_bytes(floor)} (embeddings and the output layer "
+                          "stay in full precision); allow distillation (--distill DATA) or raise --max-size")
+
+    identity = {"model": name, "model_fingerprint": model_fingerprint(original), "task": task.name,
+                "task_source": task.source, "task_fingerprint": task_fingerprint(task)}
+    config = {**identity, "constraints": con.to_dict(), "candidates": [c.to_dict() for c in candidates],
+              "calibration": str(calibration) if calibration is not None else None,
+              "n_samples": n_samples, "seq_len": seq_len, "distill_data": str(distill_data) if distill_data else None}
+    results: list[dict] = []
+    if resume:
+        if not (out / CONFIG).is_file():
+            raise ShrinkError(f"{out}: nothing to resume (no {CONFIG})")
+        saved = json.loads((out / CONFIG).read_text())
+        differs = [what for key, what in (("model_fingerprint", "model (its weights differ)"),
+                                          ("task_fingerprint", "task (its examples differ)")) if saved.get(key) != identity[key]]
+        if differs:
+            raise ShrinkError(f"{out}: that search was of another {' and another '.join(differs)}; "
+                              "start a new search in another folder")
+        results = _read_results(out / RESULTS)
+        write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in results))  # drop a line cut short
+        console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; pass --resume to continue that search, or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG, config)
+    (out / RESULTS).touch()
+
+    # the original, measured once; its outcomes on the task are cached for every comparison
+    cache: dict = {}
+    orig_size = disk_bytes(original, out / ".original", tok)
+    shutil.rmtree(out / ".original", ignore_errors=True)
+    original_info = {"name": name, "size_bytes": orig_size, "memory_bytes": memory_bytes(original),
+                     "latency_token": seconds_per_token(original, tok), "latency_example": None}
+    allowed = None
+    finished = {r["candidate"]["name"] for r in results}
+    best = recommend(results, con.objective)
+    skipped, untried = [], []
+    trained: dict[str, nn.Module] = {}
+    measured_now = 0
+    for c in candidates:
+        if c.name in finished:
+            continue
+        spent = time.perf_counter() - t_start
+        if (con.max_trials is not None and len(results) >= con.max_trials) or (con.time is not None and spent >= con.time):
+            untried.append(c.name)
+            continue
+        best_size = best["size_bytes"] if best is not None and best["qualifies"] else None
+        why = skip_reason(c, results, best_size, con.objective)
+        if why:
+            skipped.append({"candidate": c.name, "reason": why})
+            console.print(f"[dim]skip {c.name}: {why}[/dim]")
+            continue
+        console.print(f"[bold]{c.name}[/bold] ({len(results) + 1} of at most {len(candidates)})")
+        t0 = time.perf_counter()
+        try:
+            if c.student and c.student not in trained:
+                trained[c.student] = _train_student(c.student, original, tok, distill_data, out, distill_seconds,
+                                                    distill_options or {}, progress)
+            cand_model = build(c, original, students=trained, calibration=calibration, tokenizer=tok,
+                               n_samples=n_samples, seq_len=seq_len, progress=progress)
+        except ShrinkError:
+            raise
+        except Exception as e:  # one recipe that cannot be built must not end the search
+            record = {"candidate": c.to_dict(), "status": "error", "error": f"{type(e).__name__}: {e}"}
+            console.print(f"[red]{c.name} failed[/red]: {record['error']}")
+            _append(out / RESULTS, record)
+            results.append(record)
+            continue
+        build_s = time.perf_counter() - t0
+        comp = compare_models(original, cand_model, task, tokenizer=tok, tolerance=con.max_drop, relative=con.relative,
+                              max_new_tokens=max_new_tokens, names=(name, c.name), progress=progress, cache=cache)
+        allowed = con.max_drop / 100 * abs(comp.overall.original) if comp.relative else con.max_drop
+        if original_info["latency_example"] is None:
+            original_info["latency_example"] = comp.original["seconds_per_example"]
+            original_info["score"] = comp.overall.original
+        staging = out / ".candidate"
+        shutil.rmtree(staging, ignore_errors=True)
+        record = {
+            "candidate": c.to_dict(), "status": "done", "score": comp.overall.compressed,
+            "original_score": comp.overall.original, "change": comp.overall.change, "ci_low": comp.overall.ci_low,
+            "ci_high": comp.overall.ci_high, "within": comp.within, "verdict": comp.verdict,
+            "slices_past": [s.name for s in comp.slices if s.past],
+            "slices": {s.name: round(s.change, 3) for s in comp.slices},
+            "size_bytes": disk_bytes(cand_model, staging, tok), "memory_bytes": memory_bytes(cand_model),
+            "latency_example": comp.compressed["seconds_per_example"], "latency_token": seconds_per_token(cand_model, tok),
+            "broke": [e.id for e in comp.examples if e.flip == "right→wrong"],
+            "fixed": [e.id for e in comp.examples if e.flip == "wrong→right"],
+            "kl_mean": (comp.divergence.get("kl") or {}).get("mean"), "errors": comp.errors,
+            "build_seconds": round(build_s, 2), "seconds": round(time.perf_counter() - t0, 2),
+            "original_latency_example": comp.original["seconds_per_example"],
+        }
+        judge(record, con, allowed)
+        _append(out / RESULTS, record)
+        results.append(record)
+        measured_now += 1
+        new_best = recommend(results, con.objective)
+        if new_best is record:
+            write_json(staging / "candidate.json", record)
+            _promote(staging, out / "best")
+            best = record
+        shutil.rmtree(staging, ignore_errors=True)
+        mark = "[green]qualifies[/green]" if record["qualifies"] else f"[red]misses {', '.join(record['miss'])}[/red]"
+        console.print(f"  {record['change']:+.1f} points (CI {record['ci_low']:+.1f}…{record['ci_high']:+.1f}), "
+                      f"{human_bytes(record['size_bytes'])}, {record['latency_example'] * 1e3:,.0f} ms/example: {mark}")
+        del cand_model
+
+    best = recommend(results, con.objective)
+    if original_info["latency_example"] is None and results:
+        done = [r for r in results if r.get("status") == "done"]
+        if done:
+            original_info["latency_example"] = done[0]["original_latency_example"]
+            original_info["score"] = done[0]["original_score"]
+    result = SearchResult(original_info, results, skipped, untried, best, explain(best, con, original_info),
+                          con.to_dict(), {"name": task.name, "kind": task.kind, "source": task.source,
+                                          "examples": len(task.examples)}, str(out), time.perf_counter() - t_start)
+    if best is not None and not (out / "best").is_dir():
+        _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data,
+                      distill_seconds, distill_options or {}, progress)
+    from ..report.search import write_search_report
+
+    write_search_report(result, task, out)
+    return result
+
+
+def _train_student(spec: str, teacher: nn.Module, tok, data, out: Path, seconds: float, options: dict, progress):
+    """Distill (or, when a previous run finished it, load) the student `spec` under out/students/."""
+    from ..distilling import distill
+
+    folder = out / "students" / spec.replace("/", "_").replace(":", "_")
+    if (folder / "results.json").is_file() and (folder / "model").is_dir():  # trained by an earlier run
+        return load_model(folder / "model").model.eval()
+    opts = {"steps": 2000, "time_budget": seconds, "eval_every": 200, "checkpoint_every": 50, **options}
+    resume = (folder / "checkpoint" / "state.pt").is_file()
+    student, _ = distill(teacher, spec, data, out=folder, tokenizer=tok, resume=resume, progress=progress, **opts)
+    return student.eval()
+
+
+def _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data, seconds,
+                  options, progress):
+    """best/ went missing (removed by hand, or the best was found before a crash in promoting it): build it again."""
+    c = Candidate.from_dict(best["candidate"])
+    if c.student and c.student not in trained:
+        trained[c.student] = _train_student(c.student, original, tok, distill_data, out, seconds, options, progress)
+    model = build(c, original, students=trained, calibration=calibration, tokenizer=tok, n_samples=n_samples,
+                  seq_len=seq_len, progress=progress)
+    staging = out / ".candidate"
+    shutil.rmtree(staging, ignore_errors=True)
+    disk_bytes(model, staging, tok)
+    write_json(staging / "candidate.json", best)
+    _promote(staging, out / "best")
+
+
+__all__ = ["SearchResult", "min_possible_bytes", "rank_key", "search", "task_fingerprint"]

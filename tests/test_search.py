@@ -1,0 +1,213 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import shrink
+from shrink.errors import ShrinkError
+from shrink.search import (Candidate, Constraints, judge, order, pareto, parse_latency, parse_size,
+                           quantization_candidates, recommend)
+from shrink.search import run as search_run
+
+S = 2.0 ** -7  # an fp16-exact step: int8 per-channel scales come out exactly S
+
+
+def _model_and_task(tmp_path):
+    """A classifier whose fate under quantization is known by construction.
+
+    Layer 1 (quantized) has two rows of integers times S with 127 in every group of 32, so int8 per
+    channel stores it exactly. Example "hard up" j is the one-hot input e_j where row 0 has 3 and row 1
+    has 4 (label 1); every 4-bit or narrower format rounds both to 0, the logits tie, argmax picks
+    class 0, and the example flips. "hard down" examples (4 vs 3, label 0) stay right on a tie; "easy"
+    examples (+-e_0: 127 vs -127) stay right at any width. Layer 2 (the output layer, kept in full
+    precision) passes the two values through.
+    """
+    a, b = torch.full((64,), 3.0), torch.full((64,), 4.0)
+    a[0], b[0], a[32], b[32] = 127, -127, 127, -127
+    down = [5, 6, 7, 8, 40, 41, 42, 43, 44, 45]
+    a[down], b[down] = 4.0, 3.0
+    model = torch.nn.Sequential(torch.nn.Linear(64, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.stack([a, b]) * S)
+        model[1].weight.copy_(torch.eye(2))
+    eye = np.eye(64, dtype=np.float32)
+    up = [j for j in range(1, 64) if j not in down and j != 32][:20]
+    x = [eye[0]] * 10 + [-eye[0]] * 10 + [eye[j] for j in up] + [eye[j] for j in down]
+    y = [0] * 10 + [1] * 10 + [1] * len(up) + [0] * len(down)
+    tags = ["easy"] * 20 + ["hard"] * (len(up) + len(down))
+    p = tmp_path / "task.npz"
+    np.savez(p, x=np.stack(x), y=np.array(y), tags=np.array(tags))
+    return model, p, len(up)
+
+
+LADDER = [Candidate(f"rtn:{f}", "rtn", f) for f in ("int8", "int4-g32", "int4-g64", "int3-g32", "int2-g32")]
+
+
+def test_frontier_and_recommendation_known_by_construction(tmp_path):
+    model, task, n_up = _model_and_task(tmp_path)
+    found = shrink.search(model, task, out=tmp_path / "s", candidates=LADDER, progress=False)
+    done = {r["candidate"]["name"]: r for r in found.results}
+    assert list(done) == ["rtn:int8", "rtn:int4-g32"]  # int4-g32 fails: the narrower rtn formats are skipped
+    assert [s["candidate"] for s in found.skipped] == ["rtn:int4-g64", "rtn:int3-g32", "rtn:int2-g32"]
+    assert all("rtn:int4-g32 already failed" in s["reason"] for s in found.skipped)
+    i8, i4 = done["rtn:int8"], done["rtn:int4-g32"]
+    assert (i8["change"], i8["ci_low"], i8["ci_high"], i8["broke"]) == (0, 0, 0, [])  # stored exactly
+    assert i8["qualifies"] and i8["within"]
+    n = 20 + n_up + 10
+    assert i4["change"] == pytest.approx(-100 * n_up / n) and len(i4["broke"]) == n_up and not i4["fixed"]
+    assert not i4["qualifies"] and i4["verdict"].startswith("PAST THE SWEET SPOT: overall") and "quality" in i4["miss"]
+    assert i4["slices"]["tag:hard"] == pytest.approx(-100 * n_up / (n_up + 10), abs=1e-3) and i4["slices"]["tag:easy"] == 0
+    assert i4["size_bytes"] < i8["size_bytes"] < found.original["size_bytes"]
+    assert [r["candidate"]["name"] for r in found.frontier("size_bytes")] == ["rtn:int4-g32", "rtn:int8"]
+    assert found.recommendation is i8 and found.line.startswith("RECOMMENDED: rtn:int8")
+    # the recommended model was saved, loads back, and gives the same outputs
+    best = shrink.load(tmp_path / "s" / "best", model=type(model)(torch.nn.Linear(64, 2, bias=False),
+                                                                   torch.nn.Linear(2, 2, bias=False)))
+    x = torch.from_numpy(np.load(task)["x"])
+    assert torch.equal(best(x).argmax(1), model(x).argmax(1))
+    assert json.loads((tmp_path / "s" / "best" / "candidate.json").read_text())["candidate"]["name"] == "rtn:int8"
+    # the report: every candidate, the frontier, the examples that broke first
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "RECOMMENDED: rtn:int8" in md and "| rtn:int4-g32 |" in md and "first broke in" in md
+    html = (tmp_path / "s" / "report.html").read_text()
+    assert html.count("<svg") == 2 and "Pareto frontier" in html
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert saved["frontier_size"] == ["rtn:int4-g32", "rtn:int8"] and saved["recommendation"]["candidate"]["name"] == "rtn:int8"
+
+
+def test_nothing_meets_the_constraints_names_the_closest(tmp_path):
+    model, task, _ = _model_and_task(tmp_path)
+    first = shrink.search(model, task, out=tmp_path / "a", candidates=LADDER[:2], progress=False)
+    int8_size = first.results[0]["size_bytes"]
+    found = shrink.search(model, task, out=tmp_path / "b", candidates=LADDER[:2], progress=False,
+                          constraints=Constraints(max_size=int8_size - 10))
+    assert found.recommendation["candidate"]["name"] == "rtn:int8"  # keeps quality, misses size by the least
+    assert not found.recommendation["qualifies"]
+    assert found.line.startswith("NOTHING MEETS quality within 1 points, at most")
+    pct = round(100 * 10 / (int8_size - 10))
+    assert "closest is rtn:int8" in found.line and f"misses size by {pct}% ({int8_size} B > {int8_size - 10} B)" in found.line
+    assert (tmp_path / "b" / "best").is_dir()
+
+
+def test_interrupted_search_resumes_without_redoing_finished_candidates(tmp_path, monkeypatch):
+    model, task, _ = _model_and_task(tmp_path)
+    cands = [Candidate(f"rtn:{f}", "rtn", f) for f in ("int8", "int8-g32", "int8-g64", "int4-g32")]
+    calls = []
+    real = search_run.compare_models
+
+    def counting(orig, cand, *a, **k):
+        calls.append(k["names"][1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while measuring the third candidate
+        return real(orig, cand, *a, **k)
+
+    monkeypatch.setattr(search_run, "compare_models", counting)
+    with pytest.raises(KeyboardInterrupt):
+        shrink.search(model, task, out=tmp_path / "s", candidates=cands, progress=False)
+    lines = (tmp_path / "s" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["candidate"]["name"] for x in lines] == ["rtn:int8-g32", "rtn:int8-g64"]  # widest first
+    # a crash in the middle of writing a line leaves a partial last line: it is measured again
+    with open(tmp_path / "s" / "results.jsonl", "a") as f:
+        f.write('{"candidate": {"name": "rtn:int8", "meth')
+    with pytest.raises(FileExistsError, match="--resume"):
+        shrink.search(model, task, out=tmp_path / "s", candidates=cands, progress=False)
+    calls.clear()
+
+    def recording(orig, cand, *a, **k):
+        calls.append(k["names"][1])
+        return real(orig, cand, *a, **k)
+
+    monkeypatch.setattr(search_run, "compare_models", recording)
+    found = shrink.search(model, task, out=tmp_path / "s", candidates=cands, progress=False, resume=True)
+    assert calls == ["rtn:int8", "rtn:int4-g32"]
+    assert [r["candidate"]["name"] for r in found.results] == ["rtn:int8-g32", "rtn:int8-g64", "rtn:int8", "rtn:int4-g32"]
+    assert found.recommendation["candidate"]["name"] == "rtn:int8"
+    lines = (tmp_path / "s" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["candidate"]["name"] for x in lines] == [r["candidate"]["name"] for r in found.results]
+    # a resume of another task is refused
+    other = tmp_path / "other.npz"
+    d = dict(np.load(task))
+    d["y"] = 1 - d["y"]
+    np.savez(other, **d)
+    with pytest.raises(ShrinkError, match="that search was of another task \\(its examples differ\\)"):
+        shrink.search(model, other, out=tmp_path / "s", candidates=cands, progress=False, resume=True)
+
+
+def test_budget_stops_the_search_and_says_what_was_left(tmp_path):
+    model, task, _ = _model_and_task(tmp_path)
+    found = shrink.search(model, task, out=tmp_path / "s", candidates=LADDER, progress=False,
+                          constraints=Constraints(max_trials=1))
+    assert [r["candidate"]["name"] for r in found.results] == ["rtn:int8"]
+    assert found.untried == ["rtn:int4-g32", "rtn:int4-g64", "rtn:int3-g32", "rtn:int2-g32"]
+    assert "Not tried (budget spent)" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_bad_searches_fail_before_measuring(tmp_path):
+    model, task, _ = _model_and_task(tmp_path)
+    with pytest.raises(ShrinkError, match="nothing can meet --max-size 10 B by quantization: even at 2 bits"):
+        shrink.search(model, task, out=tmp_path / "a", candidates=LADDER, constraints=Constraints(max_size=10))
+    jsonl = tmp_path / "gen.jsonl"
+    jsonl.write_text('{"input": "2+2?", "target": "4"}\n')
+    with pytest.raises(ShrinkError, match="is a generation task, which a tensor classifier model cannot run"):
+        shrink.search(model, jsonl, out=tmp_path / "b", candidates=LADDER)
+    with pytest.raises(ShrinkError, match="need --calibration"):
+        shrink.search(model, task, out=tmp_path / "c", candidates=[Candidate("gptq:int4-g32", "gptq", "int4-g32")])
+    with pytest.raises(ShrinkError, match="per token needs a language model"):
+        shrink.search(model, task, out=tmp_path / "d", constraints=Constraints(max_latency=0.01, latency_per="token"))
+    with pytest.raises(ShrinkError, match="objective must be 'size' or 'latency'"):
+        Constraints(objective="speed")
+
+
+@pytest.mark.parametrize("text, expected", [("60MB", 60_000_000), ("60 MB", 60_000_000), ("60mb", 60_000_000),
+                                            ("6e7", 60_000_000), ("1.5GiB", int(1.5 * 2 ** 30)), (2048, 2048),
+                                            ("512 kB", 512_000)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["sixty", "60 parsecs", "-5MB", "0", "MB"])
+def test_parse_size_rejects_with_an_example(text):
+    with pytest.raises(ShrinkError, match="write it like 60MB|more than 0"):
+        parse_size(text)
+
+
+def test_parse_latency():
+    assert parse_latency("50ms") == (0.05, "example")
+    assert parse_latency("2s") == (2.0, "example")
+    assert parse_latency("20ms/token") == (0.02, "token")
+    assert parse_latency("20 ms per token") == (0.02, "token")
+    assert parse_latency("0.3") == (0.3, "example")
+    with pytest.raises(ShrinkError, match="20ms/token"):
+        parse_latency("fast")
+
+
+def _rec(name, size, change, ci_low, lat=0.01, within=True):
+    return {"candidate": {"name": name}, "status": "done", "size_bytes": size, "change": change, "ci_low": ci_low,
+            "within": within, "latency_example": lat, "latency_token": None}
+
+
+def test_judge_rank_and_pareto_on_constructed_results():
+    c = Constraints(max_drop=2, max_size=100, max_latency=0.02)
+    rs = [judge(r, c, 2.0) for r in [
+        _rec("big-good", 200, 0.0, 0.0),            # misses size by 100%
+        _rec("mid-good", 120, -0.5, -1.5),          # misses size by 20%: closest when nothing qualifies
+        _rec("small-bad", 50, -5.0, -9.0),          # misses quality by 7 points
+        _rec("small-slice", 60, 0.0, -1.0, within=False),  # a slice past the sweet spot
+    ]]
+    assert [r["qualifies"] for r in rs] == [False] * 4
+    assert rs[1]["miss"] == {"size": pytest.approx(0.2)} and rs[2]["miss"]["quality"] == pytest.approx(7.0)
+    assert recommend(rs)["candidate"]["name"] == "mid-good"
+    ok = judge(_rec("ok", 90, -1.0, -2.0), c, 2.0)  # interval end exactly at the tolerance: qualifies
+    slow = judge(_rec("ok-slow", 80, -1.0, -1.5, lat=0.05), c, 2.0)
+    assert ok["qualifies"] and not slow["qualifies"] and slow["miss"] == {"latency": pytest.approx(1.5)}
+    assert recommend(rs + [ok, slow])["candidate"]["name"] == "ok"
+    front = [r["candidate"]["name"] for r in pareto(rs + [ok, slow], "size_bytes")]
+    assert front == ["small-bad", "small-slice"]  # 60 bytes at no loss dominates everything larger
+
+
+def test_candidate_order_puts_cheap_first():
+    names = [c.name for c in order(quantization_candidates(calibration=True))]
+    assert names[:5] == ["rtn:int8", "rtn:int4-g32", "rtn:int4-g64", "rtn:int3-g32", "rtn:int2-g32"]
+    assert names[5:9] == ["awq+gptq:int4-g32", "awq+gptq:int4-g64", "awq+gptq:int3-g32", "awq+gptq:int2-g32"]
+    assert names[9:] == ["awq:mixed-6", "awq:mixed-4.5", "awq:mixed-3.5"]
