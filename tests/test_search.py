@@ -1,4 +1,7 @@
 import json
+import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -211,3 +214,50 @@ def test_candidate_order_puts_cheap_first():
     assert names[:5] == ["rtn:int8", "rtn:int4-g32", "rtn:int4-g64", "rtn:int3-g32", "rtn:int2-g32"]
     assert names[5:9] == ["awq+gptq:int4-g32", "awq+gptq:int4-g64", "awq+gptq:int3-g32", "awq+gptq:int2-g32"]
     assert names[9:] == ["awq:mixed-6", "awq:mixed-4.5", "awq:mixed-3.5"]
+
+
+# ---- the command line and the report in a browser ----------------------------------------------
+
+def test_cli_search_on_a_tiny_language_model(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import tiny_llama, tiny_tokenizer, word_text
+    from shrink.cli import main
+
+    tok, m = tiny_tokenizer(), tiny_llama()
+    m.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"id": f"e{i}", "input": word_text(5, seed=i), "target": word_text(1, seed=50 + i),
+                                        "match": "contains", "max_new_tokens": 3}) + "\n" for i in range(5)))
+    out = tmp_path / "s"
+    args = ["search", str(tmp_path / "m"), "--task", str(task), "--out", str(out), "--max-drop", "100",
+            "--max-trials", "2", "--max-size", "1 MB", "--max-latency", "10s"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "rtn:int8" in r.output and "report: open" in r.output and "on the size-quality frontier" in r.output
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["candidate"]["name"] for x in rows] == ["rtn:int8", "rtn:int4-g32"]
+    assert all(x["latency_token"] > 0 and x["kl_mean"] is not None for x in rows)
+    # again into the same folder: refused; with --resume: nothing measured again
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "--resume" in r.output
+    r = CliRunner().invoke(main, args + ["--resume"])
+    assert r.exit_code == 0 and "resuming: 2 candidate(s) already measured" in r.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    r = CliRunner().invoke(main, ["search", str(tmp_path / "m"), "--task", str(task), "--out", str(tmp_path / "x"),
+                                  "--max-size", "sixty"])
+    assert r.exit_code == 1 and "--max-size 'sixty': not a size; write it like 60MB" in r.output
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("SHRINK_REQUIRE_CHROMIUM"),
+                    reason="chromium not installed (scripts/setup.sh --test installs it)")
+def test_search_report_renders_in_headless_chromium(tmp_path):
+    from test_report import _chromium
+
+    model, task, _ = _model_and_task(tmp_path)
+    shrink.search(model, task, out=tmp_path / "s", candidates=LADDER, progress=False)
+    dom, console = _chromium(tmp_path / "s" / "report.html")
+    assert console == []
+    assert len(re.findall(r"<svg[^>]*>", dom)) == 2 and dom.count("<path") > 10
+    assert "RECOMMENDED: rtn:int8" in dom and "first broke in" in dom

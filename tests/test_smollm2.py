@@ -80,3 +80,21 @@ def test_compare_on_default_task_examples(smol, tmp_path):
     assert c2.divergence["kl"]["mean"] > 10 * c.divergence["kl"]["mean"]
     assert not c2.within and c2.overall.right_to_wrong >= 2
     assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_demo_end_to_end_with_a_reduced_budget(tmp_path):
+    """`shrink demo` (the README's main job) on 4 examples and one candidate: table, recommendation, report."""
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--examples", "4", "--max-trials", "1"])
+    assert r.exit_code == 0, r.output
+    assert "rtn:int8" in r.output and ("RECOMMENDED: rtn:int8" in r.output or "closest is rtn:int8" in r.output)
+    assert f"report: open {out / 'report.html'}" in r.output.replace("\n", "")
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    best = shrink.load(out / "best")
+    assert {type(m).__name__ for m in best.modules()} >= {"QuantLinear"}
+    assert "rtn:int4-g32" in (out / "report.md").read_text()  # listed as not tried (budget)

@@ -310,6 +310,150 @@ def _print_comparison(c) -> None:
         console.print(line)
 
 
+def _search_options(f):
+    """Options shared by `search` and `demo`: the constraints and the budget."""
+    opts = [
+        click.option("--max-drop", default=1.0, show_default=True,
+                     help="Quality the compressed model may lose, in points (0-100), at the far end of its 95% interval; "
+                          "with --relative, percent of the original's score."),
+        click.option("--relative", is_flag=True, help="--max-drop is a percentage of the original's score."),
+        click.option("--max-size", default=None, metavar="SIZE",
+                     help="Largest size on disk of the weights, like 60MB, 60 MB, 1.5GiB or 6e7 (bytes)."),
+        click.option("--max-latency", default=None, metavar="TIME",
+                     help="Slowest time on this machine: per example (50ms, 2s) or per generated token (20ms/token)."),
+        click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
+                     help="What the recommendation minimises among the candidates that qualify."),
+        click.option("--time", "time_budget", default=None, metavar="TIME",
+                     help="Stop starting candidates when this is spent, or when the next would overrun it (10m, 1.5h)."),
+        click.option("--max-trials", type=int, default=None, help="Measure at most this many candidates."),
+        click.option("--max-new-tokens", default=32, show_default=True,
+                     help="Greedy generation length for examples that give none."),
+        click.option("--resume", is_flag=True, help="Continue the search in OUT, without measuring finished candidates again."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _constraints(max_drop, relative, max_size, max_latency, objective, time_budget, max_trials):
+    from .search import Constraints, parse_duration, parse_latency, parse_size
+
+    lat, per = parse_latency(max_latency) if max_latency else (None, "example")
+    return Constraints(max_drop=max_drop, relative=relative, max_size=parse_size(max_size) if max_size else None,
+                       max_latency=lat, latency_per=per, objective=objective,
+                       time=parse_duration(time_budget) if time_budget else None, max_trials=max_trials)
+
+
+@main.command()
+@click.argument("model", default="default")
+@click.option("--task", "-t", default=None, metavar="FILE",
+              help="Task file (as for shrink compare). Default: the built-in task for the default model.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for results.jsonl (streamed), best/ (the recommended model), report.html, report.md, results.json.")
+@_search_options
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Text for calibrated candidates (GPTQ and activation-aware at 4, 3 and 2 bits, mixed precision at "
+                   "6, 4.5 and 3.5 bits per weight). Without it only round-to-nearest is tried.")
+@click.option("--methods", default="awq+gptq", show_default=True,
+              help="Comma-separated calibrated methods to try: gptq, awq, awq+gptq.")
+@click.option("--samples", default=32, show_default=True, help="Calibration windows per calibrated candidate.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--distill", "distill_data", default=None, metavar="FILE",
+              help="Also try distilled students trained on this data (as shrink distill --data), and them quantized.")
+@click.option("--students", default="every-other", show_default=True,
+              help="Comma-separated student specs for --distill (every-other, layers=N, mlp:..., cnn:...).")
+@click.option("--distill-time", default="10m", show_default=True, metavar="TIME", help="Training budget per student.")
+def search(model, task, out, max_drop, relative, max_size, max_latency, objective, time_budget, max_trials,
+           max_new_tokens, resume, calibration, methods, samples, seq_len, distill_data, students, distill_time):
+    """Find the smallest (or fastest) compressed MODEL that stays within tolerance on your task.
+
+    Tries round-to-nearest from 8 bits down, then (with --calibration) calibrated methods and mixed
+    precision, then (with --distill) distilled students and those quantized; cheap, likely-good
+    candidates first, and a direction is abandoned at its first failure. Each candidate is compared with
+    the original example by example (slices, intervals), and its size on disk, memory and latency on this
+    machine are measured. Results stream to OUT/results.jsonl; --resume continues an interrupted search.
+    Prints the frontier and the recommendation, saves the recommended model to OUT/best/ and the report
+    to OUT/report.html.
+    """
+    from .search import parse_duration, search as run_search
+    from .search.candidates import METHODS_CALIBRATED
+
+    con = _constraints(max_drop, relative, max_size, max_latency, objective, time_budget, max_trials)
+    meths = tuple(m.strip() for m in methods.split(",") if m.strip())
+    bad = [m for m in meths if m not in METHODS_CALIBRATED]
+    if bad:
+        raise ShrinkError(f"--methods {methods!r}: unknown {', '.join(bad)}; choose from {', '.join(METHODS_CALIBRATED)}")
+    if calibration is not None and not calibration.is_file():
+        raise ShrinkError(f"{calibration}: calibration file not found")
+    with console.status("loading model"):
+        from .io import load_model
+
+        loaded = load_model(model)
+    result = run_search(loaded, task, out=out, constraints=con, calibration=calibration, methods=meths,
+                        n_samples=samples, seq_len=seq_len, distill_data=distill_data,
+                        students=tuple(s.strip() for s in students.split(",") if s.strip()),
+                        distill_seconds=parse_duration(distill_time, "--distill-time"), resume=resume,
+                        max_new_tokens=max_new_tokens, console=console)
+    _print_search(result)
+
+
+@main.command()
+@click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--time", "time_budget", default="10m", show_default=True, metavar="TIME",
+              help="Search budget: no candidate is started that would overrun it.")
+@click.option("--max-drop", default=5.0, show_default=True,
+              help="Points of the built-in task the compressed model may lose (40 questions: one flip is 2.5 points).")
+@click.option("--examples", type=int, default=None, help="Use only the first N examples of the task (a quick run).")
+@click.option("--max-trials", type=int, default=None, help="Measure at most this many candidates.")
+@click.option("--resume", is_flag=True, help="Continue the demo's search in OUT.")
+def demo(out, time_budget, max_drop, examples, max_trials, resume):
+    """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task for the
+    smallest round-to-nearest quantization within --max-drop points, bounded by --time; print the
+    frontier and the recommendation, and write the report."""
+    from .evaluate import load_task
+    from .search import Constraints, parse_duration, search as run_search
+
+    task = load_task(None)
+    if examples is not None:
+        if examples < 1:
+            raise ShrinkError("--examples must be at least 1")
+        task.examples = task.examples[:examples]
+    con = Constraints(max_drop=max_drop, time=parse_duration(time_budget), max_trials=max_trials)
+    with console.status("loading the default model"):
+        from .io import load_model
+
+        loaded = load_model("default")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ShrinkError(f"{out} exists and is not empty: pass --resume to continue that demo, or --out another folder")
+    result = run_search(loaded, task, out=out, constraints=con, resume=resume, max_new_tokens=16, console=console)
+    _print_search(result)
+
+
+def _print_search(result) -> None:
+    from rich import box
+
+    from .report.search import candidate_rows, original_row
+
+    t = Table(title=f"{result.original['name']}: candidates on {result.task['name']} ({result.task['examples']} examples)",
+              box=box.SIMPLE_HEAD)
+    front = {r["candidate"]["name"] for r in result.frontier("size_bytes")}
+    for i, col in enumerate(("candidate", "MB", "x smaller", "ms/ex", "score", "change", "95% CI", "meets")):
+        t.add_column(col, justify="left" if i in (0, 7) else "right", no_wrap=i > 0)
+    orig = original_row(result)
+    orig[0] = "original"  # its name is in the title
+    for r in [orig] + candidate_rows(result):
+        name = r[0] + (" *" if r[0] in front else "")
+        t.add_row(name, r[1], r[2], r[4], r[6], r[7], r[8], r[10],
+                  style="green" if r[10] == "yes" else None)
+    console.print(t)
+    console.print("* on the size-quality frontier")
+    ok = result.recommendation is not None and result.recommendation.get("qualifies")
+    console.print(f"[bold {'green' if ok else 'red'}]{result.line}[/]")
+    if result.recommendation is not None:
+        console.print(f"model: {Path(result.out) / 'best'} (load it with shrink.load)")
+    console.print(f"report: open {Path(result.out) / 'report.html'} (and report.md, results.json)")
+
+
 @main.command()
 @click.argument("path", default="default")
 def inspect(path):

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..quant import parse_format, quantize
 
+METHODS_CALIBRATED = ("gptq", "awq", "awq+gptq")
 RTN_FORMATS = ("int8", "int4-g32", "int4-g64", "int3-g32", "int2-g32")
 CALIBRATED_FORMATS = ("int4-g32", "int4-g64", "int3-g32", "int2-g32")
 MIXED_BITS = (6.0, 4.5, 3.5)

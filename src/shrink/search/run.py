@@ -210,12 +210,14 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
     best = recommend(results, con.objective)
     skipped, untried = [], []
     trained: dict[str, nn.Module] = {}
-    measured_now = 0
+    durations: list[float] = []
     for c in candidates:
         if c.name in finished:
             continue
         spent = time.perf_counter() - t_start
-        if (con.max_trials is not None and len(results) >= con.max_trials) or (con.time is not None and spent >= con.time):
+        typical = sum(durations) / len(durations) if durations else 0.0  # what a candidate took so far
+        if (con.max_trials is not None and len(results) >= con.max_trials) or (
+                con.time is not None and spent + typical > con.time):
             untried.append(c.name)
             continue
         best_size = best["size_bytes"] if best is not None and best["qualifies"] else None
@@ -266,7 +268,7 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
         judge(record, con, allowed)
         _append(out / RESULTS, record)
         results.append(record)
-        measured_now += 1
+        durations.append(record["seconds"])
         new_best = recommend(results, con.objective)
         if new_best is record:
             write_json(staging / "candidate.json", record)
