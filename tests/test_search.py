@@ -261,3 +261,14 @@ def test_search_report_renders_in_headless_chromium(tmp_path):
     assert console == []
     assert len(re.findall(r"<svg[^>]*>", dom)) == 2 and dom.count("<path") > 10
     assert "RECOMMENDED: rtn:int8" in dom and "first broke in" in dom
+
+
+def test_constraints_as_keywords(tmp_path):
+    c = Constraints.of(max_drop=2, max_size="60 MB", max_latency="20ms/token", time="1.5h", objective="latency")
+    assert (c.max_size, c.max_latency, c.latency_per, c.time, c.objective) == (60_000_000, 0.02, "token", 5400.0, "latency")
+    assert "at most 60.0 MB on disk, at most 20.0 ms per token" in c.describe()
+    model, task, _ = _model_and_task(tmp_path)
+    found = shrink.search(model, task, out=tmp_path / "s", candidates=LADDER[:1], progress=False, max_size="1kB")
+    assert found.constraints["max_size"] == 1000 and found.recommendation["qualifies"]
+    with pytest.raises(ShrinkError, match="not both"):
+        shrink.search(model, task, out=tmp_path / "t", constraints=Constraints(), max_drop=3)

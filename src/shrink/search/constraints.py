@@ -94,6 +94,16 @@ class Constraints:
         if problems:
             raise ShrinkError("search constraints: " + "; ".join(problems))
 
+    @classmethod
+    def of(cls, max_drop: float = 1.0, relative: bool = False, max_size=None, max_latency=None,
+           objective: str = "size", time=None, max_trials: int | None = None) -> "Constraints":
+        """Constraints from values as people write them: max_size "60MB" or bytes, max_latency "50ms",
+        "20ms/token" or seconds per example, time "10m" or seconds."""
+        lat, per = parse_latency(max_latency) if max_latency is not None else (None, "example")
+        return cls(max_drop=max_drop, relative=relative, max_size=parse_size(max_size) if max_size is not None else None,
+                   max_latency=lat, latency_per=per, objective=objective,
+                   time=parse_duration(time, "time") if time is not None else None, max_trials=max_trials)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -133,13 +133,15 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
            n_samples: int = 32, seq_len: int = 512, distill_data=None, students=("every-other",),
            distill_seconds: float = 600.0, distill_options: dict | None = None, tokenizer=None,
            resume: bool = False, max_new_tokens: int = 32, progress: bool | None = None,
-           console: Console | None = None) -> SearchResult:
+           console: Console | None = None, **constraint_options) -> SearchResult:
     """Search compressed versions of `model` for the best one under `constraints`, measured on `task`.
 
     model: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default", .gguf, folders).
     task: a .jsonl/.npz/.safetensors path, a Task, or None for the built-in default task.
     out: the search's folder (see the module docstring); resume=True continues a search there.
-    constraints: tolerance, size, latency, objective and budget (default: 1 point absolute, no limits).
+    constraints: tolerance, size, latency, objective and budget (default: 1 point absolute, no limits);
+    or give them as keywords as people write them (max_drop=2, max_size="60MB", max_latency="20ms/token",
+    objective="latency", time="1h", max_trials=10; see `Constraints.of`).
     candidates: the recipes to try (default: the rtn ladder; with `calibration`, `methods` at 4/3/2 bits
     and mixed precision at 6, 4.5 and 3.5 bits per weight; with `distill_data`, each of `students`
     trained for `distill_seconds` (default 600) and then quantized). They are tried cheap and likely-good
@@ -149,7 +151,9 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
     Returns a SearchResult; the report is written to out/report.html, report.md and results.json.
     """
     t_start = time.perf_counter()
-    con = constraints or Constraints()
+    if constraint_options and constraints is not None:
+        raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
+    con = constraints or Constraints.of(**constraint_options)
     console = console or Console(quiet=progress is False)
     out = Path(out)
     original, tok, name = _resolve(model, tokenizer)
