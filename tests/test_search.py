@@ -128,6 +128,17 @@ def test_interrupted_search_resumes_without_redoing_finished_candidates(tmp_path
     assert found.recommendation["candidate"]["name"] == "rtn:int8"
     lines = (tmp_path / "s" / "results.jsonl").read_text().splitlines()
     assert [json.loads(x)["candidate"]["name"] for x in lines] == [r["candidate"]["name"] for r in found.results]
+    # resumed with a size limit: the results are judged again; a best/ that went missing is built again
+    size = {r["candidate"]["name"]: r["size_bytes"] for r in found.results}
+    shutil.rmtree(tmp_path / "s" / "best")
+    found = shrink.search(model, task, out=tmp_path / "s", candidates=cands, progress=False, resume=True,
+                          max_size=size["rtn:int8"] - 1)
+    assert calls == ["rtn:int8", "rtn:int4-g32"]  # nothing measured again
+    assert found.recommendation["candidate"]["name"] == "rtn:int8" and found.recommendation["miss"].keys() == {"size"}
+    assert found.line.startswith("NOTHING MEETS")
+    assert json.loads((tmp_path / "s" / "best" / "candidate.json").read_text())["candidate"]["name"] == "rtn:int8"
+    with pytest.raises(ShrinkError, match="with a tolerance of 1.0 \\(absolute\\); resume it with the same"):
+        shrink.search(model, task, out=tmp_path / "s", candidates=cands, progress=False, resume=True, max_drop=5)
     # a resume of another task is refused
     other = tmp_path / "other.npz"
     d = dict(np.load(task))

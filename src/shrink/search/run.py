@@ -194,7 +194,15 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
         if differs:
             raise ShrinkError(f"{out}: that search was of another {' and another '.join(differs)}; "
                               "start a new search in another folder")
+        was = saved.get("constraints", {})
+        if (was.get("max_drop"), was.get("relative")) != (con.max_drop, con.relative):
+            raise ShrinkError(f"{out}: that search compared with a tolerance of {was.get('max_drop')} "
+                              f"({'relative' if was.get('relative') else 'absolute'}); resume it with the same "
+                              "--max-drop/--relative, or start a new search in another folder")
         results = _read_results(out / RESULTS)
+        for r in results:  # judged again: size, latency and objective may have changed since
+            if r.get("status") == "done":
+                judge(r, con, con.max_drop / 100 * abs(r["original_score"]) if con.relative else con.max_drop)
         write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in results))  # drop a line cut short
         console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
     elif out.exists() and any(out.iterdir()):
@@ -293,13 +301,20 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
     result = SearchResult(original_info, results, skipped, untried, best, explain(best, con, original_info),
                           con.to_dict(), {"name": task.name, "kind": task.kind, "source": task.source,
                                           "examples": len(task.examples)}, str(out), time.perf_counter() - t_start)
-    if best is not None and not (out / "best").is_dir():
+    if best is not None and _best_name(out) != best["candidate"]["name"]:  # the constraints changed on resume
         _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data,
                       distill_seconds, distill_options or {}, progress)
     from ..report.search import write_search_report
 
     write_search_report(result, task, out)
     return result
+
+
+def _best_name(out: Path) -> str | None:
+    try:
+        return json.loads((out / "best" / "candidate.json").read_text())["candidate"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _train_student(spec: str, teacher: nn.Module, tok, data, out: Path, seconds: float, options: dict, progress):
