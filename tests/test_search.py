@@ -216,6 +216,9 @@ def test_judge_rank_and_pareto_on_constructed_results():
     slow = judge(_rec("ok-slow", 80, -1.0, -1.5, lat=0.05), c, 2.0)
     assert ok["qualifies"] and not slow["qualifies"] and slow["miss"] == {"latency": pytest.approx(1.5)}
     assert recommend(rs + [ok, slow])["candidate"]["name"] == "ok"
+    fast = judge(_rec("ok-fast-big", 95, -0.5, -1.0, lat=0.005), c, 2.0)
+    assert recommend(rs + [ok, fast])["candidate"]["name"] == "ok"  # smallest
+    assert recommend(rs + [ok, fast], objective="latency")["candidate"]["name"] == "ok-fast-big"  # fastest
     front = [r["candidate"]["name"] for r in pareto(rs + [ok, slow], "size_bytes")]
     assert front == ["small-bad", "small-slice"]  # 60 bytes at no loss dominates everything larger
 

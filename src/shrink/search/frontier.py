@@ -46,10 +46,11 @@ def judge(r: dict, c: Constraints, allowed: float) -> dict:
     return r
 
 
-def rank_key(r: dict, objective: str = "size"):
-    """Smaller is better: qualifying first, by the objective then quality; then those that keep quality
-    but miss size or latency, by how far; then the rest, by how much quality they miss."""
-    cost = r["size_bytes"] if objective == "size" else (r.get("latency_example") or 0.0)
+def rank_key(r: dict, objective: str = "size", per: str = "example"):
+    """Smaller is better: qualifying first, by the objective (size, or latency per example or token) then
+    quality; then those that keep quality but miss size or latency, by how far; then the rest, by how
+    much quality they miss."""
+    cost = r["size_bytes"] if objective == "size" else (r.get(f"latency_{per}") or r.get("latency_example") or 0.0)
     if r["qualifies"]:
         return (0, cost, -r["change"], r["candidate"]["name"])
     if r["quality_ok"]:
@@ -57,10 +58,10 @@ def rank_key(r: dict, objective: str = "size"):
     return (2, r["miss"]["quality"], cost, r["candidate"]["name"])
 
 
-def recommend(results: list[dict], objective: str = "size") -> dict | None:
+def recommend(results: list[dict], objective: str = "size", per: str = "example") -> dict | None:
     """The best finished result by `rank_key` (None when nothing finished)."""
     done = [r for r in results if r.get("status") == "done"]
-    return min(done, key=lambda r: rank_key(r, objective)) if done else None
+    return min(done, key=lambda r: rank_key(r, objective, per)) if done else None
 
 
 def explain(best: dict | None, c: Constraints, original: dict) -> str:

@@ -219,7 +219,7 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
                      "latency_token": seconds_per_token(original, tok), "latency_example": None}
     allowed = None
     finished = {r["candidate"]["name"] for r in results}
-    best = recommend(results, con.objective)
+    best = recommend(results, con.objective, con.latency_per)
     skipped, untried = [], []
     trained: dict[str, nn.Module] = {}
     durations: list[float] = []
@@ -255,6 +255,7 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
             results.append(record)
             continue
         build_s = time.perf_counter() - t0
+        original_before = sum(v[1] for v in cache.values())
         comp = compare_models(original, cand_model, task, tokenizer=tok, tolerance=con.max_drop, relative=con.relative,
                               max_new_tokens=max_new_tokens, names=(name, c.name), progress=progress, cache=cache)
         allowed = con.max_drop / 100 * abs(comp.overall.original) if comp.relative else con.max_drop
@@ -280,8 +281,8 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
         judge(record, con, allowed)
         _append(out / RESULTS, record)
         results.append(record)
-        durations.append(record["seconds"])
-        new_best = recommend(results, con.objective)
+        durations.append(record["seconds"] - (sum(v[1] for v in cache.values()) - original_before))  # less the original's once-only run
+        new_best = recommend(results, con.objective, con.latency_per)
         if new_best is record:
             write_json(staging / "candidate.json", record)
             _promote(staging, out / "best")
@@ -292,7 +293,7 @@ def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints
                       f"{human_bytes(record['size_bytes'])}, {record['latency_example'] * 1e3:,.0f} ms/example: {mark}")
         del cand_model
 
-    best = recommend(results, con.objective)
+    best = recommend(results, con.objective, con.latency_per)
     if original_info["latency_example"] is None and results:
         done = [r for r in results if r.get("status") == "done"]
         if done:
