@@ -89,11 +89,13 @@ def main(argv=None):
     # Steps that fit the budget, from a short probe of each run's speed; the schedule spans them.
     def run(teacher_or_none, alpha, label):
         s = copy.deepcopy(student0)
-        probe = DistillConfig(steps=3, batch_size=args.batch_size, alpha=alpha, eval_every=10 ** 9,
-                              checkpoint_every=10 ** 9, eval_batches=1)
-        t = time.perf_counter()
-        distill(teacher_or_none, copy.deepcopy(student0), data, probe, progress=False)
-        per_step = (time.perf_counter() - t) / 3
+        def probe(n):  # seconds for n steps, including one evaluation of one batch and the start-up
+            cfg = DistillConfig(steps=n, batch_size=args.batch_size, alpha=alpha, eval_every=10 ** 9,
+                                checkpoint_every=10 ** 9, eval_batches=1)
+            t = time.perf_counter()
+            distill(teacher_or_none, copy.deepcopy(student0), data, cfg, progress=False)
+            return time.perf_counter() - t
+        per_step = (probe(4) - probe(1)) / 3  # start-up and evaluation cancel out
         steps = max(10, int(args.minutes * 60 / per_step))
         cfg = DistillConfig(steps=steps, time_budget=args.minutes * 60, batch_size=args.batch_size, lr=args.lr,
                             alpha=alpha, temperature=args.temperature, eval_every=max(1, steps // 4),
@@ -109,7 +111,8 @@ def main(argv=None):
               "student trained alone": alone, "student distilled": distilled}
     rows = {name: {k: measure(m, teacher, w) for k, w in evals.items()} for name, m in models.items()}
     t = Table(title=f"SmolLM2 distillation, {args.minutes:g} min per student on 2 cores "
-                    f"(distilled {rd.steps} steps, alone {ra.steps} steps)")
+                    f"(distilled {rd.steps} steps in {rd.seconds / 60:.1f} min, alone {ra.steps} steps in "
+                    f"{ra.seconds / 60:.1f} min)")
     t.add_column("model")
     for k in evals:
         for c in ("ppl", "KL", "top-1"):
@@ -120,7 +123,8 @@ def main(argv=None):
     console.print(t)
     write_json(args.out, {"machine": machine(), "minutes": args.minutes, "seq_len": args.seq_len,
                           "batch_size": args.batch_size, "alpha": args.alpha, "temperature": args.temperature,
-                          "steps": {"distilled": rd.steps, "alone": ra.steps}, "rows": rows})
+                          "steps": {"distilled": rd.steps, "alone": ra.steps},
+                          "train_seconds": {"distilled": rd.seconds, "alone": ra.seconds}, "rows": rows})
 
 
 if __name__ == "__main__":
