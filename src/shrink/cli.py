@@ -464,17 +464,19 @@ def _print_search(result) -> None:
 
     from .report.search import candidate_rows, original_row
 
-    t = Table(title=f"{result.original['name']}: candidates on {result.task['name']} ({result.task['examples']} examples)",
-              box=box.SIMPLE_HEAD)
+    score = result.original.get("score")
+    t = Table(title=f"{result.original['name']} on {result.task['name']} ({result.task['examples']} examples"
+                    + (f", original score {score:.1f})" if score is not None else ")"), box=box.SIMPLE_HEAD)
     front = {r["candidate"]["name"] for r in result.frontier("size_bytes")}
-    for i, col in enumerate(("candidate", "MB", "x", "ms/ex", "score", "change", "95% CI", "meets")):
-        t.add_column(col, justify="left" if i in (0, 7) else "right", no_wrap=i < 7, overflow="fold")
+    # 80 columns: the full table (x smaller, memory, ms/token, slices) is in the report
+    for i, col in enumerate(("candidate", "MB", "ms/ex", "change", "95% CI", "misses")):
+        t.add_column(col, justify="left" if i in (0, 5) else "right", no_wrap=i < 5, overflow="fold")
     orig = original_row(result)
-    orig[0] = "original"  # its name is in the title
+    orig[0] = "original"
     for r in [orig] + candidate_rows(result):
         name = r[0] + (" *" if r[0] in front else "")
-        t.add_row(name, r[1], r[2], r[4], r[6], r[7], r[8].replace("…", ".."), r[10].replace("no: ", "no, "),
-                  style="green" if r[10] == "yes" else None)
+        misses = "" if r[10] in ("yes", "") else r[10].replace("no: ", "")
+        t.add_row(name, r[1], r[4], r[7], r[8].replace("…", ".."), misses, style="green" if r[10] == "yes" else None)
     console.print(t)
     console.print("* on the size-quality frontier")
     ok = result.recommendation is not None and result.recommendation.get("qualifies")
