@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import bbc_texts, machine  # noqa: E402
 
 from shrink.atomic import write_json  # noqa: E402
-from shrink.distill import DistillConfig, distill, pack_text, parameter_count, student_from_teacher  # noqa: E402
+from shrink.distill import (DistillConfig, distill, hidden_layer_map, pack_text, parameter_count,  # noqa: E402
+                            student_from_teacher)
 from shrink.io import load_model  # noqa: E402
 
 CATEGORIES = ("business", "entertainment", "politics", "sport", "tech")
@@ -70,6 +71,11 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--eval-windows", type=int, default=12)
+    ap.add_argument("--hidden-weight", type=float, default=0.0,
+                    help="weight of cosine matching of each student layer's output to the teacher's at the end of "
+                         "the span it replaces (default 0: off)")
+    ap.add_argument("--reuse-alone", default=None, metavar="JSON",
+                    help="take the student trained alone from this earlier result instead of training it again")
     ap.add_argument("--out", default="benchmarks/results/distill_smollm2.json")
     args = ap.parse_args(argv)
     console = Console(width=120)
@@ -89,27 +95,42 @@ def main(argv=None):
     # Steps that fit the budget, from a short probe of each run's speed; the schedule spans them.
     def run(teacher_or_none, alpha, label):
         s = copy.deepcopy(student0)
+        hidden = args.hidden_weight if teacher_or_none is not None else 0.0
+        lmap = hidden_layer_map(idx, teacher.config.num_hidden_layers) if hidden else None
+
         def probe(n):  # seconds for n steps, including one evaluation of one batch and the start-up
             cfg = DistillConfig(steps=n, batch_size=args.batch_size, alpha=alpha, eval_every=10 ** 9,
-                                checkpoint_every=10 ** 9, eval_batches=1)
+                                checkpoint_every=10 ** 9, eval_batches=1, hidden_weight=hidden, hidden_loss="cosine")
             t = time.perf_counter()
-            distill(teacher_or_none, copy.deepcopy(student0), data, cfg, progress=False)
+            distill(teacher_or_none, copy.deepcopy(student0), data, cfg, progress=False, layer_map=lmap)
             return time.perf_counter() - t
         per_step = (probe(4) - probe(1)) / 3  # start-up and evaluation cancel out
         steps = max(10, int(args.minutes * 60 / per_step))
         cfg = DistillConfig(steps=steps, time_budget=args.minutes * 60, batch_size=args.batch_size, lr=args.lr,
                             alpha=alpha, temperature=args.temperature, eval_every=max(1, steps // 4),
-                            checkpoint_every=max(1, steps // 4), eval_batches=4, warmup=0.03)
+                            checkpoint_every=max(1, steps // 4), eval_batches=4, warmup=0.03,
+                            hidden_weight=hidden, hidden_loss="cosine")
         console.print(f"{label}: {steps} steps planned ({per_step:.2f} s/step)")
         with tempfile.TemporaryDirectory() as d:
-            res = distill(teacher_or_none, s, data, cfg, out=d, progress=True)
+            res = distill(teacher_or_none, s, data, cfg, out=d, progress=True, layer_map=lmap)
         return s, res
 
     distilled, rd = run(teacher, args.alpha, "distilled")
-    alone, ra = run(None, 0.0, "trained alone")
-    models = {"teacher (30 layers)": teacher, "student at init (15 layers)": student0,
-              "student trained alone": alone, "student distilled": distilled}
+    models = {"teacher (30 layers)": teacher, "student at init (15 layers)": student0, "student distilled": distilled}
+    earlier = None
+    if args.reuse_alone:
+        import json
+
+        earlier = json.loads(Path(args.reuse_alone).read_text())
+        assert earlier["minutes"] == args.minutes and earlier["seq_len"] == args.seq_len, "a run of another budget"
+        ra = type(rd)(steps=earlier["steps"]["alone"], seconds=earlier["train_seconds"]["alone"])
+    else:
+        alone, ra = run(None, 0.0, "trained alone")
+        models["student trained alone"] = alone
     rows = {name: {k: measure(m, teacher, w) for k, w in evals.items()} for name, m in models.items()}
+    if earlier is not None:
+        rows["student trained alone"] = earlier["rows"]["student trained alone"]
+        console.print(f"student trained alone: from {args.reuse_alone} (same machine, budget and data)")
     t = Table(title=f"SmolLM2 distillation, {args.minutes:g} min per student on 2 cores "
                     f"(distilled {rd.steps} steps in {rd.seconds / 60:.1f} min, alone {ra.steps} steps in "
                     f"{ra.seconds / 60:.1f} min)")
@@ -122,6 +143,7 @@ def main(argv=None):
                                                        f"{100 * r[k]['top1_agreement']:.1f}%")))
     console.print(t)
     write_json(args.out, {"machine": machine(), "minutes": args.minutes, "seq_len": args.seq_len,
+                          "hidden_weight": args.hidden_weight, "alone_from": args.reuse_alone,
                           "batch_size": args.batch_size, "alpha": args.alpha, "temperature": args.temperature,
                           "steps": {"distilled": rd.steps, "alone": ra.steps},
                           "train_seconds": {"distilled": rd.seconds, "alone": ra.seconds}, "rows": rows})

@@ -303,3 +303,10 @@ def test_bad_input_is_refused_before_training(tmp_path):
     with pytest.raises(ShrinkError, match="not a shrink distillation checkpoint"):
         distill(teacher, student, data, DistillConfig(), out=tmp_path, resume=True)
     assert all(p.grad is None for p in student.parameters())  # nothing trained
+
+
+def test_hidden_layer_map_matches_the_end_of_each_span():
+    from shrink.distill import hidden_layer_map
+
+    assert hidden_layer_map(list(range(0, 30, 2)), 30) == {j + 1: 2 * j + 2 for j in range(15)}
+    assert hidden_layer_map([0, 3, 6], 8) == {1: 3, 2: 6, 3: 8}

@@ -10,8 +10,8 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from .atomic import atomic_dir, write_json
-from .distill import (DistillConfig, DistillData, distill as train, from_tensors, load_tensor_file, mnist, pack_text,
-                      read_texts, student_from_spec, student_from_teacher)
+from .distill import (DistillConfig, DistillData, distill as train, from_tensors, hidden_layer_map, load_tensor_file,
+                      mnist, pack_text, read_texts, student_from_spec, student_from_teacher)
 from .errors import ShrinkError
 from .io import LoadedModel, load_model as load_any
 
@@ -111,7 +111,7 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     dd = load_data(data, tok, seq_len, max_sequences=max_sequences)
     layer_map = None
     if hidden_layers and record.get("teacher_layers"):
-        layer_map = {j + 1: i + 1 for j, i in enumerate(record["teacher_layers"])}  # hidden_states[0] = embeddings
+        layer_map = hidden_layer_map(record["teacher_layers"], t_model.config.num_hidden_layers)
     cache = None
     if cache_topk and t_model is not None and cfg.alpha > 0:
         from .distill import teacher_topk

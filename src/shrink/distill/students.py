@@ -94,6 +94,15 @@ def student_from_teacher(teacher: nn.Module, layers: str | int | list[int] = "ev
     return student, idx
 
 
+def hidden_layer_map(teacher_layers: list[int], teacher_depth: int) -> dict[int, int]:
+    """Which teacher hidden state each student layer's output should match (indices into HF
+    hidden_states, 0 = embeddings): student layer j was copied from teacher layer teacher_layers[j] and
+    stands for the teacher's layers up to the next one copied, so it is matched to the teacher's output
+    at the end of that span (the last student layer to the teacher's last layer), as TinyBERT maps layers."""
+    ends = list(teacher_layers[1:]) + [teacher_depth]
+    return {j + 1: end for j, end in enumerate(ends)}
+
+
 def _narrow_mlp(sd: dict, prefix: str, n_layers: int, width: int) -> dict:
     for i in range(n_layers):
         for rows, cols in _MLP_NAMES:
