@@ -286,3 +286,37 @@ def test_constraints_as_keywords(tmp_path):
     assert found.constraints["max_size"] == 1000 and found.recommendation["qualifies"]
     with pytest.raises(ShrinkError, match="not both"):
         shrink.search(model, task, out=tmp_path / "t", constraints=Constraints(), max_drop=3)
+
+
+def test_search_with_distilled_students(tmp_path):
+    """--distill: a student is trained once (resumable under DIR/students/), measured as trained and
+    quantized; a resumed search loads the trained student instead of training it again."""
+    from conftest import tiny_llama, tiny_tokenizer, word_text
+
+    tok, m = tiny_tokenizer(), tiny_llama()
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"id": f"e{i}", "input": word_text(5, seed=i), "target": word_text(1, seed=50 + i),
+                                        "match": "contains", "max_new_tokens": 3}) + "\n" for i in range(4)))
+    data = tmp_path / "train.txt"
+    data.write_text(word_text(3000, seed=7))
+    cands = [Candidate("student:layers=1", None, None, None, "layers=1"),
+             Candidate("student:layers=1+rtn:int8", "rtn", "int8", None, "layers=1")]
+    opts = dict(steps=4, batch_size=2, eval_every=2, checkpoint_every=2)
+    found = shrink.search(m, task, out=tmp_path / "s", candidates=cands, tokenizer=tok, distill_data=data,
+                          distill_seconds=60, distill_options=opts, progress=False, max_drop=100)
+    names = [r["candidate"]["name"] for r in found.results]
+    assert names == ["student:layers=1", "student:layers=1+rtn:int8"]
+    student, quantized = found.results
+    assert student["size_bytes"] < found.original["size_bytes"] and quantized["size_bytes"] < student["size_bytes"]
+    assert json.loads((tmp_path / "s" / "students" / "layers=1" / "results.json").read_text())["steps"] == 4
+    assert (tmp_path / "s" / "students" / "layers=1" / "model" / "config.json").is_file()
+    assert found.recommendation["candidate"]["name"] == "student:layers=1+rtn:int8"
+    # resumed with the best removed: the student is loaded from its folder, not trained again
+    shutil.rmtree(tmp_path / "s" / "best")
+    trained = (tmp_path / "s" / "students" / "layers=1" / "results.json").stat().st_mtime_ns
+    again = shrink.search(m, task, out=tmp_path / "s", candidates=cands, tokenizer=tok, distill_data=data,
+                          distill_seconds=60, distill_options=opts, progress=False, max_drop=100, resume=True)
+    assert again.recommendation["candidate"]["name"] == "student:layers=1+rtn:int8"
+    assert (tmp_path / "s" / "students" / "layers=1" / "results.json").stat().st_mtime_ns == trained
+    best = shrink.load(tmp_path / "s" / "best")
+    assert best.config.num_hidden_layers == 1
