@@ -90,7 +90,8 @@ def _header(result) -> str:
     t = result.task
     return (f"Task {t['name']} ({t['kind']}, {t['examples']} examples, {t['source'] or 'built in'}); "
             f"{len([r for r in result.results if r.get('status') == 'done'])} candidates measured, "
-            f"{len(result.skipped)} skipped, {len(result.untried)} left for lack of budget; {result.seconds / 60:.1f} min.")
+            f"{len(result.skipped)} skipped, {len(result.untried)} left for lack of budget; measuring took "
+            f"{sum(r.get('seconds', 0) for r in result.results) / 60:.1f} min (this run {result.seconds / 60:.1f} min).")
 
 
 def to_markdown(result, inputs: dict[str, str]) -> str:
