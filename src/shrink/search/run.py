@@ -128,7 +128,7 @@ def _resolve(model, tokenizer):
     return model, tokenizer, type(model).__name__
 
 
-def search(model, task=None, *, out: str | os.PathLike, constraints: Constraints | None = None,
+def search(model, task=None, constraints: Constraints | None = None, *, out: str | os.PathLike,
            candidates: list[Candidate] | None = None, calibration=None, methods=("awq+gptq",),
            n_samples: int = 32, seq_len: int = 512, distill_data=None, students=("every-other",),
            distill_seconds: float = 600.0, distill_options: dict | None = None, tokenizer=None,
