@@ -9,16 +9,7 @@ from __future__ import annotations
 import os
 
 from .evaluate import Comparison, compare as compare_models
-from .io import LoadedModel, load_model
-
-
-def _resolve(model, tokenizer):
-    if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(model)
-        return loaded.model, tokenizer or loaded.tokenizer, str(model)
-    if isinstance(model, LoadedModel):
-        return model.model, tokenizer or model.tokenizer, model.source.get("name") or model.source.get("path") or "model"
-    return model, tokenizer, None
+from .io import resolve
 
 
 def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.PathLike | None = None,
@@ -32,8 +23,8 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
     `shrink.evaluate.compare` (tolerance=1.0 points absolute, relative=False, scorer=None,
     chat_template=None, max_new_tokens=32, progress=None).
     """
-    a, tok_a, name_a = _resolve(original, tokenizer)
-    b, tok_b, name_b = _resolve(compressed, tokenizer)
+    a, tok_a, name_a = resolve(original, tokenizer)
+    b, tok_b, name_b = resolve(compressed, tokenizer)
     names = options.pop("names", (name_a or "original", name_b or "compressed"))
     if names[0] == names[1]:
         names = (f"{names[0]} (original)", f"{names[1]} (compressed)")

@@ -13,7 +13,7 @@ from .atomic import atomic_dir, write_json
 from .distill import (DistillConfig, DistillData, distill as train, from_tensors, hidden_layer_map, load_tensor_file,
                       mnist, pack_text, read_texts, student_from_spec, student_from_teacher)
 from .errors import ShrinkError
-from .io import LoadedModel, load_model as load_any
+from .io import resolve
 
 STUDENT_SPEC = "student.json"
 
@@ -61,12 +61,8 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
 def _resolve_teacher(teacher):
     if teacher is None or (isinstance(teacher, str) and teacher.lower() == "none"):
         return None, None, None
-    if isinstance(teacher, (str, os.PathLike)):
-        loaded = load_any(teacher)
-        return loaded.model, loaded.tokenizer, str(teacher)
-    if isinstance(teacher, LoadedModel):
-        return teacher.model, teacher.tokenizer, teacher.source.get("name") or teacher.source.get("path")
-    return teacher, None, type(teacher).__name__
+    model, tok, name = resolve(teacher)
+    return model, tok, name or type(model).__name__
 
 
 def save_student(student: nn.Module, folder: Path, record: dict, tokenizer=None) -> None:

@@ -69,6 +69,18 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     raise ShrinkError(f"{path}: not a model folder (no config.json, shrink.json or student.json)")
 
 
+def resolve(model, tokenizer=None) -> tuple[nn.Module, object | None, str | None]:
+    """(module, tokenizer, name) for a module, a LoadedModel, or a name/path for `load_model`. A given
+    tokenizer wins over the model's own; name is the path as given or the loaded model's name (None for
+    a bare module)."""
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model)
+        return loaded.model, tokenizer or loaded.tokenizer, str(model)
+    if isinstance(model, LoadedModel):
+        return model.model, tokenizer or model.tokenizer, model.source.get("name") or model.source.get("path")
+    return model, tokenizer, None
+
+
 def load_spec_folder(path: str | os.PathLike) -> LoadedModel:
     """A plain classifier saved by `shrink distill`: student.json names its spec, model.safetensors its weights."""
     import json

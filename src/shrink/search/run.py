@@ -29,7 +29,7 @@ from ..evaluate import compare as compare_models
 from ..evaluate.adapters import adapter_for
 from ..evaluate.compare import _finite
 from ..evaluate.tasks import Task, load_task
-from ..io import LoadedModel, load_model
+from ..io import load_model, resolve
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .constraints import Constraints, human_bytes
 from .frontier import explain, judge, pareto, rank_key, recommend
@@ -119,15 +119,6 @@ def min_possible_bytes(model: nn.Module) -> int:
     return int(memory_bytes(model) - 4 * linear + linear * 2.5 / 8)
 
 
-def _resolve(model, tokenizer):
-    if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(model)
-        return loaded.model, tokenizer or loaded.tokenizer, loaded.source.get("name") or str(model)
-    if isinstance(model, LoadedModel):
-        return model.model, tokenizer or model.tokenizer, model.source.get("name") or model.source.get("path") or "model"
-    return model, tokenizer, type(model).__name__
-
-
 def search(model, task=None, constraints: Constraints | None = None, *, out: str | os.PathLike,
            candidates: list[Candidate] | None = None, calibration=None, methods=("awq+gptq",),
            n_samples: int = 32, seq_len: int = 512, distill_data=None, students=("every-other",),
@@ -156,7 +147,8 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     con = constraints or Constraints.of(**constraint_options)
     console = console or Console(quiet=progress is False)
     out = Path(out)
-    original, tok, name = _resolve(model, tokenizer)
+    original, tok, name = resolve(model, tokenizer)
+    name = name or type(original).__name__
     original.eval()
     task = load_task(task)
     adapter_for(original, tok, None, max_new_tokens).check_task(task)  # a task this model cannot run: say so now
