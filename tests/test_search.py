@@ -320,3 +320,12 @@ def test_search_with_distilled_students(tmp_path):
     assert (tmp_path / "s" / "students" / "layers=1" / "results.json").stat().st_mtime_ns == trained
     best = shrink.load(tmp_path / "s" / "best")
     assert best.config.num_hidden_layers == 1
+
+
+def test_parse_duration():
+    from shrink.search import parse_duration
+
+    assert (parse_duration("10m"), parse_duration("90s"), parse_duration("1.5h")) == (600.0, 90.0, 5400.0)
+    for bad in ("sixty", "20ms/token"):
+        with pytest.raises(ShrinkError, match="a time budget is a duration, like 10m"):
+            parse_duration(bad)

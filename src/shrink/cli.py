@@ -335,15 +335,6 @@ def _search_options(f):
     return f
 
 
-def _constraints(max_drop, relative, max_size, max_latency, objective, time_budget, max_trials):
-    from .search import Constraints, parse_duration, parse_latency, parse_size
-
-    lat, per = parse_latency(max_latency) if max_latency else (None, "example")
-    return Constraints(max_drop=max_drop, relative=relative, max_size=parse_size(max_size) if max_size else None,
-                       max_latency=lat, latency_per=per, objective=objective,
-                       time=parse_duration(time_budget) if time_budget else None, max_trials=max_trials)
-
-
 @main.command()
 @click.argument("model", default="default")
 @click.option("--task", "-t", default=None, metavar="FILE",
@@ -375,10 +366,11 @@ def search(model, task, out, max_drop, relative, max_size, max_latency, objectiv
     Prints the frontier and the recommendation, saves the recommended model to OUT/best/ and the report
     to OUT/report.html.
     """
-    from .search import parse_duration, search as run_search
+    from .search import Constraints, parse_duration, search as run_search
     from .search.candidates import METHODS_CALIBRATED
 
-    con = _constraints(max_drop, relative, max_size, max_latency, objective, time_budget, max_trials)
+    con = Constraints.of(max_drop=max_drop, relative=relative, max_size=max_size, max_latency=max_latency,
+                         objective=objective, time=time_budget, max_trials=max_trials)
     meths = tuple(m.strip() for m in methods.split(",") if m.strip())
     bad = [m for m in meths if m not in METHODS_CALIBRATED]
     if bad:
@@ -415,7 +407,7 @@ def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume):
     4 bits where round-to-nearest fell short), bounded by --time; print the frontier and the
     recommendation, and write the report."""
     from .evaluate import load_task
-    from .search import Candidate, Constraints, parse_duration, search as run_search
+    from .search import Candidate, Constraints, search as run_search
     from .search.candidates import RTN_FORMATS
 
     task = load_task(None)
@@ -423,7 +415,7 @@ def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume):
         if examples < 1:
             raise ShrinkError("--examples must be at least 1")
         task.examples = task.examples[:examples]
-    con = Constraints(max_drop=max_drop, time=parse_duration(time_budget), max_trials=max_trials)
+    con = Constraints.of(max_drop=max_drop, time=time_budget, max_trials=max_trials)
     with console.status("loading the default model"):
         from .io import load_model
 

@@ -79,11 +79,8 @@ def _front_svg(result, cost: str, label: str, allowed: float | None, unit: str, 
 
 
 def _allowed(result) -> float | None:
-    c = result.constraints
-    done = [r for r in result.results if r.get("status") == "done"]
-    if not done:
-        return None
-    return c["max_drop"] / 100 * abs(done[0]["original_score"]) if c["relative"] else c["max_drop"]
+    """The tolerance in the task's unit, as the search judged it (None before any candidate finished)."""
+    return next((r["allowed"] for r in result.results if r.get("status") == "done"), None)
 
 
 def _header(result) -> str:

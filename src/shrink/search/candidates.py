@@ -98,7 +98,7 @@ def order(candidates: list[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=key)
 
 
-def skip_reason(c: Candidate, done: list[dict], best_size: float | None, objective: str) -> str | None:
+def skip_reason(c: Candidate, done: list[dict], objective: str) -> str | None:
     """Why `c` need not be measured, given the finished results, or None.
 
     - a wider candidate of its direction already failed the quality bar;
@@ -113,7 +113,7 @@ def skip_reason(c: Candidate, done: list[dict], best_size: float | None, objecti
             return f"{rc.name} already failed the quality bar"
         if c.student and rc.student == c.student and rc.method is None and c.method is not None:
             return f"its student {rc.name} already failed the quality bar"
-    if objective == "size" and best_size is not None and not c.student:
+    if objective == "size" and not c.student:
         qualifying_bits = [Candidate.from_dict(r["candidate"]).bits for r in done
                            if r.get("status") == "done" and r["qualifies"] and not r["candidate"].get("student")]
         if qualifying_bits and min(qualifying_bits) <= c.bits:

@@ -51,7 +51,10 @@ def parse_latency(text: str | float, what: str = "--max-latency") -> tuple[float
 
 def parse_duration(text: str | float, what: str = "--time") -> float:
     """Seconds from "10m", "90s", "1.5h", "600"."""
-    seconds, per = parse_latency(text, what)
+    try:
+        seconds, per = parse_latency(text, what)
+    except ShrinkError:
+        per = None
     if per != "example":
         raise ShrinkError(f"{what} {text!r}: a time budget is a duration, like 10m, 90s or 1.5h")
     return seconds
@@ -102,7 +105,7 @@ class Constraints:
         lat, per = parse_latency(max_latency) if max_latency is not None else (None, "example")
         return cls(max_drop=max_drop, relative=relative, max_size=parse_size(max_size) if max_size is not None else None,
                    max_latency=lat, latency_per=per, objective=objective,
-                   time=parse_duration(time, "time") if time is not None else None, max_trials=max_trials)
+                   time=parse_duration(time) if time is not None else None, max_trials=max_trials)
 
     def to_dict(self) -> dict:
         return asdict(self)

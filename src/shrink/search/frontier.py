@@ -40,6 +40,7 @@ def judge(r: dict, c: Constraints, allowed: float) -> dict:
     lat = r.get(f"latency_{c.latency_per}")
     if c.max_latency is not None and lat is not None and lat > c.max_latency:
         miss["latency"] = lat / c.max_latency - 1
+    r["allowed"] = allowed  # kept, so a resumed search judges again with the same tolerance
     r["quality_ok"] = "quality" not in miss
     r["miss"] = miss
     r["qualifies"] = not miss

@@ -32,7 +32,7 @@ from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .constraints import Constraints, human_bytes
-from .frontier import explain, judge, pareto, rank_key, recommend
+from .frontier import explain, judge, pareto, recommend
 from .measure import disk_bytes, memory_bytes, seconds_per_token
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
@@ -194,7 +194,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         results = _read_results(out / RESULTS)
         for r in results:  # judged again: size, latency and objective may have changed since
             if r.get("status") == "done":
-                judge(r, con, con.max_drop / 100 * abs(r["original_score"]) if con.relative else con.max_drop)
+                judge(r, con, r["allowed"])
         write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in results))  # drop a line cut short
         console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
     elif out.exists() and any(out.iterdir()):
@@ -209,9 +209,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     shutil.rmtree(out / ".original", ignore_errors=True)
     original_info = {"name": name, "size_bytes": orig_size, "memory_bytes": memory_bytes(original),
                      "latency_token": seconds_per_token(original, tok), "latency_example": None}
-    allowed = None
     finished = {r["candidate"]["name"] for r in results}
-    best = recommend(results, con.objective, con.latency_per)
     skipped, untried = [], []
     trained: dict[str, nn.Module] = {}
     durations: list[float] = []
@@ -224,8 +222,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                 con.time is not None and spent + typical > con.time):
             untried.append(c.name)
             continue
-        best_size = best["size_bytes"] if best is not None and best["qualifies"] else None
-        why = skip_reason(c, results, best_size, con.objective)
+        why = skip_reason(c, results, con.objective)
         if why:
             skipped.append({"candidate": c.name, "reason": why})
             console.print(f"[dim]skip {c.name}: {why}[/dim]")
@@ -274,11 +271,9 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         _append(out / RESULTS, record)
         results.append(record)
         durations.append(record["seconds"] - (sum(v[1] for v in cache.values()) - original_before))  # less the original's once-only run
-        new_best = recommend(results, con.objective, con.latency_per)
-        if new_best is record:
+        if recommend(results, con.objective, con.latency_per) is record:
             write_json(staging / "candidate.json", record)
             _promote(staging, out / "best")
-            best = record
         shutil.rmtree(staging, ignore_errors=True)
         mark = "[green]qualifies[/green]" if record["qualifies"] else f"[red]misses {', '.join(record['miss'])}[/red]"
         console.print(f"  {record['change']:+.1f} points (CI {record['ci_low']:+.1f}…{record['ci_high']:+.1f}), "
@@ -338,4 +333,4 @@ def _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq
     _promote(staging, out / "best")
 
 
-__all__ = ["SearchResult", "min_possible_bytes", "rank_key", "search", "task_fingerprint"]
+__all__ = ["SearchResult", "min_possible_bytes", "search", "task_fingerprint"]
