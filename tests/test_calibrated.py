@@ -211,3 +211,75 @@ def test_true_sequential_feeds_later_layers_quantized_inputs(method):
                if not torch.equal(runs[True][n].qweight, runs[False][n].qweight)]
     assert len(changed) == 3
     assert all(isinstance(runs[True][n], QuantLinear) for n in runs[True] if n.endswith("_proj"))
+
+
+def _quantized_block(seed=7, fmt="int3-g32"):
+    """Layer 0 of a tiny Llama with GPTQ-quantized Linear layers, its captured inputs, and the
+    full-precision block's outputs on them."""
+    from shrink.quant.calibrated import quantize_calibrated
+    from shrink.quant.layerwise import capture_inputs, run_block
+    from shrink.quant.spec import parse_format
+
+    model = tiny_llama(seed=seed)
+    block = model.model.layers[0]
+    inputs = capture_inputs(model, block, _samples(16, 24))
+    targets = [out[0][0] for out in run_block(block, inputs)]
+    spec = parse_format(fmt)
+    assignment = {n: spec for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    quantize_calibrated(model, assignment, _samples(6, 24, seed=5), "gptq")
+    return model, block, inputs, targets
+
+
+def _block_err(block, inputs, targets):
+    with torch.no_grad():
+        outs = [block(*a, **k) for a, k in inputs]
+    return sum(float(torch.nn.functional.mse_loss(o[0] if isinstance(o, tuple) else o, t))
+               for o, t in zip(outs, targets)) / len(inputs)
+
+
+def test_tune_block_lowers_the_block_error_keeping_the_codes():
+    from shrink.quant.tune import tune_block
+
+    model, block, inputs, targets = _quantized_block()
+    quant = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+    codes = {n: m.qweight.clone() for n, m in quant.items()}
+    scales = {n: m.scales.clone() for n, m in quant.items()}
+    norm = block.input_layernorm.weight.detach().clone()
+    held_before = _block_err(block, inputs[8:], targets[8:])
+    res = tune_block(block, inputs[:8], targets[:8], steps=40, lr=3e-3, norm_lr=3e-3)
+    assert res.after < 0.9 * res.before
+    assert _block_err(block, inputs[:8], targets[:8]) == pytest.approx(res.after, rel=1e-5)  # as the block now is
+    assert _block_err(block, inputs[8:], targets[8:]) < 0.97 * held_before  # on inputs it was not tuned on
+    assert all(torch.equal(m.qweight, codes[n]) for n, m in quant.items())
+    assert any(not torch.equal(m.scales, scales[n]) for n, m in quant.items())
+    assert all(m.scales.dtype == torch.float16 for m in quant.values())
+    assert isinstance(block.input_layernorm.weight, torch.nn.Parameter)
+    assert not torch.equal(block.input_layernorm.weight, norm)
+
+
+def test_tune_block_that_gets_worse_is_restored():
+    from shrink.quant.tune import tune_block
+
+    model, block, inputs, targets = _quantized_block(seed=8)
+    scales = {n: m.scales.clone() for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+    norm = block.post_attention_layernorm.weight.detach().clone()
+    res = tune_block(block, inputs, targets, steps=5, lr=5.0, norm_lr=5.0)  # steps far too large
+    assert res.after == res.before
+    assert all(torch.equal(m.scales, scales[n]) for n, m in block.named_modules() if isinstance(m, QuantLinear))
+    assert torch.equal(block.post_attention_layernorm.weight, norm)
+
+
+def test_tune_steps_end_to_end_and_round_trip(tmp_path, base_and_ref):
+    base, ref, ids = base_and_ref
+    tuned = shrink.quantize(copy.deepcopy(base), "int3-g32", method="gptq", calibration=_samples(), tune_steps=24,
+                            progress=False)
+    rec = tuned.shrink_calibration
+    assert rec["tune_steps"] == 24
+    block = rec["layers"]["model.layers.1"]
+    assert block["tune_error_after"] < block["tune_error_before"]
+    shrink.save(tuned, tmp_path / "t")
+    loaded = shrink.load(tmp_path / "t")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, tuned(ids).logits)
+    with pytest.raises(ValueError, match="tune_steps=8: tuning needs a calibrated method"):
+        shrink.quantize(copy.deepcopy(base), "int4-g32", tune_steps=8)

@@ -179,7 +179,7 @@ def test_cli_distill_language_model(tmp_path):
     out = tmp_path / "student"
     args = ["distill", "--teacher", str(teacher), "--student", "layers=1", "--data", str(text), "--out", str(out),
             "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--eval-every", "6", "--checkpoint-every", "6",
-            "--intermediate-size", "64", "--hidden-weight", "0.1"]
+            "--intermediate-size", "64", "--hidden-weight", "0.1", "--layer-fit-steps", "6"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "teacher" in r.output and "student layers=1" in r.output and "perplexity" in r.output
@@ -188,6 +188,7 @@ def test_cli_distill_language_model(tmp_path):
     assert student.tokenizer is not None
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 12 and len(res["history"]) == 2
+    assert "layer_fit" in res["history"][0] and "layer_fit" not in res["history"][1]  # fitted, then distilled
     # distill, then quantize: the student folder is a normal model
     r = CliRunner().invoke(main, ["quantize", str(out / "model"), "--format", "int4-g32", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
@@ -310,3 +311,66 @@ def test_hidden_layer_map_matches_the_end_of_each_span():
 
     assert hidden_layer_map(list(range(0, 30, 2)), 30) == {j + 1: 2 * j + 2 for j in range(15)}
     assert hidden_layer_map([0, 3, 6], 8) == {1: 3, 2: 6, 3: 8}
+
+
+def test_teacher_states_are_the_residual_stream_between_layers():
+    from shrink.distill.layerfit import teacher_states
+
+    teacher = tiny_llama(seed=4)
+    x = torch.randint(3, 90, (2, 16))
+    states, args, kwargs = teacher_states(teacher, x, 2)
+    with torch.no_grad():
+        hf = teacher(x, output_hidden_states=True).hidden_states
+    assert len(states) == 3
+    for i in range(2):
+        assert torch.allclose(states[i], hf[i], atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(teacher.model.norm(states[2]), hf[2], atol=1e-5)  # the last is before the final norm
+    first, _, _ = teacher_states(teacher, x, 1)  # stops after layer 0
+    assert len(first) == 2 and torch.allclose(first[1], hf[1], atol=1e-6)
+
+
+def test_layer_fit_loss_is_zero_for_the_teacher_itself_and_spans():
+    from shrink.distill.layerfit import layer_fit_loss, spans
+
+    teacher = tiny_llama(seed=4)
+    same, idx = student_from_teacher(teacher, [0, 1])
+    x = torch.randint(3, 90, (2, 16))
+    assert float(layer_fit_loss(teacher, same, x, [(0, 1), (1, 2)]).detach()) < 1e-10
+    half, _ = student_from_teacher(teacher, [0])
+    assert float(layer_fit_loss(teacher, half, x, [(0, 2)]).detach()) > 0.05
+    assert spans({1: 2, 2: 4, 3: 5}) == [(0, 2), (2, 4), (4, 5)]
+    with pytest.raises(ShrinkError, match="at least one teacher layer"):
+        spans({1: 2, 2: 2})
+    with pytest.raises(ShrinkError, match="every student layer"):
+        spans({2: 4})
+
+
+def test_layer_fitting_before_distillation(tmp_path):
+    # 3 teacher layers into 1: layer fitting moves only the student's layer, lowers its span error,
+    # and leaves the student closer to the teacher than it started.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shrink.distill.layerfit import layer_fit_loss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    teacher = LlamaForCausalLM(cfg).eval()
+    tok = tiny_tokenizer()
+    data = pack_text([word_text(600, seed=3)], tok, seq_len=32, eval_fraction=0.1)
+    student, idx = student_from_teacher(teacher, [0])
+    x = data.eval_x[:4]
+    fit_before = float(layer_fit_loss(teacher, student, x, [(0, 3)]).detach())
+    kl_before = distill(teacher, student, data, DistillConfig(steps=1, batch_size=4, lr=1e-9), progress=False).best["kl"]
+    emb = student.model.embed_tokens.weight.detach().clone()
+    run = DistillConfig(steps=30, layer_fit_steps=30, batch_size=4, lr=3e-3, eval_every=30, checkpoint_every=30)
+    res = distill(teacher, student, data, run, out=tmp_path / "fit", layer_map={1: 3}, progress=False)
+    assert "layer_fit" in res.history[-1]
+    assert torch.equal(student.model.embed_tokens.weight, emb)  # only the layer learns in this stage
+    assert float(layer_fit_loss(teacher, student, x, [(0, 3)]).detach()) < 0.7 * fit_before
+    assert res.best["kl"] < kl_before
+    with pytest.raises(ShrinkError, match="layer fitting needs a teacher"):
+        distill(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=1), progress=False)
+    with pytest.raises(ShrinkError, match=r"layer_fit_steps must be between 0 and steps \(2\), got 3"):
+        distill(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=3), layer_map={1: 3}, progress=False)

@@ -85,3 +85,39 @@ def test_non_positive_definite_is_dampened_further_and_reported():
     assert retries > 0 and damp > 0.01
     with pytest.raises(ValueError, match="not positive definite"):
         hessian_inverse_chol(-torch.eye(4, dtype=torch.float64) * 1e9 + torch.eye(4, dtype=torch.float64) * 0, 0.01, max_retries=1)
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int3-g32-asym"])
+def test_refit_scales_solves_the_weighted_least_squares(fmt):
+    # Reference: per row, the scales minimising ||X (w - Q s)|| by torch.linalg.lstsq on X Q.
+    from shrink.quant.gptq import refit_scales
+
+    spec = parse_format(fmt)
+    x = _correlated_inputs(n=512, k=64)
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
+    q = gptq_quantize(w, _hessian(x), spec, act_order=True).weight
+    scales, ratio = refit_scales(w, _hessian(x), q)
+    g = spec.group_for(64)
+    z = q.zeros.double().repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
+    levels = q.codes.double() - z
+    for r in range(w.shape[0]):
+        design = torch.zeros(64, 64 // g, dtype=torch.float64)
+        for a in range(64 // g):
+            design[a * g:(a + 1) * g, a] = levels[r, a * g:(a + 1) * g]
+        best = torch.linalg.lstsq(x.double() @ design, x.double() @ w[r].double()).solution
+        assert torch.allclose(scales[r].double(), best.half().double(), rtol=2e-3, atol=1e-6)
+    before, after = _out_err(x, w, q), _out_err(x, w, type(q)(q.codes, scales, q.zeros, q.zero_const))
+    assert after < before and (ratio <= 1).all()
+
+
+def test_refit_never_makes_a_row_worse():
+    # Rows already at their optimum (codes from scales that solve the problem) keep their scales.
+    from shrink.quant.gptq import refit_scales
+
+    spec = parse_format("int4-g32")
+    x = _correlated_inputs(n=512, k=64)
+    q = quantize_weight(torch.randn(4, 64, generator=torch.Generator().manual_seed(6)), spec)
+    w = dequantize(q.codes, q.scales.float(), q.zeros, q.zero_const)  # exactly representable
+    scales, ratio = refit_scales(w, _hessian(x), q)
+    assert torch.equal(scales, q.scales)
+    assert torch.all(ratio == 1)

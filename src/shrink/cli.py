@@ -84,11 +84,14 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ: quantize columns in order of activation size (groups stay static, so the format is unchanged).")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ: Hessian dampening, fraction of its mean diagonal.")
+@click.option("--tune-steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="After a calibrated method, tune each block's scales and norm weights (codes fixed) by this many "
+                   "steps against the full-precision block's output; 64 is a good value (0: off).")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Save the quantized model and results.json to this folder (written atomically).")
 def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp,
-             quantize_output, out):
+             tune_steps, quantize_output, out):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
@@ -106,6 +109,9 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
         raise ShrinkError(f"{calibration}: calibration file not found")
     if calibration is not None and method == "rtn" and target_bits is None:
         raise ShrinkError("--calibration is used by --method gptq/awq/awq+gptq or --target-bits; rtn needs none")
+    if tune_steps and calibration is None:
+        raise ShrinkError("--tune-steps needs a calibrated method (--method gptq/awq/awq+gptq or --target-bits) "
+                          "and --calibration FILE")
     spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
     t0 = time.perf_counter()
     with console.status("loading model"):
@@ -116,7 +122,7 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
     calib_kw = {}
     if calibration is not None:
         calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len,
-                        target_bits=target_bits, act_order=act_order, damp=damp)
+                        target_bits=target_bits, act_order=act_order, damp=damp, tune_steps=tune_steps)
     run_quantize(loaded.model, spec, method=method, keep_output=not quantize_output, **calib_kw)
     t_quant = time.perf_counter() - t1
     record = getattr(loaded.model, "shrink_calibration", None)
@@ -176,6 +182,10 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 @click.option("--hidden-weight", default=0.0, show_default=True,
               help="Weight of matching each student layer's hidden state to the teacher layer it came from.")
 @click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True)
+@click.option("--layer-fit-steps", default=0, show_default=True,
+              help="First steps (of --steps) fit each student layer alone to the span of teacher layers it stands "
+                   "for, on the teacher's hidden states; repairs a student built from the teacher before "
+                   "end-to-end distillation (0: off).")
 @click.option("--steps", default=1000, show_default=True, help="Optimizer steps (the schedule spans them).")
 @click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (a checkpoint is written).")
 @click.option("--batch-size", default=8, show_default=True, help="Examples per process per micro-step.")
@@ -192,7 +202,8 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 @click.option("--task", default=None, metavar="FILE",
               help="At every evaluation, also compare student and teacher on this task (as shrink compare does).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (same data and options).")
-def distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss, steps,
+def distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
+            layer_fit_steps, steps,
             time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed,
             cache_topk, task, resume):
     """Train a smaller student to imitate a teacher: KL divergence of temperature-softened outputs (times
@@ -207,7 +218,8 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
 
     rank, world = init_distributed()
     cfg = DistillConfig(temperature=temperature, alpha=alpha if teacher.lower() != "none" else 0.0,
-                        hidden_weight=hidden_weight, hidden_loss=hidden_loss, steps=steps, time_budget=time_budget,
+                        hidden_weight=hidden_weight, hidden_loss=hidden_loss, layer_fit_steps=layer_fit_steps,
+                        steps=steps, time_budget=time_budget,
                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every,
                         checkpoint_every=checkpoint_every, seed=seed)
     from .distilling import _resolve_teacher, build_student

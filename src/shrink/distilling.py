@@ -92,7 +92,8 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     data: see `load_data`. config: DistillConfig (or its fields as keyword options). student_record: how a
     student module was built (from `build_student`), so that it is saved the same way.
     hidden_layers: match each student layer's output to the teacher layer it was copied from (with
-    config.hidden_weight > 0). cache_topk: keep the teacher's top-k logits per position in shrink's cache
+    config.hidden_weight > 0). config.layer_fit_steps > 0 (a student built from the teacher): first fit
+    each student layer alone to the span of teacher layers it stands for (distill/layerfit.py). cache_topk: keep the teacher's top-k logits per position in shrink's cache
     (computed once, reused by later epochs and runs on the same teacher and data; default 0: off).
     task: a task for `shrink.compare` (path or Task): at every evaluation the student is compared with the
     teacher on it, and the scores, change and verdict go into the history. out: folder for checkpoints, best/, model/ (the best student) and results.json.
@@ -106,7 +107,7 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
         s_model, record = build_student(student, t_model, intermediate_size)
     dd = load_data(data, tok, seq_len, max_sequences=max_sequences)
     layer_map = None
-    if hidden_layers and record.get("teacher_layers"):
+    if (hidden_layers or cfg.layer_fit_steps) and record.get("teacher_layers"):
         layer_map = hidden_layer_map(record["teacher_layers"], t_model.config.num_hidden_layers)
     cache = None
     if cache_topk and t_model is not None and cfg.alpha > 0:

@@ -17,7 +17,7 @@ _MLP_NAMES = (
 )
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best = None
     for name, m in model.named_modules():
@@ -60,7 +60,7 @@ def student_from_teacher(teacher: nn.Module, layers: str | int | list[int] = "ev
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise ShrinkError(f"{type(teacher).__name__}: building a student from the teacher needs a Hugging Face "
                           "transformer; give a student module or a spec such as 'mlp:784-128-10'")
-    prefix, _ = _layer_list(teacher)
+    prefix, _ = layer_list(teacher)
     n = config.num_hidden_layers
     idx = parse_layers(layers, n)
     cfg = copy.deepcopy(config)

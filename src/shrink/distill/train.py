@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
 from .data import DistillData
+from .layerfit import layer_fit_loss, spans
 from .losses import distillation_loss, hidden_state_loss
 
 
@@ -38,6 +39,7 @@ class DistillConfig:
     alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha goes to the hard labels
     hidden_weight: float = 0.0  # weight of hidden-state matching (HF models, same width)
     hidden_loss: str = "mse"  # or "cosine"
+    layer_fit_steps: int = 0  # first steps fit each student layer to its teacher span (layerfit.py)
     steps: int = 1000  # optimizer steps (the learning-rate schedule spans them)
     time_budget: float | None = None  # seconds; stop early (after a checkpoint) when spent
     batch_size: int = 32  # examples per process per micro-step
@@ -84,6 +86,13 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
 
 
 def _logits(out):
@@ -247,6 +256,14 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
         raise ShrinkError("a cached teacher saw the inputs unchanged; it cannot be used with augmentation")
     if teacher_cache is not None and use_hidden:
         raise ShrinkError("hidden-state matching runs the teacher every step; it cannot use a cached teacher")
+    fit_spans = None
+    if cfg.layer_fit_steps:
+        if teacher is None or data.kind != "text" or not layer_map:
+            raise ShrinkError("layer fitting needs a teacher, Hugging Face models and a layer map (student layer -> "
+                              "teacher layer); build the student from the teacher")
+        if teacher_cache is not None:
+            raise ShrinkError("layer fitting runs the teacher every step; it cannot use a cached teacher")
+        fit_spans = spans(layer_map)
     if teacher is None and cfg.alpha > 0:
         raise ShrinkError("alpha > 0 needs a teacher (alpha=0 trains on hard labels alone)")
     if teacher is not None:
@@ -289,25 +306,32 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
                 x = augment(x)
             sync = micro == cfg.grad_accum - 1 or world == 1
             ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx:
-                s_logits, s_hidden = _forward(model, x, data.kind, use_hidden)
-                t_logits = t_hidden = topk = None
-                if teacher_cache is not None:
-                    topk = (teacher_cache[0][idx].float(), teacher_cache[1][idx].long())
-                elif teacher is not None and cfg.alpha > 0:
-                    with torch.no_grad():
-                        t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
-                loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
-                                                teacher_topk=topk)
-                if use_hidden:
-                    h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss) for si, ti in layer_map.items())
-                    h = h / len(layer_map)
-                    loss = loss + cfg.hidden_weight * h
-                    parts["hidden"] = h.item()
+            if step < cfg.layer_fit_steps:
+                loss = layer_fit_loss(teacher, student, x, fit_spans)
+                parts = {"layer_fit": loss.item()}
                 (loss / cfg.grad_accum).backward()
+            else:
+                with ctx:
+                    s_logits, s_hidden = _forward(model, x, data.kind, use_hidden)
+                    t_logits = t_hidden = topk = None
+                    if teacher_cache is not None:
+                        topk = (teacher_cache[0][idx].float(), teacher_cache[1][idx].long())
+                    elif teacher is not None and cfg.alpha > 0:
+                        with torch.no_grad():
+                            t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
+                    loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
+                                                    teacher_topk=topk)
+                    if use_hidden:
+                        h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss) for si, ti in layer_map.items())
+                        h = h / len(layer_map)
+                        loss = loss + cfg.hidden_weight * h
+                        parts["hidden"] = h.item()
+                    (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
             last_loss = loss.item()
+        if world > 1 and step < cfg.layer_fit_steps:
+            _average_gradients(student, world)  # the layers ran outside DistributedDataParallel
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         opt.step()
@@ -367,6 +391,8 @@ def _check_config(cfg: DistillConfig) -> None:
         problems.append(f"temperature must be > 0 (got {cfg.temperature})")
     if not 0 <= cfg.alpha <= 1:
         problems.append(f"alpha must be between 0 and 1 (got {cfg.alpha})")
+    if not 0 <= cfg.layer_fit_steps <= cfg.steps:
+        problems.append(f"layer_fit_steps must be between 0 and steps ({cfg.steps}), got {cfg.layer_fit_steps}")
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1 (got {getattr(cfg, name)})")

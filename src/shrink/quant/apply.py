@@ -72,7 +72,7 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
 def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", calibration=None, tokenizer=None,
              n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
              ladder: tuple[str, ...] | None = None, damp: float = 0.01, act_order: bool = True,
-             keep_output: bool = True, backend: str | None = None, progress: bool | None = None) -> nn.Module:
+             tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None) -> nn.Module:
     """Quantize `model`'s Linear layers in place and return it.
 
     spec: a format string (default "int8") or a mapping of module-name globs to formats or None.
@@ -86,6 +86,10 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     damp, act_order: GPTQ's Hessian dampening (fraction of its mean diagonal, default 0.01) and
         activation order (default on: columns with the largest inputs first, groups kept static so the
         stored layout and the kernels are unchanged; measured on SmolLM2 it lowers KL by about 30%).
+    tune_steps: after a calibrated method, tune each block's fp16 group scales and normalisation
+        weights (codes fixed) by this many Adam steps against the full-precision block's output on the
+        calibration inputs (default 0: off; 64 takes SmolLM2 int4-g64 awq+gptq perplexity from 25.3 to
+        24.8, fp32 23.1, for about 4 more minutes on 2 cores).
     keep_output: keep the output layer in full precision (default True).
     backend: kernel backend for the new layers ("auto", "native", "torch"; default $SHRINK_BACKEND or auto).
     progress: show a progress bar (default: when writing to a terminal).
@@ -98,6 +102,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     if calibration is None and needs_data:
         what = f"method {method!r}" if method != "rtn" else "target_bits"
         raise ValueError(f"{what} needs calibration data: pass calibration=<text file, .jsonl file or tensors>")
+    if tune_steps < 0 or tune_steps and not needs_data:
+        raise ValueError(f"tune_steps={tune_steps}: tuning needs a calibrated method (gptq, awq, awq+gptq) "
+                         "or target_bits, and a number of steps >= 0")
     if calibration is not None and not needs_data:
         raise ValueError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
     if target_bits is not None:
@@ -111,6 +118,8 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
 
         data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
         record = {"data": data.record, "method": method, "damp": damp, "act_order": act_order}
+        if tune_steps:
+            record["tune_steps"] = tune_steps
         if target_bits is not None:
             lad = tuple(ladder or DEFAULT_LADDER)
             errors, sizes = measure_sensitivity(model, data.samples, assignment, lad, progress=progress)
@@ -120,7 +129,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
             record["target_bits"] = target_bits
             record["ladder"] = list(lad)
         report = quantize_calibrated(model, assignment, data.samples, method, backend=backend, damp=damp,
-                                     act_order=act_order, progress=progress)
+                                     act_order=act_order, tune_steps=tune_steps, progress=progress)
         record["layers"] = report.layers
         record["warnings"] = report.warnings()
     else:

@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 from . import awq
 from .apply import _set_submodule, round_to_nearest
 from .gptq import gptq_quantize
-from .layerwise import blockwise, collect_stats
+from .layerwise import _first, blockwise, collect_stats
 from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
+from .tune import tune_block
 
 AWQ_ROWS = 512  # input rows kept per layer for the scale and clipping searches (spread over the data)
 CLIP_ROWS = 256
@@ -37,6 +38,12 @@ class CalibrationReport:
     def warnings(self) -> list[str]:
         return [f"{n}: Hessian singular, dampening raised to {d['damp']:g}" for n, d in self.layers.items()
                 if d.get("damp_retries")]
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """min(n, k) indices spread evenly over range(n)."""
+    k = min(n, k)
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [0][:k]
 
 
 def _linear_names(block: nn.Module, prefix: str, assignment: dict[str, QuantSpec | None]) -> list[str]:
@@ -95,13 +102,18 @@ def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LA
 
 def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None], samples, method: str,
                         backend: str | None = None, damp: float = 0.01, act_order: bool = True,
-                        true_sequential: bool = False, progress: bool | None = None) -> CalibrationReport:
+                        true_sequential: bool = False, tune_steps: int = 0, refit: bool = True,
+                        progress: bool | None = None) -> CalibrationReport:
     """Quantize `model` in place by `method` ("gptq", "awq", "awq+gptq" or "rtn") on `samples`.
 
     true_sequential: GPTQ takes each layer's Hessian from inputs that already pass through the
     quantized layers before it in the block (default False: all Hessians come from the block's
     full-precision run; on SmolLM2 int4-g64 the sequential variant measured no better and took
-    1.8x as long)."""
+    1.8x as long).
+    refit: after GPTQ, re-solve each layer's group scales for the chosen codes (gptq.refit_scales;
+    default True: it never raises a layer's output error and costs little).
+    tune_steps: then tune each block's scales and norm weights against its full-precision output
+    (tune.tune_block) on at most this many calibration inputs (default 0: off)."""
     report = CalibrationReport(method=method)
     use_awq = method.startswith("awq")
     use_gptq = method.endswith("gptq")
@@ -112,6 +124,10 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
             return
         full = {n: (f"{prefix}.{n}" if prefix else n) for n in names}
         mods = dict(block.named_modules())
+        # Tuning sees at most tune_steps inputs, spread over the data: targets and error checks for
+        # more would cost more forward passes than the tuning itself.
+        tune_inputs = [inputs[i] for i in _spread(len(inputs), tune_steps)] if tune_steps else []
+        targets = [_first(block(*a, **k)) for a, k in tune_inputs]
         stats = collect_stats(block, inputs, names, keep_rows=AWQ_ROWS if use_awq else 0)
         clips = {}
         if use_awq:
@@ -153,9 +169,11 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
             stage = [n for n in remaining if n in stats and stats[n] is stats[remaining[0]]]
             for n in stage:
                 res = gptq_quantize(mods[n].weight, stats[n].hessian, assignment[full[n]], damp=damp,
-                                    act_order=act_order, name=full[n])
+                                    act_order=act_order, refit=refit, name=full[n])
                 replace(n, res.weight)
                 report.layers.setdefault(full[n], {}).update(damp=res.damp, damp_retries=res.retries)
+                if res.refit_ratio is not None:
+                    report.layers[full[n]]["refit_error_ratio"] = round(res.refit_ratio, 4)
             remaining = [n for n in remaining if n not in stage]
             if remaining and true_sequential:
                 stats = collect_stats(block, inputs, remaining, first_stage_only=True)
@@ -165,6 +183,10 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
             f = f"{prefix}.{name}" if prefix else name
             if isinstance(m, nn.Linear) and assignment.get(f) is not None and assignment[f].cast:
                 _set_submodule(block, name, round_to_nearest(m, assignment[f], f))
+        if tune_steps:
+            res = tune_block(block, tune_inputs, targets, steps=tune_steps)
+            report.layers.setdefault(prefix or "<model>", {}).update(
+                tune_error_before=res.before, tune_error_after=res.after)
 
     with torch.no_grad():
         blockwise(model, samples, visit, progress=progress, desc=method)
