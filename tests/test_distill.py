@@ -179,7 +179,7 @@ def test_cli_distill_language_model(tmp_path):
     out = tmp_path / "student"
     args = ["distill", "--teacher", str(teacher), "--student", "layers=1", "--data", str(text), "--out", str(out),
             "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--eval-every", "6", "--checkpoint-every", "6",
-            "--intermediate-size", "64", "--hidden-weight", "0.1", "--layer-fit-steps", "6"]
+            "--intermediate-size", "64", "--hidden-weight", "0.1", "--layer-fit-steps", "6", "--layer-fit-lr", "0.003"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "teacher" in r.output and "student layers=1" in r.output and "perplexity" in r.output
@@ -374,3 +374,14 @@ def test_layer_fitting_before_distillation(tmp_path):
         distill(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=1), progress=False)
     with pytest.raises(ShrinkError, match=r"layer_fit_steps must be between 0 and steps \(2\), got 3"):
         distill(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=3), layer_map={1: 3}, progress=False)
+
+
+def test_layer_fitting_has_its_own_learning_rate_schedule():
+    from shrink.distill.train import _schedule
+
+    f = _schedule(DistillConfig(steps=100, layer_fit_steps=20, lr=1e-3, layer_fit_lr=4e-3, warmup=0.1))
+    # fit stage: 2 warmup steps to 4x the main rate, cosine to ~0 at step 19; main stage: 8 warmup steps to 1x
+    assert [f(0), f(1)] == [2.0, 4.0] and f(19) < 0.05
+    assert f(20) == pytest.approx(1 / 8) and f(27) == pytest.approx(1.0) and f(99) < 1e-3
+    plain = _schedule(DistillConfig(steps=100, lr=1e-3, warmup=0.1))
+    assert plain(0) == pytest.approx(0.1) and plain(9) == pytest.approx(1.0)

@@ -40,6 +40,7 @@ class DistillConfig:
     hidden_weight: float = 0.0  # weight of hidden-state matching (HF models, same width)
     hidden_loss: str = "mse"  # or "cosine"
     layer_fit_steps: int = 0  # first steps fit each student layer to its teacher span (layerfit.py)
+    layer_fit_lr: float | None = None  # peak learning rate of that stage (None: lr)
     steps: int = 1000  # optimizer steps (the learning-rate schedule spans them)
     time_budget: float | None = None  # seconds; stop early (after a checkpoint) when spent
     batch_size: int = 32  # examples per process per micro-step
@@ -100,12 +101,19 @@ def _logits(out):
 
 
 def _schedule(cfg: DistillConfig):
-    warm = max(1, int(cfg.warmup * cfg.steps))
+    """Learning-rate factor per step: linear warmup, then cosine decay to zero. Layer fitting, when on,
+    is a stage of its own with its own warmup and decay (at layer_fit_lr), followed by the main stage's."""
+    fit = cfg.layer_fit_steps
+    ratio = (cfg.layer_fit_lr or cfg.lr) / cfg.lr
 
-    def f(step):
+    def stage(step, n):
+        warm = max(1, int(cfg.warmup * n))
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, cfg.steps - warm))))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, n - warm))))
+
+    def f(step):
+        return ratio * stage(step, fit) if step < fit else stage(step - fit, cfg.steps - fit)
     return f
 
 
@@ -396,8 +404,8 @@ def _check_config(cfg: DistillConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.lr <= 0:
-        problems.append(f"lr must be > 0 (got {cfg.lr})")
+    if cfg.lr <= 0 or (cfg.layer_fit_lr is not None and cfg.layer_fit_lr <= 0):
+        problems.append(f"lr and layer_fit_lr must be > 0 (got {cfg.lr}, {cfg.layer_fit_lr})")
     if cfg.hidden_loss not in ("mse", "cosine"):
         problems.append(f"hidden_loss must be 'mse' or 'cosine' (got {cfg.hidden_loss!r})")
     if problems:

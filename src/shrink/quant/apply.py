@@ -88,8 +88,8 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
         stored layout and the kernels are unchanged; measured on SmolLM2 it lowers KL by about 30%).
     tune_steps: after a calibrated method, tune each block's fp16 group scales and normalisation
         weights (codes fixed) by this many Adam steps against the full-precision block's output on the
-        calibration inputs (default 0: off; 64 takes SmolLM2 int4-g64 awq+gptq perplexity from 25.3 to
-        24.8, fp32 23.1, for about 4 more minutes on 2 cores).
+        calibration inputs (default 0: off; 32 takes SmolLM2 int4-g64 awq+gptq perplexity from 25.2 to
+        24.8, fp32 23.1, for about as long again as GPTQ).
     keep_output: keep the output layer in full precision (default True).
     backend: kernel backend for the new layers ("auto", "native", "torch"; default $SHRINK_BACKEND or auto).
     progress: show a progress bar (default: when writing to a terminal).

@@ -81,19 +81,20 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight
     z = q.zeros.to(torch.float64).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
     c = q.codes.to(torch.float64) - z  # [n, k] integer levels around zero
     cg = c.reshape(n, groups, g)
-    hb = h.reshape(groups, g, groups, g)
     # A[r, a, b] = c_ra^T H_ab c_rb; b[r, a] = c_ra^T (H w_r)_a
-    a_mat = torch.einsum("rai,aibj,rbj->rab", cg, hb, cg)
-    rhs = ((w @ h).reshape(n, groups, g) * cg).sum(-1)
+    a_mat = torch.empty(n, groups, groups, dtype=torch.float64)
+    for a in range(groups):
+        a_mat[:, a] = ((cg[:, a] @ h[a * g:(a + 1) * g]).reshape(n, groups, g) * cg).sum(-1)
+    wh = w @ h
+    rhs = (wh.reshape(n, groups, g) * cg).sum(-1)
+    const = (wh * w).sum(1)
     ridge = 1e-9 * a_mat.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)
-    a_mat = a_mat + torch.diag_embed(ridge.unsqueeze(1).expand(n, groups))
-    new = torch.linalg.solve(a_mat, rhs.unsqueeze(-1)).squeeze(-1)
+    new = torch.linalg.solve(a_mat + torch.diag_embed(ridge.unsqueeze(1).expand(n, groups)), rhs.unsqueeze(-1)).squeeze(-1)
     new = new.to(torch.float16).to(torch.float64)
     old = q.scales.to(torch.float64)
 
-    def err(s):
-        e = w - (cg * s.unsqueeze(-1)).reshape(n, k)
-        return ((e @ h) * e).sum(1)
+    def err(sc):  # (w - Q s)^T H (w - Q s), expanded so no k x k product is needed again
+        return const - 2 * (sc * rhs).sum(1) + (sc.unsqueeze(1) @ a_mat @ sc.unsqueeze(2)).reshape(n)
 
     e_old, e_new = err(old), err(new)
     better = torch.isfinite(new).all(1) & (e_new < e_old)
