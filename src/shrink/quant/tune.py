@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layerwise import _first
 from .linear import QuantLinear
 
 
@@ -58,16 +59,12 @@ def _norms(block: nn.Module) -> list[nn.Module]:
             if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], *,
-               steps: int = 64, lr: float = 1e-3, norm_lr: float = 1e-4) -> TuneResult:
+               steps: int = 32, lr: float = 1e-3, norm_lr: float = 1e-4) -> TuneResult:
     """Tune the QuantLinear scales and norm weights of `block` in place so that its outputs on
     `inputs` come closer to `targets` (the full-precision block's outputs on the same inputs).
 
-    steps: Adam steps, one input each, cycling through the inputs (default 64).
+    steps: Adam steps, one input each, cycling through the inputs (default 32).
     lr: learning rate of the scales' relative change (default 1e-3).
     norm_lr: learning rate of the norm weights' relative change (default 1e-4).
     The result is kept only if the error over the inputs went down; otherwise the block is restored.
@@ -90,12 +87,12 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
             return sum(float(F.mse_loss(_first(block(*a, **k)), t)) for (a, k), t in zip(inputs, targets)) / len(inputs)
 
     before = error()
-    swap(tunables)
-    for m in norms:
-        del m.weight  # replaced by w0 * (1 + d) at each step, below
     opt = torch.optim.Adam([{"params": [t.d for t in tunables.values()], "lr": lr},
                             {"params": norm_d, "lr": norm_lr}])
+    swap(tunables)
     try:
+        for m in norms:
+            del m.weight  # replaced by w0 * (1 + d) at each step, below
         with torch.enable_grad():
             for step in range(steps):
                 (args, kwargs), target = inputs[step % len(inputs)], targets[step % len(inputs)]
@@ -107,8 +104,8 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
                 opt.step()
     finally:
         with torch.no_grad():
-            for m, w0, d in zip(norms, norm0, norm_d):
-                del m.weight
+            for m, w0 in zip(norms, norm0):
+                m.__dict__.pop("weight", None)  # the plain tensor of the last step, if any
                 m.weight = w0
         swap(quant)
     with torch.no_grad():
