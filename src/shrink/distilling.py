@@ -93,8 +93,9 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     student module was built (from `build_student`), so that it is saved the same way.
     hidden_layers: match each student layer's output to the teacher layer it was copied from (with
     config.hidden_weight > 0). config.layer_fit_steps > 0 (a student built from the teacher): first fit
-    each student layer alone to the span of teacher layers it stands for (distill/layerfit.py). cache_topk: keep the teacher's top-k logits per position in shrink's cache
-    (computed once, reused by later epochs and runs on the same teacher and data; default 0: off).
+    each student layer alone to the span of teacher layers it stands for (distill/layerfit.py).
+    cache_topk: keep the teacher's top-k logits per position in shrink's cache (computed once, reused by
+    later epochs and runs on the same teacher and data; default 0: off).
     task: a task for `shrink.compare` (path or Task): at every evaluation the student is compared with the
     teacher on it, and the scores, change and verdict go into the history. out: folder for checkpoints, best/, model/ (the best student) and results.json.
     """

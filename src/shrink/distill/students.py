@@ -18,6 +18,7 @@ _MLP_NAMES = (
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of a Hugging Face transformer's config.num_hidden_layers layers."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best = None
     for name, m in model.named_modules():

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import awq
 from .apply import _set_submodule, round_to_nearest
 from .gptq import gptq_quantize
-from .layerwise import _first, blockwise, collect_stats
+from .layerwise import blockwise, collect_stats, first_output
 from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
 from .rtn import quantize_weight
@@ -38,12 +38,6 @@ class CalibrationReport:
     def warnings(self) -> list[str]:
         return [f"{n}: Hessian singular, dampening raised to {d['damp']:g}" for n, d in self.layers.items()
                 if d.get("damp_retries")]
-
-
-def _spread(n: int, k: int) -> list[int]:
-    """min(n, k) indices spread evenly over range(n)."""
-    k = min(n, k)
-    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [0][:k]
 
 
 def _linear_names(block: nn.Module, prefix: str, assignment: dict[str, QuantSpec | None]) -> list[str]:
@@ -126,8 +120,9 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
         mods = dict(block.named_modules())
         # Tuning sees at most tune_steps inputs, spread over the data: targets and error checks for
         # more would cost more forward passes than the tuning itself.
-        tune_inputs = [inputs[i] for i in _spread(len(inputs), tune_steps)] if tune_steps else []
-        targets = [_first(block(*a, **k)) for a, k in tune_inputs]
+        spread = torch.linspace(0, len(inputs) - 1, min(len(inputs), tune_steps)).round().long().tolist()
+        tune_inputs = [inputs[i] for i in spread]
+        targets = [first_output(block(*a, **k)) for a, k in tune_inputs]
         stats = collect_stats(block, inputs, names, keep_rows=AWQ_ROWS if use_awq else 0)
         clips = {}
         if use_awq:

@@ -70,7 +70,8 @@ def capture_inputs(model: nn.Module, block: nn.Module, samples: list[torch.Tenso
     return captured
 
 
-def _first(out):
+def first_output(out):
+    """A block's output tensor (decoder layers return a tuple in some transformers versions)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -79,7 +80,7 @@ def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
     nxt = []
     with torch.no_grad():
         for args, kwargs in inputs:
-            out = _first(block(*args, **kwargs))
+            out = first_output(block(*args, **kwargs))
             nxt.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
     return nxt
 

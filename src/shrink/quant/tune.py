@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layerwise import _first
+from .layerwise import first_output
 from .linear import QuantLinear
 
 
@@ -84,7 +84,7 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
 
     def error() -> float:
         with torch.no_grad():
-            return sum(float(F.mse_loss(_first(block(*a, **k)), t)) for (a, k), t in zip(inputs, targets)) / len(inputs)
+            return sum(float(F.mse_loss(first_output(block(*a, **k)), t)) for (a, k), t in zip(inputs, targets)) / len(inputs)
 
     before = error()
     opt = torch.optim.Adam([{"params": [t.d for t in tunables.values()], "lr": lr},
@@ -98,7 +98,7 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
                 (args, kwargs), target = inputs[step % len(inputs)], targets[step % len(inputs)]
                 for m, w0, d in zip(norms, norm0, norm_d):
                     m.weight = w0.detach() * (1 + d)
-                loss = F.mse_loss(_first(block(*args, **kwargs)), target)
+                loss = F.mse_loss(first_output(block(*args, **kwargs)), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
