@@ -329,3 +329,21 @@ def test_parse_duration():
     for bad in ("sixty", "20ms/token"):
         with pytest.raises(ShrinkError, match="a time budget is a duration, like 10m"):
             parse_duration(bad)
+
+
+def test_tuned_methods_build_with_block_tuning():
+    from conftest import tiny_llama
+
+    from shrink.search.candidates import METHODS_CALIBRATED, TUNE_STEPS, build
+
+    assert "awq+gptq+tune" in METHODS_CALIBRATED
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(3, 96, (1, 24), generator=g) for _ in range(6)]
+    base = tiny_llama(seed=2)
+    tuned = build(Candidate("awq+gptq+tune:int4-g32", "awq+gptq+tune", "int4-g32"), base, students={},
+                  calibration=calib)
+    rec = tuned.shrink_calibration
+    assert rec["method"] == "awq+gptq" and rec["tune_steps"] == TUNE_STEPS
+    assert "tune_error_after" in rec["layers"]["model.layers.0"]
+    plain = build(Candidate("awq+gptq:int4-g32", "awq+gptq", "int4-g32"), base, students={}, calibration=calib)
+    assert "tune_steps" not in plain.shrink_calibration
