@@ -112,6 +112,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     block_size: columns per lazy batch update (default 128).
     act_order: quantize columns in order of decreasing Hessian diagonal (default False).
     clip_search: choose each group's range by search_group_clip rather than its extremes (default True).
+    refit: afterwards re-solve the group scales for the chosen codes by refit_scales (default False).
     """
     check_weight(weight, spec, name)
     h = hessian.detach().to(torch.float64).clone()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .layerwise import first_output
 from .linear import QuantLinear
+from .packing import unpack
 
 
 @dataclass
@@ -35,11 +36,11 @@ class _Tunable(nn.Module):
 
     def __init__(self, q: QuantLinear):
         super().__init__()
-        w = q.dequantized_weight()
         s = q.scales.to(torch.float32)
         g = q.in_features // s.shape[1]
-        safe = torch.where(s == 0, torch.ones_like(s), s)
-        self.register_buffer("levels", w / safe.repeat_interleave(g, 1))  # codes minus zero points
+        codes = unpack(q.qweight, q.spec.bits, q.in_features).to(torch.float32)
+        zero = q.zeros.to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
+        self.register_buffer("levels", codes - zero)  # the integer levels the scales multiply
         self.register_buffer("s0", s)
         self.d = nn.Parameter(torch.zeros_like(s))
         self.bias = q.bias
