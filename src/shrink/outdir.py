@@ -1,0 +1,259 @@
+"""Output folders: shrink writes only into a folder that is new, empty, or exactly what shrink itself
+wrote there before, one writer at a time, and it says so before any work starts.
+
+`claim(path, command, names)` is held for the whole of a command's work:
+- a lock file beside the folder (`.NAME.lock`, with the holder's process id) keeps a second shrink from
+  writing to it at the same time; the operating system releases it when the holder dies, so a killed run
+  leaves no lock that blocks the next;
+- a folder that is not empty is refused unless it is shrink's own output of the same command and the
+  caller said `force` (start again: shrink's files are removed) or `resume` (continue it);
+- temporary folders left beside it by a killed run are removed, and said so;
+- a folder that cannot be written is refused at once, not after the work.
+
+Which folders are shrink's: a model folder (`shrink quantize`) when its shrink.json lists exactly the
+files in it (`owned=`); the folders of compare, distill and search when they hold the marker file
+`.shrink-out.json` naming the command, and nothing but the entries that command writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ShrinkError
+
+MARK = ".shrink-out.json"
+_held: dict[str, int] = {}  # folders this process holds, so that a nested claim (CLI, then API) is a no-op
+
+
+def _key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    # atomic.atomic_dir names its temporaries .NAME.PID.RANDOM.tmp / .old
+    return re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[^.]+\.(tmp|old)$")
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove temporary folders and files that a killed shrink left beside `target` (their process is
+    gone); returns what was removed. A line on stderr names each one."""
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    pattern = _temp_pattern(target.name)
+    removed = []
+    for p in parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        if not p.exists():
+            removed.append(p)
+            print(f"note: removed {p}, left by a shrink run that was killed (process {m.group(1)})", file=sys.stderr)
+    return removed
+
+
+class _Lock:
+    """An advisory lock on `.NAME.lock` beside the folder; released by close or by the process's death."""
+
+    def __init__(self, path: Path, command: str):
+        self.path = path
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ShrinkError(f"{path.parent / path.name[1:-5]}: another shrink ({_holder(path)}) is writing "
+                                  "to this folder; wait for it to finish, or choose another --out") from None
+            # the previous holder may have removed the file between our open and our lock: then lock anew
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": command}).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)  # while still held, so nobody can lock the file being removed
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def _holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text())
+        return f"shrink {info.get('command')}, process {int(info['pid'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process"
+
+
+def read_mark(path: Path) -> dict | None:
+    """The marker of a folder written by shrink compare/distill/search, or None when it has none."""
+    try:
+        mark = json.loads((Path(path) / MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) and isinstance(mark.get("command"), str) else None
+
+
+def _foreign(path: Path, names: set[str]) -> list[str]:
+    """Entries of `path` that are not among `names` (nor the marker, nor a temporary of one of them)."""
+    out = []
+    for p in sorted(path.iterdir()):
+        base = p.name
+        m = re.match(r"^\.(.+)\.\d+\.[^.]+\.(tmp|old)$", base)
+        if base in names or base == MARK or (m and m.group(1) in names):
+            continue
+        out.append(base)
+    return out
+
+
+def _check_contents(path: Path, command: str, names: set[str], force: bool, resume: bool | None,
+                    owned: Callable[[Path], bool] | None) -> bool:
+    """Refuse a non-empty folder that is not this command's own output; returns whether it is one that
+    is to be started afresh (force, with marker-kept files to remove)."""
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise ShrinkError(f"{path} exists and is not a folder; choose another --out")
+    entries = [p for p in path.iterdir()]
+    if not entries:
+        return False
+    hint = "--force to replace it" if resume is None else "--resume to continue it, or --force to start again"
+    if owned is not None:  # a model folder: shrink.json lists its files
+        if owned(path):
+            if force:
+                return False
+            raise ShrinkError(f"{path} holds a model shrink saved earlier; pass --force (force=True) to replace it, "
+                              "or choose another --out")
+        raise ShrinkError(f"{path} exists and is not empty, and is not a folder shrink wrote exactly as it is "
+                          "(other files in it, or files changed); shrink replaces only its own output: "
+                          "choose another --out, or empty it yourself")
+    mark = read_mark(path)
+    foreign = _foreign(path, names)
+    if mark is None and not (resume and not foreign):  # resume: folders written before markers existed
+        raise ShrinkError(f"{path} exists and is not empty, and was not written by shrink {command}; "
+                          "shrink replaces only its own output: choose another --out, or empty it yourself")
+    if mark is not None and mark["command"] != command:
+        raise ShrinkError(f"{path} holds the output of shrink {mark['command']}, not of shrink {command}; "
+                          "choose another --out")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ShrinkError(f"{path} holds files shrink {command} did not write ({shown}); shrink replaces only its "
+                          "own output: choose another --out, or move them away")
+    if resume:
+        return False
+    if not force:
+        raise ShrinkError(f"{path} holds the output of an earlier shrink {command}; pass {hint}, "
+                          "or choose another --out")
+    return True
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse at once a place that cannot be written (read-only, no permission), before the work."""
+    where = path if path.exists() else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ShrinkError(f"{where}: cannot create the output folder ({e.strerror})") from None
+    probe = where / f".shrink-probe.{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ShrinkError(f"{where}: cannot write there ({e.strerror}); choose another --out") from None
+
+
+@contextmanager
+def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, force: bool = False,
+          resume: bool | None = None, owned: Callable[[Path], bool] | None = None):
+    """Hold `path` as the output folder of `command` for the duration of the block (see the module doc).
+
+    names: the entries the command writes at the top of the folder (for folders with a marker).
+    owned: for model folders, a test that the folder is exactly what shrink saved (then no marker is
+    written: the folder is made whole at the end by an atomic save). force: replace shrink's own output
+    (default False). resume: continue shrink's own output (None: the command cannot resume).
+    Nested claims of one folder in one process are allowed and do nothing. An error inside the block
+    leaves no folder behind if the claim made it and nothing but the marker was written.
+    """
+    path = Path(path)
+    key = _key(path)
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield path
+        finally:
+            _held[key] -= 1
+        return
+    if path.exists() and not path.is_dir():
+        raise ShrinkError(f"{path} exists and is not a folder; choose another --out")
+    _check_writable(path)
+    lock = _Lock(path.parent / f".{path.name}.lock", command)
+    created = False
+    try:
+        remove_stale_temporaries(path)
+        names = set(names)
+        fresh = _check_contents(path, command, names, force, resume, owned)
+        if owned is None:
+            if fresh:
+                for name in names | {MARK}:
+                    p = path / name
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    elif p.exists() or p.is_symlink():
+                        p.unlink()
+            created = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+            if read_mark(path) is None:
+                from . import __version__
+                from .atomic import write_json
+
+                write_json(path / MARK, {"command": command, "shrink_version": __version__, "names": sorted(names)})
+        _held[key] = 1
+        ok = False
+        try:
+            yield path
+            ok = True
+        finally:
+            _held.pop(key, None)
+            if not ok and created and path.is_dir() and [p.name for p in path.iterdir()] == [MARK]:
+                shutil.rmtree(path, ignore_errors=True)  # nothing was written: leave nothing behind
+    finally:
+        lock.release()
+
+
+def holds(path: str | os.PathLike) -> bool:
+    """Whether this process holds `path` through `claim`."""
+    return _key(Path(path)) in _held
