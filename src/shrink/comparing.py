@@ -8,29 +8,36 @@ from __future__ import annotations
 
 import os
 
+from contextlib import nullcontext
+
 from .evaluate import Comparison, compare as compare_models
 from .io import resolve
+from .outdir import claim
+
+OUT_NAMES = ("results.json", "report.md", "report.html")  # what a comparison writes in its folder
 
 
 def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.PathLike | None = None,
-            **options) -> Comparison:
+            force: bool = False, **options) -> Comparison:
     """Compare `compressed` against `original` on `task`, example by example, and return the Comparison.
 
     original, compressed: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default",
     a .gguf file, a Hugging Face folder, a shrink folder). tokenizer: used for both when given (else each
     model's own). task: a .jsonl/.npz/.safetensors path, a Task, or None for the built-in default task.
-    out: a folder to write report.md, report.html and results.json into. Other options go to
+    out: a folder to write report.md, report.html and results.json into: new or empty, or (force=True,
+    default False) the folder of an earlier comparison, checked before any work. Other options go to
     `shrink.evaluate.compare` (tolerance=1.0 points absolute, relative=False, scorer=None,
     chat_template=None, max_new_tokens=32, progress=None).
     """
-    a, tok_a, name_a = resolve(original, tokenizer)
-    b, tok_b, name_b = resolve(compressed, tokenizer)
-    names = options.pop("names", (name_a or "original", name_b or "compressed"))
-    if names[0] == names[1]:
-        names = (f"{names[0]} (original)", f"{names[1]} (compressed)")
-    result = compare_models(a, b, task, tokenizer=tok_a, compressed_tokenizer=tok_b, names=names, **options)
-    if out is not None:
-        from .report import write_comparison_report
+    with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
+        a, tok_a, name_a = resolve(original, tokenizer)
+        b, tok_b, name_b = resolve(compressed, tokenizer)
+        names = options.pop("names", (name_a or "original", name_b or "compressed"))
+        if names[0] == names[1]:
+            names = (f"{names[0]} (original)", f"{names[1]} (compressed)")
+        result = compare_models(a, b, task, tokenizer=tok_a, compressed_tokenizer=tok_b, names=names, **options)
+        if out is not None:
+            from .report import write_comparison_report
 
-        write_comparison_report(result, out)
+            write_comparison_report(result, out)
     return result

@@ -16,6 +16,7 @@ from .errors import ShrinkError
 from .io import resolve
 
 STUDENT_SPEC = "student.json"
+OUT_NAMES = ("checkpoint", "best", "model", "results.json")  # what a distillation writes in its folder
 
 
 def load_data(data, tokenizer=None, seq_len: int = 256, eval_fraction: float | None = None,
@@ -82,7 +83,7 @@ def save_student(student: nn.Module, folder: Path, record: dict, tokenizer=None)
 def distill(teacher, student, data, *, out: str | os.PathLike | None = None, config: DistillConfig | None = None,
             tokenizer=None, intermediate_size: int | None = None, student_record: dict | None = None,
             seq_len: int = 256, max_sequences: int | None = None,
-            hidden_layers: bool = False, cache_topk: int = 0, task=None, resume: bool = False,
+            hidden_layers: bool = False, cache_topk: int = 0, task=None, resume: bool = False, force: bool = False,
             progress: bool | None = None, **options):
     """Distill `teacher` into `student` on `data`; returns (student, DistillResult).
 
@@ -97,8 +98,25 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     cache_topk: keep the teacher's top-k logits per position in shrink's cache (computed once, reused by
     later epochs and runs on the same teacher and data; default 0: off).
     task: a task for `shrink.compare` (path or Task): at every evaluation the student is compared with the
-    teacher on it, and the scores, change and verdict go into the history. out: folder for checkpoints, best/, model/ (the best student) and results.json.
+    teacher on it, and the scores, change and verdict go into the history. out: folder for checkpoints,
+    best/, model/ (the best student) and results.json: new or empty, or a distillation folder shrink wrote
+    (resume=True continues it, force=True starts it again; default neither), checked before any work.
     """
+    from contextlib import nullcontext
+
+    from .distill import init_distributed
+    from .outdir import claim
+
+    if resume and force:
+        raise ShrinkError("resume continues the run in out and force starts it again: give one of them")
+    held = out is not None and init_distributed()[0] == 0  # under torchrun only rank 0 writes
+    with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if held else nullcontext():
+        return _distill(teacher, student, data, out, config, tokenizer, intermediate_size, student_record, seq_len,
+                        max_sequences, hidden_layers, cache_topk, task, resume, progress, options)
+
+
+def _distill(teacher, student, data, out, config, tokenizer, intermediate_size, student_record, seq_len,
+             max_sequences, hidden_layers, cache_topk, task, resume, progress, options):
     cfg = config or DistillConfig(**options)
     t_model, t_tok, t_name = _resolve_teacher(teacher)
     tok = tokenizer or t_tok

@@ -278,7 +278,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        _check_shapes(teacher, student, data)
+    _check_shapes(teacher, student, data)
     if cfg.batch_size * world > len(data):
         raise ShrinkError(f"{data.source}: {len(data)} training examples are fewer than one global batch "
                           f"({cfg.batch_size} x {world} processes)")
@@ -390,21 +390,39 @@ def _read_state(path: Path) -> dict:
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise ShrinkError(f"{path}: not a shrink distillation checkpoint (missing {missing})")
+    kinds = {"step": int, "epoch": int, "offset": int, "rng": torch.Tensor, "optimizer": dict, "scheduler": dict,
+             "best": str, "history": str, "config": str, "data": str}
+    for k, kind in kinds.items():
+        v = state[k]
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0):
+            raise ShrinkError(f"{path}: field {k!r} must be {'a non-negative integer' if kind is int else kind.__name__}, "
+                              f"got {type(v).__name__}")
+    for k, kind, want in (("best", (dict, type(None)), "an object or null"), ("history", list, "a list"),
+                          ("config", dict, "an object")):
+        try:
+            value = json.loads(state[k])
+        except ValueError as e:
+            raise ShrinkError(f"{path}: field {k!r} is not valid JSON ({str(e)[:80]})") from None
+        if not isinstance(value, kind):
+            raise ShrinkError(f"{path}: field {k!r} holds {type(value).__name__}, expected {want}")
     return state
 
 
 def _check_config(cfg: DistillConfig) -> None:
     problems = []
-    if not cfg.temperature > 0:
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
         problems.append(f"temperature must be > 0 (got {cfg.temperature})")
-    if not 0 <= cfg.alpha <= 1:
+    if not 0 <= cfg.alpha <= 1:  # also refuses NaN
         problems.append(f"alpha must be between 0 and 1 (got {cfg.alpha})")
+    if not (math.isfinite(cfg.hidden_weight) and cfg.hidden_weight >= 0):
+        problems.append(f"hidden_weight must be 0 or more (got {cfg.hidden_weight})")
     if not 0 <= cfg.layer_fit_steps <= cfg.steps:
         problems.append(f"layer_fit_steps must be between 0 and steps ({cfg.steps}), got {cfg.layer_fit_steps}")
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.lr <= 0 or (cfg.layer_fit_lr is not None and cfg.layer_fit_lr <= 0):
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or (
+            cfg.layer_fit_lr is not None and not (math.isfinite(cfg.layer_fit_lr) and cfg.layer_fit_lr > 0)):
         problems.append(f"lr and layer_fit_lr must be > 0 (got {cfg.lr}, {cfg.layer_fit_lr})")
     if cfg.hidden_loss not in ("mse", "cosine"):
         problems.append(f"hidden_loss must be 'mse' or 'cosine' (got {cfg.hidden_loss!r})")
@@ -413,19 +431,28 @@ def _check_config(cfg: DistillConfig) -> None:
 
 
 @torch.no_grad()
-def _check_shapes(teacher: nn.Module, student: nn.Module, data: DistillData) -> None:
-    """The student must predict over the same classes (vocabulary) as the teacher: checked on one example."""
+def _check_shapes(teacher: nn.Module | None, student: nn.Module, data: DistillData) -> None:
+    """Before training: the student must run on the data and predict over the same classes (vocabulary) as
+    the teacher, or, without one, over at least the labels the data has; checked on one example."""
     x = data.train_x[:1]
     was = student.training
     student.eval()
     try:
-        t, _ = _forward(teacher, x, data.kind, False)
+        t = _forward(teacher, x, data.kind, False)[0] if teacher is not None else None
+    except Exception as e:
+        raise ShrinkError(f"cannot run the teacher on {data.source} ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
         s, _ = _forward(student, x, data.kind, False)
     except Exception as e:
-        raise ShrinkError(f"cannot run the models on the data ({type(e).__name__}: {e})") from None
+        raise ShrinkError(f"the student does not fit the data {data.source}: its first example, of shape "
+                          f"{tuple(x.shape[1:])}, fails in the student ({type(e).__name__}: {str(e)[:200]})") from None
     finally:
         student.train(was)
-    if t.shape != s.shape:
-        what = "vocabulary" if data.kind == "text" else "classes"
+    what = "vocabulary" if data.kind == "text" else "classes"
+    if t is not None and t.shape != s.shape:
         raise ShrinkError(f"the student's outputs {tuple(s.shape)} do not match the teacher's {tuple(t.shape)} "
                           f"(different {what}: {s.shape[-1]} vs {t.shape[-1]})")
+    labels = data.train_y if data.kind != "text" else data.train_x
+    top = int(labels.max()) if labels.numel() else -1
+    if s.shape[-1] <= top:
+        raise ShrinkError(f"the student predicts {s.shape[-1]} {what}, but {data.source} has label or token {top}")

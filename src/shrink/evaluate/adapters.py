@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ShrinkError
-from .scorers import score_generation
+from .scorers import checked_score, score_generation
 from .tasks import Example, Task
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -86,6 +86,21 @@ class CausalLMAdapter(_TextAdapter):
             raise ShrinkError("chat template requested, but the tokenizer has none")
         self.chat = has if chat_template is None else chat_template
         self.max_new_tokens = max_new_tokens
+        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+    def check_task(self, task):
+        """Generation lengths must fit in the model's context (max_position_embeddings)."""
+        super().check_task(task)
+        if self.context is None or task.kind != "generation":
+            return
+        if self.max_new_tokens > self.context:
+            raise ShrinkError(f"max_new_tokens {self.max_new_tokens} is more than the model's context of "
+                              f"{self.context} tokens")
+        for ex in task.examples:
+            n = ex.data.get("max_new_tokens") or 0
+            if n > self.context:
+                raise ShrinkError(f"{task.source}:{ex.line}: 'max_new_tokens' {n} is more than the model's context "
+                                  f"of {self.context} tokens")
 
     def prompt_ids(self, text: str) -> torch.Tensor:
         if self.chat:
@@ -143,9 +158,13 @@ class CausalLMAdapter(_TextAdapter):
             return Outcome(f"mean log-likelihood {mean:.3f}", mean, mean, lp, ids=seq)
         prompt = self.prompt_ids(example.input)
         if kind == "generation":
-            new = self.generate(prompt, example.data.get("max_new_tokens") or self.max_new_tokens)
+            n_new = example.data.get("max_new_tokens") or self.max_new_tokens
+            if self.context is not None and len(prompt) + n_new > self.context:
+                raise ShrinkError(f"prompt of {len(prompt)} tokens and {n_new} new tokens do not fit in the model's "
+                                  f"context of {self.context}")
+            new = self.generate(prompt, n_new)
             text = self.tok.decode(new, skip_special_tokens=True).strip()
-            score = float(scorer(text, example)) if scorer else score_generation(text, example.data)
+            score = checked_score(scorer(text, example), "--scorer") if scorer else score_generation(text, example.data)
             seq = torch.cat([prompt, new]) if ids is None else ids
             target = torch.cat([prompt, self._text_ids(str(example.data["target"][0]))])
             conf = float(self._continuation_logprob(self.logprobs(target), len(prompt), target).mean())

@@ -245,7 +245,12 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     time, with the same task, tokenizer and options (default None: no cache).
     """
     task = load_task(task)
-    score_fn = load_scorer(scorer) if scorer else None
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ShrinkError(f"tolerance must be a number of points (or percent) of 0 or more, got {tolerance!r}")
+    if scorer and task.kind != "generation":
+        raise ShrinkError(f"a scorer scores generated outputs; task {task.name!r} is a {task.kind} task, "
+                          "which is scored without one (leave out --scorer)")
+    score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
     a = adapter_for(original, tokenizer, chat_template, max_new_tokens)
     b = adapter_for(compressed, compressed_tokenizer or tokenizer, chat_template, max_new_tokens)
     if type(a) is not type(b):
@@ -293,6 +298,13 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
                 f"{tolerance:g}% of the original score, relative = {allowed(overall):.2f} points overall" if relative
                 else f"{tolerance:g} points, absolute")
     within, verdict = _verdict(overall, slices, allowed, tol_text, perplexity)
+    nan = [r.id for r in ok if not (math.isfinite(r.original_score) and math.isfinite(r.compressed_score))]
+    if nan or not all(math.isfinite(x) for x in (overall.original, overall.compressed, overall.change,
+                                                  overall.ci_low, overall.ci_high)):
+        within = False  # a result holding NaN can never be within tolerance
+        shown = ", ".join(map(repr, nan[:5])) + (" ..." if len(nan) > 5 else "")
+        verdict = (f"CANNOT TELL, so PAST THE SWEET SPOT: the scores hold NaN or infinity"
+                   + (f" (examples {shown})" if nan else "") + "; a model produced non-finite outputs")
 
     divergence = {}
     if kls:

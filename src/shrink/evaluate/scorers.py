@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import re
 import string
@@ -70,9 +71,24 @@ def score_generation(output: str, data: dict) -> float:
     return 0.0
 
 
+def checked_score(value, ref: str = "the scorer") -> float:
+    """A scorer's result as a float in [0, 1]; a bool counts as 0 or 1. Anything else (NaN, 5.0, a string)
+    raises ShrinkError, so the example fails visibly instead of skewing the scores."""
+    if isinstance(value, bool):
+        return float(value)
+    import numbers
+
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if math.isfinite(v) and 0.0 <= v <= 1.0:
+            return v
+    raise ShrinkError(f"{ref} returned {value!r:.60}; a score must be a number from 0 to 1, or True/False")
+
+
 def load_scorer(ref: str) -> Callable:
     """The function named `module:function` (a module importable from here or the current folder) or
-    `path/to/file.py:function`, called as f(output, example) -> float in [0, 1] or bool."""
+    `path/to/file.py:function`, called as f(output, example) -> float in [0, 1] or bool.
+    Importing runs the module's top-level code: pass only a file you trust."""
     if ref.count(":") != 1:
         raise ShrinkError(f"scorer {ref!r}: expected 'module:function' or 'file.py:function', e.g. 'my_scorers:exact_date'")
     mod_name, fn_name = ref.split(":")

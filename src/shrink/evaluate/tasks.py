@@ -18,6 +18,7 @@ classifiers are `.npz` or `.safetensors` files with an input array `x` and integ
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +27,7 @@ from pathlib import Path
 from ..arrays import read_arrays
 from ..errors import ShrinkError
 
+MAX_LINE_BYTES = 1_000_000  # one example; a longer line is a mistake (and would exhaust the tokenizer)
 KINDS = ("generation", "choice", "classification", "perplexity", "tensor")
 MATCHES = ("exact", "contains", "regex", "numeric")
 _FIELDS = {
@@ -118,8 +120,14 @@ def _check_example(obj, where: str, line: int) -> Example:
         data["target"] = targets
         data["match"] = match
         mnt = obj.get("max_new_tokens")
-        if mnt is not None and (not isinstance(mnt, int) or mnt < 1):
+        if mnt is not None and (not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1):
             raise ShrinkError(f"{where}: 'max_new_tokens' must be a positive integer")
+        if "tolerance" in obj:
+            tol = obj["tolerance"]
+            if (not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0
+                    or match != "numeric"):
+                raise ShrinkError(f"{where}: 'tolerance' must be a number of 0 or more, for \"match\": \"numeric\" "
+                                  f"(got {tol!r:.40})")
     elif kind == "choice":
         ch, ans = obj["choices"], obj.get("answer")
         if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
@@ -149,6 +157,9 @@ def read_jsonl(path: str | os.PathLike, name: str | None = None) -> Task:
         if not raw.strip():
             continue
         where = f"{path}:{n}"
+        if len(raw) > MAX_LINE_BYTES:
+            raise ShrinkError(f"{where}: a line of {len(raw):,} characters; an example may have at most "
+                              f"{MAX_LINE_BYTES:,}")
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:

@@ -89,6 +89,19 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     return directory
 
 
+def check(directory: str | Path) -> tuple[dict, dict]:
+    """Everything about a shrink folder that can be checked without building the model: shrink.json against
+    its schema, the files against its sizes and checksums, every module against the weights file's header.
+    Returns (manifest, header: tensor -> (shape, dtype)); raises ShrinkError naming the file and field."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    weights = directory / WEIGHTS
+    header = header_shapes(weights)
+    check_modules_against_header(manifest, header, weights, directory / MANIFEST)
+    return manifest, header
+
+
 def load(directory: str | Path, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
     """Load a folder written by `save`.
 
@@ -100,11 +113,8 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     tensor the model expects must be in the file with its shape (and nothing else).
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest, header = check(directory)
     weights = directory / WEIGHTS
-    verify_files(directory, manifest)
-    header = header_shapes(weights)
-    check_modules_against_header(manifest, header, weights, directory / MANIFEST)
     if model is None:
         if manifest["kind"] != "transformers":
             raise ShrinkError(

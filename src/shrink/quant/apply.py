@@ -54,6 +54,11 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
         rules = [("*", parse_format(spec))]
         explicit = set()
     out_name = output_layer_name(model) if keep_output else None
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for pattern, _ in rules:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names) and pattern != "*":
+            example = f" (they are named like {names[len(names) // 2]!r})" if names else ""
+            raise ValueError(f"layer pattern {pattern!r} matches no Linear layer of the model{example}")
     result: dict[str, QuantSpec | None] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -98,6 +103,12 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: available methods are {', '.join(METHODS)}")
+    done = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, CastLinear))]
+    if done:
+        fmt = model.get_submodule(done[0]).spec.name
+        raise ValueError(f"the model is quantized already ({len(done)} layers, {done[0]!r} in {fmt}); quantizing "
+                         "it again would round rounded weights: start from the full-precision model")
+    _check_options(n_samples, seq_len, target_bits, damp)
     needs_data = method != "rtn" or target_bits is not None
     if calibration is None and needs_data:
         what = f"method {method!r}" if method != "rtn" else "target_bits"
@@ -143,6 +154,24 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     if record:
         model.shrink_calibration = record
     return model
+
+
+def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp: float) -> None:
+    """Calibration options in range (NaN and infinity refused), with the range in the message."""
+    import math
+
+    def real(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
+        raise ValueError(f"n_samples (calibration windows) must be an integer of 1 or more, got {n_samples!r}")
+    if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 2):
+        raise ValueError(f"seq_len (tokens per calibration window) must be an integer of 2 or more, got {seq_len!r}")
+    if target_bits is not None and not (real(target_bits) and 2.5 <= target_bits <= 16):
+        raise ValueError(f"target_bits must be a number from 2.5 to 16 bits per weight, got {target_bits!r}")
+    if not (real(damp) and 0 < damp <= 1):
+        raise ValueError(f"damp (GPTQ's dampening, a fraction of the Hessian's mean diagonal) must be more than 0 "
+                         f"and at most 1, got {damp!r}")
 
 
 def round_to_nearest(linear: nn.Linear, spec: QuantSpec, name: str, backend: str | None = None) -> nn.Module:

@@ -6,6 +6,7 @@ Sizes and times are read the way people write them ("60MB", "60 MB", "60mb", "6e
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -27,6 +28,8 @@ def parse_size(text: str | float | int, what: str = "--max-size") -> int:
         if not m or m.group(2) not in _SIZE_UNITS:
             raise ShrinkError(f"{what} {text!r}: not a size; write it like 60MB, 60 MB, 1.5GiB or 6e7 (bytes)")
         value = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    if not math.isfinite(value) or value >= 2 ** 63:
+        raise ShrinkError(f"{what} {text!r}: too large a size; write it like 60MB, 60 MB, 1.5GiB or 6e7 (bytes)")
     if not value > 0:
         raise ShrinkError(f"{what} {text!r}: a size must be more than 0 bytes")
     return int(round(value))
@@ -44,6 +47,8 @@ def parse_latency(text: str | float, what: str = "--max-latency") -> tuple[float
         value, unit = float(m.group(1)), m.group(2)
         per = "token" if (m.group(3) or "").startswith("tok") else "example"
     seconds = value * _TIME_UNITS[unit]
+    if not math.isfinite(seconds) or seconds > 1e9:
+        raise ShrinkError(f"{what} {text!r}: too long a time (at most 10^9 seconds); write it like 50ms, 2s or 10m")
     if not seconds > 0:
         raise ShrinkError(f"{what} {text!r}: a latency must be more than 0")
     return seconds, per

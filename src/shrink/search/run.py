@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,16 @@ from ..evaluate.adapters import adapter_for
 from ..evaluate.compare import _finite
 from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
+from ..io.manifest import read_json
+from ..outdir import claim
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .constraints import Constraints, human_bytes
 from .frontier import explain, judge, pareto, recommend
 from .measure import disk_bytes, memory_bytes, seconds_per_token
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
+# what a search writes in its folder (outdir.claim refuses a folder holding anything else)
+OUT_NAMES = (CONFIG, RESULTS, "students", "best", "report.html", "report.md", "results.json", ".candidate", ".original")
 
 
 @dataclass
@@ -80,17 +85,27 @@ def _read_results(path: Path) -> list[dict]:
     """Finished candidates from results.jsonl; a last line cut short by a crash is dropped."""
     if not path.is_file():
         return []
-    out = []
+    out, seen = [], set()
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:
             if i == len(lines) - 1:
                 break  # the write that was interrupted; that candidate is measured again
             raise ShrinkError(f"{path}:{i + 1}: not a JSON line; the results file is damaged") from None
+        cand = record.get("candidate") if isinstance(record, dict) else None
+        if not isinstance(cand, dict) or not isinstance(cand.get("name"), str) or record.get("status") not in (
+                "done", "error") or (record["status"] == "done" and not isinstance(record.get("allowed"), (int, float))):
+            raise ShrinkError(f"{path}:{i + 1}: not a search result (a candidate, its status and measurements); "
+                              "the results file is damaged")
+        if cand["name"] in seen:  # written twice by runs before results were locked: the first one counts
+            print(f"note: {path}:{i + 1}: {cand['name']} measured twice; keeping the first", file=sys.stderr)
+            continue
+        seen.add(cand["name"])
+        out.append(record)
     return out
 
 
@@ -123,7 +138,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
            candidates: list[Candidate] | None = None, calibration=None, methods=("awq+gptq",),
            n_samples: int = 32, seq_len: int = 512, distill_data=None, students=("every-other",),
            distill_seconds: float = 600.0, distill_options: dict | None = None, tokenizer=None,
-           resume: bool = False, max_new_tokens: int = 32, progress: bool | None = None,
+           resume: bool = False, force: bool = False, max_new_tokens: int = 32, progress: bool | None = None,
            console: Console | None = None, **constraint_options) -> SearchResult:
     """Search compressed versions of `model` for the best one under `constraints`, measured on `task`.
 
@@ -139,163 +154,168 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     first, and a direction is abandoned at its first failure. n_samples, seq_len: calibration windows
     (default 32 of 512 tokens; fewer than quantize's 128, as a search calibrates many candidates).
     distill_options: more DistillConfig fields for the students (for example steps, lr, batch_size).
+    out must be new or empty, or a search folder shrink wrote: resume=True continues it, force=True
+    (default False) starts it again (its files are removed; nothing else may be in it).
     Returns a SearchResult; the report is written to out/report.html, report.md and results.json.
     """
-    t_start = time.perf_counter()
-    if constraint_options and constraints is not None:
-        raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
-    con = constraints or Constraints.of(**constraint_options)
-    console = console or Console(quiet=progress is False)
-    out = Path(out)
-    original, tok, name = resolve(model, tokenizer)
-    name = name or type(original).__name__
-    original.eval()
-    task = load_task(task)
-    adapter_for(original, tok, None, max_new_tokens).check_task(task)  # a task this model cannot run: say so now
-    if con.latency_per == "token" and con.max_latency is not None and tok is None:
-        raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
-    if candidates is None:
-        candidates = quantization_candidates(calibration=calibration is not None, methods=methods)
-        if distill_data is not None:
-            candidates += student_candidates(students)
-    candidates = order(candidates)
-    if len({c.name for c in candidates}) != len(candidates):
-        raise ShrinkError("candidate names must be unique")
-    if any(c.needs_calibration for c in candidates) and calibration is None:
-        raise ShrinkError("calibrated candidates (gptq, awq, mixed precision) need --calibration FILE")
-    if any(c.student for c in candidates) and distill_data is None:
-        raise ShrinkError("student candidates need training data (--distill FILE)")
-    floor = min_possible_bytes(original)
-    if con.max_size is not None and con.max_size < floor and not any(c.student for c in candidates):
-        raise ShrinkError(f"nothing can meet --max-size {human_bytes(con.max_size)} by quantization: even at 2 bits "
-                          f"this model's weights take at least {human_bytes(floor)} (embeddings and the output layer "
-                          "stay in full precision); allow distillation (--distill DATA) or raise --max-size")
+    if resume and force:
+        raise ShrinkError("resume continues the search in out and force starts it again: give one of them")
+    with claim(out, "search", OUT_NAMES, force=force, resume=resume):
+        t_start = time.perf_counter()
+        if constraint_options and constraints is not None:
+            raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
+        con = constraints or Constraints.of(**constraint_options)
+        console = console or Console(quiet=progress is False)
+        out = Path(out)
+        original, tok, name = resolve(model, tokenizer)
+        name = name or type(original).__name__
+        original.eval()
+        task = load_task(task)
+        adapter_for(original, tok, None, max_new_tokens).check_task(task)  # a task this model cannot run: say so now
+        if con.latency_per == "token" and con.max_latency is not None and tok is None:
+            raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
+        if candidates is None:
+            candidates = quantization_candidates(calibration=calibration is not None, methods=methods)
+            if distill_data is not None:
+                candidates += student_candidates(students)
+        candidates = order(candidates)
+        if len({c.name for c in candidates}) != len(candidates):
+            raise ShrinkError("candidate names must be unique")
+        if any(c.needs_calibration for c in candidates) and calibration is None:
+            raise ShrinkError("calibrated candidates (gptq, awq, mixed precision) need --calibration FILE")
+        if any(c.student for c in candidates) and distill_data is None:
+            raise ShrinkError("student candidates need training data (--distill FILE)")
+        floor = min_possible_bytes(original)
+        if con.max_size is not None and con.max_size < floor and not any(c.student for c in candidates):
+            raise ShrinkError(f"nothing can meet --max-size {human_bytes(con.max_size)} by quantization: even at 2 bits "
+                              f"this model's weights take at least {human_bytes(floor)} (embeddings and the output layer "
+                              "stay in full precision); allow distillation (--distill DATA) or raise --max-size")
 
-    identity = {"model": name, "model_fingerprint": model_fingerprint(original), "task": task.name,
-                "task_source": task.source, "task_fingerprint": task_fingerprint(task)}
-    config = {**identity, "constraints": con.to_dict(), "candidates": [c.to_dict() for c in candidates],
-              "calibration": str(calibration) if calibration is not None else None,
-              "n_samples": n_samples, "seq_len": seq_len, "distill_data": str(distill_data) if distill_data else None}
-    results: list[dict] = []
-    if resume:
-        if not (out / CONFIG).is_file():
-            raise ShrinkError(f"{out}: nothing to resume (no {CONFIG})")
-        saved = json.loads((out / CONFIG).read_text())
-        differs = [what for key, what in (("model_fingerprint", "model (its weights differ)"),
-                                          ("task_fingerprint", "task (its examples differ)")) if saved.get(key) != identity[key]]
-        if differs:
-            raise ShrinkError(f"{out}: that search was of another {' and another '.join(differs)}; "
-                              "start a new search in another folder")
-        was = saved.get("constraints", {})
-        if (was.get("max_drop"), was.get("relative")) != (con.max_drop, con.relative):
-            raise ShrinkError(f"{out}: that search compared with a tolerance of {was.get('max_drop')} "
-                              f"({'relative' if was.get('relative') else 'absolute'}); resume it with the same "
-                              "--max-drop/--relative, or start a new search in another folder")
-        results = _read_results(out / RESULTS)
-        for r in results:  # judged again: size, latency and objective may have changed since
-            if r.get("status") == "done":
-                judge(r, con, r["allowed"])
-        write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in results))  # drop a line cut short
-        console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; pass --resume to continue that search, or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG, config)
-    (out / RESULTS).touch()
+        identity = {"model": name, "model_fingerprint": model_fingerprint(original), "task": task.name,
+                    "task_source": task.source, "task_fingerprint": task_fingerprint(task)}
+        config = {**identity, "constraints": con.to_dict(), "candidates": [c.to_dict() for c in candidates],
+                  "calibration": str(calibration) if calibration is not None else None,
+                  "n_samples": n_samples, "seq_len": seq_len, "distill_data": str(distill_data) if distill_data else None}
+        results: list[dict] = []
+        if resume:
+            if not (out / CONFIG).is_file():
+                raise ShrinkError(f"{out}: nothing to resume (no {CONFIG})")
+            saved = read_json(out / CONFIG, "search file")
+            if not isinstance(saved, dict):
+                raise ShrinkError(f"{out / CONFIG}: expected a JSON object; the search file is damaged")
+            differs = [what for key, what in (("model_fingerprint", "model (its weights differ)"),
+                                              ("task_fingerprint", "task (its examples differ)")) if saved.get(key) != identity[key]]
+            if differs:
+                raise ShrinkError(f"{out}: that search was of another {' and another '.join(differs)}; "
+                                  "start a new search in another folder")
+            was = saved.get("constraints", {})
+            if (was.get("max_drop"), was.get("relative")) != (con.max_drop, con.relative):
+                raise ShrinkError(f"{out}: that search compared with a tolerance of {was.get('max_drop')} "
+                                  f"({'relative' if was.get('relative') else 'absolute'}); resume it with the same "
+                                  "--max-drop/--relative, or start a new search in another folder")
+            results = _read_results(out / RESULTS)
+            for r in results:  # judged again: size, latency and objective may have changed since
+                if r.get("status") == "done":
+                    judge(r, con, r["allowed"])
+            write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in results))  # drop a line cut short
+            console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG, config)
+        (out / RESULTS).touch()
 
-    # the original, measured once; its outcomes on the task are cached for every comparison
-    cache: dict = {}
-    orig_size = disk_bytes(original, out / ".original", tok)
-    shutil.rmtree(out / ".original", ignore_errors=True)
-    original_info = {"name": name, "size_bytes": orig_size, "memory_bytes": memory_bytes(original),
-                     "latency_token": seconds_per_token(original, tok), "latency_example": None}
-    finished = {r["candidate"]["name"] for r in results}
-    skipped, untried = [], []
-    trained: dict[str, nn.Module] = {}
-    durations: list[float] = []
-    for c in candidates:
-        if c.name in finished:
-            continue
-        spent = time.perf_counter() - t_start
-        typical = sum(durations) / len(durations) if durations else 0.0  # what a candidate took so far
-        if (con.max_trials is not None and len(results) >= con.max_trials) or (
-                con.time is not None and spent + typical > con.time):
-            untried.append(c.name)
-            continue
-        why = skip_reason(c, results, con.objective)
-        if why:
-            skipped.append({"candidate": c.name, "reason": why})
-            console.print(f"[dim]skip {c.name}: {why}[/dim]")
-            continue
-        console.print(f"[bold]{c.name}[/bold] ({len(results) + 1} of at most {len(candidates)})")
-        t0 = time.perf_counter()
-        try:
-            if c.student and c.student not in trained:
-                trained[c.student] = _train_student(c.student, original, tok, distill_data, out, distill_seconds,
-                                                    distill_options or {}, progress)
-            cand_model = build(c, original, students=trained, calibration=calibration, tokenizer=tok,
-                               n_samples=n_samples, seq_len=seq_len, progress=progress)
-        except ShrinkError:
-            raise
-        except Exception as e:  # one recipe that cannot be built must not end the search
-            record = {"candidate": c.to_dict(), "status": "error", "error": f"{type(e).__name__}: {e}"}
-            console.print(f"[red]{c.name} failed[/red]: {record['error']}")
+        # the original, measured once; its outcomes on the task are cached for every comparison
+        cache: dict = {}
+        orig_size = disk_bytes(original, out / ".original", tok)
+        shutil.rmtree(out / ".original", ignore_errors=True)
+        original_info = {"name": name, "size_bytes": orig_size, "memory_bytes": memory_bytes(original),
+                         "latency_token": seconds_per_token(original, tok), "latency_example": None}
+        finished = {r["candidate"]["name"] for r in results}
+        skipped, untried = [], []
+        trained: dict[str, nn.Module] = {}
+        durations: list[float] = []
+        for c in candidates:
+            if c.name in finished:
+                continue
+            spent = time.perf_counter() - t_start
+            typical = sum(durations) / len(durations) if durations else 0.0  # what a candidate took so far
+            if (con.max_trials is not None and len(results) >= con.max_trials) or (
+                    con.time is not None and spent + typical > con.time):
+                untried.append(c.name)
+                continue
+            why = skip_reason(c, results, con.objective)
+            if why:
+                skipped.append({"candidate": c.name, "reason": why})
+                console.print(f"[dim]skip {c.name}: {why}[/dim]")
+                continue
+            console.print(f"[bold]{c.name}[/bold] ({len(results) + 1} of at most {len(candidates)})")
+            t0 = time.perf_counter()
+            try:
+                if c.student and c.student not in trained:
+                    trained[c.student] = _train_student(c.student, original, tok, distill_data, out, distill_seconds,
+                                                        distill_options or {}, progress)
+                cand_model = build(c, original, students=trained, calibration=calibration, tokenizer=tok,
+                                   n_samples=n_samples, seq_len=seq_len, progress=progress)
+            except ShrinkError:
+                raise
+            except Exception as e:  # one recipe that cannot be built must not end the search
+                record = {"candidate": c.to_dict(), "status": "error", "error": f"{type(e).__name__}: {e}"}
+                console.print(f"[red]{c.name} failed[/red]: {record['error']}")
+                _append(out / RESULTS, record)
+                results.append(record)
+                continue
+            build_s = time.perf_counter() - t0
+            original_before = sum(v[1] for v in cache.values())
+            comp = compare_models(original, cand_model, task, tokenizer=tok, tolerance=con.max_drop, relative=con.relative,
+                                  max_new_tokens=max_new_tokens, names=(name, c.name), progress=progress, cache=cache)
+            allowed = con.max_drop / 100 * abs(comp.overall.original) if comp.relative else con.max_drop
+            if original_info["latency_example"] is None:
+                original_info["latency_example"] = comp.original["seconds_per_example"]
+                original_info["score"] = comp.overall.original
+            staging = out / ".candidate"
+            shutil.rmtree(staging, ignore_errors=True)
+            record = {
+                "candidate": c.to_dict(), "status": "done", "score": comp.overall.compressed,
+                "original_score": comp.overall.original, "change": comp.overall.change, "ci_low": comp.overall.ci_low,
+                "ci_high": comp.overall.ci_high, "within": comp.within, "verdict": comp.verdict,
+                "slices_past": [s.name for s in comp.slices if s.past],
+                "slices": {s.name: round(s.change, 3) for s in comp.slices},
+                "size_bytes": disk_bytes(cand_model, staging, tok), "memory_bytes": memory_bytes(cand_model),
+                "latency_example": comp.compressed["seconds_per_example"], "latency_token": seconds_per_token(cand_model, tok),
+                "broke": [e.id for e in comp.examples if e.flip == "right→wrong"],
+                "fixed": [e.id for e in comp.examples if e.flip == "wrong→right"],
+                "kl_mean": (comp.divergence.get("kl") or {}).get("mean"), "errors": comp.errors,
+                "build_seconds": round(build_s, 2), "seconds": round(time.perf_counter() - t0, 2),
+                "original_latency_example": comp.original["seconds_per_example"],
+            }
+            judge(record, con, allowed)
             _append(out / RESULTS, record)
             results.append(record)
-            continue
-        build_s = time.perf_counter() - t0
-        original_before = sum(v[1] for v in cache.values())
-        comp = compare_models(original, cand_model, task, tokenizer=tok, tolerance=con.max_drop, relative=con.relative,
-                              max_new_tokens=max_new_tokens, names=(name, c.name), progress=progress, cache=cache)
-        allowed = con.max_drop / 100 * abs(comp.overall.original) if comp.relative else con.max_drop
-        if original_info["latency_example"] is None:
-            original_info["latency_example"] = comp.original["seconds_per_example"]
-            original_info["score"] = comp.overall.original
-        staging = out / ".candidate"
-        shutil.rmtree(staging, ignore_errors=True)
-        record = {
-            "candidate": c.to_dict(), "status": "done", "score": comp.overall.compressed,
-            "original_score": comp.overall.original, "change": comp.overall.change, "ci_low": comp.overall.ci_low,
-            "ci_high": comp.overall.ci_high, "within": comp.within, "verdict": comp.verdict,
-            "slices_past": [s.name for s in comp.slices if s.past],
-            "slices": {s.name: round(s.change, 3) for s in comp.slices},
-            "size_bytes": disk_bytes(cand_model, staging, tok), "memory_bytes": memory_bytes(cand_model),
-            "latency_example": comp.compressed["seconds_per_example"], "latency_token": seconds_per_token(cand_model, tok),
-            "broke": [e.id for e in comp.examples if e.flip == "right→wrong"],
-            "fixed": [e.id for e in comp.examples if e.flip == "wrong→right"],
-            "kl_mean": (comp.divergence.get("kl") or {}).get("mean"), "errors": comp.errors,
-            "build_seconds": round(build_s, 2), "seconds": round(time.perf_counter() - t0, 2),
-            "original_latency_example": comp.original["seconds_per_example"],
-        }
-        judge(record, con, allowed)
-        _append(out / RESULTS, record)
-        results.append(record)
-        durations.append(record["seconds"] - (sum(v[1] for v in cache.values()) - original_before))  # less the original's once-only run
-        if recommend(results, con.objective, con.latency_per) is record:
-            write_json(staging / "candidate.json", record)
-            _promote(staging, out / "best")
-        shutil.rmtree(staging, ignore_errors=True)
-        mark = "[green]qualifies[/green]" if record["qualifies"] else f"[red]misses {', '.join(record['miss'])}[/red]"
-        console.print(f"  {record['change']:+.1f} points (CI {record['ci_low']:+.1f}…{record['ci_high']:+.1f}), "
-                      f"{human_bytes(record['size_bytes'])}, {record['latency_example'] * 1e3:,.0f} ms/example: {mark}")
-        del cand_model
+            durations.append(record["seconds"] - (sum(v[1] for v in cache.values()) - original_before))  # less the original's once-only run
+            if recommend(results, con.objective, con.latency_per) is record:
+                write_json(staging / "candidate.json", record)
+                _promote(staging, out / "best")
+            shutil.rmtree(staging, ignore_errors=True)
+            mark = "[green]qualifies[/green]" if record["qualifies"] else f"[red]misses {', '.join(record['miss'])}[/red]"
+            console.print(f"  {record['change']:+.1f} points (CI {record['ci_low']:+.1f}…{record['ci_high']:+.1f}), "
+                          f"{human_bytes(record['size_bytes'])}, {record['latency_example'] * 1e3:,.0f} ms/example: {mark}")
+            del cand_model
 
-    best = recommend(results, con.objective, con.latency_per)
-    if original_info["latency_example"] is None and results:
-        done = [r for r in results if r.get("status") == "done"]
-        if done:
-            original_info["latency_example"] = done[0]["original_latency_example"]
-            original_info["score"] = done[0]["original_score"]
-    result = SearchResult(original_info, results, skipped, untried, best, explain(best, con, original_info),
-                          con.to_dict(), {"name": task.name, "kind": task.kind, "source": task.source,
-                                          "examples": len(task.examples)}, str(out), time.perf_counter() - t_start)
-    if best is not None and _best_name(out) != best["candidate"]["name"]:  # the constraints changed on resume
-        _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data,
-                      distill_seconds, distill_options or {}, progress)
-    from ..report.search import write_search_report
+        best = recommend(results, con.objective, con.latency_per)
+        if original_info["latency_example"] is None and results:
+            done = [r for r in results if r.get("status") == "done"]
+            if done:
+                original_info["latency_example"] = done[0]["original_latency_example"]
+                original_info["score"] = done[0]["original_score"]
+        result = SearchResult(original_info, results, skipped, untried, best, explain(best, con, original_info),
+                              con.to_dict(), {"name": task.name, "kind": task.kind, "source": task.source,
+                                              "examples": len(task.examples)}, str(out), time.perf_counter() - t_start)
+        if best is not None and _best_name(out) != best["candidate"]["name"]:  # the constraints changed on resume
+            _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data,
+                          distill_seconds, distill_options or {}, progress)
+        from ..report.search import write_search_report
 
-    write_search_report(result, task, out)
-    return result
+        write_search_report(result, task, out)
+        return result
 
 
 def _best_name(out: Path) -> str | None:
@@ -314,7 +334,9 @@ def _train_student(spec: str, teacher: nn.Module, tok, data, out: Path, seconds:
         return load_model(folder / "model").model.eval()
     opts = {"steps": 2000, "time_budget": seconds, "eval_every": 200, "checkpoint_every": 50, **options}
     resume = (folder / "checkpoint" / "state.pt").is_file()
-    student, _ = distill(teacher, spec, data, out=folder, tokenizer=tok, resume=resume, progress=progress, **opts)
+    # inside the search's own folder: what a killed run left there before its first checkpoint is started again
+    student, _ = distill(teacher, spec, data, out=folder, tokenizer=tok, resume=resume, force=not resume,
+                         progress=progress, **opts)
     return student.eval()
 
 
