@@ -610,6 +610,11 @@ def inspect(path):
 
     if Path(path).is_dir() and is_shrink_folder(path):
         m, header = check(path)
+        if m["kind"] == "transformers":
+            from .io import load
+
+            load(path)  # the rest of what loading checks (config.json, every tensor of the model); a plain
+            # PyTorch model cannot be rebuilt without its class, so only the checks above apply to it
         rows = _folder_rows(m, header)
         t = Table(title=f"{path}: shrink format {m['format_version']}, {m.get('architecture')}, method {m.get('method')}")
         for col in ("tensors of", "modules", "tensors", "MB"):

@@ -223,3 +223,8 @@ def check_modules_against_header(manifest: dict, header: dict, weights: Path, ma
                 raise ShrinkError(f"{manifest_path}: module {name!r} ({info['format']}, {info['in_features']} -> "
                                   f"{info['out_features']}) needs {key!r} of shape {shape} {dtype}; {weights.name} "
                                   f"holds {header[key][0]} {header[key][1]}")
+    for key in header:
+        module, _, leaf = key.rpartition(".")
+        if leaf in ("qweight", "scales", "zeros") and module not in manifest["modules"]:
+            raise ShrinkError(f"{weights}: holds quantized tensors of {module!r}, a module {manifest_path.name} "
+                              "does not list")

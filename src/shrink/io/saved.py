@@ -95,6 +95,7 @@ def check(directory: str | Path) -> tuple[dict, dict]:
     Returns (manifest, header: tensor -> (shape, dtype)); raises ShrinkError naming the file and field."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    refuse_custom_code(directory)
     verify_files(directory, manifest)
     weights = directory / WEIGHTS
     header = header_shapes(weights)
