@@ -23,8 +23,11 @@ def _prefix(target: Path) -> str:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+    from .outdir import remove_stale_temporaries
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

@@ -129,11 +129,11 @@ def read_mark(path: Path) -> dict | None:
 
 
 def _foreign(path: Path, names: set[str]) -> list[str]:
-    """Entries of `path` that are not among `names` (nor the marker, nor a temporary of one of them)."""
+    """Entries of `path` that are not among `names` (nor the marker, nor a temporary or lock of one of them)."""
     out = []
     for p in sorted(path.iterdir()):
         base = p.name
-        m = re.match(r"^\.(.+)\.\d+\.[^.]+\.(tmp|old)$", base)
+        m = re.match(r"^\.(.+)\.\d+\.[^.]+\.(tmp|old)$", base) or re.match(r"^\.(.+)\.lock$", base)
         if base in names or base == MARK or (m and m.group(1) in names):
             continue
         out.append(base)

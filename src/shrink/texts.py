@@ -8,16 +8,25 @@ from pathlib import Path
 from .errors import ShrinkError
 
 
+def read_utf8(path: Path, what: str = "file") -> str:
+    """The text of `path`; ShrinkError naming the file when it is missing, a folder, or not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ShrinkError(f"{path}: no such {what}") from None
+    except UnicodeDecodeError as e:
+        raise ShrinkError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ShrinkError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
 def read_texts(path: str | Path, what: str = "text file") -> list[str]:
     """Texts of a .txt file (one text) or a .jsonl file (one per line: "text", or "input" and optional
     "target" joined); errors name the file and line, and call the file `what`."""
     path = Path(path)
     if not path.is_file():
         raise ShrinkError(f"{path}: {what} not found")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ShrinkError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    raw = read_utf8(path, what)
     if path.suffix.lower() not in (".jsonl", ".json"):
         if not raw.strip():
             raise ShrinkError(f"{path}: {what} is empty")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..arrays import read_arrays
 from ..errors import ShrinkError
+from ..texts import read_utf8
 
 MAX_LINE_BYTES = 1_000_000  # one example; a longer line is a mistake (and would exhaust the tokenizer)
 KINDS = ("generation", "choice", "classification", "perplexity", "tensor")
@@ -146,12 +147,7 @@ def _check_example(obj, where: str, line: int) -> Example:
 def read_jsonl(path: str | os.PathLike, name: str | None = None) -> Task:
     """Read a JSON Lines task file. Errors name the file and line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ShrinkError(f"{path}: no such task file") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise ShrinkError(f"{path}: not a UTF-8 text file ({e})") from None
+    text = read_utf8(path, "task file")
     examples, kind, seen = [], None, {}
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import ShrinkError
 from ..quant import METHODS, parse_format
 from ..quant.packing import packed_width
+from ..texts import read_utf8
 
 FORMAT_VERSION = 1
 MANIFEST = "shrink.json"
@@ -35,12 +36,7 @@ def _int(value, lo: int, hi: int | None = None) -> bool:
 
 def read_json(path: Path, what: str = "file"):
     """JSON from `path`; ShrinkError naming the file (and line) when it is not JSON."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ShrinkError(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ShrinkError(f"{path}: cannot read ({e})") from None
+    text = read_utf8(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

