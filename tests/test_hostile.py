@@ -475,15 +475,18 @@ def test_two_writers_on_one_out(tmp_path, hf):
 
 
 def test_a_held_folder_is_refused_with_the_holders_process_id(tmp_path, hf):
-    out = tmp_path / "q"
+    out, s = tmp_path / "q", tmp_path / "s"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shrink.outdir import claim\n"
-                               f"with claim({str(out)!r}, 'quantize', owned=lambda p: False):\n"
+                               f"with claim({str(out)!r}, 'quantize', owned=lambda p: False), "
+                               f"claim({str(s)!r}, 'search', ['search.json']):\n"
                                "    print('held', flush=True)\n    time.sleep(120)\n"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         refused(run("quantize", hf, "-f", "int8", "-o", out), str(out),
                 f"another shrink (shrink quantize, process {holder.pid}) is writing to this folder")
+        # a search resumed beside a running one would measure its candidates twice
+        refused(run("search", hf, "-o", s, "--resume"), str(s), f"another shrink (shrink search, process {holder.pid})")
     finally:
         holder.kill()
         holder.wait()
