@@ -277,12 +277,10 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
     """
     from contextlib import nullcontext
 
-    from .distill import DistillConfig, finish_distributed, init_distributed, parameter_count
-    from .distilling import OUT_NAMES, distill as run_distill
+    from .distill import finish_distributed, init_distributed
+    from .distilling import OUT_NAMES
     from .outdir import claim
 
-    if resume and force:
-        raise ShrinkError("--resume continues the run in --out and --force starts it again: give one of them")
     rank, world = init_distributed()
     with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if rank == 0 else nullcontext():
         _distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
@@ -367,10 +365,10 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
     from .evaluate import load_task
     from .outdir import claim
 
-    tk = load_task(task)  # fail on a bad task before loading models
-    if scorer and tk.kind != "generation":
-        raise ShrinkError(f"--scorer scores generated outputs; {tk.source or tk.name} is a {tk.kind} task, scored "
-                          "without one (leave out --scorer)")
+    from .evaluate.compare import check_options
+
+    tk = load_task(task)  # fail on a bad task or options before loading models
+    check_options(tk, tolerance, scorer)
     with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
         with console.status("loading models"):
             from .io import load_model
@@ -503,8 +501,6 @@ def _claim_search(out: Path, resume: bool, force: bool):
     from .outdir import claim
     from .search.run import OUT_NAMES
 
-    if resume and force:
-        raise ShrinkError("--resume continues the search in --out and --force starts it again: give one of them")
     return claim(out, "search", OUT_NAMES, force=force, resume=resume)
 
 

@@ -107,8 +107,6 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
     from .distill import init_distributed
     from .outdir import claim
 
-    if resume and force:
-        raise ShrinkError("resume continues the run in out and force starts it again: give one of them")
     held = out is not None and init_distributed()[0] == 0  # under torchrun only rank 0 writes
     with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if held else nullcontext():
         return _distill(teacher, student, data, out, config, tokenizer, intermediate_size, student_record, seq_len,

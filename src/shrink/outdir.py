@@ -208,6 +208,9 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
     Nested claims of one folder in one process are allowed and do nothing. An error inside the block
     leaves no folder behind if the claim made it and nothing but the marker was written.
     """
+    if force and resume:
+        raise ShrinkError(f"{path}: --resume (resume=True) continues shrink's output there and --force (force=True) "
+                          "starts it again: give one of them")
     path = Path(path)
     key = _key(path)
     if key in _held:

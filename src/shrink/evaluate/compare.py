@@ -226,6 +226,16 @@ def _compare_example(a: Adapter, b: Adapter, ex, task: Task, score_fn, perplexit
     return r, kl, same
 
 
+def check_options(task: Task, tolerance: float, scorer: str | None) -> None:
+    """Refuse, before any model runs, a tolerance that is not a finite number of 0 or more, and a scorer
+    for a task whose kind is scored without one (its file would be run for nothing)."""
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ShrinkError(f"tolerance must be a number of points (or percent) of 0 or more, got {tolerance!r}")
+    if scorer and task.kind != "generation":
+        raise ShrinkError(f"--scorer scores generated outputs; {task.source or task.name} is a {task.kind} task, "
+                          "scored without one (leave out --scorer)")
+
+
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
             tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
             chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
@@ -245,11 +255,7 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     time, with the same task, tokenizer and options (default None: no cache).
     """
     task = load_task(task)
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
-        raise ShrinkError(f"tolerance must be a number of points (or percent) of 0 or more, got {tolerance!r}")
-    if scorer and task.kind != "generation":
-        raise ShrinkError(f"a scorer scores generated outputs; task {task.name!r} is a {task.kind} task, "
-                          "which is scored without one (leave out --scorer)")
+    check_options(task, tolerance, scorer)
     score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
     a = adapter_for(original, tokenizer, chat_template, max_new_tokens)
     b = adapter_for(compressed, compressed_tokenizer or tokenizer, chat_template, max_new_tokens)
@@ -303,7 +309,7 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
                                                   overall.ci_low, overall.ci_high)):
         within = False  # a result holding NaN can never be within tolerance
         shown = ", ".join(map(repr, nan[:5])) + (" ..." if len(nan) > 5 else "")
-        verdict = (f"CANNOT TELL, so PAST THE SWEET SPOT: the scores hold NaN or infinity"
+        verdict = ("CANNOT TELL, so PAST THE SWEET SPOT: the scores hold NaN or infinity"
                    + (f" (examples {shown})" if nan else "") + "; a model produced non-finite outputs")
 
     divergence = {}

@@ -6,7 +6,6 @@ and a Hugging Face model is rebuilt from `config.json` with a class built into t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch.nn as nn
@@ -194,8 +193,7 @@ def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
-    refuse_custom_code(directory)
-    try:
+    try:  # check() has refused a folder that asks to run its own code
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as e:
         raise ShrinkError(f"{directory / 'config.json'}: cannot read Hugging Face config ({e})") from None

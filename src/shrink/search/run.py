@@ -158,8 +158,6 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     (default False) starts it again (its files are removed; nothing else may be in it).
     Returns a SearchResult; the report is written to out/report.html, report.md and results.json.
     """
-    if resume and force:
-        raise ShrinkError("resume continues the search in out and force starts it again: give one of them")
     with claim(out, "search", OUT_NAMES, force=force, resume=resume):
         t_start = time.perf_counter()
         if constraint_options and constraints is not None:
