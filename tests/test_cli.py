@@ -33,7 +33,7 @@ def test_quantize_writes_folder_and_results(hf_folder, tmp_path):
 
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
-    assert "Linear int4-g32" in r.output and "shrink format 1" in r.output
+    assert "Linear int4-g32" in r.output and "shrink format 2" in r.output
 
 
 def test_layer_overrides(hf_folder, tmp_path):
@@ -74,10 +74,10 @@ def test_newer_format_version_is_refused(hf_folder, tmp_path):
     out = tmp_path / "q"
     assert CliRunner().invoke(main, ["quantize", str(hf_folder), "-f", "int8", "-o", str(out)]).exit_code == 0
     data = json.loads((out / "shrink.json").read_text())
-    data["format_version"] = 2
+    data["format_version"] = 3
     (out / "shrink.json").write_text(json.dumps(data))
     r = _run("inspect", str(out))
-    assert r.returncode == 1 and "format version 2, newer than this shrink reads (1)" in r.stderr
+    assert r.returncode == 1 and "format version 3, newer than this shrink reads (2)" in r.stderr
 
 
 def test_help_states_defaults():

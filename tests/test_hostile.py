@@ -230,10 +230,12 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, hf):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_shrink_folder_that_lost_its_manifest_or_was_damaged(tmp_path, q):
-    lost = copy(q, tmp_path / "lost")
-    (lost / "shrink.json").unlink()
-    refused(run("quantize", lost, "-f", "int8", "-o", tmp_path / "o"), "lost its shrink.json")
+def test_a_shrink_folder_that_lost_its_manifest_or_was_damaged(tmp_path, hf, q):
+    asym = tmp_path / "asym"
+    assert run("quantize", hf, "-f", "int4-g32-asym", "-o", asym).returncode == 0
+    (asym / "shrink.json").unlink()  # shrink's own layout: nothing can load it without the manifest
+    refused(run("quantize", asym, "-f", "int8", "-o", tmp_path / "o"),
+            "holds shrink's own weights (model.shrink.safetensors) but no shrink.json")
     flipped = copy(q, tmp_path / "flipped")
     w = flipped / "model.safetensors"
     data = bytearray(w.read_bytes())

@@ -21,8 +21,9 @@ def test_hf_round_trip_bit_identical(tmp_path, spec):
     ids = torch.randint(3, 96, (2, 10))
     before = _logits(model, ids)
     shrink.save(model, tmp_path / "q")
+    asym = "asym" in str(spec)  # no exact pack-quantized form: shrink's own layout, under its own name
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "shrink.json"]
+        "config.json", "generation_config.json", "model.shrink.safetensors" if asym else "model.safetensors", "shrink.json"]
     loaded = shrink.load(tmp_path / "q")
     assert isinstance(loaded.model.layers[0].mlp.up_proj, QuantLinear)
     assert torch.equal(_logits(loaded, ids), before)
@@ -83,7 +84,7 @@ def test_bad_folders(tmp_path):
     with pytest.raises(ShrinkError, match=r"shrink.json: invalid JSON at line 3"):
         shrink.load(tmp_path / "q")
 
-    data["format_version"] = 1
+    data["format_version"] = shrink.io.FORMAT_VERSION
     manifest.write_text(json.dumps(data))
     weights = tmp_path / "q" / "model.safetensors"
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
@@ -105,9 +106,17 @@ def test_manifest_and_weights_must_agree(tmp_path):
     data["modules"]["model.layers.0.mlp.up_proj"]["format"] = "int4-g32"
     manifest.write_text(json.dumps(data))
     with pytest.raises(ShrinkError, match=r"shrink.json: module 'model.layers.0.mlp.up_proj' \(int4-g32, 64 -> 128\) "
-                                          r"needs 'model.layers.0.mlp.up_proj.qweight' of shape \(128, 32\) U8; "
-                                          r"model.safetensors holds \(128, 64\) U8"):
+                                          r"needs 'model.layers.0.mlp.up_proj.weight_packed' of shape \(128, 8\) I32; "
+                                          r"model.safetensors holds \(128, 16\) I32"):
         shrink.load(tmp_path / "q")
+    shrink.save(shrink.quantize(tiny_llama(), "int8-asym", progress=False), tmp_path / "a")  # shrink's layout
+    manifest = tmp_path / "a" / "shrink.json"
+    data = json.loads(manifest.read_text())
+    data["modules"]["model.layers.0.mlp.up_proj"]["format"] = "int4-g32-asym"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ShrinkError, match=r"needs 'model.layers.0.mlp.up_proj.qweight' of shape \(128, 32\) U8; "
+                                          r"model.shrink.safetensors holds \(128, 64\) U8"):
+        shrink.load(tmp_path / "a")
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -117,7 +126,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(saved, "save_model", boom)
+    monkeypatch.setattr(saved, "save_file", boom)  # the pack-quantized layout's writer
     with pytest.raises(RuntimeError, match="disk full"):
         shrink.save(model, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []  # no half-written folder, no temporary left behind

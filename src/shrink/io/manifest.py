@@ -9,6 +9,10 @@ The fields (format_version 1):
     kept_full_precision  [str]                           calibration     object or null
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
                     (absent in folders written before it was added; then nothing is verified)
+    layout          (format_version 2) "pack-quantized": model.safetensors in compressed-tensors' layout,
+                    loadable by transformers and vLLM (symmetric formats only); "shrink": shrink's own packed
+                    layout in model.shrink.safetensors, a name no other loader reads, so they fail loudly.
+                    Format 1 folders hold shrink's layout in model.safetensors.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from ..quant import METHODS, parse_format
 from ..quant.packing import packed_width
 from ..texts import read_utf8
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "shrink.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # pack-quantized (and format 1)
+WEIGHTS_NATIVE = "model.shrink.safetensors"  # shrink's own layout: other loaders find no weights and stop
+LAYOUTS = ("pack-quantized", "shrink")
 MAX_FEATURES = 1 << 20  # a layer wider than a million inputs or outputs is a corrupt manifest, not a model
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -89,6 +95,17 @@ def validate(manifest, path: Path) -> dict:
         if not spec.cast and info["in_features"] % spec.group_for(info["in_features"]):
             raise ShrinkError(f"{path}: field '{where}': group size {spec.group_size} of {spec.name} does not divide "
                               f"in_features {info['in_features']}")
+    layout = manifest.get("layout")
+    if version >= 2 and layout not in LAYOUTS:
+        raise bad("layout", f"one of {', '.join(LAYOUTS)}", layout)
+    if version == 1 and layout is not None:
+        raise bad("layout", "absent in format version 1", layout)
+    if layout == "pack-quantized":
+        for name, info in modules.items():
+            spec = parse_format(info["format"])
+            if not spec.cast and not spec.symmetric:
+                raise ShrinkError(f"{path}: field 'modules.{name}.format': {spec.name} cannot be stored "
+                                  "pack-quantized (layout); asymmetric formats use layout 'shrink'")
     kept = manifest.get("kept_full_precision", [])
     if not isinstance(kept, list) or not all(isinstance(k, str) and k for k in kept):
         raise bad("kept_full_precision", "a list of module names", kept)
@@ -156,7 +173,7 @@ def is_own_folder(directory: str | Path) -> bool:
     present.pop(MANIFEST, None)
     if present != {k: v["bytes"] for k, v in files.items()}:
         return False
-    return all(sha256(directory / k) == v["sha256"] for k, v in files.items() if k != WEIGHTS)
+    return all(sha256(directory / k) == v["sha256"] for k, v in files.items() if not k.endswith(".safetensors"))
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
@@ -188,10 +205,24 @@ def header_shapes(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise ShrinkError(f"{weights}: cannot read ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def expected_module_tensors(name: str, info: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The tensors a quantized module of the manifest stores: {tensor name: (shape, safetensors dtype)}."""
+def layout(manifest: dict) -> str:
+    """The folder's tensor layout ("pack-quantized" or "shrink")."""
+    return manifest.get("layout") or "shrink"
+
+
+def weights_file(manifest: dict) -> str:
+    """The name of the folder's weights file."""
+    return WEIGHTS_NATIVE if manifest["format_version"] >= 2 and layout(manifest) == "shrink" else WEIGHTS
+
+
+def expected_module_tensors(name: str, info: dict, packed: str = "shrink") -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors a quantized module of the manifest stores in layout `packed`: {tensor: (shape, dtype)}."""
     spec = parse_format(info["format"])
     i, o = info["in_features"], info["out_features"]
+    if packed == "pack-quantized" and not spec.cast:
+        from .packformat import expected
+
+        return expected(name, spec, i, o, info["bias"])
     if spec.cast:
         dt = "BF16" if spec.cast == "bf16" else "F16"
         out = {f"{name}.weight": ((o, i), dt)}
@@ -211,7 +242,7 @@ def check_modules_against_header(manifest: dict, header: dict, weights: Path, ma
     """Every module the manifest declares must be in the weights file with the shapes its format implies,
     checked before any layer is built (a manifest cannot make shrink allocate more than the file holds)."""
     for name, info in manifest["modules"].items():
-        for key, (shape, dtype) in expected_module_tensors(name, info).items():
+        for key, (shape, dtype) in expected_module_tensors(name, info, layout(manifest)).items():
             if key not in header:
                 raise ShrinkError(f"{manifest_path}: module {name!r} ({info['format']}) needs tensor {key!r}, "
                                   f"which {weights.name} does not hold")
@@ -221,6 +252,7 @@ def check_modules_against_header(manifest: dict, header: dict, weights: Path, ma
                                   f"holds {header[key][0]} {header[key][1]}")
     for key in header:
         module, _, leaf = key.rpartition(".")
-        if leaf in ("qweight", "scales", "zeros") and module not in manifest["modules"]:
+        if leaf in ("qweight", "scales", "zeros", "weight_packed", "weight_scale", "weight_shape") and \
+                module not in manifest["modules"]:
             raise ShrinkError(f"{weights}: holds quantized tensors of {module!r}, a module {manifest_path.name} "
                               "does not list")

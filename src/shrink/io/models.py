@@ -63,6 +63,9 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     if saved.is_shrink_folder(path):
         model = saved.load(path)
         return LoadedModel(model, _tokenizer_or_none(path), {"kind": "shrink", "path": str(path)})
+    if (path / saved.WEIGHTS_NATIVE).is_file():
+        raise ShrinkError(f"{path} holds shrink's own weights ({saved.WEIGHTS_NATIVE}) but no {saved.MANIFEST}, "
+                          "which says what they are; it cannot be loaded without it")
     if (path / "config.json").is_file():
         return load_hf_folder(path)
     if (path / "student.json").is_file():

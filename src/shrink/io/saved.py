@@ -1,4 +1,8 @@
-"""Save and load compressed models as a folder: model.safetensors + shrink.json (+ HF config, tokenizer).
+"""Save and load compressed models as a folder: weights in safetensors + shrink.json (+ HF config, tokenizer).
+
+Where every quantized layer's format is symmetric, the folder is also a Hugging Face checkpoint in
+compressed-tensors' pack-quantized layout (packformat.py): transformers and vLLM load it without shrink.
+Otherwise the weights are in shrink's own layout under a name no other loader reads, so they fail loudly.
 
 Loading never executes code from the folder: tensors come from safetensors, the manifest is JSON,
 and a Hugging Face model is rebuilt from `config.json` with a class built into transformers.
@@ -6,11 +10,12 @@ and a Hugging Face model is rebuilt from `config.json` with a class built into t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from .. import __version__
 from ..atomic import atomic_dir, write_json
@@ -18,8 +23,9 @@ from ..errors import ShrinkError
 from ..outdir import claim
 from ..quant import CastLinear, QuantLinear, parse_format
 from ..quant.apply import _set_submodule
-from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, check_modules_against_header, file_record, header_shapes,
-                       is_own_folder, read_manifest, verify_files)
+from . import packformat
+from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, WEIGHTS_NATIVE, check_modules_against_header, file_record,
+                       header_shapes, is_own_folder, layout, read_manifest, verify_files, weights_file)
 from .safety import check_config_fits, refuse_custom_code
 
 
@@ -45,6 +51,7 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
             modules[name] = {"format": m.spec.name, "in_features": m.in_features,
                              "out_features": m.out_features, "bias": m.bias is not None}
     formats = getattr(model, "shrink_formats", {}) or {}
+    quant = [m.spec for m in model.modules() if isinstance(m, QuantLinear)]
     return {
         "format_version": FORMAT_VERSION,
         "shrink_version": __version__,
@@ -55,7 +62,37 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "modules": modules,
         "kept_full_precision": sorted(n for n, f in formats.items() if f is None),
         "calibration": getattr(model, "shrink_calibration", None),
+        "layout": "pack-quantized" if all(packformat.exportable(s) for s in quant) else "shrink",
     }
+
+
+def _pack_quantized_state(model: nn.Module) -> dict:
+    """The model's tensors with each QuantLinear in compressed-tensors' pack-quantized layout; tied tensors
+    once, under their first name (the input embedding, which transformers ties the output layer to)."""
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if name.rpartition(".")[0] in quant:
+            continue
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = t.detach().contiguous()
+    for name, layer in quant.items():
+        state.update({f"{name}.{k}": v for k, v in packformat.module_tensors(layer).items()})
+    return state
+
+
+def _add_quantization_config(path: Path, model: nn.Module) -> None:
+    """config.json gains the quantization_config transformers and vLLM read for pack-quantized weights.
+    torch_dtype float16: vLLM makes its scale tensors in the model's dtype, and the scales are fp16."""
+    cfg = json.loads(path.read_text())
+    quant = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, CastLinear))]
+    cfg["quantization_config"] = packformat.quantization_config(quant, linear)
+    cfg["torch_dtype"] = "float16"
+    write_json(path, cfg)
 
 
 def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None, *,
@@ -70,13 +107,19 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     manifest = manifest_for(model, source)
     with claim(directory, "quantize", owned=is_own_folder, force=force), \
             atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p)) as tmp:
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "shrink_format_version": str(FORMAT_VERSION)})
+        meta = {"format": "pt", "shrink_format_version": str(FORMAT_VERSION)}
+        if manifest["layout"] == "pack-quantized":
+            save_file(_pack_quantized_state(model), str(tmp / WEIGHTS), metadata=meta)
+        else:
+            save_model(model, str(tmp / WEIGHTS_NATIVE), metadata=meta)
         if manifest["kind"] == "transformers":
             cfg = model.config
             if getattr(cfg, "quantization_config", None) is not None:
                 del cfg.quantization_config  # the GGUF origin is in shrink.json; transformers must not re-quantize
             cfg.architectures = [type(model).__name__]
             cfg.save_pretrained(tmp)
+            if manifest["layout"] == "pack-quantized" and manifest["modules"]:
+                _add_quantization_config(tmp / "config.json", model)
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)
             if tokenizer is not None:
@@ -96,7 +139,7 @@ def check(directory: str | Path) -> tuple[dict, dict]:
     manifest = read_manifest(directory)
     refuse_custom_code(directory)
     verify_files(directory, manifest)
-    weights = directory / WEIGHTS
+    weights = directory / weights_file(manifest)
     header = header_shapes(weights)
     check_modules_against_header(manifest, header, weights, directory / MANIFEST)
     return manifest, header
@@ -114,7 +157,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     """
     directory = Path(directory)
     manifest, header = check(directory)
-    weights = directory / WEIGHTS
+    weights = directory / weights_file(manifest)
     if model is None:
         if manifest["kind"] != "transformers":
             raise ShrinkError(
@@ -137,6 +180,14 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ShrinkError(f"{weights}: cannot read ({e})") from None
+    if layout(manifest) == "pack-quantized":
+        for name, info in manifest["modules"].items():
+            spec = parse_format(info["format"])
+            if not spec.cast:
+                try:
+                    packformat.to_shrink(state, name, spec, info["in_features"], info["out_features"])
+                except (ValueError, RuntimeError) as e:
+                    raise ShrinkError(f"{weights}: module {name!r}: {e}") from None
     _load_state(model, state, weights)
     model.shrink_formats = {n: i["format"] for n, i in manifest["modules"].items()}
     model.shrink_formats.update({n: None for n in manifest.get("kept_full_precision", [])})
@@ -197,6 +248,8 @@ def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as e:
         raise ShrinkError(f"{directory / 'config.json'}: cannot read Hugging Face config ({e})") from None
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # shrink fills its own quantized layers; transformers must not
     archs = getattr(config, "architectures", None) or ([architecture] if architecture else [])
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ShrinkError(f"{directory / 'config.json'}: 'architectures' must be a list of class names, got {archs!r}")

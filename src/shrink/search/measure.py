@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from ..evaluate.compare import model_bytes
-from ..io import save
-from ..io.saved import WEIGHTS
+from ..io import read_manifest, save
+from ..io.manifest import weights_file
 
 __all__ = ["disk_bytes", "memory_bytes", "seconds_per_token"]
 
@@ -21,7 +21,7 @@ def disk_bytes(model: nn.Module, folder: Path, tokenizer=None) -> int:
     """Save `model` to `folder` as shrink saves any model and return the size of its weights file
     (config, manifest and tokenizer are the same few kilobytes for every candidate)."""
     save(model, folder, tokenizer=tokenizer)
-    return (Path(folder) / WEIGHTS).stat().st_size
+    return (Path(folder) / weights_file(read_manifest(folder))).stat().st_size
 
 
 @torch.no_grad()
