@@ -66,3 +66,74 @@ def test_format_1_folders_still_load(tmp_path):
     (q / "shrink.json").write_text(json.dumps(data))
     ids = torch.randint(3, 96, (1, 9))
     assert torch.equal(_logits(shrink.load(q), ids), _logits(model, ids))
+
+
+# ---- other tools' checkpoints: compressed-tensors pack-quantized, written by the real library ----------
+
+def _ct_checkpoint(path, **weights):
+    """A tiny Llama quantized and saved by compressed-tensors itself (scales from its own calculate_qparams)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = tiny_llama(tie=True)
+    args = QuantizationArgs(**{"num_bits": 4, "group_size": 32, "strategy": "group", "symmetric": True, **weights})
+    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                            ignore=["lm_head"])
+    apply_quantization_config(model, qc)
+    for _, m in model.named_modules():
+        if hasattr(m, "weight_scale"):
+            g = m.weight.detach().reshape(m.weight.shape[0], -1, args.group_size or m.weight.shape[1])
+            scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
+            m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+            if hasattr(m, "weight_zero_point"):
+                m.weight_zero_point.data.copy_(zp.reshape(m.weight_zero_point.shape))
+    comp = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    comp.compress_model(model)
+    model.save_pretrained(path)
+    comp.update_config(path)
+    return path
+
+
+@pytest.mark.parametrize("weights", [{}, {"group_size": 64}, {"strategy": "channel", "group_size": None}, {"num_bits": 8}])
+def test_compressed_tensors_checkpoints_load_into_quantlinear(tmp_path, weights, capfd):
+    from safetensors.torch import load_file
+
+    path = _ct_checkpoint(tmp_path / "ct", **weights)
+    loaded = shrink.load_model(path)
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, QuantLinear) and loaded.source["kind"] == "compressed-tensors"
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    state = load_file(path / "model.safetensors")
+    bits = layer.spec.bits
+    theirs = unpack_from_int32(state["model.layers.0.mlp.up_proj.weight_packed"], bits, torch.Size([128, 64]))
+    ours = shrink.quant.packing.unpack(layer.qweight, bits, 64).to(torch.int16) - (1 << (bits - 1))
+    assert torch.equal(ours, theirs.to(torch.int16))  # the codes, exactly
+    assert torch.equal(layer.scales, state["model.layers.0.mlp.up_proj.weight_scale"].half())
+    assert "scales rounded to float16" in capfd.readouterr().err  # they were float32: said so
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(3, 96, (2, 12))
+    for m in loaded.model.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "torch"
+    a, b = _logits(loaded.model, ids), _logits(hf, ids)
+    assert (a - b).abs().max() < 2e-3 * a.abs().max()  # codes exact; only the scales' float16 rounding differs
+
+
+@pytest.mark.parametrize("weights,needle", [
+    ({"symmetric": False}, "config_groups.group_0: asymmetric"),
+    ({"group_size": 16, "num_bits": 5}, "config_groups.group_0: 5 bits"),
+    ({"edit": {"actorder": "dynamic"}}, "config_groups.group_0: activation order 'dynamic'"),
+    ({"edit": {"strategy": "tensor"}}, "config_groups.group_0: strategy 'tensor'"),
+])
+def test_compressed_tensors_schemes_shrink_cannot_hold_are_refused(tmp_path, weights, needle):
+    edit = weights.pop("edit", None)
+    path = _ct_checkpoint(tmp_path / "ct", **weights)
+    if edit:  # schemes this version of compressed-tensors no longer writes, as older checkpoints have them
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["quantization_config"]["config_groups"]["group_0"]["weights"].update(edit)
+        (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(shrink.ShrinkError, match=needle.replace(".", r"\.")):
+        shrink.load_model(path)

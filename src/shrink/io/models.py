@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
         raise ShrinkError(f"{path} holds shrink's own weights ({saved.WEIGHTS_NATIVE}) but no {saved.MANIFEST}, "
                           "which says what they are; it cannot be loaded without it")
     if (path / "config.json").is_file():
+        qc = _quantization_config(path)
+        if qc is not None and qc.get("quant_method") == "compressed-tensors":
+            return load_pack_quantized(path, qc)
         return load_hf_folder(path)
     if (path / "student.json").is_file():
         return load_spec_folder(path)
@@ -176,6 +180,83 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
     _check_loading_info(info, path)
     model.eval()
     return LoadedModel(model, _tokenizer_or_none(path), {"kind": "huggingface", "path": str(path)})
+
+
+def _quantization_config(path: Path) -> dict | None:
+    from .manifest import read_json
+
+    cfg = read_json(path / "config.json", "config file")
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> LoadedModel:
+    """A compressed-tensors `pack-quantized` folder (as llm-compressor writes it) as shrink QuantLinear
+    layers running shrink's kernels: codes copied exactly, scales as fp16 (said so when that rounds them).
+    Schemes shrink's formats cannot hold are refused naming the group and the reason."""
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from ..quant import QuantLinear
+    from ..quant.apply import _set_submodule
+    from . import packformat
+    from .manifest import header_shapes
+
+    path = Path(path)
+    refuse_custom_code(path)
+    qc = qc or _quantization_config(path) or {}
+    weights = path / saved.WEIGHTS
+    if not weights.is_file():
+        raise ShrinkError(f"{path}: no {saved.WEIGHTS} (sharded compressed-tensors checkpoints are not read yet)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    del config.quantization_config
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ShrinkError(f"{path / 'config.json'}: unknown architecture {archs!r} (a model class of transformers)")
+    check_config_fits(cls, config, path / "config.json")
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    formats = packformat.formats_of(qc, model, str(path / "config.json"))
+    header = header_shapes(weights)
+    for name, spec in formats.items():
+        lin = model.get_submodule(name)
+        want = packformat.expected(name, spec, lin.in_features, lin.out_features, lin.bias is not None)
+        for key, (shape, _) in want.items():
+            got = header.get(key)
+            if got is None or got[0] != shape:
+                raise ShrinkError(f"{weights}: layer {name!r} ({spec.name}) needs {key!r} of shape {shape}, "
+                                  f"found {got[0] if got else 'none'}")
+        _set_submodule(model, name, QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None))
+    state = load_file(str(weights))
+    worst = 0.0
+    for name, spec in formats.items():
+        key = f"{name}.weight_scale"
+        s = state[key]
+        half = s.to(torch.float16)
+        if s.dtype != torch.float16:
+            worst = max(worst, float(((half.to(s.dtype) - s).abs() / s.abs().clamp_min(1e-30)).max()))
+        if not torch.isfinite(half).all() or (half == 0).logical_and(s != 0).any():
+            raise ShrinkError(f"{weights}: layer {name!r}: scales outside the range of float16")
+        state[key] = half
+        lin = model.get_submodule(name)
+        packformat.to_shrink(state, name, spec, lin.in_features, lin.out_features)
+        if f"{name}.bias" in state:
+            state[f"{name}.bias"] = state[f"{name}.bias"].float()
+    saved._load_state(model, state, weights)
+    note = None
+    if worst > 0:
+        note = f"scales rounded to float16 (largest relative change {worst:.1e})"
+        print(f"note: {path}: {note}", file=sys.stderr)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    model.shrink_formats = {**{n: s.name for n, s in formats.items()}, **{n: None for n in linear}}
+    model.shrink_method = None
+    model.eval()
+    source = {"kind": "compressed-tensors", "path": str(path), **({"note": note} if note else {})}
+    model.shrink_source = source
+    return LoadedModel(model, _tokenizer_or_none(path), source)
 
 
 def _check_loading_info(info: dict, path: Path) -> None:

@@ -80,3 +80,56 @@ def quantization_config(formats: dict[str, QuantSpec], linear_names: list[str]) 
               for i, (f, names) in enumerate(sorted(by_format.items()))}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups,
             "ignore": sorted(n for n in linear_names if n not in formats), "quantization_status": "compressed"}
+
+
+def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:
+    """The shrink format of each Linear layer a compressed-tensors `quantization_config` quantizes, matched
+    by compressed-tensors' own target rules; ShrinkError naming `where` and the group or layer for a scheme
+    shrink's formats cannot hold exactly (activation quantization, asymmetric, float, other bit widths or
+    group sizes, dynamic activation order)."""
+    import torch.nn as nn
+    from compressed_tensors.utils.match import match_named_modules
+
+    from ..errors import ShrinkError
+    from ..quant.spec import BITS, GROUP_SIZES
+
+    if qc.get("format") != "pack-quantized":
+        raise ShrinkError(f"{where}: quantization_config format {qc.get('format')!r} is not supported; shrink reads "
+                          "compressed-tensors checkpoints in the 'pack-quantized' format")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ShrinkError(f"{where}: quantization_config has no config_groups")
+    out: dict[str, QuantSpec] = {}
+    for gname, group in groups.items():
+        at = f"{where}: quantization_config.config_groups.{gname}"
+        w = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(w, dict):
+            raise ShrinkError(f"{at}: no 'weights' scheme")
+        if group.get("input_activations") or group.get("output_activations"):
+            raise ShrinkError(f"{at}: quantizes activations; shrink reads weight-only schemes")
+        strategy, gs, bits = w.get("strategy"), w.get("group_size"), w.get("num_bits")
+        why = None
+        if w.get("type", "int") != "int":
+            why = f"type {w.get('type')!r} (shrink holds integer codes)"
+        elif not w.get("symmetric", True):
+            why = "asymmetric (zero points are not read)"
+        elif bits not in BITS:
+            why = f"{bits} bits (shrink has {', '.join(map(str, BITS))})"
+        elif strategy not in ("group", "channel") or (strategy == "group" and gs not in GROUP_SIZES):
+            why = f"strategy {strategy!r} with group size {gs} (shrink has channel, or groups of " \
+                  f"{', '.join(map(str, GROUP_SIZES))})"
+        elif w.get("actorder") not in (None, "weight", "static"):
+            why = f"activation order {w.get('actorder')!r} (a g_idx permutation shrink's layout does not hold)"
+        if why:
+            raise ShrinkError(f"{at}: {why}")
+        spec = QuantSpec(bits=bits, group_size=gs if strategy == "group" else None)
+        targets = group.get("targets") or []
+        for name, module in match_named_modules(model, targets, qc.get("ignore") or []):
+            if not isinstance(module, nn.Linear):
+                raise ShrinkError(f"{at}: layer {name!r} is a {type(module).__name__}; shrink reads Linear layers")
+            if module.in_features % spec.group_for(module.in_features):
+                raise ShrinkError(f"{at}: layer {name!r}: group size {gs} does not divide {module.in_features}")
+            out.setdefault(name, spec)
+    if not out:
+        raise ShrinkError(f"{where}: quantization_config matches no Linear layer of the model")
+    return out
