@@ -24,6 +24,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("spec,tie,keep_output", [
     ("int4-g32", True, True), ("int4-g64", True, True), ("int4", True, True), ("int8", True, True),
     ("int8-g32", False, False), ("int3-g32", True, True), (MIXED, True, True), (CAST, False, False),
+    ("int4-g32", True, False),  # a tied output layer quantized on its own: saved untied
 ])
 def test_symmetric_folders_load_exactly_in_transformers(tmp_path, spec, tie, keep_output):
     model = shrink.quantize(tiny_llama(tie=tie), spec, keep_output=keep_output, backend="torch", progress=False)

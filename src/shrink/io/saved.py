@@ -117,6 +117,9 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
             if getattr(cfg, "quantization_config", None) is not None:
                 del cfg.quantization_config  # the GGUF origin is in shrink.json; transformers must not re-quantize
             cfg.architectures = [type(model).__name__]
+            if getattr(cfg, "tie_word_embeddings", False) and isinstance(
+                    model.get_output_embeddings(), (QuantLinear, CastLinear)):
+                cfg.tie_word_embeddings = False  # the output layer was quantized on its own: no longer tied
             cfg.save_pretrained(tmp)
             if manifest["layout"] == "pack-quantized" and manifest["modules"]:
                 _add_quantization_config(tmp / "config.json", model)
