@@ -194,10 +194,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     """A compressed-tensors `pack-quantized` folder (as llm-compressor writes it) as shrink QuantLinear
     layers running shrink's kernels: codes copied exactly, scales as fp16 (said so when that rounds them).
     Schemes shrink's formats cannot hold are refused naming the group and the reason."""
-    import transformers
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoConfig
 
     from ..quant import QuantLinear
     from ..quant.apply import _set_submodule
@@ -210,15 +207,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     weights = path / saved.WEIGHTS
     if not weights.is_file():
         raise ShrinkError(f"{path}: no {saved.WEIGHTS} (sharded compressed-tensors checkpoints are not read yet)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    del config.quantization_config
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ShrinkError(f"{path / 'config.json'}: unknown architecture {archs!r} (a model class of transformers)")
-    check_config_fits(cls, config, path / "config.json")
-    with init_empty_weights(include_buffers=False):
-        model = cls(config)
+    model = saved.build_skeleton(path)
     formats = packformat.formats_of(qc, model, str(path / "config.json"))
     header = header_shapes(weights)
     for name, spec in formats.items():

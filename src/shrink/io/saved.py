@@ -167,7 +167,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                 f"{directory} holds a plain PyTorch model ({manifest.get('architecture')}); "
                 "pass an instance of its architecture: shrink.load(dir, model=MyModel())"
             )
-        model = _build_hf(directory, manifest.get("architecture"))
+        model = build_skeleton(directory, manifest.get("architecture"))
     for name, info in manifest["modules"].items():
         try:
             spec = parse_format(info["format"])
@@ -243,7 +243,10 @@ def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
         model.tie_weights()
 
 
-def _build_hf(directory: Path, architecture: str | None) -> nn.Module:
+def build_skeleton(directory: Path, architecture: str | None = None) -> nn.Module:
+    """The Hugging Face model `directory/config.json` describes, its parameters on the meta device (to be
+    filled from a weights file) and any quantization_config dropped (shrink fills its own quantized layers).
+    The class must be built into transformers and the model must fit in memory; ShrinkError otherwise."""
     import transformers
     from transformers import AutoConfig
 
