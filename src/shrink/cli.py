@@ -142,7 +142,7 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
     Embeddings and the output layer stay in full precision unless asked. With --out, writes
     model.safetensors, shrink.json, config and tokenizer, and results.json.
     """
-    from .quant import parse_format
+    from .quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
 
     parse_format(fmt)  # fail on bad options before loading anything
     if (method != "rtn" or target_bits is not None) and calibration is None:
@@ -157,70 +157,61 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
     spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
     from contextlib import nullcontext
 
-    from .io import is_own_folder
+    from .io import is_own_folder, load_model, save
     from .outdir import claim
 
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
-        _quantize(model, fmt, layers, spec, method, calibration, samples, seq_len, target_bits, act_order, damp,
-                  tune_steps, quantize_output, out, force)
-
-
-def _quantize(model, fmt, layers, spec, method, calibration, samples, seq_len, target_bits, act_order, damp,
-              tune_steps, quantize_output, out, force):
-    from .io import load_model, save
-    from .quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
-
-    t0 = time.perf_counter()
-    with console.status("loading model"):
-        loaded = load_model(model)
-    t_load = time.perf_counter() - t0
-    out_name = output_layer_name(loaded.model)
-    t1 = time.perf_counter()
-    calib_kw = {}
-    if calibration is not None:
-        calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len,
-                        target_bits=target_bits, act_order=act_order, damp=damp, tune_steps=tune_steps)
-    run_quantize(loaded.model, spec, method=method, keep_output=not quantize_output, **calib_kw)
-    t_quant = time.perf_counter() - t1
-    record = getattr(loaded.model, "shrink_calibration", None)
-    if record:
-        d = record["data"]
-        console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
-        tuned = [v for v in record["layers"].values() if v.get("tune_error_before")]
-        if tuned:
-            ratio = sum(v["tune_error_after"] / v["tune_error_before"] for v in tuned) / len(tuned)
-            console.print(f"tuning ({record['tune_steps']} steps per block): block output error "
-                          f"{100 * (1 - ratio):.0f}% lower on average over {len(tuned)} blocks")
-        for w in record.get("warnings", []):
-            console.print(f"[yellow]warning[/yellow]: {w}")
-    rows = size_rows(loaded.model, output_name=out_name)
-    title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
-    console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
-    if target_bits is not None:
-        by_format: dict[str, list[str]] = {}
-        for n, f in loaded.model.shrink_formats.items():
-            if f is not None:
-                by_format.setdefault(f, []).append(n)
-        for f, names in sorted(by_format.items(), key=lambda kv: -parse_format(kv[0]).bits):
-            shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
-            console.print(f"{f}: {shown}")
-    kept = [n for n, f in loaded.model.shrink_formats.items() if f is None]
-    if kept:
-        console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
-                      " (and all embeddings)")
-    total = rows[-1]
-    bpw = quantized_bits_per_weight(loaded.model)
-    console.print(f"quantized layers: {bpw:.3f} bits/weight; model {_mb(total.bytes_fp32)} MB -> {_mb(total.bytes_now)} MB "
-                  f"({total.bytes_fp32 / max(total.bytes_now, 1):.2f}x smaller); load {t_load:.1f}s, quantize {t_quant:.1f}s")
-    if out is not None:
-        save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force, results={
-            "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
-            "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
-            "target_bits": target_bits, "formats": loaded.model.shrink_formats, "calibration": record,
-            "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
-            "seconds": {"load": t_load, "quantize": t_quant},
-        })
-        console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
+        t0 = time.perf_counter()
+        with console.status("loading model"):
+            loaded = load_model(model)
+        t_load = time.perf_counter() - t0
+        out_name = output_layer_name(loaded.model)
+        t1 = time.perf_counter()
+        calib_kw = {}
+        if calibration is not None:
+            calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len,
+                            target_bits=target_bits, act_order=act_order, damp=damp, tune_steps=tune_steps)
+        run_quantize(loaded.model, spec, method=method, keep_output=not quantize_output, **calib_kw)
+        t_quant = time.perf_counter() - t1
+        record = getattr(loaded.model, "shrink_calibration", None)
+        if record:
+            d = record["data"]
+            console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
+            tuned = [v for v in record["layers"].values() if v.get("tune_error_before")]
+            if tuned:
+                ratio = sum(v["tune_error_after"] / v["tune_error_before"] for v in tuned) / len(tuned)
+                console.print(f"tuning ({record['tune_steps']} steps per block): block output error "
+                              f"{100 * (1 - ratio):.0f}% lower on average over {len(tuned)} blocks")
+            for w in record.get("warnings", []):
+                console.print(f"[yellow]warning[/yellow]: {w}")
+        rows = size_rows(loaded.model, output_name=out_name)
+        title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
+        console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
+        if target_bits is not None:
+            by_format: dict[str, list[str]] = {}
+            for n, f in loaded.model.shrink_formats.items():
+                if f is not None:
+                    by_format.setdefault(f, []).append(n)
+            for f, names in sorted(by_format.items(), key=lambda kv: -parse_format(kv[0]).bits):
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
+                console.print(f"{f}: {shown}")
+        kept = [n for n, f in loaded.model.shrink_formats.items() if f is None]
+        if kept:
+            console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
+                          " (and all embeddings)")
+        total = rows[-1]
+        bpw = quantized_bits_per_weight(loaded.model)
+        console.print(f"quantized layers: {bpw:.3f} bits/weight; model {_mb(total.bytes_fp32)} MB -> {_mb(total.bytes_now)} MB "
+                      f"({total.bytes_fp32 / max(total.bytes_now, 1):.2f}x smaller); load {t_load:.1f}s, quantize {t_quant:.1f}s")
+        if out is not None:
+            save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force, results={
+                "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
+                "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
+                "target_bits": target_bits, "formats": loaded.model.shrink_formats, "calibration": record,
+                "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
+                "seconds": {"load": t_load, "quantize": t_quant},
+            })
+            console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
 
 
 @main.command()
@@ -277,55 +268,42 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
     """
     from contextlib import nullcontext
 
-    from .distill import finish_distributed, init_distributed
-    from .distilling import OUT_NAMES
+    from .distill import DistillConfig, finish_distributed, init_distributed, parameter_count
+    from .distilling import OUT_NAMES, _resolve_teacher, build_student, distill as run_distill
     from .outdir import claim
 
     rank, world = init_distributed()
     with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if rank == 0 else nullcontext():
-        _distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
-                 layer_fit_steps, layer_fit_lr, steps, time_budget, batch_size, grad_accum, lr, seq_len,
-                 max_sequences, eval_every, checkpoint_every, seed, cache_topk, task, resume, rank, world)
+        cfg = DistillConfig(temperature=temperature, alpha=alpha if teacher.lower() != "none" else 0.0,
+                            hidden_weight=hidden_weight, hidden_loss=hidden_loss, layer_fit_steps=layer_fit_steps,
+                            layer_fit_lr=layer_fit_lr, steps=steps, time_budget=time_budget,
+                            batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every,
+                            checkpoint_every=checkpoint_every, seed=seed)
+        t_model, t_tok, _ = _resolve_teacher(teacher)
+        s_model, record = build_student(student, t_model, intermediate_size)
+        if rank == 0:
+            t = Table(title="teacher and student")
+            for col in ("model", "parameters", "MB (fp32)"):
+                t.add_column(col, justify="left" if col == "model" else "right")
+            if t_model is not None:
+                n = parameter_count(t_model)
+                t.add_row(f"teacher {teacher}", f"{n:,}", _mb(4 * n))
+            n = parameter_count(s_model)
+            t.add_row(f"student {student}", f"{n:,}", _mb(4 * n))
+            console.print(t)
+            console.print(f"{world} process(es); global batch {batch_size * world * grad_accum}")
+        model, result = run_distill(t_model, s_model, data, out=out, config=cfg, tokenizer=t_tok, student_record=record,
+                                    seq_len=seq_len, max_sequences=max_sequences, hidden_layers=hidden_weight > 0,
+                                    cache_topk=cache_topk, task=task, resume=resume)
+        if rank == 0 and result.best:
+            b = result.best
+            keys = [k for k in ("ce", "perplexity", "accuracy", "kl", "top1_agreement", "teacher_perplexity",
+                                "teacher_accuracy") if k in b]
+            console.print("best (held out, step " + str(b["step"]) + "): " + ", ".join(f"{k} {b[k]:.4g}" for k in keys))
+            if "task" in result.history[-1]:
+                console.print(f"on the task at the last evaluation: {result.history[-1]['task']['verdict']}")
+            console.print(f"student saved to {out / 'model'}; quantize it with `shrink quantize {out / 'model'}`")
     finish_distributed()
-
-
-def _distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
-             layer_fit_steps, layer_fit_lr, steps, time_budget, batch_size, grad_accum, lr, seq_len, max_sequences,
-             eval_every, checkpoint_every, seed, cache_topk, task, resume, rank, world):
-    from .distill import DistillConfig, parameter_count
-    from .distilling import distill as run_distill
-
-    cfg = DistillConfig(temperature=temperature, alpha=alpha if teacher.lower() != "none" else 0.0,
-                        hidden_weight=hidden_weight, hidden_loss=hidden_loss, layer_fit_steps=layer_fit_steps,
-                        layer_fit_lr=layer_fit_lr, steps=steps, time_budget=time_budget,
-                        batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every,
-                        checkpoint_every=checkpoint_every, seed=seed)
-    from .distilling import _resolve_teacher, build_student
-
-    t_model, t_tok, _ = _resolve_teacher(teacher)
-    s_model, record = build_student(student, t_model, intermediate_size)
-    if rank == 0:
-        t = Table(title="teacher and student")
-        for col in ("model", "parameters", "MB (fp32)"):
-            t.add_column(col, justify="left" if col == "model" else "right")
-        if t_model is not None:
-            n = parameter_count(t_model)
-            t.add_row(f"teacher {teacher}", f"{n:,}", _mb(4 * n))
-        n = parameter_count(s_model)
-        t.add_row(f"student {student}", f"{n:,}", _mb(4 * n))
-        console.print(t)
-        console.print(f"{world} process(es); global batch {batch_size * world * grad_accum}")
-    model, result = run_distill(t_model, s_model, data, out=out, config=cfg, tokenizer=t_tok, student_record=record,
-                                seq_len=seq_len, max_sequences=max_sequences, hidden_layers=hidden_weight > 0,
-                                cache_topk=cache_topk, task=task, resume=resume)
-    if rank == 0 and result.best:
-        b = result.best
-        keys = [k for k in ("ce", "perplexity", "accuracy", "kl", "top1_agreement", "teacher_perplexity",
-                            "teacher_accuracy") if k in b]
-        console.print("best (held out, step " + str(b["step"]) + "): " + ", ".join(f"{k} {b[k]:.4g}" for k in keys))
-        if "task" in result.history[-1]:
-            console.print(f"on the task at the last evaluation: {result.history[-1]['task']['verdict']}")
-        console.print(f"student saved to {out / 'model'}; quantize it with `shrink quantize {out / 'model'}`")
 
 
 @main.command()

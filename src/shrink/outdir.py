@@ -48,9 +48,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _temp_pattern(name: str) -> re.Pattern:
-    # atomic.atomic_dir names its temporaries .NAME.PID.RANDOM.tmp / .old
-    return re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[^.]+\.(tmp|old)$")
+# atomic.atomic_dir and write_text name their temporaries .NAME.PID.RANDOM.tmp (and .old)
+_TEMP = re.compile(r"^\.(.+)\.(\d+)\.[^.]+\.(tmp|old)$")
 
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
@@ -60,11 +59,10 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     parent = target.parent
     if not parent.is_dir():
         return []
-    pattern = _temp_pattern(target.name)
     removed = []
     for p in parent.iterdir():
-        m = pattern.match(p.name)
-        if not m or _pid_alive(int(m.group(1))):
+        m = _TEMP.match(p.name)
+        if not m or m.group(1) != target.name or _pid_alive(int(m.group(2))):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -72,7 +70,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         if not p.exists():
             removed.append(p)
-            print(f"note: removed {p}, left by a shrink run that was killed (process {m.group(1)})", file=sys.stderr)
+            print(f"note: removed {p}, left by a shrink run that was killed (process {m.group(2)})", file=sys.stderr)
     return removed
 
 
@@ -133,7 +131,7 @@ def _foreign(path: Path, names: set[str]) -> list[str]:
     out = []
     for p in sorted(path.iterdir()):
         base = p.name
-        m = re.match(r"^\.(.+)\.\d+\.[^.]+\.(tmp|old)$", base) or re.match(r"^\.(.+)\.lock$", base)
+        m = _TEMP.match(base) or re.match(r"^\.(.+)\.lock$", base)
         if base in names or base == MARK or (m and m.group(1) in names):
             continue
         out.append(base)
