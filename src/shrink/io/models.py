@@ -124,6 +124,7 @@ def load_default() -> LoadedModel:
     out = load_hf_folder(folder)
     out.source = {"kind": "default", "name": "SmolLM2-135M-Instruct", "gguf": str(gguf),
                   "note": "weights dequantized from GGUF Q4_1 (groups of 32, asymmetric)"}
+    out.model.shrink_source = out.source  # recorded by save; export copies the GGUF tokenizer from it
     return out
 
 
@@ -144,7 +145,8 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.eval()
-    return LoadedModel(model, tok, {"kind": "gguf", "path": str(path)})
+    model.shrink_source = {"kind": "gguf", "path": str(path)}
+    return LoadedModel(model, tok, model.shrink_source)
 
 
 def load_hf_folder(path: str | os.PathLike) -> LoadedModel:

@@ -1,0 +1,336 @@
+"""Export a quantized model to llama.cpp's GGUF, copying shrink's integer codes exactly.
+
+shrink's 4-bit layout (byte j of a block of 32 holds code j and code j+16, x = d*(q-8)) is GGUF Q4_0's
+`qs` byte for byte, so a symmetric int4 layer becomes Q4_0 blocks by putting its fp16 scale in front of
+each block (repeated per block of 32 for groups of 64/128 or one scale per row). Symmetric int8 becomes
+Q8_0 the same way, and asymmetric int4 becomes Q4_1 (x = d*q + m with m = -d*z, which fp16 rounds).
+Nothing is re-quantized unless asked: gguf-py's quantizers would change many of the codes that were
+measured. The written file is read back and every tensor compared with the model before success is said.
+
+llama.cpp's Llama kernels expect the rows of the q and k projections permuted (its rope pairs dimension
+i with i + head_dim/2 within a head the other way round); a row permutation moves whole rows of codes
+and scales, so it stays exact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import ShrinkError
+from ..quant import CastLinear, QuantLinear
+from .gguf_meta import write_metadata
+
+FLOAT_TYPES = ("f16", "f32")
+FLOAT_KINDS = ("F16", "F32")
+# model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
+ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+
+
+@dataclass
+class ExportReport:
+    """What `export_gguf` wrote: the file, its tensors by GGUF type, where the metadata and tokenizer came
+    from, the layers re-quantized (with the share of their weights that changed value) and notes."""
+
+    path: Path
+    bytes: int
+    tensors: dict[str, int] = field(default_factory=dict)       # GGUF type name -> count
+    layers: dict[str, str] = field(default_factory=dict, repr=False)  # module name -> GGUF type
+    metadata_from: str = ""
+    requantized: dict[str, float] = field(default_factory=dict)  # module name -> share of weights changed
+    max_error: dict[str, float] = field(default_factory=dict)    # GGUF type -> largest |difference| read back
+    notes: list[str] = field(default_factory=list)
+
+
+def exact_type(layer: nn.Module) -> str | None:
+    """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q8_0, Q4_1, F16, BF16), or None."""
+    if isinstance(layer, CastLinear):
+        return "F16" if layer.spec.cast == "fp16" else "BF16"
+    if not isinstance(layer, QuantLinear) or layer.in_features % 32:
+        return None
+    spec = layer.spec
+    if spec.group_size is not None and spec.group_size % 32:
+        return None
+    if spec.bits == 4:
+        return "Q4_0" if spec.symmetric else "Q4_1"
+    if spec.bits == 8 and spec.symmetric:
+        return "Q8_0"
+    return None
+
+
+def _block_scales(layer: QuantLinear) -> torch.Tensor:
+    """[out, in/32] fp16: each block of 32 inputs gets its group's scale."""
+    return layer.scales.repeat_interleave(layer.spec.group_for(layer.in_features) // 32, dim=1)
+
+
+def _blocks(layer: QuantLinear, kind: str) -> np.ndarray:
+    """The layer's weights as GGUF blocks, [out, in/32 * block bytes] uint8, codes copied as they are."""
+    from ..quant.packing import unpack
+
+    out, nb = layer.out_features, layer.in_features // 32
+    d = _block_scales(layer).contiguous().view(torch.uint8).reshape(out, nb, 2)
+    if kind == "Q4_0":
+        qs = layer.qweight.reshape(out, nb, 16)  # shrink's 4-bit block is Q4_0's qs
+        parts = [d, qs]
+    elif kind == "Q8_0":
+        codes = unpack(layer.qweight, 8, layer.in_features).to(torch.int16) - layer.zero_const
+        parts = [d, codes.to(torch.int8).view(torch.uint8).reshape(out, nb, 32)]
+    elif kind == "Q4_1":
+        z = layer.zeros.repeat_interleave(layer.spec.group_for(layer.in_features) // 32, dim=1).float()
+        m = (-_block_scales(layer).float() * z).to(torch.float16)
+        parts = [d, m.contiguous().view(torch.uint8).reshape(out, nb, 2), layer.qweight.reshape(out, nb, 16)]
+    else:
+        raise ValueError(kind)
+    return torch.cat(parts, dim=2).reshape(out, -1).numpy()
+
+
+def _qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
+    """The row order llama.cpp's converter gives a q or k projection with `n_head` heads."""
+    return torch.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
+
+
+def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requantize: str | None = None,
+                source_gguf: str | os.PathLike | None = None, force: bool = False) -> ExportReport:
+    """Write `model` (a quantized module, a LoadedModel, or a shrink folder) to the GGUF file `path`.
+
+    Quantized layers become exact block copies (int4 symmetric -> Q4_0, int8 -> Q8_0, int4-asym -> Q4_1);
+    bf16/fp16 layers stay as they are; embeddings and full-precision layers are written as `float_type`
+    ("f16", default, or "f32"); norms as F32; a tied output layer once. Layers with no exact GGUF type
+    (int3, int2, groups of 16, inputs not a multiple of 32) are refused, naming them, unless `requantize`
+    names a gguf-py type (e.g. "Q4_0") to re-quantize them into; the report says how much that changed.
+    Metadata and tokenizer are copied from the GGUF file the model came from (`source_gguf`, default: the
+    one its source record names, if any) and otherwise built from its config and tokenizer. An existing
+    `path` is replaced only with force=True and only if it is a GGUF file. The file is written to a
+    temporary name, read back and compared tensor by tensor with the model, then moved into place."""
+    import gguf
+
+    if float_type not in FLOAT_TYPES:
+        raise ShrinkError(f"float type {float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
+    requant_type = None
+    if requantize is not None:
+        try:
+            requant_type = gguf.GGMLQuantizationType[requantize.upper()]
+        except KeyError:
+            raise ShrinkError(f"--requantize {requantize!r}: not a GGUF type (e.g. Q4_0, Q8_0, Q4_1)") from None
+        if requant_type not in gguf.quants._type_traits:
+            raise ShrinkError(f"--requantize {requantize!r}: gguf-py cannot quantize to this type")
+    path = Path(path)
+    _check_target(path, force)
+    from .models import resolve
+
+    module, tokenizer, _ = resolve(model)
+    config = getattr(module, "config", None)
+    mtype = getattr(config, "model_type", None)
+    if mtype not in ARCHITECTURES:
+        raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
+                          f"{', '.join(sorted(ARCHITECTURES))} models")
+    arch_name, permute = ARCHITECTURES[mtype]
+    arch = gguf.MODEL_ARCH[arch_name]
+    n_layers = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(arch, n_layers)
+
+    refused = {n: f"{m.spec.name} ({m.in_features} inputs)" for n, m in module.named_modules()
+               if isinstance(m, QuantLinear) and exact_type(m) is None}
+    if refused and requant_type is None:
+        shown = ", ".join(f"{n}: {why}" for n, why in list(refused.items())[:4])
+        more = f" ... ({len(refused)} layers in all)" if len(refused) > 4 else ""
+        raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}{more}; GGUF has int4/int8 in blocks of "
+                          "32 (Q4_0, Q8_0, Q4_1). Pass --requantize Q4_0 (or another type) to re-quantize them")
+
+    report = ExportReport(path=path, bytes=0)
+    tensors = _collect(module, config, names, float_type, requant_type, permute, report)
+    src = Path(source_gguf) if source_gguf else _source_gguf(module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+        report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
+        report.notes.extend(notes)
+        writer.add_file_type(_file_type(report.tensors))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for t in tensors:
+            writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        _verify(tmp, tensors, report)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    report.bytes = path.stat().st_size
+    return report
+
+
+@dataclass
+class _Tensor:
+    name: str
+    kind: str            # GGUF type name
+    data: np.ndarray     # what is written: float arrays, or GGUF blocks as uint8
+    expect: np.ndarray   # float32 values the file must read back as (rows as written)
+    exact: bool = True   # False where the type rounds the model's values (Q4_1 offsets, re-quantized)
+
+
+def _collect(module: nn.Module, config, names, float_type: str, requant_type, permute: bool,
+             report: ExportReport) -> list[_Tensor]:
+    """Every tensor of the model under its GGUF name, in the GGUF type chosen for it."""
+    import gguf
+
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, (QuantLinear, CastLinear, nn.Linear))}
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    fkind = float_type.upper()
+    out: list[_Tensor] = []
+    seen: set[int] = set()
+    unnamed = []
+    emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    embedding_ptr = emb.weight.data_ptr() if emb is not None else None
+    tied_head = False
+    state = module.state_dict(keep_vars=True)
+    handled = set()
+    for lname, layer in layers.items():
+        rows = None
+        leaf = lname.rpartition(".")[2]
+        if permute and leaf in heads:
+            rows = _qk_rows(layer.out_features, heads[leaf])
+        weight_key = f"{lname}.weight"
+        handled.update(k for k in state if k.startswith(lname + "."))
+        gname = names.get_name(weight_key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            unnamed.append(weight_key)
+            continue
+        if isinstance(layer, nn.Linear) and layer.weight.data_ptr() == embedding_ptr:
+            tied_head = True  # written once, as the token embedding, which llama.cpp then uses as output
+            continue
+        kind = exact_type(layer) if not isinstance(layer, nn.Linear) else fkind
+        w = _float(layer)
+        if rows is not None:
+            w = w[rows]
+        if kind is None:  # re-quantize what no GGUF type holds exactly
+            kind = requant_type.name
+            if layer.in_features % gguf.GGML_QUANT_SIZES[requant_type][0]:
+                kind = fkind
+                report.notes.append(f"{lname}: {layer.in_features} inputs fit no {requant_type.name} block; written "
+                                    f"as {fkind}")
+                data = w.numpy().astype(np.float16 if fkind == "F16" else np.float32)
+            else:
+                data = gguf.quants.quantize(w.numpy(), requant_type)
+                back = torch.from_numpy(gguf.quants.dequantize(data, requant_type)).reshape(w.shape)
+                report.requantized[lname] = float((back != w).float().mean())
+        elif isinstance(layer, QuantLinear):
+            data = _blocks(layer, kind)
+            if rows is not None:
+                data = data[rows.numpy()]
+        elif kind == "BF16":
+            data = layer.weight.detach()[rows if rows is not None else slice(None)].contiguous() \
+                .view(torch.int16).numpy().view(np.uint8).reshape(layer.out_features, -1)
+        else:
+            data = w.numpy().astype(np.float16 if kind == "F16" else np.float32)
+        exact = kind != "Q4_1" and lname not in report.requantized
+        if isinstance(layer, nn.Linear) or kind != exact_type(layer) and kind in FLOAT_KINDS:
+            expect = data.astype(np.float32)  # a float layer written as F16/F32: the rounding is asked for
+        else:
+            expect = w.numpy()
+        out.append(_Tensor(gname, kind, data, expect, exact))
+        report.tensors[kind] = report.tensors.get(kind, 0) + 1
+        report.layers[lname] = kind
+        if layer.bias is not None:
+            b = layer.bias.detach().float()
+            b = b[rows] if rows is not None else b
+            out.append(_Tensor(gname[: -len(".weight")] + ".bias", "F32", b.numpy(), b.numpy()))
+            report.tensors["F32"] = report.tensors.get("F32", 0) + 1
+    for key, t in state.items():
+        if key in handled or not t.numel():
+            continue
+        if t.data_ptr() in seen:
+            continue  # a tied tensor: written once
+        seen.add(t.data_ptr())
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue  # computed from the config in llama.cpp
+            unnamed.append(key)
+            continue
+        v = t.detach().float()
+        kind = "F32" if v.dim() == 1 else fkind  # llama.cpp wants norms and 1-D tensors in F32
+        data = v.numpy().astype(np.float16 if kind == "F16" else np.float32)
+        out.append(_Tensor(gname, kind, data, data.astype(np.float32)))
+        report.tensors[kind] = report.tensors.get(kind, 0) + 1
+    if unnamed:
+        raise ShrinkError(f"no GGUF name for {', '.join(unnamed[:4])}" + (f" ... ({len(unnamed)} in all)"
+                          if len(unnamed) > 4 else "") + f" in gguf-py's tensor map of {type(module).__name__}")
+    if tied_head:
+        report.notes.append("output layer tied to the token embedding: written once, as token_embd")
+    return out
+
+
+def _float(layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, (QuantLinear, CastLinear)):
+        return layer.dequantized_weight().detach().float()
+    return layer.weight.detach().float()
+
+
+def _check_target(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise ShrinkError(f"{path} is a folder; give the GGUF file's path (e.g. {path / 'model.gguf'})")
+    if path.exists():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ShrinkError(f"{path} exists and is not a GGUF file; it is never replaced")
+        if not force:
+            raise ShrinkError(f"{path} exists; pass --force to replace it")
+
+
+def _source_gguf(module: nn.Module) -> Path | None:
+    src = getattr(module, "shrink_source", None) or {}
+    for key in ("gguf", "path"):
+        p = src.get(key) if isinstance(src, dict) else None
+        if p and str(p).lower().endswith(".gguf") and Path(p).is_file():
+            return Path(p)
+    return None
+
+
+def _file_type(counts: dict[str, int]) -> int:
+    import gguf
+
+    quant = {k: v for k, v in counts.items() if k.startswith("Q")}
+    main = max(quant, key=quant.get) if quant else ("F16" if counts.get("F16") else "F32")
+    return {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+            "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16,
+            "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(main, gguf.LlamaFileType.ALL_F32)
+
+
+def _verify(path: Path, tensors: list[_Tensor], report: ExportReport) -> None:
+    """Read the file back: every tensor present, of its type and shape, and dequantizing to the values the
+    model computes with (exactly, but for Q4_1 offsets rounded to fp16 and re-quantized layers)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    found = {t.name: t for t in reader.tensors}
+    for t in tensors:
+        got = found.get(t.name)
+        if got is None or got.tensor_type.name != t.kind:
+            raise ShrinkError(f"{path}: tensor {t.name} did not read back as {t.kind}")
+        values = gguf.quants.dequantize(got.data, got.tensor_type).reshape(t.expect.shape)
+        err = float(np.abs(values.astype(np.float32) - t.expect).max()) if t.expect.size else 0.0
+        report.max_error[t.kind] = max(report.max_error.get(t.kind, 0.0), err)
+        if err > 0 and t.exact:
+            raise ShrinkError(f"{path}: tensor {t.name} ({t.kind}) reads back different from the model "
+                              f"(largest difference {err:.3g}); nothing was written")
+    extra = set(found) - {t.name for t in tensors}
+    if extra:
+        raise ShrinkError(f"{path}: unexpected tensors {sorted(extra)[:4]}")
+
