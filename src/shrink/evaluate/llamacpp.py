@@ -1,0 +1,140 @@
+"""Run a GGUF file in llama.cpp, so that what is judged is what llama.cpp computes.
+
+llama.cpp runs in a child process (`llamacpp_worker.py`, through llama-cpp-python's bindings): a crash
+inside it becomes a ShrinkError here, never the end of the caller. Token ids come from the caller's
+Hugging Face tokenizer, so the original model and the GGUF file see exactly the same tokens; only the
+arithmetic differs. llama-cpp-python is an optional extra (`scripts/setup.sh --llama-cpp` builds it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ShrinkError
+from .adapters import DEFAULT_MAX_NEW_TOKENS, CausalLMAdapter
+
+RUNTIMES = ("shrink", "llama.cpp")
+INSTALL_HINT = "llama-cpp-python is not installed; `bash scripts/setup.sh --llama-cpp` builds it (15-20 minutes)"
+
+
+def available() -> str | None:
+    """None when llama.cpp can be run here, else why not."""
+    import importlib.util
+
+    return None if importlib.util.find_spec("llama_cpp") else INSTALL_HINT
+
+
+class LlamaCpp:
+    """One GGUF file loaded in a llama.cpp child process. n_ctx: tokens of context (default 2048);
+    threads: default all cores; repack: llama.cpp's repacked CPU kernels (default off: on some AVX2 CPUs
+    its Q4_0 GEMM crashes on prompts). Close it (or use it as a context manager) to end the process."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = None, repack: bool = False):
+        why = available()
+        if why:
+            raise ShrinkError(why)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ShrinkError(f"{self.path}: no such GGUF file")
+        self.n_ctx = n_ctx
+        threads = threads or os.cpu_count() or 1
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shrink.evaluate.llamacpp_worker", str(self.path), str(n_ctx), str(threads),
+             "1" if repack else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        head = self._read_head()
+        if not head.get("ok"):
+            self.close()
+            raise ShrinkError(f"{self.path}: {head.get('error')}")
+        self.n_vocab = head["n_vocab"]
+
+    def _read_head(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            raise ShrinkError(f"{self.path}: llama.cpp stopped ({how})" + (f": {err[-1][:300]}" if err else ""))
+        return json.loads(line)
+
+    def request(self, **req) -> tuple[dict, bytes]:
+        """Send one request; its answer and payload. ShrinkError if llama.cpp failed or crashed."""
+        if self.proc.poll() is not None:
+            raise ShrinkError(f"{self.path}: the llama.cpp process has ended")
+        try:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the process died; _read_head says how
+        head = self._read_head()
+        if not head.get("ok"):
+            raise ShrinkError(f"{self.path}: llama.cpp: {head.get('error')}")
+        payload = self.proc.stdout.read(head["bytes"]) if head.get("bytes") else b""
+        return head, payload
+
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities at every position but the last: [len(ids) - 1, vocabulary]."""
+        head, payload = self.request(op="logprobs", ids=[int(i) for i in ids])
+        return torch.from_numpy(np.frombuffer(payload, dtype=np.float32).reshape(head["shape"]).copy())
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding until an end-of-generation token or `max_new_tokens`; the new ids."""
+        head, _ = self.request(op="generate", ids=[int(i) for i in prompt], max_new_tokens=int(max_new_tokens))
+        return torch.tensor(head["ids"], dtype=torch.long)
+
+    def bench(self, prompt: int = 512, decode: int = 64, token: int = 1) -> dict:
+        """Seconds llama.cpp takes for one prompt of `prompt` tokens and for `decode` greedy tokens."""
+        head, _ = self.request(op="bench", prompt=prompt, decode=decode, token=token)
+        return {"prompt_s": head["prompt_s"], "decode_s": head["decode_s"]}
+
+    def eval(self):
+        return self
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaCppAdapter(CausalLMAdapter):
+    """A GGUF file in llama.cpp as a causal LM for `compare` and `search`: the same prompts (chat template
+    included), greedy generation and log-likelihoods as the PyTorch adapter, computed by llama.cpp."""
+
+    def __init__(self, path: str | os.PathLike, tokenizer, chat_template: bool | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, n_ctx: int = 2048, context: int | None = None):
+        runtime = LlamaCpp(path, n_ctx=n_ctx)
+        super().__init__(runtime, tokenizer, chat_template, max_new_tokens)
+        self.runtime = runtime
+        self.context = min(n_ctx, context) if context else n_ctx
+        if len(tokenizer) > runtime.n_vocab:
+            raise ShrinkError(f"{path}: the tokenizer has {len(tokenizer)} tokens, the GGUF file {runtime.n_vocab}")
+
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.runtime.logprobs(ids)
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return self.runtime.generate(prompt, max_new_tokens)
