@@ -327,12 +327,16 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap prompts in the tokenizer's chat template. Default: when the tokenizer has one.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when the compressed model is past the sweet spot.")
+@click.option("--runtime", type=click.Choice(["shrink", "llama.cpp"]), default="shrink", show_default=True,
+              help="What runs COMPRESSED: shrink's own model, or llama.cpp running a .gguf file (needs "
+                   "llama-cpp-python: bash scripts/setup.sh --llama-cpp), so the verdict is on what llama.cpp computes.")
 @_FORCE
 def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, strict,
-            force):
+            runtime, force):
     """Compare COMPRESSED against ORIGINAL on a task, example by example.
 
-    Each model may be "default", a .gguf file, a Hugging Face folder or a folder saved by shrink.
+    Each model may be "default", a .gguf file, a Hugging Face folder or a folder saved by shrink; with
+    --runtime llama.cpp, COMPRESSED is a .gguf file that llama.cpp runs.
     Prints the verdict (within tolerance, or past the sweet spot and why), scores per slice
     (tags, difficulty from the original's confidence, input length) with bootstrap intervals and
     McNemar's test on flips, and for language models the KL divergence of next-token distributions.
@@ -351,9 +355,15 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
         with console.status("loading models"):
             from .io import load_model
 
-            a, b = load_model(original), load_model(compressed)
+            if runtime == "llama.cpp":
+                from .evaluate.llamacpp import available
+
+                if available():
+                    raise ShrinkError(available())
+            a = load_model(original)
+            b = load_model(compressed) if runtime == "shrink" else compressed
         result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
-                             max_new_tokens=max_new_tokens, chat_template=chat_template,
+                             max_new_tokens=max_new_tokens, chat_template=chat_template, runtime=runtime,
                              names=(Path(original).name, Path(compressed).name), force=force)
     _print_comparison(result)
     if out is not None:
@@ -569,6 +579,47 @@ def _print_search(result) -> None:
     if result.recommendation is not None:
         console.print(f"model: {Path(result.out) / 'best'} (load it with shrink.load)")
     console.print(f"report: open {Path(result.out) / 'report.html'} (and report.md, results.json)")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--gguf", "gguf_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The GGUF file to write.")
+@click.option("--float", "float_type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="Type of the embeddings and the layers kept in full precision.")
+@click.option("--requantize", default=None, metavar="TYPE",
+              help="Re-quantize layers no GGUF type holds exactly (int3, int2, groups of 16) into this gguf-py type "
+                   "(e.g. Q4_0); without it they are refused.")
+@_FORCE
+def export(model, gguf_path, float_type, requantize, force):
+    """Write MODEL (a folder saved by shrink) as a GGUF file for llama.cpp, copying its codes exactly.
+
+    int4 -> Q4_0, int8 -> Q8_0, int4-asym -> Q4_1 (offsets rounded to fp16), bf16/fp16 layers as they
+    are; q/k rows permuted as llama.cpp expects; the tokenizer and chat template copied from the GGUF file
+    the model came from, else built from its tokenizer. The file is read back and checked tensor by
+    tensor before it is put in place. Check it in llama.cpp with
+    `shrink compare ORIGINAL OUT.gguf --runtime llama.cpp`."""
+    from .io import is_shrink_folder
+    from .io.export import export_gguf
+
+    if not (Path(model).is_dir() and is_shrink_folder(model)):
+        raise ShrinkError(f"{model}: not a folder saved by shrink (export takes the --out of shrink quantize)")
+    with console.status("exporting"):
+        r = export_gguf(model, gguf_path, float_type=float_type, requantize=requantize, force=force)
+    t = Table(title=f"{model} -> {r.path}")
+    for col in ("GGUF type", "tensors", "largest difference read back"):
+        t.add_column(col, justify="left" if col == "GGUF type" else "right")
+    for kind, n in sorted(r.tensors.items()):
+        err = r.max_error.get(kind, 0.0)
+        t.add_row(kind, str(n), "0 (exact)" if err == 0 else f"{err:.2g}")
+    console.print(t)
+    console.print(f"{_mb(r.bytes)} MB; {r.metadata_from}")
+    if r.requantized:
+        share = sum(r.requantized.values()) / len(r.requantized)
+        console.print(f"[yellow]re-quantized {len(r.requantized)} layers to {requantize.upper()}: {share:.1%} of "
+                      f"their weights changed value (these layers differ from what shrink measured)[/yellow]")
+    for note in r.notes:
+        console.print(f"note: {note}")
 
 
 @main.command()

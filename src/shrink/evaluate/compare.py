@@ -259,7 +259,7 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
     a = adapter_for(original, tokenizer, chat_template, max_new_tokens)
     b = adapter_for(compressed, compressed_tokenizer or tokenizer, chat_template, max_new_tokens)
-    if type(a) is not type(b):
+    if a.kind != b.kind:
         raise ShrinkError(f"the models are of different kinds: {names[0]} is a {a.kind} model, {names[1]} a {b.kind} model")
     sa, sb = a.signature(), b.signature()
     if sa != sb:
@@ -321,7 +321,8 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
 
     def model_info(ad: Adapter, secs: list[float], name: str) -> dict:
         m = getattr(ad, "model", None)
-        return {"name": name, "kind": ad.kind, "bytes": model_bytes(m) if m is not None else None,
+        size = ad.size_bytes() if hasattr(ad, "size_bytes") else model_bytes(m) if isinstance(m, torch.nn.Module) else None
+        return {"name": name, "kind": ad.kind, "bytes": size,
                 "seconds_per_example": float(np.median(secs)) if secs else None}
 
     return Comparison(

@@ -53,6 +53,7 @@ class LlamaCpp:
             self.close()
             raise ShrinkError(f"{self.path}: {head.get('error')}")
         self.n_vocab = head["n_vocab"]
+        self.n_ctx_train = head["n_ctx_train"]
 
     def _read_head(self) -> dict:
         line = self.proc.stdout.readline()
@@ -125,13 +126,17 @@ class LlamaCppAdapter(CausalLMAdapter):
     included), greedy generation and log-likelihoods as the PyTorch adapter, computed by llama.cpp."""
 
     def __init__(self, path: str | os.PathLike, tokenizer, chat_template: bool | None = None,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, n_ctx: int = 2048, context: int | None = None):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, n_ctx: int = 2048):
         runtime = LlamaCpp(path, n_ctx=n_ctx)
         super().__init__(runtime, tokenizer, chat_template, max_new_tokens)
         self.runtime = runtime
-        self.context = min(n_ctx, context) if context else n_ctx
+        self.context = min(n_ctx, runtime.n_ctx_train or n_ctx)
         if len(tokenizer) > runtime.n_vocab:
             raise ShrinkError(f"{path}: the tokenizer has {len(tokenizer)} tokens, the GGUF file {runtime.n_vocab}")
+
+    def size_bytes(self) -> int:
+        """The GGUF file's size."""
+        return self.runtime.path.stat().st_size
 
     def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
         return self.runtime.logprobs(ids)

@@ -122,7 +122,7 @@ def main() -> None:
     except Exception as e:
         answer({"ok": False, "error": str(e)})
         return
-    answer({"ok": True, "n_vocab": rt.n_vocab})
+    answer({"ok": True, "n_vocab": rt.n_vocab, "n_ctx_train": rt.L.llama_model_n_ctx_train(rt.model)})
     for line in sys.stdin:
         try:
             req = json.loads(line)

@@ -198,6 +198,7 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
     embedding_ptr = emb.weight.data_ptr() if emb is not None else None
     tied_head = False
+    rounded = 0.0  # largest change of a full-precision value written as F16
     state = module.state_dict(keep_vars=True)
     handled = set()
     for lname, layer in layers.items():
@@ -238,6 +239,8 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
                 .view(torch.int16).numpy().view(np.uint8).reshape(layer.out_features, -1)
         else:
             data = w.numpy().astype(np.float16 if kind == "F16" else np.float32)
+            if kind == "F16" and isinstance(layer, nn.Linear):
+                rounded = max(rounded, float(np.abs(data.astype(np.float32) - w.numpy()).max()))
         exact = kind != "Q4_1" and lname not in report.requantized
         if isinstance(layer, nn.Linear) or kind != exact_type(layer) and kind in FLOAT_KINDS:
             expect = data.astype(np.float32)  # a float layer written as F16/F32: the rounding is asked for
@@ -266,11 +269,16 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
         v = t.detach().float()
         kind = "F32" if v.dim() == 1 else fkind  # llama.cpp wants norms and 1-D tensors in F32
         data = v.numpy().astype(np.float16 if kind == "F16" else np.float32)
+        if kind == "F16":
+            rounded = max(rounded, float(np.abs(data.astype(np.float32) - v.numpy()).max()))
         out.append(_Tensor(gname, kind, data, data.astype(np.float32)))
         report.tensors[kind] = report.tensors.get(kind, 0) + 1
     if unnamed:
         raise ShrinkError(f"no GGUF name for {', '.join(unnamed[:4])}" + (f" ... ({len(unnamed)} in all)"
                           if len(unnamed) > 4 else "") + f" in gguf-py's tensor map of {type(module).__name__}")
+    if rounded > 0:
+        report.notes.append(f"embeddings and full-precision layers written as F16 (largest change {rounded:.2g}); "
+                            "float_type f32 keeps them exact")
     if tied_head:
         report.notes.append("output layer tied to the token embedding: written once, as token_embd")
     return out

@@ -134,8 +134,8 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
 
     path = Path(path)
     refuse_custom_code(path.parent)  # transformers reads the folder's configs beside the GGUF file too
+    tok = gguf_tokenizer(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      trust_remote_code=False)
     except Exception as e:
@@ -147,6 +147,20 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
     model.eval()
     model.shrink_source = {"kind": "gguf", "path": str(path)}
     return LoadedModel(model, tok, model.shrink_source)
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """The Hugging Face tokenizer built from a GGUF file's metadata (the file's weights are not read)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".gguf":
+        raise ShrinkError(f"{path}: not a .gguf file")
+    refuse_custom_code(path.parent)
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot read the tokenizer of the GGUF file ({type(e).__name__}: {e})") from None
 
 
 def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
