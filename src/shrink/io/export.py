@@ -137,13 +137,16 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch, n_layers)
 
-    refused = {n: f"{m.spec.name} ({m.in_features} inputs)" for n, m in module.named_modules()
-               if isinstance(m, QuantLinear) and exact_type(m) is None}
+    refused: dict[str, list[str]] = {}  # format -> layers
+    for n, m in module.named_modules():
+        if isinstance(m, QuantLinear) and exact_type(m) is None:
+            why = m.spec.name if m.in_features % 32 == 0 else f"{m.in_features} inputs, not a multiple of 32"
+            refused.setdefault(why, []).append(n)
     if refused and requant_type is None:
-        shown = ", ".join(f"{n}: {why}" for n, why in list(refused.items())[:4])
-        more = f" ... ({len(refused)} layers in all)" if len(refused) > 4 else ""
-        raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}{more}; GGUF has int4/int8 in blocks of "
-                          "32 (Q4_0, Q8_0, Q4_1). Pass --requantize Q4_0 (or another type) to re-quantize them")
+        shown = "; ".join(f"{f}: {', '.join(ns[:3])}" + (f" ... ({len(ns)} layers)" if len(ns) > 3 else "")
+                          for f, ns in refused.items())
+        raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}. GGUF has int4/int8 in blocks of 32 "
+                          "(Q4_0, Q8_0, Q4_1); pass --requantize Q4_0 (or another type) to re-quantize them")
 
     report = ExportReport(path=path, bytes=0)
     tensors = _collect(module, config, names, float_type, requant_type, permute, report)

@@ -1,0 +1,191 @@
+"""GGUF export: exact block copies that transformers' GGUF loader (and llama.cpp, see test_llamacpp.py) reads
+back as the very weights shrink measured; refusals that name the layers; nothing half-written."""
+
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import shrink
+from conftest import WORDS, word_text
+from shrink.io.export import export_gguf
+
+
+def bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2 and Llama 3 use) trained on the test words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([word_text(400, seed=s) for s in range(5)] + [" ".join(WORDS)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def bpe_llama(seed: int = 0, tie: bool = True, vocab: int = 300):
+    """A 2-layer Llama (hidden 64, 4 heads of 16, 2 kv heads) over the BPE tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bpe_tokenizer()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _from_gguf(path):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("spec,tie,keep_output,kinds", [
+    ("int4-g32", True, True, {"Q4_0"}),
+    ("int4-g64", False, True, {"Q4_0"}),
+    ("int4", True, True, {"Q4_0"}),  # one scale per row: repeated per block of 32
+    ("int8", True, True, {"Q8_0"}),
+    ("int8-g32", False, False, {"Q8_0"}),  # the untied output layer quantized too
+    ({"model.layers.0.*": "bf16", "*.down_proj": "int4-g128", "*.mlp.*": "int8", "*": "int4-g64"}, True, True,
+     {"BF16", "Q8_0", "Q4_0"}),
+    ({"model.layers.1.mlp.*": None, "*": "fp16"}, True, True, {"F16"}),
+])
+def test_exported_file_loads_in_transformers_with_the_same_logits(tmp_path, tok, spec, tie, keep_output, kinds):
+    model = shrink.quantize(bpe_llama(tie=tie), spec, keep_output=keep_output, backend="torch", progress=False)
+    shrink.save(model, tmp_path / "q", tokenizer=tok)
+    r = export_gguf(tmp_path / "q", tmp_path / "m.gguf", float_type="f32")
+    assert {k for k in r.tensors if k != "F32"} == kinds
+    assert all(e == 0 for e in r.max_error.values()), r.max_error  # read back exactly
+    ids = torch.tensor([tok("the bank said profit rose").input_ids + [5, 77, 200]])
+    mine = shrink.load(tmp_path / "q", backend="torch")
+    assert torch.equal(_logits(_from_gguf(r.path), ids), _logits(mine, ids))
+    names = [t.name for t in gguf.GGUFReader(str(r.path)).tensors]
+    assert names.count("token_embd.weight") == 1
+    assert ("output.weight" in names) == (not tie or not keep_output)  # a tied output layer is written once
+    back = AutoTokenizer.from_pretrained(r.path.parent, gguf_file=r.path.name)
+    text = "the market price of oil rose"
+    assert back(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+
+
+def test_codes_are_copied_not_requantized(tmp_path, tok):
+    """Q4_0 blocks hold shrink's bytes as they are; the permuted q rows are shrink's rows reordered."""
+    model = shrink.quantize(bpe_llama(), "int4-g32", backend="torch", progress=False)
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf")
+    t = {t.name: t for t in gguf.GGUFReader(str(r.path)).tensors}
+    down = model.model.layers[1].mlp.down_proj
+    blocks = np.asarray(t["blk.1.ffn_down.weight"].data).reshape(down.out_features, -1, 18)
+    assert np.array_equal(blocks[:, :, 2:], down.qweight.numpy().reshape(down.out_features, -1, 16))
+    assert np.array_equal(blocks[:, :, :2].copy().view(np.float16)[..., 0], down.scales.numpy())
+    q = model.model.layers[0].self_attn.q_proj
+    back = gguf.quants.dequantize(t["blk.0.attn_q.weight"].data, gguf.GGMLQuantizationType.Q4_0)
+    w = q.dequantized_weight().numpy()
+    rows = np.arange(64).reshape(4, 2, 8).transpose(0, 2, 1).reshape(-1)  # llama.cpp's rope pairing
+    assert np.array_equal(back, w[rows]) and not np.array_equal(back, w)
+
+
+def _with_tok(model, tok):
+    from shrink.io import LoadedModel
+
+    return LoadedModel(model, tok, {})
+
+
+def test_asymmetric_int4_becomes_q4_1_with_offsets_rounded(tmp_path, tok):
+    model = shrink.quantize(bpe_llama(), "int4-g32-asym", backend="torch", progress=False)
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
+    assert set(r.tensors) == {"Q4_1", "F32"}
+    assert 0 < r.max_error["Q4_1"] < 1e-2  # m = -d*z rounded to fp16, said in the report
+    ids = torch.tensor([[3, 50, 100, 150, 200, 250]])
+    a, b = _logits(_from_gguf(r.path), ids), _logits(model, ids)
+    assert (a - b).abs().max() < 1e-2 * b.abs().max()
+
+
+def test_formats_without_a_gguf_type_are_refused_naming_layers_unless_requantized(tmp_path, tok):
+    model = shrink.quantize(bpe_llama(), {"model.layers.0.mlp.*": "int3-g32", "*": "int4-g16"}, backend="torch",
+                            progress=False)
+    with pytest.raises(shrink.ShrinkError, match=r"int4-g16: model\.layers\.0\.self_attn\.q_proj.*\(11 layers\); "
+                       r"int3-g32: model\.layers\.0\.mlp\.gate_proj, .*--requantize Q4_0"):
+        export_gguf(_with_tok(model, tok), tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", requantize="Q4_0")
+    assert set(r.requantized) == {n for n, m in model.named_modules() if isinstance(m, shrink.QuantLinear)}
+    # int4-g16 loses its finer scales; int3 codes land on Q4_0's grid (d = max/8 halves the int3 scale)
+    assert all(0.2 < share < 1 for n, share in r.requantized.items() if "layers.0.mlp" not in n), r.requantized
+    assert all(share == 0 for n, share in r.requantized.items() if "layers.0.mlp" in n), r.requantized
+    assert r.tensors["Q4_0"] == 14
+    _from_gguf(r.path)  # loads
+    with pytest.raises(shrink.ShrinkError, match="not a GGUF type"):
+        export_gguf(_with_tok(model, tok), tmp_path / "n.gguf", requantize="Q9_9")
+
+
+def test_existing_files_are_kept(tmp_path, tok):
+    model = _with_tok(shrink.quantize(bpe_llama(), "int8", progress=False), tok)
+    mine = tmp_path / "notes.gguf"
+    mine.write_text("my notes")
+    with pytest.raises(shrink.ShrinkError, match="not a GGUF file; it is never replaced"):
+        export_gguf(model, mine, force=True)
+    assert mine.read_text() == "my notes"
+    export_gguf(model, tmp_path / "m.gguf")
+    with pytest.raises(shrink.ShrinkError, match="exists; pass --force"):
+        export_gguf(model, tmp_path / "m.gguf")
+    export_gguf(model, tmp_path / "m.gguf", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.gguf"]  # no temporaries left
+
+
+def test_models_gguf_cannot_name_are_refused(tmp_path, mlp):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(shrink.ShrinkError, match="model_type None"):
+        export_gguf(shrink.quantize(mlp, "int8", progress=False), tmp_path / "m.gguf")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(shrink.ShrinkError, match="model_type 'gpt2'.*exports llama, mistral, qwen2"):
+        export_gguf(gpt2, tmp_path / "m.gguf")
+    with pytest.raises(shrink.ShrinkError, match="no tokenizer"):
+        export_gguf(shrink.quantize(bpe_llama(), "int8", progress=False), tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_tokenizer_copied_from_the_source_gguf(tmp_path, tok):
+    first = export_gguf(_with_tok(shrink.quantize(bpe_llama(), "int8", progress=False), tok), tmp_path / "a.gguf")
+    src = gguf.GGUFReader(str(first.path))
+    model = shrink.quantize(bpe_llama(seed=1), "int4-g64", progress=False)
+    model.shrink_source = {"kind": "gguf", "path": str(first.path)}  # as loading a .gguf file records it
+    r = export_gguf(model, tmp_path / "b.gguf")
+    assert r.metadata_from.startswith("tokenizer and names copied from")
+    out = gguf.GGUFReader(str(r.path))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.model", "tokenizer.ggml.eos_token_id"):
+        assert out.fields[key].contents() == src.fields[key].contents(), key
+    small = shrink.quantize(bpe_llama(vocab=320), "int8", progress=False)
+    small.shrink_source = {"kind": "gguf", "path": str(first.path)}
+    r = export_gguf(_with_tok(small, tok), tmp_path / "c.gguf")
+    assert any("300 tokens, the model 320" in n for n in r.notes)  # built instead, and said so
+
+
+def test_cli_export(tmp_path, tok):
+    model = shrink.quantize(bpe_llama(), "int4-g32", progress=False)
+    shrink.save(model, tmp_path / "q", tokenizer=tok)
+    run = [sys.executable, "-m", "shrink.cli", "export"]
+    p = subprocess.run(run + [str(tmp_path / "q"), "--gguf", str(tmp_path / "q.gguf")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "Q4_0" in p.stdout and "0 (exact)" in p.stdout and "written as F16" in p.stdout
+    p = subprocess.run(run + [str(tmp_path), "--gguf", str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert p.returncode == 1 and "not a folder saved by shrink" in p.stderr
+    assert not (tmp_path / "x.gguf").exists()
