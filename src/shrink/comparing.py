@@ -38,7 +38,7 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
     with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
         a, tok_a, name_a = resolve(original, tokenizer)
         if runtime == "llama.cpp":
-            b, tok_b, name_b = _in_llama_cpp(compressed, tokenizer, options)
+            b, tok_b, name_b = _in_llama_cpp(compressed, tokenizer or tok_a, options)
         else:
             b, tok_b, name_b = resolve(compressed, tokenizer)
         names = options.pop("names", (name_a or "original", name_b or "compressed"))
@@ -57,7 +57,8 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
 
 
 def _in_llama_cpp(compressed, tokenizer, options: dict):
-    """(adapter, tokenizer, name) for a .gguf file run by llama.cpp."""
+    """(adapter, tokenizer, name) for a .gguf file run by llama.cpp, fed token ids by `tokenizer` (the
+    original's, so both models see the same tokens) or else the GGUF file's own."""
     from .evaluate.llamacpp import LlamaCppAdapter
     from .io.models import gguf_tokenizer
 
