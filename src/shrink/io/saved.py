@@ -50,8 +50,10 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         if isinstance(m, (QuantLinear, CastLinear)):
             modules[name] = {"format": m.spec.name, "in_features": m.in_features,
                              "out_features": m.out_features, "bias": m.bias is not None}
+            if getattr(m, "input_order", None) is not None:
+                modules[name]["input_order"] = True
     formats = getattr(model, "shrink_formats", {}) or {}
-    quant = [m.spec for m in model.modules() if isinstance(m, QuantLinear)]
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     return {
         "format_version": FORMAT_VERSION,
         "shrink_version": __version__,
@@ -62,7 +64,8 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "modules": modules,
         "kept_full_precision": sorted(n for n, f in formats.items() if f is None),
         "calibration": getattr(model, "shrink_calibration", None),
-        "layout": "pack-quantized" if all(packformat.exportable(s) for s in quant) else "shrink",
+        "layout": "pack-quantized" if all(packformat.exportable(m.spec) and m.input_order is None for m in quant)
+        else "shrink",
     }
 
 
@@ -174,7 +177,8 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
             if spec.cast:
                 new = CastLinear(info["in_features"], info["out_features"], spec, bias=info["bias"])
             else:
-                new = QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"], backend=backend)
+                new = QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"], backend=backend,
+                                  input_order=info.get("input_order", False))
             _set_submodule(model, name, new)
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None

@@ -5,6 +5,8 @@ Buffers (all saved in the state dict, nothing else needed to rebuild the layer):
   scales   fp16  [out, groups]
   zeros    uint8 [out, groups]         only for -asym formats
   bias     fp32  [out]                 when the original layer had one
+  input_order int64 [in]               only for weights whose groups are not contiguous inputs (GPTQ's
+                                       activation order): the kernel sees x[:, input_order]
 The forward pass runs the native AVX2 kernel where it applies and the PyTorch path otherwise.
 """
 
@@ -31,11 +33,13 @@ class QuantLinear(nn.Module):
     """Linear layer with packed integer weights; same forward signature as `nn.Linear`.
 
     backend: "auto" (native kernel where it applies, else PyTorch), "native" or "torch";
-    defaults to $SHRINK_BACKEND or "auto". Inference only: the weights carry no gradient.
+    defaults to $SHRINK_BACKEND or "auto". input_order: the packed weight's columns are the inputs in
+    the order of the `input_order` buffer (default False: inputs in their own order). Inference only:
+    the weights carry no gradient.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec | str, bias: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, input_order: bool = False):
         super().__init__()
         spec = parse_format(spec)
         if spec.cast:
@@ -54,6 +58,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.bias = None
+        if input_order:
+            self.register_buffer("input_order", torch.arange(in_features, dtype=torch.int64))
+        else:
+            self.input_order = None
         self.backend = backend or kernels.default_backend()
         self._group = spec.group_for(in_features)
         self._native, self._native_for = False, None  # whether to use the kernel, and for which backend
@@ -85,9 +93,12 @@ class QuantLinear(nn.Module):
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight these codes stand for."""
-        return kernels.reference.dequant_weight(self.qweight, self.scales, self.zeros, self.zero_const,
-                                                self.spec.bits, self.in_features)
+        """The float32 weight these codes stand for, its columns in the inputs' own order."""
+        w = kernels.reference.dequant_weight(self.qweight, self.scales, self.zeros, self.zero_const,
+                                             self.spec.bits, self.in_features)
+        if self.input_order is not None:
+            w = torch.empty_like(w).index_copy_(1, self.input_order, w)
+        return w
 
     def uses_native(self) -> bool:
         """Whether forward runs the compiled kernel on this machine (decided once per backend)."""
@@ -110,6 +121,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if self.input_order is not None:
+            x2 = x2.index_select(1, self.input_order)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
         native = x2.is_cpu and self.uses_native()  # on GPUs the PyTorch path runs
@@ -134,10 +147,13 @@ class QuantLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of packed weights, scales and zero points (bias excluded)."""
         n = self.qweight.numel() + self.scales.numel() * 2
+        n += self.input_order.numel() * 8 if self.input_order is not None else 0
         return n + (self.zeros.numel() if self.zeros is not None else 0)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, bias={self.bias is not None}"
+        order = ", input_order=True" if self.input_order is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, "
+                f"bias={self.bias is not None}{order}")
 
 
 class CastLinear(nn.Module):
