@@ -91,3 +91,30 @@ def test_compare_judges_what_llama_cpp_computes(exported, tmp_path):
     assert c.divergence["top1_agreement"] == 1.0 and c.divergence["kl"]["mean"] < 1e-3
     with pytest.raises(shrink.ShrinkError, match="runtime llama.cpp runs a .gguf file"):
         shrink.compare(_with_tok(model, tok), _with_tok(model, tok), task, runtime="llama.cpp")
+
+
+def test_search_judges_candidates_in_llama_cpp(exported, tmp_path):
+    import json
+
+    from shrink.search import Candidate
+
+    _, tok, _ = exported
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"id": str(i), "input": t, "choices": ["bank", "oil", "tax"], "answer": i % 3})
+                            + "\n" for i, t in enumerate(["the price of", "the chief analyst said", "growth in the uk",
+                                                          "the government said"])))
+    cands = [Candidate("rtn:int8", "rtn", "int8"), Candidate("rtn:int3-g32", "rtn", "int3-g32")]
+    found = shrink.search(_with_tok(bpe_llama(), tok), task, out=tmp_path / "s", candidates=cands, runtime="llama.cpp",
+                          progress=False, max_drop=100)
+    done = {r["candidate"]["name"]: r for r in found.results}
+    assert done["rtn:int8"]["status"] == "done" and done["rtn:int8"]["latency_token"] > 0
+    assert done["rtn:int3-g32"]["status"] == "error"
+    assert "not run in llama.cpp: no GGUF type holds these layers exactly: int3-g32" in done["rtn:int3-g32"]["error"]
+    best = tmp_path / "s" / "best.gguf"
+    assert found.recommendation["candidate"]["name"] == "rtn:int8"
+    assert best.is_file() and done["rtn:int8"]["size_bytes"] == best.stat().st_size
+    assert not (tmp_path / "s" / ".candidate.gguf").exists()
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["runtime"] == "llama.cpp"
+    with pytest.raises(shrink.ShrinkError, match="judged candidates in llama.cpp; resume it with --runtime llama.cpp"):
+        shrink.search(_with_tok(bpe_llama(), tok), task, out=tmp_path / "s", candidates=cands, resume=True,
+                      progress=False, max_drop=100)

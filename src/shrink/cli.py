@@ -447,8 +447,13 @@ def _search_options(f):
 @click.option("--students", default="every-other", show_default=True,
               help="Comma-separated student specs for --distill (every-other, layers=N, mlp:..., cnn:...).")
 @click.option("--distill-time", default="10m", show_default=True, metavar="TIME", help="Training budget per student.")
+@click.option("--runtime", type=click.Choice(["shrink", "llama.cpp"]), default="shrink", show_default=True,
+              help="Judge each candidate in shrink's own runtime, or exported to GGUF and run by llama.cpp (its size "
+                   "the file's, its latency llama.cpp's; the recommendation is written to OUT/best.gguf too). "
+                   "llama.cpp needs llama-cpp-python: bash scripts/setup.sh --llama-cpp.")
 def search(model, task, out, max_drop, relative, max_size, max_latency, objective, time_budget, max_trials,
-           max_new_tokens, resume, force, calibration, methods, samples, seq_len, distill_data, students, distill_time):
+           max_new_tokens, resume, force, calibration, methods, samples, seq_len, distill_data, students, distill_time,
+           runtime):
     """Find the smallest (or fastest) compressed MODEL that stays within tolerance on your task.
 
     Tries round-to-nearest from 8 bits down, then (with --calibration) calibrated methods and mixed
@@ -480,7 +485,7 @@ def search(model, task, out, max_drop, relative, max_size, max_latency, objectiv
                             n_samples=samples, seq_len=seq_len, distill_data=distill_data,
                             students=tuple(s.strip() for s in students.split(",") if s.strip()),
                             distill_seconds=distill_seconds, resume=resume, force=force,
-                            max_new_tokens=max_new_tokens, console=console)
+                            max_new_tokens=max_new_tokens, console=console, runtime=runtime)
     _print_search(result)
 
 
@@ -578,6 +583,8 @@ def _print_search(result) -> None:
     console.print(f"[bold {'green' if ok else 'red'}]{result.line}[/]")
     if result.recommendation is not None:
         console.print(f"model: {Path(result.out) / 'best'} (load it with shrink.load)")
+        if (Path(result.out) / "best.gguf").is_file():
+            console.print(f"llama.cpp file it was judged on: {Path(result.out) / 'best.gguf'}")
     console.print(f"report: open {Path(result.out) / 'report.html'} (and report.md, results.json)")
 
 

@@ -151,7 +151,7 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
 
     report = ExportReport(path=path, bytes=0)
     tensors = _collect(module, config, names, float_type, requant_type, permute, report)
-    src = Path(source_gguf) if source_gguf else _source_gguf(module)
+    src = Path(source_gguf) if source_gguf else source_gguf_of(module)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
@@ -306,7 +306,8 @@ def _check_target(path: Path, force: bool) -> None:
             raise ShrinkError(f"{path} exists; pass --force to replace it")
 
 
-def _source_gguf(module: nn.Module) -> Path | None:
+def source_gguf_of(module: nn.Module) -> Path | None:
+    """The GGUF file `module` was loaded from, as its source record says (None if none, or gone)."""
     src = getattr(module, "shrink_source", None) or {}
     for key in ("gguf", "path"):
         p = src.get(key) if isinstance(src, dict) else None

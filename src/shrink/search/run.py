@@ -6,6 +6,7 @@ The folder of a search:
     results.jsonl   one line per finished candidate, appended and flushed as each finishes
     students/       distilled students (each resumable from its own checkpoints)
     best/           the recommended model so far, loadable with shrink.load
+    best.gguf       with runtime "llama.cpp": the recommended model as the GGUF file llama.cpp was measured on
     report.html, report.md, results.json   written at the end
 """
 
@@ -40,7 +41,8 @@ from .measure import disk_bytes, memory_bytes, seconds_per_token
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
 # what a search writes in its folder (outdir.claim refuses a folder holding anything else)
-OUT_NAMES = (CONFIG, RESULTS, "students", "best", "report.html", "report.md", "results.json", ".candidate", ".original")
+OUT_NAMES = (CONFIG, RESULTS, "students", "best", "best.gguf", "report.html", "report.md", "results.json", ".candidate",
+             ".candidate.gguf", ".original")
 
 
 @dataclass
@@ -139,7 +141,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
            n_samples: int = 32, seq_len: int = 512, distill_data=None, students=("every-other",),
            distill_seconds: float = 600.0, distill_options: dict | None = None, tokenizer=None,
            resume: bool = False, force: bool = False, max_new_tokens: int = 32, progress: bool | None = None,
-           console: Console | None = None, **constraint_options) -> SearchResult:
+           console: Console | None = None, runtime: str = "shrink", **constraint_options) -> SearchResult:
     """Search compressed versions of `model` for the best one under `constraints`, measured on `task`.
 
     model: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default", .gguf, folders).
@@ -156,8 +158,18 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     distill_options: more DistillConfig fields for the students (for example steps, lr, batch_size).
     out must be new or empty, or a search folder shrink wrote: resume=True continues it, force=True
     (default False) starts it again (its files are removed; nothing else may be in it).
+    runtime: what each candidate is judged on: "shrink" (default: shrink's own model) or "llama.cpp"
+    (each candidate exported to GGUF with exact block copies and run by llama.cpp; its size is the GGUF
+    file's, its latency llama.cpp's; candidates no GGUF type holds exactly are recorded as errors; the
+    recommended file is out/best.gguf). Needs llama-cpp-python.
     Returns a SearchResult; the report is written to out/report.html, report.md and results.json.
     """
+    from ..evaluate.llamacpp import RUNTIMES, available
+
+    if runtime not in RUNTIMES:
+        raise ShrinkError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "llama.cpp" and available():
+        raise ShrinkError(available())
     with claim(out, "search", OUT_NAMES, force=force, resume=resume):
         t_start = time.perf_counter()
         if constraint_options and constraints is not None:
@@ -193,7 +205,8 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                     "task_source": task.source, "task_fingerprint": task_fingerprint(task)}
         config = {**identity, "constraints": con.to_dict(), "candidates": [c.to_dict() for c in candidates],
                   "calibration": str(calibration) if calibration is not None else None,
-                  "n_samples": n_samples, "seq_len": seq_len, "distill_data": str(distill_data) if distill_data else None}
+                  "n_samples": n_samples, "seq_len": seq_len, "distill_data": str(distill_data) if distill_data else None,
+                  "runtime": runtime}
         results: list[dict] = []
         if resume:
             if not (out / CONFIG).is_file():
@@ -206,6 +219,9 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
             if differs:
                 raise ShrinkError(f"{out}: that search was of another {' and another '.join(differs)}; "
                                   "start a new search in another folder")
+            if saved.get("runtime", "shrink") != runtime:
+                raise ShrinkError(f"{out}: that search judged candidates in {saved.get('runtime', 'shrink')}; resume it "
+                                  f"with --runtime {saved.get('runtime', 'shrink')}, or start a new search in another folder")
             was = saved.get("constraints", {})
             if (was.get("max_drop"), was.get("relative")) != (con.max_drop, con.relative):
                 raise ShrinkError(f"{out}: that search compared with a tolerance of {was.get('max_drop')} "
@@ -263,8 +279,24 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                 continue
             build_s = time.perf_counter() - t0
             original_before = sum(v[1] for v in cache.values())
-            comp = compare_models(original, cand_model, task, tokenizer=tok, tolerance=con.max_drop, relative=con.relative,
-                                  max_new_tokens=max_new_tokens, names=(name, c.name), progress=progress, cache=cache)
+            target, shipped = cand_model, None
+            if runtime == "llama.cpp":
+                try:
+                    target, shipped = _in_llama_cpp(cand_model, original, tok, out / ".candidate.gguf", max_new_tokens)
+                except ShrinkError as e:
+                    record = {"candidate": c.to_dict(), "status": "error", "error": f"not run in llama.cpp: {e}"}
+                    console.print(f"[red]{c.name}[/red]: {record['error']}")
+                    _append(out / RESULTS, record)
+                    results.append(record)
+                    continue
+            try:
+                comp = compare_models(original, target, task, tokenizer=tok, tolerance=con.max_drop,
+                                      relative=con.relative, max_new_tokens=max_new_tokens, names=(name, c.name),
+                                      progress=progress, cache=cache)
+                latency_token = seconds_per_token(cand_model, tok) if shipped is None else _llama_cpp_per_token(target)
+            finally:
+                if shipped is not None:
+                    target.runtime.close()
             allowed = con.max_drop / 100 * abs(comp.overall.original) if comp.relative else con.max_drop
             if original_info["latency_example"] is None:
                 original_info["latency_example"] = comp.original["seconds_per_example"]
@@ -277,8 +309,9 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                 "ci_high": comp.overall.ci_high, "within": comp.within, "verdict": comp.verdict,
                 "slices_past": [s.name for s in comp.slices if s.past],
                 "slices": {s.name: round(s.change, 3) for s in comp.slices},
-                "size_bytes": disk_bytes(cand_model, staging, tok), "memory_bytes": memory_bytes(cand_model),
-                "latency_example": comp.compressed["seconds_per_example"], "latency_token": seconds_per_token(cand_model, tok),
+                "size_bytes": disk_bytes(cand_model, staging, tok) if shipped is None else _also_saved(cand_model, staging, tok, shipped),
+                "memory_bytes": memory_bytes(cand_model),
+                "latency_example": comp.compressed["seconds_per_example"], "latency_token": latency_token,
                 "broke": [e.id for e in comp.examples if e.flip == "right→wrong"],
                 "fixed": [e.id for e in comp.examples if e.flip == "wrong→right"],
                 "kl_mean": (comp.divergence.get("kl") or {}).get("mean"), "errors": comp.errors,
@@ -292,7 +325,11 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
             if recommend(results, con.objective, con.latency_per) is record:
                 write_json(staging / "candidate.json", record)
                 _promote(staging, out / "best")
+                if shipped is not None:
+                    os.replace(shipped, out / "best.gguf")
             shutil.rmtree(staging, ignore_errors=True)
+            if shipped is not None:
+                shipped.unlink(missing_ok=True)
             mark = "[green]qualifies[/green]" if record["qualifies"] else f"[red]misses {', '.join(record['miss'])}[/red]"
             console.print(f"  {record['change']:+.1f} points (CI {record['ci_low']:+.1f}…{record['ci_high']:+.1f}), "
                           f"{human_bytes(record['size_bytes'])}, {record['latency_example'] * 1e3:,.0f} ms/example: {mark}")
@@ -309,11 +346,33 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                                               "examples": len(task.examples)}, str(out), time.perf_counter() - t_start)
         if best is not None and _best_name(out) != best["candidate"]["name"]:  # the constraints changed on resume
             _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data,
-                          distill_seconds, distill_options or {}, progress)
+                          distill_seconds, distill_options or {}, progress, runtime)
         from ..report.search import write_search_report
 
         write_search_report(result, task, out)
         return result
+
+
+def _in_llama_cpp(model: nn.Module, original: nn.Module, tok, path: Path, max_new_tokens: int):
+    """(adapter, file): `model` exported to the GGUF file `path` (exact block copies; tokenizer from the
+    original's source GGUF when it has one) and run by llama.cpp."""
+    from ..evaluate.llamacpp import LlamaCppAdapter
+    from ..io import LoadedModel
+    from ..io.export import export_gguf, source_gguf_of
+
+    export_gguf(LoadedModel(model, tok, {}), path, source_gguf=source_gguf_of(original), force=True)
+    return LlamaCppAdapter(path, tok, None, max_new_tokens), path
+
+
+def _llama_cpp_per_token(adapter, new_tokens: int = 32) -> float:
+    """llama.cpp's greedy decoding speed, seconds per token after a one-token prompt (best of two)."""
+    return min(adapter.runtime.bench(prompt=1, decode=new_tokens)["decode_s"] for _ in range(2)) / new_tokens
+
+
+def _also_saved(model: nn.Module, folder: Path, tok, shipped: Path) -> int:
+    """Save the candidate as shrink does (for best/) and return the size of what ships: the GGUF file."""
+    disk_bytes(model, folder, tok)
+    return shipped.stat().st_size
 
 
 def _best_name(out: Path) -> str | None:
@@ -339,7 +398,7 @@ def _train_student(spec: str, teacher: nn.Module, tok, data, out: Path, seconds:
 
 
 def _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data, seconds,
-                  options, progress):
+                  options, progress, runtime="shrink"):
     """best/ went missing (removed by hand, or the best was found before a crash in promoting it): build it again."""
     c = Candidate.from_dict(best["candidate"])
     if c.student and c.student not in trained:
@@ -351,6 +410,11 @@ def _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq
     disk_bytes(model, staging, tok)
     write_json(staging / "candidate.json", best)
     _promote(staging, out / "best")
+    if runtime == "llama.cpp":
+        from ..io import LoadedModel
+        from ..io.export import export_gguf, source_gguf_of
+
+        export_gguf(LoadedModel(model, tok, {}), out / "best.gguf", source_gguf=source_gguf_of(original), force=True)
 
 
 __all__ = ["SearchResult", "min_possible_bytes", "search", "task_fingerprint"]
