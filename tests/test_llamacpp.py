@@ -118,3 +118,15 @@ def test_search_judges_candidates_in_llama_cpp(exported, tmp_path):
     with pytest.raises(shrink.ShrinkError, match="judged candidates in llama.cpp; resume it with --runtime llama.cpp"):
         shrink.search(_with_tok(bpe_llama(), tok), task, out=tmp_path / "s", candidates=cands, resume=True,
                       progress=False, max_drop=100)
+
+
+def test_repacked_kernels_are_fed_one_token_at_a_time(exported):
+    """llama.cpp's repacked kernels (its default for decoding) crash here on batches of more than one token;
+    with repack=True every token goes in a batch of its own, and the results match the plain kernels'."""
+    _, _, path = exported
+    ids = torch.tensor([0, 9, 19, 29, 39, 49, 59])
+    with LlamaCpp(path, n_ctx=64, threads=1) as plain, LlamaCpp(path, n_ctx=64, threads=1, repack=True) as packed:
+        a, b = plain.logprobs(ids), packed.logprobs(ids)
+        assert (a - b).abs().max() < 0.05 and torch.equal(a.argmax(-1), b.argmax(-1))
+        assert packed.bench(prompt=8, decode=4)["prompt_s"] is None
+        assert plain.bench(prompt=8, decode=4)["prompt_s"] > 0

@@ -21,24 +21,33 @@ def _prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary file's path beside `path`; on success it becomes `path` by an atomic rename, on
+    error it is removed. What a killed run left beside `path` is removed first."""
     from .outdir import remove_stale_temporaries
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_json(path: str | Path, data) -> None:

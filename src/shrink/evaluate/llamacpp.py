@@ -33,8 +33,10 @@ def available() -> str | None:
 
 class LlamaCpp:
     """One GGUF file loaded in a llama.cpp child process. n_ctx: tokens of context (default 2048);
-    threads: default all cores; repack: llama.cpp's repacked CPU kernels (default off: on some AVX2 CPUs
-    its Q4_0 GEMM crashes on prompts). Close it (or use it as a context manager) to end the process."""
+    threads: default all cores; repack: llama.cpp's repacked CPU kernels, its default for decoding
+    (default off: on some AVX2 CPUs its repacked Q4_0 GEMM crashes on any batch of more than one token;
+    on, every token is fed in a batch of its own, so prompts are slower). Close it (or use it as a
+    context manager) to end the process."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = None, repack: bool = False):
         why = available()
@@ -90,7 +92,8 @@ class LlamaCpp:
         return torch.tensor(head["ids"], dtype=torch.long)
 
     def bench(self, prompt: int = 512, decode: int = 64, token: int = 1) -> dict:
-        """Seconds llama.cpp takes for one prompt of `prompt` tokens and for `decode` greedy tokens."""
+        """Seconds llama.cpp takes for one prompt of `prompt` tokens (None with repacking, which cannot run
+        a batch) and for `decode` greedy tokens after a one-token prompt."""
         head, _ = self.request(op="bench", prompt=prompt, decode=decode, token=token)
         return {"prompt_s": head["prompt_s"], "decode_s": head["decode_s"]}
 
@@ -125,14 +128,17 @@ class LlamaCppAdapter(CausalLMAdapter):
     """A GGUF file in llama.cpp as a causal LM for `compare` and `search`: the same prompts (chat template
     included), greedy generation and log-likelihoods as the PyTorch adapter, computed by llama.cpp."""
 
-    def __init__(self, path: str | os.PathLike, tokenizer, chat_template: bool | None = None,
+    def __init__(self, path: str | os.PathLike | LlamaCpp, tokenizer, chat_template: bool | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, n_ctx: int = 2048):
-        runtime = LlamaCpp(path, n_ctx=n_ctx)
+        """path: the GGUF file (a llama.cpp process is started with `n_ctx`, default 2048), or a running
+        LlamaCpp to use. tokenizer: gives the token ids, which must lie in the file's vocabulary."""
+        runtime = path if isinstance(path, LlamaCpp) else LlamaCpp(path, n_ctx=n_ctx)
         super().__init__(runtime, tokenizer, chat_template, max_new_tokens)
         self.runtime = runtime
-        self.context = min(n_ctx, runtime.n_ctx_train or n_ctx)
+        self.context = min(runtime.n_ctx, runtime.n_ctx_train or runtime.n_ctx)
         if len(tokenizer) > runtime.n_vocab:
-            raise ShrinkError(f"{path}: the tokenizer has {len(tokenizer)} tokens, the GGUF file {runtime.n_vocab}")
+            raise ShrinkError(f"{runtime.path}: the tokenizer has {len(tokenizer)} tokens, the GGUF file "
+                              f"{runtime.n_vocab}")
 
     def size_bytes(self) -> int:
         """The GGUF file's size."""

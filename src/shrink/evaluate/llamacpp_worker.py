@@ -33,6 +33,7 @@ class Runtime:
         L.llama_log_set(self._log, ctypes.c_void_p(0))
         mp = L.llama_model_default_params()
         mp.use_extra_bufts = repack  # llama.cpp's repacked AVX2 Q4_0 GEMM crashes on prompts on some CPUs
+        self.repack = repack
         self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"{path}: llama.cpp could not load the file")
@@ -60,6 +61,19 @@ class Runtime:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
+    def _run(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
+        """Logits after `ids` at positions start...: [len(ids), vocab] if all_logits, else [1, vocab] for the
+        last. With repacking, one token per batch (its kernels crash on batches of more than one)."""
+        if not self.repack or len(ids) == 1:
+            self._decode(ids, start, all_logits)
+            return self._logits(len(ids) if all_logits else 1)
+        rows = []
+        for i, t in enumerate(ids):
+            self._decode([t], start + i, True)
+            if all_logits or i == len(ids) - 1:
+                rows.append(self._logits(1))
+        return np.concatenate(rows)
+
     def _reset(self) -> None:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
 
@@ -70,38 +84,40 @@ class Runtime:
     def logprobs(self, ids: list[int]) -> np.ndarray:
         self._check(len(ids))
         self._reset()
-        self._decode(ids, 0, True)
-        x = self._logits(len(ids))[:-1].astype(np.float64)
+        x = self._run(ids, 0, True)[:-1].astype(np.float64)
         x -= x.max(axis=1, keepdims=True)
         return (x - np.log(np.exp(x).sum(axis=1, keepdims=True))).astype(np.float32)
 
     def generate(self, ids: list[int], max_new: int) -> list[int]:
         self._check(len(ids) + max_new)
         self._reset()
-        self._decode(ids, 0, False)
+        logits = self._run(ids, 0, False)
         out = []
         pos = len(ids)
         for _ in range(max_new):
-            tok = int(np.argmax(self._logits(1)[0]))
+            tok = int(np.argmax(logits[0]))
             out.append(tok)
             if self.L.llama_vocab_is_eog(self.vocab, tok):
                 break
-            self._decode([tok], pos, False)
+            logits = self._run([tok], pos, False)
             pos += 1
         return out
 
     def bench(self, prompt: int, decode: int, token: int) -> dict:
-        """Seconds to process a prompt of `prompt` tokens in one batch, and to decode `decode` tokens."""
+        """Seconds to process a prompt of `prompt` tokens (one batch; None with repacking, which cannot), and
+        to decode `decode` tokens greedily after a one-token prompt."""
         self._check(prompt + decode)
+        t_prompt = None
+        if not self.repack:
+            self._reset()
+            t = time.perf_counter()
+            self._decode([token] * prompt, 0, False)
+            t_prompt = time.perf_counter() - t
         self._reset()
-        t = time.perf_counter()
-        self._decode([token] * prompt, 0, False)
-        t_prompt = time.perf_counter() - t
-        self._reset()
-        self._decode([token], 0, False)
+        logits = self._run([token], 0, False)
         t = time.perf_counter()
         for i in range(decode):
-            self._decode([int(np.argmax(self._logits(1)[0]))], i + 1, False)
+            logits = self._run([int(np.argmax(logits[0]))], i + 1, False)
         return {"prompt_s": t_prompt, "decode_s": time.perf_counter() - t}
 
     def _check(self, n: int) -> None:

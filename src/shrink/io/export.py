@@ -15,7 +15,6 @@ and scales, so it stays exact.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_file
 from ..errors import ShrinkError
 from ..quant import CastLinear, QuantLinear
 from .gguf_meta import write_metadata
 
 FLOAT_TYPES = ("f16", "f32")
-FLOAT_KINDS = ("F16", "F32")
 # model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
 
@@ -46,6 +45,7 @@ class ExportReport:
     requantized: dict[str, float] = field(default_factory=dict)  # module name -> share of weights changed
     max_error: dict[str, float] = field(default_factory=dict)    # GGUF type -> largest |difference| read back
     notes: list[str] = field(default_factory=list)
+    f16_change: float = 0.0  # largest change of a full-precision value written as F16
 
 
 def exact_type(layer: nn.Module) -> str | None:
@@ -95,8 +95,6 @@ def _qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-
-
 def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requantize: str | None = None,
                 source_gguf: str | os.PathLike | None = None, force: bool = False) -> ExportReport:
     """Write `model` (a quantized module, a LoadedModel, or a shrink folder) to the GGUF file `path`.
@@ -114,14 +112,7 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
 
     if float_type not in FLOAT_TYPES:
         raise ShrinkError(f"float type {float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
-    requant_type = None
-    if requantize is not None:
-        try:
-            requant_type = gguf.GGMLQuantizationType[requantize.upper()]
-        except KeyError:
-            raise ShrinkError(f"--requantize {requantize!r}: not a GGUF type (e.g. Q4_0, Q8_0, Q4_1)") from None
-        if requant_type not in gguf.quants._type_traits:
-            raise ShrinkError(f"--requantize {requantize!r}: gguf-py cannot quantize to this type")
+    requant_type = _requant_type(requantize)
     path = Path(path)
     _check_target(path, force)
     from .models import resolve
@@ -132,50 +123,66 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     if mtype not in ARCHITECTURES:
         raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
                           f"{', '.join(sorted(ARCHITECTURES))} models")
+    if requant_type is None:
+        _refuse_inexact(module)
     arch_name, permute = ARCHITECTURES[mtype]
     arch = gguf.MODEL_ARCH[arch_name]
-    n_layers = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(arch, n_layers)
-
-    refused: dict[str, list[str]] = {}  # format -> layers
-    for n, m in module.named_modules():
-        if isinstance(m, QuantLinear) and exact_type(m) is None:
-            why = m.spec.name if m.in_features % 32 == 0 else f"{m.in_features} inputs, not a multiple of 32"
-            why = f"{why} in activation order" if m.input_order is not None else why
-            refused.setdefault(why, []).append(n)
-    if refused and requant_type is None:
-        shown = "; ".join(f"{f}: {', '.join(ns[:3])}" + (f" ... ({len(ns)} layers)" if len(ns) > 3 else "")
-                          for f, ns in refused.items())
-        raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}. GGUF has int4/int8 in blocks of 32 "
-                          "(Q4_0, Q8_0, Q4_1); pass --requantize Q4_0 (or another type) to re-quantize them")
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
     report = ExportReport(path=path, bytes=0)
     tensors = _collect(module, config, names, float_type, requant_type, permute, report)
     src = Path(source_gguf) if source_gguf else source_gguf_of(module)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-        report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
-        report.notes.extend(notes)
-        writer.add_file_type(_file_type(report.tensors))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for t in tensors:
-            writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    with atomic_file(path) as tmp:
+        _write(tmp, gguf.MODEL_ARCH_NAMES[arch], tensors, config, tokenizer, src, report)
         _verify(tmp, tensors, report)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     report.bytes = path.stat().st_size
     return report
+
+
+def _write(path: Path, arch: str, tensors: list, config, tokenizer, src: Path | None, report: ExportReport) -> None:
+    """The GGUF file: metadata and tokenizer, file type, then the tensors as they are."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
+    report.notes.extend(notes)
+    writer.add_file_type(_file_type(report.tensors))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for t in tensors:
+        writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _requant_type(requantize: str | None):
+    """The gguf-py type named by `requantize` (None for None); ShrinkError for a name gguf-py cannot write."""
+    import gguf
+
+    if requantize is None:
+        return None
+    try:
+        kind = gguf.GGMLQuantizationType[requantize.upper()]
+    except KeyError:
+        raise ShrinkError(f"--requantize {requantize!r}: not a GGUF type (e.g. Q4_0, Q8_0, Q4_1)") from None
+    if kind not in gguf.quants._type_traits:
+        raise ShrinkError(f"--requantize {requantize!r}: gguf-py cannot quantize to this type")
+    return kind
+
+
+def _refuse_inexact(module: nn.Module) -> None:
+    """ShrinkError naming, by format, the quantized layers no GGUF type holds exactly."""
+    refused: dict[str, list[str]] = {}
+    for n, m in module.named_modules():
+        if isinstance(m, QuantLinear) and exact_type(m) is None:
+            why = m.spec.name if m.in_features % 32 == 0 else f"{m.in_features} inputs, not a multiple of 32"
+            refused.setdefault(f"{why} in activation order" if m.input_order is not None else why, []).append(n)
+    if refused:
+        shown = "; ".join(f"{f}: {', '.join(ns[:3])}" + (f" ... ({len(ns)} layers)" if len(ns) > 3 else "")
+                          for f, ns in refused.items())
+        raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}. GGUF has int4/int8 in blocks of 32 "
+                          "(Q4_0, Q8_0, Q4_1); pass --requantize Q4_0 (or another type) to re-quantize them")
 
 
 @dataclass
@@ -189,103 +196,97 @@ class _Tensor:
 
 def _collect(module: nn.Module, config, names, float_type: str, requant_type, permute: bool,
              report: ExportReport) -> list[_Tensor]:
-    """Every tensor of the model under its GGUF name, in the GGUF type chosen for it."""
-    import gguf
-
-    layers = {n: m for n, m in module.named_modules() if isinstance(m, (QuantLinear, CastLinear, nn.Linear))}
+    """Every tensor of the model under its GGUF name, in the GGUF type chosen for it: the weight-bearing
+    layers first (quantized, cast or full precision), then everything else (embeddings, norms)."""
+    fkind = float_type.upper()
     heads = {"q_proj": config.num_attention_heads,
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-    fkind = float_type.upper()
-    out: list[_Tensor] = []
-    seen: set[int] = set()
-    unnamed = []
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    embedding_ptr = emb.weight.data_ptr() if emb is not None else None
-    tied_head = False
-    rounded = 0.0  # largest change of a full-precision value written as F16
     state = module.state_dict(keep_vars=True)
-    handled = set()
-    for lname, layer in layers.items():
-        rows = None
-        leaf = lname.rpartition(".")[2]
-        if permute and leaf in heads:
-            rows = _qk_rows(layer.out_features, heads[leaf])
-        weight_key = f"{lname}.weight"
-        handled.update(k for k in state if k.startswith(lname + "."))
-        gname = names.get_name(weight_key, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            unnamed.append(weight_key)
+    out, unnamed, handled, tied_head = [], [], set(), False
+    for lname, layer in module.named_modules():
+        if not isinstance(layer, (QuantLinear, CastLinear, nn.Linear)):
             continue
-        if isinstance(layer, nn.Linear) and layer.weight.data_ptr() == embedding_ptr:
+        handled.update(k for k in state if k.startswith(lname + "."))
+        gname = names.get_name(f"{lname}.weight", try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            unnamed.append(f"{lname}.weight")
+            continue
+        if isinstance(layer, nn.Linear) and emb is not None and layer.weight is emb.weight:
             tied_head = True  # written once, as the token embedding, which llama.cpp then uses as output
             continue
-        kind = exact_type(layer) if not isinstance(layer, nn.Linear) else fkind
-        w = _float(layer)
-        if rows is not None:
-            w = w[rows]
-        if kind is None:  # re-quantize what no GGUF type holds exactly
-            kind = requant_type.name
-            if layer.in_features % gguf.GGML_QUANT_SIZES[requant_type][0]:
-                kind = fkind
-                report.notes.append(f"{lname}: {layer.in_features} inputs fit no {requant_type.name} block; written "
-                                    f"as {fkind}")
-                data = w.numpy().astype(np.float16 if fkind == "F16" else np.float32)
-            else:
-                data = gguf.quants.quantize(w.numpy(), requant_type)
-                back = torch.from_numpy(gguf.quants.dequantize(data, requant_type)).reshape(w.shape)
-                report.requantized[lname] = float((back != w).float().mean())
-        elif isinstance(layer, QuantLinear):
-            data = _blocks(layer, kind)
-            if rows is not None:
-                data = data[rows.numpy()]
-        elif kind == "BF16":
-            data = layer.weight.detach()[rows if rows is not None else slice(None)].contiguous() \
-                .view(torch.int16).numpy().view(np.uint8).reshape(layer.out_features, -1)
-        else:
-            data = w.numpy().astype(np.float16 if kind == "F16" else np.float32)
-            if kind == "F16" and isinstance(layer, nn.Linear):
-                rounded = max(rounded, float(np.abs(data.astype(np.float32) - w.numpy()).max()))
-        exact = kind != "Q4_1" and lname not in report.requantized
-        if isinstance(layer, nn.Linear) or kind != exact_type(layer) and kind in FLOAT_KINDS:
-            expect = data.astype(np.float32)  # a float layer written as F16/F32: the rounding is asked for
-        else:
-            expect = w.numpy()
-        out.append(_Tensor(gname, kind, data, expect, exact))
-        report.tensors[kind] = report.tensors.get(kind, 0) + 1
-        report.layers[lname] = kind
+        leaf = lname.rpartition(".")[2]
+        rows = _qk_rows(layer.out_features, heads[leaf]) if permute and leaf in heads else None
+        out.append(_layer_tensor(gname, lname, layer, rows, fkind, requant_type, report))
         if layer.bias is not None:
             b = layer.bias.detach().float()
-            b = b[rows] if rows is not None else b
-            out.append(_Tensor(gname[: -len(".weight")] + ".bias", "F32", b.numpy(), b.numpy()))
-            report.tensors["F32"] = report.tensors.get("F32", 0) + 1
+            b = (b[rows] if rows is not None else b).numpy()
+            out.append(_Tensor(gname[: -len(".weight")] + ".bias", "F32", b, b))
+    seen: set[int] = set()
     for key, t in state.items():
-        if key in handled or not t.numel():
-            continue
-        if t.data_ptr() in seen:
-            continue  # a tied tensor: written once
+        if key in handled or not t.numel() or t.data_ptr() in seen:
+            continue  # a layer's (above), or a tied tensor already written
         seen.add(t.data_ptr())
         gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            if key.endswith("rotary_emb.inv_freq"):
-                continue  # computed from the config in llama.cpp
-            unnamed.append(key)
+            if not key.endswith("rotary_emb.inv_freq"):  # llama.cpp computes it from the config
+                unnamed.append(key)
             continue
         v = t.detach().float()
-        kind = "F32" if v.dim() == 1 else fkind  # llama.cpp wants norms and 1-D tensors in F32
-        data = v.numpy().astype(np.float16 if kind == "F16" else np.float32)
-        if kind == "F16":
-            rounded = max(rounded, float(np.abs(data.astype(np.float32) - v.numpy()).max()))
-        out.append(_Tensor(gname, kind, data, data.astype(np.float32)))
-        report.tensors[kind] = report.tensors.get(kind, 0) + 1
+        out.append(_float_tensor(gname, v, "F32" if v.dim() == 1 else fkind, report))  # norms: F32
     if unnamed:
         raise ShrinkError(f"no GGUF name for {', '.join(unnamed[:4])}" + (f" ... ({len(unnamed)} in all)"
                           if len(unnamed) > 4 else "") + f" in gguf-py's tensor map of {type(module).__name__}")
-    if rounded > 0:
-        report.notes.append(f"embeddings and full-precision layers written as F16 (largest change {rounded:.2g}); "
-                            "float_type f32 keeps them exact")
+    for t in out:
+        report.tensors[t.kind] = report.tensors.get(t.kind, 0) + 1
+    if report.f16_change > 0:
+        report.notes.append(f"embeddings and full-precision layers written as F16 (largest change "
+                            f"{report.f16_change:.2g}); float_type f32 keeps them exact")
     if tied_head:
         report.notes.append("output layer tied to the token embedding: written once, as token_embd")
     return out
+
+
+def _float_tensor(gname: str, w: torch.Tensor, kind: str, report: ExportReport) -> _Tensor:
+    """A float32 tensor written as F16 or F32 (the rounding to F16 is asked for, and reported)."""
+    data = w.numpy().astype(np.float16 if kind == "F16" else np.float32)
+    if kind == "F16":
+        report.f16_change = max(report.f16_change, float(np.abs(data.astype(np.float32) - w.numpy()).max()))
+    return _Tensor(gname, kind, data, data.astype(np.float32))
+
+
+def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, requant_type,
+                  report: ExportReport) -> _Tensor:
+    """One layer's weight: exact GGUF blocks for quantized layers, BF16/F16 for cast ones, `fkind` for
+    full-precision ones; re-quantized by gguf-py only where no type holds it exactly (and asked for)."""
+    import gguf
+
+    w = _float(layer)
+    w = w[rows] if rows is not None else w
+    kind = fkind if isinstance(layer, nn.Linear) else exact_type(layer)
+    report.layers[lname] = kind
+    if isinstance(layer, nn.Linear):
+        return _float_tensor(gname, w, kind, report)
+    if kind in ("Q4_0", "Q8_0", "Q4_1"):
+        data = _blocks(layer, kind)
+        data = data[rows.numpy()] if rows is not None else data
+        return _Tensor(gname, kind, data, w.numpy(), exact=kind != "Q4_1")  # Q4_1: offsets rounded to fp16
+    if kind == "BF16":
+        bf = layer.weight.detach()
+        bf = bf[rows] if rows is not None else bf
+        return _Tensor(gname, kind, bf.contiguous().view(torch.int16).numpy().view(np.uint8), w.numpy())
+    if kind == "F16":
+        return _Tensor(gname, kind, w.numpy().astype(np.float16), w.numpy())
+    block = gguf.GGML_QUANT_SIZES[requant_type][0]
+    if layer.in_features % block:
+        report.layers[lname] = fkind
+        report.notes.append(f"{lname}: {layer.in_features} inputs fit no {requant_type.name} block; written as {fkind}")
+        return _float_tensor(gname, w, fkind, report)
+    data = gguf.quants.quantize(w.numpy(), requant_type)
+    back = torch.from_numpy(gguf.quants.dequantize(data, requant_type)).reshape(w.shape)
+    report.requantized[lname] = float((back != w).float().mean())
+    report.layers[lname] = requant_type.name
+    return _Tensor(gname, requant_type.name, data, w.numpy(), exact=False)
 
 
 def _float(layer: nn.Module) -> torch.Tensor:
