@@ -133,6 +133,10 @@ def test_a_gptq_model_saves_and_reloads(tmp_path):
     manifest = json.loads((tmp_path / "s" / "shrink.json").read_text())
     assert manifest["layout"] == "shrink"  # activation order has no pack-quantized form here
     assert manifest["modules"]["model.layers.0.mlp.up_proj"]["input_order"] is True
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # loudly, never random weights
+        AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     back = shrink.load(tmp_path / "s")
     ids = torch.randint(3, 96, (1, 8))
     with torch.no_grad():

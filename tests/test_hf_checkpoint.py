@@ -138,3 +138,14 @@ def test_compressed_tensors_schemes_shrink_cannot_hold_are_refused(tmp_path, wei
         (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(shrink.ShrinkError, match=needle.replace(".", r"\.")):
         shrink.load_model(path)
+
+
+def test_reading_compressed_tensors_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    path = _ct_checkpoint(tmp_path / "ct")
+    for name in [m for m in sys.modules if m.startswith("compressed_tensors")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    with pytest.raises(shrink.ShrinkError, match="need the compressed-tensors package.*pip install"):
+        shrink.load_model(path)

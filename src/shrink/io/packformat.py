@@ -18,6 +18,19 @@ from ..quant.packing import pack, unpack
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 
 
+def _ct(module: str):
+    """A compressed-tensors module; ShrinkError saying how to install it when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"compressed_tensors.{module}")
+    except ImportError as e:
+        from ..errors import ShrinkError
+
+        raise ShrinkError(f"compressed-tensors checkpoints need the compressed-tensors package ({e}); "
+                          "pip install 'compressed-tensors>=0.20'") from None
+
+
 def exportable(spec: QuantSpec) -> bool:
     """Whether a format's codes and scales are stored exactly in pack-quantized."""
     return not spec.cast and spec.symmetric
@@ -25,8 +38,7 @@ def exportable(spec: QuantSpec) -> bool:
 
 def module_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of one layer (names relative to the layer)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
+    pack_to_int32 = _ct("compressors.pack_quantized.helpers").pack_to_int32
     signed = unpack(layer.qweight, layer.spec.bits, layer.in_features).to(torch.int16) - layer.zero_const
     out = {"weight_packed": pack_to_int32(signed.to(torch.int8), layer.spec.bits),
            "weight_scale": layer.scales.detach().clone(),
@@ -49,8 +61,7 @@ def expected(name: str, spec: QuantSpec, in_features: int, out_features: int, bi
 
 def to_shrink(state: dict, name: str, spec: QuantSpec, in_features: int, out_features: int) -> None:
     """Replace a layer's pack-quantized tensors in `state` by QuantLinear's qweight and scales, in place."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
+    unpack_from_int32 = _ct("compressors.pack_quantized.helpers").unpack_from_int32
     packed = state.pop(f"{name}.weight_packed")
     shape = [int(x) for x in state.pop(f"{name}.weight_shape")]
     if shape != [out_features, in_features]:
@@ -88,7 +99,7 @@ def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:
     shrink's formats cannot hold exactly (activation quantization, asymmetric, float, other bit widths or
     group sizes, dynamic activation order)."""
     import torch.nn as nn
-    from compressed_tensors.utils.match import match_named_modules
+    match_named_modules = _ct("utils.match").match_named_modules
 
     from ..errors import ShrinkError
     from ..quant.spec import BITS, GROUP_SIZES
