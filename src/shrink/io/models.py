@@ -196,7 +196,7 @@ def gguf_tokenizer(path: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except Exception as e:
-        raise ShrinkError(f"{path}: cannot read the tokenizer of the GGUF file ({type(e).__name__}: {e})") from None
+        raise ShrinkError(f"{path}: cannot load GGUF file's tokenizer ({type(e).__name__}: {e})") from None
 
 
 def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
