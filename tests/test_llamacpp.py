@@ -115,6 +115,8 @@ def test_search_judges_candidates_in_llama_cpp(exported, tmp_path):
     assert best.is_file() and done["rtn:int8"]["size_bytes"] == best.stat().st_size
     assert not (tmp_path / "s" / ".candidate.gguf").exists()
     assert json.loads((tmp_path / "s" / "search.json").read_text())["runtime"] == "llama.cpp"
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["runtime"] == "llama.cpp"
+    assert "judged in llama.cpp" in (tmp_path / "s" / "report.md").read_text()
     with pytest.raises(shrink.ShrinkError, match="judged candidates in llama.cpp; resume it with --runtime llama.cpp"):
         shrink.search(_with_tok(bpe_llama(), tok), task, out=tmp_path / "s", candidates=cands, resume=True,
                       progress=False, max_drop=100)

@@ -88,7 +88,9 @@ def _header(result) -> str:
     return (f"Task {t['name']} ({t['kind']}, {t['examples']} examples, {t['source'] or 'built in'}); "
             f"{len([r for r in result.results if r.get('status') == 'done'])} candidates measured, "
             f"{len(result.skipped)} skipped, {len(result.untried)} left for lack of budget; measuring took "
-            f"{sum(r.get('seconds', 0) for r in result.results) / 60:.1f} min (this run {result.seconds / 60:.1f} min).")
+            f"{sum(r.get('seconds', 0) for r in result.results) / 60:.1f} min (this run {result.seconds / 60:.1f} min)."
+            + (" Each candidate was exported to GGUF and judged in llama.cpp (sizes are the GGUF files; the "
+               "recommended one is best.gguf)." if getattr(result, "runtime", "shrink") == "llama.cpp" else ""))
 
 
 def to_markdown(result, inputs: dict[str, str]) -> str:

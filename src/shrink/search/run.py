@@ -60,6 +60,7 @@ class SearchResult:
     task: dict = field(default_factory=dict)
     out: str | None = None
     seconds: float = 0.0
+    runtime: str = "shrink"  # what judged the candidates: shrink's model, or its GGUF export in llama.cpp
 
     def frontier(self, cost: str = "size_bytes") -> list[dict]:
         """Pareto frontier of quality against `cost` ("size_bytes", "latency_example", "latency_token")."""
@@ -68,7 +69,7 @@ class SearchResult:
     def to_dict(self) -> dict:
         return _finite({"recommendation": self.recommendation, "line": self.line, "constraints": self.constraints,
                 "task": self.task, "original": self.original, "results": self.results, "skipped": self.skipped,
-                "untried": self.untried, "frontier_size": [r["candidate"]["name"] for r in self.frontier("size_bytes")],
+                "untried": self.untried, "runtime": self.runtime, "frontier_size": [r["candidate"]["name"] for r in self.frontier("size_bytes")],
                 "frontier_latency": [r["candidate"]["name"] for r in self.frontier("latency_example")],
                 "seconds": self.seconds})
 
@@ -343,7 +344,8 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                 original_info["score"] = done[0]["original_score"]
         result = SearchResult(original_info, results, skipped, untried, best, explain(best, con, original_info),
                               con.to_dict(), {"name": task.name, "kind": task.kind, "source": task.source,
-                                              "examples": len(task.examples)}, str(out), time.perf_counter() - t_start)
+                                              "examples": len(task.examples)}, str(out), time.perf_counter() - t_start,
+                              runtime)
         if best is not None and _best_name(out) != best["candidate"]["name"]:  # the constraints changed on resume
             _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data,
                           distill_seconds, distill_options or {}, progress, runtime)
