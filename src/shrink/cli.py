@@ -187,6 +187,9 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
         rows = size_rows(loaded.model, output_name=out_name)
         title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
         console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
+        check = getattr(loaded.model, "shrink_check", None)
+        if check is not None:
+            console.print(check.line() if check.skipped is None else f"[yellow]{check.line()}[/yellow]")
         if target_bits is not None:
             by_format: dict[str, list[str]] = {}
             for n, f in loaded.model.shrink_formats.items():
@@ -210,6 +213,7 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
                 "target_bits": target_bits, "formats": loaded.model.shrink_formats, "calibration": record,
                 "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
                 "seconds": {"load": t_load, "quantize": t_quant},
+                "check": check.to_dict() if check is not None else None,
             })
             console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
 

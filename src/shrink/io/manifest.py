@@ -8,6 +8,7 @@ The fields (format_version 1):
     modules         {name: {"format": str, "in_features": int, "out_features": int, "bias": bool,
                             "input_order": true (only when the layer has one)}}
     kept_full_precision  [str]                           calibration     object or null
+    check           object or null: the forward check after quantizing (relative_error, input, skipped)
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
                     (absent in folders written before it was added; then nothing is verified)
     layout          (format_version 2) "pack-quantized": model.safetensors in compressed-tensors' layout,
@@ -74,7 +75,7 @@ def validate(manifest, path: Path) -> dict:
             raise bad(field, "a string", manifest[field])
     if manifest.get("method") is not None and manifest["method"] not in METHODS:
         raise bad("method", f"null or one of {', '.join(METHODS)}", manifest["method"])
-    for field in ("source", "calibration"):
+    for field in ("source", "calibration", "check"):
         if manifest.get(field) is not None and not isinstance(manifest[field], dict):
             raise bad(field, "an object", manifest[field])
     modules = manifest.get("modules")

@@ -64,6 +64,7 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "modules": modules,
         "kept_full_precision": sorted(n for n, f in formats.items() if f is None),
         "calibration": getattr(model, "shrink_calibration", None),
+        "check": check.to_dict() if (check := getattr(model, "shrink_check", None)) is not None else None,
         "layout": "pack-quantized" if all(packformat.exportable(m.spec) and m.input_order is None for m in quant)
         else "shrink",
     }

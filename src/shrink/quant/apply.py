@@ -10,12 +10,14 @@ and always stay as they are.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .check import ForwardCheck, relative_error, run as run_forward, sample_input
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
 from .rtn import check_weight
@@ -99,7 +101,10 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     backend: kernel backend for the new layers ("auto", "native", "torch"; default $SHRINK_BACKEND or auto).
     progress: show a progress bar (default: when writing to a terminal).
     The chosen formats are recorded on the model as `model.shrink_formats` (name -> format or None),
-    and for calibrated methods what was done as `model.shrink_calibration`.
+    and for calibrated methods what was done as `model.shrink_calibration`. One sample input (random
+    token ids, pixels, or a batch for the first layer) runs through the model before and after:
+    `model.shrink_check` holds the relative output error (or why the check was skipped); ValueError when
+    the quantized model no longer runs, and when the plan quantizes no layer at all.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: available methods are {', '.join(METHODS)}")
@@ -121,7 +126,17 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     if target_bits is not None:
         spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
     assignment = plan(model, spec, keep_output=keep_output)
+    _refuse_nothing_to_do(model, assignment)
     _validate(model, assignment)
+    inputs, described = sample_input(model)
+    before, skipped = None, None
+    if inputs is None:
+        skipped = described
+    else:
+        try:
+            before = run_forward(model, inputs)
+        except Exception as e:  # our guess at an input did not fit this model: say so, do not fail
+            skipped = f"the original model does not run on {described} ({type(e).__name__}: {str(e)[:160]})"
     record = {}
     if needs_data:
         from .calibrated import measure_sensitivity, quantize_calibrated
@@ -153,7 +168,41 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     model.shrink_method = method
     if record:
         model.shrink_calibration = record
+    model.shrink_check = _check_forward(model, inputs, described, before, skipped)
     return model
+
+
+def _check_forward(model: nn.Module, inputs, described: str, before, skipped: str | None) -> ForwardCheck:
+    """The quantized model's output on the sample input against the original's; ValueError when it no
+    longer runs or its output is not finite."""
+    if before is None:
+        return ForwardCheck(None, described, skipped=skipped)
+    try:
+        after = run_forward(model, inputs)
+    except Exception as e:
+        raise ValueError(f"the quantized model's forward pass fails on {described} ({type(e).__name__}: "
+                         f"{str(e)[:200]}); its layers were replaced in place, so do not use it") from None
+    err = relative_error(before, after)
+    if not math.isfinite(err):
+        raise ValueError(f"the quantized model's output on {described} is not finite or changed shape; its layers "
+                         "were replaced in place, so do not use it")
+    return ForwardCheck(err, described)
+
+
+def _refuse_nothing_to_do(model: nn.Module, assignment: dict) -> None:
+    """ValueError saying what the model holds when the plan quantizes no layer at all."""
+    if any(s is not None for s in assignment.values()):
+        return
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        if not isinstance(m, nn.Linear) and any(True for _ in m.parameters(recurse=False)):
+            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    others = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    others = f"; its other layers ({others}) are not quantized by shrink" if others else ""
+    if assignment:
+        raise ValueError(f"nothing to quantize: the model's {len(assignment)} Linear layer(s) are all kept in full "
+                         f"precision (the output layer is kept unless keep_output=False){others}")
+    raise ValueError(f"nothing to quantize: the model has no nn.Linear layers{others}")
 
 
 def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp: float) -> None:

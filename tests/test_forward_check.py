@@ -1,0 +1,89 @@
+"""A quantize that changed nothing, or broke the model, is never a success: one sample input runs through
+the model before and after, and the relative output error is measured, recorded and shown."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import shrink
+from conftest import MLP, tiny_llama
+
+
+def test_the_output_error_is_measured_recorded_and_ordered_by_width(tmp_path):
+    errors = {}
+    for fmt in ("int8", "int4-g32", "int2-g32"):
+        model = shrink.quantize(tiny_llama(), fmt, backend="torch", progress=False)
+        check = model.shrink_check
+        assert check.skipped is None and check.input == "16 random token ids"
+        errors[fmt] = check.relative_error
+    assert 0 < errors["int8"] < errors["int4-g32"] < errors["int2-g32"]
+    # the number is the model's: the same input through a fresh copy and the quantized one
+    ref, q = tiny_llama(), shrink.quantize(tiny_llama(), "int4-g32", backend="torch", progress=False)
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, q(ids).logits
+    assert q.shrink_check.relative_error == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-5)
+    shrink.save(q, tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "shrink.json").read_text())["check"]
+    assert saved["relative_error"] == pytest.approx(q.shrink_check.relative_error) and saved["skipped"] is None
+
+
+def test_plain_modules_get_a_batch_for_their_first_layer(mlp):
+    model = shrink.quantize(mlp, "int8", progress=False)
+    assert model.shrink_check.input == "4 random inputs of 64" and 0 < model.shrink_check.relative_error < 0.05
+    assert model.training is False
+
+
+def test_a_model_that_no_longer_runs_is_an_error():
+    class ReadsItsWeight(torch.nn.Module):  # as T5 does: forward reads a Linear's .weight directly
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32, 32)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.fc(x).to(self.fc.weight.dtype))
+
+    with pytest.raises(ValueError, match=r"forward pass fails on 4 random inputs of 32 \(AttributeError: .*weight"):
+        shrink.quantize(ReadsItsWeight(), "int8", progress=False)
+
+
+def test_an_input_that_does_not_fit_skips_the_check_and_says_so():
+    class TakesTwo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32, 32)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, x, y):
+            return self.head(self.fc(x) + y)
+
+    model = shrink.quantize(TakesTwo(), "int8", progress=False)
+    assert model.shrink_check.relative_error is None
+    assert model.shrink_check.line().startswith("forward check skipped: the original model does not run on 4 random")
+
+
+def test_quantizing_nothing_is_an_error_that_says_what_the_model_has():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match=r"1 Linear layer\(s\) are all kept in full precision .*\(8 Conv1D, "):
+        shrink.quantize(gpt2, "int8", progress=False)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+    with pytest.raises(ValueError, match=r"no nn.Linear layers; its other layers \(2 Conv2d\) are not quantized"):
+        shrink.quantize(cnn, "int8", progress=False)
+    with pytest.raises(ValueError, match="all kept in full precision"):
+        shrink.quantize(MLP(), {"*": None}, progress=False)
+
+
+def test_cli_quantize_prints_the_check(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    p = subprocess.run([sys.executable, "-m", "shrink.cli", "quantize", str(tmp_path / "hf"), "-f", "int4-g32",
+                        "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "forward check: relative output error" in p.stdout and "16 random token ids" in p.stdout
+    assert json.loads((tmp_path / "q" / "results.json").read_text())["check"]["relative_error"] > 0
