@@ -54,6 +54,8 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
                 modules[name]["input_order"] = True
     formats = getattr(model, "shrink_formats", {}) or {}
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    linear_in_architecture = all(packformat.exportable(m.spec) and m.input_order is None for m in quant) and \
+        _linear_in_architecture(model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)])
     return {
         "format_version": FORMAT_VERSION,
         "shrink_version": __version__,
@@ -65,9 +67,23 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "kept_full_precision": sorted(n for n, f in formats.items() if f is None),
         "calibration": getattr(model, "shrink_calibration", None),
         "check": check.to_dict() if (check := getattr(model, "shrink_check", None)) is not None else None,
-        "layout": "pack-quantized" if all(packformat.exportable(m.spec) and m.input_order is None for m in quant)
-        else "shrink",
+        "layout": "pack-quantized" if linear_in_architecture else "shrink",
     }
+
+
+def _linear_in_architecture(model: nn.Module, names: list[str]) -> bool:
+    """Whether every layer in `names` is an nn.Linear in the architecture transformers builds from the
+    model's config (compressed-tensors replaces only those; GPT-2's Conv1D layers it would leave random)."""
+    if not _is_hf(model) or not names:
+        return True
+    import torch
+
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(model.config)
+        return all(isinstance(fresh.get_submodule(n), nn.Linear) for n in names)
+    except Exception:  # an architecture that cannot be rebuilt from its config: keep shrink's own layout
+        return False
 
 
 def _pack_quantized_state(model: nn.Module) -> dict:

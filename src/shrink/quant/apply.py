@@ -47,8 +47,31 @@ def output_layer_name(model: nn.Module) -> str | None:
     return last
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2's projections): a Linear with its weight stored transposed, [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Names of the layers shrink quantizes as Linear: `nn.Linear` and transformers' `Conv1D`."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """`module` as an `nn.Linear` computing the same function (a Conv1D's weight transposed; a Linear as is)."""
+    if isinstance(module, nn.Linear) or not is_conv1d(module):
+        return module
+    nx, nf = module.weight.shape
+    linear = nn.Linear(nx, nf, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return linear
+
+
 def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, QuantSpec | None]:
-    """The format each `nn.Linear` of `model` will get (None: kept in full precision)."""
+    """The format each Linear layer (`nn.Linear` or `Conv1D`) of `model` will get (None: kept in full
+    precision)."""
     if isinstance(spec, Mapping):
         rules = [(pattern, parse_format(fmt) if fmt is not None else None) for pattern, fmt in spec.items()]
         explicit = set(spec)
@@ -56,15 +79,13 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
         rules = [("*", parse_format(spec))]
         explicit = set()
     out_name = output_layer_name(model) if keep_output else None
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = linear_layers(model)
     for pattern, _ in rules:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names) and pattern != "*":
             example = f" (they are named like {names[len(names) // 2]!r})" if names else ""
             raise ValueError(f"layer pattern {pattern!r} matches no Linear layer of the model{example}")
     result: dict[str, QuantSpec | None] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
+    for name in names:
         chosen = None
         for pattern, fmt in rules:
             if fnmatch.fnmatchcase(name, pattern):
@@ -128,6 +149,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     assignment = plan(model, spec, keep_output=keep_output)
     _refuse_nothing_to_do(model, assignment)
     _validate(model, assignment)
+    for name, fmt in assignment.items():  # GPT-2's Conv1D layers to be quantized become the Linear they are
+        if fmt is not None and is_conv1d(model.get_submodule(name)):
+            _set_submodule(model, name, as_linear(model.get_submodule(name)))
     inputs, described = sample_input(model)
     before, skipped = None, None
     if inputs is None:
@@ -195,7 +219,7 @@ def _refuse_nothing_to_do(model: nn.Module, assignment: dict) -> None:
         return
     kinds: dict[str, int] = {}
     for m in model.modules():
-        if not isinstance(m, nn.Linear) and any(True for _ in m.parameters(recurse=False)):
+        if not isinstance(m, nn.Linear) and not is_conv1d(m) and any(True for _ in m.parameters(recurse=False)):
             kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
     others = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
     others = f"; its other layers ({others}) are not quantized by shrink" if others else ""
@@ -235,7 +259,7 @@ def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None
     for name, fmt in assignment.items():
         if fmt is None:
             continue
-        w = model.get_submodule(name).weight
+        w = as_linear(model.get_submodule(name)).weight
         if fmt.cast:
             if not torch.isfinite(w).all():
                 raise ValueError(f"layer {name!r}: weight has NaN or infinite values")

@@ -1,0 +1,68 @@
+"""Model families beyond Llama (issue 14, growing): each through the formats and methods, saved and loaded
+bit-identically, the forward check measured, and folders transformers cannot read exactly failing loudly."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import shrink
+from shrink.quant import QuantLinear
+
+
+def gpt2(seed: int = 0):
+    """A 2-layer GPT-2 (hidden 64, 4 heads): its projections are transformers' Conv1D, weights [in, out]."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=1)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+CALIBRATION = [torch.randint(0, 96, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+@pytest.mark.parametrize("fmt,method", [("int8", "rtn"), ("int4-g32", "rtn"), ("int4-g32", "gptq"),
+                                        ("int4-g32", "awq"), ("int3-g32", "awq+gptq")])
+def test_gpt2_conv1d_layers_are_quantized(tmp_path, fmt, method):
+    ref = gpt2()
+    model = shrink.quantize(gpt2(), fmt, method=method, calibration=CALIBRATION if method != "rtn" else None,
+                            backend="torch", progress=False)
+    projections = [n for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    for i in range(2):
+        for p in projections:
+            layer = model.get_submodule(f"transformer.h.{i}.{p}")
+            assert isinstance(layer, QuantLinear) and layer.spec.name == fmt
+    conv = ref.transformer.h[0].mlp.c_fc  # [in, out] in GPT-2's layout; [out, in] in shrink's
+    q = model.transformer.h[0].mlp.c_fc
+    assert (q.in_features, q.out_features) == tuple(conv.weight.shape)
+    if method == "rtn":
+        from shrink.quant.rtn import quantize_weight
+
+        want = quantize_weight(conv.weight.detach().t(), q.spec, "c_fc")
+        assert torch.equal(q.qweight, shrink.quant.packing.pack(want.codes, q.spec.bits))
+    assert 0 < model.shrink_check.relative_error < (0.02 if fmt == "int8" else 0.5)
+    ids = torch.randint(0, 96, (2, 10))
+    shrink.save(model, tmp_path / "q")
+    back = shrink.load(tmp_path / "q", backend="torch")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    # compressed-tensors would leave GPT-2's Conv1D layers random in transformers: shrink's own layout,
+    # which transformers refuses loudly
+    assert json.loads((tmp_path / "q" / "shrink.json").read_text())["layout"] == "shrink"
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_gpt2_conv1d_layers_kept_in_full_precision_stay_conv1d(tmp_path):
+    model = shrink.quantize(gpt2(), {"*.mlp.*": None, "*": "int8"}, progress=False)
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    assert isinstance(model.transformer.h[0].attn.c_attn, QuantLinear)
+    shrink.save(model, tmp_path / "q")
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(shrink.load(tmp_path / "q")(ids).logits, model(ids).logits)
