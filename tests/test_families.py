@@ -66,3 +66,18 @@ def test_gpt2_conv1d_layers_kept_in_full_precision_stay_conv1d(tmp_path):
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         assert torch.equal(shrink.load(tmp_path / "q")(ids).logits, model(ids).logits)
+
+
+def test_gpt2_is_compared_as_the_causal_language_model_it_is(tmp_path):
+    from conftest import tiny_tokenizer
+    from shrink.evaluate.adapters import CausalLMAdapter, adapter_for
+
+    tok = tiny_tokenizer()
+    assert isinstance(adapter_for(gpt2(), tok), CausalLMAdapter)  # not an encoder: GPT2LMHeadModel is in
+    # transformers' registry of causal LMs, though its name does not end in ForCausalLM
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"id": str(i), "input": t, "choices": ["bank", "oil", "tax"], "answer": i % 3})
+                            + "\n" for i, t in enumerate(["the price of", "the chief analyst said", "growth in the"])))
+    c = shrink.compare(gpt2(), shrink.quantize(gpt2(), "int8", progress=False), task, tokenizer=tok,
+                       chat_template=False, progress=False)
+    assert c.compressed["kind"] == "causal language" and c.divergence["kl"]["mean"] < 0.01

@@ -85,3 +85,20 @@ def test_cli_quantize_prints_the_check(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "forward check: relative output error" in p.stdout and "16 random token ids" in p.stdout
     assert json.loads((tmp_path / "q" / "results.json").read_text())["check"]["relative_error"] > 0
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_half_and_bfloat16_keep_a_quantized_model_working(cast):
+    model = shrink.quantize(tiny_llama(), {"model.layers.0.*": "bf16", "*": "int4-g32"}, backend="torch",
+                            progress=False)
+    ids = torch.randint(3, 96, (1, 10))
+    scales = model.model.layers[1].self_attn.q_proj.scales.clone()
+    with torch.no_grad():
+        want = model(ids).logits
+        model = model.half() if cast == "half" else model.to(torch.bfloat16)
+        got = model(ids).logits
+    q = model.model.layers[1].self_attn.q_proj
+    assert q.qweight.dtype == torch.uint8 and torch.equal(q.scales, scales)  # storage untouched, not rounded
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # a cast layer keeps its format
+    assert got.dtype == (torch.float16 if cast == "half" else torch.bfloat16)
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()  # compute follows the input's dtype

@@ -254,6 +254,21 @@ class TensorClassifierAdapter(Adapter):
         return Outcome(str(pick), float(pick == example.data["label"]), _margin(lp.exp()), lp.unsqueeze(0))
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a Hugging Face causal language model, by transformers' own registry of them
+    (GPT2LMHeadModel and the like included), not by its class name."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES = {}
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return (name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith("ForCausalLM")
+            or (hasattr(model, "generate") and getattr(config, "is_decoder", False)))
+
+
 def adapter_for(model: nn.Module, tokenizer=None, chat_template: bool | None = None,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Adapter:
     """The adapter that fits `model`: causal LM, sequence classifier, encoder, or plain classifier."""
@@ -261,8 +276,7 @@ def adapter_for(model: nn.Module, tokenizer=None, chat_template: bool | None = N
         return model
     name = type(model).__name__
     config = getattr(model, "config", None)
-    if name.endswith("ForCausalLM") or (config is not None and hasattr(model, "generate")
-                                        and getattr(config, "is_decoder", False)):
+    if is_causal_lm(model):
         return CausalLMAdapter(model, tokenizer, chat_template, max_new_tokens)
     if name.endswith("ForSequenceClassification"):
         return SequenceClassifierAdapter(model, tokenizer)

@@ -144,6 +144,11 @@ class QuantLinear(nn.Module):
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # .half(), .to(torch.bfloat16), .to(device): the storage moves but keeps its types (codes uint8,
+        # scales fp16, bias fp32), since the kernels read exactly those; compute follows the input's dtype.
+        return _apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
+
     def weight_bytes(self) -> int:
         """Bytes of packed weights, scales and zero points (bias excluded)."""
         n = self.qweight.numel() + self.scales.numel() * 2
@@ -186,6 +191,10 @@ class CastLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.to(torch.float32)
 
+    def _apply(self, fn, recurse=True):
+        # the weight stays in its format's dtype through .half() / .to(dtype); compute follows the input
+        return _apply_keeping_dtypes(self, fn, ("weight", "bias"), recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight.to(x.dtype), b)
@@ -195,3 +204,15 @@ class CastLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, bias={self.bias is not None}"
+
+
+def _apply_keeping_dtypes(module: nn.Module, fn, names: tuple[str, ...], recurse: bool) -> nn.Module:
+    """`Module._apply(fn)` with the buffers `names` moved to fn's device but never converted to its dtype."""
+    kept = {n: module._buffers.pop(n) for n in names if module._buffers.get(n) is not None}
+    try:
+        nn.Module._apply(module, fn, recurse)
+    finally:
+        for n, t in kept.items():
+            device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device  # where fn sends tensors
+            module._buffers[n] = t.to(device=device)
+    return module

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..evaluate.adapters import is_causal_lm
 from ..evaluate.compare import model_bytes
 from ..io import read_manifest, save
 from ..io.manifest import weights_file
@@ -28,9 +29,7 @@ def disk_bytes(model: nn.Module, folder: Path, tokenizer=None) -> int:
 def seconds_per_token(model: nn.Module, tokenizer, new_tokens: int = 32, repeats: int = 2) -> float | None:
     """Greedy decoding speed of a Hugging Face causal LM: seconds per new token after a short prompt,
     the best of `repeats` runs (None for models that do not generate)."""
-    if tokenizer is None or not hasattr(model, "generate") or not getattr(model.config, "is_decoder", True):
-        return None
-    if "ForCausalLM" not in type(model).__name__:
+    if tokenizer is None or not is_causal_lm(model):
         return None
     ids = tokenizer("The quick brown fox jumps over the lazy dog. Once upon a time", return_tensors="pt").input_ids
     best = float("inf")
