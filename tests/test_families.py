@@ -81,3 +81,54 @@ def test_gpt2_is_compared_as_the_causal_language_model_it_is(tmp_path):
     c = shrink.compare(gpt2(), shrink.quantize(gpt2(), "int8", progress=False), task, tokenizer=tok,
                        chat_template=False, progress=False)
     assert c.compressed["kind"] == "causal language" and c.divergence["kl"]["mean"] < 0.01
+
+
+def _widened(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def gemma(seed: int = 0):
+    """A 2-layer Gemma: its RMSNorm computes x * (1 + w), so AWQ's scales fold into (1 + w)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    return _widened(GemmaForCausalLM(GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 head_dim=16, max_position_embeddings=64)))
+
+
+def test_awq_folds_are_checked_numerically_and_gemmas_norm_folds_into_one_plus_w():
+    from conftest import tiny_llama
+
+    for make, norm_form in ((tiny_llama, "into model.layers.0.input_layernorm, checked"),
+                            (gemma, "into model.layers.0.input_layernorm as x * (1 + w), checked")):
+        model = shrink.quantize(make(), "int4-g32", method="awq", calibration=CALIBRATION, progress=False)
+        layers = model.shrink_calibration["layers"]
+        assert layers["model.layers.0.self_attn.q_proj"]["awq_fold"].startswith(norm_form)
+        assert layers["model.layers.0.mlp.down_proj"]["awq_fold"].startswith("into model.layers.0.mlp.up_proj, checked")
+        assert not model.shrink_calibration["warnings"]
+        moved = [float(d["awq_fold"].rsplit("moved ", 1)[1].rstrip(")")) for d in layers.values() if "awq_fold" in d]
+        assert max(moved) < 1e-5
+
+
+def test_a_fold_that_would_change_the_model_is_not_applied_and_is_reported():
+    """A norm of another form (here x * w^2): neither fold is exact; the check catches it and undoes it."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    norm = model.model.layers[1].post_attention_layernorm
+    norm.forward = lambda x: (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) * norm.weight ** 2
+    before = norm.weight.detach().clone()
+    with torch.no_grad():
+        norm.weight.add_(torch.rand(64) * 0.5)  # away from 1, where w and w^2 would fold alike
+        before = norm.weight.detach().clone()
+    q = shrink.quantize(model, "int4-g32", method="awq", calibration=CALIBRATION, progress=False)
+    rec = q.shrink_calibration["layers"]["model.layers.1.mlp.up_proj"]["awq_fold"]
+    assert rec.startswith("not applied: folding the scales into model.layers.1.post_attention_layernorm moved")
+    assert any("model.layers.1.mlp.gate_proj: not applied" in w for w in q.shrink_calibration["warnings"])
+    assert torch.equal(norm.weight, before)  # restored exactly
+    assert q.shrink_calibration["layers"]["model.layers.1.self_attn.q_proj"]["awq_fold"].startswith("into")

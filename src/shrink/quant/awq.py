@@ -77,18 +77,53 @@ def search_scale(weights: list[torch.Tensor], x: torch.Tensor, abs_mean: torch.T
 
 
 @torch.no_grad()
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide what `prev` produces by s and multiply the consumers' input columns by s (exact)."""
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
+    """Divide what `prev` produces by s and multiply the consumers' input columns by s (exact when `prev`
+    is a Linear, or a norm computing x * (offset + w): offset 0 for most, 1 for Gemma's)."""
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
         if prev.bias is not None:
             prev.bias.div_(s.to(prev.bias.dtype))
     else:  # a norm layer with a per-channel weight (and maybe bias)
-        prev.weight.div_(s.to(prev.weight.dtype))
+        prev.weight.add_(offset).div_(s.to(prev.weight.dtype)).sub_(offset)
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(s.to(prev.bias.dtype))
     for lin in linears:
         lin.weight.mul_(s.unsqueeze(0).to(lin.weight.dtype))
+
+
+FOLD_TOLERANCE = 1e-5  # relative change of a block's output that a fold may cause before rounding
+
+
+@torch.no_grad()
+def checked_fold(block: nn.Module, prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, inputs: list,
+                 reference: list[torch.Tensor]) -> tuple[float, str]:
+    """Fold s into `prev` and the consumers, run `block` on `inputs` and compare with `reference` (its
+    outputs before any fold). For a norm, the fold is tried as y = x * w (w / s) and, if that moves the
+    output, as y = x * (1 + w) (Gemma's norm: w -> (1 + w) / s - 1). Returns the largest relative change
+    of the fold kept and how it was folded; when none is within FOLD_TOLERANCE the tensors are restored
+    exactly, from copies, and the change of the last one tried is returned with the form "none"."""
+    from .layerwise import first_output
+
+    saved = [t.detach().clone() for t in _fold_tensors(prev, linears)]
+    forms = ("w", "1+w") if not isinstance(prev, nn.Linear) else ("w",)
+    moved = float("nan")
+    for form in forms:
+        fold_scale(prev, linears, s, offset=1.0 if form == "1+w" else 0.0)
+        moved = 0.0
+        for (a, k), ref in zip(inputs, reference):
+            out = first_output(block(*a, **k)).float()
+            moved = max(moved, float((out - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)))
+        if moved <= FOLD_TOLERANCE:
+            return moved, form
+        for t, old in zip(_fold_tensors(prev, linears), saved):
+            t.copy_(old)
+    return moved, "none"
+
+
+def _fold_tensors(prev: nn.Module, linears: list[nn.Linear]) -> list[torch.Tensor]:
+    out = [prev.weight] + ([prev.bias] if getattr(prev, "bias", None) is not None else [])
+    return out + [lin.weight for lin in linears]
 
 
 def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, steps: int = 10,

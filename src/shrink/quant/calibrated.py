@@ -36,8 +36,10 @@ class CalibrationReport:
     formats: dict[str, str] = field(default_factory=dict)
 
     def warnings(self) -> list[str]:
-        return [f"{n}: Hessian singular, dampening raised to {d['damp']:g}" for n, d in self.layers.items()
-                if d.get("damp_retries")]
+        out = [f"{n}: Hessian singular, dampening raised to {d['damp']:g}" for n, d in self.layers.items()
+               if d.get("damp_retries")]
+        return out + [f"{n}: {d['awq_fold']}" for n, d in self.layers.items()
+                      if str(d.get("awq_fold", "")).startswith("not applied")]
 
 
 def _linear_names(block: nn.Module, prefix: str, assignment: dict[str, QuantSpec | None]) -> list[str]:
@@ -126,6 +128,8 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
         stats = collect_stats(block, inputs, names, keep_rows=AWQ_ROWS if use_awq else 0)
         clips = {}
         if use_awq:
+            check_inputs = inputs[:2]
+            reference = [first_output(block(*a, **k)) for a, k in check_inputs]  # before any fold
             for prev, group in awq.scale_groups(block):
                 group = [n for n in group if n in stats]
                 specs = {assignment[full[n]] for n in group}
@@ -134,7 +138,19 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
                 spec = specs.pop()
                 x = torch.cat(stats[group[0]].sample).float()
                 s, alpha, ratio = awq.search_scale([mods[n].weight for n in group], x, stats[group[0]].abs_mean, spec)
-                awq.fold_scale(mods[prev], [mods[n] for n in group], s)
+                moved, form = awq.checked_fold(block, mods[prev], [mods[n] for n in group], s, check_inputs,
+                                               reference)
+                where = f"{prefix}.{prev}" if prefix else prev
+                if form == "none":
+                    for n in group:
+                        report.layers.setdefault(full[n], {})["awq_fold"] = (
+                            f"not applied: folding the scales into {where} moved the block's output by {moved:.1e} "
+                            f"(relative; more than {awq.FOLD_TOLERANCE:g}), so that fold is not exact here")
+                    continue
+                how = " as x * (1 + w)" if form == "1+w" else ""
+                for n in group:
+                    report.layers.setdefault(full[n], {})["awq_fold"] = (
+                        f"into {where}{how}, checked (output moved {moved:.1e})")
                 inv = (1.0 / s).double()
                 for st in {id(stats[n]): stats[n] for n in group}.values():  # shared by the group
                     st.hessian = st.hessian * inv.unsqueeze(0) * inv.unsqueeze(1)
