@@ -132,3 +132,40 @@ def test_a_fold_that_would_change_the_model_is_not_applied_and_is_reported():
     assert any("model.layers.1.mlp.gate_proj: not applied" in w for w in q.shrink_calibration["warnings"])
     assert torch.equal(norm.weight, before)  # restored exactly
     assert q.shrink_calibration["layers"]["model.layers.1.self_attn.q_proj"]["awq_fold"].startswith("into")
+
+
+def bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64)).eval()
+
+
+def test_both_stacks_of_an_encoder_decoder_are_calibrated(tmp_path):
+    from shrink.quant.layerwise import find_stacks
+
+    assert [n for n, _ in find_stacks(bart())] == ["model.encoder.layers", "model.decoder.layers"]
+    model = shrink.quantize(bart(), "int4-g32", method="gptq", calibration=CALIBRATION, backend="torch",
+                            progress=False)
+    layers = model.shrink_calibration["layers"]
+    for stack in ("encoder", "decoder"):
+        rec = layers[f"model.{stack}.layers.1.fc1"]
+        assert "damp" in rec and "note" not in rec  # GPTQ, not round-to-nearest as "outside the blocks"
+    assert not any("outside the repeated blocks" in str(d.get("note")) for d in layers.values())
+    assert model.shrink_check.relative_error < 0.05
+    shrink.save(model, tmp_path / "q")
+    ids = torch.randint(3, 96, (1, 9))
+    with torch.no_grad():
+        a = shrink.load(tmp_path / "q", backend="torch")(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        assert torch.equal(a, model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits)
+
+
+def test_t5_which_reads_its_layers_weight_is_refused_clearly():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                             num_heads=4, decoder_start_token_id=0)).eval()
+    with pytest.raises(ValueError, match=r"reads its Linear layers' \.weight directly \(T5 does"):
+        shrink.quantize(t5, "int8", progress=False)

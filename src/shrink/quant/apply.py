@@ -178,8 +178,12 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
             _validate(model, assignment)
             record["target_bits"] = target_bits
             record["ladder"] = list(lad)
-        report = quantize_calibrated(model, assignment, data.samples, method, backend=backend, damp=damp,
-                                     act_order=act_order, tune_steps=tune_steps, progress=progress)
+        try:
+            report = quantize_calibrated(model, assignment, data.samples, method, backend=backend, damp=damp,
+                                         act_order=act_order, tune_steps=tune_steps, progress=progress)
+        except AttributeError as e:  # a model whose own code reads its layers' .weight
+            raise ValueError(f"calibrating {type(model).__name__} failed: {_explain(e)}; its layers were replaced "
+                             "in place, so do not use it") from None
         record["layers"] = report.layers
         record["warnings"] = report.warnings()
     else:
@@ -204,13 +208,22 @@ def _check_forward(model: nn.Module, inputs, described: str, before, skipped: st
     try:
         after = run_forward(model, inputs)
     except Exception as e:
-        raise ValueError(f"the quantized model's forward pass fails on {described} ({type(e).__name__}: "
-                         f"{str(e)[:200]}); its layers were replaced in place, so do not use it") from None
+        raise ValueError(f"the quantized model's forward pass fails on {described} ({_explain(e)}); its layers "
+                         "were replaced in place, so do not use it") from None
     err = relative_error(before, after)
     if not math.isfinite(err):
         raise ValueError(f"the quantized model's output on {described} is not finite or changed shape; its layers "
                          "were replaced in place, so do not use it")
     return ForwardCheck(err, described)
+
+
+def _explain(e: Exception) -> str:
+    """The error, and what it means when the model's own code read a quantized layer's .weight."""
+    text = f"{type(e).__name__}: {str(e)[:200]}"
+    if isinstance(e, AttributeError) and "'QuantLinear' object has no attribute 'weight'" in str(e):
+        text += (" - this model's code reads its Linear layers' .weight directly (T5 does, in every forward), "
+                 "which shrink's packed layers do not hold; such models cannot be quantized yet")
+    return text
 
 
 def _refuse_nothing_to_do(model: nn.Module, assignment: dict) -> None:

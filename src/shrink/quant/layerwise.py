@@ -1,7 +1,9 @@
 """Run calibration data through a model one block at a time, so memory holds one block's activations.
 
-The model's repeated blocks (a transformer's decoder layers) are found as its largest `nn.ModuleList`
-of same-type modules. The inputs of the first block are captured once; then each block is run on them
+The model's repeated blocks (a transformer's layers) are found as its `nn.ModuleList`s of same-type
+modules: one stack for a decoder or an encoder, two for an encoder-decoder (the encoder's, then the
+decoder's). For each stack the inputs of its first block are captured once (for the decoder, with the
+encoder already quantized); then each block is run on them
 with hooks that gather what the quantizers need from its Linear layers (input Hessians, activation
 statistics, a sample of inputs), the caller quantizes the block, and the block is run again to give
 the next block its inputs as the quantized model will see them. A model without repeated blocks is
@@ -29,15 +31,30 @@ class LinearStats:
     sampled: int = 0
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The name and ModuleList of the model's repeated blocks, or None when it has none."""
-    best, best_size = None, 0
+def _size(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+
+
+def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's stacks of repeated blocks, in the order they are defined (an encoder before its
+    decoder): ModuleLists of two or more modules of one type holding Linear layers, none inside another,
+    each at least a tenth of the largest (small lists elsewhere, such as heads, are not stacks)."""
+    found = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
-            size = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
-            if size > best_size:
-                best, best_size = (name, m), size
-    return best
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1 and \
+                any(isinstance(x, nn.Linear) for x in m.modules()):
+            found.append((name, m))
+    found = [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    if not found:
+        return []
+    largest = max(_size(m) for _, m in found)
+    return [(n, m) for n, m in found if _size(m) * 10 >= largest]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The name and ModuleList of the model's largest stack of repeated blocks, or None when it has none."""
+    stacks = find_stacks(model)
+    return max(stacks, key=lambda nm: _size(nm[1])) if stacks else None
 
 
 class _Stop(Exception):
@@ -53,12 +70,15 @@ def capture_inputs(model: nn.Module, block: nn.Module, samples: list[torch.Tenso
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    config = getattr(model, "config", None)
     try:
         with torch.no_grad():
             for s in samples:
                 try:
                     if s.is_floating_point():
                         model(s)
+                    elif getattr(config, "is_encoder_decoder", False):  # the decoder reads the same tokens
+                        model(input_ids=s, decoder_input_ids=s, use_cache=False)
                     else:
                         model(s, use_cache=False)
                 except _Stop:
@@ -148,15 +168,20 @@ def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: lis
 
 def blockwise(model: nn.Module, samples: list[torch.Tensor], visit: Callable, progress: bool | None = None,
               desc: str = "calibrate") -> None:
-    """Call `visit(block_name, block, inputs)` for each block in order, feeding each block the outputs
-    of the previous one as `visit` left it (quantized). Without repeated blocks: one call on the model."""
-    found = find_blocks(model)
-    if found is None:
+    """Call `visit(block_name, block, inputs)` for each block of each stack in order, feeding each block
+    the outputs of the previous one as `visit` left it (quantized). Without repeated blocks: one call on
+    the model."""
+    stacks = find_stacks(model)
+    if not stacks:
         visit("", model, [((s,), {}) for s in samples])
         return
-    prefix, blocks = found
-    inputs = capture_inputs(model, blocks[0], samples)
-    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=None if progress is None else not progress)):
-        visit(f"{prefix}.{i}", block, inputs)
-        if i + 1 < len(blocks):
-            inputs = run_block(block, inputs)
+    bar = tqdm(total=sum(len(b) for _, b in stacks), desc=desc, unit="block",
+               disable=None if progress is None else not progress)
+    for prefix, blocks in stacks:
+        inputs = capture_inputs(model, blocks[0], samples)  # through the stacks quantized before it
+        for i, block in enumerate(blocks):
+            visit(f"{prefix}.{i}", block, inputs)
+            bar.update()
+            if i + 1 < len(blocks):
+                inputs = run_block(block, inputs)
+    bar.close()
