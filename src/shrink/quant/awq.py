@@ -26,11 +26,17 @@ SCALE_GROUPS = (
 )
 
 
-def scale_groups(block: nn.Module) -> list[tuple[str, list[str]]]:
-    """The (producer, consumers) pairs of `block` where a per-channel scale can be folded exactly."""
+def scale_groups(block: nn.Module, sample: tuple[tuple, dict] | None = None) -> list[tuple[str, list[str]]]:
+    """The (producer, consumers) pairs of `block` where a per-channel scale may fold: the Llama-style
+    names above, and, traced on one input `sample` (args, kwargs), every group of Linear layers whose
+    input is the very output of one module (a norm or a Linear) whatever it is called. Whether a fold
+    is exact is decided by checking it numerically (`checked_fold`), not by these names."""
     mods = dict(block.named_modules())
+    pairs = [(prev, list(linears)) for prev, linears in SCALE_GROUPS]
+    if sample is not None:
+        pairs += [p for p in _traced_groups(block, sample) if set(p[1]) not in [set(q[1]) for q in pairs]]
     out = []
-    for prev, linears in SCALE_GROUPS:
+    for prev, linears in pairs:
         if prev not in mods or not all(n in mods and isinstance(mods[n], nn.Linear) for n in linears):
             continue
         width = {mods[n].in_features for n in linears}
@@ -38,10 +44,51 @@ def scale_groups(block: nn.Module) -> list[tuple[str, list[str]]]:
             continue
         p = mods[prev]
         produced = p.out_features if isinstance(p, nn.Linear) else getattr(p, "weight", torch.empty(0)).numel()
-        if produced != width.pop():
-            continue  # e.g. v_proj -> o_proj under grouped-query attention
+        if produced != width.pop() or (not isinstance(p, nn.Linear) and getattr(p, "weight", None) is None):
+            continue  # e.g. v_proj -> o_proj under grouped-query attention, or a producer without weights
         out.append((prev, list(linears)))
     return out
+
+
+@torch.no_grad()
+def _traced_groups(block: nn.Module, sample: tuple[tuple, dict]) -> list[tuple[str, list[str]]]:
+    """Run `block` once with hooks: which module's output tensor is each Linear layer's input."""
+    producer: dict[int, str] = {}
+    fed: dict[str, int] = {}
+    keep = []  # holding the tensors keeps their ids unique during the run
+    handles = []
+
+    def on_output(name):
+        def hook(_mod, _args, out):
+            if isinstance(out, torch.Tensor) and id(out) not in producer:  # dropout passes its input on
+                producer[id(out)] = name
+                keep.append(out)
+        return hook
+
+    def on_input(name):
+        def hook(_mod, args):
+            if args and isinstance(args[0], torch.Tensor):
+                fed[name] = id(args[0])
+                keep.append(args[0])
+        return hook
+
+    for name, m in block.named_modules():
+        if not name:
+            continue
+        handles.append(m.register_forward_hook(on_output(name)))
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_pre_hook(on_input(name)))
+    try:
+        args, kwargs = sample
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[str, list[str]] = {}
+    for name, t in fed.items():
+        if t in producer and producer[t] != name:
+            groups.setdefault(producer[t], []).append(name)
+    return list(groups.items())
 
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec, clip=1.0) -> torch.Tensor:

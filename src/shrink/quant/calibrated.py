@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from . import awq
 from .apply import _set_submodule, round_to_nearest
 from .gptq import gptq_quantize
-from .layerwise import blockwise, collect_stats, first_output
+from .check import main_output
+from .layerwise import blockwise, call_model, collect_stats, first_output
 from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
 from .rtn import quantize_weight
@@ -53,8 +54,8 @@ def _linear_names(block: nn.Module, prefix: str, assignment: dict[str, QuantSpec
 
 
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x) if x.is_floating_point() else model(x, use_cache=False)
-    return (out.logits if hasattr(out, "logits") else out).float()
+    """The model's main output on one calibration sample (logits, or an encoder's hidden states), float32."""
+    return main_output(call_model(model, x)).float()
 
 
 def _divergence(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -130,7 +131,7 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
         if use_awq:
             check_inputs = inputs[:2]
             reference = [first_output(block(*a, **k)) for a, k in check_inputs]  # before any fold
-            for prev, group in awq.scale_groups(block):
+            for prev, group in awq.scale_groups(block, inputs[0]):
                 group = [n for n in group if n in stats]
                 specs = {assignment[full[n]] for n in group}
                 if not group or len(specs) != 1:

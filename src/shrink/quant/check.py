@@ -60,7 +60,8 @@ def sample_input(model: nn.Module) -> tuple[dict | None, str]:
     return None, "no sample input can be built for this model (no token ids, pixels or first layer to shape one)"
 
 
-def _output(out) -> torch.Tensor:
+def main_output(out) -> torch.Tensor:
+    """The tensor a model's output stands for: logits, else the last hidden state, else the output itself."""
     for key in ("logits", "last_hidden_state", "pooler_output"):
         t = getattr(out, key, None)
         if isinstance(t, torch.Tensor):
@@ -79,8 +80,8 @@ def run(model: nn.Module, kwargs: dict) -> torch.Tensor:
     model.eval()
     try:
         if list(kwargs) == ["x"]:
-            return _output(model(kwargs["x"])).float()
-        return _output(model(**kwargs)).float()
+            return main_output(model(kwargs["x"])).float()
+        return main_output(model(**kwargs)).float()
     finally:
         model.train(training)
 

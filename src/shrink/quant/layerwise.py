@@ -61,6 +61,16 @@ class _Stop(Exception):
     pass
 
 
+def call_model(model: nn.Module, sample: torch.Tensor):
+    """The model's forward on one calibration sample: float inputs as they are (pixels, features), token
+    ids without a cache, and for an encoder-decoder the same tokens into the decoder too."""
+    if sample.is_floating_point():
+        return model(sample)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return model(input_ids=sample, decoder_input_ids=sample, use_cache=False)
+    return model(sample, use_cache=False)
+
+
 def capture_inputs(model: nn.Module, block: nn.Module, samples: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
     """(args, kwargs) the first block receives for each sample, computed by running the model up to it."""
     captured = []
@@ -70,17 +80,11 @@ def capture_inputs(model: nn.Module, block: nn.Module, samples: list[torch.Tenso
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    config = getattr(model, "config", None)
     try:
         with torch.no_grad():
             for s in samples:
                 try:
-                    if s.is_floating_point():
-                        model(s)
-                    elif getattr(config, "is_encoder_decoder", False):  # the decoder reads the same tokens
-                        model(input_ids=s, decoder_input_ids=s, use_cache=False)
-                    else:
-                        model(s, use_cache=False)
+                    call_model(model, s)
                 except _Stop:
                     pass
     finally:
