@@ -102,3 +102,14 @@ def test_half_and_bfloat16_keep_a_quantized_model_working(cast):
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # a cast layer keeps its format
     assert got.dtype == (torch.float16 if cast == "half" else torch.bfloat16)
     assert (got.float() - want).abs().max() < 0.05 * want.abs().max()  # compute follows the input's dtype
+
+
+def test_layers_shrink_cannot_quantize_are_listed_as_kept_unsupported():
+    from shrink.quant import size_rows
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 30 * 30, 16),
+                                torch.nn.Linear(16, 10))
+    shrink.quantize(model, "int8", progress=False)
+    kinds = {r.kind: r for r in size_rows(model)}
+    assert kinds["Conv2d (kept: unsupported)"].parameters == 8 * 3 * 9 + 8
+    assert "other (norms, biases, ...)" not in kinds

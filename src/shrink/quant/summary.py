@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.nn as nn
 
 from .linear import CastLinear, QuantLinear
@@ -40,6 +41,9 @@ def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int
     if isinstance(module, nn.Embedding):
         tied = output_ptr is not None and module.weight.data_ptr() == output_ptr
         return f"Embedding (kept, tied to {output_name})" if tied else "Embedding (kept)"
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() >= 2:  # a weight-bearing layer shrink does not quantize
+        return f"{type(module).__name__} (kept: unsupported)"
     return "other (norms, biases, ...)"
 
 
