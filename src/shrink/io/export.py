@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..atomic import atomic_file
 from ..errors import ShrinkError
-from ..quant import CastLinear, QuantLinear
+from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from .gguf_meta import write_metadata
 
 FLOAT_TYPES = ("f16", "f32")
@@ -52,7 +52,7 @@ def exact_type(layer: nn.Module) -> str | None:
     """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q8_0, Q4_1, F16, BF16), or None."""
     if isinstance(layer, CastLinear):
         return "F16" if layer.spec.cast == "fp16" else "BF16"
-    if not isinstance(layer, QuantLinear) or layer.in_features % 32 or layer.input_order is not None:
+    if not isinstance(layer, (QuantLinear, QuantEmbedding)) or layer.in_features % 32 or layer.input_order is not None:
         return None  # GGUF blocks hold contiguous inputs
     spec = layer.spec
     if spec.group_size is not None and spec.group_size % 32:
@@ -175,7 +175,7 @@ def _refuse_inexact(module: nn.Module) -> None:
     """ShrinkError naming, by format, the quantized layers no GGUF type holds exactly."""
     refused: dict[str, list[str]] = {}
     for n, m in module.named_modules():
-        if isinstance(m, QuantLinear) and exact_type(m) is None:
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and exact_type(m) is None:
             why = m.spec.name if m.in_features % 32 == 0 else f"{m.in_features} inputs, not a multiple of 32"
             refused.setdefault(f"{why} in activation order" if m.input_order is not None else why, []).append(n)
     if refused:
@@ -205,20 +205,21 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
     state = module.state_dict(keep_vars=True)
     out, unnamed, handled, tied_head = [], [], set(), False
     for lname, layer in module.named_modules():
-        if not isinstance(layer, (QuantLinear, CastLinear, nn.Linear)):
+        if not isinstance(layer, (QuantLinear, QuantEmbedding, CastLinear, nn.Linear)):
             continue
         handled.update(k for k in state if k.startswith(lname + "."))
         gname = names.get_name(f"{lname}.weight", try_suffixes=(".weight", ".bias"))
         if gname is None:
             unnamed.append(f"{lname}.weight")
             continue
-        if isinstance(layer, nn.Linear) and emb is not None and layer.weight is emb.weight:
+        if (isinstance(layer, nn.Linear) and emb is not None and layer.weight is getattr(emb, "weight", None)) or (
+                isinstance(layer, QuantLinear) and isinstance(emb, QuantEmbedding) and layer.qweight is emb.qweight):
             tied_head = True  # written once, as the token embedding, which llama.cpp then uses as output
             continue
         leaf = lname.rpartition(".")[2]
         rows = _qk_rows(layer.out_features, heads[leaf]) if permute and leaf in heads else None
         out.append(_layer_tensor(gname, lname, layer, rows, fkind, requant_type, report))
-        if layer.bias is not None:
+        if getattr(layer, "bias", None) is not None:
             b = layer.bias.detach().float()
             b = (b[rows] if rows is not None else b).numpy()
             out.append(_Tensor(gname[: -len(".weight")] + ".bias", "F32", b, b))
@@ -290,7 +291,7 @@ def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, re
 
 
 def _float(layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, (QuantLinear, CastLinear)):
+    if isinstance(layer, (QuantLinear, QuantEmbedding, CastLinear)):
         return layer.dequantized_weight().detach().float()
     return layer.weight.detach().float()
 

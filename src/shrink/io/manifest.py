@@ -6,7 +6,9 @@ The fields (format_version 1):
     kind            "transformers" or "torch"            architecture    str or null
     method          null or one of quant.METHODS         source          object
     modules         {name: {"format": str, "in_features": int, "out_features": int, "bias": bool,
-                            "input_order": true (only when the layer has one)}}
+                            "input_order": true (only when the layer has one), "embedding": true (a
+                            QuantEmbedding: in = its dimension, out = its rows), "tied_to": name (an output
+                            layer over that embedding's codes, stored once)}}
     kept_full_precision  [str]                           calibration     object or null
     check           object or null: the forward check after quantizing (relative_error, input, skipped)
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
@@ -96,6 +98,12 @@ def validate(manifest, path: Path) -> dict:
             raise bad(f"{where}.bias", "true or false", info.get("bias"))
         if not isinstance(info.get("input_order", False), bool) or (info.get("input_order") and spec.cast):
             raise bad(f"{where}.input_order", "true or false (integer formats only)", info.get("input_order"))
+        if not isinstance(info.get("embedding", False), bool) or (info.get("embedding") and spec.cast):
+            raise bad(f"{where}.embedding", "true or false (integer formats only)", info.get("embedding"))
+        tied = info.get("tied_to")
+        if tied is not None and not (isinstance(tied, str) and (modules.get(tied) or {}).get("embedding")
+                                     and modules[tied]["format"] == info.get("format")):
+            raise bad(f"{where}.tied_to", "the name of a quantized embedding of the same format", tied)
         if not spec.cast and info["in_features"] % spec.group_for(info["in_features"]):
             raise ShrinkError(f"{path}: field '{where}': group size {spec.group_size} of {spec.name} does not divide "
                               f"in_features {info['in_features']}")
@@ -223,6 +231,8 @@ def expected_module_tensors(name: str, info: dict, packed: str = "shrink") -> di
     """The tensors a quantized module of the manifest stores in layout `packed`: {tensor: (shape, dtype)}."""
     spec = parse_format(info["format"])
     i, o = info["in_features"], info["out_features"]
+    if info.get("tied_to"):
+        return {f"{name}.bias": ((o,), "F32")} if info["bias"] else {}  # its codes are the table's
     if packed == "pack-quantized" and not spec.cast:
         from .packformat import expected
 

@@ -21,7 +21,8 @@ from .. import __version__
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
 from ..outdir import claim
-from ..quant import CastLinear, QuantLinear, parse_format
+from ..quant import CastLinear, QuantEmbedding, QuantLinear, parse_format
+from ..quant.embedding import share_buffers
 from ..quant.apply import _set_submodule
 from . import packformat
 from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, WEIGHTS_NATIVE, check_modules_against_header, file_record,
@@ -46,15 +47,22 @@ def _is_hf(model: nn.Module) -> bool:
 def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
     """The shrink.json content describing `model`'s quantized layers."""
     modules = {}
+    tables = {m.qweight.data_ptr(): n for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
     for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, CastLinear)):
+        if isinstance(m, QuantEmbedding):
+            modules[name] = {"format": m.spec.name, "in_features": m.embedding_dim, "out_features": m.num_embeddings,
+                             "bias": False, "embedding": True}
+        elif isinstance(m, (QuantLinear, CastLinear)):
             modules[name] = {"format": m.spec.name, "in_features": m.in_features,
                              "out_features": m.out_features, "bias": m.bias is not None}
             if getattr(m, "input_order", None) is not None:
                 modules[name]["input_order"] = True
+            if isinstance(m, QuantLinear) and m.qweight.data_ptr() in tables:
+                modules[name]["tied_to"] = tables[m.qweight.data_ptr()]  # an output layer over the table's codes
     formats = getattr(model, "shrink_formats", {}) or {}
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    linear_in_architecture = all(packformat.exportable(m.spec) and m.input_order is None for m in quant) and \
+    linear_in_architecture = not tables and \
+        all(packformat.exportable(m.spec) and m.input_order is None for m in quant) and \
         _linear_in_architecture(model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)])
     return {
         "format_version": FORMAT_VERSION,
@@ -84,6 +92,20 @@ def _linear_in_architecture(model: nn.Module, names: list[str]) -> bool:
         return all(isinstance(fresh.get_submodule(n), nn.Linear) for n in names)
     except Exception:  # an architecture that cannot be rebuilt from its config: keep shrink's own layout
         return False
+
+
+def _native_state(model: nn.Module, manifest: dict) -> dict:
+    """The model's tensors in shrink's layout, each stored once: an output layer tied to a quantized table
+    is left out (it is rebuilt over the table's tensors), other shared tensors under their first name."""
+    tied = {n for n, i in manifest["modules"].items() if i.get("tied_to")}
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if name.rpartition(".")[0] in tied or (t.numel() and key in seen):
+            continue
+        seen.add(key)
+        state[name] = t.detach().contiguous()
+    return state
 
 
 def _pack_quantized_state(model: nn.Module) -> dict:
@@ -130,6 +152,8 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
         meta = {"format": "pt", "shrink_format_version": str(FORMAT_VERSION)}
         if manifest["layout"] == "pack-quantized":
             save_file(_pack_quantized_state(model), str(tmp / WEIGHTS), metadata=meta)
+        elif any(i.get("tied_to") for i in manifest["modules"].values()):
+            save_file(_native_state(model, manifest), str(tmp / WEIGHTS_NATIVE), metadata=meta)
         else:
             save_model(model, str(tmp / WEIGHTS_NATIVE), metadata=meta)
         if manifest["kind"] == "transformers":
@@ -191,7 +215,10 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     for name, info in manifest["modules"].items():
         try:
             spec = parse_format(info["format"])
-            if spec.cast:
+            if info.get("embedding"):
+                old = model.get_submodule(name)
+                new = QuantEmbedding(info["out_features"], info["in_features"], spec, getattr(old, "padding_idx", None))
+            elif spec.cast:
                 new = CastLinear(info["in_features"], info["out_features"], spec, bias=info["bias"])
             else:
                 new = QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"], backend=backend,
@@ -204,6 +231,11 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ShrinkError(f"{weights}: cannot read ({e})") from None
+    tied = {n: i["tied_to"] for n, i in manifest["modules"].items() if i.get("tied_to")}
+    for head, table in tied.items():  # stored once, under the table's name
+        for k, v in model.get_submodule(table).state_dict().items():
+            if f"{table}.{k}" in state:
+                state[f"{head}.{k}"] = state[f"{table}.{k}"]
     if layout(manifest) == "pack-quantized":
         for name, info in manifest["modules"].items():
             spec = parse_format(info["format"])
@@ -213,6 +245,8 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                 except (ValueError, RuntimeError) as e:
                     raise ShrinkError(f"{weights}: module {name!r}: {e}") from None
     _load_state(model, state, weights)
+    for head, table in tied.items():
+        share_buffers(model.get_submodule(head), model.get_submodule(table))
     model.shrink_formats = {n: i["format"] for n, i in manifest["modules"].items()}
     model.shrink_formats.update({n: None for n in manifest.get("kept_full_precision", [])})
     model.shrink_method = manifest.get("method")

@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .check import ForwardCheck, relative_error, run as run_forward, sample_input
+from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
 from .rtn import check_weight
@@ -80,10 +81,11 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
         explicit = set()
     out_name = output_layer_name(model) if keep_output else None
     names = linear_layers(model)
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
     for pattern, _ in rules:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names) and pattern != "*":
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names + embeddings) and pattern != "*":
             example = f" (they are named like {names[len(names) // 2]!r})" if names else ""
-            raise ValueError(f"layer pattern {pattern!r} matches no Linear layer of the model{example}")
+            raise ValueError(f"layer pattern {pattern!r} matches no Linear or Embedding layer of the model{example}")
     result: dict[str, QuantSpec | None] = {}
     for name in names:
         chosen = None
@@ -94,6 +96,12 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
         if name == out_name and name not in explicit:
             chosen = None
         result[name] = chosen
+    for name in embeddings:  # only on request: a pattern other than "*" names them
+        chosen = next((fmt for pattern, fmt in rules if pattern != "*" and fnmatch.fnmatchcase(name, pattern)), None)
+        if chosen is not None and chosen.cast:
+            raise ValueError(f"embedding {name!r}: embeddings take integer formats (int8, int4-g32, ...), not {chosen.name}")
+        if chosen is not None:
+            result[name] = chosen
     return result
 
 
@@ -191,6 +199,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
         modules = dict(model.named_modules())
         for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
             _set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
+    _tie_quantized_embedding(model, assignment, spec, backend)
     previous = getattr(model, "shrink_formats", {}) or {}
     model.shrink_formats = {**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}}
     model.shrink_method = method
@@ -198,6 +207,28 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
         model.shrink_calibration = record
     model.shrink_check = _check_forward(model, inputs, described, before, skipped)
     return model
+
+
+def _tie_quantized_embedding(model: nn.Module, assignment: dict, spec, backend: str | None) -> None:
+    """A quantized input embedding whose output layer was tied to it: the output layer becomes a QuantLinear
+    over the embedding's own buffers (quantized once, kept tied) unless the mapping names the output layer
+    with another format or None (then it is untied and keeps that). transformers must not tie them again
+    either way (tie_word_embeddings false)."""
+    config = getattr(model, "config", None)
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if config is None or not callable(get_in) or not callable(get_out):
+        return
+    table = get_in()
+    if not isinstance(table, QuantEmbedding) or not getattr(config, "tie_word_embeddings", False):
+        return
+    config.tie_word_embeddings = False
+    head = get_out()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    explicit = isinstance(spec, Mapping) and name in spec
+    if name is not None and (assignment.get(name) == table.spec or (not explicit and assignment.get(name) is None)):
+        tied = table.tied_output(head.bias, backend)
+        _set_submodule(model, name, tied)
+        assignment[name] = table.spec
 
 
 def _check_forward(model: nn.Module, inputs, described: str, before, skipped: str | None) -> ForwardCheck:
@@ -260,8 +291,11 @@ def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp
                          f"and at most 1, got {damp!r}")
 
 
-def round_to_nearest(linear: nn.Linear, spec: QuantSpec, name: str, backend: str | None = None) -> nn.Module:
-    """The replacement for `linear` in `spec` without calibration: a cast, or a round-to-nearest QuantLinear."""
+def round_to_nearest(linear: nn.Module, spec: QuantSpec, name: str, backend: str | None = None) -> nn.Module:
+    """The replacement for `linear` (a Linear, or an Embedding) in `spec` without calibration: a cast, or a
+    round-to-nearest QuantLinear (QuantEmbedding)."""
+    if isinstance(linear, nn.Embedding):
+        return QuantEmbedding.from_embedding(linear, spec, name=name)
     if spec.cast:
         return CastLinear.from_linear(linear, spec, name=name)
     return QuantLinear.from_linear(linear, spec, name=name, backend=backend)

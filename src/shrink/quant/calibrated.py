@@ -203,9 +203,12 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
     with torch.no_grad():
         blockwise(model, samples, visit, progress=progress, desc=method)
     # Linear layers outside the repeated blocks (rare in decoders) get round-to-nearest.
-    leftovers = {n: s for n, s in assignment.items() if s is not None and isinstance(model.get_submodule(n), nn.Linear)}
+    leftovers = {n: s for n, s in assignment.items()
+                 if s is not None and isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))}
     for n, spec in leftovers.items():
         lin = model.get_submodule(n)
         _set_submodule(model, n, round_to_nearest(lin, spec, n, backend))
-        report.layers.setdefault(n, {})["note"] = "outside the repeated blocks: round to nearest"
+        report.layers.setdefault(n, {})["note"] = (
+            "an embedding: round to nearest (its inputs are one-hot: nothing to calibrate)"
+            if isinstance(lin, nn.Embedding) else "outside the repeated blocks: round to nearest")
     return report

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 
 
@@ -34,6 +35,9 @@ class SizeRow:
 
 
 def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int | None = None) -> str:
+    if isinstance(module, QuantEmbedding):
+        return f"Embedding {module.spec.name}" + (f" (tied to {output_name})" if output_name and isinstance(
+            output_ptr, int) and module.qweight.data_ptr() == output_ptr else "")
     if isinstance(module, (QuantLinear, CastLinear)):
         return f"Linear {module.spec.name}"
     if isinstance(module, nn.Linear):
@@ -52,7 +56,8 @@ def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]
     rows: dict[str, SizeRow] = {}
     seen: set[int] = set()
     out = model.get_submodule(output_name) if output_name else None
-    output_ptr = out.weight.data_ptr() if isinstance(out, nn.Linear) else None
+    output_ptr = out.weight.data_ptr() if isinstance(out, nn.Linear) else \
+        out.qweight.data_ptr() if isinstance(out, QuantLinear) else None
     for name, module in model.named_modules():
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         fresh = [t for t in tensors if t.data_ptr() not in seen or t.numel() == 0]
@@ -62,7 +67,12 @@ def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]
         kind = _kind(module, name, output_name, output_ptr)
         row = rows.setdefault(kind, SizeRow(kind))
         row.modules += 1
-        if isinstance(module, (QuantLinear, CastLinear)):
+        if isinstance(module, QuantEmbedding):
+            n = module.num_embeddings * module.embedding_dim
+            row.parameters += n
+            row.bytes_fp32 += 4 * n
+            row.bytes_now += module.weight_bytes()
+        elif isinstance(module, (QuantLinear, CastLinear)):
             n = module.in_features * module.out_features
             row.parameters += n
             row.bytes_fp32 += 4 * n
