@@ -162,10 +162,24 @@ def test_both_stacks_of_an_encoder_decoder_are_calibrated(tmp_path):
         assert torch.equal(a, model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits)
 
 
-def test_t5_which_reads_its_layers_weight_is_refused_clearly():
+def t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                                             num_heads=4, decoder_start_token_id=0)).eval()
-    with pytest.raises(ValueError, match=r"reads its Linear layers' \.weight directly \(T5 does"):
-        shrink.quantize(t5, "int8", progress=False)
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                               num_heads=4, decoder_start_token_id=0)).eval()
+
+
+def test_t5_which_reads_its_layers_weight_runs_quantized(tmp_path):
+    """T5's feed-forward reads wo.weight.dtype in every forward: a QuantLinear's weight is its dequantized
+    weight (right, not fast), so T5 runs, calibrates and saves."""
+    model = shrink.quantize(t5(), "int8", method="gptq", calibration=CALIBRATION, backend="torch", progress=False)
+    assert model.shrink_check.relative_error < 0.05
+    assert "damp" in model.shrink_calibration["layers"]["encoder.block.1.layer.1.DenseReluDense.wo"]
+    q = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert torch.equal(q.weight, q.dequantized_weight())
+    shrink.save(model, tmp_path / "q")
+    ids = torch.randint(3, 96, (1, 9))
+    with torch.no_grad():
+        a = shrink.load(tmp_path / "q", backend="torch")(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        assert torch.equal(a, model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits)

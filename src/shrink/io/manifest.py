@@ -8,7 +8,9 @@ The fields (format_version 1):
     modules         {name: {"format": str, "in_features": int, "out_features": int, "bias": bool,
                             "input_order": true (only when the layer has one), "embedding": true (a
                             QuantEmbedding: in = its dimension, out = its rows), "tied_to": name (an output
-                            layer over that embedding's codes, stored once)}}
+                            layer over that embedding's codes, stored once), "conv2d": {in_channels,
+                            kernel_size, stride, padding, dilation, groups} (a QuantConv2d: in = in_channels /
+                            groups * kh * kw)}}
     kept_full_precision  [str]                           calibration     object or null
     check           object or null: the forward check after quantizing (relative_error, input, skipped)
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
@@ -100,6 +102,18 @@ def validate(manifest, path: Path) -> dict:
             raise bad(f"{where}.input_order", "true or false (integer formats only)", info.get("input_order"))
         if not isinstance(info.get("embedding", False), bool) or (info.get("embedding") and spec.cast):
             raise bad(f"{where}.embedding", "true or false (integer formats only)", info.get("embedding"))
+        conv = info.get("conv2d")
+        if conv is not None:
+            ok = isinstance(conv, dict) and _int(conv.get("in_channels"), 1, MAX_FEATURES) and \
+                _int(conv.get("groups"), 1, MAX_FEATURES) and conv["in_channels"] % conv["groups"] == 0 and \
+                all(isinstance(conv.get(k), list) and len(conv[k]) == 2 and all(_int(v, 0, 1 << 16) for v in conv[k])
+                    for k in ("kernel_size", "stride", "dilation")) and \
+                (conv.get("padding") in ("same", "valid") or (isinstance(conv.get("padding"), list) and
+                 len(conv["padding"]) == 2 and all(_int(v, 0, 1 << 16) for v in conv["padding"])))
+            if not ok or spec.cast or conv["in_channels"] // conv["groups"] * conv["kernel_size"][0] * \
+                    conv["kernel_size"][1] != info["in_features"]:
+                raise bad(f"{where}.conv2d", "the geometry of a convolution (in_channels, kernel_size, stride, "
+                          "padding, dilation, groups) matching in_features", conv)
         tied = info.get("tied_to")
         if tied is not None and not (isinstance(tied, str) and (modules.get(tied) or {}).get("embedding")
                                      and modules[tied]["format"] == info.get("format")):

@@ -21,7 +21,7 @@ from .. import __version__
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
 from ..outdir import claim
-from ..quant import CastLinear, QuantEmbedding, QuantLinear, parse_format
+from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.embedding import share_buffers
 from ..quant.apply import _set_submodule
 from . import packformat
@@ -52,6 +52,9 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         if isinstance(m, QuantEmbedding):
             modules[name] = {"format": m.spec.name, "in_features": m.embedding_dim, "out_features": m.num_embeddings,
                              "bias": False, "embedding": True}
+        elif isinstance(m, QuantConv2d):
+            modules[name] = {"format": m.spec.name, "in_features": m.in_features, "out_features": m.out_features,
+                             "bias": m.bias is not None, "conv2d": m.conv_args()}
         elif isinstance(m, (QuantLinear, CastLinear)):
             modules[name] = {"format": m.spec.name, "in_features": m.in_features,
                              "out_features": m.out_features, "bias": m.bias is not None}
@@ -61,7 +64,8 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
                 modules[name]["tied_to"] = tables[m.qweight.data_ptr()]  # an output layer over the table's codes
     formats = getattr(model, "shrink_formats", {}) or {}
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    linear_in_architecture = not tables and \
+    convs = any(isinstance(m, QuantConv2d) for m in model.modules())
+    linear_in_architecture = not tables and not convs and \
         all(packformat.exportable(m.spec) and m.input_order is None for m in quant) and \
         _linear_in_architecture(model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)])
     return {
@@ -218,6 +222,11 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
             if info.get("embedding"):
                 old = model.get_submodule(name)
                 new = QuantEmbedding(info["out_features"], info["in_features"], spec, getattr(old, "padding_idx", None))
+            elif info.get("conv2d"):
+                c = info["conv2d"]
+                new = QuantConv2d(c["in_channels"], info["out_features"], tuple(c["kernel_size"]), spec,
+                                  tuple(c["stride"]), c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"]),
+                                  tuple(c["dilation"]), c["groups"], bias=info["bias"])
             elif spec.cast:
                 new = CastLinear(info["in_features"], info["out_features"], spec, bias=info["bias"])
             else:

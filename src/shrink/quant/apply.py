@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .check import ForwardCheck, relative_error, run as run_forward, sample_input
+from .conv import QuantConv2d
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
@@ -54,8 +55,17 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_layers(model: nn.Module) -> list[str]:
-    """Names of the layers shrink quantizes as Linear: `nn.Linear` and transformers' `Conv1D`."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+    """Names of the weight layers shrink quantizes by default: `nn.Linear`, transformers' `Conv1D` and
+    `nn.Conv2d` (its kernel flattened, one row per output channel)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) or is_conv1d(m)]
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as [rows, inputs], the shape its format groups: a Linear's as it is, a Conv1D's
+    transposed, a Conv2d's kernel flattened per output channel, an Embedding's table."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight.reshape(module.out_channels, -1)
+    return as_linear(module).weight
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
@@ -186,12 +196,8 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
             _validate(model, assignment)
             record["target_bits"] = target_bits
             record["ladder"] = list(lad)
-        try:
-            report = quantize_calibrated(model, assignment, data.samples, method, backend=backend, damp=damp,
-                                         act_order=act_order, tune_steps=tune_steps, progress=progress)
-        except AttributeError as e:  # a model whose own code reads its layers' .weight
-            raise ValueError(f"calibrating {type(model).__name__} failed: {_explain(e)}; its layers were replaced "
-                             "in place, so do not use it") from None
+        report = quantize_calibrated(model, assignment, data.samples, method, backend=backend, damp=damp,
+                                     act_order=act_order, tune_steps=tune_steps, progress=progress)
         record["layers"] = report.layers
         record["warnings"] = report.warnings()
     else:
@@ -239,22 +245,13 @@ def _check_forward(model: nn.Module, inputs, described: str, before, skipped: st
     try:
         after = run_forward(model, inputs)
     except Exception as e:
-        raise ValueError(f"the quantized model's forward pass fails on {described} ({_explain(e)}); its layers "
-                         "were replaced in place, so do not use it") from None
+        raise ValueError(f"the quantized model's forward pass fails on {described} ({type(e).__name__}: "
+                         f"{str(e)[:200]}); its layers were replaced in place, so do not use it") from None
     err = relative_error(before, after)
     if not math.isfinite(err):
         raise ValueError(f"the quantized model's output on {described} is not finite or changed shape; its layers "
                          "were replaced in place, so do not use it")
     return ForwardCheck(err, described)
-
-
-def _explain(e: Exception) -> str:
-    """The error, and what it means when the model's own code read a quantized layer's .weight."""
-    text = f"{type(e).__name__}: {str(e)[:200]}"
-    if isinstance(e, AttributeError) and "'QuantLinear' object has no attribute 'weight'" in str(e):
-        text += (" - this model's code reads its Linear layers' .weight directly (T5 does, in every forward), "
-                 "which shrink's packed layers do not hold; such models cannot be quantized yet")
-    return text
 
 
 def _refuse_nothing_to_do(model: nn.Module, assignment: dict) -> None:
@@ -263,14 +260,14 @@ def _refuse_nothing_to_do(model: nn.Module, assignment: dict) -> None:
         return
     kinds: dict[str, int] = {}
     for m in model.modules():
-        if not isinstance(m, nn.Linear) and not is_conv1d(m) and any(True for _ in m.parameters(recurse=False)):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) and not is_conv1d(m) and any(True for _ in m.parameters(recurse=False)):
             kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
     others = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
     others = f"; its other layers ({others}) are not quantized by shrink" if others else ""
     if assignment:
         raise ValueError(f"nothing to quantize: the model's {len(assignment)} Linear layer(s) are all kept in full "
                          f"precision (the output layer is kept unless keep_output=False){others}")
-    raise ValueError(f"nothing to quantize: the model has no nn.Linear layers{others}")
+    raise ValueError(f"nothing to quantize: the model has no Linear or Conv2d layers{others}")
 
 
 def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp: float) -> None:
@@ -296,6 +293,8 @@ def round_to_nearest(linear: nn.Module, spec: QuantSpec, name: str, backend: str
     round-to-nearest QuantLinear (QuantEmbedding)."""
     if isinstance(linear, nn.Embedding):
         return QuantEmbedding.from_embedding(linear, spec, name=name)
+    if isinstance(linear, nn.Conv2d):
+        return QuantConv2d.from_conv(linear, spec, name=name)
     if spec.cast:
         return CastLinear.from_linear(linear, spec, name=name)
     return QuantLinear.from_linear(linear, spec, name=name, backend=backend)
@@ -306,7 +305,9 @@ def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None
     for name, fmt in assignment.items():
         if fmt is None:
             continue
-        w = as_linear(model.get_submodule(name)).weight
+        w = weight_2d(model.get_submodule(name))
+        if fmt.cast and isinstance(model.get_submodule(name), nn.Conv2d):
+            raise ValueError(f"layer {name!r}: convolutions take integer formats (int8, int4-g32, ...), not {fmt.name}")
         if fmt.cast:
             if not torch.isfinite(w).all():
                 raise ValueError(f"layer {name!r}: weight has NaN or infinite values")

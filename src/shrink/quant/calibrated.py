@@ -81,17 +81,18 @@ def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LA
         refs = [_output(model, x) for x in probe]
         for full in tqdm(names, desc="sensitivity", unit="layer", disable=None if progress is None else not progress):
             lin = model.get_submodule(full)
-            sizes[full] = (lin.out_features, lin.in_features)
             original = lin.weight.data.clone()
+            rows = original.reshape(original.shape[0], -1) if isinstance(lin, nn.Conv2d) else original
+            sizes[full] = tuple(rows.shape)
             errors[full] = {}
             for i, spec in enumerate(specs):
-                if lin.in_features % spec.group_for(lin.in_features):
+                if rows.shape[1] % spec.group_for(rows.shape[1]):
                     errors[full][spec.name] = float("inf")
                     continue
                 if i == len(specs) - 1:
                     errors[full][spec.name] = 0.0
                     continue
-                lin.weight.data.copy_(awq.fake_quant(original, spec))
+                lin.weight.data.copy_(awq.fake_quant(rows, spec).reshape(original.shape))
                 errors[full][spec.name] = sum(_divergence(r, _output(model, x)) for r, x in zip(refs, probe)) / len(probe)
             lin.weight.data.copy_(original)
     return errors, sizes
@@ -204,11 +205,13 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
         blockwise(model, samples, visit, progress=progress, desc=method)
     # Linear layers outside the repeated blocks (rare in decoders) get round-to-nearest.
     leftovers = {n: s for n, s in assignment.items()
-                 if s is not None and isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))}
+                 if s is not None and isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding, nn.Conv2d))}
     for n, spec in leftovers.items():
         lin = model.get_submodule(n)
         _set_submodule(model, n, round_to_nearest(lin, spec, n, backend))
         report.layers.setdefault(n, {})["note"] = (
             "an embedding: round to nearest (its inputs are one-hot: nothing to calibrate)"
-            if isinstance(lin, nn.Embedding) else "outside the repeated blocks: round to nearest")
+            if isinstance(lin, nn.Embedding) else
+            "a convolution: round to nearest (calibrated methods handle Linear layers so far)"
+            if isinstance(lin, nn.Conv2d) else "outside the repeated blocks: round to nearest")
     return report

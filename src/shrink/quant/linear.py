@@ -67,6 +67,12 @@ class QuantLinear(nn.Module):
         self._native, self._native_for = False, None  # whether to use the kernel, and for which backend
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The float32 weight, dequantized on every access (nothing float is stored). For models whose own
+        code reads a layer's weight (T5 and ViT read its dtype in every forward): right, not fast."""
+        return self.dequantized_weight()
+
+    @property
     def zero_const(self) -> int:
         """The zero point of symmetric formats (codes are stored offset by it); 0 for -asym."""
         return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from .conv import QuantConv2d
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 
@@ -38,6 +39,8 @@ def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int
     if isinstance(module, QuantEmbedding):
         return f"Embedding {module.spec.name}" + (f" (tied to {output_name})" if output_name and isinstance(
             output_ptr, int) and module.qweight.data_ptr() == output_ptr else "")
+    if isinstance(module, QuantConv2d):
+        return f"Conv2d {module.spec.name}"
     if isinstance(module, (QuantLinear, CastLinear)):
         return f"Linear {module.spec.name}"
     if isinstance(module, nn.Linear):
@@ -72,7 +75,7 @@ def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]
             row.parameters += n
             row.bytes_fp32 += 4 * n
             row.bytes_now += module.weight_bytes()
-        elif isinstance(module, (QuantLinear, CastLinear)):
+        elif isinstance(module, (QuantLinear, CastLinear, QuantConv2d)):
             n = module.in_features * module.out_features
             row.parameters += n
             row.bytes_fp32 += 4 * n

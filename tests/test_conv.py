@@ -1,0 +1,70 @@
+"""Conv2d layers quantized like Linear ones: the kernel flattened per output channel (groups along
+in_channels x kh x kw), the same formats, packing and save/load; the forward is the convolution of the
+dequantized kernel."""
+
+import pytest
+import torch
+
+import shrink
+from shrink.quant import QuantConv2d, size_rows
+from shrink.quant.rtn import dequantize, quantize_weight
+
+
+class SmallCNN(torch.nn.Module):
+    """3 -> 32 (3x3) -> depthwise 32 (3x3, stride 2) -> 64 (1x1) -> pooled -> Linear 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.dw = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False)
+        self.pw = torch.nn.Conv2d(32, 64, 1)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def cnn():
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_quantized_convolution_is_the_convolution_of_its_dequantized_kernel():
+    conv = cnn().stem
+    q = QuantConv2d.from_conv(conv, "int4")  # 3 x 3 x 3 = 27 inputs a row: one scale per output channel
+    ref = quantize_weight(conv.weight.detach().reshape(32, -1), q.spec, "stem")
+    kernel = dequantize(ref.codes, ref.scales, ref.zeros, ref.zero_const).reshape(conv.weight.shape)
+    assert torch.equal(q(X), torch.nn.functional.conv2d(X, kernel, conv.bias, 1, 1))
+
+
+def test_a_cnn_is_quantized_with_its_convolutions_and_saves_and_loads(tmp_path):
+    # the stem's rows hold 27 inputs and the depthwise one's 9: per channel; the 1x1 conv's 32: groups of 32
+    model = shrink.quantize(cnn(), {"stem": "int4", "dw": "int8", "*": "int4-g32"}, progress=False)
+    assert all(isinstance(getattr(model, n), QuantConv2d) for n in ("stem", "dw", "pw"))
+    assert type(model.head) is torch.nn.Linear  # the output layer is kept
+    assert model.shrink_check.input == "2 random 3x32x32 inputs" and 0 < model.shrink_check.relative_error < 0.3
+    kinds = {r.kind for r in size_rows(model)}
+    assert {"Conv2d int4-g32", "Conv2d int8", "Conv2d int4"} <= kinds
+    shrink.save(model, tmp_path / "q")
+    back = shrink.load(tmp_path / "q", model=SmallCNN())
+    with torch.no_grad():
+        assert torch.equal(back(X), model(X))
+
+
+def test_group_sizes_must_divide_a_kernels_row():
+    with pytest.raises(ValueError, match=r"layer 'stem': group size 32 of format int4-g32 does not divide its input size 27"):
+        shrink.quantize(cnn(), "int4-g32", progress=False)
+    with pytest.raises(ValueError, match=r"layer 'stem': convolutions take integer formats"):
+        shrink.quantize(cnn(), {"stem": "bf16"}, progress=False)
+
+
+def test_calibrated_methods_round_convolutions_to_nearest_and_say_so():
+    calib = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model = shrink.quantize(cnn(), {"stem": "int8", "dw": "int8", "*": "int4-g32"}, method="gptq",
+                            calibration=calib, progress=False)
+    assert "a convolution: round to nearest" in model.shrink_calibration["layers"]["pw"]["note"]
+    assert isinstance(model.pw, QuantConv2d)
