@@ -1,10 +1,11 @@
-"""`quantize(model, spec)`: swap a model's `nn.Linear` layers for quantized ones, in place.
+"""`quantize(model, spec)`: swap a model's weight layers for quantized ones, in place.
 
-A spec is one format string for every Linear layer, or a mapping from module-name globs to format
-strings (first matching glob wins; `None` keeps the layer in full precision; unmatched layers stay in
-full precision). The output layer (`lm_head`, or the last Linear of a plain model) is kept in full
-precision unless `keep_output=False` or the mapping names it exactly. Embeddings are not Linear layers
-and always stay as they are.
+The layers are `nn.Linear`, transformers' `Conv1D` and `nn.Conv2d`, and embeddings on request. A spec is
+one format string for every such layer, or a mapping from module-name globs to format strings (first
+matching glob wins; `None` keeps the layer in full precision; unmatched layers stay in full precision).
+The output layer (`lm_head`, or the last Linear of a plain model) is kept in full precision unless
+`keep_output=False` or the mapping names it exactly. An embedding is quantized only when a glob other
+than `*` names it; a tied output layer then shares its codes.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def as_linear(module: nn.Module) -> nn.Linear:
 
 
 def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, QuantSpec | None]:
-    """The format each Linear layer (`nn.Linear` or `Conv1D`) of `model` will get (None: kept in full
-    precision)."""
+    """The format each weight layer of `model` will get (None: kept in full precision): every `nn.Linear`,
+    `Conv1D` and `nn.Conv2d`, and the embeddings a glob other than `*` names."""
     if isinstance(spec, Mapping):
         rules = [(pattern, parse_format(fmt) if fmt is not None else None) for pattern, fmt in spec.items()]
         explicit = set(spec)
