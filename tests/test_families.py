@@ -183,3 +183,23 @@ def test_t5_which_reads_its_layers_weight_runs_quantized(tmp_path):
     with torch.no_grad():
         a = shrink.load(tmp_path / "q", backend="torch")(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
         assert torch.equal(a, model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits)
+
+
+@pytest.mark.parametrize("make", [bart, t5], ids=["bart", "t5"])
+def test_encoder_decoders_are_compared_on_generation_and_choice_tasks(tmp_path, make):
+    from conftest import tiny_tokenizer
+    from shrink.evaluate.adapters import Seq2SeqAdapter, adapter_for
+
+    tok = tiny_tokenizer()
+    assert isinstance(adapter_for(make(), tok), Seq2SeqAdapter)
+    gen, choice = tmp_path / "gen.jsonl", tmp_path / "choice.jsonl"
+    gen.write_text("".join(json.dumps({"id": str(i), "input": t, "target": "bank", "max_new_tokens": 6}) + "\n"
+                           for i, t in enumerate(["the price of", "the chief analyst said", "growth in the"])))
+    choice.write_text("".join(json.dumps({"id": str(i), "input": t, "choices": ["bank", "oil", "tax"], "answer": i % 3})
+                              + "\n" for i, t in enumerate(["the price of", "the chief analyst said"])))
+    same = shrink.compare(make(), make(), gen, tokenizer=tok, progress=False)
+    assert same.compressed["kind"] == "encoder-decoder language"
+    assert same.divergence["kl"]["mean"] < 1e-6 and same.divergence["top1_agreement"] == 1.0  # identical models
+    q = shrink.quantize(make(), "int8", progress=False)
+    c = shrink.compare(make(), q, choice, tokenizer=tok, progress=False)
+    assert 0 < c.divergence["kl"]["mean"] < 0.05 and len(c.examples) == 2

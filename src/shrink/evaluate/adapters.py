@@ -177,6 +177,54 @@ class CausalLMAdapter(_TextAdapter):
         return Outcome(choices[pick], float(pick == answer), _margin(scores), self.logprobs(seq), ids=seq)
 
 
+class Seq2SeqAdapter(CausalLMAdapter):
+    """Hugging Face encoder-decoders (T5, BART): the prompt goes to the encoder, the answer comes out of the
+    decoder by greedy generation; choices and labels are scored by the decoder's log-likelihood of them.
+    A sequence here is the prompt followed by the answer; its log-probabilities are the decoder's, one row
+    per answer token (that is what the comparison's KL is over)."""
+
+    kind = "encoder-decoder language"
+    tasks = ("generation", "choice", "classification")
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        super().__init__(model, tokenizer, chat_template, max_new_tokens)
+        self.context = None  # positions are relative (T5) or per stack: prompt and answer are checked apart
+        self.start = model.config.decoder_start_token_id
+        if self.start is None:
+            raise ShrinkError(f"{type(model).__name__}: config has no decoder_start_token_id")
+        self._prompt_len = 0
+
+    def prompt_ids(self, text: str) -> torch.Tensor:
+        ids = super().prompt_ids(text)
+        self._prompt_len = len(ids)  # where the answer starts in the sequences built from this prompt
+        return ids
+
+    @torch.no_grad()
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's log-probabilities of each answer token of `ids` (prompt, then answer): [answer, vocab]."""
+        prompt, answer = ids[: self._prompt_len], ids[self._prompt_len:]
+        dec = torch.cat([torch.tensor([self.start]), answer[:-1]]) if len(answer) else torch.tensor([self.start])
+        out = self.model(input_ids=prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         decoder_input_ids=dec.unsqueeze(0), use_cache=False)
+        return F.log_softmax(out.logits[0, : len(answer)].float(), -1)
+
+    def _continuation_logprob(self, lp: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
+        return lp.gather(1, ids[start:].unsqueeze(1)).squeeze(1)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        eos = self.tok.eos_token_id
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                               decoder_start_token_id=self.start,
+                               pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else eos)
+        out = self.model.generate(prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  generation_config=cfg)
+        return out[0, 1:]  # without the decoder's start token
+
+
 class SequenceClassifierAdapter(_TextAdapter):
     """Hugging Face sequence classifiers: the predicted label from `config.id2label`."""
 
@@ -271,13 +319,16 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 def adapter_for(model: nn.Module, tokenizer=None, chat_template: bool | None = None,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Adapter:
-    """The adapter that fits `model`: causal LM, sequence classifier, encoder, or plain classifier."""
+    """The adapter that fits `model`, by what it can do: causal LM, encoder-decoder, sequence classifier,
+    encoder, or plain classifier."""
     if isinstance(model, Adapter):
         return model
     name = type(model).__name__
     config = getattr(model, "config", None)
     if is_causal_lm(model):
         return CausalLMAdapter(model, tokenizer, chat_template, max_new_tokens)
+    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "generate"):
+        return Seq2SeqAdapter(model, tokenizer, chat_template, max_new_tokens)
     if name.endswith("ForSequenceClassification"):
         return SequenceClassifierAdapter(model, tokenizer)
     if config is not None and tokenizer is not None:
