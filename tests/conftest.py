@@ -7,6 +7,16 @@ import torch
 os.environ.setdefault("SHRINK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shrink"))
 
 
+def widen(model):
+    """The model in eval mode with its matrices redrawn at std 0.2: random init is tiny (std 0.02), and
+    wider weights make quantization error visible and outputs differ."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
 def tiny_llama(seed: int = 0, tie: bool = True):
     """A 2-layer Llama built from a config: hidden 64, MLP 128, vocab 96."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -15,13 +25,7 @@ def tiny_llama(seed: int = 0, tie: bool = True):
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
-    # Random init is tiny (std 0.02); widen it so quantization error is visible and outputs differ.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model
+    return widen(LlamaForCausalLM(cfg))
 
 
 class MLP(torch.nn.Module):

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import shrink
-from conftest import WORDS, word_text
+from conftest import WORDS, widen, word_text
 from shrink.io.export import export_gguf
 
 
@@ -37,12 +37,7 @@ def bpe_llama(seed: int = 0, tie: bool = True, vocab: int = 300):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model
+    return widen(LlamaForCausalLM(cfg))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import shrink
+from conftest import widen
 from shrink.quant import QuantLinear
 
 
@@ -15,12 +16,7 @@ def gpt2(seed: int = 0):
     """A 2-layer GPT-2 (hidden 64, 4 heads): its projections are transformers' Conv1D, weights [in, out]."""
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=1)
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model
+    return widen(GPT2LMHeadModel(cfg))
 
 
 CALIBRATION = [torch.randint(0, 96, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
@@ -83,20 +79,12 @@ def test_gpt2_is_compared_as_the_causal_language_model_it_is(tmp_path):
     assert c.compressed["kind"] == "causal language" and c.divergence["kl"]["mean"] < 0.01
 
 
-def _widened(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model.eval()
-
-
 def gemma(seed: int = 0):
     """A 2-layer Gemma: its RMSNorm computes x * (1 + w), so AWQ's scales fold into (1 + w)."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(seed)
-    return _widened(GemmaForCausalLM(GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+    return widen(GemmaForCausalLM(GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                  head_dim=16, max_position_embeddings=64)))
 

@@ -7,34 +7,26 @@ import torch
 import transformers as T
 
 import shrink
-from conftest import tiny_llama
+from conftest import tiny_llama, widen
 from test_families import bart, gemma, gpt2, t5
 
 D = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
          max_position_embeddings=64)
 
 
-def _widened(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model.eval()
-
-
 FAMILIES = {
     "llama": tiny_llama,
-    "qwen2": lambda: _widened(T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **D))),
-    "mistral": lambda: _widened(T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, **D))),
-    "phi3": lambda: _widened(T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=4, pad_token_id=0, eos_token_id=1,
+    "qwen2": lambda: widen(T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **D))),
+    "mistral": lambda: widen(T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, **D))),
+    "phi3": lambda: widen(T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=4, pad_token_id=0, eos_token_id=1,
                                                             bos_token_id=1, **D))),
     "gemma": gemma,
     "gpt2": gpt2,
-    "bert": lambda: _widened(T.BertModel(T.BertConfig(**D))),
-    "bert-classifier": lambda: _widened(T.BertForSequenceClassification(T.BertConfig(num_labels=3, **D))),
+    "bert": lambda: widen(T.BertModel(T.BertConfig(**D))),
+    "bert-classifier": lambda: widen(T.BertForSequenceClassification(T.BertConfig(num_labels=3, **D))),
     "bart": bart,
     "t5": t5,
-    "vit": lambda: _widened(T.ViTForImageClassification(T.ViTConfig(
+    "vit": lambda: widen(T.ViTForImageClassification(T.ViTConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
         patch_size=8, num_labels=5))),
 }

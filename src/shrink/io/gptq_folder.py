@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import ShrinkError
 from ..quant import QuantLinear, QuantSpec
-from ..quant.packing import pack
+from ..quant.rtn import QuantizedWeight
 from ..quant.spec import GROUP_SIZES
 
 BITS = (2, 4, 8)  # bit widths whose codes tile an int32 word (3-bit GPTQ codes straddle words)
@@ -112,10 +112,8 @@ def to_layer(state: dict, name: str, cfg: GPTQConfig, linear: nn.Linear) -> Quan
     spec = QuantSpec(bits=cfg.bits, group_size=None if cfg.group_size == -1 else gs, symmetric=symmetric)
     bias = state.pop(f"{name}.bias", None)
     layer = QuantLinear(i, o, spec, bias=bias is not None, input_order=order is not None)
-    layer.qweight.copy_(pack(codes.to(torch.uint8), spec.bits))
-    layer.scales.copy_(half)
-    if not symmetric:
-        layer.zeros.copy_(zeros.t())
+    layer.fill(QuantizedWeight(codes.to(torch.uint8), half, None if symmetric else zeros.t().to(torch.uint8),
+                               layer.zero_const))
     if bias is not None:
         layer.bias.copy_(bias)
     if order is not None:

@@ -12,13 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .linear import _apply_keeping_dtypes
-from .packing import pack, packed_width
-from .rtn import quantize_weight, symmetric_zero
+from .linear import PackedRows, _apply_keeping_dtypes
+from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(PackedRows):
     """2-D convolution with packed integer kernels (buffers qweight, scales, zeros, bias as QuantLinear's);
     same forward as the `nn.Conv2d` it came from. Inference only."""
 
@@ -28,30 +27,17 @@ class QuantConv2d(nn.Module):
                  padding=0, dilation=1, groups: int = 1, bias: bool = False):
         super().__init__()
         spec = parse_format(spec)
-        if spec.cast:
-            raise ValueError(f"QuantConv2d holds integer formats, not {spec.name}")
         pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.padding = padding if isinstance(padding, str) else pair(padding)
-        self.spec = spec
         self.in_features = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         self.out_features = out_channels
-        g = self.in_features // spec.group_for(self.in_features)
-        self.register_buffer("qweight", torch.zeros(out_channels, packed_width(self.in_features, spec.bits), dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_channels, g, dtype=torch.float16))
-        if spec.symmetric:
-            self.zeros = None
-        else:
-            self.register_buffer("zeros", torch.zeros(out_channels, g, dtype=torch.uint8))
+        self._register_packed(out_channels, self.in_features, spec)
         if bias:
             self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32))
         else:
             self.bias = None
-
-    @property
-    def zero_const(self) -> int:
-        return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0
 
     def conv_args(self) -> dict:
         """The convolution's geometry, as shrink.json records it."""
@@ -67,11 +53,7 @@ class QuantConv2d(nn.Module):
         spec = parse_format(spec)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, spec, conv.stride, conv.padding,
                     conv.dilation, conv.groups, bias=conv.bias is not None)
-        q = quantize_weight(conv.weight.detach().reshape(conv.out_channels, -1), spec, name)
-        layer.qweight.copy_(pack(q.codes, spec.bits))
-        layer.scales.copy_(q.scales)
-        if layer.zeros is not None:
-            layer.zeros.copy_(q.zeros)
+        layer.fill(quantize_weight(conv.weight.detach().reshape(conv.out_channels, -1), spec, name))
         if conv.bias is not None:
             layer.bias.copy_(conv.bias.detach().float())
         return layer
@@ -93,11 +75,6 @@ class QuantConv2d(nn.Module):
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
-
-    def weight_bytes(self) -> int:
-        """Bytes of packed codes, scales and zero points (bias excluded)."""
-        n = self.qweight.numel() + self.scales.numel() * 2
-        return n + (self.zeros.numel() if self.zeros is not None else 0)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

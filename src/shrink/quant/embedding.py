@@ -11,29 +11,19 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .linear import QuantLinear, _apply_keeping_dtypes
-from .packing import pack, packed_width
-from .rtn import quantize_weight, symmetric_zero
+from .linear import PackedRows, QuantLinear, _apply_keeping_dtypes
+from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedRows):
     """Embedding table in an integer format (buffers qweight, scales, zeros as QuantLinear's); same
     forward as `nn.Embedding` (float32 rows out). Inference only."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec | str, padding_idx: int | None = None):
         super().__init__()
-        spec = parse_format(spec)
-        if spec.cast:
-            raise ValueError(f"QuantEmbedding holds integer formats, not {spec.name}")
-        self.num_embeddings, self.embedding_dim, self.spec, self.padding_idx = num_embeddings, embedding_dim, spec, padding_idx
-        groups = embedding_dim // spec.group_for(embedding_dim)
-        self.register_buffer("qweight", torch.zeros(num_embeddings, packed_width(embedding_dim, spec.bits), dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(num_embeddings, groups, dtype=torch.float16))
-        if spec.symmetric:
-            self.zeros = None
-        else:
-            self.register_buffer("zeros", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._register_packed(num_embeddings, embedding_dim, parse_format(spec))
 
     input_order = None  # rows hold their inputs in order, as a QuantLinear without input_order does
 
@@ -47,20 +37,13 @@ class QuantEmbedding(nn.Module):
         """The number of rows."""
         return self.num_embeddings
 
-    @property
-    def zero_const(self) -> int:
-        return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0
-
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, spec: QuantSpec | str, name: str = "<embedding>") -> "QuantEmbedding":
         """Quantize an `nn.Embedding` by round-to-nearest, row by row (`name` is used in error messages)."""
         spec = parse_format(spec)
         q = quantize_weight(emb.weight, spec, name)
         layer = cls(emb.num_embeddings, emb.embedding_dim, spec, emb.padding_idx)
-        layer.qweight.copy_(pack(q.codes, spec.bits))
-        layer.scales.copy_(q.scales)
-        if layer.zeros is not None:
-            layer.zeros.copy_(q.zeros)
+        layer.fill(q)
         return layer
 
     def tied_output(self, bias: torch.Tensor | None = None, backend: str | None = None) -> QuantLinear:
@@ -85,11 +68,6 @@ class QuantEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping_dtypes(self, fn, ("scales",), recurse)
-
-    def weight_bytes(self) -> int:
-        """Bytes of packed codes, scales and zero points."""
-        n = self.qweight.numel() + self.scales.numel() * 2
-        return n + (self.zeros.numel() if self.zeros is not None else 0)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.spec.name}"

@@ -29,7 +29,41 @@ _NO_U8 = torch.empty(0, dtype=torch.uint8)  # "no zero points" / "no bias" for t
 _NO_F32 = torch.empty(0, dtype=torch.float32)
 
 
-class QuantLinear(nn.Module):
+class PackedRows(nn.Module):
+    """What QuantLinear, QuantEmbedding and QuantConv2d share: a weight of `rows` rows of `inputs` codes
+    in an integer format, held as the buffers qweight, scales and (for -asym formats) zeros."""
+
+    def _register_packed(self, rows: int, inputs: int, spec: QuantSpec) -> None:
+        if spec.cast:
+            raise ValueError(f"{type(self).__name__} holds integer formats, not {spec.name}")
+        self.spec = spec
+        groups = inputs // spec.group_for(inputs)
+        self.register_buffer("qweight", torch.zeros(rows, packed_width(inputs, spec.bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(rows, groups, dtype=torch.float16))
+        if spec.symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
+
+    def fill(self, q: QuantizedWeight) -> None:
+        """Store computed codes, scales and zero points."""
+        self.qweight.copy_(pack(q.codes, self.spec.bits))
+        self.scales.copy_(q.scales)
+        if self.zeros is not None:
+            self.zeros.copy_(q.zeros)
+
+    @property
+    def zero_const(self) -> int:
+        """The zero point of symmetric formats (codes are stored offset by it); 0 for -asym."""
+        return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0
+
+    def weight_bytes(self) -> int:
+        """Bytes of packed codes, scales and zero points (bias excluded)."""
+        n = self.qweight.numel() + self.scales.numel() * 2
+        return n + (self.zeros.numel() if self.zeros is not None else 0)
+
+
+class QuantLinear(PackedRows):
     """Linear layer with packed integer weights; same forward signature as `nn.Linear`.
 
     backend: "auto" (native kernel where it applies, else PyTorch), "native" or "torch";
@@ -46,14 +80,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear holds integer formats; use CastLinear for {spec.name}")
         self.in_features = in_features
         self.out_features = out_features
-        self.spec = spec
-        groups = in_features // spec.group_for(in_features)
-        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, spec.bits), dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
-        if spec.symmetric:
-            self.zeros = None
-        else:
-            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self._register_packed(out_features, in_features, spec)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
@@ -72,11 +99,6 @@ class QuantLinear(nn.Module):
         code reads a layer's weight (T5 and ViT read its dtype in every forward): right, not fast."""
         return self.dequantized_weight()
 
-    @property
-    def zero_const(self) -> int:
-        """The zero point of symmetric formats (codes are stored offset by it); 0 for -asym."""
-        return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0
-
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, name: str = "<linear>",
                     backend: str | None = None) -> "QuantLinear":
@@ -90,10 +112,7 @@ class QuantLinear(nn.Module):
                        bias: torch.Tensor | None = None, backend: str | None = None) -> "QuantLinear":
         """Build from already computed codes, scales and zero points (any quantization method)."""
         layer = cls(in_features, out_features, spec, bias=bias is not None, backend=backend)
-        layer.qweight.copy_(pack(q.codes, spec.bits))
-        layer.scales.copy_(q.scales)
-        if layer.zeros is not None:
-            layer.zeros.copy_(q.zeros)
+        layer.fill(q)
         if bias is not None:
             layer.bias.copy_(bias.detach().to(torch.float32))
         return layer
@@ -156,10 +175,8 @@ class QuantLinear(nn.Module):
         return _apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
 
     def weight_bytes(self) -> int:
-        """Bytes of packed weights, scales and zero points (bias excluded)."""
-        n = self.qweight.numel() + self.scales.numel() * 2
-        n += self.input_order.numel() * 8 if self.input_order is not None else 0
-        return n + (self.zeros.numel() if self.zeros is not None else 0)
+        """Bytes of packed weights, scales, zero points and input order (bias excluded)."""
+        return super().weight_bytes() + (self.input_order.numel() * 8 if self.input_order is not None else 0)
 
     def extra_repr(self) -> str:
         order = ", input_order=True" if self.input_order is not None else ""
