@@ -24,7 +24,6 @@ from ..quant.rtn import QuantizedWeight
 from ..quant.spec import GROUP_SIZES
 
 BITS = (2, 4, 8)  # bit widths whose codes tile an int32 word (3-bit GPTQ codes straddle words)
-SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
         raise ShrinkError(f"{weights}: cannot read ({e})") from None
     tied = {n: i["tied_to"] for n, i in manifest["modules"].items() if i.get("tied_to")}
     for head, table in tied.items():  # stored once, under the table's name
-        for k, v in model.get_submodule(table).state_dict().items():
+        for k in model.get_submodule(table).state_dict():
             if f"{table}.{k}" in state:
                 state[f"{head}.{k}"] = state[f"{table}.{k}"]
     if layout(manifest) == "pack-quantized":
