@@ -10,19 +10,25 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from .atomic import atomic_dir, write_json
-from .distill import (DistillConfig, DistillData, distill as train, from_tensors, hidden_layer_map, load_tensor_file,
-                      mnist, pack_text, read_texts, student_from_spec, student_from_teacher)
+from .distill import (DistillConfig, DistillData, distill as train, from_tensors, hidden_layer_map, labelled_text,
+                      load_tensor_file, mnist, pack_text, read_labelled, read_texts, sentence_data, student_from_spec,
+                      student_from_teacher)
 from .errors import ShrinkError
 from .io import resolve
+from .kinds import CAUSAL_LM, ENCODER, MASKED_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
 
 STUDENT_SPEC = "student.json"
 OUT_NAMES = ("checkpoint", "best", "model", "results.json")  # what a distillation writes in its folder
 
 
 def load_data(data, tokenizer=None, seq_len: int = 256, eval_fraction: float | None = None,
-              max_sequences: int | None = None) -> DistillData:
-    """DistillData from "mnist", a .npz/.safetensors file (x, y), a .txt/.jsonl text file (needs the
-    tokenizer; packed into sequences of seq_len tokens), a (x, y) pair of tensors, or DistillData."""
+              max_sequences: int | None = None, model: nn.Module | None = None) -> DistillData:
+    """DistillData from "mnist", a .npz/.safetensors file (x, y), a (x, y) pair of tensors, DistillData,
+    or a text file (needs the tokenizer), read as `model` (the teacher, else the student) learns: a
+    causal LM (also when model is None) from .txt/.jsonl text packed into sequences of seq_len tokens;
+    a sequence classifier from a .jsonl of {"input", "label"} (labels as in its config.id2label, or
+    class ids); an encoder from a .jsonl of texts or a .txt (one text per non-empty line), each cut at
+    seq_len tokens. max_sequences caps the sequences (LM) or texts (encoder) used."""
     if isinstance(data, DistillData):
         return data
     if isinstance(data, tuple) and len(data) == 2:
@@ -34,7 +40,31 @@ def load_data(data, tokenizer=None, seq_len: int = 256, eval_fraction: float | N
         return load_tensor_file(path, eval_fraction or 0.1)
     if tokenizer is None:
         raise ShrinkError(f"{path}: text data needs the teacher's tokenizer")
+    kind = model_kind(model) if model is not None else CAUSAL_LM
+    if kind == SEQUENCE_CLASSIFIER:
+        labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        return labelled_text(read_labelled(path), tokenizer, labels, seq_len, eval_fraction or 0.1, str(path))
+    if kind == ENCODER:
+        texts = read_texts(path, "training data")
+        if path.suffix.lower() not in (".jsonl", ".json"):
+            texts = [line for line in texts[0].splitlines() if line.strip()]
+        return sentence_data(texts[:max_sequences], tokenizer, seq_len, eval_fraction or 0.1, str(path))
     return pack_text(read_texts(path, "training data"), tokenizer, seq_len, eval_fraction or 0.05, str(path), max_sequences)
+
+
+def check_distillable(model: nn.Module | None, role: str) -> None:
+    """Refuse, naming the kind, models whose distillation shrink does not do: encoder-decoders and
+    masked LMs."""
+    if model is None:
+        return
+    kind = model_kind(model)
+    if kind == SEQ2SEQ:
+        raise ShrinkError(f"the {role} ({type(model).__name__}) is an {kind}: shrink does not distill "
+                          "encoder-decoders (T5, BART) yet; quantize it instead (shrink quantize)")
+    if kind == MASKED_LM:
+        raise ShrinkError(f"the {role} ({type(model).__name__}) is a {kind}: shrink distills causal LMs, "
+                          "sequence classifiers and encoders; load its encoder alone (AutoModel) to distill "
+                          "its embeddings")
 
 
 def build_student(student, teacher: nn.Module | None, intermediate_size: int | None = None) -> tuple[nn.Module, dict]:
@@ -47,6 +77,7 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
         return student_from_spec(spec), {"kind": "spec", "spec": spec}
     if teacher is None:
         raise ShrinkError(f"student {spec!r}: building a student from the teacher needs a teacher")
+    check_distillable(teacher, "teacher")
     if spec == "every-other":
         layers = "every-other"
     elif spec.startswith("layers="):
@@ -117,12 +148,16 @@ def _distill(teacher, student, data, out, config, tokenizer, intermediate_size, 
              max_sequences, hidden_layers, cache_topk, task, resume, progress, options):
     cfg = config or DistillConfig(**options)
     t_model, t_tok, t_name = _resolve_teacher(teacher)
+    check_distillable(t_model, "teacher")
     tok = tokenizer or t_tok
     if isinstance(student, nn.Module) and student_record is not None:
         s_model, record = student, student_record  # built by build_student already
     else:
         s_model, record = build_student(student, t_model, intermediate_size)
-    dd = load_data(data, tok, seq_len, max_sequences=max_sequences)
+    check_distillable(s_model, "student")
+    dd = load_data(data, tok, seq_len, max_sequences=max_sequences, model=t_model if t_model is not None else s_model)
+    if cache_topk and dd.kind == "sentences":
+        raise ShrinkError("an encoder is distilled on the teacher's embeddings, not its logits: drop the top-k cache")
     layer_map = None
     if (hidden_layers or cfg.layer_fit_steps) and record.get("teacher_layers"):
         layer_map = hidden_layer_map(record["teacher_layers"], t_model.config.num_hidden_layers)

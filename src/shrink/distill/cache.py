@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir
-from .data import DistillData
+from .data import DistillData, split_padded
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -55,6 +55,9 @@ def teacher_topk(teacher: nn.Module, data: DistillData, k: int = 32, cache_dir: 
         x = data.train_x[i:i + batch_size]
         if data.kind == "text":
             logits = teacher(x, use_cache=False).logits[:, :-1]
+        elif data.padded:
+            ids, mask = split_padded(x)
+            logits = teacher(input_ids=ids, attention_mask=mask).logits
         else:
             out = teacher(x)
             logits = out.logits if hasattr(out, "logits") else out

@@ -1,4 +1,5 @@
-"""Training data for distillation: tensors for classifiers, packed token sequences for language models.
+"""Training data for distillation: tensors for classifiers, packed token sequences for language models,
+labelled texts for sequence classifiers and single texts for encoders.
 
 Both are held as tensors in memory with a fixed held-out split at the end (`eval_fraction`), so a data
 position (epoch, offset) fully identifies where training is, which is what checkpoints record.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from ..texts import read_texts  # noqa: F401  (part of this module's interface)
 class DistillData:
     """Inputs (and labels: class ids, or None for LMs whose labels are the next tokens), split in two."""
 
-    kind: str  # "tensor" or "text"
+    kind: str  # "tensor", "text" (packed LM sequences), "labelled" (texts and classes) or "sentences" (texts)
     train_x: torch.Tensor
     train_y: torch.Tensor | None
     eval_x: torch.Tensor
@@ -36,8 +38,23 @@ class DistillData:
     def unit(self) -> str:
         return "tok" if self.kind == "text" else "sample"
 
+    @property
+    def padded(self) -> bool:
+        """Whether inputs are texts of unequal length, right-padded with PAD (see `split_padded`)."""
+        return self.kind in ("labelled", "sentences")
+
     def units_per_example(self) -> int:
         return int(self.train_x.shape[1]) if self.kind == "text" else 1
+
+
+PAD = -1  # texts of unequal length are right-padded with -1, never a token id, so the padding is its own mask
+
+
+def split_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch of PAD-padded texts, cut to its longest text."""
+    mask = x != PAD
+    width = max(1, int(mask.sum(1).max()))
+    return x[:, :width].clamp(min=0), mask[:, :width].long()
 
 
 def _fingerprint(*tensors) -> str:
@@ -107,3 +124,80 @@ def pack_text(texts: list[str], tokenizer, seq_len: int = 256, eval_fraction: fl
         raise ShrinkError(f"{source}: {len(ids)} tokens make fewer than two sequences of {seq_len}")
     x = torch.tensor(ids[:n * seq_len], dtype=torch.long).reshape(n, seq_len)
     return _split(x, None, eval_fraction, source, "text")
+
+
+def read_labelled(path: str | os.PathLike) -> list[tuple[str, object, int]]:
+    """(text, label, line) of a .jsonl file with one {"input" or "text": ..., "label": ...} per line (a
+    classification task file is one); errors name the file and line."""
+    import json
+
+    from ..texts import read_utf8
+
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise ShrinkError(f"{path}: a sequence classifier learns from labelled examples: a .jsonl file with "
+                          '{"input": "...", "label": "..."} per line')
+    rows = []
+    for i, line in enumerate(read_utf8(path, "training data").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+        text = obj.get("input", obj.get("text")) if isinstance(obj, dict) else None
+        if not isinstance(text, str) or "label" not in obj:
+            raise ShrinkError(f'{path}:{i}: expected {{"input": "...", "label": ...}} (text and its label)')
+        label = obj["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise ShrinkError(f"{path}:{i}: label must be a class name or an integer class id, got {label!r}")
+        rows.append((text, label, i))
+    if not rows:
+        raise ShrinkError(f"{path}: training data is empty")
+    return rows
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    x = torch.full((len(rows), max(len(r) for r in rows)), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return x
+
+
+def _encode(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
+    return [tokenizer(t, truncation=True, max_length=max_len).input_ids for t in texts]
+
+
+def labelled_text(rows: list[tuple[str, object, int]], tokenizer, labels: list[str], max_len: int = 256,
+                  eval_fraction: float = 0.1, source: str = "<labelled text>", shuffle_seed: int = 0) -> DistillData:
+    """Sequence-classifier data: each text tokenized (at most max_len tokens), its label a class name from
+    `labels` (the model's id2label, in order) or an integer class id; shuffled once with a fixed seed
+    before the last eval_fraction is held out."""
+    index = {name: i for i, name in enumerate(labels)}
+    ys = []
+    for _, label, line in rows:
+        if isinstance(label, int):
+            if not 0 <= label < len(labels):
+                raise ShrinkError(f"{source}:{line}: class id {label} is out of range: the model has {len(labels)} "
+                                  f"classes {labels}")
+            ys.append(label)
+        elif label in index:
+            ys.append(index[label])
+        else:
+            raise ShrinkError(f"{source}:{line}: label {label!r} is not one of the model's labels {labels} "
+                              "(config.id2label); use those names or integer class ids")
+    x = _pad(_encode([r[0] for r in rows], tokenizer, max_len))
+    y = torch.tensor(ys, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
+    return _split(x[perm], y[perm], eval_fraction, source, "labelled")
+
+
+def sentence_data(texts: list[str], tokenizer, max_len: int = 256, eval_fraction: float = 0.1,
+                  source: str = "<sentences>", shuffle_seed: int = 0) -> DistillData:
+    """Encoder data: each text on its own (at most max_len tokens), for matching the teacher's embeddings;
+    shuffled once with a fixed seed before the last eval_fraction is held out."""
+    if len(texts) < 2:
+        raise ShrinkError(f"{source}: an encoder learns from many texts (one per line of a .jsonl file); got {len(texts)}")
+    x = _pad(_encode(texts, tokenizer, max_len))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
+    return _split(x[perm], None, eval_fraction, source, "sentences")

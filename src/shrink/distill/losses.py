@@ -40,6 +40,11 @@ def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor, ignore_i
                            ignore_index=ignore_index)
 
 
+def embedding_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity of each text's student and teacher embeddings, averaged over the batch."""
+    return (1 - F.cosine_similarity(student_embedding.float(), teacher_embedding.float(), dim=-1)).mean()
+
+
 def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind: str = "mse",
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """Distance between a student's and a teacher's hidden states of the same width: "mse" or "cosine"

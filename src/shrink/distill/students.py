@@ -74,6 +74,9 @@ def student_from_teacher(teacher: nn.Module, layers: str | int | list[int] = "ev
                               f"{getattr(cfg, 'intermediate_size', '?')}")
         cfg.intermediate_size = intermediate_size
     student = type(teacher)(cfg).eval()
+    for name, _ in list(student.named_children()):
+        if getattr(teacher, name, True) is None:  # a part the teacher was built without (BertModel's pooler)
+            setattr(student, name, None)
     sd = teacher.state_dict()
     out = {}
     pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")

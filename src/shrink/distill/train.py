@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
-from .data import DistillData
+from .data import DistillData, split_padded
 from .layerfit import layer_fit_loss, spans
-from .losses import distillation_loss, hidden_state_loss
+from .losses import distillation_loss, embedding_loss, hidden_state_loss
 
 
 @dataclass
@@ -144,15 +144,37 @@ def _batch(data: DistillData, idx: torch.Tensor, train: bool = True):
     x = (data.train_x if train else data.eval_x)[idx]
     if data.kind == "text":
         return x, x[:, 1:]  # labels: next tokens (logits of the last position are dropped)
+    if data.kind == "sentences":
+        return x, None
     return x, (data.train_y if train else data.eval_y)[idx]
 
 
 def _forward(model, x, kind: str, hidden: bool):
+    """(outputs, hidden states or None): next-token logits (text), class logits (labelled, tensor), or
+    mean-pooled embeddings over the text's tokens (sentences)."""
     if kind == "text":
         out = model(x, use_cache=False, output_hidden_states=hidden)
         return out.logits[:, :-1], (out.hidden_states if hidden else None)
+    if kind in ("labelled", "sentences"):
+        ids, mask = split_padded(x)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+        states = out.hidden_states if hidden else None
+        if kind == "labelled":
+            return out.logits, states
+        m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * m).sum(1) / m.sum(1), states
     out = model(x)
     return _logits(out), None
+
+
+def _token_mask(x, kind: str):
+    """Which positions of hidden states are real tokens (None: all of them)."""
+    return split_padded(x)[1].bool() if kind in ("labelled", "sentences") else None
+
+
+def _selection(metrics: dict) -> float:
+    """What the best checkpoint minimises: held-out cross-entropy, or for encoders the embedding distance."""
+    return metrics["ce"] if "ce" in metrics else metrics["embedding_distance"]
 
 
 @torch.no_grad()
@@ -163,6 +185,8 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, data: DistillData, c
     student.eval()
     n = len(data.eval_x)
     bs = cfg.batch_size
+    if data.kind == "sentences":
+        return _evaluate_embeddings(student, teacher, data, cfg)
     tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "acc": 0.0, "teacher_acc": 0.0, "teacher_ce": 0.0, "count": 0}
     batches = range(0, n, bs)
     if cfg.eval_batches is not None:
@@ -196,6 +220,22 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, data: DistillData, c
             out["teacher_perplexity"] = math.exp(min(out["teacher_ce"], 50))
     student.train()
     return out
+
+
+def _evaluate_embeddings(student, teacher, data: DistillData, cfg: DistillConfig) -> dict:
+    """Held-out cosine similarity of the student's embeddings to the teacher's (mean and worst text)."""
+    if teacher is None:
+        raise ShrinkError("an encoder is distilled by matching the teacher's embeddings: it needs a teacher")
+    sims = []
+    batches = list(range(0, len(data.eval_x), cfg.batch_size))[:cfg.eval_batches]
+    for i in batches:
+        x = data.eval_x[i:i + cfg.batch_size]
+        s, _ = _forward(student, x, data.kind, False)
+        t, _ = _forward(teacher, x, data.kind, False)
+        sims.append(F.cosine_similarity(s.float(), t.float(), dim=-1))
+    sim = torch.cat(sims)
+    student.train()
+    return {"cosine": sim.mean().item(), "worst_cosine": sim.min().item(), "embedding_distance": 1 - sim.mean().item()}
 
 
 def _save_checkpoint(folder: Path, student, opt, sched, step, pos, best, history, cfg, data):
@@ -258,7 +298,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     rank, world = _world()
     torch.manual_seed(cfg.seed)
     use_hidden = cfg.hidden_weight > 0
-    if use_hidden and (data.kind != "text" or not layer_map):
+    if use_hidden and (data.kind == "tensor" or not layer_map):
         raise ShrinkError("hidden-state matching needs Hugging Face models and a layer map (student layer -> teacher layer)")
     if teacher_cache is not None and augment is not None:
         raise ShrinkError("a cached teacher saw the inputs unchanged; it cannot be used with augmentation")
@@ -274,6 +314,9 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
         fit_spans = spans(layer_map)
     if teacher is None and cfg.alpha > 0:
         raise ShrinkError("alpha > 0 needs a teacher (alpha=0 trains on hard labels alone)")
+    if data.kind == "sentences" and (teacher is None or teacher_cache is not None):
+        raise ShrinkError("an encoder is distilled by matching the teacher's embeddings at every step: it needs "
+                          "a teacher, and cannot use a cache of top-k logits")
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
@@ -327,10 +370,19 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
                     elif teacher is not None and cfg.alpha > 0:
                         with torch.no_grad():
                             t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
-                    loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
-                                                    teacher_topk=topk)
+                    if data.kind == "sentences":
+                        if t_logits is None:
+                            with torch.no_grad():
+                                t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
+                        loss = embedding_loss(s_logits, t_logits)
+                        parts = {"embedding": loss.item()}
+                    else:
+                        loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature,
+                                                        alpha=cfg.alpha, teacher_topk=topk)
                     if use_hidden:
-                        h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss) for si, ti in layer_map.items())
+                        mask = _token_mask(x, data.kind)
+                        h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss, mask)
+                                for si, ti in layer_map.items())
                         h = h / len(layer_map)
                         loss = loss + cfg.hidden_weight * h
                         parts["hidden"] = h.item()
@@ -356,7 +408,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
             history.append(metrics)
             if on_eval is not None:
                 on_eval(step, metrics)
-            if best is None or metrics["ce"] < best["ce"]:
+            if best is None or _selection(metrics) < _selection(best):
                 best = metrics
                 if out is not None and rank == 0:
                     with atomic_dir(out / "best", replaceable=lambda p: (p / "student.safetensors").exists()) as tmp:
@@ -448,10 +500,12 @@ def _check_shapes(teacher: nn.Module | None, student: nn.Module, data: DistillDa
                           f"{tuple(x.shape[1:])}, fails in the student ({type(e).__name__}: {str(e)[:200]})") from None
     finally:
         student.train(was)
-    what = "vocabulary" if data.kind == "text" else "classes"
+    what = {"text": "vocabulary", "sentences": "embedding width"}.get(data.kind, "classes")
     if t is not None and t.shape != s.shape:
         raise ShrinkError(f"the student's outputs {tuple(s.shape)} do not match the teacher's {tuple(t.shape)} "
                           f"(different {what}: {s.shape[-1]} vs {t.shape[-1]})")
+    if data.kind == "sentences":
+        return
     labels = data.train_y if data.kind != "text" else data.train_x
     top = int(labels.max()) if labels.numel() else -1
     if s.shape[-1] <= top:

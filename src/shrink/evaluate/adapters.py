@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ShrinkError
+from ..kinds import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, is_causal_lm, model_kind  # noqa: F401 (is_causal_lm: re-exported)
 from .scorers import checked_score, score_generation
 from .tasks import Example, Task
 
@@ -302,35 +303,19 @@ class TensorClassifierAdapter(Adapter):
         return Outcome(str(pick), float(pick == example.data["label"]), _margin(lp.exp()), lp.unsqueeze(0))
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether `model` is a Hugging Face causal language model, by transformers' own registry of them
-    (GPT2LMHeadModel and the like included), not by its class name."""
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES = {}
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    return (name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith("ForCausalLM")
-            or (hasattr(model, "generate") and getattr(config, "is_decoder", False)))
-
-
 def adapter_for(model: nn.Module, tokenizer=None, chat_template: bool | None = None,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Adapter:
     """The adapter that fits `model`, by what it can do: causal LM, encoder-decoder, sequence classifier,
     encoder, or plain classifier."""
     if isinstance(model, Adapter):
         return model
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    if is_causal_lm(model):
+    kind = model_kind(model)
+    if kind == CAUSAL_LM:
         return CausalLMAdapter(model, tokenizer, chat_template, max_new_tokens)
-    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "generate"):
+    if kind == SEQ2SEQ:
         return Seq2SeqAdapter(model, tokenizer, chat_template, max_new_tokens)
-    if name.endswith("ForSequenceClassification"):
+    if kind == SEQUENCE_CLASSIFIER:
         return SequenceClassifierAdapter(model, tokenizer)
-    if config is not None and tokenizer is not None:
+    if getattr(model, "config", None) is not None and tokenizer is not None:
         return EncoderAdapter(model, tokenizer)
     return TensorClassifierAdapter(model)

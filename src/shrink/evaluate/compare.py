@@ -117,8 +117,10 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def _kl(p: Outcome, q: Outcome) -> tuple[np.ndarray, np.ndarray]:
-    lp, lq = p.logprobs, q.logprobs
-    kl = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0)
+    # renormalised in float64: for close models the terms cancel below float32's resolution (KL read as 0)
+    lp, lq = (t.double().log_softmax(-1) for t in (p.logprobs, q.logprobs))
+    prob = lp.exp()
+    kl = torch.where(prob > 0, prob * (lp - lq), 0.0).sum(-1).clamp(min=0)  # tokens the original rules out add 0
     return kl.numpy(), (lp.argmax(-1) == lq.argmax(-1)).numpy()
 
 

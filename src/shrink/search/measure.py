@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..evaluate.adapters import is_causal_lm
+from ..kinds import is_causal_lm
 from ..evaluate.compare import model_bytes
 from ..io import read_manifest, save
 from ..io.manifest import weights_file
