@@ -68,3 +68,59 @@ def test_calibrated_methods_round_convolutions_to_nearest_and_say_so():
                             calibration=calib, progress=False)
     assert "a convolution: round to nearest" in model.shrink_calibration["layers"]["pw"]["note"]
     assert isinstance(model.pw, QuantConv2d)
+
+
+class SamePadConv(torch.nn.Conv2d):
+    """A convolution with TensorFlow's 'same' padding computed in its own forward (as EfficientNet's and
+    timm's convolutions do), and a child module it uses."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, padding=0, **k)
+        self.pad = torch.nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = SamePadConv(3, 32, 2)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean((2, 3)))
+
+
+def test_a_conv2d_subclass_keeps_its_own_forward_and_children(tmp_path):
+    torch.manual_seed(0)
+    ref = SameCNN().eval()
+    model = shrink.quantize(SameCNN().eval().requires_grad_(False), "int8", progress=False)
+    assert isinstance(model.stem, QuantConv2d) and isinstance(model.stem.pad, torch.nn.ZeroPad2d)
+    want = torch.nn.functional.conv2d(torch.nn.functional.pad(X, (0, 1, 0, 1)), model.stem.weight, model.stem.bias)
+    with torch.no_grad():
+        assert torch.equal(model.stem(X), want)
+        assert model.stem(X).shape == ref.stem(X).shape == (4, 32, 32, 32)
+    assert model.shrink_check.relative_error < 0.02
+    shrink.save(model, tmp_path / "q")
+    back = shrink.load(tmp_path / "q", model=SameCNN())
+    with torch.no_grad():
+        assert torch.equal(back(X), model(X))
+
+
+def test_shrink_json_says_what_was_done_to_each_layer(tmp_path):
+    import json
+
+    calib = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model = shrink.quantize(cnn(), {"head": "bf16", "*": "int8"}, method="gptq", calibration=calib, progress=False)
+    shrink.save(model, tmp_path / "q")
+    modules = json.loads((tmp_path / "q" / "shrink.json").read_text())["modules"]
+    assert modules["stem"]["done"]["method"] == "rtn"
+    assert "a convolution: round to nearest" in modules["stem"]["done"]["notes"][0]
+    assert modules["head"]["done"] == {"method": "cast", "notes": []}
+    from shrink.quant.record import layers_done, summary_line
+
+    line = summary_line(layers_done(model, "gptq", model.shrink_calibration), "gptq")
+    assert line.startswith("applied: rtn to 3 layers (asked: gptq")
+    rtn = shrink.quantize(cnn(), "int8", progress=False)
+    assert summary_line(layers_done(rtn, "rtn", None), "rtn") is None

@@ -191,3 +191,15 @@ def test_encoder_decoders_are_compared_on_generation_and_choice_tasks(tmp_path, 
     q = shrink.quantize(make(), "int8", progress=False)
     c = shrink.compare(make(), q, choice, tokenizer=tok, progress=False)
     assert 0 < c.divergence["kl"]["mean"] < 0.05 and len(c.examples) == 2
+
+
+def test_awq_says_which_layers_got_scales_and_which_only_clipping(tmp_path):
+    model = shrink.quantize(gpt2(), "int4-g32", method="awq", calibration=CALIBRATION, progress=False)
+    shrink.save(model, tmp_path / "q")
+    done = {n: m["done"] for n, m in json.loads((tmp_path / "q" / "shrink.json").read_text())["modules"].items()}
+    # the inputs of c_attn and c_fc come from LayerNorms (folded, checked); those of the projections back into
+    # the residual stream come from no layer the scales fold into exactly
+    assert done["transformer.h.0.attn.c_attn"]["method"] == "awq"
+    assert "into transformer.h.0.ln_1, checked" in done["transformer.h.0.attn.c_attn"]["notes"][0]
+    assert done["transformer.h.1.mlp.c_proj"]["method"] == "awq (clipping only)"
+    assert "no scales applied" in done["transformer.h.1.mlp.c_proj"]["notes"][0]

@@ -184,6 +184,11 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
                               f"{100 * (1 - ratio):.0f}% lower on average over {len(tuned)} blocks")
             for w in record.get("warnings", []):
                 console.print(f"[yellow]warning[/yellow]: {w}")
+        from .quant.record import layers_done, summary_line
+
+        applied = summary_line(layers_done(loaded.model, method, record), method)
+        if applied:
+            console.print(f"[yellow]{applied}[/yellow]")
         rows = size_rows(loaded.model, output_name=out_name)
         title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
         console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))

@@ -10,7 +10,8 @@ The fields (format_version 1):
                             QuantEmbedding: in = its dimension, out = its rows), "tied_to": name (an output
                             layer over that embedding's codes, stored once), "conv2d": {in_channels,
                             kernel_size, stride, padding, dilation, groups} (a QuantConv2d: in = in_channels /
-                            groups * kh * kw)}}
+                            groups * kh * kw), "done": {"method": str, "notes": [str]} (what really
+                            produced the layer's weights: quant/record.py)}}
     kept_full_precision  [str]                           calibration     object or null
     check           object or null: the forward check after quantizing (relative_error, input, skipped)
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
@@ -114,6 +115,11 @@ def validate(manifest, path: Path) -> dict:
                     conv["kernel_size"][1] != info["in_features"]:
                 raise bad(f"{where}.conv2d", "the geometry of a convolution (in_channels, kernel_size, stride, "
                           "padding, dilation, groups) matching in_features", conv)
+        done = info.get("done")
+        if done is not None and not (isinstance(done, dict) and isinstance(done.get("method"), str) and
+                                     isinstance(done.get("notes", []), list) and
+                                     all(isinstance(n, str) for n in done.get("notes", []))):
+            raise bad(f"{where}.done", 'an object {"method": "...", "notes": ["...", ...]}', done)
         tied = info.get("tied_to")
         if tied is not None and not (isinstance(tied, str) and (modules.get(tied) or {}).get("embedding")
                                      and modules[tied]["format"] == info.get("format")):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
@@ -22,6 +23,7 @@ from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
 from ..outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
+from ..quant.record import layers_done
 from ..quant.embedding import share_buffers
 from ..quant.apply import _set_submodule
 from . import packformat
@@ -62,6 +64,9 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
                 modules[name]["input_order"] = True
             if isinstance(m, QuantLinear) and m.qweight.data_ptr() in tables:
                 modules[name]["tied_to"] = tables[m.qweight.data_ptr()]  # an output layer over the table's codes
+    done = layers_done(model, getattr(model, "shrink_method", None), getattr(model, "shrink_calibration", None))
+    for name, d in done.items():
+        modules[name]["done"] = d.to_dict()
     formats = getattr(model, "shrink_formats", {}) or {}
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     convs = any(isinstance(m, QuantConv2d) for m in model.modules())
@@ -88,7 +93,6 @@ def _linear_in_architecture(model: nn.Module, names: list[str]) -> bool:
     model's config (compressed-tensors replaces only those; GPT-2's Conv1D layers it would leave random)."""
     if not _is_hf(model) or not names:
         return True
-    import torch
 
     try:
         with torch.device("meta"):
@@ -226,7 +230,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                 c = info["conv2d"]
                 new = QuantConv2d(c["in_channels"], info["out_features"], tuple(c["kernel_size"]), spec,
                                   tuple(c["stride"]), c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"]),
-                                  tuple(c["dilation"]), c["groups"], bias=info["bias"])
+                                  tuple(c["dilation"]), c["groups"], bias=info["bias"]).adopt(model.get_submodule(name))
             elif spec.cast:
                 new = CastLinear(info["in_features"], info["out_features"], spec, bias=info["bias"])
             else:
@@ -301,6 +305,12 @@ def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
             raise ShrinkError(
                 f"{weights}: tensor {k!r} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(own[k].shape)} {own[k].dtype}"
             )
+    # safetensors may hand out tensors at any byte offset of the file; float kernels round differently
+    # (and run slower) on unaligned memory, so the loaded model would not compute exactly what was saved
+    copies: dict[int, torch.Tensor] = {}
+    for k, t in state.items():
+        if t.data_ptr() % 64:
+            state[k] = copies.setdefault(id(t), t.clone())  # tied names keep sharing one tensor
     # assign=True adopts the loaded tensors instead of copying into (possibly meta) placeholders.
     model.load_state_dict(state, strict=True, assign=True)
     if hasattr(model, "tie_weights"):

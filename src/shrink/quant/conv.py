@@ -22,6 +22,7 @@ class QuantConv2d(PackedRows):
     same forward as the `nn.Conv2d` it came from. Inference only."""
 
     input_order = None
+    _conv_forward = None  # the forward of an nn.Conv2d subclass this layer replaced (see `adopt`)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, spec: QuantSpec | str, stride=1,
                  padding=0, dilation=1, groups: int = 1, bias: bool = False):
@@ -56,7 +57,18 @@ class QuantConv2d(PackedRows):
         layer.fill(quantize_weight(conv.weight.detach().reshape(conv.out_channels, -1), spec, name))
         if conv.bias is not None:
             layer.bias.copy_(conv.bias.detach().float())
-        return layer
+        return layer.adopt(conv)
+
+    def adopt(self, conv: nn.Conv2d) -> "QuantConv2d":
+        """Keep what a subclass of nn.Conv2d adds around the convolution (TensorFlow-style 'same' padding
+        in EfficientNet's and timm's convolutions): its forward runs on this layer, whose `weight` is the
+        dequantized kernel, with the child modules it uses. The forward check after quantizing is what
+        confirms the result equals the original's."""
+        if type(conv).forward is not nn.Conv2d.forward:
+            self._conv_forward = type(conv).forward
+            for name, child in conv.named_children():
+                self.add_module(name, child)
+        return self
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,6 +82,8 @@ class QuantConv2d(PackedRows):
                                                 self.spec.bits, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._conv_forward is not None:
+            return self._conv_forward(self, x)
         y = F.conv2d(x.float(), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return y.to(x.dtype)
 
