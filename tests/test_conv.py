@@ -124,3 +124,37 @@ def test_shrink_json_says_what_was_done_to_each_layer(tmp_path):
     assert line.startswith("applied: rtn to 3 layers (asked: gptq")
     rtn = shrink.quantize(cnn(), "int8", progress=False)
     assert summary_line(layers_done(rtn, "rtn", None), "rtn") is None
+
+
+def test_fast_paths_match_the_reference_convolution():
+    from shrink.quant import kernels
+
+    if not kernels.native.available():
+        pytest.skip("the compiled kernel does not build here; only the PyTorch path runs")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 96, 1)
+    q = QuantConv2d.from_conv(conv, "int8")
+    w = quantize_weight(conv.weight.detach().reshape(96, -1), q.spec, "pw")
+    ref = dequantize(w.codes, w.scales, w.zeros, q.zero_const).reshape(96, 64, 1, 1)
+    assert torch.equal(q.weight, ref)  # the compiled dequantization gives the same kernel
+    q.backend = "torch"
+    assert torch.equal(q.weight, ref)
+    small = torch.randn(1, 64, 7, 7)  # 49 pixels: the integer kernel over pixels as rows
+    q.backend = "auto"
+    want = torch.nn.functional.conv2d(small, ref, q.bias)
+    got = q(small)
+    assert got.shape == want.shape and (got - want).norm() / want.norm() < 0.01  # activations rounded to int8
+    q.backend = "torch"
+    assert torch.allclose(q(small), want, atol=1e-5)
+
+
+def test_a_subclass_that_is_a_plain_convolution_runs_as_one():
+    class Same1x1(SamePadConv):
+        def forward(self, x):  # 'same' padding of a 1x1 kernel at stride 1 is none
+            return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    q = QuantConv2d.from_conv(Same1x1(8, 16, 1), "int8")
+    assert q._conv_forward is None
+    q = QuantConv2d.from_conv(SamePadConv(8, 16, 2), "int8")
+    assert q._conv_forward is not None  # its padding changes the output: its own forward stays

@@ -70,7 +70,7 @@ def sample_crops(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:
     The only natural images that ship offline; many crops of two photos, not an image set."""
     from sklearn.datasets import load_sample_images
 
-    photos = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
+    photos = [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
     g = torch.Generator().manual_seed(seed)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     crops = []

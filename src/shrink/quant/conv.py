@@ -2,7 +2,11 @@
 
 The kernel [out, in/groups, kh, kw] is flattened to [out, in/groups * kh * kw], each output channel a
 row, so groups run along the input channels times the kernel's positions and the same formats, packing
-and save/load apply. The forward dequantizes the kernel and convolves (PyTorch's own conv).
+and save/load apply. The forward dequantizes the kernel (by the compiled kernel where shapes suit it,
+the same values) and convolves with PyTorch's own conv; a pointwise (1x1) convolution over fewer than
+LARGE_BATCH pixels in all (the late, widest layers of a CNN at batch 1) runs as QuantLinear does, through
+the integer kernel on the pixels as rows, where dequantizing the whole kernel would cost more than the
+convolution itself.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .linear import PackedRows, _apply_keeping_dtypes
+from .linear import _NO_F32, _NO_U8, LARGE_BATCH, PackedRows, _apply_keeping_dtypes
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
@@ -35,6 +39,7 @@ class QuantConv2d(PackedRows):
         self.in_features = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         self.out_features = out_channels
         self._register_packed(out_channels, self.in_features, spec)
+        self.backend = kernels.default_backend()  # as QuantLinear's: "auto" uses the compiled kernel where it applies
         if bias:
             self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32))
         else:
@@ -68,13 +73,44 @@ class QuantConv2d(PackedRows):
             self._conv_forward = type(conv).forward
             for name, child in conv.named_children():
                 self.add_module(name, child)
+            if self._same_as_plain_conv():
+                self._conv_forward = None  # e.g. 'same' padding of a 1x1 kernel at stride 1: nothing to add
         return self
+
+    @torch.no_grad()
+    def _same_as_plain_conv(self) -> bool:
+        """Whether the adopted forward computes exactly the plain convolution, on two probe inputs."""
+        g = torch.Generator().manual_seed(0)
+        for size in (9, 16):
+            x = torch.randn(1, self.in_channels, size, size, generator=g)
+            try:
+                a, b = self._conv_forward(self, x), self._plain(x)
+            except Exception:
+                return False
+            if a.shape != b.shape or not torch.equal(a, b):
+                return False
+        return True
 
     @property
     def weight(self) -> torch.Tensor:
-        """The float32 kernel [out, in/groups, kh, kw], dequantized on every access (for models whose code
-        reads it, as ViT's patch embedding reads its dtype)."""
-        return self.dequantized_weight().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        """The float32 kernel [out, in/groups, kh, kw], dequantized on every access (what the forward
+        convolves with; also for models whose code reads it, as ViT's patch embedding reads its dtype)."""
+        if self._native():
+            w = kernels.native.load().dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
+                                                 self.zero_const, self.spec.bits, self.spec.group_for(self.in_features),
+                                                 self.in_features)
+        else:
+            w = self.dequantized_weight()
+        return w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def _native(self) -> bool:
+        return (self.backend != "torch" and self.qweight.is_cpu and
+                kernels.native_supports(self.in_features, self.spec.group_for(self.in_features)) and
+                kernels.native.available())
+
+    def _pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and \
+            self.padding in ((0, 0), "valid", "same")
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 kernel, flattened to [out, in/groups * kh * kw]."""
@@ -84,6 +120,17 @@ class QuantConv2d(PackedRows):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._conv_forward is not None:
             return self._conv_forward(self, x)
+        return self._plain(x)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pointwise() and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] < LARGE_BATCH and self._native():
+            n, c, h, w = x.shape
+            rows = x.float().permute(0, 2, 3, 1).reshape(-1, c).contiguous()
+            y = kernels.native.load().qlinear(rows, self.qweight, self.scales,
+                                              self.zeros if self.zeros is not None else _NO_U8, self.zero_const,
+                                              self.bias if self.bias is not None else _NO_F32, self.spec.bits,
+                                              self.spec.group_for(self.in_features))
+            return y.reshape(n, h, w, -1).permute(0, 3, 1, 2).to(x.dtype)
         y = F.conv2d(x.float(), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return y.to(x.dtype)
 
