@@ -11,9 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .distill import DistillConfig
 from .errors import ShrinkError
 
 console = Console(stderr=False)
+_D = DistillConfig()  # `shrink distill`'s defaults are the library's, from one place
 
 
 class _Group(click.Group):
@@ -238,28 +240,28 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for checkpoint/, best/, model/ (the best student, ready for shrink quantize) and results.json.")
 @click.option("--intermediate-size", type=Number(1, 1 << 20, integer=True), default=None, help="Narrow the student's MLP to this width.")
-@click.option("--temperature", "-T", default=2.0, show_default=True, type=Number(0, 100, lo_open=True), help="Softening of both distributions.")
-@click.option("--alpha", default=0.5, show_default=True, type=Number(0, 1), help="Weight of the soft-target loss; 1 - alpha goes to hard labels.")
-@click.option("--hidden-weight", default=0.0, show_default=True, type=Number(0, 1e6),
+@click.option("--temperature", "-T", default=_D.temperature, show_default=True, type=Number(0, 100, lo_open=True), help="Softening of both distributions.")
+@click.option("--alpha", default=_D.alpha, show_default=True, type=Number(0, 1), help="Weight of the soft-target loss; 1 - alpha goes to hard labels.")
+@click.option("--hidden-weight", default=_D.hidden_weight, show_default=True, type=Number(0, 1e6),
               help="Weight of matching each student layer's hidden state to the teacher layer it came from.")
-@click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True)
-@click.option("--layer-fit-steps", default=0, show_default=True, type=Number(0, 1 << 30, integer=True),
+@click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default=_D.hidden_loss, show_default=True)
+@click.option("--layer-fit-steps", default=_D.layer_fit_steps, show_default=True, type=Number(0, 1 << 30, integer=True),
               help="First steps (of --steps) fit each student layer alone to the span of teacher layers it stands "
                    "for, on the teacher's hidden states; repairs a student built from the teacher before "
                    "end-to-end distillation (0: off).")
 @click.option("--layer-fit-lr", type=Number(0, 1, lo_open=True), default=None,
               help="Peak learning rate of layer fitting, which has its own warmup and cosine decay (default: --lr).")
-@click.option("--steps", default=1000, show_default=True, type=Number(1, 1 << 30, integer=True), help="Optimizer steps (the schedule spans them).")
+@click.option("--steps", default=_D.steps, show_default=True, type=Number(1, 1 << 30, integer=True), help="Optimizer steps (the schedule spans them).")
 @click.option("--time-budget", type=Number(0, 1e9, lo_open=True), default=None, help="Stop after this many seconds (a checkpoint is written).")
-@click.option("--batch-size", default=8, show_default=True, type=Number(1, 1 << 20, integer=True), help="Examples per process per micro-step.")
-@click.option("--grad-accum", default=1, show_default=True, type=Number(1, 1 << 20, integer=True), help="Micro-steps per optimizer step.")
-@click.option("--lr", default=5e-4, show_default=True, type=Number(0, 1, lo_open=True), help="Peak learning rate of AdamW (warmup 5%, then cosine).")
+@click.option("--batch-size", default=_D.batch_size, show_default=True, type=Number(1, 1 << 20, integer=True), help="Examples per process per micro-step.")
+@click.option("--grad-accum", default=_D.grad_accum, show_default=True, type=Number(1, 1 << 20, integer=True), help="Micro-steps per optimizer step.")
+@click.option("--lr", default=_D.lr, show_default=True, type=Number(0, 1, lo_open=True), help="Peak learning rate of AdamW (warmup 5%, then cosine).")
 @click.option("--seq-len", default=256, show_default=True, type=Number(2, 1 << 20, integer=True),
               help="Tokens per training sequence (language models), or at most per text (classifiers, encoders).")
 @click.option("--max-sequences", type=Number(1, 1 << 40, integer=True), default=None, help="Use at most this many sequences of the text.")
-@click.option("--eval-every", default=100, show_default=True, type=Number(1, 1 << 30, integer=True))
-@click.option("--checkpoint-every", default=100, show_default=True, type=Number(1, 1 << 30, integer=True))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-every", default=_D.eval_every, show_default=True, type=Number(1, 1 << 30, integer=True))
+@click.option("--checkpoint-every", default=_D.checkpoint_every, show_default=True, type=Number(1, 1 << 30, integer=True))
+@click.option("--seed", default=_D.seed, show_default=True)
 @click.option("--cache-topk", default=0, show_default=True, type=Number(0, 1 << 20, integer=True),
               help="Cache the teacher's top-K logits per position once (in shrink's cache) instead of running it "
                    "every step; pays off from the second epoch. 0: off.")
@@ -281,7 +283,7 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
     from contextlib import nullcontext
 
     from .distill import DistillConfig, finish_distributed, init_distributed, parameter_count
-    from .distilling import OUT_NAMES, _resolve_teacher, build_student, distill as run_distill
+    from .distilling import OUT_NAMES, resolve_teacher, build_student, distill as run_distill
     from .outdir import claim
 
     rank, world = init_distributed()
@@ -291,7 +293,7 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
                             layer_fit_lr=layer_fit_lr, steps=steps, time_budget=time_budget,
                             batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every,
                             checkpoint_every=checkpoint_every, seed=seed)
-        t_model, t_tok, _ = _resolve_teacher(teacher)
+        t_model, t_tok, _ = resolve_teacher(teacher)
         s_model, record = build_student(student, t_model, intermediate_size)
         if rank == 0:
             t = Table(title="teacher and student")

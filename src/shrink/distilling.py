@@ -90,7 +90,9 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
     return model, {"kind": "from-teacher", "teacher_layers": idx, "intermediate_size": intermediate_size}
 
 
-def _resolve_teacher(teacher):
+def resolve_teacher(teacher):
+    """(model, tokenizer, name) of a teacher given as a module, a name or path (shrink.load_model), or
+    None / "none" (no teacher: hard labels alone), which gives (None, None, None)."""
     if teacher is None or (isinstance(teacher, str) and teacher.lower() == "none"):
         return None, None, None
     model, tok, name = resolve(teacher)
@@ -147,7 +149,7 @@ def distill(teacher, student, data, *, out: str | os.PathLike | None = None, con
 def _distill(teacher, student, data, out, config, tokenizer, intermediate_size, student_record, seq_len,
              max_sequences, hidden_layers, cache_topk, task, resume, progress, options):
     cfg = config or DistillConfig(**options)
-    t_model, t_tok, t_name = _resolve_teacher(teacher)
+    t_model, t_tok, t_name = resolve_teacher(teacher)
     check_distillable(t_model, "teacher")
     tok = tokenizer or t_tok
     if isinstance(student, nn.Module) and student_record is not None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir
+from ..outputs import main_output
 from .data import DistillData, split_padded
 
 
@@ -59,8 +60,7 @@ def teacher_topk(teacher: nn.Module, data: DistillData, k: int = 32, cache_dir: 
             ids, mask = split_padded(x)
             logits = teacher(input_ids=ids, attention_mask=mask).logits
         else:
-            out = teacher(x)
-            logits = out.logits if hasattr(out, "logits") else out
+            logits = main_output(teacher(x))
         v, ix = logits.float().topk(min(k, logits.shape[-1]), -1)
         vals.append(v.half())
         idxs.append(ix.int())

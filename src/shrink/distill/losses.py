@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..outputs import kl_divergence
+
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -14,7 +16,7 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     t = temperature
     log_p = F.log_softmax(teacher_logits.float() / t, -1)
     log_q = F.log_softmax(student_logits.float() / t, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = kl_divergence(log_p, log_q)
     if mask is not None:
         kl = kl[mask]
     return kl.mean() * t * t
@@ -28,7 +30,7 @@ def topk_soft_target_loss(student_logits: torch.Tensor, top_values: torch.Tensor
     t = temperature
     log_p = F.log_softmax(top_values.float() / t, -1)
     log_q = F.log_softmax(student_logits.float() / t, -1).gather(-1, top_indices)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = kl_divergence(log_p, log_q)
     if mask is not None:
         kl = kl[mask]
     return kl.mean() * t * t

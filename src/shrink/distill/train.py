@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
+from ..outputs import kl_divergence, main_output
 from .data import DistillData, split_padded
 from .layerfit import layer_fit_loss, spans
 from .losses import distillation_loss, embedding_loss, hidden_state_loss
@@ -33,7 +34,7 @@ from .losses import distillation_loss, embedding_loss, hidden_state_loss
 
 @dataclass
 class DistillConfig:
-    """Options of a distillation run (defaults in brackets are what `shrink distill --help` states)."""
+    """Options of a distillation run; these defaults are also `shrink distill`'s (its --help shows them)."""
 
     temperature: float = 2.0  # softening of both distributions; 2 for LMs as DistilBERT used
     alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha goes to the hard labels
@@ -43,9 +44,9 @@ class DistillConfig:
     layer_fit_lr: float | None = None  # peak learning rate of that stage (None: lr)
     steps: int = 1000  # optimizer steps (the learning-rate schedule spans them)
     time_budget: float | None = None  # seconds; stop early (after a checkpoint) when spent
-    batch_size: int = 32  # examples per process per micro-step
+    batch_size: int = 8  # examples per process per micro-step
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 0.01
     warmup: float = 0.05  # fraction of steps with linearly rising learning rate
     max_grad_norm: float = 1.0
@@ -94,10 +95,6 @@ def _average_gradients(model: nn.Module, world: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
-
-
-def _logits(out):
-    return out.logits if hasattr(out, "logits") else out
 
 
 def _schedule(cfg: DistillConfig):
@@ -164,7 +161,7 @@ def _forward(model, x, kind: str, hidden: bool):
         m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
         return (out.last_hidden_state * m).sum(1) / m.sum(1), states
     out = model(x)
-    return _logits(out), None
+    return main_output(out), None
 
 
 def _token_mask(x, kind: str):
@@ -204,7 +201,7 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, data: DistillData, c
             t, _ = _forward(teacher, x, data.kind, False)
             t = t.float()
             lp, lq = F.log_softmax(t, -1), F.log_softmax(s, -1)
-            tot["kl"] += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+            tot["kl"] += kl_divergence(lp, lq).sum().item()
             tot["agree"] += (t.argmax(-1) == pred).sum().item()
             tot["teacher_acc"] += (t.argmax(-1) == y).sum().item()
             tot["teacher_ce"] += F.cross_entropy(t.reshape(-1, t.shape[-1]), y.reshape(-1), reduction="sum").item()

@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ShrinkError
-from ..kinds import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, is_causal_lm, model_kind  # noqa: F401 (is_causal_lm: re-exported)
+from ..kinds import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
+from ..outputs import main_output
 from .scorers import checked_score, score_generation
 from .tasks import Example, Task
 
@@ -297,7 +298,7 @@ class TensorClassifierAdapter(Adapter):
     @torch.no_grad()
     def run(self, example, task, ids=None, scorer=None):
         out = self.model(example.input.unsqueeze(0))
-        logits = (out.logits if hasattr(out, "logits") else out).reshape(-1).float()
+        logits = main_output(out).reshape(-1).float()
         lp = F.log_softmax(logits, -1)
         pick = int(lp.argmax())
         return Outcome(str(pick), float(pick == example.data["label"]), _margin(lp.exp()), lp.unsqueeze(0))

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ShrinkError
+from ..outputs import kl_divergence
 from .adapters import Adapter, Outcome, adapter_for
 from .scorers import load_scorer
 from .stats import divergence_summary, mcnemar_exact, paired_bootstrap
@@ -87,21 +88,21 @@ class Comparison:
     errors: int = 0
 
     def to_dict(self) -> dict:
-        return _finite(asdict(self))
+        return finite(asdict(self))
 
     @property
     def flips(self) -> list[ExampleResult]:
         return [e for e in self.examples if e.flip]
 
 
-def _finite(obj):
+def finite(obj):
     """NaN and infinity as None, so results.json is strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
@@ -119,8 +120,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 def _kl(p: Outcome, q: Outcome) -> tuple[np.ndarray, np.ndarray]:
     # renormalised in float64: for close models the terms cancel below float32's resolution (KL read as 0)
     lp, lq = (t.double().log_softmax(-1) for t in (p.logprobs, q.logprobs))
-    prob = lp.exp()
-    kl = torch.where(prob > 0, prob * (lp - lq), 0.0).sum(-1).clamp(min=0)  # tokens the original rules out add 0
+    kl = kl_divergence(lp, lq).clamp(min=0)
     return kl.numpy(), (lp.argmax(-1) == lq.argmax(-1)).numpy()
 
 

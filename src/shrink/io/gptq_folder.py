@@ -126,10 +126,10 @@ def load_gptq(path: Path, qc: dict):
     does not map onto shrink's formats."""
     from safetensors.torch import load_file
 
-    from ..quant.apply import _set_submodule
+    from ..quant.replace import set_submodule
     from . import saved
     from .manifest import header_shapes
-    from .models import LoadedModel, _tokenizer_or_none
+    from .models import LoadedModel, tokenizer_or_none
 
     cfg = read_config(qc, str(path / "config.json"))
     weights = path / saved.WEIGHTS
@@ -159,7 +159,7 @@ def load_gptq(path: Path, qc: dict):
     layers = {}
     for name in names:
         layers[name] = to_layer(state, name, cfg, model.get_submodule(name))
-        _set_submodule(model, name, layers[name])
+        set_submodule(model, name, layers[name])
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 embeddings, norms
     for name, layer in layers.items():
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
@@ -174,4 +174,4 @@ def load_gptq(path: Path, qc: dict):
     source = {"kind": "gptq", "path": str(path), **({"note": note} if note else {})}
     model.shrink_source = source
     model.eval()
-    return LoadedModel(model, _tokenizer_or_none(path), source)
+    return LoadedModel(model, tokenizer_or_none(path), source)

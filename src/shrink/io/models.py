@@ -66,7 +66,7 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
         return load_gguf(path)
     if saved.is_shrink_folder(path):
         model = saved.load(path)
-        return LoadedModel(model, _tokenizer_or_none(path), {"kind": "shrink", "path": str(path)})
+        return LoadedModel(model, tokenizer_or_none(path), {"kind": "shrink", "path": str(path)})
     if (path / saved.WEIGHTS_NATIVE).is_file():
         raise ShrinkError(f"{path} holds shrink's own weights ({saved.WEIGHTS_NATIVE}) but no {saved.MANIFEST}, "
                           "which says what they are; it cannot be loaded without it")
@@ -231,7 +231,7 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
         raise ShrinkError(f"{path}: cannot load Hugging Face model ({type(e).__name__}: {str(e)[:300]})") from None
     _check_loading_info(info, path)
     model.eval()
-    return LoadedModel(model, _tokenizer_or_none(path), {"kind": "huggingface", "path": str(path)})
+    return LoadedModel(model, tokenizer_or_none(path), {"kind": "huggingface", "path": str(path)})
 
 
 def _quantization_config(path: Path) -> dict | None:
@@ -249,7 +249,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     from safetensors.torch import load_file
 
     from ..quant import QuantLinear
-    from ..quant.apply import _set_submodule
+    from ..quant.replace import set_submodule
     from . import packformat
     from .manifest import header_shapes
 
@@ -270,7 +270,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
             if got is None or got[0] != shape:
                 raise ShrinkError(f"{weights}: layer {name!r} ({spec.name}) needs {key!r} of shape {shape}, "
                                   f"found {got[0] if got else 'none'}")
-        _set_submodule(model, name, QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None))
+        set_submodule(model, name, QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None))
     state = load_file(str(weights))
     worst = 0.0
     for name, spec in formats.items():
@@ -297,7 +297,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     model.eval()
     source = {"kind": "compressed-tensors", "path": str(path), **({"note": note} if note else {})}
     model.shrink_source = source
-    return LoadedModel(model, _tokenizer_or_none(path), source)
+    return LoadedModel(model, tokenizer_or_none(path), source)
 
 
 def _check_loading_info(info: dict, path: Path) -> None:
@@ -324,7 +324,8 @@ def _check_loading_info(info: dict, path: Path) -> None:
     raise ShrinkError(f"{path}: the weights do not match config.json ({'; '.join(parts)}){hint}")
 
 
-def _tokenizer_or_none(path: Path):
+def tokenizer_or_none(path: Path):
+    """The tokenizer of a Hugging Face folder, or None when it holds no tokenizer files."""
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
     from transformers import AutoTokenizer

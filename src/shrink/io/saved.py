@@ -25,7 +25,7 @@ from ..outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.record import layers_done
 from ..quant.embedding import share_buffers
-from ..quant.apply import _set_submodule
+from ..quant.replace import set_submodule
 from . import packformat
 from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, WEIGHTS_NATIVE, check_modules_against_header, file_record,
                        header_shapes, is_own_folder, layout, read_manifest, verify_files, weights_file)
@@ -236,7 +236,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
             else:
                 new = QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"], backend=backend,
                                   input_order=info.get("input_order", False))
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
     _check_state_shapes(model, header, weights)

@@ -19,10 +19,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .check import ForwardCheck, relative_error, run as run_forward, sample_input
-from .conv import QuantConv2d
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
+from .replace import round_to_nearest, set_submodule
 from .rtn import check_weight
 from .spec import QuantSpec, parse_format
 
@@ -170,7 +170,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     _validate(model, assignment)
     for name, fmt in assignment.items():  # GPT-2's Conv1D layers to be quantized become the Linear they are
         if fmt is not None and is_conv1d(model.get_submodule(name)):
-            _set_submodule(model, name, as_linear(model.get_submodule(name)))
+            set_submodule(model, name, as_linear(model.get_submodule(name)))
     inputs, described = sample_input(model)
     before, skipped = None, None
     if inputs is None:
@@ -205,7 +205,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
         todo = [(n, s) for n, s in assignment.items() if s is not None]
         modules = dict(model.named_modules())
         for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
-            _set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
+            set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
     _tie_quantized_embedding(model, assignment, spec, backend)
     previous = getattr(model, "shrink_formats", {}) or {}
     model.shrink_formats = {**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}}
@@ -234,7 +234,7 @@ def _tie_quantized_embedding(model: nn.Module, assignment: dict, spec, backend: 
     explicit = isinstance(spec, Mapping) and name in spec
     if name is not None and (assignment.get(name) == table.spec or (not explicit and assignment.get(name) is None)):
         tied = table.tied_output(head.bias, backend)
-        _set_submodule(model, name, tied)
+        set_submodule(model, name, tied)
         assignment[name] = table.spec
 
 
@@ -289,18 +289,6 @@ def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp
                          f"and at most 1, got {damp!r}")
 
 
-def round_to_nearest(linear: nn.Module, spec: QuantSpec, name: str, backend: str | None = None) -> nn.Module:
-    """The replacement for `linear` (a Linear, or an Embedding) in `spec` without calibration: a cast, or a
-    round-to-nearest QuantLinear (QuantEmbedding)."""
-    if isinstance(linear, nn.Embedding):
-        return QuantEmbedding.from_embedding(linear, spec, name=name)
-    if isinstance(linear, nn.Conv2d):
-        return QuantConv2d.from_conv(linear, spec, name=name)
-    if spec.cast:
-        return CastLinear.from_linear(linear, spec, name=name)
-    return QuantLinear.from_linear(linear, spec, name=name, backend=backend)
-
-
 def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None:
     """Check every layer against its format before changing anything, so an error leaves the model whole."""
     for name, fmt in assignment.items():
@@ -314,9 +302,3 @@ def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None
                 raise ValueError(f"layer {name!r}: weight has NaN or infinite values")
         else:
             check_weight(w, fmt, name)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..outputs import kl_divergence, main_output
 from . import awq
-from .apply import _set_submodule, round_to_nearest
 from .gptq import gptq_quantize
-from .check import main_output
 from .layerwise import blockwise, call_model, collect_stats, first_output
 from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
+from .replace import round_to_nearest, set_submodule
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 from .tune import tune_block
@@ -62,7 +62,7 @@ def _divergence(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Mean KL(ref || out) over positions for logits; mean squared error relative to ref otherwise."""
     if ref.dim() == 3:  # [batch, positions, vocabulary]: next-token distributions
         lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
-        return float((lp.exp() * (lp - lq)).sum(-1).mean())
+        return float(kl_divergence(lp, lq).mean())
     return float(((out - ref) ** 2).mean() / (ref ** 2).mean().clamp(min=1e-12))
 
 
@@ -169,7 +169,7 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
         def replace(n, q):
             lin, spec = mods[n], assignment[full[n]]
             new = QuantLinear.from_quantized(q, lin.in_features, lin.out_features, spec, lin.bias, backend)
-            _set_submodule(block, n, new)
+            set_submodule(block, n, new)
             report.formats[full[n]] = spec.name
 
         if not use_gptq:
@@ -195,7 +195,7 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
         for name, m in list(block.named_modules()):
             f = f"{prefix}.{name}" if prefix else name
             if isinstance(m, nn.Linear) and assignment.get(f) is not None and assignment[f].cast:
-                _set_submodule(block, name, round_to_nearest(m, assignment[f], f))
+                set_submodule(block, name, round_to_nearest(m, assignment[f], f))
         if tune_steps:
             res = tune_block(block, tune_inputs, targets, steps=tune_steps)
             report.layers.setdefault(prefix or "<model>", {}).update(
@@ -208,7 +208,7 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
                  if s is not None and isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding, nn.Conv2d))}
     for n, spec in leftovers.items():
         lin = model.get_submodule(n)
-        _set_submodule(model, n, round_to_nearest(lin, spec, n, backend))
+        set_submodule(model, n, round_to_nearest(lin, spec, n, backend))
         report.layers.setdefault(n, {})["note"] = (
             "an embedding: round to nearest (its inputs are one-hot: nothing to calibrate)"
             if isinstance(lin, nn.Embedding) else

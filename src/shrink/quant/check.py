@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ..outputs import main_output
+
 SEED = 0
 
 
@@ -58,19 +60,6 @@ def sample_input(model: nn.Module) -> tuple[dict | None, str]:
         return ({"x": torch.randn(2, first.in_channels, 32, 32, generator=g)},
                 f"2 random {first.in_channels}x32x32 inputs")
     return None, "no sample input can be built for this model (no token ids, pixels or first layer to shape one)"
-
-
-def main_output(out) -> torch.Tensor:
-    """The tensor a model's output stands for: logits, else the last hidden state, else the output itself."""
-    for key in ("logits", "last_hidden_state", "pooler_output"):
-        t = getattr(out, key, None)
-        if isinstance(t, torch.Tensor):
-            return t
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot read a tensor out of the model's output ({type(out).__name__})")
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .linear import _NO_U8, PackedRows, _apply_keeping_dtypes
+from .linear import NO_U8, PackedRows, apply_keeping_dtypes
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
@@ -94,7 +94,7 @@ class QuantConv2d(PackedRows):
         """The float32 kernel [out, in/groups, kh, kw], dequantized on every access (what the forward
         convolves with; also for models whose code reads it, as ViT's patch embedding reads its dtype)."""
         if self._native():
-            w = kernels.native.load().dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
+            w = kernels.native.load().dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else NO_U8,
                                                  self.zero_const, self.spec.bits, self.spec.group_for(self.in_features),
                                                  self.in_features)
         else:
@@ -121,7 +121,7 @@ class QuantConv2d(PackedRows):
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        return _apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

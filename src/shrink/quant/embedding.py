@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .linear import PackedRows, QuantLinear, _apply_keeping_dtypes
+from .linear import PackedRows, QuantLinear, apply_keeping_dtypes
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
@@ -67,7 +67,7 @@ class QuantEmbedding(PackedRows):
         return w.reshape(*ids.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse=True):
-        return _apply_keeping_dtypes(self, fn, ("scales",), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales",), recurse)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.spec.name}"

@@ -25,8 +25,8 @@ from .spec import QuantSpec, parse_format
 # From this many rows on (prompt processing, large batches) a float GEMM on weights dequantized by the
 # kernel beats integer dot products on this class of CPU (measured crossover: 32 to 64 rows).
 LARGE_BATCH = 64
-_NO_U8 = torch.empty(0, dtype=torch.uint8)  # "no zero points" / "no bias" for the kernel
-_NO_F32 = torch.empty(0, dtype=torch.float32)
+NO_U8 = torch.empty(0, dtype=torch.uint8)  # "no zero points" / "no bias" for the kernel
+NO_F32 = torch.empty(0, dtype=torch.float32)
 
 
 class PackedRows(nn.Module):
@@ -153,13 +153,13 @@ class QuantLinear(PackedRows):
         native = x2.is_cpu and self.uses_native()  # on GPUs the PyTorch path runs
         ext = kernels.native.load() if native else None
         if native and x2.shape[0] >= LARGE_BATCH:
-            w = ext.dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
+            w = ext.dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else NO_U8,
                                         self.zero_const, self.spec.bits, self._group, self.in_features)
             y = F.linear(x2, w, self.bias)
         elif native:
             y = ext.qlinear(
-                x2, self.qweight, self.scales, self.zeros if self.zeros is not None else _NO_U8,
-                self.zero_const, self.bias if self.bias is not None else _NO_F32,
+                x2, self.qweight, self.scales, self.zeros if self.zeros is not None else NO_U8,
+                self.zero_const, self.bias if self.bias is not None else NO_F32,
                 self.spec.bits, self._group,
             )
         else:
@@ -172,7 +172,7 @@ class QuantLinear(PackedRows):
     def _apply(self, fn, recurse=True):
         # .half(), .to(torch.bfloat16), .to(device): the storage moves but keeps its types (codes uint8,
         # scales fp16, bias fp32), since the kernels read exactly those; compute follows the input's dtype.
-        return _apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights, scales, zero points and input order (bias excluded)."""
@@ -216,7 +216,7 @@ class CastLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # the weight stays in its format's dtype through .half() / .to(dtype); compute follows the input
-        return _apply_keeping_dtypes(self, fn, ("weight", "bias"), recurse)
+        return apply_keeping_dtypes(self, fn, ("weight", "bias"), recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None else None
@@ -229,7 +229,7 @@ class CastLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, bias={self.bias is not None}"
 
 
-def _apply_keeping_dtypes(module: nn.Module, fn, names: tuple[str, ...], recurse: bool) -> nn.Module:
+def apply_keeping_dtypes(module: nn.Module, fn, names: tuple[str, ...], recurse: bool) -> nn.Module:
     """`Module._apply(fn)` with the buffers `names` moved to fn's device but never converted to its dtype."""
     kept = {n: module._buffers.pop(n) for n in names if module._buffers.get(n) is not None}
     try:

@@ -9,35 +9,7 @@ from pathlib import Path
 from ..atomic import write_json, write_text
 from ..evaluate.compare import Comparison
 from . import plots
-
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
-h1{font-size:1.5em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
-.verdict{padding:.8em 1em;border-radius:6px;font-weight:600;font-size:1.05em}
-.ok{background:#e8f5e9;border:1px solid #55a868} .past{background:#fdecea;border:1px solid #c44e52}
-table{border-collapse:collapse;margin:.6em 0;font-size:13px} th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top}
-th{background:#f4f4f4;cursor:pointer;user-select:none} td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.bad td{background:#fff4f4} .muted{color:#777} pre{white-space:pre-wrap;margin:0;font:12px/1.35 ui-monospace,monospace}
-.plots svg{max-width:100%;height:auto;display:block;margin:1em 0}
-"""
-
-# Click a header to sort that table by the column (numbers numerically).
-_JS = """
-document.querySelectorAll("table.sortable th").forEach(function (th, col) {
-  th.addEventListener("click", function () {
-    var body = th.closest("table").tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    var asc = th.dataset.asc !== "1"; th.dataset.asc = asc ? "1" : "0";
-    rows.sort(function (a, b) {
-      var x = a.cells[col].dataset.v || a.cells[col].textContent, y = b.cells[col].dataset.v || b.cells[col].textContent;
-      var nx = parseFloat(x), ny = parseFloat(y);
-      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
-      return asc ? c : -c;
-    });
-    rows.forEach(function (r) { body.appendChild(r); });
-  });
-});
-"""
+from .webpage import html_table, page
 
 
 def _fmt(x, digits=1, sign=False):
@@ -130,17 +102,6 @@ def to_markdown(c: Comparison) -> str:
     return "\n".join(parts)
 
 
-def _html_table(head, rows, cls="sortable", numeric=(), bad=None):
-    h = "".join(f"<th>{html.escape(x)}</th>" for x in head)
-    body = []
-    for i, r in enumerate(rows):
-        cells = "".join(f'<td class="n">{html.escape(str(x))}</td>' if j in numeric else
-                        f"<td><pre>{html.escape(str(x))}</pre></td>" if len(str(x)) > 60 else f"<td>{html.escape(str(x))}</td>"
-                        for j, x in enumerate(r))
-        body.append(f'<tr{" class=bad" if bad and bad(i, r) else ""}>{cells}</tr>')
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-
-
 def to_html(c: Comparison) -> str:
     """The report as one self-contained HTML page: verdict, tables, inline SVG plots, flipped examples."""
     t = c.task
@@ -167,27 +128,26 @@ def to_html(c: Comparison) -> str:
         f'<p class="verdict {"ok" if c.within else "past"}">{html.escape(c.verdict)}</p>',
         f'<p class="muted">Task: {html.escape(t["kind"])}, {t["examples"]} examples '
         f'({html.escape(t["source"] or "built in")}); errors: {c.errors}. {html.escape(_tolerance_line(c))}</p>',
-        "<h2>Models</h2>", _html_table(["model", "kind", "size", "time per example (median)"], model_rows(c), cls=""),
+        "<h2>Models</h2>", html_table(["model", "kind", "size", "time per example (median)"], model_rows(c), cls=""),
         f"<h2>Scores ({_unit(c)})</h2>",
-        _html_table(SLICE_HEAD, slice_rows(c), numeric=range(1, 9), bad=lambda i, r: r[-1] == "PAST"),
+        html_table(SLICE_HEAD, slice_rows(c), numeric=range(1, 9), bad=lambda i, r: r[-1] == "PAST"),
     ]
     lines = divergence_lines(c)
     if lines:
         body += ["<h2>Divergence</h2>", "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>"]
     body += ['<h2>Plots</h2><div class="plots">' + "".join(svgs) + "</div>"]
     body += [f"<h2>Flipped examples ({len(flips)})</h2>",
-             _html_table(FLIP_HEAD, [[e.id, e.flip, ", ".join(e.tags), e.input, e.target, e.original_output,
+             html_table(FLIP_HEAD, [[e.id, e.flip, ", ".join(e.tags), e.input, e.target, e.original_output,
                                       e.compressed_output] for e in flips], bad=lambda i, r: r[1] == "right→wrong")
              if flips else "<p>None.</p>"]
     if errors:
-        body += [f"<h2>Examples that failed ({len(errors)})</h2>", _html_table(["id", "error"], [[e.id, e.error] for e in errors])]
+        body += [f"<h2>Examples that failed ({len(errors)})</h2>", html_table(["id", "error"], [[e.id, e.error] for e in errors])]
     body += ['<h2>All examples</h2><details><summary>show</summary>',
-             _html_table(["id", "tags", "slices", "original", "compressed", "KL mean", "original output", "compressed output"],
+             html_table(["id", "tags", "slices", "original", "compressed", "KL mean", "original output", "compressed output"],
                          [[e.id, ", ".join(e.tags), ", ".join(e.slices), _fmt(e.original_score, 3), _fmt(e.compressed_score, 3),
                            _fmt(e.kl_mean, 4), e.original_output, e.compressed_output] for e in c.examples],
                          numeric=(3, 4, 5)), "</details>"]
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(body)}<script>{_JS}</script></body></html>")
+    return page(title, body)
 
 
 def write_comparison_report(c: Comparison, out: str | Path) -> dict[str, Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..atomic import write_json, write_text
 from . import plots
-from .comparison import _CSS, _JS, _html_table
+from .webpage import html_table, page
 
 TABLE_HEAD = ["candidate", "size MB", "x smaller", "memory MB", "ms/example", "ms/token", "score", "change",
               "95% CI", "slices past", "meets", "build s"]
@@ -128,7 +128,7 @@ def to_html(result, inputs: dict[str, str]) -> str:
             f'<p class="muted">{html.escape(_header(result))}</p>',
             '<h2>Frontiers</h2><div class="plots">' + "".join(svgs) + "</div>",
             "<h2>Candidates</h2>",
-            _html_table(TABLE_HEAD, [original_row(result)] + candidate_rows(result), numeric=range(1, 9),
+            html_table(TABLE_HEAD, [original_row(result)] + candidate_rows(result), numeric=range(1, 9),
                         bad=lambda i, r: r[10].startswith("no") or r[10].startswith("error"))]
     if result.skipped:
         body += ["<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(s['candidate'])}: {html.escape(s['reason'])}</li>"
@@ -137,9 +137,8 @@ def to_html(result, inputs: dict[str, str]) -> str:
         body += [f"<h2>Not tried (budget spent)</h2><p>{html.escape(', '.join(result.untried))}</p>"]
     rows = broke_first(result, inputs)
     body += ["<h2>Examples that broke first as compression increased</h2>",
-             _html_table(BROKE_HEAD, rows) if rows else "<p>None broke.</p>"]
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(body)}<script>{_JS}</script></body></html>")
+             html_table(BROKE_HEAD, rows) if rows else "<p>None broke.</p>"]
+    return page(title, body)
 
 
 def write_search_report(result, task, out: str | Path) -> dict[str, Path]:

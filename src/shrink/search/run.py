@@ -29,7 +29,7 @@ from ..distill.cache import model_fingerprint
 from ..errors import ShrinkError
 from ..evaluate import compare as compare_models
 from ..evaluate.adapters import adapter_for
-from ..evaluate.compare import _finite
+from ..evaluate.compare import finite
 from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
 from ..io.manifest import read_json
@@ -67,7 +67,7 @@ class SearchResult:
         return pareto(self.results, cost)
 
     def to_dict(self) -> dict:
-        return _finite({"recommendation": self.recommendation, "line": self.line, "constraints": self.constraints,
+        return finite({"recommendation": self.recommendation, "line": self.line, "constraints": self.constraints,
                 "task": self.task, "original": self.original, "results": self.results, "skipped": self.skipped,
                 "untried": self.untried, "runtime": self.runtime, "frontier_size": [r["candidate"]["name"] for r in self.frontier("size_bytes")],
                 "frontier_latency": [r["candidate"]["name"] for r in self.frontier("latency_example")],
@@ -115,7 +115,7 @@ def _read_results(path: Path) -> list[dict]:
 def _append(path: Path, record: dict) -> None:
     """One line per candidate, flushed to disk before the next candidate starts."""
     with open(path, "a") as f:
-        f.write(json.dumps(_finite(record)) + "\n")
+        f.write(json.dumps(finite(record)) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
