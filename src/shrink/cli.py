@@ -387,7 +387,7 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
 
 
 def _print_comparison(c) -> None:
-    from .report.comparison import divergence_lines, model_rows, slice_rows
+    from .report.comparison import SLICE_HEAD, divergence_lines, model_rows, slice_rows
 
     console.print(f"[bold {'green' if c.within else 'red'}]{c.verdict}[/]")
     from rich import box
@@ -397,9 +397,10 @@ def _print_comparison(c) -> None:
     # numbers never wrap; past slices are shown in red (the report names them), so the table fits 80 columns
     for i, col in enumerate(("slice", "n", "orig", "comp", "change", "95% CI", "R→W", "W→R", "p")):
         t.add_column(col, justify="left" if i == 0 else "right", no_wrap=i > 0, overflow="fold" if i == 0 else "ellipsis")
+    ci, past = SLICE_HEAD.index("95% CI"), len(SLICE_HEAD) - 1  # the last column says PAST
     for r in slice_rows(c):
-        r[5] = r[5].replace(" … ", "…")
-        t.add_row(*r[:-1], style="bold red" if r[-1] == "PAST" else None)
+        r[ci] = r[ci].replace(" … ", "…")
+        t.add_row(*r[:past], style="bold red" if r[past] == "PAST" else None)
     console.print(t)
     m = Table()
     for col in ("model", "kind", "size", "time per example"):
@@ -576,7 +577,7 @@ def _demo_calibration() -> Path | None:
 def _print_search(result) -> None:
     from rich import box
 
-    from .report.search import candidate_rows, original_row
+    from .report.search import TABLE_HEAD, candidate_rows, original_row
 
     score = result.original.get("score")
     t = Table(title=f"{result.original['name']} on {result.task['name']} ({result.task['examples']} examples"
@@ -587,10 +588,12 @@ def _print_search(result) -> None:
         t.add_column(col, justify="left" if i in (0, 5) else "right", no_wrap=i < 5, overflow="fold")
     orig = original_row(result)
     orig[0] = "original"
-    for r in [orig] + candidate_rows(result):
-        name = r[0] + (" *" if r[0] in front else "")
-        misses = "" if r[10] in ("yes", "") else r[10].replace("no: ", "")
-        t.add_row(name, r[1], r[4], r[7], r[8].replace("…", ".."), misses, style="green" if r[10] == "yes" else None)
+    for row in [orig] + candidate_rows(result):
+        r = dict(zip(TABLE_HEAD, row))  # by column name: a new report column shifts nothing here
+        name = r["candidate"] + (" *" if r["candidate"] in front else "")
+        misses = "" if r["meets"] in ("yes", "") else r["meets"].replace("no: ", "")
+        t.add_row(name, r["size MB"], r["ms/example"], r["change"], r["95% CI"].replace("…", ".."), misses,
+                  style="green" if r["meets"] == "yes" else None)
     console.print(t)
     console.print("* on the size-quality frontier")
     ok = result.recommendation is not None and result.recommendation.get("qualifies")

@@ -17,6 +17,7 @@ from .webpage import html_table, page
 
 TABLE_HEAD = ["candidate", "size MB", "x smaller", "memory MB", "ms/example", "ms/token", "score", "change",
               "95% CI", "slices past", "meets", "build s"]
+MEETS = TABLE_HEAD.index("meets")
 
 
 def _f(x, digits=1, scale=1.0, sign=False):
@@ -129,7 +130,7 @@ def to_html(result, inputs: dict[str, str]) -> str:
             '<h2>Frontiers</h2><div class="plots">' + "".join(svgs) + "</div>",
             "<h2>Candidates</h2>",
             html_table(TABLE_HEAD, [original_row(result)] + candidate_rows(result), numeric=range(1, 9),
-                        bad=lambda i, r: r[10].startswith("no") or r[10].startswith("error"))]
+                        bad=lambda i, r: r[MEETS].startswith(("no", "error")))]
     if result.skipped:
         body += ["<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(s['candidate'])}: {html.escape(s['reason'])}</li>"
                                                  for s in result.skipped) + "</ul>"]
