@@ -150,3 +150,13 @@ def test_save_refuses_to_clobber_other_folders(tmp_path):
     assert (tmp_path / "q" / "NOTES.md").read_text() == "mine"
     (tmp_path / "q" / "NOTES.md").unlink()
     assert shrink.load(tmp_path / "q") is not None
+
+
+def test_load_reads_what_load_model_reads(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "hf")  # a plain Hugging Face folder: no shrink.json
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(shrink.load(tmp_path / "hf")(ids).logits, shrink.load_model(tmp_path / "hf").model(ids).logits)
+    with pytest.raises(ShrinkError, match="is not a shrink folder"):  # a folder of nothing is still refused
+        (tmp_path / "empty").mkdir()
+        shrink.load(tmp_path / "empty")

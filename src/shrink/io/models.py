@@ -96,10 +96,17 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
-    """A compressed model as a module: a folder saved by shrink (see `saved.load`; `model` rebuilds a plain
-    PyTorch one), or another tool's quantized checkpoint (compressed-tensors pack-quantized, GPTQ) read
-    into shrink's layers. backend: the quantized layers' kernel backend (default: $SHRINK_BACKEND or auto)."""
+    """A model as a module: a folder saved by shrink (see `saved.load`; `model` rebuilds a plain PyTorch
+    one), another tool's quantized checkpoint (compressed-tensors pack-quantized, GPTQ) read into shrink's
+    layers, or anything `load_model` reads ("default", a .gguf file, a Hugging Face folder, a student
+    folder of `shrink distill`), whose tokenizer `load_model` also gives. backend: the quantized layers'
+    kernel backend (default: $SHRINK_BACKEND or auto)."""
     path = Path(directory)
+    if model is None and (str(directory).lower() in DEFAULT_NAMES or (path.is_file() and path.suffix.lower() == ".gguf") or (
+            path.is_dir() and not saved.is_shrink_folder(path) and
+            ((path / "config.json").is_file() or (path / "student.json").is_file()) and
+            not (_quantization_config(path) or (path / "quantize_config.json").is_file()))):
+        return load_model(directory).model
     if path.is_dir() and not saved.is_shrink_folder(path) and (path / "config.json").is_file() and \
             ((_quantization_config(path) or {}).get("quant_method") in OTHER_TOOLS or
              (path / "quantize_config.json").is_file()):
