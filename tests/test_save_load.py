@@ -160,3 +160,21 @@ def test_load_reads_what_load_model_reads(tmp_path):
     with pytest.raises(ShrinkError, match="is not a shrink folder"):  # a folder of nothing is still refused
         (tmp_path / "empty").mkdir()
         shrink.load(tmp_path / "empty")
+
+
+def test_info_says_what_was_done_to_a_model_and_to_a_folder(tmp_path):
+    model = shrink.quantize(tiny_llama(), {"model.layers.0.*": None, "*": "int8"}, progress=False)
+    rec = shrink.info(model)
+    assert rec.method == "rtn" and rec.formats["model.layers.1.mlp.up_proj"] == "int8"
+    assert "model.layers.0.mlp.up_proj" in rec.kept_full_precision
+    assert rec.layers["model.layers.1.mlp.up_proj"].method == "rtn" and 0 < rec.check["relative_error"] < 0.1
+    shrink.save(model, tmp_path / "q")
+    manifest = json.loads((tmp_path / "q" / "shrink.json").read_text())
+    from_folder = shrink.info(tmp_path / "q")
+    assert from_folder.to_dict() == shrink.info(shrink.load(tmp_path / "q")).to_dict() == {
+        "method": manifest["method"], "formats": {**{n: m["format"] for n, m in manifest["modules"].items()},
+                                                  **{n: None for n in manifest["kept_full_precision"]}},
+        "kept_full_precision": manifest["kept_full_precision"], "calibration": manifest["calibration"],
+        "check": manifest["check"], "source": manifest["source"],
+        "layers": {n: m["done"] for n, m in manifest["modules"].items()}}
+    assert from_folder.check == rec.check  # kept through save and load

@@ -8,17 +8,14 @@
     student, run = shrink.distill("default", "every-other", "text.txt", out="student/", steps=500)
     found = shrink.search("default", "task.jsonl", out="search/")  # the smallest model within tolerance
     shrink.export_gguf("out/", "out.gguf")        # llama.cpp's GGUF, codes copied exactly (Q4_0, Q8_0)
+    shrink.info(model)                            # what was done to it, per layer (as shrink.json says)
 """
 
 __version__ = "0.1.0"
 
-from .comparing import compare  # noqa: E402
-from .distilling import distill  # noqa: E402
-from .errors import ShrinkError  # noqa: E402
-from .io import load, load_model, save  # noqa: E402
-from .io.export import export_gguf  # noqa: E402
-from .quant import QuantLinear, QuantSpec, parse_format, quantize  # noqa: E402
-from .search import search  # noqa: E402
+from .api import (ModelRecord, ShrinkError, compare, distill, export_gguf, info, load, load_model,  # noqa: E402
+                  quantize, save, search)
+from .quant import QuantLinear, QuantSpec, parse_format  # noqa: E402
 
-__all__ = ["QuantLinear", "QuantSpec", "ShrinkError", "__version__", "compare", "distill", "export_gguf", "load", "load_model",
-           "parse_format", "quantize", "save", "search"]
+__all__ = ["ModelRecord", "QuantLinear", "QuantSpec", "ShrinkError", "__version__", "compare", "distill", "export_gguf",
+           "info", "load", "load_model", "parse_format", "quantize", "save", "search"]

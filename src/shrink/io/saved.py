@@ -23,7 +23,8 @@ from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
 from ..outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
-from ..quant.record import layers_done
+from ..quant.check import ForwardCheck
+from ..quant.record import record_of
 from ..quant.embedding import share_buffers
 from ..quant.replace import set_submodule
 from . import packformat
@@ -64,10 +65,9 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
                 modules[name]["input_order"] = True
             if isinstance(m, QuantLinear) and m.qweight.data_ptr() in tables:
                 modules[name]["tied_to"] = tables[m.qweight.data_ptr()]  # an output layer over the table's codes
-    done = layers_done(model, getattr(model, "shrink_method", None), getattr(model, "shrink_calibration", None))
-    for name, d in done.items():
+    record = record_of(model)
+    for name, d in record.layers.items():
         modules[name]["done"] = d.to_dict()
-    formats = getattr(model, "shrink_formats", {}) or {}
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     convs = any(isinstance(m, QuantConv2d) for m in model.modules())
     linear_in_architecture = not tables and not convs and \
@@ -78,12 +78,12 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "shrink_version": __version__,
         "kind": "transformers" if _is_hf(model) else "torch",
         "architecture": type(model).__name__,
-        "method": getattr(model, "shrink_method", None),
-        "source": source or getattr(model, "shrink_source", None) or {},
+        "method": record.method,
+        "source": source or record.source,
         "modules": modules,
-        "kept_full_precision": sorted(n for n, f in formats.items() if f is None),
-        "calibration": getattr(model, "shrink_calibration", None),
-        "check": check.to_dict() if (check := getattr(model, "shrink_check", None)) is not None else None,
+        "kept_full_precision": record.kept_full_precision,
+        "calibration": record.calibration,
+        "check": record.check,
         "layout": "pack-quantized" if linear_in_architecture else "shrink",
     }
 
@@ -266,6 +266,9 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     model.shrink_source = manifest.get("source")
     if manifest.get("calibration"):
         model.shrink_calibration = manifest["calibration"]
+    measured = manifest.get("check")
+    if measured and set(measured) == {"relative_error", "input", "skipped"}:
+        model.shrink_check = ForwardCheck(**measured)  # as quantize measured it, kept by a later save
     model.eval()
     return model
 

@@ -76,3 +76,40 @@ def summary_line(done: dict[str, LayerDone], asked: str | None) -> str | None:
         return None
     return "applied: " + ", ".join(f"{m} to {n} layer{'s' * (n != 1)}" for m, n in counts.most_common()) + \
         f" (asked: {asked}; shrink.json says why, per layer)"
+
+
+@dataclass
+class ModelRecord:
+    """What was done to a model, in one place: the method asked, the format of every layer planned (None:
+    kept in full precision), the calibration record, the forward check, where the model came from, and
+    per quantized layer what really produced its weights. The same content as shrink.json's fields of
+    those names; `shrink.info(model)` returns it."""
+
+    method: str | None = None
+    formats: dict[str, str | None] = field(default_factory=dict)
+    calibration: dict | None = None
+    check: dict | None = None
+    source: dict = field(default_factory=dict)
+    layers: dict[str, LayerDone] = field(default_factory=dict)
+
+    @property
+    def kept_full_precision(self) -> list[str]:
+        return sorted(n for n, f in self.formats.items() if f is None)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "formats": dict(self.formats), "kept_full_precision": self.kept_full_precision,
+                "calibration": self.calibration, "check": self.check, "source": dict(self.source),
+                "layers": {n: d.to_dict() for n, d in self.layers.items()}}
+
+
+def record_of(model: nn.Module) -> ModelRecord:
+    """The ModelRecord of a module as quantize (or a loader) left it; the one reader of the attributes
+    that carry it (shrink_method, shrink_formats, shrink_calibration, shrink_check, shrink_source)."""
+    method = getattr(model, "shrink_method", None)
+    calibration = getattr(model, "shrink_calibration", None)
+    check = getattr(model, "shrink_check", None)
+    if check is not None and not isinstance(check, dict):
+        check = check.to_dict()
+    return ModelRecord(method=method, formats=dict(getattr(model, "shrink_formats", None) or {}),
+                       calibration=calibration, check=check, source=dict(getattr(model, "shrink_source", None) or {}),
+                       layers=layers_done(model, method, calibration))

@@ -1,0 +1,39 @@
+"""The verbs, in one place: what `import shrink` gives. Each lives with the part that does the work;
+`info` is defined here because it reads a model or a folder alike."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from .comparing import compare
+from .distilling import distill
+from .errors import ShrinkError
+from .io import load, load_model, save
+from .io.export import export_gguf
+from .quant import quantize
+from .quant.record import LayerDone, ModelRecord, record_of
+from .search import search
+
+
+def info(model: nn.Module | str | os.PathLike) -> ModelRecord:
+    """What was done to a model: a module quantize (or a loader) returned, or a folder shrink saved (read
+    from its shrink.json, checked as loading checks it, without loading the weights)."""
+    if isinstance(model, nn.Module):
+        return record_of(model)
+    from .io.saved import check
+
+    manifest, _ = check(Path(model))
+    modules = manifest["modules"]
+    formats = {n: m["format"] for n, m in modules.items()}
+    formats.update({n: None for n in manifest.get("kept_full_precision", [])})
+    layers = {n: LayerDone(m["done"]["method"], list(m["done"].get("notes", []))) for n, m in modules.items()
+              if m.get("done")}
+    return ModelRecord(method=manifest.get("method"), formats=formats, calibration=manifest.get("calibration"),
+                       check=manifest.get("check"), source=manifest.get("source") or {}, layers=layers)
+
+
+__all__ = ["ModelRecord", "ShrinkError", "compare", "distill", "export_gguf", "info", "load", "load_model", "quantize",
+           "save", "search"]
