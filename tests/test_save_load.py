@@ -178,3 +178,16 @@ def test_info_says_what_was_done_to_a_model_and_to_a_folder(tmp_path):
         "check": manifest["check"], "source": manifest["source"],
         "layers": {n: m["done"] for n, m in manifest["modules"].items()}}
     assert from_folder.check == rec.check  # kept through save and load
+
+
+def test_save_takes_a_loaded_model_with_its_tokenizer(tmp_path):
+    from conftest import tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    loaded = shrink.load_model(tmp_path / "hf")
+    shrink.quantize(loaded.model, "int8", progress=False)
+    shrink.save(loaded, tmp_path / "q")
+    back = shrink.load_model(tmp_path / "q")
+    assert back.tokenizer is not None and back.tokenizer("the bank").input_ids == loaded.tokenizer("the bank").input_ids
+    assert shrink.info(tmp_path / "q").source == loaded.source

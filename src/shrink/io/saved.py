@@ -152,7 +152,10 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     all. shrink.json lists every file with its size and SHA-256, so `load` can verify them and a later save
     can tell the folder is shrink's own. An existing folder is replaced only with force=True (default
     False) and only if it is exactly what shrink saved; anything else there is never touched. Returns the
-    folder's path."""
+    folder's path. `model` may also be what `load_model` returns (a LoadedModel): its tokenizer and source
+    are then saved unless given."""
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        model, tokenizer, source = model.model, tokenizer or model.tokenizer, source or model.source
     directory = Path(directory)
     manifest = manifest_for(model, source)
     with claim(directory, "quantize", owned=is_own_folder, force=force), \
