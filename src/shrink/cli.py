@@ -12,6 +12,7 @@ from rich.table import Table
 
 from . import __version__
 from .distill import DistillConfig
+from .quant.recipe import METHODS
 from .errors import ShrinkError
 
 console = Console(stderr=False)
@@ -111,7 +112,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
                    "omit -gN for per-channel), optional -asym; or bf16/fp16.")
 @click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
               help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice(list(METHODS)), default="rtn", show_default=True,
               help="rtn: round to nearest (no data); gptq: error-compensating GPTQ; awq: activation-aware scaling "
                    "and clipping; awq+gptq: scaling, then GPTQ. All but rtn need --calibration.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -22,11 +22,11 @@ from .check import ForwardCheck, relative_error, run as run_forward, sample_inpu
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
+from .recipe import Recipe, parse_method
 from .replace import round_to_nearest, set_submodule
 from .rtn import check_weight
 from .spec import QuantSpec, parse_format
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 Spec = str | QuantSpec | Mapping[str, "str | QuantSpec | None"]
 
@@ -116,7 +116,7 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
     return result
 
 
-def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", calibration=None, tokenizer=None,
+def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe = "rtn", calibration=None, tokenizer=None,
              n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
              ladder: tuple[str, ...] | None = None, damp: float = 0.01, act_order: bool = True,
              tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None) -> nn.Module:
@@ -124,7 +124,8 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
 
     spec: a format string (default "int8") or a mapping of module-name globs to formats or None.
     method: "rtn" (round to nearest, default, no data needed), "gptq", "awq" (activation-aware scaling
-        and clipping), or "awq+gptq" (scaling, then GPTQ); all but rtn need `calibration`.
+        and clipping), or "awq+gptq" (scaling, then GPTQ), each calibrated one optionally "+tune[N]"
+        (block tuning, as tune_steps); or a `quant.recipe.Recipe`. All but rtn need `calibration`.
     calibration: a .txt or .jsonl path (needs `tokenizer`), or an iterable of tensors (token ids or
         model inputs); text is cut into `n_samples` (default 128) windows of `seq_len` (default 512) tokens.
     target_bits: instead of one format, choose one per layer from `ladder` (default int2-g32, int3-g32,
@@ -146,8 +147,10 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
     `model.shrink_check` holds the relative output error (or why the check was skipped); ValueError when
     the quantized model no longer runs, and when the plan quantizes no layer at all.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: available methods are {', '.join(METHODS)}")
+    recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps)
+    method, tune_steps = recipe.method, recipe.tune.steps if recipe.tune else 0
+    if recipe.gptq is not None:
+        damp, act_order = recipe.gptq.damp, recipe.gptq.act_order
     done = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, CastLinear))]
     if done:
         fmt = model.get_submodule(done[0]).spec.name
@@ -197,8 +200,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str = "rtn", cali
             _validate(model, assignment)
             record["target_bits"] = target_bits
             record["ladder"] = list(lad)
-        report = quantize_calibrated(model, assignment, data.samples, method, backend=backend, damp=damp,
-                                     act_order=act_order, tune_steps=tune_steps, progress=progress)
+        report = quantize_calibrated(model, assignment, data.samples, recipe, backend=backend, progress=progress)
         record["layers"] = report.layers
         record["warnings"] = report.warnings()
     else:

@@ -19,6 +19,7 @@ from .gptq import gptq_quantize
 from .layerwise import blockwise, call_model, collect_stats, first_output
 from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
+from .recipe import GPTQ, Recipe, parse_method
 from .replace import round_to_nearest, set_submodule
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
@@ -98,11 +99,12 @@ def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LA
     return errors, sizes
 
 
-def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None], samples, method: str,
+def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None], samples, method: str | Recipe,
                         backend: str | None = None, damp: float = 0.01, act_order: bool = True,
                         true_sequential: bool = False, tune_steps: int = 0, refit: bool = True,
                         progress: bool | None = None) -> CalibrationReport:
-    """Quantize `model` in place by `method` ("gptq", "awq", "awq+gptq" or "rtn") on `samples`.
+    """Quantize `model` in place by `method` on `samples`: a Recipe (whose GPTQ and tuning options then
+    replace the keyword ones below), or a method string as `recipe.parse_method` reads it.
 
     true_sequential: GPTQ takes each layer's Hessian from inputs that already pass through the
     quantized layers before it in the block (default False: all Hessians come from the block's
@@ -112,9 +114,17 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
     default True: it never raises a layer's output error and costs little).
     tune_steps: then tune each block's scales and norm weights against its full-precision output
     (tune.tune_block) on at most this many calibration inputs (default 0: off)."""
-    report = CalibrationReport(method=method)
-    use_awq = method.startswith("awq")
-    use_gptq = method.endswith("gptq")
+    if not isinstance(method, Recipe):
+        method = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps)
+        if method.gptq is not None:
+            method = Recipe(method.awq, GPTQ(damp, act_order, true_sequential, refit), method.tune)
+    recipe = method
+    report = CalibrationReport(method=recipe.method)
+    use_awq, use_gptq = recipe.awq is not None, recipe.gptq is not None
+    if use_gptq:
+        damp, act_order = recipe.gptq.damp, recipe.gptq.act_order
+        true_sequential, refit = recipe.gptq.true_sequential, recipe.gptq.refit
+    tune_steps = recipe.tune.steps if recipe.tune else 0
 
     def visit(prefix, block, inputs):
         names = _linear_names(block, prefix, assignment)

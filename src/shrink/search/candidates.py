@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from ..quant import parse_format, quantize
+from ..quant import parse_format, parse_method, quantize
+from ..quant.recipe import DEFAULT_TUNE_STEPS
 
 METHODS_CALIBRATED = ("gptq", "awq", "awq+gptq", "gptq+tune", "awq+gptq+tune")
-TUNE_STEPS = 32  # block tuning steps of the "+tune" methods (shrink.quantize's tune_steps)
+TUNE_STEPS = DEFAULT_TUNE_STEPS  # block tuning steps of the "+tune" methods (shrink.quantize's tune_steps)
 RTN_FORMATS = ("int8", "int4-g32", "int4-g64", "int3-g32", "int2-g32")
 CALIBRATED_FORMATS = ("int4-g32", "int4-g64", "int3-g32", "int2-g32")
 MIXED_BITS = (6.0, 4.5, 3.5)
@@ -136,9 +137,7 @@ def build(c: Candidate, original: nn.Module, *, students: dict[str, nn.Module], 
         if calibration is None:
             raise ValueError(f"candidate {c.name}: needs calibration data")
         kw = dict(calibration=calibration, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len)
-    method = c.method
-    if method.endswith("+tune"):  # the calibrated method, then block tuning
-        method, kw["tune_steps"] = method[:-len("+tune")], TUNE_STEPS
+    method = parse_method(c.method)  # "+tune" adds block tuning (TUNE_STEPS)
     if c.target_bits is not None:
         return quantize(model, "int4-g64", method=method, target_bits=c.target_bits, progress=progress, **kw)
     return quantize(model, c.format, method=method, progress=progress, **kw)

@@ -1,0 +1,80 @@
+"""Quantization methods as objects: a recipe of steps applied per block, parsed once from the strings the
+CLI and the search use ("rtn", "gptq", "awq", "awq+gptq", each optionally "+tune" or "+tuneN")."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")  # the base methods; shrink.json's "method" is one of them
+DEFAULT_TUNE_STEPS = 32  # "+tune" without a count
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """Activation-aware scaling of each layer's inputs, folded into what feeds them (checked), and a search
+    of each group's clipping range when GPTQ does not follow."""
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ: Hessian of the layer's inputs with dampening `damp` (a fraction of its mean diagonal),
+    activation order (`act_order`, groups kept static), Hessians from the block's full-precision run unless
+    `true_sequential`, and group scales re-solved for the chosen codes after (`refit`)."""
+
+    damp: float = 0.01
+    act_order: bool = True
+    true_sequential: bool = False
+    refit: bool = True
+
+
+@dataclass(frozen=True)
+class Tune:
+    """Block tuning after the method: each block's fp16 scales and norm weights (codes fixed), `steps`
+    Adam steps against the full-precision block's output."""
+
+    steps: int = DEFAULT_TUNE_STEPS
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The steps of a quantization: round-to-nearest alone when all are None."""
+
+    awq: AWQ | None = None
+    gptq: GPTQ | None = None
+    tune: Tune | None = None
+
+    @property
+    def method(self) -> str:
+        """The base method's name (one of METHODS)."""
+        return "+".join(n for n, s in (("awq", self.awq), ("gptq", self.gptq)) if s is not None) or "rtn"
+
+    @property
+    def name(self) -> str:
+        """The recipe as a string parse_method reads back ("awq+gptq+tune32")."""
+        return self.method + (f"+tune{self.tune.steps}" if self.tune else "")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn" or self.tune is not None
+
+
+def parse_method(method: str | Recipe, *, damp: float = 0.01, act_order: bool = True, tune_steps: int = 0) -> Recipe:
+    """The Recipe of a method string (or a Recipe, returned as is): one of METHODS, optionally followed by
+    "+tune" (DEFAULT_TUNE_STEPS steps) or "+tuneN". damp and act_order configure GPTQ; tune_steps > 0 adds
+    tuning to a string without it. ValueError naming the methods for anything else."""
+    if isinstance(method, Recipe):
+        return method
+    m = re.fullmatch(r"(rtn|gptq|awq|awq\+gptq)(?:\+tune(\d*))?", method) if isinstance(method, str) else None
+    if m is None:
+        raise ValueError(f"unknown method {method!r}: available methods are {', '.join(METHODS)} "
+                         "(a calibrated one may end in +tune or +tuneN)")
+    base, tune = m.group(1), m.group(2)
+    if tune is not None and base == "rtn":
+        raise ValueError(f"method {method!r}: tuning needs a calibrated method (gptq, awq, awq+gptq)")
+    steps = (int(tune) if tune else DEFAULT_TUNE_STEPS) if tune is not None else tune_steps
+    if tune is not None and tune_steps and tune_steps != steps:
+        raise ValueError(f"method {method!r} and tune_steps={tune_steps} disagree; give the steps once")
+    return Recipe(awq=AWQ() if base.startswith("awq") else None,
+                  gptq=GPTQ(damp=damp, act_order=act_order) if base.endswith("gptq") else None,
+                  tune=Tune(steps) if steps else None)
