@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .linear import NO_U8, PackedRows, apply_keeping_dtypes
+from .linear import PackedRows, apply_keeping_dtypes
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
@@ -93,12 +93,7 @@ class QuantConv2d(PackedRows):
     def weight(self) -> torch.Tensor:
         """The float32 kernel [out, in/groups, kh, kw], dequantized on every access (what the forward
         convolves with; also for models whose code reads it, as ViT's patch embedding reads its dtype)."""
-        if self._native():
-            w = kernels.native.load().dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else NO_U8,
-                                                 self.zero_const, self.spec.bits, self.spec.group_for(self.in_features),
-                                                 self.in_features)
-        else:
-            w = self.dequantized_weight()
+        w = kernels.dequantize(self, native_kernel=self._native())
         return w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def _native(self) -> bool:

@@ -17,16 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)
 from .packing import pack, packed_width
 from .rtn import QuantizedWeight, quantize_weight, symmetric_zero
 from .spec import QuantSpec, parse_format
-
-
-# From this many rows on (prompt processing, large batches) a float GEMM on weights dequantized by the
-# kernel beats integer dot products on this class of CPU (measured crossover: 32 to 64 rows).
-LARGE_BATCH = 64
-NO_U8 = torch.empty(0, dtype=torch.uint8)  # "no zero points" / "no bias" for the kernel
-NO_F32 = torch.empty(0, dtype=torch.float32)
 
 
 class PackedRows(nn.Module):
@@ -150,21 +144,7 @@ class QuantLinear(PackedRows):
             x2 = x2.index_select(1, self.input_order)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
-        native = x2.is_cpu and self.uses_native()  # on GPUs the PyTorch path runs
-        ext = kernels.native.load() if native else None
-        if native and x2.shape[0] >= LARGE_BATCH:
-            w = ext.dequantize(self.qweight, self.scales, self.zeros if self.zeros is not None else NO_U8,
-                                        self.zero_const, self.spec.bits, self._group, self.in_features)
-            y = F.linear(x2, w, self.bias)
-        elif native:
-            y = ext.qlinear(
-                x2, self.qweight, self.scales, self.zeros if self.zeros is not None else NO_U8,
-                self.zero_const, self.bias if self.bias is not None else NO_F32,
-                self.spec.bits, self._group,
-            )
-        else:
-            y = kernels.reference.dequant_linear(x2, self.qweight, self.scales, self.zeros,
-                                                 self.zero_const, self.bias, self.spec.bits, self.in_features)
+        y = kernels.qlinear(x2, self, native_kernel=x2.is_cpu and self.uses_native())  # on GPUs: PyTorch
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -1,15 +1,26 @@
-"""Matrix-multiply backends behind QuantLinear.
+"""Matrix-multiply backends behind the packed layers, behind two entries: `qlinear(x, layer)` and
+`dequantize(layer)`, which choose between them.
 
 `native`: the compiled AVX2 kernel (int8 activations per block of 32, integer dot products), used
 when it builds on this machine and the layer's shapes suit it (input size and group size multiples
-of 32). `torch`: dequantize and `F.linear`, always available and exact for the stored weights.
+of 32). `torch` (`reference`): dequantize and `F.linear`, always available and exact for the stored
+weights.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+import torch.nn.functional as F
+
 from . import native, reference
+
+# From this many rows on (prompt processing, large batches) a float GEMM on weights dequantized by the
+# kernel beats integer dot products on this class of CPU (measured crossover: 32 to 64 rows).
+LARGE_BATCH = 64
+_NO_U8 = torch.empty(0, dtype=torch.uint8)  # the extension's "no zero points" / "no bias"
+_NO_F32 = torch.empty(0, dtype=torch.float32)
 
 BACKENDS = ("auto", "native", "torch")
 
@@ -27,4 +38,30 @@ def native_supports(in_features: int, group_size: int) -> bool:
     return in_features % 32 == 0 and group_size % 32 == 0 and in_features // group_size <= 1024
 
 
-__all__ = ["BACKENDS", "default_backend", "native", "native_supports", "reference"]
+def dequantize(layer, native_kernel: bool) -> torch.Tensor:
+    """The float32 weight [rows, in_features] of a packed layer (qweight, scales, zeros, zero_const, spec,
+    in_features), by the compiled kernel when `native_kernel`, else in PyTorch: the same values."""
+    if not native_kernel:
+        return reference.dequant_weight(layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.spec.bits,
+                                        layer.in_features)
+    return native.load().dequantize(layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros,
+                                    layer.zero_const, layer.spec.bits, layer.spec.group_for(layer.in_features),
+                                    layer.in_features)
+
+
+def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
+    """x [rows, in_features] (float32, contiguous) times a packed layer's weight, plus its bias. With
+    `native_kernel`: the integer kernel below LARGE_BATCH rows, a float GEMM on the weight it dequantizes
+    from there on; without: dequantize in PyTorch and `F.linear`."""
+    if not native_kernel:
+        return reference.dequant_linear(x, layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.bias,
+                                        layer.spec.bits, layer.in_features)
+    if x.shape[0] >= LARGE_BATCH:
+        return F.linear(x, dequantize(layer, True), layer.bias)
+    return native.load().qlinear(x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros,
+                                 layer.zero_const, _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits,
+                                 layer.spec.group_for(layer.in_features))
+
+
+__all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "native", "native_supports", "qlinear",
+           "reference"]
