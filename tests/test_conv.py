@@ -7,7 +7,8 @@ import torch
 
 import shrink
 from shrink.quant import QuantConv2d, size_rows
-from shrink.quant.rtn import dequantize, quantize_weight
+from shrink.quant.format import dequantize
+from shrink.quant.rtn import quantize_weight
 
 
 class SmallCNN(torch.nn.Module):

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 import shrink
 from conftest import tiny_llama
 from shrink.quant import QuantEmbedding, QuantLinear
-from shrink.quant.rtn import dequantize, quantize_weight
+from shrink.quant.format import dequantize
+from shrink.quant.rtn import quantize_weight
 
 IDS = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from shrink.quant.rtn import dequantize, quantize_weight
+from shrink.quant.format import dequantize
+from shrink.quant.rtn import quantize_weight
 from shrink.quant.spec import parse_format
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import ShrinkError
 from ..quant import QuantLinear, QuantSpec
-from ..quant.rtn import QuantizedWeight
+from ..quant.format import QuantizedWeight
 from ..quant.spec import GROUP_SIZES
 
 BITS = (2, 4, 8)  # bit widths whose codes tile an int32 word (3-bit GPTQ codes straddle words)

@@ -24,7 +24,7 @@ from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
 from .recipe import Recipe, parse_method
 from .replace import round_to_nearest, set_submodule
-from .rtn import check_weight
+from .format import check_weight
 from .spec import QuantSpec, parse_format
 
 

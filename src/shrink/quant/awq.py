@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .rtn import codes_for, group_params
+from .format import codes_for, group_params
 from .spec import QuantSpec
 
 # (module producing the input, Linear layers sharing that input), by the names Llama-style decoder

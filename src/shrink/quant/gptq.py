@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rtn import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
+from .format import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
 from .spec import QuantSpec
 
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 down to 0.6
@@ -164,7 +164,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 s, z = scales[:, grp], zeros[:, grp]
                 safe_s = torch.where(s == 0, torch.ones_like(s), s)
             x = w1[:, i]
-            c = torch.clamp(torch.round(x / safe_s) + z, 0, levels)  # as rtn.codes_for rounds
+            c = torch.clamp(torch.round(x / safe_s) + z, 0, levels)  # as format.codes_for rounds
             codes[:, col] = c
             e = (x - (c - z) * s) / hinv1[i, i]
             w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)

@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .format import QuantizedWeight, symmetric_zero
 from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)
 from .packing import pack, packed_width
-from .rtn import QuantizedWeight, quantize_weight, symmetric_zero
+from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
 

@@ -1,83 +1,12 @@
-"""Round-to-nearest quantization of one weight matrix into codes, scales and zero points.
-
-A weight is `scale[g] * (code - zero[g])`. Symmetric formats below 8 bits use the whole code range,
-as llama.cpp's Q4_0 does: the weight of largest magnitude in a group maps to the most negative code,
-so 4 bits give 16 levels rather than 15. Asymmetric formats span [min(w, 0), max(w, 0)] of the group.
-Scales are stored in fp16, and codes are computed against the rounded fp16 scale so that storage
-adds no error of its own.
-"""
+"""Round-to-nearest quantization of one weight matrix into codes, scales and zero points (the grid is
+format.py's: fp16 scales, the whole code range of symmetric formats)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .format import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
 from .spec import QuantSpec
-
-
-@dataclass
-class QuantizedWeight:
-    """Unpacked result of quantizing a [out, in] weight: codes [out, in] uint8, scales [out, groups]
-    fp16, zeros [out, groups] uint8 or None for symmetric formats (whose zero is `zero_const`)."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-    zero_const: int
-
-
-def symmetric_zero(bits: int) -> int:
-    """The implicit zero point of a symmetric format: codes are stored offset by half the range."""
-    return 1 << (bits - 1)
-
-
-def check_weight(weight: torch.Tensor, spec: QuantSpec, name: str) -> None:
-    """Raise ValueError, naming the layer, for weights a format cannot hold."""
-    if weight.dim() != 2:
-        raise ValueError(f"layer {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"layer {name!r}: weight has {bad} NaN or infinite values; cannot quantize")
-    k = weight.shape[1]
-    g = spec.group_for(k)
-    if k % g:
-        raise ValueError(
-            f"layer {name!r}: group size {g} of format {spec.name} does not divide its input size {k}; "
-            f"choose a group size that divides {k} or keep this layer in full precision"
-        )
-
-
-def group_params(wg: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0, name: str = "<weight>"):
-    """Scales (fp32 values exactly representable in fp16) and zero points for groups of weights.
-
-    wg: [..., group] float32. clip: factor (scalar or [...] tensor) shrinking the range before the scale
-    is computed (1.0: no clipping). Returns (scale [...], zero [...] float, zero for symmetric formats is
-    the constant offset).
-    """
-    levels = (1 << spec.bits) - 1
-    if spec.symmetric:
-        zero = torch.full(wg.shape[:-1], float(symmetric_zero(spec.bits)))
-        if spec.bits == 8:
-            scale = wg.abs().amax(-1) / 127.0
-        else:
-            # Signed value of largest magnitude maps to code 0, i.e. -2**(bits-1) after the offset.
-            idx = wg.abs().argmax(-1, keepdim=True)
-            scale = wg.gather(-1, idx).squeeze(-1) / -float(symmetric_zero(spec.bits))
-        scale = _to_fp16(scale * clip, name)
-    else:
-        lo = wg.amin(-1).clamp(max=0) * clip
-        hi = wg.amax(-1).clamp(min=0) * clip
-        scale = _to_fp16((hi - lo) / levels, name)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.clamp(torch.round(-lo / safe), 0, levels)
-    return scale, zero
-
-
-def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round `w` to codes on the grid scale * (code - zero); shapes broadcast. Float codes."""
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(torch.round(w / safe) + zero, 0, (1 << bits) - 1)
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>",
@@ -99,19 +28,3 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>
         zeros=None if spec.symmetric else zero.to(torch.uint8),
         zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
     )
-
-
-def _to_fp16(scale: torch.Tensor, name: str) -> torch.Tensor:
-    s16 = scale.to(torch.float16)
-    if not torch.isfinite(s16).all():
-        raise ValueError(f"layer {name!r}: weights too large for fp16 scales (max |w| = {scale.abs().max():.3g})")
-    return s16.to(torch.float32)
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero_const: int) -> torch.Tensor:
-    """Weights in float32 from codes [out, in], scales [out, groups] and zeros (or the constant zero)."""
-    n, k = codes.shape
-    groups = scales.shape[1]
-    z = zeros.to(torch.float32).unsqueeze(-1) if zeros is not None else float(zero_const)
-    w = (codes.reshape(n, groups, k // groups).to(torch.float32) - z) * scales.to(torch.float32).unsqueeze(-1)
-    return w.reshape(n, k)

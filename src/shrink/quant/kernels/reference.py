@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import BLOCK, unpack
-from ..rtn import dequantize
+from ..format import dequantize
 
 
 def dequant_weight(qweight, scales, zeros, zero_const: int, bits: int, in_features: int) -> torch.Tensor:
