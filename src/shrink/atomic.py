@@ -80,13 +80,19 @@ def atomic_dir(target: str | Path, replaceable=lambda p: False):
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=".old"))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_in(src: Path, target: Path) -> None:
+    """Make folder `src` the new `target`: an existing one is moved aside first (to a temporary that a dead
+    process's successor removes) and deleted only once the new one is in place."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=".old"))
+        os.replace(target, old / "x")
+        os.replace(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, target)

@@ -90,9 +90,18 @@ class Comparison:
     def to_dict(self) -> dict:
         return finite(asdict(self))
 
+    def allowed_drop(self) -> float:
+        """The loss of overall score allowed, in points (the tolerance, or its share of the original's score)."""
+        return allowed_drop(self.tolerance, self.relative, self.overall.original)
+
     @property
     def flips(self) -> list[ExampleResult]:
         return [e for e in self.examples if e.flip]
+
+
+def allowed_drop(tolerance: float, relative: bool, original_score: float) -> float:
+    """The loss of score allowed, in points: `tolerance` itself, or that percentage of the original's score."""
+    return tolerance / 100 * abs(original_score) if relative else tolerance
 
 
 def finite(obj):
@@ -300,7 +309,7 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     relative = relative and not perplexity  # perplexity changes are percentages already
 
     def allowed(s: SliceResult) -> float:
-        return tolerance / 100 * abs(s.original) if relative else tolerance
+        return allowed_drop(tolerance, relative, s.original)
 
     tol_text = (f"{tolerance:g}% of perplexity" if perplexity else
                 f"{tolerance:g}% of the original score, relative = {allowed(overall):.2f} points overall" if relative

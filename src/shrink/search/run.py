@@ -24,7 +24,7 @@ from pathlib import Path
 import torch.nn as nn
 from rich.console import Console
 
-from ..atomic import write_json, write_text
+from ..atomic import swap_in, write_json, write_text
 from ..distill.cache import model_fingerprint
 from ..errors import ShrinkError
 from ..evaluate import compare as compare_models
@@ -120,14 +120,6 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _promote(src: Path, dst: Path) -> None:
-    """Make folder `src` the new `dst` (the previous one removed only after the new one is in place)."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def min_possible_bytes(model: nn.Module) -> int:
@@ -298,7 +290,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
             finally:
                 if shipped is not None:
                     target.runtime.close()
-            allowed = con.max_drop / 100 * abs(comp.overall.original) if comp.relative else con.max_drop
+            allowed = comp.allowed_drop()  # compared with tolerance=max_drop
             if original_info["latency_example"] is None:
                 original_info["latency_example"] = comp.original["seconds_per_example"]
                 original_info["score"] = comp.overall.original
@@ -325,7 +317,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
             durations.append(record["seconds"] - (sum(v[1] for v in cache.values()) - original_before))  # less the original's once-only run
             if recommend(results, con.objective, con.latency_per) is record:
                 write_json(staging / "candidate.json", record)
-                _promote(staging, out / "best")
+                swap_in(staging, out / "best")
                 if shipped is not None:
                     os.replace(shipped, out / "best.gguf")
             shutil.rmtree(staging, ignore_errors=True)
@@ -411,7 +403,7 @@ def _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq
     shutil.rmtree(staging, ignore_errors=True)
     disk_bytes(model, staging, tok)
     write_json(staging / "candidate.json", best)
-    _promote(staging, out / "best")
+    swap_in(staging, out / "best")
     if runtime == "llama.cpp":
         from ..io import LoadedModel
         from ..io.export import export_gguf, source_gguf_of
