@@ -132,7 +132,7 @@ def bart():
 
 
 def test_both_stacks_of_an_encoder_decoder_are_calibrated(tmp_path):
-    from shrink.quant.layerwise import find_stacks
+    from shrink.blocks import find_stacks
 
     assert [n for n, _ in find_stacks(bart())] == ["model.encoder.layers", "model.decoder.layers"]
     model = shrink.quantize(bart(), "int4-g32", method="gptq", calibration=CALIBRATION, backend="torch",

@@ -8,6 +8,7 @@ import re
 
 import torch.nn as nn
 
+from ..blocks import find_stacks
 from ..errors import ShrinkError
 
 # MLP projections by architecture: (rows sliced when narrowing: gate/up or BERT's intermediate; columns sliced: down/output)
@@ -18,16 +19,12 @@ _MLP_NAMES = (
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(name, ModuleList) of a Hugging Face transformer's config.num_hidden_layers layers."""
+    """(name, ModuleList) of a Hugging Face transformer's stack of config.num_hidden_layers blocks."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n and len({type(c) for c in m}) == 1:
-            if best is None or len(name) < len(best[0]):
-                best = (name, m)
-    if best is None:
+    stacks = [(name, m) for name, m in find_stacks(model, min_blocks=1) if len(m) == n]
+    if not stacks:
         raise ShrinkError(f"{type(model).__name__}: cannot find its list of {n} transformer layers to take a subset of")
-    return best
+    return stacks[0]
 
 
 def parse_layers(keep: str | int | list[int], n: int) -> list[int]:

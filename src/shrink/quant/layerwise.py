@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from ..blocks import find_stacks
 from tqdm.auto import tqdm
 
 
@@ -29,32 +31,6 @@ class LinearStats:
     tokens: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)  # a few input rows, float32
     sampled: int = 0
-
-
-def _size(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
-
-
-def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The model's stacks of repeated blocks, in the order they are defined (an encoder before its
-    decoder): ModuleLists of two or more modules of one type holding Linear layers, none inside another,
-    each at least a tenth of the largest (small lists elsewhere, such as heads, are not stacks)."""
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1 and \
-                any(isinstance(x, nn.Linear) for x in m.modules()):
-            found.append((name, m))
-    found = [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
-    if not found:
-        return []
-    largest = max(_size(m) for _, m in found)
-    return [(n, m) for n, m in found if _size(m) * 10 >= largest]
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The name and ModuleList of the model's largest stack of repeated blocks, or None when it has none."""
-    stacks = find_stacks(model)
-    return max(stacks, key=lambda nm: _size(nm[1])) if stacks else None
 
 
 class _Stop(Exception):
