@@ -1,4 +1,5 @@
-"""Reading the user's text files (calibration text, training text): .txt as one text, .jsonl one per line."""
+"""Reading the user's text files (calibration text, training text): .txt as one text, .jsonl one per line;
+and cutting texts into windows of tokens, the same way for calibration and for distillation."""
 
 from __future__ import annotations
 
@@ -51,3 +52,22 @@ def read_texts(path: str | Path, what: str = "text file") -> list[str]:
     if not texts:
         raise ShrinkError(f"{path}: {what} is empty")
     return texts
+
+
+def token_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | None = None):
+    """(windows [n, seq_len] int64, tokens in all): each text tokenized on its own (no special tokens),
+    joined with the tokenizer's end-of-sequence token between texts (its id, never its spelling, which a
+    tokenizer may split), and cut into windows of seq_len tokens; the remainder is dropped, and at most
+    max_windows are kept."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for i, t in enumerate(texts):
+        if i and eos is not None:
+            ids.append(eos)
+        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return torch.tensor(ids[:n * seq_len], dtype=torch.long).reshape(n, seq_len), len(ids)

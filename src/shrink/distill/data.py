@@ -17,7 +17,7 @@ import torch
 
 from ..arrays import read_arrays
 from ..errors import ShrinkError
-from ..texts import read_texts  # noqa: F401  (part of this module's interface)
+from ..texts import read_texts, token_windows  # noqa: F401  (read_texts: part of this module's interface)
 
 
 @dataclass
@@ -111,18 +111,9 @@ def pack_text(texts: list[str], tokenizer, seq_len: int = 256, eval_fraction: fl
               source: str = "<text>", max_sequences: int | None = None) -> DistillData:
     """Tokenize, join documents with the end-of-sequence token, and cut into sequences of seq_len tokens
     (the remainder is dropped). The last eval_fraction of sequences is held out."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
-        if eos is not None:
-            ids.append(eos)
-    n = len(ids) // seq_len
-    if max_sequences is not None:
-        n = min(n, max_sequences)
-    if n < 2:
-        raise ShrinkError(f"{source}: {len(ids)} tokens make fewer than two sequences of {seq_len}")
-    x = torch.tensor(ids[:n * seq_len], dtype=torch.long).reshape(n, seq_len)
+    x, total = token_windows(texts, tokenizer, seq_len, max_sequences)
+    if len(x) < 2:
+        raise ShrinkError(f"{source}: {total} tokens make fewer than two sequences of {seq_len}")
     return _split(x, None, eval_fraction, source, "text")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ShrinkError
-from ..texts import read_texts
+from ..texts import read_texts, token_windows
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
@@ -48,16 +48,14 @@ def from_file(path: str | Path, tokenizer, model=None, n_samples: int = DEFAULT_
         raise ShrinkError(f"{path}: a tokenizer is needed to read text calibration data")
     if model is not None:
         check_tokenizer(tokenizer, model, str(path))
-    texts = read_texts(path, "calibration file")
-    eos = tokenizer.eos_token or ""
-    ids = tokenizer(eos.join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if len(ids) < seq_len:
-        raise ShrinkError(f"{path}: {len(ids)} tokens, shorter than one calibration sequence of {seq_len}")
-    n = min(n_samples, len(ids) // seq_len)
-    samples = [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(n)]
+    windows, total = token_windows(read_texts(path, "calibration file"), tokenizer, seq_len, n_samples)
+    if not len(windows):
+        raise ShrinkError(f"{path}: {total} tokens, shorter than one calibration sequence of {seq_len}")
+    n = len(windows)
+    samples = [w.unsqueeze(0) for w in windows]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     record = {"source": str(path), "sha256": digest, "samples": n, "seq_len": seq_len,
-              "tokens_used": [0, n * seq_len], "tokens_in_file": int(len(ids))}
+              "tokens_used": [0, n * seq_len], "tokens_in_file": int(total)}
     return CalibrationData(samples, record)
 
 
