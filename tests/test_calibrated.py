@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import shrink
-from conftest import tiny_llama, tiny_tokenizer, word_text
+from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.errors import ShrinkError
 from shrink.quant import QuantLinear
 from shrink.quant.awq import fold_scale, scale_groups, search_clip, search_scale

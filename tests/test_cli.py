@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 import shrink
-from conftest import tiny_llama
+from helpers import tiny_llama
 from shrink.cli import main
 
 
@@ -88,14 +88,14 @@ def test_help_states_defaults():
 
 @pytest.fixture
 def hf_folder_with_tokenizer(hf_folder):
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(hf_folder)
     return hf_folder
 
 
 def test_calibrated_quantize_cli(hf_folder_with_tokenizer, tmp_path):
-    from conftest import word_text
+    from helpers import word_text
 
     calib = tmp_path / "calib.txt"
     calib.write_text(word_text(600))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import tiny_llama, tiny_tokenizer, word_text
+from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.distill import (DistillConfig, distill, from_tensors, pack_text, parameter_count, soft_target_loss,
                             student_from_spec, student_from_teacher, topk_soft_target_loss)
 from shrink.distill.losses import distillation_loss, hidden_state_loss

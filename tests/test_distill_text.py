@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, T5Config, T5ForConditionalGeneration
 
 import shrink
-from conftest import WORDS, tiny_tokenizer, widen, word_text
+from helpers import WORDS, tiny_tokenizer, widen, word_text
 from shrink.distill import (DistillConfig, distill, evaluate, labelled_text, read_labelled, sentence_data,
                             student_from_teacher)
 from shrink.distill.data import PAD, split_padded

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import shrink
-from conftest import tiny_llama
+from helpers import tiny_llama
 from shrink.quant import QuantEmbedding, QuantLinear
 from shrink.quant.format import dequantize
 from shrink.quant.rtn import quantize_weight

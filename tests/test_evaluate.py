@@ -8,7 +8,7 @@ import torch
 from scipy import stats as sps
 
 import shrink
-from conftest import tiny_llama, tiny_tokenizer, word_text
+from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.errors import ShrinkError
 from shrink.evaluate import compare, load_task
 from shrink.evaluate.scorers import contains, exact, last_number, numeric, regex

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import shrink
-from conftest import WORDS, widen, word_text
+from helpers import WORDS, widen, word_text
 from shrink.io.export import export_gguf
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import shrink
-from conftest import widen
+from helpers import widen
 from shrink.quant import QuantLinear
 
 
@@ -65,7 +65,7 @@ def test_gpt2_conv1d_layers_kept_in_full_precision_stay_conv1d(tmp_path):
 
 
 def test_gpt2_is_compared_as_the_causal_language_model_it_is(tmp_path):
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
     from shrink.evaluate.adapters import CausalLMAdapter, adapter_for
 
     tok = tiny_tokenizer()
@@ -90,7 +90,7 @@ def gemma(seed: int = 0):
 
 
 def test_awq_folds_are_checked_numerically_and_gemmas_norm_folds_into_one_plus_w():
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     for make, norm_form in ((tiny_llama, "into model.layers.0.input_layernorm, checked"),
                             (gemma, "into model.layers.0.input_layernorm as x * (1 + w), checked")):
@@ -105,7 +105,7 @@ def test_awq_folds_are_checked_numerically_and_gemmas_norm_folds_into_one_plus_w
 
 def test_a_fold_that_would_change_the_model_is_not_applied_and_is_reported():
     """A norm of another form (here x * w^2): neither fold is exact; the check catches it and undoes it."""
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     model = tiny_llama()
     norm = model.model.layers[1].post_attention_layernorm
@@ -175,7 +175,7 @@ def test_t5_which_reads_its_layers_weight_runs_quantized(tmp_path):
 
 @pytest.mark.parametrize("make", [bart, t5], ids=["bart", "t5"])
 def test_encoder_decoders_are_compared_on_generation_and_choice_tasks(tmp_path, make):
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
     from shrink.evaluate.adapters import Seq2SeqAdapter, adapter_for
 
     tok = tiny_tokenizer()

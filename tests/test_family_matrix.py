@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 import shrink
-from conftest import tiny_llama, widen
+from helpers import tiny_llama, widen
 from test_families import bart, gemma, gpt2, t5
 
 D = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shrink
-from conftest import MLP, tiny_llama
+from helpers import MLP, tiny_llama
 
 
 def test_the_output_error_is_measured_recorded_and_ordered_by_width(tmp_path):

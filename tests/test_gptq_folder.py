@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import shrink
-from conftest import tiny_llama
+from helpers import tiny_llama
 from shrink.quant import QuantLinear
 
 

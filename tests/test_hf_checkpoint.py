@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import shrink
-from conftest import tiny_llama
+from helpers import tiny_llama
 from shrink.quant import QuantLinear
 
 MIXED = {"model.layers.0.*": "int2-g32", "*.mlp.*": "int8-g64", "*": "int4-g16"}

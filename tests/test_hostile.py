@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import shrink
-from conftest import tiny_llama, tiny_tokenizer, word_text
+from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.cli import main
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import shrink
-from conftest import tiny_llama
+from helpers import tiny_llama
 from shrink.quant import CastLinear, QuantLinear, output_layer_name, plan, size_rows
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import shrink
-from conftest import tiny_llama
+from helpers import tiny_llama
 from shrink.quant import AWQ, GPTQ, Recipe, Tune, parse_method
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import shrink
-from conftest import tiny_llama, tiny_tokenizer, word_text
+from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.cli import main
 from test_evaluate import _tensor_task, _write
 

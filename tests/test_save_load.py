@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import shrink
-from conftest import MLP, tiny_llama
+from helpers import MLP, tiny_llama
 from shrink.errors import ShrinkError
 from shrink.quant import QuantLinear
 
@@ -181,7 +181,7 @@ def test_info_says_what_was_done_to_a_model_and_to_a_folder(tmp_path):
 
 
 def test_save_takes_a_loaded_model_with_its_tokenizer(tmp_path):
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     tiny_llama().save_pretrained(tmp_path / "hf")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")

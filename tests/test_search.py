@@ -235,7 +235,7 @@ def test_candidate_order_puts_cheap_first():
 def test_cli_search_on_a_tiny_language_model(tmp_path):
     from click.testing import CliRunner
 
-    from conftest import tiny_llama, tiny_tokenizer, word_text
+    from helpers import tiny_llama, tiny_tokenizer, word_text
     from shrink.cli import main
 
     tok, m = tiny_tokenizer(), tiny_llama()
@@ -291,7 +291,7 @@ def test_constraints_as_keywords(tmp_path):
 def test_search_with_distilled_students(tmp_path):
     """--distill: a student is trained once (resumable under DIR/students/), measured as trained and
     quantized; a resumed search loads the trained student instead of training it again."""
-    from conftest import tiny_llama, tiny_tokenizer, word_text
+    from helpers import tiny_llama, tiny_tokenizer, word_text
 
     tok, m = tiny_tokenizer(), tiny_llama()
     task = tmp_path / "t.jsonl"
@@ -332,7 +332,7 @@ def test_parse_duration():
 
 
 def test_tuned_methods_build_with_block_tuning():
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     from shrink.search.candidates import METHODS_CALIBRATED, TUNE_STEPS, build
 
