@@ -24,3 +24,10 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     rules out (probability 0) add nothing, even where q is -inf there too."""
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden states [batch, positions, width] over the positions `mask` [batch, positions] keeps:
+    a sentence encoder's embedding of each text (before normalising)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(-2) / m.sum(-2)

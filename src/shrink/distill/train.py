@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
-from ..outputs import kl_divergence, main_output
+from ..outputs import kl_divergence, main_output, mean_pool
 from .data import DistillData, split_padded
 from .layerfit import layer_fit_loss, spans
 from .losses import distillation_loss, embedding_loss, hidden_state_loss
@@ -158,8 +158,7 @@ def _forward(model, x, kind: str, hidden: bool):
         states = out.hidden_states if hidden else None
         if kind == "labelled":
             return out.logits, states
-        m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-        return (out.last_hidden_state * m).sum(1) / m.sum(1), states
+        return mean_pool(out.last_hidden_state, mask), states
     out = model(x)
     return main_output(out), None
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ShrinkError
 from ..kinds import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
-from ..outputs import main_output
+from ..outputs import main_output, mean_pool
 from .scorers import checked_score, score_generation
 from .tasks import Example, Task
 
@@ -270,9 +270,8 @@ class EncoderAdapter(_TextAdapter):
     @torch.no_grad()
     def embed(self, text: str) -> torch.Tensor:
         enc = self.tok(text, return_tensors="pt", truncation=True)
-        h = self.model(**enc).last_hidden_state[0].float()
-        mask = enc["attention_mask"][0].unsqueeze(1).float()
-        return F.normalize((h * mask).sum(0) / mask.sum(), dim=0)
+        h = self.model(**enc).last_hidden_state.float()
+        return F.normalize(mean_pool(h, enc["attention_mask"])[0], dim=0)
 
     def run(self, example, task, ids=None, scorer=None):
         labels = task.labels()
