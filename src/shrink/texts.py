@@ -21,6 +21,18 @@ def read_utf8(path: Path, what: str = "file") -> str:
         raise ShrinkError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
 
+def json_lines(path: Path, raw: str):
+    """(line number, parsed value) of each non-empty line of a JSON Lines text read from `path`; invalid
+    JSON is a ShrinkError naming the file and line."""
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+
+
 def read_texts(path: str | Path, what: str = "text file") -> list[str]:
     """Texts of a .txt file (one text) or a .jsonl file (one per line: "text", or "input" and optional
     "target" joined); errors name the file and line, and call the file `what`."""
@@ -33,13 +45,7 @@ def read_texts(path: str | Path, what: str = "text file") -> list[str]:
             raise ShrinkError(f"{path}: {what} is empty")
         return [raw]
     texts = []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+    for i, obj in json_lines(path, raw):
         if not isinstance(obj, dict):
             raise ShrinkError(f"{path}:{i}: expected a JSON object with a \"text\" or \"input\" field")
         if isinstance(obj.get("text"), str):

@@ -120,22 +120,14 @@ def pack_text(texts: list[str], tokenizer, seq_len: int = 256, eval_fraction: fl
 def read_labelled(path: str | os.PathLike) -> list[tuple[str, object, int]]:
     """(text, label, line) of a .jsonl file with one {"input" or "text": ..., "label": ...} per line (a
     classification task file is one); errors name the file and line."""
-    import json
-
-    from ..texts import read_utf8
+    from ..texts import json_lines, read_utf8
 
     path = Path(path)
     if path.suffix.lower() != ".jsonl":
         raise ShrinkError(f"{path}: a sequence classifier learns from labelled examples: a .jsonl file with "
                           '{"input": "...", "label": "..."} per line')
     rows = []
-    for i, line in enumerate(read_utf8(path, "training data").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+    for i, obj in json_lines(path, read_utf8(path, "training data")):
         text = obj.get("input", obj.get("text")) if isinstance(obj, dict) else None
         if not isinstance(text, str) or "label" not in obj:
             raise ShrinkError(f'{path}:{i}: expected {{"input": "...", "label": ...}} (text and its label)')
