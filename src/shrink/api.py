@@ -14,7 +14,7 @@ from .errors import ShrinkError
 from .io import load, load_model, save
 from .io.export import export_gguf
 from .quant import quantize
-from .quant.record import LayerDone, ModelRecord, record_of
+from .quant.record import ModelRecord, record_of
 from .search import search
 
 
@@ -23,16 +23,9 @@ def info(model: nn.Module | str | os.PathLike) -> ModelRecord:
     from its shrink.json, checked as loading checks it, without loading the weights)."""
     if isinstance(model, nn.Module):
         return record_of(model)
-    from .io.saved import check
+    from .io.saved import check, record_from_manifest
 
-    manifest, _ = check(Path(model))
-    modules = manifest["modules"]
-    formats = {n: m["format"] for n, m in modules.items()}
-    formats.update({n: None for n in manifest.get("kept_full_precision", [])})
-    layers = {n: LayerDone(m["done"]["method"], list(m["done"].get("notes", []))) for n, m in modules.items()
-              if m.get("done")}
-    return ModelRecord(method=manifest.get("method"), formats=formats, calibration=manifest.get("calibration"),
-                       check=manifest.get("check"), source=manifest.get("source") or {}, layers=layers)
+    return record_from_manifest(check(Path(model))[0])
 
 
 __all__ = ["ModelRecord", "ShrinkError", "compare", "distill", "export_gguf", "info", "load", "load_model", "quantize",

@@ -24,7 +24,7 @@ from ..errors import ShrinkError
 from ..outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.check import ForwardCheck
-from ..quant.record import record_of
+from ..quant.record import LayerDone, ModelRecord, record_of
 from ..quant.embedding import share_buffers
 from ..quant.replace import set_submodule
 from . import packformat
@@ -263,17 +263,27 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     _load_state(model, state, weights)
     for head, table in tied.items():
         share_buffers(model.get_submodule(head), model.get_submodule(table))
-    model.shrink_formats = {n: i["format"] for n, i in manifest["modules"].items()}
-    model.shrink_formats.update({n: None for n in manifest.get("kept_full_precision", [])})
-    model.shrink_method = manifest.get("method")
+    record = record_from_manifest(manifest)
+    model.shrink_formats = record.formats
+    model.shrink_method = record.method
     model.shrink_source = manifest.get("source")
-    if manifest.get("calibration"):
-        model.shrink_calibration = manifest["calibration"]
-    measured = manifest.get("check")
-    if measured and set(measured) == {"relative_error", "input", "skipped"}:
-        model.shrink_check = ForwardCheck(**measured)  # as quantize measured it, kept by a later save
+    if record.calibration:
+        model.shrink_calibration = record.calibration
+    if record.check and set(record.check) == {"relative_error", "input", "skipped"}:
+        model.shrink_check = ForwardCheck(**record.check)  # as quantize measured it, kept by a later save
     model.eval()
     return model
+
+
+def record_from_manifest(manifest: dict) -> ModelRecord:
+    """The ModelRecord a (checked) shrink.json holds: what `shrink.info` of a folder returns."""
+    modules = manifest["modules"]
+    formats = {n: m["format"] for n, m in modules.items()}
+    formats.update({n: None for n in manifest.get("kept_full_precision", [])})
+    layers = {n: LayerDone(m["done"]["method"], list(m["done"].get("notes", []))) for n, m in modules.items()
+              if m.get("done")}
+    return ModelRecord(method=manifest.get("method"), formats=formats, calibration=manifest.get("calibration"),
+                       check=manifest.get("check"), source=manifest.get("source") or {}, layers=layers)
 
 
 def _check_state_shapes(model: nn.Module, header: dict, weights: Path) -> None:
