@@ -41,13 +41,14 @@ class DistillData:
     @property
     def padded(self) -> bool:
         """Whether inputs are texts of unequal length, right-padded with PAD (see `split_padded`)."""
-        return self.kind in ("labelled", "sentences")
+        return self.kind in PADDED_KINDS
 
     def units_per_example(self) -> int:
         return int(self.train_x.shape[1]) if self.kind == "text" else 1
 
 
 PAD = -1  # texts of unequal length are right-padded with -1, never a token id, so the padding is its own mask
+PADDED_KINDS = ("labelled", "sentences")  # the kinds whose inputs are padded so
 
 
 def split_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,11 @@ def _fingerprint(*tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def _split(x, y, eval_fraction: float, source: str, kind: str) -> DistillData:
+def _split(x, y, eval_fraction: float, source: str, kind: str, shuffle_seed: int | None = None) -> DistillData:
+    """Hold out the last eval_fraction, after one shuffle with a fixed seed (None: keep the order)."""
+    if shuffle_seed is not None:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
+        x, y = x[perm], None if y is None else y[perm]
     n = len(x)
     n_eval = max(1, int(round(n * eval_fraction))) if eval_fraction > 0 else 0
     if n - n_eval < 1:
@@ -84,10 +89,7 @@ def from_tensors(x: torch.Tensor, y: torch.Tensor, eval_fraction: float = 0.1, s
         raise ShrinkError(f"{source}: {len(x)} inputs but {len(y)} labels")
     if len(x) == 0:
         raise ShrinkError(f"{source}: no examples")
-    if shuffle_seed is not None:
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
-        x, y = x[perm], y[perm]
-    return _split(x.float() if x.is_floating_point() else x, y.long(), eval_fraction, source, "tensor")
+    return _split(x.float() if x.is_floating_point() else x, y.long(), eval_fraction, source, "tensor", shuffle_seed)
 
 
 def load_tensor_file(path: str | os.PathLike, eval_fraction: float = 0.1) -> DistillData:
@@ -170,9 +172,7 @@ def labelled_text(rows: list[tuple[str, object, int]], tokenizer, labels: list[s
             raise ShrinkError(f"{source}:{line}: label {label!r} is not one of the model's labels {labels} "
                               "(config.id2label); use those names or integer class ids")
     x = _pad(_encode([r[0] for r in rows], tokenizer, max_len))
-    y = torch.tensor(ys, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
-    return _split(x[perm], y[perm], eval_fraction, source, "labelled")
+    return _split(x, torch.tensor(ys, dtype=torch.long), eval_fraction, source, "labelled", shuffle_seed)
 
 
 def sentence_data(texts: list[str], tokenizer, max_len: int = 256, eval_fraction: float = 0.1,
@@ -181,6 +181,4 @@ def sentence_data(texts: list[str], tokenizer, max_len: int = 256, eval_fraction
     shuffled once with a fixed seed before the last eval_fraction is held out."""
     if len(texts) < 2:
         raise ShrinkError(f"{source}: an encoder learns from many texts (one per line of a .jsonl file); got {len(texts)}")
-    x = _pad(_encode(texts, tokenizer, max_len))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
-    return _split(x[perm], None, eval_fraction, source, "sentences")
+    return _split(_pad(_encode(texts, tokenizer, max_len)), None, eval_fraction, source, "sentences", shuffle_seed)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_dir, write_json
 from ..errors import ShrinkError
 from ..outputs import kl_divergence, main_output, mean_pool
-from .data import DistillData, split_padded
+from .data import PADDED_KINDS, DistillData, split_padded
 from .layerfit import layer_fit_loss, spans
 from .losses import distillation_loss, embedding_loss, hidden_state_loss
 
@@ -152,7 +152,7 @@ def _forward(model, x, kind: str, hidden: bool):
     if kind == "text":
         out = model(x, use_cache=False, output_hidden_states=hidden)
         return out.logits[:, :-1], (out.hidden_states if hidden else None)
-    if kind in ("labelled", "sentences"):
+    if kind in PADDED_KINDS:
         ids, mask = split_padded(x)
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
         states = out.hidden_states if hidden else None
@@ -165,7 +165,7 @@ def _forward(model, x, kind: str, hidden: bool):
 
 def _token_mask(x, kind: str):
     """Which positions of hidden states are real tokens (None: all of them)."""
-    return split_padded(x)[1].bool() if kind in ("labelled", "sentences") else None
+    return split_padded(x)[1].bool() if kind in PADDED_KINDS else None
 
 
 def _selection(metrics: dict) -> float:

@@ -103,8 +103,7 @@ class QuantConv2d(PackedRows):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 kernel, flattened to [out, in/groups * kh * kw]."""
-        return kernels.reference.dequant_weight(self.qweight, self.scales, self.zeros, self.zero_const,
-                                                self.spec.bits, self.in_features)
+        return kernels.dequantize(self, native_kernel=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._conv_forward is not None:
