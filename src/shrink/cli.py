@@ -569,8 +569,9 @@ def _demo_calibration() -> Path | None:
 
     path = cache_dir() / "demo" / "calibration_bbc_business_200-399.txt"
     if not path.is_file():
-        folder = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data" / "business"
-        files = sorted(folder.glob("*.txt"))[200:400]
+        from .bundled import bbc_files
+
+        files = bbc_files("business")[200:400]
         write_text(path, "\n\n".join(f.read_text(errors="ignore").strip() for f in files))
     return path
 
