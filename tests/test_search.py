@@ -9,7 +9,7 @@ import torch
 
 import shrink
 from shrink.errors import ShrinkError
-from shrink.search import (Candidate, Constraints, judge, order, pareto, parse_latency, parse_size,
+from shrink.search import (Candidate, CandidateResult, Constraints, judge, order, pareto, parse_latency, parse_size,
                            quantization_candidates, recommend)
 from shrink.search import run as search_run
 
@@ -197,8 +197,8 @@ def test_parse_latency():
 
 
 def _rec(name, size, change, ci_low, lat=0.01, within=True):
-    return {"candidate": {"name": name}, "status": "done", "size_bytes": size, "change": change, "ci_low": ci_low,
-            "within": within, "latency_example": lat, "latency_token": None}
+    return CandidateResult(Candidate(name), "done", size_bytes=size, change=change, ci_low=ci_low, within=within,
+                           latency_example=lat, latency_token=None)
 
 
 def test_judge_rank_and_pareto_on_constructed_results():
@@ -347,3 +347,24 @@ def test_tuned_methods_build_with_block_tuning():
     assert "tune_error_after" in rec["layers"]["model.layers.0"]
     plain = build(Candidate("awq+gptq:int4-g32", "awq+gptq", "int4-g32"), base, students={}, calibration=calib)
     assert "tune_steps" not in plain.shrink_calibration
+
+
+def test_result_records_keep_the_results_file_byte_for_byte():
+    # a line as results.jsonl held it before the records were typed: read and written back unchanged
+    line = ('{"candidate": {"name": "awq+gptq:int4-g32", "method": "awq+gptq", "format": "int4-g32", "target_bits": null, '
+            '"student": null}, "status": "done", "score": 62.5, "original_score": 65.0, "change": -2.5, "ci_low": -6.1, '
+            '"ci_high": 0.4, "within": true, "verdict": "within", "slices_past": [], "slices": {"hard": -5.0}, '
+            '"size_bytes": 101, "memory_bytes": 202, "latency_example": 0.25, "latency_token": 0.02, "broke": ["q3"], '
+            '"fixed": [], "kl_mean": 0.01, "errors": 0, "build_seconds": 3.5, "seconds": 9.25, '
+            '"original_latency_example": 0.3, "allowed": 1.0, "quality_ok": false, "miss": {"quality": 5.1}, '
+            '"qualifies": false}')
+    r = CandidateResult.from_json(json.loads(line))
+    assert r.name == "awq+gptq:int4-g32" and r.candidate.method == "awq+gptq" and r.miss == {"quality": 5.1}
+    assert not r.quality_ok and r.judgement.allowed == 1.0 and r["slices"] == {"hard": -5.0}
+    assert json.dumps(r.to_json()) == line
+    error = '{"candidate": {"name": "rtn:int8", "method": "rtn", "format": "int8", "target_bits": null, "student": null}, ' \
+            '"status": "error", "error": "RuntimeError: boom"}'
+    assert json.dumps(CandidateResult.from_json(json.loads(error)).to_json()) == error
+    # judged again under other constraints: a new record; the one judged before is unchanged
+    again = judge(r, Constraints(max_drop=10), 10.0)
+    assert again.qualifies and again.miss == {} and not r.qualifies

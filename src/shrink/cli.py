@@ -581,10 +581,10 @@ def _print_search(result) -> None:
 
     from .report.search import TABLE_HEAD, candidate_rows, original_row
 
-    score = result.original.get("score")
-    t = Table(title=f"{result.original['name']} on {result.task['name']} ({result.task['examples']} examples"
+    score = result.original.score
+    t = Table(title=f"{result.original.name} on {result.task.name} ({result.task.examples} examples"
                     + (f", original score {score:.1f})" if score is not None else ")"), box=box.SIMPLE_HEAD)
-    front = {r["candidate"]["name"] for r in result.frontier("size_bytes")}
+    front = {r.name for r in result.frontier("size_bytes")}
     # 80 columns: the full table (x smaller, memory, ms/token, slices) is in the report
     for i, col in enumerate(("candidate", "MB", "ms/ex", "change", "95% CI", "misses")):
         t.add_column(col, justify="left" if i in (0, 5) else "right", no_wrap=i < 5, overflow="fold")
@@ -598,7 +598,7 @@ def _print_search(result) -> None:
                   style="green" if r["meets"] == "yes" else None)
     console.print(t)
     console.print("* on the size-quality frontier")
-    ok = result.recommendation is not None and result.recommendation.get("qualifies")
+    ok = result.recommendation is not None and result.recommendation.qualifies
     console.print(f"[bold {'green' if ok else 'red'}]{result.line}[/]")
     if result.recommendation is not None:
         console.print(f"model: {Path(result.out) / 'best'} (load it with shrink.load)")

@@ -29,38 +29,38 @@ def _f(x, digits=1, scale=1.0, sign=False):
 def candidate_rows(result) -> list[list[str]]:
     """One row per finished candidate, smallest first."""
     rows = []
-    orig = result.original["size_bytes"]
-    done = sorted((r for r in result.results if r.get("status") == "done"), key=lambda r: r["size_bytes"])
+    orig = result.original.size_bytes
+    done = sorted((r for r in result.results if r.done), key=lambda r: r.size_bytes)
     for r in done:
-        meets = "yes" if r["qualifies"] else "no: " + ", ".join(r["miss"])
-        rows.append([r["candidate"]["name"], _f(r["size_bytes"], 1, 1e-6), f"{orig / r['size_bytes']:.2f}",
-                     _f(r["memory_bytes"], 1, 1e-6), _f(r["latency_example"], 0, 1e3), _f(r["latency_token"], 1, 1e3),
-                     _f(r["score"]), _f(r["change"], sign=True), f"{r['ci_low']:+.1f}…{r['ci_high']:+.1f}",
-                     ", ".join(r["slices_past"]) or "–", meets, _f(r["build_seconds"], 0)])
+        meets = "yes" if r.qualifies else "no: " + ", ".join(r.miss)
+        rows.append([r.name, _f(r.size_bytes, 1, 1e-6), f"{orig / r.size_bytes:.2f}",
+                     _f(r.memory_bytes, 1, 1e-6), _f(r.latency_example, 0, 1e3), _f(r.latency_token, 1, 1e3),
+                     _f(r.score), _f(r.change, sign=True), f"{r.ci_low:+.1f}…{r.ci_high:+.1f}",
+                     ", ".join(r.slices_past) or "–", meets, _f(r.build_seconds, 0)])
     for r in result.results:
-        if r.get("status") == "error":
-            rows.append([r["candidate"]["name"]] + ["–"] * 9 + ["error: " + r["error"][:120], "–"])
+        if not r.done:
+            rows.append([r.name] + ["–"] * 9 + ["error: " + r.error[:120], "–"])
     return rows
 
 
 def original_row(result) -> list[str]:
     o = result.original
-    return [f"{o['name']} (original)", _f(o["size_bytes"], 1, 1e-6), "1.00", _f(o["memory_bytes"], 1, 1e-6),
-            _f(o.get("latency_example"), 0, 1e3), _f(o.get("latency_token"), 1, 1e3), _f(o.get("score")), "", "", "", "", ""]
+    return [f"{o.name} (original)", _f(o.size_bytes, 1, 1e-6), "1.00", _f(o.memory_bytes, 1, 1e-6),
+            _f(o.latency_example, 0, 1e3), _f(o.latency_token, 1, 1e3), _f(o.score), "", "", "", "", ""]
 
 
 def broke_first(result, inputs: dict[str, str], limit: int = 20) -> list[list[str]]:
     """Examples that went right to wrong, those that broke in the widest (largest) candidate first:
     id, input, the widest candidate it broke in, its size, and in how many of the candidates it broke."""
-    done = sorted((r for r in result.results if r.get("status") == "done"), key=lambda r: -r["size_bytes"])
-    first: dict[str, dict] = {}
+    done = sorted((r for r in result.results if r.done), key=lambda r: -r.size_bytes)
+    first: dict = {}
     count: dict[str, int] = {}
     for r in done:
-        for i in r.get("broke", []):
+        for i in r.broke:
             first.setdefault(i, r)
             count[i] = count.get(i, 0) + 1
-    order = sorted(first, key=lambda i: (-first[i]["size_bytes"], -count[i]))
-    return [[i, inputs.get(i, ""), first[i]["candidate"]["name"], _f(first[i]["size_bytes"], 1, 1e-6),
+    order = sorted(first, key=lambda i: (-first[i].size_bytes, -count[i]))
+    return [[i, inputs.get(i, ""), first[i].name, _f(first[i].size_bytes, 1, 1e-6),
              f"{count[i]} of {len(done)}"] for i in order[:limit]]
 
 
@@ -68,28 +68,28 @@ BROKE_HEAD = ["id", "input", "first broke in", "at MB", "broke in"]
 
 
 def _front_svg(result, cost: str, label: str, allowed: float | None, unit: str, prefix: str) -> str | None:
-    done = [r for r in result.results if r.get("status") == "done" and r.get(cost) is not None]
+    done = [r for r in result.results if r.done and r.cost(cost) is not None]
     if not done:
         return None
-    names = {r["candidate"]["name"] for r in result.frontier(cost)}
+    names = {r.name for r in result.frontier(cost)}
     scale = 1e-6 if cost == "size_bytes" else 1e3
-    svg = plots.frontier([r[cost] * scale for r in done], [r["change"] for r in done],
-                         [r["candidate"]["name"] for r in done], [r["qualifies"] for r in done],
-                         [r["candidate"]["name"] in names for r in done], label, allowed, unit=unit)
+    svg = plots.frontier([r.cost(cost) * scale for r in done], [r.change for r in done],
+                         [r.name for r in done], [r.qualifies for r in done],
+                         [r.name in names for r in done], label, allowed, unit=unit)
     return plots.strip_ids(svg, prefix)
 
 
 def _allowed(result) -> float | None:
     """The tolerance in the task's unit, as the search judged it (None before any candidate finished)."""
-    return next((r["allowed"] for r in result.results if r.get("status") == "done"), None)
+    return next((r.judgement.allowed for r in result.results if r.done and r.judgement), None)
 
 
 def _header(result) -> str:
     t = result.task
-    return (f"Task {t['name']} ({t['kind']}, {t['examples']} examples, {t['source'] or 'built in'}); "
-            f"{len([r for r in result.results if r.get('status') == 'done'])} candidates measured, "
+    return (f"Task {t.name} ({t.kind}, {t.examples} examples, {t.source or 'built in'}); "
+            f"{len([r for r in result.results if r.done])} candidates measured, "
             f"{len(result.skipped)} skipped, {len(result.untried)} left for lack of budget; measuring took "
-            f"{sum(r.get('seconds', 0) for r in result.results) / 60:.1f} min (this run {result.seconds / 60:.1f} min)."
+            f"{sum(r.seconds or 0 for r in result.results) / 60:.1f} min (this run {result.seconds / 60:.1f} min)."
             + (" Each candidate was exported to GGUF and judged in llama.cpp (sizes are the GGUF files; the "
                "recommended one is best.gguf)." if getattr(result, "runtime", "shrink") == "llama.cpp" else ""))
 
@@ -100,13 +100,13 @@ def to_markdown(result, inputs: dict[str, str]) -> str:
         esc = [[str(x).replace("|", "\\|").replace("\n", " ") for x in r] for r in rows]
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in esc])
 
-    verdict = [f"Its comparison: {result.recommendation['verdict']}", ""] if result.recommendation else []
-    parts = [f"# Search: {result.original['name']}", "", f"**{result.line}**", "", *verdict, _header(result), "",
+    verdict = [f"Its comparison: {result.recommendation.verdict}", ""] if result.recommendation else []
+    parts = [f"# Search: {result.original.name}", "", f"**{result.line}**", "", *verdict, _header(result), "",
              "## Candidates", "", table(TABLE_HEAD, [original_row(result)] + candidate_rows(result)), "",
-             "Frontier (size): " + ", ".join(r["candidate"]["name"] for r in result.frontier("size_bytes")), "",
-             "Frontier (latency): " + ", ".join(r["candidate"]["name"] for r in result.frontier("latency_example")), ""]
+             "Frontier (size): " + ", ".join(r.name for r in result.frontier("size_bytes")), "",
+             "Frontier (latency): " + ", ".join(r.name for r in result.frontier("latency_example")), ""]
     if result.skipped:
-        parts += ["## Skipped", ""] + [f"- {s['candidate']}: {s['reason']}" for s in result.skipped] + [""]
+        parts += ["## Skipped", ""] + [f"- {s.candidate}: {s.reason}" for s in result.skipped] + [""]
     if result.untried:
         parts += ["## Not tried (budget spent)", "", ", ".join(result.untried), ""]
     rows = broke_first(result, inputs)
@@ -118,21 +118,21 @@ def to_markdown(result, inputs: dict[str, str]) -> str:
 def to_html(result, inputs: dict[str, str]) -> str:
     """The search report as one self-contained HTML page with inline SVG plots."""
     allowed = _allowed(result)
-    unit = "% perplexity" if result.task["kind"] == "perplexity" else "points"
+    unit = "% perplexity" if result.task.kind == "perplexity" else "points"
     svgs = [s for s in (_front_svg(result, "size_bytes", "size on disk (MB)", allowed, unit, "f1"),
                         _front_svg(result, "latency_example", "latency (ms per example)", allowed, unit, "f2")) if s]
-    ok = result.recommendation is not None and result.recommendation.get("qualifies")
-    title = f"Search: {result.original['name']}"
+    ok = result.recommendation is not None and result.recommendation.qualifies
+    title = f"Search: {result.original.name}"
     body = [f"<h1>{html.escape(title)}</h1>",
             f'<p class="verdict {"ok" if ok else "past"}">{html.escape(result.line)}</p>',
-            (f'<p>Its comparison: {html.escape(result.recommendation["verdict"])}</p>' if result.recommendation else ""),
+            (f'<p>Its comparison: {html.escape(result.recommendation.verdict)}</p>' if result.recommendation else ""),
             f'<p class="muted">{html.escape(_header(result))}</p>',
             '<h2>Frontiers</h2><div class="plots">' + "".join(svgs) + "</div>",
             "<h2>Candidates</h2>",
             html_table(TABLE_HEAD, [original_row(result)] + candidate_rows(result), numeric=range(1, 9),
                         bad=lambda i, r: r[MEETS].startswith(("no", "error")))]
     if result.skipped:
-        body += ["<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(s['candidate'])}: {html.escape(s['reason'])}</li>"
+        body += ["<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(s.candidate)}: {html.escape(s.reason)}</li>"
                                                  for s in result.skipped) + "</ul>"]
     if result.untried:
         body += [f"<h2>Not tried (budget spent)</h2><p>{html.escape(', '.join(result.untried))}</p>"]

@@ -100,24 +100,23 @@ def order(candidates: list[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=key)
 
 
-def skip_reason(c: Candidate, done: list[dict], objective: str) -> str | None:
-    """Why `c` need not be measured, given the finished results, or None.
+def skip_reason(c: Candidate, done: list, objective: str) -> str | None:
+    """Why `c` need not be measured, given the finished results (`CandidateResult`s), or None.
 
     - a wider candidate of its direction already failed the quality bar;
     - its student failed the quality bar (a quantized student cannot do better than the student);
     - optimising size, a candidate that qualified is already no wider than this one would be.
     """
     for r in done:
-        if r.get("status") != "done" or r["quality_ok"]:
+        if not r.done or r.quality_ok:
             continue
-        rc = Candidate.from_dict(r["candidate"])
+        rc = r.candidate
         if rc.direction == c.direction and rc.bits >= c.bits:
             return f"{rc.name} already failed the quality bar"
         if c.student and rc.student == c.student and rc.method is None and c.method is not None:
             return f"its student {rc.name} already failed the quality bar"
     if objective == "size" and not c.student:
-        qualifying_bits = [Candidate.from_dict(r["candidate"]).bits for r in done
-                           if r.get("status") == "done" and r["qualifies"] and not r["candidate"].get("student")]
+        qualifying_bits = [r.candidate.bits for r in done if r.done and r.qualifies and not r.candidate.student]
         if qualifying_bits and min(qualifying_bits) <= c.bits:
             return f"a qualifying candidate of {min(qualifying_bits):.2f} bits per weight is already no wider"
     return None

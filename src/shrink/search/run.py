@@ -35,6 +35,7 @@ from ..io import load_model, resolve
 from ..io.manifest import read_json
 from ..outdir import claim
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
+from .records import CandidateResult, Original, Skipped, TaskSummary
 from .constraints import Constraints, human_bytes
 from .frontier import explain, judge, pareto, recommend
 from .measure import disk_bytes, memory_bytes, seconds_per_token
@@ -47,31 +48,34 @@ OUT_NAMES = (CONFIG, RESULTS, "students", "best", "best.gguf", "report.html", "r
 
 @dataclass
 class SearchResult:
-    """What a search found: the original's measurements, every finished candidate (dicts as in
-    results.jsonl), those skipped or left for lack of budget, the recommendation and its line."""
+    """What a search found: the original's measurements, every finished candidate, those skipped or left
+    for lack of budget, the recommendation and its line. `to_dict()` is results.json."""
 
-    original: dict
-    results: list[dict]
-    skipped: list[dict] = field(default_factory=list)
+    original: Original
+    results: list[CandidateResult]
+    skipped: list[Skipped] = field(default_factory=list)
     untried: list[str] = field(default_factory=list)
-    recommendation: dict | None = None
+    recommendation: CandidateResult | None = None
     line: str = ""
-    constraints: dict = field(default_factory=dict)
-    task: dict = field(default_factory=dict)
+    constraints: dict = field(default_factory=dict)  # Constraints.to_dict(), as search.json stores it
+    task: TaskSummary | None = None
     out: str | None = None
     seconds: float = 0.0
     runtime: str = "shrink"  # what judged the candidates: shrink's model, or its GGUF export in llama.cpp
 
-    def frontier(self, cost: str = "size_bytes") -> list[dict]:
+    def frontier(self, cost: str = "size_bytes") -> list[CandidateResult]:
         """Pareto frontier of quality against `cost` ("size_bytes", "latency_example", "latency_token")."""
         return pareto(self.results, cost)
 
     def to_dict(self) -> dict:
-        return finite({"recommendation": self.recommendation, "line": self.line, "constraints": self.constraints,
-                "task": self.task, "original": self.original, "results": self.results, "skipped": self.skipped,
-                "untried": self.untried, "runtime": self.runtime, "frontier_size": [r["candidate"]["name"] for r in self.frontier("size_bytes")],
-                "frontier_latency": [r["candidate"]["name"] for r in self.frontier("latency_example")],
-                "seconds": self.seconds})
+        return finite({"recommendation": self.recommendation.to_json() if self.recommendation else None,
+                       "line": self.line, "constraints": self.constraints,
+                       "task": self.task.to_json() if self.task else {}, "original": self.original.to_json(),
+                       "results": [r.to_json() for r in self.results], "skipped": [s.to_json() for s in self.skipped],
+                       "untried": self.untried, "runtime": self.runtime,
+                       "frontier_size": [r.name for r in self.frontier("size_bytes")],
+                       "frontier_latency": [r.name for r in self.frontier("latency_example")],
+                       "seconds": self.seconds})
 
 
 def task_fingerprint(task: Task) -> str:
@@ -84,7 +88,7 @@ def task_fingerprint(task: Task) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_results(path: Path) -> list[dict]:
+def _read_results(path: Path) -> list[CandidateResult]:
     """Finished candidates from results.jsonl; a last line cut short by a crash is dropped."""
     if not path.is_file():
         return []
@@ -108,18 +112,19 @@ def _read_results(path: Path) -> list[dict]:
             print(f"note: {path}:{i + 1}: {cand['name']} measured twice; keeping the first", file=sys.stderr)
             continue
         seen.add(cand["name"])
-        out.append(record)
+        try:
+            out.append(CandidateResult.from_json(record))
+        except (TypeError, ValueError) as e:
+            raise ShrinkError(f"{path}:{i + 1}: not a search result ({e}); the results file is damaged") from None
     return out
 
 
-def _append(path: Path, record: dict) -> None:
+def _append(path: Path, record: CandidateResult) -> None:
     """One line per candidate, flushed to disk before the next candidate starts."""
     with open(path, "a") as f:
-        f.write(json.dumps(finite(record)) + "\n")
+        f.write(json.dumps(finite(record.to_json())) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
 
 
 def min_possible_bytes(model: nn.Module) -> int:
@@ -127,6 +132,18 @@ def min_possible_bytes(model: nn.Module) -> int:
     else (embeddings, norms, the output layer) as it is."""
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return int(memory_bytes(model) - 4 * linear + linear * 2.5 / 8)
+
+
+@dataclass
+class _Recipe:
+    """How candidates are built: calibration data and windows, students' training data and time."""
+
+    calibration: object = None
+    n_samples: int = 32
+    seq_len: int = 512
+    distill_data: object = None
+    distill_seconds: float = 600.0
+    distill_options: dict = field(default_factory=dict)
 
 
 def search(model, task=None, constraints: Constraints | None = None, *, out: str | os.PathLike,
@@ -163,10 +180,10 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         raise ShrinkError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     if runtime == "llama.cpp" and available():
         raise ShrinkError(available())
+    if constraint_options and constraints is not None:
+        raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
     with claim(out, "search", OUT_NAMES, force=force, resume=resume):
         t_start = time.perf_counter()
-        if constraint_options and constraints is not None:
-            raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
         con = constraints or Constraints.of(**constraint_options)
         console = console or Console(quiet=progress is False)
         out = Path(out)
@@ -177,174 +194,225 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         adapter_for(original, tok, None, max_new_tokens).check_task(task)  # a task this model cannot run: say so now
         if con.latency_per == "token" and con.max_latency is not None and tok is None:
             raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
-        if candidates is None:
-            candidates = quantization_candidates(calibration=calibration is not None, methods=methods)
-            if distill_data is not None:
-                candidates += student_candidates(students)
-        candidates = order(candidates)
-        if len({c.name for c in candidates}) != len(candidates):
-            raise ShrinkError("candidate names must be unique")
-        if any(c.needs_calibration for c in candidates) and calibration is None:
-            raise ShrinkError("calibrated candidates (gptq, awq, mixed precision) need --calibration FILE")
-        if any(c.student for c in candidates) and distill_data is None:
-            raise ShrinkError("student candidates need training data (--distill FILE)")
-        floor = min_possible_bytes(original)
-        if con.max_size is not None and con.max_size < floor and not any(c.student for c in candidates):
-            raise ShrinkError(f"nothing can meet --max-size {human_bytes(con.max_size)} by quantization: even at 2 bits "
-                              f"this model's weights take at least {human_bytes(floor)} (embeddings and the output layer "
-                              "stay in full precision); allow distillation (--distill DATA) or raise --max-size")
+        recipe = _Recipe(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
+        candidates = _candidates(candidates, recipe, methods, students)
+        _check_size_is_reachable(original, con, candidates)
 
         identity = {"model": name, "model_fingerprint": model_fingerprint(original), "task": task.name,
                     "task_source": task.source, "task_fingerprint": task_fingerprint(task)}
-        config = {**identity, "constraints": con.to_dict(), "candidates": [c.to_dict() for c in candidates],
-                  "calibration": str(calibration) if calibration is not None else None,
-                  "n_samples": n_samples, "seq_len": seq_len, "distill_data": str(distill_data) if distill_data else None,
-                  "runtime": runtime}
-        results: list[dict] = []
-        if resume:
-            if not (out / CONFIG).is_file():
-                raise ShrinkError(f"{out}: nothing to resume (no {CONFIG})")
-            saved = read_json(out / CONFIG, "search file")
-            if not isinstance(saved, dict):
-                raise ShrinkError(f"{out / CONFIG}: expected a JSON object; the search file is damaged")
-            differs = [what for key, what in (("model_fingerprint", "model (its weights differ)"),
-                                              ("task_fingerprint", "task (its examples differ)")) if saved.get(key) != identity[key]]
-            if differs:
-                raise ShrinkError(f"{out}: that search was of another {' and another '.join(differs)}; "
-                                  "start a new search in another folder")
-            if saved.get("runtime", "shrink") != runtime:
-                raise ShrinkError(f"{out}: that search judged candidates in {saved.get('runtime', 'shrink')}; resume it "
-                                  f"with --runtime {saved.get('runtime', 'shrink')}, or start a new search in another folder")
-            was = saved.get("constraints", {})
-            if (was.get("max_drop"), was.get("relative")) != (con.max_drop, con.relative):
-                raise ShrinkError(f"{out}: that search compared with a tolerance of {was.get('max_drop')} "
-                                  f"({'relative' if was.get('relative') else 'absolute'}); resume it with the same "
-                                  "--max-drop/--relative, or start a new search in another folder")
-            results = _read_results(out / RESULTS)
-            for r in results:  # judged again: size, latency and objective may have changed since
-                if r.get("status") == "done":
-                    judge(r, con, r["allowed"])
-            write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in results))  # drop a line cut short
-            console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
+        results = _resumed(out, identity, con, runtime, console) if resume else []
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, config)
+        write_json(out / CONFIG, {**identity, "constraints": con.to_dict(), "candidates": [c.to_dict() for c in candidates],
+                                  "calibration": str(calibration) if calibration is not None else None,
+                                  "n_samples": n_samples, "seq_len": seq_len,
+                                  "distill_data": str(distill_data) if distill_data else None, "runtime": runtime})
         (out / RESULTS).touch()
 
-        # the original, measured once; its outcomes on the task are cached for every comparison
-        cache: dict = {}
-        orig_size = disk_bytes(original, out / ".original", tok)
-        shutil.rmtree(out / ".original", ignore_errors=True)
-        original_info = {"name": name, "size_bytes": orig_size, "memory_bytes": memory_bytes(original),
-                         "latency_token": seconds_per_token(original, tok), "latency_example": None}
-        finished = {r["candidate"]["name"] for r in results}
+        run = _Run(original, tok, name, task, con, out, recipe, runtime, max_new_tokens, progress, console)
         skipped, untried = [], []
-        trained: dict[str, nn.Module] = {}
-        durations: list[float] = []
         for c in candidates:
-            if c.name in finished:
+            if c.name in {r.name for r in results}:
                 continue
-            spent = time.perf_counter() - t_start
-            typical = sum(durations) / len(durations) if durations else 0.0  # what a candidate took so far
-            if (con.max_trials is not None and len(results) >= con.max_trials) or (
-                    con.time is not None and spent + typical > con.time):
+            if not run.budget_left(len(results), time.perf_counter() - t_start):
                 untried.append(c.name)
                 continue
             why = skip_reason(c, results, con.objective)
             if why:
-                skipped.append({"candidate": c.name, "reason": why})
+                skipped.append(Skipped(c.name, why))
                 console.print(f"[dim]skip {c.name}: {why}[/dim]")
                 continue
             console.print(f"[bold]{c.name}[/bold] ({len(results) + 1} of at most {len(candidates)})")
-            t0 = time.perf_counter()
-            try:
-                if c.student and c.student not in trained:
-                    trained[c.student] = _train_student(c.student, original, tok, distill_data, out, distill_seconds,
-                                                        distill_options or {}, progress)
-                cand_model = build(c, original, students=trained, calibration=calibration, tokenizer=tok,
-                                   n_samples=n_samples, seq_len=seq_len, progress=progress)
-            except ShrinkError:
-                raise
-            except Exception as e:  # one recipe that cannot be built must not end the search
-                record = {"candidate": c.to_dict(), "status": "error", "error": f"{type(e).__name__}: {e}"}
-                console.print(f"[red]{c.name} failed[/red]: {record['error']}")
-                _append(out / RESULTS, record)
-                results.append(record)
-                continue
-            build_s = time.perf_counter() - t0
-            original_before = sum(v[1] for v in cache.values())
-            target, shipped = cand_model, None
-            if runtime == "llama.cpp":
-                try:
-                    target, shipped = _in_llama_cpp(cand_model, original, tok, out / ".candidate.gguf", max_new_tokens)
-                except ShrinkError as e:
-                    record = {"candidate": c.to_dict(), "status": "error", "error": f"not run in llama.cpp: {e}"}
-                    console.print(f"[red]{c.name}[/red]: {record['error']}")
-                    _append(out / RESULTS, record)
-                    results.append(record)
-                    continue
-            try:
-                comp = compare_models(original, target, task, tokenizer=tok, tolerance=con.max_drop,
-                                      relative=con.relative, max_new_tokens=max_new_tokens, names=(name, c.name),
-                                      progress=progress, cache=cache)
-                latency_token = seconds_per_token(cand_model, tok) if shipped is None else _llama_cpp_per_token(target)
-            finally:
-                if shipped is not None:
-                    target.runtime.close()
-            allowed = comp.allowed_drop()  # compared with tolerance=max_drop
-            if original_info["latency_example"] is None:
-                original_info["latency_example"] = comp.original["seconds_per_example"]
-                original_info["score"] = comp.overall.original
-            staging = out / ".candidate"
-            shutil.rmtree(staging, ignore_errors=True)
-            record = {
-                "candidate": c.to_dict(), "status": "done", "score": comp.overall.compressed,
-                "original_score": comp.overall.original, "change": comp.overall.change, "ci_low": comp.overall.ci_low,
-                "ci_high": comp.overall.ci_high, "within": comp.within, "verdict": comp.verdict,
-                "slices_past": [s.name for s in comp.slices if s.past],
-                "slices": {s.name: round(s.change, 3) for s in comp.slices},
-                "size_bytes": disk_bytes(cand_model, staging, tok) if shipped is None else _also_saved(cand_model, staging, tok, shipped),
-                "memory_bytes": memory_bytes(cand_model),
-                "latency_example": comp.compressed["seconds_per_example"], "latency_token": latency_token,
-                "broke": [e.id for e in comp.examples if e.flip == "right→wrong"],
-                "fixed": [e.id for e in comp.examples if e.flip == "wrong→right"],
-                "kl_mean": (comp.divergence.get("kl") or {}).get("mean"), "errors": comp.errors,
-                "build_seconds": round(build_s, 2), "seconds": round(time.perf_counter() - t0, 2),
-                "original_latency_example": comp.original["seconds_per_example"],
-            }
-            judge(record, con, allowed)
-            _append(out / RESULTS, record)
-            results.append(record)
-            durations.append(record["seconds"] - (sum(v[1] for v in cache.values()) - original_before))  # less the original's once-only run
-            if recommend(results, con.objective, con.latency_per) is record:
-                write_json(staging / "candidate.json", record)
-                swap_in(staging, out / "best")
-                if shipped is not None:
-                    os.replace(shipped, out / "best.gguf")
-            shutil.rmtree(staging, ignore_errors=True)
-            if shipped is not None:
-                shipped.unlink(missing_ok=True)
-            mark = "[green]qualifies[/green]" if record["qualifies"] else f"[red]misses {', '.join(record['miss'])}[/red]"
-            console.print(f"  {record['change']:+.1f} points (CI {record['ci_low']:+.1f}…{record['ci_high']:+.1f}), "
-                          f"{human_bytes(record['size_bytes'])}, {record['latency_example'] * 1e3:,.0f} ms/example: {mark}")
-            del cand_model
+            results.append(run.measure(c, results))
 
         best = recommend(results, con.objective, con.latency_per)
-        if original_info["latency_example"] is None and results:
-            done = [r for r in results if r.get("status") == "done"]
-            if done:
-                original_info["latency_example"] = done[0]["original_latency_example"]
-                original_info["score"] = done[0]["original_score"]
-        result = SearchResult(original_info, results, skipped, untried, best, explain(best, con, original_info),
-                              con.to_dict(), {"name": task.name, "kind": task.kind, "source": task.source,
-                                              "examples": len(task.examples)}, str(out), time.perf_counter() - t_start,
-                              runtime)
-        if best is not None and _best_name(out) != best["candidate"]["name"]:  # the constraints changed on resume
-            _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data,
-                          distill_seconds, distill_options or {}, progress, runtime)
+        run.original_from(results)
+        result = SearchResult(run.original_info, results, skipped, untried, best,
+                              explain(best, con, run.original_info), con.to_dict(),
+                              TaskSummary(task.name, task.kind, task.source, len(task.examples)), str(out),
+                              time.perf_counter() - t_start, runtime)
+        if best is not None and _best_name(out) != best.name:  # the constraints changed on resume
+            run.rebuild_best(best)
         from ..report.search import write_search_report
 
         write_search_report(result, task, out)
         return result
+
+
+def _candidates(candidates, recipe: _Recipe, methods, students) -> list[Candidate]:
+    """The candidates to try, in order (defaults from what data was given), checked against that data."""
+    if candidates is None:
+        candidates = quantization_candidates(calibration=recipe.calibration is not None, methods=methods)
+        if recipe.distill_data is not None:
+            candidates += student_candidates(students)
+    candidates = order(candidates)
+    if len({c.name for c in candidates}) != len(candidates):
+        raise ShrinkError("candidate names must be unique")
+    if any(c.needs_calibration for c in candidates) and recipe.calibration is None:
+        raise ShrinkError("calibrated candidates (gptq, awq, mixed precision) need --calibration FILE")
+    if any(c.student for c in candidates) and recipe.distill_data is None:
+        raise ShrinkError("student candidates need training data (--distill FILE)")
+    return candidates
+
+
+def _check_size_is_reachable(original: nn.Module, con: Constraints, candidates: list[Candidate]) -> None:
+    floor = min_possible_bytes(original)
+    if con.max_size is not None and con.max_size < floor and not any(c.student for c in candidates):
+        raise ShrinkError(f"nothing can meet --max-size {human_bytes(con.max_size)} by quantization: even at 2 bits "
+                          f"this model's weights take at least {human_bytes(floor)} (embeddings and the output layer "
+                          "stay in full precision); allow distillation (--distill DATA) or raise --max-size")
+
+
+def _resumed(out: Path, identity: dict, con: Constraints, runtime: str, console) -> list[CandidateResult]:
+    """The results of the search in `out`, after checking it is this search, judged again under `con`."""
+    if not (out / CONFIG).is_file():
+        raise ShrinkError(f"{out}: nothing to resume (no {CONFIG})")
+    saved = read_json(out / CONFIG, "search file")
+    if not isinstance(saved, dict):
+        raise ShrinkError(f"{out / CONFIG}: expected a JSON object; the search file is damaged")
+    differs = [what for key, what in (("model_fingerprint", "model (its weights differ)"),
+                                      ("task_fingerprint", "task (its examples differ)")) if saved.get(key) != identity[key]]
+    if differs:
+        raise ShrinkError(f"{out}: that search was of another {' and another '.join(differs)}; "
+                          "start a new search in another folder")
+    if saved.get("runtime", "shrink") != runtime:
+        raise ShrinkError(f"{out}: that search judged candidates in {saved.get('runtime', 'shrink')}; resume it "
+                          f"with --runtime {saved.get('runtime', 'shrink')}, or start a new search in another folder")
+    was = saved.get("constraints", {})
+    if (was.get("max_drop"), was.get("relative")) != (con.max_drop, con.relative):
+        raise ShrinkError(f"{out}: that search compared with a tolerance of {was.get('max_drop')} "
+                          f"({'relative' if was.get('relative') else 'absolute'}); resume it with the same "
+                          "--max-drop/--relative, or start a new search in another folder")
+    # judged again: size, latency and objective may have changed since
+    results = [judge(r, con, r.judgement.allowed) if r.done else r for r in _read_results(out / RESULTS)]
+    write_text(out / RESULTS, "".join(json.dumps(r.to_json()) + "\n" for r in results))  # drop a line cut short
+    console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
+    return results
+
+
+class _Run:
+    """One search's measuring: the original (measured once; its outcomes on the task cached for every
+    comparison), the students trained so far, and how long candidates take."""
+
+    def __init__(self, original, tok, name, task, con, out, recipe, runtime, max_new_tokens, progress, console):
+        self.original, self.tok, self.name, self.task, self.con, self.out = original, tok, name, task, con, out
+        self.recipe, self.runtime, self.max_new_tokens = recipe, runtime, max_new_tokens
+        self.progress, self.console = progress, console
+        self.cache: dict = {}
+        self.trained: dict[str, nn.Module] = {}
+        self.durations: list[float] = []
+        orig_size = disk_bytes(original, out / ".original", tok)
+        shutil.rmtree(out / ".original", ignore_errors=True)
+        self.original_info = Original(name, orig_size, memory_bytes(original), seconds_per_token(original, tok))
+
+    def budget_left(self, measured: int, spent: float) -> bool:
+        """Whether another candidate fits in --max-trials and in --time (at the typical candidate's time)."""
+        typical = sum(self.durations) / len(self.durations) if self.durations else 0.0
+        return not ((self.con.max_trials is not None and measured >= self.con.max_trials)
+                    or (self.con.time is not None and spent + typical > self.con.time))
+
+    def measure(self, c: Candidate, results: list[CandidateResult]) -> CandidateResult:
+        """Build `c`, compare it with the original on the task, judge it, append it to results.jsonl and,
+        when it is the best so far, make it out/best. A candidate that cannot be built is an error record."""
+        t0 = time.perf_counter()
+        try:
+            model = self.build(c)
+        except ShrinkError:
+            raise
+        except Exception as e:  # one recipe that cannot be built must not end the search
+            return self._failed(c, f"{type(e).__name__}: {e}", "failed")
+        build_s = time.perf_counter() - t0
+        original_before = self._original_seconds()
+        target, shipped = model, None
+        if self.runtime == "llama.cpp":
+            try:
+                target, shipped = _in_llama_cpp(model, self.original, self.tok, self.out / ".candidate.gguf",
+                                                self.max_new_tokens)
+            except ShrinkError as e:
+                return self._failed(c, f"not run in llama.cpp: {e}", "")
+        try:
+            comp = compare_models(self.original, target, self.task, tokenizer=self.tok, tolerance=self.con.max_drop,
+                                  relative=self.con.relative, max_new_tokens=self.max_new_tokens,
+                                  names=(self.name, c.name), progress=self.progress, cache=self.cache)
+            latency_token = seconds_per_token(model, self.tok) if shipped is None else _llama_cpp_per_token(target)
+        finally:
+            if shipped is not None:
+                target.runtime.close()
+        if self.original_info.latency_example is None:
+            self.original_info.latency_example = comp.original["seconds_per_example"]
+            self.original_info.score = comp.overall.original
+        staging = self.out / ".candidate"
+        shutil.rmtree(staging, ignore_errors=True)
+        size = disk_bytes(model, staging, self.tok) if shipped is None else _also_saved(model, staging, self.tok, shipped)
+        record = judge(_measured(c, comp, size, memory_bytes(model), latency_token, build_s,
+                                 time.perf_counter() - t0), self.con, comp.allowed_drop())  # compared with max_drop
+        _append(self.out / RESULTS, record)
+        # less the original's once-only run
+        self.durations.append(record.seconds - (self._original_seconds() - original_before))
+        if recommend(results + [record], self.con.objective, self.con.latency_per) is record:
+            write_json(staging / "candidate.json", record.to_json())
+            swap_in(staging, self.out / "best")
+            if shipped is not None:
+                os.replace(shipped, self.out / "best.gguf")
+        shutil.rmtree(staging, ignore_errors=True)
+        if shipped is not None:
+            shipped.unlink(missing_ok=True)
+        mark = "[green]qualifies[/green]" if record.qualifies else f"[red]misses {', '.join(record.miss)}[/red]"
+        self.console.print(f"  {record.change:+.1f} points (CI {record.ci_low:+.1f}…{record.ci_high:+.1f}), "
+                           f"{human_bytes(record.size_bytes)}, {record.latency_example * 1e3:,.0f} ms/example: {mark}")
+        return record
+
+    def build(self, c: Candidate) -> nn.Module:
+        """The candidate's model, training its student first when it has one not trained yet."""
+        r = self.recipe
+        if c.student and c.student not in self.trained:
+            self.trained[c.student] = _train_student(c.student, self.original, self.tok, r.distill_data, self.out,
+                                                     r.distill_seconds, r.distill_options, self.progress)
+        return build(c, self.original, students=self.trained, calibration=r.calibration, tokenizer=self.tok,
+                     n_samples=r.n_samples, seq_len=r.seq_len, progress=self.progress)
+
+    def original_from(self, results: list[CandidateResult]) -> None:
+        """On a resume that measured nothing new, the original's latency and score from the stored results."""
+        done = [r for r in results if r.done]
+        if self.original_info.latency_example is None and done:
+            self.original_info.latency_example = done[0].original_latency_example
+            self.original_info.score = done[0].original_score
+
+    def rebuild_best(self, best: CandidateResult) -> None:
+        """best/ went missing (removed by hand, or the best was found before a crash in promoting it): build it again."""
+        model = self.build(best.candidate)
+        staging = self.out / ".candidate"
+        shutil.rmtree(staging, ignore_errors=True)
+        disk_bytes(model, staging, self.tok)
+        write_json(staging / "candidate.json", best.to_json())
+        swap_in(staging, self.out / "best")
+        if self.runtime == "llama.cpp":
+            from ..io import LoadedModel
+            from ..io.export import export_gguf, source_gguf_of
+
+            export_gguf(LoadedModel(model, self.tok, {}), self.out / "best.gguf",
+                        source_gguf=source_gguf_of(self.original), force=True)
+
+    def _original_seconds(self) -> float:
+        return sum(v[1] for v in self.cache.values())
+
+    def _failed(self, c: Candidate, error: str, verb: str) -> CandidateResult:
+        record = CandidateResult.failed(c, error)
+        self.console.print(f"[red]{c.name}{' ' + verb if verb else ''}[/red]: {error}")
+        _append(self.out / RESULTS, record)
+        return record
+
+
+def _measured(c: Candidate, comp, size: int, memory: int, latency_token, build_s: float, seconds: float):
+    """A candidate's record from its comparison with the original (not judged yet)."""
+    return CandidateResult(
+        c, "done", score=comp.overall.compressed, original_score=comp.overall.original, change=comp.overall.change,
+        ci_low=comp.overall.ci_low, ci_high=comp.overall.ci_high, within=comp.within, verdict=comp.verdict,
+        slices_past=[s.name for s in comp.slices if s.past], slices={s.name: round(s.change, 3) for s in comp.slices},
+        size_bytes=size, memory_bytes=memory, latency_example=comp.compressed["seconds_per_example"],
+        latency_token=latency_token, broke=[e.id for e in comp.examples if e.flip == "right→wrong"],
+        fixed=[e.id for e in comp.examples if e.flip == "wrong→right"],
+        kl_mean=(comp.divergence.get("kl") or {}).get("mean"), errors=comp.errors, build_seconds=round(build_s, 2),
+        seconds=round(seconds, 2), original_latency_example=comp.original["seconds_per_example"])
 
 
 def _in_llama_cpp(model: nn.Module, original: nn.Module, tok, path: Path, max_new_tokens: int):
@@ -389,26 +457,6 @@ def _train_student(spec: str, teacher: nn.Module, tok, data, out: Path, seconds:
     student, _ = distill(teacher, spec, data, out=folder, tokenizer=tok, resume=resume, force=not resume,
                          progress=progress, **opts)
     return student.eval()
-
-
-def _rebuild_best(best, original, trained, tok, out, calibration, n_samples, seq_len, distill_data, seconds,
-                  options, progress, runtime="shrink"):
-    """best/ went missing (removed by hand, or the best was found before a crash in promoting it): build it again."""
-    c = Candidate.from_dict(best["candidate"])
-    if c.student and c.student not in trained:
-        trained[c.student] = _train_student(c.student, original, tok, distill_data, out, seconds, options, progress)
-    model = build(c, original, students=trained, calibration=calibration, tokenizer=tok, n_samples=n_samples,
-                  seq_len=seq_len, progress=progress)
-    staging = out / ".candidate"
-    shutil.rmtree(staging, ignore_errors=True)
-    disk_bytes(model, staging, tok)
-    write_json(staging / "candidate.json", best)
-    swap_in(staging, out / "best")
-    if runtime == "llama.cpp":
-        from ..io import LoadedModel
-        from ..io.export import export_gguf, source_gguf_of
-
-        export_gguf(LoadedModel(model, tok, {}), out / "best.gguf", source_gguf=source_gguf_of(original), force=True)
 
 
 __all__ = ["SearchResult", "min_possible_bytes", "search", "task_fingerprint"]
