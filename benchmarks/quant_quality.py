@@ -157,7 +157,7 @@ def main(argv=None):
                         seq_len=512, progress=True)
         full = time.perf_counter() - t0
         console.print(f"GPTQ int4-g64, 128 x 512 calibration tokens: {full:.0f} s "
-                      f"({m.shrink_calibration['data']['samples']} windows)")
+                      f"({shrink.info(m).calibration['data']['samples']} windows)")
     write_json(args.out, {"machine": machine(), "eval": f"BBC business articles {EVAL_FILES}",
                           "calibration": f"BBC business articles {CALIB_FILES}", "dropped_duplicates": dropped,
                           "samples": args.samples,

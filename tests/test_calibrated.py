@@ -40,7 +40,7 @@ def test_gptq_beats_rtn_on_held_out_inputs(base_and_ref):
     gptq = shrink.quantize(copy.deepcopy(base), "int3-g32", method="gptq", calibration=_samples(), progress=False)
     assert all(isinstance(m, QuantLinear) for n, m in gptq.named_modules() if n.endswith("_proj"))
     assert _err(gptq, ref, ids) < _err(rtn, ref, ids)
-    rec = gptq.shrink_calibration
+    rec = shrink.info(gptq).calibration
     assert rec["method"] == "gptq" and rec["data"]["samples"] == 12
     assert rec["layers"]["model.layers.1.mlp.down_proj"]["damp"] == pytest.approx(0.01)
 
@@ -89,7 +89,7 @@ def test_clip_search_never_worse_than_no_clip():
 def test_awq_methods_run_and_record(base_and_ref, method):
     base, ref, ids = base_and_ref
     m = shrink.quantize(copy.deepcopy(base), "int4-g32", method=method, calibration=_samples(), progress=False)
-    layer = m.shrink_calibration["layers"]["model.layers.0.self_attn.q_proj"]
+    layer = shrink.info(m).calibration["layers"]["model.layers.0.self_attn.q_proj"]
     assert 0.0 <= layer["awq_alpha"] <= 1.0
     assert _err(m, ref, ids) < 0.6
 
@@ -117,7 +117,7 @@ def test_target_bits_end_to_end_and_round_trip(tmp_path, base_and_ref):
     from shrink.quant import quantized_bits_per_weight
 
     assert quantized_bits_per_weight(m) <= 4.5 + 1e-9
-    assert m.shrink_calibration["target_bits"] == 4.5
+    assert shrink.info(m).calibration["target_bits"] == 4.5
     shrink.save(m, tmp_path / "q")
     manifest = json.loads((tmp_path / "q" / "shrink.json").read_text())
     assert manifest["method"] == "gptq" and manifest["calibration"]["target_bits"] == 4.5
@@ -273,7 +273,7 @@ def test_tune_steps_end_to_end_and_round_trip(tmp_path, base_and_ref):
     base, ref, ids = base_and_ref
     tuned = shrink.quantize(copy.deepcopy(base), "int3-g32", method="gptq", calibration=_samples(), tune_steps=24,
                             progress=False)
-    rec = tuned.shrink_calibration
+    rec = shrink.info(tuned).calibration
     assert rec["tune_steps"] == 24
     block = rec["layers"]["model.layers.1"]
     assert block["tune_error_after"] < block["tune_error_before"]

@@ -29,7 +29,7 @@ def test_quantize_writes_folder_and_results(hf_folder, tmp_path):
     total = res["sizes"][-1]
     assert total["kind"] == "total" and total["bytes_now"] < total["bytes_fp32"]
     model = shrink.load(out)
-    assert model.shrink_formats["model.layers.0.self_attn.q_proj"] == "int4-g32"
+    assert shrink.info(model).formats["model.layers.0.self_attn.q_proj"] == "int4-g32"
 
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
@@ -110,7 +110,7 @@ def test_calibrated_quantize_cli(hf_folder_with_tokenizer, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["quantized_bits_per_weight"] <= 4.5 + 1e-9 and res["target_bits"] == 4.5
     assert res["calibration"]["data"]["sha256"]
-    assert shrink.load(out).shrink_calibration["method"] == "gptq"
+    assert shrink.info(shrink.load(out)).calibration["method"] == "gptq"
 
 
 @pytest.mark.parametrize("extra,needle", [

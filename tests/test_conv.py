@@ -47,7 +47,7 @@ def test_a_cnn_is_quantized_with_its_convolutions_and_saves_and_loads(tmp_path):
     model = shrink.quantize(cnn(), {"stem": "int4", "dw": "int8", "*": "int4-g32"}, progress=False)
     assert all(isinstance(getattr(model, n), QuantConv2d) for n in ("stem", "dw", "pw"))
     assert type(model.head) is torch.nn.Linear  # the output layer is kept
-    assert model.shrink_check.input == "2 random 3x32x32 inputs" and 0 < model.shrink_check.relative_error < 0.3
+    assert shrink.info(model).check.input == "2 random 3x32x32 inputs" and 0 < shrink.info(model).check.relative_error < 0.3
     kinds = {r.kind for r in size_rows(model)}
     assert {"Conv2d int4-g32", "Conv2d int8", "Conv2d int4"} <= kinds
     shrink.save(model, tmp_path / "q")
@@ -67,7 +67,7 @@ def test_calibrated_methods_round_convolutions_to_nearest_and_say_so():
     calib = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     model = shrink.quantize(cnn(), {"stem": "int8", "dw": "int8", "*": "int4-g32"}, method="gptq",
                             calibration=calib, progress=False)
-    assert "a convolution: round to nearest" in model.shrink_calibration["layers"]["pw"]["note"]
+    assert "a convolution: round to nearest" in shrink.info(model).calibration["layers"]["pw"]["note"]
     assert isinstance(model.pw, QuantConv2d)
 
 
@@ -102,7 +102,7 @@ def test_a_conv2d_subclass_keeps_its_own_forward_and_children(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.stem(X), want)
         assert model.stem(X).shape == ref.stem(X).shape == (4, 32, 32, 32)
-    assert model.shrink_check.relative_error < 0.02
+    assert shrink.info(model).check.relative_error < 0.02
     shrink.save(model, tmp_path / "q")
     back = shrink.load(tmp_path / "q", model=SameCNN())
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_shrink_json_says_what_was_done_to_each_layer(tmp_path):
     assert modules["head"]["done"] == {"method": "cast", "notes": []}
     from shrink.quant.record import layers_done, summary_line
 
-    line = summary_line(layers_done(model, "gptq", model.shrink_calibration), "gptq")
+    line = summary_line(layers_done(model, "gptq", shrink.info(model).calibration), "gptq")
     assert line.startswith("applied: rtn to 3 layers (asked: gptq")
     rtn = shrink.quantize(cnn(), "int8", progress=False)
     assert summary_line(layers_done(rtn, "rtn", None), "rtn") is None

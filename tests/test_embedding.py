@@ -35,8 +35,8 @@ def test_a_tied_embedding_and_output_layer_are_quantized_once_and_stay_tied(tmp_
     table, head = model.model.embed_tokens, model.lm_head
     assert isinstance(table, QuantEmbedding) and isinstance(head, QuantLinear)
     assert head.qweight is table.qweight and head.scales is table.scales  # one copy
-    assert model.shrink_formats["lm_head"] == "int8" and model.config.tie_word_embeddings is False
-    assert model.shrink_check.relative_error < 0.5
+    assert shrink.info(model).formats["lm_head"] == "int8" and model.config.tie_word_embeddings is False
+    assert shrink.info(model).check.relative_error < 0.5
     shrink.save(model, tmp_path / "q")
     manifest = json.loads((tmp_path / "q" / "shrink.json").read_text())
     assert manifest["modules"]["lm_head"]["tied_to"] == "model.embed_tokens" and manifest["layout"] == "shrink"
@@ -70,7 +70,7 @@ def test_calibrated_methods_round_embeddings_to_nearest_and_say_so():
     calib = [torch.randint(0, 96, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     model = shrink.quantize(tiny_llama(), {"model.embed_tokens": "int8", "*": "int4-g32"}, method="gptq",
                             calibration=calib, progress=False)
-    assert "one-hot" in model.shrink_calibration["layers"]["model.embed_tokens"]["note"]
+    assert "one-hot" in shrink.info(model).calibration["layers"]["model.embed_tokens"]["note"]
     assert model.lm_head.qweight is model.model.embed_tokens.qweight
 
 

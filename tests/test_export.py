@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import shrink
 from helpers import WORDS, widen, word_text
 from shrink.io.export import export_gguf
+from shrink.quant.record import update_record
 
 
 def bpe_tokenizer(vocab_size: int = 300):
@@ -162,14 +163,14 @@ def test_tokenizer_copied_from_the_source_gguf(tmp_path, tok):
     first = export_gguf(_with_tok(shrink.quantize(bpe_llama(), "int8", progress=False), tok), tmp_path / "a.gguf")
     src = gguf.GGUFReader(str(first.path))
     model = shrink.quantize(bpe_llama(seed=1), "int4-g64", progress=False)
-    model.shrink_source = {"kind": "gguf", "path": str(first.path)}  # as loading a .gguf file records it
+    update_record(model, source={"kind": "gguf", "path": str(first.path)})  # as loading a .gguf file records it
     r = export_gguf(model, tmp_path / "b.gguf")
     assert r.metadata_from.startswith("tokenizer and names copied from")
     out = gguf.GGUFReader(str(r.path))
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.model", "tokenizer.ggml.eos_token_id"):
         assert out.fields[key].contents() == src.fields[key].contents(), key
     small = shrink.quantize(bpe_llama(vocab=320), "int8", progress=False)
-    small.shrink_source = {"kind": "gguf", "path": str(first.path)}
+    update_record(small, source={"kind": "gguf", "path": str(first.path)})
     r = export_gguf(_with_tok(small, tok), tmp_path / "c.gguf")
     assert any("300 tokens, the model 320" in n for n in r.notes)  # built instead, and said so
 

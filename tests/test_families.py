@@ -41,7 +41,7 @@ def test_gpt2_conv1d_layers_are_quantized(tmp_path, fmt, method):
 
         want = quantize_weight(conv.weight.detach().t(), q.spec, "c_fc")
         assert torch.equal(q.qweight, shrink.quant.packing.pack(want.codes, q.spec.bits))
-    assert 0 < model.shrink_check.relative_error < (0.02 if fmt == "int8" else 0.5)
+    assert 0 < shrink.info(model).check.relative_error < (0.02 if fmt == "int8" else 0.5)
     ids = torch.randint(0, 96, (2, 10))
     shrink.save(model, tmp_path / "q")
     back = shrink.load(tmp_path / "q", backend="torch")
@@ -95,10 +95,10 @@ def test_awq_folds_are_checked_numerically_and_gemmas_norm_folds_into_one_plus_w
     for make, norm_form in ((tiny_llama, "into model.layers.0.input_layernorm, checked"),
                             (gemma, "into model.layers.0.input_layernorm as x * (1 + w), checked")):
         model = shrink.quantize(make(), "int4-g32", method="awq", calibration=CALIBRATION, progress=False)
-        layers = model.shrink_calibration["layers"]
+        layers = shrink.info(model).calibration["layers"]
         assert layers["model.layers.0.self_attn.q_proj"]["awq_fold"].startswith(norm_form)
         assert layers["model.layers.0.mlp.down_proj"]["awq_fold"].startswith("into model.layers.0.mlp.up_proj, checked")
-        assert not model.shrink_calibration["warnings"]
+        assert not shrink.info(model).calibration["warnings"]
         moved = [float(d["awq_fold"].rsplit("moved ", 1)[1].rstrip(")")) for d in layers.values() if "awq_fold" in d]
         assert max(moved) < 1e-5
 
@@ -115,11 +115,11 @@ def test_a_fold_that_would_change_the_model_is_not_applied_and_is_reported():
         norm.weight.add_(torch.rand(64) * 0.5)  # away from 1, where w and w^2 would fold alike
         before = norm.weight.detach().clone()
     q = shrink.quantize(model, "int4-g32", method="awq", calibration=CALIBRATION, progress=False)
-    rec = q.shrink_calibration["layers"]["model.layers.1.mlp.up_proj"]["awq_fold"]
+    rec = shrink.info(q).calibration["layers"]["model.layers.1.mlp.up_proj"]["awq_fold"]
     assert rec.startswith("not applied: folding the scales into model.layers.1.post_attention_layernorm moved")
-    assert any("model.layers.1.mlp.gate_proj: not applied" in w for w in q.shrink_calibration["warnings"])
+    assert any("model.layers.1.mlp.gate_proj: not applied" in w for w in shrink.info(q).calibration["warnings"])
     assert torch.equal(norm.weight, before)  # restored exactly
-    assert q.shrink_calibration["layers"]["model.layers.1.self_attn.q_proj"]["awq_fold"].startswith("into")
+    assert shrink.info(q).calibration["layers"]["model.layers.1.self_attn.q_proj"]["awq_fold"].startswith("into")
 
 
 def bart():
@@ -137,12 +137,12 @@ def test_both_stacks_of_an_encoder_decoder_are_calibrated(tmp_path):
     assert [n for n, _ in find_stacks(bart())] == ["model.encoder.layers", "model.decoder.layers"]
     model = shrink.quantize(bart(), "int4-g32", method="gptq", calibration=CALIBRATION, backend="torch",
                             progress=False)
-    layers = model.shrink_calibration["layers"]
+    layers = shrink.info(model).calibration["layers"]
     for stack in ("encoder", "decoder"):
         rec = layers[f"model.{stack}.layers.1.fc1"]
         assert "damp" in rec and "note" not in rec  # GPTQ, not round-to-nearest as "outside the blocks"
     assert not any("outside the repeated blocks" in str(d.get("note")) for d in layers.values())
-    assert model.shrink_check.relative_error < 0.05
+    assert shrink.info(model).check.relative_error < 0.05
     shrink.save(model, tmp_path / "q")
     ids = torch.randint(3, 96, (1, 9))
     with torch.no_grad():
@@ -162,8 +162,8 @@ def test_t5_which_reads_its_layers_weight_runs_quantized(tmp_path):
     """T5's feed-forward reads wo.weight.dtype in every forward: a QuantLinear's weight is its dequantized
     weight (right, not fast), so T5 runs, calibrates and saves."""
     model = shrink.quantize(t5(), "int8", method="gptq", calibration=CALIBRATION, backend="torch", progress=False)
-    assert model.shrink_check.relative_error < 0.05
-    assert "damp" in model.shrink_calibration["layers"]["encoder.block.1.layer.1.DenseReluDense.wo"]
+    assert shrink.info(model).check.relative_error < 0.05
+    assert "damp" in shrink.info(model).calibration["layers"]["encoder.block.1.layer.1.DenseReluDense.wo"]
     q = model.encoder.block[0].layer[1].DenseReluDense.wo
     assert torch.equal(q.weight, q.dequantized_weight())
     shrink.save(model, tmp_path / "q")

@@ -49,11 +49,11 @@ def test_family(tmp_path, family, fmt, method, target_bits):
     calib = PIXELS if family == "vit" else IDS
     kw = {"calibration": calib} if method != "rtn" or target_bits else {}
     model = shrink.quantize(FAMILIES[family](), fmt, method=method, target_bits=target_bits, progress=False, **kw)
-    check = model.shrink_check
+    check = shrink.info(model).check
     assert check.skipped is None and 0 < check.relative_error < (0.2 if fmt == "int8" else 2.0), check
     n_quant = sum(isinstance(m, shrink.QuantLinear) for m in model.modules())
     assert n_quant >= 8  # every block's projections, whatever the family calls them
-    record = getattr(model, "shrink_calibration", None) or {}
+    record = shrink.info(model).calibration or {}
     for name, d in record.get("layers", {}).items():
         fold = d.get("awq_fold")
         if fold and fold.startswith("into"):

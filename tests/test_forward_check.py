@@ -16,7 +16,7 @@ def test_the_output_error_is_measured_recorded_and_ordered_by_width(tmp_path):
     errors = {}
     for fmt in ("int8", "int4-g32", "int2-g32"):
         model = shrink.quantize(tiny_llama(), fmt, backend="torch", progress=False)
-        check = model.shrink_check
+        check = shrink.info(model).check
         assert check.skipped is None and check.input == "16 random token ids"
         errors[fmt] = check.relative_error
     assert 0 < errors["int8"] < errors["int4-g32"] < errors["int2-g32"]
@@ -25,15 +25,15 @@ def test_the_output_error_is_measured_recorded_and_ordered_by_width(tmp_path):
     ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = ref(ids).logits, q(ids).logits
-    assert q.shrink_check.relative_error == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-5)
+    assert shrink.info(q).check.relative_error == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-5)
     shrink.save(q, tmp_path / "q")
     saved = json.loads((tmp_path / "q" / "shrink.json").read_text())["check"]
-    assert saved["relative_error"] == pytest.approx(q.shrink_check.relative_error) and saved["skipped"] is None
+    assert saved["relative_error"] == pytest.approx(shrink.info(q).check.relative_error) and saved["skipped"] is None
 
 
 def test_plain_modules_get_a_batch_for_their_first_layer(mlp):
     model = shrink.quantize(mlp, "int8", progress=False)
-    assert model.shrink_check.input == "4 random inputs of 64" and 0 < model.shrink_check.relative_error < 0.05
+    assert shrink.info(model).check.input == "4 random inputs of 64" and 0 < shrink.info(model).check.relative_error < 0.05
     assert model.training is False
 
 
@@ -64,8 +64,8 @@ def test_an_input_that_does_not_fit_skips_the_check_and_says_so():
             return self.head(self.fc(x) + y)
 
     model = shrink.quantize(TakesTwo(), "int8", progress=False)
-    assert model.shrink_check.relative_error is None
-    assert model.shrink_check.line().startswith("forward check skipped: the original model does not run on 4 random")
+    assert shrink.info(model).check.relative_error is None
+    assert shrink.info(model).check.line().startswith("forward check skipped: the original model does not run on 4 random")
 
 
 def test_quantizing_nothing_is_an_error_that_says_what_the_model_has():

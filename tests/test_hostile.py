@@ -471,7 +471,7 @@ def test_two_writers_on_one_out(tmp_path, hf):
     winner = ["int8", "int4-g32"][next(i for i, (c, _) in enumerate(results) if c == 0)]
     # the folder is whole and is the winner's, as its results say
     assert json.loads((out / "results.json").read_text())["format"] == winner
-    assert set(shrink.load(out).shrink_formats.values()) - {None} == {winner}
+    assert set(shrink.info(shrink.load(out)).formats.values()) - {None} == {winner}
     assert not list(tmp_path.glob(".q.*")), list(tmp_path.iterdir())  # no lock or temporary left
 
 

@@ -15,8 +15,8 @@ def test_quantize_llama_keeps_embeddings_and_lm_head(llama):
     assert isinstance(llama.model.layers[1].mlp.down_proj, QuantLinear)
     assert isinstance(llama.lm_head, torch.nn.Linear) and not isinstance(llama.lm_head, QuantLinear)
     assert isinstance(llama.model.embed_tokens, torch.nn.Embedding)
-    assert llama.shrink_formats["lm_head"] is None
-    assert llama.shrink_formats["model.layers.0.mlp.up_proj"] == "int4-g32"
+    assert shrink.info(llama).formats["lm_head"] is None
+    assert shrink.info(llama).formats["model.layers.0.mlp.up_proj"] == "int4-g32"
     with torch.no_grad():
         out = llama(ids).logits
     assert out.shape == ref.shape

@@ -29,9 +29,9 @@ def test_quantize_takes_a_recipe_or_its_string_alike():
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
-    assert a.shrink_method == "awq+gptq" and a.shrink_calibration["tune_steps"] == 2
+    assert shrink.info(a).method == "awq+gptq" and shrink.info(a).calibration["tune_steps"] == 2
     layer = "model.layers.0.mlp.down_proj"
     c = shrink.quantize(tiny_llama(), "int4-g32", method=Recipe(gptq=GPTQ(damp=0.1, act_order=False)),
                         calibration=calib, progress=False)
-    assert c.shrink_calibration["damp"] == 0.1 and c.shrink_calibration["act_order"] is False
+    assert shrink.info(c).calibration["damp"] == 0.1 and shrink.info(c).calibration["act_order"] is False
     assert c.get_submodule(layer).spec.name == "int4-g32"

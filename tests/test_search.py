@@ -342,11 +342,11 @@ def test_tuned_methods_build_with_block_tuning():
     base = tiny_llama(seed=2)
     tuned = build(Candidate("awq+gptq+tune:int4-g32", "awq+gptq+tune", "int4-g32"), base, students={},
                   calibration=calib)
-    rec = tuned.shrink_calibration
+    rec = shrink.info(tuned).calibration
     assert rec["method"] == "awq+gptq" and rec["tune_steps"] == TUNE_STEPS
     assert "tune_error_after" in rec["layers"]["model.layers.0"]
     plain = build(Candidate("awq+gptq:int4-g32", "awq+gptq", "int4-g32"), base, students={}, calibration=calib)
-    assert "tune_steps" not in plain.shrink_calibration
+    assert "tune_steps" not in shrink.info(plain).calibration
 
 
 def test_result_records_keep_the_results_file_byte_for_byte():

@@ -13,6 +13,7 @@ from rich.table import Table
 from . import __version__
 from .distill import DistillConfig
 from .quant.recipe import METHODS
+from .quant.record import record_of, summary_line
 from .errors import ShrinkError
 
 console = Console(stderr=False)
@@ -176,7 +177,8 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
                             target_bits=target_bits, act_order=act_order, damp=damp, tune_steps=tune_steps)
         run_quantize(loaded.model, spec, method=method, keep_output=not quantize_output, **calib_kw)
         t_quant = time.perf_counter() - t1
-        record = getattr(loaded.model, "shrink_calibration", None)
+        done = record_of(loaded.model)
+        record = done.calibration
         if record:
             d = record["data"]
             console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
@@ -187,26 +189,24 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
                               f"{100 * (1 - ratio):.0f}% lower on average over {len(tuned)} blocks")
             for w in record.get("warnings", []):
                 console.print(f"[yellow]warning[/yellow]: {w}")
-        from .quant.record import layers_done, summary_line
-
-        applied = summary_line(layers_done(loaded.model, method, record), method)
+        applied = summary_line(done.layers, method)
         if applied:
             console.print(f"[yellow]{applied}[/yellow]")
         rows = size_rows(loaded.model, output_name=out_name)
         title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
         console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
-        check = getattr(loaded.model, "shrink_check", None)
+        check = done.check
         if check is not None:
             console.print(check.line() if check.skipped is None else f"[yellow]{check.line()}[/yellow]")
         if target_bits is not None:
             by_format: dict[str, list[str]] = {}
-            for n, f in loaded.model.shrink_formats.items():
+            for n, f in done.formats.items():
                 if f is not None:
                     by_format.setdefault(f, []).append(n)
             for f, names in sorted(by_format.items(), key=lambda kv: -parse_format(kv[0]).bits):
                 shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
                 console.print(f"{f}: {shown}")
-        kept = [n for n, f in loaded.model.shrink_formats.items() if f is None]
+        kept = [n for n, f in done.formats.items() if f is None]
         if kept:
             console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
                           " (and all embeddings)")
@@ -218,7 +218,7 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
             save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force, results={
                 "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
                 "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
-                "target_bits": target_bits, "formats": loaded.model.shrink_formats, "calibration": record,
+                "target_bits": target_bits, "formats": done.formats, "calibration": record,
                 "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
                 "seconds": {"load": t_load, "quantize": t_quant},
                 "check": check.to_dict() if check is not None else None,

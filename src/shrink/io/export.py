@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..atomic import atomic_file
 from ..errors import ShrinkError
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
+from ..quant.record import record_of
 from .gguf_meta import write_metadata
 
 FLOAT_TYPES = ("f16", "f32")
@@ -310,7 +311,7 @@ def _check_target(path: Path, force: bool) -> None:
 
 def source_gguf_of(module: nn.Module) -> Path | None:
     """The GGUF file `module` was loaded from, as its source record says (None if none, or gone)."""
-    src = getattr(module, "shrink_source", None) or {}
+    src = record_of(module).source
     for key in ("gguf", "path"):
         p = src.get(key) if isinstance(src, dict) else None
         if p and str(p).lower().endswith(".gguf") and Path(p).is_file():

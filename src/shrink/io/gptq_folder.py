@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..errors import ShrinkError
 from ..quant import QuantLinear, QuantSpec
 from ..quant.format import QuantizedWeight
+from ..quant.record import update_record
 from ..quant.spec import GROUP_SIZES
 
 BITS = (2, 4, 8)  # bit widths whose codes tile an int32 word (3-bit GPTQ codes straddle words)
@@ -169,9 +170,9 @@ def load_gptq(path: Path, qc: dict):
     if note:
         print(f"note: {path}: {note}", file=sys.stderr)
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    model.shrink_formats = {**{n: model.get_submodule(n).spec.name for n in names}, **{n: None for n in linear}}
-    model.shrink_method = None  # what made the checkpoint is the source's to say
     source = {"kind": "gptq", "path": str(path), **({"note": note} if note else {})}
-    model.shrink_source = source
+    # method None: what made the checkpoint is the source's to say
+    update_record(model, method=None, source=source,
+                  formats={**{n: model.get_submodule(n).spec.name for n in names}, **{n: None for n in linear}})
     model.eval()
     return LoadedModel(model, tokenizer_or_none(path), source)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..atomic import atomic_dir
 from ..errors import ShrinkError
 from ..paths import cache_dir
+from ..quant.record import update_record
 from . import saved
 from .safety import check_config_fits, refuse_custom_code
 
@@ -167,7 +168,7 @@ def load_default() -> LoadedModel:
     out = load_hf_folder(folder)
     out.source = {"kind": "default", "name": "SmolLM2-135M-Instruct", "gguf": str(gguf),
                   "note": "weights dequantized from GGUF Q4_1 (groups of 32, asymmetric)"}
-    out.model.shrink_source = out.source  # recorded by save; export copies the GGUF tokenizer from it
+    update_record(out.model, source=out.source)  # recorded by save; export copies the GGUF tokenizer from it
     return out
 
 
@@ -188,8 +189,9 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.eval()
-    model.shrink_source = {"kind": "gguf", "path": str(path)}
-    return LoadedModel(model, tok, model.shrink_source)
+    source = {"kind": "gguf", "path": str(path)}
+    update_record(model, source=source)
+    return LoadedModel(model, tok, source)
 
 
 def gguf_tokenizer(path: str | os.PathLike):
@@ -299,11 +301,10 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
         note = f"scales rounded to float16 (largest relative change {worst:.1e})"
         print(f"note: {path}: {note}", file=sys.stderr)
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    model.shrink_formats = {**{n: s.name for n, s in formats.items()}, **{n: None for n in linear}}
-    model.shrink_method = None
     model.eval()
     source = {"kind": "compressed-tensors", "path": str(path), **({"note": note} if note else {})}
-    model.shrink_source = source
+    update_record(model, method=None, formats={**{n: s.name for n, s in formats.items()}, **{n: None for n in linear}},
+                  source=source)
     return LoadedModel(model, tokenizer_or_none(path), source)
 
 

@@ -24,7 +24,7 @@ from ..errors import ShrinkError
 from ..outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.check import ForwardCheck
-from ..quant.record import LayerDone, ModelRecord, record_of
+from ..quant.record import LayerDone, ModelRecord, record_of, update_record
 from ..quant.embedding import share_buffers
 from ..quant.replace import set_submodule
 from . import packformat
@@ -83,7 +83,7 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "modules": modules,
         "kept_full_precision": record.kept_full_precision,
         "calibration": record.calibration,
-        "check": record.check,
+        "check": record.check.to_dict() if record.check else None,
         "layout": "pack-quantized" if linear_in_architecture else "shrink",
     }
 
@@ -263,14 +263,9 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     _load_state(model, state, weights)
     for head, table in tied.items():
         share_buffers(model.get_submodule(head), model.get_submodule(table))
-    record = record_from_manifest(manifest)
-    model.shrink_formats = record.formats
-    model.shrink_method = record.method
-    model.shrink_source = manifest.get("source")
-    if record.calibration:
-        model.shrink_calibration = record.calibration
-    if record.check and set(record.check) == {"relative_error", "input", "skipped"}:
-        model.shrink_check = ForwardCheck(**record.check)  # as quantize measured it, kept by a later save
+    record = record_from_manifest(manifest)  # as quantize made it, kept by a later save
+    update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
+                  check=record.check, source=record.source)
     model.eval()
     return model
 
@@ -283,7 +278,8 @@ def record_from_manifest(manifest: dict) -> ModelRecord:
     layers = {n: LayerDone(m["done"]["method"], list(m["done"].get("notes", []))) for n, m in modules.items()
               if m.get("done")}
     return ModelRecord(method=manifest.get("method"), formats=formats, calibration=manifest.get("calibration"),
-                       check=manifest.get("check"), source=manifest.get("source") or {}, layers=layers)
+                       check=ForwardCheck.from_dict(manifest.get("check")), source=manifest.get("source") or {},
+                       layers=layers)
 
 
 def _check_state_shapes(model: nn.Module, header: dict, weights: Path) -> None:

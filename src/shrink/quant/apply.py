@@ -23,6 +23,7 @@ from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
 from .recipe import Recipe, parse_method
+from .record import record_of, update_record
 from .replace import round_to_nearest, set_submodule
 from .format import check_weight
 from .spec import QuantSpec, parse_format
@@ -141,11 +142,11 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe = "r
     keep_output: keep the output layer in full precision (default True).
     backend: kernel backend for the new layers ("auto", "native", "torch"; default $SHRINK_BACKEND or auto).
     progress: show a progress bar (default: when writing to a terminal).
-    The chosen formats are recorded on the model as `model.shrink_formats` (name -> format or None),
-    and for calibrated methods what was done as `model.shrink_calibration`. One sample input (random
-    token ids, pixels, or a batch for the first layer) runs through the model before and after:
-    `model.shrink_check` holds the relative output error (or why the check was skipped); ValueError when
-    the quantized model no longer runs, and when the plan quantizes no layer at all.
+    What was done is recorded on the model (`shrink.info(model)`: the chosen formats, name -> format or
+    None; for calibrated methods the calibration record). One sample input (random token ids, pixels, or
+    a batch for the first layer) runs through the model before and after: the record's `check` holds the
+    relative output error (or why the check was skipped); ValueError when the quantized model no longer
+    runs, and when the plan quantizes no layer at all.
     """
     recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps)
     method, tune_steps = recipe.method, recipe.tune.steps if recipe.tune else 0
@@ -209,12 +210,10 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe = "r
         for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
             set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
     _tie_quantized_embedding(model, assignment, spec, backend)
-    previous = getattr(model, "shrink_formats", {}) or {}
-    model.shrink_formats = {**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}}
-    model.shrink_method = method
-    if record:
-        model.shrink_calibration = record
-    model.shrink_check = _check_forward(model, inputs, described, before, skipped)
+    previous = record_of(model).formats
+    update_record(model, method=method,
+                  formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},
+                  calibration=record or None, check=_check_forward(model, inputs, described, before, skipped))
     return model
 
 

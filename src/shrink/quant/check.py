@@ -30,6 +30,13 @@ class ForwardCheck:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ForwardCheck | None":
+        """From shrink.json's `check` (None when absent or not of this shape)."""
+        if not isinstance(d, dict) or set(d) != {"relative_error", "input", "skipped"}:
+            return None
+        return cls(**d)
+
     def line(self) -> str:
         if self.skipped:
             return f"forward check skipped: {self.skipped}"

@@ -5,10 +5,11 @@ applied (AWQ is then clipping alone). Saved per module in shrink.json and summed
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch.nn as nn
 
+from .check import ForwardCheck
 from .conv import QuantConv2d
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
@@ -83,12 +84,13 @@ class ModelRecord:
     """What was done to a model, in one place: the method asked, the format of every layer planned (None:
     kept in full precision), the calibration record, the forward check, where the model came from, and
     per quantized layer what really produced its weights. The same content as shrink.json's fields of
-    those names; `shrink.info(model)` returns it."""
+    those names; `shrink.info(model)` returns it. A module carries it as `model.shrink_record`
+    (written by quantize and the loaders through `update_record`; read through `record_of`)."""
 
     method: str | None = None
     formats: dict[str, str | None] = field(default_factory=dict)
     calibration: dict | None = None
-    check: dict | None = None
+    check: ForwardCheck | None = None
     source: dict = field(default_factory=dict)
     layers: dict[str, LayerDone] = field(default_factory=dict)
 
@@ -98,18 +100,28 @@ class ModelRecord:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "formats": dict(self.formats), "kept_full_precision": self.kept_full_precision,
-                "calibration": self.calibration, "check": self.check, "source": dict(self.source),
-                "layers": {n: d.to_dict() for n, d in self.layers.items()}}
+                "calibration": self.calibration, "check": self.check.to_dict() if self.check else None,
+                "source": dict(self.source), "layers": {n: d.to_dict() for n, d in self.layers.items()}}
+
+
+ATTRIBUTE = "shrink_record"  # the one attribute shrink sets on a module it quantized or loaded
+
+
+def update_record(model: nn.Module, **changes) -> ModelRecord:
+    """Set fields of the ModelRecord `model` carries (a new one when it has none) and return it."""
+    stored = model.__dict__.get(ATTRIBUTE) or ModelRecord()
+    bad = set(changes) - {"method", "formats", "calibration", "check", "source"}
+    if bad:
+        raise TypeError(f"update_record: no field {', '.join(sorted(bad))} (layers are read from the model)")
+    record = replace(stored, **changes)
+    object.__setattr__(model, ATTRIBUTE, record)  # a plain attribute: not a submodule, parameter or buffer
+    return record
 
 
 def record_of(model: nn.Module) -> ModelRecord:
-    """The ModelRecord of a module as quantize (or a loader) left it; the one reader of the attributes
-    that carry it (shrink_method, shrink_formats, shrink_calibration, shrink_check, shrink_source)."""
-    method = getattr(model, "shrink_method", None)
-    calibration = getattr(model, "shrink_calibration", None)
-    check = getattr(model, "shrink_check", None)
-    if check is not None and not isinstance(check, dict):
-        check = check.to_dict()
-    return ModelRecord(method=method, formats=dict(getattr(model, "shrink_formats", None) or {}),
-                       calibration=calibration, check=check, source=dict(getattr(model, "shrink_source", None) or {}),
-                       layers=layers_done(model, method, calibration))
+    """The ModelRecord of a module as quantize (or a loader) left it, with what produced each quantized
+    layer's weights read from the layers the model holds now (an empty record for a module shrink never
+    touched)."""
+    stored = model.__dict__.get(ATTRIBUTE) or ModelRecord()
+    return replace(stored, formats=dict(stored.formats), source=dict(stored.source or {}),
+                   layers=layers_done(model, stored.method, stored.calibration))
