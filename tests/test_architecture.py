@@ -41,6 +41,21 @@ def test_the_working_parts_depend_on_nothing_above_them_nor_on_each_other(part):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("layer, forbidden", [
+    ("search", ("shrink.api", "shrink.cli")),
+    ("comparing", ("shrink.api", "shrink.cli", "shrink.search")),
+    ("distilling", ("shrink.api", "shrink.cli", "shrink.search")),
+    ("io", ("shrink.api", "shrink.cli", "shrink.search", "shrink.comparing", "shrink.distilling", "shrink.report")),
+    ("report", ("shrink.api", "shrink.cli", "shrink.search", "shrink.comparing", "shrink.distilling", "shrink.io")),
+])
+def test_the_layers_above_the_parts_depend_downwards_only(layer, forbidden):
+    # the verbs (api) and the command line sit on top; search composes the verbs' workers, never the reverse
+    paths = sorted((SRC / layer).rglob("*.py")) if (SRC / layer).is_dir() else [SRC / f"{layer}.py"]
+    bad = [f"{p.relative_to(SRC)} imports {m}" for p in paths for m, _ in _imports(p)
+           if any(m == f or m.startswith(f + ".") for f in forbidden)]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_module_imports_a_private_name_of_another():
     bad = []
     for path in _modules():
@@ -104,13 +119,42 @@ def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
 
 
-def test_the_distill_command_takes_its_defaults_from_the_library():
+@pytest.mark.parametrize("command, config, at_least", [("distill", "DistillConfig", 14), ("quantize", "GPTQ", 4),
+                                                         ("search", "Constraints", 4)])
+def test_commands_take_their_defaults_and_help_from_the_library(command, config, at_least):
     from dataclasses import fields
 
-    from shrink.cli import distill
+    from shrink.cli import main
     from shrink.distill import DistillConfig
+    from shrink.quant.recipe import GPTQ
+    from shrink.search import Constraints
 
-    options = {p.name: p.default for p in distill.params}
-    shared = [f for f in fields(DistillConfig) if f.name in options]
-    assert len(shared) >= 12
-    assert {f.name: options[f.name] for f in shared} == {f.name: f.default for f in shared}
+    params = {p.name: p for p in main.commands[command].params}
+    cls = {"DistillConfig": DistillConfig, "GPTQ": GPTQ, "Constraints": Constraints}[config]
+    shared = [f for f in fields(cls) if f.name in params and "help" in f.metadata]
+    assert len(shared) >= at_least
+    assert {f.name: params[f.name].default for f in shared} == {f.name: f.default for f in shared}
+    assert {f.name: params[f.name].help for f in shared} == {f.name: f.metadata["help"] for f in shared}
+
+
+def test_the_command_line_catches_only_shrink_errors_and_os_errors():
+    from click.testing import CliRunner
+
+    import shrink.cli.common as common
+    from shrink.cli import main
+
+    @main.command("boom-for-test", hidden=True)
+    def boom():
+        raise ValueError("a bug, not bad input")
+
+    @main.command("bad-input-for-test", hidden=True)
+    def bad():
+        raise common.ShrinkError("model.layers.3: bad input")
+
+    try:
+        r = CliRunner().invoke(main, ["boom-for-test"])
+        assert isinstance(r.exception, ValueError) and "a bug, not bad input" in str(r.exception)  # a traceback
+        r = CliRunner().invoke(main, ["bad-input-for-test"])
+        assert r.exit_code == 1 and "Error: model.layers.3: bad input" in r.output
+    finally:
+        del main.commands["boom-for-test"], main.commands["bad-input-for-test"]

@@ -158,6 +158,15 @@ def test_relative_tolerance(tmp_path):
     assert c.relative
 
 
+def test_compare_takes_max_drop_as_search_calls_it(tmp_path):
+    p, orig, comp = _tensor_task(tmp_path)
+    as_search = shrink.compare(orig, comp, p, max_drop=40, relative=True, progress=False)
+    older = shrink.compare(orig, comp, p, tolerance=40, relative=True, progress=False)
+    assert as_search.tolerance == older.tolerance == 40 and as_search.verdict == older.verdict
+    with pytest.raises(ShrinkError, match="max_drop or tolerance"):
+        shrink.compare(orig, comp, p, max_drop=1, tolerance=1)
+
+
 def test_difficulty_slices_without_tags(tmp_path):
     p, orig, comp = _tensor_task(tmp_path)
     z = dict(np.load(p))

@@ -28,13 +28,18 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
     model's own). task: a .jsonl/.npz/.safetensors path, a Task, or None for the built-in default task.
     out: a folder to write report.md, report.html and results.json into: new or empty, or (force=True,
     default False) the folder of an earlier comparison, checked before any work. Other options go to
-    `shrink.evaluate.compare` (tolerance=1.0 points absolute, relative=False, scorer=None,
+    `shrink.evaluate.compare` (max_drop=1.0 points absolute, as `shrink.search` calls it, or by its older
+    name tolerance; relative=False, scorer=None,
     chat_template=None, max_new_tokens=32, progress=None). runtime: what runs `compressed`: "shrink"
     (default: shrink's own PyTorch model) or "llama.cpp" (a .gguf file run by llama.cpp, so the verdict
     is on what llama.cpp computes; needs llama-cpp-python).
     """
     if runtime not in RUNTIMES:
         raise ShrinkError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if "max_drop" in options:  # search's name for the same thing
+        if "tolerance" in options:
+            raise ShrinkError("give max_drop or tolerance (its older name), not both")
+        options["tolerance"] = options.pop("max_drop")
     with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
         a, tok_a, name_a = resolve(original, tokenizer)
         if runtime == "llama.cpp":

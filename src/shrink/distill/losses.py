@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ShrinkError
 from ..outputs import kl_divergence
 
 
@@ -53,14 +54,14 @@ def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
     (1 - cosine similarity per position). Mean over positions selected by mask."""
     s, t = student_hidden.float(), teacher_hidden.float()
     if s.shape != t.shape:
-        raise ValueError(f"hidden states differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)}; "
+        raise ShrinkError(f"hidden states differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)}; "
                          "map layers of the same width or add a projection")
     if kind == "mse":
         d = (s - t).pow(2).mean(-1)
     elif kind == "cosine":
         d = 1 - F.cosine_similarity(s, t, dim=-1)
     else:
-        raise ValueError(f"hidden-state loss {kind!r}: expected 'mse' or 'cosine'")
+        raise ShrinkError(f"hidden-state loss {kind!r}: expected 'mse' or 'cosine'")
     if mask is not None:
         d = d[mask]
     return d.mean()

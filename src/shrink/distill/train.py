@@ -32,28 +32,38 @@ from .layerfit import layer_fit_loss, spans
 from .losses import distillation_loss, embedding_loss, hidden_state_loss
 
 
+def _opt(default, help_text: str):
+    """A config field with its help text (read by the command line, which shows both)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class DistillConfig:
-    """Options of a distillation run; these defaults are also `shrink distill`'s (its --help shows them)."""
+    """Options of a distillation run. Each field's default and help text are also `shrink distill`'s
+    option of that name (the command line is generated from these fields)."""
 
-    temperature: float = 2.0  # softening of both distributions; 2 for LMs as DistilBERT used
-    alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha goes to the hard labels
-    hidden_weight: float = 0.0  # weight of hidden-state matching (HF models, same width)
-    hidden_loss: str = "mse"  # or "cosine"
-    layer_fit_steps: int = 0  # first steps fit each student layer to its teacher span (layerfit.py)
-    layer_fit_lr: float | None = None  # peak learning rate of that stage (None: lr)
-    steps: int = 1000  # optimizer steps (the learning-rate schedule spans them)
-    time_budget: float | None = None  # seconds; stop early (after a checkpoint) when spent
-    batch_size: int = 8  # examples per process per micro-step
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.05  # fraction of steps with linearly rising learning rate
-    max_grad_norm: float = 1.0
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    eval_batches: int | None = None  # cap on evaluation batches (None: the whole held-out split)
-    seed: int = 0
+    temperature: float = _opt(2.0, "Softening of both distributions (2 for language models, as DistilBERT used).")
+    alpha: float = _opt(0.5, "Weight of the soft-target loss; 1 - alpha goes to hard labels.")
+    hidden_weight: float = _opt(0.0, "Weight of matching each student layer's hidden state to the teacher layer it "
+                                     "came from (Hugging Face models of the same width).")
+    hidden_loss: str = _opt("mse", "Loss of hidden-state matching: mse or cosine.")
+    layer_fit_steps: int = _opt(0, "First steps (of --steps) fit each student layer alone to the span of teacher "
+                                   "layers it stands for, on the teacher's hidden states; repairs a student built "
+                                   "from the teacher before end-to-end distillation (0: off).")
+    layer_fit_lr: float | None = _opt(None, "Peak learning rate of layer fitting, which has its own warmup and cosine "
+                                            "decay (default: --lr).")
+    steps: int = _opt(1000, "Optimizer steps (the learning-rate schedule spans them).")
+    time_budget: float | None = _opt(None, "Stop after this many seconds (a checkpoint is written).")
+    batch_size: int = _opt(8, "Examples per process per micro-step.")
+    grad_accum: int = _opt(1, "Micro-steps per optimizer step.")
+    lr: float = _opt(5e-4, "Peak learning rate of AdamW (warmup, then cosine).")
+    weight_decay: float = _opt(0.01, "AdamW's weight decay.")
+    warmup: float = _opt(0.05, "Fraction of the steps with a linearly rising learning rate.")
+    max_grad_norm: float = _opt(1.0, "Gradients are clipped to this norm.")
+    eval_every: int = _opt(100, "Evaluate on the held-out split every this many steps.")
+    checkpoint_every: int = _opt(100, "Write a checkpoint every this many steps.")
+    eval_batches: int | None = _opt(None, "Cap on evaluation batches (default: the whole held-out split).")
+    seed: int = _opt(0, "Seed of the data order and of the student's new weights.")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import ShrinkError
 from .check import ForwardCheck, relative_error, run as run_forward, sample_input
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
@@ -97,7 +98,7 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
     for pattern, _ in rules:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names + embeddings) and pattern != "*":
             example = f" (they are named like {names[len(names) // 2]!r})" if names else ""
-            raise ValueError(f"layer pattern {pattern!r} matches no Linear or Embedding layer of the model{example}")
+            raise ShrinkError(f"layer pattern {pattern!r} matches no Linear or Embedding layer of the model{example}")
     result: dict[str, QuantSpec | None] = {}
     for name in names:
         chosen = None
@@ -111,7 +112,7 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
     for name in embeddings:  # only on request: a pattern other than "*" names them
         chosen = next((fmt for pattern, fmt in rules if pattern != "*" and fnmatch.fnmatchcase(name, pattern)), None)
         if chosen is not None and chosen.cast:
-            raise ValueError(f"embedding {name!r}: embeddings take integer formats (int8, int4-g32, ...), not {chosen.name}")
+            raise ShrinkError(f"embedding {name!r}: embeddings take integer formats (int8, int4-g32, ...), not {chosen.name}")
         if chosen is not None:
             result[name] = chosen
     return result
@@ -155,18 +156,18 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe = "r
     done = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, CastLinear))]
     if done:
         fmt = model.get_submodule(done[0]).spec.name
-        raise ValueError(f"the model is quantized already ({len(done)} layers, {done[0]!r} in {fmt}); quantizing "
+        raise ShrinkError(f"the model is quantized already ({len(done)} layers, {done[0]!r} in {fmt}); quantizing "
                          "it again would round rounded weights: start from the full-precision model")
     _check_options(n_samples, seq_len, target_bits, damp)
     needs_data = method != "rtn" or target_bits is not None
     if calibration is None and needs_data:
         what = f"method {method!r}" if method != "rtn" else "target_bits"
-        raise ValueError(f"{what} needs calibration data: pass calibration=<text file, .jsonl file or tensors>")
+        raise ShrinkError(f"{what} needs calibration data: pass calibration=<text file, .jsonl file or tensors>")
     if tune_steps < 0 or tune_steps and not needs_data:
-        raise ValueError(f"tune_steps={tune_steps}: tuning needs a calibrated method (gptq, awq, awq+gptq) "
+        raise ShrinkError(f"tune_steps={tune_steps}: tuning needs a calibrated method (gptq, awq, awq+gptq) "
                          "or target_bits, and a number of steps >= 0")
     if calibration is not None and not needs_data:
-        raise ValueError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
+        raise ShrinkError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
     if target_bits is not None:
         spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
     assignment = plan(model, spec, keep_output=keep_output)
@@ -191,6 +192,10 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe = "r
 
         data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
         record = {"data": data.record, "method": method, "damp": damp, "act_order": act_order}
+        if recipe.gptq is not None and recipe.gptq.true_sequential:  # non-default GPTQ options, when given
+            record["true_sequential"] = True
+        if recipe.gptq is not None and not recipe.gptq.refit:
+            record["refit"] = False
         if tune_steps:
             record["tune_steps"] = tune_steps
         if target_bits is not None:
@@ -247,11 +252,11 @@ def _check_forward(model: nn.Module, inputs, described: str, before, skipped: st
     try:
         after = run_forward(model, inputs)
     except Exception as e:
-        raise ValueError(f"the quantized model's forward pass fails on {described} ({type(e).__name__}: "
+        raise ShrinkError(f"the quantized model's forward pass fails on {described} ({type(e).__name__}: "
                          f"{str(e)[:200]}); its layers were replaced in place, so do not use it") from None
     err = relative_error(before, after)
     if not math.isfinite(err):
-        raise ValueError(f"the quantized model's output on {described} is not finite or changed shape; its layers "
+        raise ShrinkError(f"the quantized model's output on {described} is not finite or changed shape; its layers "
                          "were replaced in place, so do not use it")
     return ForwardCheck(err, described)
 
@@ -267,9 +272,9 @@ def _refuse_nothing_to_do(model: nn.Module, assignment: dict) -> None:
     others = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
     others = f"; its other layers ({others}) are not quantized by shrink" if others else ""
     if assignment:
-        raise ValueError(f"nothing to quantize: the model's {len(assignment)} Linear layer(s) are all kept in full "
+        raise ShrinkError(f"nothing to quantize: the model's {len(assignment)} Linear layer(s) are all kept in full "
                          f"precision (the output layer is kept unless keep_output=False){others}")
-    raise ValueError(f"nothing to quantize: the model has no Linear or Conv2d layers{others}")
+    raise ShrinkError(f"nothing to quantize: the model has no Linear or Conv2d layers{others}")
 
 
 def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp: float) -> None:
@@ -280,13 +285,13 @@ def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
-        raise ValueError(f"n_samples (calibration windows) must be an integer of 1 or more, got {n_samples!r}")
+        raise ShrinkError(f"n_samples (calibration windows) must be an integer of 1 or more, got {n_samples!r}")
     if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 2):
-        raise ValueError(f"seq_len (tokens per calibration window) must be an integer of 2 or more, got {seq_len!r}")
+        raise ShrinkError(f"seq_len (tokens per calibration window) must be an integer of 2 or more, got {seq_len!r}")
     if target_bits is not None and not (real(target_bits) and 2.5 <= target_bits <= 16):
-        raise ValueError(f"target_bits must be a number from 2.5 to 16 bits per weight, got {target_bits!r}")
+        raise ShrinkError(f"target_bits must be a number from 2.5 to 16 bits per weight, got {target_bits!r}")
     if not (real(damp) and 0 < damp <= 1):
-        raise ValueError(f"damp (GPTQ's dampening, a fraction of the Hessian's mean diagonal) must be more than 0 "
+        raise ShrinkError(f"damp (GPTQ's dampening, a fraction of the Hessian's mean diagonal) must be more than 0 "
                          f"and at most 1, got {damp!r}")
 
 
@@ -297,9 +302,9 @@ def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None
             continue
         w = weight_2d(model.get_submodule(name))
         if fmt.cast and isinstance(model.get_submodule(name), nn.Conv2d):
-            raise ValueError(f"layer {name!r}: convolutions take integer formats (int8, int4-g32, ...), not {fmt.name}")
+            raise ShrinkError(f"layer {name!r}: convolutions take integer formats (int8, int4-g32, ...), not {fmt.name}")
         if fmt.cast:
             if not torch.isfinite(w).all():
-                raise ValueError(f"layer {name!r}: weight has NaN or infinite values")
+                raise ShrinkError(f"layer {name!r}: weight has NaN or infinite values")
         else:
             check_weight(w, fmt, name)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ShrinkError
 from . import kernels
 from .linear import PackedRows, apply_keeping_dtypes
 from .rtn import quantize_weight
@@ -53,7 +54,7 @@ class QuantConv2d(PackedRows):
     def from_conv(cls, conv: nn.Conv2d, spec: QuantSpec | str, name: str = "<conv>") -> "QuantConv2d":
         """Quantize an `nn.Conv2d` by round-to-nearest, one row per output channel."""
         if conv.padding_mode != "zeros":
-            raise ValueError(f"layer {name!r}: padding mode {conv.padding_mode!r} is not supported (only 'zeros')")
+            raise ShrinkError(f"layer {name!r}: padding mode {conv.padding_mode!r} is not supported (only 'zeros')")
         spec = parse_format(spec)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, spec, conv.stride, conv.padding,
                     conv.dilation, conv.groups, bias=conv.bias is not None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ShrinkError
 from .spec import QuantSpec
 
 
@@ -36,14 +37,14 @@ def symmetric_zero(bits: int) -> int:
 def check_weight(weight: torch.Tensor, spec: QuantSpec, name: str) -> None:
     """Raise ValueError, naming the layer, for weights a format cannot hold."""
     if weight.dim() != 2:
-        raise ValueError(f"layer {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+        raise ShrinkError(f"layer {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"layer {name!r}: weight has {bad} NaN or infinite values; cannot quantize")
+        raise ShrinkError(f"layer {name!r}: weight has {bad} NaN or infinite values; cannot quantize")
     k = weight.shape[1]
     g = spec.group_for(k)
     if k % g:
-        raise ValueError(
+        raise ShrinkError(
             f"layer {name!r}: group size {g} of format {spec.name} does not divide its input size {k}; "
             f"choose a group size that divides {k} or keep this layer in full precision"
         )
@@ -84,7 +85,7 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: in
 def _to_fp16(scale: torch.Tensor, name: str) -> torch.Tensor:
     s16 = scale.to(torch.float16)
     if not torch.isfinite(s16).all():
-        raise ValueError(f"layer {name!r}: weights too large for fp16 scales (max |w| = {scale.abs().max():.3g})")
+        raise ShrinkError(f"layer {name!r}: weights too large for fp16 scales (max |w| = {scale.abs().max():.3g})")
     return s16.to(torch.float32)
 
 

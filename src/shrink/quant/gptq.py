@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ShrinkError
 from .format import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
 from .spec import QuantSpec
 
@@ -44,7 +45,7 @@ def hessian_inverse_chol(h: torch.Tensor, damp: float, max_retries: int = 6) -> 
             return torch.linalg.cholesky(hinv, upper=True), damp, retry
         except torch.linalg.LinAlgError:
             damp *= 10
-    raise ValueError(f"Hessian is not positive definite even with dampening {damp:g}")
+    raise ShrinkError(f"Hessian is not positive definite even with dampening {damp:g}")
 
 
 def search_group_clip(wg: torch.Tensor, h: torch.Tensor, spec: QuantSpec, name: str = "<weight>"):

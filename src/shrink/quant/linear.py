@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ShrinkError
 from . import kernels
 from .format import QuantizedWeight, symmetric_zero
 from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)
@@ -186,7 +187,7 @@ class CastLinear(nn.Module):
         """Cast an `nn.Linear`'s weight (and bias) to the format's dtype."""
         layer = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
         if not torch.isfinite(linear.weight).all():
-            raise ValueError(f"layer {name!r}: weight has NaN or infinite values")
+            raise ShrinkError(f"layer {name!r}: weight has NaN or infinite values")
         layer.weight.copy_(linear.weight.detach())
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())

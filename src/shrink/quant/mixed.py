@@ -8,6 +8,7 @@ budget allows.
 
 from __future__ import annotations
 
+from ..errors import ShrinkError
 from .spec import parse_format
 
 DEFAULT_LADDER = ("int2-g32", "int3-g32", "int4-g64", "int4-g32", "int8")
@@ -28,7 +29,7 @@ def allocate(errors: dict[str, dict[str, float]], sizes: dict[str, tuple[int, in
     level = {name: 0 for name in errors}
     used = sum(bits[n][0] * numel[n] for n in errors)
     if used > budget + 1e-6:
-        raise ValueError(f"target of {target_bits} bits per weight is below the narrowest format "
+        raise ShrinkError(f"target of {target_bits} bits per weight is below the narrowest format "
                          f"{ladder[0]} ({used / total:.3f} bits per weight)")
     while True:
         best, best_gain = None, 0.0

@@ -4,7 +4,9 @@ CLI and the search use ("rtn", "gptq", "awq", "awq+gptq", each optionally "+tune
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..errors import ShrinkError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")  # the base methods; shrink.json's "method" is one of them
 DEFAULT_TUNE_STEPS = 32  # "+tune" without a count
@@ -22,10 +24,14 @@ class GPTQ:
     activation order (`act_order`, groups kept static), Hessians from the block's full-precision run unless
     `true_sequential`, and group scales re-solved for the chosen codes after (`refit`)."""
 
-    damp: float = 0.01
-    act_order: bool = True
-    true_sequential: bool = False
-    refit: bool = True
+    damp: float = field(default=0.01, metadata={"help": "GPTQ: Hessian dampening, fraction of its mean diagonal."})
+    act_order: bool = field(default=True, metadata={
+        "help": "GPTQ: quantize columns in order of activation size (groups stay static, so the format is unchanged)."})
+    true_sequential: bool = field(default=False, metadata={
+        "help": "GPTQ: collect each layer's Hessian after the layers before it in its block are quantized, "
+                "instead of from the block's full-precision run."})
+    refit: bool = field(default=True, metadata={
+        "help": "GPTQ: after rounding, solve each layer's group scales again for the codes it chose."})
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,9 @@ class Tune:
     """Block tuning after the method: each block's fp16 scales and norm weights (codes fixed), `steps`
     Adam steps against the full-precision block's output."""
 
-    steps: int = DEFAULT_TUNE_STEPS
+    steps: int = field(default=DEFAULT_TUNE_STEPS, metadata={
+        "help": "After a calibrated method, tune each block's scales and norm weights (codes fixed) by this many "
+                "steps against the full-precision block's output (0: off)."})
 
 
 @dataclass(frozen=True)
@@ -59,22 +67,24 @@ class Recipe:
         return self.method != "rtn" or self.tune is not None
 
 
-def parse_method(method: str | Recipe, *, damp: float = 0.01, act_order: bool = True, tune_steps: int = 0) -> Recipe:
+def parse_method(method: str | Recipe, *, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
+                 tune_steps: int = 0, true_sequential: bool = GPTQ.true_sequential, refit: bool = GPTQ.refit) -> Recipe:
     """The Recipe of a method string (or a Recipe, returned as is): one of METHODS, optionally followed by
-    "+tune" (DEFAULT_TUNE_STEPS steps) or "+tuneN". damp and act_order configure GPTQ; tune_steps > 0 adds
-    tuning to a string without it. ValueError naming the methods for anything else."""
+    "+tune" (DEFAULT_TUNE_STEPS steps) or "+tuneN". damp, act_order, true_sequential and refit configure
+    GPTQ (defaults: GPTQ's); tune_steps > 0 adds tuning to a string without it. ShrinkError naming the
+    methods for anything else."""
     if isinstance(method, Recipe):
         return method
     m = re.fullmatch(r"(rtn|gptq|awq|awq\+gptq)(?:\+tune(\d*))?", method) if isinstance(method, str) else None
     if m is None:
-        raise ValueError(f"unknown method {method!r}: available methods are {', '.join(METHODS)} "
+        raise ShrinkError(f"unknown method {method!r}: available methods are {', '.join(METHODS)} "
                          "(a calibrated one may end in +tune or +tuneN)")
     base, tune = m.group(1), m.group(2)
     if tune is not None and base == "rtn":
-        raise ValueError(f"method {method!r}: tuning needs a calibrated method (gptq, awq, awq+gptq)")
+        raise ShrinkError(f"method {method!r}: tuning needs a calibrated method (gptq, awq, awq+gptq)")
     steps = (int(tune) if tune else DEFAULT_TUNE_STEPS) if tune is not None else tune_steps
     if tune is not None and tune_steps and tune_steps != steps:
-        raise ValueError(f"method {method!r} and tune_steps={tune_steps} disagree; give the steps once")
+        raise ShrinkError(f"method {method!r} and tune_steps={tune_steps} disagree; give the steps once")
     return Recipe(awq=AWQ() if base.startswith("awq") else None,
-                  gptq=GPTQ(damp=damp, act_order=act_order) if base.endswith("gptq") else None,
+                  gptq=GPTQ(damp, act_order, true_sequential, refit) if base.endswith("gptq") else None,
                   tune=Tune(steps) if steps else None)

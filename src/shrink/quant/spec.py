@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import ShrinkError
+
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)
 CASTS = ("bf16", "fp16")
@@ -74,11 +76,11 @@ def parse_format(text: str | QuantSpec) -> QuantSpec:
         f"groups {'/'.join(map(str, GROUP_SIZES))} or none for per-channel, optional -asym) or bf16/fp16"
     )
     if not m:
-        raise ValueError(f"unknown format {text!r}: {hint}")
+        raise ShrinkError(f"unknown format {text!r}: {hint}")
     bits = int(m["bits"])
     if bits not in BITS:
-        raise ValueError(f"unknown format {text!r}: {bits} bits is not supported; {hint}")
+        raise ShrinkError(f"unknown format {text!r}: {bits} bits is not supported; {hint}")
     group = int(m["group"]) if m["group"] else None
     if group is not None and group not in GROUP_SIZES:
-        raise ValueError(f"unknown format {text!r}: group size {group} is not supported; {hint}")
+        raise ShrinkError(f"unknown format {text!r}: group size {group} is not supported; {hint}")
     return QuantSpec(bits=bits, group_size=group, symmetric=not m["asym"])

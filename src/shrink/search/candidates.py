@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
+from ..errors import ShrinkError
 from ..quant import parse_format, parse_method, quantize
 from ..quant.recipe import DEFAULT_TUNE_STEPS
 
@@ -134,7 +135,7 @@ def build(c: Candidate, original: nn.Module, *, students: dict[str, nn.Module], 
     kw = {}
     if c.needs_calibration:
         if calibration is None:
-            raise ValueError(f"candidate {c.name}: needs calibration data")
+            raise ShrinkError(f"candidate {c.name}: needs calibration data")
         kw = dict(calibration=calibration, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len)
     method = parse_method(c.method)  # "+tune" adds block tuning (TUNE_STEPS)
     if c.target_bits is not None:

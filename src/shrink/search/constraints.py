@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..errors import ShrinkError
 
@@ -78,14 +78,17 @@ class Constraints:
     max_trials: candidates it may measure (None: no limit).
     """
 
-    max_drop: float = 1.0
-    relative: bool = False
+    max_drop: float = field(default=1.0, metadata={
+        "help": "Quality the compressed model may lose, in points (0-100), at the far end of its 95% interval; "
+                "with --relative, percent of the original's score."})
+    relative: bool = field(default=False, metadata={"help": "--max-drop is a percentage of the original's score."})
     max_size: int | None = None
     max_latency: float | None = None
     latency_per: str = "example"
-    objective: str = "size"
+    objective: str = field(default="size", metadata={
+        "help": "What the recommendation minimises among the candidates that qualify: size or latency."})
     time: float | None = None
-    max_trials: int | None = None
+    max_trials: int | None = field(default=None, metadata={"help": "Measure at most this many candidates."})
 
     def __post_init__(self):
         problems = []

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from ..atomic import swap_in, write_json, write_text
 from ..distill.cache import model_fingerprint
+from ..distilling import distill
 from ..errors import ShrinkError
 from ..evaluate import compare as compare_models
 from ..evaluate.adapters import adapter_for
@@ -446,8 +447,6 @@ def _best_name(out: Path) -> str | None:
 
 def _train_student(spec: str, teacher: nn.Module, tok, data, out: Path, seconds: float, options: dict, progress):
     """Distill (or, when a previous run finished it, load) the student `spec` under out/students/."""
-    from ..distilling import distill
-
     folder = out / "students" / spec.replace("/", "_").replace(":", "_")
     if (folder / "results.json").is_file() and (folder / "model").is_dir():  # trained by an earlier run
         return load_model(folder / "model").model.eval()

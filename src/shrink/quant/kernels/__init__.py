@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ...errors import ShrinkError
 from . import native, reference
 
 # From this many rows on (prompt processing, large batches) a float GEMM on weights dequantized by the
@@ -29,7 +30,7 @@ def default_backend() -> str:
     """$SHRINK_BACKEND if set (auto, native or torch), else auto."""
     b = os.environ.get("SHRINK_BACKEND", "auto")
     if b not in BACKENDS:
-        raise ValueError(f"SHRINK_BACKEND={b!r}: expected one of {', '.join(BACKENDS)}")
+        raise ShrinkError(f"SHRINK_BACKEND={b!r}: expected one of {', '.join(BACKENDS)}")
     return b
 
 

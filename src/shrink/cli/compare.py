@@ -1,0 +1,107 @@
+"""`shrink compare`: the compressed model against the original on a task, example by example."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import ShrinkError
+from .common import FORCE, Number, console, main
+
+
+@main.command()
+@click.argument("original")
+@click.argument("compressed")
+@click.option("--task", "-t", default=None, metavar="FILE",
+              help="Task file: .jsonl (generation, multiple choice, classification or perplexity examples), or "
+                   ".npz/.safetensors tensors (x, y) for plain classifiers. Default: the built-in task of short "
+                   "questions with exact answers, written for the default model.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write report.md, report.html (with plots) and results.json to this folder.")
+@click.option("--max-drop", "--tolerance", "tolerance", default=1.0, show_default=True, type=Number(0, 100),
+              help="Allowed loss of score, in points (0-100 scale) unless --relative (as shrink search's --max-drop; "
+                   "--tolerance is its older name).")
+@click.option("--relative", is_flag=True, help="--max-drop is a percentage of the original's score instead of points.")
+@click.option("--scorer", default=None, metavar="MODULE:FUNCTION",
+              help="Score generated outputs with this Python function f(output, example) -> float in [0, 1] or "
+                   "bool; MODULE is importable from the current folder, or a path to a .py file. This RUNS that "
+                   "file's code (only for generation tasks, the ones that use a scorer): pass only your own.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=Number(1, 1 << 20, integer=True),
+              help="Greedy generation length for examples that give none.")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap prompts in the tokenizer's chat template. Default: when the tokenizer has one.")
+@click.option("--strict", is_flag=True, help="Exit with code 3 when the compressed model is past the sweet spot.")
+@click.option("--runtime", type=click.Choice(["shrink", "llama.cpp"]), default="shrink", show_default=True,
+              help="What runs COMPRESSED: shrink's own model, or llama.cpp running a .gguf file (needs "
+                   "llama-cpp-python: bash scripts/setup.sh --llama-cpp), so the verdict is on what llama.cpp computes.")
+@FORCE
+
+
+def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, strict,
+            runtime, force):
+    """Compare COMPRESSED against ORIGINAL on a task, example by example.
+
+    Each model may be "default", a .gguf file, a Hugging Face folder or a folder saved by shrink; with
+    --runtime llama.cpp, COMPRESSED is a .gguf file that llama.cpp runs.
+    Prints the verdict (within tolerance, or past the sweet spot and why), scores per slice
+    (tags, difficulty from the original's confidence, input length) with bootstrap intervals and
+    McNemar's test on flips, and for language models the KL divergence of next-token distributions.
+    """
+    from contextlib import nullcontext
+
+    from ..comparing import OUT_NAMES, compare as run_compare
+    from ..evaluate import load_task
+    from ..outdir import claim
+
+    from ..evaluate.compare import check_options
+
+    tk = load_task(task)  # fail on a bad task or options before loading models
+    check_options(tk, tolerance, scorer)
+    with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
+        with console.status("loading models"):
+            from ..io import load_model
+
+            if runtime == "llama.cpp":
+                from ..evaluate.llamacpp import available
+
+                if available():
+                    raise ShrinkError(available())
+            a = load_model(original)
+            b = load_model(compressed) if runtime == "shrink" else compressed
+        result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
+                             max_new_tokens=max_new_tokens, chat_template=chat_template, runtime=runtime,
+                             names=(Path(original).name, Path(compressed).name), force=force)
+    _print_comparison(result)
+    if out is not None:
+        console.print(f"report: {out / 'report.html'} (and report.md, results.json)")
+    if strict and not result.within:
+        sys.exit(3)
+
+
+def _print_comparison(c) -> None:
+    from ..report.comparison import SLICE_HEAD, divergence_lines, model_rows, slice_rows
+
+    console.print(f"[bold {'green' if c.within else 'red'}]{c.verdict}[/]")
+    from rich import box
+
+    t = Table(title=f"{c.task['name']}: {c.task['kind']}, {c.task['examples']} examples"
+                    + (f", {c.errors} failed" if c.errors else ""), box=box.SIMPLE_HEAD)
+    # numbers never wrap; past slices are shown in red (the report names them), so the table fits 80 columns
+    for i, col in enumerate(("slice", "n", "orig", "comp", "change", "95% CI", "R→W", "W→R", "p")):
+        t.add_column(col, justify="left" if i == 0 else "right", no_wrap=i > 0, overflow="fold" if i == 0 else "ellipsis")
+    ci, past = SLICE_HEAD.index("95% CI"), len(SLICE_HEAD) - 1  # the last column says PAST
+    for r in slice_rows(c):
+        r[ci] = r[ci].replace(" … ", "…")
+        t.add_row(*r[:past], style="bold red" if r[past] == "PAST" else None)
+    console.print(t)
+    m = Table()
+    for col in ("model", "kind", "size", "time per example"):
+        m.add_column(col)
+    for r in model_rows(c):
+        m.add_row(*r)
+    console.print(m)
+    for line in divergence_lines(c):
+        console.print(line)

@@ -1,0 +1,54 @@
+"""`shrink export`: a folder saved by shrink as a GGUF file for llama.cpp, codes copied exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import ShrinkError
+from .common import FORCE, console, main, mb
+
+
+@main.command()
+@click.argument("model")
+@click.option("--gguf", "gguf_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The GGUF file to write.")
+@click.option("--float", "float_type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="Type of the embeddings and the layers kept in full precision.")
+@click.option("--requantize", default=None, metavar="TYPE",
+              help="Re-quantize layers no GGUF type holds exactly (int3, int2, groups of 16) into this gguf-py type "
+                   "(e.g. Q4_0); without it they are refused.")
+@FORCE
+
+
+def export(model, gguf_path, float_type, requantize, force):
+    """Write MODEL (a folder saved by shrink) as a GGUF file for llama.cpp, copying its codes exactly.
+
+    int4 -> Q4_0, int8 -> Q8_0, int4-asym -> Q4_1 (offsets rounded to fp16), bf16/fp16 layers as they
+    are; q/k rows permuted as llama.cpp expects; the tokenizer and chat template copied from the GGUF file
+    the model came from, else built from its tokenizer. The file is read back and checked tensor by
+    tensor before it is put in place. Check it in llama.cpp with
+    `shrink compare ORIGINAL OUT.gguf --runtime llama.cpp`."""
+    from ..io import is_shrink_folder
+    from ..io.export import export_gguf
+
+    if not (Path(model).is_dir() and is_shrink_folder(model)):
+        raise ShrinkError(f"{model}: not a folder saved by shrink (export takes the --out of shrink quantize)")
+    with console.status("exporting"):
+        r = export_gguf(model, gguf_path, float_type=float_type, requantize=requantize, force=force)
+    t = Table(title=f"{model} -> {r.path}")
+    for col in ("GGUF type", "tensors", "largest difference read back"):
+        t.add_column(col, justify="left" if col == "GGUF type" else "right")
+    for kind, n in sorted(r.tensors.items()):
+        err = r.max_error.get(kind, 0.0)
+        t.add_row(kind, str(n), "0 (exact)" if err == 0 else f"{err:.2g}")
+    console.print(t)
+    console.print(f"{mb(r.bytes)} MB; {r.metadata_from}")
+    if r.requantized:
+        share = sum(r.requantized.values()) / len(r.requantized)
+        console.print(f"[yellow]re-quantized {len(r.requantized)} layers to {requantize.upper()}: {share:.1%} of "
+                      f"their weights changed value (these layers differ from what shrink measured)[/yellow]")
+    for note in r.notes:
+        console.print(f"note: {note}")

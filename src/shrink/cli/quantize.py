@@ -1,0 +1,146 @@
+"""`shrink quantize`: quantize a model's layers, print sizes before and after, save it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import ShrinkError
+from ..quant.recipe import GPTQ, METHODS, Tune, parse_method
+from ..quant.record import record_of, summary_line
+from .common import FORCE, Number, config_option, console, field_help, main, mb, size_table
+
+
+def _parse_layers(items: tuple[str, ...]) -> dict:
+    mapping = {}
+    for item in items:
+        if "=" not in item:
+            raise ShrinkError(f"--layer {item!r}: expected GLOB=FORMAT, e.g. 'model.layers.0.*=int8' or 'lm_head=none'")
+        glob, fmt = item.rsplit("=", 1)
+        mapping[glob.strip()] = None if fmt.strip().lower() in ("none", "fp32", "keep") else fmt.strip()
+    return mapping
+
+
+@main.command()
+@click.argument("model", default="default")
+@click.option("--format", "-f", "fmt", default="int4-g64", show_default=True,
+              help="Format for every Linear layer: int8, int8-gN, int4-gN, int3-gN, int2-gN (N in 16/32/64/128, "
+                   "omit -gN for per-channel), optional -asym; or bf16/fp16.")
+@click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
+              help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="rtn", show_default=True,
+              help="rtn: round to nearest (no data); gptq: error-compensating GPTQ; awq: activation-aware scaling "
+                   "and clipping; awq+gptq: scaling, then GPTQ. All but rtn need --calibration.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration text: a .txt file, or .jsonl with a \"text\" (or \"input\") field per line. "
+                   "Keep it apart from the text you evaluate on.")
+@click.option("--samples", default=128, show_default=True, type=Number(1, 1 << 20, integer=True),
+              help="Calibration windows to use.")
+@click.option("--seq-len", default=512, show_default=True, type=Number(2, 1 << 20, integer=True),
+              help="Tokens per calibration window.")
+@click.option("--target-bits", type=Number(2.5, 16), default=None,
+              help="Mixed precision: choose a format per layer (int2-g32, int3-g32, int4-g64, int4-g32, int8) so the quantized layers "
+                   "average at most this many bits per weight, the most sensitive kept wider. Needs --calibration.")
+@config_option(GPTQ, "act_order", "--act-order/--no-act-order")
+@config_option(GPTQ, "damp", type=Number(0, 1, lo_open=True))
+@config_option(GPTQ, "true_sequential", "--true-sequential/--no-true-sequential")
+@config_option(GPTQ, "refit", "--refit/--no-refit")
+@click.option("--tune-steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help=field_help(Tune, "steps") + " A good value: 32.")
+@click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Save the quantized model and results.json to this folder (written atomically); it must be new "
+                   "or empty, or with --force a model shrink saved there.")
+@FORCE
+
+
+def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
+             tune_steps, quantize_output, out, force):
+    """Quantize MODEL's Linear layers and print sizes before and after.
+
+    MODEL defaults to the built-in SmolLM2-135M-Instruct.
+    Embeddings and the output layer stay in full precision unless asked. With --out, writes
+    model.safetensors, shrink.json, config and tokenizer, and results.json.
+    """
+    from ..quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
+
+    parse_format(fmt)  # fail on bad options before loading anything
+    if (method != "rtn" or target_bits is not None) and calibration is None:
+        raise ShrinkError(f"--method {method}{' --target-bits' if target_bits else ''} needs --calibration FILE")
+    if calibration is not None and not calibration.is_file():
+        raise ShrinkError(f"{calibration}: calibration file not found")
+    if calibration is not None and method == "rtn" and target_bits is None:
+        raise ShrinkError("--calibration is used by --method gptq/awq/awq+gptq or --target-bits; rtn needs none")
+    if tune_steps and calibration is None:
+        raise ShrinkError("--tune-steps needs a calibrated method (--method gptq/awq/awq+gptq or --target-bits) "
+                          "and --calibration FILE")
+    spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
+    from contextlib import nullcontext
+
+    from ..io import is_own_folder, load_model, save
+    from ..outdir import claim
+
+    with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
+        t0 = time.perf_counter()
+        with console.status("loading model"):
+            loaded = load_model(model)
+        t_load = time.perf_counter() - t0
+        out_name = output_layer_name(loaded.model)
+        t1 = time.perf_counter()
+        calib_kw = {}
+        if calibration is not None:
+            calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len,
+                            target_bits=target_bits)
+        recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
+                              true_sequential=true_sequential, refit=refit)
+        run_quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, **calib_kw)
+        t_quant = time.perf_counter() - t1
+        done = record_of(loaded.model)
+        record = done.calibration
+        if record:
+            d = record["data"]
+            console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
+            tuned = [v for v in record["layers"].values() if v.get("tune_error_before")]
+            if tuned:
+                ratio = sum(v["tune_error_after"] / v["tune_error_before"] for v in tuned) / len(tuned)
+                console.print(f"tuning ({record['tune_steps']} steps per block): block output error "
+                              f"{100 * (1 - ratio):.0f}% lower on average over {len(tuned)} blocks")
+            for w in record.get("warnings", []):
+                console.print(f"[yellow]warning[/yellow]: {w}")
+        applied = summary_line(done.layers, method)
+        if applied:
+            console.print(f"[yellow]{applied}[/yellow]")
+        rows = size_rows(loaded.model, output_name=out_name)
+        title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
+        console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
+        check = done.check
+        if check is not None:
+            console.print(check.line() if check.skipped is None else f"[yellow]{check.line()}[/yellow]")
+        if target_bits is not None:
+            by_format: dict[str, list[str]] = {}
+            for n, f in done.formats.items():
+                if f is not None:
+                    by_format.setdefault(f, []).append(n)
+            for f, names in sorted(by_format.items(), key=lambda kv: -parse_format(kv[0]).bits):
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
+                console.print(f"{f}: {shown}")
+        kept = [n for n, f in done.formats.items() if f is None]
+        if kept:
+            console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
+                          " (and all embeddings)")
+        total = rows[-1]
+        bpw = quantized_bits_per_weight(loaded.model)
+        console.print(f"quantized layers: {bpw:.3f} bits/weight; model {mb(total.bytes_fp32)} MB -> {mb(total.bytes_now)} MB "
+                      f"({total.bytes_fp32 / max(total.bytes_now, 1):.2f}x smaller); load {t_load:.1f}s, quantize {t_quant:.1f}s")
+        if out is not None:
+            save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force, results={
+                "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
+                "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
+                "target_bits": target_bits, "formats": done.formats, "calibration": record,
+                "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
+                "seconds": {"load": t_load, "quantize": t_quant},
+                "check": check.to_dict() if check is not None else None,
+            })
+            console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
