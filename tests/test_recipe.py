@@ -35,3 +35,12 @@ def test_quantize_takes_a_recipe_or_its_string_alike():
                         calibration=calib, progress=False)
     assert shrink.info(c).calibration["damp"] == 0.1 and shrink.info(c).calibration["act_order"] is False
     assert c.get_submodule(layer).spec.name == "int4-g32"
+
+
+def test_a_list_of_method_objects_is_a_recipe_in_the_order_they_run():
+    assert parse_method([AWQ(), GPTQ(damp=0.05), Tune(8)]) == Recipe(AWQ(), GPTQ(damp=0.05), Tune(8))
+    assert parse_method([GPTQ(true_sequential=True)]).gptq.true_sequential
+    for steps, msg in (([GPTQ(), AWQ()], "AWQ must come before GPTQ"), ([GPTQ(), GPTQ()], "GPTQ given twice"),
+                       ([Tune(4)], "Tune needs a calibrated method"), (["gptq"], "expected AWQ")):
+        with pytest.raises(shrink.ShrinkError, match=msg):
+            parse_method(steps)

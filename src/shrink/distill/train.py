@@ -303,6 +303,92 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     _check_config(cfg)
     rank, world = _world()
     torch.manual_seed(cfg.seed)
+    fit_spans = _check_request(teacher, data, cfg, layer_map, teacher_cache, augment)
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    _check_shapes(teacher, student, data)
+    if cfg.batch_size * world > len(data):
+        raise ShrinkError(f"{data.source}: {len(data)} training examples are fewer than one global batch "
+                          f"({cfg.batch_size} x {world} processes)")
+    student.train()
+    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    loss_of = _Losses(teacher, student, model, cfg, data.kind, layer_map, fit_spans, teacher_cache)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    pos = _Position(len(data), cfg.seed)
+    step, history, best = 0, [], None
+    out = Path(out) if out is not None else None
+    resumed = None
+    if resume:
+        step, pos, history, best = _restore(out, student, opt, sched, cfg, data)
+        resumed = step
+
+    global_batch = cfg.batch_size * world
+    units = data.units_per_example() * global_batch * cfg.grad_accum
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step",
+               disable=(rank != 0) or (None if progress is None else not progress))
+    stop = False
+    while step < cfg.steps and not stop:
+        # one optimizer step: grad_accum micro-steps, each rank on its share of the global batch
+        opt.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = pos.take(global_batch)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            x, y = _batch(data, idx)
+            if augment is not None:
+                x = augment(x)
+            fitting = step < cfg.layer_fit_steps  # the layers run outside DistributedDataParallel then
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            with model.no_sync() if (world > 1 and not sync and not fitting) else contextlib.nullcontext():
+                loss, parts = loss_of(step, x, y, idx)
+                (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+            last_loss = loss.item()
+        if world > 1 and step < cfg.layer_fit_steps:
+            _average_gradients(student, world)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        step += 1
+
+        elapsed = time.perf_counter() - t0
+        rate = (step - (resumed or 0)) * units / max(elapsed, 1e-9)
+        bar.set_postfix(loss=f"{last_loss:.4f}", **{f"{data.unit()}/s": f"{rate:,.0f}"})
+        bar.update(1)
+        out_of_time = cfg.time_budget is not None and elapsed >= cfg.time_budget
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            metrics = {"step": step, "loss": last_loss, **parts_sum, "lr": sched.get_last_lr()[0],
+                       "seconds": round(elapsed, 2), **evaluate(student, teacher, data, cfg)}
+            history.append(metrics)
+            if on_eval is not None:
+                on_eval(step, metrics)
+            if best is None or _selection(metrics) < _selection(best):
+                best = metrics
+                if out is not None and rank == 0:
+                    with atomic_dir(out / "best", replaceable=lambda p: (p / "student.safetensors").exists()) as tmp:
+                        save_model(student, str(tmp / "student.safetensors"))
+        if out is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
+            _save_checkpoint(out / "checkpoint", student, opt, sched, step, pos, best, history, cfg, data)
+        stop = _all_stop(out_of_time, world)
+    bar.close()
+    result = DistillResult(step, history, best, time.perf_counter() - t0, str(out) if out else None, resumed)
+    if out is not None and rank == 0:
+        write_json(out / "results.json", {"steps": step, "resumed_from": resumed, "seconds": result.seconds,
+                                          "config": asdict(cfg), "data": {"source": data.source,
+                                                                          "fingerprint": data.fingerprint,
+                                                                          "train": len(data), "eval": len(data.eval_x)},
+                                          "best": best, "history": history, "world_size": world})
+    return result
+
+
+def _check_request(teacher, data: DistillData, cfg: DistillConfig, layer_map, teacher_cache, augment):
+    """Refuse combinations that cannot train; returns the teacher spans of layer fitting (None: off)."""
     use_hidden = cfg.hidden_weight > 0
     if use_hidden and (data.kind == "tensor" or not layer_map):
         raise ShrinkError("hidden-state matching needs Hugging Face models and a layer map (student layer -> teacher layer)")
@@ -323,118 +409,53 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
     if data.kind == "sentences" and (teacher is None or teacher_cache is not None):
         raise ShrinkError("an encoder is distilled by matching the teacher's embeddings at every step: it needs "
                           "a teacher, and cannot use a cache of top-k logits")
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    _check_shapes(teacher, student, data)
-    if cfg.batch_size * world > len(data):
-        raise ShrinkError(f"{data.source}: {len(data)} training examples are fewer than one global batch "
-                          f"({cfg.batch_size} x {world} processes)")
-    student.train()
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(student)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    pos = _Position(len(data), cfg.seed)
-    step, history, best = 0, [], None
-    out = Path(out) if out is not None else None
-    resumed = None
-    if resume:
-        step, pos, history, best = _restore(out, student, opt, sched, cfg, data)
-        resumed = step
+    return fit_spans
 
-    global_batch = cfg.batch_size * world
-    units = data.units_per_example() * global_batch * cfg.grad_accum
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step",
-               disable=(rank != 0) or (None if progress is None else not progress))
-    last_loss = float("nan")
-    stop = False
-    while step < cfg.steps and not stop:
-        opt.zero_grad(set_to_none=True)
-        parts_sum: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            idx = pos.take(global_batch)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            x, y = _batch(data, idx)
-            if augment is not None:
-                x = augment(x)
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            if step < cfg.layer_fit_steps:
-                loss = layer_fit_loss(teacher, student, x, fit_spans)
-                parts = {"layer_fit": loss.item()}
-                (loss / cfg.grad_accum).backward()
-            else:
-                with ctx:
-                    s_logits, s_hidden = _forward(model, x, data.kind, use_hidden)
-                    t_logits = t_hidden = topk = None
-                    if teacher_cache is not None:
-                        topk = (teacher_cache[0][idx].float(), teacher_cache[1][idx].long())
-                    elif teacher is not None and cfg.alpha > 0:
-                        with torch.no_grad():
-                            t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
-                    if data.kind == "sentences":
-                        if t_logits is None:
-                            with torch.no_grad():
-                                t_logits, t_hidden = _forward(teacher, x, data.kind, use_hidden)
-                        loss = embedding_loss(s_logits, t_logits)
-                        parts = {"embedding": loss.item()}
-                    else:
-                        loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature,
-                                                        alpha=cfg.alpha, teacher_topk=topk)
-                    if use_hidden:
-                        mask = _token_mask(x, data.kind)
-                        h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss, mask)
-                                for si, ti in layer_map.items())
-                        h = h / len(layer_map)
-                        loss = loss + cfg.hidden_weight * h
-                        parts["hidden"] = h.item()
-                    (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
-            last_loss = loss.item()
-        if world > 1 and step < cfg.layer_fit_steps:
-            _average_gradients(student, world)  # the layers ran outside DistributedDataParallel
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        step += 1
-        elapsed = time.perf_counter() - t0
-        rate = (step - (resumed or 0)) * units / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{last_loss:.4f}", **{f"{data.unit()}/s": f"{rate:,.0f}"})
-        bar.update(1)
-        out_of_time = cfg.time_budget is not None and elapsed >= cfg.time_budget
-        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-            metrics = {"step": step, "loss": last_loss, **parts_sum, "lr": sched.get_last_lr()[0],
-                       "seconds": round(elapsed, 2), **evaluate(student, teacher, data, cfg)}
-            history.append(metrics)
-            if on_eval is not None:
-                on_eval(step, metrics)
-            if best is None or _selection(metrics) < _selection(best):
-                best = metrics
-                if out is not None and rank == 0:
-                    with atomic_dir(out / "best", replaceable=lambda p: (p / "student.safetensors").exists()) as tmp:
-                        save_model(student, str(tmp / "student.safetensors"))
-        if out is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
-            _save_checkpoint(out / "checkpoint", student, opt, sched, step, pos, best, history, cfg, data)
-        if world > 1:
-            flag = torch.tensor([1.0 if out_of_time else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop together
-            out_of_time = bool(flag.item())
-        stop = out_of_time
-    bar.close()
-    result = DistillResult(step, history, best, time.perf_counter() - t0, str(out) if out else None, resumed)
-    if out is not None and rank == 0:
-        write_json(out / "results.json", {"steps": step, "resumed_from": resumed, "seconds": result.seconds,
-                                          "config": asdict(cfg), "data": {"source": data.source,
-                                                                          "fingerprint": data.fingerprint,
-                                                                          "train": len(data), "eval": len(data.eval_x)},
-                                          "best": best, "history": history, "world_size": world})
-    return result
+
+class _Losses:
+    """The loss of one micro-step and its parts: layer fitting in its first steps, then soft targets (from
+    the teacher, or its cached top-k) mixed with hard labels, or for encoders the embedding loss; plus
+    hidden-state matching when weighted."""
+
+    def __init__(self, teacher, student, model, cfg: DistillConfig, kind: str, layer_map, fit_spans, teacher_cache):
+        self.teacher, self.student, self.model, self.cfg, self.kind = teacher, student, model, cfg, kind
+        self.layer_map, self.fit_spans, self.teacher_cache = layer_map, fit_spans, teacher_cache
+        self.use_hidden = cfg.hidden_weight > 0
+
+    def __call__(self, step: int, x, y, idx) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        if step < cfg.layer_fit_steps:
+            loss = layer_fit_loss(self.teacher, self.student, x, self.fit_spans)
+            return loss, {"layer_fit": loss.item()}
+        s_logits, s_hidden = _forward(self.model, x, self.kind, self.use_hidden)
+        t_logits = t_hidden = topk = None
+        if self.teacher_cache is not None:
+            topk = (self.teacher_cache[0][idx].float(), self.teacher_cache[1][idx].long())
+        elif self.teacher is not None and (cfg.alpha > 0 or self.kind == "sentences"):
+            with torch.no_grad():
+                t_logits, t_hidden = _forward(self.teacher, x, self.kind, self.use_hidden)
+        if self.kind == "sentences":
+            loss = embedding_loss(s_logits, t_logits)
+            parts = {"embedding": loss.item()}
+        else:
+            loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
+                                            teacher_topk=topk)
+        if self.use_hidden:
+            mask = _token_mask(x, self.kind)
+            h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss, mask)
+                    for si, ti in self.layer_map.items()) / len(self.layer_map)
+            loss = loss + cfg.hidden_weight * h
+            parts["hidden"] = h.item()
+        return loss, parts
+
+
+def _all_stop(out_of_time: bool, world: int) -> bool:
+    """Whether to stop: when any rank ran out of time, all ranks stop together."""
+    if world > 1:
+        flag = torch.tensor([1.0 if out_of_time else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+    return out_of_time
 
 
 STATE_KEYS = ("step", "epoch", "offset", "rng", "optimizer", "scheduler", "best", "history", "config", "data")

@@ -268,6 +268,27 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     task = load_task(task)
     check_options(task, tolerance, scorer)
     score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
+    a, b = _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_template, max_new_tokens, names, task)
+    perplexity = task.kind == "perplexity"
+    rows, kls, agree, cosines = _run_examples(a, b, task, score_fn, perplexity, cache, progress)
+    ok = [r for r in rows if r.error is None]
+    if not ok:
+        raise ShrinkError(f"every example failed; the first: example {rows[0].id!r}: {rows[0].error}")
+    slices = _slices(ok, task.kind != "tensor", perplexity)
+    overall = _slice("overall", ok, perplexity)
+    relative = relative and not perplexity  # perplexity changes are percentages already
+    within, verdict = _judge(overall, slices, ok, tolerance, relative, perplexity)
+    return Comparison(
+        task={"name": task.name, "kind": task.kind, "source": task.source, "examples": len(task.examples)},
+        original=_model_info(a, [r.original_seconds for r in ok], names[0]),
+        compressed=_model_info(b, [r.compressed_seconds for r in ok], names[1]),
+        tolerance=tolerance, relative=relative, overall=overall, slices=slices, examples=rows,
+        divergence=_divergence(kls, agree, cosines), within=within, verdict=verdict, errors=len(rows) - len(ok),
+    )
+
+
+def _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_template, max_new_tokens, names, task):
+    """Both models as adapters, refused unless they are of one kind, see the same inputs, and run the task."""
     a = adapter_for(original, tokenizer, chat_template, max_new_tokens)
     b = adapter_for(compressed, compressed_tokenizer or tokenizer, chat_template, max_new_tokens)
     if a.kind != b.kind:
@@ -278,8 +299,12 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
         raise ShrinkError(f"the two models have different {what}; they must see exactly the same inputs")
     for ad in (a, b):
         ad.check_task(task)
+    return a, b
 
-    perplexity = task.kind == "perplexity"
+
+def _run_examples(a: Adapter, b: Adapter, task: Task, score_fn, perplexity: bool, cache, progress):
+    """Every example through both models: the rows, and per example the KL divergences, top-1 agreement
+    and embedding cosines where the kind of model has them."""
     rows: list[ExampleResult] = []
     kls, agree, cosines = [], [], []
     for ex in tqdm(task.examples, desc="compare", unit="example", disable=None if progress is None else not progress):
@@ -290,24 +315,26 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
             agree.append(same)
         if r.embedding_cosine is not None:
             cosines.append(r.embedding_cosine)
+    return rows, kls, agree, cosines
 
-    ok = [r for r in rows if r.error is None]
-    if not ok:
-        raise ShrinkError(f"every example failed; the first: example {rows[0].id!r}: {rows[0].error}")
-    # slices: tags, then difficulty from the original's confidence, then input length
+
+def _slices(ok: list[ExampleResult], by_length: bool, perplexity: bool) -> list[SliceResult]:
+    """Tags, then thirds by the original's confidence, then (text tasks) halves by input length; each
+    row's slice names are set on it."""
     for r, c in zip(ok, _rank_slices([r.confidence for r in ok], ("confidence:low", "confidence:mid", "confidence:high"))):
         r.slices = [f"tag:{t}" for t in r.tags] + [c]
-    if task.kind != "tensor":
+    if by_length:
         for r, s in zip(ok, _rank_slices([r.length for r in ok], ("length:short", "length:long"))):
             r.slices.append(s)
     present = {s for r in ok for s in r.slices}
     fixed = ("confidence:low", "confidence:mid", "confidence:high", "length:short", "length:long")
     names_in_order = [f"tag:{t}" for t in dict.fromkeys(t for r in ok for t in r.tags)] + [n for n in fixed if n in present]
-    slices = [_slice(n, [r for r in ok if n in r.slices], perplexity) for n in names_in_order]
-    overall = _slice("overall", ok, perplexity)
+    return [_slice(n, [r for r in ok if n in r.slices], perplexity) for n in names_in_order]
 
-    relative = relative and not perplexity  # perplexity changes are percentages already
 
+def _judge(overall: SliceResult, slices: list[SliceResult], ok: list[ExampleResult], tolerance: float,
+           relative: bool, perplexity: bool) -> tuple[bool, str]:
+    """(within, verdict) under the tolerance; a result holding NaN is never within it."""
     def allowed(s: SliceResult) -> float:
         return allowed_drop(tolerance, relative, s.original)
 
@@ -318,28 +345,24 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     nan = [r.id for r in ok if not (math.isfinite(r.original_score) and math.isfinite(r.compressed_score))]
     if nan or not all(math.isfinite(x) for x in (overall.original, overall.compressed, overall.change,
                                                   overall.ci_low, overall.ci_high)):
-        within = False  # a result holding NaN can never be within tolerance
         shown = ", ".join(map(repr, nan[:5])) + (" ..." if len(nan) > 5 else "")
-        verdict = ("CANNOT TELL, so PAST THE SWEET SPOT: the scores hold NaN or infinity"
-                   + (f" (examples {shown})" if nan else "") + "; a model produced non-finite outputs")
+        return False, ("CANNOT TELL, so PAST THE SWEET SPOT: the scores hold NaN or infinity"
+                       + (f" (examples {shown})" if nan else "") + "; a model produced non-finite outputs")
+    return within, verdict
 
+
+def _divergence(kls, agree, cosines) -> dict:
+    """KL divergence of next-token (or label) distributions, top-1 agreement, embedding cosines."""
     divergence = {}
     if kls:
         divergence["kl"] = divergence_summary(np.concatenate(kls))
         divergence["top1_agreement"] = float(np.concatenate(agree).mean())
     if cosines:
         divergence["embedding_cosine"] = {"mean": float(np.mean(cosines)), "min": float(np.min(cosines))}
+    return divergence
 
-    def model_info(ad: Adapter, secs: list[float], name: str) -> dict:
-        m = getattr(ad, "model", None)
-        size = ad.size_bytes() if hasattr(ad, "size_bytes") else model_bytes(m) if isinstance(m, torch.nn.Module) else None
-        return {"name": name, "kind": ad.kind, "bytes": size,
-                "seconds_per_example": float(np.median(secs)) if secs else None}
 
-    return Comparison(
-        task={"name": task.name, "kind": task.kind, "source": task.source, "examples": len(task.examples)},
-        original=model_info(a, [r.original_seconds for r in ok], names[0]),
-        compressed=model_info(b, [r.compressed_seconds for r in ok], names[1]),
-        tolerance=tolerance, relative=relative, overall=overall, slices=slices, examples=rows,
-        divergence=divergence, within=within, verdict=verdict, errors=len(rows) - len(ok),
-    )
+def _model_info(ad: Adapter, secs: list[float], name: str) -> dict:
+    m = getattr(ad, "model", None)
+    size = ad.size_bytes() if hasattr(ad, "size_bytes") else model_bytes(m) if isinstance(m, torch.nn.Module) else None
+    return {"name": name, "kind": ad.kind, "bytes": size, "seconds_per_example": float(np.median(secs)) if secs else None}

@@ -23,7 +23,7 @@ from .check import ForwardCheck, relative_error, run as run_forward, sample_inpu
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, allocate
-from .recipe import Recipe, parse_method
+from .recipe import GPTQ, Recipe, parse_method
 from .record import record_of, update_record
 from .replace import round_to_nearest, set_submodule
 from .format import check_weight
@@ -118,16 +118,18 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
     return result
 
 
-def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe = "rtn", calibration=None, tokenizer=None,
+def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | list = "rtn", calibration=None, tokenizer=None,
              n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
-             ladder: tuple[str, ...] | None = None, damp: float = 0.01, act_order: bool = True,
+             ladder: tuple[str, ...] | None = None, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
              tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None) -> nn.Module:
     """Quantize `model`'s Linear layers in place and return it.
 
     spec: a format string (default "int8") or a mapping of module-name globs to formats or None.
     method: "rtn" (round to nearest, default, no data needed), "gptq", "awq" (activation-aware scaling
         and clipping), or "awq+gptq" (scaling, then GPTQ), each calibrated one optionally "+tune[N]"
-        (block tuning, as tune_steps); or a `quant.recipe.Recipe`. All but rtn need `calibration`.
+        (block tuning, as tune_steps); or the method objects in the order they run
+        (`[AWQ(), GPTQ(damp=0.05), Tune(32)]`, from `shrink.quant`), or a `Recipe` of them. All but rtn
+        need `calibration`.
     calibration: a .txt or .jsonl path (needs `tokenizer`), or an iterable of tensors (token ids or
         model inputs); text is cut into `n_samples` (default 128) windows of `seq_len` (default 512) tokens.
     target_bits: instead of one format, choose one per layer from `ladder` (default int2-g32, int3-g32,

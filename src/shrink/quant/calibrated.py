@@ -120,99 +120,9 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
             method = Recipe(method.awq, GPTQ(damp, act_order, true_sequential, refit), method.tune)
     recipe = method
     report = CalibrationReport(method=recipe.method)
-    use_awq, use_gptq = recipe.awq is not None, recipe.gptq is not None
-    if use_gptq:
-        damp, act_order = recipe.gptq.damp, recipe.gptq.act_order
-        true_sequential, refit = recipe.gptq.true_sequential, recipe.gptq.refit
-    tune_steps = recipe.tune.steps if recipe.tune else 0
-
-    def visit(prefix, block, inputs):
-        names = _linear_names(block, prefix, assignment)
-        if not names:
-            return
-        full = {n: (f"{prefix}.{n}" if prefix else n) for n in names}
-        mods = dict(block.named_modules())
-        # Tuning sees at most tune_steps inputs, spread over the data: targets and error checks for
-        # more would cost more forward passes than the tuning itself.
-        spread = torch.linspace(0, len(inputs) - 1, min(len(inputs), tune_steps)).round().long().tolist()
-        tune_inputs = [inputs[i] for i in spread]
-        targets = [first_output(block(*a, **k)) for a, k in tune_inputs]
-        stats = collect_stats(block, inputs, names, keep_rows=AWQ_ROWS if use_awq else 0)
-        clips = {}
-        if use_awq:
-            check_inputs = inputs[:2]
-            reference = [first_output(block(*a, **k)) for a, k in check_inputs]  # before any fold
-            for prev, group in awq.scale_groups(block, inputs[0]):
-                group = [n for n in group if n in stats]
-                specs = {assignment[full[n]] for n in group}
-                if not group or len(specs) != 1:
-                    continue  # layers sharing an input but given different formats: leave unscaled
-                spec = specs.pop()
-                x = torch.cat(stats[group[0]].sample).float()
-                s, alpha, ratio = awq.search_scale([mods[n].weight for n in group], x, stats[group[0]].abs_mean, spec)
-                moved, form = awq.checked_fold(block, mods[prev], [mods[n] for n in group], s, check_inputs,
-                                               reference)
-                where = f"{prefix}.{prev}" if prefix else prev
-                if form == "none":
-                    for n in group:
-                        report.layers.setdefault(full[n], {})["awq_fold"] = (
-                            f"not applied: folding the scales into {where} moved the block's output by {moved:.1e} "
-                            f"(relative; more than {awq.FOLD_TOLERANCE:g}), so that fold is not exact here")
-                    continue
-                how = " as x * (1 + w)" if form == "1+w" else ""
-                for n in group:
-                    report.layers.setdefault(full[n], {})["awq_fold"] = (
-                        f"into {where}{how}, checked (output moved {moved:.1e})")
-                inv = (1.0 / s).double()
-                for st in {id(stats[n]): stats[n] for n in group}.values():  # shared by the group
-                    st.hessian = st.hessian * inv.unsqueeze(0) * inv.unsqueeze(1)
-                    st.sample = [t / s for t in st.sample]
-                for n in group:
-                    report.layers.setdefault(full[n], {})["awq_alpha"] = alpha
-                    report.layers[full[n]]["awq_error_ratio"] = round(ratio, 4)
-            if not use_gptq:
-                for n in names:
-                    x = torch.cat(stats[n].sample)[:CLIP_ROWS].float()
-                    clips[n] = awq.search_clip(mods[n].weight, x, assignment[full[n]])
-                    report.layers.setdefault(full[n], {})["clip_mean"] = round(float(clips[n].mean()), 4)
-
-        def replace(n, q):
-            lin, spec = mods[n], assignment[full[n]]
-            new = QuantLinear.from_quantized(q, lin.in_features, lin.out_features, spec, lin.bias, backend)
-            set_submodule(block, n, new)
-            report.formats[full[n]] = spec.name
-
-        if not use_gptq:
-            for n in names:
-                replace(n, quantize_weight(mods[n].weight, assignment[full[n]], full[n], clip=clips.get(n, 1.0)))
-        remaining = [n for n in stats if n in names]  # in the order the block runs them
-        while use_gptq and remaining:
-            # One stage: the layers fed the same input (q, k, v). With true_sequential, the layers after
-            # it get their Hessians again from the block with this stage already quantized.
-            stage = [n for n in remaining if n in stats and stats[n] is stats[remaining[0]]]
-            for n in stage:
-                res = gptq_quantize(mods[n].weight, stats[n].hessian, assignment[full[n]], damp=damp,
-                                    act_order=act_order, refit=refit, name=full[n])
-                replace(n, res.weight)
-                report.layers.setdefault(full[n], {}).update(damp=res.damp, damp_retries=res.retries)
-                if res.refit_ratio is not None:
-                    report.layers[full[n]]["refit_error_ratio"] = round(res.refit_ratio, 4)
-            remaining = [n for n in remaining if n not in stage]
-            if remaining and true_sequential:
-                stats = collect_stats(block, inputs, remaining, first_stage_only=True)
-                remaining = [n for n in stats if n in remaining] + [n for n in remaining if n not in stats]
-        # cast formats (bf16/fp16) in this block need no calibration
-        for name, m in list(block.named_modules()):
-            f = f"{prefix}.{name}" if prefix else name
-            if isinstance(m, nn.Linear) and assignment.get(f) is not None and assignment[f].cast:
-                set_submodule(block, name, round_to_nearest(m, assignment[f], f))
-        if tune_steps:
-            res = tune_block(block, tune_inputs, targets, steps=tune_steps)
-            report.layers.setdefault(prefix or "<model>", {}).update(
-                tune_error_before=res.before, tune_error_after=res.after)
 
     with torch.no_grad():
-        blockwise(model, samples, visit, progress=progress, desc=method)
+        blockwise(model, samples, _BlockPass(recipe, assignment, backend, report), progress=progress, desc=recipe.name)
     # Linear layers outside the repeated blocks (rare in decoders) get round-to-nearest.
     leftovers = {n: s for n, s in assignment.items()
                  if s is not None and isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding, nn.Conv2d))}
@@ -225,3 +135,127 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
             "a convolution: round to nearest (calibrated methods handle Linear layers so far)"
             if isinstance(lin, nn.Conv2d) else "outside the repeated blocks: round to nearest")
     return report
+
+
+class _BlockPass:
+    """The recipe applied to one block at a time (called by `layerwise.blockwise` with each block and the
+    inputs the quantized blocks before it produce): AWQ's scales folded into what feeds them (each fold
+    checked) and its clipping, then GPTQ stage by stage or round-to-nearest, casts, then tuning."""
+
+    def __init__(self, recipe: Recipe, assignment: dict[str, QuantSpec | None], backend, report: CalibrationReport):
+        self.recipe, self.assignment, self.backend, self.report = recipe, assignment, backend, report
+
+    def __call__(self, prefix: str, block: nn.Module, inputs) -> None:
+        names = _linear_names(block, prefix, self.assignment)
+        if not names:
+            return
+        self.prefix, self.block, self.inputs = prefix, block, inputs
+        self.full = {n: self._full(n) for n in names}
+        self.mods = dict(block.named_modules())
+        tune_inputs, targets = self._tuning_targets()
+        stats = collect_stats(block, inputs, names, keep_rows=AWQ_ROWS if self.recipe.awq else 0)
+        clips = {}
+        if self.recipe.awq is not None:
+            self._awq_scales(stats)
+            if self.recipe.gptq is None:
+                clips = self._awq_clips(names, stats)
+        if self.recipe.gptq is None:
+            for n in names:
+                self._replace(n, quantize_weight(self.mods[n].weight, self._spec(n), self.full[n], clip=clips.get(n, 1.0)))
+        else:
+            self._gptq(names, stats)
+        self._casts()
+        if self.recipe.tune is not None:
+            res = tune_block(block, tune_inputs, targets, steps=self.recipe.tune.steps)
+            self._note(prefix or "<model>", tune_error_before=res.before, tune_error_after=res.after)
+
+    def _full(self, n: str) -> str:
+        return f"{self.prefix}.{n}" if self.prefix else n
+
+    def _spec(self, n: str) -> QuantSpec:
+        return self.assignment[self.full[n]]
+
+    def _note(self, full_name: str, **fields) -> None:
+        self.report.layers.setdefault(full_name, {}).update(fields)
+
+    def _tuning_targets(self):
+        """Tuning sees at most its steps' worth of inputs, spread over the data (targets and error checks
+        for more would cost more forward passes than the tuning itself), and the block's outputs on them."""
+        steps = self.recipe.tune.steps if self.recipe.tune else 0
+        inputs = self.inputs
+        spread = torch.linspace(0, len(inputs) - 1, min(len(inputs), steps)).round().long().tolist()
+        tune_inputs = [inputs[i] for i in spread]
+        return tune_inputs, [first_output(self.block(*a, **k)) for a, k in tune_inputs]
+
+    def _awq_scales(self, stats) -> None:
+        """Per group of layers sharing an input, search the scales and fold them into what feeds them;
+        a fold that moves the block's output is undone and said. The statistics follow the scaling."""
+        check_inputs = self.inputs[:2]
+        reference = [first_output(self.block(*a, **k)) for a, k in check_inputs]  # before any fold
+        for prev, group in awq.scale_groups(self.block, self.inputs[0]):
+            group = [n for n in group if n in stats]
+            specs = {self._spec(n) for n in group}
+            if not group or len(specs) != 1:
+                continue  # layers sharing an input but given different formats: leave unscaled
+            spec = specs.pop()
+            x = torch.cat(stats[group[0]].sample).float()
+            s, alpha, ratio = awq.search_scale([self.mods[n].weight for n in group], x, stats[group[0]].abs_mean, spec)
+            moved, form = awq.checked_fold(self.block, self.mods[prev], [self.mods[n] for n in group], s,
+                                           check_inputs, reference)
+            where = self._full(prev)
+            if form == "none":
+                for n in group:
+                    self._note(self.full[n], awq_fold=(
+                        f"not applied: folding the scales into {where} moved the block's output by {moved:.1e} "
+                        f"(relative; more than {awq.FOLD_TOLERANCE:g}), so that fold is not exact here"))
+                continue
+            how = " as x * (1 + w)" if form == "1+w" else ""
+            for n in group:
+                self._note(self.full[n], awq_fold=f"into {where}{how}, checked (output moved {moved:.1e})")
+            inv = (1.0 / s).double()
+            for st in {id(stats[n]): stats[n] for n in group}.values():  # shared by the group
+                st.hessian = st.hessian * inv.unsqueeze(0) * inv.unsqueeze(1)
+                st.sample = [t / s for t in st.sample]
+            for n in group:
+                self._note(self.full[n], awq_alpha=alpha, awq_error_ratio=round(ratio, 4))
+
+    def _awq_clips(self, names, stats) -> dict:
+        """AWQ without GPTQ: each layer's clipping ratios per group, searched on its (scaled) inputs."""
+        clips = {}
+        for n in names:
+            x = torch.cat(stats[n].sample)[:CLIP_ROWS].float()
+            clips[n] = awq.search_clip(self.mods[n].weight, x, self._spec(n))
+            self._note(self.full[n], clip_mean=round(float(clips[n].mean()), 4))
+        return clips
+
+    def _gptq(self, names, stats) -> None:
+        """GPTQ stage by stage: the layers fed the same input (q, k, v) together. With true_sequential,
+        the layers after a stage get their Hessians again from the block with that stage quantized."""
+        g = self.recipe.gptq
+        remaining = [n for n in stats if n in names]  # in the order the block runs them
+        while remaining:
+            stage = [n for n in remaining if n in stats and stats[n] is stats[remaining[0]]]
+            for n in stage:
+                res = gptq_quantize(self.mods[n].weight, stats[n].hessian, self._spec(n), damp=g.damp,
+                                    act_order=g.act_order, refit=g.refit, name=self.full[n])
+                self._replace(n, res.weight)
+                self._note(self.full[n], damp=res.damp, damp_retries=res.retries)
+                if res.refit_ratio is not None:
+                    self._note(self.full[n], refit_error_ratio=round(res.refit_ratio, 4))
+            remaining = [n for n in remaining if n not in stage]
+            if remaining and g.true_sequential:
+                stats = collect_stats(self.block, self.inputs, remaining, first_stage_only=True)
+                remaining = [n for n in stats if n in remaining] + [n for n in remaining if n not in stats]
+
+    def _casts(self) -> None:
+        """Cast formats (bf16/fp16) in this block need no calibration."""
+        for name, m in list(self.block.named_modules()):
+            f = self._full(name)
+            if isinstance(m, nn.Linear) and self.assignment.get(f) is not None and self.assignment[f].cast:
+                set_submodule(self.block, name, round_to_nearest(m, self.assignment[f], f))
+
+    def _replace(self, n: str, q) -> None:
+        lin, spec = self.mods[n], self._spec(n)
+        new = QuantLinear.from_quantized(q, lin.in_features, lin.out_features, spec, lin.bias, self.backend)
+        set_submodule(self.block, n, new)
+        self.report.formats[self.full[n]] = spec.name

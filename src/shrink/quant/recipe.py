@@ -67,14 +67,17 @@ class Recipe:
         return self.method != "rtn" or self.tune is not None
 
 
-def parse_method(method: str | Recipe, *, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
+def parse_method(method: str | Recipe | list, *, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
                  tune_steps: int = 0, true_sequential: bool = GPTQ.true_sequential, refit: bool = GPTQ.refit) -> Recipe:
-    """The Recipe of a method string (or a Recipe, returned as is): one of METHODS, optionally followed by
+    """The Recipe of a method string, of a list of method objects in the order they run ([AWQ(), GPTQ(),
+    Tune()]), or a Recipe (returned as is). A string is one of METHODS, optionally followed by
     "+tune" (DEFAULT_TUNE_STEPS steps) or "+tuneN". damp, act_order, true_sequential and refit configure
     GPTQ (defaults: GPTQ's); tune_steps > 0 adds tuning to a string without it. ShrinkError naming the
     methods for anything else."""
     if isinstance(method, Recipe):
         return method
+    if isinstance(method, (list, tuple)):
+        return _from_steps(method)
     m = re.fullmatch(r"(rtn|gptq|awq|awq\+gptq)(?:\+tune(\d*))?", method) if isinstance(method, str) else None
     if m is None:
         raise ShrinkError(f"unknown method {method!r}: available methods are {', '.join(METHODS)} "
@@ -88,3 +91,25 @@ def parse_method(method: str | Recipe, *, damp: float = GPTQ.damp, act_order: bo
     return Recipe(awq=AWQ() if base.startswith("awq") else None,
                   gptq=GPTQ(damp, act_order, true_sequential, refit) if base.endswith("gptq") else None,
                   tune=Tune(steps) if steps else None)
+
+
+def _from_steps(steps) -> Recipe:
+    """A Recipe from method objects in the order they run: AWQ, then GPTQ, then Tune, each at most once."""
+    kinds = {AWQ: "awq", GPTQ: "gptq", Tune: "tune"}
+    order = list(kinds)
+    found: dict[str, object] = {}
+    last = -1
+    for step in steps:
+        kind = kinds.get(type(step))
+        if kind is None:
+            raise ShrinkError(f"method step {step!r}: expected AWQ(), GPTQ(...) or Tune(...)")
+        if kind in found:
+            raise ShrinkError(f"method steps: {type(step).__name__} given twice")
+        if order.index(type(step)) < last:
+            raise ShrinkError(f"method steps: {type(step).__name__} must come before "
+                              f"{', '.join(type(s).__name__ for s in found.values())} (they run AWQ, GPTQ, Tune)")
+        last = order.index(type(step))
+        found[kind] = step
+    if "tune" in found and not ("awq" in found or "gptq" in found):
+        raise ShrinkError("method steps: Tune needs a calibrated method before it (AWQ() or GPTQ())")
+    return Recipe(awq=found.get("awq"), gptq=found.get("gptq"), tune=found.get("tune"))
