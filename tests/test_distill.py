@@ -198,6 +198,23 @@ def test_cli_distill_language_model(tmp_path):
     assert json.loads((out / "results.json").read_text())["resumed_from"] == 12
 
 
+def test_a_distilled_student_says_where_it_came_from_when_saved(tmp_path):
+    import shrink
+
+    teacher = tiny_llama(seed=2, tie=False)
+    text = tmp_path / "text.txt"
+    text.write_text(word_text(600, seed=4))
+    student, result = shrink.distill(teacher, "layers=1", text, tokenizer=tiny_tokenizer(), steps=2, batch_size=4,
+                                     eval_every=2, seq_len=32, progress=False)
+    assert result.steps == 2
+    source = shrink.info(student).source
+    assert source["kind"] == "distilled" and source["teacher"] == "LlamaForCausalLM"
+    assert source["student"]["teacher_layers"] == [0]
+    shrink.quantize(student, "int8", progress=False)
+    shrink.save(student, tmp_path / "q", tokenizer=tiny_tokenizer())
+    assert json.loads((tmp_path / "q" / "shrink.json").read_text())["source"] == source
+
+
 def test_cli_distill_classifier_and_errors(tmp_path):
     import numpy as np
     from click.testing import CliRunner

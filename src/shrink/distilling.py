@@ -16,6 +16,7 @@ from .distill import (DistillConfig, DistillData, distill as train, from_tensors
 from .errors import ShrinkError
 from .io import resolve
 from .kinds import CAUSAL_LM, ENCODER, MASKED_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
+from .quant.record import update_record
 
 STUDENT_SPEC = "student.json"
 OUT_NAMES = ("checkpoint", "best", "model", "results.json")  # what a distillation writes in its folder
@@ -113,7 +114,7 @@ def save_student(student: nn.Module, folder: Path, record: dict, tokenizer=None)
             save_model(student, str(tmp / "model.safetensors"))
 
 
-def distill(teacher, student, data, *, out: str | os.PathLike | None = None, config: DistillConfig | None = None,
+def distill(teacher, student, data, config: DistillConfig | None = None, *, out: str | os.PathLike | None = None,
             tokenizer=None, intermediate_size: int | None = None, student_record: dict | None = None,
             seq_len: int = 256, max_sequences: int | None = None,
             hidden_layers: bool = False, cache_topk: int = 0, task=None, resume: bool = False, force: bool = False,
@@ -191,5 +192,6 @@ def _distill(teacher, student, data, out, config, tokenizer, intermediate_size, 
         if (out / "best" / "student.safetensors").is_file():
             load_model(s_model, str(out / "best" / "student.safetensors"), strict=True)
         save_student(s_model, out / "model", record, tok)
-    s_model.shrink_student = {**record, "teacher": t_name}
+    # where the student came from, recorded by a later save in shrink.json's source
+    update_record(s_model, source={"kind": "distilled", "teacher": t_name, "student": record})
     return s_model, result
