@@ -127,6 +127,26 @@ def test_target_bits_end_to_end_and_round_trip(tmp_path, base_and_ref):
         assert torch.equal(loaded(ids).logits, m(ids).logits)
 
 
+def test_mixed_precision_is_a_spec_and_an_ignored_format_is_said(base_and_ref):
+    from shrink.quant import MixedPrecision
+
+    base, ref, ids = base_and_ref
+    as_keyword = shrink.quantize(copy.deepcopy(base), target_bits=4.5, method="gptq", calibration=_samples(),
+                                 progress=False)
+    as_spec = shrink.quantize(copy.deepcopy(base), MixedPrecision(4.5), method="gptq", calibration=_samples(),
+                              progress=False)
+    assert shrink.info(as_spec).formats == shrink.info(as_keyword).formats
+    with torch.no_grad():
+        assert torch.equal(as_spec(ids).logits, as_keyword(ids).logits)
+    with pytest.warns(UserWarning, match="the format 'int4-g32' is ignored"):
+        shrink.quantize(copy.deepcopy(base), "int4-g32", target_bits=8, method="gptq", calibration=_samples(),
+                        progress=False)
+    with pytest.raises(shrink.ShrinkError, match="give the bit budget once"):
+        shrink.quantize(copy.deepcopy(base), MixedPrecision(4.5), target_bits=4.5, calibration=_samples())
+    with pytest.raises(shrink.ShrinkError, match="unknown format 'int5'"):
+        MixedPrecision(4.5, ladder=("int5", "int8"))
+
+
 def test_calibration_files(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_llama()

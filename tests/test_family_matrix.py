@@ -8,6 +8,7 @@ import transformers as T
 
 import shrink
 from helpers import tiny_llama, widen
+from shrink.quant import MixedPrecision
 from test_families import bart, gemma, gpt2, t5
 
 D = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -32,7 +33,7 @@ FAMILIES = {
 }
 IDS = [torch.randint(0, 96, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(6)]
 PIXELS = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(6)]
-RECIPES = [("int8", "rtn", None), ("int4-g32", "gptq", None), ("int4-g32", "awq", None), ("int4-g32", "rtn", 5.0)]
+RECIPES = [("int8", "rtn", None), ("int4-g32", "gptq", None), ("int4-g32", "awq", None), (MixedPrecision(5.0), "rtn", None)]
 
 
 def _inputs(family):
@@ -47,7 +48,7 @@ def _inputs(family):
 @pytest.mark.parametrize("fmt,method,target_bits", RECIPES, ids=["int8", "gptq", "awq", "target_bits"])
 def test_family(tmp_path, family, fmt, method, target_bits):
     calib = PIXELS if family == "vit" else IDS
-    kw = {"calibration": calib} if method != "rtn" or target_bits else {}
+    kw = {"calibration": calib} if method != "rtn" or isinstance(fmt, MixedPrecision) else {}
     model = shrink.quantize(FAMILIES[family](), fmt, method=method, target_bits=target_bits, progress=False, **kw)
     check = shrink.info(model).check
     assert check.skipped is None and 0 < check.relative_error < (0.2 if fmt == "int8" else 2.0), check

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import ShrinkError
+from ..quant.mixed import MixedPrecision
 from ..quant.recipe import GPTQ, METHODS, Tune, parse_method
 from ..quant.record import record_of, summary_line
 from .common import FORCE, Number, config_option, console, field_help, main, mb, size_table
@@ -77,6 +78,11 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
         raise ShrinkError("--tune-steps needs a calibrated method (--method gptq/awq/awq+gptq or --target-bits) "
                           "and --calibration FILE")
     spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
+    if target_bits is not None:
+        if click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT:
+            raise ShrinkError("--target-bits chooses a format per layer; leave out --format (--layer GLOB=none "
+                              "keeps layers in full precision)")
+        spec = MixedPrecision(target_bits, base=spec if layers else None)
     from contextlib import nullcontext
 
     from ..io import is_own_folder, load_model, save
@@ -91,8 +97,7 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
         t1 = time.perf_counter()
         calib_kw = {}
         if calibration is not None:
-            calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len,
-                            target_bits=target_bits)
+            calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
         recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
                               true_sequential=true_sequential, refit=refit)
         run_quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, **calib_kw)

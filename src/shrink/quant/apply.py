@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -22,7 +23,7 @@ from ..errors import ShrinkError
 from .check import ForwardCheck, relative_error, run as run_forward, sample_input
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
-from .mixed import DEFAULT_LADDER, allocate
+from .mixed import DEFAULT_LADDER, MixedPrecision, allocate
 from .recipe import GPTQ, Recipe, parse_method
 from .record import record_of, update_record
 from .replace import round_to_nearest, set_submodule
@@ -30,7 +31,7 @@ from .format import check_weight
 from .spec import QuantSpec, parse_format
 
 
-Spec = str | QuantSpec | Mapping[str, "str | QuantSpec | None"]
+Spec = str | QuantSpec | Mapping[str, "str | QuantSpec | None"] | MixedPrecision
 
 
 def output_layer_name(model: nn.Module) -> str | None:
@@ -124,7 +125,8 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
              tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None) -> nn.Module:
     """Quantize `model`'s Linear layers in place and return it.
 
-    spec: a format string (default "int8") or a mapping of module-name globs to formats or None.
+    spec: a format string (default "int8"), a mapping of module-name globs to formats or None, or
+        `MixedPrecision(target_bits, ladder)` (a format per layer to a bit budget; as target_bits below).
     method: "rtn" (round to nearest, default, no data needed), "gptq", "awq" (activation-aware scaling
         and clipping), or "awq+gptq" (scaling, then GPTQ), each calibrated one optionally "+tune[N]"
         (block tuning, as tune_steps); or the method objects in the order they run
@@ -132,7 +134,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         need `calibration`.
     calibration: a .txt or .jsonl path (needs `tokenizer`), or an iterable of tensors (token ids or
         model inputs); text is cut into `n_samples` (default 128) windows of `seq_len` (default 512) tokens.
-    target_bits: instead of one format, choose one per layer from `ladder` (default int2-g32, int3-g32,
+    target_bits: (or MixedPrecision as the spec) instead of one format, choose one per layer from `ladder` (default int2-g32, int3-g32,
         int4-g64, int4-g32, int8) so the average bits per weight of the quantized layers meets this
         budget, keeping the layers whose rounding moves the model's output most wider; needs `calibration`.
     damp, act_order: GPTQ's Hessian dampening (fraction of its mean diagonal, default 0.01) and
@@ -151,6 +153,13 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     relative output error (or why the check was skipped); ValueError when the quantized model no longer
     runs, and when the plan quantizes no layer at all.
     """
+    if isinstance(spec, MixedPrecision):
+        if target_bits is not None or ladder is not None:
+            raise ShrinkError("give the bit budget once: MixedPrecision(...) as the spec, or target_bits=, not both")
+        spec, target_bits, ladder = spec.base if spec.base is not None else "int8", spec.target_bits, spec.ladder
+    elif target_bits is not None and not isinstance(spec, Mapping) and spec != "int8":
+        warnings.warn(f"target_bits={target_bits} chooses a format per layer, so the format {spec!r} is ignored; "
+                      f"pass MixedPrecision({target_bits}) as the spec instead", stacklevel=2)
     recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps)
     method, tune_steps = recipe.method, recipe.tune.steps if recipe.tune else 0
     if recipe.gptq is not None:

@@ -8,10 +8,32 @@ budget allows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 from ..errors import ShrinkError
 from .spec import parse_format
 
 DEFAULT_LADDER = ("int2-g32", "int3-g32", "int4-g64", "int4-g32", "int8")
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """A spec for `quantize`: a format per layer, chosen from `ladder` (narrowest first) by sensitivity,
+    so that the quantized layers average at most `target_bits` bits per weight. `base`: a mapping of
+    module-name globs to formats or None, as a plain spec: the layers it quantizes are chosen for, those
+    it keeps (None, or matched by no glob) stay in full precision (default: every layer but the output
+    layer is chosen for). Needs calibration data."""
+
+    target_bits: float
+    ladder: tuple[str, ...] = DEFAULT_LADDER
+    base: Mapping | None = field(default=None, hash=False)
+
+    def __post_init__(self):
+        if not self.ladder:
+            raise ShrinkError("MixedPrecision: the ladder of formats is empty")
+        for f in self.ladder:
+            parse_format(f)  # a bad format in the ladder is refused here, naming it
 
 
 def allocate(errors: dict[str, dict[str, float]], sizes: dict[str, tuple[int, int]], target_bits: float,

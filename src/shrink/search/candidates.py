@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from ..errors import ShrinkError
-from ..quant import parse_format, parse_method, quantize
+from ..quant import MixedPrecision, parse_format, parse_method, quantize
 from ..quant.recipe import DEFAULT_TUNE_STEPS
 
 METHODS_CALIBRATED = ("gptq", "awq", "awq+gptq", "gptq+tune", "awq+gptq+tune")
@@ -139,5 +139,5 @@ def build(c: Candidate, original: nn.Module, *, students: dict[str, nn.Module], 
         kw = dict(calibration=calibration, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len)
     method = parse_method(c.method)  # "+tune" adds block tuning (TUNE_STEPS)
     if c.target_bits is not None:
-        return quantize(model, "int4-g64", method=method, target_bits=c.target_bits, progress=progress, **kw)
+        return quantize(model, MixedPrecision(c.target_bits), method=method, progress=progress, **kw)
     return quantize(model, c.format, method=method, progress=progress, **kw)
