@@ -97,10 +97,20 @@ def test_native_dequantize_is_exact(fmt):
 
 
 @needs_native
-def test_large_batches_use_dequantized_gemm():
+@pytest.mark.parametrize("fmt", ["int4-g32", "int8", "int4-g64-asym"])
+def test_large_batches_compute_what_small_ones_do(fmt):
+    # a float GEMM on the weight the kernel dequantizes, with the kernel's int8 activations: each row is what
+    # the integer kernel gives it alone (up to float rounding), so a batch does not change a row's result
+    from shrink.quant.kernels import int8_activations, reference
     from shrink.quant.linear import LARGE_BATCH
 
-    lin, q = _layer("int4-g32")
+    lin, q = _layer(fmt)
     x = torch.randn(LARGE_BATCH + 3, 256)
-    exact = x @ q.dequantized_weight().T + q.bias
-    assert torch.allclose(q(x), exact, rtol=1e-5, atol=1e-4)
+    big = q(x)
+    alone = torch.cat([q(x[i:i + 1]) for i in range(len(x))])
+    assert torch.allclose(big, alone, rtol=1e-5, atol=1e-5)
+    want = reference.int8_activation_linear(x, q.qweight, q.scales, q.zeros, q.zero_const, q.bias, q.spec.bits, 256,
+                                            q.spec.group_for(256))
+    assert torch.allclose(big, want, rtol=1e-5, atol=1e-5)
+    xq, d, _ = reference.quantize_activations(x, 32)
+    assert torch.equal(int8_activations(x), (xq.float().view(len(x), -1, 32) * d.unsqueeze(-1)).view(x.shape))

@@ -66,6 +66,13 @@ FORCE = click.option("--force", is_flag=True,
                       help="Replace shrink's own earlier output in --out (never a folder holding anything else).")
 
 
+def default_of(function, name: str):
+    """The default of `function`'s keyword `name`, so an option's default is the library's."""
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
 def field_help(config: type, name: str) -> str:
     """The help text of the field `name` of the dataclass `config` (its metadata "help")."""
     by_name = {f.name: f for f in fields(config)}

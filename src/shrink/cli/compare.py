@@ -9,7 +9,8 @@ import click
 from rich.table import Table
 
 from ..errors import ShrinkError
-from .common import FORCE, Number, console, main
+from ..evaluate.compare import compare as compare_models
+from .common import FORCE, Number, console, default_of, main
 
 
 @main.command()
@@ -33,6 +34,10 @@ from .common import FORCE, Number, console, main
               help="Greedy generation length for examples that give none.")
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap prompts in the tokenizer's chat template. Default: when the tokenizer has one.")
+@click.option("--batch-size", default=default_of(compare_models, "batch_size"), show_default=True,
+              type=Number(1, 1 << 16, integer=True),
+              help="Examples run together, sorted by length (the same outcomes as one at a time, up to float "
+                   "rounding); time per example is its batch's shared out; 1 measures one example alone.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when the compressed model is past the sweet spot.")
 @click.option("--runtime", type=click.Choice(["shrink", "llama.cpp"]), default="shrink", show_default=True,
               help="What runs COMPRESSED: shrink's own model, or llama.cpp running a .gguf file (needs "
@@ -40,8 +45,8 @@ from .common import FORCE, Number, console, main
 @FORCE
 
 
-def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, strict,
-            runtime, force):
+def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, batch_size,
+            strict, runtime, force):
     """Compare COMPRESSED against ORIGINAL on a task, example by example.
 
     Each model may be "default", a .gguf file, a Hugging Face folder or a folder saved by shrink; with
@@ -72,7 +77,7 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
             a = load_model(original)
             b = load_model(compressed) if runtime == "shrink" else compressed
         result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
-                             max_new_tokens=max_new_tokens, chat_template=chat_template, runtime=runtime,
+                             max_new_tokens=max_new_tokens, chat_template=chat_template, runtime=runtime, batch_size=batch_size,
                              names=(Path(original).name, Path(compressed).name), force=force)
     _print_comparison(result)
     if out is not None:

@@ -50,6 +50,12 @@ class Adapter:
     def run(self, example: Example, task: Task, ids: torch.Tensor | None = None, scorer=None) -> Outcome:
         raise NotImplementedError
 
+    def run_batch(self, examples: list[Example], task: Task, ids: list | None = None, scorer=None) -> list[Outcome]:
+        """The outcomes of several examples, as `run` gives them one at a time (the default: one at a
+        time; adapters that batch override it). ids: per example, as `run` takes it."""
+        ids = ids or [None] * len(examples)
+        return [self.run(ex, task, ids=i, scorer=scorer) for ex, i in zip(examples, ids)]
+
     def signature(self) -> object:
         """What must match between the original and the compressed model (tokenizer vocabulary, labels)."""
         return None
@@ -113,6 +119,13 @@ class CausalLMAdapter(_TextAdapter):
             return torch.tensor(ids, dtype=torch.long)
         return torch.tensor(self.tok(text).input_ids, dtype=torch.long)
 
+    def _perplexity_ids(self, example) -> torch.Tensor:
+        """The text's tokens, after the beginning-of-sequence token when the tokenizer has one."""
+        seq = self._text_ids(example.input)
+        if self.tok.bos_token_id is not None:
+            seq = torch.cat([torch.tensor([self.tok.bos_token_id]), seq])
+        return seq
+
     def _text_ids(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tok(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
@@ -150,9 +163,7 @@ class CausalLMAdapter(_TextAdapter):
     def run(self, example, task, ids=None, scorer=None):
         kind = example.kind
         if kind == "perplexity":
-            seq = self._text_ids(example.input) if ids is None else ids
-            if self.tok.bos_token_id is not None and ids is None:
-                seq = torch.cat([torch.tensor([self.tok.bos_token_id]), seq])
+            seq = self._perplexity_ids(example) if ids is None else ids
             if len(seq) < 2:
                 raise ShrinkError(f"example {example.id!r}: text is shorter than two tokens")
             lp = self.logprobs(seq)
@@ -168,8 +179,10 @@ class CausalLMAdapter(_TextAdapter):
             text = self.tok.decode(new, skip_special_tokens=True).strip()
             score = checked_score(scorer(text, example), "--scorer") if scorer else score_generation(text, example.data)
             seq = torch.cat([prompt, new]) if ids is None else ids
-            target = torch.cat([prompt, self._text_ids(str(example.data["target"][0]))])
-            conf = float(self._continuation_logprob(self.logprobs(target), len(prompt), target).mean())
+            conf = float("nan")  # the confidence slices are the original's: not measured on given tokens
+            if ids is None:
+                target = torch.cat([prompt, self._text_ids(str(example.data["target"][0]))])
+                conf = float(self._continuation_logprob(self.logprobs(target), len(prompt), target).mean())
             return Outcome(text, score, conf, self.logprobs(seq), ids=seq)
         choices = example.data["choices"] if kind == "choice" else task.labels()
         answer = example.data["answer"] if kind == "choice" else choices.index(str(example.data["label"]))
@@ -177,6 +190,137 @@ class CausalLMAdapter(_TextAdapter):
         pick = max(range(len(scores)), key=scores.__getitem__)
         seq = seqs[answer] if ids is None else ids
         return Outcome(choices[pick], float(pick == answer), _margin(scores), self.logprobs(seq), ids=seq)
+
+
+    # ---- batches: the same outcomes as `run`, with the model run on many sequences at once ----------
+
+    def _pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
+    @torch.no_grad()
+    def logprobs_batch(self, seqs: list[torch.Tensor], max_rows: int = 16) -> list[torch.Tensor]:
+        """`logprobs` of each sequence, run `max_rows` at a time, padded on the right: a causal model's
+        positions before the padding do not see it, so each row is what `logprobs` gives alone (up to
+        float rounding of the larger matrix products)."""
+        out = []
+        for i in range(0, len(seqs), max_rows):
+            chunk = seqs[i:i + max_rows]
+            longest = max(len(q) for q in chunk)
+            ids = torch.full((len(chunk), longest), self._pad_id(), dtype=torch.long)
+            mask = torch.zeros(len(chunk), longest, dtype=torch.long)
+            for r, q in enumerate(chunk):
+                ids[r, :len(q)], mask[r, :len(q)] = q, 1
+            logits = self.model(ids, attention_mask=mask, use_cache=False).logits
+            out += [F.log_softmax(logits[r, :len(q) - 1].float(), -1) for r, q in enumerate(chunk)]
+        return out
+
+    @torch.no_grad()
+    def continuation_logprobs_batch(self, seqs: list[torch.Tensor], starts: list[int], max_rows: int = 16):
+        """Per sequence, the log-probability of each of its tokens from `starts[i]` on given those before
+        (as `_continuation_logprob` of `logprobs` gives it), with the output layer run only on the
+        positions some row needs (transformers' logits_to_keep), not on every prompt position."""
+        import inspect
+
+        keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        out = []
+        for i in range(0, len(seqs), max_rows):
+            chunk, first = seqs[i:i + max_rows], starts[i:i + max_rows]
+            longest = max(len(q) for q in chunk)
+            ids = torch.full((len(chunk), longest), self._pad_id(), dtype=torch.long)
+            mask = torch.zeros(len(chunk), longest, dtype=torch.long)
+            for r, q in enumerate(chunk):
+                ids[r, :len(q)], mask[r, :len(q)] = q, 1
+            lo = min(first) - 1 if keeps else 0
+            kw = {"logits_to_keep": torch.arange(lo, longest - 1)} if keeps else {}
+            logits = self.model(ids, attention_mask=mask, use_cache=False, **kw).logits
+            for r, (q, s0) in enumerate(zip(chunk, first)):
+                lp = F.log_softmax(logits[r, s0 - 1 - lo:len(q) - 1 - lo].float(), -1)
+                out.append(lp.gather(1, q[s0:].unsqueeze(1)).squeeze(1))
+        return out
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: list[int]) -> list[torch.Tensor]:
+        """`generate` of each prompt, all at once: prompts padded on the left (positions from the mask),
+        greedy decoding to the longest `max_new_tokens`, then each row cut at its own length and at its
+        first end-of-sequence token (kept), as decoding it alone stops there."""
+        from transformers import GenerationConfig
+
+        eos, longest = self.tok.eos_token_id, max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), longest), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, longest - len(p):], mask[r, longest - len(p):] = p, 1
+        cfg = GenerationConfig(max_new_tokens=max(max_new_tokens), do_sample=False, eos_token_id=eos,
+                               pad_token_id=self._pad_id())
+        out = self.model.generate(ids, attention_mask=mask, generation_config=cfg)
+        news = []
+        for r, n in enumerate(max_new_tokens):
+            new = out[r, longest:longest + n]
+            stop = (new == eos).nonzero()
+            news.append(new[: int(stop[0]) + 1] if len(stop) else new)
+        return news
+
+    def run_batch(self, examples, task, ids=None, scorer=None):
+        """As `run` on each example, with generation and log-likelihoods batched (causal LMs; other
+        adapters built on this one run one example at a time)."""
+        if type(self) is not CausalLMAdapter or len(examples) == 1:
+            return super().run_batch(examples, task, ids, scorer)
+        ids = ids or [None] * len(examples)
+        kind = examples[0].kind
+        if kind == "perplexity":
+            return self._perplexity_batch(examples, [self._perplexity_ids(ex) if i is None else i
+                                                     for ex, i in zip(examples, ids)])
+        prompts = [self.prompt_ids(ex.input) for ex in examples]
+        if kind == "generation":
+            return self._generation_batch(examples, prompts, ids, scorer)
+        return self._choice_batch(examples, task, prompts, ids)
+
+    def _perplexity_batch(self, examples, ids):
+        for ex, seq in zip(examples, ids):
+            if len(seq) < 2:
+                raise ShrinkError(f"example {ex.id!r}: text is shorter than two tokens")
+        out = []
+        for seq, lp in zip(ids, self.logprobs_batch(ids)):
+            mean = float(self._continuation_logprob(lp, 1, seq).mean())
+            out.append(Outcome(f"mean log-likelihood {mean:.3f}", mean, mean, lp, ids=seq))
+        return out
+
+    def _generation_batch(self, examples, prompts, ids, scorer):
+        n_new = [ex.data.get("max_new_tokens") or self.max_new_tokens for ex in examples]
+        for p, n in zip(prompts, n_new):
+            if self.context is not None and len(p) + n > self.context:
+                raise ShrinkError(f"prompt of {len(p)} tokens and {n} new tokens do not fit in the model's "
+                                  f"context of {self.context}")
+        news = self.generate_batch(prompts, n_new)
+        seqs = [torch.cat([p, new]) if i is None else i for p, new, i in zip(prompts, news, ids)]
+        confs = [float("nan")] * len(examples)  # as `run`: the original's confidence only
+        todo = [k for k, i in enumerate(ids) if i is None]
+        if todo:
+            targets = [torch.cat([prompts[k], self._text_ids(str(examples[k].data["target"][0]))]) for k in todo]
+            for k, lp in zip(todo, self.continuation_logprobs_batch(targets, [len(prompts[k]) for k in todo])):
+                confs[k] = float(lp.mean())
+        lps = self.logprobs_batch(seqs)
+        out = []
+        for k, (ex, new) in enumerate(zip(examples, news)):
+            text = self.tok.decode(new, skip_special_tokens=True).strip()
+            score = checked_score(scorer(text, ex), "--scorer") if scorer else score_generation(text, ex.data)
+            out.append(Outcome(text, score, confs[k], lps[k], ids=seqs[k]))
+        return out
+
+    def _choice_batch(self, examples, task, prompts, ids):
+        choices = [ex.data["choices"] if ex.kind == "choice" else task.labels() for ex in examples]
+        seqs = [[torch.cat([p, self._text_ids(c)]) for c in cs] for p, cs in zip(prompts, choices)]
+        cont = iter(self.continuation_logprobs_batch([q for qs in seqs for q in qs],
+                                                     [len(p) for p, qs in zip(prompts, seqs) for _ in qs]))
+        scores = [[float(next(cont).sum()) for _ in qs] for qs in seqs]
+        answers = [ex.data["answer"] if ex.kind == "choice" else cs.index(str(ex.data["label"]))
+                   for ex, cs in zip(examples, choices)]
+        measured = [qs[a] if i is None else i for qs, a, i in zip(seqs, answers, ids)]
+        out = []
+        for cs, sc, a, seq, lp in zip(choices, scores, answers, measured, self.logprobs_batch(measured)):
+            pick = max(range(len(sc)), key=sc.__getitem__)
+            out.append(Outcome(cs[pick], float(pick == a), _margin(sc), lp, ids=seq))
+        return out
 
 
 class Seq2SeqAdapter(CausalLMAdapter):

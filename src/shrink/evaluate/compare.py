@@ -196,32 +196,49 @@ def _verdict(overall: SliceResult, slices: list[SliceResult], allowed, tol_text:
     return True, f"WITHIN TOLERANCE ({tol_text}): {head}, no slice lost significantly more{note}"
 
 
-def _compare_example(a: Adapter, b: Adapter, ex, task: Task, score_fn, perplexity: bool, cache: dict | None = None):
-    """Both models on one example: (ExampleResult, per-position KL or None, per-position top-1 match or None).
-    An exception in either model or the scorer is recorded in the result, never raised. `cache` holds the
-    original model's outcomes by example id: used when present, filled when not."""
+def _outcomes(ad: Adapter, examples: list, task: Task, score_fn, ids: list | None) -> list[tuple]:
+    """(Outcome or the exception it raised, seconds) per example, from one batch through `ad`; when the
+    batch fails, its examples run one at a time, so one failing example does not lose the others. The
+    seconds are the batch's time shared out evenly."""
+    if not examples:
+        return []
+    t0 = time.perf_counter()
+    try:
+        outs = ad.run_batch(examples, task, ids=ids, scorer=score_fn)
+    except Exception as e:
+        if len(examples) == 1:
+            return [(e, 0.0)]
+        return [one for k, ex in enumerate(examples)
+                for one in _outcomes(ad, [ex], task, score_fn, [ids[k]] if ids else None)]
+    each = (time.perf_counter() - t0) / len(examples)
+    return [(o, each) for o in outs]
+
+
+def _batches(task: Task, batch_size: int) -> list[list[int]]:
+    """Example indices in batches of `batch_size`, by input length (so a batch pads little)."""
+    def length(i):
+        x = task.examples[i].input
+        return len(x) if isinstance(x, str) else int(x.numel())
+
+    order = sorted(range(len(task.examples)), key=length)
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def _example_row(ex, original: tuple, compressed: tuple | None, perplexity: bool):
+    """One example's comparison from both models' outcomes: (ExampleResult, per-position KL or None,
+    per-position top-1 match or None). An exception from either model is recorded in the result."""
     d = ex.data
     target = (" | ".join(map(str, d["target"])) if "target" in d else d["choices"][d["answer"]] if "choices" in d
               else str(d.get("label", "")))
     text = ex.input if isinstance(ex.input, str) else f"tensor {tuple(ex.input.shape)}"
     r = ExampleResult(ex.id, list(ex.tags), text, target)
     r.length = len(ex.input.split()) if isinstance(ex.input, str) else int(ex.input.numel())
-    try:
-        if cache is not None and ex.id in cache:
-            po, original_seconds = cache[ex.id]
-        else:
-            t0 = time.perf_counter()
-            po = a.run(ex, task, scorer=score_fn)
-            original_seconds = time.perf_counter() - t0
-            if cache is not None:
-                cache[ex.id] = (po, original_seconds)
-        t1 = time.perf_counter()
-        qo = b.run(ex, task, ids=po.ids, scorer=score_fn)  # on the original's tokens
-        t2 = time.perf_counter()
-    except Exception as e:  # one failing example must not lose the others
-        r.error = f"{type(e).__name__}: {e}"
+    (po, original_seconds), (qo, compressed_seconds) = original, compressed or (None, 0.0)
+    failed = po if isinstance(po, Exception) else qo if isinstance(qo, Exception) else None
+    if failed is not None:
+        r.error = f"{type(failed).__name__}: {failed}"
         return r, None, None
-    r.original_seconds, r.compressed_seconds = original_seconds, t2 - t1
+    r.original_seconds, r.compressed_seconds = original_seconds, compressed_seconds
     r.original_output, r.compressed_output = po.output, qo.output
     r.original_score, r.compressed_score = po.score, qo.score
     r.confidence = po.confidence
@@ -250,7 +267,7 @@ def check_options(task: Task, tolerance: float, scorer: str | None) -> None:
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
             tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
             chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
-            progress: bool | None = None, cache: dict | None = None) -> Comparison:
+            progress: bool | None = None, cache: dict | None = None, batch_size: int = 8) -> Comparison:
     """Run both models on every example of `task` and compare them.
 
     original, compressed: modules (Hugging Face or plain PyTorch) or adapters. tokenizer: for both
@@ -264,13 +281,18 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     cache: a dict that keeps the original model's outcomes by example id, so that comparing many
     compressed models with one original (a search) runs the original once; pass the same dict each
     time, with the same task, tokenizer and options (default None: no cache).
+    batch_size: examples run together, sorted by length (default 8; language models generate and score
+    a batch at once, padded, with the same outcomes as one at a time up to float rounding). Each
+    example's time is its batch's shared out; batch_size=1 measures the latency of one example alone.
     """
     task = load_task(task)
     check_options(task, tolerance, scorer)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ShrinkError(f"batch_size must be an integer of 1 or more, got {batch_size!r}")
     score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
     a, b = _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_template, max_new_tokens, names, task)
     perplexity = task.kind == "perplexity"
-    rows, kls, agree, cosines = _run_examples(a, b, task, score_fn, perplexity, cache, progress)
+    rows, kls, agree, cosines = _run_examples(a, b, task, score_fn, perplexity, cache, progress, batch_size)
     ok = [r for r in rows if r.error is None]
     if not ok:
         raise ShrinkError(f"every example failed; the first: example {rows[0].id!r}: {rows[0].error}")
@@ -302,19 +324,33 @@ def _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_templa
     return a, b
 
 
-def _run_examples(a: Adapter, b: Adapter, task: Task, score_fn, perplexity: bool, cache, progress):
-    """Every example through both models: the rows, and per example the KL divergences, top-1 agreement
-    and embedding cosines where the kind of model has them."""
-    rows: list[ExampleResult] = []
-    kls, agree, cosines = [], [], []
-    for ex in tqdm(task.examples, desc="compare", unit="example", disable=None if progress is None else not progress):
-        r, kl, same = _compare_example(a, b, ex, task, score_fn, perplexity, cache)
-        rows.append(r)
-        if kl is not None:
-            kls.append(kl)
-            agree.append(same)
-        if r.embedding_cosine is not None:
-            cosines.append(r.embedding_cosine)
+def _run_examples(a: Adapter, b: Adapter, task: Task, score_fn, perplexity: bool, cache, progress, batch_size: int):
+    """Every example through both models, in batches of similar length (both models get the same
+    batches; the compressed one sees the original's tokens): the rows in the task's order, and per
+    example the KL divergences, top-1 agreement and embedding cosines where the kind of model has them.
+    `cache` holds the original's outcomes by example id: used when present, filled when not."""
+    results = [None] * len(task.examples)
+    bar = tqdm(total=len(task.examples), desc="compare", unit="example",
+               disable=None if progress is None else not progress)
+    for idx in _batches(task, batch_size):
+        batch = [task.examples[i] for i in idx]
+        todo = [ex for ex in batch if cache is None or ex.id not in cache]
+        original = dict(zip([ex.id for ex in todo], _outcomes(a, todo, task, score_fn, None)))
+        for ex in batch:
+            if ex.id in original and cache is not None and not isinstance(original[ex.id][0], Exception):
+                cache[ex.id] = original[ex.id]
+            original.setdefault(ex.id, cache[ex.id] if cache is not None and ex.id in cache else None)
+        ready = [ex for ex in batch if not isinstance(original[ex.id][0], Exception)]
+        compressed = dict(zip([ex.id for ex in ready],
+                              _outcomes(b, ready, task, score_fn, [original[ex.id][0].ids for ex in ready])))
+        for i, ex in zip(idx, batch):
+            results[i] = _example_row(ex, original[ex.id], compressed.get(ex.id), perplexity)
+        bar.update(len(batch))
+    bar.close()
+    rows = [r for r, _, _ in results]
+    kls = [kl for _, kl, _ in results if kl is not None]
+    agree = [same for _, kl, same in results if kl is not None]
+    cosines = [r.embedding_cosine for r in rows if r.embedding_cosine is not None]
     return rows, kls, agree, cosines
 
 

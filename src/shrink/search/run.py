@@ -42,6 +42,7 @@ from .frontier import explain, judge, pareto, recommend
 from .measure import disk_bytes, memory_bytes, seconds_per_token
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
+EVAL_BATCH = 8  # examples a comparison runs together (1 when latency per example is constrained)
 # what a search writes in its folder (outdir.claim refuses a folder holding anything else)
 OUT_NAMES = (CONFIG, RESULTS, "students", "best", "best.gguf", "report.html", "report.md", "results.json", ".candidate",
              ".candidate.gguf", ".original")
@@ -299,6 +300,9 @@ class _Run:
         self.recipe, self.runtime, self.max_new_tokens = recipe, runtime, max_new_tokens
         self.progress, self.console = progress, console
         self.cache: dict = {}
+        # examples in batches, unless the time of one example alone is asked for (a limit or objective)
+        per_example = con.latency_per == "example" and (con.max_latency is not None or con.objective == "latency")
+        self.batch_size = 1 if per_example else EVAL_BATCH
         self.trained: dict[str, nn.Module] = {}
         self.durations: list[float] = []
         orig_size = disk_bytes(original, out / ".original", tok)
@@ -333,7 +337,8 @@ class _Run:
         try:
             comp = compare_models(self.original, target, self.task, tokenizer=self.tok, tolerance=self.con.max_drop,
                                   relative=self.con.relative, max_new_tokens=self.max_new_tokens,
-                                  names=(self.name, c.name), progress=self.progress, cache=self.cache)
+                                  names=(self.name, c.name), progress=self.progress, cache=self.cache,
+                                  batch_size=self.batch_size)
             latency_token = seconds_per_token(model, self.tok) if shipped is None else _llama_cpp_per_token(target)
         finally:
             if shipped is not None:

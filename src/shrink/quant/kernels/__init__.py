@@ -50,19 +50,27 @@ def dequantize(layer, native_kernel: bool) -> torch.Tensor:
                                     layer.in_features)
 
 
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, K] as the integer kernel sees it: int8 codes per block of 32 times the block's scale."""
+    xq, xd, _ = native.load().quantize_x(x, 32)
+    return (xq.view(x.shape[0], -1, 32).to(torch.float32) * xd.unsqueeze(-1)).view(x.shape)
+
+
 def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
     """x [rows, in_features] (float32, contiguous) times a packed layer's weight, plus its bias. With
-    `native_kernel`: the integer kernel below LARGE_BATCH rows, a float GEMM on the weight it dequantizes
-    from there on; without: dequantize in PyTorch and `F.linear`."""
+    `native_kernel`: the integer kernel below LARGE_BATCH rows; from there on a float GEMM of the same
+    int8 activations (per block of 32, dequantized) with the weight the kernel dequantizes, so a row's
+    result does not depend on how many rows come with it (up to float rounding); without: dequantize in
+    PyTorch and `F.linear` on the float activations."""
     if not native_kernel:
         return reference.dequant_linear(x, layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.bias,
                                         layer.spec.bits, layer.in_features)
     if x.shape[0] >= LARGE_BATCH:
-        return F.linear(x, dequantize(layer, True), layer.bias)
+        return F.linear(int8_activations(x), dequantize(layer, True), layer.bias)
     return native.load().qlinear(x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros,
                                  layer.zero_const, _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits,
                                  layer.spec.group_for(layer.in_features))
 
 
-__all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "native", "native_supports", "qlinear",
-           "reference"]
+__all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "int8_activations", "native",
+           "native_supports", "qlinear", "reference"]
