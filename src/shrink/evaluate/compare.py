@@ -267,7 +267,7 @@ def check_options(task: Task, tolerance: float, scorer: str | None) -> None:
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
             tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
             chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
-            progress: bool | None = None, cache: dict | None = None, batch_size: int = 8) -> Comparison:
+            progress: bool | None = None, cache: dict | None = None, batch_size: int = 16) -> Comparison:
     """Run both models on every example of `task` and compare them.
 
     original, compressed: modules (Hugging Face or plain PyTorch) or adapters. tokenizer: for both
@@ -281,7 +281,7 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     cache: a dict that keeps the original model's outcomes by example id, so that comparing many
     compressed models with one original (a search) runs the original once; pass the same dict each
     time, with the same task, tokenizer and options (default None: no cache).
-    batch_size: examples run together, sorted by length (default 8; language models generate and score
+    batch_size: examples run together, sorted by length (default 16; language models generate and score
     a batch at once, padded, with the same outcomes as one at a time up to float rounding). Each
     example's time is its batch's shared out; batch_size=1 measures the latency of one example alone.
     """

@@ -42,7 +42,7 @@ from .frontier import explain, judge, pareto, recommend
 from .measure import disk_bytes, memory_bytes, seconds_per_token
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
-EVAL_BATCH = 8  # examples a comparison runs together (1 when latency per example is constrained)
+EVAL_BATCH = 16  # examples a comparison runs together (1 when latency per example is constrained)
 # what a search writes in its folder (outdir.claim refuses a folder holding anything else)
 OUT_NAMES = (CONFIG, RESULTS, "students", "best", "best.gguf", "report.html", "report.md", "results.json", ".candidate",
              ".candidate.gguf", ".original")
