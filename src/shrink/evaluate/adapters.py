@@ -197,6 +197,16 @@ class CausalLMAdapter(_TextAdapter):
     def _pad_id(self) -> int:
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
+    def _padded(self, seqs: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) of `seqs` padded to the longest, on the right or (generation) the left."""
+        longest = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), longest), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long)
+        for r, q in enumerate(seqs):
+            at = slice(longest - len(q), longest) if left else slice(0, len(q))
+            ids[r, at], mask[r, at] = q, 1
+        return ids, mask
+
     @torch.no_grad()
     def logprobs_batch(self, seqs: list[torch.Tensor], max_rows: int = 16) -> list[torch.Tensor]:
         """`logprobs` of each sequence, run `max_rows` at a time, padded on the right: a causal model's
@@ -205,11 +215,7 @@ class CausalLMAdapter(_TextAdapter):
         out = []
         for i in range(0, len(seqs), max_rows):
             chunk = seqs[i:i + max_rows]
-            longest = max(len(q) for q in chunk)
-            ids = torch.full((len(chunk), longest), self._pad_id(), dtype=torch.long)
-            mask = torch.zeros(len(chunk), longest, dtype=torch.long)
-            for r, q in enumerate(chunk):
-                ids[r, :len(q)], mask[r, :len(q)] = q, 1
+            ids, mask = self._padded(chunk)
             logits = self.model(ids, attention_mask=mask, use_cache=False).logits
             out += [F.log_softmax(logits[r, :len(q) - 1].float(), -1) for r, q in enumerate(chunk)]
         return out
@@ -225,13 +231,9 @@ class CausalLMAdapter(_TextAdapter):
         out = []
         for i in range(0, len(seqs), max_rows):
             chunk, first = seqs[i:i + max_rows], starts[i:i + max_rows]
-            longest = max(len(q) for q in chunk)
-            ids = torch.full((len(chunk), longest), self._pad_id(), dtype=torch.long)
-            mask = torch.zeros(len(chunk), longest, dtype=torch.long)
-            for r, q in enumerate(chunk):
-                ids[r, :len(q)], mask[r, :len(q)] = q, 1
+            ids, mask = self._padded(chunk)
             lo = min(first) - 1 if keeps else 0
-            kw = {"logits_to_keep": torch.arange(lo, longest - 1)} if keeps else {}
+            kw = {"logits_to_keep": torch.arange(lo, ids.shape[1] - 1)} if keeps else {}
             logits = self.model(ids, attention_mask=mask, use_cache=False, **kw).logits
             for r, (q, s0) in enumerate(zip(chunk, first)):
                 lp = F.log_softmax(logits[r, s0 - 1 - lo:len(q) - 1 - lo].float(), -1)
@@ -245,11 +247,9 @@ class CausalLMAdapter(_TextAdapter):
         first end-of-sequence token (kept), as decoding it alone stops there."""
         from transformers import GenerationConfig
 
-        eos, longest = self.tok.eos_token_id, max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, longest - len(p):], mask[r, longest - len(p):] = p, 1
+        eos = self.tok.eos_token_id
+        ids, mask = self._padded(prompts, left=True)
+        longest = ids.shape[1]
         cfg = GenerationConfig(max_new_tokens=max(max_new_tokens), do_sample=False, eos_token_id=eos,
                                pad_token_id=self._pad_id())
         out = self.model.generate(ids, attention_mask=mask, generation_config=cfg)
