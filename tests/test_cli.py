@@ -126,3 +126,19 @@ def test_calibration_errors_leave_no_output(hf_folder_with_tokenizer, tmp_path, 
     r = _run("quantize", str(hf_folder_with_tokenizer), *[e.format(tmp=tmp_path) for e in extra], "-o", str(out))
     assert r.returncode == 1 and needle in r.stderr.strip().splitlines()[-1], r.stderr
     assert not out.exists()
+
+
+def test_gptq_options_reach_gptq_and_are_refused_without_it(hf_folder_with_tokenizer, tmp_path):
+    from helpers import word_text
+
+    r = CliRunner().invoke(main, ["quantize", str(hf_folder_with_tokenizer), "--true-sequential"])
+    assert r.exit_code == 1 and "--true-sequential and --no-refit are GPTQ's options" in r.output
+    calib = tmp_path / "calib.txt"
+    calib.write_text(word_text(600))
+    r = CliRunner().invoke(main, ["quantize", str(hf_folder_with_tokenizer), "--method", "gptq", "-f", "int4-g32",
+                                  "--true-sequential", "--no-refit", "--calibration", str(calib), "--samples", "4",
+                                  "--seq-len", "32", "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    record = shrink.info(tmp_path / "q").calibration
+    assert record["true_sequential"] is True and record["refit"] is False
+    assert not any("refit_error_ratio" in v for v in record["layers"].values())  # no refit was run

@@ -77,6 +77,8 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
     if tune_steps and calibration is None:
         raise ShrinkError("--tune-steps needs a calibrated method (--method gptq/awq/awq+gptq or --target-bits) "
                           "and --calibration FILE")
+    if (true_sequential or not refit) and not method.endswith("gptq"):
+        raise ShrinkError("--true-sequential and --no-refit are GPTQ's options: use them with --method gptq or awq+gptq")
     spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
     if target_bits is not None:
         if click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT:

@@ -134,9 +134,10 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         need `calibration`.
     calibration: a .txt or .jsonl path (needs `tokenizer`), or an iterable of tensors (token ids or
         model inputs); text is cut into `n_samples` (default 128) windows of `seq_len` (default 512) tokens.
-    target_bits: (or MixedPrecision as the spec) instead of one format, choose one per layer from `ladder` (default int2-g32, int3-g32,
-        int4-g64, int4-g32, int8) so the average bits per weight of the quantized layers meets this
-        budget, keeping the layers whose rounding moves the model's output most wider; needs `calibration`.
+    target_bits: (or MixedPrecision as the spec) instead of one format, choose one per layer from
+        `ladder` (default int2-g32, int3-g32, int4-g64, int4-g32, int8) so the average bits per weight
+        of the quantized layers meets this budget, keeping the layers whose rounding moves the model's
+        output most wider; needs `calibration`.
     damp, act_order: GPTQ's Hessian dampening (fraction of its mean diagonal, default 0.01) and
         activation order (default on: columns with the largest inputs first, groups kept static so the
         stored layout and the kernels are unchanged; measured on SmolLM2 it lowers KL by about 30%).
@@ -150,8 +151,8 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     What was done is recorded on the model (`shrink.info(model)`: the chosen formats, name -> format or
     None; for calibrated methods the calibration record). One sample input (random token ids, pixels, or
     a batch for the first layer) runs through the model before and after: the record's `check` holds the
-    relative output error (or why the check was skipped); ValueError when the quantized model no longer
-    runs, and when the plan quantizes no layer at all.
+    relative output error (or why the check was skipped); ShrinkError (a ValueError) when the quantized
+    model no longer runs, and when the plan quantizes no layer at all.
     """
     if isinstance(spec, MixedPrecision):
         if target_bits is not None or ladder is not None:

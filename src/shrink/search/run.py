@@ -137,7 +137,7 @@ def min_possible_bytes(model: nn.Module) -> int:
 
 
 @dataclass
-class _Recipe:
+class _BuildOptions:
     """How candidates are built: calibration data and windows, students' training data and time."""
 
     calibration: object = None
@@ -196,7 +196,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         adapter_for(original, tok, None, max_new_tokens).check_task(task)  # a task this model cannot run: say so now
         if con.latency_per == "token" and con.max_latency is not None and tok is None:
             raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
-        recipe = _Recipe(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
+        recipe = _BuildOptions(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
         candidates = _candidates(candidates, recipe, methods, students)
         _check_size_is_reachable(original, con, candidates)
 
@@ -240,7 +240,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         return result
 
 
-def _candidates(candidates, recipe: _Recipe, methods, students) -> list[Candidate]:
+def _candidates(candidates, recipe: _BuildOptions, methods, students) -> list[Candidate]:
     """The candidates to try, in order (defaults from what data was given), checked against that data."""
     if candidates is None:
         candidates = quantization_candidates(calibration=recipe.calibration is not None, methods=methods)
