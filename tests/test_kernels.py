@@ -114,3 +114,24 @@ def test_large_batches_compute_what_small_ones_do(fmt):
     assert torch.allclose(big, want, rtol=1e-5, atol=1e-5)
     xq, d, _ = reference.quantize_activations(x, 32)
     assert torch.equal(int8_activations(x), (xq.float().view(len(x), -1, 32) * d.unsqueeze(-1)).view(x.shape))
+
+
+@needs_native
+def test_the_kernels_are_dispatcher_ops_that_torch_compile_keeps():
+    # torch.ops.shrink.qlinear / dequantize compute what the direct calls do, trace with their registered
+    # shapes, and a compiled layer gives the eager layer's output exactly (the same kernel runs)
+    lin, q = _layer("int4-g32", bias=True)
+    x = torch.randn(3, 256)
+    zeros = torch.empty(0, dtype=torch.uint8)
+    args = (x, q.qweight, q.scales, zeros, q.zero_const, q.bias, 4, 32)
+    assert torch.equal(torch.ops.shrink.qlinear(*args), native.load().qlinear(*args))
+    assert torch.equal(torch.ops.shrink.dequantize(q.qweight, q.scales, zeros, q.zero_const, 4, 32, 256),
+                       q.dequantized_weight())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert torch.ops.shrink.qlinear(torch.empty(3, 256), *args[1:]).shape == (3, 40)
+    with torch.no_grad():
+        eager = q(x)  # the layer decides native or PyTorch once, on its first call
+        compiled = torch.compile(q, dynamic=False, fullgraph=True)  # fullgraph: no break at the kernel
+        assert torch.equal(compiled(x), eager)

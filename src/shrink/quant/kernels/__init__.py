@@ -45,9 +45,11 @@ def dequantize(layer, native_kernel: bool) -> torch.Tensor:
     if not native_kernel:
         return reference.dequant_weight(layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.spec.bits,
                                         layer.in_features)
-    return native.load().dequantize(layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros,
-                                    layer.zero_const, layer.spec.bits, layer.spec.group_for(layer.in_features),
-                                    layer.in_features)
+    args = (layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
+            layer.spec.bits, layer.spec.group_for(layer.in_features), layer.in_features)
+    if torch.compiler.is_compiling():
+        return torch.ops.shrink.dequantize(*args)
+    return native.load().dequantize(*args)
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +69,11 @@ def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
                                         layer.spec.bits, layer.in_features)
     if x.shape[0] >= LARGE_BATCH:
         return F.linear(int8_activations(x), dequantize(layer, True), layer.bias)
-    return native.load().qlinear(x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros,
-                                 layer.zero_const, _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits,
-                                 layer.spec.group_for(layer.in_features))
+    args = (x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
+            _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits, layer.spec.group_for(layer.in_features))
+    if torch.compiler.is_compiling():  # the dispatcher op stays in the compiled graph; eagerly, the direct call is
+        return torch.ops.shrink.qlinear(*args)  # about 3 us a call cheaper
+    return native.load().qlinear(*args)
 
 
 __all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "int8_activations", "native",

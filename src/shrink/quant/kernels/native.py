@@ -50,7 +50,7 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        return build(
+        ext = build(
             name=name,
             sources=[str(SOURCE)],
             build_directory=str(build_dir),
@@ -62,6 +62,20 @@ def load():
         warnings.warn(f"shrink: native kernel unavailable ({type(exc).__name__}: {exc}); using the PyTorch path",
                       stacklevel=2)
         return None
+    _register_shapes()
+    return ext
+
+
+def _register_shapes() -> None:
+    """Output shapes of the extension's dispatcher ops (torch.ops.shrink.*), which torch.compile traces
+    with instead of running them."""
+    @torch.library.register_fake("shrink::qlinear")
+    def _(x, qweight, scales, zeros, zero_const, bias, bits, group_size):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("shrink::dequantize")
+    def _(qweight, scales, zeros, zero_const, bits, group_size, k):
+        return qweight.new_empty(qweight.shape[0], k, dtype=torch.float32)
 
 
 def available() -> bool:

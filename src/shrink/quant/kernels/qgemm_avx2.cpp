@@ -400,6 +400,19 @@ std::vector<torch::Tensor> quantize_x(torch::Tensor x, int64_t group_size) {
   return {xq, xd, gsum};
 }
 
+// The same kernels as dispatcher ops (torch.ops.shrink.*), so torch.compile can keep them in a graph;
+// their shapes for tracing are registered in Python (kernels/ops.py).
+TORCH_LIBRARY(shrink, m) {
+  m.def("qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int zero_const, Tensor bias, int bits, "
+        "int group_size) -> Tensor");
+  m.def("dequantize(Tensor qweight, Tensor scales, Tensor zeros, int zero_const, int bits, int group_size, int K) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(shrink, CPU, m) {
+  m.impl("qlinear", &qlinear);
+  m.impl("dequantize", &dequantize);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "low-bit weight x int8 activation linear (AVX2)");
   m.def("dequantize", &dequantize, "packed weights to float32");
