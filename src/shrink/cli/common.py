@@ -73,6 +73,17 @@ def default_of(function, name: str):
     return inspect.signature(function).parameters[name].default
 
 
+def calibration_windows(function, samples_help: str):
+    """The options --samples and --seq-len (calibration windows and their tokens), with `function`'s
+    defaults for n_samples and seq_len."""
+    def options(f):
+        f = click.option("--seq-len", default=default_of(function, "seq_len"), show_default=True,
+                         type=Number(2, 1 << 20, integer=True), help="Tokens per calibration window.")(f)
+        return click.option("--samples", default=default_of(function, "n_samples"), show_default=True,
+                            type=Number(1, 1 << 20, integer=True), help=samples_help)(f)
+    return options
+
+
 def field_help(config: type, name: str) -> str:
     """The help text of the field `name` of the dataclass `config` (its metadata "help")."""
     by_name = {f.name: f for f in fields(config)}

@@ -12,7 +12,7 @@ from ..quant.apply import quantize as quantize_model
 from ..quant.mixed import MixedPrecision
 from ..quant.recipe import GPTQ, METHODS, Tune, parse_method
 from ..quant.record import record_of, summary_line
-from .common import FORCE, Number, config_option, console, default_of, field_help, main, mb, size_table
+from .common import FORCE, Number, calibration_windows, config_option, console, field_help, main, mb, size_table
 
 
 def _parse_layers(items: tuple[str, ...]) -> dict:
@@ -38,10 +38,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text: a .txt file, or .jsonl with a \"text\" (or \"input\") field per line. "
                    "Keep it apart from the text you evaluate on.")
-@click.option("--samples", default=default_of(quantize_model, "n_samples"), show_default=True,
-              type=Number(1, 1 << 20, integer=True), help="Calibration windows to use.")
-@click.option("--seq-len", default=default_of(quantize_model, "seq_len"), show_default=True,
-              type=Number(2, 1 << 20, integer=True), help="Tokens per calibration window.")
+@calibration_windows(quantize_model, "Calibration windows to use.")
 @click.option("--target-bits", type=Number(2.5, 16), default=None,
               help="Mixed precision: choose a format per layer (int2-g32, int3-g32, int4-g64, int4-g32, int8) so the quantized layers "
                    "average at most this many bits per weight, the most sensitive kept wider. Needs --calibration.")

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import ShrinkError
 from ..search.constraints import Constraints
 from ..search.run import search as search_models
-from .common import FORCE, Number, config_option, console, default_of, main
+from .common import FORCE, Number, calibration_windows, config_option, console, main
 
 
 def _search_options(f):
@@ -51,10 +51,7 @@ def _search_options(f):
 @click.option("--methods", default="awq+gptq", show_default=True,
               help="Comma-separated calibrated methods to try: gptq, awq, awq+gptq, and gptq+tune or awq+gptq+tune "
                    "(then 32 steps of block tuning; better quality, about twice the time).")
-@click.option("--samples", default=default_of(search_models, "n_samples"), show_default=True,
-              type=Number(1, 1 << 20, integer=True), help="Calibration windows per calibrated candidate.")
-@click.option("--seq-len", default=default_of(search_models, "seq_len"), show_default=True,
-              type=Number(2, 1 << 20, integer=True), help="Tokens per calibration window.")
+@calibration_windows(search_models, "Calibration windows per calibrated candidate.")
 @click.option("--distill", "distill_data", default=None, metavar="FILE",
               help="Also try distilled students trained on this data (as shrink distill --data), and them quantized.")
 @click.option("--students", default="every-other", show_default=True,

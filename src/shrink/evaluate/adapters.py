@@ -135,16 +135,21 @@ class CausalLMAdapter(_TextAdapter):
         out = self.model(ids.unsqueeze(0), use_cache=False)
         return F.log_softmax(out.logits[0, :-1].float(), -1)
 
+    def _pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
+    def _greedy(self, max_new_tokens: int, **extra):
+        """The generation config of every comparison: greedy, stopping at the end-of-sequence token."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.tok.eos_token_id,
+                                pad_token_id=self._pad_id(), **extra)
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding, stopping at the end-of-sequence token; the new token ids."""
-        from transformers import GenerationConfig
-
-        eos = self.tok.eos_token_id
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                               pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else eos)
         out = self.model.generate(prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                  generation_config=cfg)
+                                  generation_config=self._greedy(max_new_tokens))
         return out[0, len(prompt):]
 
     def _continuation_logprob(self, lp: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
@@ -194,9 +199,6 @@ class CausalLMAdapter(_TextAdapter):
 
     # ---- batches: the same outcomes as `run`, with the model run on many sequences at once ----------
 
-    def _pad_id(self) -> int:
-        return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-
     def _padded(self, seqs: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, attention mask) of `seqs` padded to the longest, on the right or (generation) the left."""
         longest = max(len(q) for q in seqs)
@@ -245,14 +247,10 @@ class CausalLMAdapter(_TextAdapter):
         """`generate` of each prompt, all at once: prompts padded on the left (positions from the mask),
         greedy decoding to the longest `max_new_tokens`, then each row cut at its own length and at its
         first end-of-sequence token (kept), as decoding it alone stops there."""
-        from transformers import GenerationConfig
-
         eos = self.tok.eos_token_id
         ids, mask = self._padded(prompts, left=True)
         longest = ids.shape[1]
-        cfg = GenerationConfig(max_new_tokens=max(max_new_tokens), do_sample=False, eos_token_id=eos,
-                               pad_token_id=self._pad_id())
-        out = self.model.generate(ids, attention_mask=mask, generation_config=cfg)
+        out = self.model.generate(ids, attention_mask=mask, generation_config=self._greedy(max(max_new_tokens)))
         news = []
         for r, n in enumerate(max_new_tokens):
             new = out[r, longest:longest + n]
@@ -360,14 +358,8 @@ class Seq2SeqAdapter(CausalLMAdapter):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        from transformers import GenerationConfig
-
-        eos = self.tok.eos_token_id
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                               decoder_start_token_id=self.start,
-                               pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else eos)
         out = self.model.generate(prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                  generation_config=cfg)
+                                  generation_config=self._greedy(max_new_tokens, decoder_start_token_id=self.start))
         return out[0, 1:]  # without the decoder's start token
 
 
