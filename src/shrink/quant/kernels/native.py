@@ -35,35 +35,49 @@ def cpu_supported() -> bool:
     return False
 
 
+HEADER = Path(__file__).with_name("qgemm_avx2.h")
+
+
 @lru_cache(maxsize=1)
 def load():
     """The compiled extension module, or None when it is disabled, unsupported or fails to build."""
+    ext = build("shrink_qgemm", [SOURCE], "the AVX2 kernel")
+    if ext is not None:
+        _register_shapes()
+    return ext
+
+
+def build(stem: str, sources: list[Path], what: str, include: tuple[Path, ...] = ()):
+    """Compile `sources` (with the kernel header beside them) into an extension module, cached under the
+    shrink cache by a hash of the sources, the header, torch's and Python's versions; None (and one
+    warning saying so) when SHRINK_NATIVE=0, the CPU lacks AVX2/FMA/F16C, or the build fails."""
     if os.environ.get("SHRINK_NATIVE", "1") == "0" or not cpu_supported():
         return None
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(HEADER.read_bytes())
+    for src in sources:
+        digest.update(src.read_bytes())
+    key = hashlib.sha256(digest.digest() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     build_dir = cache_dir() / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
-    name = f"shrink_qgemm_{key}"
+    name = f"{stem}_{key}"
     if not any(build_dir.glob(f"{name}*.so")):
-        print("shrink: compiling the AVX2 kernel (once per machine, about a minute)...", file=sys.stderr, flush=True)
+        print(f"shrink: compiling {what} (once per machine, about a minute)...", file=sys.stderr, flush=True)
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import load as compile_and_load
 
-        ext = build(
+        return compile_and_load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in sources],
+            extra_include_paths=[str(HEADER.parent), *map(str, include)],
             build_directory=str(build_dir),
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # a missing compiler or headers must not stop the user: use PyTorch
-        warnings.warn(f"shrink: native kernel unavailable ({type(exc).__name__}: {exc}); using the PyTorch path",
-                      stacklevel=2)
+        warnings.warn(f"shrink: {what} unavailable ({type(exc).__name__}: {exc}); using the PyTorch path",
+                      stacklevel=3)
         return None
-    _register_shapes()
-    return ext
 
 
 def _register_shapes() -> None:

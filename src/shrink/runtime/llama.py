@@ -1,0 +1,216 @@
+"""LlamaDecoder: a transformers Llama model (quantized by shrink or not) decoding in llama_decoder.cpp.
+
+The decoder reads the model's own tensors (packed codes, scales, norms; float weights that are already
+float32 are not copied), so it decodes what the model holds. It needs the compiled runtime (built at
+first use, like the kernel); `unsupported(model)` says why a model cannot use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import ShrinkError
+from ..quant.embedding import QuantEmbedding
+from ..quant.kernels import LARGE_BATCH, native
+from ..quant.linear import CastLinear, QuantLinear
+
+SOURCE = Path(__file__).with_name("llama_decoder.cpp")
+PREFILL_CHUNK = 512  # prompt tokens per call: bounds the activations' memory, keeps GEMMs large
+_ROPE_FIXED = ("default", "linear", "llama3", "yarn")  # rotary types whose frequencies do not change with length
+
+
+@lru_cache(maxsize=1)
+def extension():
+    """The compiled decoding runtime, or None where it cannot be built (then transformers decodes)."""
+    return native.build("shrink_llama", [SOURCE], "the decoding runtime")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: greedy (do_sample False, the default), or sampled from the softmax of
+    logits / temperature restricted to the top_k tokens (0: all) and the top_p probability mass (1.0: all),
+    in transformers' order (temperature, top-k, top-p)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise ShrinkError(f"temperature must be positive to sample, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ShrinkError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise ShrinkError(f"top_k must be 0 (all tokens) or positive, not {self.top_k}")
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The next token of each row of logits [rows, vocab]."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            ordered, index = logits.sort(-1)
+            drop = ordered.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[:, -1] = False  # the most likely token always stays
+            logits = logits.masked_fill(drop.scatter(1, index, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why `model` cannot decode in shrink's runtime (a sentence), or None when it can."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "llama":
+        return f"model type {getattr(config, 'model_type', type(model).__name__)!r} (the runtime decodes Llama-family models)"
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "an activation other than SiLU or pretraining_tp > 1"
+    rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
+    if rope not in _ROPE_FIXED:
+        return f"rotary embedding type {rope!r} (its frequencies change with the length)"
+    for name, m in model.named_modules():
+        if m is model or not name.startswith(("model.layers", "model.embed_tokens", "lm_head")):
+            continue
+        if isinstance(m, (nn.Linear, QuantLinear, CastLinear, nn.Embedding, QuantEmbedding)):
+            continue
+        if not any(True for _ in m.children()) and any(True for _ in m.parameters(recurse=False)) \
+                and not type(m).__name__.endswith("RMSNorm"):
+            return f"layer {name!r} is a {type(m).__name__}"
+    if extension() is None:
+        return "the runtime could not be compiled on this machine (no C++ compiler, or no AVX2)"
+    return None
+
+
+_EMPTY = {dt: torch.empty(0, dtype=dt) for dt in (torch.uint8, torch.float16, torch.float32, torch.int64)}
+
+
+def _linear(m: nn.Module, ext):
+    """The runtime's view of a weight layer or embedding table: packed where the kernel computes the
+    model's own forward, else the float32 weight the model's forward multiplies by."""
+    u8, f32, i64 = _EMPTY[torch.uint8], _EMPTY[torch.float32], _EMPTY[torch.int64]
+    bias = getattr(m, "bias", None)
+    bias = f32 if bias is None else bias.detach().float().contiguous()
+    if isinstance(m, (QuantLinear, QuantEmbedding)):
+        native_ok = m.uses_native() if isinstance(m, QuantLinear) else (
+            native.available() and m.spec.group_for(m.in_features) % 32 == 0 and m.in_features % 32 == 0)
+        if native_ok:
+            return ext.Linear(m.qweight, m.scales, u8 if m.zeros is None else m.zeros, f32, bias,
+                              i64 if m.input_order is None else m.input_order, m.zero_const, m.spec.bits,
+                              m.spec.group_for(m.in_features), m.in_features, m.out_features, LARGE_BATCH)
+        weight = m.dequantized_weight()
+    elif isinstance(m, (nn.Linear, CastLinear, nn.Embedding)):
+        weight = m.weight.detach()
+    else:
+        raise ShrinkError(f"the decoding runtime cannot read a {type(m).__name__}")
+    rows, cols = weight.shape
+    return ext.Linear(u8, _EMPTY[torch.float16], u8, weight.float().contiguous(), bias, i64, 0, 0, 0, cols, rows,
+                      LARGE_BATCH)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+class LlamaDecoder:
+    """Decoding of a transformers Llama model in shrink's C++ runtime: `generate` prompts to new tokens.
+    Raises ShrinkError (with `unsupported`'s reason) for a model it cannot run."""
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported(model)
+        if reason:
+            raise ShrinkError(f"shrink's decoding runtime cannot run this model: {reason}")
+        ext = extension()
+        cfg = model.config
+        layers = []
+        for block in model.model.layers:
+            a, f = block.self_attn, block.mlp
+            layers.append(ext.Layer(_f32(block.input_layernorm.weight), _f32(block.post_attention_layernorm.weight),
+                                    *(_linear(x, ext) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                                 f.gate_proj, f.up_proj, f.down_proj))))
+        rot = model.model.rotary_emb
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab = model.lm_head.out_features
+        self.layers = len(layers)
+        self.kv_heads, self.head_dim = cfg.num_key_value_heads, head_dim
+        self._impl = ext.Decoder(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, float(cfg.rms_norm_eps),
+                                 _f32(rot.inv_freq), float(rot.attention_scaling),
+                                 float(model.model.layers[0].self_attn.scaling), _linear(model.model.embed_tokens, ext),
+                                 layers, _f32(model.model.norm.weight), _linear(model.lm_head, ext))
+        self.context = getattr(cfg, "max_position_embeddings", None)
+
+    def cache_bytes(self, sequences: int, capacity: int) -> int:
+        """Bytes of the key-value cache for `sequences` sequences of `capacity` positions."""
+        return 2 * self.layers * sequences * self.kv_heads * capacity * self.head_dim * 4
+
+    def _reserve(self, sequences: int, capacity: int) -> None:
+        if self.context is not None and capacity > self.context:
+            raise ShrinkError(f"prompt and new tokens ({capacity}) do not fit in the model's context of {self.context}")
+        need = self.cache_bytes(sequences, capacity) + sequences * self.vocab * 4 * 2
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if need > 0.8 * free:
+            raise ShrinkError(f"{sequences} sequences of {capacity} tokens need {need / 2**30:.1f} GiB of key-value cache "
+                              f"and logits; {free / 2**30:.1f} GiB of memory is free: decode fewer at once or fewer tokens")
+        self._impl.reset(sequences, capacity)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int], eos_token_id=None,
+                 sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The new tokens of each prompt (1-D token ids, no padding), all decoded together: up to its
+        max_new_tokens, stopping after an end-of-sequence token (`eos_token_id`: an id, a list, or None)
+        which is kept. Greedy unless `sampling` says otherwise."""
+        if not prompts:
+            return []
+        n_new = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(n_new) != len(prompts) or min(n_new) < 0:
+            raise ShrinkError("one non-negative max_new_tokens per prompt")
+        if min(len(p) for p in prompts) == 0:
+            raise ShrinkError("an empty prompt: decoding needs at least one token to start from")
+        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        self._reserve(len(prompts), max(len(p) + n for p, n in zip(prompts, n_new)))
+        logits = self._prefill(prompts)
+        news: list[list[int]] = [[] for _ in prompts]
+        live = [i for i, n in enumerate(n_new) if n > 0]
+        lengths = [len(p) for p in prompts]
+        while live:
+            picked = sampling.pick(logits, generator).tolist()
+            going = []
+            for i, t in zip(live, picked):
+                news[i].append(t)
+                if t not in eos and len(news[i]) < n_new[i]:
+                    going.append(i)
+            live = going
+            if not live:
+                break
+            tokens = torch.tensor([news[i][-1] for i in live], dtype=torch.long)
+            pos = torch.tensor([lengths[i] + len(news[i]) - 1 for i in live], dtype=torch.long)
+            logits = self._impl.forward(tokens, torch.tensor(live, dtype=torch.long), pos, torch.arange(len(live)))
+        return [torch.tensor(n, dtype=torch.long) for n in news]
+
+    def _prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Run every prompt token in chunks; the logits after each prompt's last token [len(prompts), vocab]."""
+        tokens = torch.cat([p.reshape(-1).long() for p in prompts])
+        slots = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(prompts)])
+        pos = torch.cat([torch.arange(len(p)) for p in prompts])
+        ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+        out = torch.empty(len(prompts), self.vocab)
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            stop = min(start + PREFILL_CHUNK, len(tokens))
+            here = ((ends >= start) & (ends < stop)).nonzero().squeeze(1)
+            logits = self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop], ends[here] - start)
+            out[here] = logits
+        return out
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The logits after every token of one sequence [len(ids), vocab] (a fresh cache): for checks."""
+        self._reserve(1, len(ids))
+        ids = ids.reshape(-1).long()
+        return self._impl.forward(ids, torch.zeros_like(ids), torch.arange(len(ids)), torch.arange(len(ids)))
