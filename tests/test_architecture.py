@@ -8,7 +8,7 @@ import pytest
 
 SRC = Path(__file__).parent.parent / "src" / "shrink"
 PARTS = ("quant", "distill", "evaluate")
-ABOVE = ("search", "io", "report", "cli", "comparing", "distilling", "outdir")  # what may use the parts, not the reverse
+ABOVE = ("search", "io", "report", "cli", "comparing", "distilling", "outdir", "runtime")  # what may use the parts, not the reverse
 
 
 def _imports(path: Path):
@@ -43,6 +43,9 @@ def test_the_working_parts_depend_on_nothing_above_them_nor_on_each_other(part):
 
 @pytest.mark.parametrize("layer, forbidden", [
     ("search", ("shrink.api", "shrink.cli")),
+    # the decoding runtime runs models the parts made; loaders and the verbs hand models to it
+    ("runtime", ("shrink.api", "shrink.cli", "shrink.search", "shrink.comparing", "shrink.distilling", "shrink.io",
+                 "shrink.report", "shrink.evaluate", "shrink.distill")),
     ("comparing", ("shrink.api", "shrink.cli", "shrink.search")),
     ("distilling", ("shrink.api", "shrink.cli", "shrink.search")),
     ("io", ("shrink.api", "shrink.cli", "shrink.search", "shrink.comparing", "shrink.distilling", "shrink.report")),

@@ -3,19 +3,28 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch.nn as nn
 
+from . import runtime
 from .comparing import compare
 from .distilling import distill
 from .errors import ShrinkError
 from .io import load, load_model, save
 from .io.export import export_gguf
-from .quant import quantize
+from .quant import quantize as _quantize
 from .quant.record import ModelRecord, record_of
 from .search import search
+
+
+@functools.wraps(_quantize)
+def quantize(model, *args, **kwargs):
+    result = _quantize(model, *args, **kwargs)
+    runtime.install(model)  # a Llama-family model then decodes in shrink's runtime (shrink.runtime)
+    return result
 
 
 def info(model: nn.Module | str | os.PathLike) -> ModelRecord:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import runtime
 from ..atomic import atomic_dir
 from ..errors import ShrinkError
 from ..paths import cache_dir
@@ -55,7 +56,14 @@ def default_gguf_path() -> Path:
 def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     """Load `spec`: None or "default" (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder
     (config.json + weights), a shrink folder, or a compressed-tensors pack-quantized or GPTQ folder (read
-    into shrink's quantized layers, codes exact). Raises ShrinkError naming the path when it cannot."""
+    into shrink's quantized layers, codes exact). Raises ShrinkError naming the path when it cannot. A
+    Llama-family model's `generate` decodes in shrink's runtime (`shrink.runtime.install`)."""
+    loaded = _load_model(spec)
+    runtime.install(loaded.model)
+    return loaded
+
+
+def _load_model(spec: str | os.PathLike | None) -> LoadedModel:
     if spec is None or str(spec).lower() in DEFAULT_NAMES:
         return load_default()
     path = Path(spec)
@@ -101,7 +109,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, backend: 
     one), another tool's quantized checkpoint (compressed-tensors pack-quantized, GPTQ) read into shrink's
     layers, or anything `load_model` reads ("default", a .gguf file, a Hugging Face folder, a student
     folder of `shrink distill`), whose tokenizer `load_model` also gives. backend: the quantized layers'
-    kernel backend (default: $SHRINK_BACKEND or auto)."""
+    kernel backend (default: $SHRINK_BACKEND or auto). A Llama-family model decodes in shrink's runtime."""
     path = Path(directory)
     if model is None and (str(directory).lower() in DEFAULT_NAMES or (path.is_file() and path.suffix.lower() == ".gguf") or (
             path.is_dir() and not saved.is_shrink_folder(path) and
@@ -118,7 +126,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, backend: 
             if isinstance(m, QuantLinear) and backend is not None:
                 m.backend = backend
         return module
-    return saved.load(path, model=model, backend=backend)
+    module = saved.load(path, model=model, backend=backend)
+    runtime.install(module)
+    return module
 
 
 def resolve(model, tokenizer=None) -> tuple[nn.Module, object | None, str | None]:

@@ -141,8 +141,8 @@ def generate(model: nn.Module, inputs: torch.Tensor | None = None, generation_co
 def install(model: nn.Module) -> str | None:
     """Make `model.generate` decode in shrink's runtime where it can (this module's `generate`), falling
     back to transformers' for anything else. Returns None when installed, else why the model cannot use
-    the runtime (then `model.generate` is left as it was)."""
-    reason = unsupported(model)
+    the runtime (then `model.generate` is left as it was). The runtime is compiled at the first generate."""
+    reason = unsupported(model, compiled=False)
     if reason:
         return reason
     if not isinstance(getattr(model, "generate", None), types.MethodType) or \

@@ -66,8 +66,9 @@ class Sampling:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-def unsupported(model: nn.Module) -> str | None:
-    """Why `model` cannot decode in shrink's runtime (a sentence), or None when it can."""
+def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
+    """Why `model` cannot decode in shrink's runtime (a sentence), or None when it can; with `compiled`
+    False only the model is looked at (the runtime is not built)."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "llama":
         return f"model type {getattr(config, 'model_type', type(model).__name__)!r} (the runtime decodes Llama-family models)"
@@ -84,7 +85,7 @@ def unsupported(model: nn.Module) -> str | None:
         if not any(True for _ in m.children()) and any(True for _ in m.parameters(recurse=False)) \
                 and not type(m).__name__.endswith("RMSNorm"):
             return f"layer {name!r} is a {type(m).__name__}"
-    if extension() is None:
+    if compiled and extension() is None:
         return "the runtime could not be compiled on this machine (no C++ compiler, or no AVX2)"
     return None
 

@@ -36,6 +36,9 @@ def cpu_supported() -> bool:
 
 
 HEADER = Path(__file__).with_name("qgemm_avx2.h")
+# No contraction of a * b + c into one rounding where the source does not ask for it: the kernel inlined into
+# another extension (the decoding runtime) then rounds exactly as the kernel's own module does.
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 
 
 @lru_cache(maxsize=1)
@@ -53,7 +56,7 @@ def build(stem: str, sources: list[Path], what: str, include: tuple[Path, ...] =
     warning saying so) when SHRINK_NATIVE=0, the CPU lacks AVX2/FMA/F16C, or the build fails."""
     if os.environ.get("SHRINK_NATIVE", "1") == "0" or not cpu_supported():
         return None
-    digest = hashlib.sha256(HEADER.read_bytes())
+    digest = hashlib.sha256(HEADER.read_bytes() + " ".join(CFLAGS).encode())
     for src in sources:
         digest.update(src.read_bytes())
     key = hashlib.sha256(digest.digest() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
@@ -70,7 +73,7 @@ def build(stem: str, sources: list[Path], what: str, include: tuple[Path, ...] =
             sources=[str(s) for s in sources],
             extra_include_paths=[str(HEADER.parent), *map(str, include)],
             build_directory=str(build_dir),
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=list(CFLAGS),
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
