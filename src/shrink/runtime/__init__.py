@@ -5,7 +5,7 @@ compare and search share; `install(model)` routes a model's own `generate` throu
 it cannot run decode through transformers, and it says so.
 """
 
-from .generate import decoder_for, generate, install
+from .generation import decoder_for, generate, install
 from .llama import LlamaDecoder, Sampling, unsupported
 
 __all__ = ["LlamaDecoder", "Sampling", "decoder_for", "generate", "install", "unsupported"]

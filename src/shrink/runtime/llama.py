@@ -54,6 +54,10 @@ class Sampling:
         """The next token of each row of logits [rows, vocab]."""
         if not self.do_sample:
             return logits.argmax(-1)
+        return torch.multinomial(self.scores(logits).softmax(-1), 1, generator=generator).squeeze(1)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits sampling draws from: divided by the temperature, tokens outside top-k and top-p at -inf."""
         logits = logits / self.temperature
         if self.top_k:
             kth = logits.topk(min(self.top_k, logits.shape[-1]), -1).values[:, -1:]
@@ -63,7 +67,14 @@ class Sampling:
             drop = ordered.softmax(-1).cumsum(-1) <= 1 - self.top_p
             drop[:, -1] = False  # the most likely token always stays
             logits = logits.masked_fill(drop.scatter(1, index, drop), float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        return logits
+
+
+def _packed_part(model: nn.Module, name: str) -> bool:
+    """Whether tensor `name` belongs to a layer that computes in float32 whatever it stores (scales in
+    float16, a CastLinear's narrow weight), or is a rotary table transformers rebuilds in float32."""
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return isinstance(owner, (QuantLinear, QuantEmbedding, CastLinear)) or name.endswith("inv_freq")
 
 
 def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
@@ -77,6 +88,11 @@ def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
     rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
     if rope not in _ROPE_FIXED:
         return f"rotary embedding type {rope!r} (its frequencies change with the length)"
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type != "cpu":
+            return f"{name} is on {t.device} (the runtime decodes on the CPU)"
+        if t.is_floating_point() and t.dtype != torch.float32 and not _packed_part(model, name):
+            return f"{name} is {str(t.dtype).removeprefix('torch.')} (the runtime computes in float32)"
     for name, m in model.named_modules():
         if m is model or not name.startswith(("model.layers", "model.embed_tokens", "lm_head")):
             continue
@@ -174,6 +190,10 @@ class LlamaDecoder:
             raise ShrinkError("one non-negative max_new_tokens per prompt")
         if min(len(p) for p in prompts) == 0:
             raise ShrinkError("an empty prompt: decoding needs at least one token to start from")
+        for i, p in enumerate(prompts):
+            if len(p) and not 0 <= int(p.min()) <= int(p.max()) < self.vocab:
+                bad = p[(p < 0) | (p >= self.vocab)][0]
+                raise ShrinkError(f"prompt {i} holds token id {int(bad)}, outside the vocabulary of {self.vocab}")
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         self._reserve(len(prompts), max(len(p) + n for p, n in zip(prompts, n_new)))
         logits = self._prefill(prompts)
