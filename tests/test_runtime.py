@@ -114,6 +114,10 @@ def test_end_of_sequence_stops_a_row_and_pads_it():
     got = runtime_generate(m, x, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, want)
     assert (got[0, x.shape[1] + 3:] == 0).all()
+    kw = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    late = runtime_generate(m, x, **kw)
+    assert torch.equal(late, hf_generate(m, x, **kw))
+    assert (late[:, x.shape[1]:x.shape[1] + 6] != eos).all()
 
 
 def test_sampled_generate_matches_transformers_with_the_same_seed():

@@ -3,7 +3,7 @@ where the model and the request allow, by transformers otherwise; `install(model
 `generate` do this, so users, compare and search share one decoding path.
 
 The runtime takes greedy and sampled decoding (temperature, top-k, top-p), end-of-sequence tokens, left
-padding through the attention mask, and max_new_tokens / max_length. A request for anything else
+padding through the attention mask, and max_new_tokens / min_new_tokens / max_length. A request for anything else
 (beams, repetition penalty, streamers, scores out, ...) goes to transformers unchanged, and the first time
 for each reason one warning says why.
 """
@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..errors import ShrinkError
 from .llama import LlamaDecoder, Sampling, unsupported
 
-_HANDLED = {"max_length", "do_sample", "temperature", "top_k", "top_p", "use_cache"}
+_HANDLED = {"max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "use_cache"}
 _IDS = {"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_new_tokens",
         "_from_model_config", "transformers_version"}
 _decoders: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, LlamaDecoder]]" = weakref.WeakKeyDictionary()
@@ -127,7 +127,7 @@ def generate(model: nn.Module, inputs: torch.Tensor | None = None, generation_co
         return inputs.clone()
     sampling = Sampling(bool(config.do_sample), float(config.temperature if config.temperature is not None else 1.0),
                         int(config.top_k or 0), float(config.top_p if config.top_p is not None else 1.0))
-    news = decoder.generate(prompts, n_new, eos, sampling)
+    news = decoder.generate(prompts, n_new, eos, sampling, min_new_tokens=int(config.min_new_tokens or 0))
     longest = max(len(n) for n in news)
     if longest and pad is None and min(len(n) for n in news) < longest:
         raise ShrinkError("rows stopped at different lengths and there is no pad_token_id to fill them with")

@@ -179,10 +179,12 @@ class LlamaDecoder:
 
     @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int], eos_token_id=None,
-                 sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                 sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
+                 min_new_tokens: int = 0) -> list[torch.Tensor]:
         """The new tokens of each prompt (1-D token ids, no padding), all decoded together: up to its
         max_new_tokens, stopping after an end-of-sequence token (`eos_token_id`: an id, a list, or None)
-        which is kept. Greedy unless `sampling` says otherwise."""
+        which is kept, and never picking one before min_new_tokens (default 0). Greedy unless `sampling`
+        says otherwise."""
         if not prompts:
             return []
         n_new = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -200,7 +202,11 @@ class LlamaDecoder:
         news: list[list[int]] = [[] for _ in prompts]
         live = [i for i, n in enumerate(n_new) if n > 0]
         lengths = [len(p) for p in prompts]
+        banned = torch.tensor(sorted(eos), dtype=torch.long)
         while live:
+            early = [r for r, i in enumerate(live) if len(news[i]) < min_new_tokens]
+            if early and len(banned):  # as transformers' MinNewTokensLengthLogitsProcessor
+                logits[torch.tensor(early)[:, None], banned[None, :]] = float("-inf")
             picked = sampling.pick(logits, generator).tolist()
             going = []
             for i, t in zip(live, picked):
