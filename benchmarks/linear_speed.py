@@ -1,11 +1,13 @@
 """Speed, weight memory and error of quantized Linear layers against fp32, side by side in one run.
 
-8 x nn.Linear(2048, 2048), batch 1 and 32: fp32, torch's dynamic int8 (fbgemm), and shrink's int8,
-int4-g64 and int4-g32 (and, with --peers, the peers that are installed). Candidates are interleaved
-round by round; the table shows medians, the ratio to fp32 measured in the same rounds, and the CPU
-load other processes put on the machine meanwhile.
+8 x nn.Linear(2048, 2048), batches of 1, 2, 8, 32, 128 and 512 rows: fp32, torch's dynamic int8 (fbgemm),
+and shrink's int8, int4-g64 and int4-g32 (and, with --peers, the peers that are installed). shrink's
+layers run their kernel below 64 rows and, from 64 on, a float GEMM of the same int8 activations with
+the dequantized weight. Candidates are interleaved round by round; the table shows medians, the ratio to
+fp32 measured in the same rounds, and the CPU load other processes put on the machine meanwhile.
 
-    .venv/bin/python benchmarks/linear_speed.py [--peers] [--rounds 7] [--out benchmarks/results/linear_speed.json]
+    .venv/bin/python benchmarks/linear_speed.py [--peers] [--rounds 7] [--batches 1,2,8,32,128,512]
+        [--out benchmarks/results/linear_speed.json]
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", action="store_true", help="also measure installed peers (quanto, torchao, hqq, bitsandbytes)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per batch size (default 7)")
+    ap.add_argument("--batches", default="1,2,8,32,128,512", help="comma-separated batch sizes (default 1,2,8,32,128,512)")
     ap.add_argument("--out", default="benchmarks/results/linear_speed.json", help="JSON output path")
     args = ap.parse_args(argv)
 
@@ -124,7 +127,7 @@ def main(argv=None):
     results = {"machine": machine(), "layers": LAYERS, "dim": DIM, "native_kernel": native.available(),
                "skipped": skipped, "batches": {}}
     console = Console(width=110)
-    for batch in (1, 32):
+    for batch in (int(b) for b in args.batches.split(",")):
         torch.manual_seed(1)
         x = torch.randn(batch, DIM)
         with torch.no_grad():
@@ -132,7 +135,7 @@ def main(argv=None):
             errs = {k: ((m(x) - ref).norm() / ref.norm()).item() for k, m in models.items()}
             fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
             load = CpuLoad().start()
-            times = interleaved_times(fns, rounds=args.rounds, repeat=20 if batch == 1 else 4)
+            times = interleaved_times(fns, rounds=args.rounds, repeat=max(1, 32 // batch), warmup=1)
             other = load.stop()
         fp32_rounds = times["fp32"]
         table = Table(title=f"8 x Linear(2048, 2048), batch {batch}; CPU load from other processes {other:.0%}")

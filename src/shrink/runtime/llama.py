@@ -79,7 +79,9 @@ def _packed_part(model: nn.Module, name: str) -> bool:
 
 def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
     """Why `model` cannot decode in shrink's runtime (a sentence), or None when it can; with `compiled`
-    False only the model is looked at (the runtime is not built)."""
+    False only the model is looked at (the runtime is not built). SHRINK_RUNTIME=0 turns the runtime off."""
+    if os.environ.get("SHRINK_RUNTIME", "1") == "0":
+        return "SHRINK_RUNTIME=0 is set"
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "llama":
         return f"model type {getattr(config, 'model_type', type(model).__name__)!r} (the runtime decodes Llama-family models)"
