@@ -197,7 +197,6 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind)
     m = tiny_llama(seed=3, tie=False)
     with torch.no_grad():
         m.lm_head.weight[2] *= 3.0  # the end-of-sequence token wins often: some answers stop at once
-    q = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False)  # the native kernel, both of its paths
     if kind == "generation":
         lines = [{"id": f"g{i}", "input": word_text(3 + 2 * i, seed=i), "target": word_text(1, seed=100 + i),
                   "match": "contains", "max_new_tokens": 3 + i % 5} for i in range(12)]
@@ -207,6 +206,8 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind)
     else:
         lines = [{"id": f"p{i}", "text": word_text(4 + 5 * i, seed=i)} for i in range(7)]
     task = _write(tmp_path, lines)
+    # The PyTorch backend computes in float throughout: padding and batching may change float rounding only.
+    q = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False, backend="torch")
     one = compare(m, q, task, tokenizer=tok, batch_size=1)
     many = compare(m, q, task, tokenizer=tok, batch_size=5)
     assert one.errors == many.errors == 0
@@ -214,15 +215,24 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind)
     for a, b in zip(one.examples, many.examples):
         if kind != "perplexity":  # there the output is the score, printed to 3 decimals: compared below
             assert (a.original_output, a.compressed_output, a.flip) == (b.original_output, b.compressed_output, b.flip)
-        # float rounding differs with the batch; an int8 activation code may then flip by one, hence 1e-4
-        assert a.original_score == pytest.approx(b.original_score, rel=1e-4, abs=1e-6)
-        assert a.compressed_score == pytest.approx(b.compressed_score, rel=1e-4, abs=1e-6)
-        assert a.kl_mean == pytest.approx(b.kl_mean, rel=1e-2)
-    assert one.within == many.within and one.overall.change == pytest.approx(many.overall.change, rel=1e-3, abs=1e-6)
+        assert a.original_score == pytest.approx(b.original_score, rel=1e-5, abs=1e-6)
+        assert a.compressed_score == pytest.approx(b.compressed_score, rel=1e-5, abs=1e-6)
+        assert a.kl_mean == pytest.approx(b.kl_mean, rel=1e-3, abs=1e-7)
+    assert one.within == many.within and one.overall.change == pytest.approx(many.overall.change, rel=1e-4, abs=1e-6)
     if kind != "perplexity":  # the verdict prints the change to 0.1 points: the same, once the scores are
         assert one.verdict == many.verdict
     if kind == "generation":
         assert any(e.original_output == "" for e in one.examples)  # stopped at once: what padding must not change
+    # The native kernel (both of its paths: batches of 5 reach its float GEMM) quantizes activations to int8:
+    # an input that differs by float rounding may move one code by one step, which moves a short example's
+    # score by a fraction of a percent; a padding error would move it by far more.
+    qn = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False)
+    one, many = compare(m, qn, task, tokenizer=tok, batch_size=1), compare(m, qn, task, tokenizer=tok, batch_size=5)
+    assert one.errors == many.errors == 0
+    for a, b in zip(one.examples, many.examples):
+        assert a.compressed_score == pytest.approx(b.compressed_score, rel=1e-2, abs=1e-6)
+    same = [a.compressed_output == b.compressed_output for a, b in zip(one.examples, many.examples)]
+    assert sum(same) >= len(same) - 1
     with pytest.raises(ShrinkError, match="batch_size must be an integer of 1 or more"):
         compare(m, q, task, tokenizer=tok, batch_size=0)
 
