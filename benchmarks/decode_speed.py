@@ -15,7 +15,7 @@ Measured per round, all variants in turn (rounds interleave; medians reported):
   - prefill: one prompt of 512 tokens, through the runtime and through transformers' forward;
   - llama.cpp: `llama-bench -p 512 -n 64 -r 1` with as many threads as torch uses (its tg64 decodes from
     an empty context). Needs a llama-bench binary: --llama-bench PATH, $LLAMA_BENCH, or one found in
-    ~/.cache/llama.cpp-*/bin or on PATH; without one, llama.cpp's columns are left out and it says so.
+    ~/.cache/shrink/llama.cpp-*/bin (`scripts/setup.sh --llama-bench` builds it there) or on PATH; without one, llama.cpp's columns are left out and it says so.
 Ratios shrink/llama.cpp are of figures measured in the same round.
 
     .venv/bin/python benchmarks/decode_speed.py [--rounds 3] [--out benchmarks/results/decode_speed.json]
@@ -60,7 +60,7 @@ VARIANTS = {  # name -> (format or None, llama.cpp's name of the same format, fl
 
 def find_llama_bench(given: str | None) -> str | None:
     """A llama-bench binary: the one given, $LLAMA_BENCH, a cached build's, or one on PATH."""
-    for cand in (given, os.environ.get("LLAMA_BENCH"), *sorted(glob.glob(os.path.expanduser("~/.cache/llama.cpp-*/bin/llama-bench"))),
+    for cand in (given, os.environ.get("LLAMA_BENCH"), *sorted(glob.glob(os.path.expanduser("~/.cache/shrink/llama.cpp-*/bin/llama-bench"))),
                  shutil.which("llama-bench")):
         if cand and os.access(cand, os.X_OK):
             return cand

@@ -6,14 +6,17 @@
 #   --llama-cpp  also build llama-cpp-python (llama.cpp, for `--runtime llama.cpp` and its tests) from its source
 #                package: cmake and g++, offline, a few minutes to 20 on 2 cores. The wheel is cached in
 #                ~/.cache/shrink/wheels, and a cached wheel is installed by every later setup, flag or not.
+#   --llama-bench  also build llama.cpp's llama-bench from the same source package (for
+#                benchmarks/decode_speed.py) into ~/.cache/shrink/llama.cpp-0.3.36/bin; about 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TEST=0 LLAMA=0
+TEST=0 LLAMA=0 BENCH=0
 for arg in "$@"; do
   case "$arg" in
     --test) TEST=1 ;;
     --llama-cpp) LLAMA=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --test, --llama-cpp)" >&2; exit 2 ;;
+    --llama-bench) BENCH=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --test, --llama-cpp, --llama-bench)" >&2; exit 2 ;;
   esac
 done
 PYTHON=${PYTHON:-python3}
@@ -44,6 +47,19 @@ fi
 if ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 \
     && ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llama_cpp')" 2>/dev/null; then
   pip install --find-links "$WHEELS" "$LLAMA_CPP"
+fi
+LLAMA_BIN=$HOME/.cache/shrink/llama.cpp-0.3.36/bin
+if [ "$BENCH" = 1 ] && [ ! -x "$LLAMA_BIN/llama-bench" ]; then
+  echo "building llama-bench from $LLAMA_CPP's source package (cmake, g++; about 10 minutes on 2 cores)"
+  SRC=$(mktemp -d)
+  pip download --no-deps --no-binary :all: -d "$SRC" "$LLAMA_CPP"
+  tar -xzf "$SRC"/*.tar.gz -C "$SRC"
+  cmake -S "$(echo "$SRC"/llama*0.3.36/vendor/llama.cpp)" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+    -DBUILD_SHARED_LIBS=OFF >/dev/null
+  cmake --build "$SRC/build" --target llama-bench -j "$(nproc)" >/dev/null
+  mkdir -p "$LLAMA_BIN" && cp "$SRC/build/bin/llama-bench" "$LLAMA_BIN/"
+  rm -rf "$SRC"
 fi
 if [ "$TEST" = 1 ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
