@@ -56,8 +56,9 @@ if [ "$BENCH" = 1 ] && [ ! -x "$LLAMA_BIN/llama-bench" ]; then
   tar -xzf "$SRC"/*.tar.gz -C "$SRC"
   cmake -S "$(echo "$SRC"/llama*0.3.36/vendor/llama.cpp)" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
-    -DBUILD_SHARED_LIBS=OFF >/dev/null
-  cmake --build "$SRC/build" --target llama-bench -j "$(nproc)" >/dev/null
+    -DBUILD_SHARED_LIBS=OFF >"$SRC/build.log" 2>&1 || { tail -40 "$SRC/build.log" >&2; exit 1; }
+  cmake --build "$SRC/build" --target llama-bench -j "$(nproc)" >>"$SRC/build.log" 2>&1 \
+    || { tail -40 "$SRC/build.log" >&2; exit 1; }
   mkdir -p "$LLAMA_BIN" && cp "$SRC/build/bin/llama-bench" "$LLAMA_BIN/"
   rm -rf "$SRC"
 fi
