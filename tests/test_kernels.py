@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from shrink.quant.kernels import native, reference
+from shrink.errors import ShrinkError
+from shrink.quant.kernels import native, reference, tiled
+from shrink.quant.packing import unpack
 from shrink.quant.linear import QuantLinear
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernel not built on this machine")
@@ -99,12 +101,13 @@ def test_native_dequantize_is_exact(fmt):
 @needs_native
 @pytest.mark.parametrize("fmt", ["int4-g32", "int8", "int4-g64-asym"])
 def test_large_batches_compute_what_small_ones_do(fmt):
-    # a float GEMM on the weight the kernel dequantizes, with the kernel's int8 activations: each row is what
-    # the integer kernel gives it alone (up to float rounding), so a batch does not change a row's result
+    # without a tiled copy (36 outputs), a float GEMM on the weight the kernel dequantizes, with the kernel's
+    # int8 activations: each row is what the row kernel gives it alone (up to float rounding)
     from shrink.quant.kernels import int8_activations, reference
     from shrink.quant.linear import LARGE_BATCH
 
-    lin, q = _layer(fmt)
+    lin, q = _layer(fmt, n=36)
+    assert tiled.for_layer(q) is None
     x = torch.randn(LARGE_BATCH + 3, 256)
     big = q(x)
     alone = torch.cat([q(x[i:i + 1]) for i in range(len(x))])
@@ -135,3 +138,79 @@ def test_the_kernels_are_dispatcher_ops_that_torch_compile_keeps():
         eager = q(x)  # the layer decides native or PyTorch once, on its first call
         compiled = torch.compile(q, dynamic=False, fullgraph=True)  # fullgraph: no break at the kernel
         assert torch.equal(compiled(x), eager)
+
+
+def _reference(q, x):
+    return reference.int8_activation_linear(x, q.qweight, q.scales, q.zeros, q.zero_const, q.bias, q.spec.bits,
+                                            q.in_features, q.spec.group_for(q.in_features))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiled_kernel_matches_reference_and_rows_do_not_depend_on_the_batch(fmt):
+    # tiles of 4 activation rows, a tail of single rows, and more than one block of 64 rows
+    lin, q = _layer(fmt, k=256, n=48)
+    assert tiled.for_layer(q) is not None
+    x = torch.randn(135, 256) * 3
+    x[7] = 0  # an all-zero row: every block scale 0
+    y = q(x)
+    ref = _reference(q, x)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    for m in (1, 2, 3, 4, 5, 9, 64, 67):
+        assert torch.equal(q(x[:m]), y[:m]), f"batch {m} changed a row's result"
+    assert torch.equal(q(x[70:71]), y[70:71])
+
+
+def _untile(t: tiled.TiledWeight, n: int, k: int) -> torch.Tensor:
+    """Codes [n, k] back from the tiled layout, following the layout the kernel header documents."""
+    nb = k // 32
+    if t.bits == 8:
+        c = (t.codes.view(torch.int8).view(n // 8, nb, 16, 8, 2).to(torch.int16) + 128).permute(0, 3, 1, 2, 4)
+    else:
+        b = t.codes.view(n // 8, nb, 4, 8, 4)
+        c = torch.stack([b & 0x0F, b >> 4], dim=3).reshape(n // 8, nb, 8, 8, 4).permute(0, 3, 1, 2, 4)
+    return c.reshape(n, k).to(torch.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["int8-g64-asym", "int4-g32", "int3-g32", "int2-g64-asym"])
+def test_tiled_layout_holds_the_same_codes_scales_and_zeros(fmt):
+    lin, q = _layer(fmt, k=128, n=16)
+    t = tiled.tile(q.qweight, q.scales, q.zeros, q.zero_const, q.spec.bits, 128, q.spec.group_for(128))
+    assert torch.equal(_untile(t, 16, 128), unpack(q.qweight, q.spec.bits, 128))
+    groups = 128 // q.spec.group_for(128)
+    s = t.scales.permute(0, 2, 1).reshape(16, groups)
+    assert torch.equal(s, q.scales.float())
+    z = q.zeros.float() if q.zeros is not None else torch.full_like(s, float(q.zero_const))
+    shift = 128 if q.spec.bits == 8 else 0
+    assert torch.equal(t.szero.permute(0, 2, 1).reshape(16, groups), s * (z - shift))
+    with pytest.raises(ValueError, match="12 outputs"):
+        tiled.tile(q.qweight[:12], q.scales[:12], None, 8, q.spec.bits, 128, 32)
+
+
+@needs_native
+def test_tiled_copy_follows_the_stored_weights():
+    # a stale copy would be silently wrong: loading another layer's state, or changing codes in place,
+    # must change what the layer computes
+    _, a = _layer("int4-g32", seed=1)
+    _, b = _layer("int4-g32", seed=2)
+    x = torch.randn(3, 256)
+    ya, yb = a(x), b(x)
+    assert not torch.allclose(ya, yb)
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), yb)
+    a.qweight.zero_()
+    assert torch.allclose(a(x), _reference(a, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_layers_without_a_tiled_copy_use_the_row_kernel():
+    lin, q = _layer("int4-g32", n=36)  # 36 outputs: not a multiple of 8
+    assert tiled.for_layer(q) is None and q.uses_native()
+    x = torch.randn(5, 256)
+    assert torch.allclose(q(x), _reference(q, x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_of_the_wrong_width_is_refused_with_the_layer_named():
+    lin, q = _layer("int4-g32")
+    with pytest.raises(ShrinkError, match="in_features=256.*last dimension is 512"):
+        q(torch.randn(2, 512))

@@ -3,7 +3,7 @@
 
 `native`: the compiled AVX2 kernel (int8 activations per block of 32, integer dot products), used
 when it builds on this machine and the layer's shapes suit it (input size and group size multiples
-of 32). `torch` (`reference`): dequantize and `F.linear`, always available and exact for the stored
+of 32); over a tiled copy of the weight (`tiled`) where the output count is a multiple of 8. `torch` (`reference`): dequantize and `F.linear`, always available and exact for the stored
 weights.
 """
 
@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ShrinkError
-from . import native, reference
+from . import native, reference, tiled
 
-# From this many rows on (prompt processing, large batches) a float GEMM on weights dequantized by the
-# kernel beats integer dot products on this class of CPU (measured crossover: 32 to 64 rows).
+# From this many rows on a float GEMM on weights dequantized by the kernel beats the row kernel on this
+# class of CPU (measured crossover: 32 to 64 rows); the tiled kernel, where a layer has it, beats both.
 LARGE_BATCH = 64
 _NO_U8 = torch.empty(0, dtype=torch.uint8)  # the extension's "no zero points" / "no bias"
-_NO_F32 = torch.empty(0, dtype=torch.float32)
+_NO_F32 = NO_BIAS = torch.empty(0, dtype=torch.float32)
 
 BACKENDS = ("auto", "native", "torch")
 
@@ -60,21 +60,25 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
     """x [rows, in_features] (float32, contiguous) times a packed layer's weight, plus its bias. With
-    `native_kernel`: the integer kernel below LARGE_BATCH rows; from there on a float GEMM of the same
-    int8 activations (per block of 32, dequantized) with the weight the kernel dequantizes, so a row's
-    result does not depend on how many rows come with it (up to float rounding); without: dequantize in
-    PyTorch and `F.linear` on the float activations."""
+    `native_kernel`: int8 activations per block of 32 and integer dot products, over the layer's tiled copy
+    (any number of rows) where its shapes have one; otherwise the row kernel below LARGE_BATCH rows and,
+    from there on, a float GEMM of the same int8 activations with the weight the kernel dequantizes. Either
+    way a row's result does not depend on how many rows come with it. Without `native_kernel`: dequantize
+    in PyTorch and `F.linear` on the float activations."""
     if not native_kernel:
         return reference.dequant_linear(x, layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.bias,
                                         layer.spec.bits, layer.in_features)
+    compiling = torch.compiler.is_compiling()  # the dispatcher ops stay in a compiled graph; eagerly, the
+    t = tiled.for_layer(layer)                 # direct calls are about 3 us a call cheaper
+    if t is not None:
+        args = (x, t.codes, t.scales, t.szero, _NO_F32 if layer.bias is None else layer.bias, t.bits, t.group_size)
+        return torch.ops.shrink.tiled_qlinear(*args) if compiling else native.load().tiled_qlinear(*args)
     if x.shape[0] >= LARGE_BATCH:
         return F.linear(int8_activations(x), dequantize(layer, True), layer.bias)
     args = (x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
             _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits, layer.spec.group_for(layer.in_features))
-    if torch.compiler.is_compiling():  # the dispatcher op stays in the compiled graph; eagerly, the direct call is
-        return torch.ops.shrink.qlinear(*args)  # about 3 us a call cheaper
-    return native.load().qlinear(*args)
+    return torch.ops.shrink.qlinear(*args) if compiling else native.load().qlinear(*args)
 
 
 __all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "int8_activations", "native",
-           "native_supports", "qlinear", "reference"]
+           "native_supports", "qlinear", "reference", "tiled"]

@@ -36,6 +36,7 @@ def cpu_supported() -> bool:
 
 
 HEADER = Path(__file__).with_name("qgemm_avx2.h")
+HEADERS = (HEADER, Path(__file__).with_name("tiled_avx2.h"))
 # No contraction of a * b + c into one rounding where the source does not ask for it: the kernel inlined into
 # another extension (the decoding runtime) then rounds exactly as the kernel's own module does.
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
@@ -51,12 +52,12 @@ def load():
 
 
 def build(stem: str, sources: list[Path], what: str, include: tuple[Path, ...] = ()):
-    """Compile `sources` (with the kernel header beside them) into an extension module, cached under the
+    """Compile `sources` (with the kernel headers beside them) into an extension module, cached under the
     shrink cache by a hash of the sources, the header, torch's and Python's versions; None (and one
     warning saying so) when SHRINK_NATIVE=0, the CPU lacks AVX2/FMA/F16C, or the build fails."""
     if os.environ.get("SHRINK_NATIVE", "1") == "0" or not cpu_supported():
         return None
-    digest = hashlib.sha256(HEADER.read_bytes() + " ".join(CFLAGS).encode())
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS) + " ".join(CFLAGS).encode())
     for src in sources:
         digest.update(src.read_bytes())
     key = hashlib.sha256(digest.digest() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
@@ -89,6 +90,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("shrink::qlinear")
     def _(x, qweight, scales, zeros, zero_const, bias, bits, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("shrink::tiled_qlinear")
+    def _(x, codes, scales, szero, bias, bits, group_size):
+        return x.new_empty(*x.shape[:-1], codes.shape[0] * 8)
 
     @torch.library.register_fake("shrink::dequantize")
     def _(qweight, scales, zeros, zero_const, bits, group_size, k):

@@ -1,0 +1,83 @@
+"""The tiled layout of a packed weight, which the native kernel multiplies fastest at every batch size.
+
+A packed layer stores its codes row by row (packing.py), which is what gets saved and exported. The
+native kernel's fast path (tiled_avx2.h) reads them in tiles of 8 outputs instead, so the layer keeps a
+second copy in that layout, built from the stored buffers on first use and rebuilt whenever they change
+(loading a state dict, re-filling the codes). It is not saved. Layers whose output count is not a multiple
+of 8 keep the row kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..packing import BLOCK, unpack
+
+TILE = 8  # outputs per tile
+
+
+@dataclass(frozen=True)
+class TiledWeight:
+    """A packed weight in tiles of 8 outputs (see tiled_avx2.h for the byte layout)."""
+
+    codes: torch.Tensor   # uint8 [outputs/8, blocks * (256 for 8-bit codes, else 128)]
+    scales: torch.Tensor  # float32 [outputs/8, groups, 8]
+    szero: torch.Tensor   # float32 [outputs/8, groups, 8]: scale * (zero - shift)
+    bits: int
+    group_size: int
+
+    def nbytes(self) -> int:
+        """Memory this copy takes."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.szero))
+
+
+def supports(rows: int, in_features: int, group_size: int) -> bool:
+    """Whether a weight of these shapes has a tiled layout (rows a multiple of 8, blocks of 32)."""
+    return rows % TILE == 0 and in_features % BLOCK == 0 and group_size % BLOCK == 0 and rows > 0
+
+
+def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero_const: int, bits: int,
+         in_features: int, group_size: int) -> TiledWeight:
+    """The tiled layout of a packed weight (row layout of packing.py) with the same codes, scales and zeros."""
+    n, k = qweight.shape[0], in_features
+    if not supports(n, k, group_size):
+        raise ValueError(f"no tiled layout for {n} outputs x {k} inputs at group size {group_size}")
+    t, nb, g = n // TILE, k // BLOCK, k // group_size
+    codes = unpack(qweight, bits, k)  # [n, k] uint8
+    if bits == 8:
+        c = codes.view(t, TILE, nb, 16, 2).permute(0, 2, 3, 1, 4)  # [tile, block, step, output, input]
+        packed = (c.to(torch.int16) - 128).to(torch.int8).contiguous().view(torch.uint8)
+        shift = 128
+    else:
+        c = codes.view(t, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [tile, block, 4 inputs, output, input]
+        packed = (c[:, :, 0::2] | (c[:, :, 1::2] << 4)).contiguous()
+        shift = 0
+    s = scales.to(torch.float32)
+    z = zeros.to(torch.float32) if zeros is not None else torch.full_like(s, float(zero_const))
+    by_tile = lambda v: v.reshape(t, TILE, g).permute(0, 2, 1).contiguous()  # noqa: E731
+    # s * (z - shift) is exact in float32 (an fp16 scale times an integer below 2**9)
+    return TiledWeight(packed.reshape(t, -1), by_tile(s), by_tile(s * (z - shift)), bits, group_size)
+
+
+def for_layer(layer) -> TiledWeight | None:
+    """The layer's tiled copy, built on first use and again after its buffers change (replaced, or changed
+    in place); None when its shapes have no tiled layout."""
+    # Called on every forward, so kept cheap: the buffers straight from the module's dict (not through
+    # nn.Module.__getattr__), compared by identity and version counter.
+    b = layer._buffers
+    q, s, z = b["qweight"], b["scales"], b.get("zeros")
+    cached = layer.__dict__.get("_tiled")
+    if torch.compiler.is_compiling():
+        # A traced graph cannot read version counters, and building the copy there would repack in every
+        # call: use the copy an eager call built, if any (a compiled graph takes its weights as fixed anyway).
+        return cached[4] if cached is not None and cached[0] is q and cached[1] is s and cached[2] is z else None
+    if (cached is not None and cached[0] is q and cached[1] is s and cached[2] is z
+            and cached[3] == (q._version, s._version, 0 if z is None else z._version)):
+        return cached[4]
+    group = layer.spec.group_for(layer.in_features)
+    t = tile(q, s, z, layer.zero_const, layer.spec.bits, layer.in_features, group) if supports(
+        q.shape[0], layer.in_features, group) else None
+    layer.__dict__["_tiled"] = (q, s, z, (q._version, s._version, 0 if z is None else z._version), t)
+    return t
