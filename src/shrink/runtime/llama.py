@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..errors import ShrinkError
 from ..quant.embedding import QuantEmbedding
-from ..quant.kernels import LARGE_BATCH, native
+from ..quant.kernels import LARGE_BATCH, native, tiled
 from ..quant.linear import CastLinear, QuantLinear
 
 SOURCE = Path(__file__).with_name("llama_decoder.cpp")
@@ -111,9 +111,10 @@ def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
 _EMPTY = {dt: torch.empty(0, dtype=dt) for dt in (torch.uint8, torch.float16, torch.float32, torch.int64)}
 
 
-def _linear(m: nn.Module, ext):
+def _linear(m: nn.Module, ext, products: bool = True):
     """The runtime's view of a weight layer or embedding table: packed where the kernel computes the
-    model's own forward, else the float32 weight the model's forward multiplies by."""
+    model's own forward, else the float32 weight the model's forward multiplies by. `products`: whether
+    the runtime multiplies by it (default True); a table it only reads rows of needs no tiled copy."""
     u8, f32, i64 = _EMPTY[torch.uint8], _EMPTY[torch.float32], _EMPTY[torch.int64]
     bias = getattr(m, "bias", None)
     bias = f32 if bias is None else bias.detach().float().contiguous()
@@ -121,9 +122,12 @@ def _linear(m: nn.Module, ext):
         native_ok = m.uses_native() if isinstance(m, QuantLinear) else (
             native.available() and m.spec.group_for(m.in_features) % 32 == 0 and m.in_features % 32 == 0)
         if native_ok:
+            t = tiled.for_layer(m) if products else None
+            tcodes, tscales, tszero = (u8, f32, f32) if t is None else (t.codes, t.scales, t.szero)
             return ext.Linear(m.qweight, m.scales, u8 if m.zeros is None else m.zeros, f32, bias,
                               i64 if m.input_order is None else m.input_order, m.zero_const, m.spec.bits,
-                              m.spec.group_for(m.in_features), m.in_features, m.out_features, LARGE_BATCH)
+                              m.spec.group_for(m.in_features), m.in_features, m.out_features, LARGE_BATCH,
+                              tcodes, tscales, tszero)
         weight = m.dequantized_weight()
     elif isinstance(m, (nn.Linear, CastLinear, nn.Embedding)):
         weight = m.weight.detach()
@@ -131,7 +135,7 @@ def _linear(m: nn.Module, ext):
         raise ShrinkError(f"the decoding runtime cannot read a {type(m).__name__}")
     rows, cols = weight.shape
     return ext.Linear(u8, _EMPTY[torch.float16], u8, weight.float().contiguous(), bias, i64, 0, 0, 0, cols, rows,
-                      LARGE_BATCH)
+                      LARGE_BATCH, u8, f32, f32)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +165,7 @@ class LlamaDecoder:
         self.kv_heads, self.head_dim = cfg.num_key_value_heads, head_dim
         self._impl = ext.Decoder(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, float(cfg.rms_norm_eps),
                                  _f32(rot.inv_freq), float(rot.attention_scaling),
-                                 float(model.model.layers[0].self_attn.scaling), _linear(model.model.embed_tokens, ext),
+                                 float(model.model.layers[0].self_attn.scaling), _linear(model.model.embed_tokens, ext, products=False),
                                  layers, _f32(model.model.norm.weight), _linear(model.lm_head, ext))
         self.context = getattr(cfg, "max_position_embeddings", None)
 

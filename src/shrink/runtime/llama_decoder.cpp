@@ -10,7 +10,7 @@
 // there: one sequence's prompt, the next token of many sequences, or both. Every token's keys and values
 // are written before any attention is computed, so a token sees its own sequence's positions 0..pos.
 
-#include "qgemm_avx2.h"
+#include "tiled_avx2.h"
 
 #include <torch/extension.h>
 
@@ -27,18 +27,22 @@ std::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-// A weight layer: packed integer codes in the kernel's layout, or a float32 matrix [out, in].
+// A weight layer: packed integer codes in the kernel's row layout (and, where the layer has one, its
+// tiled copy, which computes the same products faster), or a float32 matrix [out, in].
 struct Linear {
   Tensor qweight, scales, zeros, weight, bias, order;  // unused ones empty
   int64_t zero_const, bits, group, in, out, large_batch;
+  Tensor tcodes, tscales, tszero;  // the tiled copy, or empty
 
   bool packed() const { return qweight.numel() > 0; }
+  bool tiled() const { return tcodes.numel() > 0; }
 
   // y [M, out] = x [M, in] times the weight, plus the bias.
   Tensor operator()(const Tensor& x) const {
     TORCH_CHECK(x.size(1) == in, "a layer of ", in, " inputs was given ", x.size(1));
     const Tensor xi = order.numel() > 0 ? x.index_select(1, order) : x;
     if (!packed()) return at::linear(xi, weight, maybe(bias));
+    if (tiled()) return shrink_kernels::tiled_many(xi.contiguous(), {tiled_weight()})[0];
     if (xi.size(0) >= large_batch) {  // as kernels.qlinear: the same int8 activations, a float GEMM
       auto q = shrink_kernels::quantize_x(xi.contiguous(), 32);
       const Tensor xa = (q[0].view({xi.size(0), -1, 32}).to(torch::kFloat32) * q[1].unsqueeze(-1)).view(xi.sizes());
@@ -52,10 +56,15 @@ struct Linear {
     return {qweight, scales, zeros, bias, zero_const, bits, group};
   }
 
-  // Whether this layer's product can be computed together with `other`'s on the same input.
+  shrink_kernels::TiledWeight tiled_weight() const { return {tcodes, tscales, tszero, bias, bits, group}; }
+
+  // Whether this layer's product can be computed together with `other`'s on the same input: both tiled
+  // (8-bit codes, or both 2-4 bits) or both in the row kernel (below large_batch rows), the same group size.
   bool fuses_with(const Linear& other, int64_t rows) const {
-    return packed() && other.packed() && order.numel() == 0 && other.order.numel() == 0 && bits == other.bits &&
-           group == other.group && in == other.in && rows < large_batch;
+    if (!packed() || !other.packed() || order.numel() > 0 || other.order.numel() > 0 || group != other.group ||
+        in != other.in || tiled() != other.tiled())
+      return false;
+    return tiled() ? (bits == 8) == (other.bits == 8) : bits == other.bits && rows < large_batch;
   }
 
   // Row `r` of the weight as floats into dst (an embedding table's lookup).
@@ -77,6 +86,11 @@ std::vector<Tensor> apply_all(const std::vector<const Linear*>& ls, const Tensor
   bool together = true;
   for (const Linear* l : ls) together = together && ls[0]->fuses_with(*l, x.size(0));
   std::vector<Tensor> out;
+  if (together && x.size(1) == ls[0]->in && ls[0]->tiled()) {
+    std::vector<shrink_kernels::TiledWeight> ws;
+    for (const Linear* l : ls) ws.push_back(l->tiled_weight());
+    return shrink_kernels::tiled_many(x.contiguous(), ws);
+  }
   if (together && x.size(1) == ls[0]->in) {
     std::vector<shrink_kernels::PackedWeight> ws;
     for (const Linear* l : ls) ws.push_back(l->kernel_weight());
@@ -262,12 +276,14 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](Tensor qweight, Tensor scales, Tensor zeros, Tensor weight, Tensor bias, Tensor order,
-                       int64_t zero_const, int64_t bits, int64_t group, int64_t in, int64_t out, int64_t large_batch) {
-             return Linear{qweight, scales, zeros, weight, bias, order, zero_const, bits, group, in, out, large_batch};
+                       int64_t zero_const, int64_t bits, int64_t group, int64_t in, int64_t out, int64_t large_batch,
+                       Tensor tcodes, Tensor tscales, Tensor tszero) {
+             return Linear{qweight, scales, zeros, weight, bias, order, zero_const, bits, group, in, out, large_batch,
+                           tcodes, tscales, tszero};
            }),
            py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("weight"), py::arg("bias"),
            py::arg("order"), py::arg("zero_const"), py::arg("bits"), py::arg("group"), py::arg("in_features"),
-           py::arg("out_features"), py::arg("large_batch"))
+           py::arg("out_features"), py::arg("large_batch"), py::arg("tcodes"), py::arg("tscales"), py::arg("tszero"))
       .def("__call__", &Linear::operator());
   py::class_<Layer>(m, "Layer")
       .def(py::init([](Tensor input_norm, Tensor post_norm, Linear q, Linear k, Linear v, Linear o, Linear gate,

@@ -23,50 +23,73 @@
 namespace shrink_kernels {
 namespace {
 
+// Activations of a tile of R rows, interleaved so that one pointer reaches all R rows (no register per
+// row): the quantized codes of block b, inputs 4j..4j+3 of row r at xq + (b * 8 + j) * 4R + 4r (for 8-bit
+// codes, 16-bit pairs: inputs 2j, 2j+1 at x16 + (b * 16 + j) * 2R + 2r), the block scale at xd + b * R + r,
+// the group sum at gsum + g * R + r. With R = 1 this is the activations' own row-major layout.
+struct RowTile {
+  const int8_t* xq;
+  const int16_t* x16;
+  const float* xd;
+  const float* gsum;
+};
+
 struct TiledArgs {
   const uint8_t* codes;  // [T, nb, 128 or 256]
   const float* s;        // [T, G, 8]
   const float* sz;       // [T, G, 8]
   const float* bias;     // [N] or nullptr
-  const int8_t* xq;      // [M, K]
-  const int16_t* x16;    // [M, K] (8-bit codes only)
-  const float* xd;       // [M, nb]
-  const float* gsum;     // [M, G]
   float* out;            // [M, N]
   int64_t M, N, K, G, bpg, T;
+  // The activations, row by row ([M, K], [M, K], [M, nb], [M, G]) and, for the first M4 = M / 4 * 4 rows,
+  // interleaved by 4 (the same sizes).
+  const int8_t *xq, *xq4;
+  const int16_t *x16, *x164;
+  const float *xd, *xd4, *gsum, *gsum4;
+
+  template <int R>
+  RowTile rows(int64_t r0) const {
+    const int64_t nb = K / QK;
+    if constexpr (R == 4)
+      return {xq4 + r0 * K, x164 ? x164 + r0 * K : nullptr, xd4 + r0 * nb, gsum4 + r0 * G};
+    else
+      return {xq + r0 * K, x16 ? x16 + r0 * K : nullptr, xd + r0 * nb, gsum + r0 * G};
+  }
 };
 
-// The 8 integer dot products (one per output of the tile) of block b with row r's activations.
+// The 8 integer dot products (one per output of the tile) of block b with each of the R rows.
 template <int BITS, int R>
-__attribute__((always_inline)) inline void block_dots(const TiledArgs& a, const uint8_t* wb, int64_t b, int64_t r0, __m256i (&dot)[R]) {
+__attribute__((always_inline)) inline void block_dots(const uint8_t* wb, const RowTile& x, int64_t b,
+                                                      __m256i (&dot)[R]) {
   if constexpr (BITS == 8) {
+    const int16_t* xb = x.x16 + b * 32 * R;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
 #pragma GCC unroll 16
-    for (int s = 0; s < 16; ++s) {
-      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * s)));
+    for (int j = 0; j < 16; ++j) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * j)));
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         int32_t pair;
-        std::memcpy(&pair, a.x16 + (r0 + r) * a.K + b * QK + 2 * s, 4);
+        std::memcpy(&pair, xb + (j * R + r) * 2, 4);
         dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(w, _mm256_set1_epi32(pair)));
       }
     }
   } else {
+    const int8_t* xb = x.xq + b * 32 * R;
     const __m256i lo = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256i sums[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-    for (int s = 0; s < 4; ++s) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * s));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * j));
       const __m256i w0 = _mm256_and_si256(packed, lo), w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), lo);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const int8_t* x = a.xq + (r0 + r) * a.K + b * QK + 8 * s;
-        int32_t v0, v1;
-        std::memcpy(&v0, x, 4);
-        std::memcpy(&v1, x + 4, 4);
+        int32_t v0, v1;  // inputs 8j..8j+3 and 8j+4..8j+7 of row r
+        std::memcpy(&v0, xb + ((2 * j) * R + r) * 4, 4);
+        std::memcpy(&v1, xb + ((2 * j + 1) * R + r) * 4, 4);
         sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w0, _mm256_set1_epi32(v0)));
         sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w1, _mm256_set1_epi32(v1)));
       }
@@ -86,13 +109,7 @@ inline void tiled_tile(const TiledArgs& a, int64_t t, int64_t r0) {
   const uint8_t* wt = a.codes + t * nb * BB;
   const float* st = a.s + t * G * 8;
   const float* szt = a.sz + t * G * 8;
-  const float* xd[R];
-  const float* gs[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    xd[r] = a.xd + (r0 + r) * nb;
-    gs[r] = a.gsum + (r0 + r) * G;
-  }
+  const RowTile x = a.rows<R>(r0);
   __m256 acc[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -100,26 +117,27 @@ inline void tiled_tile(const TiledArgs& a, int64_t t, int64_t r0) {
   for (int64_t g = 0, b = 0; g < G; ++g) {
     const __m256 s = _mm256_loadu_ps(st + g * 8), sz = _mm256_loadu_ps(szt + g * 8);
     if constexpr (ONE_BLOCK_GROUPS) {
-      block_dots<BITS, R>(a, wt + b * BB, b, r0, dot);
+      block_dots<BITS, R>(wt + b * BB, x, b, dot);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r)
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(_mm256_broadcast_ss(xd[r] + b), s), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(_mm256_broadcast_ss(x.xd + b * R + r), s),
+                                 acc[r]);
       ++b;
     } else {
       __m256 accg[R];
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) accg[r] = _mm256_setzero_ps();
       for (const int64_t e = b + bpg; b < e; ++b) {
-        block_dots<BITS, R>(a, wt + b * BB, b, r0, dot);
+        block_dots<BITS, R>(wt + b * BB, x, b, dot);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r)
-          accg[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_broadcast_ss(xd[r] + b), accg[r]);
+          accg[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_broadcast_ss(x.xd + b * R + r), accg[r]);
       }
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(accg[r], s, acc[r]);
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fnmadd_ps(sz, _mm256_broadcast_ss(gs[r] + g), acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fnmadd_ps(sz, _mm256_broadcast_ss(x.gsum + g * R + r), acc[r]);
   }
   const __m256 bias = a.bias ? _mm256_loadu_ps(a.bias + 8 * t) : _mm256_setzero_ps();
 #pragma GCC unroll 4
@@ -155,6 +173,22 @@ void tiled_many_impl(const TiledArgs* as, int64_t count) {
   });
 }
 
+// Rows [0, M4) of a row-major [M, width] array of 4-byte items, interleaved by 4 rows: item i of row 4q + r
+// goes to (q * width + i) * 4 + r.
+template <typename T>
+torch::Tensor interleave4(const torch::Tensor& src, int64_t M4, int64_t width) {
+  static_assert(sizeof(T) == 4, "4-byte items");
+  torch::Tensor dst = torch::empty({M4 * width * 4}, torch::kUInt8);
+  const T* in = static_cast<const T*>(src.data_ptr());
+  T* out = static_cast<T*>(dst.data_ptr());
+  at::parallel_for(0, M4 / 4, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      for (int r = 0; r < 4; ++r)
+        for (int64_t i = 0; i < width; ++i) out[(q * width + i) * 4 + r] = in[(q * 4 + r) * width + i];
+  });
+  return dst;
+}
+
 }  // namespace
 
 // A weight in the tiled layout: codes, scales and scale x (zero - shift) as built by tiled.py.
@@ -179,6 +213,15 @@ inline std::vector<torch::Tensor> tiled_many(const torch::Tensor& x, const std::
   quantize_activations(x.data_ptr<float>(), M, K, bpg, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
                        gsum.data_ptr<float>());
   const torch::Tensor x16 = eight ? xq.to(torch::kInt16) : torch::Tensor();
+  // The first M4 rows interleaved by 4 (see RowTile): a copy of M x K bytes, small beside the product.
+  const int64_t M4 = M / 4 * 4;
+  torch::Tensor xq4, x164, xd4, gsum4;
+  if (M4 > 0) {
+    xq4 = interleave4<int32_t>(xq, M4, K / 4);  // 4 codes = one int32
+    xd4 = interleave4<float>(xd, M4, nb);
+    gsum4 = interleave4<float>(gsum, M4, G);
+    if (eight) x164 = interleave4<int32_t>(x16, M4, K / 2);  // 2 16-bit codes = one int32
+  }
   std::vector<torch::Tensor> outs;
   std::vector<TiledArgs> as;
   for (const TiledWeight& w : ws) {
@@ -197,9 +240,12 @@ inline std::vector<torch::Tensor> tiled_many(const torch::Tensor& x, const std::
       TORCH_CHECK(w.bias.scalar_type() == torch::kFloat32 && w.bias.numel() == N && w.bias.is_contiguous(), "bias");
     outs.push_back(torch::empty({M, N}, torch::kFloat32));
     as.push_back(TiledArgs{w.codes.data_ptr<uint8_t>(), w.scales.data_ptr<float>(), w.szero.data_ptr<float>(),
-                           has_bias ? w.bias.data_ptr<float>() : nullptr, xq.data_ptr<int8_t>(),
-                           eight ? x16.data_ptr<int16_t>() : nullptr, xd.data_ptr<float>(), gsum.data_ptr<float>(),
-                           outs.back().data_ptr<float>(), M, N, K, G, bpg, T});
+                           has_bias ? w.bias.data_ptr<float>() : nullptr, outs.back().data_ptr<float>(), M, N, K, G,
+                           bpg, T, xq.data_ptr<int8_t>(), M4 ? static_cast<int8_t*>(xq4.data_ptr()) : nullptr,
+                           eight ? x16.data_ptr<int16_t>() : nullptr,
+                           eight && M4 ? static_cast<int16_t*>(x164.data_ptr()) : nullptr, xd.data_ptr<float>(),
+                           M4 ? static_cast<float*>(xd4.data_ptr()) : nullptr, gsum.data_ptr<float>(),
+                           M4 ? static_cast<float*>(gsum4.data_ptr()) : nullptr});
   }
   if (M > 0) {
     if (eight) tiled_many_impl<8>(as.data(), static_cast<int64_t>(as.size()));
