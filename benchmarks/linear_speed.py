@@ -2,8 +2,8 @@
 
 8 x nn.Linear(2048, 2048), batches of 1, 2, 8, 32, 128 and 512 rows: fp32, torch's dynamic int8 (fbgemm),
 and shrink's int8, int4-g64 and int4-g32 (and, with --peers, the peers that are installed). shrink's
-layers run their kernel below 64 rows and, from 64 on, a float GEMM of the same int8 activations with
-the dequantized weight. Candidates are interleaved round by round; the table shows medians, the ratio to
+layers run the tiled kernel (int8 activations per block of 32, weights in tiles of 8 outputs) at every
+batch size. Candidates are interleaved round by round; the table shows medians, the ratio to
 fp32 measured in the same rounds, and the CPU load other processes put on the machine meanwhile.
 
     .venv/bin/python benchmarks/linear_speed.py [--peers] [--rounds 7] [--batches 1,2,8,32,128,512]

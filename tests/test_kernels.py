@@ -162,11 +162,11 @@ def test_tiled_kernel_matches_reference_and_rows_do_not_depend_on_the_batch(fmt)
 
 
 def _untile(t: tiled.TiledWeight, n: int, k: int) -> torch.Tensor:
-    """Codes [n, k] back from the tiled layout, following the layout the kernel header documents."""
+    """Codes [n, k] back from the tiled layout, following the layout tiled_core.inc documents."""
     nb = k // 32
-    if t.bits == 8:
-        c = (t.codes.view(torch.int8).view(n // 8, nb, 16, 8, 2).to(torch.int16) + 128).permute(0, 3, 1, 2, 4)
-    else:
+    if t.bits == 8:  # [tile, block, j, output, i] = code of input 4j + i
+        c = t.codes.view(n // 8, nb, 8, 8, 4).permute(0, 3, 1, 2, 4)
+    else:  # [tile, block, j, output, i]: input 8j + i in the low nibble, 8j + 4 + i in the high
         b = t.codes.view(n // 8, nb, 4, 8, 4)
         c = torch.stack([b & 0x0F, b >> 4], dim=3).reshape(n // 8, nb, 8, 8, 4).permute(0, 3, 1, 2, 4)
     return c.reshape(n, k).to(torch.uint8)
@@ -181,8 +181,7 @@ def test_tiled_layout_holds_the_same_codes_scales_and_zeros(fmt):
     s = t.scales.permute(0, 2, 1).reshape(16, groups)
     assert torch.equal(s, q.scales.float())
     z = q.zeros.float() if q.zeros is not None else torch.full_like(s, float(q.zero_const))
-    shift = 128 if q.spec.bits == 8 else 0
-    assert torch.equal(t.szero.permute(0, 2, 1).reshape(16, groups), s * (z - shift))
+    assert torch.equal(t.szero.permute(0, 2, 1).reshape(16, groups), s * z)
     with pytest.raises(ValueError, match="12 outputs"):
         tiled.tile(q.qweight[:12], q.scales[:12], None, 8, q.spec.bits, 128, 32)
 
@@ -214,3 +213,36 @@ def test_an_input_of_the_wrong_width_is_refused_with_the_layer_named():
     lin, q = _layer("int4-g32")
     with pytest.raises(ShrinkError, match="in_features=256.*last dimension is 512"):
         q(torch.randn(2, 512))
+
+
+_FORCED_AVX2 = """
+import sys, torch
+from shrink.quant.kernels import native
+from shrink.quant.linear import QuantLinear
+assert not native.vnni()
+saved = torch.load(sys.argv[1], weights_only=True)
+outs = []
+for fmt in sys.argv[3].split(","):
+    q = QuantLinear(256, 48, fmt, bias=True)
+    q.load_state_dict(saved[fmt])
+    outs.append(q(saved["x"]))
+torch.save(outs, sys.argv[2])
+"""
+
+
+@needs_native
+@pytest.mark.skipif(not native.vnni(), reason="this CPU has no AVX512-VNNI: only the AVX2 copy runs here")
+def test_the_vnni_and_avx2_copies_compute_the_same_floats(tmp_path):
+    # the same integer dot products, then the same float operations: bit for bit equal, at every batch size
+    import os
+    import subprocess
+    import sys
+
+    fmts = ["int8", "int8-g64-asym", "int4-g32", "int3-g64-asym", "int2-g32"]
+    layers = [_layer(fmt, k=256, n=48)[1] for fmt in fmts]
+    x = torch.randn(70, 256) * 3
+    torch.save({"x": x, **{f: q.state_dict() for f, q in zip(fmts, layers)}}, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _FORCED_AVX2, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
+                    ",".join(fmts)], check=True, env={**os.environ, "SHRINK_VNNI": "0"})
+    for q, y in zip(layers, torch.load(tmp_path / "out.pt", weights_only=True)):
+        assert torch.equal(q(x), y), q

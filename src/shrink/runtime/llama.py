@@ -28,7 +28,7 @@ _ROPE_FIXED = ("default", "linear", "llama3", "yarn")  # rotary types whose freq
 @lru_cache(maxsize=1)
 def extension():
     """The compiled decoding runtime, or None where it cannot be built (then transformers decodes)."""
-    return native.build("shrink_llama", [SOURCE], "the decoding runtime")
+    return native.build("shrink_llama", [SOURCE, native.VNNI_SOURCE], "the decoding runtime")
 
 
 @dataclass(frozen=True)

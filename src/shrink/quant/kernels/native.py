@@ -36,7 +36,9 @@ def cpu_supported() -> bool:
 
 
 HEADER = Path(__file__).with_name("qgemm_avx2.h")
-HEADERS = (HEADER, Path(__file__).with_name("tiled_avx2.h"))
+HEADERS = (HEADER, Path(__file__).with_name("tiled_avx2.h"), Path(__file__).with_name("tiled_core.inc"))
+# The tiled kernel's loops built for AVX512-VNNI CPUs, linked into every module that includes the kernels.
+VNNI_SOURCE = Path(__file__).with_name("tiled_vnni.cpp")
 # No contraction of a * b + c into one rounding where the source does not ask for it: the kernel inlined into
 # another extension (the decoding runtime) then rounds exactly as the kernel's own module does.
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
@@ -45,7 +47,7 @@ CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 @lru_cache(maxsize=1)
 def load():
     """The compiled extension module, or None when it is disabled, unsupported or fails to build."""
-    ext = build("shrink_qgemm", [SOURCE], "the AVX2 kernel")
+    ext = build("shrink_qgemm", [SOURCE, VNNI_SOURCE], "the AVX2 kernel")
     if ext is not None:
         _register_shapes()
     return ext
@@ -98,6 +100,12 @@ def _register_shapes() -> None:
     @torch.library.register_fake("shrink::dequantize")
     def _(qweight, scales, zeros, zero_const, bits, group_size, k):
         return qweight.new_empty(qweight.shape[0], k, dtype=torch.float32)
+
+
+def vnni() -> bool:
+    """Whether the tiled kernel runs its AVX512-VNNI copy here (the CPU has it and SHRINK_VNNI is not 0)."""
+    ext = load()
+    return ext is not None and ext.uses_vnni()
 
 
 def available() -> bool:

@@ -25,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "low-bit weight x int8 activation linear (AVX2)");
   m.def("dequantize", &dequantize, "packed weights to float32");
   m.def("tiled_qlinear", &tiled_qlinear, "the same product over weights in tiles of 8 outputs (any batch)");
+  m.def("uses_vnni", &shrink_kernels::use_vnni, "whether the tiled kernel runs its AVX512-VNNI copy");
   m.def("quantize_x", &quantize_x, "int8 per-block-of-32 activation quantization");
 }
 

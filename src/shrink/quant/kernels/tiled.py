@@ -1,7 +1,7 @@
 """The tiled layout of a packed weight, which the native kernel multiplies fastest at every batch size.
 
 A packed layer stores its codes row by row (packing.py), which is what gets saved and exported. The
-native kernel's fast path (tiled_avx2.h) reads them in tiles of 8 outputs instead, so the layer keeps a
+native kernel's fast path (tiled_avx2.h, tiled_core.inc) reads them in tiles of 8 outputs instead, so the layer keeps a
 second copy in that layout, built from the stored buffers on first use and rebuilt whenever they change
 (loading a state dict, re-filling the codes). It is not saved. Layers whose output count is not a multiple
 of 8 keep the row kernel.
@@ -20,11 +20,11 @@ TILE = 8  # outputs per tile
 
 @dataclass(frozen=True)
 class TiledWeight:
-    """A packed weight in tiles of 8 outputs (see tiled_avx2.h for the byte layout)."""
+    """A packed weight in tiles of 8 outputs (see tiled_core.inc for the byte layout)."""
 
     codes: torch.Tensor   # uint8 [outputs/8, blocks * (256 for 8-bit codes, else 128)]
     scales: torch.Tensor  # float32 [outputs/8, groups, 8]
-    szero: torch.Tensor   # float32 [outputs/8, groups, 8]: scale * (zero - shift)
+    szero: torch.Tensor   # float32 [outputs/8, groups, 8]: scale * zero
     bits: int
     group_size: int
 
@@ -46,19 +46,16 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
         raise ValueError(f"no tiled layout for {n} outputs x {k} inputs at group size {group_size}")
     t, nb, g = n // TILE, k // BLOCK, k // group_size
     codes = unpack(qweight, bits, k)  # [n, k] uint8
-    if bits == 8:
-        c = codes.view(t, TILE, nb, 16, 2).permute(0, 2, 3, 1, 4)  # [tile, block, step, output, input]
-        packed = (c.to(torch.int16) - 128).to(torch.int8).contiguous().view(torch.uint8)
-        shift = 128
-    else:
-        c = codes.view(t, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [tile, block, 4 inputs, output, input]
+    if bits == 8:  # [tile, block, 4 inputs, output, input]
+        packed = codes.view(t, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+    else:  # [tile, block, 8 inputs, output, input]: inputs 8j..8j+3 in the low nibbles, 8j+4..8j+7 in the high
+        c = codes.view(t, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4)
         packed = (c[:, :, 0::2] | (c[:, :, 1::2] << 4)).contiguous()
-        shift = 0
     s = scales.to(torch.float32)
     z = zeros.to(torch.float32) if zeros is not None else torch.full_like(s, float(zero_const))
     by_tile = lambda v: v.reshape(t, TILE, g).permute(0, 2, 1).contiguous()  # noqa: E731
-    # s * (z - shift) is exact in float32 (an fp16 scale times an integer below 2**9)
-    return TiledWeight(packed.reshape(t, -1), by_tile(s), by_tile(s * (z - shift)), bits, group_size)
+    # s * z is exact in float32 (an fp16 scale times an integer below 2**8)
+    return TiledWeight(packed.reshape(t, -1), by_tile(s), by_tile(s * z), bits, group_size)
 
 
 def for_layer(layer) -> TiledWeight | None:
