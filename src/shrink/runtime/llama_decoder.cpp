@@ -27,6 +27,42 @@ std::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? std::optional<Tensor>(t) : std::nullopt;
 }
 
+// y [M, N] = x [M, K] W [N, K]^T + b for a few rows (decoding): each weight row read once for all rows
+// of x, the output rows split across threads. torch's GEMV runs a large matrix (the output layer) on one
+// thread at about a third of the memory bandwidth here.
+constexpr int64_t GEMV_ROWS = 4;
+
+Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M <= GEMV_ROWS && w.is_contiguous() && w.scalar_type() == torch::kFloat32, "float_gemv");
+  const Tensor xc = x.contiguous();
+  Tensor y = torch::empty({M, N}, torch::kFloat32);
+  const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float* bp = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* wr = wp + n * K;
+      __m256 acc[GEMV_ROWS][2];
+      for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        const __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
+        for (int64_t m = 0; m < M; ++m) {
+          acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + m * K + k), acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + m * K + k + 8), acc[m][1]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        float t = shrink_kernels::hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+        for (int64_t kk = k; kk < K; ++kk) t += wr[kk] * xp[m * K + kk];
+        yp[m * N + n] = bp ? t + bp[n] : t;
+      }
+    }
+  });
+  return y;
+}
+
 // A weight layer: packed integer codes in the kernel's row layout (and, where the layer has one, its
 // tiled copy, which computes the same products faster), or a float32 matrix [out, in].
 struct Linear {
@@ -41,7 +77,7 @@ struct Linear {
   Tensor operator()(const Tensor& x) const {
     TORCH_CHECK(x.size(1) == in, "a layer of ", in, " inputs was given ", x.size(1));
     const Tensor xi = order.numel() > 0 ? x.index_select(1, order) : x;
-    if (!packed()) return at::linear(xi, weight, maybe(bias));
+    if (!packed()) return xi.size(0) <= GEMV_ROWS ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
     if (tiled()) return shrink_kernels::tiled_many(xi.contiguous(), {tiled_weight()})[0];
     if (xi.size(0) >= large_batch) {  // as kernels.qlinear: the same int8 activations, a float GEMM
       auto q = shrink_kernels::quantize_x(xi.contiguous(), 32);
