@@ -86,6 +86,28 @@ def test_runtime_uses_the_packed_layers_it_is_given(fmt):
                 assert torch.equal(llama_module._linear(layer, ext)(x), layer(x)), (name, rows)
 
 
+def test_a_prompt_in_chunks_and_in_a_batch_attends_as_one_pass():
+    """Runs of 16 or more tokens attend through fused attention: from position 0 (causal), from further on
+    (masked against the keys already cached), and beside another slot's tokens in the same call; each gives
+    what the token-by-token path gives (a short run) and what one pass over the whole sequence gives."""
+    m = tiny_llama()
+    d = LlamaDecoder(m)
+    x = ids(45)
+    whole = d.logits(x)
+    d._impl.reset(2, 45)
+    first = d._impl.forward(x[:20], torch.zeros(20, dtype=torch.long), torch.arange(20), torch.arange(20))
+    rest = d._impl.forward(x[20:], torch.zeros(25, dtype=torch.long), torch.arange(20, 45), torch.arange(25))
+    assert torch.allclose(torch.cat([first, rest]), whole, atol=1e-5, rtol=0)
+    # slot 1 takes the same sequence in runs of 5 (token by token) while slot 0 is given it again whole
+    d._impl.reset(2, 45)
+    for s in range(0, 45, 5):
+        d._impl.forward(x[s:s + 5], torch.ones(5, dtype=torch.long), torch.arange(s, s + 5), torch.arange(5))
+    both = d._impl.forward(torch.cat([x, x[-1:]]), torch.cat([torch.zeros(45, dtype=torch.long), torch.ones(1, dtype=torch.long)]),
+                           torch.cat([torch.arange(45), torch.tensor([44])]), torch.arange(46))
+    assert torch.allclose(both[:45], whole, atol=1e-5, rtol=0)
+    assert torch.allclose(both[45], whole[44], atol=1e-5, rtol=0)
+
+
 def test_incremental_decoding_agrees_with_the_whole_sequence():
     """Tokens decoded one at a time over the cache are the ones a single pass over the finished text picks."""
     m = tiny_llama()

@@ -255,21 +255,42 @@ class Decoder {
   }
 
   // Softmax attention of each token's query heads over its sequence's cached positions 0..pos.
+  // Runs of at least this many tokens of one slot at consecutive positions (a prompt, or a chunk of one)
+  // attend through ATen's fused attention, causally over the slot's cached keys; other tokens one by one.
+  static constexpr int64_t PROMPT_ROWS = 16;
+
   Tensor attend(int64_t l, const Tensor& q, const int64_t* slot, const int64_t* pos) const {
     const int64_t M = q.size(0), D = head_dim_, S = k_.size(1), T = k_.size(3), per_kv = n_heads_ / n_kv_;
+    Tensor out = torch::empty({M, n_heads_ * D}, torch::kFloat32);
+    std::vector<char> fused(M, 0);
+    for (int64_t m = 0, e; m < M; m = e) {
+      for (e = m + 1; e < M && slot[e] == slot[m] && pos[e] == pos[e - 1] + 1; ++e) {
+      }
+      const int64_t L = e - m, p0 = pos[m], n = p0 + L;
+      if (L < PROMPT_ROWS) continue;
+      const Tensor k = k_[l][slot[m]].narrow(1, 0, n).unsqueeze(0);  // [1, kv heads, n, D]
+      const Tensor v = v_[l][slot[m]].narrow(1, 0, n).unsqueeze(0);
+      const Tensor qh = q.narrow(0, m, L).view({L, n_heads_, D}).transpose(0, 1).unsqueeze(0);  // [1, heads, L, D]
+      std::optional<Tensor> mask;  // query i (position p0 + i) sees keys 0..p0 + i
+      if (p0 > 0)
+        mask = torch::arange(n).unsqueeze(0) <= (torch::arange(L) + p0).unsqueeze(1);
+      const Tensor o = at::scaled_dot_product_attention(qh, k, v, mask, 0.0, p0 == 0, attn_scale_, per_kv > 1);
+      out.narrow(0, m, L).copy_(o.squeeze(0).transpose(0, 1).reshape({L, n_heads_ * D}));
+      std::fill(fused.begin() + m, fused.begin() + e, 1);
+    }
     const float* kc = k_.data_ptr<float>() + l * S * n_kv_ * T * D;
     const float* vc = v_.data_ptr<float>() + l * S * n_kv_ * T * D;
     const float* pq = q.data_ptr<float>();
-    Tensor out = torch::empty({M, n_heads_ * D}, torch::kFloat32);
     float* po = out.data_ptr<float>();
     const float scale = static_cast<float>(attn_scale_);
     int64_t work = 0;  // cached positions read, over all tokens: short contexts are not worth a thread wake-up
-    for (int64_t m = 0; m < M; ++m) work += (pos[m] + 1) * n_heads_;
+    for (int64_t m = 0; m < M; ++m) work += fused[m] ? 0 : (pos[m] + 1) * n_heads_;
     const int64_t grain = work < 4096 ? M * n_heads_ : 1;
     at::parallel_for(0, M * n_heads_, grain, [&](int64_t w0, int64_t w1) {
       std::vector<float> score;
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t m = w / n_heads_, hh = w % n_heads_, n = pos[m] + 1;
+        if (fused[m]) continue;
         const float* qr = pq + w * D;
         const float* kr = kc + (slot[m] * n_kv_ + hh / per_kv) * T * D;
         const float* vr = vc + (slot[m] * n_kv_ + hh / per_kv) * T * D;
