@@ -140,26 +140,13 @@ class QuantLinear(PackedRows):
         return ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        if shape[-1] != self.in_features:
-            raise ShrinkError(f"{self.extra_repr()}: given an input whose last dimension is {shape[-1]}")
-        if self.input_order is None and x.dtype == torch.float32 and x.is_cpu and self.uses_native():
-            t = kernels.tiled.for_layer(self)  # the common case, kept to one call: about 1 us a reshape saved
-            if t is not None and not torch.compiler.is_compiling():
-                return kernels.native.load().tiled_qlinear(x, t.codes, t.scales, t.szero, self._bias_arg(), t.bits,
-                                                           t.group_size)
-        x2 = x.reshape(-1, self.in_features)
-        if self.input_order is not None:
-            x2 = x2.index_select(1, self.input_order)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32).contiguous()
-        y = kernels.qlinear(x2, self, native_kernel=x2.is_cpu and self.uses_native())  # on GPUs: PyTorch
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
-
-    def _bias_arg(self) -> torch.Tensor:
-        return kernels.NO_BIAS if self.bias is None else self.bias
+        if x.shape[-1] != self.in_features:
+            raise ShrinkError(f"{self.extra_repr()}: given an input whose last dimension is {x.shape[-1]}")
+        xf = x if self.input_order is None else x.index_select(-1, self.input_order)
+        if xf.dtype != torch.float32:
+            xf = xf.to(torch.float32)
+        y = kernels.qlinear(xf, self, native_kernel=xf.is_cpu and self.uses_native())  # on GPUs: PyTorch
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # .half(), .to(torch.bfloat16), .to(device): the storage moves but keeps its types (codes uint8,

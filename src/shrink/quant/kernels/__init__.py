@@ -21,7 +21,7 @@ from . import native, reference, tiled
 # class of CPU (measured crossover: 32 to 64 rows); the tiled kernel, where a layer has it, beats both.
 LARGE_BATCH = 64
 _NO_U8 = torch.empty(0, dtype=torch.uint8)  # the extension's "no zero points" / "no bias"
-_NO_F32 = NO_BIAS = torch.empty(0, dtype=torch.float32)
+_NO_F32 = torch.empty(0, dtype=torch.float32)
 
 BACKENDS = ("auto", "native", "torch")
 
@@ -59,7 +59,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
-    """x [rows, in_features] (float32, contiguous) times a packed layer's weight, plus its bias. With
+    """x [..., in_features] (float32) times a packed layer's weight, plus its bias: [..., out_features]. With
     `native_kernel`: int8 activations per block of 32 and integer dot products, over the layer's tiled copy
     (any number of rows) where its shapes have one; otherwise the row kernel below LARGE_BATCH rows and,
     from there on, a float GEMM of the same int8 activations with the weight the kernel dequantizes. Either
@@ -68,16 +68,20 @@ def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
     if not native_kernel:
         return reference.dequant_linear(x, layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.bias,
                                         layer.spec.bits, layer.in_features)
+    bias = _NO_F32 if layer.bias is None else layer.bias
     compiling = torch.compiler.is_compiling()  # the dispatcher ops stay in a compiled graph; eagerly, the
     t = tiled.for_layer(layer)                 # direct calls are about 3 us a call cheaper
-    if t is not None:
-        args = (x, t.codes, t.scales, t.szero, _NO_F32 if layer.bias is None else layer.bias, t.bits, t.group_size)
+    if t is not None:  # takes any leading dimensions and layout (flattened in C++: a reshape here costs ~1 us)
+        args = (x, t.codes, t.scales, t.szero, bias, t.bits, t.group_size)
         return torch.ops.shrink.tiled_qlinear(*args) if compiling else native.load().tiled_qlinear(*args)
-    if x.shape[0] >= LARGE_BATCH:
-        return F.linear(int8_activations(x), dequantize(layer, True), layer.bias)
-    args = (x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
-            _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits, layer.spec.group_for(layer.in_features))
-    return torch.ops.shrink.qlinear(*args) if compiling else native.load().qlinear(*args)
+    x2 = x.reshape(-1, layer.in_features).contiguous()
+    if x2.shape[0] >= LARGE_BATCH:
+        y = F.linear(int8_activations(x2), dequantize(layer, True), layer.bias)
+    else:
+        args = (x2, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
+                bias, layer.spec.bits, layer.spec.group_for(layer.in_features))
+        y = torch.ops.shrink.qlinear(*args) if compiling else native.load().qlinear(*args)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 __all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "int8_activations", "native",

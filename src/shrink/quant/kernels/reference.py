@@ -21,7 +21,7 @@ def dequant_weight(qweight, scales, zeros, zero_const: int, bits: int, in_featur
 
 
 def dequant_linear(x, qweight, scales, zeros, zero_const, bias, bits: int, in_features: int) -> torch.Tensor:
-    """y = x @ W.T + b with W dequantized in full; x is [M, K] float32."""
+    """y = x @ W.T + b with W dequantized in full; x is [..., K] float32."""
     w = dequant_weight(qweight, scales, zeros, zero_const, bits, in_features)
     return F.linear(x, w, bias)
 
