@@ -1,8 +1,8 @@
 """The tiled layout of a packed weight, which the native kernel multiplies fastest at every batch size.
 
 A packed layer stores its codes row by row (packing.py), which is what gets saved and exported. The
-native kernel's fast path (tiled_avx2.h, tiled_core.inc) reads them in tiles of 8 outputs instead, so the layer keeps a
-second copy in that layout, built from the stored buffers on first use and rebuilt whenever they change
+native kernel's fast path (tiled_avx2.h, tiled_core.inc) reads them in tiles of 8 outputs instead, so
+the layer keeps a second copy in that layout, built from the stored buffers on first use and rebuilt whenever they change
 (loading a state dict, re-filling the codes). It is not saved. Layers whose output count is not a multiple
 of 8 keep the row kernel.
 """
@@ -58,6 +58,24 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     return TiledWeight(packed.reshape(t, -1), by_tile(s), by_tile(s * z), bits, group_size)
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """A layer's tiled copy and the buffers (and their versions) it was built from."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    versions: tuple[int, int, int]
+    tiled: TiledWeight | None
+
+    def built_from(self, q, s, z) -> bool:
+        return self.qweight is q and self.scales is s and self.zeros is z
+
+
+def _versions(q, s, z) -> tuple[int, int, int]:
+    return q._version, s._version, 0 if z is None else z._version
+
+
 def for_layer(layer) -> TiledWeight | None:
     """The layer's tiled copy, built on first use and again after its buffers change (replaced, or changed
     in place); None when its shapes have no tiled layout."""
@@ -69,12 +87,11 @@ def for_layer(layer) -> TiledWeight | None:
     if torch.compiler.is_compiling():
         # A traced graph cannot read version counters, and building the copy there would repack in every
         # call: use the copy an eager call built, if any (a compiled graph takes its weights as fixed anyway).
-        return cached[4] if cached is not None and cached[0] is q and cached[1] is s and cached[2] is z else None
-    if (cached is not None and cached[0] is q and cached[1] is s and cached[2] is z
-            and cached[3] == (q._version, s._version, 0 if z is None else z._version)):
-        return cached[4]
+        return cached.tiled if cached is not None and cached.built_from(q, s, z) else None
+    if cached is not None and cached.built_from(q, s, z) and cached.versions == _versions(q, s, z):
+        return cached.tiled
     group = layer.spec.group_for(layer.in_features)
     t = tile(q, s, z, layer.zero_const, layer.spec.bits, layer.in_features, group) if supports(
         q.shape[0], layer.in_features, group) else None
-    layer.__dict__["_tiled"] = (q, s, z, (q._version, s._version, 0 if z is None else z._version), t)
+    layer.__dict__["_tiled"] = _Copy(q, s, z, _versions(q, s, z), t)
     return t
