@@ -513,3 +513,28 @@ def test_a_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, hf):
     assert f"removed {tmp}, left by a shrink run that was killed (process {child.pid})" in " ".join(r.stderr.split())
     assert not os.path.exists(tmp) and shrink.io.is_own_folder(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_a_folder_killed_while_being_replaced_is_restored(tmp_path):
+    # killed between swap_in's two renames: the old folder is aside, the new one not yet in place; the
+    # next run (a resume, or any writer) puts the old one back instead of losing it
+    from shrink.outdir import remove_stale_temporaries
+
+    out = tmp_path / "checkpoint"
+    out.mkdir()
+    (out / "state.pt").write_text("step 100")
+    child = subprocess.Popen([sys.executable, "-c", "import os, time\nfrom shrink import atomic\n"
+                              "real = os.replace\n"
+                              "def stop_after_the_first(src, dst):\n"
+                              "    real(src, dst)\n    print('aside', flush=True)\n    time.sleep(120)\n"
+                              "atomic.os.replace = stop_after_the_first\n"
+                              f"with atomic.atomic_dir({str(out)!r}, replaceable=lambda p: True) as tmp:\n"
+                              "    (tmp / 'state.pt').write_text('step 110')\n"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "aside"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not out.exists()  # what a SIGKILL there leaves
+    remove_stale_temporaries(out)
+    assert (out / "state.pt").read_text() == "step 100"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

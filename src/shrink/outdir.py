@@ -52,6 +52,23 @@ def _pid_alive(pid: int) -> bool:
 _TEMP = re.compile(r"^\.(.+)\.(\d+)\.[^.]+\.(tmp|old)$")
 
 
+def restore_interrupted_swap(target: Path) -> bool:
+    """Put back the folder a killed shrink had moved aside to replace `target` (atomic.swap_in), when it was
+    killed before the new one took its place, so that `target` is never lost; True if it did."""
+    target = Path(target)
+    if target.exists() or not target.parent.is_dir():
+        return False
+    for p in target.parent.iterdir():
+        m = _TEMP.match(p.name)
+        if m and m.group(1) == target.name and m.group(3) == "old" and (p / "x").is_dir() \
+                and not _pid_alive(int(m.group(2))):
+            os.replace(p / "x", target)
+            print(f"note: restored {target} from {p}, moved aside by a shrink run that was killed while "
+                  f"replacing it (process {m.group(2)})", file=sys.stderr)
+            return True
+    return False
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Remove temporary folders and files that a killed shrink left beside `target` (their process is
     gone); returns what was removed. A line on stderr names each one."""
@@ -59,6 +76,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     parent = target.parent
     if not parent.is_dir():
         return []
+    restore_interrupted_swap(target)
     removed = []
     for p in parent.iterdir():
         m = _TEMP.match(p.name)
