@@ -86,6 +86,14 @@ def atomic_dir(target: str | Path, replaceable=lambda p: False):
         raise
 
 
+def restore(target: str | Path) -> bool:
+    """Put back the folder that `swap_in` had moved aside when its process was killed before the new one
+    took its place (outdir.restore_interrupted_swap); True if it did. For readers such as a resume."""
+    from .outdir import restore_interrupted_swap
+
+    return restore_interrupted_swap(Path(target))
+
+
 def swap_in(src: Path, target: Path) -> None:
     """Make folder `src` the new `target`: an existing one is moved aside first (to a temporary that a dead
     process's successor removes) and deleted only once the new one is in place."""

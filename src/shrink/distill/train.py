@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_dir, write_json
+from ..atomic import atomic_dir, restore, write_json
 from ..errors import ShrinkError
-from ..outdir import restore_interrupted_swap
 from ..outputs import kl_divergence, main_output, mean_pool
 from .data import PADDED_KINDS, DistillData, split_padded
 from .layerfit import layer_fit_loss, spans
@@ -266,7 +265,7 @@ def _restore(out: Path | None, student, opt, sched, cfg: DistillConfig, data: Di
     """Load out/checkpoint into student, optimizer, schedule and random state, after checking it was made
     with the same data and options; returns (step, position, history, best)."""
     if out is not None:
-        restore_interrupted_swap(out / "checkpoint")  # killed while replacing it: the previous one is kept
+        restore(out / "checkpoint")  # killed while replacing it: the previous one is put back
     if out is None or not (out / "checkpoint" / "state.pt").is_file():
         raise ShrinkError(f"{out}: nothing to resume (no checkpoint/state.pt)")
     state = _read_state(out / "checkpoint" / "state.pt")
