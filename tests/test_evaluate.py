@@ -13,6 +13,7 @@ from shrink.errors import ShrinkError
 from shrink.evaluate import compare, load_task
 from shrink.evaluate.scorers import contains, exact, last_number, numeric, regex
 from shrink.evaluate.stats import mcnemar_exact, paired_bootstrap
+from shrink.runtime import decoder_for, install
 
 
 def _write(tmp_path, lines, name="task.jsonl"):
@@ -190,10 +191,20 @@ def _gen_task(tmp_path, n=8):
     return _write(tmp_path, lines)
 
 
+def _through(runtime: bool, *models):
+    """The models, decoding (and scored) in shrink's runtime when `runtime`, else in transformers."""
+    for m in models:
+        if runtime:
+            assert install(m) is None and decoder_for(m) is not None
+    return models if len(models) > 1 else models[0]
+
+
+@pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
 @pytest.mark.parametrize("kind", ["generation", "choice", "perplexity"])
-def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind):
+def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind, runtime):
     # prompts of many lengths (left padding in generation, right padding in scoring), generation lengths
-    # that differ within a batch, and answers that stop early at the end-of-sequence token
+    # that differ within a batch, and answers that stop early at the end-of-sequence token; in the runtime,
+    # log-probabilities come from the decoding pass and from continuations forked from the prompt's cache
     m = tiny_llama(seed=3, tie=False)
     with torch.no_grad():
         m.lm_head.weight[2] *= 3.0  # the end-of-sequence token wins often: some answers stop at once
@@ -208,6 +219,7 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind)
     task = _write(tmp_path, lines)
     # The PyTorch backend computes in float throughout: padding and batching may change float rounding only.
     q = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False, backend="torch")
+    m, q = _through(runtime, m, q)
     one = compare(m, q, task, tokenizer=tok, batch_size=1)
     many = compare(m, q, task, tokenizer=tok, batch_size=5)
     assert one.errors == many.errors == 0
@@ -226,7 +238,7 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind)
     # The native kernel (both of its paths: batches of 5 reach its float GEMM) quantizes activations to int8:
     # an input that differs by float rounding may move one code by one step, which moves a short example's
     # score by a fraction of a percent; a padding error would move it by far more.
-    qn = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False)
+    qn = _through(runtime, shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False))
     one, many = compare(m, qn, task, tokenizer=tok, batch_size=1), compare(m, qn, task, tokenizer=tok, batch_size=5)
     assert one.errors == many.errors == 0
     for a, b in zip(one.examples, many.examples):
@@ -237,19 +249,21 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind)
         compare(m, q, task, tokenizer=tok, batch_size=0)
 
 
-def test_identical_models_have_zero_divergence(tmp_path, tok):
+@pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
+def test_identical_models_have_zero_divergence(tmp_path, tok, runtime):
     m = tiny_llama()
-    c = compare(m, copy.deepcopy(m), _gen_task(tmp_path), tokenizer=tok)
+    c = compare(*_through(runtime, m, copy.deepcopy(m)), _gen_task(tmp_path), tokenizer=tok)
     assert c.errors == 0 and not c.flips and c.within
     assert c.divergence["kl"]["mean"] == pytest.approx(0, abs=1e-6)
     assert c.divergence["top1_agreement"] == 1.0
     assert all(e.original_output == e.compressed_output for e in c.examples)
 
 
-def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, tok):
+@pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
+def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, tok, runtime):
     m = tiny_llama()
     q = shrink.quantize(copy.deepcopy(m), "int2-g32", keep_output=False)
-    c = compare(m, q, _gen_task(tmp_path), tokenizer=tok)
+    c = compare(*_through(runtime, m, q), _gen_task(tmp_path), tokenizer=tok)
     assert c.divergence["kl"]["mean"] > 0.01 and c.divergence["top1_agreement"] < 1
     assert c.compressed["bytes"] < c.original["bytes"]
     # KL of one example by hand: both models on prompt + the original's greedy answer
@@ -265,8 +279,9 @@ def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, t
     assert c.examples[0].original_output == tok.decode(new, skip_special_tokens=True).strip()
 
 
-def test_choice_log_likelihood_and_perplexity_by_hand(tmp_path, tok):
-    m = tiny_llama()
+@pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
+def test_choice_log_likelihood_and_perplexity_by_hand(tmp_path, tok, runtime):
+    m = _through(runtime, tiny_llama())
     choices = ["market", "bank shares", "oil"]
     p = _write(tmp_path, [{"input": "the price of", "choices": choices, "answer": 1}])
     c = compare(m, m, p, tokenizer=tok)

@@ -119,6 +119,37 @@ def test_incremental_decoding_agrees_with_the_whole_sequence():
     assert torch.equal(whole[len(prompt) - 1:-1].argmax(-1), new)
 
 
+@pytest.mark.parametrize("spec", [None, "int4-g32"])
+def test_decode_gives_the_logits_of_the_pass_and_of_forked_continuations(spec):
+    """decode's logits over prompt + new tokens, and over continuations run from a copy of the prompt's
+    cache, are what one transformers pass over each whole sequence gives; its tokens are generate's."""
+    m = tiny_llama()
+    if spec:
+        shrink.quantize(m, spec, keep_output=False, progress=False)
+    d = LlamaDecoder(m)
+    prompts = [ids(5, 1), ids(20, 2), ids(33, 3)]
+    conts = [[ids(3, 4), ids(1, 5), torch.tensor([], dtype=torch.long)], [ids(18, 6)], []]
+    out = d.decode(prompts, [4, 6, 0], None, logits=True, continuations=conts)
+    assert [o.new.tolist() for o in out] == [n.tolist() for n in d.generate(prompts, [4, 6, 0])]
+    for p, o, cs in zip(prompts, out, conts):
+        seq = torch.cat([p, o.new])
+        with torch.no_grad():
+            want = m(seq[None]).logits[0, :-1]
+        assert o.logits.shape == want.shape and torch.allclose(o.logits, want, atol=1e-4, rtol=0)
+        assert len(o.continued) == len(cs)
+        for c, got in zip(cs, o.continued):
+            with torch.no_grad():
+                want = m(torch.cat([p, c])[None]).logits[0, len(p) - 1:-1]
+            assert got.shape == (len(c), 96) and torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert d.decode(prompts[:1], 3)[0].logits is None  # logits only when asked for
+    with pytest.raises(ShrinkError, match="2 lists of continuations for 3 prompts"):
+        d.decode(prompts, 1, continuations=conts[:2])
+    with pytest.raises(ShrinkError, match="continuation of prompt 1 holds token id 500"):
+        d.decode(prompts[:1], 1, continuations=[[ids(2), torch.tensor([500])]])
+    with pytest.raises(ShrinkError, match=r"\(70\) do not fit in the model's context of 64"):
+        d.decode(prompts[:1], 1, continuations=[[ids(65)]])
+
+
 def test_greedy_generate_matches_transformers_left_padded_batch():
     m = tiny_llama()
     x, mask = left_padded([5, 9, 2])

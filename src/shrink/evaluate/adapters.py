@@ -166,6 +166,8 @@ class CausalLMAdapter(_TextAdapter):
         return scores, seqs
 
     def run(self, example, task, ids=None, scorer=None):
+        if self._decoder() is not None:  # one example is a batch of one through the model's runtime
+            return self.run_batch([example], task, [ids], scorer)[0]
         kind = example.kind
         if kind == "perplexity":
             seq = self._perplexity_ids(example) if ids is None else ids
@@ -198,6 +200,41 @@ class CausalLMAdapter(_TextAdapter):
 
 
     # ---- batches: the same outcomes as `run`, with the model run on many sequences at once ----------
+
+    def _decoder(self):
+        """The model's `shrink_decode` (shrink's runtime, given to the model by `shrink.runtime.install`:
+        decode(prompts, max_new_tokens, eos_token_id, logits=, continuations=) -> per prompt .new, .logits,
+        .continued, or None when it cannot run the model now), for this class only; else None."""
+        fn = getattr(self.model, "shrink_decode", None)
+        return fn if type(self) is CausalLMAdapter and callable(fn) else None
+
+    def _decoded(self, prompts, max_new_tokens, continuations):
+        """The runtime's decoding of `prompts` (greedy, stopping at the end-of-sequence token), with the
+        logits after every token and those before each token of each prompt's `continuations`, from one
+        pass; None when the model has no runtime (then transformers runs the batch)."""
+        fn = self._decoder()
+        if fn is None:
+            return None
+        return fn(prompts, max_new_tokens, self.tok.eos_token_id, logits=True, continuations=continuations)
+
+    @staticmethod
+    def _forced(d, prompt_len: int, j: int) -> torch.Tensor:
+        """Log-probabilities over prompt + continuation j of a decoded prompt (as `logprobs` of that sequence)."""
+        return F.log_softmax(torch.cat([d.logits[: prompt_len - 1], d.continued[j]]).float(), -1)
+
+    def _fill_alone(self, lps: list, ids: list) -> None:
+        """Fill the None entries of `lps` with the log-probabilities of those `ids` scored on their own
+        (given tokens that do not start with the example's prompt)."""
+        alone = [k for k, lp in enumerate(lps) if lp is None]
+        for k, d in zip(alone, self._decoded([ids[k] for k in alone], 0, None) if alone else []):
+            lps[k] = F.log_softmax(d.logits.float(), -1)
+
+    @staticmethod
+    def _tail(seq: torch.Tensor | None, prompt: torch.Tensor) -> torch.Tensor | None:
+        """What follows `prompt` in `seq`, or None when seq does not start with it."""
+        if seq is None or len(seq) < len(prompt) or not torch.equal(seq[: len(prompt)], prompt):
+            return None
+        return seq[len(prompt):]
 
     def _padded(self, seqs: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, attention mask) of `seqs` padded to the longest, on the right or (generation) the left."""
@@ -261,7 +298,7 @@ class CausalLMAdapter(_TextAdapter):
     def run_batch(self, examples, task, ids=None, scorer=None):
         """As `run` on each example, with generation and log-likelihoods batched (causal LMs; other
         adapters built on this one run one example at a time)."""
-        if type(self) is not CausalLMAdapter or len(examples) == 1:
+        if type(self) is not CausalLMAdapter or (len(examples) == 1 and self._decoder() is None):
             return super().run_batch(examples, task, ids, scorer)
         ids = ids or [None] * len(examples)
         kind = examples[0].kind
@@ -277,8 +314,10 @@ class CausalLMAdapter(_TextAdapter):
         for ex, seq in zip(examples, ids):
             if len(seq) < 2:
                 raise ShrinkError(f"example {ex.id!r}: text is shorter than two tokens")
+        decoded = self._decoded(ids, 0, None)
+        lps = self.logprobs_batch(ids) if decoded is None else [F.log_softmax(d.logits.float(), -1) for d in decoded]
         out = []
-        for seq, lp in zip(ids, self.logprobs_batch(ids)):
+        for seq, lp in zip(ids, lps):
             mean = float(self._continuation_logprob(lp, 1, seq).mean())
             out.append(Outcome(f"mean log-likelihood {mean:.3f}", mean, mean, lp, ids=seq))
         return out
@@ -289,15 +328,25 @@ class CausalLMAdapter(_TextAdapter):
             if self.context is not None and len(p) + n > self.context:
                 raise ShrinkError(f"prompt of {len(p)} tokens and {n} new tokens do not fit in the model's "
                                   f"context of {self.context}")
-        news = self.generate_batch(prompts, n_new)
-        seqs = [torch.cat([p, new]) if i is None else i for p, new, i in zip(prompts, news, ids)]
         confs = [float("nan")] * len(examples)  # as `run`: the original's confidence only
-        todo = [k for k, i in enumerate(ids) if i is None]
-        if todo:
-            targets = [torch.cat([prompts[k], self._text_ids(str(examples[k].data["target"][0]))]) for k in todo]
-            for k, lp in zip(todo, self.continuation_logprobs_batch(targets, [len(prompts[k]) for k in todo])):
-                confs[k] = float(lp.mean())
-        lps = self.logprobs_batch(seqs)
+        targets = [self._text_ids(str(ex.data["target"][0])) if i is None else None for ex, i in zip(examples, ids)]
+        tails = [self._tail(i, p) if i is not None else None for i, p in zip(ids, prompts)]
+        # the runtime scores the original's target, or the given tokens, as continuations of the prompt
+        forced = [[t] for t in (tg if i is None else tl for tg, tl, i in zip(targets, tails, ids))]
+        decoded = self._decoded(prompts, n_new, [f if f[0] is not None else [] for f in forced])
+        if decoded is None:
+            news, lps = self._generation_transformers(prompts, n_new, ids, targets, confs)
+        else:
+            news, lps = [d.new for d in decoded], []
+            for k, (d, p) in enumerate(zip(decoded, prompts)):
+                if ids[k] is None:
+                    lps.append(F.log_softmax(d.logits.float(), -1))
+                    conf = F.log_softmax(d.continued[0].float(), -1).gather(1, targets[k].unsqueeze(1))
+                    confs[k] = float(conf.mean())
+                else:
+                    lps.append(self._forced(d, len(p), 0) if tails[k] is not None else None)
+            self._fill_alone(lps, ids)
+        seqs = [torch.cat([p, new]) if i is None else i for p, new, i in zip(prompts, news, ids)]
         out = []
         for k, (ex, new) in enumerate(zip(examples, news)):
             text = self.tok.decode(new, skip_special_tokens=True).strip()
@@ -305,17 +354,39 @@ class CausalLMAdapter(_TextAdapter):
             out.append(Outcome(text, score, confs[k], lps[k], ids=seqs[k]))
         return out
 
+    def _generation_transformers(self, prompts, n_new, ids, targets, confs):
+        """(new tokens, log-probabilities over the measured sequences) by transformers: generation, the
+        target's log-likelihood (the original's confidence, into `confs`), then a scoring pass."""
+        news = self.generate_batch(prompts, n_new)
+        todo = [k for k, i in enumerate(ids) if i is None]
+        if todo:
+            seqs = [torch.cat([prompts[k], targets[k]]) for k in todo]
+            for k, lp in zip(todo, self.continuation_logprobs_batch(seqs, [len(prompts[k]) for k in todo])):
+                confs[k] = float(lp.mean())
+        return news, self.logprobs_batch([torch.cat([p, new]) if i is None else i for p, new, i in zip(prompts, news, ids)])
+
     def _choice_batch(self, examples, task, prompts, ids):
         choices = [ex.data["choices"] if ex.kind == "choice" else task.labels() for ex in examples]
-        seqs = [[torch.cat([p, self._text_ids(c)]) for c in cs] for p, cs in zip(prompts, choices)]
-        cont = iter(self.continuation_logprobs_batch([q for qs in seqs for q in qs],
-                                                     [len(p) for p, qs in zip(prompts, seqs) for _ in qs]))
-        scores = [[float(next(cont).sum()) for _ in qs] for qs in seqs]
         answers = [ex.data["answer"] if ex.kind == "choice" else cs.index(str(ex.data["label"]))
                    for ex, cs in zip(examples, choices)]
+        tails = [[self._text_ids(c) for c in cs] for cs in choices]
+        given = [self._tail(i, p) if i is not None else None for i, p in zip(ids, prompts)]
+        decoded = self._decoded(prompts, 0, [ts + ([g] if g is not None else []) for ts, g in zip(tails, given)])
+        seqs = [[torch.cat([p, t]) for t in ts] for p, ts in zip(prompts, tails)]
         measured = [qs[a] if i is None else i for qs, a, i in zip(seqs, answers, ids)]
+        if decoded is None:
+            cont = iter(self.continuation_logprobs_batch([q for qs in seqs for q in qs],
+                                                         [len(p) for p, qs in zip(prompts, seqs) for _ in qs]))
+            scores = [[float(next(cont).sum()) for _ in qs] for qs in seqs]
+            lps = self.logprobs_batch(measured)
+        else:
+            scores = [[float(F.log_softmax(d.continued[j].float(), -1).gather(1, t.unsqueeze(1)).sum())
+                       for j, t in enumerate(ts)] for d, ts in zip(decoded, tails)]
+            lps = [self._forced(d, len(p), a if i is None else len(ts)) if i is None or g is not None else None
+                   for d, p, a, i, g, ts in zip(decoded, prompts, answers, ids, given, tails)]
+            self._fill_alone(lps, ids)
         out = []
-        for cs, sc, a, seq, lp in zip(choices, scores, answers, measured, self.logprobs_batch(measured)):
+        for cs, sc, a, seq, lp in zip(choices, scores, answers, measured, lps):
             pick = max(range(len(sc)), key=sc.__getitem__)
             out.append(Outcome(cs[pick], float(pick == a), _margin(sc), lp, ids=seq))
         return out

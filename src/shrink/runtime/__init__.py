@@ -6,6 +6,6 @@ it cannot run decode through transformers, and it says so.
 """
 
 from .generation import decoder_for, generate, install
-from .llama import LlamaDecoder, Sampling, unsupported
+from .llama import Decoded, LlamaDecoder, Sampling, unsupported
 
-__all__ = ["LlamaDecoder", "Sampling", "decoder_for", "generate", "install", "unsupported"]
+__all__ = ["Decoded", "LlamaDecoder", "Sampling", "decoder_for", "generate", "install", "unsupported"]

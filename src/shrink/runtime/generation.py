@@ -140,15 +140,25 @@ def generate(model: nn.Module, inputs: torch.Tensor | None = None, generation_co
 
 def install(model: nn.Module) -> str | None:
     """Make `model.generate` decode in shrink's runtime where it can (this module's `generate`), falling
-    back to transformers' for anything else. Returns None when installed, else why the model cannot use
-    the runtime (then `model.generate` is left as it was). The runtime is compiled at the first generate."""
+    back to transformers' for anything else, and give the model `shrink_decode` (the runtime's
+    `LlamaDecoder.decode` over its current tensors, or None where it cannot run them), which comparisons
+    use to take log-probabilities from the decoding pass itself. Returns None when installed, else why
+    the model cannot use the runtime (then the model is left as it was). The runtime is compiled at first use."""
     reason = unsupported(model, compiled=False)
     if reason:
         return reason
     if not isinstance(getattr(model, "generate", None), types.MethodType) or \
             getattr(model.generate, "__func__", None) is not _installed_generate:
         model.generate = types.MethodType(_installed_generate, model)
+    model.shrink_decode = types.MethodType(_installed_decode, model)
     return None
+
+
+def _installed_decode(self, prompts, max_new_tokens, eos_token_id=None, **options):
+    """`LlamaDecoder.decode` of shrink's runtime over this model's current tensors, or None (the reason
+    said once) when the runtime cannot run the model as it is now (moved to a GPU, cast, SHRINK_RUNTIME=0)."""
+    decoder = decoder_for(self)
+    return None if decoder is None else decoder.decode(prompts, max_new_tokens, eos_token_id, **options)
 
 
 def _installed_generate(self, inputs=None, generation_config=None, **kwargs):

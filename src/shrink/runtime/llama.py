@@ -70,6 +70,17 @@ class Sampling:
         return logits
 
 
+@dataclass
+class Decoded:
+    """What `LlamaDecoder.decode` gives for one prompt: the new tokens; with logits=True the logits after
+    each token of prompt + new but the last [len(prompt) + len(new) - 1, vocab] (else None); per
+    continuation the logits before each of its tokens [len(continuation), vocab]."""
+
+    new: torch.Tensor
+    logits: torch.Tensor | None
+    continued: list[torch.Tensor]
+
+
 def _packed_part(model: nn.Module, name: str) -> bool:
     """Whether tensor `name` belongs to a layer that computes in float32 whatever it stores (scales in
     float16, a CastLinear's narrow weight), or is a rotary table transformers rebuilds in float32."""
@@ -173,10 +184,12 @@ class LlamaDecoder:
         """Bytes of the key-value cache for `sequences` sequences of `capacity` positions."""
         return 2 * self.layers * sequences * self.kv_heads * capacity * self.head_dim * 4
 
-    def _reserve(self, sequences: int, capacity: int) -> None:
+    def _reserve(self, sequences: int, capacity: int, rows: int | None = None) -> None:
+        """Size the cache for `sequences` slots of `capacity` positions, refused before any work when it
+        and `rows` rows of logits kept (default: one per sequence) would not fit in free memory."""
         if self.context is not None and capacity > self.context:
             raise ShrinkError(f"prompt and new tokens ({capacity}) do not fit in the model's context of {self.context}")
-        need = self.cache_bytes(sequences, capacity) + sequences * self.vocab * 4 * 2
+        need = self.cache_bytes(sequences, capacity) + (sequences if rows is None else rows) * self.vocab * 4 * 2
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         if need > 0.8 * free:
             raise ShrinkError(f"{sequences} sequences of {capacity} tokens need {need / 2**30:.1f} GiB of key-value cache "
@@ -191,29 +204,55 @@ class LlamaDecoder:
         max_new_tokens, stopping after an end-of-sequence token (`eos_token_id`: an id, a list, or None)
         which is kept, and never picking one before min_new_tokens (default 0). Greedy unless `sampling`
         says otherwise."""
+        return [d.new for d in self.decode(prompts, max_new_tokens, eos_token_id, sampling, generator, min_new_tokens)]
+
+    @torch.no_grad()
+    def decode(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int], eos_token_id=None,
+               sampling: Sampling = Sampling(), generator: torch.Generator | None = None, min_new_tokens: int = 0,
+               *, logits: bool = False, continuations: list[list[torch.Tensor]] | None = None) -> list["Decoded"]:
+        """`generate`, with what a comparison measures from the same pass, per prompt a `Decoded`: with
+        `logits` (default False) the logits after every token of prompt + new tokens but the last, and for
+        each of its `continuations` (default none: per prompt, a list of 1-D token ids scored after the
+        prompt, as if forced) the logits before each of its tokens. Continuations go on from a copy of their
+        prompt's cache, so the prompt is run once for its generation and all its continuations."""
         if not prompts:
             return []
         n_new = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(n_new) != len(prompts) or min(n_new) < 0:
             raise ShrinkError("one non-negative max_new_tokens per prompt")
+        conts = [[c.reshape(-1).long() for c in cs] for cs in continuations] if continuations is not None \
+            else [[] for _ in prompts]
+        if len(conts) != len(prompts):
+            raise ShrinkError(f"{len(conts)} lists of continuations for {len(prompts)} prompts: one list per prompt")
         if min(len(p) for p in prompts) == 0:
             raise ShrinkError("an empty prompt: decoding needs at least one token to start from")
-        for i, p in enumerate(prompts):
-            if len(p) and not 0 <= int(p.min()) <= int(p.max()) < self.vocab:
-                bad = p[(p < 0) | (p >= self.vocab)][0]
-                raise ShrinkError(f"prompt {i} holds token id {int(bad)}, outside the vocabulary of {self.vocab}")
+        for what, seqs in (("prompt", prompts), ("continuation of prompt", [c for cs in conts for c in cs])):
+            for i, p in enumerate(seqs):
+                if len(p) and not 0 <= int(p.min()) <= int(p.max()) < self.vocab:
+                    bad = p[(p < 0) | (p >= self.vocab)][0]
+                    raise ShrinkError(f"{what} {i} holds token id {int(bad)}, outside the vocabulary of {self.vocab}")
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-        self._reserve(len(prompts), max(len(p) + n for p, n in zip(prompts, n_new)))
-        logits = self._prefill(prompts)
+        lengths = [len(p) for p in prompts]
+        capacity = max(max([len(p) + n] + [len(p) + len(c) for c in cs]) for p, n, cs in zip(prompts, n_new, conts))
+        rows = (sum(lengths) + sum(n_new)) if logits else len(prompts)
+        rows += sum(len(c) for cs in conts for c in cs)
+        self._reserve(len(prompts) + sum(len(cs) for cs in conts), capacity, rows)
+        prompt_logits = self._prefill(prompts, every=logits)
+        last = torch.stack([pl[-1] for pl in prompt_logits])
+        continued = self._continue(prompts, conts, prompt_logits)
+        steps: list[list[torch.Tensor]] = [[] for _ in prompts]
         news: list[list[int]] = [[] for _ in prompts]
         live = [i for i, n in enumerate(n_new) if n > 0]
-        lengths = [len(p) for p in prompts]
+        step = last[live] if live else last[:0]
         banned = torch.tensor(sorted(eos), dtype=torch.long)
         while live:
+            if logits:
+                for r, i in enumerate(live):
+                    steps[i].append(step[r].clone())
             early = [r for r, i in enumerate(live) if len(news[i]) < min_new_tokens]
             if early and len(banned):  # as transformers' MinNewTokensLengthLogitsProcessor
-                logits[torch.tensor(early)[:, None], banned[None, :]] = float("-inf")
-            picked = sampling.pick(logits, generator).tolist()
+                step[torch.tensor(early)[:, None], banned[None, :]] = float("-inf")
+            picked = sampling.pick(step, generator).tolist()
             going = []
             for i, t in zip(live, picked):
                 news[i].append(t)
@@ -224,22 +263,62 @@ class LlamaDecoder:
                 break
             tokens = torch.tensor([news[i][-1] for i in live], dtype=torch.long)
             pos = torch.tensor([lengths[i] + len(news[i]) - 1 for i in live], dtype=torch.long)
-            logits = self._impl.forward(tokens, torch.tensor(live, dtype=torch.long), pos, torch.arange(len(live)))
-        return [torch.tensor(n, dtype=torch.long) for n in news]
+            step = self._impl.forward(tokens, torch.tensor(live, dtype=torch.long), pos, torch.arange(len(live)))
+        out = []
+        for i, n in enumerate(news):
+            lg = None
+            if logits:  # the row after the last new token predicts past the sequence: not kept
+                lg = torch.cat([prompt_logits[i][:-1], *[s.unsqueeze(0) for s in steps[i]]])
+                lg = lg[: len(prompts[i]) + len(n) - 1]
+            out.append(Decoded(torch.tensor(n, dtype=torch.long), lg, continued[i]))
+        return out
 
-    def _prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Run every prompt token in chunks; the logits after each prompt's last token [len(prompts), vocab]."""
+    def _continue(self, prompts, conts, prompt_logits) -> list[list[torch.Tensor]]:
+        """The logits before each token of each continuation: the prompt's last row, then the rows after
+        each of the continuation's tokens but its last, run in slots forked from the prompt's."""
+        forced = [(i, c) for i, cs in enumerate(conts) for c in cs]
+        tokens, slots, pos = [], [], []
+        for slot, (i, c) in enumerate(forced, start=len(prompts)):
+            n = len(prompts[i])
+            self._impl.fork(i, slot, n)
+            tokens.append(c[:-1])
+            slots.append(torch.full((len(c[:-1]),), slot, dtype=torch.long))
+            pos.append(torch.arange(n, n + len(c[:-1])))
+        rows = self._run_all(torch.cat(tokens), torch.cat(slots), torch.cat(pos)) if forced else None
+        out: list[list[torch.Tensor]] = [[] for _ in prompts]
+        at = 0
+        for (i, c), t in zip(forced, tokens):
+            out[i].append(torch.cat([prompt_logits[i][-1:], rows[at:at + len(t)]])[: len(c)])
+            at += len(t)
+        return out
+
+    def _run_all(self, tokens, slots, pos) -> torch.Tensor:
+        """The logits after every one of `tokens`, run in chunks of PREFILL_CHUNK."""
+        parts = []
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            stop = min(start + PREFILL_CHUNK, len(tokens))
+            parts.append(self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop],
+                                            torch.arange(stop - start)))
+        return torch.cat(parts) if parts else torch.empty(0, self.vocab)
+
+    def _prefill(self, prompts: list[torch.Tensor], every: bool = False) -> list[torch.Tensor]:
+        """Run every prompt token in chunks; per prompt, the logits after its last token [1, vocab], or
+        (`every`) after each of its tokens [len(prompt), vocab]."""
         tokens = torch.cat([p.reshape(-1).long() for p in prompts])
         slots = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(prompts)])
         pos = torch.cat([torch.arange(len(p)) for p in prompts])
-        ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+        ends = torch.tensor([len(p) for p in prompts]).cumsum(0)
+        if every:
+            rows = self._run_all(tokens, slots, pos)
+            return [rows[e - len(p):e] for p, e in zip(prompts, ends.tolist())]
+        ends = ends - 1
         out = torch.empty(len(prompts), self.vocab)
         for start in range(0, len(tokens), PREFILL_CHUNK):
             stop = min(start + PREFILL_CHUNK, len(tokens))
             here = ((ends >= start) & (ends < stop)).nonzero().squeeze(1)
             logits = self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop], ends[here] - start)
             out[here] = logits
-        return out
+        return list(out.unsqueeze(1))
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:

@@ -177,6 +177,17 @@ class Decoder {
 
   int64_t capacity() const { return k_.defined() ? k_.size(3) : 0; }
 
+  // Copy the keys and values of positions 0..length-1 of slot `src` into slot `dst`, so that dst can go on
+  // from src's prefix (a continuation scored after a prompt) while src goes on differently.
+  void fork(int64_t src, int64_t dst, int64_t length) {
+    TORCH_CHECK(k_.defined(), "reset() the cache first");
+    TORCH_CHECK(src >= 0 && src < k_.size(1) && dst >= 0 && dst < k_.size(1) && src != dst, "fork: slots ", src,
+                " and ", dst, " of ", k_.size(1));
+    TORCH_CHECK(length >= 0 && length <= capacity(), "fork: length ", length, " of a capacity of ", capacity());
+    k_.select(1, dst).narrow(2, 0, length).copy_(k_.select(1, src).narrow(2, 0, length));
+    v_.select(1, dst).narrow(2, 0, length).copy_(v_.select(1, src).narrow(2, 0, length));
+  }
+
   // tokens, slots, positions: [M] int64. Returns the logits [len(rows), vocab] of the tokens `rows`.
   Tensor forward(const Tensor& tokens, const Tensor& slots, const Tensor& positions, const Tensor& rows) {
     TORCH_CHECK(k_.defined(), "reset() the cache first");
@@ -352,6 +363,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     Linear>())
       .def("reset", &Decoder::reset, "empty the cache, sized for (slots, capacity)")
       .def("capacity", &Decoder::capacity)
+      .def("fork", &Decoder::fork, "copy positions 0..length-1 of slot src into slot dst")
       .def("forward", &Decoder::forward, "logits of the tokens `rows` after running tokens (slot, position)",
            py::call_guard<py::gil_scoped_release>());
 }
