@@ -22,6 +22,7 @@ from ..quant.linear import CastLinear, QuantLinear
 
 SOURCE = Path(__file__).with_name("llama_decoder.cpp")
 PREFILL_CHUNK = 512  # prompt tokens per call: bounds the activations' memory, keeps GEMMs large
+SHARED_PREFIX = 8  # leading tokens all prompts of a call share that are run once and copied
 _ROPE_FIXED = ("default", "linear", "llama3", "yarn")  # rotary types whose frequencies do not change with length
 
 
@@ -147,6 +148,18 @@ def _linear(m: nn.Module, ext, products: bool = True):
     rows, cols = weight.shape
     return ext.Linear(u8, _EMPTY[torch.float16], u8, weight.float().contiguous(), bias, i64, 0, 0, 0, cols, rows,
                       LARGE_BATCH, u8, f32, f32)
+
+
+def _shared_prefix(prompts: list[torch.Tensor]) -> int:
+    """How many leading tokens all of several prompts share, when worth running once (SHARED_PREFIX or
+    more), leaving each prompt at least its last token of its own (its logits pick the first new token); else 0."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        differ = (p[:n] != first[:n]).nonzero()
+        n = int(differ[0]) if len(differ) else n
+    return n if n >= SHARED_PREFIX else 0
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -292,26 +305,40 @@ class LlamaDecoder:
             at += len(t)
         return out
 
-    def _run_all(self, tokens, slots, pos) -> torch.Tensor:
-        """The logits after every one of `tokens`, run in chunks of PREFILL_CHUNK."""
+    def _run_all(self, tokens, slots, pos, every: bool = True) -> torch.Tensor | None:
+        """The logits after every one of `tokens` (or, `every` False, none: the cache is filled), run in
+        chunks of PREFILL_CHUNK."""
         parts = []
         for start in range(0, len(tokens), PREFILL_CHUNK):
             stop = min(start + PREFILL_CHUNK, len(tokens))
-            parts.append(self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop],
-                                            torch.arange(stop - start)))
+            rows = torch.arange(stop - start) if every else torch.tensor([stop - start - 1])
+            parts.append(self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop], rows))
+        if not every:
+            return None
         return torch.cat(parts) if parts else torch.empty(0, self.vocab)
 
     def _prefill(self, prompts: list[torch.Tensor], every: bool = False) -> list[torch.Tensor]:
         """Run every prompt token in chunks; per prompt, the logits after its last token [1, vocab], or
-        (`every`) after each of its tokens [len(prompt), vocab]."""
-        tokens = torch.cat([p.reshape(-1).long() for p in prompts])
-        slots = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(prompts)])
-        pos = torch.cat([torch.arange(len(p)) for p in prompts])
-        ends = torch.tensor([len(p) for p in prompts]).cumsum(0)
+        (`every`) after each of its tokens [len(prompt), vocab]. Tokens all prompts begin with (a chat
+        template's system turn, few-shot examples) run once, in the first slot, then are copied to the others."""
+        prompts = [p.reshape(-1).long() for p in prompts]
+        shared = _shared_prefix(prompts)
+        head = None
+        if shared:
+            head = self._run_all(prompts[0][:shared], torch.zeros(shared, dtype=torch.long), torch.arange(shared),
+                                 every=every)
+            for i in range(1, len(prompts)):
+                self._impl.fork(0, i, shared)
+        rest = [p[shared:] for p in prompts]
+        tokens = torch.cat(rest)
+        slots = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(rest)])
+        pos = torch.cat([torch.arange(shared, len(p)) for p in prompts])
         if every:
             rows = self._run_all(tokens, slots, pos)
-            return [rows[e - len(p):e] for p, e in zip(prompts, ends.tolist())]
-        ends = ends - 1
+            ends = torch.tensor([len(r) for r in rest]).cumsum(0).tolist()
+            own = [rows[e - len(r):e] for r, e in zip(rest, ends)]
+            return own if head is None else [torch.cat([head, o]) for o in own]
+        ends = torch.tensor([len(r) for r in rest]).cumsum(0) - 1
         out = torch.empty(len(prompts), self.vocab)
         for start in range(0, len(tokens), PREFILL_CHUNK):
             stop = min(start + PREFILL_CHUNK, len(tokens))

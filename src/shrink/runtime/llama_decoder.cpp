@@ -28,13 +28,18 @@ std::optional<Tensor> maybe(const Tensor& t) {
 }
 
 // y [M, N] = x [M, K] W [N, K]^T + b for a few rows (decoding): each weight row read once for all rows
-// of x, the output rows split across threads. torch's GEMV runs a large matrix (the output layer) on one
-// thread at about a third of the memory bandwidth here.
-constexpr int64_t GEMV_ROWS = 4;
+// of x (GEMV_ROWS at a time in registers, the weight row from L1 for the next), the output rows split
+// across threads. torch's GEMV runs a large matrix (the output layer) on one thread at about a third of the
+// memory bandwidth here.
+constexpr int64_t GEMV_ROWS = 4, GEMV_MAX_ROWS = 16, GEMV_WIDE = 8192;
+
+// Up to GEMV_ROWS rows always; up to GEMV_MAX_ROWS for wide layers (the output layer), where torch stays
+// on one thread, while for the model's narrower layers its GEMM is the faster one past GEMV_ROWS.
+bool use_gemv(int64_t rows, int64_t out) { return rows <= GEMV_ROWS || (rows <= GEMV_MAX_ROWS && out >= GEMV_WIDE); }
 
 Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M <= GEMV_ROWS && w.is_contiguous() && w.scalar_type() == torch::kFloat32, "float_gemv");
+  TORCH_CHECK(M <= GEMV_MAX_ROWS && w.is_contiguous() && w.scalar_type() == torch::kFloat32, "float_gemv");
   const Tensor xc = x.contiguous();
   Tensor y = torch::empty({M, N}, torch::kFloat32);
   const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -43,20 +48,24 @@ Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* wr = wp + n * K;
-      __m256 acc[GEMV_ROWS][2];
-      for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        const __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
-        for (int64_t m = 0; m < M; ++m) {
-          acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + m * K + k), acc[m][0]);
-          acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + m * K + k + 8), acc[m][1]);
+      for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
+        const int64_t R = std::min(GEMV_ROWS, M - m0);
+        const float* xb = xp + m0 * K;
+        __m256 acc[GEMV_ROWS][2];
+        for (int64_t m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+          const __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
+          for (int64_t m = 0; m < R; ++m) {
+            acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + m * K + k), acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + m * K + k + 8), acc[m][1]);
+          }
         }
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        float t = shrink_kernels::hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
-        for (int64_t kk = k; kk < K; ++kk) t += wr[kk] * xp[m * K + kk];
-        yp[m * N + n] = bp ? t + bp[n] : t;
+        for (int64_t m = 0; m < R; ++m) {
+          float t = shrink_kernels::hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+          for (int64_t kk = k; kk < K; ++kk) t += wr[kk] * xb[m * K + kk];
+          yp[(m0 + m) * N + n] = bp ? t + bp[n] : t;
+        }
       }
     }
   });
@@ -77,7 +86,7 @@ struct Linear {
   Tensor operator()(const Tensor& x) const {
     TORCH_CHECK(x.size(1) == in, "a layer of ", in, " inputs was given ", x.size(1));
     const Tensor xi = order.numel() > 0 ? x.index_select(1, order) : x;
-    if (!packed()) return xi.size(0) <= GEMV_ROWS ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
+    if (!packed()) return use_gemv(xi.size(0), out) ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
     if (tiled()) return shrink_kernels::tiled_many(xi.contiguous(), {tiled_weight()})[0];
     if (xi.size(0) >= large_batch) {  // as kernels.qlinear: the same int8 activations, a float GEMM
       auto q = shrink_kernels::quantize_x(xi.contiguous(), 32);
