@@ -52,6 +52,24 @@ def test_float_logits_match_transformers(tie):
     assert torch.allclose(LlamaDecoder(m).logits(x), want, atol=1e-4, rtol=0)
 
 
+def test_few_row_float_products_match_transformers_at_every_row_count():
+    """Float layers of 1-16 rows go through the runtime's own GEMV (one weight row at a time up to 4 rows,
+    tiles of 4 rows by 2 weight rows past that): odd output counts and input widths that are no multiple of
+    8 take its tail paths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=133, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    d = LlamaDecoder(m)
+    x = torch.randint(0, 97, (17,), generator=torch.Generator().manual_seed(2))
+    for n in (1, 3, 4, 5, 8, 13, 16, 17):
+        with torch.no_grad():
+            want = m(x[None, :n]).logits[0]
+        assert torch.allclose(d.logits(x[:n]), want, atol=1e-4, rtol=0), n
+
+
 @pytest.mark.parametrize("spec", ["int8", "int4-g32", "int4-g32-asym", {"*.q_proj": "int3-g32", "*.down_proj": "int2-g32", "*": "int8"},
                                   {"model.embed_tokens": "int8", "*": "int4-g32"}])
 @pytest.mark.parametrize("tie", [True, False])

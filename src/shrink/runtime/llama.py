@@ -259,10 +259,11 @@ class LlamaDecoder:
         step = last[live] if live else last[:0]
         banned = torch.tensor(sorted(eos), dtype=torch.long)
         while live:
-            if logits:
-                for r, i in enumerate(live):
-                    steps[i].append(step[r].clone())
             early = [r for r, i in enumerate(live) if len(news[i]) < min_new_tokens]
+            if logits:  # rows of this step's fresh tensor; a copy only where banned tokens are about to be masked
+                kept = step.clone() if early and len(banned) else step
+                for r, i in enumerate(live):
+                    steps[i].append(kept[r])
             if early and len(banned):  # as transformers' MinNewTokensLengthLogitsProcessor
                 step[torch.tensor(early)[:, None], banned[None, :]] = float("-inf")
             picked = sampling.pick(step, generator).tolist()

@@ -27,15 +27,64 @@ std::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-// y [M, N] = x [M, K] W [N, K]^T + b for a few rows (decoding): each weight row read once for all rows
-// of x (GEMV_ROWS at a time in registers, the weight row from L1 for the next), the output rows split
-// across threads. torch's GEMV runs a large matrix (the output layer) on one thread at about a third of the
-// memory bandwidth here.
-constexpr int64_t GEMV_ROWS = 4, GEMV_MAX_ROWS = 16, GEMV_WIDE = 8192;
+// y [M, N] = x [M, K] W [N, K]^T + b for a few rows (decoding): past GEMV_ROWS rows, tiles of GEMV_ROWS
+// rows of x by two weight rows, all in registers, so each weight row is read from memory once for all rows (the next tile
+// of rows finds it in L1); the output columns are split across threads. torch's GEMV runs a large matrix
+// (the output layer) on one thread at about a third of the memory bandwidth here, and its GEMM for a few
+// rows streams the weights at a fraction of it.
+constexpr int64_t GEMV_ROWS = 4, GEMV_MAX_ROWS = 16;
 
-// Up to GEMV_ROWS rows always; up to GEMV_MAX_ROWS for wide layers (the output layer), where torch stays
-// on one thread, while for the model's narrower layers its GEMM is the faster one past GEMV_ROWS.
-bool use_gemv(int64_t rows, int64_t out) { return rows <= GEMV_ROWS || (rows <= GEMV_MAX_ROWS && out >= GEMV_WIDE); }
+bool use_gemv(int64_t rows) { return rows <= GEMV_MAX_ROWS; }
+
+// y[m * N] (and y[m * N + 1] when `two`) for the R rows of xb [R, K] against weight rows w0 and w1.
+template <int R>
+inline void gemv_tile(const float* xb, int64_t K, const float* w0, const float* w1, bool two, const float* b,
+                      float* y, int64_t N) {
+  __m256 a0[R], a1[R];
+  for (int m = 0; m < R; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 u = _mm256_loadu_ps(w0 + k), v = _mm256_loadu_ps(w1 + k);
+    for (int m = 0; m < R; ++m) {
+      const __m256 xv = _mm256_loadu_ps(xb + m * K + k);
+      a0[m] = _mm256_fmadd_ps(u, xv, a0[m]);
+      a1[m] = _mm256_fmadd_ps(v, xv, a1[m]);
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    float t0 = shrink_kernels::hsum(a0[m]), t1 = shrink_kernels::hsum(a1[m]);
+    for (int64_t kk = k; kk < K; ++kk) {
+      t0 += w0[kk] * xb[m * K + kk];
+      t1 += w1[kk] * xb[m * K + kk];
+    }
+    y[m * N] = b ? t0 + b[0] : t0;
+    if (two) y[m * N + 1] = b ? t1 + b[1] : t1;
+  }
+}
+
+// One weight row at a time against all (up to GEMV_ROWS) rows, two accumulators each: for 1-4 rows this
+// streams the weights faster than the tiles (measured; latency of the FMA chains, not loads, bounds it).
+void gemv_few(const float* xp, int64_t M, int64_t K, const float* wp, const float* bp, float* yp, int64_t N,
+              int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = wp + n * K;
+    __m256 acc[GEMV_ROWS][2];
+    for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
+      for (int64_t m = 0; m < M; ++m) {
+        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + m * K + k), acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + m * K + k + 8), acc[m][1]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float t = shrink_kernels::hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+      for (int64_t kk = k; kk < K; ++kk) t += wr[kk] * xp[m * K + kk];
+      yp[m * N + n] = bp ? t + bp[n] : t;
+    }
+  }
+}
 
 Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -45,26 +94,23 @@ Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
   const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
   const float* bp = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* wr = wp + n * K;
+  if (M <= GEMV_ROWS) {
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { gemv_few(xp, M, K, wp, bp, yp, N, n0, n1); });
+    return y;
+  }
+  at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = 2 * p;
+      const bool two = n + 1 < N;
+      const float *w0 = wp + n * K, *w1 = two ? w0 + K : w0, *b = bp ? bp + n : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
-        const int64_t R = std::min(GEMV_ROWS, M - m0);
         const float* xb = xp + m0 * K;
-        __m256 acc[GEMV_ROWS][2];
-        for (int64_t m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-          const __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
-          for (int64_t m = 0; m < R; ++m) {
-            acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + m * K + k), acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + m * K + k + 8), acc[m][1]);
-          }
-        }
-        for (int64_t m = 0; m < R; ++m) {
-          float t = shrink_kernels::hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
-          for (int64_t kk = k; kk < K; ++kk) t += wr[kk] * xb[m * K + kk];
-          yp[(m0 + m) * N + n] = bp ? t + bp[n] : t;
+        float* yb = yp + m0 * N + n;
+        switch (std::min(GEMV_ROWS, M - m0)) {
+          case 4: gemv_tile<4>(xb, K, w0, w1, two, b, yb, N); break;
+          case 3: gemv_tile<3>(xb, K, w0, w1, two, b, yb, N); break;
+          case 2: gemv_tile<2>(xb, K, w0, w1, two, b, yb, N); break;
+          default: gemv_tile<1>(xb, K, w0, w1, two, b, yb, N); break;
         }
       }
     }
@@ -86,7 +132,7 @@ struct Linear {
   Tensor operator()(const Tensor& x) const {
     TORCH_CHECK(x.size(1) == in, "a layer of ", in, " inputs was given ", x.size(1));
     const Tensor xi = order.numel() > 0 ? x.index_select(1, order) : x;
-    if (!packed()) return use_gemv(xi.size(0), out) ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
+    if (!packed()) return use_gemv(xi.size(0)) ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
     if (tiled()) return shrink_kernels::tiled_many(xi.contiguous(), {tiled_weight()})[0];
     if (xi.size(0) >= large_batch) {  // as kernels.qlinear: the same int8 activations, a float GEMM
       auto q = shrink_kernels::quantize_x(xi.contiguous(), 32);
