@@ -35,8 +35,8 @@ def _busy_seconds() -> float:
 
 
 def _self_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
+    t = os.times()  # with the children waited for (llama-bench, whole commands): they are this benchmark's work
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def interleaved_times(fns: dict, rounds: int, repeat: int, warmup: int = 2) -> dict[str, list[float]]:

@@ -1,0 +1,89 @@
+"""Time of `shrink compare default <int8 folder>` on the built-in task, whole command, side by side in one run.
+
+Variants, in turn each round (medians reported):
+  runtime        shrink's runtime generates and scores (log-probabilities from the decoding pass, targets and
+                 the original's answers as continuations of each prompt's cache), batches of 16;
+  transformers   SHRINK_RUNTIME=0: transformers generates and scores, in the same batches of 16;
+  one at a time  SHRINK_RUNTIME=0 --batch-size 1 (only with --one-at-a-time: it takes over a minute a round).
+The int8 folder is made first with `shrink quantize -f int8`. Each variant's score change and KL are kept, so
+a reader sees whether the faster path measures the same thing (float rounding moves a few greedy answers of
+an int8 model; see the README).
+
+    .venv/bin/python benchmarks/compare_speed.py [--rounds 3] [--one-at-a-time] [--out benchmarks/results/compare_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CpuLoad, machine  # noqa: E402
+
+SHRINK = str(Path(sys.executable).with_name("shrink"))
+
+
+def run(folder: Path, out: Path, env: dict, extra: list[str]) -> tuple[float, dict]:
+    """Seconds of one whole `shrink compare` command and what its results.json says."""
+    t = time.perf_counter()
+    subprocess.run([SHRINK, "compare", "default", str(folder), "--out", str(out), "--force", *extra],
+                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t
+    r = json.loads((out / "results.json").read_text())
+    return seconds, {"change": r["overall"]["change"], "kl_mean": r["divergence"]["kl"]["mean"],
+                     "top1_agreement": r["divergence"]["top1_agreement"], "verdict": r["verdict"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--one-at-a-time", action="store_true", help="also time transformers with --batch-size 1")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compare_speed.json")
+    args = ap.parse_args()
+    console = Console(width=120)
+    base = dict(os.environ)
+    variants = {"runtime": (base, []), "transformers": ({**base, "SHRINK_RUNTIME": "0"}, [])}
+    if args.one_at_a_time:
+        variants["one at a time"] = ({**base, "SHRINK_RUNTIME": "0"}, ["--batch-size", "1"])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "int8"
+        subprocess.run([SHRINK, "quantize", "-f", "int8", "--out", str(folder)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run(folder, Path(tmp) / "warm", base, [])  # kernels compiled, files in the page cache
+        seconds = {k: [] for k in variants}
+        measured = {}
+        load = CpuLoad().start()
+        for r in range(args.rounds):
+            for name, (env, extra) in variants.items():
+                s, m = run(folder, Path(tmp) / f"cmp-{r}-{name.replace(' ', '-')}", env, extra)
+                seconds[name].append(s)
+                measured[name] = m
+                console.print(f"round {r + 1}: {name}: {s:.1f} s")
+        other = load.stop()
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    t = Table(title=f"shrink compare default <int8 folder>, whole command ({other:.0%} CPU load from others)")
+    for col in ("variant", "seconds (median)", "vs runtime", "change (points)", "KL mean", "top-1 agreement"):
+        t.add_column(col, no_wrap=True)
+    for k in variants:
+        m = measured[k]
+        t.add_row(k, f"{med[k]:.1f}", f"{med[k] / med['runtime']:.2f}x", f"{m['change']:+.1f}",
+                  f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.1%}")
+    console.print(t)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "cpu_load_others": other, "rounds": args.rounds,
+                                    "seconds": seconds, "median": med, "measured": measured}, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
