@@ -332,8 +332,8 @@ class CausalLMAdapter(_TextAdapter):
         targets = [self._text_ids(str(ex.data["target"][0])) if i is None else None for ex, i in zip(examples, ids)]
         tails = [self._tail(i, p) if i is not None else None for i, p in zip(ids, prompts)]
         # the runtime scores the original's target, or the given tokens, as continuations of the prompt
-        forced = [[t] for t in (tg if i is None else tl for tg, tl, i in zip(targets, tails, ids))]
-        decoded = self._decoded(prompts, n_new, [f if f[0] is not None else [] for f in forced])
+        forced = [tg if i is None else tl for tg, tl, i in zip(targets, tails, ids)]
+        decoded = self._decoded(prompts, n_new, [[f] if f is not None else [] for f in forced])
         if decoded is None:
             news, lps = self._generation_transformers(prompts, n_new, ids, targets, confs)
         else:
