@@ -282,8 +282,7 @@ class LlamaDecoder:
         for i, n in enumerate(news):
             lg = None
             if logits:  # the row after the last new token predicts past the sequence: not kept
-                lg = torch.cat([prompt_logits[i][:-1], *[s.unsqueeze(0) for s in steps[i]]])
-                lg = lg[: len(prompts[i]) + len(n) - 1]
+                lg = torch.cat([prompt_logits[i][:-1], *[s.unsqueeze(0) for s in steps[i]]])  # a step per new token
             out.append(Decoded(torch.tensor(n, dtype=torch.long), lg, continued[i]))
         return out
 
@@ -306,17 +305,20 @@ class LlamaDecoder:
             at += len(t)
         return out
 
-    def _run_all(self, tokens, slots, pos, every: bool = True) -> torch.Tensor | None:
-        """The logits after every one of `tokens` (or, `every` False, none: the cache is filled), run in
-        chunks of PREFILL_CHUNK."""
-        parts = []
+    def _run_all(self, tokens, slots, pos, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `tokens` (each at its slot and position) in chunks of PREFILL_CHUNK; the logits after the
+        tokens `rows` (ascending indices into tokens; default: every one) [len(rows), vocab]."""
+        rows = torch.arange(len(tokens)) if rows is None else rows
+        out = torch.empty(len(rows), self.vocab)
         for start in range(0, len(tokens), PREFILL_CHUNK):
             stop = min(start + PREFILL_CHUNK, len(tokens))
-            rows = torch.arange(stop - start) if every else torch.tensor([stop - start - 1])
-            parts.append(self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop], rows))
-        if not every:
-            return None
-        return torch.cat(parts) if parts else torch.empty(0, self.vocab)
+            here = ((rows >= start) & (rows < stop)).nonzero().squeeze(1)
+            # a chunk none of whose logits are wanted still gives one row (the call returns some), dropped
+            want = rows[here] - start if len(here) else torch.tensor([stop - start - 1])
+            logits = self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop], want)
+            if len(here):
+                out[here] = logits
+        return out
 
     def _prefill(self, prompts: list[torch.Tensor], every: bool = False) -> list[torch.Tensor]:
         """Run every prompt token in chunks; per prompt, the logits after its last token [1, vocab], or
@@ -324,29 +326,21 @@ class LlamaDecoder:
         template's system turn, few-shot examples) run once, in the first slot, then are copied to the others."""
         prompts = [p.reshape(-1).long() for p in prompts]
         shared = _shared_prefix(prompts)
-        head = None
         if shared:
             head = self._run_all(prompts[0][:shared], torch.zeros(shared, dtype=torch.long), torch.arange(shared),
-                                 every=every)
+                                 None if every else torch.empty(0, dtype=torch.long))
             for i in range(1, len(prompts)):
                 self._impl.fork(0, i, shared)
         rest = [p[shared:] for p in prompts]
         tokens = torch.cat(rest)
         slots = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(rest)])
         pos = torch.cat([torch.arange(shared, len(p)) for p in prompts])
-        if every:
-            rows = self._run_all(tokens, slots, pos)
-            ends = torch.tensor([len(r) for r in rest]).cumsum(0).tolist()
-            own = [rows[e - len(r):e] for r, e in zip(rest, ends)]
-            return own if head is None else [torch.cat([head, o]) for o in own]
-        ends = torch.tensor([len(r) for r in rest]).cumsum(0) - 1
-        out = torch.empty(len(prompts), self.vocab)
-        for start in range(0, len(tokens), PREFILL_CHUNK):
-            stop = min(start + PREFILL_CHUNK, len(tokens))
-            here = ((ends >= start) & (ends < stop)).nonzero().squeeze(1)
-            logits = self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop], ends[here] - start)
-            out[here] = logits
-        return list(out.unsqueeze(1))
+        ends = torch.tensor([len(r) for r in rest]).cumsum(0)
+        if not every:
+            return list(self._run_all(tokens, slots, pos, ends - 1).unsqueeze(1))
+        rows = self._run_all(tokens, slots, pos)
+        own = [rows[e - len(r):e] for r, e in zip(rest, ends.tolist())]
+        return [torch.cat([head, o]) for o in own] if shared else own
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:

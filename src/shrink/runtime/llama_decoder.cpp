@@ -27,14 +27,12 @@ std::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-// y [M, N] = x [M, K] W [N, K]^T + b for a few rows (decoding): past GEMV_ROWS rows, tiles of GEMV_ROWS
-// rows of x by two weight rows, all in registers, so each weight row is read from memory once for all rows (the next tile
-// of rows finds it in L1); the output columns are split across threads. torch's GEMV runs a large matrix
-// (the output layer) on one thread at about a third of the memory bandwidth here, and its GEMM for a few
-// rows streams the weights at a fraction of it.
+// y [M, N] = x [M, K] W [N, K]^T + b for up to GEMV_MAX_ROWS rows (decoding): past GEMV_ROWS rows, tiles
+// of GEMV_ROWS rows of x by two weight rows, all in registers, so each weight row is read from memory once
+// for all rows (the next tile of rows finds it in L1); the output columns are split across threads.
+// torch's GEMV runs a large matrix (the output layer) on one thread at about a third of the memory
+// bandwidth here, and its GEMM for a few rows streams the weights at a fraction of it.
 constexpr int64_t GEMV_ROWS = 4, GEMV_MAX_ROWS = 16;
-
-bool use_gemv(int64_t rows) { return rows <= GEMV_MAX_ROWS; }
 
 // y[m * N] (and y[m * N + 1] when `two`) for the R rows of xb [R, K] against weight rows w0 and w1.
 template <int R>
@@ -132,7 +130,7 @@ struct Linear {
   Tensor operator()(const Tensor& x) const {
     TORCH_CHECK(x.size(1) == in, "a layer of ", in, " inputs was given ", x.size(1));
     const Tensor xi = order.numel() > 0 ? x.index_select(1, order) : x;
-    if (!packed()) return use_gemv(xi.size(0)) ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
+    if (!packed()) return xi.size(0) <= GEMV_MAX_ROWS ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
     if (tiled()) return shrink_kernels::tiled_many(xi.contiguous(), {tiled_weight()})[0];
     if (xi.size(0) >= large_batch) {  // as kernels.qlinear: the same int8 activations, a float GEMM
       auto q = shrink_kernels::quantize_x(xi.contiguous(), 32);
