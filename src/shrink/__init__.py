@@ -13,6 +13,15 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+import sys as _sys
+
+# Tensors of 2 MB and more on transparent huge pages (PyTorch's allocator does it when THP_MEM_ALLOC_ENABLE is set
+# before torch starts): touching fresh memory, which a comparison does for every row of logits it keeps, takes
+# fewer page faults. Set THP_MEM_ALLOC_ENABLE=0 to keep it off; no effect when torch was imported first.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from .api import (ModelRecord, ShrinkError, compare, distill, export_gguf, info, load, load_model,  # noqa: E402
                   quantize, save, search)
 from .quant import QuantLinear, QuantSpec, parse_format  # noqa: E402
