@@ -197,6 +197,12 @@ def test_end_of_sequence_stops_a_row_and_pads_it():
     late = runtime_generate(m, x, **kw)
     assert torch.equal(late, hf_generate(m, x, **kw))
     assert (late[:, x.shape[1]:x.shape[1] + 6] != eos).all()
+    # the logits decode keeps are the model's, not the copy the end-of-sequence token was masked in
+    prompt = x[2][mask[2].bool()]
+    o = LlamaDecoder(m).decode([prompt], 6, eos, logits=True, min_new_tokens=6)[0]
+    with torch.no_grad():
+        want = m(torch.cat([prompt, o.new])[None]).logits[0, :-1]
+    assert torch.isfinite(o.logits).all() and torch.allclose(o.logits, want, atol=1e-4, rtol=0)
 
 
 def test_sampled_generate_matches_transformers_with_the_same_seed():

@@ -78,6 +78,12 @@ class _TextAdapter(Adapter):
         return ("vocab", tuple(sorted(self.tok.get_vocab().items())))
 
 
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities from float32 logits the caller owns (the runtime's, kept for this outcome), in place:
+    a comparison keeps a row of the vocabulary per position, and a second copy of it would be touched for nothing."""
+    return torch.log_softmax(logits, -1, out=logits)
+
+
 class CausalLMAdapter(_TextAdapter):
     """Hugging Face causal LMs: greedy generation (the same deterministic decoding for both models),
     log-likelihood of choices and labels, perplexity of text. Prompts go through the tokenizer's chat
@@ -220,14 +226,14 @@ class CausalLMAdapter(_TextAdapter):
     @staticmethod
     def _forced(d, prompt_len: int, j: int) -> torch.Tensor:
         """Log-probabilities over prompt + continuation j of a decoded prompt (as `logprobs` of that sequence)."""
-        return F.log_softmax(torch.cat([d.logits[: prompt_len - 1], d.continued[j]]).float(), -1)
+        return _log_softmax_(torch.cat([d.logits[: prompt_len - 1], d.continued[j]]))
 
     def _fill_alone(self, lps: list, ids: list) -> None:
         """Fill the None entries of `lps` with the log-probabilities of those `ids` scored on their own
         (given tokens that do not start with the example's prompt)."""
         alone = [k for k, lp in enumerate(lps) if lp is None]
         for k, d in zip(alone, self._decoded([ids[k] for k in alone], 0, None) if alone else []):
-            lps[k] = F.log_softmax(d.logits.float(), -1)
+            lps[k] = _log_softmax_(d.logits)
 
     @staticmethod
     def _tail(seq: torch.Tensor | None, prompt: torch.Tensor) -> torch.Tensor | None:
@@ -315,7 +321,7 @@ class CausalLMAdapter(_TextAdapter):
             if len(seq) < 2:
                 raise ShrinkError(f"example {ex.id!r}: text is shorter than two tokens")
         decoded = self._decoded(ids, 0, None)
-        lps = self.logprobs_batch(ids) if decoded is None else [F.log_softmax(d.logits.float(), -1) for d in decoded]
+        lps = self.logprobs_batch(ids) if decoded is None else [_log_softmax_(d.logits) for d in decoded]
         out = []
         for seq, lp in zip(ids, lps):
             mean = float(self._continuation_logprob(lp, 1, seq).mean())
@@ -340,7 +346,7 @@ class CausalLMAdapter(_TextAdapter):
             news, lps = [d.new for d in decoded], []
             for k, (d, p) in enumerate(zip(decoded, prompts)):
                 if ids[k] is None:
-                    lps.append(F.log_softmax(d.logits.float(), -1))
+                    lps.append(_log_softmax_(d.logits))
                     conf = F.log_softmax(d.continued[0].float(), -1).gather(1, targets[k].unsqueeze(1))
                     confs[k] = float(conf.mean())
                 else:

@@ -247,24 +247,28 @@ class LlamaDecoder:
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         lengths = [len(p) for p in prompts]
         capacity = max(max([len(p) + n] + [len(p) + len(c) for c in cs]) for p, n, cs in zip(prompts, n_new, conts))
-        rows = (sum(lengths) + sum(n_new)) if logits else len(prompts)
-        rows += sum(len(c) for cs in conts for c in cs)
-        self._reserve(len(prompts) + sum(len(cs) for cs in conts), capacity, rows)
-        prompt_logits = self._prefill(prompts, every=logits)
-        last = torch.stack([pl[-1] for pl in prompt_logits])
-        continued = self._continue(prompts, conts, prompt_logits)
-        steps: list[list[torch.Tensor]] = [[] for _ in prompts]
+        # Every row of logits kept lands in one tensor, written there by the runtime: per prompt (logits) its
+        # rows and one per new token but the last, then per continuation its rows. Untouched rows (new tokens
+        # not generated) cost no memory.
+        sizes = [len(p) + max(n - 1, 0) if logits else 0 for p, n in zip(prompts, n_new)]
+        sizes += [len(c) for cs in conts for c in cs]
+        self._reserve(len(prompts) + sum(len(cs) for cs in conts), capacity, sum(sizes) + len(prompts))
+        starts = torch.tensor([0] + sizes).cumsum(0).tolist()
+        store = torch.empty(starts[-1], self.vocab)
+        at = starts[:len(prompts)]
+        if logits:
+            self._prefill(prompts, store, at)
+            last = store[torch.tensor([a + n - 1 for a, n in zip(at, lengths)])]
+        else:
+            last = self._prefill(prompts)
+        continued = self._continue(prompts, conts, last, store, starts[len(prompts):])
         news: list[list[int]] = [[] for _ in prompts]
         live = [i for i, n in enumerate(n_new) if n > 0]
         step = last[live] if live else last[:0]
         banned = torch.tensor(sorted(eos), dtype=torch.long)
         while live:
             early = [r for r, i in enumerate(live) if len(news[i]) < min_new_tokens]
-            if logits:  # rows of this step's fresh tensor; a copy only where banned tokens are about to be masked
-                kept = step.clone() if early and len(banned) else step
-                for r, i in enumerate(live):
-                    steps[i].append(kept[r])
-            if early and len(banned):  # as transformers' MinNewTokensLengthLogitsProcessor
+            if early and len(banned):  # as transformers' MinNewTokensLengthLogitsProcessor (on a copy: kept rows stay)
                 step[torch.tensor(early)[:, None], banned[None, :]] = float("-inf")
             picked = sampling.pick(step, generator).tolist()
             going = []
@@ -277,70 +281,85 @@ class LlamaDecoder:
                 break
             tokens = torch.tensor([news[i][-1] for i in live], dtype=torch.long)
             pos = torch.tensor([lengths[i] + len(news[i]) - 1 for i in live], dtype=torch.long)
-            step = self._impl.forward(tokens, torch.tensor(live, dtype=torch.long), pos, torch.arange(len(live)))
+            slots, rows = torch.tensor(live, dtype=torch.long), torch.arange(len(live))
+            if logits:  # the row after new token j goes to the prompt's row len(prompt) + j
+                dest = torch.tensor([at[i] + lengths[i] + len(news[i]) - 1 for i in live])
+                self._impl.forward_into(tokens, slots, pos, rows, store, dest)
+                step = store[dest]
+            else:
+                step = self._impl.forward(tokens, slots, pos, rows)
         out = []
-        for i, n in enumerate(news):
-            lg = None
-            if logits:  # the row after the last new token predicts past the sequence: not kept
-                lg = torch.cat([prompt_logits[i][:-1], *[s.unsqueeze(0) for s in steps[i]]])  # a step per new token
+        for i, n in enumerate(news):  # the row after the last new token predicts past the sequence: not kept
+            lg = store[at[i]:at[i] + lengths[i] + len(n) - 1] if logits else None
             out.append(Decoded(torch.tensor(n, dtype=torch.long), lg, continued[i]))
         return out
 
-    def _continue(self, prompts, conts, prompt_logits) -> list[list[torch.Tensor]]:
-        """The logits before each token of each continuation: the prompt's last row, then the rows after
-        each of the continuation's tokens but its last, run in slots forked from the prompt's."""
+    def _continue(self, prompts, conts, last, store, starts) -> list[list[torch.Tensor]]:
+        """The logits before each token of each continuation (rows of `store` from `starts`, one start per
+        continuation): the prompt's last row (`last`, one per prompt), then the rows after each of the
+        continuation's tokens but its last, run in slots forked from the prompt's."""
         forced = [(i, c) for i, cs in enumerate(conts) for c in cs]
-        tokens, slots, pos = [], [], []
-        for slot, (i, c) in enumerate(forced, start=len(prompts)):
+        tokens, slots, pos, dest = [], [], [], []
+        out: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for slot, ((i, c), at) in enumerate(zip(forced, starts), start=len(prompts)):
             n = len(prompts[i])
+            out[i].append(store[at:at + len(c)])
+            if not len(c):
+                continue
+            store[at] = last[i]
             self._impl.fork(i, slot, n)
             tokens.append(c[:-1])
-            slots.append(torch.full((len(c[:-1]),), slot, dtype=torch.long))
-            pos.append(torch.arange(n, n + len(c[:-1])))
-        rows = self._run_all(torch.cat(tokens), torch.cat(slots), torch.cat(pos)) if forced else None
-        out: list[list[torch.Tensor]] = [[] for _ in prompts]
-        at = 0
-        for (i, c), t in zip(forced, tokens):
-            out[i].append(torch.cat([prompt_logits[i][-1:], rows[at:at + len(t)]])[: len(c)])
-            at += len(t)
+            slots.append(torch.full((len(c) - 1,), slot, dtype=torch.long))
+            pos.append(torch.arange(n, n + len(c) - 1))
+            dest.append(torch.arange(at + 1, at + len(c)))
+        if tokens:
+            self._run_all(torch.cat(tokens), torch.cat(slots), torch.cat(pos), out=store, dest=torch.cat(dest))
         return out
 
-    def _run_all(self, tokens, slots, pos, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_all(self, tokens, slots, pos, rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 dest: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run `tokens` (each at its slot and position) in chunks of PREFILL_CHUNK; the logits after the
-        tokens `rows` (ascending indices into tokens; default: every one) [len(rows), vocab]."""
+        tokens `rows` (ascending indices into tokens; default: every one) [len(rows), vocab], or with `out`
+        written into its rows `dest` (one per row) and None returned."""
         rows = torch.arange(len(tokens)) if rows is None else rows
-        out = torch.empty(len(rows), self.vocab)
+        kept = torch.empty(len(rows), self.vocab) if out is None else None
         for start in range(0, len(tokens), PREFILL_CHUNK):
             stop = min(start + PREFILL_CHUNK, len(tokens))
             here = ((rows >= start) & (rows < stop)).nonzero().squeeze(1)
-            # a chunk none of whose logits are wanted still gives one row (the call returns some), dropped
-            want = rows[here] - start if len(here) else torch.tensor([stop - start - 1])
-            logits = self._impl.forward(tokens[start:stop], slots[start:stop], pos[start:stop], want)
-            if len(here):
-                out[here] = logits
-        return out
+            args = (tokens[start:stop], slots[start:stop], pos[start:stop], rows[here] - start)
+            if out is not None:
+                self._impl.forward_into(*args, out, dest[here])
+            else:
+                self._impl.forward_into(*args, kept, here)
+        return kept
 
-    def _prefill(self, prompts: list[torch.Tensor], every: bool = False) -> list[torch.Tensor]:
-        """Run every prompt token in chunks; per prompt, the logits after its last token [1, vocab], or
-        (`every`) after each of its tokens [len(prompt), vocab]. Tokens all prompts begin with (a chat
-        template's system turn, few-shot examples) run once, in the first slot, then are copied to the others."""
+    def _prefill(self, prompts: list[torch.Tensor], out: torch.Tensor | None = None,
+                 at: list[int] | None = None) -> torch.Tensor | None:
+        """Run every prompt token in chunks: the logits after each prompt's last token [len(prompts), vocab],
+        or (`out`) those after every token of prompt i written into rows at[i].. of out (and None returned).
+        Tokens all prompts begin with (a chat template's system turn, few-shot examples) run once, in the first
+        slot, then are copied to the others."""
         prompts = [p.reshape(-1).long() for p in prompts]
         shared = _shared_prefix(prompts)
         if shared:
-            head = self._run_all(prompts[0][:shared], torch.zeros(shared, dtype=torch.long), torch.arange(shared),
-                                 None if every else torch.empty(0, dtype=torch.long))
+            head_rows = torch.arange(shared)
+            self._run_all(prompts[0][:shared], torch.zeros(shared, dtype=torch.long), head_rows,
+                          None if out is not None else head_rows[:0], out=out if out is not None else None,
+                          dest=head_rows + at[0] if out is not None else None)
             for i in range(1, len(prompts)):
                 self._impl.fork(0, i, shared)
+                if out is not None:
+                    out[at[i]:at[i] + shared] = out[at[0]:at[0] + shared]
         rest = [p[shared:] for p in prompts]
         tokens = torch.cat(rest)
         slots = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(rest)])
         pos = torch.cat([torch.arange(shared, len(p)) for p in prompts])
-        ends = torch.tensor([len(r) for r in rest]).cumsum(0)
-        if not every:
-            return list(self._run_all(tokens, slots, pos, ends - 1).unsqueeze(1))
-        rows = self._run_all(tokens, slots, pos)
-        own = [rows[e - len(r):e] for r, e in zip(rest, ends.tolist())]
-        return [torch.cat([head, o]) for o in own] if shared else own
+        if out is None:
+            ends = torch.tensor([len(r) for r in rest]).cumsum(0)
+            return self._run_all(tokens, slots, pos, ends - 1)
+        dest = torch.cat([torch.arange(a + shared, a + len(p)) for a, p in zip(at, prompts)])
+        self._run_all(tokens, slots, pos, out=out, dest=dest)
+        return None
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:

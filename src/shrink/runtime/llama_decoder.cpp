@@ -84,17 +84,18 @@ void gemv_few(const float* xp, int64_t M, int64_t K, const float* wp, const floa
   }
 }
 
-Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
+// y [M, N] (contiguous float32) = x w^T + bias, for up to GEMV_MAX_ROWS rows.
+void float_gemv_into(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M <= GEMV_MAX_ROWS && w.is_contiguous() && w.scalar_type() == torch::kFloat32, "float_gemv");
+  TORCH_CHECK(y.is_contiguous() && y.size(0) == M && y.size(1) == N, "float_gemv: output shape");
   const Tensor xc = x.contiguous();
-  Tensor y = torch::empty({M, N}, torch::kFloat32);
   const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
   const float* bp = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   if (M <= GEMV_ROWS) {
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { gemv_few(xp, M, K, wp, bp, yp, N, n0, n1); });
-    return y;
+    return;
   }
   at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -113,6 +114,11 @@ Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
       }
     }
   });
+}
+
+Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  Tensor y = torch::empty({x.size(0), w.size(0)}, torch::kFloat32);
+  float_gemv_into(x, w, bias, y);
   return y;
 }
 
@@ -139,6 +145,20 @@ struct Linear {
                         maybe(bias));
     }
     return shrink_kernels::qlinear_many(xi.contiguous(), {kernel_weight()})[0];
+  }
+
+  // The same product written into y [M, out] (contiguous), which a caller reuses: a float weight's
+  // product goes there directly, a packed one's is copied.
+  void into(const Tensor& x, Tensor& y) const {
+    if (packed() || order.numel() > 0) {
+      y.copy_((*this)(x));
+    } else if (x.size(0) <= GEMV_MAX_ROWS) {
+      float_gemv_into(x, weight, bias, y);
+    } else if (bias.numel() > 0) {
+      at::addmm_out(y, bias, x, weight.t());
+    } else {
+      at::mm_out(y, x, weight.t());
+    }
   }
 
   shrink_kernels::PackedWeight kernel_weight() const {
@@ -243,6 +263,37 @@ class Decoder {
 
   // tokens, slots, positions: [M] int64. Returns the logits [len(rows), vocab] of the tokens `rows`.
   Tensor forward(const Tensor& tokens, const Tensor& slots, const Tensor& positions, const Tensor& rows) {
+    return head_(normed(tokens, slots, positions, rows));
+  }
+
+  // As forward, with the logits of token rows[i] written into row out_rows[i] of `out` [R, vocab] (float32,
+  // contiguous), a block of rows at a time through a scratch block kept between calls: logits a caller keeps
+  // land where it keeps them, and no fresh block of memory is touched per call.
+  void forward_into(const Tensor& tokens, const Tensor& slots, const Tensor& positions, const Tensor& rows,
+                    Tensor& out, const Tensor& out_rows) {
+    TORCH_CHECK(out.dim() == 2 && out.size(1) == head_.out && out.is_contiguous() &&
+                    out.scalar_type() == torch::kFloat32, "forward_into: out must be [rows, vocab] float32, contiguous");
+    TORCH_CHECK(out_rows.numel() == rows.numel(), "forward_into: one out row per row");
+    const int64_t R = rows.numel();
+    if (R > 0) {
+      const int64_t* o = out_rows.data_ptr<int64_t>();
+      for (int64_t i = 0; i < R; ++i) TORCH_CHECK(o[i] >= 0 && o[i] < out.size(0), "out row ", o[i], " outside ", out.size(0));
+    }
+    const Tensor hn = normed(tokens, slots, positions, rows);
+    for (int64_t b = 0; b < R; b += HEAD_BLOCK) {
+      const int64_t n = std::min(HEAD_BLOCK, R - b);
+      if (!scratch_.defined() || scratch_.size(0) < n) scratch_ = torch::empty({n, head_.out}, torch::kFloat32);
+      Tensor y = scratch_.narrow(0, 0, n);
+      head_.into(hn.narrow(0, b, n), y);
+      out.index_copy_(0, out_rows.narrow(0, b, n), y);
+    }
+  }
+
+ private:
+  static constexpr int64_t HEAD_BLOCK = 256;  // rows of logits per product in forward_into
+
+  // The final-normed hidden states [len(rows), hidden] of the tokens `rows` after running all tokens.
+  Tensor normed(const Tensor& tokens, const Tensor& slots, const Tensor& positions, const Tensor& rows) {
     TORCH_CHECK(k_.defined(), "reset() the cache first");
     const int64_t M = tokens.numel(), H = embed_.in;
     TORCH_CHECK(slots.numel() == M && positions.numel() == M, "one slot and one position per token");
@@ -272,12 +323,11 @@ class Decoder {
       x.add_(L.down(at::silu_(gu[0]).mul_(gu[1])));
     }
     Tensor last = x.index_select(0, rows);
-    Tensor normed = torch::empty_like(last);
-    rms_norm(last, final_norm_, eps_, normed);
-    return head_(normed);
+    Tensor out = torch::empty_like(last);
+    rms_norm(last, final_norm_, eps_, out);
+    return out;
   }
 
- private:
   // cos and sin of each token's position times each frequency, [M, 2, head_dim / 2], as transformers
   // computes them (float32 angles, then times the rope type's attention scaling).
   Tensor rotary(const Tensor& positions) const {
@@ -390,6 +440,7 @@ class Decoder {
   Tensor final_norm_;
   Linear head_;
   Tensor k_, v_;  // [layers, slots, kv heads, capacity, head_dim]
+  Tensor scratch_;  // forward_into's block of logits
 };
 
 }  // namespace
@@ -418,5 +469,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("capacity", &Decoder::capacity)
       .def("fork", &Decoder::fork, "copy positions 0..length-1 of slot src into slot dst")
       .def("forward", &Decoder::forward, "logits of the tokens `rows` after running tokens (slot, position)",
+           py::call_guard<py::gil_scoped_release>())
+      .def("forward_into", &Decoder::forward_into,
+           "forward, with the logits of tokens `rows` written into rows `out_rows` of `out`",
            py::call_guard<py::gil_scoped_release>());
 }
