@@ -259,6 +259,23 @@ def test_identical_models_have_zero_divergence(tmp_path, tok, runtime):
     assert all(e.original_output == e.compressed_output for e in c.examples)
 
 
+def test_kl_and_top1_agreement_per_position_match_a_whole_sequence_reference():
+    """The comparison's KL, taken in blocks of positions, is scipy's relative entropy of each position's
+    two distributions, at every position across block edges; top-1 agreement is the argmax match."""
+    from shrink.evaluate.compare import KL_ROWS, Outcome, _kl
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * KL_ROWS + 3
+    x = torch.randn(n, 500, generator=g) * 4
+    y = x + 0.3 * torch.randn(n, 500, generator=g)
+    y[5] = x[5]  # one position where the models agree exactly
+    lp, lq = x.log_softmax(-1), y.log_softmax(-1)
+    kl, same = _kl(Outcome("a", 1.0, 0.0, lp), Outcome("b", 1.0, 0.0, lq))
+    want = sps.entropy(lp.double().exp().numpy(), lq.double().exp().numpy(), axis=-1)  # it normalises too
+    assert kl.shape == (n,) and np.allclose(kl, want, rtol=1e-9, atol=1e-15) and kl[5] == 0
+    assert (same == (x.argmax(-1) == y.argmax(-1)).numpy()).all() and not same.all()
+
+
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
 def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, tok, runtime):
     m = tiny_llama()

@@ -172,6 +172,59 @@ def test_decode_gives_the_logits_of_the_pass_and_of_forked_continuations(spec, s
         d.decode(prompts[:1], 1, continuations=[[ids(65)]])
 
 
+class _Counted:
+    """The compiled decoder, counting the tokens each call runs (steps and prompt runs alike)."""
+
+    def __init__(self, impl):
+        self.impl, self.tokens = impl, 0
+
+    def __getattr__(self, name):
+        return getattr(self.impl, name)
+
+    def forward(self, tokens, *rest):
+        self.tokens += len(tokens)
+        return self.impl.forward(tokens, *rest)
+
+    def forward_into(self, tokens, *rest):
+        self.tokens += len(tokens)
+        return self.impl.forward_into(tokens, *rest)
+
+
+def test_a_draft_gives_the_tokens_and_logits_of_plain_decoding_with_fewer_steps():
+    """decode with each prompt's first continuation as a draft: the same new tokens and logits as without
+    one, whether the draft is the model's own answer (no step run), wrong from some token on, ends in the
+    end-of-sequence token, runs past max_new_tokens or holds that token before min_new_tokens; sampled
+    decoding refuses a draft."""
+    m = tiny_llama()
+    shrink.quantize(m, "int4-g32", keep_output=False, progress=False)
+    d = LlamaDecoder(m)
+    prompts = [ids(5, 1), ids(9, 2), ids(7, 3), ids(6, 4), ids(8, 5)]
+    own = d.generate(prompts, 8)
+    eos = int(own[3][2])  # prompt 3 stops at its third token when this is the end-of-sequence token
+    wrong = own[1].clone()
+    wrong[3] = (wrong[3] + 1) % 96
+    drafts = [own[0], wrong, own[2][:4], d.generate(prompts[3:4], 8, eos)[0], own[4][:6]]
+    for kw in (dict(max_new_tokens=8), dict(max_new_tokens=8, eos_token_id=eos),
+               dict(max_new_tokens=[8, 8, 3, 8, 5], eos_token_id=eos, min_new_tokens=4)):
+        d._impl = base = _Counted(d._impl)
+        plain = d.decode(prompts, logits=True, continuations=[[c] for c in drafts], **kw)
+        d._impl = counted = _Counted(base.impl)
+        got = d.decode(prompts, logits=True, continuations=[[c] for c in drafts], draft=True, **kw)
+        d._impl = base.impl
+        for a, b in zip(plain, got):
+            assert torch.equal(a.new, b.new)
+            assert a.logits.shape == b.logits.shape and torch.allclose(a.logits, b.logits, atol=1e-4, rtol=0)
+            assert torch.allclose(a.continued[0], b.continued[0], atol=1e-4, rtol=0)
+        # prompts and drafts run once; only tokens past the agreeing part of a draft take a step each
+        assert counted.tokens <= base.tokens - 7  # prompt 0's 7 steps at least
+    d._impl = counted = _Counted(d._impl)
+    whole = d.decode(prompts[:1], 8, logits=True, continuations=[[own[0]]], draft=True)
+    d._impl = counted.impl
+    assert torch.equal(whole[0].new, own[0]) and counted.tokens == len(prompts[0]) + len(own[0]) - 1  # no step
+    with pytest.raises(ShrinkError, match="greedy"):
+        d.decode(prompts, 4, sampling=Sampling(do_sample=True), continuations=[[c] for c in drafts], draft=True)
+
+
 def test_greedy_generate_matches_transformers_left_padded_batch():
     m = tiny_llama()
     x, mask = left_padded([5, 9, 2])

@@ -214,14 +214,16 @@ class CausalLMAdapter(_TextAdapter):
         fn = getattr(self.model, "shrink_decode", None)
         return fn if type(self) is CausalLMAdapter and callable(fn) else None
 
-    def _decoded(self, prompts, max_new_tokens, continuations):
+    def _decoded(self, prompts, max_new_tokens, continuations, draft: bool = False):
         """The runtime's decoding of `prompts` (greedy, stopping at the end-of-sequence token), with the
         logits after every token and those before each token of each prompt's `continuations`, from one
-        pass; None when the model has no runtime (then transformers runs the batch)."""
+        pass; None when the model has no runtime (then transformers runs the batch). With `draft` (default
+        False) each prompt's first continuation drafts its new tokens (LlamaDecoder.decode)."""
         fn = self._decoder()
         if fn is None:
             return None
-        return fn(prompts, max_new_tokens, self.tok.eos_token_id, logits=True, continuations=continuations)
+        return fn(prompts, max_new_tokens, self.tok.eos_token_id, logits=True, continuations=continuations,
+                  draft=draft)
 
     @staticmethod
     def _forced(d, prompt_len: int, j: int) -> torch.Tensor:
@@ -337,9 +339,10 @@ class CausalLMAdapter(_TextAdapter):
         confs = [float("nan")] * len(examples)  # as `run`: the original's confidence only
         targets = [self._text_ids(str(ex.data["target"][0])) if i is None else None for ex, i in zip(examples, ids)]
         tails = [self._tail(i, p) if i is not None else None for i, p in zip(ids, prompts)]
-        # the runtime scores the original's target, or the given tokens, as continuations of the prompt
+        # the runtime scores the original's target, or the given tokens, as continuations of the prompt; they
+        # draft its answer too (the given tokens are the original's answer, which a close model mostly repeats)
         forced = [tg if i is None else tl for tg, tl, i in zip(targets, tails, ids)]
-        decoded = self._decoded(prompts, n_new, [[f] if f is not None else [] for f in forced])
+        decoded = self._decoded(prompts, n_new, [[f] if f is not None else [] for f in forced], draft=True)
         if decoded is None:
             news, lps = self._generation_transformers(prompts, n_new, ids, targets, confs)
         else:

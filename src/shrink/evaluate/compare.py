@@ -126,11 +126,19 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+KL_ROWS = 8  # positions per block: a block's float64 rows stay in reused memory (a whole sequence's would not)
+
+
 def _kl(p: Outcome, q: Outcome) -> tuple[np.ndarray, np.ndarray]:
-    # renormalised in float64: for close models the terms cancel below float32's resolution (KL read as 0)
-    lp, lq = (t.double().log_softmax(-1) for t in (p.logprobs, q.logprobs))
-    kl = kl_divergence(lp, lq).clamp(min=0)
-    return kl.numpy(), (lp.argmax(-1) == lq.argmax(-1)).numpy()
+    """Per position of the measured sequence: KL(original || compressed) and whether their top-1 tokens agree."""
+    n = len(p.logprobs)
+    kl, same = np.empty(n), np.empty(n, dtype=bool)
+    for s in range(0, n, KL_ROWS):
+        # renormalised in float64: for close models the terms cancel below float32's resolution (KL read as 0)
+        lp, lq = (t[s:s + KL_ROWS].double().log_softmax(-1) for t in (p.logprobs, q.logprobs))
+        kl[s:s + KL_ROWS] = kl_divergence(lp, lq).clamp(min=0).numpy()
+        same[s:s + KL_ROWS] = (lp.argmax(-1) == lq.argmax(-1)).numpy()
+    return kl, same
 
 
 def _rank_slices(values: list[float], names: tuple[str, ...]) -> list[str | None]:

@@ -222,14 +222,21 @@ class LlamaDecoder:
     @torch.no_grad()
     def decode(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int], eos_token_id=None,
                sampling: Sampling = Sampling(), generator: torch.Generator | None = None, min_new_tokens: int = 0,
-               *, logits: bool = False, continuations: list[list[torch.Tensor]] | None = None) -> list["Decoded"]:
+               *, logits: bool = False, continuations: list[list[torch.Tensor]] | None = None,
+               draft: bool = False) -> list["Decoded"]:
         """`generate`, with what a comparison measures from the same pass, per prompt a `Decoded`: with
         `logits` (default False) the logits after every token of prompt + new tokens but the last, and for
         each of its `continuations` (default none: per prompt, a list of 1-D token ids scored after the
         prompt, as if forced) the logits before each of its tokens. Continuations go on from a copy of their
-        prompt's cache, so the prompt is run once for its generation and all its continuations."""
+        prompt's cache, so the prompt is run once for its generation and all its continuations.
+        With `draft` (default False; greedy only) each prompt's first continuation is also a draft of its
+        new tokens, as in speculative decoding: the model's picks from that continuation's logits are its
+        new tokens for as long as they agree with the draft, and decoding goes on step by step from the
+        first that does not (a comparison gives the original's answer, which a close model mostly repeats)."""
         if not prompts:
             return []
+        if draft and sampling.do_sample:
+            raise ShrinkError("a draft is checked against greedy picks; sampled decoding cannot take one")
         n_new = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(n_new) != len(prompts) or min(n_new) < 0:
             raise ShrinkError("one non-negative max_new_tokens per prompt")
@@ -263,36 +270,60 @@ class LlamaDecoder:
             last = self._prefill(prompts)
         continued = self._continue(prompts, conts, last, store, starts[len(prompts):])
         news: list[list[int]] = [[] for _ in prompts]
-        live = [i for i, n in enumerate(n_new) if n > 0]
-        step = last[live] if live else last[:0]
+        slot_of = list(range(len(prompts)))  # where each prompt's generation runs: its own slot or its draft's
         banned = torch.tensor(sorted(eos), dtype=torch.long)
-        while live:
+
+        def picks(step: torch.Tensor, live: list[int]) -> list[int]:
             early = [r for r, i in enumerate(live) if len(news[i]) < min_new_tokens]
             if early and len(banned):  # as transformers' MinNewTokensLengthLogitsProcessor (on a copy: kept rows stay)
                 step[torch.tensor(early)[:, None], banned[None, :]] = float("-inf")
-            picked = sampling.pick(step, generator).tolist()
-            going = []
-            for i, t in zip(live, picked):
-                news[i].append(t)
-                if t not in eos and len(news[i]) < n_new[i]:
-                    going.append(i)
-            live = going
-            if not live:
-                break
+            return sampling.pick(step, generator).tolist()
+
+        def goes_on(i: int, t: int) -> bool:
+            news[i].append(t)
+            return t not in eos and len(news[i]) < n_new[i]
+
+        live = [i for i, n in enumerate(n_new) if n > 0]
+        drafted = [i for i in live if draft and conts[i] and len(conts[i][0])]
+        plain = [i for i in live if i not in drafted]
+        going = [i for i, t in zip(plain, picks(last[plain], plain)) if goes_on(i, t)] if plain else []
+        first = torch.tensor([0] + [len(cs) for cs in conts]).cumsum(0).tolist()  # each prompt's first forked slot
+        for i in drafted:
+            if self._accept_draft(i, conts[i][0], continued[i][0], picks, goes_on):
+                going.append(i)
+            slot_of[i] = len(prompts) + first[i]
+            if logits and len(news[i]) > 1:  # rows after accepted tokens: the draft's, already computed
+                store[at[i] + lengths[i]:at[i] + lengths[i] + len(news[i]) - 1] = continued[i][0][1:len(news[i])]
+        live = sorted(going)
+        while live:
             tokens = torch.tensor([news[i][-1] for i in live], dtype=torch.long)
             pos = torch.tensor([lengths[i] + len(news[i]) - 1 for i in live], dtype=torch.long)
-            slots, rows = torch.tensor(live, dtype=torch.long), torch.arange(len(live))
+            slots, rows = torch.tensor([slot_of[i] for i in live], dtype=torch.long), torch.arange(len(live))
             if logits:  # the row after new token j goes to the prompt's row len(prompt) + j
                 dest = torch.tensor([at[i] + lengths[i] + len(news[i]) - 1 for i in live])
                 self._impl.forward_into(tokens, slots, pos, rows, store, dest)
                 step = store[dest]
             else:
                 step = self._impl.forward(tokens, slots, pos, rows)
+            live = [i for i, t in zip(live, picks(step, live)) if goes_on(i, t)]
         out = []
         for i, n in enumerate(news):  # the row after the last new token predicts past the sequence: not kept
             lg = store[at[i]:at[i] + lengths[i] + len(n) - 1] if logits else None
             out.append(Decoded(torch.tensor(n, dtype=torch.long), lg, continued[i]))
         return out
+
+    @staticmethod
+    def _accept_draft(i: int, draft: torch.Tensor, rows: torch.Tensor, picks, goes_on) -> bool:
+        """Take prompt i's new tokens from its `draft` while the picks from `rows` (the logits before each
+        draft token) agree with it: the picks up to the first that differs, which is the model's own, or
+        to the end of the draft. Whether decoding goes on after them (no end-of-sequence token, room left)."""
+        for k in range(len(draft)):
+            t = picks(rows[k:k + 1].clone(), [i])[0]  # a copy: masking before min_new_tokens leaves kept rows
+            if not goes_on(i, t):
+                return False
+            if t != int(draft[k]):
+                return True
+        return True
 
     def _continue(self, prompts, conts, last, store, starts) -> list[list[torch.Tensor]]:
         """The logits before each token of each continuation (rows of `store` from `starts`, one start per
