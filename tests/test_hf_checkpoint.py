@@ -149,3 +149,18 @@ def test_reading_compressed_tensors_without_the_package_says_how_to_install_it(t
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)
     with pytest.raises(shrink.ShrinkError, match="need the compressed-tensors package.*pip install"):
         shrink.load_model(path)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("width", [64, 40])
+def test_pack_quantized_words_read_as_compressed_tensors_writes_them(bits, width):
+    """shrink reads pack-quantized words (its own byte path for 2, 4 and 8 bits) to exactly the codes
+    compressed-tensors packed, rows whose width is not a multiple of 32 included."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from shrink.io.packformat import _codes
+
+    g = torch.Generator().manual_seed(bits)
+    signed = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, width), generator=g, dtype=torch.int8)
+    got = _codes(pack_to_int32(signed, bits), bits, [6, width])
+    assert got.dtype == torch.uint8 and torch.equal(got.to(torch.int16) - (1 << (bits - 1)), signed.to(torch.int16))

@@ -10,6 +10,8 @@ shape mismatch), so they keep shrink's own layout.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..quant import QuantLinear, QuantSpec
@@ -59,16 +61,28 @@ def expected(name: str, spec: QuantSpec, in_features: int, out_features: int, bi
     return out
 
 
+def _codes(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Tensor:
+    """The unsigned codes [out, in] uint8 (signed value + 2^(bits-1), shrink's stored code) of pack-quantized
+    words. Widths that divide a byte are read straight from the words' bytes (code i at bit i*bits, little
+    endian, as `pack_to_int32` lays them out), 8 bits without a copy; others through compressed-tensors."""
+    if bits in (2, 4, 8) and sys.byteorder == "little" and packed.dtype == torch.int32 and packed.dim() == 2:
+        b = packed.contiguous().view(torch.uint8)
+        if bits != 8:
+            b = torch.stack([(b >> s) & ((1 << bits) - 1) for s in range(0, 8, bits)], -1).reshape(len(b), -1)
+        if b.shape[1] >= shape[1]:
+            return b[:, :shape[1]]
+    unpack_from_int32 = _ct("compressors.pack_quantized.helpers").unpack_from_int32
+    signed = unpack_from_int32(packed, bits, torch.Size(shape))
+    return (signed.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+
+
 def to_shrink(state: dict, name: str, spec: QuantSpec, in_features: int, out_features: int) -> None:
     """Replace a layer's pack-quantized tensors in `state` by QuantLinear's qweight and scales, in place."""
-    unpack_from_int32 = _ct("compressors.pack_quantized.helpers").unpack_from_int32
     packed = state.pop(f"{name}.weight_packed")
     shape = [int(x) for x in state.pop(f"{name}.weight_shape")]
     if shape != [out_features, in_features]:
         raise ValueError(f"weight_shape {shape} is not [{out_features}, {in_features}]")
-    signed = unpack_from_int32(packed, spec.bits, torch.Size(shape))
-    codes = signed.to(torch.int16) + (1 << (spec.bits - 1))
-    state[f"{name}.qweight"] = pack(codes.to(torch.uint8), spec.bits)
+    state[f"{name}.qweight"] = pack(_codes(packed, spec.bits, shape), spec.bits)
     state[f"{name}.scales"] = state.pop(f"{name}.weight_scale").to(torch.float16)
 
 
