@@ -262,10 +262,10 @@ def test_identical_models_have_zero_divergence(tmp_path, tok, runtime):
 def test_kl_and_top1_agreement_per_position_match_a_whole_sequence_reference():
     """The comparison's KL, taken in blocks of positions, is scipy's relative entropy of each position's
     two distributions, at every position across block edges; top-1 agreement is the argmax match."""
-    from shrink.evaluate.compare import KL_ROWS, Outcome, _kl
+    from shrink.evaluate.compare import KL_BLOCK_BYTES, Outcome, _kl
 
     g = torch.Generator().manual_seed(3)
-    n = 2 * KL_ROWS + 3
+    n = 2 * (KL_BLOCK_BYTES // (8 * 500)) + 3
     x = torch.randn(n, 500, generator=g) * 4
     y = x + 0.3 * torch.randn(n, 500, generator=g)
     y[5] = x[5]  # one position where the models agree exactly

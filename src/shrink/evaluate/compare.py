@@ -126,18 +126,21 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-KL_ROWS = 8  # positions per block: a block's float64 rows stay in reused memory (a whole sequence's would not)
+# float64 bytes of positions per block: under 2 MiB a block's rows come from memory the allocator reuses,
+# where a whole sequence's (or blocks of 2 MiB and more, mapped afresh in huge pages) are new each time
+KL_BLOCK_BYTES = 3 << 19
 
 
 def _kl(p: Outcome, q: Outcome) -> tuple[np.ndarray, np.ndarray]:
     """Per position of the measured sequence: KL(original || compressed) and whether their top-1 tokens agree."""
-    n = len(p.logprobs)
+    n, width = p.logprobs.shape
+    rows = max(1, KL_BLOCK_BYTES // (8 * width))
     kl, same = np.empty(n), np.empty(n, dtype=bool)
-    for s in range(0, n, KL_ROWS):
+    for s in range(0, n, rows):
         # renormalised in float64: for close models the terms cancel below float32's resolution (KL read as 0)
-        lp, lq = (t[s:s + KL_ROWS].double().log_softmax(-1) for t in (p.logprobs, q.logprobs))
-        kl[s:s + KL_ROWS] = kl_divergence(lp, lq).clamp(min=0).numpy()
-        same[s:s + KL_ROWS] = (lp.argmax(-1) == lq.argmax(-1)).numpy()
+        lp, lq = (t[s:s + rows].double().log_softmax(-1) for t in (p.logprobs, q.logprobs))
+        kl[s:s + rows] = kl_divergence(lp, lq).clamp(min=0).numpy()
+        same[s:s + rows] = (lp.argmax(-1) == lq.argmax(-1)).numpy()
     return kl, same
 
 

@@ -11,23 +11,21 @@ ORIGINAL, COMPRESSED, BAD, GOOD = "#4c72b0", "#dd8452", "#c44e52", "#55a868"
 
 
 def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
+    import matplotlib
 
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as text, not paths: smaller and searchable
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     text = buf.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog and doctype: it is embedded in HTML
 
 
 def _figure(width: float, height: float):
-    import matplotlib
+    """(figure, axes) of a figure on its own, outside pyplot: nothing global to close, no GUI backend."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.fonttype"] = "none"  # text as text, not paths: smaller and searchable
-    return plt.subplots(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def slice_scores(names: list[str], original: list[float], compressed: list[float], unit: str,
