@@ -199,6 +199,31 @@ def _through(runtime: bool, *models):
     return models if len(models) > 1 else models[0]
 
 
+def test_answers_are_drafted_in_batches_only_so_one_example_alone_takes_its_own_time(tmp_path, tok, monkeypatch):
+    """In a batch, the runtime takes the compressed model's answer from the original's where it agrees
+    (decode's draft); an example run alone (batch_size=1, the latency a search measures) is decoded on its
+    own. The report says batch times are not latencies."""
+    from shrink.report.comparison import model_rows
+    from shrink.runtime import LlamaDecoder
+
+    seen = []
+    decode = LlamaDecoder.decode
+
+    def spy(self, *args, draft=False, **kw):
+        seen.append(draft)
+        return decode(self, *args, draft=draft, **kw)
+
+    monkeypatch.setattr(LlamaDecoder, "decode", spy)
+    m = tiny_llama()
+    m, q = _through(True, m, shrink.quantize(copy.deepcopy(m), "int8", progress=False))
+    one = compare(m, q, _gen_task(tmp_path, n=4), tokenizer=tok, batch_size=1)
+    assert seen == [False] * 8 and one.task["batch_size"] == 1 and "latency" not in model_rows(one)[-1][-1]
+    seen.clear()
+    many = compare(m, q, _gen_task(tmp_path, n=4), tokenizer=tok, batch_size=4)
+    assert seen == [True, True] and "--batch-size 1 for latency" in model_rows(many)[-1][-1]
+    assert [e.compressed_output for e in one.examples] == [e.compressed_output for e in many.examples]
+
+
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
 @pytest.mark.parametrize("kind", ["generation", "choice", "perplexity"])
 def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind, runtime):

@@ -339,10 +339,12 @@ class CausalLMAdapter(_TextAdapter):
         confs = [float("nan")] * len(examples)  # as `run`: the original's confidence only
         targets = [self._text_ids(str(ex.data["target"][0])) if i is None else None for ex, i in zip(examples, ids)]
         tails = [self._tail(i, p) if i is not None else None for i, p in zip(ids, prompts)]
-        # the runtime scores the original's target, or the given tokens, as continuations of the prompt; they
-        # draft its answer too (the given tokens are the original's answer, which a close model mostly repeats)
+        # the runtime scores the original's target, or the given tokens, as continuations of the prompt; in a
+        # batch they draft its answer too (the given tokens are the original's answer, which a close model
+        # mostly repeats). One example alone is decoded on its own: its time is then its latency.
         forced = [tg if i is None else tl for tg, tl, i in zip(targets, tails, ids)]
-        decoded = self._decoded(prompts, n_new, [[f] if f is not None else [] for f in forced], draft=True)
+        decoded = self._decoded(prompts, n_new, [[f] if f is not None else [] for f in forced],
+                                draft=len(examples) > 1)
         if decoded is None:
             news, lps = self._generation_transformers(prompts, n_new, ids, targets, confs)
         else:

@@ -294,7 +294,9 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     time, with the same task, tokenizer and options (default None: no cache).
     batch_size: examples run together, sorted by length (default 16; language models generate and score
     a batch at once, padded, with the same outcomes as one at a time up to float rounding). Each
-    example's time is its batch's shared out; batch_size=1 measures the latency of one example alone.
+    example's time is its batch's shared out, and in a batch the compressed model's answer is drafted by
+    the original's where it runs in shrink's runtime (fewer steps: not its latency); batch_size=1
+    measures the latency of one example alone.
     """
     task = load_task(task)
     check_options(task, tolerance, scorer)
@@ -312,7 +314,8 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     relative = relative and not perplexity  # perplexity changes are percentages already
     within, verdict = _judge(overall, slices, ok, tolerance, relative, perplexity)
     return Comparison(
-        task={"name": task.name, "kind": task.kind, "source": task.source, "examples": len(task.examples)},
+        task={"name": task.name, "kind": task.kind, "source": task.source, "examples": len(task.examples),
+              "batch_size": batch_size},
         original=_model_info(a, [r.original_seconds for r in ok], names[0]),
         compressed=_model_info(b, [r.compressed_seconds for r in ok], names[1]),
         tolerance=tolerance, relative=relative, overall=overall, slices=slices, examples=rows,

@@ -52,8 +52,10 @@ def model_rows(c: Comparison) -> list[list[str]]:
         rows.append([m["name"], m["kind"], _mb(m.get("bytes")), "–" if secs is None else f"{secs * 1000:,.0f} ms"])
     o, q = c.original, c.compressed
     if o.get("bytes") and q.get("bytes") and o.get("seconds_per_example") and q.get("seconds_per_example"):
+        batched = c.task.get("batch_size", 1) > 1  # shares of batch times, not latencies
         rows.append(["ratio", "", f"{o['bytes'] / q['bytes']:.2f}x smaller",
-                     f"{o['seconds_per_example'] / q['seconds_per_example']:.2f}x faster"])
+                     f"{o['seconds_per_example'] / q['seconds_per_example']:.2f}x faster"
+                     + (" (in batches; --batch-size 1 for latency)" if batched else "")])
     return rows
 
 
