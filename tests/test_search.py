@@ -368,3 +368,18 @@ def test_result_records_keep_the_results_file_byte_for_byte():
     # judged again under other constraints: a new record; the one judged before is unchanged
     again = judge(r, Constraints(max_drop=10), 10.0)
     assert again.qualifies and again.miss == {} and not r.qualifies
+
+
+def test_the_recommendation_says_when_its_speed_is_from_batch_times():
+    """A speed ratio from examples run in batches (no latency limit or objective) is said to be from batch
+    times, not latencies; with a latency asked for, examples ran alone and the ratio stands as it is."""
+    from shrink.search.frontier import explain
+    from shrink.search.records import Original
+
+    r = CandidateResult(Candidate("rtn:int8", format="int8"), "done", score=0.6, original_score=0.6, change=0.0,
+                        ci_low=0.0, ci_high=0.0, within=True, size_bytes=100, latency_example=0.05)
+    original = Original("m", 400, 400, latency_example=0.1)
+    for c, batched in ((Constraints(max_drop=1), True), (Constraints.of(max_drop=1, max_latency="80ms"), False)):
+        line = explain(judge(r, c, 1.0), c, original)
+        assert line.startswith("RECOMMENDED: rtn:int8") and "2.00x the original's speed per example" in line
+        assert ("(from batch times, not latencies)" in line) == batched

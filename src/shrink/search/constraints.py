@@ -118,6 +118,12 @@ class Constraints:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def times_examples_alone(self) -> bool:
+        """Whether a latency per example is a limit or the objective: then examples are measured one at a
+        time (their latency), else in batches (each example's time is its share of a batch's)."""
+        return self.latency_per == "example" and (self.max_latency is not None or self.objective == "latency")
+
     def describe(self) -> str:
         """One line, as people say it: "quality within 1 point, at most 60.0 MB, ...". """
         drop = f"{self.max_drop:g}% of the original score" if self.relative else f"{self.max_drop:g} points"

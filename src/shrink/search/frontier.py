@@ -68,7 +68,8 @@ def explain(best: CandidateResult | None, c: Constraints, original) -> str:
     ratio = original.size_bytes / max(1, best.size_bytes)
     speed = ""
     if best.latency_example and original.latency_example:
-        speed = f", {original.latency_example / best.latency_example:.2f}x the original's speed per example"
+        speed = f", {original.latency_example / best.latency_example:.2f}x the original's speed per example" + (
+            "" if c.times_examples_alone else " (from batch times, not latencies)")
     quality = f"{best.change:+.1f} points (95% CI {best.ci_low:+.1f}…{best.ci_high:+.1f})"
     facts = f"{human_bytes(best.size_bytes)} ({ratio:.2f}x smaller){speed}; quality {quality}"
     if best.qualifies:

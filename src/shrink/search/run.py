@@ -300,9 +300,7 @@ class _Run:
         self.recipe, self.runtime, self.max_new_tokens = recipe, runtime, max_new_tokens
         self.progress, self.console = progress, console
         self.cache: dict = {}
-        # examples in batches, unless the time of one example alone is asked for (a limit or objective)
-        per_example = con.latency_per == "example" and (con.max_latency is not None or con.objective == "latency")
-        self.batch_size = 1 if per_example else EVAL_BATCH
+        self.batch_size = 1 if con.times_examples_alone else EVAL_BATCH
         self.trained: dict[str, nn.Module] = {}
         self.durations: list[float] = []
         orig_size = disk_bytes(original, out / ".original", tok)
