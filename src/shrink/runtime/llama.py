@@ -373,10 +373,9 @@ class LlamaDecoder:
         prompts = [p.reshape(-1).long() for p in prompts]
         shared = _shared_prefix(prompts)
         if shared:
-            head_rows = torch.arange(shared)
+            head_rows = torch.arange(shared)  # with `out`, every row lands in prompt 0's; else none is wanted
             self._run_all(prompts[0][:shared], torch.zeros(shared, dtype=torch.long), head_rows,
-                          None if out is not None else head_rows[:0], out=out if out is not None else None,
-                          dest=head_rows + at[0] if out is not None else None)
+                          None if out is not None else head_rows[:0], out, None if out is None else head_rows + at[0])
             for i in range(1, len(prompts)):
                 self._impl.fork(0, i, shared)
                 if out is not None:
