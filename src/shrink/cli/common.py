@@ -24,14 +24,21 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         import os
+        import warnings
 
         sys.stdin = open(os.devnull)
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except (ShrinkError, OSError) as e:
             text = str(e) if not isinstance(e, OSError) or e.filename is None else \
                 f"{e.filename}: {e.strerror or e}"
             raise click.ClickException(" ".join(text.split())) from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr ("warning: ..."), not Python's file-and-line form."""
+    Console(stderr=True).print(f"[yellow]warning[/yellow]: {message}", highlight=False)
 
 
 class Number(click.ParamType):

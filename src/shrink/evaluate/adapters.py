@@ -43,9 +43,11 @@ class Adapter:
     tasks: tuple[str, ...] = ()
 
     def check_task(self, task: Task) -> None:
-        if task.kind not in self.tasks:
-            raise ShrinkError(f"task {task.name!r} is a {task.kind} task, which a {self.kind} model cannot run "
-                              f"(it runs: {', '.join(self.tasks)})")
+        for kind in task.kinds():
+            if kind not in self.tasks:
+                what = f"a {task.kind} task" if task.kind != "mixed" else f"a task holding {kind} examples"
+                raise ShrinkError(f"task {task.name!r} is {what}, which a {self.kind} model cannot run "
+                                  f"(it runs: {', '.join(self.tasks)})")
 
     def run(self, example: Example, task: Task, ids: torch.Tensor | None = None, scorer=None) -> Outcome:
         raise NotImplementedError
@@ -105,19 +107,21 @@ class CausalLMAdapter(_TextAdapter):
     def check_task(self, task):
         """Generation lengths must fit in the model's context (max_position_embeddings)."""
         super().check_task(task)
-        if self.context is None or task.kind != "generation":
+        if self.context is None or "generation" not in task.kinds():
             return
         if self.max_new_tokens > self.context:
             raise ShrinkError(f"max_new_tokens {self.max_new_tokens} is more than the model's context of "
                               f"{self.context} tokens")
         for ex in task.examples:
-            n = ex.data.get("max_new_tokens") or 0
+            n = (ex.data.get("max_new_tokens") or 0) if ex.kind == "generation" else 0
             if n > self.context:
                 raise ShrinkError(f"{task.source}:{ex.line}: 'max_new_tokens' {n} is more than the model's context "
                                   f"of {self.context} tokens")
 
-    def prompt_ids(self, text: str) -> torch.Tensor:
-        if self.chat:
+    def prompt_ids(self, text: str, chat: bool = True) -> torch.Tensor:
+        """The prompt's token ids: through the chat template when the adapter uses one and `chat` (an
+        example's "chat" field, default True) allows it; else the text itself."""
+        if self.chat and chat:
             ids = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -182,7 +186,7 @@ class CausalLMAdapter(_TextAdapter):
             lp = self.logprobs(seq)
             mean = float(self._continuation_logprob(lp, 1, seq).mean())
             return Outcome(f"mean log-likelihood {mean:.3f}", mean, mean, lp, ids=seq)
-        prompt = self.prompt_ids(example.input)
+        prompt = self.prompt_ids(example.input, example.data.get("chat", True))
         if kind == "generation":
             n_new = example.data.get("max_new_tokens") or self.max_new_tokens
             if self.context is not None and len(prompt) + n_new > self.context:
@@ -313,7 +317,7 @@ class CausalLMAdapter(_TextAdapter):
         if kind == "perplexity":
             return self._perplexity_batch(examples, [self._perplexity_ids(ex) if i is None else i
                                                      for ex, i in zip(examples, ids)])
-        prompts = [self.prompt_ids(ex.input) for ex in examples]
+        prompts = [self.prompt_ids(ex.input, ex.data.get("chat", True)) for ex in examples]
         if kind == "generation":
             return self._generation_batch(examples, prompts, ids, scorer)
         return self._choice_batch(examples, task, prompts, ids)
@@ -421,8 +425,8 @@ class Seq2SeqAdapter(CausalLMAdapter):
             raise ShrinkError(f"{type(model).__name__}: config has no decoder_start_token_id")
         self._prompt_len = 0
 
-    def prompt_ids(self, text: str) -> torch.Tensor:
-        ids = super().prompt_ids(text)
+    def prompt_ids(self, text: str, chat: bool = True) -> torch.Tensor:
+        ids = super().prompt_ids(text, chat)
         self._prompt_len = len(ids)  # where the answer starts in the sequences built from this prompt
         return ids
 

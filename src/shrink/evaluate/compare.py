@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,6 +25,7 @@ from .adapters import Adapter, Outcome, adapter_for
 from .scorers import load_scorer
 from .stats import divergence_summary, mcnemar_exact, paired_bootstrap
 from .tasks import Task, load_task
+from .verdict import PAST, Verdict, decide, too_small
 
 MIN_SLICE = 5  # slices with fewer examples are reported but cannot fail the verdict
 SIGNIFICANCE = 0.05
@@ -51,6 +53,7 @@ class ExampleResult:
     compressed_seconds: float = 0.0
     slices: list[str] = field(default_factory=list)
     error: str | None = None
+    kind: str = ""
 
 
 @dataclass
@@ -83,9 +86,11 @@ class Comparison:
     slices: list[SliceResult]
     examples: list[ExampleResult]
     divergence: dict
-    within: bool
-    verdict: str
+    within: bool  # status == WITHIN TOLERANCE
+    verdict: str  # the one line that says it (`verdict.decide`)
     errors: int = 0
+    status: str = ""  # WITHIN TOLERANCE, PAST THE SWEET SPOT or CANNOT TELL
+    needed: int | None = None  # CANNOT TELL: about how many examples would tell
 
     def to_dict(self) -> dict:
         return finite(asdict(self))
@@ -172,39 +177,27 @@ def _slice(name: str, rows: list[ExampleResult], perplexity: bool) -> SliceResul
     return SliceResult(name, len(rows), orig, comp, change, ci_low, ci_high, rw, wr, p)
 
 
-def _verdict(overall: SliceResult, slices: list[SliceResult], allowed, tol_text: str,
-             perplexity: bool) -> tuple[bool, str]:
-    """(within, one line): past when the overall loss exceeds the tolerance, or when a slice of at least
-    MIN_SLICE examples lost more than the tolerance and significantly so; `allowed(slice)` is the loss
-    in points that slice may have."""
+def _slice_past(slices: list[SliceResult], allowed, perplexity: bool) -> str | None:
+    """Why a slice is past the sweet spot (the worst of those of at least MIN_SLICE examples that lost more
+    than `allowed(slice)` and significantly so; each such slice is marked past), or None."""
     unit = "%" if perplexity else " points"
-
-    def span(s):
-        return f"{s.change:+.1f}{unit} (CI {s.ci_low:+.1f}…{s.ci_high:+.1f})"
 
     def significant(s):
         return (s.p_value is not None and s.p_value < SIGNIFICANCE) or (s.p_value is None and s.ci_high < 0)
 
-    head = f"overall {span(overall)}"
-    if -overall.change > allowed(overall):
-        return False, f"PAST THE SWEET SPOT: {head}, more than the tolerance of {tol_text}"
     failing = [s for s in slices if s.n >= MIN_SLICE and -s.change > allowed(s) and significant(s)]
     for s in failing:
         s.past = True
-    if failing:
-        worst = min(failing, key=lambda s: s.change)
-        p = f"p = {worst.p_value:.3g}" if worst.p_value is not None else f"CI {worst.ci_low:+.1f}…{worst.ci_high:+.1f}"
-        lost = f"{-worst.change:.1f}{unit}" if not perplexity else f"{worst.change:+.1f}% perplexity"
-        why = ""
-        easy = [s for s in slices if s.name in ("confidence:high", "tag:easy", "length:short") and -s.change <= allowed(s)]
-        if easy and worst.name in ("confidence:low", "tag:hard", "length:long", "tag:edge"):
-            why = ": the model still aces simple inputs and fails hard ones"
-        return False, (f"PAST THE SWEET SPOT: {head}, but the {worst.name} slice lost {lost} ({p}){why} "
-                       f"(tolerance {tol_text})")
-    note = ""
-    if -overall.ci_low > allowed(overall):
-        note = f"; the interval reaches {overall.ci_low:+.1f}{unit}, so more examples would tell"
-    return True, f"WITHIN TOLERANCE ({tol_text}): {head}, no slice lost significantly more{note}"
+    if not failing:
+        return None
+    worst = min(failing, key=lambda s: s.change)
+    p = f"p = {worst.p_value:.3g}" if worst.p_value is not None else f"CI {worst.ci_low:+.1f}…{worst.ci_high:+.1f}"
+    lost = f"{-worst.change:.1f}{unit}" if not perplexity else f"{worst.change:+.1f}% perplexity"
+    why = ""
+    easy = [s for s in slices if s.name in ("confidence:high", "tag:easy", "length:short") and -s.change <= allowed(s)]
+    if easy and worst.name in ("confidence:low", "tag:hard", "length:long", "tag:edge"):
+        why = ": the model still aces simple inputs and fails hard ones"
+    return f"the {worst.name} slice lost {lost} ({p}){why}"
 
 
 def _outcomes(ad: Adapter, examples: list, task: Task, score_fn, ids: list | None) -> list[tuple]:
@@ -226,13 +219,33 @@ def _outcomes(ad: Adapter, examples: list, task: Task, score_fn, ids: list | Non
 
 
 def _batches(task: Task, batch_size: int) -> list[list[int]]:
-    """Example indices in batches of `batch_size`, by input length (so a batch pads little)."""
+    """Example indices in batches of `batch_size` of one kind each, by input length (so a batch pads little)."""
     def length(i):
         x = task.examples[i].input
         return len(x) if isinstance(x, str) else int(x.numel())
 
-    order = sorted(range(len(task.examples)), key=length)
-    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    out = []
+    for kind in task.kinds():
+        order = sorted((i for i, ex in enumerate(task.examples) if ex.kind == kind), key=length)
+        out += [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return out
+
+
+def estimate_seconds(adapter: Adapter, task: Task, batch_size: int = 16) -> float:
+    """About how many seconds `adapter`'s model takes to run the whole task in batches of `batch_size`: one
+    batch of each kind of example is run (its outcomes are not kept) and its time scaled to that kind's
+    count. A batch that fails counts as taking no time (the comparison will report its examples)."""
+    total = 0.0
+    for kind in task.kinds():
+        idx = [i for i, ex in enumerate(task.examples) if ex.kind == kind]
+        probe = [task.examples[i] for i in idx[len(idx) // 2:len(idx) // 2 + batch_size]]  # typical lengths
+        t0 = time.perf_counter()
+        try:
+            adapter.run_batch(probe, task)
+        except Exception:  # noqa: BLE001 - an estimate; compare reports the failure itself
+            continue
+        total += (time.perf_counter() - t0) * len(idx) / len(probe)
+    return total
 
 
 def _example_row(ex, original: tuple, compressed: tuple | None, perplexity: bool):
@@ -242,7 +255,7 @@ def _example_row(ex, original: tuple, compressed: tuple | None, perplexity: bool
     target = (" | ".join(map(str, d["target"])) if "target" in d else d["choices"][d["answer"]] if "choices" in d
               else str(d.get("label", "")))
     text = ex.input if isinstance(ex.input, str) else f"tensor {tuple(ex.input.shape)}"
-    r = ExampleResult(ex.id, list(ex.tags), text, target)
+    r = ExampleResult(ex.id, list(ex.tags), text, target, kind=ex.kind)
     r.length = len(ex.input.split()) if isinstance(ex.input, str) else int(ex.input.numel())
     (po, original_seconds), (qo, compressed_seconds) = original, compressed or (None, 0.0)
     failed = po if isinstance(po, Exception) else qo if isinstance(qo, Exception) else None
@@ -270,9 +283,18 @@ def check_options(task: Task, tolerance: float, scorer: str | None) -> None:
     for a task whose kind is scored without one (its file would be run for nothing)."""
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
         raise ShrinkError(f"tolerance must be a number of points (or percent) of 0 or more, got {tolerance!r}")
-    if scorer and task.kind != "generation":
+    if scorer and "generation" not in task.kinds():
         raise ShrinkError(f"--scorer scores generated outputs; {task.source or task.name} is a {task.kind} task, "
                           "scored without one (leave out --scorer)")
+
+
+def task_too_small(task: Task, tolerance: float, relative: bool) -> str | None:
+    """Why `task` is too small for any verdict at this tolerance (before any model runs), or None. Perplexity
+    tasks, whose scores are not right or wrong, are never too small by this measure; a relative tolerance
+    is taken at its most lenient (an original scoring 100)."""
+    if task.kind == "perplexity":
+        return None
+    return too_small(len(task.examples), tolerance, tolerance_text(tolerance, relative, False, tolerance))
 
 
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
@@ -300,6 +322,9 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     """
     task = load_task(task)
     check_options(task, tolerance, scorer)
+    small = task_too_small(task, tolerance, relative)
+    if small:
+        warnings.warn(small, stacklevel=2)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ShrinkError(f"batch_size must be an integer of 1 or more, got {batch_size!r}")
     score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
@@ -312,14 +337,15 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     slices = _slices(ok, task.kind != "tensor", perplexity)
     overall = _slice("overall", ok, perplexity)
     relative = relative and not perplexity  # perplexity changes are percentages already
-    within, verdict = _judge(overall, slices, ok, tolerance, relative, perplexity)
+    verdict = _judge(overall, slices, ok, tolerance, relative, perplexity)
     return Comparison(
         task={"name": task.name, "kind": task.kind, "source": task.source, "examples": len(task.examples),
               "batch_size": batch_size},
         original=_model_info(a, [r.original_seconds for r in ok], names[0]),
         compressed=_model_info(b, [r.compressed_seconds for r in ok], names[1]),
         tolerance=tolerance, relative=relative, overall=overall, slices=slices, examples=rows,
-        divergence=_divergence(kls, agree, cosines), within=within, verdict=verdict, errors=len(rows) - len(ok),
+        divergence=_divergence(kls, agree, cosines), within=verdict.within, verdict=verdict.line,
+        errors=len(rows) - len(ok), status=verdict.status, needed=verdict.needed,
     )
 
 
@@ -369,36 +395,49 @@ def _run_examples(a: Adapter, b: Adapter, task: Task, score_fn, perplexity: bool
 
 
 def _slices(ok: list[ExampleResult], by_length: bool, perplexity: bool) -> list[SliceResult]:
-    """Tags, then thirds by the original's confidence, then (text tasks) halves by input length; each
-    row's slice names are set on it."""
-    for r, c in zip(ok, _rank_slices([r.confidence for r in ok], ("confidence:low", "confidence:mid", "confidence:high"))):
-        r.slices = [f"tag:{t}" for t in r.tags] + [c]
+    """Kinds (in a mixed task), tags, then thirds by the original's confidence, then (text tasks) halves by
+    input length; each row's slice names are set on it. Confidence is ranked within each kind (a margin
+    between choices and a log-probability of a target are not on one scale)."""
+    kinds = list(dict.fromkeys(r.kind for r in ok))
+    thirds = ("confidence:low", "confidence:mid", "confidence:high")
+    for kind in kinds:
+        rows = [r for r in ok if r.kind == kind]
+        for r, c in zip(rows, _rank_slices([r.confidence for r in rows], thirds)):
+            r.slices = ([f"kind:{kind}"] if len(kinds) > 1 else []) + [f"tag:{t}" for t in r.tags] + [c]
     if by_length:
         for r, s in zip(ok, _rank_slices([r.length for r in ok], ("length:short", "length:long"))):
             r.slices.append(s)
     present = {s for r in ok for s in r.slices}
     fixed = ("confidence:low", "confidence:mid", "confidence:high", "length:short", "length:long")
-    names_in_order = [f"tag:{t}" for t in dict.fromkeys(t for r in ok for t in r.tags)] + [n for n in fixed if n in present]
+    names_in_order = ([f"kind:{k}" for k in kinds] if len(kinds) > 1 else []) + \
+        [f"tag:{t}" for t in dict.fromkeys(t for r in ok for t in r.tags)] + [n for n in fixed if n in present]
     return [_slice(n, [r for r in ok if n in r.slices], perplexity) for n in names_in_order]
 
 
+def tolerance_text(tolerance: float, relative: bool, perplexity: bool, allowed_points: float | None = None) -> str:
+    """How a tolerance reads in a verdict: "1 point, absolute", "5% of the original score, relative = 2.10
+    points overall", "2% of perplexity"."""
+    if perplexity:
+        return f"{tolerance:g}% of perplexity"
+    if relative:
+        return f"{tolerance:g}% of the original score, relative = {allowed_points:.2f} points overall"
+    return f"{tolerance:g} point{'' if tolerance == 1 else 's'}, absolute"
+
+
 def _judge(overall: SliceResult, slices: list[SliceResult], ok: list[ExampleResult], tolerance: float,
-           relative: bool, perplexity: bool) -> tuple[bool, str]:
-    """(within, verdict) under the tolerance; a result holding NaN is never within it."""
+           relative: bool, perplexity: bool) -> Verdict:
+    """The verdict under the tolerance (the rule of `verdict.decide`); a result holding NaN is never within it."""
     def allowed(s: SliceResult) -> float:
         return allowed_drop(tolerance, relative, s.original)
 
-    tol_text = (f"{tolerance:g}% of perplexity" if perplexity else
-                f"{tolerance:g}% of the original score, relative = {allowed(overall):.2f} points overall" if relative
-                else f"{tolerance:g} points, absolute")
-    within, verdict = _verdict(overall, slices, allowed, tol_text, perplexity)
+    tol_text = tolerance_text(tolerance, relative, perplexity, allowed(overall))
     nan = [r.id for r in ok if not (math.isfinite(r.original_score) and math.isfinite(r.compressed_score))]
-    if nan or not all(math.isfinite(x) for x in (overall.original, overall.compressed, overall.change,
-                                                  overall.ci_low, overall.ci_high)):
+    if nan:
         shown = ", ".join(map(repr, nan[:5])) + (" ..." if len(nan) > 5 else "")
-        return False, ("CANNOT TELL, so PAST THE SWEET SPOT: the scores hold NaN or infinity"
-                       + (f" (examples {shown})" if nan else "") + "; a model produced non-finite outputs")
-    return within, verdict
+        return Verdict(PAST, f"{PAST} ({tol_text}): the scores hold NaN or infinity (examples {shown}); a model "
+                             "produced non-finite outputs")
+    return decide(overall.change, overall.ci_low, overall.ci_high, allowed(overall), overall.n, tol_text,
+                  "%" if perplexity else " points", _slice_past(slices, allowed, perplexity))
 
 
 def _divergence(kls, agree, cosines) -> dict:

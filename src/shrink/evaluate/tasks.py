@@ -10,9 +10,13 @@ One example per line of a `.jsonl` file; the fields say the kind of task:
 - classification: `{"input": "...", "label": "sport"}`, the model's predicted label against `label`;
 - perplexity: `{"text": "..."}`, the log-likelihood of the text.
 
-Every example may have an `"id"` (default: its line number) and `"tags"` (slices of the report, such as
-"hard" or "edge"). All examples of a task must be of one kind. Tensor tasks for plain PyTorch
-classifiers are `.npz` or `.safetensors` files with an input array `x` and integer labels `y`.
+Prompts go through the tokenizer's chat template when it has one; `"chat": false` on an example makes
+its input plain text that the answer continues (a cloze on real text, say). Every example may have an
+`"id"` (default: its line number) and `"tags"` (slices of the report, such as
+"hard" or "edge"). Generation, multiple-choice and classification examples may share a file (a
+"mixed" task: each is scored in points as its kind is, batches hold one kind); perplexity examples,
+scored in percent of perplexity rather than points, need a file of their own. Tensor tasks for plain
+PyTorch classifiers are `.npz` or `.safetensors` files with an input array `x` and integer labels `y`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from ..arrays import read_arrays
@@ -29,12 +32,13 @@ from ..errors import ShrinkError
 from ..texts import read_utf8
 
 MAX_LINE_BYTES = 1_000_000  # one example; a longer line is a mistake (and would exhaust the tokenizer)
-KINDS = ("generation", "choice", "classification", "perplexity", "tensor")
+KINDS = ("generation", "choice", "classification", "perplexity", "tensor", "mixed")
+MIXABLE = ("generation", "choice", "classification")  # kinds scored in points, which one task may mix
 MATCHES = ("exact", "contains", "regex", "numeric")
 _FIELDS = {
-    "generation": {"id", "input", "target", "match", "tolerance", "tags", "max_new_tokens"},
-    "choice": {"id", "input", "choices", "answer", "tags"},
-    "classification": {"id", "input", "label", "tags"},
+    "generation": {"id", "input", "target", "match", "tolerance", "tags", "max_new_tokens", "chat"},
+    "choice": {"id", "input", "choices", "answer", "tags", "chat"},
+    "classification": {"id", "input", "label", "tags", "chat"},
     "perplexity": {"id", "text", "tags"},
 }
 
@@ -53,7 +57,7 @@ class Example:
 
 @dataclass
 class Task:
-    """Examples of one kind, from one file (`source`)."""
+    """Examples from one file (`source`): all of `kind`, or of several point-scored kinds (kind "mixed")."""
 
     name: str
     kind: str
@@ -62,7 +66,11 @@ class Task:
 
     def labels(self) -> list[str]:
         """Classification labels in order of first appearance."""
-        return list(dict.fromkeys(str(e.data["label"]) for e in self.examples)) if self.kind == "classification" else []
+        return list(dict.fromkeys(str(e.data["label"]) for e in self.examples if e.kind == "classification"))
+
+    def kinds(self) -> list[str]:
+        """The kinds of its examples, in order of first appearance."""
+        return list(dict.fromkeys(e.kind for e in self.examples))
 
 
 def _kind_of(obj: dict) -> str | None:
@@ -96,6 +104,9 @@ def _check_example(obj, where: str, line: int) -> Example:
         tags = [tags]
     if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
         raise ShrinkError(f"{where}: 'tags' must be a list of non-empty strings")
+    if not isinstance(obj.get("chat", True), bool):
+        raise ShrinkError(f"{where}: 'chat' must be true or false (false: the input is text to continue, "
+                          "not a chat message)")
     data = {k: v for k, v in obj.items() if k not in ("id", "input", "text", "tags")}
     if kind == "generation":
         t = obj["target"]
@@ -163,8 +174,11 @@ def read_jsonl(path: str | os.PathLike, name: str | None = None) -> Task:
         ex = _check_example(obj, where, n)
         if kind is None:
             kind = ex.kind
+        elif ex.kind != kind and not (ex.kind in MIXABLE and kind in MIXABLE + ("mixed",)):
+            raise ShrinkError(f"{where}: a {ex.kind} example in a task of {kind} examples (perplexity examples are "
+                              "scored in percent of perplexity, not points: give them a file of their own)")
         elif ex.kind != kind:
-            raise ShrinkError(f"{where}: a {ex.kind} example in a {kind} task (one kind per task file)")
+            kind = "mixed"
         if ex.id in seen:
             raise ShrinkError(f"{where}: id {ex.id!r} already used on line {seen[ex.id]}")
         seen[ex.id] = n
@@ -199,8 +213,8 @@ def read_tensors(path: str | os.PathLike, name: str | None = None) -> Task:
 
 
 def load_task(task: str | os.PathLike | Task | None = None) -> Task:
-    """A Task from a path (.jsonl, .npz, .safetensors), a Task (returned as is), or None for the
-    built-in default task (short questions with exact answers, for the default model)."""
+    """A Task from a path (.jsonl, .npz, .safetensors), a Task (returned as is), or None (or "default")
+    for the built-in task (see `builtin_task`)."""
     if isinstance(task, Task):
         return task
     if task is None or str(task) == "default":
@@ -212,7 +226,8 @@ def load_task(task: str | os.PathLike | Task | None = None) -> Task:
 
 
 def default_task() -> Task:
-    """The built-in task: short questions with exact answers, easy and hard, tagged."""
-    ref = resources.files("shrink.data").joinpath("default_task.jsonl")
-    with resources.as_file(ref) as p:
-        return read_jsonl(p, name="default")
+    """The built-in task: several hundred generation, multiple-choice and cloze examples built from what the
+    install ships, tagged by kind and by difficulty measured on the default model (see `builtin_task`)."""
+    from .builtin_task import builtin_path
+
+    return read_jsonl(builtin_path(), name="default")

@@ -89,27 +89,48 @@ def strip_ids(svg: str, prefix: str) -> str:
 
 
 def frontier(costs: list[float], changes: list[float], names: list[str], ok: list[bool], front: list[bool],
-             cost_label: str, allowed: float | None, log_x: bool = False, unit: str = "points") -> str:
-    """Quality change against a cost, one point per candidate (green: qualifies, red: does not), the
-    Pareto frontier joined by a line, and the tolerance as a dashed line."""
-    fig, ax = _figure(7, 3.6)
+             cost_label: str, allowed: float | None, log_x: bool = False, unit: str = "points",
+             intervals: list[tuple[float, float]] | None = None, original: tuple[float, str] | None = None) -> str:
+    """Quality change against a cost, one point per candidate (green: qualifies, red: does not) with its 95%
+    interval as a bar, the Pareto frontier joined by a line, the tolerance as a dashed line, and the
+    original (cost, name) as a blue diamond at zero change. Labels are placed apart so they stay readable."""
+    fig, ax = _figure(7.5, 4.2)
     c = np.asarray(costs, dtype=np.float64)
     q = np.asarray(changes, dtype=np.float64)
     colors = [GOOD if k else BAD for k in ok]
-    ax.scatter(c, q, c=colors, s=36, zorder=3, edgecolors="k", linewidths=0.5)
+    if intervals:
+        lo = np.asarray([a for a, _ in intervals], dtype=np.float64)
+        hi = np.asarray([b for _, b in intervals], dtype=np.float64)
+        ax.errorbar(c, q, yerr=[np.clip(q - lo, 0, None), np.clip(hi - q, 0, None)], fmt="none", ecolor="#777",
+                    elinewidth=1, capsize=3, zorder=2)
+    ax.scatter(c, q, c=colors, s=40, zorder=3, edgecolors="k", linewidths=0.5)
     idx = sorted((i for i in range(len(c)) if front[i]), key=lambda i: c[i])
     if idx:
         ax.plot(c[idx], q[idx], color=ORIGINAL, lw=1.2, zorder=2, label="Pareto frontier")
-    for i, n in enumerate(names):
-        ax.annotate(n, (c[i], q[i]), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    points = [(float(c[i]), float(q[i]), n) for i, n in enumerate(names)]
+    if original is not None:
+        ax.scatter([original[0]], [0.0], marker="D", s=60, color=ORIGINAL, edgecolors="k", linewidths=0.5, zorder=4,
+                   label="original")
+        points.append((float(original[0]), 0.0, original[1]))
+    # labels stacked upward where points crowd together, so none is written over another
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    span = (max(p[0] for p in points) - min(p[0] for p in points)) or 1.0
+    placed: list[tuple[float, int]] = []
+    for i in order:
+        x, y, name = points[i]
+        near = sum(1 for px, _ in placed if abs(px - x) < 0.08 * span)
+        placed.append((x, i))
+        ax.annotate(name, (x, y), xytext=(6, 6 + 11 * near), textcoords="offset points", fontsize=8,
+                    arrowprops={"arrowstyle": "-", "color": "#999", "lw": 0.5} if near else None)
     if allowed is not None:
         ax.axhline(-allowed, color="k", ls="--", lw=0.8, label=f"tolerance (−{allowed:g} {unit})")
     ax.axhline(0, color="#999", lw=0.6)
     if log_x:
         ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.2)
     ax.set_xlabel(cost_label)
     ax.set_ylabel(f"quality change ({unit})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"Quality against {cost_label.split(' (')[0]}")
+    ax.set_title(f"Quality against {cost_label.split(' (')[0]} (bars: 95% intervals)")
     return _svg(fig)

@@ -12,11 +12,12 @@ import html
 from pathlib import Path
 
 from ..atomic import write_json, write_text
+from ..evaluate.verdict import status_of
 from . import plots
 from .webpage import html_table, page
 
 TABLE_HEAD = ["candidate", "size MB", "x smaller", "memory MB", "ms/example", "ms/token", "score", "change",
-              "95% CI", "slices past", "meets", "build s"]
+              "95% CI", "verdict", "slices past", "meets", "build s"]
 MEETS = TABLE_HEAD.index("meets")
 
 
@@ -36,22 +37,42 @@ def candidate_rows(result) -> list[list[str]]:
         rows.append([r.name, _f(r.size_bytes, 1, 1e-6), f"{orig / r.size_bytes:.2f}",
                      _f(r.memory_bytes, 1, 1e-6), _f(r.latency_example, 0, 1e3), _f(r.latency_token, 1, 1e3),
                      _f(r.score), _f(r.change, sign=True), f"{r.ci_low:+.1f}…{r.ci_high:+.1f}",
-                     ", ".join(r.slices_past) or "–", meets, _f(r.build_seconds, 0)])
+                     status_of(r.verdict) or "–", ", ".join(r.slices_past) or "–", meets, _f(r.build_seconds, 0)])
     for r in result.results:
         if not r.done:
-            rows.append([r.name] + ["–"] * 9 + ["error: " + r.error[:120], "–"])
+            rows.append([r.name] + ["–"] * 10 + ["error: " + r.error[:120], "–"])
     return rows
+
+
+def latency_note(result) -> str:
+    """How the latency columns were measured (the same way for the original and every candidate)."""
+    c = result.constraints
+    alone = c.get("latency_per", "example") == "example" and (c.get("max_latency") is not None
+                                                              or c.get("objective") == "latency")
+    per_example = ("each example run alone (its latency)" if alone else
+                   "each example's share of its batch's time (batches of 16 examples; the original's and each "
+                   "candidate's on the same batches, the candidate's answers drafted by the original's)")
+    return (f"ms/example: {per_example}. ms/token: greedy decoding of 32 tokens after a 16-token prompt, batch 1, "
+            "best of 2, after the runtime was compiled and warm; the same measurement for every row.")
 
 
 def original_row(result) -> list[str]:
     o = result.original
     return [f"{o.name} (original)", _f(o.size_bytes, 1, 1e-6), "1.00", _f(o.memory_bytes, 1, 1e-6),
-            _f(o.latency_example, 0, 1e3), _f(o.latency_token, 1, 1e3), _f(o.score), "", "", "", "", ""]
+            _f(o.latency_example, 0, 1e3), _f(o.latency_token, 1, 1e3), _f(o.score), "", "", "", "", "", ""]
+
+
+def broken_examples(result, name: str) -> list[dict]:
+    """The examples candidate `name` broke, as kept by the search: id, input, target (the expected answer),
+    original (its answer) and compressed (the candidate's)."""
+    r = next((r for r in result.results if r.name == name), None)
+    return list(r.broke_examples) if r is not None else []
 
 
 def broke_first(result, inputs: dict[str, str], limit: int = 20) -> list[list[str]]:
     """Examples that went right to wrong, those that broke in the widest (largest) candidate first:
-    id, input, the widest candidate it broke in, its size, and in how many of the candidates it broke."""
+    id, input, expected answer, the original's answer, the answer of the widest candidate it broke in, that
+    candidate, its size, and in how many of the candidates it broke."""
     done = sorted((r for r in result.results if r.done), key=lambda r: -r.size_bytes)
     first: dict = {}
     count: dict[str, int] = {}
@@ -60,11 +81,17 @@ def broke_first(result, inputs: dict[str, str], limit: int = 20) -> list[list[st
             first.setdefault(i, r)
             count[i] = count.get(i, 0) + 1
     order = sorted(first, key=lambda i: (-first[i].size_bytes, -count[i]))
-    return [[i, inputs.get(i, ""), first[i].name, _f(first[i].size_bytes, 1, 1e-6),
-             f"{count[i]} of {len(done)}"] for i in order[:limit]]
+    rows = []
+    for i in order[:limit]:
+        kept = next((e for e in first[i].broke_examples if e.get("id") == i), {})
+        rows.append([i, inputs.get(i, ""), kept.get("target", "–"), kept.get("original", "–"),
+                     kept.get("compressed", "–"), first[i].name, _f(first[i].size_bytes, 1, 1e-6),
+                     f"{count[i]} of {len(done)}"])
+    return rows
 
 
-BROKE_HEAD = ["id", "input", "first broke in", "at MB", "broke in"]
+BROKE_HEAD = ["id", "input", "expected", "original's answer", "compressed answer", "first broke in", "at MB",
+              "broke in"]
 
 
 def _front_svg(result, cost: str, label: str, allowed: float | None, unit: str, prefix: str) -> str | None:
@@ -73,9 +100,13 @@ def _front_svg(result, cost: str, label: str, allowed: float | None, unit: str, 
         return None
     names = {r.name for r in result.frontier(cost)}
     scale = 1e-6 if cost == "size_bytes" else 1e3
+    o = result.original
+    base = o.size_bytes if cost == "size_bytes" else getattr(o, cost, None)
     svg = plots.frontier([r.cost(cost) * scale for r in done], [r.change for r in done],
                          [r.name for r in done], [r.qualifies for r in done],
-                         [r.name in names for r in done], label, allowed, unit=unit)
+                         [r.name in names for r in done], label, allowed, unit=unit,
+                         intervals=[(r.ci_low, r.ci_high) for r in done],
+                         original=None if base is None else (base * scale, f"{o.name} (original)"))
     return plots.strip_ids(svg, prefix)
 
 
@@ -103,6 +134,7 @@ def to_markdown(result, inputs: dict[str, str]) -> str:
     verdict = [f"Its comparison: {result.recommendation.verdict}", ""] if result.recommendation else []
     parts = [f"# Search: {result.original.name}", "", f"**{result.line}**", "", *verdict, _header(result), "",
              "## Candidates", "", table(TABLE_HEAD, [original_row(result)] + candidate_rows(result)), "",
+             latency_note(result), "",
              "Frontier (size): " + ", ".join(r.name for r in result.frontier("size_bytes")), "",
              "Frontier (latency): " + ", ".join(r.name for r in result.frontier("latency_example")), ""]
     if result.skipped:
@@ -130,7 +162,8 @@ def to_html(result, inputs: dict[str, str]) -> str:
             '<h2>Frontiers</h2><div class="plots">' + "".join(svgs) + "</div>",
             "<h2>Candidates</h2>",
             html_table(TABLE_HEAD, [original_row(result)] + candidate_rows(result), numeric=range(1, 9),
-                        bad=lambda i, r: r[MEETS].startswith(("no", "error")))]
+                        bad=lambda i, r: r[MEETS].startswith(("no", "error"))),
+            f'<p class="muted">{html.escape(latency_note(result))}</p>']
     if result.skipped:
         body += ["<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(s.candidate)}: {html.escape(s.reason)}</li>"
                                                  for s in result.skipped) + "</ul>"]

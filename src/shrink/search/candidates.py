@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from ..errors import ShrinkError
+from ..evaluate.verdict import CANNOT_TELL, status_of
 from ..quant import MixedPrecision, parse_format, parse_method, quantize
 from ..quant.recipe import DEFAULT_TUNE_STEPS
 
@@ -104,18 +105,19 @@ def order(candidates: list[Candidate]) -> list[Candidate]:
 def skip_reason(c: Candidate, done: list, objective: str) -> str | None:
     """Why `c` need not be measured, given the finished results (`CandidateResult`s), or None.
 
-    - a wider candidate of its direction already failed the quality bar;
-    - its student failed the quality bar (a quantized student cannot do better than the student);
+    - a wider candidate of its direction is already past the sweet spot (a verdict of CANNOT TELL does not
+      close a direction: the narrower one may still be told apart);
+    - its student is past the sweet spot (a quantized student cannot do better than the student);
     - optimising size, a candidate that qualified is already no wider than this one would be.
     """
     for r in done:
-        if not r.done or r.quality_ok:
+        if not r.done or r.quality_ok or status_of(r.verdict) == CANNOT_TELL:
             continue
         rc = r.candidate
         if rc.direction == c.direction and rc.bits >= c.bits:
-            return f"{rc.name} already failed the quality bar"
+            return f"{rc.name} is already past the sweet spot"
         if c.student and rc.student == c.student and rc.method is None and c.method is not None:
-            return f"its student {rc.name} already failed the quality bar"
+            return f"its student {rc.name} is already past the sweet spot"
     if objective == "size" and not c.student:
         qualifying_bits = [r.candidate.bits for r in done if r.done and r.qualifies and not r.candidate.student]
         if qualifying_bits and min(qualifying_bits) <= c.bits:

@@ -29,8 +29,9 @@ def pareto(results: list[CandidateResult], cost: str) -> list[CandidateResult]:
 def judge(r: CandidateResult, c: Constraints, allowed: float) -> CandidateResult:
     """`r` with its judgement: whether it meets each constraint and, when not, by how much.
 
-    Quality is met when the comparison found no slice past the sweet spot and the loss at the far end
-    of the 95% interval is within `allowed` points. See `Judgement` for what a miss holds."""
+    Quality is met when the comparison's verdict is WITHIN TOLERANCE: the loss at the interval's worst end
+    is within `allowed` points and no slice is past the sweet spot (the rule of `evaluate.verdict.decide`,
+    applied again here so a resumed search judges alike). See `Judgement` for what a miss holds."""
     miss = {}
     worst_loss = -min(r.change, r.ci_low)
     if not r.within or worst_loss > allowed:
@@ -70,15 +71,13 @@ def explain(best: CandidateResult | None, c: Constraints, original) -> str:
     if best.latency_example and original.latency_example:
         speed = f", {original.latency_example / best.latency_example:.2f}x the original's speed per example" + (
             "" if c.times_examples_alone else " (from batch times, not latencies)")
-    quality = f"{best.change:+.1f} points (95% CI {best.ci_low:+.1f}…{best.ci_high:+.1f})"
-    facts = f"{human_bytes(best.size_bytes)} ({ratio:.2f}x smaller){speed}; quality {quality}"
+    facts = f"{human_bytes(best.size_bytes)} ({ratio:.2f}x smaller){speed}"
     if best.qualifies:
-        return f"RECOMMENDED: {best.name}: {facts}. Meets: {c.describe()}."
+        return f"RECOMMENDED: {best.name}: {facts}. Meets: {c.describe()}. {best.verdict}"
     misses = []
     m = best.miss
     if "quality" in m:
-        misses.append(f"quality by {m['quality']:.1f} points at the far end of its interval"
-                      if m["quality"] >= 0.01 else "quality: a slice is past the sweet spot")
+        misses.append(f"quality: {best.verdict}" if best.verdict else "quality")
     if "size" in m:
         misses.append(f"size by {100 * m['size']:.0f}% ({human_bytes(best.size_bytes)} > {human_bytes(c.max_size)})")
     if "latency" in m:

@@ -72,6 +72,8 @@ class CandidateResult(_ReadsAsJson):
     latency_token: float | None = None
     broke: list[str] = field(default_factory=list)
     fixed: list[str] = field(default_factory=list)
+    # the first examples it broke: id, input, target, and the original's and this candidate's answers
+    broke_examples: list[dict] = field(default_factory=list)
     kl_mean: float | None = None
     errors: int = 0  # examples that raised
     build_seconds: float | None = None

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from ..distilling import distill
 from ..errors import ShrinkError
 from ..evaluate import compare as compare_models
 from ..evaluate.adapters import adapter_for
-from ..evaluate.compare import finite
+from ..evaluate.compare import estimate_seconds, finite, task_too_small
 from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
 from ..io.manifest import read_json
@@ -42,6 +44,7 @@ from .frontier import explain, judge, pareto, recommend
 from .measure import disk_bytes, memory_bytes, seconds_per_token
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
+BROKE_KEPT = 20  # examples a candidate broke kept with both answers, for the report
 EVAL_BATCH = 16  # examples a comparison runs together (1 when latency per example is constrained)
 # what a search writes in its folder (outdir.claim refuses a folder holding anything else)
 OUT_NAMES = (CONFIG, RESULTS, "students", "best", "best.gguf", "report.html", "report.md", "results.json", ".candidate",
@@ -153,7 +156,8 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
            n_samples: int = 32, seq_len: int = 512, distill_data=None, students=("every-other",),
            distill_seconds: float = 600.0, distill_options: dict | None = None, tokenizer=None,
            resume: bool = False, force: bool = False, max_new_tokens: int = 32, progress: bool | None = None,
-           console: Console | None = None, runtime: str = "shrink", **constraint_options) -> SearchResult:
+           console: Console | None = None, runtime: str = "shrink", keep_order: bool = False,
+           **constraint_options) -> SearchResult:
     """Search compressed versions of `model` for the best one under `constraints`, measured on `task`.
 
     model: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default", .gguf, folders).
@@ -174,6 +178,10 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     (each candidate exported to GGUF with exact block copies and run by llama.cpp; its size is the GGUF
     file's, its latency llama.cpp's; candidates no GGUF type holds exactly are recorded as errors; the
     recommended file is out/best.gguf). Needs llama-cpp-python.
+    keep_order: measure `candidates` in the order given (default False: cheap and likely-good first).
+    A task too small to tell a change of max_drop is said so (a warning) before anything runs, and a `time`
+    that cannot hold one candidate (the original's run over the task and the candidate's, estimated from one
+    batch of each kind of example) is refused.
     Returns a SearchResult; the report is written to out/report.html, report.md and results.json.
     """
     from ..evaluate.llamacpp import RUNTIMES, available
@@ -185,7 +193,6 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     if constraint_options and constraints is not None:
         raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
     with claim(out, "search", OUT_NAMES, force=force, resume=resume):
-        t_start = time.perf_counter()
         con = constraints or Constraints.of(**constraint_options)
         console = console or Console(quiet=progress is False)
         out = Path(out)
@@ -193,11 +200,20 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         name = name or type(original).__name__
         original.eval()
         task = load_task(task)
-        adapter_for(original, tok, None, max_new_tokens).check_task(task)  # a task this model cannot run: say so now
+        adapter = adapter_for(original, tok, None, max_new_tokens)
+        adapter.check_task(task)  # a task this model cannot run: say so now
+        small = task_too_small(task, con.max_drop, con.relative)
+        if small:
+            warnings.warn(small, stacklevel=2)
+        _compile_ahead(original)  # no budget of the user's is spent compiling
+        t_start = time.perf_counter()
+        batch = 1 if con.times_examples_alone else EVAL_BATCH
+        if con.time is not None:
+            _check_time_is_enough(con, estimate_seconds(adapter, task, batch), len(task.examples), runtime)
         if con.latency_per == "token" and con.max_latency is not None and tok is None:
             raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
         recipe = _BuildOptions(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
-        candidates = _candidates(candidates, recipe, methods, students)
+        candidates = _candidates(candidates, recipe, methods, students, keep_order)
         _check_size_is_reachable(original, con, candidates)
 
         identity = {"model": name, "model_fingerprint": model_fingerprint(original), "task": task.name,
@@ -240,13 +256,36 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         return result
 
 
-def _candidates(candidates, recipe: _BuildOptions, methods, students) -> list[Candidate]:
+def _compile_ahead(model: nn.Module) -> None:
+    """Build (or load from the cache) the compiled kernel and, for a model that decodes in shrink's runtime,
+    the runtime, so that the search's clock does not count their first-use compilation."""
+    from ..quant.kernels import native
+
+    native.load()
+    if callable(getattr(model, "shrink_decode", None)):
+        from ..runtime.llama import extension
+
+        extension()
+
+
+def _check_time_is_enough(con: Constraints, seconds: float, examples: int, runtime: str) -> None:
+    """Refuse a --time that cannot hold one candidate: the original's run over the task (once) and the
+    candidate's own, each about `seconds` (measured on one batch of each kind of example)."""
+    need = 2 * seconds
+    if con.time < need:
+        where = "" if runtime == "shrink" else " (measured in shrink's runtime; llama.cpp's may differ)"
+        raise ShrinkError(f"--time {con.time:.0f}s cannot hold one candidate: running the task's {examples:,} examples "
+                          f"takes about {seconds:.0f}s per model here{where}, once for the original and again for each "
+                          f"candidate, before the candidate is built; give at least --time {math.ceil(need * 1.5)}s")
+
+
+def _candidates(candidates, recipe: _BuildOptions, methods, students, keep_order: bool = False) -> list[Candidate]:
     """The candidates to try, in order (defaults from what data was given), checked against that data."""
     if candidates is None:
         candidates = quantization_candidates(calibration=recipe.calibration is not None, methods=methods)
         if recipe.distill_data is not None:
             candidates += student_candidates(students)
-    candidates = order(candidates)
+    candidates = list(candidates) if keep_order else order(candidates)
     if len({c.name for c in candidates}) != len(candidates):
         raise ShrinkError("candidate names must be unique")
     if any(c.needs_calibration for c in candidates) and recipe.calibration is None:
@@ -300,7 +339,7 @@ class _Run:
         self.recipe, self.runtime, self.max_new_tokens = recipe, runtime, max_new_tokens
         self.progress, self.console = progress, console
         self.cache: dict = {}
-        self.batch_size = 1 if con.times_examples_alone else EVAL_BATCH
+        self.batch_size = 1 if con.times_examples_alone else EVAL_BATCH  # as the time estimate ran
         self.trained: dict[str, nn.Module] = {}
         self.durations: list[float] = []
         orig_size = disk_bytes(original, out / ".original", tok)
@@ -414,6 +453,8 @@ def _measured(c: Candidate, comp, size: int, memory: int, latency_token, build_s
         slices_past=[s.name for s in comp.slices if s.past], slices={s.name: round(s.change, 3) for s in comp.slices},
         size_bytes=size, memory_bytes=memory, latency_example=comp.compressed["seconds_per_example"],
         latency_token=latency_token, broke=[e.id for e in comp.examples if e.flip == "right→wrong"],
+        broke_examples=[{"id": e.id, "input": e.input, "target": e.target, "original": e.original_output,
+                         "compressed": e.compressed_output} for e in comp.examples if e.flip == "right→wrong"][:BROKE_KEPT],
         fixed=[e.id for e in comp.examples if e.flip == "wrong→right"],
         kl_mean=(comp.divergence.get("kl") or {}).get("mean"), errors=comp.errors, build_seconds=round(build_s, 2),
         seconds=round(seconds, 2), original_latency_example=comp.original["seconds_per_example"])
