@@ -12,7 +12,7 @@ The int8 folder is made first with `shrink quantize -f int8`. Each variant's sco
 a reader sees whether the faster path measures the same thing (float rounding moves a few greedy answers of
 an int8 model; see the README).
 
-    .venv/bin/python benchmarks/compare_speed.py [--rounds 3] [--one-at-a-time] [--before REV]
+    .venv/bin/python benchmarks/compare_speed.py [--rounds 3] [--runtime-only] [--one-at-a-time] [--before REV]
         [--out benchmarks/results/compare_speed.json]
 """
 
@@ -45,19 +45,23 @@ def run(folder: Path, out: Path, env: dict, extra: list[str]) -> tuple[float, di
     seconds = time.perf_counter() - t
     r = json.loads((out / "results.json").read_text())
     return seconds, {"change": r["overall"]["change"], "kl_mean": r["divergence"]["kl"]["mean"],
-                     "top1_agreement": r["divergence"]["top1_agreement"], "verdict": r["verdict"]}
+                     "top1_agreement": r["divergence"]["top1_agreement"], "verdict": r["verdict"],
+                     "examples": r["task"]["examples"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--one-at-a-time", action="store_true", help="also time transformers with --batch-size 1")
+    ap.add_argument("--runtime-only", action="store_true", help="time shrink's runtime alone (no transformers variant)")
     ap.add_argument("--before", metavar="REV", help="also time the code at this git revision (a worktree)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compare_speed.json")
     args = ap.parse_args()
     console = Console(width=120)
     base = dict(os.environ)
-    variants = {"runtime": (base, []), "transformers": ({**base, "SHRINK_RUNTIME": "0"}, [])}
+    variants = {"runtime": (base, [])}
+    if not args.runtime_only:
+        variants["transformers"] = ({**base, "SHRINK_RUNTIME": "0"}, [])
     if args.one_at_a_time:
         variants["one at a time"] = ({**base, "SHRINK_RUNTIME": "0"}, ["--batch-size", "1"])
     repo = Path(__file__).resolve().parent.parent
@@ -93,6 +97,9 @@ def _measure(args, console, variants: dict, tmp: Path) -> None:
             measured[name] = m
             console.print(f"round {r + 1}: {name}: {s:.1f} s")
     other = load.stop()
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest command's, in MB
     med = {k: statistics.median(v) for k, v in seconds.items()}
     t = Table(title=f"shrink compare default <int8 folder>, whole command ({other:.0%} CPU load from others)")
     for col in ("variant", "seconds (median)", "vs runtime", "change (points)", "KL mean", "top-1 agreement"):
@@ -102,9 +109,11 @@ def _measure(args, console, variants: dict, tmp: Path) -> None:
         t.add_row(k, f"{med[k]:.1f}", f"{med[k] / med['runtime']:.2f}x", f"{m['change']:+.1f}",
                   f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.1%}")
     console.print(t)
+    console.print(f"peak resident memory of one command: {peak_mb:,.0f} MB; examples: {measured['runtime']['examples']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "cpu_load_others": other, "rounds": args.rounds,
-                                    "seconds": seconds, "median": med, "measured": measured}, indent=2) + "\n")
+                                    "seconds": seconds, "median": med, "measured": measured,
+                                    "peak_rss_mb": round(peak_mb)}, indent=2) + "\n")
     console.print(f"wrote {args.out}")
 
 

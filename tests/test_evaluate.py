@@ -43,7 +43,8 @@ def test_task_kinds_and_defaults(tmp_path):
     ({"input": "q", "target": "a", "match": "fuzzy"}, r"task.jsonl:2: unknown match 'fuzzy'"),
     ({"input": "q", "target": "a", "color": 1}, r"task.jsonl:2: unknown field\(s\) \['color'\]"),
     ({"input": "q", "choices": ["a", "b"], "answer": 2}, r"task.jsonl:2: 'answer' must be the index"),
-    ({"input": "q", "label": "x"}, r"task.jsonl:2: a classification example in a generation task"),
+    ({"text": "some text"}, r"task.jsonl:2: a perplexity example in a task of generation examples \(perplexity "
+                             r"examples are scored in percent of perplexity, not points: give them a file of their own\)"),
     ({"id": "one", "input": "q", "target": "a"}, r"task.jsonl:2: id 'one' already used on line 1"),
     ({"input": "q", "target": "a(", "match": "regex"}, r"task.jsonl:2: invalid regular expression"),
     ({"input": "q", "target": "seven", "match": "numeric"}, r"task.jsonl:2: numeric match needs numeric targets"),
@@ -129,7 +130,7 @@ def test_tensor_classifier_flips_and_statistics(tmp_path):
     hard = next(s for s in c.slices if s.name == "tag:hard")
     assert (hard.n, hard.original, hard.compressed, hard.right_to_wrong) == (10, 100.0, 0.0, 10)
     assert hard.p_value == pytest.approx(2 / 2 ** 10)
-    assert not c.within and "overall" in c.verdict and "tolerance of 1 points, absolute" in c.verdict
+    assert not c.within and c.status == "PAST THE SWEET SPOT" and "(1 point, absolute): overall -26.7" in c.verdict
     flipped = {e.id: e.flip for e in c.flips}
     assert flipped == {**{str(i): "right→wrong" for i in range(10, 20)}, "20": "wrong→right", "21": "wrong→right"}
     # the label distributions moved only for inputs with mass on class 2

@@ -344,7 +344,7 @@ def test_scores_outside_0_1_fail_their_example_and_nan_is_never_within(tmp_path)
     with torch.no_grad():
         broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     c = compare(m, broken, ppl, tokenizer=tok, tolerance=100)
-    assert not c.within and c.verdict.startswith("CANNOT TELL, so PAST THE SWEET SPOT: the scores hold NaN")
+    assert not c.within and c.verdict.startswith("PAST THE SWEET SPOT (100% of perplexity): the scores hold NaN")
 
 
 # ---- 6. corrupt manifests: every field wrong in type, missing, or out of range ------------------

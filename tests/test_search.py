@@ -53,13 +53,13 @@ def test_frontier_and_recommendation_known_by_construction(tmp_path):
     done = {r["candidate"]["name"]: r for r in found.results}
     assert list(done) == ["rtn:int8", "rtn:int4-g32"]  # int4-g32 fails: the narrower rtn formats are skipped
     assert [s["candidate"] for s in found.skipped] == ["rtn:int4-g64", "rtn:int3-g32", "rtn:int2-g32"]
-    assert all("rtn:int4-g32 already failed" in s["reason"] for s in found.skipped)
+    assert all("rtn:int4-g32 is already past the sweet spot" in s["reason"] for s in found.skipped)
     i8, i4 = done["rtn:int8"], done["rtn:int4-g32"]
     assert (i8["change"], i8["ci_low"], i8["ci_high"], i8["broke"]) == (0, 0, 0, [])  # stored exactly
     assert i8["qualifies"] and i8["within"]
     n = 20 + n_up + 10
     assert i4["change"] == pytest.approx(-100 * n_up / n) and len(i4["broke"]) == n_up and not i4["fixed"]
-    assert not i4["qualifies"] and i4["verdict"].startswith("PAST THE SWEET SPOT: overall") and "quality" in i4["miss"]
+    assert not i4["qualifies"] and i4["verdict"].startswith("PAST THE SWEET SPOT (1 point, absolute): overall") and "quality" in i4["miss"]
     assert i4["slices"]["tag:hard"] == pytest.approx(-100 * n_up / (n_up + 10), abs=1e-3) and i4["slices"]["tag:easy"] == 0
     assert i4["size_bytes"] < i8["size_bytes"] < found.original["size_bytes"]
     assert [r["candidate"]["name"] for r in found.frontier("size_bytes")] == ["rtn:int4-g32", "rtn:int8"]

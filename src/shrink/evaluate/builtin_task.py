@@ -40,6 +40,7 @@ TASK_ARTICLES = range(0, 40)  # per BBC section: headlines and cloze openings
 CALIBRATION_ARTICLES = range(200, 400)  # business only: the demo's calibration text
 SEED = 20261206
 HEADLINES, CLOZES = 8, 28  # per BBC section
+DATA_FILES = ("default_task.jsonl", "default_task_difficulty.json")  # in shrink/data, read at run time
 
 _CAPITALS = [  # (country, capital); countries the hand-written questions do not ask about
     ("Kenya", "Nairobi"), ("Egypt", "Cairo"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),

@@ -300,7 +300,8 @@ def task_too_small(task: Task, tolerance: float, relative: bool) -> str | None:
 def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
             tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
             chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
-            progress: bool | None = None, cache: dict | None = None, batch_size: int = 16) -> Comparison:
+            progress: bool | None = None, cache: dict | None = None, batch_size: int = 16,
+            warn_small: bool = True) -> Comparison:
     """Run both models on every example of `task` and compare them.
 
     original, compressed: modules (Hugging Face or plain PyTorch) or adapters. tokenizer: for both
@@ -319,10 +320,12 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     example's time is its batch's shared out, and in a batch the compressed model's answer is drafted by
     the original's where it runs in shrink's runtime (fewer steps: not its latency); batch_size=1
     measures the latency of one example alone.
+    warn_small: warn, before any model runs, when the task has too few examples for any verdict at this
+    tolerance (default True; a search says it once for all its comparisons).
     """
     task = load_task(task)
     check_options(task, tolerance, scorer)
-    small = task_too_small(task, tolerance, relative)
+    small = task_too_small(task, tolerance, relative) if warn_small else None
     if small:
         warnings.warn(small, stacklevel=2)
     if not (isinstance(batch_size, int) and batch_size >= 1):

@@ -119,7 +119,8 @@ class CandidateResult(_ReadsAsJson):
         head = {"candidate": self.candidate.to_dict(), "status": self.status}
         if not self.done:
             return {**head, "error": self.error}
-        measured = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_MEASURED}
+        measured = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_MEASURED
+                    and not (f.name == "broke_examples" and not self.broke_examples)}  # as files before it hold
         return {**head, **measured, **(self.judgement.to_json() if self.judgement is not None else {})}
 
     @classmethod

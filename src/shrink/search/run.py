@@ -375,7 +375,7 @@ class _Run:
             comp = compare_models(self.original, target, self.task, tokenizer=self.tok, tolerance=self.con.max_drop,
                                   relative=self.con.relative, max_new_tokens=self.max_new_tokens,
                                   names=(self.name, c.name), progress=self.progress, cache=self.cache,
-                                  batch_size=self.batch_size)
+                                  batch_size=self.batch_size, warn_small=False)
             latency_token = seconds_per_token(model, self.tok) if shipped is None else _llama_cpp_per_token(target)
         finally:
             if shipped is not None:

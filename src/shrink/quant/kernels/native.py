@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import warnings
 from functools import lru_cache
@@ -36,9 +37,29 @@ def cpu_supported() -> bool:
 
 
 HEADER = Path(__file__).with_name("qgemm_avx2.h")
-HEADERS = (HEADER, Path(__file__).with_name("tiled_avx2.h"), Path(__file__).with_name("tiled_core.inc"))
 # The tiled kernel's loops built for AVX512-VNNI CPUs, linked into every module that includes the kernels.
 VNNI_SOURCE = Path(__file__).with_name("tiled_vnni.cpp")
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+
+
+def build_inputs(sources: list[Path], include: tuple[Path, ...] = ()) -> list[Path]:
+    """Every file a build of `sources` reads: the sources and, recursively, each file they include by
+    `#include "..."`, looked up beside the including file, then in the kernels' folder and `include`.
+    This is what the build hashes and what an installed package must ship (a test checks the wheel)."""
+    seen: dict[Path, None] = {}
+    todo = [Path(s) for s in sources]
+    while todo:
+        path = todo.pop(0)
+        if path in seen:
+            continue
+        seen[path] = None
+        for name in _INCLUDE.findall(path.read_text()):
+            found = next((d / name for d in (path.parent, HEADER.parent, *include) if (d / name).is_file()), None)
+            if found is None:
+                raise FileNotFoundError(f"{path}: includes {name!r}, which is not beside it nor in "
+                                        f"{HEADER.parent} (a file missing from the installed package)")
+            todo.append(found)
+    return list(seen)
 # No contraction of a * b + c into one rounding where the source does not ask for it: the kernel inlined into
 # another extension (the decoding runtime) then rounds exactly as the kernel's own module does.
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
@@ -59,9 +80,14 @@ def build(stem: str, sources: list[Path], what: str, include: tuple[Path, ...] =
     warning saying so) when SHRINK_NATIVE=0, the CPU lacks AVX2/FMA/F16C, or the build fails."""
     if os.environ.get("SHRINK_NATIVE", "1") == "0" or not cpu_supported():
         return None
-    digest = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS) + " ".join(CFLAGS).encode())
-    for src in sources:
-        digest.update(src.read_bytes())
+    try:
+        inputs = build_inputs(sources, include)
+    except OSError as exc:  # an installed package without a file its build reads: say which, use PyTorch
+        warnings.warn(f"shrink: {what} unavailable ({exc}); using the PyTorch path", stacklevel=3)
+        return None
+    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    for src in inputs:
+        digest.update(src.name.encode() + src.read_bytes())
     key = hashlib.sha256(digest.digest() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     build_dir = cache_dir() / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,28 @@
+"""The README is a front door whose links lead somewhere, and every benchmark result the docs cite exists."""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_readme_links_exist():
+    links = re.findall(r"\]\(([^)#]+)\)", (ROOT / "README.md").read_text())
+    assert links and not [x for x in links if not (ROOT / x).is_file()]
+
+
+def test_every_cited_benchmark_result_exists_and_parses():
+    cited = {(page.name, m) for page in PAGES for m in re.findall(r"results/([A-Za-z0-9_.-]+\.json)", page.read_text())}
+    assert cited, "the benchmarks page cites its results"
+    missing = [f"{page}: results/{name}" for page, name in sorted(cited)
+               if not (ROOT / "benchmarks" / "results" / name).is_file()]
+    assert not missing, missing
+    for _, name in cited:
+        json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+
+
+def test_every_benchmark_script_the_docs_run_exists():
+    scripts = {m for page in PAGES for m in re.findall(r"benchmarks/([a-z_0-9]+\.py)", page.read_text())}
+    assert scripts and not [s for s in scripts if not (ROOT / "benchmarks" / s).is_file()]
