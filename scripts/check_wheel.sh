@@ -25,12 +25,12 @@ from shrink.runtime.llama import extension
 
 assert "site-packages" in shrink.__file__, shrink.__file__
 torch.manual_seed(0)
-layer = torch.nn.Sequential(torch.nn.Linear(64, 64))
+net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))  # the last layer stays full precision
 x = torch.randn(3, 64)
-q = shrink.quantize(layer, "int4-g32", progress=False)
+q = shrink.quantize(net, "int4-g32", progress=False)
 assert native.available(), "the kernel did not build from the installed files"
-ref = torch.nn.functional.linear(x, q[0].weight, q[0].bias)
-err = ((q(x) - ref).norm() / ref.norm()).item()
+ref = torch.nn.functional.linear(x, q[0].weight, q[0].bias)  # the dequantized weight in float
+err = ((q[0](x) - ref).norm() / ref.norm()).item()
 assert err < 0.05, err
 cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
