@@ -133,7 +133,7 @@ DEMO_WINDOWS = (8, 256)  # calibration windows of tokens: enough for awq+gptq at
 
 
 def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume, force):
-    """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task (410
+    """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task (400
     examples: questions with exact answers, multiple choice, next words of news text) for the smallest
     quantization within --max-drop points: int8 and int4 by round-to-nearest, then awq+gptq at 4 and 3 bits,
     bounded by --time; print the frontier and the recommendation with its evidence, and write the report."""

@@ -1,7 +1,7 @@
 """The built-in task: several hundred examples of three kinds, built from what the install ships.
 
 - generation with exact answers: the 40 hand-written questions of `shrink/data/default_task.jsonl`,
-  sums, differences, products and counting generated from a fixed seed, and capitals;
+  sums, differences, products and counting generated from a fixed seed;
 - multiple choice scored by log-likelihood: capitals and opposites (hand-written lists here), which of
   two numbers is larger (generated), and which newspaper section a BBC News headline is from;
 - cloze on real text: which word comes next after the opening of a BBC News article (the true word
@@ -39,7 +39,7 @@ VERSION = 1
 TASK_ARTICLES = range(0, 40)  # per BBC section: headlines and cloze openings
 CALIBRATION_ARTICLES = range(200, 400)  # business only: the demo's calibration text
 SEED = 20261206
-HEADLINES, CLOZES = 8, 28  # per BBC section
+HEADLINES, CLOZES = 8, 34  # per BBC section
 DATA_FILES = ("default_task.jsonl", "default_task_difficulty.json")  # in shrink/data, read at run time
 
 _CAPITALS = [  # (country, capital); countries the hand-written questions do not ask about
@@ -93,9 +93,6 @@ def _generation(rng: random.Random) -> list[dict]:
                     "input": f"What number comes {'after' if after else 'before'} {n}? Answer with a number.",
                     "target": n + 1 if after else n - 1, "match": "numeric", "tags": ["counting"],
                     "max_new_tokens": 12})
-    for k, (country, capital) in enumerate(_CAPITALS):
-        out.append({"id": f"capital-gen-{k:03d}", "input": f"What is the capital of {country}? Answer with the city's name.",
-                    "target": capital, "match": "contains", "tags": ["facts"], "max_new_tokens": 12})
     return out
 
 
