@@ -226,7 +226,7 @@ def test_answers_are_drafted_in_batches_only_so_one_example_alone_takes_its_own_
 
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
-@pytest.mark.parametrize("kind", ["generation", "choice", "perplexity"])
+@pytest.mark.parametrize("kind", ["generation", "choice", "perplexity", "mixed"])
 def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind, runtime):
     # prompts of many lengths (left padding in generation, right padding in scoring), generation lengths
     # that differ within a batch, and answers that stop early at the end-of-sequence token; in the runtime,
@@ -234,12 +234,16 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind,
     m = tiny_llama(seed=3, tie=False)
     with torch.no_grad():
         m.lm_head.weight[2] *= 3.0  # the end-of-sequence token wins often: some answers stop at once
+    generation = [{"id": f"g{i}", "input": word_text(3 + 2 * i, seed=i), "target": word_text(1, seed=100 + i),
+                   "match": "contains", "max_new_tokens": 3 + i % 5} for i in range(12)]
+    choice = [{"id": f"c{i}", "input": word_text(2 + 3 * i, seed=i), "answer": i % 3,
+               "choices": [word_text(1 + i % 2, seed=200 + i), "oil", word_text(3, seed=300 + i)]} for i in range(9)]
     if kind == "generation":
-        lines = [{"id": f"g{i}", "input": word_text(3 + 2 * i, seed=i), "target": word_text(1, seed=100 + i),
-                  "match": "contains", "max_new_tokens": 3 + i % 5} for i in range(12)]
+        lines = generation
     elif kind == "choice":
-        lines = [{"id": f"c{i}", "input": word_text(2 + 3 * i, seed=i), "answer": i % 3,
-                  "choices": [word_text(1 + i % 2, seed=200 + i), "oil", word_text(3, seed=300 + i)]} for i in range(9)]
+        lines = choice
+    elif kind == "mixed":  # interleaved in the file; batches hold one kind each
+        lines = [x for pair in zip(generation, choice) for x in pair] + generation[len(choice):]
     else:
         lines = [{"id": f"p{i}", "text": word_text(4 + 5 * i, seed=i)} for i in range(7)]
     task = _write(tmp_path, lines)
@@ -261,6 +265,9 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind,
         assert one.verdict == many.verdict
     if kind == "generation":
         assert any(e.original_output == "" for e in one.examples)  # stopped at once: what padding must not change
+    if kind == "mixed":
+        assert one.task["kind"] == "mixed" and [s.name for s in one.slices][:2] == ["kind:generation", "kind:choice"]
+        assert {s.name: s.n for s in one.slices}["kind:choice"] == 9
     # The native kernel (both of its paths: batches of 5 reach its float GEMM) quantizes activations to int8:
     # an input that differs by float rounding may move one code by one step, which moves a short example's
     # score by a fraction of a percent; a padding error would move it by far more.
@@ -409,3 +416,14 @@ def test_encoder_zero_shot_classification(tmp_path, tok):
     c = compare(enc, enc, task, tokenizer=tok)
     assert c.original["kind"] == "encoder"
     assert c.divergence["embedding_cosine"]["min"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_example_without_the_chat_template_is_plain_text(tok):
+    # "chat": false: the input is text the answer continues (a cloze), not a user message
+    from shrink.evaluate.adapters import CausalLMAdapter
+
+    tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}"
+    ad = CausalLMAdapter(tiny_llama(), tok)
+    text = "the market rose"
+    assert ad.prompt_ids(text, chat=False).tolist() == tok(text).input_ids
+    assert ad.prompt_ids(text).tolist() == [1] + tok(text).input_ids + [2]

@@ -131,8 +131,7 @@ def to_markdown(result, inputs: dict[str, str]) -> str:
         esc = [[str(x).replace("|", "\\|").replace("\n", " ") for x in r] for r in rows]
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in esc])
 
-    verdict = [f"Its comparison: {result.recommendation.verdict}", ""] if result.recommendation else []
-    parts = [f"# Search: {result.original.name}", "", f"**{result.line}**", "", *verdict, _header(result), "",
+    parts = [f"# Search: {result.original.name}", "", f"**{result.line}**", "", _header(result), "",
              "## Candidates", "", table(TABLE_HEAD, [original_row(result)] + candidate_rows(result)), "",
              latency_note(result), "",
              "Frontier (size): " + ", ".join(r.name for r in result.frontier("size_bytes")), "",
@@ -157,7 +156,6 @@ def to_html(result, inputs: dict[str, str]) -> str:
     title = f"Search: {result.original.name}"
     body = [f"<h1>{html.escape(title)}</h1>",
             f'<p class="verdict {"ok" if ok else "past"}">{html.escape(result.line)}</p>',
-            (f'<p>Its comparison: {html.escape(result.recommendation.verdict)}</p>' if result.recommendation else ""),
             f'<p class="muted">{html.escape(_header(result))}</p>',
             '<h2>Frontiers</h2><div class="plots">' + "".join(svgs) + "</div>",
             "<h2>Candidates</h2>",

@@ -84,4 +84,5 @@ def explain(best: CandidateResult | None, c: Constraints, original) -> str:
         lat = best.cost(f"latency_{c.latency_per}")
         misses.append(f"latency by {100 * m['latency']:.0f}% ({lat * 1e3:.1f} ms > {c.max_latency * 1e3:.1f} ms "
                       f"per {c.latency_per})")
-    return f"NOTHING MEETS {c.describe()}; closest is {best.name}: {facts}; it misses {', '.join(misses)}."
+    line = f"NOTHING MEETS {c.describe()}; closest is {best.name}: {facts}; it misses {', '.join(misses)}."
+    return line if "quality" in m or not best.verdict else f"{line} {best.verdict}"
