@@ -383,3 +383,12 @@ def test_the_recommendation_says_when_its_speed_is_from_batch_times():
         line = explain(judge(r, c, 1.0), c, original)
         assert line.startswith("RECOMMENDED: rtn:int8") and "2.00x the original's speed per example" in line
         assert ("(from batch times, not latencies)" in line) == batched
+
+
+def test_a_time_budget_that_cannot_hold_one_candidate_is_refused_before_the_work(tmp_path):
+    model, task, _ = _model_and_task(tmp_path)
+    with pytest.raises(ShrinkError, match=r"--time 1e-07s cannot hold one candidate: running the task's 50 examples "
+                                          r"takes about .*s per model here, once for the original and again for each "
+                                          r"candidate, before the candidate is built; give at least --time 1s"):
+        shrink.search(model, task, out=tmp_path / "s", candidates=LADDER, progress=False, time=1e-7)
+    assert not (tmp_path / "s" / "results.jsonl").exists()  # nothing measured

@@ -205,16 +205,15 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         small = task_too_small(task, con.max_drop, con.relative)
         if small:
             warnings.warn(small, stacklevel=2)
-        _compile_ahead(original)  # no budget of the user's is spent compiling
-        t_start = time.perf_counter()
-        batch = 1 if con.times_examples_alone else EVAL_BATCH
-        if con.time is not None:
-            _check_time_is_enough(con, estimate_seconds(adapter, task, batch), len(task.examples), runtime)
         if con.latency_per == "token" and con.max_latency is not None and tok is None:
             raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
         recipe = _BuildOptions(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
         candidates = _candidates(candidates, recipe, methods, students, keep_order)
         _check_size_is_reachable(original, con, candidates)
+        _compile_ahead(original)  # no budget of the user's is spent compiling
+        t_start = time.perf_counter()
+        if con.time is not None:
+            _check_time_is_enough(con, estimate_seconds(adapter, task, _eval_batch(con)), len(task.examples), runtime)
 
         identity = {"model": name, "model_fingerprint": model_fingerprint(original), "task": task.name,
                     "task_source": task.source, "task_fingerprint": task_fingerprint(task)}
@@ -256,6 +255,11 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         return result
 
 
+def _eval_batch(con: Constraints) -> int:
+    """Examples a comparison runs together: one when a latency per example is asked for, else EVAL_BATCH."""
+    return 1 if con.times_examples_alone else EVAL_BATCH
+
+
 def _compile_ahead(model: nn.Module) -> None:
     """Build (or load from the cache) the compiled kernel and, for a model that decodes in shrink's runtime,
     the runtime, so that the search's clock does not count their first-use compilation."""
@@ -274,9 +278,9 @@ def _check_time_is_enough(con: Constraints, seconds: float, examples: int, runti
     need = 2 * seconds
     if con.time < need:
         where = "" if runtime == "shrink" else " (measured in shrink's runtime; llama.cpp's may differ)"
-        raise ShrinkError(f"--time {con.time:.0f}s cannot hold one candidate: running the task's {examples:,} examples "
-                          f"takes about {seconds:.0f}s per model here{where}, once for the original and again for each "
-                          f"candidate, before the candidate is built; give at least --time {math.ceil(need * 1.5)}s")
+        raise ShrinkError(f"--time {con.time:.3g}s cannot hold one candidate: running the task's {examples:,} examples "
+                          f"takes about {seconds:.3g}s per model here{where}, once for the original and again for each "
+                          f"candidate, before the candidate is built; give at least --time {max(1, math.ceil(need * 1.5))}s")
 
 
 def _candidates(candidates, recipe: _BuildOptions, methods, students, keep_order: bool = False) -> list[Candidate]:
@@ -339,7 +343,7 @@ class _Run:
         self.recipe, self.runtime, self.max_new_tokens = recipe, runtime, max_new_tokens
         self.progress, self.console = progress, console
         self.cache: dict = {}
-        self.batch_size = 1 if con.times_examples_alone else EVAL_BATCH  # as the time estimate ran
+        self.batch_size = _eval_batch(con)
         self.trained: dict[str, nn.Module] = {}
         self.durations: list[float] = []
         orig_size = disk_bytes(original, out / ".original", tok)
