@@ -275,6 +275,12 @@ def test_search_report_renders_in_headless_chromium(tmp_path):
     assert console == []
     assert len(re.findall(r"<svg[^>]*>", dom)) == 2 and dom.count("<path") > 10
     assert "RECOMMENDED: rtn:int8" in dom and "first broke in" in dom
+    # both plots show the original as a labelled point; broken examples show both answers; latency columns
+    # say how they were measured; every candidate's verdict is in the table
+    assert dom.count("Sequential (original)") >= 2 and dom.count(">original<") >= 2
+    assert "original's answer" in dom and "compressed answer" in dom and "expected" in dom
+    assert "ms/example: each example's share of its batch's time" in dom
+    assert "PAST THE SWEET SPOT" in dom and "WITHIN TOLERANCE" in dom
 
 
 def test_constraints_as_keywords(tmp_path):
