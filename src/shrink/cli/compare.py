@@ -38,7 +38,7 @@ from .common import FORCE, Number, console, default_of, main
               type=Number(1, 1 << 16, integer=True),
               help="Examples run together, sorted by length (the same outcomes as one at a time, up to float "
                    "rounding); time per example is its batch's shared out; 1 measures one example alone.")
-@click.option("--strict", is_flag=True, help="Exit with code 3 when the compressed model is past the sweet spot.")
+@click.option("--strict", is_flag=True, help="Exit with code 3 unless the verdict is WITHIN TOLERANCE (past the sweet spot, or cannot tell).")
 @click.option("--runtime", type=click.Choice(["shrink", "llama.cpp"]), default="shrink", show_default=True,
               help="What runs COMPRESSED: shrink's own model, or llama.cpp running a .gguf file (needs "
                    "llama-cpp-python: bash scripts/setup.sh --llama-cpp), so the verdict is on what llama.cpp computes.")
