@@ -8,9 +8,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_links_exist():
-    links = re.findall(r"\]\(([^)#]+)\)", (ROOT / "README.md").read_text())
-    assert links and not [x for x in links if not (ROOT / x).is_file()]
+def test_links_between_the_pages_exist():
+    broken = [f"{page.name}: {x}" for page in PAGES for x in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text())
+              if not (page.parent / x).is_file()]
+    assert not broken, broken
+    assert len(re.findall(r"\]\(docs/", (ROOT / "README.md").read_text())) >= 8  # the front door leads to the docs
 
 
 def test_every_cited_benchmark_result_exists_and_parses():
