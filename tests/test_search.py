@@ -398,3 +398,16 @@ def test_a_time_budget_that_cannot_hold_one_candidate_is_refused_before_the_work
                                           r"candidate, before the candidate is built; give at least --time 1s"):
         shrink.search(model, task, out=tmp_path / "s", candidates=LADDER, progress=False, time=1e-7)
     assert not (tmp_path / "s" / "results.jsonl").exists()  # nothing measured
+
+
+def test_the_latency_note_says_how_the_search_measured(tmp_path):
+    # the report reads the batch size the search compared in, not a second copy of its rule
+    from shrink.report.search import latency_note
+
+    model, task, _ = _model_and_task(tmp_path)
+    batched = shrink.search(model, task, out=tmp_path / "b", candidates=LADDER[:1], progress=False, max_drop=10)
+    alone = shrink.search(model, task, out=tmp_path / "a", candidates=LADDER[:1], progress=False, max_drop=10,
+                          max_latency="10s")
+    assert (batched.batch_size, alone.batch_size) == (16, 1)
+    assert "batches of 16 examples" in latency_note(batched) and "each example run alone" in latency_note(alone)
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["batch_size"] == 1

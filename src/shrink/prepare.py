@@ -6,6 +6,7 @@ compiles the quantized kernel and the decoding runtime (cached under the shrink 
 sources, torch's and Python's versions), converts the default model's GGUF file to a Hugging Face folder
 (cached), and writes the built-in task. `scripts/setup.sh` runs it. Each step says what it did and how long
 it took; a step that cannot be done here (no C++ compiler, no AVX2) says why and the rest go on.
+`--kernels-only` compiles the two extensions and stops.
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ def status_of(line: str | None) -> str | None:
     return next((s for s in STATUSES if (line or "").startswith(s)), None)
 
 
-def examples_needed(allowed_points: float) -> int:
+def examples_needed(allowed_points: float) -> float:
     """The fewest examples for which one changed answer leaves the interval within `allowed_points`
-    (points of a score out of 100)."""
+    (points of a score out of 100); infinity for a tolerance of 0."""
     return math.ceil(100 * ONE_FLIP_REACH / allowed_points) if allowed_points > 0 else math.inf
 
 
@@ -66,7 +66,7 @@ def decide(change: float, ci_low: float, ci_high: float, allowed: float, n: int,
            slice_past: str | None = None) -> Verdict:
     """The verdict on a change (compressed - original, in `unit`; higher is better) with its 95% interval,
     under a loss of `allowed` in the same unit, on `n` examples. `slice_past`: why a slice is past the sweet
-    spot (from `slice_reason`), or None."""
+    spot (as `evaluate.compare` words it), or None."""
     span = f"overall {change:+.1f}{unit} (95% CI {ci_low:+.1f}…{ci_high:+.1f}) on {n:,} examples"
     head = f"({tol_text}): {span}"
     if not all(math.isfinite(x) for x in (change, ci_low, ci_high)):

@@ -46,11 +46,9 @@ def candidate_rows(result) -> list[list[str]]:
 
 def latency_note(result) -> str:
     """How the latency columns were measured (the same way for the original and every candidate)."""
-    c = result.constraints
-    alone = c.get("latency_per", "example") == "example" and (c.get("max_latency") is not None
-                                                              or c.get("objective") == "latency")
-    per_example = ("each example run alone (its latency)" if alone else
-                   "each example's share of its batch's time (batches of 16 examples; the original's and each "
+    batch = getattr(result, "batch_size", 16)  # as the search compared (Constraints.times_examples_alone decides)
+    per_example = ("each example run alone (its latency)" if batch == 1 else
+                   f"each example's share of its batch's time (batches of {batch} examples; the original's and each "
                    "candidate's on the same batches, the candidate's answers drafted by the original's)")
     return (f"ms/example: {per_example}. ms/token: greedy decoding of 32 tokens after a 16-token prompt, batch 1, "
             "best of 2, after the runtime was compiled and warm; the same measurement for every row.")

@@ -67,6 +67,7 @@ class SearchResult:
     out: str | None = None
     seconds: float = 0.0
     runtime: str = "shrink"  # what judged the candidates: shrink's model, or its GGUF export in llama.cpp
+    batch_size: int = EVAL_BATCH  # examples each comparison ran together (1: each example alone, its latency)
 
     def frontier(self, cost: str = "size_bytes") -> list[CandidateResult]:
         """Pareto frontier of quality against `cost` ("size_bytes", "latency_example", "latency_token")."""
@@ -77,7 +78,7 @@ class SearchResult:
                        "line": self.line, "constraints": self.constraints,
                        "task": self.task.to_json() if self.task else {}, "original": self.original.to_json(),
                        "results": [r.to_json() for r in self.results], "skipped": [s.to_json() for s in self.skipped],
-                       "untried": self.untried, "runtime": self.runtime,
+                       "untried": self.untried, "runtime": self.runtime, "batch_size": self.batch_size,
                        "frontier_size": [r.name for r in self.frontier("size_bytes")],
                        "frontier_latency": [r.name for r in self.frontier("latency_example")],
                        "seconds": self.seconds})
@@ -246,7 +247,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         result = SearchResult(run.original_info, results, skipped, untried, best,
                               explain(best, con, run.original_info), con.to_dict(),
                               TaskSummary(task.name, task.kind, task.source, len(task.examples)), str(out),
-                              time.perf_counter() - t_start, runtime)
+                              time.perf_counter() - t_start, runtime, run.batch_size)
         if best is not None and _best_name(out) != best.name:  # the constraints changed on resume
             run.rebuild_best(best)
         from ..report.search import write_search_report
