@@ -100,3 +100,12 @@ def test_search_says_the_same_verdict_as_compare():
                          within=True, verdict=within.verdict, size_bytes=60)
     line = explain(judge(r2, con, 1.0), con, Original("m", 100, 100))
     assert line.startswith("RECOMMENDED: rtn:int8") and line.endswith(within.verdict)
+
+
+def test_a_record_from_before_verdict_lines_still_reads():
+    # results.jsonl written by earlier versions holds "verdict": "within": the line says the numbers instead
+    old = CandidateResult(Candidate("rtn:int8", "rtn", "int8"), "done", change=-0.5, ci_low=-0.9, ci_high=0.1,
+                          within=True, verdict="within", size_bytes=60)
+    con = Constraints(max_drop=1.0)
+    line = explain(judge(old, con, 1.0), con, Original("m", 100, 100))
+    assert line.endswith("Quality -0.5 points (95% CI -0.9…+0.1).") and "None" not in line

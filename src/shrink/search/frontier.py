@@ -8,6 +8,7 @@ either the previous one or the newest: the search can save the best as it goes.
 
 from __future__ import annotations
 
+from ..evaluate.verdict import status_of
 from .constraints import Constraints, human_bytes
 from .records import CandidateResult, Judgement
 
@@ -72,12 +73,15 @@ def explain(best: CandidateResult | None, c: Constraints, original) -> str:
         speed = f", {original.latency_example / best.latency_example:.2f}x the original's speed per example" + (
             "" if c.times_examples_alone else " (from batch times, not latencies)")
     facts = f"{human_bytes(best.size_bytes)} ({ratio:.2f}x smaller){speed}"
+    # the comparison's verdict, word for word; records from before verdicts were lines say the numbers instead
+    verdict = best.verdict if status_of(best.verdict) else \
+        f"Quality {best.change:+.1f} points (95% CI {best.ci_low:+.1f}…{best.ci_high:+.1f})."
     if best.qualifies:
-        return f"RECOMMENDED: {best.name}: {facts}. Meets: {c.describe()}. {best.verdict}"
+        return f"RECOMMENDED: {best.name}: {facts}. Meets: {c.describe()}. {verdict}"
     misses = []
     m = best.miss
     if "quality" in m:
-        misses.append(f"quality: {best.verdict}" if best.verdict else "quality")
+        misses.append(f"quality: {verdict}")
     if "size" in m:
         misses.append(f"size by {100 * m['size']:.0f}% ({human_bytes(best.size_bytes)} > {human_bytes(c.max_size)})")
     if "latency" in m:
@@ -85,4 +89,4 @@ def explain(best: CandidateResult | None, c: Constraints, original) -> str:
         misses.append(f"latency by {100 * m['latency']:.0f}% ({lat * 1e3:.1f} ms > {c.max_latency * 1e3:.1f} ms "
                       f"per {c.latency_per})")
     line = f"NOTHING MEETS {c.describe()}; closest is {best.name}: {facts}; it misses {', '.join(misses)}."
-    return line if "quality" in m or not best.verdict else f"{line} {best.verdict}"
+    return line if "quality" in m else f"{line} {verdict}"
