@@ -153,6 +153,116 @@ def test_force_restarts_shrinks_own_search_and_distill_folders(tmp_path, hf):
     refused(run("compare", hf, hf, "--out", out), "holds the output of shrink distill, not of shrink compare")
 
 
+def test_a_user_file_at_any_depth_keeps_the_folder(tmp_path, hf):
+    text = tmp_path / "text.txt"
+    text.write_text(word_text(400))
+    out = tmp_path / "d"
+    args = ["distill", "--teacher", hf, "--student", "layers=1", "--data", text, "--steps", "2", "--seq-len", "16",
+            "--batch-size", "2", "--eval-every", "1", "--out", out]
+    assert run(*args).returncode == 0
+    (out / "model" / "my-notes.txt").write_text("mine")
+    (out / "checkpoint" / "empty-dir-of-mine").mkdir()
+    before = tree(out)
+    for extra in (["--force"], ["--resume"]):
+        refused(run(*args, *extra), str(out / "checkpoint" / "empty-dir-of-mine"), "did not write")
+        assert tree(out) == before and (out / "checkpoint" / "empty-dir-of-mine").is_dir()
+    (out / "checkpoint" / "empty-dir-of-mine").rmdir()
+    refused(run(*args, "--force"), str(out / "model" / "my-notes.txt"), "did not write")
+    assert (out / "model" / "my-notes.txt").read_text() == "mine"
+    (out / "model" / "my-notes.txt").unlink()
+    assert run(*args, "--force").returncode == 0  # shrink's own, as it wrote it: replaced
+
+
+def test_search_never_replaces_a_best_folder_holding_a_user_file(tmp_path):
+    # best/ and students/ as the search writes them (atomic_dir seals what it puts in place)
+    from shrink.atomic import atomic_dir
+    from shrink.errors import ShrinkError
+    from shrink.outdir import claim
+    from shrink.search.run import OUT_NAMES
+
+    out = tmp_path / "s"
+    with claim(out, "search", OUT_NAMES):
+        with atomic_dir(out / "best") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 10)
+            (tmp / "sub").mkdir()
+        with claim(out / "students" / "layers=1", "distill", ("model", "results.json")):
+            (out / "students" / "layers=1" / "results.json").write_text("{}")
+    for where in (out / "best" / "mine.txt", out / "best" / "sub" / "mine.txt", out / "students" / "mine.txt",
+                  out / "students" / "layers=1" / "mine.txt"):
+        where.write_text("mine")
+        for force, resume in ((True, None), (False, True)):
+            with pytest.raises(ShrinkError, match=str(where)):
+                with claim(out, "search", OUT_NAMES, force=force, resume=resume):
+                    pass
+        # and the promotion of a new best during a run (a resume) refuses to move it aside
+        if where.parent == out / "best":
+            with pytest.raises(ShrinkError, match="never replaced"):
+                with atomic_dir(out / "best") as tmp:
+                    (tmp / "model.safetensors").write_bytes(b"y")
+        assert where.read_text() == "mine"
+        where.unlink()
+    (out / "best" / "model.safetensors").write_bytes(b"changed by hand")
+    with pytest.raises(ShrinkError, match="model.safetensors"):
+        with claim(out, "search", OUT_NAMES, force=True):
+            pass
+    (out / "best" / "model.safetensors").write_bytes(b"x" * 10)
+    with claim(out, "search", OUT_NAMES, force=True):
+        assert sorted(p.name for p in out.iterdir()) == [".shrink-out.json"]
+
+
+def test_a_failed_resume_of_a_user_folder_leaves_no_marker(tmp_path, hf):
+    # a folder of the user's that holds only names a search writes (results.jsonl, report.md)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.jsonl").write_text("my own log\n")
+    (out / "report.md").write_text("my report")
+    before = tree(out)
+    r = run("search", hf, "--out", out, "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert tree(out) == before and not (out / ".shrink-out.json").exists()
+    refused(run("search", hf, "--out", out, "--force"), "was not written by shrink search")
+    assert tree(out) == before
+
+
+def test_the_lock_never_follows_a_link_nor_overwrites_a_file(tmp_path, hf):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / ".q.lock").symlink_to(precious)
+    refused(run("quantize", hf, "-f", "int8", "--out", tmp_path / "q"), ".q.lock", "symbolic link")
+    assert precious.read_text() == "keep me" and not (tmp_path / "q").exists()
+    (tmp_path / ".q.lock").unlink()
+    (tmp_path / ".q.lock").write_text("a file of mine")
+    refused(run("quantize", hf, "-f", "int8", "--out", tmp_path / "q"), ".q.lock", "not a lock file")
+    assert (tmp_path / ".q.lock").read_text() == "a file of mine"
+
+
+def test_only_temporaries_shrink_made_are_removed(tmp_path, hf, q):
+    # named like shrink's temporaries (a process that is gone), but not made by shrink: never removed,
+    # neither when the command then refuses nor when it succeeds
+    dead = 2 ** 22 + 12345
+    look_alike = [tmp_path / f".q.{dead}.abcd1234.tmp", tmp_path / f".q.{dead}.efgh5678.old"]
+    look_alike[0].write_text("a file of mine")
+    look_alike[1].mkdir()
+    (look_alike[1] / "x").mkdir()
+    (look_alike[1] / "x" / "data.bin").write_text("mine")
+    before = tree(tmp_path)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "thesis.tex").write_text("x")
+    refused(run("quantize", hf, "-f", "int8", "--out", tmp_path / "q"), "not empty")
+    (tmp_path / "q" / "thesis.tex").unlink()
+    (tmp_path / "q").rmdir()
+    assert run("quantize", hf, "-f", "int8", "--out", tmp_path / "q").returncode == 0
+    after = tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("q/")} == before
+
+
+def test_quantize_force_keeps_an_empty_folder_of_the_users(tmp_path, hf, q):
+    own = copy(q, tmp_path / "own")
+    (own / "drafts").mkdir()
+    refused(run("quantize", hf, "-f", "int8", "--out", own, "--force"), "is not a folder shrink wrote exactly as it is")
+    assert (own / "drafts").is_dir()
+
+
 # ---- 2. no code from a model folder ever runs ----------------------------------------------------
 
 PLANTED = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
@@ -503,7 +613,7 @@ def test_a_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, hf):
                               "    (tmp / 'model.safetensors').write_bytes(b'x' * 100000)\n"
                               "    print(tmp, flush=True)\n    time.sleep(120)\n"],
                              stdout=subprocess.PIPE, text=True)
-    tmp = child.stdout.readline().strip()
+    tmp = os.path.dirname(child.stdout.readline().strip())  # the temporary folder that records its owner
     assert os.path.isdir(tmp) and os.path.basename(tmp).startswith(f".q.{child.pid}.")
     os.kill(child.pid, signal.SIGKILL)
     child.wait()

@@ -23,22 +23,33 @@ def _prefix(target: Path) -> str:
 
 @contextmanager
 def atomic_file(path: str | Path):
-    """Yield a temporary file's path beside `path`; on success it becomes `path` by an atomic rename, on
-    error it is removed. What a killed run left beside `path` is removed first."""
+    """Yield a temporary file's path beside `path` (inside a temporary folder that records its owner
+    process); on success it becomes `path` by an atomic rename, on error it is removed. What a killed
+    run left beside `path` is removed first."""
     from .outdir import remove_stale_temporaries
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
-    os.close(fd)
+    box = temporary_box(path, ".tmp")
+    tmp = box / path.name
+    tmp.touch()
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(box, ignore_errors=True)
+
+
+def temporary_box(target: Path, suffix: str) -> Path:
+    """A new folder `.NAME.PID.RANDOM<suffix>` beside `target` holding its owner's record (outdir.OWNER):
+    only such folders, whose process is gone, are removed by a later run (outdir.remove_stale_temporaries)."""
+    from .outdir import OWNER
+
+    box = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=suffix))
+    (box / OWNER).write_text(json.dumps({"pid": os.getpid(), "target": target.name}))
+    return box
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -56,23 +67,23 @@ def write_json(path: str | Path, data) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, replaceable=lambda p: False):
+def atomic_dir(target: str | Path, replaceable=None):
     """Yield a temporary folder beside `target`; on success it becomes `target`, on error it is removed.
 
-    An existing `target` is replaced only if it is empty or `replaceable(target)` is true; otherwise
-    FileExistsError is raised before anything is written.
+    An existing `target` is replaced only if it is empty, or `replaceable(target)` is true (default: it is
+    a folder shrink wrote, outdir.foreign_in finds nothing else in it); otherwise ShrinkError is raised
+    before anything is written. The new folder is sealed (outdir.seal) so that a later run can tell it
+    is shrink's.
     """
-    from .outdir import remove_stale_temporaries
+    from .outdir import check_replaceable, remove_stale_temporaries
 
     target = Path(target)
     remove_stale_temporaries(target)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a folder")
-        if any(target.iterdir()) and not replaceable(target):
-            raise FileExistsError(f"{target} exists and is not empty; choose another folder or remove it")
+    check_replaceable(target, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp"))
+    box = temporary_box(target, ".tmp")
+    tmp = box / "x"
+    tmp.mkdir()
     try:
         yield tmp
         mask = _umask()
@@ -80,10 +91,9 @@ def atomic_dir(target: str | Path, replaceable=lambda p: False):
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
-        swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        swap_in(tmp, target, check=False)
+    finally:
+        shutil.rmtree(box, ignore_errors=True)
 
 
 def restore(target: str | Path) -> bool:
@@ -94,11 +104,18 @@ def restore(target: str | Path) -> bool:
     return restore_interrupted_swap(Path(target))
 
 
-def swap_in(src: Path, target: Path) -> None:
-    """Make folder `src` the new `target`: an existing one is moved aside first (to a temporary that a dead
-    process's successor removes) and deleted only once the new one is in place."""
+def swap_in(src: Path, target: Path, check: bool = True) -> None:
+    """Make folder `src` the new `target`, sealed as shrink's (outdir.seal): an existing one is moved aside
+    first (to a temporary that a dead process's successor removes) and deleted only once the new one is in
+    place. With `check` (default), an existing `target` that holds anything shrink did not write is
+    refused (ShrinkError) and left as it is."""
+    from .outdir import check_replaceable, seal
+
+    seal(src)
+    if check:
+        check_replaceable(target, None)
     if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=".old"))
+        old = temporary_box(target, ".old")
         os.replace(target, old / "x")
         os.replace(src, target)
         shutil.rmtree(old, ignore_errors=True)

@@ -102,7 +102,7 @@ def resolve_teacher(teacher):
 
 def save_student(student: nn.Module, folder: Path, record: dict, tokenizer=None) -> None:
     """A Hugging Face folder for HF students; model.safetensors + student.json for spec-built ones."""
-    with atomic_dir(folder, replaceable=lambda p: (p / "config.json").exists() or (p / STUDENT_SPEC).exists()) as tmp:
+    with atomic_dir(folder) as tmp:
         if hasattr(student, "save_pretrained"):
             student.save_pretrained(tmp)
             if tokenizer is not None:

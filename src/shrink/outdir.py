@@ -12,7 +12,10 @@ wrote there before, one writer at a time, and it says so before any work starts.
 
 Which folders are shrink's: a model folder (`shrink quantize`) when its shrink.json lists exactly the
 files in it (`owned=`); the folders of compare, distill and search when they hold the marker file
-`.shrink-out.json` naming the command, and nothing but the entries that command writes.
+`.shrink-out.json` naming the command, and nothing but the entries that command writes; and, at any depth
+below, a folder shrink put in place (atomic.atomic_dir, atomic.swap_in) when its seal `.shrink-files.json`
+lists everything in it. Nothing else is ever replaced or removed: a user's file inside `best/` makes the
+whole folder the user's. Temporaries are folders that record their owner process (`.shrink-owner.json`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -31,6 +35,8 @@ from pathlib import Path
 from .errors import ShrinkError
 
 MARK = ".shrink-out.json"
+SEAL = ".shrink-files.json"    # inside a folder shrink put in place: what it held then
+OWNER = ".shrink-owner.json"   # inside a temporary folder: the process that made it
 _held: dict[str, int] = {}  # folders this process holds, so that a nested claim (CLI, then API) is a no-op
 
 
@@ -61,7 +67,7 @@ def restore_interrupted_swap(target: Path) -> bool:
     for p in target.parent.iterdir():
         m = _TEMP.match(p.name)
         if m and m.group(1) == target.name and m.group(3) == "old" and (p / "x").is_dir() \
-                and not _pid_alive(int(m.group(2))):
+                and _dead_owner(p, int(m.group(2))):
             os.replace(p / "x", target)
             print(f"note: restored {target} from {p}, moved aside by a shrink run that was killed while "
                   f"replacing it (process {m.group(2)})", file=sys.stderr)
@@ -69,9 +75,22 @@ def restore_interrupted_swap(target: Path) -> bool:
     return False
 
 
+def _dead_owner(box: Path, pid: int) -> bool:
+    """Whether `box` is a temporary folder shrink made (its owner record names process `pid`) and that
+    process is gone. A file or folder that merely has such a name is not shrink's."""
+    if box.is_symlink() or not box.is_dir():
+        return False
+    try:
+        owner = json.loads((box / OWNER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(owner, dict) and owner.get("pid") == pid and not _pid_alive(pid)
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove temporary folders and files that a killed shrink left beside `target` (their process is
-    gone); returns what was removed. A line on stderr names each one."""
+    """Remove the temporary folders that a killed shrink left beside `target` (they record their owner
+    process, and it is gone); returns what was removed. A line on stderr names each one. Anything else
+    that merely looks like one is left alone."""
     target = Path(target)
     parent = target.parent
     if not parent.is_dir():
@@ -80,16 +99,110 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     removed = []
     for p in parent.iterdir():
         m = _TEMP.match(p.name)
-        if not m or m.group(1) != target.name or _pid_alive(int(m.group(2))):
+        if not m or m.group(1) != target.name or not _dead_owner(p, int(m.group(2))):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
         if not p.exists():
             removed.append(p)
             print(f"note: removed {p}, left by a shrink run that was killed (process {m.group(2)})", file=sys.stderr)
     return removed
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    """{relative path: bytes (-1 for a folder, -2 for anything else)} of everything under `folder`."""
+    out = {}
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if rel == SEAL:
+            continue
+        out[rel] = -2 if p.is_symlink() else -1 if p.is_dir() else p.stat().st_size if p.is_file() else -2
+    return out
+
+
+def seal(folder: Path) -> None:
+    """Record in `folder` everything it holds now, so that a later run replaces or removes it only while it
+    holds nothing more (foreign_in)."""
+    folder = Path(folder)
+    (folder / SEAL).unlink(missing_ok=True)
+    (folder / SEAL).write_text(json.dumps({"entries": _listing(folder)}, sort_keys=True))
+
+
+def _read_seal(folder: Path) -> dict | None:
+    try:
+        seal_ = json.loads((folder / SEAL).read_text())
+    except (OSError, ValueError):
+        return None
+    entries = seal_.get("entries") if isinstance(seal_, dict) else None
+    return entries if isinstance(entries, dict) else None
+
+
+def foreign_in(path: Path, names: Iterable[str] | None = None) -> Path | None:
+    """The first thing under folder `path` that shrink did not write (None when there is none): a folder
+    shrink sealed may hold only what its seal lists, at the sizes listed; a folder with a marker only the
+    entries its command writes, each checked in turn; a model folder only what its shrink.json lists;
+    any other folder (`students/`) only such folders. `names`: the entries allowed at the top (a claim's)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return path if path.is_symlink() or path.exists() else None
+    entries = _read_seal(path)
+    if entries is not None:
+        for rel, size in sorted(_listing(path).items()):
+            if rel not in entries or size != entries[rel] or size == -2:
+                return path / rel
+        return None
+    mark = read_mark(path) if names is None else {"names": list(names)}
+    if mark is not None:
+        allowed = set(mark.get("names") or ())
+        for base in _foreign(path, allowed):
+            return path / base
+        for p in sorted(path.iterdir()):
+            if p.is_dir() and not p.is_symlink() and p.name in allowed:
+                found = foreign_in(p)
+                if found is not None:
+                    return found
+            elif p.is_symlink():
+                return p
+        return None
+    from .io.manifest import is_own_folder
+
+    if is_own_folder(path):
+        return None
+    for p in sorted(path.iterdir()):
+        if p.is_symlink() or not p.is_dir():
+            return p
+        if _read_seal(p) is None and read_mark(p) is None and not is_own_folder(p):
+            return p
+        found = foreign_in(p)
+        if found is not None:
+            return found
+    return None
+
+
+def check_replaceable(target: Path, replaceable: Callable[[Path], bool] | None) -> None:
+    """Raise ShrinkError unless `target` is absent, an empty folder, or one shrink may replace:
+    `replaceable(target)`, or by default nothing in it that shrink did not write (foreign_in)."""
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ShrinkError(f"{target} exists and is not a folder shrink wrote; it is never replaced")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if replaceable is not None:
+        if replaceable(target):
+            return
+        raise ShrinkError(f"{target} exists and is not a folder shrink wrote; it is never replaced: move it away")
+    found = foreign_in(target)
+    if found is not None:
+        raise ShrinkError(f"{found}: shrink did not write this, so {target} is never replaced or removed; "
+                          "move it away")
+
+
+def remove_own(path: Path) -> None:
+    """Remove folder `path` (nothing if absent) after checking that nothing in it is a user's (foreign_in)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    check_replaceable(path, None)
+    shutil.rmtree(path)
 
 
 class _Lock:
@@ -98,7 +211,18 @@ class _Lock:
     def __init__(self, path: Path, command: str):
         self.path = path
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ShrinkError(f"{path}: a symbolic link where shrink keeps its lock; shrink never follows "
+                                      "it (it would overwrite what it points to): remove it") from None
+                raise ShrinkError(f"{path}: cannot open the lock file ({e.strerror})") from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size and not _is_lock_record(fd)):
+                os.close(fd)
+                raise ShrinkError(f"{path}: exists and is not a lock file of shrink's; shrink keeps its lock "
+                                  "under this name and never overwrites another file: move it away")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -125,6 +249,16 @@ class _Lock:
         except FileNotFoundError:
             pass
         os.close(self.fd)
+
+
+def _is_lock_record(fd: int) -> bool:
+    """Whether the open file holds a lock record as _Lock writes it (a process id and a command)."""
+    data = os.pread(fd, 4096, 0)
+    try:
+        info = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(info, dict) and set(info) == {"pid", "command"}
 
 
 def _holder(lock: Path) -> str:
@@ -189,6 +323,10 @@ def _check_contents(path: Path, command: str, names: set[str], force: bool, resu
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise ShrinkError(f"{path} holds files shrink {command} did not write ({shown}); shrink replaces only its "
                           "own output: choose another --out, or move them away")
+    deep = foreign_in(path, names)
+    if deep is not None:
+        raise ShrinkError(f"{deep}: shrink {command} did not write this, and never replaces or removes what it did "
+                          f"not write; move it out of {path}, or choose another --out")
     if resume:
         return False
     if not force:
@@ -241,16 +379,18 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
     _check_writable(path)
     lock = _Lock(path.parent / f".{path.name}.lock", command)
     created = False
+    marked = False
     try:
-        remove_stale_temporaries(path)
+        restore_interrupted_swap(path)
         names = set(names)
         fresh = _check_contents(path, command, names, force, resume, owned)
+        remove_stale_temporaries(path)  # only once the folder is known to be shrink's to write
         if owned is None:
             if fresh:
                 for name in names | {MARK}:
                     p = path / name
                     if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p)
+                        remove_own(p)
                     elif p.exists() or p.is_symlink():
                         p.unlink()
             created = not path.exists()
@@ -260,6 +400,7 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
                 from .atomic import write_json
 
                 write_json(path / MARK, {"command": command, "shrink_version": __version__, "names": sorted(names)})
+                marked = True
         _held[key] = 1
         ok = False
         try:
@@ -269,6 +410,9 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
             _held.pop(key, None)
             if not ok and created and path.is_dir() and [p.name for p in path.iterdir()] == [MARK]:
                 shutil.rmtree(path, ignore_errors=True)  # nothing was written: leave nothing behind
+            elif not ok and marked and not created:
+                # a resume of a folder without a marker that failed: it is not known to be shrink's
+                (path / MARK).unlink(missing_ok=True)
     finally:
         lock.release()
 

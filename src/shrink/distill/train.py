@@ -249,7 +249,7 @@ def _save_checkpoint(folder: Path, student, opt, sched, step, pos, best, history
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": json.dumps(best),
              "history": json.dumps(history), "config": json.dumps(asdict(cfg)), "data": data.fingerprint,
              "world": _world()[1]}
-    with atomic_dir(folder, replaceable=lambda p: (p / "state.pt").exists()) as tmp:
+    with atomic_dir(folder) as tmp:
         save_model(student, str(tmp / "student.safetensors"))  # tied weights stored once
         torch.save(state, tmp / "state.pt")
 
@@ -373,7 +373,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cf
             if best is None or _selection(metrics) < _selection(best):
                 best = metrics
                 if out is not None and rank == 0:
-                    with atomic_dir(out / "best", replaceable=lambda p: (p / "student.safetensors").exists()) as tmp:
+                    with atomic_dir(out / "best") as tmp:
                         save_model(student, str(tmp / "student.safetensors"))
         if out is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
             _save_checkpoint(out / "checkpoint", student, opt, sched, step, pos, best, history, cfg, data)

@@ -185,8 +185,18 @@ def file_record(directory: Path) -> dict:
 
 
 def _present(directory: Path) -> dict[str, int]:
-    return {p.relative_to(directory).as_posix(): p.stat().st_size
-            for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
+    """{relative path: bytes} of the files under `directory`, and -1 for a folder that holds none of them
+    (an empty folder is something shrink did not write, too); shrink's seal aside (outdir.SEAL)."""
+    from ..outdir import SEAL
+
+    out = {p.relative_to(directory).as_posix(): p.lstat().st_size
+           for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
+    parents = {q for rel in out for q in Path(rel).parents}
+    for p in directory.rglob("*"):
+        if p.is_dir() and not p.is_symlink() and Path(p.relative_to(directory)) not in parents:
+            out[p.relative_to(directory).as_posix()] = -1
+    out.pop(SEAL, None)
+    return out
 
 
 def is_own_folder(directory: str | Path) -> bool:

@@ -36,7 +36,7 @@ from ..evaluate.compare import estimate_seconds, finite, task_too_small
 from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
 from ..io.manifest import read_json
-from ..outdir import claim
+from ..outdir import claim, remove_own
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .records import CandidateResult, Original, Skipped, TaskSummary
 from .constraints import Constraints, human_bytes
@@ -347,8 +347,9 @@ class _Run:
         self.batch_size = _eval_batch(con)
         self.trained: dict[str, nn.Module] = {}
         self.durations: list[float] = []
+        remove_own(out / ".original")
         orig_size = disk_bytes(original, out / ".original", tok)
-        shutil.rmtree(out / ".original", ignore_errors=True)
+        remove_own(out / ".original")
         self.original_info = Original(name, orig_size, memory_bytes(original), seconds_per_token(original, tok))
 
     def budget_left(self, measured: int, spent: float) -> bool:
@@ -389,7 +390,7 @@ class _Run:
             self.original_info.latency_example = comp.original["seconds_per_example"]
             self.original_info.score = comp.overall.original
         staging = self.out / ".candidate"
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_own(staging)
         size = disk_bytes(model, staging, self.tok) if shipped is None else _also_saved(model, staging, self.tok, shipped)
         record = judge(_measured(c, comp, size, memory_bytes(model), latency_token, build_s,
                                  time.perf_counter() - t0), self.con, comp.allowed_drop())  # compared with max_drop
@@ -401,7 +402,7 @@ class _Run:
             swap_in(staging, self.out / "best")
             if shipped is not None:
                 os.replace(shipped, self.out / "best.gguf")
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_own(staging)
         if shipped is not None:
             shipped.unlink(missing_ok=True)
         mark = "[green]qualifies[/green]" if record.qualifies else f"[red]misses {', '.join(record.miss)}[/red]"
@@ -429,7 +430,7 @@ class _Run:
         """best/ went missing (removed by hand, or the best was found before a crash in promoting it): build it again."""
         model = self.build(best.candidate)
         staging = self.out / ".candidate"
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_own(staging)
         disk_bytes(model, staging, self.tok)
         write_json(staging / "candidate.json", best.to_json())
         swap_in(staging, self.out / "best")
