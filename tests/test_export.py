@@ -6,6 +6,8 @@ import sys
 
 import gguf
 import numpy as np
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,14 +138,68 @@ def test_existing_files_are_kept(tmp_path, tok):
     model = _with_tok(shrink.quantize(bpe_llama(), "int8", progress=False), tok)
     mine = tmp_path / "notes.gguf"
     mine.write_text("my notes")
-    with pytest.raises(shrink.ShrinkError, match="not a GGUF file; it is never replaced"):
+    with pytest.raises(shrink.ShrinkError, match="not a GGUF file shrink exported; it is never replaced"):
         export_gguf(model, mine, force=True)
     assert mine.read_text() == "my notes"
+    # a file that merely starts like a GGUF, and a whole GGUF file that shrink did not write
+    stub = tmp_path / "stub.gguf"
+    stub.write_bytes(b"GGUF\x03\x00\x00\x00")
+    other = tmp_path / "other.gguf"
+    export_gguf(model, other)
+    _strip_mark(other)
+    for f in (stub, other):
+        before = f.read_bytes()
+        with pytest.raises(shrink.ShrinkError, match="not a GGUF file shrink exported"):
+            export_gguf(model, f, force=True)
+        assert f.read_bytes() == before
+    # a pipe is refused at once (opening it to look would block), and so is a link
+    os.mkfifo(tmp_path / "pipe.gguf")
+    with pytest.raises(shrink.ShrinkError, match="not a regular file"):
+        export_gguf(model, tmp_path / "pipe.gguf", force=True)
+    (tmp_path / "link.gguf").symlink_to(tmp_path / "notes.gguf")
+    with pytest.raises(shrink.ShrinkError, match="symbolic link"):
+        export_gguf(model, tmp_path / "link.gguf", force=True)
+    for f in ("stub.gguf", "other.gguf", "pipe.gguf", "link.gguf"):
+        (tmp_path / f).unlink()
     export_gguf(model, tmp_path / "m.gguf")
     with pytest.raises(shrink.ShrinkError, match="exists; pass --force"):
         export_gguf(model, tmp_path / "m.gguf")
     export_gguf(model, tmp_path / "m.gguf", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.gguf"]  # no temporaries left
+
+
+def _strip_mark(path):
+    """Rewrite `path` without shrink's export mark (as another tool would have written it)."""
+    import gguf
+
+    from shrink.io.export import EXPORTED_BY
+
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(path) + ".new", reader.get_field("general.architecture").contents())
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in (EXPORTED_BY, "general.architecture"):
+            continue
+        writer.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(path) + ".new", path)
+    assert gguf.GGUFReader(str(path)).get_field(EXPORTED_BY) is None
+
+
+def test_two_exports_to_one_file_never_both_write(tmp_path, tok):
+    from shrink.outdir import lock_beside
+
+    model = _with_tok(shrink.quantize(bpe_llama(), "int8", progress=False), tok)
+    with lock_beside(tmp_path / "m.gguf", "export"):  # another shrink exporting there
+        with pytest.raises(shrink.ShrinkError, match="another shrink .* is writing it"):
+            export_gguf(model, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+    export_gguf(model, tmp_path / "m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the lock is gone
 
 
 def test_models_gguf_cannot_name_are_refused(tmp_path, mlp):

@@ -595,7 +595,7 @@ def test_a_held_folder_is_refused_with_the_holders_process_id(tmp_path, hf):
     try:
         assert holder.stdout.readline().strip() == "held"
         refused(run("quantize", hf, "-f", "int8", "-o", out), str(out),
-                f"another shrink (shrink quantize, process {holder.pid}) is writing to this folder")
+                f"another shrink (shrink quantize, process {holder.pid}) is writing it")
         # a search resumed beside a running one would measure its candidates twice
         refused(run("search", hf, "-o", s, "--resume"), str(s), f"another shrink (shrink search, process {holder.pid})")
     finally:

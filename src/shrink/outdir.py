@@ -230,7 +230,7 @@ class _Lock:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 raise ShrinkError(f"{path.parent / path.name[1:-5]}: another shrink ({_holder(path)}) is writing "
-                                  "to this folder; wait for it to finish, or choose another --out") from None
+                                  "it; wait for it to finish, or choose another output") from None
             # the previous holder may have removed the file between our open and our lock: then lock anew
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -413,6 +413,19 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
             elif not ok and marked and not created:
                 # a resume of a folder without a marker that failed: it is not known to be shrink's
                 (path / MARK).unlink(missing_ok=True)
+    finally:
+        lock.release()
+
+
+@contextmanager
+def lock_beside(target: str | os.PathLike, command: str):
+    """Hold the lock of output `target` (a file, such as an exported GGUF) for the block: `.NAME.lock` beside it,
+    as `claim` takes for folders, so that two shrinks never write one output at once."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(target.parent / f".{target.name}.lock", command)
+    try:
+        yield target
     finally:
         lock.release()
 

@@ -15,6 +15,7 @@ and scales, so it stays exact.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,14 @@ import torch
 import torch.nn as nn
 
 from ..atomic import atomic_file
+from ..outdir import lock_beside
 from ..errors import ShrinkError
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
 from .gguf_meta import write_metadata
 
 FLOAT_TYPES = ("f16", "f32")
+EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
 # model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
 
@@ -115,7 +118,14 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
         raise ShrinkError(f"float type {float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
     requant_type = _requant_type(requantize)
     path = Path(path)
-    _check_target(path, force)
+    with lock_beside(path, "export"):
+        _check_target(path, force)
+        return _export(model, path, float_type, requant_type, source_gguf)
+
+
+def _export(model, path: Path, float_type: str, requant_type, source_gguf) -> ExportReport:
+    import gguf
+
     from .models import resolve
 
     module, tokenizer, _ = resolve(model)
@@ -147,6 +157,9 @@ def _write(path: Path, arch: str, tensors: list, config, tokenizer, src: Path | 
     writer = gguf.GGUFWriter(str(path), arch)
     report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
     report.notes.extend(notes)
+    from .. import __version__
+
+    writer.add_string(EXPORTED_BY, f"shrink {__version__}")  # the mark that lets --force replace it later
     writer.add_file_type(_file_type(report.tensors))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for t in tensors:
@@ -298,15 +311,34 @@ def _float(layer: nn.Module) -> torch.Tensor:
 
 
 def _check_target(path: Path, force: bool) -> None:
+    """Refuse a target that is not a new file, or (with force) a GGUF file shrink exported: never a
+    folder, a pipe or device (whose opening would block or write elsewhere), a link, or another file."""
+    if path.is_symlink():
+        raise ShrinkError(f"{path} is a symbolic link; shrink writes only a file of its own there, never through a link")
     if path.is_dir():
         raise ShrinkError(f"{path} is a folder; give the GGUF file's path (e.g. {path / 'model.gguf'})")
-    if path.exists():
+    if not path.exists():
+        return
+    if not stat.S_ISREG(path.lstat().st_mode):
+        raise ShrinkError(f"{path} exists and is not a regular file (a pipe or a device); give a file's path")
+    if not force:
+        raise ShrinkError(f"{path} exists; pass --force to replace a GGUF file shrink exported")
+    if not exported_by_shrink(path):
+        raise ShrinkError(f"{path} exists and is not a GGUF file shrink exported; it is never replaced")
+
+
+def exported_by_shrink(path: Path) -> bool:
+    """Whether `path` is a whole, readable GGUF file that carries shrink's export mark."""
+    import gguf
+
+    try:
         with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise ShrinkError(f"{path} exists and is not a GGUF file; it is never replaced")
-        if not force:
-            raise ShrinkError(f"{path} exists; pass --force to replace it")
+            if f.read(4) != b"GGUF":
+                return False
+        field = gguf.GGUFReader(str(path)).get_field(EXPORTED_BY)
+    except Exception:  # noqa: BLE001 - any damage means "not a file shrink wrote as it is"
+        return False
+    return field is not None
 
 
 def source_gguf_of(module: nn.Module) -> Path | None:
