@@ -303,3 +303,37 @@ def test_tune_steps_end_to_end_and_round_trip(tmp_path, base_and_ref):
         assert torch.equal(loaded(ids).logits, tuned(ids).logits)
     with pytest.raises(ValueError, match="tune_steps=8: tuning needs a calibrated method"):
         shrink.quantize(copy.deepcopy(base), "int4-g32", tune_steps=8)
+
+
+@pytest.mark.parametrize("how", [dict(spec="int4-g32"), dict(spec="int4-g32", method="awq+gptq+tune4"),
+                                 dict(spec="int8", target_bits=4.5, method="awq")])
+def test_a_quantize_that_fails_leaves_the_model_as_it_was(monkeypatch, base_and_ref, how):
+    # the failure comes at the very end (the forward check), after every layer was replaced and AWQ folded
+    # its scales into norms and layers, tuning changed norms: all of it is undone
+    from shrink.quant import apply
+
+    base, ref, ids = base_and_ref
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = {n: type(m) for n, m in model.named_modules()}
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+
+    def fail(*a, **k):
+        raise ShrinkError("the check failed")
+
+    monkeypatch.setattr(apply, "_check_forward", fail)
+    kwargs = {k: v for k, v in how.items() if k != "spec"}
+    if "method" in kwargs or "target_bits" in kwargs:
+        kwargs["calibration"] = _samples()
+    with pytest.raises(ShrinkError, match="the check failed"):
+        shrink.quantize(model, how["spec"], progress=False, **kwargs)
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before), [k for k in before if not torch.equal(after[k], before[k])]
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert model.config.tie_word_embeddings == base.config.tie_word_embeddings
+    assert torch.equal(model(ids).logits, ref)
+    assert not shrink.info(model).formats
+    monkeypatch.undo()
+    shrink.quantize(model, how["spec"], progress=False, **kwargs)  # and it quantizes as any model would

@@ -455,6 +455,43 @@ def test_scores_outside_0_1_fail_their_example_and_nan_is_never_within(tmp_path)
         broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     c = compare(m, broken, ppl, tokenizer=tok, tolerance=100)
     assert not c.within and c.verdict.startswith("PAST THE SWEET SPOT (100% of perplexity): the scores hold NaN")
+    # the same model on a generation task: both get every answer wrong (the scores agree), but its outputs are
+    # NaN: never within, and --strict fails on it
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"id": f"g{i}", "input": word_text(5, seed=i), "target": "zzz",
+                                       "max_new_tokens": 2}) + "\n" for i in range(400)))
+    c = compare(m, broken, gen, tokenizer=tok, tolerance=100, batch_size=64)
+    assert c.overall.change == 0 and not c.within and c.status == "CANNOT TELL", c.verdict
+    assert "a model produced NaN or infinite outputs" in c.verdict
+    saved = tmp_path / "broken"
+    broken.save_pretrained(saved)
+    tok.save_pretrained(saved)
+    orig = tmp_path / "orig"
+    m.save_pretrained(orig)
+    tok.save_pretrained(orig)
+    r = cli("compare", orig, saved, "--task", gen, "--tolerance", "100", "--strict")
+    assert r.returncode == 3 and "CANNOT TELL" in r.stdout, r.stdout[-1500:]
+
+
+def test_nan_weights_are_never_saved(tmp_path, hf):
+    import torch
+
+    m = tiny_llama()
+    q = shrink.quantize(m, "int8", progress=False)
+    with torch.no_grad():
+        q.model.embed_tokens.weight[3, 1] = float("nan")  # kept in full precision by int8
+    with pytest.raises(shrink.ShrinkError, match=r"model.embed_tokens.weight: 1 of its .* values are NaN or infinite"):
+        shrink.save(q, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # through the command line, from a checkpoint that holds an infinity
+    from safetensors.torch import load_file, save_file
+
+    bad = copy(hf, tmp_path / "bad")
+    st = load_file(bad / "model.safetensors")
+    st["model.norm.weight"][0] = float("inf")
+    save_file(st, bad / "model.safetensors", metadata={"format": "pt"})
+    refused(run("quantize", bad, "-f", "int8", "-o", tmp_path / "o"), "model.norm.weight", "NaN or infinite")
+    assert not (tmp_path / "o").exists()
 
 
 # ---- 6. corrupt manifests: every field wrong in type, missing, or out of range ------------------

@@ -25,7 +25,7 @@ from .adapters import Adapter, Outcome, adapter_for
 from .scorers import load_scorer
 from .stats import divergence_summary, mcnemar_exact, paired_bootstrap
 from .tasks import Task, load_task
-from .verdict import PAST, Verdict, decide, too_small
+from .verdict import CANNOT_TELL, PAST, Verdict, decide, too_small
 
 MIN_SLICE = 5  # slices with fewer examples are reported but cannot fail the verdict
 SIGNIFICANCE = 0.05
@@ -429,7 +429,9 @@ def tolerance_text(tolerance: float, relative: bool, perplexity: bool, allowed_p
 
 def _judge(overall: SliceResult, slices: list[SliceResult], ok: list[ExampleResult], tolerance: float,
            relative: bool, perplexity: bool) -> Verdict:
-    """The verdict under the tolerance (the rule of `verdict.decide`); a result holding NaN is never within it."""
+    """The verdict under the tolerance (the rule of `verdict.decide`); a result holding NaN is never within it:
+    non-finite scores are past the sweet spot, non-finite outputs behind finite scores (KL divergence,
+    embedding cosines) cannot tell."""
     def allowed(s: SliceResult) -> float:
         return allowed_drop(tolerance, relative, s.original)
 
@@ -439,8 +441,15 @@ def _judge(overall: SliceResult, slices: list[SliceResult], ok: list[ExampleResu
         shown = ", ".join(map(repr, nan[:5])) + (" ..." if len(nan) > 5 else "")
         return Verdict(PAST, f"{PAST} ({tol_text}): the scores hold NaN or infinity (examples {shown}); a model "
                              "produced non-finite outputs")
-    return decide(overall.change, overall.ci_low, overall.ci_high, allowed(overall), overall.n, tol_text,
-                  "%" if perplexity else " points", _slice_past(slices, allowed, perplexity))
+    verdict = decide(overall.change, overall.ci_low, overall.ci_high, allowed(overall), overall.n, tol_text,
+                     "%" if perplexity else " points", _slice_past(slices, allowed, perplexity))
+    bad = [r.id for r in ok if any(v is not None and not math.isfinite(v) for v in (r.kl_mean, r.embedding_cosine))]
+    if bad and verdict.status != PAST:
+        shown = ", ".join(map(repr, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        return Verdict(CANNOT_TELL, f"{CANNOT_TELL} ({tol_text}): a model produced NaN or infinite outputs (examples "
+                                    f"{shown}: their KL divergence or cosine is not finite), so the scores cannot be "
+                                    "trusted whatever they are; check the model for overflow or damaged weights")
+    return verdict
 
 
 def _divergence(kls, agree, cosines) -> dict:

@@ -145,6 +145,17 @@ def _add_quantization_config(path: Path, model: nn.Module) -> None:
     write_json(path, cfg)
 
 
+def refuse_non_finite(model: nn.Module) -> None:
+    """ShrinkError naming the first floating-point tensor of `model`'s state that holds NaN or infinity:
+    such a model computes NaN, and a saved copy would carry it to every later user."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
+                              "them computes NaN, so it is not saved (check the original's weights, or the "
+                              "calibration that produced these)")
+
+
 def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None, *,
          results: dict | None = None, force: bool = False) -> Path:
     """Write `model` to `directory` (model.safetensors, shrink.json, and for Hugging Face models
@@ -157,6 +168,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         model, tokenizer, source = model.model, tokenizer or model.tokenizer, source or model.source
     directory = Path(directory)
+    refuse_non_finite(model)
     manifest = manifest_for(model, source)
     with claim(directory, "quantize", owned=is_own_folder, force=force), \
             atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p)) as tmp:

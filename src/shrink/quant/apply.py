@@ -185,53 +185,88 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     assignment = plan(model, spec, keep_output=keep_output)
     _refuse_nothing_to_do(model, assignment)
     _validate(model, assignment)
-    for name, fmt in assignment.items():  # GPT-2's Conv1D layers to be quantized become the Linear they are
-        if fmt is not None and is_conv1d(model.get_submodule(name)):
-            set_submodule(model, name, as_linear(model.get_submodule(name)))
-    inputs, described = sample_input(model)
-    before, skipped = None, None
-    if inputs is None:
-        skipped = described
-    else:
-        try:
-            before = run_forward(model, inputs)
-        except Exception as e:  # our guess at an input did not fit this model: say so, do not fail
-            skipped = f"the original model does not run on {described} ({type(e).__name__}: {str(e)[:160]})"
-    record = {}
-    if needs_data:
-        from .calibrated import measure_sensitivity, quantize_calibrated
-        from .calibration import prepare
+    undo = _Undo(model)  # any failure from here on puts the model back as it was
+    try:
+        for name, fmt in assignment.items():  # GPT-2's Conv1D layers to be quantized become the Linear they are
+            if fmt is not None and is_conv1d(model.get_submodule(name)):
+                set_submodule(model, name, as_linear(model.get_submodule(name)))
+        inputs, described = sample_input(model)
+        before, skipped = None, None
+        if inputs is None:
+            skipped = described
+        else:
+            try:
+                before = run_forward(model, inputs)
+            except Exception as e:  # our guess at an input did not fit this model: say so, do not fail
+                skipped = f"the original model does not run on {described} ({type(e).__name__}: {str(e)[:160]})"
+        record = {}
+        if needs_data:
+            from .calibrated import measure_sensitivity, quantize_calibrated
+            from .calibration import prepare
 
-        data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
-        record = {"data": data.record, "method": method, "damp": damp, "act_order": act_order}
-        if recipe.gptq is not None and recipe.gptq.true_sequential:  # non-default GPTQ options, when given
-            record["true_sequential"] = True
-        if recipe.gptq is not None and not recipe.gptq.refit:
-            record["refit"] = False
-        if tune_steps:
-            record["tune_steps"] = tune_steps
-        if target_bits is not None:
-            lad = tuple(ladder or DEFAULT_LADDER)
-            errors, sizes = measure_sensitivity(model, data.samples, assignment, lad, progress=progress)
-            chosen = allocate(errors, sizes, target_bits, lad)
-            assignment.update({n: parse_format(f) for n, f in chosen.items()})
-            _validate(model, assignment)
-            record["target_bits"] = target_bits
-            record["ladder"] = list(lad)
-        report = quantize_calibrated(model, assignment, data.samples, recipe, backend=backend, progress=progress)
-        record["layers"] = report.layers
-        record["warnings"] = report.warnings()
-    else:
-        todo = [(n, s) for n, s in assignment.items() if s is not None]
-        modules = dict(model.named_modules())
-        for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
-            set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
-    _tie_quantized_embedding(model, assignment, spec, backend)
-    previous = record_of(model).formats
-    update_record(model, method=method,
-                  formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},
-                  calibration=record or None, check=_check_forward(model, inputs, described, before, skipped))
+            data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
+            record = {"data": data.record, "method": method, "damp": damp, "act_order": act_order}
+            if recipe.gptq is not None and recipe.gptq.true_sequential:  # non-default GPTQ options, when given
+                record["true_sequential"] = True
+            if recipe.gptq is not None and not recipe.gptq.refit:
+                record["refit"] = False
+            if tune_steps:
+                record["tune_steps"] = tune_steps
+            if target_bits is not None:
+                lad = tuple(ladder or DEFAULT_LADDER)
+                errors, sizes = measure_sensitivity(model, data.samples, assignment, lad, progress=progress)
+                chosen = allocate(errors, sizes, target_bits, lad)
+                assignment.update({n: parse_format(f) for n, f in chosen.items()})
+                _validate(model, assignment)
+                record["target_bits"] = target_bits
+                record["ladder"] = list(lad)
+            report = quantize_calibrated(model, assignment, data.samples, recipe, backend=backend, progress=progress)
+            record["layers"] = report.layers
+            record["warnings"] = report.warnings()
+        else:
+            todo = [(n, s) for n, s in assignment.items() if s is not None]
+            modules = dict(model.named_modules())
+            for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
+                set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
+        _tie_quantized_embedding(model, assignment, spec, backend)
+        previous = record_of(model).formats
+        update_record(model, method=method,
+                      formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},
+                      calibration=record or None, check=_check_forward(model, inputs, described, before, skipped))
+    except BaseException:
+        undo.restore()
+        raise
     return model
+
+
+class _Undo:
+    """What `quantize` needs to put a model back as it was after a failure: every module's children and
+    every parameter's and buffer's tensor, by reference (no copy: the methods replace tensors rather than
+    change them in place), and the config fields it sets."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.children = [(m, dict(m._modules)) for m in model.modules()]
+        self.tensors = [(m, dict(m._parameters), {n: (p.data if p is not None else None)
+                                                  for n, p in m._parameters.items()}, dict(m._buffers))
+                        for m in model.modules()]
+        config = getattr(model, "config", None)
+        self.tie = getattr(config, "tie_word_embeddings", None) if config is not None else None
+
+    def restore(self) -> None:
+        for m, children in self.children:
+            m._modules.clear()
+            m._modules.update(children)
+        for m, params, data, buffers in self.tensors:
+            m._parameters.clear()
+            m._parameters.update(params)
+            for n, p in params.items():
+                if p is not None:
+                    p.data = data[n]
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        if self.tie is not None:
+            self.model.config.tie_word_embeddings = self.tie
 
 
 def _tie_quantized_embedding(model: nn.Module, assignment: dict, spec, backend: str | None) -> None:
@@ -243,7 +278,10 @@ def _tie_quantized_embedding(model: nn.Module, assignment: dict, spec, backend: 
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     if config is None or not callable(get_in) or not callable(get_out):
         return
-    table = get_in()
+    try:
+        table = get_in()
+    except (NotImplementedError, AttributeError):  # vision models (ResNet) have no input embeddings
+        return
     if not isinstance(table, QuantEmbedding) or not getattr(config, "tie_word_embeddings", False):
         return
     config.tie_word_embeddings = False
@@ -265,11 +303,14 @@ def _check_forward(model: nn.Module, inputs, described: str, before, skipped: st
         after = run_forward(model, inputs)
     except Exception as e:
         raise ShrinkError(f"the quantized model's forward pass fails on {described} ({type(e).__name__}: "
-                         f"{str(e)[:200]}); its layers were replaced in place, so do not use it") from None
+                         f"{str(e)[:200]}); the model was put back as it was") from None
     err = relative_error(before, after)
     if not math.isfinite(err):
-        raise ShrinkError(f"the quantized model's output on {described} is not finite or changed shape; its layers "
-                         "were replaced in place, so do not use it")
+        from ..io.saved import refuse_non_finite
+
+        refuse_non_finite(model)  # names the tensor when the weights themselves hold NaN
+        raise ShrinkError(f"the quantized model's output on {described} is not finite or changed shape; the model "
+                         "was put back as it was")
     return ForwardCheck(err, described)
 
 

@@ -127,16 +127,18 @@ def search_scale(weights: list[torch.Tensor], x: torch.Tensor, abs_mean: torch.T
 def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
     """Divide what `prev` produces by s and multiply the consumers' input columns by s (exact when `prev`
     is a Linear, or a norm computing x * (offset + w): offset 0 for most, 1 for Gemma's)."""
+    # new tensors rather than in-place changes: whoever holds the old ones (quantize's undo on failure,
+    # checked_fold) still holds the original values
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
+        prev.weight.data = prev.weight.data / s.unsqueeze(1).to(prev.weight.dtype)
         if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
+            prev.bias.data = prev.bias.data / s.to(prev.bias.dtype)
     else:  # a norm layer with a per-channel weight (and maybe bias)
-        prev.weight.add_(offset).div_(s.to(prev.weight.dtype)).sub_(offset)
+        prev.weight.data = (prev.weight.data + offset) / s.to(prev.weight.dtype) - offset
         if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
+            prev.bias.data = prev.bias.data / s.to(prev.bias.dtype)
     for lin in linears:
-        lin.weight.mul_(s.unsqueeze(0).to(lin.weight.dtype))
+        lin.weight.data = lin.weight.data * s.unsqueeze(0).to(lin.weight.dtype)
 
 
 FOLD_TOLERANCE = 1e-5  # relative change of a block's output that a fold may cause before rounding
@@ -152,7 +154,7 @@ def checked_fold(block: nn.Module, prev: nn.Module, linears: list[nn.Linear], s:
     exactly, from copies, and the change of the last one tried is returned with the form "none"."""
     from .layerwise import first_output
 
-    saved = [t.detach().clone() for t in _fold_tensors(prev, linears)]
+    saved = [t.data for t in _fold_tensors(prev, linears)]  # fold_scale makes new tensors: these stay as they are
     forms = ("w", "1+w") if not isinstance(prev, nn.Linear) else ("w",)
     moved = float("nan")
     for form in forms:
@@ -164,7 +166,7 @@ def checked_fold(block: nn.Module, prev: nn.Module, linears: list[nn.Linear], s:
         if moved <= FOLD_TOLERANCE:
             return moved, form
         for t, old in zip(_fold_tensors(prev, linears), saved):
-            t.copy_(old)
+            t.data = old
     return moved, "none"
 
 

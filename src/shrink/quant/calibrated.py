@@ -82,20 +82,22 @@ def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LA
         refs = [_output(model, x) for x in probe]
         for full in tqdm(names, desc="sensitivity", unit="layer", disable=None if progress is None else not progress):
             lin = model.get_submodule(full)
-            original = lin.weight.data.clone()
+            original = lin.weight.data  # each trial is a new tensor: this one stays as it is
             rows = original.reshape(original.shape[0], -1) if isinstance(lin, nn.Conv2d) else original
             sizes[full] = tuple(rows.shape)
             errors[full] = {}
-            for i, spec in enumerate(specs):
-                if rows.shape[1] % spec.group_for(rows.shape[1]):
-                    errors[full][spec.name] = float("inf")
-                    continue
-                if i == len(specs) - 1:
-                    errors[full][spec.name] = 0.0
-                    continue
-                lin.weight.data.copy_(awq.fake_quant(rows, spec).reshape(original.shape))
-                errors[full][spec.name] = sum(_divergence(r, _output(model, x)) for r, x in zip(refs, probe)) / len(probe)
-            lin.weight.data.copy_(original)
+            try:
+                for i, spec in enumerate(specs):
+                    if rows.shape[1] % spec.group_for(rows.shape[1]):
+                        errors[full][spec.name] = float("inf")
+                        continue
+                    if i == len(specs) - 1:
+                        errors[full][spec.name] = 0.0
+                        continue
+                    lin.weight.data = awq.fake_quant(rows, spec).reshape(original.shape).to(original.dtype)
+                    errors[full][spec.name] = sum(_divergence(r, _output(model, x)) for r, x in zip(refs, probe)) / len(probe)
+            finally:
+                lin.weight.data = original
     return errors, sizes
 
 

@@ -111,17 +111,17 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
         swap(quant)
     with torch.no_grad():
         old_scales = {n: quant[n].scales.clone() for n in quant}
-        old_norms = [w.clone() for w in norm0]
+        old_norms = [w.data for w in norm0]  # replaced below, not changed in place
         for n, t in tunables.items():
             quant[n].scales.copy_(t.scales().to(torch.float16))
         for w, d in zip(norm0, norm_d):
-            w.mul_(1 + d)
+            w.data = w.data * (1 + d)
     after = error()
     if not after < before:  # keep what was there
         with torch.no_grad():
             for n in quant:
                 quant[n].scales.copy_(old_scales[n])
             for w, w_old in zip(norm0, old_norms):
-                w.copy_(w_old)
+                w.data = w_old
         after = before
     return TuneResult(before, after, steps)
