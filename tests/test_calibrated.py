@@ -107,7 +107,7 @@ def test_allocation_meets_budget_and_prefers_sensitive_layers():
     avg = sum(shrink.parse_format(chosen[k]).bits_per_weight(sizes[k][1]) * numel[k] for k in chosen) / sum(numel.values())
     assert avg <= 4.5 + 1e-9
     assert fmt_bits[chosen["a"]] > fmt_bits[chosen["b"]]  # the sensitive layer is kept wider
-    with pytest.raises(ValueError, match="below the narrowest format"):
+    with pytest.raises(ValueError, match="below the narrowest formats that fit"):
         allocate(errors, sizes, 2.0)
 
 

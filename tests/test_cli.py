@@ -53,7 +53,11 @@ def _run(*args):
 
 @pytest.mark.parametrize("args,needle", [
     (["quantize", "{tiny}", "--format", "int5-g64"], "unknown format 'int5-g64'"),
-    (["quantize", "{tiny}", "--format", "int4-g128"], "group size 128 of format int4-g128 does not divide its input size 64"),
+    # a layer named exactly keeps the format asked (a glob's layers fall back per channel, said in a warning)
+    (["quantize", "{tiny}", "--layer", "model.layers.0.self_attn.q_proj=int4-g128"],
+     "group size 128 of format int4-g128 does not divide its input size 64"),
+    (["quantize", "{tiny}", "--layer", "*=int8", "--format", "int4-g32"],
+     "--layer '*=int8' and --format int4-g32 both set the format of every layer"),
     (["quantize", "{tmp}/nope.gguf"], "nope.gguf: no such file"),
     (["quantize", "{tmp}/bad.gguf"], "bad.gguf: cannot load GGUF file"),
     (["inspect", "{tmp}"], "not a model folder"),

@@ -56,9 +56,15 @@ def test_a_cnn_is_quantized_with_its_convolutions_and_saves_and_loads(tmp_path):
         assert torch.equal(back(X), model(X))
 
 
-def test_group_sizes_must_divide_a_kernels_row():
+def test_a_kernel_row_no_group_divides_falls_back_per_channel_and_says_so():
+    # a glob's layers fall back (said per layer), a layer named exactly is refused
+    with pytest.warns(UserWarning, match=r"2 layers kept per channel, not in groups: stem \(27 inputs\), dw \(9 inputs\)"):
+        model = shrink.quantize(cnn(), "int4-g32", progress=False)
+    info = shrink.info(model)
+    assert info.formats["stem"] == "int4" and info.formats["dw"] == "int4" and info.formats["pw"] == "int4-g32"
+    assert set(info.fallbacks) == {"stem", "dw"} and "groups of 32 do not divide the layer's 27 inputs" in info.fallbacks["stem"]
     with pytest.raises(ValueError, match=r"layer 'stem': group size 32 of format int4-g32 does not divide its input size 27"):
-        shrink.quantize(cnn(), "int4-g32", progress=False)
+        shrink.quantize(cnn(), {"stem": "int4-g32", "*": "int8"}, progress=False)
     with pytest.raises(ValueError, match=r"layer 'stem': convolutions take integer formats"):
         shrink.quantize(cnn(), {"stem": "bf16"}, progress=False)
 

@@ -84,7 +84,7 @@ def test_errors(llama, mlp):
     with pytest.raises(ValueError, match="unknown format 'int5'"):
         shrink.quantize(llama, "int5")
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj'.*group size 128.*input size 64"):
-        shrink.quantize(llama, "int4-g128", progress=False)
+        shrink.quantize(llama, {"model.layers.0.self_attn.q_proj": "int4-g128"}, progress=False)
     with pytest.raises(ValueError, match="unknown method 'foo'"):
         shrink.quantize(llama, "int4-g32", method="foo")
     with pytest.raises(ValueError, match="method 'gptq' needs calibration data"):

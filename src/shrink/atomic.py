@@ -67,13 +67,13 @@ def write_json(path: str | Path, data) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, replaceable=None):
+def atomic_dir(target: str | Path, replaceable=None, seal: bool = True):
     """Yield a temporary folder beside `target`; on success it becomes `target`, on error it is removed.
 
     An existing `target` is replaced only if it is empty, or `replaceable(target)` is true (default: it is
     a folder shrink wrote, outdir.foreign_in finds nothing else in it); otherwise ShrinkError is raised
-    before anything is written. The new folder is sealed (outdir.seal) so that a later run can tell it
-    is shrink's.
+    before anything is written. The new folder is sealed (outdir.seal, unless `seal` is False: model
+    folders, whose shrink.json lists their files already) so that a later run can tell it is shrink's.
     """
     from .outdir import check_replaceable, remove_stale_temporaries
 
@@ -91,7 +91,7 @@ def atomic_dir(target: str | Path, replaceable=None):
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
-        swap_in(tmp, target, check=False)
+        swap_in(tmp, target, check=False, seal_it=seal)
     finally:
         shutil.rmtree(box, ignore_errors=True)
 
@@ -104,14 +104,15 @@ def restore(target: str | Path) -> bool:
     return restore_interrupted_swap(Path(target))
 
 
-def swap_in(src: Path, target: Path, check: bool = True) -> None:
+def swap_in(src: Path, target: Path, check: bool = True, seal_it: bool = True) -> None:
     """Make folder `src` the new `target`, sealed as shrink's (outdir.seal): an existing one is moved aside
     first (to a temporary that a dead process's successor removes) and deleted only once the new one is in
     place. With `check` (default), an existing `target` that holds anything shrink did not write is
     refused (ShrinkError) and left as it is."""
     from .outdir import check_replaceable, seal
 
-    seal(src)
+    if seal_it:
+        seal(src)
     if check:
         check_replaceable(target, None)
     if target.exists():

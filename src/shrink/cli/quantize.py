@@ -77,9 +77,15 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
                           "and --calibration FILE")
     if (true_sequential or not refit) and not method.endswith("gptq"):
         raise ShrinkError("--true-sequential and --no-refit are GPTQ's options: use them with --method gptq or awq+gptq")
-    spec = {**_parse_layers(layers), "*": fmt} if layers else fmt
+    fmt_given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
+    spec = _parse_layers(layers) if layers else fmt
+    if layers and "*" in spec and fmt_given and spec["*"] != fmt:
+        raise ShrinkError(f"--layer '*={spec['*'] or 'none'}' and --format {fmt} both set the format of every layer; "
+                          "give one of them")
+    if layers:
+        spec.setdefault("*", fmt)  # the layers no glob names: --format (its default unless given)
     if target_bits is not None:
-        if click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT:
+        if fmt_given:
             raise ShrinkError("--target-bits chooses a format per layer; leave out --format (--layer GLOB=none "
                               "keeps layers in full precision)")
         spec = MixedPrecision(target_bits, base=spec if layers else None)

@@ -531,6 +531,12 @@ def adapter_for(model: nn.Module, tokenizer=None, chat_template: bool | None = N
     encoder, or plain classifier."""
     if isinstance(model, Adapter):
         return model
+    needs = getattr(model, "main_input_name", None)
+    if getattr(model, "config", None) is not None and needs not in (None, "input_ids", "pixel_values"):
+        # Whisper reads audio features (input_features): no task of text or tensors of pixels can feed it
+        raise ShrinkError(f"{type(model).__name__} reads {needs!r} (e.g. audio features), which shrink's tasks cannot "
+                          "provide yet (they hold text, or tensors for pixel models); compare it on its own "
+                          "data with your own evaluation")
     kind = model_kind(model)
     if kind == CAUSAL_LM:
         return CausalLMAdapter(model, tokenizer, chat_template, max_new_tokens)

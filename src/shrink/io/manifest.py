@@ -14,6 +14,8 @@ The fields (format_version 1):
                             produced the layer's weights: quant/record.py)}}
     kept_full_precision  [str]                           calibration     object or null
     check           object or null: the forward check after quantizing (relative_error, input, skipped)
+    fallbacks       {name: str} (optional): layers given another format than the one asked, and why
+                    (a group that does not divide the layer's inputs)
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
                     (absent in folders written before it was added; then nothing is verified)
     layout          (format_version 2) "pack-quantized": model.safetensors in compressed-tensors' layout,
@@ -83,6 +85,9 @@ def validate(manifest, path: Path) -> dict:
     for field in ("source", "calibration", "check"):
         if manifest.get(field) is not None and not isinstance(manifest[field], dict):
             raise bad(field, "an object", manifest[field])
+    fallbacks = manifest.get("fallbacks", {})
+    if not (isinstance(fallbacks, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in fallbacks.items())):
+        raise bad("fallbacks", "an object of module name -> reason", fallbacks)
     modules = manifest.get("modules")
     if not isinstance(modules, dict):
         raise bad("modules", "an object of module name -> format and shape", modules)

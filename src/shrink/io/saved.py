@@ -24,6 +24,7 @@ from ..errors import ShrinkError
 from ..outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.check import ForwardCheck
+from ..quant.check import refuse_non_finite
 from ..quant.record import LayerDone, ModelRecord, record_of, update_record
 from ..quant.embedding import share_buffers
 from ..quant.replace import set_submodule
@@ -84,6 +85,7 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "kept_full_precision": record.kept_full_precision,
         "calibration": record.calibration,
         "check": record.check.to_dict() if record.check else None,
+        **({"fallbacks": record.fallbacks} if record.fallbacks else {}),
         "layout": "pack-quantized" if linear_in_architecture else "shrink",
     }
 
@@ -145,17 +147,6 @@ def _add_quantization_config(path: Path, model: nn.Module) -> None:
     write_json(path, cfg)
 
 
-def refuse_non_finite(model: nn.Module) -> None:
-    """ShrinkError naming the first floating-point tensor of `model`'s state that holds NaN or infinity:
-    such a model computes NaN, and a saved copy would carry it to every later user."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
-                              "them computes NaN, so it is not saved (check the original's weights, or the "
-                              "calibration that produced these)")
-
-
 def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None, *,
          results: dict | None = None, force: bool = False) -> Path:
     """Write `model` to `directory` (model.safetensors, shrink.json, and for Hugging Face models
@@ -171,7 +162,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     refuse_non_finite(model)
     manifest = manifest_for(model, source)
     with claim(directory, "quantize", owned=is_own_folder, force=force), \
-            atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p)) as tmp:
+            atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p), seal=False) as tmp:
         meta = {"format": "pt", "shrink_format_version": str(FORMAT_VERSION)}
         if manifest["layout"] == "pack-quantized":
             save_file(_pack_quantized_state(model), str(tmp / WEIGHTS), metadata=meta)
@@ -277,7 +268,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
         share_buffers(model.get_submodule(head), model.get_submodule(table))
     record = record_from_manifest(manifest)  # as quantize made it, kept by a later save
     update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
-                  check=record.check, source=record.source)
+                  check=record.check, source=record.source, fallbacks=record.fallbacks)
     model.eval()
     return model
 
@@ -291,7 +282,7 @@ def record_from_manifest(manifest: dict) -> ModelRecord:
               if m.get("done")}
     return ModelRecord(method=manifest.get("method"), formats=formats, calibration=manifest.get("calibration"),
                        check=ForwardCheck.from_dict(manifest.get("check")), source=manifest.get("source") or {},
-                       layers=layers)
+                       layers=layers, fallbacks=dict(manifest.get("fallbacks") or {}))
 
 
 def _check_state_shapes(model: nn.Module, header: dict, weights: Path) -> None:

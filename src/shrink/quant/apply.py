@@ -10,6 +10,8 @@ than `*` names it; a tied output layer then shares its codes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import fnmatch
 import math
 import warnings
@@ -184,6 +186,11 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
     assignment = plan(model, spec, keep_output=keep_output)
     _refuse_nothing_to_do(model, assignment)
+    exact = {k for k in spec if not any(c in k for c in "*?[")} if isinstance(spec, Mapping) else set()
+    # with target_bits the plan's format is a stand-in (the allocation chooses from the ladder, fitting each layer)
+    fallbacks = _fall_back(model, assignment, exact, quiet=target_bits is not None)
+    if target_bits is not None:
+        fallbacks = {}
     _validate(model, assignment)
     undo = _Undo(model)  # any failure from here on puts the model back as it was
     try:
@@ -232,11 +239,42 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         previous = record_of(model).formats
         update_record(model, method=method,
                       formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},
-                      calibration=record or None, check=_check_forward(model, inputs, described, before, skipped))
+                      calibration=record or None, check=_check_forward(model, inputs, described, before, skipped),
+                      fallbacks=fallbacks)
     except BaseException:
         undo.restore()
         raise
     return model
+
+
+def _fall_back(model: nn.Module, assignment: dict, exact: set[str], quiet: bool = False) -> dict[str, str]:
+    """Layers a glob gave a grouped format whose group does not divide their inputs (ResNet's 147-input stem)
+    get the same format with one scale per output channel instead, said in a warning and returned as
+    {layer: why} for the record; a layer named exactly keeps its format (and _validate refuses it), and so
+    does every layer when none would keep the group asked (the format does not fit this model at all)."""
+    misfits = {}  # name -> its number of inputs
+    grouped = 0
+    for name, fmt in assignment.items():
+        if fmt is None or fmt.cast or fmt.group_size is None or name in exact:
+            continue
+        grouped += 1
+        k = weight_2d(model.get_submodule(name)).shape[1]
+        if k % fmt.group_size:
+            misfits[name] = k
+    if not misfits or len(misfits) == grouped:
+        return {}
+    out = {}
+    for name, k in misfits.items():
+        fmt = assignment[name]
+        assignment[name] = new = dataclasses.replace(fmt, group_size=None)
+        out[name] = (f"asked {fmt.name}: its groups of {fmt.group_size} do not divide the layer's {k} inputs, "
+                     f"so it is {new.name} (one scale per output channel)")
+    if not quiet:
+        shown = ", ".join(f"{n} ({misfits[n]} inputs)" for n in list(out)[:4])
+        more = f" and {len(out) - 4} more" if len(out) > 4 else ""
+        warnings.warn(f"{len(out)} layer{'s' * (len(out) != 1)} kept per channel, not in groups: {shown}{more}; their "
+                      "input sizes are not a multiple of the group (shrink.json's 'fallbacks' lists them)", stacklevel=4)
+    return out
 
 
 class _Undo:
@@ -306,7 +344,7 @@ def _check_forward(model: nn.Module, inputs, described: str, before, skipped: st
                          f"{str(e)[:200]}); the model was put back as it was") from None
     err = relative_error(before, after)
     if not math.isfinite(err):
-        from ..io.saved import refuse_non_finite
+        from .check import refuse_non_finite
 
         refuse_non_finite(model)  # names the tensor when the weights themselves hold NaN
         raise ShrinkError(f"the quantized model's output on {described} is not finite or changed shape; the model "

@@ -27,14 +27,15 @@ SCALE_GROUPS = (
 
 
 def scale_groups(block: nn.Module, sample: tuple[tuple, dict] | None = None) -> list[tuple[str, list[str]]]:
-    """The (producer, consumers) pairs of `block` where a per-channel scale may fold: the Llama-style
-    names above, and, traced on one input `sample` (args, kwargs), every group of Linear layers whose
-    input is the very output of one module (a norm or a Linear) whatever it is called. Whether a fold
-    is exact is decided by checking it numerically (`checked_fold`), not by these names."""
+    """The (producer, consumers) pairs of `block` where a per-channel scale may fold: traced on one input
+    `sample` (args, kwargs), every group of Linear layers whose input is the very output of one module (a
+    norm or a Linear) whatever it is called (Gemma2's pre_feedforward_layernorm, OPT's
+    self_attn_layer_norm); the Llama-style names above only for layers the trace did not place (or with
+    no sample). Whether a fold is exact is decided by checking it numerically (`checked_fold`)."""
     mods = dict(block.named_modules())
-    pairs = [(prev, list(linears)) for prev, linears in SCALE_GROUPS]
-    if sample is not None:
-        pairs += [p for p in _traced_groups(block, sample) if set(p[1]) not in [set(q[1]) for q in pairs]]
+    pairs = _traced_groups(block, sample) if sample is not None else []
+    placed = {n for _, linears in pairs for n in linears}
+    pairs += [(prev, list(linears)) for prev, linears in SCALE_GROUPS if not placed & set(linears)]
     out = []
     for prev, linears in pairs:
         if prev not in mods or not all(n in mods and isinstance(mods[n], nn.Linear) for n in linears):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import ShrinkError
 from ..outputs import main_output
 
 SEED = 0
@@ -55,6 +56,12 @@ def sample_input(model: nn.Module) -> tuple[dict | None, str]:
         if getattr(config, "is_encoder_decoder", False):
             kwargs["decoder_input_ids"] = ids[:, :4]
         return kwargs, "16 random token ids"
+    if config is not None and main == "input_features" and getattr(config, "num_mel_bins", None):
+        frames = 2 * int(getattr(config, "max_source_positions", 1500))  # Whisper takes exactly this many
+        kwargs = {"input_features": torch.randn(1, int(config.num_mel_bins), frames, generator=g)}
+        if getattr(config, "is_encoder_decoder", False):
+            kwargs["decoder_input_ids"] = torch.full((1, 4), getattr(config, "decoder_start_token_id", None) or 0)
+        return kwargs, f"{frames} random frames of audio features"
     if config is not None and main == "pixel_values":
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
@@ -87,3 +94,14 @@ def relative_error(before: torch.Tensor, after: torch.Tensor) -> float:
     if before.shape != after.shape or not torch.isfinite(after).all():
         return float("inf")
     return float((after - before).norm() / before.norm().clamp_min(1e-30))
+
+
+def refuse_non_finite(model: nn.Module) -> None:
+    """ShrinkError naming the first floating-point tensor of `model`'s state that holds NaN or infinity:
+    such a model computes NaN, and a saved copy would carry it to every later user."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
+                              "them computes NaN, so it is not saved (check the original's weights, or the "
+                              "calibration that produced these)")

@@ -39,10 +39,15 @@ class _Stop(Exception):
 
 def call_model(model: nn.Module, sample: torch.Tensor):
     """The model's forward on one calibration sample: float inputs as they are (pixels, features), token
-    ids without a cache, and for an encoder-decoder the same tokens into the decoder too."""
+    ids without a cache, and for an encoder-decoder the same tokens into the decoder too (after features,
+    such as Whisper's audio: its start token, four times, so the decoder's layers see inputs as well)."""
+    config = getattr(model, "config", None)
     if sample.is_floating_point():
+        if getattr(config, "is_encoder_decoder", False):
+            start = getattr(config, "decoder_start_token_id", None) or 0
+            return model(sample, decoder_input_ids=torch.full((sample.shape[0], 4), start), use_cache=False)
         return model(sample)
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if getattr(config, "is_encoder_decoder", False):
         return model(input_ids=sample, decoder_input_ids=sample, use_cache=False)
     return model(sample, use_cache=False)
 

@@ -48,18 +48,25 @@ def allocate(errors: dict[str, dict[str, float]], sizes: dict[str, tuple[int, in
     numel = {name: sizes[name][0] * sizes[name][1] for name in errors}
     total = sum(numel.values())
     budget = target_bits * total
-    level = {name: 0 for name in errors}
-    used = sum(bits[n][0] * numel[n] for n in errors)
+    level = {}
+    for name in errors:  # the narrowest format whose groups divide the layer's inputs (inf: does not fit)
+        fits = [i for i, f in enumerate(ladder) if errors[name][f] != float("inf")]
+        if not fits:
+            raise ShrinkError(f"layer {name!r}: no format of the ladder ({', '.join(ladder)}) has groups that divide its "
+                              f"{sizes[name][1]} inputs; add a per-channel format (such as int8) to the ladder")
+        level[name] = fits[0]
+    used = sum(bits[n][level[n]] * numel[n] for n in errors)
     if used > budget + 1e-6:
-        raise ShrinkError(f"target of {target_bits} bits per weight is below the narrowest format "
-                         f"{ladder[0]} ({used / total:.3f} bits per weight)")
+        narrowest = ", ".join(sorted({ladder[i] for i in level.values()}))
+        raise ShrinkError(f"target of {target_bits} bits per weight is below the narrowest formats that fit "
+                         f"({narrowest}: {used / total:.3f} bits per weight)")
     while True:
         best, best_gain = None, 0.0
         for n in errors:
             i = level[n]
             for j in range(i + 1, len(specs)):  # any wider format, not only the next one
                 extra = (bits[n][j] - bits[n][i]) * numel[n]
-                if extra <= 0 or used + extra > budget + 1e-6:
+                if extra <= 0 or used + extra > budget + 1e-6 or errors[n][ladder[j]] == float("inf"):
                     continue
                 gain = (errors[n][ladder[i]] - errors[n][ladder[j]]) / extra
                 if gain > best_gain:

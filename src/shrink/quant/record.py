@@ -93,6 +93,7 @@ class ModelRecord:
     check: ForwardCheck | None = None
     source: dict = field(default_factory=dict)
     layers: dict[str, LayerDone] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layer -> why it got another format than asked
 
     @property
     def kept_full_precision(self) -> list[str]:
@@ -101,7 +102,8 @@ class ModelRecord:
     def to_dict(self) -> dict:
         return {"method": self.method, "formats": dict(self.formats), "kept_full_precision": self.kept_full_precision,
                 "calibration": self.calibration, "check": self.check.to_dict() if self.check else None,
-                "source": dict(self.source), "layers": {n: d.to_dict() for n, d in self.layers.items()}}
+                "source": dict(self.source), "layers": {n: d.to_dict() for n, d in self.layers.items()},
+                "fallbacks": dict(self.fallbacks)}
 
 
 ATTRIBUTE = "shrink_record"  # the one attribute shrink sets on a module it quantized or loaded
@@ -110,7 +112,7 @@ ATTRIBUTE = "shrink_record"  # the one attribute shrink sets on a module it quan
 def update_record(model: nn.Module, **changes) -> ModelRecord:
     """Set fields of the ModelRecord `model` carries (a new one when it has none) and return it."""
     stored = model.__dict__.get(ATTRIBUTE) or ModelRecord()
-    bad = set(changes) - {"method", "formats", "calibration", "check", "source"}
+    bad = set(changes) - {"method", "formats", "calibration", "check", "source", "fallbacks"}
     if bad:
         raise TypeError(f"update_record: no field {', '.join(sorted(bad))} (layers are read from the model)")
     record = replace(stored, **changes)
@@ -123,5 +125,9 @@ def record_of(model: nn.Module) -> ModelRecord:
     layer's weights read from the layers the model holds now (an empty record for a module shrink never
     touched)."""
     stored = model.__dict__.get(ATTRIBUTE) or ModelRecord()
-    return replace(stored, formats=dict(stored.formats), source=dict(stored.source or {}),
-                   layers=layers_done(model, stored.method, stored.calibration))
+    layers = layers_done(model, stored.method, stored.calibration)
+    for name, why in (stored.fallbacks or {}).items():
+        if name in layers:
+            layers[name].notes.insert(0, why)
+    return replace(stored, formats=dict(stored.formats), source=dict(stored.source or {}), layers=layers,
+                   fallbacks=dict(stored.fallbacks or {}))

@@ -36,7 +36,7 @@ from ..evaluate.compare import estimate_seconds, finite, task_too_small
 from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
 from ..io.manifest import read_json
-from ..outdir import claim, remove_own
+from ..outdir import claim, remove_own, seal
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .records import CandidateResult, Original, Skipped, TaskSummary
 from .constraints import Constraints, human_bytes
@@ -399,6 +399,7 @@ class _Run:
         self.durations.append(record.seconds - (self._original_seconds() - original_before))
         if recommend(results + [record], self.con.objective, self.con.latency_per) is record:
             write_json(staging / "candidate.json", record.to_json())
+            seal(staging)  # a model folder and its record: shrink's, should a kill leave it here
             swap_in(staging, self.out / "best")
             if shipped is not None:
                 os.replace(shipped, self.out / "best.gguf")
@@ -433,6 +434,7 @@ class _Run:
         remove_own(staging)
         disk_bytes(model, staging, self.tok)
         write_json(staging / "candidate.json", best.to_json())
+        seal(staging)
         swap_in(staging, self.out / "best")
         if self.runtime == "llama.cpp":
             from ..io import LoadedModel
