@@ -371,3 +371,19 @@ def test_loaded_models_decode_in_the_runtime(tmp_path):
     # The same tokens unless an activation code fell differently (see the logits test): then they agree
     # up to that point.
     assert torch.equal(got[:, :x.shape[1] + 3], want[:, :x.shape[1] + 3])
+
+
+def test_generate_from_many_threads_gives_each_its_own_answer():
+    # one model, one runtime (one cache), called from 8 threads at once: every answer is the one a call
+    # alone gives (the runtime serialises its calls), never another thread's tokens or an error
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = shrink.quantize(tiny_llama(seed=5), "int8", progress=False)
+    install(model)
+    prompts = [ids(3 + i % 5, seed=i).unsqueeze(0) for i in range(24)]
+    alone = [model.generate(p, max_new_tokens=6 + i % 3, do_sample=False) for i, p in enumerate(prompts)]
+    assert decoder_for(model) is not None  # the runtime is what is being run
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda a: model.generate(a[1], max_new_tokens=6 + a[0] % 3, do_sample=False),
+                                 enumerate(prompts)))
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))

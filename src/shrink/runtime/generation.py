@@ -10,6 +10,7 @@ for each reason one warning says why.
 
 from __future__ import annotations
 
+import threading
 import types
 import warnings
 import weakref
@@ -40,6 +41,9 @@ def _fingerprint(model: nn.Module) -> tuple:
                   *(p.data_ptr() for p in m._parameters.values() if p is not None)) for m in model.modules())
 
 
+_building = threading.Lock()
+
+
 def decoder_for(model: nn.Module) -> LlamaDecoder | None:
     """The runtime over `model`'s current tensors (built once, rebuilt when they change), or None with
     the reason said once when the model cannot use it."""
@@ -48,10 +52,11 @@ def decoder_for(model: nn.Module) -> LlamaDecoder | None:
         _say_once(reason)
         return None
     key = _fingerprint(model)
-    held = _decoders.get(model)
-    if held is None or held[0] != key:
-        held = (key, LlamaDecoder(model))
-        _decoders[model] = held
+    with _building:  # threads asking at once share one decoder (built once)
+        held = _decoders.get(model)
+        if held is None or held[0] != key:
+            held = (key, LlamaDecoder(model))
+            _decoders[model] = held
     return held[1]
 
 

@@ -8,6 +8,7 @@ first use, like the kernel); `unsupported(model)` says why a model cannot use it
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -192,6 +193,8 @@ class LlamaDecoder:
                                  float(model.model.layers[0].self_attn.scaling), _linear(model.model.embed_tokens, ext, products=False),
                                  layers, _f32(model.model.norm.weight), _linear(model.lm_head, ext))
         self.context = getattr(cfg, "max_position_embeddings", None)
+        # one cache and one set of scratch buffers: calls from several threads take turns (serialised)
+        self._lock = threading.Lock()
 
     def cache_bytes(self, sequences: int, capacity: int) -> int:
         """Bytes of the key-value cache for `sequences` sequences of `capacity` positions."""
@@ -219,8 +222,13 @@ class LlamaDecoder:
         says otherwise."""
         return [d.new for d in self.decode(prompts, max_new_tokens, eos_token_id, sampling, generator, min_new_tokens)]
 
+    def decode(self, *args, **kwargs) -> list["Decoded"]:
+        """See `_decode` (the same arguments); one call at a time per decoder, whatever the thread."""
+        with self._lock:
+            return self._decode(*args, **kwargs)
+
     @torch.no_grad()
-    def decode(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int], eos_token_id=None,
+    def _decode(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int], eos_token_id=None,
                sampling: Sampling = Sampling(), generator: torch.Generator | None = None, min_new_tokens: int = 0,
                *, logits: bool = False, continuations: list[list[torch.Tensor]] | None = None,
                draft: bool = False) -> list["Decoded"]:
@@ -394,6 +402,7 @@ class LlamaDecoder:
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The logits after every token of one sequence [len(ids), vocab] (a fresh cache): for checks."""
-        self._reserve(1, len(ids))
-        ids = ids.reshape(-1).long()
-        return self._impl.forward(ids, torch.zeros_like(ids), torch.arange(len(ids)), torch.arange(len(ids)))
+        with self._lock:
+            self._reserve(1, len(ids))
+            ids = ids.reshape(-1).long()
+            return self._impl.forward(ids, torch.zeros_like(ids), torch.arange(len(ids)), torch.arange(len(ids)))
