@@ -40,12 +40,14 @@ class GPTQConfig:
 
 def read_config(qc: dict, where: str) -> GPTQConfig:
     """The GPTQ settings of `qc`; ShrinkError naming `where` and the field for what shrink cannot read."""
+    from .manifest import is_count
+
     bits, gs = qc.get("bits"), qc.get("group_size", -1)
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    if bits not in BITS:
+    if not is_count(bits) or bits not in BITS:
         raise ShrinkError(f"{where}: GPTQ with {bits} bits is not read (shrink reads {', '.join(map(str, BITS))}-bit "
                           "GPTQ; 3-bit codes straddle int32 words)")
-    if not isinstance(gs, int) or (gs != -1 and gs not in GROUP_SIZES):
+    if not is_count(gs) or (gs != -1 and gs not in GROUP_SIZES):
         raise ShrinkError(f"{where}: GPTQ group_size {gs!r} does not map onto shrink's formats (groups of "
                           f"{', '.join(map(str, GROUP_SIZES))}, or -1 for one per output channel)")
     if fmt not in ("gptq", "gptq_v2"):
@@ -129,7 +131,7 @@ def load_gptq(path: Path, qc: dict):
 
     from ..quant.replace import set_submodule
     from . import saved
-    from .manifest import header_shapes
+    from .manifest import FLOAT_DTYPES, check_tensor, header_shapes
     from .models import LoadedModel, tokenizer_or_none
 
     cfg = read_config(qc, str(path / "config.json"))
@@ -152,10 +154,11 @@ def load_gptq(path: Path, qc: dict):
             raise ShrinkError(f"{weights}: layer {name!r} ({lin.in_features} -> {lin.out_features}) does not fit "
                               f"{cfg.bits}-bit GPTQ with group_size {cfg.group_size}")
         for key, shape in expected(name, cfg, lin.in_features, lin.out_features).items():
-            got = header.get(key)
-            if got is None or got[0] != shape:
-                raise ShrinkError(f"{weights}: layer {name!r} needs {key!r} of shape {shape}, "
-                                  f"found {got[0] if got else 'none'}")
+            check_tensor(weights, name, key, header, shape, FLOAT_DTYPES if key.endswith(".scales") else ("I32",))
+        if f"{name}.g_idx" in header:
+            check_tensor(weights, name, f"{name}.g_idx", header, (lin.in_features,), ("I32", "I64"))
+        if f"{name}.bias" in header:
+            check_tensor(weights, name, f"{name}.bias", header, (lin.out_features,), FLOAT_DTYPES)
     state = load_file(str(weights))
     layers = {}
     for name in names:

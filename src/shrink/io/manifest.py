@@ -307,3 +307,24 @@ def check_modules_against_header(manifest: dict, header: dict, weights: Path, ma
                 module not in manifest["modules"]:
             raise ShrinkError(f"{weights}: holds quantized tensors of {module!r}, a module {manifest_path.name} "
                               "does not list")
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+def check_tensor(weights: Path, layer: str, key: str, header: dict, shape: tuple, dtypes: tuple[str, ...],
+                 what: str = "") -> None:
+    """ShrinkError naming the file, layer and tensor unless `key` is in the safetensors `header` with `shape`
+    and one of `dtypes` (safetensors' names: I32, F16, ...): read as another type its bits are other numbers."""
+    got = header.get(key)
+    if got is None or tuple(got[0]) != tuple(shape):
+        raise ShrinkError(f"{weights}: layer {layer!r}{what} needs {key!r} of shape {tuple(shape)}, "
+                          f"found {tuple(got[0]) if got else 'none'}")
+    if got[1] not in dtypes:
+        raise ShrinkError(f"{weights}: layer {layer!r}{what}: {key!r} is {got[1]}, but must be "
+                          f"{' or '.join(dtypes)}; read as it is, its bits would be other numbers")
+
+
+def is_count(x) -> bool:
+    """An integer in a JSON config (not a bool, not 4.0)."""
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -270,7 +270,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     from ..quant import QuantLinear
     from ..quant.replace import set_submodule
     from . import packformat
-    from .manifest import header_shapes
+    from .manifest import FLOAT_DTYPES, check_tensor, header_shapes
 
     path = Path(path)
     refuse_custom_code(path)
@@ -284,11 +284,10 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     for name, spec in formats.items():
         lin = model.get_submodule(name)
         want = packformat.expected(name, spec, lin.in_features, lin.out_features, lin.bias is not None)
-        for key, (shape, _) in want.items():
-            got = header.get(key)
-            if got is None or got[0] != shape:
-                raise ShrinkError(f"{weights}: layer {name!r} ({spec.name}) needs {key!r} of shape {shape}, "
-                                  f"found {got[0] if got else 'none'}")
+        for key, (shape, dtype) in want.items():
+            allowed = FLOAT_DTYPES if dtype.startswith(("F", "BF")) else ("I64", "I32") if key.endswith("_shape") \
+                else (dtype,)
+            check_tensor(weights, name, key, header, shape, allowed, f" ({spec.name})")
         set_submodule(model, name, QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None))
     state = load_file(str(weights))
     worst = 0.0
@@ -302,7 +301,10 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
             raise ShrinkError(f"{weights}: layer {name!r}: scales outside the range of float16")
         state[key] = half
         lin = model.get_submodule(name)
-        packformat.to_shrink(state, name, spec, lin.in_features, lin.out_features)
+        try:
+            packformat.to_shrink(state, name, spec, lin.in_features, lin.out_features)
+        except (ValueError, RuntimeError, OverflowError) as e:
+            raise ShrinkError(f"{weights}: layer {name!r}: {e}") from None
         if f"{name}.bias" in state:
             state[f"{name}.bias"] = state[f"{name}.bias"].float()
     saved._load_state(model, state, weights)

@@ -117,6 +117,7 @@ def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:
 
     from ..errors import ShrinkError
     from ..quant.spec import BITS, GROUP_SIZES
+    from .manifest import is_count
 
     if qc.get("format") != "pack-quantized":
         raise ShrinkError(f"{where}: quantization_config format {qc.get('format')!r} is not supported; shrink reads "
@@ -138,9 +139,9 @@ def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:
             why = f"type {w.get('type')!r} (shrink holds integer codes)"
         elif not w.get("symmetric", True):
             why = "asymmetric (zero points are not read)"
-        elif bits not in BITS:
-            why = f"{bits} bits (shrink has {', '.join(map(str, BITS))})"
-        elif strategy not in ("group", "channel") or (strategy == "group" and gs not in GROUP_SIZES):
+        elif not is_count(bits) or bits not in BITS:
+            why = f"{bits!r} bits (num_bits: shrink has the integers {', '.join(map(str, BITS))})"
+        elif strategy not in ("group", "channel") or (strategy == "group" and (not is_count(gs) or gs not in GROUP_SIZES)):
             why = f"strategy {strategy!r} with group size {gs} (shrink has channel, or groups of " \
                   f"{', '.join(map(str, GROUP_SIZES))})"
         elif w.get("actorder") not in (None, "weight", "static"):
