@@ -411,3 +411,33 @@ def test_the_latency_note_says_how_the_search_measured(tmp_path):
     assert (batched.batch_size, alone.batch_size) == (16, 1)
     assert "batches of 16 examples" in latency_note(batched) and "each example run alone" in latency_note(alone)
     assert json.loads((tmp_path / "a" / "results.json").read_text())["batch_size"] == 1
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("change", None, "'within' is true, but its numbers are not within"),
+    ("change", "0.1", "'change' must be a finite number or null"),
+    ("ci_high", -0.7, "'change' -0.5 lies outside its own interval"),
+    ("ci_low", -3.0, "'within' is true, but its numbers are not within"),
+    ("within", "no", "'within' must be true or false, got 'no'"),
+    ("within", 1, "'within' must be true or false"),
+    ("allowed", 1e9, "'allowed' is 1000000000.0, but the search's tolerance gives 1"),
+    ("allowed", -1, "'allowed' must be a number of 0 or more"),
+    ("size_bytes", 1.5, "'size_bytes' must be a whole number of bytes"),
+    ("size_bytes", True, "'size_bytes' must be a whole number of bytes"),
+    ("latency_example", -1, "'latency_example' must be a number of 0 or more"),
+    ("slices_past", "tag:hard", "'slices_past' must be a list of names"),
+    ("slices", {"tag:hard": "x"}, "'slices' must map slice names to finite numbers"),
+    ("errors", -2, "'errors' must be a count"),
+])
+def test_a_resumed_search_believes_no_stored_record_without_checking_it(tmp_path, field, value, needle):
+    r = CandidateResult(Candidate("rtn:int8", format="int8"), "done", score=0.595, original_score=0.6, change=-0.5,
+                        ci_low=-0.9, ci_high=0.0, within=True, size_bytes=100, memory_bytes=100, latency_example=0.05)
+    con = Constraints(max_drop=1)
+    good = judge(r, con, 1.0).to_json()
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(good) + "\n")
+    assert search_run._read_results(path, con)[0].within
+    bad = {**good, field: value}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) .replace('"rtn:int8"', '"rtn:int4"') + "\n")
+    with pytest.raises(ShrinkError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(needle)):
+        search_run._read_results(path, con)

@@ -31,6 +31,7 @@ from ..distill.cache import model_fingerprint
 from ..distilling import distill
 from ..errors import ShrinkError
 from ..evaluate import compare as compare_models
+from ..evaluate.compare import allowed_drop
 from ..evaluate.adapters import adapter_for
 from ..evaluate.compare import estimate_seconds, finite, task_too_small
 from ..evaluate.tasks import Task, load_task
@@ -94,8 +95,59 @@ def task_fingerprint(task: Task) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_results(path: Path) -> list[CandidateResult]:
-    """Finished candidates from results.jsonl; a last line cut short by a crash is dropped."""
+def _number(v, low: float = -math.inf) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+
+
+def _check_record(d: dict, where: str, con: Constraints | None) -> dict:
+    """A done record of results.jsonl checked field by field before it is believed, and its `within`
+    recomputed from its numbers (the rule of `evaluate.verdict.decide`), never taken as stored: ShrinkError
+    naming the line and the field for anything of the wrong type, out of range or inconsistent."""
+    def bad(field, why):
+        raise ShrinkError(f"{where}: {field!r} {why}; the results file is damaged or was edited (remove the line "
+                          "to measure that candidate again)")
+
+    for f in ("score", "original_score", "change", "ci_low", "ci_high"):
+        if d.get(f) is not None and not _number(d[f]):
+            bad(f, f"must be a finite number or null, got {d[f]!r}")
+    for f in ("size_bytes", "memory_bytes"):
+        if not (_number(d.get(f), 0) and float(d[f]).is_integer()):
+            bad(f, f"must be a whole number of bytes, got {d.get(f)!r}")
+    for f in ("latency_example", "latency_token", "kl_mean", "build_seconds", "seconds", "original_latency_example"):
+        if d.get(f) is not None and not _number(d[f], 0):
+            bad(f, f"must be a number of 0 or more, or null, got {d[f]!r}")
+    if not (isinstance(d.get("errors", 0), int) and not isinstance(d.get("errors", 0), bool) and d.get("errors", 0) >= 0):
+        bad("errors", f"must be a count, got {d.get('errors')!r}")
+    if not isinstance(d.get("within"), bool):
+        bad("within", f"must be true or false, got {d.get('within')!r}")
+    for f in ("slices_past", "broke", "fixed"):
+        if not (isinstance(d.get(f, []), list) and all(isinstance(x, str) for x in d.get(f, []))):
+            bad(f, "must be a list of names")
+    if not (isinstance(d.get("slices", {}), dict) and all(_number(v) for v in d.get("slices", {}).values())):
+        bad("slices", "must map slice names to finite numbers")
+    if not isinstance(d.get("miss", {}), dict):
+        bad("miss", "must be an object")
+    allowed = d.get("allowed")
+    if not _number(allowed, 0):
+        bad("allowed", f"must be a number of 0 or more, got {allowed!r}")
+    nums = [d.get(f) for f in ("change", "ci_low", "ci_high")]
+    if all(v is not None for v in nums) and not d["ci_low"] - 1e-6 <= d["change"] <= d["ci_high"] + 1e-6:
+        bad("change", f"{d['change']} lies outside its own interval {d['ci_low']}…{d['ci_high']}")
+    if con is not None:
+        orig = d.get("original_score")
+        fits = [con.max_drop] + ([allowed_drop(con.max_drop, True, orig)] if con.relative and orig is not None else [])
+        if not any(abs(allowed - f) <= 1e-9 * max(1.0, abs(f)) for f in fits):
+            bad("allowed", f"is {allowed}, but the search's tolerance gives {fits[-1]:g}")
+    # the stored verdict may only be lowered by the numbers (a false one also covers non-finite outputs)
+    within = all(v is not None for v in nums) and -d["ci_low"] <= allowed + 1e-9 and not d.get("slices_past")
+    if d["within"] and not within:
+        bad("within", "is true, but its numbers are not within the tolerance")
+    return d
+
+
+def _read_results(path: Path, con: Constraints | None = None) -> list[CandidateResult]:
+    """Finished candidates from results.jsonl, each checked (`_check_record`); a last line cut short by a
+    crash is dropped."""
     if not path.is_file():
         return []
     out, seen = [], set()
@@ -118,6 +170,8 @@ def _read_results(path: Path) -> list[CandidateResult]:
             print(f"note: {path}:{i + 1}: {cand['name']} measured twice; keeping the first", file=sys.stderr)
             continue
         seen.add(cand["name"])
+        if record["status"] == "done":
+            record = _check_record(record, f"{path}:{i + 1}", con)
         try:
             out.append(CandidateResult.from_json(record))
         except (TypeError, ValueError) as e:
@@ -329,7 +383,7 @@ def _resumed(out: Path, identity: dict, con: Constraints, runtime: str, console)
                           f"({'relative' if was.get('relative') else 'absolute'}); resume it with the same "
                           "--max-drop/--relative, or start a new search in another folder")
     # judged again: size, latency and objective may have changed since
-    results = [judge(r, con, r.judgement.allowed) if r.done else r for r in _read_results(out / RESULTS)]
+    results = [judge(r, con, r.judgement.allowed) if r.done else r for r in _read_results(out / RESULTS, con)]
     write_text(out / RESULTS, "".join(json.dumps(r.to_json()) + "\n" for r in results))  # drop a line cut short
     console.print(f"resuming: {len(results)} candidate(s) already measured in {out / RESULTS}")
     return results
