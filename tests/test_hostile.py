@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import shrink
@@ -376,6 +377,8 @@ def test_requantizing_a_quantized_model_is_refused(tmp_path, q):
     (["--method", "gptq", "--damp", "-1"], "'--damp': '-1' is out of range: it must be a finite number more than 0"),
     (["--target-bits", "nan"], "'--target-bits': 'nan' is out of range"),
     (["--target-bits", "1e400"], "'--target-bits'"),
+    (["--method", "gptq", "--tune-steps", "1e20"], "'--tune-steps': '1e20' is not an integer"),
+    (["--method", "gptq", "--tune-steps", "100001"], "'--tune-steps': '100001' is out of range: it must be a finite number at least 0 and at most 100000"),
 ])
 def test_out_of_range_options_are_usage_errors(tmp_path, hf, args, needle):
     calib = tmp_path / "c.txt"
@@ -383,6 +386,25 @@ def test_out_of_range_options_are_usage_errors(tmp_path, hf, args, needle):
     r = cli("quantize", hf, "--calibration", calib, *args, "-o", tmp_path / "o")
     refused(r, needle, code=2)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1", "4294967296"])
+def test_a_seed_out_of_range_is_a_usage_error(tmp_path, hf, seed):
+    text = tmp_path / "t.txt"
+    text.write_text(word_text(300))
+    r = cli("distill", "--teacher", hf, "--student", "layers=1", "--data", text, "--seed", seed, "--out", tmp_path / "d")
+    refused(r, "'--seed'", "at most 4294967295", code=2)
+    assert not (tmp_path / "d").exists()
+
+
+def test_api_counts_out_of_range_are_refused(hf):
+    from shrink.distill.train import DistillConfig, _check_config
+
+    with pytest.raises(shrink.ShrinkError, match="seed must be an integer from 0 to 4294967295"):
+        _check_config(DistillConfig(seed=10 ** 23))
+    with pytest.raises(shrink.ShrinkError, match="tune_steps=100000000000000000000: must be an integer from 0 to 100,000"):
+        shrink.quantize(tiny_llama(), "int4-g32", method="gptq", calibration=[torch.randint(0, 96, (1, 16))],
+                        tune_steps=10 ** 20, progress=False)
 
 
 def test_a_glob_that_matches_nothing_is_an_error(tmp_path, hf):

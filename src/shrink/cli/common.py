@@ -57,15 +57,18 @@ class Number(click.ParamType):
             self.fail(f"{value!r} is not {'an integer' if self.integer else 'a number'}", param, ctx)
         if not math.isfinite(v) or (self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo))) \
                 or (self.hi is not None and v > self.hi):
-            lo = "" if self.lo is None else f"{'more than' if self.lo_open else 'at least'} {self.lo:g}"
-            hi = "" if self.hi is None else f"at most {self.hi:g}"
+            lo = "" if self.lo is None else f"{'more than' if self.lo_open else 'at least'} {self._show(self.lo)}"
+            hi = "" if self.hi is None else f"at most {self._show(self.hi)}"
             self.fail(f"{value!r} is out of range: it must be a finite number {' and '.join(x for x in (lo, hi) if x)}",
                       param, ctx)
         return v
 
+    def _show(self, x: float) -> str:
+        return str(int(x)) if self.integer else f"{x:g}"
+
     def get_metavar(self, param, ctx=None):
-        lo = "" if self.lo is None else f"{self.lo:g}"
-        hi = "" if self.hi is None else f"{self.hi:g}"
+        lo = "" if self.lo is None else self._show(self.lo)
+        hi = "" if self.hi is None else self._show(self.hi)
         return f"{'INTEGER' if self.integer else 'NUMBER'} {lo}..{hi}" if (lo or hi) else None
 
 

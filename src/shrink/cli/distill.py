@@ -42,7 +42,7 @@ from .common import FORCE, Number, config_option, console, main, mb
 @click.option("--max-sequences", type=Number(1, 1 << 40, integer=True), default=None, help="Use at most this many sequences of the text.")
 @config_option(DistillConfig, "eval_every", type=Number(1, 1 << 30, integer=True))
 @config_option(DistillConfig, "checkpoint_every", type=Number(1, 1 << 30, integer=True))
-@config_option(DistillConfig, "seed", type=int)
+@config_option(DistillConfig, "seed", type=Number(0, 2 ** 32 - 1, integer=True))
 @click.option("--cache-topk", default=0, show_default=True, type=Number(0, 1 << 20, integer=True),
               help="Cache the teacher's top-K logits per position once (in shrink's cache) instead of running it "
                    "every step; pays off from the second epoch. 0: off.")

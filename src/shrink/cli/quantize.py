@@ -12,6 +12,7 @@ from ..quant.apply import quantize as quantize_model
 from ..quant.mixed import MixedPrecision
 from ..quant.recipe import GPTQ, METHODS, Tune, parse_method
 from ..quant.record import record_of, summary_line
+from ..quant.recipe import MAX_TUNE_STEPS
 from .common import FORCE, Number, calibration_windows, config_option, console, field_help, main, mb, size_table
 
 
@@ -46,7 +47,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @config_option(GPTQ, "damp", type=Number(0, 1, lo_open=True))
 @config_option(GPTQ, "true_sequential", "--true-sequential/--no-true-sequential")
 @config_option(GPTQ, "refit", "--refit/--no-refit")
-@click.option("--tune-steps", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--tune-steps", default=0, show_default=True, type=Number(0, MAX_TUNE_STEPS, integer=True),
               help=field_help(Tune, "steps") + " A good value: 32.")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,

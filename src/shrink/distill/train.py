@@ -489,6 +489,9 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+MAX_SEED = 2 ** 32 - 1  # the data order's generator takes seed * 100003 + epoch, which must fit in 64 bits
+
+
 def _check_config(cfg: DistillConfig) -> None:
     problems = []
     if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
@@ -507,6 +510,8 @@ def _check_config(cfg: DistillConfig) -> None:
         problems.append(f"lr and layer_fit_lr must be > 0 (got {cfg.lr}, {cfg.layer_fit_lr})")
     if cfg.hidden_loss not in ("mse", "cosine"):
         problems.append(f"hidden_loss must be 'mse' or 'cosine' (got {cfg.hidden_loss!r})")
+    if not (isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed <= MAX_SEED):
+        problems.append(f"seed must be an integer from 0 to {MAX_SEED} (got {cfg.seed!r})")
     if problems:
         raise ShrinkError("distillation options: " + "; ".join(problems))
 

@@ -26,7 +26,7 @@ from .check import ForwardCheck, relative_error, run as run_forward, sample_inpu
 from .embedding import QuantEmbedding
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, MixedPrecision, allocate
-from .recipe import GPTQ, Recipe, parse_method
+from .recipe import GPTQ, MAX_TUNE_STEPS, Recipe, parse_method
 from .record import record_of, update_record
 from .replace import round_to_nearest, set_submodule
 from .format import check_weight
@@ -177,7 +177,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     if calibration is None and needs_data:
         what = f"method {method!r}" if method != "rtn" else "target_bits"
         raise ShrinkError(f"{what} needs calibration data: pass calibration=<text file, .jsonl file or tensors>")
-    if tune_steps < 0 or tune_steps and not needs_data:
+    if not (isinstance(tune_steps, int) and not isinstance(tune_steps, bool) and 0 <= tune_steps <= MAX_TUNE_STEPS):
+        raise ShrinkError(f"tune_steps={tune_steps!r}: must be an integer from 0 to {MAX_TUNE_STEPS:,} (32 is a good value)")
+    if tune_steps and not needs_data:
         raise ShrinkError(f"tune_steps={tune_steps}: tuning needs a calibrated method (gptq, awq, awq+gptq) "
                          "or target_bits, and a number of steps >= 0")
     if calibration is not None and not needs_data:

@@ -34,6 +34,9 @@ class GPTQ:
         "help": "GPTQ: after rounding, solve each layer's group scales again for the codes it chose."})
 
 
+MAX_TUNE_STEPS = 100_000  # far past where tuning stops paying (32 is a good value); a bound on the work
+
+
 @dataclass(frozen=True)
 class Tune:
     """Block tuning after the method: each block's fp16 scales and norm weights (codes fixed), `steps`
