@@ -448,6 +448,21 @@ def test_a_student_that_does_not_fit_the_data_is_refused_before_training(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_sizes_a_spec_or_config_implies_are_checked_before_allocation(tmp_path, hf):
+    x = np.random.default_rng(0).normal(size=(60, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    for spec in ("mlp:12-4000000-4000000-2", "cnn:1x28x28-300000-300000-2"):
+        refused(run("distill", "--teacher", "none", "--student", spec, "--data", tmp_path / "d.npz", "--out", tmp_path / "o"),
+                f"student spec {spec!r}", "parameters, trained) needs", "more than the")
+    deep = copy(hf, tmp_path / "deep")
+    cfg = json.loads((deep / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1000000
+    (deep / "config.json").write_text(json.dumps(cfg))
+    refused(run("quantize", deep, "-f", "int8", "-o", tmp_path / "o"), "config.json", "'num_hidden_layers' is 1000000",
+            "from 0 to 10,000 layers")
+    assert not (tmp_path / "o").exists()
+
+
 # ---- 5. scores are numbers in [0, 1]; NaN is never within tolerance ------------------------------
 
 def test_scores_outside_0_1_fail_their_example_and_nan_is_never_within(tmp_path):

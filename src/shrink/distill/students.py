@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ..blocks import find_stacks
 from ..errors import ShrinkError
+from ..memory import check_fits_memory
 
 # MLP projections by architecture: (rows sliced when narrowing: gate/up or BERT's intermediate; columns sliced: down/output)
 _MLP_NAMES = (
@@ -170,15 +171,22 @@ def student_from_spec(spec: str) -> nn.Module:
             widths = [int(p) for p in parts]
             if len(widths) < 2 or min(widths) < 1:
                 raise ValueError
-            return MLPClassifier(widths, float(dropout or 0))
-        shape = tuple(int(p) for p in parts[0].split("x"))
-        chans = [int(p) for p in parts[1:]]
-        if len(shape) != 3 or len(chans) < 2:
-            raise ValueError
-        return CNNClassifier(shape, chans[:-1], chans[-1])
+            params = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+        else:
+            shape = tuple(int(p) for p in parts[0].split("x"))
+            chans = [int(p) for p in parts[1:]]
+            if len(shape) != 3 or len(chans) < 2 or min(shape + tuple(chans)) < 1:
+                raise ValueError
+            ins = [shape[0]] + chans[:-2]
+            params = sum((9 * a + 1) * b for a, b in zip(ins, chans[:-1])) + (chans[-2] + 1) * chans[-1]
     except ValueError:
         raise ShrinkError(f"student spec {spec!r}: widths must be positive integers, e.g. 'mlp:784-128-10' or "
                           "'cnn:1x28x28-16-32-10'") from None
+    # counted before anything is allocated: weights, their gradients and Adam's two moments, in float32
+    check_fits_memory(16 * params, f"student spec {spec!r} ({params:,} parameters, trained)")
+    if kind == "mlp":
+        return MLPClassifier(widths, float(dropout or 0))
+    return CNNClassifier(shape, chans[:-1], chans[-1])
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import ShrinkError
+from ..memory import available_memory, check_fits_memory  # noqa: F401 - here for the loaders
 
 CODE_KEYS = ("auto_map",)
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
@@ -34,23 +35,17 @@ def refuse_custom_code(folder: str | os.PathLike) -> None:
                               "code from a model folder. Remove 'auto_map' if the model is built into transformers")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available now (MemAvailable), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")
+MAX_DEPTH = 10_000  # the deepest models people run have a few hundred layers
 
 
-def check_fits_memory(nbytes: int, what: str) -> None:
-    """Refuse to allocate `nbytes` for `what` when the machine does not have that much memory available."""
-    avail = available_memory()
-    if avail is not None and nbytes > avail:
-        raise ShrinkError(f"{what} needs {nbytes / 1e9:,.1f} GB, more than the {avail / 1e9:,.1f} GB of memory "
-                          "available; the file or its config is wrong, or the model is too large for this machine")
+def _check_depths(config, where) -> None:
+    """Layer counts a config gives are refused past MAX_DEPTH before any module is built: even on the meta
+    device each layer is Python objects, so a million of them fill memory before any size check can run."""
+    for name in DEPTH_FIELDS:
+        n = getattr(config, name, None)
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_DEPTH):
+            raise ShrinkError(f"{where}: {name!r} is {n!r}; a model has from 0 to {MAX_DEPTH:,} layers")
 
 
 def check_config_fits(cls, config, where) -> None:
@@ -58,6 +53,7 @@ def check_config_fits(cls, config, where) -> None:
     device, so a config that names an absurd size allocates nothing. `where` names the file in errors."""
     import torch
 
+    _check_depths(config, where)
     try:
         with torch.device("meta"):
             skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
