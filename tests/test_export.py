@@ -241,3 +241,30 @@ def test_cli_export(tmp_path, tok):
     p = subprocess.run(run + [str(tmp_path), "--gguf", str(tmp_path / "x.gguf")], capture_output=True, text=True)
     assert p.returncode == 1 and "not a folder saved by shrink" in p.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_pre_tokenizer_no_one_can_name_is_written_as_default_and_said(tmp_path, tok):
+    from shrink.io.gguf_meta import pre_tokenizer_hash
+
+    model = _with_tok(shrink.quantize(bpe_llama(), "int8", progress=False), tok)
+    with pytest.warns(UserWarning, match=r"pre-tokenizer is not one shrink or a llama.cpp converter here can name "
+                                         rf"\(hash {pre_tokenizer_hash(tok)[:12]}\.\.\.\): written as 'default'"):
+        r = export_gguf(model, tmp_path / "m.gguf")
+    import gguf
+
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).get_field("tokenizer.ggml.pre").contents() == "default"
+    assert any("pre-tokenizer not identified" in n for n in r.notes)
+
+
+def test_a_llama_cpp_converter_on_the_machine_names_more_pre_tokenizers(tmp_path, tok, monkeypatch):
+    # its table is read as data (never run): a hash it lists gives its name
+    from shrink.io.gguf_meta import pre_tokenizer_hash, pre_tokenizer_name
+
+    conv = tmp_path / "llama.cpp" / "conversion"
+    conv.mkdir(parents=True)
+    (conv / "base.py").write_text(f'        if chkhsh == "{"0" * 64}":\n            res = "other"\n'
+                                  f'        if chkhsh == "{pre_tokenizer_hash(tok)}":\n'
+                                  '            # ref: somewhere\n            res = "tiny-bpe"\n')
+    monkeypatch.setenv("SHRINK_LLAMA_CPP_DIR", str(tmp_path / "llama.cpp"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert pre_tokenizer_name(tok) == ("tiny-bpe", pre_tokenizer_hash(tok))

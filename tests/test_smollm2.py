@@ -98,3 +98,30 @@ def test_demo_end_to_end_with_a_reduced_budget(tmp_path):
     best = shrink.load(out / "best")
     assert {type(m).__name__ for m in best.modules()} >= {"QuantLinear"}
     assert "rtn:int4-g32" in (out / "report.md").read_text()  # listed as not tried (budget)
+
+
+def test_export_from_a_hugging_face_folder_writes_the_tokenizer_llama_cpp_would(smol, tmp_path):
+    # SmolLM2 as a Hugging Face folder (no GGUF to copy the tokenizer from): the pre-tokenizer must be named as
+    # llama.cpp's converter names it ('smollm', the name in the GGUF the package ships, which that converter
+    # wrote), or llama.cpp splits text into other tokens than the ones shrink measured with
+    import gguf
+
+    from shrink.io import LoadedModel
+    from shrink.io.models import default_gguf_path
+
+    folder = tmp_path / "hf"
+    smol.model.save_pretrained(folder)
+    smol.tokenizer.save_pretrained(folder)
+    loaded = load_model(folder)
+    assert loaded.source.get("kind") != "gguf"
+    model = shrink.quantize(loaded.model, "int8", progress=False)
+    r = shrink.export_gguf(LoadedModel(model, loaded.tokenizer, {}), tmp_path / "m.gguf")
+    shipped, ours = gguf.GGUFReader(str(default_gguf_path())), gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    field = "tokenizer.ggml.pre"
+    assert ours.get_field(field).contents() == shipped.get_field(field).contents() == "smollm"
+    assert ours.get_field("tokenizer.ggml.tokens").contents() == shipped.get_field("tokenizer.ggml.tokens").contents()
+    assert any("pre-tokenizer 'smollm', identified as llama.cpp's converter identifies it" in n for n in r.notes)
+    if importlib.util.find_spec("llama_cpp") is not None:  # the read-back ran: llama.cpp's tokens are transformers'
+        assert any("tokenization read back in llama.cpp" in n for n in r.notes), r.notes
+    else:
+        assert any("tokenization not read back" in n for n in r.notes), r.notes

@@ -28,7 +28,7 @@ from ..outdir import lock_beside
 from ..errors import ShrinkError
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
-from .gguf_meta import write_metadata
+from .gguf_meta import CHECK_TEXT, write_metadata
 
 FLOAT_TYPES = ("f16", "f32")
 EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
@@ -146,6 +146,8 @@ def _export(model, path: Path, float_type: str, requant_type, source_gguf) -> Ex
     with atomic_file(path) as tmp:
         _write(tmp, gguf.MODEL_ARCH_NAMES[arch], tensors, config, tokenizer, src, report)
         _verify(tmp, tensors, report)
+        if tokenizer is not None:
+            _verify_tokens(tmp, path, tokenizer, report)
     report.bytes = path.stat().st_size
     return report
 
@@ -339,6 +341,52 @@ def exported_by_shrink(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - any damage means "not a file shrink wrote as it is"
         return False
     return field is not None
+
+
+# the converter's check text, then plain prose, numbers and code: where pre-tokenizers differ
+READBACK_TEXT = CHECK_TEXT + ("\nThe quick brown fox jumps over the lazy dog. In 2024, 1,234,567 people paid $89.99 "
+                              "each; def f(x):\n    return x**2  # squared\n")
+
+
+def llama_cpp_tokens(path: Path, text: str) -> list[int] | None:
+    """The ids llama.cpp's tokenizer gives `text` from the GGUF file `path` (vocabulary only, in a child
+    process), or None where llama-cpp-python is not installed."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    code = ("import json, sys, llama_cpp\n"
+            "m = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)\n"
+            "print(json.dumps(m.tokenize(sys.stdin.read().encode(), add_bos=False, special=False)))")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], input=text, capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode:
+        why = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ShrinkError(f"{path}: llama.cpp cannot read the file's tokenizer ({why[:200]}); nothing was written")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _verify_tokens(tmp: Path, path: Path, tokenizer, report: ExportReport) -> None:
+    """The exported tokenizer, as llama.cpp reads it, must split READBACK_TEXT into the tokens the model's own
+    tokenizer gives (the ones shrink measured with); ShrinkError naming the first differing token."""
+    theirs = llama_cpp_tokens(tmp, READBACK_TEXT)
+    if theirs is None:
+        report.notes.append("tokenization not read back: llama-cpp-python is not installed here (`bash "
+                            "scripts/setup.sh --llama-cpp`); the tensors were")
+        return
+    ours = list(tokenizer.encode(READBACK_TEXT, add_special_tokens=False))
+    if theirs != ours:
+        i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        def show(ids):
+            return f"{ids[i]} ({tokenizer.decode([ids[i]])!r})" if i < len(ids) else "the end"
+        raise ShrinkError(f"{path}: llama.cpp splits a check text into other tokens than the model's tokenizer, from "
+                          f"token {i} on: {show(ours)} in the tokenizer, {show(theirs)} in llama.cpp "
+                          f"({len(ours)} vs {len(theirs)} tokens in all); nothing was written")
+    report.notes.append(f"tokenization read back in llama.cpp: the {len(ours)} tokens of a check text are the "
+                        "tokenizer's")
 
 
 def source_gguf_of(module: nn.Module) -> Path | None:

@@ -9,6 +9,13 @@ from pathlib import Path
 
 from ..errors import ShrinkError
 
+# llama.cpp's converter names a byte-level BPE tokenizer's pre-tokenizer (how text is split before merges) by
+# the SHA-256 of str(tokenizer.encode(CHECK_TEXT)); llama.cpp then splits text by that name's rules. The text
+# is the converter's own, so that the same tokenizer gives the same hash here.
+CHECK_TEXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+# hashes shrink identifies by itself, each checked against a GGUF file llama.cpp's converter wrote (tests)
+KNOWN_PRE = {"855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm"}  # SmolLM, SmolLM2
+
 _COPIED = ("general.", "tokenizer.")
 _NOT_COPIED = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
@@ -68,10 +75,46 @@ def copy_tokenizer(writer, src: Path, config) -> str | None:
     return None
 
 
-def build_tokenizer(writer, tokenizer, config) -> None:
+def pre_tokenizer_hash(tokenizer) -> str:
+    """The hash llama.cpp's converter names `tokenizer`'s pre-tokenizer by (see CHECK_TEXT)."""
+    import hashlib
+
+    return hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
+def _converter_table() -> dict[str, str]:
+    """{hash: pre-tokenizer name} from llama.cpp's converter where one is on this machine
+    ($SHRINK_LLAMA_CPP_DIR, or ~/.cache/llama.cpp-*, as scripts/setup.sh --llama-cpp and the benchmarks
+    build it): read as data, never run."""
+    import os
+    import re
+
+    dirs = [Path(os.environ["SHRINK_LLAMA_CPP_DIR"])] if os.environ.get("SHRINK_LLAMA_CPP_DIR") else []
+    dirs += sorted(Path.home().glob(".cache/llama.cpp-*"))
+    table = {}
+    for d in dirs:
+        for f in (d / "conversion" / "base.py", d / "convert_hf_to_gguf.py"):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except OSError:
+                continue
+            table.update(re.findall(r'chkhsh == "([0-9a-f]{64})":\s*(?:#[^\n]*\n\s*)*res = "([^"]+)"', text))
+    return table
+
+
+def pre_tokenizer_name(tokenizer) -> tuple[str | None, str]:
+    """(the name llama.cpp's converter gives `tokenizer`'s pre-tokenizer, or None when neither shrink nor a
+    converter on this machine knows it; the hash it was identified by)."""
+    h = pre_tokenizer_hash(tokenizer)
+    return KNOWN_PRE.get(h) or _converter_table().get(h), h
+
+
+def build_tokenizer(writer, tokenizer, config) -> str:
     """The `tokenizer.*` keys from a Hugging Face fast tokenizer with a byte-level BPE model (GPT-2 style,
     as Llama 3, SmolLM and Qwen2 use): tokens by id, their types, merges, special tokens and the chat
-    template (read by gguf-py's SpecialVocab from the saved tokenizer)."""
+    template (read by gguf-py's SpecialVocab from the saved tokenizer), and the pre-tokenizer named as
+    llama.cpp's converter names it (pre_tokenizer_name; "default" when unknown). Returns what was said
+    about the pre-tokenizer."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -99,13 +142,23 @@ def build_tokenizer(writer, tokenizer, config) -> None:
             tokens.append(tok)
             types.append(gguf.TokenType.CONTROL if added.get(tok) else
                          gguf.TokenType.USER_DEFINED if tok in added else gguf.TokenType.NORMAL)
+    pre, h = pre_tokenizer_name(tokenizer)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre or "default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
+    if pre:
+        return f"pre-tokenizer {pre!r}, identified as llama.cpp's converter identifies it"
+    import warnings
+
+    warnings.warn(f"the tokenizer's pre-tokenizer is not one shrink or a llama.cpp converter here can name (hash "
+                  f"{h[:12]}...): written as 'default', so llama.cpp may split text into other tokens than the "
+                  "tokenizer does; export from the GGUF file the model came from, or check the file with "
+                  "shrink compare ORIGINAL OUT.gguf --runtime llama.cpp", stacklevel=4)
+    return f"pre-tokenizer not identified (hash {h[:12]}...): written as 'default'"
 
 
 def write_metadata(writer, config, tokenizer, src: Path | None) -> tuple[str, list[str]]:
@@ -121,7 +174,7 @@ def write_metadata(writer, config, tokenizer, src: Path | None) -> tuple[str, li
     if tokenizer is None:
         raise ShrinkError("the model has no tokenizer to write into the GGUF file (llama.cpp needs one); load it "
                           "from a folder with its tokenizer, or give source_gguf=")
-    build_tokenizer(writer, tokenizer, config)
+    said = build_tokenizer(writer, tokenizer, config)
     writer.add_name(getattr(config, "_name_or_path", None) or type(config).__name__.replace("Config", ""))
-    notes.append("tokenizer built from the Hugging Face tokenizer (pre-tokenizer 'default')")
+    notes.append(f"tokenizer built from the Hugging Face tokenizer ({said})")
     return "tokenizer built from the Hugging Face tokenizer", notes
