@@ -311,7 +311,7 @@ def test_a_machine_without_the_runtime_falls_back_with_one_line(monkeypatch):
     m = tiny_llama()
     x = ids(5)[None]
     monkeypatch.setattr(llama_module, "extension", lambda: None)
-    with pytest.warns(UserWarning, match="runtime could not be compiled") as said:
+    with pytest.warns(UserWarning, match="the runtime is not compiled: it failed to compile here") as said:
         got = runtime_generate(m, x, max_new_tokens=6)
         runtime_generate(m, x, max_new_tokens=6)
     assert len(said) == 1
@@ -387,3 +387,39 @@ def test_generate_from_many_threads_gives_each_its_own_answer():
         together = list(pool.map(lambda a: model.generate(a[1], max_new_tokens=6 + a[0] % 3, do_sample=False),
                                  enumerate(prompts)))
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def test_the_runtime_is_built_before_any_example_is_timed(tmp_path):
+    # compiling the runtime (once per machine, about a minute) must not land in the original's timing
+    import json as _json
+    import types
+
+    from helpers import tiny_tokenizer, word_text
+
+    calls = []
+    model = shrink.quantize(tiny_llama(seed=2), "int8", progress=False)
+    install(model)
+    prepare, decode = model.shrink_prepare, model.shrink_decode
+    model.shrink_prepare = types.MethodType(lambda self: calls.append("prepare") or prepare(), model)
+    model.shrink_decode = types.MethodType(lambda self, *a, **k: calls.append("decode") or decode(*a, **k), model)
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(_json.dumps({"input": word_text(4, seed=i), "target": "x", "max_new_tokens": 2}) + "\n"
+                            for i in range(4)))
+    c = shrink.compare(model, model, str(task), tokenizer=tiny_tokenizer(), warn_small=False)
+    assert calls[:2] == ["prepare", "prepare"] and "decode" in calls
+    assert c.original["setup_seconds"] >= 0 and c.compressed["setup_seconds"] >= 0
+
+
+def test_a_switched_off_runtime_says_which_switch():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings, sys\nsys.path.insert(0, 'tests')\nfrom helpers import tiny_llama\n"
+            "from shrink.runtime import install, decoder_for\nm = tiny_llama()\ninstall(m)\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    assert decoder_for(m) is None\nprint(w[0].message)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "SHRINK_NATIVE": "0"},
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert "SHRINK_NATIVE=0 is set, which turns shrink's compiled code off" in r.stdout, r.stdout + r.stderr
+    assert "no C++ compiler" not in r.stdout

@@ -211,6 +211,12 @@ class CausalLMAdapter(_TextAdapter):
 
     # ---- batches: the same outcomes as `run`, with the model run on many sequences at once ----------
 
+    def prepare(self) -> None:
+        """Build what the model's runtime needs before any example is timed (its one-time compilation)."""
+        fn = getattr(self.model, "shrink_prepare", None)
+        if type(self) is CausalLMAdapter and callable(fn):
+            fn()
+
     def _decoder(self):
         """The model's `shrink_decode` (shrink's runtime, given to the model by `shrink.runtime.install`:
         decode(prompts, max_new_tokens, eos_token_id, logits=, continuations=) -> per prompt .new, .logits,

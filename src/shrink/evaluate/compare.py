@@ -11,6 +11,7 @@ difficulty slices from the original model's confidence and from input length), a
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -333,6 +334,7 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
     a, b = _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_template, max_new_tokens, names, task)
     perplexity = task.kind == "perplexity"
+    setup = _prepare(a, b)
     rows, kls, agree, cosines = _run_examples(a, b, task, score_fn, perplexity, cache, progress, batch_size)
     ok = [r for r in rows if r.error is None]
     if not ok:
@@ -344,12 +346,27 @@ def compare(original, compressed, task: Task | str | None = None, *, tokenizer=N
     return Comparison(
         task={"name": task.name, "kind": task.kind, "source": task.source, "examples": len(task.examples),
               "batch_size": batch_size},
-        original=_model_info(a, [r.original_seconds for r in ok], names[0]),
-        compressed=_model_info(b, [r.compressed_seconds for r in ok], names[1]),
+        original={**_model_info(a, [r.original_seconds for r in ok], names[0]), "setup_seconds": setup[0]},
+        compressed={**_model_info(b, [r.compressed_seconds for r in ok], names[1]), "setup_seconds": setup[1]},
         tolerance=tolerance, relative=relative, overall=overall, slices=slices, examples=rows,
         divergence=_divergence(kls, agree, cosines), within=verdict.within, verdict=verdict.line,
         errors=len(rows) - len(ok), status=verdict.status, needed=verdict.needed,
     )
+
+
+def _prepare(a: Adapter, b: Adapter) -> tuple[float, float]:
+    """Each model's one-time setup (compiling shrink's runtime, once per machine), done before any example is
+    timed and said apart when it took a while: (seconds for the original, for the compressed)."""
+    out = []
+    for ad in (a, b):
+        t0 = time.perf_counter()
+        if hasattr(ad, "prepare"):
+            ad.prepare()
+        out.append(round(time.perf_counter() - t0, 3))
+    if max(out) >= 1.0:
+        print(f"note: setting up the models took {out[0]:.1f} s and {out[1]:.1f} s (shrink's runtime compiled once "
+              "per machine); not counted in their timings", file=sys.stderr)
+    return out[0], out[1]
 
 
 def _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_template, max_new_tokens, names, task):

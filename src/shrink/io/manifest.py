@@ -20,7 +20,8 @@ The fields (format_version 1):
                     (absent in folders written before it was added; then nothing is verified)
     layout          (format_version 2) "pack-quantized": model.safetensors in compressed-tensors' layout,
                     loadable by transformers and vLLM (symmetric formats only); "shrink": shrink's own packed
-                    layout in model.shrink.safetensors, a name no other loader reads, so they fail loudly.
+                    layout in model.shrink.safetensors: transformers and vLLM find no model.safetensors,
+                    llama.cpp's converter (any *.safetensors) cannot map its tensor names; all fail loudly.
                     Format 1 folders hold shrink's layout in model.safetensors.
 """
 
@@ -39,7 +40,7 @@ from ..texts import read_utf8
 FORMAT_VERSION = 2
 MANIFEST = "shrink.json"
 WEIGHTS = "model.safetensors"  # pack-quantized (and format 1)
-WEIGHTS_NATIVE = "model.shrink.safetensors"  # shrink's own layout: other loaders find no weights and stop
+WEIGHTS_NATIVE = "model.shrink.safetensors"  # shrink's own layout: other loaders stop rather than misread it
 LAYOUTS = ("pack-quantized", "shrink")
 MAX_FEATURES = 1 << 20  # a layer wider than a million inputs or outputs is a corrupt manifest, not a model
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -135,7 +135,8 @@ class QuantLinear(PackedRows):
         if self.backend == "native" and not ok:
             raise RuntimeError(
                 f"native backend requested but unavailable for in_features={self.in_features}, format {self.spec.name} "
-                f"(needs AVX2, a C++ compiler, and input and group sizes that are multiples of 32)"
+                + ("(input and group sizes must be multiples of 32)" if kernels.native.available() else
+                   f"({kernels.native.unavailable_reason()})")
             )
         return ok
 

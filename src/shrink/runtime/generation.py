@@ -156,7 +156,14 @@ def install(model: nn.Module) -> str | None:
             getattr(model.generate, "__func__", None) is not _installed_generate:
         model.generate = types.MethodType(_installed_generate, model)
     model.shrink_decode = types.MethodType(_installed_decode, model)
+    model.shrink_prepare = types.MethodType(_installed_prepare, model)
     return None
+
+
+def _installed_prepare(self) -> bool:
+    """Build the runtime over this model now (compiling it, once per machine, when needed), so that no timed
+    work pays for it; whether the runtime can run the model."""
+    return decoder_for(self) is not None
 
 
 def _installed_decode(self, prompts, max_new_tokens, eos_token_id=None, **options):

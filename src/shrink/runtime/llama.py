@@ -117,7 +117,7 @@ def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
                 and not type(m).__name__.endswith("RMSNorm"):
             return f"layer {name!r} is a {type(m).__name__}"
     if compiled and extension() is None:
-        return "the runtime could not be compiled on this machine (no C++ compiler, or no AVX2)"
+        return f"the runtime is not compiled: {native.unavailable_reason()}"
     return None
 
 

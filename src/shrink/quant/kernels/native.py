@@ -23,6 +23,15 @@ SOURCE = Path(__file__).with_name("qgemm_avx2.cpp")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 
 
+def unavailable_reason() -> str:
+    """Why compiled code is not used here, naming the switch or the missing capability."""
+    if os.environ.get("SHRINK_NATIVE", "1") == "0":
+        return "SHRINK_NATIVE=0 is set, which turns shrink's compiled code off"
+    if not cpu_supported():
+        return f"this CPU does not report {'/'.join(f.upper() for f in REQUIRED_FLAGS)}"
+    return "it failed to compile here (the warning printed when it was tried says why: no C++ compiler, or an error)"
+
+
 def cpu_supported() -> bool:
     """True on x86-64 Linux CPUs that report AVX2, FMA and F16C."""
     try:
