@@ -264,6 +264,24 @@ def test_quantize_force_keeps_an_empty_folder_of_the_users(tmp_path, hf, q):
     assert (own / "drafts").is_dir()
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, hf, monkeypatch):
+    # safetensors reports a full disk as its own error, not an OSError (what a 40 kB tmpfs gives, imitated here)
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    from shrink.io import saved
+
+    for module in (safetensors.torch, saved):
+        monkeypatch.setattr(module, "save_file", full)
+        monkeypatch.setattr(module, "save_model", full)
+    r = cli("quantize", hf, "-f", "int8", "-o", tmp_path / "q")
+    refused(r, "no space left on the device while writing the output", "nothing half-written was kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ---- 2. no code from a model folder ever runs ----------------------------------------------------
 
 PLANTED = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
@@ -430,10 +448,12 @@ def test_search_limits_refuse_overflow(tmp_path, hf, args, needle):
     ({"input": "a", "target": "b", "tolerance": 0.1}, ':1: \'tolerance\' must be a number of 0 or more, for "match": "numeric"'),
     ({"input": "a", "target": "b", "max_new_tokens": 100000000}, ":1: 'max_new_tokens' 100000000 is more than the model's context of 64"),
     ({"input": "x" * 1_000_001, "target": "b"}, ":1: a line of 1,000,0"),
+    ("[" * 100_000 + "]" * 100_000, ":1: a value nested too deep, or a number too long, to read"),
+    ('{"input": "a", "target": ' + "9" * 5000 + "}", ":1: a value nested too deep, or a number too long, to read"),
 ])
 def test_bad_task_fields_are_refused_before_the_models_run(tmp_path, hf, line, needle):
     task = tmp_path / "t.jsonl"
-    task.write_text(json.dumps(line) + "\n")
+    task.write_text((line if isinstance(line, str) else json.dumps(line)) + "\n")
     refused(cli("compare", hf, hf, "--task", task, "--out", tmp_path / "c"), str(task), needle)
     assert not (tmp_path / "c").exists()
 

@@ -82,7 +82,7 @@ def _dead_owner(box: Path, pid: int) -> bool:
         return False
     try:
         owner = json.loads((box / OWNER).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(owner, dict) and owner.get("pid") == pid and not _pid_alive(pid)
 
@@ -130,7 +130,7 @@ def seal(folder: Path) -> None:
 def _read_seal(folder: Path) -> dict | None:
     try:
         seal_ = json.loads((folder / SEAL).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     entries = seal_.get("entries") if isinstance(seal_, dict) else None
     return entries if isinstance(entries, dict) else None
@@ -265,7 +265,7 @@ def _holder(lock: Path) -> str:
     try:
         info = json.loads(lock.read_text())
         return f"shrink {info.get('command')}, process {int(info['pid'])}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "a process"
 
 
@@ -273,7 +273,7 @@ def read_mark(path: Path) -> dict | None:
     """The marker of a folder written by shrink compare/distill/search, or None when it has none."""
     try:
         mark = json.loads((Path(path) / MARK).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return mark if isinstance(mark, dict) and isinstance(mark.get("command"), str) else None
 

@@ -28,9 +28,12 @@ def json_lines(path: Path, raw: str):
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError):  # a number of thousands of digits, or nesting too deep to read
+            raise ShrinkError(f"{path}:{i}: a value nested too deep, or a number too long, to read") from None
+        yield i, value
 
 
 def read_texts(path: str | Path, what: str = "text file") -> list[str]:

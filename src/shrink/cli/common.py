@@ -34,6 +34,15 @@ class _Group(click.Group):
             text = str(e) if not isinstance(e, OSError) or e.filename is None else \
                 f"{e.filename}: {e.strerror or e}"
             raise click.ClickException(" ".join(text.split())) from None
+        except Exception as e:  # libraries that write files (safetensors, torch.save) wrap a full disk in their own
+            if not any(s in str(e) for s in _DISK_FULL):
+                raise
+            raise click.ClickException("no space left on the device while writing the output "
+                                       f"({' '.join(str(e).split())[:200]}); nothing half-written was kept: free "
+                                       "some space, or choose another --out") from None
+
+
+_DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "file write failed")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

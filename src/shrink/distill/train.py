@@ -482,7 +482,7 @@ def _read_state(path: Path) -> dict:
                           ("config", dict, "an object")):
         try:
             value = json.loads(state[k])
-        except ValueError as e:
+        except (ValueError, RecursionError, TypeError) as e:
             raise ShrinkError(f"{path}: field {k!r} is not valid JSON ({str(e)[:80]})") from None
         if not isinstance(value, kind):
             raise ShrinkError(f"{path}: field {k!r} holds {type(value).__name__}, expected {want}")

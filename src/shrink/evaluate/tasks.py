@@ -171,6 +171,8 @@ def read_jsonl(path: str | os.PathLike, name: str | None = None) -> Task:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise ShrinkError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError):  # a number of thousands of digits, or nesting too deep to read
+            raise ShrinkError(f"{where}: a value nested too deep, or a number too long, to read") from None
         ex = _check_example(obj, where, n)
         if kind is None:
             kind = ex.kind

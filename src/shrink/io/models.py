@@ -154,7 +154,7 @@ def load_spec_folder(path: str | os.PathLike) -> LoadedModel:
     path = Path(path)
     try:
         spec = json.loads((path / "student.json").read_text())["spec"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ShrinkError(f"{path / 'student.json'}: expected {{\"spec\": \"mlp:...\"}} ({e})") from None
     model = student_from_spec(spec)
     try:

@@ -28,7 +28,7 @@ def refuse_custom_code(folder: str | os.PathLike) -> None:
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ShrinkError(f"{path}: not readable JSON ({str(e)[:120]})") from None
         if isinstance(data, dict) and any(k in data for k in CODE_KEYS):
             raise ShrinkError(f"{path}: the folder asks to run its own Python code ('auto_map'); shrink never runs "

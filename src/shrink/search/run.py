@@ -157,7 +157,7 @@ def _read_results(path: Path, con: Constraints | None = None) -> list[CandidateR
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             if i == len(lines) - 1:
                 break  # the write that was interrupted; that candidate is measured again
             raise ShrinkError(f"{path}:{i + 1}: not a JSON line; the results file is damaged") from None
@@ -547,7 +547,7 @@ def _also_saved(model: nn.Module, folder: Path, tok, shipped: Path) -> int:
 def _best_name(out: Path) -> str | None:
     try:
         return json.loads((out / "best" / "candidate.json").read_text())["candidate"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
