@@ -229,6 +229,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     for name, info in manifest["modules"].items():
         try:
             spec = parse_format(info["format"])
+            _check_fits(model, name, info)
             if info.get("embedding"):
                 old = model.get_submodule(name)
                 new = QuantEmbedding(info["out_features"], info["in_features"], spec, getattr(old, "padding_idx", None))
@@ -271,6 +272,32 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                   check=record.check, source=record.source, fallbacks=record.fallbacks)
     model.eval()
     return model
+
+
+def _check_fits(model: nn.Module, name: str, info: dict) -> None:
+    """ValueError unless the architecture's own layer at `name` is what shrink.json says it was: an embedding,
+    a convolution, or a Linear (Conv1D) layer, of the sizes it records; flags that contradict the model
+    would otherwise build another kind of layer in its place."""
+    from ..quant.apply import is_conv1d
+
+    old = model.get_submodule(name)
+    if isinstance(old, (QuantLinear, CastLinear, QuantEmbedding, QuantConv2d)):
+        return  # a model the caller passed in already quantized: the shapes are checked with the tensors
+    if info.get("embedding"):
+        kind, ok = "an embedding", isinstance(old, nn.Embedding) and \
+            (old.num_embeddings, old.embedding_dim) == (info["out_features"], info["in_features"])
+    elif info.get("conv2d"):
+        c = info["conv2d"]
+        kind, ok = "a convolution", isinstance(old, nn.Conv2d) and old.out_channels == info["out_features"] and \
+            old.in_channels == c.get("in_channels") and list(old.kernel_size) == list(c.get("kernel_size", []))
+    else:
+        w = old.weight if isinstance(old, nn.Linear) or is_conv1d(old) else None
+        shape = None if w is None else tuple(w.shape) if isinstance(old, nn.Linear) else tuple(w.shape[::-1])
+        kind, ok = "a Linear layer", shape == (info["out_features"], info["in_features"])
+    if not ok:
+        size = f"{info['in_features']} -> {info['out_features']}"
+        raise ValueError(f"shrink.json says it is {kind} ({size}), but the model's {name!r} is a {type(old).__name__}"
+                         f"{'' if not hasattr(old, 'weight') else f' of weight {tuple(old.weight.shape)}'}")
 
 
 def record_from_manifest(manifest: dict) -> ModelRecord:
