@@ -125,3 +125,24 @@ def test_export_from_a_hugging_face_folder_writes_the_tokenizer_llama_cpp_would(
         assert any("tokenization read back in llama.cpp" in n for n in r.notes), r.notes
     else:
         assert any("tokenization not read back" in n for n in r.notes), r.notes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed; `bash scripts/setup.sh --llama-cpp` builds it")
+def test_an_export_whose_tokenizer_llama_cpp_reads_otherwise_is_refused(smol, tmp_path, monkeypatch):
+    # as shrink wrote it before: pre-tokenizer 'default' for SmolLM2; llama.cpp then splits text into other
+    # tokens, and the read-back must catch it, naming the first differing token, and write nothing
+    from shrink.io import LoadedModel
+    from shrink.io import gguf_meta
+
+    monkeypatch.setattr(gguf_meta, "KNOWN_PRE", {})
+    monkeypatch.setattr(gguf_meta, "_converter_table", lambda: {})
+    from shrink.quant.record import update_record
+
+    model = copy.deepcopy(smol.model)
+    update_record(model, source={})  # no source GGUF: the tokenizer is built, not copied
+    with pytest.warns(UserWarning, match="written as 'default'"), \
+            pytest.raises(shrink.ShrinkError, match=r"llama.cpp splits a check text into other tokens than the model's "
+                                                    r"tokenizer, from token \d+ on: .* in the tokenizer, .* in llama.cpp"):
+        shrink.export_gguf(LoadedModel(model, smol.tokenizer, {}), tmp_path / "m.gguf", source_gguf=None)
+    assert list(tmp_path.iterdir()) == []
