@@ -642,11 +642,16 @@ def test_damaged_search_and_checkpoint_files_name_the_file(tmp_path):
     from shrink.errors import ShrinkError
     from shrink.search.run import _read_results
 
+    from shrink.search import Candidate, CandidateResult, Constraints, judge
+
+    done = CandidateResult(Candidate("rtn:int8", format="int8"), "done", score=0.5, original_score=0.5, change=0.0,
+                           ci_low=-0.5, ci_high=0.5, within=True, size_bytes=10, memory_bytes=10)
+    good = json.dumps(judge(done, Constraints(max_drop=1), 1.0).to_json())
     res = tmp_path / "results.jsonl"
-    res.write_text('{"candidate": {"name": "rtn:int8"}, "status": "done", "allowed": 1.0}\n{"other": 1}\n')
+    res.write_text(good + '\n{"other": 1}\n')
     with pytest.raises(ShrinkError, match=r"results.jsonl:2: not a search result"):
         _read_results(res)
-    res.write_text('{"candidate": {"name": "rtn:int8"}, "status": "done", "allowed": 1.0}\n' * 2)
+    res.write_text((good + "\n") * 2)
     assert len(_read_results(res)) == 1  # a candidate measured twice by an older run counts once
     state = {"step": 1, "epoch": 0, "offset": 0, "rng": torch.get_rng_state(), "optimizer": {}, "scheduler": {},
              "best": "null", "history": "[oops", "config": "{}", "data": "x"}
