@@ -139,13 +139,19 @@ def test_an_unusable_out_is_refused_before_the_model_loads(tmp_path):
         refused(run(*cmd, "--out", "/proc/shrink-out/x"), "/proc", "cannot")
 
 
-def test_force_restarts_shrinks_own_search_and_distill_folders(tmp_path, hf):
+def _distilled(tmp_path, hf):
+    """A finished two-step distillation in tmp_path/d, and the command line that made it."""
     text = tmp_path / "text.txt"
     text.write_text(word_text(400))
     out = tmp_path / "d"
     args = ["distill", "--teacher", hf, "--student", "layers=1", "--data", text, "--steps", "2", "--seq-len", "16",
             "--batch-size", "2", "--eval-every", "1", "--out", out]
     assert run(*args).returncode == 0
+    return out, args
+
+
+def test_force_restarts_shrinks_own_search_and_distill_folders(tmp_path, hf):
+    out, args = _distilled(tmp_path, hf)
     assert sorted(p.name for p in out.iterdir()) == [".shrink-out.json", "best", "checkpoint", "model", "results.json"]
     refused(run(*args), "holds the output of an earlier shrink distill", "--resume", "--force")
     refused(run(*args, "--resume", "--force"), "give one of them")
@@ -155,12 +161,7 @@ def test_force_restarts_shrinks_own_search_and_distill_folders(tmp_path, hf):
 
 
 def test_a_user_file_at_any_depth_keeps_the_folder(tmp_path, hf):
-    text = tmp_path / "text.txt"
-    text.write_text(word_text(400))
-    out = tmp_path / "d"
-    args = ["distill", "--teacher", hf, "--student", "layers=1", "--data", text, "--steps", "2", "--seq-len", "16",
-            "--batch-size", "2", "--eval-every", "1", "--out", out]
-    assert run(*args).returncode == 0
+    out, args = _distilled(tmp_path, hf)
     (out / "model" / "my-notes.txt").write_text("mine")
     (out / "checkpoint" / "empty-dir-of-mine").mkdir()
     before = tree(out)
