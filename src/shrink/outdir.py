@@ -153,15 +153,15 @@ def foreign_in(path: Path, names: Iterable[str] | None = None) -> Path | None:
     mark = read_mark(path) if names is None else {"names": list(names)}
     if mark is not None:
         allowed = set(mark.get("names") or ())
-        for base in _foreign(path, allowed):
-            return path / base
+        extra = _foreign(path, allowed)
+        if extra:
+            return path / extra[0]
         for p in sorted(path.iterdir()):
-            if p.is_dir() and not p.is_symlink() and p.name in allowed:
-                found = foreign_in(p)
-                if found is not None:
-                    return found
-            elif p.is_symlink():
+            if p.is_symlink():
                 return p
+            found = foreign_in(p) if p.is_dir() and p.name in allowed else None
+            if found is not None:
+                return found
         return None
     from .io.manifest import is_own_folder
 

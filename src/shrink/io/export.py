@@ -351,12 +351,13 @@ READBACK_TEXT = CHECK_TEXT + ("\nThe quick brown fox jumps over the lazy dog. In
 def llama_cpp_tokens(path: Path, text: str) -> list[int] | None:
     """The ids llama.cpp's tokenizer gives `text` from the GGUF file `path` (vocabulary only, in a child
     process), or None where llama-cpp-python is not installed."""
-    import importlib.util
     import json
     import subprocess
     import sys
 
-    if importlib.util.find_spec("llama_cpp") is None:
+    from ..evaluate.llamacpp import available
+
+    if available() is not None:
         return None
     code = ("import json, sys, llama_cpp\n"
             "m = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)\n"
@@ -374,8 +375,9 @@ def _verify_tokens(tmp: Path, path: Path, tokenizer, report: ExportReport) -> No
     tokenizer gives (the ones shrink measured with); ShrinkError naming the first differing token."""
     theirs = llama_cpp_tokens(tmp, READBACK_TEXT)
     if theirs is None:
-        report.notes.append("tokenization not read back: llama-cpp-python is not installed here (`bash "
-                            "scripts/setup.sh --llama-cpp`); the tensors were")
+        from ..evaluate.llamacpp import INSTALL_HINT
+
+        report.notes.append(f"tokenization not read back ({INSTALL_HINT}); the tensors were")
         return
     ours = list(tokenizer.encode(READBACK_TEXT, add_special_tokens=False))
     if theirs != ours:

@@ -11,7 +11,6 @@ than `*` names it; a tied output layer then shares its codes.
 from __future__ import annotations
 
 import dataclasses
-
 import fnmatch
 import math
 import warnings
@@ -189,10 +188,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     assignment = plan(model, spec, keep_output=keep_output)
     _refuse_nothing_to_do(model, assignment)
     exact = {k for k in spec if not any(c in k for c in "*?[")} if isinstance(spec, Mapping) else set()
-    # with target_bits the plan's format is a stand-in (the allocation chooses from the ladder, fitting each layer)
-    fallbacks = _fall_back(model, assignment, exact, quiet=target_bits is not None)
-    if target_bits is not None:
-        fallbacks = {}
+    fell_back = _fall_back(model, assignment, exact, quiet=target_bits is not None)
+    # with target_bits the plan's format is a stand-in: the allocation chooses from the ladder, fitting each layer
+    fallbacks = {} if target_bits is not None else fell_back
     _validate(model, assignment)
     undo = _Undo(model)  # any failure from here on puts the model back as it was
     try:
