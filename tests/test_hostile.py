@@ -664,6 +664,42 @@ def test_damaged_search_and_checkpoint_files_name_the_file(tmp_path):
         _read_state(tmp_path / "state.pt")
 
 
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, hf):
+    """A four-step distillation with checkpoints, and the command line that resumes it."""
+    tmp = tmp_path_factory.mktemp("distilled")
+    text = tmp / "text.txt"
+    text.write_text(word_text(400))
+    args = ["distill", "--teacher", hf, "--student", "layers=1", "--data", text, "--steps", "4", "--seq-len", "16",
+            "--batch-size", "2", "--eval-every", "2", "--checkpoint-every", "2"]
+    assert run(*args, "--out", tmp / "d").returncode == 0
+    return tmp / "d", args
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("optimizer", {"state": {}, "param_groups": "x"}, "field 'optimizer' cannot be restored"),
+    ("scheduler", {"x": 1}, "field 'scheduler' cannot be restored"),
+    ("rng", "zeros", "field 'rng' cannot be restored"),
+    ("step", 10 ** 12, "step 1000000000000 (offset"),
+    ("best", '{"loss": "x"}', "field 'best' or 'history' does not hold evaluations"),
+    ("history", '[{"a": 1}]', "field 'best' or 'history' does not hold evaluations"),
+])
+def test_an_edited_checkpoint_is_one_line_on_resume(tmp_path, distilled, field, value, needle):
+    # a checkpoint edited by hand (its seal refreshed, as if shrink had written it): each field is checked as
+    # it is restored, and the resume stops in one line naming the file and field
+    import torch
+
+    from shrink.outdir import seal
+
+    out, args = distilled
+    d = copy(out, tmp_path / "d")
+    state = torch.load(d / "checkpoint" / "state.pt", weights_only=True)
+    state[field] = torch.zeros(3) if value == "zeros" else value
+    torch.save(state, d / "checkpoint" / "state.pt")
+    seal(d / "checkpoint")
+    refused(cli(*args, "--out", d, "--resume"), "checkpoint/state.pt", needle)
+
+
 def test_invalid_search_file_on_resume_names_it(tmp_path, hf):
     s = tmp_path / "s"
     s.mkdir()

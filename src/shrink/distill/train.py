@@ -276,12 +276,29 @@ def _restore(out: Path | None, student, opt, sched, cfg: DistillConfig, data: Di
     changed = {k for k, v in asdict(cfg).items() if k != "time_budget" and saved_cfg.get(k) != v}
     if changed:
         raise ShrinkError(f"{out}: resuming with different options {sorted(changed)} than the checkpoint")
+    where = out / "checkpoint" / "state.pt"
+    history, best = json.loads(state["history"]), json.loads(state["best"])
+    if state["step"] > cfg.steps or state["offset"] > len(data):
+        raise ShrinkError(f"{where}: step {state['step']} (offset {state['offset']}) is past this run's {cfg.steps} "
+                          f"steps ({len(data)} sequences); the checkpoint is damaged or not this run's")
+    def evaluation(m) -> bool:  # as evaluate() records it: its step, and the loss the best is chosen by
+        loss = m.get("ce", m.get("embedding_distance")) if isinstance(m, dict) else None
+        return isinstance(m.get("step") if isinstance(m, dict) else None, int) and isinstance(loss, (int, float))
+
+    if (best is not None and not evaluation(best)) or not all(evaluation(h) for h in history):
+        raise ShrinkError(f"{where}: field 'best' or 'history' does not hold evaluations (each with its step and "
+                          "held-out loss); the checkpoint is damaged")
     _load_state_dict(student, out / "checkpoint" / "student.safetensors")
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    for field, restore_it in (("optimizer", lambda: opt.load_state_dict(state["optimizer"])),
+                              ("scheduler", lambda: sched.load_state_dict(state["scheduler"])),
+                              ("rng", lambda: torch.set_rng_state(state["rng"]))):
+        try:
+            restore_it()
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ShrinkError(f"{where}: field {field!r} cannot be restored ({type(e).__name__}: {str(e)[:120]}); "
+                              "the checkpoint is damaged") from None
     pos = _Position(len(data), cfg.seed, state["epoch"], state["offset"])
-    return state["step"], pos, json.loads(state["history"]), json.loads(state["best"])
+    return state["step"], pos, history, best
 
 
 def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cfg: DistillConfig | None = None, *,
