@@ -146,6 +146,11 @@ def test_interrupted_search_resumes_without_redoing_finished_candidates(tmp_path
     np.savez(other, **d)
     with pytest.raises(ShrinkError, match="that search was of another task \\(its examples differ\\)"):
         shrink.search(model, other, out=tmp_path / "s", candidates=cands, progress=False, resume=True)
+    # an edited search.json is one line naming the file and field
+    saved = json.loads((tmp_path / "s" / "search.json").read_text())
+    (tmp_path / "s" / "search.json").write_text(json.dumps({**saved, "constraints": "x"}))
+    with pytest.raises(ShrinkError, match="search.json: 'constraints' must be an object, got str"):
+        shrink.search(model, task, out=tmp_path / "s", candidates=cands, progress=False, resume=True)
 
 
 def test_budget_stops_the_search_and_says_what_was_left(tmp_path):

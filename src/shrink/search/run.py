@@ -378,6 +378,9 @@ def _resumed(out: Path, identity: dict, con: Constraints, runtime: str, console)
         raise ShrinkError(f"{out}: that search judged candidates in {saved.get('runtime', 'shrink')}; resume it "
                           f"with --runtime {saved.get('runtime', 'shrink')}, or start a new search in another folder")
     was = saved.get("constraints", {})
+    if not isinstance(was, dict):
+        raise ShrinkError(f"{out / CONFIG}: 'constraints' must be an object, got {type(was).__name__}; the search "
+                          "file is damaged")
     if (was.get("max_drop"), was.get("relative")) != (con.max_drop, con.relative):
         raise ShrinkError(f"{out}: that search compared with a tolerance of {was.get('max_drop')} "
                           f"({'relative' if was.get('relative') else 'absolute'}); resume it with the same "
