@@ -68,7 +68,7 @@ def main() -> None:
             path = tmp / f"{'before' if before else 'now'}.gguf"
             _export(LoadedModel(model, loaded.tokenizer, {}), path, before)
             pre = gguf_meta_field(path, "tokenizer.ggml.pre")
-            theirs = export_module.llama_cpp_tokens(path, text)
+            theirs = export_module.llama_cpp_tokens(path, text)[0]
             first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
                          None if len(ours) == len(theirs) else min(len(ours), len(theirs)))
             rows.append({"export": label, "pre_tokenizer": pre, "tokens_transformers": len(ours),

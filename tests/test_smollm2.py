@@ -119,7 +119,11 @@ def test_export_from_a_hugging_face_folder_writes_the_tokenizer_llama_cpp_would(
     shipped, ours = gguf.GGUFReader(str(default_gguf_path())), gguf.GGUFReader(str(tmp_path / "m.gguf"))
     field = "tokenizer.ggml.pre"
     assert ours.get_field(field).contents() == shipped.get_field(field).contents() == "smollm"
-    assert ours.get_field("tokenizer.ggml.tokens").contents() == shipped.get_field("tokenizer.ggml.tokens").contents()
+    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token",
+                "add_space_prefix"):  # everything llama.cpp's converter wrote for this tokenizer
+        field = f"tokenizer.ggml.{key}"
+        assert ours.get_field(field).contents() == shipped.get_field(field).contents(), field
+    assert ours.get_field("tokenizer.chat_template").contents() == shipped.get_field("tokenizer.chat_template").contents()
     assert any("pre-tokenizer 'smollm', identified as llama.cpp's converter identifies it" in n for n in r.notes)
     if importlib.util.find_spec("llama_cpp") is not None:  # the read-back ran: llama.cpp's tokens are transformers'
         assert any("tokenization read back in llama.cpp" in n for n in r.notes), r.notes

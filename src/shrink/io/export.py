@@ -348,9 +348,10 @@ READBACK_TEXT = CHECK_TEXT + ("\nThe quick brown fox jumps over the lazy dog. In
                               "each; def f(x):\n    return x**2  # squared\n")
 
 
-def llama_cpp_tokens(path: Path, text: str) -> list[int] | None:
+def llama_cpp_tokens(path: Path, text: str) -> tuple[list[int], list[int]] | None:
     """The ids llama.cpp's tokenizer gives `text` from the GGUF file `path` (vocabulary only, in a child
-    process), or None where llama-cpp-python is not installed."""
+    process), and those it gives "a" with the special tokens it adds (its BOS rule); None where
+    llama-cpp-python is not installed."""
     import json
     import subprocess
     import sys
@@ -361,7 +362,8 @@ def llama_cpp_tokens(path: Path, text: str) -> list[int] | None:
         return None
     code = ("import json, sys, llama_cpp\n"
             "m = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)\n"
-            "print(json.dumps(m.tokenize(sys.stdin.read().encode(), add_bos=False, special=False)))")
+            "t = sys.stdin.read().encode()\n"
+            "print(json.dumps([m.tokenize(t, add_bos=False, special=False), m.tokenize(b'a', add_bos=True)]))")
     r = subprocess.run([sys.executable, "-c", code, str(path)], input=text, capture_output=True, text=True,
                        timeout=300)
     if r.returncode:
@@ -373,13 +375,17 @@ def llama_cpp_tokens(path: Path, text: str) -> list[int] | None:
 def _verify_tokens(tmp: Path, path: Path, tokenizer, report: ExportReport) -> None:
     """The exported tokenizer, as llama.cpp reads it, must split READBACK_TEXT into the tokens the model's own
     tokenizer gives (the ones shrink measured with); ShrinkError naming the first differing token."""
-    theirs = llama_cpp_tokens(tmp, READBACK_TEXT)
-    if theirs is None:
+    got = llama_cpp_tokens(tmp, READBACK_TEXT)
+    if got is None:
         from ..evaluate.llamacpp import INSTALL_HINT
 
         report.notes.append(f"tokenization not read back ({INSTALL_HINT}); the tensors were")
         return
-    ours = list(tokenizer.encode(READBACK_TEXT, add_special_tokens=False))
+    theirs, theirs_a = got
+    ours, ours_a = list(tokenizer.encode(READBACK_TEXT, add_special_tokens=False)), list(tokenizer.encode("a"))
+    if theirs_a != ours_a:
+        raise ShrinkError(f"{path}: llama.cpp adds other special tokens to a prompt than the model's tokenizer "
+                          f"({theirs_a} vs {ours_a} for 'a': the BOS rule differs); nothing was written")
     if theirs != ours:
         i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         def show(ids):

@@ -150,6 +150,13 @@ def build_tokenizer(writer, tokenizer, config) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
+    # said outright, as the converter says them: llama.cpp's defaults differ by pre-tokenizer
+    written = {k for kv in writer.kv_data for k in kv}
+    if gguf.Keys.Tokenizer.ADD_BOS not in written:
+        probe, bos = tokenizer.encode("a"), tokenizer.bos_token_id
+        writer.add_add_bos_token(bos is not None and bool(probe) and probe[0] == bos)
+    if gguf.Keys.Tokenizer.ADD_PREFIX not in written:
+        writer.add_add_space_prefix(False)  # byte-level BPE marks spaces itself
     if pre:
         return f"pre-tokenizer {pre!r}, identified as llama.cpp's converter identifies it"
     import warnings
