@@ -110,7 +110,8 @@ def test_damaged_compressed_tensors_config_is_one_line(tmp_path, ct, field, valu
 
     folder = shutil.copytree(ct, tmp_path / "ct")
     _damage_config(folder, ("quantization_config", "config_groups", "group_0", "weights", *field), value)
-    one_line_error(*cli("inspect", folder), "config.json", "config_groups.group_0")
+    for args in (["inspect", folder], ["compare", folder, folder]):
+        one_line_error(*cli(*args), "config.json", "config_groups.group_0")
 
 
 GPTQ_TENSORS = [("qweight", "float"), ("qweight", "uint8"), ("qweight", "longer"), ("qweight", None),
@@ -140,4 +141,5 @@ def test_damaged_gptq_config_is_one_line(tmp_path, gptq, field, value):
 
     folder = shutil.copytree(gptq, tmp_path / "g")
     _damage_config(folder, ("quantization_config", *field), value)
-    one_line_error(*cli("inspect", folder), "config.json", "GPTQ")
+    for args in (["inspect", folder], ["compare", folder, folder]):
+        one_line_error(*cli(*args), "config.json", "GPTQ")

@@ -125,10 +125,15 @@ def test_export_from_a_hugging_face_folder_writes_the_tokenizer_llama_cpp_would(
         assert ours.get_field(field).contents() == shipped.get_field(field).contents(), field
     assert ours.get_field("tokenizer.chat_template").contents() == shipped.get_field("tokenizer.chat_template").contents()
     assert any("pre-tokenizer 'smollm', identified as llama.cpp's converter identifies it" in n for n in r.notes)
-    if importlib.util.find_spec("llama_cpp") is not None:  # the read-back ran: llama.cpp's tokens are transformers'
-        assert any("tokenization read back in llama.cpp" in n for n in r.notes), r.notes
-    else:
-        assert any("tokenization not read back" in n for n in r.notes), r.notes
+    # and from the GGUF it came from (the tokenizer copied): read back in llama.cpp too where it is installed
+    from_gguf = shrink.export_gguf(LoadedModel(shrink.quantize(copy.deepcopy(smol.model), "int8", progress=False),
+                                               smol.tokenizer, {}), tmp_path / "g.gguf")
+    assert from_gguf.metadata_from.startswith("tokenizer and names copied from")
+    for report in (r, from_gguf):
+        if importlib.util.find_spec("llama_cpp") is not None:  # the read-back ran: llama.cpp's tokens are transformers'
+            assert any("tokenization read back in llama.cpp" in n for n in report.notes), report.notes
+        else:
+            assert any("tokenization not read back" in n for n in report.notes), report.notes
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
