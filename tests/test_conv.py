@@ -63,6 +63,11 @@ def test_a_kernel_row_no_group_divides_falls_back_per_channel_and_says_so():
     info = shrink.info(model)
     assert info.formats["stem"] == "int4" and info.formats["dw"] == "int4" and info.formats["pw"] == "int4-g32"
     assert set(info.fallbacks) == {"stem", "dw"} and "groups of 32 do not divide the layer's 27 inputs" in info.fallbacks["stem"]
+    from shrink.quant import quantized_bits_per_weight
+
+    convs = [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    by_hand = sum(8 * m.weight_bytes() for m in convs) / sum(m.in_features * m.out_features for m in convs)
+    assert 4 < quantized_bits_per_weight(model) == pytest.approx(by_hand)  # convolutions count (they read 0 before)
     with pytest.raises(ValueError, match=r"layer 'stem': group size 32 of format int4-g32 does not divide its input size 27"):
         shrink.quantize(cnn(), {"stem": "int4-g32", "*": "int8"}, progress=False)
     with pytest.raises(ValueError, match=r"layer 'stem': convolutions take integer formats"):

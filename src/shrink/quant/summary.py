@@ -100,10 +100,10 @@ def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]
 
 
 def quantized_bits_per_weight(model: nn.Module) -> float:
-    """Average storage bits per weight over the quantized Linear layers (scales and zeros included)."""
+    """Average storage bits per weight over the quantized Linear and Conv2d layers (scales and zeros included)."""
     bits = n = 0
     for m in model.modules():
-        if isinstance(m, (QuantLinear, CastLinear)):
+        if isinstance(m, (QuantLinear, CastLinear, QuantConv2d)):
             bits += 8 * m.weight_bytes()
             n += m.in_features * m.out_features
     return bits / n if n else 0.0
