@@ -28,3 +28,16 @@ def test_every_cited_benchmark_result_exists_and_parses():
 def test_every_benchmark_script_the_docs_run_exists():
     scripts = {m for page in PAGES for m in re.findall(r"benchmarks/([a-z_0-9]+\.py)", page.read_text())}
     assert scripts and not [s for s in scripts if not (ROOT / "benchmarks" / s).is_file()]
+
+
+def test_every_environment_switch_is_listed_with_its_default():
+    from shrink.switches import SWITCHES
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    for name, (default, what) in SWITCHES.items():
+        assert f"| `{name}` | {default} | {what} |" in text, name
+    # and nothing else in shrink reads the environment
+    src = ROOT / "src" / "shrink"
+    readers = [p.relative_to(src).as_posix() for p in src.rglob("*.py")
+               if "os.environ.get(" in p.read_text() or "os.environ[" in p.read_text() or "getenv(" in p.read_text()]
+    assert readers == ["switches.py"], readers

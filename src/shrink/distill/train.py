@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
+from .. import switches
 from ..atomic import atomic_dir, restore, write_json
 from ..errors import ShrinkError
 from ..outputs import kl_divergence, main_output, mean_pool
@@ -86,7 +87,7 @@ def _world() -> tuple[int, int]:
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = switches.world_size()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return _world()

@@ -86,13 +86,12 @@ def _converter_table() -> dict[str, str]:
     """{hash: pre-tokenizer name} from llama.cpp's converter where one is on this machine
     ($SHRINK_LLAMA_CPP_DIR, or ~/.cache/llama.cpp-*, as scripts/setup.sh --llama-cpp and the benchmarks
     build it): read as data, never run."""
-    import os
     import re
 
-    dirs = [Path(os.environ["SHRINK_LLAMA_CPP_DIR"])] if os.environ.get("SHRINK_LLAMA_CPP_DIR") else []
-    dirs += sorted(Path.home().glob(".cache/llama.cpp-*"))
+    from ..switches import llama_cpp_dirs
+
     table = {}
-    for d in dirs:
+    for d in llama_cpp_dirs():
         for f in (d / "conversion" / "base.py", d / "convert_hf_to_gguf.py"):
             try:
                 text = f.read_text(encoding="utf-8")

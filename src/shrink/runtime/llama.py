@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import ShrinkError
 from ..quant.embedding import QuantEmbedding
+from .. import switches
 from ..quant.kernels import LARGE_BATCH, native, tiled
 from ..quant.linear import CastLinear, QuantLinear
 
@@ -93,7 +94,7 @@ def _packed_part(model: nn.Module, name: str) -> bool:
 def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
     """Why `model` cannot decode in shrink's runtime (a sentence), or None when it can; with `compiled`
     False only the model is looked at (the runtime is not built). SHRINK_RUNTIME=0 turns the runtime off."""
-    if os.environ.get("SHRINK_RUNTIME", "1") == "0":
+    if not switches.runtime_enabled():
         return "SHRINK_RUNTIME=0 is set"
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "llama":

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings

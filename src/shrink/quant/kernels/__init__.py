@@ -9,12 +9,11 @@ weights.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ...errors import ShrinkError
+from ... import switches
+from ...switches import BACKENDS
 from . import native, reference, tiled
 
 # From this many rows on a float GEMM on weights dequantized by the kernel beats the row kernel on this
@@ -23,15 +22,11 @@ LARGE_BATCH = 64
 _NO_U8 = torch.empty(0, dtype=torch.uint8)  # the extension's "no zero points" / "no bias"
 _NO_F32 = torch.empty(0, dtype=torch.float32)
 
-BACKENDS = ("auto", "native", "torch")
 
 
 def default_backend() -> str:
     """$SHRINK_BACKEND if set (auto, native or torch), else auto."""
-    b = os.environ.get("SHRINK_BACKEND", "auto")
-    if b not in BACKENDS:
-        raise ShrinkError(f"SHRINK_BACKEND={b!r}: expected one of {', '.join(BACKENDS)}")
-    return b
+    return switches.backend()
 
 
 def native_supports(in_features: int, group_size: int) -> bool:

@@ -8,7 +8,6 @@ Set SHRINK_NATIVE=0 to never build or use it.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 import warnings
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ... import switches
 from ...paths import cache_dir
 
 SOURCE = Path(__file__).with_name("qgemm_avx2.cpp")
@@ -25,7 +25,7 @@ REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 
 def unavailable_reason() -> str:
     """Why compiled code is not used here, naming the switch or the missing capability."""
-    if os.environ.get("SHRINK_NATIVE", "1") == "0":
+    if not switches.native_enabled():
         return "SHRINK_NATIVE=0 is set, which turns shrink's compiled code off"
     if not cpu_supported():
         return f"this CPU does not report {'/'.join(f.upper() for f in REQUIRED_FLAGS)}"
@@ -87,7 +87,7 @@ def build(stem: str, sources: list[Path], what: str, include: tuple[Path, ...] =
     """Compile `sources` (with the kernel headers beside them) into an extension module, cached under the
     shrink cache by a hash of the sources, the header, torch's and Python's versions; None (and one
     warning saying so) when SHRINK_NATIVE=0, the CPU lacks AVX2/FMA/F16C, or the build fails."""
-    if os.environ.get("SHRINK_NATIVE", "1") == "0" or not cpu_supported():
+    if not switches.native_enabled() or not cpu_supported():
         return None
     try:
         inputs = build_inputs(sources, include)
