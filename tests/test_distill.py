@@ -124,7 +124,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    from shrink.outdir import restore_interrupted_swap
+    from shrink.ownership import restore_interrupted_swap
 
     restore_interrupted_swap(run / "checkpoint")  # as the resume does: a kill may land mid-replacement
     killed_at = _step(run)

@@ -689,7 +689,7 @@ def test_an_edited_checkpoint_is_one_line_on_resume(tmp_path, distilled, field, 
     # it is restored, and the resume stops in one line naming the file and field
     import torch
 
-    from shrink.outdir import seal
+    from shrink.ownership import seal
 
     out, args = distilled
     d = copy(out, tmp_path / "d")
@@ -770,7 +770,7 @@ def test_a_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, hf):
 def test_a_folder_killed_while_being_replaced_is_restored(tmp_path):
     # killed between swap_in's two renames: the old folder is aside, the new one not yet in place; the
     # next run (a resume, or any writer) puts the old one back instead of losing it
-    from shrink.outdir import remove_stale_temporaries
+    from shrink.ownership import remove_stale_temporaries
 
     out = tmp_path / "checkpoint"
     out.mkdir()

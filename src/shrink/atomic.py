@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .ownership import check_replaceable, remove_stale_temporaries, restore_interrupted_swap, seal, temporary_box
 
 
 def _umask() -> int:
@@ -16,18 +17,11 @@ def _umask() -> int:
     return mask
 
 
-def _prefix(target: Path) -> str:
-    # the process id lets a later run tell a killed run's leftovers from a running one's (outdir.py)
-    return f".{target.name}.{os.getpid()}."
-
-
 @contextmanager
 def atomic_file(path: str | Path):
     """Yield a temporary file's path beside `path` (inside a temporary folder that records its owner
     process); on success it becomes `path` by an atomic rename, on error it is removed. What a killed
     run left beside `path` is removed first."""
-    from .outdir import remove_stale_temporaries
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -40,16 +34,6 @@ def atomic_file(path: str | Path):
         os.replace(tmp, path)
     finally:
         shutil.rmtree(box, ignore_errors=True)
-
-
-def temporary_box(target: Path, suffix: str) -> Path:
-    """A new folder `.NAME.PID.RANDOM<suffix>` beside `target` holding its owner's record (outdir.OWNER):
-    only such folders, whose process is gone, are removed by a later run (outdir.remove_stale_temporaries)."""
-    from .outdir import OWNER
-
-    box = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target), suffix=suffix))
-    (box / OWNER).write_text(json.dumps({"pid": os.getpid(), "target": target.name}))
-    return box
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -67,16 +51,14 @@ def write_json(path: str | Path, data) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, replaceable=None, seal: bool = True):
+def atomic_dir(target: str | Path, replaceable=None, sealed: bool = True):
     """Yield a temporary folder beside `target`; on success it becomes `target`, on error it is removed.
 
     An existing `target` is replaced only if it is empty, or `replaceable(target)` is true (default: it is
-    a folder shrink wrote, outdir.foreign_in finds nothing else in it); otherwise ShrinkError is raised
-    before anything is written. The new folder is sealed (outdir.seal, unless `seal` is False: model
+    a folder shrink wrote, ownership.foreign_in finds nothing else in it); otherwise ShrinkError is raised
+    before anything is written. The new folder is sealed (ownership.seal, unless `sealed` is False: model
     folders, whose shrink.json lists their files already) so that a later run can tell it is shrink's.
     """
-    from .outdir import check_replaceable, remove_stale_temporaries
-
     target = Path(target)
     remove_stale_temporaries(target)
     check_replaceable(target, replaceable)
@@ -91,27 +73,23 @@ def atomic_dir(target: str | Path, replaceable=None, seal: bool = True):
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
-        swap_in(tmp, target, check=False, seal_it=seal)
+        swap_in(tmp, target, check=False, sealed=sealed)
     finally:
         shutil.rmtree(box, ignore_errors=True)
 
 
 def restore(target: str | Path) -> bool:
     """Put back the folder that `swap_in` had moved aside when its process was killed before the new one
-    took its place (outdir.restore_interrupted_swap); True if it did. For readers such as a resume."""
-    from .outdir import restore_interrupted_swap
-
+    took its place (ownership.restore_interrupted_swap); True if it did. For readers such as a resume."""
     return restore_interrupted_swap(Path(target))
 
 
-def swap_in(src: Path, target: Path, check: bool = True, seal_it: bool = True) -> None:
-    """Make folder `src` the new `target`, sealed as shrink's (outdir.seal): an existing one is moved aside
+def swap_in(src: Path, target: Path, check: bool = True, sealed: bool = True) -> None:
+    """Make folder `src` the new `target`, sealed as shrink's (ownership.seal): an existing one is moved aside
     first (to a temporary that a dead process's successor removes) and deleted only once the new one is in
     place. With `check` (default), an existing `target` that holds anything shrink did not write is
     refused (ShrinkError) and left as it is."""
-    from .outdir import check_replaceable, seal
-
-    if seal_it:
+    if sealed:
         seal(src)
     if check:
         check_replaceable(target, None)

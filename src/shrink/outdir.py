@@ -10,12 +10,8 @@ wrote there before, one writer at a time, and it says so before any work starts.
 - temporary folders left beside it by a killed run are removed, and said so;
 - a folder that cannot be written is refused at once, not after the work.
 
-Which folders are shrink's: a model folder (`shrink quantize`) when its shrink.json lists exactly the
-files in it (`owned=`); the folders of compare, distill and search when they hold the marker file
-`.shrink-out.json` naming the command, and nothing but the entries that command writes; and, at any depth
-below, a folder shrink put in place (atomic.atomic_dir, atomic.swap_in) when its seal `.shrink-files.json`
-lists everything in it. Nothing else is ever replaced or removed: a user's file inside `best/` makes the
-whole folder the user's. Temporaries are folders that record their owner process (`.shrink-owner.json`).
+Which folders are shrink's, at any depth, and which temporaries: ownership.py. Nothing else is ever
+replaced or removed: a user's file inside `best/` makes the whole folder the user's.
 """
 
 from __future__ import annotations
@@ -24,185 +20,22 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
-import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+from .atomic import write_json
 from .errors import ShrinkError
+from .ownership import (MARK, foreign_entries, foreign_in, read_mark, remove_own, remove_stale_temporaries,
+                        restore_interrupted_swap)
 
-MARK = ".shrink-out.json"
-SEAL = ".shrink-files.json"    # inside a folder shrink put in place: what it held then
-OWNER = ".shrink-owner.json"   # inside a temporary folder: the process that made it
 _held: dict[str, int] = {}  # folders this process holds, so that a nested claim (CLI, then API) is a no-op
 
 
 def _key(path: Path) -> str:
     return os.path.abspath(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# atomic.atomic_dir and write_text name their temporaries .NAME.PID.RANDOM.tmp (and .old)
-_TEMP = re.compile(r"^\.(.+)\.(\d+)\.[^.]+\.(tmp|old)$")
-
-
-def restore_interrupted_swap(target: Path) -> bool:
-    """Put back the folder a killed shrink had moved aside to replace `target` (atomic.swap_in), when it was
-    killed before the new one took its place, so that `target` is never lost; True if it did."""
-    target = Path(target)
-    if target.exists() or not target.parent.is_dir():
-        return False
-    for p in target.parent.iterdir():
-        m = _TEMP.match(p.name)
-        if m and m.group(1) == target.name and m.group(3) == "old" and (p / "x").is_dir() \
-                and _dead_owner(p, int(m.group(2))):
-            os.replace(p / "x", target)
-            print(f"note: restored {target} from {p}, moved aside by a shrink run that was killed while "
-                  f"replacing it (process {m.group(2)})", file=sys.stderr)
-            return True
-    return False
-
-
-def _dead_owner(box: Path, pid: int) -> bool:
-    """Whether `box` is a temporary folder shrink made (its owner record names process `pid`) and that
-    process is gone. A file or folder that merely has such a name is not shrink's."""
-    if box.is_symlink() or not box.is_dir():
-        return False
-    try:
-        owner = json.loads((box / OWNER).read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(owner, dict) and owner.get("pid") == pid and not _pid_alive(pid)
-
-
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove the temporary folders that a killed shrink left beside `target` (they record their owner
-    process, and it is gone); returns what was removed. A line on stderr names each one. Anything else
-    that merely looks like one is left alone."""
-    target = Path(target)
-    parent = target.parent
-    if not parent.is_dir():
-        return []
-    restore_interrupted_swap(target)
-    removed = []
-    for p in parent.iterdir():
-        m = _TEMP.match(p.name)
-        if not m or m.group(1) != target.name or not _dead_owner(p, int(m.group(2))):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        if not p.exists():
-            removed.append(p)
-            print(f"note: removed {p}, left by a shrink run that was killed (process {m.group(2)})", file=sys.stderr)
-    return removed
-
-
-def _listing(folder: Path) -> dict[str, int]:
-    """{relative path: bytes (-1 for a folder, -2 for anything else)} of everything under `folder`."""
-    out = {}
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder).as_posix()
-        if rel == SEAL:
-            continue
-        out[rel] = -2 if p.is_symlink() else -1 if p.is_dir() else p.stat().st_size if p.is_file() else -2
-    return out
-
-
-def seal(folder: Path) -> None:
-    """Record in `folder` everything it holds now, so that a later run replaces or removes it only while it
-    holds nothing more (foreign_in)."""
-    folder = Path(folder)
-    (folder / SEAL).unlink(missing_ok=True)
-    (folder / SEAL).write_text(json.dumps({"entries": _listing(folder)}, sort_keys=True))
-
-
-def _read_seal(folder: Path) -> dict | None:
-    try:
-        seal_ = json.loads((folder / SEAL).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    entries = seal_.get("entries") if isinstance(seal_, dict) else None
-    return entries if isinstance(entries, dict) else None
-
-
-def foreign_in(path: Path, names: Iterable[str] | None = None) -> Path | None:
-    """The first thing under folder `path` that shrink did not write (None when there is none): a folder
-    shrink sealed may hold only what its seal lists, at the sizes listed; a folder with a marker only the
-    entries its command writes, each checked in turn; a model folder only what its shrink.json lists;
-    any other folder (`students/`) only such folders. `names`: the entries allowed at the top (a claim's)."""
-    path = Path(path)
-    if path.is_symlink() or not path.is_dir():
-        return path if path.is_symlink() or path.exists() else None
-    entries = _read_seal(path)
-    if entries is not None:
-        for rel, size in sorted(_listing(path).items()):
-            if rel not in entries or size != entries[rel] or size == -2:
-                return path / rel
-        return None
-    mark = read_mark(path) if names is None else {"names": list(names)}
-    if mark is not None:
-        allowed = set(mark.get("names") or ())
-        extra = _foreign(path, allowed)
-        if extra:
-            return path / extra[0]
-        for p in sorted(path.iterdir()):
-            if p.is_symlink():
-                return p
-            found = foreign_in(p) if p.is_dir() and p.name in allowed else None
-            if found is not None:
-                return found
-        return None
-    from .io.manifest import is_own_folder
-
-    if is_own_folder(path):
-        return None
-    for p in sorted(path.iterdir()):
-        if p.is_symlink() or not p.is_dir():
-            return p
-        if _read_seal(p) is None and read_mark(p) is None and not is_own_folder(p):
-            return p
-        found = foreign_in(p)
-        if found is not None:
-            return found
-    return None
-
-
-def check_replaceable(target: Path, replaceable: Callable[[Path], bool] | None) -> None:
-    """Raise ShrinkError unless `target` is absent, an empty folder, or one shrink may replace:
-    `replaceable(target)`, or by default nothing in it that shrink did not write (foreign_in)."""
-    target = Path(target)
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise ShrinkError(f"{target} exists and is not a folder shrink wrote; it is never replaced")
-    if not target.exists() or not any(target.iterdir()):
-        return
-    if replaceable is not None:
-        if replaceable(target):
-            return
-        raise ShrinkError(f"{target} exists and is not a folder shrink wrote; it is never replaced: move it away")
-    found = foreign_in(target)
-    if found is not None:
-        raise ShrinkError(f"{found}: shrink did not write this, so {target} is never replaced or removed; "
-                          "move it away")
-
-
-def remove_own(path: Path) -> None:
-    """Remove folder `path` (nothing if absent) after checking that nothing in it is a user's (foreign_in)."""
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        return
-    check_replaceable(path, None)
-    shutil.rmtree(path)
 
 
 class _Lock:
@@ -269,27 +102,6 @@ def _holder(lock: Path) -> str:
         return "a process"
 
 
-def read_mark(path: Path) -> dict | None:
-    """The marker of a folder written by shrink compare/distill/search, or None when it has none."""
-    try:
-        mark = json.loads((Path(path) / MARK).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return mark if isinstance(mark, dict) and isinstance(mark.get("command"), str) else None
-
-
-def _foreign(path: Path, names: set[str]) -> list[str]:
-    """Entries of `path` that are not among `names` (nor the marker, nor a temporary or lock of one of them)."""
-    out = []
-    for p in sorted(path.iterdir()):
-        base = p.name
-        m = _TEMP.match(base) or re.match(r"^\.(.+)\.lock$", base)
-        if base in names or base == MARK or (m and m.group(1) in names):
-            continue
-        out.append(base)
-    return out
-
-
 def _check_contents(path: Path, command: str, names: set[str], force: bool, resume: bool | None,
                     owned: Callable[[Path], bool] | None) -> bool:
     """Refuse a non-empty folder that is not this command's own output; returns whether it is one that
@@ -312,7 +124,7 @@ def _check_contents(path: Path, command: str, names: set[str], force: bool, resu
                           "(other files in it, or files changed); shrink replaces only its own output: "
                           "choose another --out, or empty it yourself")
     mark = read_mark(path)
-    foreign = _foreign(path, names)
+    foreign = foreign_entries(path, names)
     if mark is None and not (resume and not foreign):  # resume: folders written before markers existed
         raise ShrinkError(f"{path} exists and is not empty, and was not written by shrink {command}; "
                           "shrink replaces only its own output: choose another --out, or empty it yourself")
@@ -397,7 +209,6 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
             path.mkdir(parents=True, exist_ok=True)
             if read_mark(path) is None:
                 from . import __version__
-                from .atomic import write_json
 
                 write_json(path / MARK, {"command": command, "shrink_version": __version__, "names": sorted(names)})
                 marked = True

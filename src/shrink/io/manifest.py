@@ -27,18 +27,18 @@ The fields (format_version 1):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 from ..errors import ShrinkError
+from ..ownership import MODEL_MANIFEST, is_own_folder, sha256  # noqa: F401 - is_own_folder: for io's callers
 from ..quant import METHODS, parse_format
 from ..quant.packing import packed_width
 from ..texts import read_utf8
 
 FORMAT_VERSION = 2
-MANIFEST = "shrink.json"
+MANIFEST = MODEL_MANIFEST
 WEIGHTS = "model.safetensors"  # pack-quantized (and format 1)
 WEIGHTS_NATIVE = "model.shrink.safetensors"  # shrink's own layout: other loaders stop rather than misread it
 LAYOUTS = ("pack-quantized", "shrink")
@@ -171,15 +171,6 @@ def read_manifest(directory: str | Path) -> dict:
     return validate(read_json(path, "manifest"), path)
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_record(directory: Path) -> dict:
     """{relative path: {"bytes", "sha256"}} of every file under `directory` but shrink.json."""
     out = {}
@@ -188,40 +179,6 @@ def file_record(directory: Path) -> dict:
         if p.is_file() and rel != MANIFEST:
             out[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     return out
-
-
-def _present(directory: Path) -> dict[str, int]:
-    """{relative path: bytes} of the files under `directory`, and -1 for a folder that holds none of them
-    (an empty folder is something shrink did not write, too); shrink's seal aside (outdir.SEAL)."""
-    from ..outdir import SEAL
-
-    out = {p.relative_to(directory).as_posix(): p.lstat().st_size
-           for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
-    parents = {q for rel in out for q in Path(rel).parents}
-    for p in directory.rglob("*"):
-        if p.is_dir() and not p.is_symlink() and Path(p.relative_to(directory)) not in parents:
-            out[p.relative_to(directory).as_posix()] = -1
-    out.pop(SEAL, None)
-    return out
-
-
-def is_own_folder(directory: str | Path) -> bool:
-    """True if `directory` is exactly what shrink saved: its shrink.json is valid and lists every other
-    file in it, with the same sizes and contents (the weights file by size alone, for speed), and
-    nothing else is in it. Only such a folder is shrink's to replace."""
-    directory = Path(directory)
-    try:
-        manifest = read_manifest(directory)
-    except ShrinkError:
-        return False
-    files = manifest.get("files")
-    if not files:
-        return False
-    present = _present(directory)
-    present.pop(MANIFEST, None)
-    if present != {k: v["bytes"] for k, v in files.items()}:
-        return False
-    return all(sha256(directory / k) == v["sha256"] for k, v in files.items() if not k.endswith(".safetensors"))
 
 
 def verify_files(directory: Path, manifest: dict) -> None:

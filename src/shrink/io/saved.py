@@ -162,7 +162,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     refuse_non_finite(model)
     manifest = manifest_for(model, source)
     with claim(directory, "quantize", owned=is_own_folder, force=force), \
-            atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p), seal=False) as tmp:
+            atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p), sealed=False) as tmp:
         meta = {"format": "pt", "shrink_format_version": str(FORMAT_VERSION)}
         if manifest["layout"] == "pack-quantized":
             save_file(_pack_quantized_state(model), str(tmp / WEIGHTS), metadata=meta)

@@ -36,7 +36,8 @@ from ..evaluate.compare import estimate_seconds, finite, task_too_small
 from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
 from ..io.manifest import read_json
-from ..outdir import claim, remove_own, seal
+from ..outdir import claim
+from ..ownership import remove_own, seal
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .records import CandidateResult, Original, Skipped, TaskSummary
 from .constraints import Constraints, human_bytes
