@@ -9,6 +9,8 @@ import shrink
 from helpers import tiny_llama
 from shrink.cli import main
 
+pytestmark = pytest.mark.slow  # the command line in subprocesses: run by CI, not the fast loop
+
 
 @pytest.fixture
 def hf_folder(tmp_path):

@@ -112,6 +112,7 @@ def _step(out):
         return 0
 
 
+@pytest.mark.slow  # a subprocess or a browser
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     steps = "600"
     ref = tmp_path / "ref"
@@ -150,6 +151,7 @@ def test_resume_refuses_other_data_or_options(tmp_path):
         distill(teacher, student, data, DistillConfig(), out=tmp_path / "none", resume=True)
 
 
+@pytest.mark.slow  # a subprocess or a browser
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # no dropout here: one process and two draw their dropout masks from different streams

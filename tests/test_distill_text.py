@@ -105,6 +105,7 @@ def test_model_kinds_by_capability():
     assert model_kind(t5) == SEQ2SEQ
 
 
+@pytest.mark.slow  # a subprocess or a browser
 def test_cli_distills_a_classifier_folder_and_refuses_what_it_cannot(tmp_path):
     from click.testing import CliRunner
 

@@ -231,6 +231,7 @@ def test_tokenizer_copied_from_the_source_gguf(tmp_path, tok):
     assert any("300 tokens, the model 320" in n for n in r.notes)  # built instead, and said so
 
 
+@pytest.mark.slow  # a subprocess or a browser
 def test_cli_export(tmp_path, tok):
     model = shrink.quantize(bpe_llama(), "int4-g32", progress=False)
     shrink.save(model, tmp_path / "q", tokenizer=tok)

@@ -79,6 +79,7 @@ def test_quantizing_nothing_is_an_error_that_says_what_the_model_has():
         shrink.quantize(MLP(), {"*": None}, progress=False)
 
 
+@pytest.mark.slow  # a subprocess or a browser
 def test_cli_quantize_prints_the_check(tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "hf")

@@ -20,6 +20,8 @@ import shrink
 from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.cli import main
 
+pytestmark = pytest.mark.slow  # subprocesses, real models or builds: run by CI, not the fast loop
+
 
 def run(*args, stdin="y\ny\ny\n", cwd=None):
     """The CLI in a subprocess, answering 'y' to any question it would (wrongly) ask on stdin."""

@@ -12,7 +12,7 @@ import shrink
 from shrink.evaluate.llamacpp import LlamaCpp, LlamaCppAdapter, available
 from test_export import _with_tok, bpe_llama, bpe_tokenizer
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"{available()}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=f"{available()}")]
 
 
 @pytest.fixture(scope="module")

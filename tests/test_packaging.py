@@ -13,6 +13,8 @@ from shrink.evaluate import builtin_task
 from shrink.quant.kernels import native
 from shrink.runtime import llama
 
+pytestmark = pytest.mark.slow  # subprocesses, real models or builds: run by CI, not the fast loop
+
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 

