@@ -25,9 +25,3 @@ def find_stacks(model: nn.Module, min_blocks: int = 2) -> list[tuple[str, nn.Mod
         return []
     largest = max(_size(m) for _, m in found)
     return [(n, m) for n, m in found if _size(m) * 10 >= largest]
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The name and ModuleList of the model's largest stack of repeated blocks, or None when it has none."""
-    stacks = find_stacks(model)
-    return max(stacks, key=lambda nm: _size(nm[1])) if stacks else None

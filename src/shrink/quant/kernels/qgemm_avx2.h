@@ -98,17 +98,16 @@ struct Args {
   int64_t M, N, K, G, bpg;  // bpg: blocks per group
 };
 
-// sum_g s[g] * z[g] * gsum[g] for one weight row and one activation row: the zero-point term.
-inline float zero_term(const uint16_t* s, const uint8_t* z, int zc, const float* gsum, int64_t G) {
+// sum_g s[g] * zc * gsum[g] for one weight row and one activation row: the zero-point term of a layer with
+// one zero point (per-group zero points of -asym layers are summed in the tile itself).
+inline float zero_term(const uint16_t* s, int zc, const float* gsum, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
-  if (!z) {
-    for (; g + 8 <= G; g += 8)
-      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g))),
-                            _mm256_loadu_ps(gsum + g), acc);
-  }
+  for (; g + 8 <= G; g += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g))),
+                          _mm256_loadu_ps(gsum + g), acc);
   float t = hsum(acc) * static_cast<float>(zc);
-  for (; g < G; ++g) t += _cvtsh_ss(s[g]) * static_cast<float>(z ? z[g] : zc) * gsum[g];
+  for (; g < G; ++g) t += _cvtsh_ss(s[g]) * static_cast<float>(zc) * gsum[g];
   return t;
 }
 
@@ -216,7 +215,7 @@ inline void tile(const Args& a, int64_t n0, int64_t m0) {
           t += _cvtsh_ss(srow[r][g]) * static_cast<float>(zrow[g] - shift) * a.gsum[(m0 + c) * a.G + g];
         y -= t;
       } else if (a.zero_const != shift) {
-        y -= zero_term(srow[r], nullptr, a.zero_const - shift, a.gsum + (m0 + c) * a.G, a.G);
+        y -= zero_term(srow[r], a.zero_const - shift, a.gsum + (m0 + c) * a.G, a.G);
       }
       if (a.bias) y += a.bias[n0 + r];
       a.out[(m0 + c) * a.N + n0 + r] = y;
