@@ -234,16 +234,12 @@ def sha256(path: Path) -> str:
 
 
 def _present(directory: Path) -> dict[str, int]:
-    """{relative path: bytes} of the files under `directory`, and -1 for a folder that holds none of them
-    (an empty folder is something shrink did not write, too); shrink's seal aside."""
-    out = {p.relative_to(directory).as_posix(): p.lstat().st_size
-           for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
-    parents = {q for rel in out for q in Path(rel).parents}
-    for p in directory.rglob("*"):
-        if p.is_dir() and not p.is_symlink() and Path(p.relative_to(directory)) not in parents:
-            out[p.relative_to(directory).as_posix()] = -1
-    out.pop(SEAL, None)
-    return out
+    """{relative path: bytes} of the files under `directory` (anything not a plain file: -2), and -1 for a
+    folder that holds none of them (an empty folder is something shrink did not write, too); the seal aside."""
+    listing = _listing(directory)
+    files = {rel: size for rel, size in listing.items() if size != -1}
+    parents = {q.as_posix() for rel in files for q in Path(rel).parents}
+    return {**files, **{rel: -1 for rel, size in listing.items() if size == -1 and rel not in parents}}
 
 
 def is_own_folder(directory: str | Path) -> bool:

@@ -37,7 +37,7 @@ from ..evaluate.tasks import Task, load_task
 from ..io import load_model, resolve
 from ..io.manifest import read_json
 from ..outdir import claim
-from ..ownership import remove_own, seal
+from ..ownership import remove_own
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .records import CandidateResult, Original, Skipped, TaskSummary
 from .constraints import Constraints, human_bytes
@@ -456,8 +456,7 @@ class _Run:
         self.durations.append(record.seconds - (self._original_seconds() - original_before))
         if recommend(results + [record], self.con.objective, self.con.latency_per) is record:
             write_json(staging / "candidate.json", record.to_json())
-            seal(staging)  # a model folder and its record: shrink's, should a kill leave it here
-            swap_in(staging, self.out / "best")
+            swap_in(staging, self.out / "best")  # seals it first: a model folder and its record, shrink's
             if shipped is not None:
                 os.replace(shipped, self.out / "best.gguf")
         remove_own(staging)
@@ -491,7 +490,6 @@ class _Run:
         remove_own(staging)
         disk_bytes(model, staging, self.tok)
         write_json(staging / "candidate.json", best.to_json())
-        seal(staging)
         swap_in(staging, self.out / "best")
         if self.runtime == "llama.cpp":
             from ..io import LoadedModel
