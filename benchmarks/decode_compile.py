@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CpuLoad, machine, median_spread  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink.atomic import write_json  # noqa: E402
-from shrink.io import load_model  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
+from shrink.io import read_model  # noqa: E402
 
 PROMPT = "Write a short paragraph about why the sea is salty."
 NEW_TOKENS = 64
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/decode_compile.json")
     args = ap.parse_args()
     console = Console()
-    loaded = load_model("default")
+    loaded = read_model("default")
     tok = loaded.tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt")
     ids = ids if torch.is_tensor(ids) else ids["input_ids"]

@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CpuLoad, machine, median_spread  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink.atomic import write_json  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
 from shrink.evaluate.adapters import CausalLMAdapter  # noqa: E402
 from shrink.evaluate.tasks import load_task  # noqa: E402
-from shrink.io import LoadedModel, load_model  # noqa: E402
+from shrink.io import LoadedModel, read_model  # noqa: E402
 from shrink.runtime import decoder_for  # noqa: E402
 
 NEW_TOKENS, PROMPT_TOKENS = 64, 512
@@ -120,7 +120,7 @@ def main() -> None:
     if bench is None:
         console.print("no llama-bench found (--llama-bench, $LLAMA_BENCH): llama.cpp's columns are left out")
     threads = torch.get_num_threads()
-    base = load_model("default")
+    base = read_model("default")
     tok = base.tokenizer
     prompt = CausalLMAdapter(base.model, tok).prompt_ids(load_task(None).examples[0].input)
     long = torch.randint(100, 40000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0))

@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(width=120)
     task = load_task(None)
-    loaded = shrink.load_model("default")
+    loaded = shrink.io.read_model("default")
     calibration = Path(tempfile.mkdtemp()) / "calibration.txt"  # the demo's text, as the demo writes it
     calibration.write_text(calibration_text())
     cache, rows = {}, []

@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CpuLoad, machine, median_spread  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink.atomic import write_json  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
+from shrink.core.peers import llama_cpp_missing  # noqa: E402
 from shrink.evaluate.adapters import CausalLMAdapter  # noqa: E402
-from shrink.evaluate.llamacpp import LlamaCpp, LlamaCppAdapter, available  # noqa: E402
+from shrink.evaluate.llamacpp import LlamaCpp, LlamaCppAdapter  # noqa: E402
 from shrink.evaluate.tasks import load_task  # noqa: E402
-from shrink.io import LoadedModel, default_gguf_path, load_model  # noqa: E402
+from shrink.io import LoadedModel, default_gguf_path, read_model  # noqa: E402
 from shrink.quant import QuantLinear  # noqa: E402
 
 NEW_TOKENS, PROMPT_TOKENS = 64, 512
@@ -102,11 +103,11 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "deploy.json")
     args = ap.parse_args()
-    if available():
-        sys.exit(f"deploy.py: {available()}")
+    if llama_cpp_missing():
+        sys.exit(f"deploy.py: {llama_cpp_missing()}")
     warnings.filterwarnings("ignore")
     console = Console()
-    base = load_model("default")
+    base = read_model("default")
     tok, task = base.tokenizer, load_task(None)
     ref_adapter = CausalLMAdapter(base.model, tok)
     prompt = ref_adapter.prompt_ids(task.examples[0].input)

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import load_model
+from safetensors.torch import load_model as load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from shrink.atomic import write_json  # noqa: E402
-from shrink.distill import DistillConfig, distill, from_tensors, parameter_count, student_from_spec  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
+from shrink.distillation import DistillConfig, from_tensors, parameter_count, student_from_spec, train_student  # noqa: E402
 
 TEACHER, STUDENT = "mlp:784-1200-1200-10,dropout=0.3", "mlp:784-300-300-10"
 
@@ -68,8 +68,8 @@ def train(teacher, spec, data, cfg, seed, augment=None):
     torch.manual_seed(seed)
     model = student_from_spec(spec)
     with tempfile.TemporaryDirectory() as d:
-        distill(teacher, model, data, cfg, out=d, progress=False, augment=augment)
-        load_model(model, str(Path(d) / "best" / "student.safetensors"))  # the best on the validation split
+        train_student(teacher, model, data, cfg, out=d, progress=False, augment=augment)
+        load_weights(model, str(Path(d) / "best" / "student.safetensors"))  # the best on the validation split
     return model
 
 

@@ -34,10 +34,16 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bbc_texts, machine  # noqa: E402
 
-from shrink.atomic import write_json  # noqa: E402
-from shrink.distill import (DistillConfig, distill, hidden_layer_map, pack_text, parameter_count,  # noqa: E402
-                            student_from_teacher)
-from shrink.io import load_model  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
+from shrink.distillation import (  # noqa: E402
+    DistillConfig,
+    hidden_layer_map,
+    pack_text,
+    parameter_count,
+    student_from_teacher,
+    train_student,
+)
+from shrink.io import read_model  # noqa: E402
 
 CATEGORIES = ("business", "entertainment", "politics", "sport", "tech")
 HELD_OUT = 12
@@ -109,7 +115,7 @@ def main(argv=None):
     console = Console(width=120)
     torch.manual_seed(0)
 
-    loaded = load_model("default")
+    loaded = read_model("default")
     teacher, tok = loaded.model, loaded.tokenizer
     train_texts = [t for c in CATEGORIES for t in bbc_texts(c, HELD_OUT, 10 ** 6)]
     held = "\n\n".join(t for c in CATEGORIES for t in bbc_texts(c, 0, HELD_OUT))
@@ -134,7 +140,7 @@ def main(argv=None):
                                 checkpoint_every=10 ** 9, eval_batches=1, hidden_weight=hidden, hidden_loss="cosine",
                                 layer_fit_steps=n if fitting else 0)
             t = time.perf_counter()
-            distill(teacher_or_none, copy.deepcopy(student0), data, cfg, progress=False, layer_map=lmap)
+            train_student(teacher_or_none, copy.deepcopy(student0), data, cfg, progress=False, layer_map=lmap)
             return time.perf_counter() - t
         per_step = (probe(4, False) - probe(1, False)) / 3  # start-up and evaluation cancel out
         fit_steps = 0
@@ -150,7 +156,7 @@ def main(argv=None):
         console.print(f"{label}: {steps} steps planned ({per_step:.2f} s/step"
                       + (f"; the first {fit_steps} fit layers alone, {per_fit:.2f} s/step" if fit else "") + ")")
         with tempfile.TemporaryDirectory() as d:
-            res = distill(teacher_or_none, s, data, cfg, out=d, progress=True, layer_map=lmap)
+            res = train_student(teacher_or_none, s, data, cfg, out=d, progress=True, layer_map=lmap)
         planned[label] = cfg.layer_fit_steps
         return s, res
 

@@ -26,9 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import bbc_texts, machine  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink.io import LoadedModel, load_model  # noqa: E402
+from shrink.io import (  # noqa: E402
+    LoadedModel,
+    gguf_meta,  # noqa: E402
+    read_model,
+)
 from shrink.io import export as export_module  # noqa: E402
-from shrink.io import gguf_meta  # noqa: E402
 
 
 def _export(loaded, path: Path, pre_as_before: bool) -> None:
@@ -58,10 +61,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        default = load_model("default")
+        default = read_model("default")
         default.model.save_pretrained(tmp / "hf")
         default.tokenizer.save_pretrained(tmp / "hf")
-        loaded = load_model(tmp / "hf")
+        loaded = read_model(tmp / "hf")
         model = shrink.quantize(loaded.model, "int8", progress=False)
         ours = list(loaded.tokenizer.encode(text, add_special_tokens=False))
         for label, before in (("shrink now ('smollm')", False), ("shrink before ('default')", True)):

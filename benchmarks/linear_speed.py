@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CpuLoad, interleaved_times, machine, median_spread  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink.atomic import write_json  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
 from shrink.quant import QuantLinear  # noqa: E402
 from shrink.quant.kernels import native  # noqa: E402
 
@@ -70,7 +70,8 @@ def peers(model) -> dict:
     """Peer quantizers that are installed, as name -> (model or reason it was skipped)."""
     out = {}
     try:
-        from optimum.quanto import freeze, qint4, qint8, quantize as qquant
+        from optimum.quanto import freeze, qint4, qint8
+        from optimum.quanto import quantize as qquant
 
         for name, w in (("quanto int8", qint8), ("quanto int4", qint4)):
             m = copy.deepcopy(model)

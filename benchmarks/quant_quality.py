@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import bbc_texts, machine  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink.atomic import write_json  # noqa: E402
-from shrink.io import load_model  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
+from shrink.io import read_model  # noqa: E402
 from shrink.quant import quantized_bits_per_weight  # noqa: E402
 
 DEFAULT_VARIANTS = (
@@ -106,7 +106,7 @@ def main(argv=None):
     calib_path.parent.mkdir(parents=True, exist_ok=True)
     calib_path.write_text("\n\n".join(calib_texts))
 
-    base = load_model()
+    base = read_model()
     tok = base.tokenizer
     ids = tok(eval_text, return_tensors="pt").input_ids[0]
     windows = [ids[i * 512:(i + 1) * 512].unsqueeze(0) for i in range(min(args.windows, len(ids) // 512))]

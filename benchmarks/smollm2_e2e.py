@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CpuLoad, bbc_texts, interleaved_times, machine, median_spread, perplexity  # noqa: E402
 
 import shrink  # noqa: E402
-from shrink.atomic import write_json  # noqa: E402
-from shrink.io import load_model  # noqa: E402
+from shrink.core.atomic import write_json  # noqa: E402
+from shrink.io import read_model  # noqa: E402
 from shrink.quant import quantized_bits_per_weight, size_rows  # noqa: E402
 
 PROMPT = "Write a short paragraph about why the sea is salty."
@@ -48,7 +48,7 @@ def generate(model, ids, n=NEW_TOKENS):
 
 def child(folder: str) -> None:
     """Load a saved folder, generate, print memory as JSON (run in a fresh process)."""
-    model = shrink.load(folder) if (Path(folder) / "shrink.json").exists() else load_model(folder).model
+    model = shrink.load(folder) if (Path(folder) / "shrink.json").exists() else read_model(folder).model
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -74,7 +74,7 @@ def main(argv=None):
         return child(args.child)
 
     console = Console(width=130)
-    base = load_model()
+    base = read_model()
     tok = base.tokenizer
     variants = {"fp32": base.model}
     for fmt in args.formats.split(","):

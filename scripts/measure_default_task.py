@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import shrink
-from shrink.atomic import write_text
+from shrink.core.atomic import write_text
 from shrink.evaluate import builtin_task
 from shrink.evaluate.adapters import adapter_for
 from shrink.evaluate.tasks import Task, read_jsonl
@@ -32,7 +32,7 @@ def main() -> None:
     OUT.unlink(missing_ok=True)  # the examples without the old tags
     path = builtin_task.builtin_path()
     task: Task = read_jsonl(path, name="default")
-    loaded = shrink.load_model("default")
+    loaded = shrink.io.read_model("default")
     ad = adapter_for(loaded.model, loaded.tokenizer)
     t0 = time.perf_counter()
     outcomes = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with shrink and everything its tests and benchmarks need, on CPU.
 # torch is installed first and pinned to the CPU wheel, so nothing later pulls a CUDA build.
-# Safe to run again: it only installs what is missing. Last, `python -m shrink.prepare` compiles the kernel
+# Safe to run again: it only installs what is missing. Last, `python -m shrink.entrypoints.prepare` compiles the kernel
 # and the decoding runtime and converts the default model ahead of time (cached; seconds when done before).
 #   --test       also install Debian's chromium (the HTML report test renders the report headless in it)
 #   --llama-cpp  also build llama-cpp-python (llama.cpp, for `--runtime llama.cpp` and its tests) from its source
@@ -63,7 +63,7 @@ if [ "$BENCH" = 1 ] && [ ! -x "$LLAMA_BIN/llama-bench" ]; then
   mkdir -p "$LLAMA_BIN" && cp "$SRC/build/bin/llama-bench" "$LLAMA_BIN/"
   rm -rf "$SRC"
 fi
-.venv/bin/python -m shrink.prepare
+.venv/bin/python -m shrink.entrypoints.prepare
 if [ "$TEST" = 1 ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing chromium (Debian package) for the HTML report test"

@@ -8,7 +8,14 @@ import sys
 
 import torch
 
-from shrink.distill import DistillConfig, distill, finish_distributed, from_tensors, init_distributed, student_from_spec
+from shrink.distillation import (
+    DistillConfig,
+    finish_distributed,
+    from_tensors,
+    init_distributed,
+    student_from_spec,
+    train_student,
+)
 
 
 def setup(dropout: float = 0.1):
@@ -32,5 +39,5 @@ if __name__ == "__main__":
     init_distributed()
     teacher, student, data = setup(0.0 if "--no-dropout" in sys.argv else 0.1)
     cfg = DistillConfig(steps=steps, batch_size=batch, eval_every=50, checkpoint_every=10, lr=3e-3, temperature=3)
-    distill(teacher, student, data, cfg, out=out, resume="--resume" in sys.argv, progress=False)
+    train_student(teacher, student, data, cfg, out=out, resume="--resume" in sys.argv, progress=False)
     finish_distributed()

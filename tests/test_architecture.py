@@ -1,5 +1,13 @@
-"""The package's seams, read from its source: the parts that do the work (quant, distill, evaluate) import
-neither each other nor the parts above them, and no module imports another's private names."""
+"""The package's seams, read from its source, imports inside functions included.
+
+Folder rules (each folder of src/shrink, and what of shrink it may import besides itself):
+- core: nothing (errors, paths, switches, atomic writes, output folders, readers, what a model is).
+- data: core.            - quant, distillation: core.          - runtime: core, quant.
+- evaluate: core, data, runtime (it asks the runtime for a decoder; never quant, distillation, io).
+- io: core, data, quant, distillation, runtime.                  - report: core, evaluate.
+- entrypoints (compare, distill, search, prepare): everything below them, never api nor cli.
+- api: entrypoints, io, quant, runtime, core.                    - cli: all but api.
+"""
 
 import ast
 from pathlib import Path
@@ -7,72 +15,88 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parent.parent / "src" / "shrink"
-PARTS = ("quant", "distill", "evaluate")
-ABOVE = ("search", "io", "report", "cli", "comparing", "distilling", "outdir", "runtime")  # what may use the parts, not the reverse
+ALLOWED = {
+    "core": set(),
+    "data": {"core"},
+    "quant": {"core"},
+    "distillation": {"core"},
+    "runtime": {"core", "quant"},
+    "evaluate": {"core", "data", "runtime"},
+    "io": {"core", "data", "quant", "distillation", "runtime"},
+    "report": {"core", "evaluate"},
+    "entrypoints": {"core", "data", "quant", "distillation", "runtime", "evaluate", "io", "report"},
+    "api": {"core", "entrypoints", "io", "quant", "runtime"},
+    "cli": {"core", "data", "quant", "distillation", "runtime", "evaluate", "io", "report", "entrypoints"},
+}
 
 
 def _imports(path: Path):
-    """(absolute module imported, names imported) for each import in `path`, relative ones resolved."""
+    """(absolute module imported, names imported, line) for each import in `path`, at any depth (inside
+    functions too), relative ones resolved."""
     package = ["shrink", *path.relative_to(SRC).parent.parts]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             base = package[: len(package) - (node.level - 1)] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
-            yield module, [a.name for a in node.names]
+            yield module, [a.name for a in node.names], node.lineno
         elif isinstance(node, ast.Import):
             for a in node.names:
-                yield a.name, []
+                yield a.name, [], node.lineno
 
 
 def _modules():
     return sorted(p for p in SRC.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-@pytest.mark.parametrize("part", PARTS)
-def test_the_working_parts_depend_on_nothing_above_them_nor_on_each_other(part):
-    forbidden = [f"shrink.{p}" for p in ABOVE + tuple(x for x in PARTS if x != part)]
+def _folder(path: Path) -> str:
+    return path.relative_to(SRC).with_suffix("").parts[0]
+
+
+def _targets(module: str, names: list[str]) -> list[str]:
+    """The folders of shrink an import reaches: `from shrink import x` reaches x's folder (or the top)."""
+    if module == "shrink":
+        return [n if (SRC / n).is_dir() or (SRC / f"{n}.py").is_file() else "shrink" for n in names]
+    if module.startswith("shrink."):
+        return [module.split(".")[1]]
+    return []
+
+
+def test_every_folder_has_a_rule():
+    folders = {_folder(p) for p in _modules()} - {"__init__"}
+    assert folders == set(ALLOWED), f"folders without a rule, or rules without a folder: {folders ^ set(ALLOWED)}"
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_each_folder_imports_only_what_its_rule_allows(folder):
     bad = []
-    for path in sorted((SRC / part).rglob("*.py")):
-        for module, names in _imports(path):
-            targets = [module] + [f"{module}.{n}" for n in names] if module == "shrink" else [module]
-            for t in targets:
-                if any(t == f or t.startswith(f + ".") for f in forbidden):
-                    bad.append(f"{path.relative_to(SRC)} imports {t}")
+    for path in _modules():
+        if _folder(path) != folder:
+            continue
+        for module, names, line in _imports(path):
+            for t in _targets(module, names):
+                if t != folder and t not in ALLOWED[folder]:
+                    bad.append(f"{path.relative_to(SRC)}:{line} imports {module} ({t})")
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("layer, forbidden", [
-    ("search", ("shrink.api", "shrink.cli")),
-    # the decoding runtime runs models the parts made; loaders and the verbs hand models to it
-    ("runtime", ("shrink.api", "shrink.cli", "shrink.search", "shrink.comparing", "shrink.distilling", "shrink.io",
-                 "shrink.report", "shrink.evaluate", "shrink.distill")),
-    ("comparing", ("shrink.api", "shrink.cli", "shrink.search")),
-    ("distilling", ("shrink.api", "shrink.cli", "shrink.search")),
-    ("io", ("shrink.api", "shrink.cli", "shrink.search", "shrink.comparing", "shrink.distilling", "shrink.report")),
-    ("report", ("shrink.api", "shrink.cli", "shrink.search", "shrink.comparing", "shrink.distilling", "shrink.io")),
-])
-def test_the_layers_above_the_parts_depend_downwards_only(layer, forbidden):
-    # the verbs (api) and the command line sit on top; search composes the verbs' workers, never the reverse
-    paths = sorted((SRC / layer).rglob("*.py")) if (SRC / layer).is_dir() else [SRC / f"{layer}.py"]
-    bad = [f"{p.relative_to(SRC)} imports {m}" for p in paths for m, _ in _imports(p)
-           if any(m == f or m.startswith(f + ".") for f in forbidden)]
-    assert not bad, "\n".join(bad)
+def test_the_rule_check_catches_a_forbidden_import(tmp_path):
+    # the reader resolves a relative import two levels up to its folder, and one inside a function too
+    found = {m: n for m, n, _ in _imports(SRC / "quant" / "calibration.py")}
+    assert "shrink.core.errors" in found and "ShrinkError" in found["shrink.core.errors"]
+    assert _targets("shrink.evaluate.paired", ["compare_models"]) == ["evaluate"]
+    assert _targets("shrink", ["__version__"]) == ["shrink"]
+    inner = [m for m, _, _ in _imports(SRC / "io" / "models.py")]
+    assert "shrink.distillation.students" in inner or "shrink.distillation" in inner  # imported inside a function
 
 
 def test_no_module_imports_a_private_name_of_another():
     bad = []
     for path in _modules():
-        for module, names in _imports(path):
+        for module, names, line in _imports(path):
             if module.startswith("shrink"):
-                bad += [f"{path.relative_to(SRC)}: {module}.{n}" for n in names
+                bad += [f"{path.relative_to(SRC)}:{line}: {module}.{n}" for n in names
                         if n.startswith("_") and not (n.startswith("__") and n.endswith("__"))]
     assert not bad, "\n".join(bad)
-
-
-def test_the_check_sees_imports():
-    # the reader itself: a relative import two levels up resolves to the top package
-    found = dict(_imports(SRC / "quant" / "calibration.py"))
-    assert "shrink.errors" in found and "ShrinkError" in found["shrink.errors"]
 
 
 def _module_name(path: Path) -> str:
@@ -81,18 +105,17 @@ def _module_name(path: Path) -> str:
 
 
 def test_no_import_cycles_between_modules():
-    """Imports at module level (the ones that run on import; those inside functions are deferred on purpose)."""
+    """Every import of shrink's own modules, inside functions too: no module reaches itself again."""
     names = {_module_name(p): p for p in _modules()}
     graph = {}
     for name, path in names.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-                for a in node.names:  # `from . import awq` imports the module awq
-                    deps.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in names else mod)
+        for module, imported, _ in _imports(path):
+            if not module.startswith("shrink"):
+                continue
+            for a in imported or [None]:  # `from . import awq` imports the module awq
+                deps.add(f"{module}.{a}" if a and f"{module}.{a}" in names else module)
+        # a package's own __init__ is run by importing any module under it: not an edge back
         graph[name] = {d for d in deps if d in names and d != name and not name.startswith(d + ".")}
     cycles = _cycles(graph)
     assert not cycles, "\n".join(cycles)
@@ -128,9 +151,9 @@ def test_commands_take_their_defaults_and_help_from_the_library(command, config,
     from dataclasses import fields
 
     from shrink.cli import main
-    from shrink.distill import DistillConfig
+    from shrink.distillation import DistillConfig
+    from shrink.entrypoints.search import Constraints
     from shrink.quant.recipe import GPTQ
-    from shrink.search import Constraints
 
     params = {p.name: p for p in main.commands[command].params}
     cls = {"DistillConfig": DistillConfig, "GPTQ": GPTQ, "Constraints": Constraints}[config]

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama, tiny_tokenizer, word_text
 
 import shrink
-from helpers import tiny_llama, tiny_tokenizer, word_text
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 from shrink.quant import QuantLinear
 from shrink.quant.awq import fold_scale, scale_groups, search_clip, search_scale
 from shrink.quant.calibration import from_file

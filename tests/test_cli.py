@@ -4,9 +4,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from helpers import tiny_llama
 
 import shrink
-from helpers import tiny_llama
 from shrink.cli import main
 
 pytestmark = pytest.mark.slow  # the command line in subprocesses: run by CI, not the fast loop

@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-
-from shrink.cli import main
 from test_gptq_folder import write_gptq
 from test_hf_checkpoint import _ct_checkpoint
+
+from shrink.cli import main
 
 LAYER = "model.layers.0.mlp.up_proj"  # 64 -> 128
 

@@ -9,13 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama, tiny_tokenizer, word_text
 from safetensors.torch import load_file
 
-from helpers import tiny_llama, tiny_tokenizer, word_text
-from shrink.distill import (DistillConfig, distill, from_tensors, pack_text, parameter_count, soft_target_loss,
-                            student_from_spec, student_from_teacher, topk_soft_target_loss)
-from shrink.distill.losses import distillation_loss, hidden_state_loss
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
+from shrink.distillation import (
+    DistillConfig,
+    from_tensors,
+    pack_text,
+    parameter_count,
+    soft_target_loss,
+    student_from_spec,
+    student_from_teacher,
+    topk_soft_target_loss,
+    train_student,
+)
+from shrink.distillation.losses import distillation_loss, hidden_state_loss
 
 WORKER = str(Path(__file__).parent / "distill_worker.py")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
@@ -89,10 +98,10 @@ def test_distilled_student_learns_from_teacher_on_a_language_model(tmp_path):
     teacher = tiny_llama(seed=1)
     data = pack_text([word_text(600, seed=3)], tok, seq_len=32, eval_fraction=0.1)
     student, idx = student_from_teacher(teacher, [1])
-    before = distill(teacher, student, data, DistillConfig(steps=1, batch_size=4, lr=1e-9), progress=False).best["kl"]
+    before = train_student(teacher, student, data, DistillConfig(steps=1, batch_size=4, lr=1e-9), progress=False).best["kl"]
     cfg = DistillConfig(steps=40, batch_size=4, eval_every=20, checkpoint_every=20, lr=3e-3, alpha=0.9,
                         hidden_weight=0.5, hidden_loss="cosine")
-    res = distill(teacher, student, data, cfg, out=tmp_path / "run", layer_map={1: 2}, progress=False)
+    res = train_student(teacher, student, data, cfg, out=tmp_path / "run", layer_map={1: 2}, progress=False)
     assert res.steps == 40 and [h["step"] for h in res.history] == [20, 40]
     assert res.best["kl"] < 0.7 * before
     assert "hidden" in res.history[-1] and "perplexity" in res.history[-1]
@@ -125,7 +134,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    from shrink.ownership import restore_interrupted_swap
+    from shrink.core.ownership import restore_interrupted_swap
 
     restore_interrupted_swap(run / "checkpoint")  # as the resume does: a kill may land mid-replacement
     killed_at = _step(run)
@@ -141,14 +150,14 @@ def test_resume_refuses_other_data_or_options(tmp_path):
     from distill_worker import setup
 
     teacher, student, data = setup()
-    distill(teacher, student, data, DistillConfig(steps=5, checkpoint_every=5), out=tmp_path, progress=False)
+    train_student(teacher, student, data, DistillConfig(steps=5, checkpoint_every=5), out=tmp_path, progress=False)
     with pytest.raises(ShrinkError, match="different options \\['lr'\\]"):
-        distill(teacher, student, data, DistillConfig(steps=5, checkpoint_every=5, lr=0.5), out=tmp_path, resume=True)
+        train_student(teacher, student, data, DistillConfig(steps=5, checkpoint_every=5, lr=0.5), out=tmp_path, resume=True)
     other = from_tensors(data.train_x[:100], data.train_y[:100])
     with pytest.raises(ShrinkError, match="trained on other data"):
-        distill(teacher, student, other, DistillConfig(steps=5, checkpoint_every=5), out=tmp_path, resume=True)
+        train_student(teacher, student, other, DistillConfig(steps=5, checkpoint_every=5), out=tmp_path, resume=True)
     with pytest.raises(ShrinkError, match="nothing to resume"):
-        distill(teacher, student, data, DistillConfig(), out=tmp_path / "none", resume=True)
+        train_student(teacher, student, data, DistillConfig(), out=tmp_path / "none", resume=True)
 
 
 @pytest.mark.slow  # a subprocess or a browser
@@ -188,7 +197,7 @@ def test_cli_distill_language_model(tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "teacher" in r.output and "student layers=1" in r.output and "perplexity" in r.output
-    student = shrink.load_model(out / "model")
+    student = shrink.io.read_model(out / "model")
     assert student.model.config.num_hidden_layers == 1 and student.model.config.intermediate_size == 64
     assert student.tokenizer is not None
     res = json.loads((out / "results.json").read_text())
@@ -234,7 +243,7 @@ def test_cli_distill_classifier_and_errors(tmp_path):
     np.savez(tmp_path / "task.npz", x=x[:40], y=(x[:40, 0] > 0).astype(np.int64))
     r = CliRunner().invoke(main, ["distill", "--teacher", "none", "--student", "mlp:12-32-2", "--out", str(tmp_path / "t")] + base)
     assert r.exit_code == 0, r.output
-    teacher = shrink.load_model(tmp_path / "t" / "model")
+    teacher = shrink.io.read_model(tmp_path / "t" / "model")
     assert teacher.source["spec"] == "mlp:12-32-2"
     r = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t" / "model"), "--student", "mlp:12-4-2",
                                   "--out", str(tmp_path / "s"), "--cache-topk", "2", "--task", str(tmp_path / "task.npz")] + base)
@@ -253,7 +262,7 @@ def test_cli_distill_classifier_and_errors(tmp_path):
 def test_teacher_topk_cache(tmp_path):
     from distill_worker import setup
 
-    from shrink.distill import teacher_topk
+    from shrink.distillation import teacher_topk
 
     teacher, student, data = setup(0.0)
     v, i = teacher_topk(teacher, data, k=6, cache_dir=tmp_path)
@@ -279,8 +288,8 @@ def test_teacher_topk_cache(tmp_path):
     s2.load_state_dict(s1.state_dict())
     cfg = DistillConfig(steps=15, batch_size=32, eval_every=100)
     full = teacher_topk(teacher, data, k=6)
-    distill(teacher, s1, data, cfg, progress=False)
-    distill(teacher, s2, data, cfg, progress=False, teacher_cache=(full[0].float(), full[1]))
+    train_student(teacher, s1, data, cfg, progress=False)
+    train_student(teacher, s2, data, cfg, progress=False, teacher_cache=(full[0].float(), full[1]))
     for a, b in zip(s1.parameters(), s2.parameters()):
         assert torch.allclose(a, b, atol=2e-3)
 
@@ -296,13 +305,13 @@ def test_augment_is_applied_to_every_training_batch():
         return torch.zeros_like(x)
 
     w0 = student[1].weight.detach().clone()
-    distill(teacher, student, data, DistillConfig(steps=6, batch_size=16, grad_accum=2, eval_every=6, weight_decay=0.0),
+    train_student(teacher, student, data, DistillConfig(steps=6, batch_size=16, grad_accum=2, eval_every=6, weight_decay=0.0),
             augment=zero, progress=False)
     assert seen == [16] * 12
     # the first layer saw only zeros, so it got no gradient at all
     assert torch.equal(student[1].weight, w0)
     with pytest.raises(ShrinkError, match="cannot be used with augmentation"):
-        distill(teacher, student, data, DistillConfig(steps=1), augment=zero, teacher_cache=(torch.zeros(1), torch.zeros(1)))
+        train_student(teacher, student, data, DistillConfig(steps=1), augment=zero, teacher_cache=(torch.zeros(1), torch.zeros(1)))
 
 
 def test_bad_input_is_refused_before_training(tmp_path):
@@ -310,33 +319,33 @@ def test_bad_input_is_refused_before_training(tmp_path):
 
     teacher, student, data = setup(0.0)
     with pytest.raises(ShrinkError, match=r"temperature must be > 0 \(got 0\)"):
-        distill(teacher, student, data, DistillConfig(temperature=0))
+        train_student(teacher, student, data, DistillConfig(temperature=0))
     with pytest.raises(ShrinkError, match="alpha must be between 0 and 1"):
-        distill(teacher, student, data, DistillConfig(alpha=1.5))
+        train_student(teacher, student, data, DistillConfig(alpha=1.5))
     with pytest.raises(ShrinkError, match=r"outputs \(1, 3\) do not match the teacher's \(1, 6\) \(different classes: 3 vs 6\)"):
-        distill(teacher, student_from_spec("mlp:32-8-3"), data, DistillConfig())
+        train_student(teacher, student_from_spec("mlp:32-8-3"), data, DistillConfig())
     small = from_tensors(data.train_x[:20], data.train_y[:20])
     with pytest.raises(ShrinkError, match="fewer than one global batch"):
-        distill(teacher, student, small, DistillConfig(batch_size=64))
+        train_student(teacher, student, small, DistillConfig(batch_size=64))
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ShrinkError, match="state.pt: not a readable shrink checkpoint"):
-        distill(teacher, student, data, DistillConfig(), out=tmp_path, resume=True)
+        train_student(teacher, student, data, DistillConfig(), out=tmp_path, resume=True)
     torch.save({"step": 3}, tmp_path / "checkpoint" / "state.pt")
     with pytest.raises(ShrinkError, match="not a shrink distillation checkpoint"):
-        distill(teacher, student, data, DistillConfig(), out=tmp_path, resume=True)
+        train_student(teacher, student, data, DistillConfig(), out=tmp_path, resume=True)
     assert all(p.grad is None for p in student.parameters())  # nothing trained
 
 
 def test_hidden_layer_map_matches_the_end_of_each_span():
-    from shrink.distill import hidden_layer_map
+    from shrink.distillation import hidden_layer_map
 
     assert hidden_layer_map(list(range(0, 30, 2)), 30) == {j + 1: 2 * j + 2 for j in range(15)}
     assert hidden_layer_map([0, 3, 6], 8) == {1: 3, 2: 6, 3: 8}
 
 
 def test_teacher_states_are_the_residual_stream_between_layers():
-    from shrink.distill.layerfit import teacher_states
+    from shrink.distillation.layerfit import teacher_states
 
     teacher = tiny_llama(seed=4)
     x = torch.randint(3, 90, (2, 16))
@@ -353,7 +362,7 @@ def test_teacher_states_are_the_residual_stream_between_layers():
 
 
 def test_layer_fit_loss_is_zero_for_the_teacher_itself_and_spans():
-    from shrink.distill.layerfit import layer_fit_loss, spans
+    from shrink.distillation.layerfit import layer_fit_loss, spans
 
     teacher = tiny_llama(seed=4)
     same, idx = student_from_teacher(teacher, [0, 1])
@@ -373,7 +382,7 @@ def test_layer_fitting_before_distillation(tmp_path):
     # and leaves the student closer to the teacher than it started.
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shrink.distill.layerfit import layer_fit_loss
+    from shrink.distillation.layerfit import layer_fit_loss
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -384,22 +393,22 @@ def test_layer_fitting_before_distillation(tmp_path):
     student, idx = student_from_teacher(teacher, [0])
     x = data.eval_x[:4]
     fit_before = float(layer_fit_loss(teacher, student, x, [(0, 3)]).detach())
-    kl_before = distill(teacher, student, data, DistillConfig(steps=1, batch_size=4, lr=1e-9), progress=False).best["kl"]
+    kl_before = train_student(teacher, student, data, DistillConfig(steps=1, batch_size=4, lr=1e-9), progress=False).best["kl"]
     emb = student.model.embed_tokens.weight.detach().clone()
     run = DistillConfig(steps=30, layer_fit_steps=30, batch_size=4, lr=3e-3, eval_every=30, checkpoint_every=30)
-    res = distill(teacher, student, data, run, out=tmp_path / "fit", layer_map={1: 3}, progress=False)
+    res = train_student(teacher, student, data, run, out=tmp_path / "fit", layer_map={1: 3}, progress=False)
     assert "layer_fit" in res.history[-1]
     assert torch.equal(student.model.embed_tokens.weight, emb)  # only the layer learns in this stage
     assert float(layer_fit_loss(teacher, student, x, [(0, 3)]).detach()) < 0.7 * fit_before
     assert res.best["kl"] < kl_before
     with pytest.raises(ShrinkError, match="layer fitting needs a teacher"):
-        distill(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=1), progress=False)
+        train_student(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=1), progress=False)
     with pytest.raises(ShrinkError, match=r"layer_fit_steps must be between 0 and steps \(2\), got 3"):
-        distill(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=3), layer_map={1: 3}, progress=False)
+        train_student(teacher, student, data, DistillConfig(steps=2, layer_fit_steps=3), layer_map={1: 3}, progress=False)
 
 
 def test_layer_fitting_has_its_own_learning_rate_schedule():
-    from shrink.distill.train import _schedule
+    from shrink.distillation.train import _schedule
 
     f = _schedule(DistillConfig(steps=100, layer_fit_steps=20, lr=1e-3, layer_fit_lr=4e-3, warmup=0.1))
     # fit stage: 2 warmup steps to 4x the main rate, cosine to ~0 at step 19; main stage: 8 warmup steps to 1x

@@ -6,16 +6,30 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, T5Config, T5ForConditionalGeneration
+from helpers import WORDS, tiny_tokenizer, widen, word_text
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import shrink
-from helpers import WORDS, tiny_tokenizer, widen, word_text
-from shrink.distill import (DistillConfig, distill, evaluate, labelled_text, read_labelled, sentence_data,
-                            student_from_teacher)
-from shrink.distill.data import PAD, split_padded
-from shrink.distilling import load_data
-from shrink.errors import ShrinkError
-from shrink.kinds import ENCODER, MASKED_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
+from shrink.core.architecture import ENCODER, MASKED_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
+from shrink.core.errors import ShrinkError
+from shrink.distillation import (
+    DistillConfig,
+    evaluate,
+    labelled_text,
+    read_labelled,
+    sentence_data,
+    student_from_teacher,
+    train_student,
+)
+from shrink.distillation.data import PAD, split_padded
+from shrink.entrypoints.distill import load_data
 
 LABELS = ["business", "sport", "tech"]
 
@@ -75,7 +89,7 @@ def test_sequence_classifier_student_learns_the_teachers_labels(tmp_path):
     student, _ = student_from_teacher(teacher, 2)
     cfg = DistillConfig(steps=40, batch_size=16, lr=2e-3, eval_every=40, alpha=1.0)
     before = evaluate(student, teacher, data, cfg)
-    result = distill(teacher, student, data, cfg, progress=False)
+    result = train_student(teacher, student, data, cfg, progress=False)
     after = result.history[-1]
     assert after["kl"] < 0.5 * before["kl"]
     assert after["top1_agreement"] >= before["top1_agreement"]
@@ -89,12 +103,12 @@ def test_encoder_student_learns_the_teachers_embeddings(tmp_path):
     student, _ = student_from_teacher(teacher, 2)
     cfg = DistillConfig(steps=40, batch_size=16, lr=2e-3, eval_every=20)
     before = evaluate(student, teacher, data, cfg)
-    result = distill(teacher, student, data, cfg, progress=False)
+    result = train_student(teacher, student, data, cfg, progress=False)
     after = result.history[-1]
     assert after["cosine"] > before["cosine"] and after["embedding_distance"] < 0.7 * before["embedding_distance"]
     assert result.best["embedding_distance"] == min(h["embedding_distance"] for h in result.history)
     with pytest.raises(ShrinkError, match="needs a teacher"):
-        distill(None, student, data, DistillConfig(steps=2, batch_size=4, alpha=0.0), progress=False)
+        train_student(None, student, data, DistillConfig(steps=2, batch_size=4, alpha=0.0), progress=False)
 
 
 def test_model_kinds_by_capability():
@@ -121,7 +135,7 @@ def test_cli_distills_a_classifier_folder_and_refuses_what_it_cannot(tmp_path):
                                   "--task", str(data), "--hidden-weight", "0.1"] + base)
     assert r.exit_code == 0, r.output
     assert "teacher_accuracy" in r.output and "on the task at the last evaluation" in r.output
-    student = shrink.load_model(out / "model")
+    student = shrink.io.read_model(out / "model")
     assert type(student.model).__name__ == "BertForSequenceClassification"
     assert student.model.config.num_hidden_layers == 2 and student.model.config.id2label[1] == "sport"
     hist = json.loads((out / "results.json").read_text())["history"]
@@ -156,5 +170,5 @@ def test_cli_distills_an_encoder_on_lines_of_text(tmp_path):
                                   "--eval-every", "3"])
     assert r.exit_code == 0, r.output
     assert "cosine" in r.output and "worst_cosine" in r.output
-    student = shrink.load_model(tmp_path / "out" / "model")
+    student = shrink.io.read_model(tmp_path / "out" / "model")
     assert type(student.model).__name__ == "BertModel" and student.model.config.num_hidden_layers == 2

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama
 from transformers import AutoModelForCausalLM
 
 import shrink
-from helpers import tiny_llama
 from shrink.quant import QuantEmbedding, QuantLinear
 from shrink.quant.format import dequantize
 from shrink.quant.rtn import quantize_weight
@@ -81,7 +81,6 @@ def test_half_keeps_the_table_packed():
 
 def test_a_quantized_embedding_exports_to_gguf_exactly(tmp_path):
     import gguf
-
     from test_export import _from_gguf, _with_tok, bpe_llama, bpe_tokenizer
 
     model = shrink.quantize(bpe_llama(), {"model.embed_tokens": "int8", "*": "int4-g32"}, backend="torch",

@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama, tiny_tokenizer, word_text
 from scipy import stats as sps
 
 import shrink
-from helpers import tiny_llama, tiny_tokenizer, word_text
-from shrink.errors import ShrinkError
-from shrink.evaluate import compare, load_task
+from shrink.core.errors import ShrinkError
+from shrink.evaluate import compare_models, load_task
 from shrink.evaluate.scorers import contains, exact, last_number, numeric, regex
 from shrink.evaluate.stats import mcnemar_exact, paired_bootstrap
 from shrink.runtime import decoder_for, install
@@ -119,7 +119,7 @@ def _tensor_task(tmp_path):
 
 def test_tensor_classifier_flips_and_statistics(tmp_path):
     p, orig, comp = _tensor_task(tmp_path)
-    c = compare(orig, comp, p)
+    c = compare_models(orig, comp, p)
     assert c.task["kind"] == "tensor" and c.errors == 0
     o = c.overall
     assert (o.n, o.right_to_wrong, o.wrong_to_right) == (30, 10, 2)
@@ -143,19 +143,19 @@ def test_tensor_classifier_flips_and_statistics(tmp_path):
 def test_verdict_names_the_slice_that_broke(tmp_path):
     # Overall within a generous tolerance, but the hard slice lost everything, significantly.
     p, orig, comp = _tensor_task(tmp_path)
-    c = compare(orig, comp, p, tolerance=30)
+    c = compare_models(orig, comp, p, tolerance=30)
     assert not c.within
     assert "overall -26.7 points" in c.verdict
     assert "the tag:hard slice lost 100.0 points (p = 0.00195)" in c.verdict
     assert "still aces simple inputs and fails hard ones" in c.verdict
     assert [s.name for s in c.slices if s.past] == ["tag:hard"]
-    c = compare(orig, orig, p)
+    c = compare_models(orig, orig, p)
     assert c.within and c.overall.change == 0 and not c.flips and c.verdict.startswith("WITHIN TOLERANCE")
 
 
 def test_relative_tolerance(tmp_path):
     p, orig, comp = _tensor_task(tmp_path)
-    c = compare(orig, comp, p, tolerance=40, relative=True)  # 40% of 93.3 = 37.3 points allowed overall
+    c = compare_models(orig, comp, p, tolerance=40, relative=True)  # 40% of 93.3 = 37.3 points allowed overall
     assert "40% of the original score, relative = 37.33 points overall" in c.verdict
     assert c.relative
 
@@ -173,7 +173,7 @@ def test_difficulty_slices_without_tags(tmp_path):
     p, orig, comp = _tensor_task(tmp_path)
     z = dict(np.load(p))
     np.savez(p, x=z["x"], y=z["y"])
-    c = compare(orig, comp, p)
+    c = compare_models(orig, comp, p)
     names = [s.name for s in c.slices]
     assert names and set(names) == {"confidence:low", "confidence:mid", "confidence:high"}
     assert sum(s.n for s in c.slices) == 30
@@ -217,10 +217,10 @@ def test_answers_are_drafted_in_batches_only_so_one_example_alone_takes_its_own_
     monkeypatch.setattr(LlamaDecoder, "decode", spy)
     m = tiny_llama()
     m, q = _through(True, m, shrink.quantize(copy.deepcopy(m), "int8", progress=False))
-    one = compare(m, q, _gen_task(tmp_path, n=4), tokenizer=tok, batch_size=1)
+    one = compare_models(m, q, _gen_task(tmp_path, n=4), tokenizer=tok, batch_size=1)
     assert seen == [False] * 8 and one.task["batch_size"] == 1 and "latency" not in model_rows(one)[-1][-1]
     seen.clear()
-    many = compare(m, q, _gen_task(tmp_path, n=4), tokenizer=tok, batch_size=4)
+    many = compare_models(m, q, _gen_task(tmp_path, n=4), tokenizer=tok, batch_size=4)
     assert seen == [True, True] and "--batch-size 1 for latency" in model_rows(many)[-1][-1]
     assert [e.compressed_output for e in one.examples] == [e.compressed_output for e in many.examples]
 
@@ -250,8 +250,8 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind,
     # The PyTorch backend computes in float throughout: padding and batching may change float rounding only.
     q = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False, backend="torch")
     m, q = _through(runtime, m, q)
-    one = compare(m, q, task, tokenizer=tok, batch_size=1)
-    many = compare(m, q, task, tokenizer=tok, batch_size=5)
+    one = compare_models(m, q, task, tokenizer=tok, batch_size=1)
+    many = compare_models(m, q, task, tokenizer=tok, batch_size=5)
     assert one.errors == many.errors == 0
     assert [e.id for e in one.examples] == [e.id for e in many.examples] == [x["id"] for x in lines]
     for a, b in zip(one.examples, many.examples):
@@ -272,20 +272,20 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind,
     # an input that differs by float rounding may move one code by one step, which moves a short example's
     # score by a fraction of a percent; a padding error would move it by far more.
     qn = _through(runtime, shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False))
-    one, many = compare(m, qn, task, tokenizer=tok, batch_size=1), compare(m, qn, task, tokenizer=tok, batch_size=5)
+    one, many = compare_models(m, qn, task, tokenizer=tok, batch_size=1), compare_models(m, qn, task, tokenizer=tok, batch_size=5)
     assert one.errors == many.errors == 0
     for a, b in zip(one.examples, many.examples):
         assert a.compressed_score == pytest.approx(b.compressed_score, rel=1e-2, abs=1e-6)
     same = [a.compressed_output == b.compressed_output for a, b in zip(one.examples, many.examples)]
     assert sum(same) >= len(same) - 1
     with pytest.raises(ShrinkError, match="batch_size must be an integer of 1 or more"):
-        compare(m, q, task, tokenizer=tok, batch_size=0)
+        compare_models(m, q, task, tokenizer=tok, batch_size=0)
 
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
 def test_identical_models_have_zero_divergence(tmp_path, tok, runtime):
     m = tiny_llama()
-    c = compare(*_through(runtime, m, copy.deepcopy(m)), _gen_task(tmp_path), tokenizer=tok)
+    c = compare_models(*_through(runtime, m, copy.deepcopy(m)), _gen_task(tmp_path), tokenizer=tok)
     assert c.errors == 0 and not c.flips and c.within
     assert c.divergence["kl"]["mean"] == pytest.approx(0, abs=1e-6)
     assert c.divergence["top1_agreement"] == 1.0
@@ -295,7 +295,7 @@ def test_identical_models_have_zero_divergence(tmp_path, tok, runtime):
 def test_kl_and_top1_agreement_per_position_match_a_whole_sequence_reference():
     """The comparison's KL, taken in blocks of positions, is scipy's relative entropy of each position's
     two distributions, at every position across block edges; top-1 agreement is the argmax match."""
-    from shrink.evaluate.compare import KL_BLOCK_BYTES, Outcome, _kl
+    from shrink.evaluate.paired import KL_BLOCK_BYTES, Outcome, _kl
 
     g = torch.Generator().manual_seed(3)
     n = 2 * (KL_BLOCK_BYTES // (8 * 500)) + 3
@@ -313,7 +313,7 @@ def test_kl_and_top1_agreement_per_position_match_a_whole_sequence_reference():
 def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, tok, runtime):
     m = tiny_llama()
     q = shrink.quantize(copy.deepcopy(m), "int2-g32", keep_output=False)
-    c = compare(*_through(runtime, m, q), _gen_task(tmp_path), tokenizer=tok)
+    c = compare_models(*_through(runtime, m, q), _gen_task(tmp_path), tokenizer=tok)
     assert c.divergence["kl"]["mean"] > 0.01 and c.divergence["top1_agreement"] < 1
     assert c.compressed["bytes"] < c.original["bytes"]
     # KL of one example by hand: both models on prompt + the original's greedy answer
@@ -334,7 +334,7 @@ def test_choice_log_likelihood_and_perplexity_by_hand(tmp_path, tok, runtime):
     m = _through(runtime, tiny_llama())
     choices = ["market", "bank shares", "oil"]
     p = _write(tmp_path, [{"input": "the price of", "choices": choices, "answer": 1}])
-    c = compare(m, m, p, tokenizer=tok)
+    c = compare_models(m, m, p, tokenizer=tok)
     prompt = tok("the price of").input_ids
     scores = []
     for ch in choices:
@@ -349,7 +349,7 @@ def test_choice_log_likelihood_and_perplexity_by_hand(tmp_path, tok, runtime):
     assert c.examples[0].confidence == pytest.approx(top[0] - top[1], rel=1e-5)
 
     text = word_text(20, seed=5)
-    c = compare(m, m, _write(tmp_path, [{"text": text}], "ppl.jsonl"), tokenizer=tok)
+    c = compare_models(m, m, _write(tmp_path, [{"text": text}], "ppl.jsonl"), tokenizer=tok)
     ids = torch.tensor([1] + tok(text, add_special_tokens=False).input_ids).unsqueeze(0)
     with torch.no_grad():
         loss = m(ids, labels=ids).loss.item()
@@ -365,17 +365,17 @@ def test_failing_example_is_recorded_and_others_kept(tmp_path, tok, monkeypatch)
         "    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     m = tiny_llama()
-    c = compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="my_scorer:score")
+    c = compare_models(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="my_scorer:score")
     assert c.errors == 1 and c.overall.n == 7 and c.overall.original == 100.0
     bad = next(e for e in c.examples if e.id == "e3")
     assert bad.error == "RuntimeError: scorer cannot read this one"
     with pytest.raises(ShrinkError, match="scorer 'my_scorer:nope': module 'my_scorer' has no function 'nope'"):
-        compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="my_scorer:nope")
+        compare_models(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="my_scorer:nope")
     with pytest.raises(ShrinkError, match="scorer 'no_such_mod:f': cannot import 'no_such_mod'"):
-        compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="no_such_mod:f")
+        compare_models(m, m, _gen_task(tmp_path), tokenizer=tok, scorer="no_such_mod:f")
     # a file path works too, and the scorer's return value is the score
     (tmp_path / "half.py").write_text("def score(output, example):\n    return 0.25\n")
-    c = compare(m, m, _gen_task(tmp_path), tokenizer=tok, scorer=f"{tmp_path / 'half.py'}:score")
+    c = compare_models(m, m, _gen_task(tmp_path), tokenizer=tok, scorer=f"{tmp_path / 'half.py'}:score")
     assert c.overall.original == 25.0 and c.errors == 0
 
 
@@ -388,9 +388,9 @@ def test_mismatched_models_are_refused(tmp_path, tok):
     other = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
     m = tiny_llama()
     with pytest.raises(ShrinkError, match="different tokenizers"):
-        compare(m, m, _gen_task(tmp_path), tokenizer=tok, compressed_tokenizer=other)
+        compare_models(m, m, _gen_task(tmp_path), tokenizer=tok, compressed_tokenizer=other)
     with pytest.raises(ShrinkError, match="perplexity task, which a tensor classifier model cannot run"):
-        compare(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), _write(tmp_path, [{"text": "a b"}]))
+        compare_models(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), _write(tmp_path, [{"text": "a b"}]))
 
     def bert(labels):
         cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -398,12 +398,12 @@ def test_mismatched_models_are_refused(tmp_path, tok):
         return BertForSequenceClassification(cfg).eval()
 
     task = _write(tmp_path, [{"input": "bank shares rise", "label": "up"}, {"input": "oil price fall", "label": "down"}])
-    c = compare(bert(["up", "down"]), bert(["up", "down"]), task, tokenizer=tok)
+    c = compare_models(bert(["up", "down"]), bert(["up", "down"]), task, tokenizer=tok)
     assert c.task["kind"] == "classification" and c.divergence["kl"]["positions"] == 2
     with pytest.raises(ShrinkError, match="different label sets"):
-        compare(bert(["up", "down"]), bert(["up", "sideways"]), task, tokenizer=tok)
+        compare_models(bert(["up", "down"]), bert(["up", "sideways"]), task, tokenizer=tok)
     with pytest.raises(ShrinkError, match=r"labels \['down'\] that the model does not know"):
-        compare(bert(["up", "flat"]), bert(["up", "flat"]), task, tokenizer=tok)
+        compare_models(bert(["up", "flat"]), bert(["up", "flat"]), task, tokenizer=tok)
 
 
 def test_encoder_zero_shot_classification(tmp_path, tok):
@@ -413,7 +413,7 @@ def test_encoder_zero_shot_classification(tmp_path, tok):
     enc = BertModel(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64)).eval()
     task = _write(tmp_path, [{"input": "bank shares rise", "label": "bank"}, {"input": "oil price fall", "label": "oil"}])
-    c = compare(enc, enc, task, tokenizer=tok)
+    c = compare_models(enc, enc, task, tokenizer=tok)
     assert c.original["kind"] == "encoder"
     assert c.divergence["embedding_cosine"]["min"] == pytest.approx(1.0, abs=1e-5)
 

@@ -1,19 +1,18 @@
 """GGUF export: exact block copies that transformers' GGUF loader (and llama.cpp, see test_llamacpp.py) reads
 back as the very weights shrink measured; refusals that name the layers; nothing half-written."""
 
+import os
 import subprocess
 import sys
 
 import gguf
 import numpy as np
-import os
-
 import pytest
 import torch
+from helpers import WORDS, widen, word_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import shrink
-from helpers import WORDS, widen, word_text
 from shrink.io.export import export_gguf
 from shrink.quant.record import update_record
 
@@ -191,7 +190,7 @@ def _strip_mark(path):
 
 
 def test_two_exports_to_one_file_never_both_write(tmp_path, tok):
-    from shrink.outdir import lock_beside
+    from shrink.core.outdir import lock_beside
 
     model = _with_tok(shrink.quantize(bpe_llama(), "int8", progress=False), tok)
     with lock_beside(tmp_path / "m.gguf", "export"):  # another shrink exporting there

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from helpers import widen
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import shrink
-from helpers import widen
 from shrink.quant import QuantLinear
 
 
@@ -66,6 +66,7 @@ def test_gpt2_conv1d_layers_kept_in_full_precision_stay_conv1d(tmp_path):
 
 def test_gpt2_is_compared_as_the_causal_language_model_it_is(tmp_path):
     from helpers import tiny_tokenizer
+
     from shrink.evaluate.adapters import CausalLMAdapter, adapter_for
 
     tok = tiny_tokenizer()
@@ -132,7 +133,7 @@ def bart():
 
 
 def test_both_stacks_of_an_encoder_decoder_are_calibrated(tmp_path):
-    from shrink.blocks import find_stacks
+    from shrink.core.architecture import find_stacks
 
     assert [n for n, _ in find_stacks(bart())] == ["model.encoder.layers", "model.decoder.layers"]
     model = shrink.quantize(bart(), "int4-g32", method="gptq", calibration=CALIBRATION, backend="torch",
@@ -176,6 +177,7 @@ def test_t5_which_reads_its_layers_weight_runs_quantized(tmp_path):
 @pytest.mark.parametrize("make", [bart, t5], ids=["bart", "t5"])
 def test_encoder_decoders_are_compared_on_generation_and_choice_tasks(tmp_path, make):
     from helpers import tiny_tokenizer
+
     from shrink.evaluate.adapters import Seq2SeqAdapter, adapter_for
 
     tok = tiny_tokenizer()

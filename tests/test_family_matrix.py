@@ -5,11 +5,11 @@ A small CNN is in test_conv.py."""
 import pytest
 import torch
 import transformers as T
+from helpers import tiny_llama, widen
+from test_families import bart, gemma, gpt2, t5
 
 import shrink
-from helpers import tiny_llama, widen
 from shrink.quant import MixedPrecision
-from test_families import bart, gemma, gpt2, t5
 
 D = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
          max_position_embeddings=64)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from helpers import MLP, tiny_llama
 
 import shrink
-from helpers import MLP, tiny_llama
 
 
 def test_the_output_error_is_measured_recorded_and_ordered_by_width(tmp_path):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from shrink.quant.gptq import CLIP_RATIOS, gptq_quantize, hessian_inverse_chol, search_group_clip
 from shrink.quant.format import codes_for, dequantize
+from shrink.quant.gptq import CLIP_RATIOS, gptq_quantize, hessian_inverse_chol, search_group_clip
 from shrink.quant.rtn import quantize_weight
 from shrink.quant.spec import parse_format
 

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
 from safetensors.torch import save_file
 
 import shrink
-from helpers import tiny_llama
 from shrink.quant import QuantLinear
 
 
@@ -104,7 +104,7 @@ def write_gptq(folder, bits=4, gs=32, desc_act=False, sym=True, fmt="gptq", seed
 ])
 def test_gptq_folders_load_with_their_exact_weights(tmp_path, bits, gs, desc_act, sym, fmt):
     ref = write_gptq(tmp_path / "g", bits, gs, desc_act, sym, fmt)
-    loaded = shrink.load_model(tmp_path / "g")
+    loaded = shrink.io.read_model(tmp_path / "g")
     assert loaded.source["kind"] == "gptq"
     m = loaded.model
     for name, lin in ref.named_modules():
@@ -148,6 +148,7 @@ def test_a_gptq_model_saves_and_reloads(tmp_path):
 
 def test_gptq_export_to_gguf(tmp_path):
     from test_export import bpe_tokenizer  # noqa: F401  (the tiny Llama's vocabulary is word-level)
+
     from shrink.io.export import exact_type
 
     write_gptq(tmp_path / "g", desc_act=False)
@@ -204,4 +205,4 @@ def test_layouts_that_do_not_map_are_refused_naming_the_layer(tmp_path):
     cases.append(("awq", "quant_method 'awq' is not read"))
     for folder, message in cases:
         with pytest.raises(shrink.ShrinkError, match=message.replace("(", "\\(").replace(")", "\\)")):
-            shrink.load_model(tmp_path / folder)
+            shrink.io.read_model(tmp_path / folder)

@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_llama
 from transformers import AutoModelForCausalLM
 
 import shrink
-from helpers import tiny_llama
 from shrink.quant import QuantLinear
 
 MIXED = {"model.layers.0.*": "int2-g32", "*.mlp.*": "int8-g64", "*": "int4-g16"}
@@ -74,8 +74,12 @@ def test_format_1_folders_still_load(tmp_path):
 def _ct_checkpoint(path, **weights):
     """A tiny Llama quantized and saved by compressed-tensors itself (scales from its own calculate_qparams)."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
 
     model = tiny_llama(tie=True)
@@ -102,7 +106,7 @@ def test_compressed_tensors_checkpoints_load_into_quantlinear(tmp_path, weights,
     from safetensors.torch import load_file
 
     path = _ct_checkpoint(tmp_path / "ct", **weights)
-    loaded = shrink.load_model(path)
+    loaded = shrink.io.read_model(path)
     layer = loaded.model.model.layers[0].mlp.up_proj
     assert isinstance(layer, QuantLinear) and loaded.source["kind"] == "compressed-tensors"
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -137,7 +141,7 @@ def test_compressed_tensors_schemes_shrink_cannot_hold_are_refused(tmp_path, wei
         cfg["quantization_config"]["config_groups"]["group_0"]["weights"].update(edit)
         (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(shrink.ShrinkError, match=needle.replace(".", r"\.")):
-        shrink.load_model(path)
+        shrink.io.read_model(path)
 
 
 def test_reading_compressed_tensors_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
@@ -148,7 +152,7 @@ def test_reading_compressed_tensors_without_the_package_says_how_to_install_it(t
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)
     with pytest.raises(shrink.ShrinkError, match="need the compressed-tensors package.*pip install"):
-        shrink.load_model(path)
+        shrink.io.read_model(path)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import tiny_llama, tiny_tokenizer, word_text
 
 import shrink
-from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.cli import main
 
 pytestmark = pytest.mark.slow  # subprocesses, real models or builds: run by CI, not the fast loop
@@ -179,10 +179,10 @@ def test_a_user_file_at_any_depth_keeps_the_folder(tmp_path, hf):
 
 def test_search_never_replaces_a_best_folder_holding_a_user_file(tmp_path):
     # best/ and students/ as the search writes them (atomic_dir seals what it puts in place)
-    from shrink.atomic import atomic_dir
-    from shrink.errors import ShrinkError
-    from shrink.outdir import claim
-    from shrink.search.run import OUT_NAMES
+    from shrink.core.atomic import atomic_dir
+    from shrink.core.errors import ShrinkError
+    from shrink.core.outdir import claim
+    from shrink.entrypoints.search.run import OUT_NAMES
 
     out = tmp_path / "s"
     with claim(out, "search", OUT_NAMES):
@@ -419,7 +419,7 @@ def test_a_seed_out_of_range_is_a_usage_error(tmp_path, hf, seed):
 
 
 def test_api_counts_out_of_range_are_refused(hf):
-    from shrink.distill.train import DistillConfig, _check_config
+    from shrink.distillation.train import DistillConfig, _check_config
 
     with pytest.raises(shrink.ShrinkError, match="seed must be an integer from 0 to 4294967295"):
         _check_config(DistillConfig(seed=10 ** 23))
@@ -493,7 +493,7 @@ def test_scores_outside_0_1_fail_their_example_and_nan_is_never_within(tmp_path)
 
     import torch
 
-    from shrink.evaluate import compare
+    from shrink.evaluate import compare_models
 
     tok = tiny_tokenizer()
     task = tmp_path / "g.jsonl"
@@ -502,7 +502,7 @@ def test_scores_outside_0_1_fail_their_example_and_nan_is_never_within(tmp_path)
     (tmp_path / "bad.py").write_text("def f(output, example):\n"
                                      "    return {'e0': float('nan'), 'e1': 5.0, 'e2': 'yes'}.get(example.id, 1.0)\n")
     m = tiny_llama()
-    c = compare(m, m, task, tokenizer=tok, scorer=f"{tmp_path / 'bad.py'}:f")
+    c = compare_models(m, m, task, tokenizer=tok, scorer=f"{tmp_path / 'bad.py'}:f")
     errs = {e.id: e.error for e in c.examples if e.error}
     assert sorted(errs) == ["e0", "e1", "e2"] and c.overall.n == 3
     assert "--scorer returned nan; a score must be a number from 0 to 1" in errs["e0"]
@@ -513,14 +513,14 @@ def test_scores_outside_0_1_fail_their_example_and_nan_is_never_within(tmp_path)
     broken = cp.deepcopy(m)
     with torch.no_grad():
         broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    c = compare(m, broken, ppl, tokenizer=tok, tolerance=100)
+    c = compare_models(m, broken, ppl, tokenizer=tok, tolerance=100)
     assert not c.within and c.verdict.startswith("PAST THE SWEET SPOT (100% of perplexity): the scores hold NaN")
     # the same model on a generation task: both get every answer wrong (the scores agree), but its outputs are
     # NaN: never within, and --strict fails on it
     gen = tmp_path / "gen.jsonl"
     gen.write_text("".join(json.dumps({"id": f"g{i}", "input": word_text(5, seed=i), "target": "zzz",
                                        "max_new_tokens": 2}) + "\n" for i in range(400)))
-    c = compare(m, broken, gen, tokenizer=tok, tolerance=100, batch_size=64)
+    c = compare_models(m, broken, gen, tokenizer=tok, tolerance=100, batch_size=64)
     assert c.overall.change == 0 and not c.within and c.status == "CANNOT TELL", c.verdict
     assert "a model produced NaN or infinite outputs" in c.verdict
     saved = tmp_path / "broken"
@@ -641,11 +641,10 @@ def test_corrupt_manifest_is_refused_by_inspect_and_load_alike(tmp_path, q, fiel
 def test_damaged_search_and_checkpoint_files_name_the_file(tmp_path):
     import torch
 
-    from shrink.distill.train import _read_state
-    from shrink.errors import ShrinkError
-    from shrink.search.run import _read_results
-
-    from shrink.search import Candidate, CandidateResult, Constraints, judge
+    from shrink.core.errors import ShrinkError
+    from shrink.distillation.train import _read_state
+    from shrink.entrypoints.search import Candidate, CandidateResult, Constraints, judge
+    from shrink.entrypoints.search.run import _read_results
 
     done = CandidateResult(Candidate("rtn:int8", format="int8"), "done", score=0.5, original_score=0.5, change=0.0,
                            ci_low=-0.5, ci_high=0.5, within=True, size_bytes=10, memory_bytes=10)
@@ -691,7 +690,7 @@ def test_an_edited_checkpoint_is_one_line_on_resume(tmp_path, distilled, field, 
     # it is restored, and the resume stops in one line naming the file and field
     import torch
 
-    from shrink.ownership import seal
+    from shrink.core.ownership import seal
 
     out, args = distilled
     d = copy(out, tmp_path / "d")
@@ -772,7 +771,7 @@ def test_a_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, hf):
 def test_a_folder_killed_while_being_replaced_is_restored(tmp_path):
     # killed between swap_in's two renames: the old folder is aside, the new one not yet in place; the
     # next run (a resume, or any writer) puts the old one back instead of losing it
-    from shrink.ownership import remove_stale_temporaries
+    from shrink.core.ownership import remove_stale_temporaries
 
     out = tmp_path / "checkpoint"
     out.mkdir()

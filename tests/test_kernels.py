@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 from shrink.quant.kernels import native, reference, tiled
-from shrink.quant.packing import unpack
 from shrink.quant.linear import QuantLinear
+from shrink.quant.packing import unpack
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernel not built on this machine")
 

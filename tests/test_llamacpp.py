@@ -7,12 +7,13 @@ import signal
 
 import pytest
 import torch
-
-import shrink
-from shrink.evaluate.llamacpp import LlamaCpp, LlamaCppAdapter, available
 from test_export import _with_tok, bpe_llama, bpe_tokenizer
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=f"{available()}")]
+import shrink
+from shrink.core.peers import llama_cpp_missing
+from shrink.evaluate.llamacpp import LlamaCpp, LlamaCppAdapter
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(llama_cpp_missing() is not None, reason=f"{llama_cpp_missing()}")]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_compare_judges_what_llama_cpp_computes(exported, tmp_path):
 def test_search_judges_candidates_in_llama_cpp(exported, tmp_path):
     import json
 
-    from shrink.search import Candidate
+    from shrink.entrypoints.search import Candidate
 
     _, tok, _ = exported
     task = tmp_path / "task.jsonl"

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import tiny_llama
 
 import shrink
-from helpers import tiny_llama
 from shrink.quant import CastLinear, QuantLinear, output_layer_name, plan, size_rows
 
 

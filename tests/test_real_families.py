@@ -26,10 +26,10 @@ needs_effnet = pytest.mark.skipif(
 def test_minilm_int8_with_int8_embeddings_keeps_embeddings_and_zero_shot_labels(tmp_path):
     """MiniLM quantized to int8, its word embeddings too, compared with the original on zero-shot BBC News
     classification (each article to the nearest label's embedding), 8 articles per label."""
-    from shrink import bundled
+    import bundled
 
-    original = shrink.load_model(bundled.minilm_dir())
-    quantized = shrink.load_model(bundled.minilm_dir())
+    original = shrink.io.read_model(bundled.minilm_dir())
+    quantized = shrink.io.read_model(bundled.minilm_dir())
     fp32 = size_rows(quantized.model)[-1].bytes_now
     shrink.quantize(quantized.model, {"embeddings.word_embeddings": "int8", "*": "int8"}, progress=False)
     assert isinstance(quantized.model.embeddings.word_embeddings, QuantEmbedding)
@@ -55,7 +55,7 @@ def test_efficientnet_lite0_convolutions_quantized_and_compared_on_photo_crops(t
     with fp32 on a tensor task: 48 crops and flips of scikit-learn's two sample photographs (the only
     natural images that ship offline), labelled with the fp32 model's own top-1 class, so the score is
     top-1 agreement with the original."""
-    from shrink import bundled
+    import bundled
 
     ref = bundled.efficientnet_lite0()
     model = shrink.quantize(bundled.efficientnet_lite0(), "int8", keep_output=False, progress=False)  # the classifier too

@@ -3,9 +3,9 @@ takes either."""
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import shrink
-from helpers import tiny_llama
 from shrink.quant import AWQ, GPTQ, Recipe, Tune, parse_method
 
 

@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from helpers import tiny_llama, tiny_tokenizer, word_text
+from test_evaluate import _tensor_task, _write
 
 import shrink
-from helpers import tiny_llama, tiny_tokenizer, word_text
 from shrink.cli import main
-from test_evaluate import _tensor_task, _write
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -5,16 +5,16 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import shrink
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 from shrink.runtime import LlamaDecoder, Sampling, decoder_for, install
 from shrink.runtime import generate as runtime_generate
 from shrink.runtime import generation as generate_module
 from shrink.runtime import llama as llama_module
-from helpers import tiny_llama
 
 pytestmark = pytest.mark.skipif(llama_module.extension() is None, reason="the runtime cannot be compiled here")
 

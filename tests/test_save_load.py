@@ -3,10 +3,10 @@ import pickle
 
 import pytest
 import torch
+from helpers import MLP, tiny_llama
 
 import shrink
-from helpers import MLP, tiny_llama
-from shrink.errors import ShrinkError
+from shrink.core.errors import ShrinkError
 from shrink.quant import QuantLinear
 
 
@@ -156,7 +156,7 @@ def test_load_reads_what_load_model_reads(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "hf")  # a plain Hugging Face folder: no shrink.json
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
-        assert torch.equal(shrink.load(tmp_path / "hf")(ids).logits, shrink.load_model(tmp_path / "hf").model(ids).logits)
+        assert torch.equal(shrink.load(tmp_path / "hf")(ids).logits, shrink.io.read_model(tmp_path / "hf").model(ids).logits)
     with pytest.raises(ShrinkError, match="is not a shrink folder"):  # a folder of nothing is still refused
         (tmp_path / "empty").mkdir()
         shrink.load(tmp_path / "empty")
@@ -185,9 +185,9 @@ def test_save_takes_a_loaded_model_with_its_tokenizer(tmp_path):
 
     tiny_llama().save_pretrained(tmp_path / "hf")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
-    loaded = shrink.load_model(tmp_path / "hf")
+    loaded = shrink.io.read_model(tmp_path / "hf")
     shrink.quantize(loaded.model, "int8", progress=False)
     shrink.save(loaded, tmp_path / "q")
-    back = shrink.load_model(tmp_path / "q")
+    back = shrink.io.read_model(tmp_path / "q")
     assert back.tokenizer is not None and back.tokenizer("the bank").input_ids == loaded.tokenizer("the bank").input_ids
     assert shrink.info(tmp_path / "q").source == loaded.source

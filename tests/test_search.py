@@ -8,10 +8,20 @@ import pytest
 import torch
 
 import shrink
-from shrink.errors import ShrinkError
-from shrink.search import (Candidate, CandidateResult, Constraints, judge, order, pareto, parse_latency, parse_size,
-                           quantization_candidates, recommend)
-from shrink.search import run as search_run
+from shrink.core.errors import ShrinkError
+from shrink.entrypoints.search import (
+    Candidate,
+    CandidateResult,
+    Constraints,
+    judge,
+    order,
+    pareto,
+    parse_latency,
+    parse_size,
+    quantization_candidates,
+    recommend,
+)
+from shrink.entrypoints.search import run as search_run
 
 S = 2.0 ** -7  # an fp16-exact step: int8 per-channel scales come out exactly S
 
@@ -239,8 +249,8 @@ def test_candidate_order_puts_cheap_first():
 
 def test_cli_search_on_a_tiny_language_model(tmp_path):
     from click.testing import CliRunner
-
     from helpers import tiny_llama, tiny_tokenizer, word_text
+
     from shrink.cli import main
 
     tok, m = tiny_tokenizer(), tiny_llama()
@@ -335,7 +345,7 @@ def test_search_with_distilled_students(tmp_path):
 
 
 def test_parse_duration():
-    from shrink.search import parse_duration
+    from shrink.entrypoints.search import parse_duration
 
     assert (parse_duration("10m"), parse_duration("90s"), parse_duration("1.5h")) == (600.0, 90.0, 5400.0)
     for bad in ("sixty", "20ms/token"):
@@ -346,7 +356,7 @@ def test_parse_duration():
 def test_tuned_methods_build_with_block_tuning():
     from helpers import tiny_llama
 
-    from shrink.search.candidates import METHODS_CALIBRATED, TUNE_STEPS, build
+    from shrink.entrypoints.search.candidates import METHODS_CALIBRATED, TUNE_STEPS, build
 
     assert "awq+gptq+tune" in METHODS_CALIBRATED
     g = torch.Generator().manual_seed(0)
@@ -385,8 +395,8 @@ def test_result_records_keep_the_results_file_byte_for_byte():
 def test_the_recommendation_says_when_its_speed_is_from_batch_times():
     """A speed ratio from examples run in batches (no latency limit or objective) is said to be from batch
     times, not latencies; with a latency asked for, examples ran alone and the ratio stands as it is."""
-    from shrink.search.frontier import explain
-    from shrink.search.records import Original
+    from shrink.entrypoints.search.frontier import explain
+    from shrink.entrypoints.search.records import Original
 
     r = CandidateResult(Candidate("rtn:int8", format="int8"), "done", score=0.6, original_score=0.6, change=0.0,
                         ci_low=0.0, ci_high=0.0, within=True, size_bytes=100, latency_example=0.05)

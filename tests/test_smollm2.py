@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shrink
-from shrink.io import load_model
+from shrink.io import read_model
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def bbc_business(n_files=12) -> str:
 
 @pytest.fixture(scope="module")
 def smol():
-    return load_model("default")
+    return read_model("default")
 
 
 def _ppl(model, ids, window=512):
@@ -112,7 +112,7 @@ def test_export_from_a_hugging_face_folder_writes_the_tokenizer_llama_cpp_would(
     folder = tmp_path / "hf"
     smol.model.save_pretrained(folder)
     smol.tokenizer.save_pretrained(folder)
-    loaded = load_model(folder)
+    loaded = read_model(folder)
     assert loaded.source.get("kind") != "gguf"
     model = shrink.quantize(loaded.model, "int8", progress=False)
     r = shrink.export_gguf(LoadedModel(model, loaded.tokenizer, {}), tmp_path / "m.gguf")
@@ -141,8 +141,7 @@ def test_export_from_a_hugging_face_folder_writes_the_tokenizer_llama_cpp_would(
 def test_an_export_whose_tokenizer_llama_cpp_reads_otherwise_is_refused(smol, tmp_path, monkeypatch):
     # as shrink wrote it before: pre-tokenizer 'default' for SmolLM2; llama.cpp then splits text into other
     # tokens, and the read-back must catch it, naming the first differing token, and write nothing
-    from shrink.io import LoadedModel
-    from shrink.io import gguf_meta
+    from shrink.io import LoadedModel, gguf_meta
 
     monkeypatch.setattr(gguf_meta, "KNOWN_PRE", {})
     monkeypatch.setattr(gguf_meta, "_converter_table", lambda: {})

@@ -7,12 +7,12 @@ import warnings
 import pytest
 
 import shrink
+from shrink.entrypoints.search import Candidate, CandidateResult, Constraints, judge
+from shrink.entrypoints.search.frontier import explain
+from shrink.entrypoints.search.records import Original
 from shrink.evaluate.adapters import Adapter, Outcome
 from shrink.evaluate.tasks import Example, Task
 from shrink.evaluate.verdict import CANNOT_TELL, PAST, WITHIN, decide, examples_needed, status_of, too_small
-from shrink.search import Candidate, CandidateResult, Constraints, judge
-from shrink.search.frontier import explain
-from shrink.search.records import Original
 
 
 class Scripted(Adapter):

@@ -11,10 +11,10 @@
     shrink.info(model)                            # what was done to it, per layer (as shrink.json says)
 """
 
-__version__ = "0.1.0"
-
 import os as _os
 import sys as _sys
+
+from .core import VERSION as __version__
 
 # Tensors of 2 MB and more on transparent huge pages (PyTorch's allocator does it when THP_MEM_ALLOC_ENABLE is set
 # before torch starts): touching fresh memory, which a comparison does for every row of logits it keeps, takes
@@ -22,9 +22,8 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from .api import (ModelRecord, ShrinkError, compare, distill, export_gguf, info, load, load_model,  # noqa: E402
-                  quantize, save, search)
+from .api import ModelRecord, ShrinkError, compare, distill, export_gguf, info, load, quantize, save, search  # noqa: E402
 from .quant import QuantLinear, QuantSpec, parse_format  # noqa: E402
 
 __all__ = ["ModelRecord", "QuantLinear", "QuantSpec", "ShrinkError", "__version__", "compare", "distill", "export_gguf",
-           "info", "load", "load_model", "parse_format", "quantize", "save", "search"]
+           "info", "load", "parse_format", "quantize", "save", "search"]

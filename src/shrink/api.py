@@ -10,14 +10,14 @@ from pathlib import Path
 import torch.nn as nn
 
 from . import runtime
-from .comparing import compare
-from .distilling import distill
-from .errors import ShrinkError
-from .io import load, load_model, save
+from .core.errors import ShrinkError
+from .entrypoints.compare import compare
+from .entrypoints.distill import distill
+from .entrypoints.search import search
+from .io import load, save
 from .io.export import export_gguf
 from .quant import quantize as _quantize
 from .quant.record import ModelRecord, record_of
-from .search import search
 
 
 @functools.wraps(_quantize)
@@ -37,5 +37,5 @@ def info(model: nn.Module | str | os.PathLike) -> ModelRecord:
     return record_from_manifest(check(Path(model))[0])
 
 
-__all__ = ["ModelRecord", "ShrinkError", "compare", "distill", "export_gguf", "info", "load", "load_model", "quantize",
+__all__ = ["ModelRecord", "ShrinkError", "compare", "distill", "export_gguf", "info", "load", "quantize",
            "save", "search"]

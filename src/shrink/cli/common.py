@@ -10,8 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .. import __version__
-from ..errors import ShrinkError
+from ..core import VERSION
+from ..core.errors import ShrinkError
 
 console = Console(stderr=False)
 
@@ -126,7 +126,7 @@ def config_option(config: type, name: str, *decls: str, **kw):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="shrink")
+@click.version_option(VERSION, prog_name="shrink")
 
 
 def main():

@@ -8,12 +8,12 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import ShrinkError
-from ..evaluate.compare import compare as compare_models
+from ..core.errors import ShrinkError
+from ..evaluate.paired import compare_models
 from .common import FORCE, Number, console, default_of, main
 
 
-@main.command()
+@main.command("compare")
 @click.argument("original")
 @click.argument("compressed")
 @click.option("--task", "-t", default=None, metavar="FILE",
@@ -45,7 +45,7 @@ from .common import FORCE, Number, console, default_of, main
 @FORCE
 
 
-def compare(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, batch_size,
+def compare_command(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, batch_size,
             strict, runtime, force):
     """Compare COMPRESSED against ORIGINAL on a task, example by example.
 
@@ -57,26 +57,25 @@ def compare(original, compressed, task, out, tolerance, relative, scorer, max_ne
     """
     from contextlib import nullcontext
 
-    from ..comparing import OUT_NAMES, compare as run_compare
+    from ..core.outdir import claim
+    from ..entrypoints.compare import OUT_NAMES, compare
     from ..evaluate import load_task
-    from ..outdir import claim
-
-    from ..evaluate.compare import check_options
+    from ..evaluate.paired import check_options
 
     tk = load_task(task)  # fail on a bad task or options before loading models
     check_options(tk, tolerance, scorer)
     with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
         with console.status("loading models"):
-            from ..io import load_model
+            from ..io import read_model
 
             if runtime == "llama.cpp":
-                from ..evaluate.llamacpp import available
+                from ..core.peers import llama_cpp_missing
 
-                if available():
-                    raise ShrinkError(available())
-            a = load_model(original)
-            b = load_model(compressed) if runtime == "shrink" else compressed
-        result = run_compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
+                if llama_cpp_missing():
+                    raise ShrinkError(llama_cpp_missing())
+            a = read_model(original)
+            b = read_model(compressed) if runtime == "shrink" else compressed
+        result = compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
                              max_new_tokens=max_new_tokens, chat_template=chat_template, runtime=runtime, batch_size=batch_size,
                              names=(Path(original).name, Path(compressed).name), force=force)
     _print_comparison(result)

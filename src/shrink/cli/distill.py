@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..distill import DistillConfig
+from ..distillation import DistillConfig
 from .common import FORCE, Number, config_option, console, main, mb
 
 
-@main.command()
+@main.command("distill")
 @click.option("--teacher", required=True, metavar="MODEL",
               help="The model to imitate: 'default', a .gguf file, a Hugging Face folder, a folder written by "
                    "shrink distill, or 'none' to train the student on hard labels alone (the baseline).")
@@ -52,7 +52,7 @@ from .common import FORCE, Number, config_option, console, main, mb
 @FORCE
 
 
-def distill(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
+def distill_command(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
             layer_fit_steps, layer_fit_lr, steps,
             time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed,
             cache_topk, task, resume, force):
@@ -65,9 +65,9 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
     """
     from contextlib import nullcontext
 
-    from ..distill import finish_distributed, init_distributed, parameter_count
-    from ..distilling import OUT_NAMES, resolve_teacher, build_student, distill as run_distill
-    from ..outdir import claim
+    from ..core.outdir import claim
+    from ..distillation import finish_distributed, init_distributed, parameter_count
+    from ..entrypoints.distill import OUT_NAMES, build_student, distill, resolve_teacher
 
     rank, world = init_distributed()
     with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if rank == 0 else nullcontext():
@@ -89,7 +89,7 @@ def distill(teacher, student, data, out, intermediate_size, temperature, alpha, 
             t.add_row(f"student {student}", f"{n:,}", mb(4 * n))
             console.print(t)
             console.print(f"{world} process(es); global batch {batch_size * world * grad_accum}")
-        model, result = run_distill(t_model, s_model, data, out=out, config=cfg, tokenizer=t_tok, student_record=record,
+        model, result = distill(t_model, s_model, data, out=out, config=cfg, tokenizer=t_tok, student_record=record,
                                     seq_len=seq_len, max_sequences=max_sequences, hidden_layers=hidden_weight > 0,
                                     cache_topk=cache_topk, task=task, resume=resume)
         if rank == 0 and result.best:

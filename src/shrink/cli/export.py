@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from .common import FORCE, console, main, mb
 
 
-@main.command()
+@main.command("export")
 @click.argument("model")
 @click.option("--gguf", "gguf_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The GGUF file to write.")
@@ -23,7 +23,7 @@ from .common import FORCE, console, main, mb
 @FORCE
 
 
-def export(model, gguf_path, float_type, requantize, force):
+def export_command(model, gguf_path, float_type, requantize, force):
     """Write MODEL (a folder saved by shrink) as a GGUF file for llama.cpp, copying its codes exactly.
 
     int4 -> Q4_0, int8 -> Q8_0, int4-asym -> Q4_1 (offsets rounded to fp16), bf16/fp16 layers as they

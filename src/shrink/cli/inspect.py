@@ -10,16 +10,16 @@ from rich.table import Table
 from .common import console, main, mb, size_table
 
 
-@main.command()
+@main.command("inspect")
 @click.argument("path", default="default")
 
 
-def inspect(path):
+def inspect_command(path):
     """Show what a saved shrink folder holds (formats, sizes, source), or the sizes of a model.
 
     A shrink folder is checked as loading checks it (shrink.json's fields, the files' checksums, every
     module against the weights file); anything that loading would refuse exits with code 1."""
-    from ..io import is_shrink_folder, load_model
+    from ..io import is_shrink_folder, read_model
     from ..io.saved import check
     from ..quant import output_layer_name, size_rows
 
@@ -45,7 +45,7 @@ def inspect(path):
         console.print("checksums verified" if m.get("files") else
                       "[yellow]no checksums recorded (written by an earlier shrink): files not verified[/yellow]")
         return
-    loaded = load_model(path)
+    loaded = read_model(path)
     console.print(size_table(size_rows(loaded.model, output_layer_name(loaded.model)), f"{path}"))
 
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import click
 
-from ..errors import ShrinkError
-from ..quant.apply import quantize as quantize_model
+from ..core.errors import ShrinkError
+from ..quant import quantize
 from ..quant.mixed import MixedPrecision
-from ..quant.recipe import GPTQ, METHODS, Tune, parse_method
+from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, Tune, parse_method
 from ..quant.record import record_of, summary_line
-from ..quant.recipe import MAX_TUNE_STEPS
 from .common import FORCE, Number, calibration_windows, config_option, console, field_help, main, mb, size_table
 
 
@@ -26,7 +25,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
     return mapping
 
 
-@main.command()
+@main.command("quantize")
 @click.argument("model", default="default")
 @click.option("--format", "-f", "fmt", default="int4-g64", show_default=True,
               help="Format for every Linear layer: int8, int8-gN, int4-gN, int3-gN, int2-gN (N in 16/32/64/128, "
@@ -39,7 +38,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text: a .txt file, or .jsonl with a \"text\" (or \"input\") field per line. "
                    "Keep it apart from the text you evaluate on.")
-@calibration_windows(quantize_model, "Calibration windows to use.")
+@calibration_windows(quantize, "Calibration windows to use.")
 @click.option("--target-bits", type=Number(2.5, 16), default=None,
               help="Mixed precision: choose a format per layer (int2-g32, int3-g32, int4-g64, int4-g32, int8) so the quantized layers "
                    "average at most this many bits per weight, the most sensitive kept wider. Needs --calibration.")
@@ -56,7 +55,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @FORCE
 
 
-def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
+def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
              tune_steps, quantize_output, out, force):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
@@ -64,7 +63,7 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
     Embeddings and the output layer stay in full precision unless asked. With --out, writes
     model.safetensors, shrink.json, config and tokenizer, and results.json.
     """
-    from ..quant import output_layer_name, parse_format, quantize as run_quantize, quantized_bits_per_weight, size_rows
+    from ..quant import output_layer_name, parse_format, quantized_bits_per_weight, size_rows
 
     parse_format(fmt)  # fail on bad options before loading anything
     if (method != "rtn" or target_bits is not None) and calibration is None:
@@ -92,13 +91,13 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
         spec = MixedPrecision(target_bits, base=spec if layers else None)
     from contextlib import nullcontext
 
-    from ..io import is_own_folder, load_model, save
-    from ..outdir import claim
+    from ..core.outdir import claim
+    from ..io import is_own_folder, read_model, save
 
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
         t0 = time.perf_counter()
         with console.status("loading model"):
-            loaded = load_model(model)
+            loaded = read_model(model)
         t_load = time.perf_counter() - t0
         out_name = output_layer_name(loaded.model)
         t1 = time.perf_counter()
@@ -107,7 +106,7 @@ def quantize(model, fmt, layers, method, calibration, samples, seq_len, target_b
             calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
         recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
                               true_sequential=true_sequential, refit=refit)
-        run_quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, **calib_kw)
+        quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, **calib_kw)
         t_quant = time.perf_counter() - t1
         done = record_of(loaded.model)
         record = done.calibration

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import ShrinkError
-from ..search.constraints import Constraints
-from ..search.run import search as search_models
+from ..core.errors import ShrinkError
+from ..entrypoints.search import search
+from ..entrypoints.search.constraints import Constraints
 from .common import FORCE, Number, calibration_windows, config_option, console, main
 
 
@@ -39,7 +39,7 @@ def _search_options(f):
     return f
 
 
-@main.command()
+@main.command("search")
 @click.argument("model", default="default")
 @click.option("--task", "-t", default=None, metavar="FILE",
               help="Task file (as for shrink compare). Default: the built-in task for the default model.")
@@ -52,7 +52,7 @@ def _search_options(f):
 @click.option("--methods", default="awq+gptq", show_default=True,
               help="Comma-separated calibrated methods to try: gptq, awq, awq+gptq, and gptq+tune or awq+gptq+tune "
                    "(then 32 steps of block tuning; better quality, about twice the time).")
-@calibration_windows(search_models, "Calibration windows per calibrated candidate.")
+@calibration_windows(search, "Calibration windows per calibrated candidate.")
 @click.option("--distill", "distill_data", default=None, metavar="FILE",
               help="Also try distilled students trained on this data (as shrink distill --data), and them quantized.")
 @click.option("--students", default="every-other", show_default=True,
@@ -64,7 +64,7 @@ def _search_options(f):
                    "llama.cpp needs llama-cpp-python: bash scripts/setup.sh --llama-cpp.")
 
 
-def search(model, task, out, max_drop, relative, max_size, max_latency, objective, time_budget, max_trials,
+def search_command(model, task, out, max_drop, relative, max_size, max_latency, objective, time_budget, max_trials,
            max_new_tokens, resume, force, calibration, methods, samples, seq_len, distill_data, students, distill_time,
            runtime):
     """Find the smallest (or fastest) compressed MODEL that stays within tolerance on your task.
@@ -77,8 +77,8 @@ def search(model, task, out, max_drop, relative, max_size, max_latency, objectiv
     Prints the frontier and the recommendation, saves the recommended model to OUT/best/ and the report
     to OUT/report.html.
     """
-    from ..search import parse_duration, search as run_search
-    from ..search.candidates import METHODS_CALIBRATED
+    from ..entrypoints.search import parse_duration
+    from ..entrypoints.search.candidates import METHODS_CALIBRATED
 
     con = Constraints.of(max_drop=max_drop, relative=relative, max_size=max_size, max_latency=max_latency,
                          objective=objective, time=time_budget, max_trials=max_trials)
@@ -91,10 +91,10 @@ def search(model, task, out, max_drop, relative, max_size, max_latency, objectiv
     distill_seconds = parse_duration(distill_time, "--distill-time")
     with _claim_search(out, resume, force):
         with console.status("loading model"):
-            from ..io import load_model
+            from ..io import read_model
 
-            loaded = load_model(model)
-        result = run_search(loaded, task, out=out, constraints=con, calibration=calibration, methods=meths,
+            loaded = read_model(model)
+        result = search(loaded, task, out=out, constraints=con, calibration=calibration, methods=meths,
                             n_samples=samples, seq_len=seq_len, distill_data=distill_data,
                             students=tuple(s.strip() for s in students.split(",") if s.strip()),
                             distill_seconds=distill_seconds, resume=resume, force=force,
@@ -104,8 +104,8 @@ def search(model, task, out, max_drop, relative, max_size, max_latency, objectiv
 
 def _claim_search(out: Path, resume: bool, force: bool):
     """The search folder, held from before the model loads (so a bad --out costs nothing)."""
-    from ..outdir import claim
-    from ..search.run import OUT_NAMES
+    from ..core.outdir import claim
+    from ..entrypoints.search.run import OUT_NAMES
 
     return claim(out, "search", OUT_NAMES, force=force, resume=resume)
 
@@ -115,7 +115,7 @@ DEMO_CANDIDATES = (("rtn", "int8"), ("rtn", "int4-g32"), ("awq+gptq", "int4-g32"
 DEMO_WINDOWS = (8, 256)  # calibration windows of tokens: enough for awq+gptq at 4 bits, and quick
 
 
-@main.command()
+@main.command("demo")
 @click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--time", "time_budget", default="4m", show_default=True, metavar="TIME",
               help="Search budget, after loading and compiling: no candidate is started that would overrun it.")
@@ -132,13 +132,13 @@ DEMO_WINDOWS = (8, 256)  # calibration windows of tokens: enough for awq+gptq at
 @FORCE
 
 
-def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume, force):
+def demo_command(out, time_budget, max_drop, examples, max_trials, calibrated, resume, force):
     """The tour: search the built-in default model (SmolLM2-135M-Instruct) on the built-in task (400
     examples: questions with exact answers, multiple choice, next words of news text) for the smallest
     quantization within --max-drop points: int8 and int4 by round-to-nearest, then awq+gptq at 4 and 3 bits,
     bounded by --time; print the frontier and the recommendation with its evidence, and write the report."""
+    from ..entrypoints.search import Candidate
     from ..evaluate import load_task
-    from ..search import Candidate, search as run_search
 
     task = load_task(None)
     if examples is not None:
@@ -146,12 +146,12 @@ def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume, f
     con = Constraints.of(max_drop=max_drop, time=time_budget, max_trials=max_trials)
     with _claim_search(out, resume, force):
         with console.status("loading the default model"):
-            from ..io import load_model
+            from ..io import read_model
 
-            loaded = load_model("default")
+            loaded = read_model("default")
         cands = [Candidate(f"{m}:{f}", m, f) for m, f in DEMO_CANDIDATES if calibrated or m == "rtn"]
         calibration = _demo_calibration() if calibrated else None
-        result = run_search(loaded, task, out=out, constraints=con, candidates=cands, calibration=calibration,
+        result = search(loaded, task, out=out, constraints=con, candidates=cands, calibration=calibration,
                             n_samples=DEMO_WINDOWS[0], seq_len=DEMO_WINDOWS[1], resume=resume, force=force,
                             max_new_tokens=16, console=console, keep_order=True)
     _print_search(result)
@@ -161,9 +161,9 @@ def demo(out, time_budget, max_drop, examples, max_trials, calibrated, resume, f
 def _demo_calibration() -> Path:
     """The built-in task's calibration text (BBC News business articles it does not hold) as a file in
     shrink's cache."""
-    from ..atomic import write_text
+    from ..core.atomic import write_text
+    from ..core.paths import cache_dir
     from ..evaluate.builtin_task import calibration_text
-    from ..paths import cache_dir
 
     text = calibration_text()
     path = cache_dir() / "demo" / f"calibration-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"

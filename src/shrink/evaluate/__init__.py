@@ -1,11 +1,18 @@
 """Evaluation on the user's own task: tasks, model adapters, per-example comparison, statistics."""
 
-from .adapters import Adapter, CausalLMAdapter, EncoderAdapter, SequenceClassifierAdapter, TensorClassifierAdapter, adapter_for
-from .compare import Comparison, ExampleResult, SliceResult, compare, model_bytes
+from .adapters import (
+    Adapter,
+    CausalLMAdapter,
+    EncoderAdapter,
+    SequenceClassifierAdapter,
+    TensorClassifierAdapter,
+    adapter_for,
+)
+from .paired import Comparison, ExampleResult, SliceResult, compare_models, model_bytes
 from .tasks import Example, Task, default_task, load_task
 
 __all__ = [
     "Adapter", "CausalLMAdapter", "Comparison", "EncoderAdapter", "Example", "ExampleResult",
-    "SequenceClassifierAdapter", "SliceResult", "Task", "TensorClassifierAdapter", "adapter_for", "compare",
+    "SequenceClassifierAdapter", "SliceResult", "Task", "TensorClassifierAdapter", "adapter_for", "compare_models",
     "default_task", "load_task", "model_bytes",
 ]

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ShrinkError
-from ..kinds import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
-from ..outputs import main_output, mean_pool
+from ..core.architecture import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
+from ..core.errors import ShrinkError
+from ..core.model_outputs import main_output, mean_pool
 from .scorers import checked_score, score_generation
 from .tasks import Example, Task
 

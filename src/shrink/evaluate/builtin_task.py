@@ -30,10 +30,10 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from ..atomic import write_text
-from ..bundled import BBC_LABELS, bbc_files
-from ..errors import ShrinkError
-from ..paths import cache_dir
+from ..core.atomic import write_text
+from ..core.errors import ShrinkError
+from ..core.paths import cache_dir
+from ..data import BBC_LABELS, bbc_files
 
 VERSION = 1
 TASK_ARTICLES = range(0, 40)  # per BBC section: read for headlines and cloze openings (HEADLINES, CLOZES used)

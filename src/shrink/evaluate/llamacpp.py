@@ -17,18 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
+from ..core.peers import llama_cpp_missing
 from .adapters import DEFAULT_MAX_NEW_TOKENS, CausalLMAdapter
 
 RUNTIMES = ("shrink", "llama.cpp")
-INSTALL_HINT = "llama-cpp-python is not installed; `bash scripts/setup.sh --llama-cpp` builds it (15-20 minutes)"
-
-
-def available() -> str | None:
-    """None when llama.cpp can be run here, else why not."""
-    import importlib.util
-
-    return None if importlib.util.find_spec("llama_cpp") else INSTALL_HINT
 
 
 class LlamaCpp:
@@ -39,7 +32,7 @@ class LlamaCpp:
     context manager) to end the process."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = None, repack: bool = False):
-        why = available()
+        why = llama_cpp_missing()
         if why:
             raise ShrinkError(why)
         self.path = Path(path)

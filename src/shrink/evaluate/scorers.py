@@ -10,10 +10,10 @@ import os
 import re
 import string
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 

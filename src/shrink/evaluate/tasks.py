@@ -27,9 +27,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arrays import read_arrays
-from ..errors import ShrinkError
-from ..texts import read_utf8
+from ..core.errors import ShrinkError
+from ..core.readers import read_arrays, read_utf8
 
 MAX_LINE_BYTES = 1_000_000  # one example; a longer line is a mistake (and would exhaust the tokenizer)
 KINDS = ("generation", "choice", "classification", "perplexity", "tensor", "mixed")

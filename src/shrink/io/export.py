@@ -23,9 +23,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_file
-from ..outdir import lock_beside
-from ..errors import ShrinkError
+from ..core import VERSION
+from ..core.atomic import atomic_file
+from ..core.errors import ShrinkError
+from ..core.outdir import lock_beside
+from ..core.peers import LLAMA_CPP_HINT, llama_cpp_missing
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
 from .gguf_meta import CHECK_TEXT, write_metadata
@@ -159,9 +161,8 @@ def _write(path: Path, arch: str, tensors: list, config, tokenizer, src: Path | 
     writer = gguf.GGUFWriter(str(path), arch)
     report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
     report.notes.extend(notes)
-    from .. import __version__
 
-    writer.add_string(EXPORTED_BY, f"shrink {__version__}")  # the mark that lets --force replace it later
+    writer.add_string(EXPORTED_BY, f"shrink {VERSION}")  # the mark that lets --force replace it later
     writer.add_file_type(_file_type(report.tensors))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for t in tensors:
@@ -356,9 +357,7 @@ def llama_cpp_tokens(path: Path, text: str) -> tuple[list[int], list[int]] | Non
     import subprocess
     import sys
 
-    from ..evaluate.llamacpp import available
-
-    if available() is not None:
+    if llama_cpp_missing() is not None:
         return None
     code = ("import json, sys, llama_cpp\n"
             "m = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)\n"
@@ -377,9 +376,7 @@ def _verify_tokens(tmp: Path, path: Path, tokenizer, report: ExportReport) -> No
     tokenizer gives (the ones shrink measured with); ShrinkError naming the first differing token."""
     got = llama_cpp_tokens(tmp, READBACK_TEXT)
     if got is None:
-        from ..evaluate.llamacpp import INSTALL_HINT
-
-        report.notes.append(f"tokenization not read back ({INSTALL_HINT}); the tensors were")
+        report.notes.append(f"tokenization not read back ({LLAMA_CPP_HINT}); the tensors were")
         return
     theirs, theirs_a = got
     ours, ours_a = list(tokenizer.encode(READBACK_TEXT, add_special_tokens=False)), list(tokenizer.encode("a"))

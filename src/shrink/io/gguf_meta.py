@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 
 # llama.cpp's converter names a byte-level BPE tokenizer's pre-tokenizer (how text is split before merges) by
 # the SHA-256 of str(tokenizer.encode(CHECK_TEXT)); llama.cpp then splits text by that name's rules. The text
@@ -88,7 +88,7 @@ def _converter_table() -> dict[str, str]:
     build it): read as data, never run."""
     import re
 
-    from ..switches import llama_cpp_dirs
+    from ..core.switches import llama_cpp_dirs
 
     table = {}
     for d in llama_cpp_dirs():

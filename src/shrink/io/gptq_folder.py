@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from ..quant import QuantLinear, QuantSpec
 from ..quant.format import QuantizedWeight
 from ..quant.record import update_record
@@ -40,7 +40,7 @@ class GPTQConfig:
 
 def read_config(qc: dict, where: str) -> GPTQConfig:
     """The GPTQ settings of `qc`; ShrinkError naming `where` and the field for what shrink cannot read."""
-    from .manifest import is_count
+    from ..core.readers import is_count
 
     bits, gs = qc.get("bits"), qc.get("group_size", -1)
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
@@ -123,16 +123,15 @@ def to_layer(state: dict, name: str, cfg: GPTQConfig, linear: nn.Linear) -> Quan
     return layer
 
 
-def load_gptq(path: Path, qc: dict):
+def load_gptq(path: Path, qc: dict) -> tuple[nn.Module, dict]:
     """A GPTQ folder (config.json with quant_method "gptq", one model.safetensors) as a model of
-    QuantLinear layers running shrink's kernels; refused, naming the field or layer, where its layout
+    QuantLinear layers running shrink's kernels, and its source record; refused, naming the field or layer, where its layout
     does not map onto shrink's formats."""
     from safetensors.torch import load_file
 
     from ..quant.replace import set_submodule
     from . import saved
     from .manifest import FLOAT_DTYPES, check_tensor, header_shapes
-    from .models import LoadedModel, tokenizer_or_none
 
     cfg = read_config(qc, str(path / "config.json"))
     weights = path / saved.WEIGHTS
@@ -178,4 +177,4 @@ def load_gptq(path: Path, qc: dict):
     update_record(model, method=None, source=source,
                   formats={**{n: model.get_submodule(n).spec.name for n in names}, **{n: None for n in linear}})
     model.eval()
-    return LoadedModel(model, tokenizer_or_none(path), source)
+    return model, source

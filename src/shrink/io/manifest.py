@@ -31,11 +31,11 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import ShrinkError
-from ..ownership import MODEL_MANIFEST, is_own_folder, sha256  # noqa: F401 - is_own_folder: for io's callers
+from ..core.errors import ShrinkError
+from ..core.ownership import MODEL_MANIFEST, is_own_folder, sha256  # noqa: F401 - is_own_folder: for io's callers
+from ..core.readers import read_utf8
 from ..quant import METHODS, parse_format
 from ..quant.packing import packed_width
-from ..texts import read_utf8
 
 FORMAT_VERSION = 2
 MANIFEST = MODEL_MANIFEST
@@ -282,7 +282,3 @@ def check_tensor(weights: Path, layer: str, key: str, header: dict, shape: tuple
         raise ShrinkError(f"{weights}: layer {layer!r}{what}: {key!r} is {got[1]}, but must be "
                           f"{' or '.join(dtypes)}; read as it is, its bits would be other numbers")
 
-
-def is_count(x) -> bool:
-    """An integer in a JSON config (not a bool, not 4.0)."""
-    return isinstance(x, int) and not isinstance(x, bool)

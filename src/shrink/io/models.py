@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 from .. import runtime
-from ..atomic import atomic_dir
-from ..errors import ShrinkError
-from ..paths import cache_dir
+from ..core.atomic import atomic_dir
+from ..core.errors import ShrinkError
+from ..core.paths import cache_dir
 from ..quant.record import update_record
 from . import saved
 from .safety import check_config_fits, refuse_custom_code
@@ -53,7 +53,7 @@ def default_gguf_path() -> Path:
     return path
 
 
-def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
+def read_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     """Load `spec`: None or "default" (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder
     (config.json + weights), a shrink folder, or a compressed-tensors pack-quantized or GPTQ folder (read
     into shrink's quantized layers, codes exact). Raises ShrinkError naming the path when it cannot. A
@@ -94,7 +94,8 @@ def _load_model(spec: str | os.PathLike | None) -> LoadedModel:
             from .gptq_folder import load_gptq
 
             refuse_custom_code(path)
-            return load_gptq(path, qc)
+            model, source = load_gptq(path, qc)
+            return LoadedModel(model, tokenizer_or_none(path), source)
         if qc is not None:
             raise ShrinkError(f"{path / 'config.json'}: quantization_config quant_method {qc.get('quant_method')!r} is "
                               "not read; shrink reads compressed-tensors (pack-quantized) and GPTQ checkpoints")
@@ -107,21 +108,21 @@ def _load_model(spec: str | os.PathLike | None) -> LoadedModel:
 def load(directory: str | os.PathLike, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
     """A model as a module: a folder saved by shrink (see `saved.load`; `model` rebuilds a plain PyTorch
     one), another tool's quantized checkpoint (compressed-tensors pack-quantized, GPTQ) read into shrink's
-    layers, or anything `load_model` reads ("default", a .gguf file, a Hugging Face folder, a student
-    folder of `shrink distill`), whose tokenizer `load_model` also gives. backend: the quantized layers'
+    layers, or anything `read_model` reads ("default", a .gguf file, a Hugging Face folder, a student
+    folder of `shrink distill`), whose tokenizer `read_model` also gives. backend: the quantized layers'
     kernel backend (default: $SHRINK_BACKEND or auto). A Llama-family model decodes in shrink's runtime."""
     path = Path(directory)
     if model is None and (str(directory).lower() in DEFAULT_NAMES or (path.is_file() and path.suffix.lower() == ".gguf") or (
             path.is_dir() and not saved.is_shrink_folder(path) and
             ((path / "config.json").is_file() or (path / "student.json").is_file()) and
             not (_quantization_config(path) or (path / "quantize_config.json").is_file()))):
-        return load_model(directory).model
+        return read_model(directory).model
     if path.is_dir() and not saved.is_shrink_folder(path) and (path / "config.json").is_file() and \
             ((_quantization_config(path) or {}).get("quant_method") in OTHER_TOOLS or
              (path / "quantize_config.json").is_file()):
         from ..quant import QuantLinear
 
-        module = load_model(path).model
+        module = read_model(path).model
         for m in module.modules():
             if isinstance(m, QuantLinear) and backend is not None:
                 m.backend = backend
@@ -132,11 +133,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, backend: 
 
 
 def resolve(model, tokenizer=None) -> tuple[nn.Module, object | None, str | None]:
-    """(module, tokenizer, name) for a module, a LoadedModel, or a name/path for `load_model`. A given
+    """(module, tokenizer, name) for a module, a LoadedModel, or a name/path for `read_model`. A given
     tokenizer wins over the model's own; name is the path as given or the loaded model's name (None for
     a bare module)."""
     if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(model)
+        loaded = read_model(model)
         return loaded.model, tokenizer or loaded.tokenizer, str(model)
     if isinstance(model, LoadedModel):
         return model.model, tokenizer or model.tokenizer, model.source.get("name") or model.source.get("path")
@@ -149,7 +150,7 @@ def load_spec_folder(path: str | os.PathLike) -> LoadedModel:
 
     from safetensors.torch import load_model as load_weights
 
-    from ..distill.students import student_from_spec
+    from ..distillation.students import student_from_spec
 
     path = Path(path)
     try:

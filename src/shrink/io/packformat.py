@@ -27,7 +27,7 @@ def _ct(module: str):
     try:
         return importlib.import_module(f"compressed_tensors.{module}")
     except ImportError as e:
-        from ..errors import ShrinkError
+        from ..core.errors import ShrinkError
 
         raise ShrinkError(f"compressed-tensors checkpoints need the compressed-tensors package ({e}); "
                           "pip install 'compressed-tensors>=0.20'") from None
@@ -115,9 +115,9 @@ def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:
     import torch.nn as nn
     match_named_modules = _ct("utils.match").match_named_modules
 
-    from ..errors import ShrinkError
+    from ..core.errors import ShrinkError
+    from ..core.readers import is_count
     from ..quant.spec import BITS, GROUP_SIZES
-    from .manifest import is_count
 
     if qc.get("format") != "pack-quantized":
         raise ShrinkError(f"{where}: quantization_config format {qc.get('format')!r} is not supported; shrink reads "

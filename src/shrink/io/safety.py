@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ShrinkError
-from ..memory import available_memory, check_fits_memory  # noqa: F401 - here for the loaders
+from ..core.errors import ShrinkError
+from ..core.memory import available_memory, check_fits_memory  # noqa: F401 - here for the loaders
 
 CODE_KEYS = ("auto_map",)
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",

@@ -18,21 +18,31 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
-from .. import __version__
-from ..atomic import atomic_dir, write_json
-from ..errors import ShrinkError
-from ..outdir import claim
+from ..core import VERSION
+from ..core.atomic import atomic_dir, write_json
+from ..core.errors import ShrinkError
+from ..core.outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
-from ..quant.check import ForwardCheck
-from ..quant.check import refuse_non_finite
-from ..quant.record import LayerDone, ModelRecord, record_of, update_record
+from ..quant.check import ForwardCheck, refuse_non_finite
 from ..quant.embedding import share_buffers
+from ..quant.record import LayerDone, ModelRecord, record_of, update_record
 from ..quant.replace import set_submodule
 from . import packformat
-from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, WEIGHTS_NATIVE, check_modules_against_header, file_record,
-                       header_shapes, is_own_folder, layout, read_manifest, verify_files, weights_file)
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    WEIGHTS_NATIVE,
+    check_modules_against_header,
+    file_record,
+    header_shapes,
+    is_own_folder,
+    layout,
+    read_manifest,
+    verify_files,
+    weights_file,
+)
 from .safety import check_config_fits, refuse_custom_code
-
 
 
 def is_shrink_folder(path: str | Path) -> bool:
@@ -76,7 +86,7 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         _linear_in_architecture(model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)])
     return {
         "format_version": FORMAT_VERSION,
-        "shrink_version": __version__,
+        "shrink_version": VERSION,
         "kind": "transformers" if _is_hf(model) else "torch",
         "architecture": type(model).__name__,
         "method": record.method,
@@ -154,7 +164,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     all. shrink.json lists every file with its size and SHA-256, so `load` can verify them and a later save
     can tell the folder is shrink's own. An existing folder is replaced only with force=True (default
     False) and only if it is exactly what shrink saved; anything else there is never touched. Returns the
-    folder's path. `model` may also be what `load_model` returns (a LoadedModel): its tokenizer and source
+    folder's path. `model` may also be what `read_model` returns (a LoadedModel): its tokenizer and source
     are then saved unless given."""
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         model, tokenizer, source = model.model, tokenizer or model.tokenizer, source or model.source

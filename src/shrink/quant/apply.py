@@ -20,17 +20,17 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import ShrinkError
-from .check import ForwardCheck, relative_error, run as run_forward, sample_input
+from ..core.errors import ShrinkError
+from .check import ForwardCheck, relative_error, sample_input
+from .check import run as run_forward
 from .embedding import QuantEmbedding
+from .format import check_weight
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, MixedPrecision, allocate
 from .recipe import GPTQ, MAX_TUNE_STEPS, Recipe, parse_method
 from .record import record_of, update_record
 from .replace import round_to_nearest, set_submodule
-from .format import check_weight
 from .spec import QuantSpec, parse_format
-
 
 Spec = str | QuantSpec | Mapping[str, "str | QuantSpec | None"] | MixedPrecision
 

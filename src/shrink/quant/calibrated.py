@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..outputs import kl_divergence, main_output
+from ..core.model_outputs import kl_divergence, main_output
 from . import awq
 from .gptq import gptq_quantize
 from .layerwise import blockwise, call_model, collect_stats, first_output

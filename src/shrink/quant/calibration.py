@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ShrinkError
-from ..texts import read_texts, token_windows
+from ..core.errors import ShrinkError
+from ..core.readers import read_texts, token_windows
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import ShrinkError
-from ..outputs import main_output
+from ..core.errors import ShrinkError
+from ..core.model_outputs import main_output
 
 SEED = 0
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from . import kernels
 from .linear import PackedRows, apply_keeping_dtypes
 from .rtn import quantize_weight

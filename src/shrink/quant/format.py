@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from .spec import QuantSpec
 
 

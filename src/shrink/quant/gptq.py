@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from .format import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
 from .spec import QuantSpec
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-
-from ..blocks import find_stacks
 from tqdm.auto import tqdm
+
+from ..core.architecture import find_stacks
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from . import kernels
 from .format import QuantizedWeight, symmetric_zero
 from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)

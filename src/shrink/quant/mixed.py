@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from .spec import parse_format
 
 DEFAULT_LADDER = ("int2-g32", "int3-g32", "int4-g64", "int4-g32", "int8")

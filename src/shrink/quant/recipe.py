@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")  # the base methods; shrink.json's "method" is one of them
 DEFAULT_TUNE_STEPS = 32  # "+tune" without a count

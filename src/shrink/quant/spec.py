@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)

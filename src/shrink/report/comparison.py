@@ -6,8 +6,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from ..atomic import write_json, write_text
-from ..evaluate.compare import Comparison
+from ..core.atomic import write_json, write_text
+from ..evaluate.paired import Comparison
 from . import plots
 from .webpage import html_table, page
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from ..atomic import write_json, write_text
+from ..core.atomic import write_json, write_text
 from ..evaluate.verdict import status_of
 from . import plots
 from .webpage import html_table, page

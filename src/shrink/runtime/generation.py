@@ -18,7 +18,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from .llama import LlamaDecoder, Sampling, unsupported
 
 _HANDLED = {"max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "use_cache"}

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import ShrinkError
+from ..core import switches
+from ..core.errors import ShrinkError
 from ..quant.embedding import QuantEmbedding
-from .. import switches
 from ..quant.kernels import LARGE_BATCH, native, tiled
 from ..quant.linear import CastLinear, QuantLinear
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ... import switches
-from ...switches import BACKENDS
+from ...core import switches
+from ...core.switches import BACKENDS
 from . import native, reference, tiled
 
 # From this many rows on a float GEMM on weights dequantized by the kernel beats the row kernel on this

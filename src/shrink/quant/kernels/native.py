@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ... import switches
-from ...paths import cache_dir
+from ...core import switches
+from ...core.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("qgemm_avx2.cpp")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")

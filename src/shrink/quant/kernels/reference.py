@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..packing import BLOCK, unpack
 from ..format import dequantize
+from ..packing import BLOCK, unpack
 
 
 def dequant_weight(qweight, scales, zeros, zero_const: int, bits: int, in_features: int) -> torch.Tensor:

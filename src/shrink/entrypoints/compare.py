@@ -7,14 +7,13 @@ writes the report, so evaluate knows nothing of files of models or of reports.
 from __future__ import annotations
 
 import os
-
 from contextlib import nullcontext
 
-from .errors import ShrinkError
-from .evaluate import Comparison, compare as compare_models
-from .evaluate.llamacpp import RUNTIMES
-from .io import resolve
-from .outdir import claim
+from ..core.errors import ShrinkError
+from ..core.outdir import claim
+from ..evaluate import Comparison, compare_models
+from ..evaluate.llamacpp import RUNTIMES
+from ..io import resolve
 
 OUT_NAMES = ("results.json", "report.md", "report.html")  # what a comparison writes in its folder
 
@@ -23,7 +22,7 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
             force: bool = False, runtime: str = "shrink", **options) -> Comparison:
     """Compare `compressed` against `original` on `task`, example by example, and return the Comparison.
 
-    original, compressed: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default",
+    original, compressed: a module, a LoadedModel, or a name/path for `shrink.io.read_model` ("default",
     a .gguf file, a Hugging Face folder, a shrink folder). tokenizer: used for both when given (else each
     model's own). task: a .jsonl/.npz/.safetensors path, a Task, or None for the built-in default task.
     out: a folder to write report.md, report.html and results.json into: new or empty, or (force=True,
@@ -55,7 +54,7 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
             if runtime == "llama.cpp":
                 b.runtime.close()
         if out is not None:
-            from .report import write_comparison_report
+            from ..report import write_comparison_report
 
             write_comparison_report(result, out)
     return result
@@ -64,8 +63,8 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
 def _in_llama_cpp(compressed, tokenizer, options: dict):
     """(adapter, tokenizer, name) for a .gguf file run by llama.cpp, fed token ids by `tokenizer` (the
     original's, so both models see the same tokens) or else the GGUF file's own."""
-    from .evaluate.llamacpp import LlamaCppAdapter
-    from .io.models import gguf_tokenizer
+    from ..evaluate.llamacpp import LlamaCppAdapter
+    from ..io.models import gguf_tokenizer
 
     if not isinstance(compressed, (str, os.PathLike)) or not str(compressed).lower().endswith(".gguf"):
         raise ShrinkError(f"runtime llama.cpp runs a .gguf file; got {compressed!r} (export one with shrink export)")

@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model as load_weights
+from safetensors.torch import save_model
 from tqdm.auto import tqdm
 
-from .. import switches
-from ..atomic import atomic_dir, restore, write_json
-from ..errors import ShrinkError
-from ..outputs import kl_divergence, main_output, mean_pool
+from ..core import switches
+from ..core.atomic import atomic_dir, restore, write_json
+from ..core.errors import ShrinkError
+from ..core.model_outputs import kl_divergence, main_output, mean_pool
 from .data import PADDED_KINDS, DistillData, split_padded
 from .layerfit import layer_fit_loss, spans
 from .losses import distillation_loss, embedding_loss, hidden_state_loss
@@ -257,7 +258,7 @@ def _save_checkpoint(folder: Path, student, opt, sched, step, pos, best, history
 
 def _load_state_dict(model: nn.Module, path: Path):
     try:
-        load_model(model, str(path), strict=True)
+        load_weights(model, str(path), strict=True)
     except Exception as e:
         raise ShrinkError(f"{path}: does not match the student ({type(e).__name__}: {str(e)[:300]})") from None
 
@@ -302,7 +303,7 @@ def _restore(out: Path | None, student, opt, sched, cfg: DistillConfig, data: Di
     return state["step"], pos, history, best
 
 
-def distill(teacher: nn.Module | None, student: nn.Module, data: DistillData, cfg: DistillConfig | None = None, *,
+def train_student(teacher: nn.Module | None, student: nn.Module, data: DistillData, cfg: DistillConfig | None = None, *,
             out: str | os.PathLike | None = None, resume: bool = False, layer_map: dict[int, int] | None = None,
             progress: bool | None = None, on_eval=None,
             teacher_cache: tuple[torch.Tensor, torch.Tensor] | None = None, augment=None) -> DistillResult:

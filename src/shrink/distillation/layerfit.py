@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import ShrinkError
+from ..core.errors import ShrinkError
 from .students import layer_list
 
 

@@ -7,16 +7,30 @@ import os
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model as load_weights
+from safetensors.torch import save_model
 
-from .atomic import atomic_dir, write_json
-from .distill import (DistillConfig, DistillData, distill as train, from_tensors, hidden_layer_map, labelled_text,
-                      load_tensor_file, mnist, pack_text, read_labelled, read_texts, sentence_data, student_from_spec,
-                      student_from_teacher)
-from .errors import ShrinkError
-from .io import resolve
-from .kinds import CAUSAL_LM, ENCODER, MASKED_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
-from .quant.record import update_record
+from ..core.architecture import CAUSAL_LM, ENCODER, MASKED_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
+from ..core.atomic import atomic_dir, write_json
+from ..core.errors import ShrinkError
+from ..distillation import (
+    DistillConfig,
+    DistillData,
+    from_tensors,
+    hidden_layer_map,
+    labelled_text,
+    load_tensor_file,
+    mnist,
+    pack_text,
+    read_labelled,
+    read_texts,
+    sentence_data,
+    student_from_spec,
+    student_from_teacher,
+    train_student,
+)
+from ..io import resolve
+from ..quant.record import update_record
 
 STUDENT_SPEC = "student.json"
 OUT_NAMES = ("checkpoint", "best", "model", "results.json")  # what a distillation writes in its folder
@@ -92,7 +106,7 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
 
 
 def resolve_teacher(teacher):
-    """(model, tokenizer, name) of a teacher given as a module, a name or path (shrink.load_model), or
+    """(model, tokenizer, name) of a teacher given as a module, a name or path (shrink.io.read_model), or
     None / "none" (no teacher: hard labels alone), which gives (None, None, None)."""
     if teacher is None or (isinstance(teacher, str) and teacher.lower() == "none"):
         return None, None, None
@@ -121,14 +135,14 @@ def distill(teacher, student, data, config: DistillConfig | None = None, *, out:
             progress: bool | None = None, **options):
     """Distill `teacher` into `student` on `data`; returns (student, DistillResult).
 
-    teacher: a module, a LoadedModel, a name/path for `shrink.load_model`, or None (hard labels alone).
+    teacher: a module, a LoadedModel, a name/path for `shrink.io.read_model`, or None (hard labels alone).
     student: a module, a spec ("mlp:784-128-10", "cnn:1x28x28-16-32-10"), or built from the teacher
     ("every-other", "layers=N", "layers=0,2,4"; intermediate_size narrows its MLP).
     data: see `load_data`. config: DistillConfig (or its fields as keyword options). student_record: how a
     student module was built (from `build_student`), so that it is saved the same way.
     hidden_layers: match each student layer's output to the teacher layer it was copied from (with
     config.hidden_weight > 0). config.layer_fit_steps > 0 (a student built from the teacher): first fit
-    each student layer alone to the span of teacher layers it stands for (distill/layerfit.py).
+    each student layer alone to the span of teacher layers it stands for (distillation/layerfit.py).
     cache_topk: keep the teacher's top-k logits per position in shrink's cache (computed once, reused by
     later epochs and runs on the same teacher and data; default 0: off).
     task: a task for `shrink.compare` (path or Task): at every evaluation the student is compared with the
@@ -138,8 +152,8 @@ def distill(teacher, student, data, config: DistillConfig | None = None, *, out:
     """
     from contextlib import nullcontext
 
-    from .distill import init_distributed
-    from .outdir import claim
+    from ..core.outdir import claim
+    from ..distillation import init_distributed
 
     held = out is not None and init_distributed()[0] == 0  # under torchrun only rank 0 writes
     with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if held else nullcontext():
@@ -166,31 +180,31 @@ def _distill(teacher, student, data, out, config, tokenizer, intermediate_size, 
         layer_map = hidden_layer_map(record["teacher_layers"], t_model.config.num_hidden_layers)
     cache = None
     if cache_topk and t_model is not None and cfg.alpha > 0:
-        from .distill import teacher_topk
-        from .paths import cache_dir
+        from ..core.paths import cache_dir
+        from ..distillation import teacher_topk
 
         cache = teacher_topk(t_model, dd, cache_topk, cache_dir() / "teacher", batch_size=cfg.batch_size, progress=progress)
     on_eval = None
     if task is not None:
         if t_model is None:
             raise ShrinkError("comparing on a task needs a teacher to compare the student with")
-        from .evaluate import compare, load_task
+        from ..evaluate import compare_models, load_task
 
         tk = load_task(task)
 
         def on_eval(step, metrics):
             was = s_model.training
-            c = compare(t_model, s_model, tk, tokenizer=tok, names=("teacher", "student"), progress=False)
+            c = compare_models(t_model, s_model, tk, tokenizer=tok, names=("teacher", "student"), progress=False)
             s_model.train(was)
             metrics["task"] = {"teacher": c.overall.original, "student": c.overall.compressed,
                                "change": c.overall.change, "within": c.within, "verdict": c.verdict}
 
-    result = train(t_model, s_model, dd, cfg, out=out, resume=resume, layer_map=layer_map, progress=progress,
+    result = train_student(t_model, s_model, dd, cfg, out=out, resume=resume, layer_map=layer_map, progress=progress,
                    teacher_cache=cache, on_eval=on_eval)
     if out is not None:
         out = Path(out)
         if (out / "best" / "student.safetensors").is_file():
-            load_model(s_model, str(out / "best" / "student.safetensors"), strict=True)
+            load_weights(s_model, str(out / "best" / "student.safetensors"), strict=True)
         save_student(s_model, out / "model", record, tok)
     # where the student came from, recorded by a later save in shrink.json's source
     update_record(s_model, source={"kind": "distilled", "teacher": t_name, "student": record})

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..kinds import is_causal_lm
-from ..evaluate.compare import model_bytes
-from ..io import read_manifest, save
-from ..io.manifest import weights_file
+from ...core.architecture import is_causal_lm
+from ...evaluate.paired import model_bytes
+from ...io import read_manifest, save
+from ...io.manifest import weights_file
 
 __all__ = ["disk_bytes", "memory_bytes", "seconds_per_token"]
 

@@ -25,24 +25,23 @@ from pathlib import Path
 import torch.nn as nn
 from rich.console import Console
 
-from ..atomic import swap_in, write_json, write_text
-from ..distill.cache import model_fingerprint
-from ..distilling import distill
-from ..errors import ShrinkError
-from ..evaluate import compare as compare_models
-from ..evaluate.compare import allowed_drop
-from ..evaluate.adapters import adapter_for
-from ..evaluate.compare import estimate_seconds, finite, task_too_small
-from ..evaluate.tasks import Task, load_task
-from ..io import load_model, resolve
-from ..io.manifest import read_json
-from ..outdir import claim
-from ..ownership import remove_own
+from ...core.atomic import swap_in, write_json, write_text
+from ...core.errors import ShrinkError
+from ...core.outdir import claim
+from ...core.ownership import remove_own
+from ...distillation.cache import model_fingerprint
+from ...evaluate import compare_models
+from ...evaluate.adapters import adapter_for
+from ...evaluate.paired import allowed_drop, estimate_seconds, finite, task_too_small
+from ...evaluate.tasks import Task, load_task
+from ...io import read_model, resolve
+from ...io.manifest import read_json
+from ..distill import distill
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
-from .records import CandidateResult, Original, Skipped, TaskSummary
 from .constraints import Constraints, human_bytes
 from .frontier import explain, judge, pareto, recommend
 from .measure import disk_bytes, memory_bytes, seconds_per_token
+from .records import CandidateResult, Original, Skipped, TaskSummary
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
 BROKE_KEPT = 20  # examples a candidate broke kept with both answers, for the report
@@ -215,7 +214,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
            **constraint_options) -> SearchResult:
     """Search compressed versions of `model` for the best one under `constraints`, measured on `task`.
 
-    model: a module, a LoadedModel, or a name/path for `shrink.load_model` ("default", .gguf, folders).
+    model: a module, a LoadedModel, or a name/path for `shrink.io.read_model` ("default", .gguf, folders).
     task: a .jsonl/.npz/.safetensors path, a Task, or None for the built-in default task.
     out: the search's folder (see the module docstring); resume=True continues a search there.
     constraints: tolerance, size, latency, objective and budget (default: 1 point absolute, no limits);
@@ -239,12 +238,13 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     batch of each kind of example) is refused.
     Returns a SearchResult; the report is written to out/report.html, report.md and results.json.
     """
-    from ..evaluate.llamacpp import RUNTIMES, available
+    from ...core.peers import llama_cpp_missing
+    from ...evaluate.llamacpp import RUNTIMES
 
     if runtime not in RUNTIMES:
         raise ShrinkError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
-    if runtime == "llama.cpp" and available():
-        raise ShrinkError(available())
+    if runtime == "llama.cpp" and llama_cpp_missing():
+        raise ShrinkError(llama_cpp_missing())
     if constraint_options and constraints is not None:
         raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
     with claim(out, "search", OUT_NAMES, force=force, resume=resume):
@@ -304,7 +304,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                               time.perf_counter() - t_start, runtime, run.batch_size)
         if best is not None and _best_name(out) != best.name:  # the constraints changed on resume
             run.rebuild_best(best)
-        from ..report.search import write_search_report
+        from ...report.search import write_search_report
 
         write_search_report(result, task, out)
         return result
@@ -318,11 +318,11 @@ def _eval_batch(con: Constraints) -> int:
 def _compile_ahead(model: nn.Module) -> None:
     """Build (or load from the cache) the compiled kernel and, for a model that decodes in shrink's runtime,
     the runtime, so that the search's clock does not count their first-use compilation."""
-    from ..quant.kernels import native
+    from ...quant.kernels import native
 
     native.load()
     if callable(getattr(model, "shrink_decode", None)):
-        from ..runtime.llama import extension
+        from ...runtime.llama import extension
 
         extension()
 
@@ -492,8 +492,8 @@ class _Run:
         write_json(staging / "candidate.json", best.to_json())
         swap_in(staging, self.out / "best")
         if self.runtime == "llama.cpp":
-            from ..io import LoadedModel
-            from ..io.export import export_gguf, source_gguf_of
+            from ...io import LoadedModel
+            from ...io.export import export_gguf, source_gguf_of
 
             export_gguf(LoadedModel(model, self.tok, {}), self.out / "best.gguf",
                         source_gguf=source_gguf_of(self.original), force=True)
@@ -526,9 +526,9 @@ def _measured(c: Candidate, comp, size: int, memory: int, latency_token, build_s
 def _in_llama_cpp(model: nn.Module, original: nn.Module, tok, path: Path, max_new_tokens: int):
     """(adapter, file): `model` exported to the GGUF file `path` (exact block copies; tokenizer from the
     original's source GGUF when it has one) and run by llama.cpp."""
-    from ..evaluate.llamacpp import LlamaCppAdapter
-    from ..io import LoadedModel
-    from ..io.export import export_gguf, source_gguf_of
+    from ...evaluate.llamacpp import LlamaCppAdapter
+    from ...io import LoadedModel
+    from ...io.export import export_gguf, source_gguf_of
 
     export_gguf(LoadedModel(model, tok, {}), path, source_gguf=source_gguf_of(original), force=True)
     return LlamaCppAdapter(path, tok, None, max_new_tokens), path
@@ -556,7 +556,7 @@ def _train_student(spec: str, teacher: nn.Module, tok, data, out: Path, seconds:
     """Distill (or, when a previous run finished it, load) the student `spec` under out/students/."""
     folder = out / "students" / spec.replace("/", "_").replace(":", "_")
     if (folder / "results.json").is_file() and (folder / "model").is_dir():  # trained by an earlier run
-        return load_model(folder / "model").model.eval()
+        return read_model(folder / "model").model.eval()
     opts = {"steps": 2000, "time_budget": seconds, "eval_every": 200, "checkpoint_every": 50, **options}
     resume = (folder / "checkpoint" / "state.pt").is_file()
     # inside the search's own folder: what a killed run left there before its first checkpoint is started again

@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..errors import ShrinkError
+from ...core.errors import ShrinkError
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
                "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}

@@ -8,7 +8,7 @@ either the previous one or the newest: the search can save the best as it goes.
 
 from __future__ import annotations
 
-from ..evaluate.verdict import status_of
+from ...evaluate.verdict import status_of
 from .constraints import Constraints, human_bytes
 from .records import CandidateResult, Judgement
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ShrinkError
-from ..outputs import kl_divergence
+from ..core.errors import ShrinkError
+from ..core.model_outputs import kl_divergence
 from .adapters import Adapter, Outcome, adapter_for
 from .scorers import load_scorer
 from .stats import divergence_summary, mcnemar_exact, paired_bootstrap
@@ -298,7 +298,7 @@ def task_too_small(task: Task, tolerance: float, relative: bool) -> str | None:
     return too_small(len(task.examples), tolerance, tolerance_text(tolerance, relative, False, tolerance))
 
 
-def compare(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
+def compare_models(original, compressed, task: Task | str | None = None, *, tokenizer=None, compressed_tokenizer=None,
             tolerance: float = 1.0, relative: bool = False, scorer: str | None = None,
             chat_template: bool | None = None, max_new_tokens: int = 32, names: tuple[str, str] = ("original", "compressed"),
             progress: bool | None = None, cache: dict | None = None, batch_size: int = 16,

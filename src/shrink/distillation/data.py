@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..arrays import read_arrays
-from ..errors import ShrinkError
-from ..texts import read_texts, token_windows  # noqa: F401  (read_texts: part of this module's interface)
+from ..core.errors import ShrinkError
+from ..core.readers import read_arrays, read_texts, token_windows  # noqa: F401  (read_texts: part of this module's interface)
 
 
 @dataclass
@@ -122,7 +121,7 @@ def pack_text(texts: list[str], tokenizer, seq_len: int = 256, eval_fraction: fl
 def read_labelled(path: str | os.PathLike) -> list[tuple[str, object, int]]:
     """(text, label, line) of a .jsonl file with one {"input" or "text": ..., "label": ...} per line (a
     classification task file is one); errors name the file and line."""
-    from ..texts import json_lines, read_utf8
+    from ..core.readers import json_lines, read_utf8
 
     path = Path(path)
     if path.suffix.lower() != ".jsonl":

@@ -1,6 +1,6 @@
 """Do once, ahead of time, what shrink otherwise does at first use, so no command's time limit is spent on it:
 
-    python -m shrink.prepare
+    python -m shrink.entrypoints.prepare
 
 compiles the quantized kernel and the decoding runtime (cached under the shrink cache, by a hash of their
 sources, torch's and Python's versions), converts the default model's GGUF file to a Hugging Face folder
@@ -18,8 +18,8 @@ import time
 def prepare(default_model: bool = True) -> list[str]:
     """Compile the kernel and the runtime, then (default_model=True) convert the default model and write the
     built-in task. Returns one line per step, as printed."""
-    from .quant.kernels import native
-    from .runtime.llama import extension
+    from ..quant.kernels import native
+    from ..runtime.llama import extension
 
     lines = []
 
@@ -34,10 +34,10 @@ def prepare(default_model: bool = True) -> list[str]:
     step("runtime", lambda: "compiled and loaded" if extension() is not None else
          "not available here (transformers will decode; see the warning above)")
     if default_model:
-        from .evaluate.builtin_task import builtin_path
-        from .io import load_model
+        from ..evaluate.builtin_task import builtin_path
+        from ..io import read_model
 
-        step("default model", lambda: f"ready ({load_model('default').source['name']})")
+        step("default model", lambda: f"ready ({read_model('default').source['name']})")
         step("built-in task", lambda: str(builtin_path()))
     return lines
 

@@ -16,8 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_dir
-from ..outputs import main_output
+from ..core.atomic import atomic_dir
+from ..core.model_outputs import main_output
 from .data import DistillData, split_padded
 
 

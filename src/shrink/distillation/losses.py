@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import ShrinkError
-from ..outputs import kl_divergence
+from ..core.errors import ShrinkError
+from ..core.model_outputs import kl_divergence
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,

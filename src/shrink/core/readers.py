@@ -1,10 +1,14 @@
-"""Reading the user's text files (calibration text, training text): .txt as one text, .jsonl one per line;
-and cutting texts into windows of tokens, the same way for calibration and for distillation."""
+"""Readers of the user's files: text files (calibration text, training text; .txt as one text, .jsonl one per
+line), cut into windows of tokens the same way for calibration and for distillation; and array files (.npz
+without pickle, .safetensors) read into numpy arrays."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import numpy as np
 
 from .errors import ShrinkError
 
@@ -80,3 +84,30 @@ def token_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | 
     if max_windows is not None:
         n = min(n, max_windows)
     return torch.tensor(ids[:n * seq_len], dtype=torch.long).reshape(n, seq_len), len(ids)
+
+
+def read_arrays(path: str | os.PathLike, what: str = "data file", required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """All arrays of a .npz (loaded with allow_pickle=False) or .safetensors file; errors name the file
+    (called `what`) and any of the `required` arrays it lacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShrinkError(f"{path}: no such {what}")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        else:
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(path))
+    except Exception as e:
+        raise ShrinkError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+    for key in required:
+        if key not in arrays:
+            raise ShrinkError(f"{path}: missing array {key!r} (have {sorted(arrays)})")
+    return arrays
+
+
+def is_count(x) -> bool:
+    """An integer in a JSON config (not a bool, not 4.0)."""
+    return isinstance(x, int) and not isinstance(x, bool)

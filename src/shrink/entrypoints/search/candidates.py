@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from ..errors import ShrinkError
-from ..evaluate.verdict import CANNOT_TELL, status_of
-from ..quant import MixedPrecision, parse_format, parse_method, quantize
-from ..quant.recipe import DEFAULT_TUNE_STEPS
+from ...core.errors import ShrinkError
+from ...evaluate.verdict import CANNOT_TELL, status_of
+from ...quant import MixedPrecision, parse_format, parse_method, quantize
+from ...quant.recipe import DEFAULT_TUNE_STEPS
 
 METHODS_CALIBRATED = ("gptq", "awq", "awq+gptq", "gptq+tune", "awq+gptq+tune")
 TUNE_STEPS = DEFAULT_TUNE_STEPS  # block tuning steps of the "+tune" methods (shrink.quantize's tune_steps)

@@ -8,9 +8,9 @@ import re
 
 import torch.nn as nn
 
-from ..blocks import find_stacks
-from ..errors import ShrinkError
-from ..memory import check_fits_memory
+from ..core.architecture import find_stacks
+from ..core.errors import ShrinkError
+from ..core.memory import check_fits_memory
 
 # MLP projections by architecture: (rows sliced when narrowing: gate/up or BERT's intermediate; columns sliced: down/output)
 _MLP_NAMES = (

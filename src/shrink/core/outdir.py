@@ -26,10 +26,18 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import VERSION
 from .atomic import write_json
 from .errors import ShrinkError
-from .ownership import (MARK, foreign_entries, foreign_in, read_mark, remove_own, remove_stale_temporaries,
-                        restore_interrupted_swap)
+from .ownership import (
+    MARK,
+    foreign_entries,
+    foreign_in,
+    read_mark,
+    remove_own,
+    remove_stale_temporaries,
+    restore_interrupted_swap,
+)
 
 _held: dict[str, int] = {}  # folders this process holds, so that a nested claim (CLI, then API) is a no-op
 
@@ -208,9 +216,7 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
             created = not path.exists()
             path.mkdir(parents=True, exist_ok=True)
             if read_mark(path) is None:
-                from . import __version__
-
-                write_json(path / MARK, {"command": command, "shrink_version": __version__, "names": sorted(names)})
+                write_json(path / MARK, {"command": command, "shrink_version": VERSION, "names": sorted(names)})
                 marked = True
         _held[key] = 1
         ok = False
