@@ -192,15 +192,20 @@ def _gen_task(tmp_path, n=8):
     return _write(tmp_path, lines)
 
 
-def _through(runtime: bool, *models):
-    """The models, decoding (and scored) in shrink's runtime when `runtime`, else in transformers."""
-    for m in models:
+@pytest.fixture
+def through(monkeypatch):
+    """through(runtime, *models): the models, scored in shrink's runtime when `runtime` (which the comparison
+    asks for a decoder, whichever way the models were made), else in transformers (SHRINK_RUNTIME=0)."""
+    def scored_in(runtime: bool, *models):
         if runtime:
-            assert install(m) is None and decoder_for(m) is not None
-    return models if len(models) > 1 else models[0]
+            assert all(decoder_for(m) is not None for m in models)
+        else:
+            monkeypatch.setenv("SHRINK_RUNTIME", "0")
+        return models if len(models) > 1 else models[0]
+    return scored_in
 
 
-def test_answers_are_drafted_in_batches_only_so_one_example_alone_takes_its_own_time(tmp_path, tok, monkeypatch):
+def test_answers_are_drafted_in_batches_only_so_one_example_alone_takes_its_own_time(tmp_path, tok, monkeypatch, through):
     """In a batch, the runtime takes the compressed model's answer from the original's where it agrees
     (decode's draft); an example run alone (batch_size=1, the latency a search measures) is decoded on its
     own. The report says batch times are not latencies."""
@@ -216,7 +221,7 @@ def test_answers_are_drafted_in_batches_only_so_one_example_alone_takes_its_own_
 
     monkeypatch.setattr(LlamaDecoder, "decode", spy)
     m = tiny_llama()
-    m, q = _through(True, m, shrink.quantize(copy.deepcopy(m), "int8", progress=False))
+    m, q = through(True, m, shrink.quantize(copy.deepcopy(m), "int8", progress=False))
     one = compare_models(m, q, _gen_task(tmp_path, n=4), tokenizer=tok, batch_size=1)
     assert seen == [False] * 8 and one.task["batch_size"] == 1 and "latency" not in model_rows(one)[-1][-1]
     seen.clear()
@@ -227,7 +232,7 @@ def test_answers_are_drafted_in_batches_only_so_one_example_alone_takes_its_own_
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
 @pytest.mark.parametrize("kind", ["generation", "choice", "perplexity", "mixed"])
-def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind, runtime):
+def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind, runtime, through):
     # prompts of many lengths (left padding in generation, right padding in scoring), generation lengths
     # that differ within a batch, and answers that stop early at the end-of-sequence token; in the runtime,
     # log-probabilities come from the decoding pass and from continuations forked from the prompt's cache
@@ -249,7 +254,7 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind,
     task = _write(tmp_path, lines)
     # The PyTorch backend computes in float throughout: padding and batching may change float rounding only.
     q = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False, backend="torch")
-    m, q = _through(runtime, m, q)
+    m, q = through(runtime, m, q)
     one = compare_models(m, q, task, tokenizer=tok, batch_size=1)
     many = compare_models(m, q, task, tokenizer=tok, batch_size=5)
     assert one.errors == many.errors == 0
@@ -271,7 +276,7 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind,
     # The native kernel (both of its paths: batches of 5 reach its float GEMM) quantizes activations to int8:
     # an input that differs by float rounding may move one code by one step, which moves a short example's
     # score by a fraction of a percent; a padding error would move it by far more.
-    qn = _through(runtime, shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False))
+    qn = through(runtime, shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False))
     one, many = compare_models(m, qn, task, tokenizer=tok, batch_size=1), compare_models(m, qn, task, tokenizer=tok, batch_size=5)
     assert one.errors == many.errors == 0
     for a, b in zip(one.examples, many.examples):
@@ -283,13 +288,32 @@ def test_batched_comparison_is_the_one_at_a_time_comparison(tmp_path, tok, kind,
 
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
-def test_identical_models_have_zero_divergence(tmp_path, tok, runtime):
+def test_identical_models_have_zero_divergence(tmp_path, tok, runtime, through):
     m = tiny_llama()
-    c = compare_models(*_through(runtime, m, copy.deepcopy(m)), _gen_task(tmp_path), tokenizer=tok)
+    c = compare_models(*through(runtime, m, copy.deepcopy(m)), _gen_task(tmp_path), tokenizer=tok)
     assert c.errors == 0 and not c.flips and c.within
     assert c.divergence["kl"]["mean"] == pytest.approx(0, abs=1e-6)
     assert c.divergence["top1_agreement"] == 1.0
     assert all(e.original_output == e.compressed_output for e in c.examples)
+
+
+def test_a_model_scores_the_same_whichever_door_it_came_through(tmp_path, tok):
+    """shrink.quantize (which also routes the model's own generate through the runtime), the quant part's
+    quantize (which does not), and the saved folder loaded back: the comparison asks the runtime for a
+    decoder itself, so the three give the same scores; the plain original is scored in the runtime too."""
+    from shrink.quant import quantize as quantize_in_place
+
+    m = tiny_llama()
+    via_verb = shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False)
+    via_part = copy.deepcopy(m)
+    quantize_in_place(via_part, "int4-g32", progress=False)
+    shrink.save(via_verb, tmp_path / "q")
+    via_load = shrink.load(tmp_path / "q")
+    task = _gen_task(tmp_path)
+    rows = [[(e.original_output, e.compressed_output, e.compressed_score, e.kl_mean) for e in
+             compare_models(m, q, task, tokenizer=tok).examples] for q in (via_verb, via_part, via_load)]
+    assert rows[0] == rows[1] == rows[2]
+    assert decoder_for(m) is not None and decoder_for(via_part) is not None
 
 
 def test_kl_and_top1_agreement_per_position_match_a_whole_sequence_reference():
@@ -310,10 +334,10 @@ def test_kl_and_top1_agreement_per_position_match_a_whole_sequence_reference():
 
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
-def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, tok, runtime):
+def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, tok, runtime, through):
     m = tiny_llama()
     q = shrink.quantize(copy.deepcopy(m), "int2-g32", keep_output=False)
-    c = compare_models(*_through(runtime, m, q), _gen_task(tmp_path), tokenizer=tok)
+    c = compare_models(*through(runtime, m, q), _gen_task(tmp_path), tokenizer=tok)
     assert c.divergence["kl"]["mean"] > 0.01 and c.divergence["top1_agreement"] < 1
     assert c.compressed["bytes"] < c.original["bytes"]
     # KL of one example by hand: both models on prompt + the original's greedy answer
@@ -330,8 +354,8 @@ def test_quantized_model_diverges_and_is_measured_on_the_same_tokens(tmp_path, t
 
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["transformers", "runtime"])
-def test_choice_log_likelihood_and_perplexity_by_hand(tmp_path, tok, runtime):
-    m = _through(runtime, tiny_llama())
+def test_choice_log_likelihood_and_perplexity_by_hand(tmp_path, tok, runtime, through):
+    m = through(runtime, tiny_llama())
     choices = ["market", "bank shares", "oil"]
     p = _write(tmp_path, [{"input": "the price of", "choices": choices, "answer": 1}])
     c = compare_models(m, m, p, tokenizer=tok)

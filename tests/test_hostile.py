@@ -730,7 +730,7 @@ def test_two_writers_on_one_out(tmp_path, hf):
 
 def test_a_held_folder_is_refused_with_the_holders_process_id(tmp_path, hf):
     out, s = tmp_path / "q", tmp_path / "s"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shrink.outdir import claim\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shrink.core.outdir import claim\n"
                                f"with claim({str(out)!r}, 'quantize', owned=lambda p: False), "
                                f"claim({str(s)!r}, 'search', ['search.json']):\n"
                                "    print('held', flush=True)\n    time.sleep(120)\n"],
@@ -751,7 +751,7 @@ def test_a_held_folder_is_refused_with_the_holders_process_id(tmp_path, hf):
 
 def test_a_save_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, hf):
     out = tmp_path / "q"
-    child = subprocess.Popen([sys.executable, "-c", "import time\nfrom shrink.atomic import atomic_dir\n"
+    child = subprocess.Popen([sys.executable, "-c", "import time\nfrom shrink.core.atomic import atomic_dir\n"
                               f"with atomic_dir({str(out)!r}) as tmp:\n"
                               "    (tmp / 'model.safetensors').write_bytes(b'x' * 100000)\n"
                               "    print(tmp, flush=True)\n    time.sleep(120)\n"],

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from ..core.architecture import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFIER, model_kind
 from ..core.errors import ShrinkError
 from ..core.model_outputs import main_output, mean_pool
+from .. import runtime
+from ..runtime import Decoded
 from .scorers import checked_score, score_generation
 from .tasks import Example, Task
 
@@ -81,17 +83,97 @@ class _TextAdapter(Adapter):
 
 
 def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities from float32 logits the caller owns (the runtime's, kept for this outcome), in place:
+    """Log-probabilities from float32 logits the caller owns (a backend's, kept for this outcome), in place:
     a comparison keeps a row of the vocabulary per position, and a second copy of it would be touched for nothing."""
     return torch.log_softmax(logits, -1, out=logits)
 
 
-class CausalLMAdapter(_TextAdapter):
-    """Hugging Face causal LMs: greedy generation (the same deterministic decoding for both models),
-    log-likelihood of choices and labels, perplexity of text. Prompts go through the tokenizer's chat
-    template when it has one (chat_template=None), always (True) or never (False)."""
+class TransformersBackend:
+    """Scoring by transformers for a causal LM: greedy generation with the prompts padded on the left, then
+    the logits from forward passes over right-padded sequences, `max_rows` (default 16) at a time; a
+    causal model's positions before the padding do not see it, so each row is what the sequence gives alone
+    (up to float rounding of the larger matrix products)."""
 
-    kind = "causal language"
+    def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None, max_rows: int = 16):
+        self.model, self.pad_id, self.eos_id, self.max_rows = model, pad_id, eos_id, max_rows
+
+    def _padded(self, seqs: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) of `seqs` padded to the longest, on the right or (generation) the left."""
+        longest = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long)
+        for r, q in enumerate(seqs):
+            at = slice(longest - len(q), longest) if left else slice(0, len(q))
+            ids[r, at], mask[r, at] = q, 1
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(self, prompts: list[torch.Tensor], max_new_tokens: list[int]) -> list[torch.Tensor]:
+        """Greedy decoding of every prompt at once to the longest `max_new_tokens`, each row then cut at its
+        own length and after its first end-of-sequence token, as decoding it alone stops there."""
+        from transformers import GenerationConfig
+
+        ids, mask = self._padded(prompts, left=True)
+        cfg = GenerationConfig(max_new_tokens=max(max_new_tokens), do_sample=False, eos_token_id=self.eos_id,
+                               pad_token_id=self.pad_id)
+        out = self.model.generate(ids, attention_mask=mask, generation_config=cfg)
+        news = []
+        for r, n in enumerate(max_new_tokens):
+            new = out[r, ids.shape[1]:ids.shape[1] + n]
+            stop = (new == self.eos_id).nonzero()
+            news.append(new[: int(stop[0]) + 1] if len(stop) else new)
+        return news
+
+    @torch.no_grad()
+    def logits(self, seqs: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
+        """Per sequence, float32 logits before each of its tokens from `starts[i]` on ([len - starts[i], vocab]),
+        the output layer run only on the positions some row of a chunk needs (transformers' logits_to_keep)."""
+        import inspect
+
+        keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        out = []
+        for i in range(0, len(seqs), self.max_rows):
+            chunk, first = seqs[i:i + self.max_rows], starts[i:i + self.max_rows]
+            ids, mask = self._padded(chunk)
+            lo = min(first) - 1 if keeps else 0
+            kw = {"logits_to_keep": torch.arange(lo, ids.shape[1] - 1)} if keeps else {}
+            logits = self.model(ids, attention_mask=mask, use_cache=False, **kw).logits
+            out += [logits[r, s0 - 1 - lo:len(q) - 1 - lo].float() for r, (q, s0) in enumerate(zip(chunk, first))]
+        return out
+
+    def decode(self, prompts, max_new_tokens, continuations=None, draft: bool = False) -> list[Decoded]:
+        """The backends' one call, as shrink's runtime answers it (`runtime.LlamaDecoder.decode`): per prompt a
+        `Decoded` (the new tokens, greedy, cut after the first end-of-sequence token; the logits before each
+        token of prompt + new but the first; per continuation the logits before each of its tokens given the
+        prompt). `draft` is the runtime's; here the answer is generated in full."""
+        n_new = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        empty = torch.empty(0, dtype=torch.long)
+        news = self.generate(prompts, n_new) if any(n_new) else [empty] * len(prompts)
+        full = self.logits([torch.cat([p, n]) for p, n in zip(prompts, news)], [1] * len(prompts))
+        conts = continuations or [[] for _ in prompts]
+        flat = [(k, torch.cat([p, c]), len(p)) for k, (p, cs) in enumerate(zip(prompts, conts)) for c in cs]
+        tails = iter(self.logits([s for _, s, _ in flat], [s0 for _, _, s0 in flat]) if flat else [])
+        return [Decoded(n, lg, [next(tails) for _ in cs]) for n, lg, cs in zip(news, full, conts)]
+
+
+class RuntimeBackend:
+    """Scoring in shrink's runtime (`shrink.runtime`): the logits come from the decoding pass itself."""
+
+    def __init__(self, decoder, eos_id: int | None):
+        self.decoder, self.eos_id = decoder, eos_id
+
+    def decode(self, prompts, max_new_tokens, continuations=None, draft: bool = False):
+        return self.decoder.decode(prompts, max_new_tokens, self.eos_id, logits=True, continuations=continuations,
+                                   draft=draft)
+
+
+class _LanguageAdapter(_TextAdapter):
+    """Language models, scored one way per task kind over a backend's `decode` (shrink's runtime,
+    transformers, llama.cpp): greedy generation (the same deterministic decoding for both models),
+    log-likelihood of choices and labels, perplexity of text. A batch and one example alone take the same
+    path. Prompts go through the tokenizer's chat template when it has one (chat_template=None), always
+    (True) or never (False)."""
+
     tasks = ("generation", "choice", "classification", "perplexity")
 
     def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None,
@@ -102,7 +184,20 @@ class CausalLMAdapter(_TextAdapter):
             raise ShrinkError("chat template requested, but the tokenizer has none")
         self.chat = has if chat_template is None else chat_template
         self.max_new_tokens = max_new_tokens
-        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context: int | None = None  # tokens the model can take (prompt and answer together), when one number says it
+
+    def backend(self):
+        """What scores this model: an object with `decode(prompts, max_new_tokens, continuations, draft)`
+        returning a `Decoded` per prompt."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Build what the backend needs before any example is timed (the runtime's one-time compilation)."""
+        self.backend()
+
+    def _prompt_rows(self, prompt_len: int) -> int:
+        """How many rows of `Decoded.logits` belong to the prompt."""
+        return prompt_len - 1
 
     def check_task(self, task):
         """Generation lengths must fit in the model's context (max_position_embeddings)."""
@@ -139,112 +234,18 @@ class CausalLMAdapter(_TextAdapter):
     def _text_ids(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tok(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
-    @torch.no_grad()
-    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of the next token at every position but the last: [len(ids) - 1, vocab]."""
-        out = self.model(ids.unsqueeze(0), use_cache=False)
-        return F.log_softmax(out.logits[0, :-1].float(), -1)
-
     def _pad_id(self) -> int:
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
-    def _greedy(self, max_new_tokens: int, **extra):
-        """The generation config of every comparison: greedy, stopping at the end-of-sequence token."""
-        from transformers import GenerationConfig
+    def _forced(self, d, prompt_len: int, j: int) -> torch.Tensor:
+        """Log-probabilities over prompt + continuation j of a decoded prompt."""
+        return _log_softmax_(torch.cat([d.logits[: self._prompt_rows(prompt_len)], d.continued[j].float()]))
 
-        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.tok.eos_token_id,
-                                pad_token_id=self._pad_id(), **extra)
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding, stopping at the end-of-sequence token; the new token ids."""
-        out = self.model.generate(prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                  generation_config=self._greedy(max_new_tokens))
-        return out[0, len(prompt):]
-
-    def _continuation_logprob(self, lp: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of ids[start:] given what precedes them, from `lp` = logprobs(ids)."""
-        return lp[start - 1:].gather(1, ids[start:].unsqueeze(1)).squeeze(1)
-
-    def _choice_scores(self, prompt: torch.Tensor, choices: list[str]) -> tuple[list[float], list[torch.Tensor]]:
-        scores, seqs = [], []
-        for c in choices:
-            seq = torch.cat([prompt, self._text_ids(c)])
-            lp = self.logprobs(seq)
-            scores.append(float(self._continuation_logprob(lp, len(prompt), seq).sum()))
-            seqs.append(seq)
-        return scores, seqs
-
-    def run(self, example, task, ids=None, scorer=None):
-        if self._decoder() is not None:  # one example is a batch of one through the model's runtime
-            return self.run_batch([example], task, [ids], scorer)[0]
-        kind = example.kind
-        if kind == "perplexity":
-            seq = self._perplexity_ids(example) if ids is None else ids
-            if len(seq) < 2:
-                raise ShrinkError(f"example {example.id!r}: text is shorter than two tokens")
-            lp = self.logprobs(seq)
-            mean = float(self._continuation_logprob(lp, 1, seq).mean())
-            return Outcome(f"mean log-likelihood {mean:.3f}", mean, mean, lp, ids=seq)
-        prompt = self.prompt_ids(example.input, example.data.get("chat", True))
-        if kind == "generation":
-            n_new = example.data.get("max_new_tokens") or self.max_new_tokens
-            if self.context is not None and len(prompt) + n_new > self.context:
-                raise ShrinkError(f"prompt of {len(prompt)} tokens and {n_new} new tokens do not fit in the model's "
-                                  f"context of {self.context}")
-            new = self.generate(prompt, n_new)
-            text = self.tok.decode(new, skip_special_tokens=True).strip()
-            score = checked_score(scorer(text, example), "--scorer") if scorer else score_generation(text, example.data)
-            seq = torch.cat([prompt, new]) if ids is None else ids
-            conf = float("nan")  # the confidence slices are the original's: not measured on given tokens
-            if ids is None:
-                target = torch.cat([prompt, self._text_ids(str(example.data["target"][0]))])
-                conf = float(self._continuation_logprob(self.logprobs(target), len(prompt), target).mean())
-            return Outcome(text, score, conf, self.logprobs(seq), ids=seq)
-        choices = example.data["choices"] if kind == "choice" else task.labels()
-        answer = example.data["answer"] if kind == "choice" else choices.index(str(example.data["label"]))
-        scores, seqs = self._choice_scores(prompt, choices)
-        pick = max(range(len(scores)), key=scores.__getitem__)
-        seq = seqs[answer] if ids is None else ids
-        return Outcome(choices[pick], float(pick == answer), _margin(scores), self.logprobs(seq), ids=seq)
-
-
-    # ---- batches: the same outcomes as `run`, with the model run on many sequences at once ----------
-
-    def prepare(self) -> None:
-        """Build what the model's runtime needs before any example is timed (its one-time compilation)."""
-        fn = getattr(self.model, "shrink_prepare", None)
-        if type(self) is CausalLMAdapter and callable(fn):
-            fn()
-
-    def _decoder(self):
-        """The model's `shrink_decode` (shrink's runtime, given to the model by `shrink.runtime.install`:
-        decode(prompts, max_new_tokens, eos_token_id, logits=, continuations=) -> per prompt .new, .logits,
-        .continued, or None when it cannot run the model now), for this class only; else None."""
-        fn = getattr(self.model, "shrink_decode", None)
-        return fn if type(self) is CausalLMAdapter and callable(fn) else None
-
-    def _decoded(self, prompts, max_new_tokens, continuations, draft: bool = False):
-        """The runtime's decoding of `prompts` (greedy, stopping at the end-of-sequence token), with the
-        logits after every token and those before each token of each prompt's `continuations`, from one
-        pass; None when the model has no runtime (then transformers runs the batch). With `draft` (default
-        False) each prompt's first continuation drafts its new tokens (LlamaDecoder.decode)."""
-        fn = self._decoder()
-        if fn is None:
-            return None
-        return fn(prompts, max_new_tokens, self.tok.eos_token_id, logits=True, continuations=continuations,
-                  draft=draft)
-
-    @staticmethod
-    def _forced(d, prompt_len: int, j: int) -> torch.Tensor:
-        """Log-probabilities over prompt + continuation j of a decoded prompt (as `logprobs` of that sequence)."""
-        return _log_softmax_(torch.cat([d.logits[: prompt_len - 1], d.continued[j]]))
-
-    def _fill_alone(self, lps: list, ids: list) -> None:
+    def _fill_alone(self, backend, lps: list, ids: list) -> None:
         """Fill the None entries of `lps` with the log-probabilities of those `ids` scored on their own
         (given tokens that do not start with the example's prompt)."""
         alone = [k for k, lp in enumerate(lps) if lp is None]
-        for k, d in zip(alone, self._decoded([ids[k] for k in alone], 0, None) if alone else []):
+        for k, d in zip(alone, backend.decode([ids[k] for k in alone], 0, None) if alone else []):
             lps[k] = _log_softmax_(d.logits)
 
     @staticmethod
@@ -254,158 +255,80 @@ class CausalLMAdapter(_TextAdapter):
             return None
         return seq[len(prompt):]
 
-    def _padded(self, seqs: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, attention mask) of `seqs` padded to the longest, on the right or (generation) the left."""
-        longest = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), longest), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros(len(seqs), longest, dtype=torch.long)
-        for r, q in enumerate(seqs):
-            at = slice(longest - len(q), longest) if left else slice(0, len(q))
-            ids[r, at], mask[r, at] = q, 1
-        return ids, mask
+    def run(self, example, task, ids=None, scorer=None):
+        """One example: a batch of one (the same path, so its time is its latency)."""
+        return self.run_batch([example], task, [ids], scorer)[0]
 
     @torch.no_grad()
-    def logprobs_batch(self, seqs: list[torch.Tensor], max_rows: int = 16) -> list[torch.Tensor]:
-        """`logprobs` of each sequence, run `max_rows` at a time, padded on the right: a causal model's
-        positions before the padding do not see it, so each row is what `logprobs` gives alone (up to
-        float rounding of the larger matrix products)."""
-        out = []
-        for i in range(0, len(seqs), max_rows):
-            chunk = seqs[i:i + max_rows]
-            ids, mask = self._padded(chunk)
-            logits = self.model(ids, attention_mask=mask, use_cache=False).logits
-            out += [F.log_softmax(logits[r, :len(q) - 1].float(), -1) for r, q in enumerate(chunk)]
-        return out
-
-    @torch.no_grad()
-    def continuation_logprobs_batch(self, seqs: list[torch.Tensor], starts: list[int], max_rows: int = 16):
-        """Per sequence, the log-probability of each of its tokens from `starts[i]` on given those before
-        (as `_continuation_logprob` of `logprobs` gives it), with the output layer run only on the
-        positions some row needs (transformers' logits_to_keep), not on every prompt position."""
-        import inspect
-
-        keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        out = []
-        for i in range(0, len(seqs), max_rows):
-            chunk, first = seqs[i:i + max_rows], starts[i:i + max_rows]
-            ids, mask = self._padded(chunk)
-            lo = min(first) - 1 if keeps else 0
-            kw = {"logits_to_keep": torch.arange(lo, ids.shape[1] - 1)} if keeps else {}
-            logits = self.model(ids, attention_mask=mask, use_cache=False, **kw).logits
-            for r, (q, s0) in enumerate(zip(chunk, first)):
-                lp = F.log_softmax(logits[r, s0 - 1 - lo:len(q) - 1 - lo].float(), -1)
-                out.append(lp.gather(1, q[s0:].unsqueeze(1)).squeeze(1))
-        return out
-
-    @torch.no_grad()
-    def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: list[int]) -> list[torch.Tensor]:
-        """`generate` of each prompt, all at once: prompts padded on the left (positions from the mask),
-        greedy decoding to the longest `max_new_tokens`, then each row cut at its own length and at its
-        first end-of-sequence token (kept), as decoding it alone stops there."""
-        eos = self.tok.eos_token_id
-        ids, mask = self._padded(prompts, left=True)
-        longest = ids.shape[1]
-        out = self.model.generate(ids, attention_mask=mask, generation_config=self._greedy(max(max_new_tokens)))
-        news = []
-        for r, n in enumerate(max_new_tokens):
-            new = out[r, longest:longest + n]
-            stop = (new == eos).nonzero()
-            news.append(new[: int(stop[0]) + 1] if len(stop) else new)
-        return news
-
     def run_batch(self, examples, task, ids=None, scorer=None):
-        """As `run` on each example, with generation and log-likelihoods batched (causal LMs; other
-        adapters built on this one run one example at a time)."""
-        if type(self) is not CausalLMAdapter or (len(examples) == 1 and self._decoder() is None):
-            return super().run_batch(examples, task, ids, scorer)
+        """The outcomes of examples of one kind, scored together by the backend. ids: per example, the
+        tokens to measure on (the original's), or None to measure on this model's own."""
         ids = ids or [None] * len(examples)
-        kind = examples[0].kind
+        kind, backend = examples[0].kind, self.backend()
         if kind == "perplexity":
-            return self._perplexity_batch(examples, [self._perplexity_ids(ex) if i is None else i
-                                                     for ex, i in zip(examples, ids)])
+            return self._perplexity_batch(backend, examples, [self._perplexity_ids(ex) if i is None else i
+                                                              for ex, i in zip(examples, ids)])
         prompts = [self.prompt_ids(ex.input, ex.data.get("chat", True)) for ex in examples]
         if kind == "generation":
-            return self._generation_batch(examples, prompts, ids, scorer)
-        return self._choice_batch(examples, task, prompts, ids)
+            return self._generation_batch(backend, examples, prompts, ids, scorer)
+        return self._choice_batch(backend, examples, task, prompts, ids)
 
-    def _perplexity_batch(self, examples, ids):
+    def _perplexity_batch(self, backend, examples, ids):
         for ex, seq in zip(examples, ids):
             if len(seq) < 2:
                 raise ShrinkError(f"example {ex.id!r}: text is shorter than two tokens")
-        decoded = self._decoded(ids, 0, None)
-        lps = self.logprobs_batch(ids) if decoded is None else [_log_softmax_(d.logits) for d in decoded]
         out = []
-        for seq, lp in zip(ids, lps):
-            mean = float(self._continuation_logprob(lp, 1, seq).mean())
+        for seq, d in zip(ids, backend.decode(ids, 0, None)):
+            lp = _log_softmax_(d.logits)
+            mean = float(lp.gather(1, seq[1:].unsqueeze(1)).mean())
             out.append(Outcome(f"mean log-likelihood {mean:.3f}", mean, mean, lp, ids=seq))
         return out
 
-    def _generation_batch(self, examples, prompts, ids, scorer):
+    def _generation_batch(self, backend, examples, prompts, ids, scorer):
         n_new = [ex.data.get("max_new_tokens") or self.max_new_tokens for ex in examples]
         for p, n in zip(prompts, n_new):
             if self.context is not None and len(p) + n > self.context:
                 raise ShrinkError(f"prompt of {len(p)} tokens and {n} new tokens do not fit in the model's "
                                   f"context of {self.context}")
-        confs = [float("nan")] * len(examples)  # as `run`: the original's confidence only
+        confs = [float("nan")] * len(examples)  # the confidence slices are the original's: not measured on given tokens
         targets = [self._text_ids(str(ex.data["target"][0])) if i is None else None for ex, i in zip(examples, ids)]
         tails = [self._tail(i, p) if i is not None else None for i, p in zip(ids, prompts)]
-        # the runtime scores the original's target, or the given tokens, as continuations of the prompt; in a
-        # batch they draft its answer too (the given tokens are the original's answer, which a close model
-        # mostly repeats). One example alone is decoded on its own: its time is then its latency.
+        # the original's target, or the given tokens, are scored as continuations of the prompt; in a batch
+        # they draft the answer too in the runtime (the given tokens are the original's answer, which a close
+        # model mostly repeats). One example alone is decoded on its own: its time is then its latency.
         forced = [tg if i is None else tl for tg, tl, i in zip(targets, tails, ids)]
-        decoded = self._decoded(prompts, n_new, [[f] if f is not None else [] for f in forced],
-                                draft=len(examples) > 1)
-        if decoded is None:
-            news, lps = self._generation_transformers(prompts, n_new, ids, targets, confs)
-        else:
-            news, lps = [d.new for d in decoded], []
-            for k, (d, p) in enumerate(zip(decoded, prompts)):
-                if ids[k] is None:
-                    lps.append(_log_softmax_(d.logits))
-                    conf = F.log_softmax(d.continued[0].float(), -1).gather(1, targets[k].unsqueeze(1))
-                    confs[k] = float(conf.mean())
-                else:
-                    lps.append(self._forced(d, len(p), 0) if tails[k] is not None else None)
-            self._fill_alone(lps, ids)
-        seqs = [torch.cat([p, new]) if i is None else i for p, new, i in zip(prompts, news, ids)]
+        decoded = backend.decode(prompts, n_new, [[f] if f is not None else [] for f in forced],
+                                 draft=len(examples) > 1)
+        lps = []
+        for k, (d, p) in enumerate(zip(decoded, prompts)):
+            if ids[k] is None:
+                lps.append(_log_softmax_(d.logits))
+                conf = F.log_softmax(d.continued[0].float(), -1).gather(1, targets[k].unsqueeze(1))
+                confs[k] = float(conf.mean())
+            else:
+                lps.append(self._forced(d, len(p), 0) if tails[k] is not None else None)
+        self._fill_alone(backend, lps, ids)
         out = []
-        for k, (ex, new) in enumerate(zip(examples, news)):
-            text = self.tok.decode(new, skip_special_tokens=True).strip()
+        for k, (ex, d, p) in enumerate(zip(examples, decoded, prompts)):
+            text = self.tok.decode(d.new, skip_special_tokens=True).strip()
             score = checked_score(scorer(text, ex), "--scorer") if scorer else score_generation(text, ex.data)
-            out.append(Outcome(text, score, confs[k], lps[k], ids=seqs[k]))
+            seq = torch.cat([p, d.new]) if ids[k] is None else ids[k]
+            out.append(Outcome(text, score, confs[k], lps[k], ids=seq))
         return out
 
-    def _generation_transformers(self, prompts, n_new, ids, targets, confs):
-        """(new tokens, log-probabilities over the measured sequences) by transformers: generation, the
-        target's log-likelihood (the original's confidence, into `confs`), then a scoring pass."""
-        news = self.generate_batch(prompts, n_new)
-        todo = [k for k, i in enumerate(ids) if i is None]
-        if todo:
-            seqs = [torch.cat([prompts[k], targets[k]]) for k in todo]
-            for k, lp in zip(todo, self.continuation_logprobs_batch(seqs, [len(prompts[k]) for k in todo])):
-                confs[k] = float(lp.mean())
-        return news, self.logprobs_batch([torch.cat([p, new]) if i is None else i for p, new, i in zip(prompts, news, ids)])
-
-    def _choice_batch(self, examples, task, prompts, ids):
+    def _choice_batch(self, backend, examples, task, prompts, ids):
         choices = [ex.data["choices"] if ex.kind == "choice" else task.labels() for ex in examples]
         answers = [ex.data["answer"] if ex.kind == "choice" else cs.index(str(ex.data["label"]))
                    for ex, cs in zip(examples, choices)]
         tails = [[self._text_ids(c) for c in cs] for cs in choices]
         given = [self._tail(i, p) if i is not None else None for i, p in zip(ids, prompts)]
-        decoded = self._decoded(prompts, 0, [ts + ([g] if g is not None else []) for ts, g in zip(tails, given)])
-        seqs = [[torch.cat([p, t]) for t in ts] for p, ts in zip(prompts, tails)]
-        measured = [qs[a] if i is None else i for qs, a, i in zip(seqs, answers, ids)]
-        if decoded is None:
-            cont = iter(self.continuation_logprobs_batch([q for qs in seqs for q in qs],
-                                                         [len(p) for p, qs in zip(prompts, seqs) for _ in qs]))
-            scores = [[float(next(cont).sum()) for _ in qs] for qs in seqs]
-            lps = self.logprobs_batch(measured)
-        else:
-            scores = [[float(F.log_softmax(d.continued[j].float(), -1).gather(1, t.unsqueeze(1)).sum())
-                       for j, t in enumerate(ts)] for d, ts in zip(decoded, tails)]
-            lps = [self._forced(d, len(p), a if i is None else len(ts)) if i is None or g is not None else None
-                   for d, p, a, i, g, ts in zip(decoded, prompts, answers, ids, given, tails)]
-            self._fill_alone(lps, ids)
+        decoded = backend.decode(prompts, 0, [ts + ([g] if g is not None else []) for ts, g in zip(tails, given)])
+        measured = [torch.cat([p, ts[a]]) if i is None else i for p, ts, a, i in zip(prompts, tails, answers, ids)]
+        scores = [[float(F.log_softmax(d.continued[j].float(), -1).gather(1, t.unsqueeze(1)).sum())
+                   for j, t in enumerate(ts)] for d, ts in zip(decoded, tails)]
+        lps = [self._forced(d, len(p), a if i is None else len(ts)) if i is None or g is not None else None
+               for d, p, a, i, g, ts in zip(decoded, prompts, answers, ids, given, tails)]
+        self._fill_alone(backend, lps, ids)
         out = []
         for cs, sc, a, seq, lp in zip(choices, scores, answers, measured, lps):
             pick = max(range(len(sc)), key=sc.__getitem__)
@@ -413,7 +336,61 @@ class CausalLMAdapter(_TextAdapter):
         return out
 
 
-class Seq2SeqAdapter(CausalLMAdapter):
+class CausalLMAdapter(_LanguageAdapter):
+    """Hugging Face causal LMs, scored in shrink's runtime where it can run the model (asked for a decoder
+    over the model's current tensors, whichever way the model was made or loaded; SHRINK_RUNTIME=0 turns it
+    off), else by transformers."""
+
+    kind = "causal language"
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        super().__init__(model, tokenizer, chat_template, max_new_tokens)
+        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+    def backend(self):
+        """shrink's runtime over the model as it is now (built at first use, rebuilt after its tensors change)
+        when the model is one it runs; else transformers (silently for models the runtime never runs, with
+        the reason said once for one it could run but cannot now)."""
+        if runtime.unsupported(self.model, compiled=False) is None:
+            decoder = runtime.decoder_for(self.model)
+            if decoder is not None:
+                return RuntimeBackend(decoder, self.tok.eos_token_id)
+        return TransformersBackend(self.model, self._pad_id(), self.tok.eos_token_id)
+
+
+class Seq2SeqBackend:
+    """Scoring by transformers for an encoder-decoder: the prompt goes to the encoder; the answer comes out of
+    the decoder by greedy generation, one prompt at a time, and its logits (and each continuation's) are the
+    decoder's given the prompt."""
+
+    def __init__(self, model: nn.Module, start: int, pad_id: int, eos_id: int | None):
+        self.model, self.start, self.pad_id, self.eos_id = model, start, pad_id, eos_id
+
+    def _answer_logits(self, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        dec = torch.cat([torch.tensor([self.start]), answer[:-1]]) if len(answer) else torch.tensor([self.start])
+        out = self.model(input_ids=prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         decoder_input_ids=dec.unsqueeze(0), use_cache=False)
+        return out.logits[0, : len(answer)].float()
+
+    @torch.no_grad()
+    def decode(self, prompts, max_new_tokens, continuations=None, draft: bool = False) -> list[Decoded]:
+        from transformers import GenerationConfig
+
+        n_new = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        out = []
+        for p, n, cs in zip(prompts, n_new, continuations or [[] for _ in prompts]):
+            new = torch.empty(0, dtype=torch.long)
+            if n:
+                cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=self.eos_id,
+                                       pad_token_id=self.pad_id, decoder_start_token_id=self.start)
+                new = self.model.generate(p.unsqueeze(0), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                          generation_config=cfg)[0, 1:]  # without the decoder's start token
+            out.append(Decoded(new, self._answer_logits(p, new), [self._answer_logits(p, c) for c in cs]))
+        return out
+
+
+class Seq2SeqAdapter(_LanguageAdapter):
     """Hugging Face encoder-decoders (T5, BART): the prompt goes to the encoder, the answer comes out of the
     decoder by greedy generation; choices and labels are scored by the decoder's log-likelihood of them.
     A sequence here is the prompt followed by the answer; its log-probabilities are the decoder's, one row
@@ -425,34 +402,16 @@ class Seq2SeqAdapter(CausalLMAdapter):
     def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         super().__init__(model, tokenizer, chat_template, max_new_tokens)
-        self.context = None  # positions are relative (T5) or per stack: prompt and answer are checked apart
+        # positions are relative (T5) or per stack: prompt and answer are checked apart (context stays None)
         self.start = model.config.decoder_start_token_id
         if self.start is None:
             raise ShrinkError(f"{type(model).__name__}: config has no decoder_start_token_id")
-        self._prompt_len = 0
 
-    def prompt_ids(self, text: str, chat: bool = True) -> torch.Tensor:
-        ids = super().prompt_ids(text, chat)
-        self._prompt_len = len(ids)  # where the answer starts in the sequences built from this prompt
-        return ids
+    def backend(self):
+        return Seq2SeqBackend(self.model, self.start, self._pad_id(), self.tok.eos_token_id)
 
-    @torch.no_grad()
-    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        """The decoder's log-probabilities of each answer token of `ids` (prompt, then answer): [answer, vocab]."""
-        prompt, answer = ids[: self._prompt_len], ids[self._prompt_len:]
-        dec = torch.cat([torch.tensor([self.start]), answer[:-1]]) if len(answer) else torch.tensor([self.start])
-        out = self.model(input_ids=prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         decoder_input_ids=dec.unsqueeze(0), use_cache=False)
-        return F.log_softmax(out.logits[0, : len(answer)].float(), -1)
-
-    def _continuation_logprob(self, lp: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
-        return lp.gather(1, ids[start:].unsqueeze(1)).squeeze(1)
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        out = self.model.generate(prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                  generation_config=self._greedy(max_new_tokens, decoder_start_token_id=self.start))
-        return out[0, 1:]  # without the decoder's start token
+    def _prompt_rows(self, prompt_len: int) -> int:
+        return 0  # the decoder's rows are the answer's alone
 
 
 class SequenceClassifierAdapter(_TextAdapter):

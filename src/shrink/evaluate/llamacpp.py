@@ -19,6 +19,7 @@ import torch
 
 from ..core.errors import ShrinkError
 from ..core.peers import llama_cpp_missing
+from ..runtime import Decoded
 from .adapters import DEFAULT_MAX_NEW_TOKENS, CausalLMAdapter
 
 RUNTIMES = ("shrink", "llama.cpp")
@@ -117,6 +118,23 @@ class LlamaCpp:
             pass
 
 
+class LlamaCppBackend:
+    """Scoring by a llama.cpp process (`LlamaCpp`): greedy generation and log-probabilities, one sequence at
+    a time, in the form the other backends give (`Decoded`)."""
+
+    def __init__(self, runtime: LlamaCpp):
+        self.runtime = runtime
+
+    def decode(self, prompts, max_new_tokens, continuations=None, draft: bool = False) -> list[Decoded]:
+        n_new = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        out = []
+        for p, n, cs in zip(prompts, n_new, continuations or [[] for _ in prompts]):
+            new = self.runtime.generate(p, n) if n else torch.empty(0, dtype=torch.long)
+            out.append(Decoded(new, self.runtime.logprobs(torch.cat([p, new])),
+                               [self.runtime.logprobs(torch.cat([p, c]))[len(p) - 1:] for c in cs]))
+        return out
+
+
 class LlamaCppAdapter(CausalLMAdapter):
     """A GGUF file in llama.cpp as a causal LM for `compare` and `search`: the same prompts (chat template
     included), greedy generation and log-likelihoods as the PyTorch adapter, computed by llama.cpp."""
@@ -133,12 +151,9 @@ class LlamaCppAdapter(CausalLMAdapter):
             raise ShrinkError(f"{runtime.path}: the tokenizer has {len(tokenizer)} tokens, the GGUF file "
                               f"{runtime.n_vocab}")
 
+    def backend(self) -> LlamaCppBackend:
+        return LlamaCppBackend(self.runtime)
+
     def size_bytes(self) -> int:
         """The GGUF file's size."""
         return self.runtime.path.stat().st_size
-
-    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.runtime.logprobs(ids)
-
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self.runtime.generate(prompt, max_new_tokens)

@@ -1,6 +1,7 @@
 """`generate(model, input_ids, ...)`: transformers' `generate` call and result, decoded in shrink's runtime
 where the model and the request allow, by transformers otherwise; `install(model)` makes a model's own
-`generate` do this, so users, compare and search share one decoding path.
+`generate` do this. `decoder_for(model)` is the runtime over a model's current tensors, which comparisons
+ask for directly, so a model is scored the same way however it was made or loaded.
 
 The runtime takes greedy and sampled decoding (temperature, top-k, top-p), end-of-sequence tokens, left
 padding through the attention mask, and max_new_tokens / min_new_tokens / max_length. A request for anything else
@@ -145,32 +146,16 @@ def generate(model: nn.Module, inputs: torch.Tensor | None = None, generation_co
 
 def install(model: nn.Module) -> str | None:
     """Make `model.generate` decode in shrink's runtime where it can (this module's `generate`), falling
-    back to transformers' for anything else, and give the model `shrink_decode` (the runtime's
-    `LlamaDecoder.decode` over its current tensors, or None where it cannot run them), which comparisons
-    use to take log-probabilities from the decoding pass itself. Returns None when installed, else why
-    the model cannot use the runtime (then the model is left as it was). The runtime is compiled at first use."""
+    back to transformers' for anything else: for users' own `generate` calls (comparisons ask the runtime
+    for a decoder themselves, `decoder_for`, whatever the model). Returns None when installed, else why the
+    model cannot use the runtime (then the model is left as it was). The runtime is compiled at first use."""
     reason = unsupported(model, compiled=False)
     if reason:
         return reason
     if not isinstance(getattr(model, "generate", None), types.MethodType) or \
             getattr(model.generate, "__func__", None) is not _installed_generate:
         model.generate = types.MethodType(_installed_generate, model)
-    model.shrink_decode = types.MethodType(_installed_decode, model)
-    model.shrink_prepare = types.MethodType(_installed_prepare, model)
     return None
-
-
-def _installed_prepare(self) -> bool:
-    """Build the runtime over this model now (compiling it, once per machine, when needed), so that no timed
-    work pays for it; whether the runtime can run the model."""
-    return decoder_for(self) is not None
-
-
-def _installed_decode(self, prompts, max_new_tokens, eos_token_id=None, **options):
-    """`LlamaDecoder.decode` of shrink's runtime over this model's current tensors, or None (the reason
-    said once) when the runtime cannot run the model as it is now (moved to a GPU, cast, SHRINK_RUNTIME=0)."""
-    decoder = decoder_for(self)
-    return None if decoder is None else decoder.decode(prompts, max_new_tokens, eos_token_id, **options)
 
 
 def _installed_generate(self, inputs=None, generation_config=None, **kwargs):

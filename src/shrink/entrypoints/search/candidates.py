@@ -1,6 +1,6 @@
 """Candidates of a search: what to try, in which order, and how to build each from the original model.
 
-A candidate is a recipe: quantize the original (a format, or a bit budget for mixed precision, with a
+A candidate is a way to build a model: quantize the original (a format, or a bit budget for mixed precision, with a
 method), distill a student from it, or both (distill, then quantize the student). The order puts cheap,
 likely-good candidates first: round-to-nearest from 8 bits down, then calibrated methods where
 round-to-nearest fell short, then mixed precision, then students. Each candidate belongs to a
@@ -31,7 +31,7 @@ TYPICAL_IN_FEATURES = 576  # for ordering only: per-channel scales cost 16 bits 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One recipe. name is unique in a search ("rtn:int4-g64", "awq+gptq:mixed-4.5",
+    """One way to build a model. name is unique in a search ("rtn:int4-g64", "awq+gptq:mixed-4.5",
     "student:every-other", "student:every-other+rtn:int8")."""
 
     name: str
@@ -127,7 +127,7 @@ def skip_reason(c: Candidate, done: list, objective: str) -> str | None:
 
 def build(c: Candidate, original: nn.Module, *, students: dict[str, nn.Module], calibration=None, tokenizer=None,
           n_samples: int = 128, seq_len: int = 512, progress: bool | None = None) -> nn.Module:
-    """The candidate's model: a copy of the original (or of its trained student) quantized by the recipe.
+    """The candidate's model: a copy of the original (or of its trained student) quantized by its method.
     `students` maps student specs to trained students (see `search.run`); calibration and tokenizer feed
     calibrated methods (n_samples windows of seq_len tokens)."""
     base = students[c.student] if c.student else original

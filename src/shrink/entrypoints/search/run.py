@@ -220,7 +220,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     constraints: tolerance, size, latency, objective and budget (default: 1 point absolute, no limits);
     or give them as keywords as people write them (max_drop=2, max_size="60MB", max_latency="20ms/token",
     objective="latency", time="1h", max_trials=10; see `Constraints.of`).
-    candidates: the recipes to try (default: the rtn ladder; with `calibration`, `methods` at 4/3/2 bits
+    candidates: the candidates to try (default: the rtn ladder; with `calibration`, `methods` at 4/3/2 bits
     and mixed precision at 6, 4.5 and 3.5 bits per weight; with `distill_data`, each of `students`
     trained for `distill_seconds` (default 600) and then quantized). They are tried cheap and likely-good
     first, and a direction is abandoned at its first failure. n_samples, seq_len: calibration windows
@@ -262,8 +262,8 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
             warnings.warn(small, stacklevel=2)
         if con.latency_per == "token" and con.max_latency is not None and tok is None:
             raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
-        recipe = _BuildOptions(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
-        candidates = _candidates(candidates, recipe, methods, students, keep_order)
+        options = _BuildOptions(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
+        candidates = _candidates(candidates, options, methods, students, keep_order)
         _check_size_is_reachable(original, con, candidates)
         _compile_ahead(original)  # no budget of the user's is spent compiling
         t_start = time.perf_counter()
@@ -280,7 +280,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                                   "distill_data": str(distill_data) if distill_data else None, "runtime": runtime})
         (out / RESULTS).touch()
 
-        run = _Run(original, tok, name, task, con, out, recipe, runtime, max_new_tokens, progress, console)
+        run = _Run(original, tok, name, task, con, out, options, runtime, max_new_tokens, progress, console)
         skipped, untried = [], []
         for c in candidates:
             if c.name in {r.name for r in results}:
@@ -320,10 +320,10 @@ def _compile_ahead(model: nn.Module) -> None:
     the runtime, so that the search's clock does not count their first-use compilation."""
     from ...quant.kernels import native
 
-    native.load()
-    if callable(getattr(model, "shrink_decode", None)):
-        from ...runtime.llama import extension
+    from ...runtime.llama import extension, unsupported
 
+    native.load()
+    if unsupported(model, compiled=False) is None:
         extension()
 
 
@@ -338,18 +338,18 @@ def _check_time_is_enough(con: Constraints, seconds: float, examples: int, runti
                           f"candidate, before the candidate is built; give at least --time {max(1, math.ceil(need * 1.5))}s")
 
 
-def _candidates(candidates, recipe: _BuildOptions, methods, students, keep_order: bool = False) -> list[Candidate]:
+def _candidates(candidates, options: _BuildOptions, methods, students, keep_order: bool = False) -> list[Candidate]:
     """The candidates to try, in order (defaults from what data was given), checked against that data."""
     if candidates is None:
-        candidates = quantization_candidates(calibration=recipe.calibration is not None, methods=methods)
-        if recipe.distill_data is not None:
+        candidates = quantization_candidates(calibration=options.calibration is not None, methods=methods)
+        if options.distill_data is not None:
             candidates += student_candidates(students)
     candidates = list(candidates) if keep_order else order(candidates)
     if len({c.name for c in candidates}) != len(candidates):
         raise ShrinkError("candidate names must be unique")
-    if any(c.needs_calibration for c in candidates) and recipe.calibration is None:
+    if any(c.needs_calibration for c in candidates) and options.calibration is None:
         raise ShrinkError("calibrated candidates (gptq, awq, mixed precision) need --calibration FILE")
-    if any(c.student for c in candidates) and recipe.distill_data is None:
+    if any(c.student for c in candidates) and options.distill_data is None:
         raise ShrinkError("student candidates need training data (--distill FILE)")
     return candidates
 
@@ -396,9 +396,9 @@ class _Run:
     """One search's measuring: the original (measured once; its outcomes on the task cached for every
     comparison), the students trained so far, and how long candidates take."""
 
-    def __init__(self, original, tok, name, task, con, out, recipe, runtime, max_new_tokens, progress, console):
+    def __init__(self, original, tok, name, task, con, out, options, runtime, max_new_tokens, progress, console):
         self.original, self.tok, self.name, self.task, self.con, self.out = original, tok, name, task, con, out
-        self.recipe, self.runtime, self.max_new_tokens = recipe, runtime, max_new_tokens
+        self.options, self.runtime, self.max_new_tokens = options, runtime, max_new_tokens
         self.progress, self.console = progress, console
         self.cache: dict = {}
         self.batch_size = _eval_batch(con)
@@ -423,7 +423,7 @@ class _Run:
             model = self.build(c)
         except ShrinkError:
             raise
-        except Exception as e:  # one recipe that cannot be built must not end the search
+        except Exception as e:  # one candidate that cannot be built must not end the search
             return self._failed(c, f"{type(e).__name__}: {e}", "failed")
         build_s = time.perf_counter() - t0
         original_before = self._original_seconds()
@@ -469,7 +469,7 @@ class _Run:
 
     def build(self, c: Candidate) -> nn.Module:
         """The candidate's model, training its student first when it has one not trained yet."""
-        r = self.recipe
+        r = self.options
         if c.student and c.student not in self.trained:
             self.trained[c.student] = _train_student(c.student, self.original, self.tok, r.distill_data, self.out,
                                                      r.distill_seconds, r.distill_options, self.progress)
