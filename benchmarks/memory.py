@@ -1,7 +1,8 @@
 """Resident memory of a loaded quantized model against its weights file, on SmolLM2-135M-Instruct.
 
 For each format the default model is quantized and saved once (under --work, reused), then a fresh process per
-folder measures resident memory (VmRSS): after importing shrink, torch and transformers (the baseline), after
+folder measures resident memory (VmRSS): after importing shrink, torch, transformers, the architecture's modeling code and
+shrink's compiled code (the baseline), after
 `shrink.load`, after one forward pass (the kernels' working copies are built on first use), and after decoding
 16 tokens in shrink's runtime. Beside the growth it reports what the process holds by count: the model's own
 tensors (unique storages), the kernels' working copies (tiled layouts) and the runtime's key/value cache.
@@ -48,6 +49,17 @@ def child(folder: str) -> None:
     from shrink.runtime import decoder_for
 
     torch.set_num_threads(2)
+    # The baseline holds the code a load brings in, which is the process's and not the model's: the
+    # architecture's modeling module (transformers imports about 130 MB of it on first use) and shrink's
+    # compiled kernel and runtime.
+    import importlib
+
+    from shrink.quant.kernels import native
+    from shrink.runtime.llama import extension
+
+    kind = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    native.load(), extension()
     gc.collect()
     out = {"baseline": _rss()}
     model = shrink.load(folder)

@@ -91,7 +91,8 @@ def test_awq_methods_run_and_record(base_and_ref, method):
     m = shrink.quantize(copy.deepcopy(base), "int4-g32", method=method, calibration=_samples(), progress=False)
     layer = shrink.info(m).calibration["layers"]["model.layers.0.self_attn.q_proj"]
     assert 0.0 <= layer["awq_alpha"] <= 1.0
-    assert _err(m, ref, ids) < 0.6
+    rtn = shrink.quantize(copy.deepcopy(base), "int4-g32", progress=False)
+    assert _err(m, ref, ids) < _err(rtn, ref, ids)  # closer to the original than round-to-nearest (0.42, 0.38 vs 0.44)
 
 
 def test_allocation_meets_budget_and_prefers_sensitive_layers():

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file, save_model
 from ..core import VERSION
 from ..core.atomic import atomic_dir, write_json
 from ..core.errors import ShrinkError
+from ..core.memory import release_freed_memory
 from ..core.outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.check import ForwardCheck, refuse_non_finite
@@ -249,10 +250,12 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                                   tuple(c["stride"]), c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"]),
                                   tuple(c["dilation"]), c["groups"], bias=info["bias"]).adopt(model.get_submodule(name))
             elif spec.cast:
-                new = CastLinear(info["in_features"], info["out_features"], spec, bias=info["bias"])
+                with torch.device("meta"):  # placeholders: the file's tensors are adopted, not copied in
+                    new = CastLinear(info["in_features"], info["out_features"], spec, bias=info["bias"])
             else:
-                new = QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"], backend=backend,
-                                  input_order=info.get("input_order", False))
+                with torch.device("meta"):
+                    new = QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"],
+                                      backend=backend, input_order=info.get("input_order", False))
             set_submodule(model, name, new)
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
@@ -280,6 +283,11 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     record = record_from_manifest(manifest)  # as quantize made it, kept by a later save
     update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
                   check=record.check, source=record.source, fallbacks=record.fallbacks)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ShrinkError(f"{weights}: {len(empty)} tensors of the model were not filled from the file "
+                          f"({', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''})")
+    release_freed_memory()
     model.eval()
     return model
 
