@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -22,16 +20,15 @@ from ..quant.embedding import QuantEmbedding
 from ..quant.kernels import LARGE_BATCH, native, tiled
 from ..quant.linear import CastLinear, QuantLinear
 
-SOURCE = Path(__file__).with_name("llama_decoder.cpp")
 PREFILL_CHUNK = 512  # prompt tokens per call: bounds the activations' memory, keeps GEMMs large
 SHARED_PREFIX = 8  # leading tokens all prompts of a call share that are run once and copied
 _ROPE_FIXED = ("default", "linear", "llama3", "yarn")  # rotary types whose frequencies do not change with length
 
 
-@lru_cache(maxsize=1)
 def extension():
-    """The compiled decoding runtime, or None where it cannot be built (then transformers decodes)."""
-    return native.build("shrink_llama", [SOURCE, native.VNNI_SOURCE], "the decoding runtime")
+    """The compiled decoding runtime (its C++, quant/kernels/llama_decoder.cpp, is built into the kernels' one
+    extension module), or None where it cannot be built (then transformers decodes)."""
+    return native.load()
 
 
 @dataclass(frozen=True)

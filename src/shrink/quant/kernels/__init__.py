@@ -1,16 +1,16 @@
 """Matrix-multiply backends behind the packed layers, behind two entries: `qlinear(x, layer)` and
 `dequantize(layer)`, which choose between them.
 
-`native`: the compiled AVX2 kernel (int8 activations per block of 32, integer dot products), used
-when it builds on this machine and the layer's shapes suit it (input size and group size multiples
-of 32); over a tiled copy of the weight (`tiled`) where the output count is a multiple of 8. `torch` (`reference`): dequantize and `F.linear`, always available and exact for the stored
-weights.
+`native`: the compiled AVX2 kernels (int8 activations per block of 32, integer dot products), used
+when they build on this machine and the layer's shapes suit them (input size and group size multiples
+of 32); over a tiled copy of the weight (`tiled`) where the output count is a multiple of 8. One extension
+module holds them and the decoding runtime. `torch` (`reference`): dequantize and `F.linear`, always
+available and exact for the stored weights.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...core import switches
 from ...core.switches import BACKENDS
@@ -55,28 +55,21 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
     """x [..., in_features] (float32) times a packed layer's weight, plus its bias: [..., out_features]. With
-    `native_kernel`: int8 activations per block of 32 and integer dot products, over the layer's tiled copy
-    (any number of rows) where its shapes have one; otherwise the row kernel below LARGE_BATCH rows and,
-    from there on, a float GEMM of the same int8 activations with the weight the kernel dequantizes. Either
-    way a row's result does not depend on how many rows come with it. Without `native_kernel`: dequantize
-    in PyTorch and `F.linear` on the float activations."""
+    `native_kernel`: int8 activations per block of 32 and integer dot products, by the path the compiled
+    `linear` chooses (packed_linear.h, the one place it is chosen, for the runtime too): over the layer's tiled
+    copy where its shapes have one, else the row kernel below LARGE_BATCH rows and a float GEMM of the same
+    int8 activations with the dequantized weight from there on. Either way a row's result does not depend on
+    how many rows come with it. Without `native_kernel`: dequantize in PyTorch and `F.linear` on the float
+    activations."""
     if not native_kernel:
         return reference.dequant_linear(x, layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.bias,
                                         layer.spec.bits, layer.in_features)
-    bias = _NO_F32 if layer.bias is None else layer.bias
-    compiling = torch.compiler.is_compiling()  # the dispatcher ops stay in a compiled graph; eagerly, the
-    t = tiled.for_layer(layer)                 # direct calls are about 3 us a call cheaper
-    if t is not None:  # takes any leading dimensions and layout (flattened in C++: a reshape here costs ~1 us)
-        args = (x, t.codes, t.scales, t.szero, bias, t.bits, t.group_size)
-        return torch.ops.shrink.tiled_qlinear(*args) if compiling else native.load().tiled_qlinear(*args)
-    x2 = x.reshape(-1, layer.in_features).contiguous()
-    if x2.shape[0] >= LARGE_BATCH:
-        y = F.linear(int8_activations(x2), dequantize(layer, True), layer.bias)
-    else:
-        args = (x2, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
-                bias, layer.spec.bits, layer.spec.group_for(layer.in_features))
-        y = torch.ops.shrink.qlinear(*args) if compiling else native.load().qlinear(*args)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    t = tiled.for_layer(layer)
+    args = (x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
+            _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits, layer.spec.group_for(layer.in_features),
+            *((_NO_U8, _NO_F32, _NO_F32) if t is None else (t.codes, t.scales, t.szero)), LARGE_BATCH)
+    # the dispatcher op stays in a compiled graph; eagerly, the direct call is about 3 us a call cheaper
+    return torch.ops.shrink.linear(*args) if torch.compiler.is_compiling() else native.load().linear(*args)
 
 
 __all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "int8_activations", "native",

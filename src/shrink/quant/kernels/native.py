@@ -20,6 +20,9 @@ from ...core import switches
 from ...core.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("qgemm_avx2.cpp")
+# The decoding runtime's C++ (shrink.runtime is its Python half), built into the same module: one build,
+# one copy of the kernels in memory.
+DECODER_SOURCE = Path(__file__).with_name("llama_decoder.cpp")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -77,7 +80,7 @@ CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 @lru_cache(maxsize=1)
 def load():
     """The compiled extension module, or None when it is disabled, unsupported or fails to build."""
-    ext = build("shrink_qgemm", [SOURCE, VNNI_SOURCE], "the AVX2 kernel")
+    ext = build("shrink_native", [SOURCE, VNNI_SOURCE, DECODER_SOURCE], "the AVX2 kernels and decoding runtime")
     if ext is not None:
         _register_shapes()
     return ext
@@ -131,6 +134,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("shrink::tiled_qlinear")
     def _(x, codes, scales, szero, bias, bits, group_size):
         return x.new_empty(*x.shape[:-1], codes.shape[0] * 8)
+
+    @torch.library.register_fake("shrink::linear")
+    def _(x, qweight, scales, zeros, zero_const, bias, bits, group_size, tcodes, tscales, tszero, large_batch):
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("shrink::dequantize")
     def _(qweight, scales, zeros, zero_const, bits, group_size, k):

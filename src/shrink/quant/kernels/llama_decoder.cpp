@@ -1,4 +1,5 @@
-// A Llama-family decoder's forward pass in C++, over a KV cache of fixed capacity, for decoding.
+// A Llama-family decoder's forward pass in C++, over a KV cache of fixed capacity, for decoding: the compiled
+// half of shrink.runtime (runtime/llama.py), built into the kernels' one extension module.
 //
 // transformers spends more time per generated token in Python (module calls, the dynamic cache, masks)
 // than in the matrix products; this runs the whole step in one call. The matrix products are the AVX2
@@ -10,7 +11,11 @@
 // there: one sequence's prompt, the next token of many sequences, or both. Every token's keys and values
 // are written before any attention is computed, so a token sees its own sequence's positions 0..pos.
 
-#include "tiled_avx2.h"
+#include "packed_linear.h"
+
+namespace shrink_kernels {
+void bind_decoder(pybind11::module_& m);
+}
 
 #include <torch/extension.h>
 
@@ -21,105 +26,13 @@
 
 namespace {
 
+using shrink_kernels::float_gemv;
+using shrink_kernels::float_gemv_into;
+using shrink_kernels::GEMV_MAX_ROWS;
 using torch::Tensor;
 
 std::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? std::optional<Tensor>(t) : std::nullopt;
-}
-
-// y [M, N] = x [M, K] W [N, K]^T + b for up to GEMV_MAX_ROWS rows (decoding): past GEMV_ROWS rows, tiles
-// of GEMV_ROWS rows of x by two weight rows, all in registers, so each weight row is read from memory once
-// for all rows (the next tile of rows finds it in L1); the output columns are split across threads.
-// torch's GEMV runs a large matrix (the output layer) on one thread at about a third of the memory
-// bandwidth here, and its GEMM for a few rows streams the weights at a fraction of it.
-constexpr int64_t GEMV_ROWS = 4, GEMV_MAX_ROWS = 16;
-
-// y[m * N] (and y[m * N + 1] when `two`) for the R rows of xb [R, K] against weight rows w0 and w1.
-template <int R>
-inline void gemv_tile(const float* xb, int64_t K, const float* w0, const float* w1, bool two, const float* b,
-                      float* y, int64_t N) {
-  __m256 a0[R], a1[R];
-  for (int m = 0; m < R; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 u = _mm256_loadu_ps(w0 + k), v = _mm256_loadu_ps(w1 + k);
-    for (int m = 0; m < R; ++m) {
-      const __m256 xv = _mm256_loadu_ps(xb + m * K + k);
-      a0[m] = _mm256_fmadd_ps(u, xv, a0[m]);
-      a1[m] = _mm256_fmadd_ps(v, xv, a1[m]);
-    }
-  }
-  for (int m = 0; m < R; ++m) {
-    float t0 = shrink_kernels::hsum(a0[m]), t1 = shrink_kernels::hsum(a1[m]);
-    for (int64_t kk = k; kk < K; ++kk) {
-      t0 += w0[kk] * xb[m * K + kk];
-      t1 += w1[kk] * xb[m * K + kk];
-    }
-    y[m * N] = b ? t0 + b[0] : t0;
-    if (two) y[m * N + 1] = b ? t1 + b[1] : t1;
-  }
-}
-
-// One weight row at a time against all (up to GEMV_ROWS) rows, two accumulators each: for 1-4 rows this
-// streams the weights faster than the tiles (measured; latency of the FMA chains, not loads, bounds it).
-void gemv_few(const float* xp, int64_t M, int64_t K, const float* wp, const float* bp, float* yp, int64_t N,
-              int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = wp + n * K;
-    __m256 acc[GEMV_ROWS][2];
-    for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
-      for (int64_t m = 0; m < M; ++m) {
-        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + m * K + k), acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + m * K + k + 8), acc[m][1]);
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      float t = shrink_kernels::hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
-      for (int64_t kk = k; kk < K; ++kk) t += wr[kk] * xp[m * K + kk];
-      yp[m * N + n] = bp ? t + bp[n] : t;
-    }
-  }
-}
-
-// y [M, N] (contiguous float32) = x w^T + bias, for up to GEMV_MAX_ROWS rows.
-void float_gemv_into(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M <= GEMV_MAX_ROWS && w.is_contiguous() && w.scalar_type() == torch::kFloat32, "float_gemv");
-  TORCH_CHECK(y.is_contiguous() && y.size(0) == M && y.size(1) == N, "float_gemv: output shape");
-  const Tensor xc = x.contiguous();
-  const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
-  const float* bp = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  if (M <= GEMV_ROWS) {
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { gemv_few(xp, M, K, wp, bp, yp, N, n0, n1); });
-    return;
-  }
-  at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n = 2 * p;
-      const bool two = n + 1 < N;
-      const float *w0 = wp + n * K, *w1 = two ? w0 + K : w0, *b = bp ? bp + n : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
-        const float* xb = xp + m0 * K;
-        float* yb = yp + m0 * N + n;
-        switch (std::min(GEMV_ROWS, M - m0)) {
-          case 4: gemv_tile<4>(xb, K, w0, w1, two, b, yb, N); break;
-          case 3: gemv_tile<3>(xb, K, w0, w1, two, b, yb, N); break;
-          case 2: gemv_tile<2>(xb, K, w0, w1, two, b, yb, N); break;
-          default: gemv_tile<1>(xb, K, w0, w1, two, b, yb, N); break;
-        }
-      }
-    }
-  });
-}
-
-Tensor float_gemv(const Tensor& x, const Tensor& w, const Tensor& bias) {
-  Tensor y = torch::empty({x.size(0), w.size(0)}, torch::kFloat32);
-  float_gemv_into(x, w, bias, y);
-  return y;
 }
 
 // A weight layer: packed integer codes in the kernel's row layout (and, where the layer has one, its
@@ -137,15 +50,11 @@ struct Linear {
     TORCH_CHECK(x.size(1) == in, "a layer of ", in, " inputs was given ", x.size(1));
     const Tensor xi = order.numel() > 0 ? x.index_select(1, order) : x;
     if (!packed()) return xi.size(0) <= GEMV_MAX_ROWS ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
-    if (tiled()) return shrink_kernels::tiled_many(xi.contiguous(), {tiled_weight()})[0];
-    if (xi.size(0) >= large_batch) {  // as kernels.qlinear: the same int8 activations, a float GEMM
-      auto q = shrink_kernels::quantize_x(xi.contiguous(), 32);
-      const Tensor xa = (q[0].view({xi.size(0), -1, 32}).to(torch::kFloat32) * q[1].unsqueeze(-1)).view(xi.sizes());
-      return at::linear(xa, shrink_kernels::dequantize(qweight, scales, zeros, zero_const, bits, group, in),
-                        maybe(bias));
-    }
-    return shrink_kernels::qlinear_many(xi.contiguous(), {kernel_weight()})[0];
+    return shrink_kernels::packed_linear(xi, qweight, scales, zeros, zero_const, bias, bits, group, tcodes, tscales,
+                                         tszero, large_batch);
   }
+
+  shrink_kernels::Path path(int64_t rows) const { return shrink_kernels::choose_path(tiled(), rows, large_batch); }
 
   // The same product written into y [M, out] (contiguous), which a caller reuses: a float weight's
   // product goes there directly, a packed one's is copied.
@@ -167,13 +76,18 @@ struct Linear {
 
   shrink_kernels::TiledWeight tiled_weight() const { return {tcodes, tscales, tszero, bias, bits, group}; }
 
-  // Whether this layer's product can be computed together with `other`'s on the same input: both tiled
-  // (8-bit codes, or both 2-4 bits) or both in the row kernel (below large_batch rows), the same group size.
+  // Whether this layer's product can be computed together with `other`'s on the same input: both on the
+  // same path (packed_linear's choice), tiled (8-bit codes, or both 2-4 bits) or the row kernel (the same bits),
+  // the same group size.
   bool fuses_with(const Linear& other, int64_t rows) const {
     if (!packed() || !other.packed() || order.numel() > 0 || other.order.numel() > 0 || group != other.group ||
-        in != other.in || tiled() != other.tiled())
+        in != other.in || path(rows) != other.path(rows))
       return false;
-    return tiled() ? (bits == 8) == (other.bits == 8) : bits == other.bits && rows < large_batch;
+    switch (path(rows)) {
+      case shrink_kernels::Path::Tiled: return (bits == 8) == (other.bits == 8);
+      case shrink_kernels::Path::Rows: return bits == other.bits;
+      default: return false;
+    }
   }
 
   // Row `r` of the weight as floats into dst (an embedding table's lookup).
@@ -445,7 +359,8 @@ class Decoder {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+// The runtime's classes, added to the kernels' module (qgemm_avx2.cpp) so that one build holds both.
+void shrink_kernels::bind_decoder(pybind11::module_& m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](Tensor qweight, Tensor scales, Tensor zeros, Tensor weight, Tensor bias, Tensor order,
                        int64_t zero_const, int64_t bits, int64_t group, int64_t in, int64_t out, int64_t large_batch,
