@@ -776,7 +776,7 @@ def test_a_folder_killed_while_being_replaced_is_restored(tmp_path):
     out = tmp_path / "checkpoint"
     out.mkdir()
     (out / "state.pt").write_text("step 100")
-    child = subprocess.Popen([sys.executable, "-c", "import os, time\nfrom shrink import atomic\n"
+    child = subprocess.Popen([sys.executable, "-c", "import os, time\nfrom shrink.core import atomic\n"
                               "real = os.replace\n"
                               "def stop_after_the_first(src, dst):\n"
                               "    real(src, dst)\n    print('aside', flush=True)\n    time.sleep(120)\n"
