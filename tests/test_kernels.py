@@ -201,6 +201,32 @@ def test_tiled_copy_follows_the_stored_weights():
     assert torch.allclose(a(x), _reference(a, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_untile_gives_back_the_row_layout_exactly(fmt):
+    _, q = _layer(fmt, k=128, n=16)
+    t = tiled.tile(q.qweight, q.scales, q.zeros, q.zero_const, q.spec.bits, 128, q.spec.group_for(128))
+    qweight, scales = tiled.untile(t, 16, 128)
+    assert torch.equal(qweight, q.qweight) and scales.dtype == torch.float16 and torch.equal(scales, q.scales)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["int4-g32", "int8", "int3-g64-asym"])
+def test_a_layer_holds_its_weight_once_in_the_tiled_layout_after_a_forward(fmt):
+    _, q = _layer(fmt)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(5, 256)
+    y = q(x)
+    assert "qweight" not in q._buffers and "scales" not in q._buffers and "tiled_codes" in q._buffers
+    assert tiled.nbytes(q) == sum(q._buffers[k].nbytes for k in ("tiled_codes", "tiled_scales", "tiled_szero"))
+    after = q.state_dict()  # the row form, as it was, in the same order
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert q.weight_bytes() == before["qweight"].numel() + before["scales"].numel() * 2 + (
+        before["zeros"].numel() if "zeros" in before else 0)
+    assert torch.equal(q(x), y)
+    assert torch.equal(q.qweight, before["qweight"]) and "tiled_codes" not in q._buffers  # rows back when read
+    assert torch.equal(q(x), y) and "qweight" not in q._buffers  # and tiled again by the next forward
+
+
 @needs_native
 def test_layers_without_a_tiled_copy_use_the_row_kernel():
     lin, q = _layer("int4-g32", n=36)  # 36 outputs: not a multiple of 8

@@ -75,6 +75,8 @@ class QuantEmbedding(PackedRows):
 
 def share_buffers(head: QuantLinear, table: QuantEmbedding) -> None:
     """Make `head` use `table`'s packed buffers (one copy in memory and on disk)."""
+    head.qweight  # noqa: B018  (a head holding the tiled layout puts its row form back first)
     for key in ("qweight", "scales", "zeros"):
         if getattr(table, key) is not None:
             head._buffers[key] = table._buffers[key]
+    head.shares_buffers = True  # so the head never lets go of the row form the table reads rows from

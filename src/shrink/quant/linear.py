@@ -7,7 +7,10 @@ Buffers (all saved in the state dict, nothing else needed to rebuild the layer):
   bias     fp32  [out]                 when the original layer had one
   input_order int64 [in]               only for weights whose groups are not contiguous inputs (GPTQ's
                                        activation order): the kernel sees x[:, input_order]
-The forward pass runs the native AVX2 kernel where it applies and the PyTorch path otherwise.
+The forward pass runs the native AVX2 kernel where it applies and the PyTorch path otherwise. A layer whose
+kernel is the tiled one holds its weight in that layout alone after its first forward (adopt_tiled):
+qweight and scales then are made again from it when read, which puts the layer back in the row layout
+until its next forward; its state dict holds the row form either way.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class PackedRows(nn.Module):
         if spec.cast:
             raise ValueError(f"{type(self).__name__} holds integer formats, not {spec.name}")
         self.spec = spec
+        self.packed_shape = (rows, inputs)  # rows of codes, codes a row
         groups = inputs // spec.group_for(inputs)
         self.register_buffer("qweight", torch.zeros(rows, packed_width(inputs, spec.bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(rows, groups, dtype=torch.float16))
@@ -43,7 +47,7 @@ class PackedRows(nn.Module):
 
     def fill(self, q: QuantizedWeight) -> None:
         """Store computed codes, scales and zero points."""
-        self.qweight.copy_(pack(q.codes, self.spec.bits))
+        self.qweight.copy_(pack(q.codes, self.spec.bits))  # (reading qweight puts the row layout back)
         self.scales.copy_(q.scales)
         if self.zeros is not None:
             self.zeros.copy_(q.zeros)
@@ -54,9 +58,11 @@ class PackedRows(nn.Module):
         return symmetric_zero(self.spec.bits) if self.spec.symmetric else 0
 
     def weight_bytes(self) -> int:
-        """Bytes of packed codes, scales and zero points (bias excluded)."""
-        n = self.qweight.numel() + self.scales.numel() * 2
-        return n + (self.zeros.numel() if self.zeros is not None else 0)
+        """Bytes of packed codes, scales and zero points as stored (bias excluded), from the shapes: reading
+        the buffers would make a layer holding the tiled layout build its row form."""
+        rows, inputs = self.packed_shape
+        groups = inputs // self.spec.group_for(inputs)
+        return rows * (packed_width(inputs, self.spec.bits) + groups * (2 + (0 if self.spec.symmetric else 1)))
 
 
 class QuantLinear(PackedRows):
@@ -88,6 +94,53 @@ class QuantLinear(PackedRows):
         self.backend = backend or kernels.default_backend()
         self._group = spec.group_for(in_features)
         self._native, self._native_for = False, None  # whether to use the kernel, and for which backend
+
+    def adopt_tiled(self, t) -> bool:
+        """Hold the weight as the tiled layout `t` (kernels.tiled.TiledWeight, built from this layer's buffers)
+        alone, the row-layout codes and scales let go; False (nothing changed) for a layer sharing its buffers
+        with another (an output layer tied to its embedding table), which keeps both."""
+        if self.__dict__.get("shares_buffers"):
+            return False
+        for name in ("qweight", "scales"):
+            del self._buffers[name]
+        self.register_buffer("tiled_codes", t.codes, persistent=False)
+        self.register_buffer("tiled_scales", t.scales, persistent=False)
+        self.register_buffer("tiled_szero", t.szero, persistent=False)
+        return True
+
+    def _row_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from .kernels.tiled import TiledWeight, untile
+
+        b = self._buffers
+        t = TiledWeight(b["tiled_codes"], b["tiled_scales"], b["tiled_szero"], self.spec.bits, self._group)
+        return untile(t, self.out_features, self.in_features)
+
+    def __getattr__(self, name: str):
+        # qweight and scales of a layer holding the tiled layout: the row layout comes back, kept (so that
+        # reading and changing them in place works as on any layer), until the next forward tiles it again
+        if name in ("qweight", "scales") and "tiled_codes" in self.__dict__.get("_buffers", ()):
+            qweight, scales = self._row_form()
+            rest = {k: v for k, v in self._buffers.items() if not k.startswith("tiled_")}
+            self._non_persistent_buffers_set.difference_update({"tiled_codes", "tiled_scales", "tiled_szero"})
+            self._buffers.clear()
+            self._buffers.update(qweight=qweight, scales=scales, **rest)  # in the order they were registered
+            return self._buffers[name]
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the state dict holds the row form whatever the layer holds, in the buffers' registration order
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "tiled_codes" in self._buffers:
+            qweight, scales = self._row_form()
+            rest = {k: destination.pop(k) for k in list(destination) if k.startswith(prefix) and
+                    k[len(prefix):] in self._buffers}
+            destination[prefix + "qweight"], destination[prefix + "scales"] = qweight, scales
+            destination.update(rest)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if "tiled_codes" in self._buffers:
+            self.qweight  # noqa: B018  (back to the row layout, which the state dict fills)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -152,7 +205,7 @@ class QuantLinear(PackedRows):
     def _apply(self, fn, recurse=True):
         # .half(), .to(torch.bfloat16), .to(device): the storage moves but keeps its types (codes uint8,
         # scales fp16, bias fp32), since the kernels read exactly those; compute follows the input's dtype.
-        return apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales", "bias", "tiled_scales", "tiled_szero"), recurse)
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights, scales, zero points and input order (bias excluded)."""

@@ -56,7 +56,8 @@ def decoder_for(model: nn.Module) -> LlamaDecoder | None:
     with _building:  # threads asking at once share one decoder (built once)
         held = _decoders.get(model)
         if held is None or held[0] != key:
-            held = (key, LlamaDecoder(model))
+            decoder = LlamaDecoder(model)  # may change the layers' buffers (their first tiling): key them after
+            held = (_fingerprint(model), decoder)
             _decoders[model] = held
     return held[1]
 

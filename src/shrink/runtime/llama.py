@@ -135,7 +135,9 @@ def _linear(m: nn.Module, ext, products: bool = True):
         if native_ok:
             t = tiled.for_layer(m) if products else None
             tcodes, tscales, tszero = (u8, f32, f32) if t is None else (t.codes, t.scales, t.szero)
-            return ext.Linear(m.qweight, m.scales, u8 if m.zeros is None else m.zeros, f32, bias,
+            b = m._buffers  # a layer holding the tiled layout alone: no row form, none needed
+            return ext.Linear(b.get("qweight", u8), b.get("scales", _EMPTY[torch.float16]),
+                              u8 if m.zeros is None else m.zeros, f32, bias,
                               i64 if m.input_order is None else m.input_order, m.zero_const, m.spec.bits,
                               m.spec.group_for(m.in_features), m.in_features, m.out_features, LARGE_BATCH,
                               tcodes, tscales, tszero)

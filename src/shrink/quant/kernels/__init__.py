@@ -21,6 +21,7 @@ from . import native, reference, tiled
 LARGE_BATCH = 64
 _NO_U8 = torch.empty(0, dtype=torch.uint8)  # the extension's "no zero points" / "no bias"
 _NO_F32 = torch.empty(0, dtype=torch.float32)
+_NO_F16 = torch.empty(0, dtype=torch.float16)
 
 
 
@@ -65,7 +66,9 @@ def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
         return reference.dequant_linear(x, layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.bias,
                                         layer.spec.bits, layer.in_features)
     t = tiled.for_layer(layer)
-    args = (x, layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
+    b = layer._buffers  # a layer holding the tiled layout alone has no row form, and needs none here
+    args = (x, b.get("qweight", _NO_U8), b.get("scales", _NO_F16), _NO_U8 if layer.zeros is None else layer.zeros,
+            layer.zero_const,
             _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits, layer.spec.group_for(layer.in_features),
             *((_NO_U8, _NO_F32, _NO_F32) if t is None else (t.codes, t.scales, t.szero)), LARGE_BATCH)
     # the dispatcher op stays in a compiled graph; eagerly, the direct call is about 3 us a call cheaper

@@ -42,7 +42,7 @@ struct Linear {
   int64_t zero_const, bits, group, in, out, large_batch;
   Tensor tcodes, tscales, tszero;  // the tiled copy, or empty
 
-  bool packed() const { return qweight.numel() > 0; }
+  bool packed() const { return qweight.numel() > 0 || tcodes.numel() > 0; }  // a tiled weight may have no rows
   bool tiled() const { return tcodes.numel() > 0; }
 
   // y [M, out] = x [M, in] times the weight, plus the bias.

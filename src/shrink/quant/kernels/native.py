@@ -137,7 +137,7 @@ def _register_shapes() -> None:
 
     @torch.library.register_fake("shrink::linear")
     def _(x, qweight, scales, zeros, zero_const, bias, bits, group_size, tcodes, tscales, tszero, large_batch):
-        return x.new_empty(*x.shape[:-1], qweight.shape[0])
+        return x.new_empty(*x.shape[:-1], tcodes.shape[0] * 8 if tcodes.numel() else qweight.shape[0])
 
     @torch.library.register_fake("shrink::dequantize")
     def _(qweight, scales, zeros, zero_const, bits, group_size, k):

@@ -1,10 +1,12 @@
 """The tiled layout of a packed weight, which the native kernel multiplies fastest at every batch size.
 
-A packed layer stores its codes row by row (packing.py), which is what gets saved and exported. The
-native kernel's fast path (tiled_avx2.h, tiled_core.inc) reads them in tiles of 8 outputs instead, so
-the layer keeps a second copy in that layout, built from the stored buffers on first use and rebuilt whenever they change
-(loading a state dict, re-filling the codes). It is not saved. Layers whose output count is not a multiple
-of 8 keep the row kernel.
+A packed layer's codes are saved and exported row by row (packing.py). The native kernel's fast path
+(tiled_avx2.h, tiled_core.inc) reads them in tiles of 8 outputs instead. A QuantLinear that runs it holds
+its weight in that layout alone once it has run (`QuantLinear.adopt_tiled`): the row form is made again from
+it when something reads the layer's `qweight` or `scales` (saving, exporting, changing them), and the tiles
+after the next forward. A layer that shares its buffers (an output layer tied to its embedding table) keeps
+the row form beside a tiled copy, rebuilt whenever its buffers change. Layers whose output count is not a
+multiple of 8 keep the row kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing import BLOCK, unpack
+from ...core.memory import release_freed_memory
+from ..packing import BLOCK, pack, unpack
 
 TILE = 8  # outputs per tile
 
@@ -60,6 +63,19 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     return TiledWeight(packed.reshape(t, -1), by_tile(s), by_tile(s * z), bits, group_size)
 
 
+def untile(t: TiledWeight, rows: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) in the row layout of packing.py (uint8 codes, float16 scales) from a tiled weight:
+    the inverse of `tile` (scales came from float16, so the conversion back is exact)."""
+    n, k, nb = rows, in_features, in_features // BLOCK
+    quads = t.codes.view(torch.int32).view(n // TILE, nb, -1, TILE).permute(0, 3, 1, 2).contiguous()
+    codes = quads.view(torch.uint8).reshape(n, -1)
+    if t.bits != 8:  # each byte: input 8j + i in the low nibble, 8j + 4 + i in the high
+        c = codes.view(n, nb, 4, 4)
+        codes = torch.stack([c & 0x0F, c >> 4], dim=3).reshape(n, k)
+    scales = t.scales.permute(0, 2, 1).reshape(n, -1).to(torch.float16)
+    return pack(codes, t.bits), scales
+
+
 @dataclass(frozen=True)
 class _Copy:
     """A layer's tiled copy and the buffers (and their versions) it was built from."""
@@ -84,6 +100,9 @@ def for_layer(layer) -> TiledWeight | None:
     # Called on every forward, so kept cheap: the buffers straight from the module's dict (not through
     # nn.Module.__getattr__), compared by identity and version counter.
     b = layer._buffers
+    held = b.get("tiled_codes")
+    if held is not None:  # the layer holds its weight in this layout alone
+        return TiledWeight(held, b["tiled_scales"], b["tiled_szero"], layer.spec.bits, layer.spec.group_for(layer.in_features))
     q, s, z = b["qweight"], b["scales"], b.get("zeros")
     cached = layer.__dict__.get("_tiled")
     if torch.compiler.is_compiling():
@@ -95,5 +114,19 @@ def for_layer(layer) -> TiledWeight | None:
     group = layer.spec.group_for(layer.in_features)
     t = tile(q, s, z, layer.zero_const, layer.spec.bits, layer.in_features, group) if supports(
         q.shape[0], layer.in_features, group) else None
+    if t is not None and getattr(layer, "adopt_tiled", None) is not None and layer.adopt_tiled(t):
+        layer.__dict__.pop("_tiled", None)
+        del q, s, z
+        release_freed_memory()  # the row form and the tiling's temporaries, back to the system (about 0.4 ms)
+        return t
     layer.__dict__["_tiled"] = _Copy(q, s, z, _versions(q, s, z), t)
     return t
+
+
+def nbytes(layer) -> int:
+    """Bytes of a layer's tiled weight: the one it holds, or the copy beside its rows; 0 when it has none."""
+    b = layer._buffers
+    if b.get("tiled_codes") is not None:
+        return sum(b[k].numel() * b[k].element_size() for k in ("tiled_codes", "tiled_scales", "tiled_szero"))
+    held = layer.__dict__.get("_tiled")
+    return held.tiled.nbytes() if held is not None and held.tiled is not None else 0
