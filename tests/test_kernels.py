@@ -179,9 +179,11 @@ def test_tiled_layout_holds_the_same_codes_scales_and_zeros(fmt):
     assert torch.equal(_untile(t, 16, 128), unpack(q.qweight, q.spec.bits, 128))
     groups = 128 // q.spec.group_for(128)
     s = t.scales.permute(0, 2, 1).reshape(16, groups)
-    assert torch.equal(s, q.scales.float())
-    z = q.zeros.float() if q.zeros is not None else torch.full_like(s, float(q.zero_const))
-    assert torch.equal(t.szero.permute(0, 2, 1).reshape(16, groups), s * z)
+    assert s.dtype == torch.float16 and torch.equal(s, q.scales)  # as many bytes as stored, the same values
+    if q.zeros is None:
+        assert t.zeros is None and t.zero_const == q.zero_const
+    else:
+        assert torch.equal(t.zeros.permute(0, 2, 1).reshape(16, groups), q.zeros)
     with pytest.raises(ValueError, match="12 outputs"):
         tiled.tile(q.qweight[:12], q.scales[:12], None, 8, q.spec.bits, 128, 32)
 
@@ -217,7 +219,8 @@ def test_a_layer_holds_its_weight_once_in_the_tiled_layout_after_a_forward(fmt):
     x = torch.randn(5, 256)
     y = q(x)
     assert "qweight" not in q._buffers and "scales" not in q._buffers and "tiled_codes" in q._buffers
-    assert tiled.nbytes(q) == sum(q._buffers[k].nbytes for k in ("tiled_codes", "tiled_scales", "tiled_szero"))
+    if fmt in ("int4-g32", "int8"):  # the tiles take what the row form took (3-bit codes are tiled as 4)
+        assert tiled.nbytes(q) == q.weight_bytes()
     after = q.state_dict()  # the row form, as it was, in the same order
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert q.weight_bytes() == before["qweight"].numel() + before["scales"].numel() * 2 + (

@@ -105,14 +105,16 @@ class QuantLinear(PackedRows):
             del self._buffers[name]
         self.register_buffer("tiled_codes", t.codes, persistent=False)
         self.register_buffer("tiled_scales", t.scales, persistent=False)
-        self.register_buffer("tiled_szero", t.szero, persistent=False)
+        if t.zeros is not None:  # (an asymmetric layer's zero points stay in `zeros` too: a byte a group)
+            self.register_buffer("tiled_zeros", t.zeros, persistent=False)
         return True
 
     def _row_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         from .kernels.tiled import TiledWeight, untile
 
         b = self._buffers
-        t = TiledWeight(b["tiled_codes"], b["tiled_scales"], b["tiled_szero"], self.spec.bits, self._group)
+        t = TiledWeight(b["tiled_codes"], b["tiled_scales"], b.get("tiled_zeros"), self.zero_const, self.spec.bits,
+                        self._group)
         return untile(t, self.out_features, self.in_features)
 
     def __getattr__(self, name: str):
@@ -121,7 +123,7 @@ class QuantLinear(PackedRows):
         if name in ("qweight", "scales") and "tiled_codes" in self.__dict__.get("_buffers", ()):
             qweight, scales = self._row_form()
             rest = {k: v for k, v in self._buffers.items() if not k.startswith("tiled_")}
-            self._non_persistent_buffers_set.difference_update({"tiled_codes", "tiled_scales", "tiled_szero"})
+            self._non_persistent_buffers_set.difference_update({"tiled_codes", "tiled_scales", "tiled_zeros"})
             self._buffers.clear()
             self._buffers.update(qweight=qweight, scales=scales, **rest)  # in the order they were registered
             return self._buffers[name]
@@ -205,7 +207,7 @@ class QuantLinear(PackedRows):
     def _apply(self, fn, recurse=True):
         # .half(), .to(torch.bfloat16), .to(device): the storage moves but keeps its types (codes uint8,
         # scales fp16, bias fp32), since the kernels read exactly those; compute follows the input's dtype.
-        return apply_keeping_dtypes(self, fn, ("scales", "bias", "tiled_scales", "tiled_szero"), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales", "bias", "tiled_scales"), recurse)
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights, scales, zero points and input order (bias excluded)."""

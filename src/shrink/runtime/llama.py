@@ -134,13 +134,15 @@ def _linear(m: nn.Module, ext, products: bool = True):
             native.available() and m.spec.group_for(m.in_features) % 32 == 0 and m.in_features % 32 == 0)
         if native_ok:
             t = tiled.for_layer(m) if products else None
-            tcodes, tscales, tszero = (u8, f32, f32) if t is None else (t.codes, t.scales, t.szero)
+            f16 = _EMPTY[torch.float16]
+            tcodes, tscales, tzeros = (u8, f16, u8) if t is None else (t.codes, t.scales,
+                                                                        u8 if t.zeros is None else t.zeros)
             b = m._buffers  # a layer holding the tiled layout alone: no row form, none needed
-            return ext.Linear(b.get("qweight", u8), b.get("scales", _EMPTY[torch.float16]),
+            return ext.Linear(b.get("qweight", u8), b.get("scales", f16),
                               u8 if m.zeros is None else m.zeros, f32, bias,
                               i64 if m.input_order is None else m.input_order, m.zero_const, m.spec.bits,
                               m.spec.group_for(m.in_features), m.in_features, m.out_features, LARGE_BATCH,
-                              tcodes, tscales, tszero)
+                              tcodes, tscales, tzeros)
         weight = m.dequantized_weight()
     elif isinstance(m, (nn.Linear, CastLinear, nn.Embedding)):
         weight = m.weight.detach()
@@ -148,7 +150,7 @@ def _linear(m: nn.Module, ext, products: bool = True):
         raise ShrinkError(f"the decoding runtime cannot read a {type(m).__name__}")
     rows, cols = weight.shape
     return ext.Linear(u8, _EMPTY[torch.float16], u8, weight.float().contiguous(), bias, i64, 0, 0, 0, cols, rows,
-                      LARGE_BATCH, u8, f32, f32)
+                      LARGE_BATCH, u8, _EMPTY[torch.float16], u8)
 
 
 def _shared_prefix(prompts: list[torch.Tensor]) -> int:

@@ -70,7 +70,8 @@ def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
     args = (x, b.get("qweight", _NO_U8), b.get("scales", _NO_F16), _NO_U8 if layer.zeros is None else layer.zeros,
             layer.zero_const,
             _NO_F32 if layer.bias is None else layer.bias, layer.spec.bits, layer.spec.group_for(layer.in_features),
-            *((_NO_U8, _NO_F32, _NO_F32) if t is None else (t.codes, t.scales, t.szero)), LARGE_BATCH)
+            *((_NO_U8, _NO_F16, _NO_U8) if t is None else (t.codes, t.scales, _NO_U8 if t.zeros is None else t.zeros)),
+            LARGE_BATCH)
     # the dispatcher op stays in a compiled graph; eagerly, the direct call is about 3 us a call cheaper
     return torch.ops.shrink.linear(*args) if torch.compiler.is_compiling() else native.load().linear(*args)
 

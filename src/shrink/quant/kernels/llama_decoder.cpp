@@ -40,7 +40,7 @@ std::optional<Tensor> maybe(const Tensor& t) {
 struct Linear {
   Tensor qweight, scales, zeros, weight, bias, order;  // unused ones empty
   int64_t zero_const, bits, group, in, out, large_batch;
-  Tensor tcodes, tscales, tszero;  // the tiled copy, or empty
+  Tensor tcodes, tscales, tzeros;  // the tiled layout (zero points empty for symmetric formats), or empty
 
   bool packed() const { return qweight.numel() > 0 || tcodes.numel() > 0; }  // a tiled weight may have no rows
   bool tiled() const { return tcodes.numel() > 0; }
@@ -51,7 +51,7 @@ struct Linear {
     const Tensor xi = order.numel() > 0 ? x.index_select(1, order) : x;
     if (!packed()) return xi.size(0) <= GEMV_MAX_ROWS ? float_gemv(xi, weight, bias) : at::linear(xi, weight, maybe(bias));
     return shrink_kernels::packed_linear(xi, qweight, scales, zeros, zero_const, bias, bits, group, tcodes, tscales,
-                                         tszero, large_batch);
+                                         tzeros, large_batch);
   }
 
   shrink_kernels::Path path(int64_t rows) const { return shrink_kernels::choose_path(tiled(), rows, large_batch); }
@@ -74,7 +74,7 @@ struct Linear {
     return {qweight, scales, zeros, bias, zero_const, bits, group};
   }
 
-  shrink_kernels::TiledWeight tiled_weight() const { return {tcodes, tscales, tszero, bias, bits, group}; }
+  shrink_kernels::TiledWeight tiled_weight() const { return {tcodes, tscales, tzeros, bias, zero_const, bits, group}; }
 
   // Whether this layer's product can be computed together with `other`'s on the same input: both on the
   // same path (packed_linear's choice), tiled (8-bit codes, or both 2-4 bits) or the row kernel (the same bits),
@@ -364,13 +364,13 @@ void shrink_kernels::bind_decoder(pybind11::module_& m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](Tensor qweight, Tensor scales, Tensor zeros, Tensor weight, Tensor bias, Tensor order,
                        int64_t zero_const, int64_t bits, int64_t group, int64_t in, int64_t out, int64_t large_batch,
-                       Tensor tcodes, Tensor tscales, Tensor tszero) {
+                       Tensor tcodes, Tensor tscales, Tensor tzeros) {
              return Linear{qweight, scales, zeros, weight, bias, order, zero_const, bits, group, in, out, large_batch,
-                           tcodes, tscales, tszero};
+                           tcodes, tscales, tzeros};
            }),
            py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("weight"), py::arg("bias"),
            py::arg("order"), py::arg("zero_const"), py::arg("bits"), py::arg("group"), py::arg("in_features"),
-           py::arg("out_features"), py::arg("large_batch"), py::arg("tcodes"), py::arg("tscales"), py::arg("tszero"))
+           py::arg("out_features"), py::arg("large_batch"), py::arg("tcodes"), py::arg("tscales"), py::arg("tzeros"))
       .def("__call__", &Linear::operator());
   py::class_<Layer>(m, "Layer")
       .def(py::init([](Tensor input_norm, Tensor post_norm, Linear q, Linear k, Linear v, Linear o, Linear gate,

@@ -132,11 +132,11 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     @torch.library.register_fake("shrink::tiled_qlinear")
-    def _(x, codes, scales, szero, bias, bits, group_size):
+    def _(x, codes, scales, zeros, zero_const, bias, bits, group_size):
         return x.new_empty(*x.shape[:-1], codes.shape[0] * 8)
 
     @torch.library.register_fake("shrink::linear")
-    def _(x, qweight, scales, zeros, zero_const, bias, bits, group_size, tcodes, tscales, tszero, large_batch):
+    def _(x, qweight, scales, zeros, zero_const, bias, bits, group_size, tcodes, tscales, tzeros, large_batch):
         return x.new_empty(*x.shape[:-1], tcodes.shape[0] * 8 if tcodes.numel() else qweight.shape[0])
 
     @torch.library.register_fake("shrink::dequantize")

@@ -21,10 +21,10 @@ inline Path choose_path(bool tiled, int64_t rows, int64_t large_batch) {
 }
 
 // x [..., K] float32 times a packed weight (row layout: qweight, scales, zeros, zero_const; tiled copy:
-// tcodes, tscales, tszero, or empty tensors), plus the bias (or empty): [..., N] float32.
+// tcodes, tscales, tzeros, or empty tensors), plus the bias (or empty): [..., N] float32.
 inline torch::Tensor packed_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                                    int64_t zero_const, torch::Tensor bias, int64_t bits, int64_t group_size,
-                                   torch::Tensor tcodes, torch::Tensor tscales, torch::Tensor tszero,
+                                   torch::Tensor tcodes, torch::Tensor tscales, torch::Tensor tzeros,
                                    int64_t large_batch) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32, "x: float32 [..., in_features]");
   const int64_t K = x.size(-1);
@@ -33,7 +33,7 @@ inline torch::Tensor packed_linear(torch::Tensor x, torch::Tensor qweight, torch
   torch::Tensor y;
   switch (choose_path(tcodes.numel() > 0, x2.size(0), large_batch)) {
     case Path::Tiled:
-      y = tiled_many(x2, {TiledWeight{tcodes, tscales, tszero, bias, bits, group_size}})[0];
+      y = tiled_many(x2, {TiledWeight{tcodes, tscales, tzeros, bias, zero_const, bits, group_size}})[0];
       break;
     case Path::LargeBatch: {
       auto q = quantize_x(x2, 32);

@@ -18,9 +18,10 @@ TORCH_LIBRARY(shrink, m) {
   m.def("qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int zero_const, Tensor bias, int bits, "
         "int group_size) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, Tensor zeros, int zero_const, int bits, int group_size, int K) -> Tensor");
-  m.def("tiled_qlinear(Tensor x, Tensor codes, Tensor scales, Tensor szero, Tensor bias, int bits, int group_size) -> Tensor");
+  m.def("tiled_qlinear(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int zero_const, Tensor bias, int bits, "
+        "int group_size) -> Tensor");
   m.def("linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int zero_const, Tensor bias, int bits, "
-        "int group_size, Tensor tcodes, Tensor tscales, Tensor tszero, int large_batch) -> Tensor");
+        "int group_size, Tensor tcodes, Tensor tscales, Tensor tzeros, int large_batch) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shrink, CPU, m) {

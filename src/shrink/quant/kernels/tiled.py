@@ -23,17 +23,19 @@ TILE = 8  # outputs per tile
 
 @dataclass(frozen=True)
 class TiledWeight:
-    """A packed weight in tiles of 8 outputs (see tiled_core.inc for the byte layout)."""
+    """A packed weight in tiles of 8 outputs (see tiled_core.inc for the byte layout): as many bytes as its row
+    layout, the same scales and zero points, reordered."""
 
-    codes: torch.Tensor   # uint8 [outputs/8, blocks * (256 for 8-bit codes, else 128)]
-    scales: torch.Tensor  # float32 [outputs/8, groups, 8]
-    szero: torch.Tensor   # float32 [outputs/8, groups, 8]: scale * zero
+    codes: torch.Tensor          # uint8 [outputs/8, blocks * (256 for 8-bit codes, else 128)]
+    scales: torch.Tensor         # float16 [outputs/8, groups, 8]
+    zeros: torch.Tensor | None   # uint8 [outputs/8, groups, 8] (-asym formats), or None: zero_const for all
+    zero_const: int
     bits: int
     group_size: int
 
     def nbytes(self) -> int:
-        """Memory this copy takes."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.szero))
+        """Memory this layout takes."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros) if t is not None)
 
 
 def supports(rows: int, in_features: int, group_size: int) -> bool:
@@ -56,24 +58,21 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     quads = codes.reshape(n, -1)
     quads = (quads if quads.storage_offset() % 4 == 0 else quads.clone()).view(torch.int32)
     packed = quads.view(t, TILE, nb, -1).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
-    s = scales.to(torch.float32)
-    z = zeros.to(torch.float32) if zeros is not None else torch.full_like(s, float(zero_const))
     by_tile = lambda v: v.reshape(t, TILE, g).permute(0, 2, 1).contiguous()  # noqa: E731
-    # s * z is exact in float32 (an fp16 scale times an integer below 2**8)
-    return TiledWeight(packed.reshape(t, -1), by_tile(s), by_tile(s * z), bits, group_size)
+    return TiledWeight(packed.reshape(t, -1), by_tile(scales.to(torch.float16)),
+                       None if zeros is None else by_tile(zeros), zero_const, bits, group_size)
 
 
 def untile(t: TiledWeight, rows: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight, scales) in the row layout of packing.py (uint8 codes, float16 scales) from a tiled weight:
-    the inverse of `tile` (scales came from float16, so the conversion back is exact)."""
+    the inverse of `tile`, exactly."""
     n, k, nb = rows, in_features, in_features // BLOCK
     quads = t.codes.view(torch.int32).view(n // TILE, nb, -1, TILE).permute(0, 3, 1, 2).contiguous()
     codes = quads.view(torch.uint8).reshape(n, -1)
     if t.bits != 8:  # each byte: input 8j + i in the low nibble, 8j + 4 + i in the high
         c = codes.view(n, nb, 4, 4)
         codes = torch.stack([c & 0x0F, c >> 4], dim=3).reshape(n, k)
-    scales = t.scales.permute(0, 2, 1).reshape(n, -1).to(torch.float16)
-    return pack(codes, t.bits), scales
+    return pack(codes, t.bits), t.scales.permute(0, 2, 1).reshape(n, -1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,10 @@ def for_layer(layer) -> TiledWeight | None:
     # nn.Module.__getattr__), compared by identity and version counter.
     b = layer._buffers
     held = b.get("tiled_codes")
-    if held is not None:  # the layer holds its weight in this layout alone
-        return TiledWeight(held, b["tiled_scales"], b["tiled_szero"], layer.spec.bits, layer.spec.group_for(layer.in_features))
+    if held is not None:  # the layer holds its weight in this layout alone (its zero points stay in `zeros`)
+        z = b.get("zeros")
+        return TiledWeight(held, b["tiled_scales"], None if z is None else b["tiled_zeros"], layer.zero_const,
+                           layer.spec.bits, layer._group)
     q, s, z = b["qweight"], b["scales"], b.get("zeros")
     cached = layer.__dict__.get("_tiled")
     if torch.compiler.is_compiling():
@@ -127,6 +128,6 @@ def nbytes(layer) -> int:
     """Bytes of a layer's tiled weight: the one it holds, or the copy beside its rows; 0 when it has none."""
     b = layer._buffers
     if b.get("tiled_codes") is not None:
-        return sum(b[k].numel() * b[k].element_size() for k in ("tiled_codes", "tiled_scales", "tiled_szero"))
+        return sum(b[k].numel() * b[k].element_size() for k in ("tiled_codes", "tiled_scales", "tiled_zeros") if k in b)
     held = layer.__dict__.get("_tiled")
     return held.tiled.nbytes() if held is not None and held.tiled is not None else 0

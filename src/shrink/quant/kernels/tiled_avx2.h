@@ -64,10 +64,11 @@ torch::Tensor interleave4(const torch::Tensor& src, int64_t M4, int64_t width) {
 
 }  // namespace
 
-// A weight in the tiled layout: codes, scales and scale x zero, as built by tiled.py.
+// A weight in the tiled layout: codes, scales (float16) and zero points (uint8, or empty: zero_const for all),
+// as built by tiled.py.
 struct TiledWeight {
-  torch::Tensor codes, scales, szero, bias;
-  int64_t bits, group_size;
+  torch::Tensor codes, scales, zeros, bias;
+  int64_t zero_const, bits, group_size;
 };
 
 // x [M, K] (float32, contiguous) times each of several tiled weights of the same kind (8-bit, or 2-4 bits)
@@ -103,14 +104,20 @@ inline std::vector<torch::Tensor> tiled_many(const torch::Tensor& x, const std::
     TORCH_CHECK(w.codes.is_cpu() && w.codes.scalar_type() == torch::kUInt8 && w.codes.is_contiguous() &&
                     w.codes.dim() == 2 && w.codes.size(1) == nb * (eight ? 256 : 128),
                 "tiled codes: contiguous uint8 [outputs/8, K/32 * ", eight ? 256 : 128, "]");
-    for (const torch::Tensor* t : {&w.scales, &w.szero})
-      TORCH_CHECK(t->is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == T * G * 8,
-                  "tiled scales: contiguous float32 [outputs/8, groups, 8]");
+    TORCH_CHECK(w.scales.is_cpu() && w.scales.scalar_type() == torch::kFloat16 && w.scales.is_contiguous() &&
+                    w.scales.numel() == T * G * 8,
+                "tiled scales: contiguous float16 [outputs/8, groups, 8]");
+    const bool has_zeros = w.zeros.numel() > 0;
+    if (has_zeros)
+      TORCH_CHECK(w.zeros.is_cpu() && w.zeros.scalar_type() == torch::kUInt8 && w.zeros.is_contiguous() &&
+                      w.zeros.numel() == T * G * 8,
+                  "tiled zero points: contiguous uint8 [outputs/8, groups, 8]");
     const bool has_bias = w.bias.numel() > 0;
     if (has_bias)
       TORCH_CHECK(w.bias.scalar_type() == torch::kFloat32 && w.bias.numel() == N && w.bias.is_contiguous(), "bias");
     outs.push_back(torch::empty({M, N}, torch::kFloat32));
-    as.push_back(TiledArgs{w.codes.data_ptr<uint8_t>(), w.scales.data_ptr<float>(), w.szero.data_ptr<float>(),
+    as.push_back(TiledArgs{w.codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(w.scales.data_ptr<at::Half>()),
+                           has_zeros ? w.zeros.data_ptr<uint8_t>() : nullptr, static_cast<float>(w.zero_const),
                            has_bias ? w.bias.data_ptr<float>() : nullptr, outs.back().data_ptr<float>(), M, N, K, G,
                            bpg, T, xq.data_ptr<int8_t>(), M4 ? static_cast<int8_t*>(xq4.data_ptr()) : nullptr,
                            xd.data_ptr<float>(),
@@ -125,14 +132,14 @@ inline std::vector<torch::Tensor> tiled_many(const torch::Tensor& x, const std::
 
 // x [..., K] float32 times one tiled weight, plus its bias: [..., N] float32. (Leading dimensions are
 // flattened here rather than by the caller: in Python each reshape costs about a microsecond.)
-inline torch::Tensor tiled_qlinear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor szero,
-                                   torch::Tensor bias, int64_t bits, int64_t group_size) {
+inline torch::Tensor tiled_qlinear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
+                                   int64_t zero_const, torch::Tensor bias, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32, "x: float32 [..., in_features]");
   const int64_t K = x.size(-1);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = codes.size(0) * 8;
   const torch::Tensor y = tiled_many(x.reshape({-1, K}).contiguous(),
-                                     {TiledWeight{codes, scales, szero, bias, bits, group_size}})[0];
+                                     {TiledWeight{codes, scales, zeros, bias, zero_const, bits, group_size}})[0];
   return y.view(shape);
 }
 
