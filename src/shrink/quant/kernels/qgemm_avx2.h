@@ -15,6 +15,8 @@
 
 #pragma once
 
+#include "block.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -26,13 +28,12 @@
 namespace shrink_kernels {
 namespace {
 
-constexpr int QK = 32;  // elements per packed block and per activation block
 constexpr int64_t MAX_GROUPS = 1024;  // groups per row the kernel takes (K up to 32768 at g32)
 #ifndef PF_TILES
 #define PF_TILES 2  // prefetch distance in tiles of rows (measured best of 1, 2, 3 at batch 1)
 #endif
 
-inline int block_bytes(int bits) { return QK * bits / 8; }
+inline int block_bytes(int bits) { return static_cast<int>(QK) * bits / 8; }
 
 // Unpack one block of 32 codes into 32 unsigned bytes.
 template <int BITS>
@@ -311,6 +312,27 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t bpg, int
 
 }  // namespace
 
+// x [M, K] as every product takes it: int8 codes per block of 32, the blocks' scales, and per group the sum
+// of scale x code sum that the zero-point term needs; with the checks every product makes of x and the
+// group size. Quantized once for all the products of one input.
+struct QuantizedX {
+  torch::Tensor xq, xd, gsum;  // [M, K] int8, [M, K/32] float32, [M, G] float32
+  int64_t M, K, G, bpg;        // bpg: blocks per group
+};
+
+inline QuantizedX quantize_for(const torch::Tensor& x, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.is_cpu(),
+              "x: 2-D contiguous float32 on the CPU");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % QK == 0 && group_size % QK == 0 && K % group_size == 0, "K and group size must be multiples of 32");
+  const int64_t G = K / group_size, bpg = group_size / QK;
+  QuantizedX q{torch::empty({M, K}, torch::kInt8), torch::empty({M, K / QK}, torch::kFloat32),
+               torch::empty({M, G}, torch::kFloat32), M, K, G, bpg};
+  quantize_activations(x.data_ptr<float>(), M, K, bpg, q.xq.data_ptr<int8_t>(), q.xd.data_ptr<float>(),
+                       q.gsum.data_ptr<float>());
+  return q;
+}
+
 // A packed weight as the kernel takes it: qweight [N, K/32*bits*4] uint8; scales [N, G] float16;
 // zeros [N, G] uint8 or empty; bias [N] float32 or empty.
 struct PackedWeight {
@@ -321,17 +343,12 @@ struct PackedWeight {
 // x [M, K] (float32, contiguous) times each of several packed weights of the same bit width and group
 // size: the activations quantized once, the products computed in one parallel region. [M, N_i] each.
 inline std::vector<torch::Tensor> qlinear_many(const torch::Tensor& x, const std::vector<PackedWeight>& ws) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: 2-D contiguous float32");
   TORCH_CHECK(!ws.empty(), "no weights");
-  const int64_t M = x.size(0), K = x.size(1), bits = ws[0].bits, group_size = ws[0].group_size;
-  TORCH_CHECK(K % QK == 0 && group_size % QK == 0 && K % group_size == 0, "K and group size must be multiples of 32");
-  const int64_t G = K / group_size, bpg = group_size / QK;
+  const int64_t bits = ws[0].bits, group_size = ws[0].group_size;
+  const QuantizedX q = quantize_for(x, group_size);
+  const int64_t M = q.M, K = q.K, G = q.G, bpg = q.bpg;
   TORCH_CHECK(G <= MAX_GROUPS, "at most ", MAX_GROUPS, " groups per row");
-  auto xq = torch::empty({M, K}, torch::kInt8);
-  auto xd = torch::empty({M, K / QK}, torch::kFloat32);
-  auto gsum = torch::empty({M, G}, torch::kFloat32);
-  quantize_activations(x.data_ptr<float>(), M, K, bpg, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                       gsum.data_ptr<float>());
+  const torch::Tensor &xq = q.xq, &xd = q.xd, &gsum = q.gsum;
   std::vector<torch::Tensor> outs;
   std::vector<Args> as;
   for (const PackedWeight& w : ws) {
@@ -417,15 +434,8 @@ inline torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, tor
 
 // Expose the activation quantizer so the tests can check it against the Python reference.
 inline std::vector<torch::Tensor> quantize_x(torch::Tensor x, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: 2-D contiguous float32");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % QK == 0 && group_size % QK == 0 && K % group_size == 0, "K and group size must be multiples of 32");
-  auto xq = torch::empty({M, K}, torch::kInt8);
-  auto xd = torch::empty({M, K / QK}, torch::kFloat32);
-  auto gsum = torch::empty({M, K / group_size}, torch::kFloat32);
-  quantize_activations(x.data_ptr<float>(), M, K, group_size / QK, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                       gsum.data_ptr<float>());
-  return {xq, xd, gsum};
+  const QuantizedX q = quantize_for(x, group_size);
+  return {q.xq, q.xd, q.gsum};
 }
 
 }  // namespace shrink_kernels

@@ -74,18 +74,12 @@ struct TiledWeight {
 // x [M, K] (float32, contiguous) times each of several tiled weights of the same kind (8-bit, or 2-4 bits)
 // and group size: the activations quantized once, the products in one parallel region. [M, N_i] each.
 inline std::vector<torch::Tensor> tiled_many(const torch::Tensor& x, const std::vector<TiledWeight>& ws) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.is_cpu(),
-              "x: 2-D contiguous float32 on the CPU");
   TORCH_CHECK(!ws.empty(), "no weights");
-  const int64_t M = x.size(0), K = x.size(1), group_size = ws[0].group_size;
+  const int64_t group_size = ws[0].group_size;
   const bool eight = ws[0].bits == 8;
-  TORCH_CHECK(K % QK == 0 && group_size % QK == 0 && K % group_size == 0, "K and group size must be multiples of 32");
-  const int64_t nb = K / QK, G = K / group_size, bpg = group_size / QK;
-  auto xq = torch::empty({M, K}, torch::kInt8);
-  auto xd = torch::empty({M, nb}, torch::kFloat32);
-  auto gsum = torch::empty({M, G}, torch::kFloat32);
-  quantize_activations(x.data_ptr<float>(), M, K, bpg, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                       gsum.data_ptr<float>());
+  const QuantizedX q = quantize_for(x, group_size);
+  const int64_t M = q.M, K = q.K, nb = K / QK, G = q.G, bpg = q.bpg;
+  const torch::Tensor &xq = q.xq, &xd = q.xd, &gsum = q.gsum;
   // The first M4 rows interleaved by 4 (see RowTile): a copy of M x K bytes, small beside the product.
   const int64_t M4 = M / 4 * 4;
   torch::Tensor xq4, xd4, gsum4;

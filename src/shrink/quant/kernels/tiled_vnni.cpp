@@ -3,11 +3,14 @@
 // is built for those CPUs, so nothing in it may be shared with (and chosen by the linker over) the AVX2 code.
 
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
+#include "block.h"
+
 #include <immintrin.h>
 
 #include <cstdint>
 
 namespace {
+using shrink_kernels::QK;
 #define SHRINK_TILED_VNNI 1
 #include "tiled_core.inc"
 #undef SHRINK_TILED_VNNI
