@@ -29,15 +29,19 @@ def json_lines(path: Path, raw: str):
     """(line number, parsed value) of each non-empty line of a JSON Lines text read from `path`; invalid
     JSON is a ShrinkError naming the file and line."""
     for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ShrinkError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
-        except (ValueError, RecursionError):  # a number of thousands of digits, or nesting too deep to read
-            raise ShrinkError(f"{path}:{i}: a value nested too deep, or a number too long, to read") from None
-        yield i, value
+        if line.strip():
+            yield i, json_value(line, f"{path}:{i}")
+
+
+def json_value(text: str, where: str):
+    """The JSON value of one line of a file; ShrinkError starting with `where` (file:line) when it is not
+    JSON, or nests too deep or holds a number too long to read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShrinkError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError):  # a number of thousands of digits, or nesting too deep to read
+        raise ShrinkError(f"{where}: a value nested too deep, or a number too long, to read") from None
 
 
 def read_texts(path: str | Path, what: str = "text file") -> list[str]:

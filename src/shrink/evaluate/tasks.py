@@ -21,14 +21,13 @@ PyTorch classifiers are `.npz` or `.safetensors` files with an input array `x` a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import ShrinkError
-from ..core.readers import read_arrays, read_utf8
+from ..core.readers import json_value, read_arrays, read_utf8
 
 MAX_LINE_BYTES = 1_000_000  # one example; a longer line is a mistake (and would exhaust the tokenizer)
 KINDS = ("generation", "choice", "classification", "perplexity", "tensor", "mixed")
@@ -166,12 +165,7 @@ def read_jsonl(path: str | os.PathLike, name: str | None = None) -> Task:
         if len(raw) > MAX_LINE_BYTES:
             raise ShrinkError(f"{where}: a line of {len(raw):,} characters; an example may have at most "
                               f"{MAX_LINE_BYTES:,}")
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ShrinkError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except (ValueError, RecursionError):  # a number of thousands of digits, or nesting too deep to read
-            raise ShrinkError(f"{where}: a value nested too deep, or a number too long, to read") from None
+        obj = json_value(raw, where)
         ex = _check_example(obj, where, n)
         if kind is None:
             kind = ex.kind
