@@ -168,3 +168,19 @@ def test_pack_quantized_words_read_as_compressed_tensors_writes_them(bits, width
     signed = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, width), generator=g, dtype=torch.int8)
     got = _codes(pack_to_int32(signed, bits), bits, [6, width])
     assert got.dtype == torch.uint8 and torch.equal(got.to(torch.int16) - (1 << (bits - 1)), signed.to(torch.int16))
+
+
+def test_a_bf16_checkpoint_is_counted_as_it_is_loaded_in_float32(tmp_path, monkeypatch):
+    # the up-front check once counted a bf16 folder's bytes while the load makes float32 weights: a model that
+    # fits as stored but not as loaded went ahead and was killed for memory
+    import shrink.core.memory as memory
+
+    tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    weights = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").parameters())
+    file_bytes = (tmp_path / "bf16" / "model.safetensors").stat().st_size
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 * weights)  # past bf16's 2 bytes, short of float32's 4
+    with pytest.raises(shrink.ShrinkError, match=r"config\.json: the model it describes needs .* GB \(.* GB of weights "
+                                                 r"in float32, as shrink loads them, and .* GB of the weights file"):
+        shrink.io.read_model(tmp_path / "bf16")
+    monkeypatch.setattr(memory, "available_memory", lambda: 4 * weights + file_bytes + 2**20)
+    assert next(shrink.io.read_model(tmp_path / "bf16").model.parameters()).dtype == torch.float32

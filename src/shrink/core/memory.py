@@ -22,12 +22,13 @@ def available_memory() -> int | None:
     return None
 
 
-def check_fits_memory(nbytes: int, what: str) -> None:
-    """Refuse to allocate `nbytes` for `what` when the machine does not have that much memory available."""
+def check_fits_memory(nbytes: int, what: str, detail: str = "") -> None:
+    """Refuse to allocate `nbytes` for `what` when the machine does not have that much memory available;
+    `detail` (default none) says in the message what the figure is made of."""
     avail = available_memory()
     if avail is not None and nbytes > avail:
-        raise ShrinkError(f"{what} needs {nbytes / 1e9:,.1f} GB, more than the {avail / 1e9:,.1f} GB of memory "
-                          "available; the file or its config is wrong, or the model is too large for this machine")
+        raise ShrinkError(f"{what} needs {nbytes / 1e9:,.1f} GB{detail}, more than the {avail / 1e9:,.1f} GB of "
+                          "memory available; the file or its config is wrong, or the model is too large for this machine")
 
 
 @lru_cache(maxsize=1)

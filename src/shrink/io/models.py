@@ -243,7 +243,9 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
         cls = getattr(transformers, archs[0])
     else:
         cls = AutoModel
-    check_config_fits(cls, config, path / "config.json")
+    # transformers reads a shard at a time into the float32 model: the peak is the model plus the largest shard
+    shards = [f.stat().st_size for f in path.glob("*.safetensors")] + [f.stat().st_size for f in path.glob("*.bin")]
+    check_config_fits(cls, config, path / "config.json", dtype=torch.float32, extra_bytes=max(shards, default=0))
     try:
         model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, trust_remote_code=False,
                                           output_loading_info=True)

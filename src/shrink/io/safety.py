@@ -48,9 +48,12 @@ def _check_depths(config, where) -> None:
             raise ShrinkError(f"{where}: {name!r} is {n!r}; a model has from 0 to {MAX_DEPTH:,} layers")
 
 
-def check_config_fits(cls, config, where) -> None:
+def check_config_fits(cls, config, where, dtype=None, extra_bytes: int = 0) -> None:
     """The parameters and buffers of the model `config` describes must fit in memory; counted on the meta
-    device, so a config that names an absurd size allocates nothing. `where` names the file in errors."""
+    device, so a config that names an absurd size allocates nothing. `where` names the file in errors.
+    dtype: the dtype the load gives floating-point tensors (default: as the config builds them), so a bf16
+    checkpoint loaded in float32 counts 4 bytes a weight; extra_bytes: what the load holds beside the model
+    at its peak (default 0; a weights file being read)."""
     import torch
 
     _check_depths(config, where)
@@ -60,4 +63,10 @@ def check_config_fits(cls, config, where) -> None:
     except Exception as e:
         raise ShrinkError(f"{where}: cannot build the model it describes ({type(e).__name__}: {str(e)[:200]})") from None
     tensors = list(skeleton.parameters()) + list(skeleton.buffers())
-    check_fits_memory(sum(t.numel() * t.element_size() for t in tensors), f"{where}: the model it describes")
+    size = lambda t: t.element_size() if dtype is None or not t.is_floating_point() else dtype.itemsize  # noqa: E731
+    model_bytes = sum(t.numel() * size(t) for t in tensors)
+    detail = ""
+    if dtype is not None:
+        detail = f" ({model_bytes / 1e9:,.1f} GB of weights in {str(dtype).replace('torch.', '')}, as shrink loads them"
+        detail += f", and {extra_bytes / 1e9:,.1f} GB of the weights file being read)" if extra_bytes else ")"
+    check_fits_memory(model_bytes + extra_bytes, f"{where}: the model it describes", detail)
