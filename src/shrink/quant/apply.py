@@ -31,6 +31,7 @@ from .recipe import GPTQ, MAX_TUNE_STEPS, Recipe, parse_method
 from .record import record_of, update_record
 from .replace import round_to_nearest, set_submodule
 from .spec import QuantSpec, parse_format
+from .summary import fused_expert_tensors
 
 Spec = str | QuantSpec | Mapping[str, "str | QuantSpec | None"] | MixedPrecision
 
@@ -187,6 +188,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
     assignment = plan(model, spec, keep_output=keep_output)
     _refuse_nothing_to_do(model, assignment)
+    _say_experts_kept(model)
     exact = {k for k in spec if not any(c in k for c in "*?[")} if isinstance(spec, Mapping) else set()
     fell_back = _fall_back(model, assignment, exact, quiet=target_bits is not None)
     # with target_bits the plan's format is a stand-in: the allocation chooses from the ladder, fitting each layer
@@ -245,6 +247,19 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         undo.restore()
         raise
     return model
+
+
+def _say_experts_kept(model: nn.Module) -> None:
+    """A mixture of experts whose expert weights are fused 3-D tensors keeps them in full precision, and
+    they are most of its weights: said in a warning, never left for the size table alone to show."""
+    fused = fused_expert_tensors(model)
+    if not fused:
+        return
+    total = sum(p.numel() for p in model.parameters())
+    share = sum(n for _, n in fused) / max(total, 1)
+    warnings.warn(f"{len(fused)} fused expert tensor{'s' * (len(fused) != 1)} ({fused[0][0]}{' and others' * (len(fused) > 1)}"
+                  f": {share:.0%} of the model's weights) kept in full precision: shrink quantizes Linear, Conv1D, "
+                  "Conv2d and Embedding layers, not experts fused into 3-D tensors yet", stacklevel=3)
 
 
 def _fall_back(model: nn.Module, assignment: dict, exact: set[str], quiet: bool = False) -> dict[str, str]:

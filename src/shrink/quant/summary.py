@@ -51,7 +51,24 @@ def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.dim() >= 2:  # a weight-bearing layer shrink does not quantize
         return f"{type(module).__name__} (kept: unsupported)"
+    if fused_expert_tensors(module, recurse=False):
+        return "fused experts (kept: 3-D tensors are not quantized yet)"
     return "other (norms, biases, ...)"
+
+
+def fused_expert_tensors(model: nn.Module, recurse: bool = True) -> list[tuple[str, int]]:
+    """(name, elements) of the 3-D weight tensors outside convolutions: a mixture of experts' weights fused
+    into one tensor per projection ([experts, out, in], as transformers stores Mixtral's, Qwen-MoE's and
+    OLMoE's), which shrink does not quantize yet."""
+    found = []
+    for name, module in model.named_modules() if recurse else [("", model)]:
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            # [experts, out, in]; a ViT's [1, 1, hidden] class token or [1, positions, hidden] table is no expert
+            if p.dim() == 3 and p.is_floating_point() and min(p.shape) >= 2:
+                found.append((f"{name}.{pname}" if name else pname, p.numel()))
+    return found
 
 
 def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]:
