@@ -3,7 +3,7 @@
 Writes bf16 sharded Hugging Face folders shaped like real models (nothing is downloaded; the weights are
 random, written a shard at a time so the writer holds one shard): `1b` (Llama-3.2-1B: 1.24B parameters,
 2.5 GB), `8b` (Llama-3.1-8B: 8.0B, 16 GB), `moe` (Mixtral-shaped, 8 experts, about 1.6B). Then runs, each in
-a fresh process measured by the kernel (wait4's peak resident set): round-to-nearest int4-g64
+a fresh process measured by the kernel (its peak resident set, by /usr/bin/time): round-to-nearest int4-g64
 (`shrink quantize DIR --format int4-g64`). A job shrink refuses up front (the model does not fit in memory
 as it is loaded) is reported as refused with its one line. llama.cpp's `llama-quantize` is not run here yet.
 
@@ -99,14 +99,17 @@ def _flush(folder: Path, shards: list, weight_map: dict) -> None:
 
 
 def measured(cmd: list[str]) -> dict:
-    """Run `cmd`; its wall time, peak resident memory (the kernel's count for that process), exit status and
-    last line of error output."""
+    """Run `cmd` under /usr/bin/time; its wall time, peak resident memory (the kernel's count for that process
+    alone: a child forked from this process would count the pages it shares with it before its exec, which
+    after writing a model are gigabytes), exit status and last line of error output."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().strip().splitlines()
-    return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "exit": os.waitstatus_to_exitcode(status), "last_line": err[-1][:300] if err else ""}
+    proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", *cmd], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    lines = proc.stderr.strip().splitlines()
+    peak = next(int(line.split()[1]) for line in reversed(lines) if line.startswith("PEAK_KB"))
+    err = [line for line in lines if not line.startswith(("PEAK_KB", "Command exited"))]
+    return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak * 1024, "exit": proc.returncode,
+            "last_line": err[-1][:300] if err else ""}
 
 
 def main(argv=None):

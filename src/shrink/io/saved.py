@@ -75,8 +75,10 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
                              "out_features": m.out_features, "bias": m.bias is not None}
             if getattr(m, "input_order", None) is not None:
                 modules[name]["input_order"] = True
-            if isinstance(m, QuantLinear) and m.qweight.data_ptr() in tables:
-                modules[name]["tied_to"] = tables[m.qweight.data_ptr()]  # an output layer over the table's codes
+            # an output layer over the table's codes (a layer holding the tiled layout alone shares nothing)
+            codes = m._buffers.get("qweight") if isinstance(m, QuantLinear) else None
+            if codes is not None and codes.data_ptr() in tables:
+                modules[name]["tied_to"] = tables[codes.data_ptr()]
     record = record_of(model)
     for name, d in record.layers.items():
         modules[name]["done"] = d.to_dict()

@@ -76,8 +76,9 @@ def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]
     rows: dict[str, SizeRow] = {}
     seen: set[int] = set()
     out = model.get_submodule(output_name) if output_name else None
+    codes = out._buffers.get("qweight") if isinstance(out, QuantLinear) else None  # none: tiled alone, tied to nothing
     output_ptr = out.weight.data_ptr() if isinstance(out, nn.Linear) else \
-        out.qweight.data_ptr() if isinstance(out, QuantLinear) else None
+        codes.data_ptr() if codes is not None else None
     for name, module in model.named_modules():
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         fresh = [t for t in tensors if t.data_ptr() not in seen or t.numel() == 0]
