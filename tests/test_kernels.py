@@ -231,6 +231,22 @@ def test_a_layer_holds_its_weight_once_in_the_tiled_layout_after_a_forward(fmt):
 
 
 @needs_native
+def test_threads_running_a_layers_first_forward_together_all_get_its_product():
+    # one of them tiles the layer and lets its rows go; the others must find the tiles, not a missing buffer
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.randn(3, 256)
+    for seed in range(5):
+        _, q = _layer("int4-g32", seed=seed)
+        want = _reference(q, x)
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda _: q(x), range(8)))
+        assert "qweight" not in q._buffers
+        assert all(torch.equal(g, got[0]) for g in got)
+        assert torch.allclose(got[0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_native
 def test_layers_without_a_tiled_copy_use_the_row_kernel():
     lin, q = _layer("int4-g32", n=36)  # 36 outputs: not a multiple of 8
     assert tiled.for_layer(q) is None and q.uses_native()

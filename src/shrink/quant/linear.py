@@ -101,21 +101,18 @@ class QuantLinear(PackedRows):
         with another (an output layer tied to its embedding table), which keeps both."""
         if self.__dict__.get("shares_buffers"):
             return False
-        for name in ("qweight", "scales"):
-            del self._buffers[name]
         self.register_buffer("tiled_codes", t.codes, persistent=False)
         self.register_buffer("tiled_scales", t.scales, persistent=False)
         if t.zeros is not None:  # (an asymmetric layer's zero points stay in `zeros` too: a byte a group)
             self.register_buffer("tiled_zeros", t.zeros, persistent=False)
+        for name in ("qweight", "scales"):  # last: a reader finds the tiles or the rows, never neither
+            del self._buffers[name]
         return True
 
     def _row_form(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from .kernels.tiled import TiledWeight, untile
+        from .kernels import tiled
 
-        b = self._buffers
-        t = TiledWeight(b["tiled_codes"], b["tiled_scales"], b.get("tiled_zeros"), self.zero_const, self.spec.bits,
-                        self._group)
-        return untile(t, self.out_features, self.in_features)
+        return tiled.untile(tiled.for_layer(self), self.out_features, self.in_features)
 
     def __getattr__(self, name: str):
         # qweight and scales of a layer holding the tiled layout: the row layout comes back, kept (so that

@@ -11,6 +11,7 @@ multiple of 8 keep the row kernel.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -99,12 +100,9 @@ def for_layer(layer) -> TiledWeight | None:
     # Called on every forward, so kept cheap: the buffers straight from the module's dict (not through
     # nn.Module.__getattr__), compared by identity and version counter.
     b = layer._buffers
-    held = b.get("tiled_codes")
-    if held is not None:  # the layer holds its weight in this layout alone (its zero points stay in `zeros`)
-        z = b.get("zeros")
-        return TiledWeight(held, b["tiled_scales"], None if z is None else b["tiled_zeros"], layer.zero_const,
-                           layer.spec.bits, layer._group)
-    q, s, z = b["qweight"], b["scales"], b.get("zeros")
+    q, s, z = b.get("qweight"), b.get("scales"), b.get("zeros")
+    if q is None:  # the layer holds its weight in the tiled layout alone
+        return _held(layer)
     cached = layer.__dict__.get("_tiled")
     if torch.compiler.is_compiling():
         # A traced graph cannot read version counters, and building the copy there would repack in every
@@ -112,17 +110,30 @@ def for_layer(layer) -> TiledWeight | None:
         return cached.tiled if cached is not None and cached.built_from(q, s, z) else None
     if cached is not None and cached.built_from(q, s, z) and cached.versions == _versions(q, s, z):
         return cached.tiled
-    group = layer.spec.group_for(layer.in_features)
-    t = tile(q, s, z, layer.zero_const, layer.spec.bits, layer.in_features, group) if supports(
-        q.shape[0], layer.in_features, group) else None
-    if t is not None and getattr(layer, "adopt_tiled", None) is not None and layer.adopt_tiled(t):
-        layer.__dict__.pop("_tiled", None)
-        del q, s, z
-        release_freed_memory()  # the row form and the tiling's temporaries, back to the system (about 0.4 ms)
+    with _building:  # threads running a layer's first forward together: one tiles it, the others use that
+        if b.get("qweight") is None:
+            return _held(layer)
+        q, s, z = b["qweight"], b["scales"], b.get("zeros")
+        group = layer.spec.group_for(layer.in_features)
+        t = tile(q, s, z, layer.zero_const, layer.spec.bits, layer.in_features, group) if supports(
+            q.shape[0], layer.in_features, group) else None
+        if t is not None and getattr(layer, "adopt_tiled", None) is not None and layer.adopt_tiled(t):
+            layer.__dict__.pop("_tiled", None)
+            del q, s, z
+            release_freed_memory()  # the row form and the tiling's temporaries, back to the system (about 0.4 ms)
+            return t
+        layer.__dict__["_tiled"] = _Copy(q, s, z, _versions(q, s, z), t)
         return t
-    layer.__dict__["_tiled"] = _Copy(q, s, z, _versions(q, s, z), t)
-    return t
 
+
+_building = threading.Lock()
+
+
+def _held(layer) -> TiledWeight:
+    """The tiled layout a layer holds alone (its zero points, for -asym formats, also in `zeros`)."""
+    b = layer._buffers
+    return TiledWeight(b["tiled_codes"], b["tiled_scales"], b.get("tiled_zeros"), layer.zero_const, layer.spec.bits,
+                       layer._group)
 
 def nbytes(layer) -> int:
     """Bytes of a layer's tiled weight: the one it holds, or the copy beside its rows; 0 when it has none."""
