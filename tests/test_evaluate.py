@@ -13,7 +13,7 @@ from shrink.core.errors import ShrinkError
 from shrink.evaluate import compare_models, load_task
 from shrink.evaluate.scorers import contains, exact, last_number, numeric, regex
 from shrink.evaluate.stats import mcnemar_exact, paired_bootstrap
-from shrink.runtime import decoder_for, install
+from shrink.runtime import decoder_for
 
 
 def _write(tmp_path, lines, name="task.jsonl"):

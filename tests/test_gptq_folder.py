@@ -25,7 +25,6 @@ def pack_rows(q: np.ndarray, bits: int) -> np.ndarray:
 
 
 def pack_cols(z: np.ndarray, bits: int) -> np.ndarray:
-    per = 32 // bits
     return pack_rows(z.T, bits).T.copy()
 
 

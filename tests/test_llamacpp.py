@@ -11,7 +11,7 @@ from test_export import _with_tok, bpe_llama, bpe_tokenizer
 
 import shrink
 from shrink.core.peers import llama_cpp_missing
-from shrink.evaluate.llamacpp import LlamaCpp, LlamaCppAdapter
+from shrink.evaluate.llamacpp import LlamaCpp
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(llama_cpp_missing() is not None, reason=f"{llama_cpp_missing()}")]
 

@@ -114,8 +114,6 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     one its source record names, if any) and otherwise built from its config and tokenizer. An existing
     `path` is replaced only with force=True and only if it is a GGUF file. The file is written to a
     temporary name, read back and compared tensor by tensor with the model, then moved into place."""
-    import gguf
-
     if float_type not in FLOAT_TYPES:
         raise ShrinkError(f"float type {float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
     requant_type = _requant_type(requantize)

@@ -186,7 +186,7 @@ def load_default() -> LoadedModel:
 
 def load_gguf(path: str | os.PathLike) -> LoadedModel:
     """A causal LM and tokenizer from a GGUF file, dequantized to float32 by transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     refuse_custom_code(path.parent)  # transformers reads the folder's configs beside the GGUF file too
