@@ -211,6 +211,11 @@ def test_untile_gives_back_the_row_layout_exactly(fmt):
     assert torch.equal(qweight, q.qweight) and scales.dtype == torch.float16 and torch.equal(scales, q.scales)
 
 
+def _reference_weight(state: dict, q) -> torch.Tensor:
+    return reference.dequant_weight(state["qweight"], state["scales"], state.get("zeros"), q.zero_const, q.spec.bits,
+                                    q.in_features)
+
+
 @needs_native
 @pytest.mark.parametrize("fmt", ["int4-g32", "int8", "int3-g64-asym"])
 def test_a_layer_holds_its_weight_once_in_the_tiled_layout_after_a_forward(fmt):
@@ -226,6 +231,7 @@ def test_a_layer_holds_its_weight_once_in_the_tiled_layout_after_a_forward(fmt):
     assert q.weight_bytes() == before["qweight"].numel() + before["scales"].numel() * 2 + (
         before["zeros"].numel() if "zeros" in before else 0)
     assert torch.equal(q(x), y)
+    assert torch.equal(q.weight, _reference_weight(before, q)) and "tiled_codes" in q._buffers  # kept when dequantized
     assert torch.equal(q.qweight, before["qweight"]) and "tiled_codes" not in q._buffers  # rows back when read
     assert torch.equal(q(x), y) and "qweight" not in q._buffers  # and tiled again by the next forward
 

@@ -53,10 +53,6 @@ class Checkpoint:
         """The weights files, in order."""
         return sorted({t.file for t in self.tensors.values()})
 
-    def nbytes(self) -> int:
-        """Bytes of all the weights files."""
-        return sum(f.stat().st_size for f in self.files)
-
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its file in its stored dtype (a copy of its own, in aligned memory)."""
         from safetensors import safe_open

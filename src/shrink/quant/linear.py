@@ -166,9 +166,13 @@ class QuantLinear(PackedRows):
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight these codes stand for, its columns in the inputs' own order."""
-        w = kernels.reference.dequant_weight(self.qweight, self.scales, self.zeros, self.zero_const,
-                                             self.spec.bits, self.in_features)
+        """The float32 weight these codes stand for, its columns in the inputs' own order. A layer holding the
+        tiled layout keeps it: models whose code reads `weight` in every forward (T5, ViT) would otherwise
+        swap layouts twice a forward."""
+        b = self._buffers
+        qweight, scales = (b["qweight"], b["scales"]) if "qweight" in b else self._row_form()
+        w = kernels.reference.dequant_weight(qweight, scales, self.zeros, self.zero_const, self.spec.bits,
+                                             self.in_features)
         if self.input_order is not None:
             w = torch.empty_like(w).index_copy_(1, self.input_order, w)
         return w
