@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+import transformers
 from helpers import MLP, tiny_llama
 
 import shrink
@@ -126,10 +127,41 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(saved, "save_file", boom)  # the pack-quantized layout's writer
+    monkeypatch.setattr(saved.ShardWriter, "flush", boom)  # the weights' writer
     with pytest.raises(RuntimeError, match="disk full"):
         shrink.save(model, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []  # no half-written folder, no temporary left behind
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g32-asym"])  # pack-quantized, and shrink's own layout
+def test_a_model_saved_in_shards_loads_back_exactly(tmp_path, fmt):
+    model = shrink.quantize(tiny_llama(), fmt, progress=False)
+    shrink.save(model, tmp_path / "q", shard_bytes=20_000)
+    base = "model.safetensors" if "asym" not in fmt else "model.shrink.safetensors"
+    stem = base.removesuffix(".safetensors")
+    shards = sorted(p.name for p in (tmp_path / "q").glob(f"{stem}-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "q" / base).exists()
+    assert shards[0] == f"{stem}-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "q" / f"{base}.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    manifest = json.loads((tmp_path / "q" / "shrink.json").read_text())
+    assert set(shards) <= set(manifest["files"])  # every shard's size and checksum recorded
+    back = shrink.load(tmp_path / "q")
+    ids = torch.randint(0, 100, (1, 12))
+    torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    if "asym" not in fmt:  # a sharded pack-quantized folder is a Hugging Face checkpoint as it is
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        assert torch.isfinite(hf(ids).logits).all()
+    # a shard changed after saving, then one gone: named, nothing loaded
+    shard = tmp_path / "q" / shards[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShrinkError, match=rf"{shards[1]}: checksum does not match"):
+        shrink.load(tmp_path / "q")
+    shard.unlink()
+    with pytest.raises(ShrinkError, match=rf"{shards[1]}: missing"):
+        shrink.load(tmp_path / "q")
 
 
 def test_save_refuses_to_clobber_other_folders(tmp_path):

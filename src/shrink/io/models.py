@@ -271,22 +271,18 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     """A compressed-tensors `pack-quantized` folder (as llm-compressor writes it) as shrink QuantLinear
     layers running shrink's kernels: codes copied exactly, scales as fp16 (said so when that rounds them).
     Schemes shrink's formats cannot hold are refused naming the group and the reason."""
-    from safetensors.torch import load_file
-
     from ..quant import QuantLinear
     from ..quant.replace import set_submodule
     from . import packformat
-    from .manifest import FLOAT_DTYPES, check_tensor, header_shapes
+    from .manifest import FLOAT_DTYPES, check_tensor
 
     path = Path(path)
     refuse_custom_code(path)
     qc = qc or _quantization_config(path) or {}
-    weights = path / saved.WEIGHTS
-    if not weights.is_file():
-        raise ShrinkError(f"{path}: no {saved.WEIGHTS} (sharded compressed-tensors checkpoints are not read yet)")
+    checkpoint = Checkpoint(path)
+    weights, header = checkpoint.where, checkpoint.header
     model = saved.build_skeleton(path)
     formats = packformat.formats_of(qc, model, str(path / "config.json"))
-    header = header_shapes(weights)
     for name, spec in formats.items():
         lin = model.get_submodule(name)
         want = packformat.expected(name, spec, lin.in_features, lin.out_features, lin.bias is not None)
@@ -295,7 +291,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
                 else (dtype,)
             check_tensor(weights, name, key, header, shape, allowed, f" ({spec.name})")
         set_submodule(model, name, QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None))
-    state = load_file(str(weights))
+    state = checkpoint.read(list(header))
     worst = 0.0
     for name, spec in formats.items():
         key = f"{name}.weight_scale"

@@ -11,12 +11,11 @@ and a Hugging Face model is rebuilt from `config.json` with a class built into t
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, save_model
 
 from ..core import VERSION
 from ..core.atomic import atomic_dir, write_json
@@ -44,6 +43,7 @@ from .manifest import (
     weights_file,
 )
 from .safety import check_config_fits, refuse_custom_code
+from .shards import SHARD_BYTES, Checkpoint, ShardWriter
 
 
 def is_shrink_folder(path: str | Path) -> bool:
@@ -117,35 +117,26 @@ def _linear_in_architecture(model: nn.Module, names: list[str]) -> bool:
         return False
 
 
-def _native_state(model: nn.Module, manifest: dict) -> dict:
-    """The model's tensors in shrink's layout, each stored once: an output layer tied to a quantized table
-    is left out (it is rebuilt over the table's tensors), other shared tensors under their first name."""
-    tied = {n for n, i in manifest["modules"].items() if i.get("tied_to")}
+def layer_state(module: nn.Module, layout_name: str, prefix: str = "", tied=()) -> dict:
+    """`module`'s tensors under `prefix` as a saved folder stores them: each QuantLinear in compressed-tensors'
+    pack-quantized layout (`layout_name` "pack-quantized") or shrink's own, the rest as they are; shared
+    tensors once, under their first name (an input embedding and the output layer transformers ties to it);
+    a layer named in `tied` (an output layer over a quantized table's codes) is left out: it is rebuilt
+    over the table's tensors."""
+    quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)} \
+        if layout_name == "pack-quantized" else {}
     state, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if name.rpartition(".")[0] in tied or (t.numel() and key in seen):
-            continue
-        seen.add(key)
-        state[name] = t.detach().contiguous()
-    return state
-
-
-def _pack_quantized_state(model: nn.Module) -> dict:
-    """The model's tensors with each QuantLinear in compressed-tensors' pack-quantized layout; tied tensors
-    once, under their first name (the input embedding, which transformers ties the output layer to)."""
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    state, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if name.rpartition(".")[0] in quant:
+    for rel, t in module.state_dict().items():
+        owner = rel.rpartition(".")[0]
+        if prefix + owner in tied or owner in quant:
             continue
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
+        if t.numel() and not t.is_meta and key in seen:
             continue
         seen.add(key)
-        state[name] = t.detach().contiguous()
+        state[prefix + rel] = t.detach().contiguous()
     for name, layer in quant.items():
-        state.update({f"{name}.{k}": v for k, v in packformat.module_tensors(layer).items()})
+        state.update({f"{prefix}{name}{'.' if name else ''}{k}": v for k, v in packformat.module_tensors(layer).items()})
     return state
 
 
@@ -161,11 +152,12 @@ def _add_quantization_config(path: Path, model: nn.Module) -> None:
 
 
 def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None, *,
-         results: dict | None = None, force: bool = False) -> Path:
+         results: dict | None = None, force: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write `model` to `directory` (model.safetensors, shrink.json, and for Hugging Face models
     config.json and the tokenizer if given; `results` as results.json). The folder appears whole or not at
-    all. shrink.json lists every file with its size and SHA-256, so `load` can verify them and a later save
-    can tell the folder is shrink's own. An existing folder is replaced only with force=True (default
+    all. Weights past `shard_bytes` (default 1 GB) are split into shards with an index, named the Hugging
+    Face way. shrink.json lists every file with its size and SHA-256, so `load` can verify them and a later
+    save can tell the folder is shrink's own. An existing folder is replaced only with force=True (default
     False) and only if it is exactly what shrink saved; anything else there is never touched. Returns the
     folder's path. `model` may also be what `read_model` returns (a LoadedModel): its tokenizer and source
     are then saved unless given."""
@@ -174,49 +166,65 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     directory = Path(directory)
     refuse_non_finite(model)
     manifest = manifest_for(model, source)
+    tied = {n for n, i in manifest["modules"].items() if i.get("tied_to")}
+    with writing_folder(directory, manifest, force=force, shard_bytes=shard_bytes) as (tmp, writer):
+        writer.add(layer_state(model, manifest["layout"], tied=tied))
+        finish_folder(model, tmp, writer, manifest, tokenizer=tokenizer, results=results)
+    return directory
+
+
+@contextmanager
+def writing_folder(directory: Path, manifest: dict, force: bool = False, shard_bytes: int = SHARD_BYTES):
+    """The temporary folder a saved model is written in, and the ShardWriter for its weights (named by
+    the manifest's layout); on success it becomes `directory` (see `save` for what may be replaced)."""
+    meta = {"format": "pt", "shrink_format_version": str(FORMAT_VERSION)}
     with claim(directory, "quantize", owned=is_own_folder, force=force), \
             atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p), sealed=False) as tmp:
-        meta = {"format": "pt", "shrink_format_version": str(FORMAT_VERSION)}
-        if manifest["layout"] == "pack-quantized":
-            save_file(_pack_quantized_state(model), str(tmp / WEIGHTS), metadata=meta)
-        elif any(i.get("tied_to") for i in manifest["modules"].values()):
-            save_file(_native_state(model, manifest), str(tmp / WEIGHTS_NATIVE), metadata=meta)
-        else:
-            save_model(model, str(tmp / WEIGHTS_NATIVE), metadata=meta)
-        if manifest["kind"] == "transformers":
-            cfg = model.config
-            if getattr(cfg, "quantization_config", None) is not None:
-                del cfg.quantization_config  # the GGUF origin is in shrink.json; transformers must not re-quantize
-            cfg.architectures = [type(model).__name__]
-            if getattr(cfg, "tie_word_embeddings", False) and isinstance(
-                    model.get_output_embeddings(), (QuantLinear, CastLinear)):
-                cfg.tie_word_embeddings = False  # the output layer was quantized on its own: no longer tied
-            cfg.save_pretrained(tmp)
-            if manifest["layout"] == "pack-quantized" and manifest["modules"]:
-                _add_quantization_config(tmp / "config.json", model)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        if results is not None:
-            write_json(tmp / "results.json", results)
-        manifest["files"] = file_record(tmp)
-        write_json(tmp / MANIFEST, manifest)
-    return directory
+        yield tmp, ShardWriter(tmp, weights_file(manifest), max_bytes=shard_bytes, metadata=meta)
+
+
+def finish_folder(model: nn.Module, tmp: Path, writer: ShardWriter, manifest: dict, tokenizer=None,
+                  results: dict | None = None) -> None:
+    """Close the weights, write config, generation config, tokenizer, results.json and, last, shrink.json
+    listing every file's size and checksum."""
+    writer.close()
+    if manifest["kind"] == "transformers":
+        cfg = model.config
+        if getattr(cfg, "quantization_config", None) is not None:
+            del cfg.quantization_config  # the GGUF origin is in shrink.json; transformers must not re-quantize
+        cfg.architectures = [type(model).__name__]
+        if getattr(cfg, "tie_word_embeddings", False) and isinstance(
+                model.get_output_embeddings(), (QuantLinear, CastLinear)):
+            cfg.tie_word_embeddings = False  # the output layer was quantized on its own: no longer tied
+        cfg.save_pretrained(tmp)
+        if manifest["layout"] == "pack-quantized" and manifest["modules"]:
+            _add_quantization_config(tmp / "config.json", model)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    if results is not None:
+        write_json(tmp / "results.json", results)
+    manifest["files"] = file_record(tmp)
+    write_json(tmp / MANIFEST, manifest)
 
 
 def check(directory: str | Path) -> tuple[dict, dict]:
     """Everything about a shrink folder that can be checked without building the model: shrink.json against
     its schema, the files against its sizes and checksums, every module against the weights file's header.
     Returns (manifest, header: tensor -> (shape, dtype)); raises ShrinkError naming the file and field."""
+    manifest, weights = _checked(directory)
+    return manifest, weights.header
+
+
+def _checked(directory: str | Path) -> tuple[dict, Checkpoint]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     refuse_custom_code(directory)
     verify_files(directory, manifest)
-    weights = directory / weights_file(manifest)
-    header = header_shapes(weights)
-    check_modules_against_header(manifest, header, weights, directory / MANIFEST)
-    return manifest, header
+    weights = Checkpoint(directory, weights_file(manifest))
+    check_modules_against_header(manifest, weights.header, weights.where, directory / MANIFEST)
+    return manifest, weights
 
 
 def load(directory: str | Path, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
@@ -230,8 +238,8 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     tensor the model expects must be in the file with its shape (and nothing else).
     """
     directory = Path(directory)
-    manifest, header = check(directory)
-    weights = directory / weights_file(manifest)
+    manifest, checkpoint = _checked(directory)
+    header, weights = checkpoint.header, checkpoint.where
     if model is None:
         if manifest["kind"] != "transformers":
             raise ShrinkError(
@@ -262,10 +270,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
     _check_state_shapes(model, header, weights)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ShrinkError(f"{weights}: cannot read ({e})") from None
+    state = checkpoint.read(list(header))
     tied = {n: i["tied_to"] for n, i in manifest["modules"].items() if i.get("tied_to")}
     for head, table in tied.items():  # stored once, under the table's name
         for k in model.get_submodule(table).state_dict():
@@ -363,6 +368,8 @@ def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
             parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         raise ShrinkError(f"{weights}: tensors do not match the model: {'; '.join(parts)}")
     for k, t in state.items():
+        if own[k].dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16) and own[k].shape == t.shape:
+            state[k] = t = t.float()  # kept in the original's dtype on disk (a streamed job), computed in float32
         if own[k].shape != t.shape or own[k].dtype != t.dtype:
             raise ShrinkError(
                 f"{weights}: tensor {k!r} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(own[k].shape)} {own[k].dtype}"

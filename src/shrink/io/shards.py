@@ -1,7 +1,7 @@
-"""A Hugging Face folder's weights as one checkpoint, whether in one safetensors file or in shards listed by
-`model.safetensors.index.json`: checked as a whole from the files' headers (nothing of the tensors is read),
-then read a tensor at a time in its stored dtype, which is what lets a model larger than memory be walked
-block by block.
+"""A folder's weights as one checkpoint, whether in one safetensors file or in shards listed by an index
+(`model.safetensors.index.json`, Hugging Face's convention): checked as a whole from the files' headers
+(nothing of the tensors is read), then read a module at a time in its stored dtype, which is what lets a
+model larger than memory be walked block by block; and `ShardWriter`, which writes one the same way.
 
 The checks are the ones a damaged or hand-assembled shard set fails: an index that is not the JSON it
 should be, a shard it names that is not in the folder, a tensor the index places in a shard whose header
@@ -11,6 +11,7 @@ does not hold it, a tensor held by two shards, a shard holding a tensor the inde
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,11 @@ from .manifest import header_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# Shards of at most about 1 GB: written whole, so a streamed job holds at most one shard's worth of finished
+# tensors beside the block it works on (Hugging Face's own default, 5 GB, would be most of a memory budget).
+SHARD_BYTES = 1 << 30
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -34,19 +40,84 @@ class StoredTensor:
 
 
 class Checkpoint:
-    """The tensors of a folder's safetensors weights, by name. `Checkpoint(folder)` checks the index and every
-    shard's header (ShrinkError naming the file and tensor); `tensor(name)` reads one tensor as stored."""
+    """The tensors of a folder's safetensors weights, by name. `Checkpoint(folder, weights="model.safetensors")`
+    reads `weights`, or the shards its index (`weights` + ".index.json") lists, checking the index and every
+    shard's header (ShrinkError naming the file and tensor); `tensor(name)` reads one tensor as stored,
+    `fill(module, prefix)` a module's."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, weights: str = SINGLE):
         self.folder = Path(folder)
-        index = self.folder / INDEX
-        if index.is_file():
-            self.tensors = _sharded(self.folder, index)
-        elif (self.folder / SINGLE).is_file():
-            self.tensors = {k: StoredTensor(self.folder / SINGLE, tuple(s), d)
-                            for k, (s, d) in header_shapes(self.folder / SINGLE).items()}
+        self.index = self.folder / (weights + ".index.json")
+        self.where = self.index if self.index.is_file() else self.folder / weights  # named in errors
+        if self.index.is_file():
+            self.tensors = _sharded(self.folder, self.index)
+        elif (self.folder / weights).is_file():
+            self.tensors = {k: StoredTensor(self.folder / weights, tuple(s), d)
+                            for k, (s, d) in header_shapes(self.folder / weights).items()}
         else:
-            raise ShrinkError(f"{self.folder}: no {SINGLE} nor {INDEX} (safetensors weights) in the folder")
+            raise ShrinkError(f"{self.folder / weights}: missing weights file (nor is there an index of shards, "
+                              f"{self.index.name})")
+
+    @property
+    def header(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{tensor: (shape, safetensors dtype)} over every file, as `manifest.header_shapes` gives one file's."""
+        return {k: (t.shape, t.dtype) for k, t in self.tensors.items()}
+
+    def nbytes(self, names=None) -> int:
+        """Bytes the tensors `names` (default all) take as stored."""
+        names = self.tensors if names is None else names
+        return sum(math.prod(self.tensors[n].shape) * _ITEMSIZE.get(self.tensors[n].dtype, 4) for n in names)
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """The tensors `names`, read as stored (each a copy in its own memory), each file opened once."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.tensors:
+                raise ShrinkError(f"{self.where}: the weights hold no tensor {name!r}")
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        out = {}
+        for file, keys in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for k in keys:
+                        out[k] = f.get_tensor(k).clone()  # safetensors may map the file: own the memory
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ShrinkError(f"{file}: cannot read ({type(e).__name__}: {str(e)[:160]})") from None
+        return out
+
+    def fill(self, module: torch.nn.Module, prefix: str = "", float_dtype: torch.dtype | None = None,
+             only=None) -> list[str]:
+        """Give `module` its own parameters and persistent buffers from the checkpoint's tensors named
+        `prefix` + their names (floating ones cast to `float_dtype` unless None: as stored), replacing
+        placeholders (meta tensors) without copying into them; `only(name)` chooses which (default all).
+        ShrinkError naming the tensor when one is missing or of another shape. Returns the names read."""
+        wanted = {}
+        for mod_name, mod in module.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                for leaf, t in getattr(mod, kind).items():
+                    if t is None or (kind == "_buffers" and leaf in mod._non_persistent_buffers_set):
+                        continue
+                    rel = f"{mod_name}.{leaf}" if mod_name else leaf
+                    if only is None or only(prefix + rel):
+                        wanted[prefix + rel] = (mod, kind, leaf, tuple(t.shape))
+        for key, (_, _, _, shape) in wanted.items():
+            stored = self.tensors.get(key)
+            if stored is None:
+                raise ShrinkError(f"{self.where}: the model needs tensor {key!r}, which the weights do not hold")
+            if stored.shape != shape:
+                raise ShrinkError(f"{stored.file}: tensor {key!r} has shape {stored.shape}, the model's config "
+                                  f"gives {shape}")
+        for key, t in self.read(list(wanted)).items():
+            mod, kind, leaf, _ = wanted[key]
+            if float_dtype is not None and t.is_floating_point():
+                t = t.to(float_dtype)
+            if kind == "_parameters":
+                mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+            else:
+                mod._buffers[leaf] = t
+        return list(wanted)
 
     @property
     def files(self) -> list[Path]:
@@ -55,13 +126,78 @@ class Checkpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its file in its stored dtype (a copy of its own, in aligned memory)."""
-        from safetensors import safe_open
+        return self.read([name])[name]
 
-        stored = self.tensors.get(name)
-        if stored is None:
-            raise ShrinkError(f"{self.folder}: the weights hold no tensor {name!r}")
-        with safe_open(str(stored.file), framework="pt") as f:
-            return f.get_tensor(name).clone()
+
+def release(module: torch.nn.Module) -> None:
+    """Let `module`'s tensors go: each parameter and buffer becomes a placeholder of its shape on the meta
+    device (the module keeps its structure, so what it is can still be described and saved)."""
+    for mod in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(mod, kind)
+            for leaf, t in table.items():
+                if t is not None and not t.is_meta:
+                    empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    table[leaf] = torch.nn.Parameter(empty, requires_grad=False) if kind == "_parameters" else empty
+
+
+class ShardWriter:
+    """Writes tensors into `folder` as one safetensors file, or as shards of at most about `max_bytes` each
+    with an index, the way Hugging Face names them (`model-00001-of-00003.safetensors` and
+    `model.safetensors.index.json` for weights "model.safetensors"). Tensors are held until a shard's worth
+    is gathered, so memory holds at most one shard beside the work; `close()` names the files (a single
+    file when everything fit in one shard) and returns their names."""
+
+    def __init__(self, folder: Path, weights: str = SINGLE, max_bytes: int = SHARD_BYTES, metadata: dict | None = None):
+        self.folder, self.weights, self.max_bytes = Path(folder), weights, max_bytes
+        self.metadata = metadata or {"format": "pt"}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes, self.parts, self.names, self.total = 0, [], {}, 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue `tensors` (name -> tensor) for writing; a name given twice is an error."""
+        for name, t in tensors.items():
+            if name in self.names or name in self.pending:
+                raise ShrinkError(f"tensor {name!r} written twice to {self.folder}")
+            nbytes = t.numel() * t.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self.flush()  # a shard holds whole tensors: one larger than max_bytes is a shard alone
+            t = t.detach()
+            self.pending[name] = t if t.is_contiguous() else t.contiguous()
+            self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        """Write what is queued as the next shard."""
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        part = self.folder / f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.pending, str(part), metadata=self.metadata)
+        self.parts.append(part)
+        self.names.update({k: part for k in self.pending})
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, give the shards their final names, write the index when there are several."""
+        self.flush()
+        if not self.parts:
+            self.parts.append(self.folder / ".part-00000.safetensors")
+            from safetensors.torch import save_file
+
+            save_file({}, str(self.parts[0]), metadata=self.metadata)
+        if len(self.parts) == 1:
+            self.parts[0].rename(self.folder / self.weights)
+            return [self.weights]
+        stem = self.weights.removesuffix(".safetensors")
+        n = len(self.parts)
+        final = {p: f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i, p in enumerate(self.parts)}
+        for p, name in final.items():
+            p.rename(self.folder / name)
+        index = {"metadata": {"total_size": self.total}, "weight_map": {k: final[p] for k, p in sorted(self.names.items())}}
+        (self.folder / (self.weights + ".index.json")).write_text(json.dumps(index, indent=2) + "\n")
+        return [*final.values(), self.weights + ".index.json"]
 
 
 def _sharded(folder: Path, index: Path) -> dict[str, StoredTensor]:
@@ -93,7 +229,7 @@ def _sharded(folder: Path, index: Path) -> dict[str, StoredTensor]:
             raise ShrinkError(f"{folder}: tensor {name!r} is in two shards, {files[0]} and {files[1]}; which one "
                               "the model would get is not knowable")
         if name not in weight_map:
-            raise ShrinkError(f"{folder / files[0]}: holds tensor {name!r}, which {INDEX} does not list")
+            raise ShrinkError(f"{folder / files[0]}: holds tensor {name!r}, which {index.name} does not list")
         if weight_map[name] != files[0]:
             raise ShrinkError(f"{index}: places {name!r} in {weight_map[name]}, but it is in {files[0]}")
         shape, dtype = headers[files[0]][name]

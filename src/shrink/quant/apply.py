@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from dataclasses import dataclass
 import math
 import warnings
 from collections.abc import Mapping
@@ -121,6 +122,84 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
     return result
 
 
+@dataclass
+class QuantizeJob:
+    """What `quantize` will do, settled from the model's structure alone (shapes, names) before any weight
+    is read or changed: the recipe, each layer's format (None: kept), the layers given another format
+    than asked and why, and whether calibration data is needed."""
+
+    recipe: Recipe
+    assignment: dict[str, QuantSpec | None]
+    fallbacks: dict[str, str]
+    spec: object  # the spec as resolved (a mixed-precision budget's base mapping, or the format asked)
+    target_bits: float | None
+    ladder: tuple[str, ...] | None
+    needs_data: bool
+
+    @property
+    def method(self) -> str:
+        return self.recipe.method
+
+    def calibration_record(self, data_record: dict) -> dict:
+        """shrink.json's `calibration` for this job on data described by `data_record`."""
+        g = self.recipe.gptq
+        record = {"data": data_record, "method": self.method, "damp": g.damp if g else GPTQ.damp,
+                  "act_order": g.act_order if g else GPTQ.act_order}
+        if g is not None and g.true_sequential:  # non-default GPTQ options, when given
+            record["true_sequential"] = True
+        if g is not None and not g.refit:
+            record["refit"] = False
+        if self.recipe.tune:
+            record["tune_steps"] = self.recipe.tune.steps
+        return record
+
+
+def plan_job(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | list = "rtn", calibration=None,
+             n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
+             ladder: tuple[str, ...] | None = None, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
+             tune_steps: int = 0, keep_output: bool = True) -> QuantizeJob:
+    """The QuantizeJob `quantize` would run on `model` with these arguments (as `quantize` documents them),
+    every option checked; the model may be a skeleton on the meta device (nothing of its weights is read)."""
+    if isinstance(spec, MixedPrecision):
+        if target_bits is not None or ladder is not None:
+            raise ShrinkError("give the bit budget once: MixedPrecision(...) as the spec, or target_bits=, not both")
+        spec, target_bits, ladder = spec.base if spec.base is not None else "int8", spec.target_bits, spec.ladder
+    elif target_bits is not None and not isinstance(spec, Mapping) and spec != "int8":
+        warnings.warn(f"target_bits={target_bits} chooses a format per layer, so the format {spec!r} is ignored; "
+                      f"pass MixedPrecision({target_bits}) as the spec instead", stacklevel=3)
+    recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps)
+    method, tune_steps = recipe.method, recipe.tune.steps if recipe.tune else 0
+    if recipe.gptq is not None:
+        damp, act_order = recipe.gptq.damp, recipe.gptq.act_order
+    done = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, CastLinear))]
+    if done:
+        fmt = model.get_submodule(done[0]).spec.name
+        raise ShrinkError(f"the model is quantized already ({len(done)} layers, {done[0]!r} in {fmt}); quantizing "
+                         "it again would round rounded weights: start from the full-precision model")
+    _check_options(n_samples, seq_len, target_bits, damp)
+    needs_data = method != "rtn" or target_bits is not None
+    if calibration is None and needs_data:
+        what = f"method {method!r}" if method != "rtn" else "target_bits"
+        raise ShrinkError(f"{what} needs calibration data: pass calibration=<text file, .jsonl file or tensors>")
+    if not (isinstance(tune_steps, int) and not isinstance(tune_steps, bool) and 0 <= tune_steps <= MAX_TUNE_STEPS):
+        raise ShrinkError(f"tune_steps={tune_steps!r}: must be an integer from 0 to {MAX_TUNE_STEPS:,} (32 is a good value)")
+    if tune_steps and not needs_data:
+        raise ShrinkError(f"tune_steps={tune_steps}: tuning needs a calibrated method (gptq, awq, awq+gptq) "
+                         "or target_bits, and a number of steps >= 0")
+    if calibration is not None and not needs_data:
+        raise ShrinkError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
+    if target_bits is not None:
+        spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
+    assignment = plan(model, spec, keep_output=keep_output)
+    _refuse_nothing_to_do(model, assignment)
+    _say_experts_kept(model)
+    exact = {k for k in spec if not any(c in k for c in "*?[")} if isinstance(spec, Mapping) else set()
+    fell_back = _fall_back(model, assignment, exact, quiet=target_bits is not None)
+    # with target_bits the plan's format is a stand-in: the allocation chooses from the ladder, fitting each layer
+    fallbacks = {} if target_bits is not None else fell_back
+    return QuantizeJob(recipe, assignment, fallbacks, spec, target_bits, ladder, needs_data)
+
+
 def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | list = "rtn", calibration=None, tokenizer=None,
              n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
              ladder: tuple[str, ...] | None = None, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
@@ -156,43 +235,11 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     relative output error (or why the check was skipped); ShrinkError (a ValueError) when the quantized
     model no longer runs, and when the plan quantizes no layer at all.
     """
-    if isinstance(spec, MixedPrecision):
-        if target_bits is not None or ladder is not None:
-            raise ShrinkError("give the bit budget once: MixedPrecision(...) as the spec, or target_bits=, not both")
-        spec, target_bits, ladder = spec.base if spec.base is not None else "int8", spec.target_bits, spec.ladder
-    elif target_bits is not None and not isinstance(spec, Mapping) and spec != "int8":
-        warnings.warn(f"target_bits={target_bits} chooses a format per layer, so the format {spec!r} is ignored; "
-                      f"pass MixedPrecision({target_bits}) as the spec instead", stacklevel=2)
-    recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps)
-    method, tune_steps = recipe.method, recipe.tune.steps if recipe.tune else 0
-    if recipe.gptq is not None:
-        damp, act_order = recipe.gptq.damp, recipe.gptq.act_order
-    done = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, CastLinear))]
-    if done:
-        fmt = model.get_submodule(done[0]).spec.name
-        raise ShrinkError(f"the model is quantized already ({len(done)} layers, {done[0]!r} in {fmt}); quantizing "
-                         "it again would round rounded weights: start from the full-precision model")
-    _check_options(n_samples, seq_len, target_bits, damp)
-    needs_data = method != "rtn" or target_bits is not None
-    if calibration is None and needs_data:
-        what = f"method {method!r}" if method != "rtn" else "target_bits"
-        raise ShrinkError(f"{what} needs calibration data: pass calibration=<text file, .jsonl file or tensors>")
-    if not (isinstance(tune_steps, int) and not isinstance(tune_steps, bool) and 0 <= tune_steps <= MAX_TUNE_STEPS):
-        raise ShrinkError(f"tune_steps={tune_steps!r}: must be an integer from 0 to {MAX_TUNE_STEPS:,} (32 is a good value)")
-    if tune_steps and not needs_data:
-        raise ShrinkError(f"tune_steps={tune_steps}: tuning needs a calibrated method (gptq, awq, awq+gptq) "
-                         "or target_bits, and a number of steps >= 0")
-    if calibration is not None and not needs_data:
-        raise ShrinkError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
-    if target_bits is not None:
-        spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
-    assignment = plan(model, spec, keep_output=keep_output)
-    _refuse_nothing_to_do(model, assignment)
-    _say_experts_kept(model)
-    exact = {k for k in spec if not any(c in k for c in "*?[")} if isinstance(spec, Mapping) else set()
-    fell_back = _fall_back(model, assignment, exact, quiet=target_bits is not None)
-    # with target_bits the plan's format is a stand-in: the allocation chooses from the ladder, fitting each layer
-    fallbacks = {} if target_bits is not None else fell_back
+    job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
+                   target_bits=target_bits, ladder=ladder, damp=damp, act_order=act_order, tune_steps=tune_steps,
+                   keep_output=keep_output)
+    assignment, method, needs_data = job.assignment, job.method, job.needs_data
+    target_bits, ladder, spec, recipe = job.target_bits, job.ladder, job.spec, job.recipe
     _validate(model, assignment)
     undo = _Undo(model)  # any failure from here on puts the model back as it was
     try:
@@ -214,13 +261,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
             from .calibration import prepare
 
             data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
-            record = {"data": data.record, "method": method, "damp": damp, "act_order": act_order}
-            if recipe.gptq is not None and recipe.gptq.true_sequential:  # non-default GPTQ options, when given
-                record["true_sequential"] = True
-            if recipe.gptq is not None and not recipe.gptq.refit:
-                record["refit"] = False
-            if tune_steps:
-                record["tune_steps"] = tune_steps
+            record = job.calibration_record(data.record)
             if target_bits is not None:
                 lad = tuple(ladder or DEFAULT_LADDER)
                 errors, sizes = measure_sensitivity(model, data.samples, assignment, lad, progress=progress)
@@ -242,7 +283,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         update_record(model, method=method,
                       formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},
                       calibration=record or None, check=_check_forward(model, inputs, described, before, skipped),
-                      fallbacks=fallbacks)
+                      fallbacks=job.fallbacks)
     except BaseException:
         undo.restore()
         raise
@@ -259,7 +300,7 @@ def _say_experts_kept(model: nn.Module) -> None:
     share = sum(n for _, n in fused) / max(total, 1)
     warnings.warn(f"{len(fused)} fused expert tensor{'s' * (len(fused) != 1)} ({fused[0][0]}{' and others' * (len(fused) > 1)}"
                   f": {share:.0%} of the model's weights) kept in full precision: shrink quantizes Linear, Conv1D, "
-                  "Conv2d and Embedding layers, not experts fused into 3-D tensors yet", stacklevel=3)
+                  "Conv2d and Embedding layers, not experts fused into 3-D tensors yet", stacklevel=4)
 
 
 def _fall_back(model: nn.Module, assignment: dict, exact: set[str], quiet: bool = False) -> dict[str, str]:
@@ -288,7 +329,7 @@ def _fall_back(model: nn.Module, assignment: dict, exact: set[str], quiet: bool 
         shown = ", ".join(f"{n} ({misfits[n]} inputs)" for n in list(out)[:4])
         more = f" and {len(out) - 4} more" if len(out) > 4 else ""
         warnings.warn(f"{len(out)} layer{'s' * (len(out) != 1)} kept per channel, not in groups: {shown}{more}; their "
-                      "input sizes are not a multiple of the group (shrink.json's 'fallbacks' lists them)", stacklevel=4)
+                      "input sizes are not a multiple of the group (shrink.json's 'fallbacks' lists them)", stacklevel=5)
     return out
 
 

@@ -104,7 +104,7 @@ def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LA
 def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None], samples, method: str | Recipe,
                         backend: str | None = None, damp: float = 0.01, act_order: bool = True,
                         true_sequential: bool = False, tune_steps: int = 0, refit: bool = True,
-                        progress: bool | None = None) -> CalibrationReport:
+                        progress: bool | None = None, around=None) -> CalibrationReport:
     """Quantize `model` in place by `method` on `samples`: a Recipe (whose GPTQ and tuning options then
     replace the keyword ones below), or a method string as `recipe.parse_method` reads it.
 
@@ -115,7 +115,9 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
     refit: after GPTQ, re-solve each layer's group scales for the chosen codes (gptq.refit_scales;
     default True: it never raises a layer's output error and costs little).
     tune_steps: then tune each block's scales and norm weights against its full-precision output
-    (tune.tune_block) on at most this many calibration inputs (default 0: off)."""
+    (tune.tune_block) on at most this many calibration inputs (default 0: off).
+    around: `layerwise.BlockHooks` for blocks held on disk (default None: the model is in memory); the
+    layers outside the blocks are then the caller's to quantize."""
     if not isinstance(method, Recipe):
         method = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps)
         if method.gptq is not None:
@@ -124,7 +126,10 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
     report = CalibrationReport(method=recipe.method)
 
     with torch.no_grad():
-        blockwise(model, samples, _BlockPass(recipe, assignment, backend, report), progress=progress, desc=recipe.name)
+        blockwise(model, samples, _BlockPass(recipe, assignment, backend, report), progress=progress, desc=recipe.name,
+                  around=around)
+    if around is not None:
+        return report
     # Linear layers outside the repeated blocks (rare in decoders) get round-to-nearest.
     leftovers = {n: s for n, s in assignment.items()
                  if s is not None and isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding, nn.Conv2d))}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -151,11 +152,21 @@ def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: lis
     return stats
 
 
+class BlockHooks(Protocol):
+    """What a walk over blocks held on disk does around each block (`blockwise(..., around=)`): `enter`
+    gives the block its weights before it is visited, `leave` writes it out and lets them go after its
+    outputs were computed."""
+
+    def enter(self, name: str, block: nn.Module) -> None: ...
+
+    def leave(self, name: str, block: nn.Module) -> None: ...
+
+
 def blockwise(model: nn.Module, samples: list[torch.Tensor], visit: Callable, progress: bool | None = None,
-              desc: str = "calibrate") -> None:
+              desc: str = "calibrate", around: BlockHooks | None = None) -> None:
     """Call `visit(block_name, block, inputs)` for each block of each stack in order, feeding each block
     the outputs of the previous one as `visit` left it (quantized). Without repeated blocks: one call on
-    the model."""
+    the model. around: hooks called before and after each block (default None: the blocks are in memory)."""
     stacks = find_stacks(model)
     if not stacks:
         visit("", model, [((s,), {}) for s in samples])
@@ -165,8 +176,12 @@ def blockwise(model: nn.Module, samples: list[torch.Tensor], visit: Callable, pr
     for prefix, blocks in stacks:
         inputs = capture_inputs(model, blocks[0], samples)  # through the stacks quantized before it
         for i, block in enumerate(blocks):
+            if around is not None:
+                around.enter(f"{prefix}.{i}", block)
             visit(f"{prefix}.{i}", block, inputs)
             bar.update()
             if i + 1 < len(blocks):
                 inputs = run_block(block, inputs)
+            if around is not None:
+                around.leave(f"{prefix}.{i}", block)
     bar.close()

@@ -12,6 +12,7 @@ from ...core.architecture import is_causal_lm
 from ...evaluate.paired import model_bytes
 from ...io import read_manifest, save
 from ...io.manifest import weights_file
+from ...io.shards import Checkpoint
 
 __all__ = ["disk_bytes", "memory_bytes", "seconds_per_token"]
 
@@ -22,7 +23,7 @@ def disk_bytes(model: nn.Module, folder: Path, tokenizer=None) -> int:
     """Save `model` to `folder` as shrink saves any model and return the size of its weights file
     (config, manifest and tokenizer are the same few kilobytes for every candidate)."""
     save(model, folder, tokenizer=tokenizer)
-    return (Path(folder) / weights_file(read_manifest(folder))).stat().st_size
+    return sum(f.stat().st_size for f in Checkpoint(folder, weights_file(read_manifest(folder))).files)
 
 
 @torch.no_grad()

@@ -1,0 +1,117 @@
+"""Quantizing a Hugging Face folder block by block from its shards: the same packed tensors as the whole
+model in memory, written in shards, read back exactly; and what it refuses."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+import shrink
+from shrink.core.errors import ShrinkError
+from shrink.entrypoints.streamed import quantize_streamed, why_not_streamed
+from shrink.io.shards import Checkpoint
+
+
+def _folder(tmp_path, dtype=torch.bfloat16, tie=True, shard="40KB"):
+    model = tiny_llama(tie=tie).to(dtype)
+    folder = tmp_path / f"hf-{str(dtype)[6:]}-{tie}"
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def _in_memory(folder, fmt, **kw):
+    loaded = shrink.io.read_model(folder)
+    return shrink.quantize(loaded.model, fmt, progress=False, tokenizer=loaded.tokenizer, **kw)
+
+
+def _packed(state):
+    return {k: v for k, v in state.items() if k.endswith((".qweight", ".scales", ".zeros", "weight_packed", "weight_scale"))}
+
+
+@pytest.mark.parametrize("fmt, method", [("int4-g32", "rtn"), ("int4-g32-asym", "rtn"), ("int8", "gptq"),
+                                         ("int4-g32", "awq"), ("int4-g32", "awq+gptq")])
+def test_streamed_quantization_packs_exactly_what_the_whole_model_in_memory_packs(tmp_path, fmt, method):
+    folder = _folder(tmp_path)
+    kw = {}
+    if method != "rtn":
+        ids = torch.randint(3, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+        kw = dict(method=method, calibration=list(ids))
+    reference = _in_memory(folder, fmt, **kw)
+    out = tmp_path / "q"
+    done = quantize_streamed(folder, out, fmt, progress=False, shard_bytes=30_000, **kw)
+    assert shrink.info(done.model).formats == {k: v for k, v in shrink.info(reference).formats.items()}
+    back = shrink.load(out)
+    ref_state, got_state = _packed(reference.state_dict()), _packed(back.state_dict())
+    assert ref_state and set(ref_state) == set(got_state)
+    for k in ref_state:
+        assert torch.equal(ref_state[k], got_state[k]), k
+    # the rest as stored (bf16, computed in float32 once loaded): the loaded model computes what the
+    # in-memory one does
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(back(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    ck = Checkpoint(out, "model.safetensors" if "asym" not in fmt else "model.shrink.safetensors")
+    assert len(ck.files) > 1 and ck.tensors["model.norm.weight"].dtype == "BF16"
+    manifest = json.loads((out / "shrink.json").read_text())
+    assert {f.name for f in ck.files} <= set(manifest["files"])
+    # the check: the sample input's last-block output, quantized against original, as measured in memory
+    sample = shrink.quant.check.sample_input(reference)[0]["input_ids"]
+    outs = []
+    for m in (shrink.io.read_model(folder).model, reference):
+        h = m.model.layers[-1].register_forward_hook(lambda _m, _a, out: outs.append(out[0] if isinstance(out, tuple) else out))
+        with torch.no_grad():
+            m(sample)
+        h.remove()
+    want = float((outs[1] - outs[0]).norm() / outs[0].norm())
+    check = shrink.info(back).check
+    assert check.skipped is None and "last block" in check.input
+    assert check.relative_error == pytest.approx(want, rel=1e-4)
+
+
+def test_a_quantized_output_layer_tied_to_the_embedding_streams_too(tmp_path):
+    folder = _folder(tmp_path, dtype=torch.float32)
+    reference = _in_memory(folder, "int8", keep_output=False)
+    quantize_streamed(folder, tmp_path / "q", "int8", keep_output=False, progress=False)
+    back = shrink.load(tmp_path / "q")
+    assert torch.equal(back.lm_head.qweight, reference.lm_head.qweight)
+    assert not json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"]
+    ids = torch.randint(0, 96, (1, 10))
+    torch.testing.assert_close(back(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_what_cannot_stream_says_why(tmp_path):
+    folder = _folder(tmp_path)
+    assert why_not_streamed(folder) is None
+    assert "not a Hugging Face folder" in why_not_streamed(tmp_path)
+    with pytest.raises(ShrinkError, match="cannot stream .*: mixed precision"):
+        quantize_streamed(folder, None, shrink.quant.MixedPrecision(4.5), method="gptq",
+                          calibration=[torch.randint(0, 96, (1, 16))])
+    with pytest.raises(ShrinkError, match=r"cannot stream .*: layer 'model.embed_tokens' outside the decoder blocks"):
+        quantize_streamed(folder, None, {"*": "int8", "model.embed_tokens": "int8"})
+    # a tensor the model does not name as such (a checkpoint transformers would have to rename)
+    from safetensors.torch import load_file, save_file
+
+    single = _folder(tmp_path, tie=False, shard="10MB")
+    state = load_file(str(single / "model.safetensors"))
+    state["model.final_norm.weight"] = state.pop("model.norm.weight")
+    save_file(state, str(single / "model.safetensors"), metadata={"format": "pt"})
+    assert "the weights name tensors LlamaForCausalLM does not have as such ('model.final_norm.weight'" in \
+        why_not_streamed(single)
+
+
+def test_a_damaged_weight_stops_the_stream_and_nothing_is_written(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _folder(tmp_path, shard="10MB")
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ShrinkError, match=r"model.layers.1.mlp.up_proj.*NaN"):
+        quantize_streamed(folder, tmp_path / "q", "int8", progress=False)
+    assert not (tmp_path / "q").exists()
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :-1].contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ShrinkError, match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' has shape|"
+                                          r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape"):
+        quantize_streamed(folder, tmp_path / "q", "int8", progress=False)
+    assert not (tmp_path / "q").exists()
