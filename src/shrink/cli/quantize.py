@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import ShrinkError
-from ..quant import quantize
+from ..quant import output_layer_name, quantize
 from ..quant.mixed import MixedPrecision
 from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, Tune, parse_method
 from ..quant.record import record_of, summary_line
@@ -49,6 +49,10 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--tune-steps", default=0, show_default=True, type=Number(0, MAX_TUNE_STEPS, integer=True),
               help=field_help(Tune, "steps") + " A good value: 32.")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
+@click.option("--stream/--no-stream", default=None,
+              help="Quantize a Hugging Face folder block by block from its safetensors shards, so memory holds about "
+                   "one block, not the model (default: whenever the folder and options allow; --stream says why not "
+                   "when they do not).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Save the quantized model and results.json to this folder (written atomically); it must be new "
                    "or empty, or with --force a model shrink saved there.")
@@ -56,14 +60,14 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 
 
 def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
-             tune_steps, quantize_output, out, force):
+             tune_steps, quantize_output, stream, out, force):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
     Embeddings and the output layer stay in full precision unless asked. With --out, writes
     model.safetensors, shrink.json, config and tokenizer, and results.json.
     """
-    from ..quant import output_layer_name, parse_format, quantized_bits_per_weight, size_rows
+    from ..quant import parse_format
 
     parse_format(fmt)  # fail on bad options before loading anything
     if (method != "rtn" or target_bits is not None) and calibration is None:
@@ -94,64 +98,108 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
     from ..core.outdir import claim
     from ..io import is_own_folder, read_model, save
 
+    recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
+                          true_sequential=true_sequential, refit=refit)
+    streamed = _stream_or_not(model, stream, spec, quantize_output)
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
         t0 = time.perf_counter()
-        with console.status("loading model"):
-            loaded = read_model(model)
-        t_load = time.perf_counter() - t0
-        out_name = output_layer_name(loaded.model)
-        t1 = time.perf_counter()
-        calib_kw = {}
-        if calibration is not None:
-            calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
-        recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
-                              true_sequential=true_sequential, refit=refit)
-        quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, **calib_kw)
-        t_quant = time.perf_counter() - t1
-        done = record_of(loaded.model)
-        record = done.calibration
-        if record:
-            d = record["data"]
-            console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
-            tuned = [v for v in record["layers"].values() if v.get("tune_error_before")]
-            if tuned:
-                ratio = sum(v["tune_error_after"] / v["tune_error_before"] for v in tuned) / len(tuned)
-                console.print(f"tuning ({record['tune_steps']} steps per block): block output error "
-                              f"{100 * (1 - ratio):.0f}% lower on average over {len(tuned)} blocks")
-            for w in record.get("warnings", []):
-                console.print(f"[yellow]warning[/yellow]: {w}")
-        applied = summary_line(done.layers, method)
-        if applied:
-            console.print(f"[yellow]{applied}[/yellow]")
-        rows = size_rows(loaded.model, output_name=out_name)
-        title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
-        console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
-        check = done.check
-        if check is not None:
-            console.print(check.line() if check.skipped is None else f"[yellow]{check.line()}[/yellow]")
-        if target_bits is not None:
-            by_format: dict[str, list[str]] = {}
-            for n, f in done.formats.items():
-                if f is not None:
-                    by_format.setdefault(f, []).append(n)
-            for f, names in sorted(by_format.items(), key=lambda kv: -parse_format(kv[0]).bits):
-                shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
-                console.print(f"{f}: {shown}")
-        kept = [n for n, f in done.formats.items() if f is None]
-        if kept:
-            console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
-                          " (and all embeddings)")
-        total = rows[-1]
-        bpw = quantized_bits_per_weight(loaded.model)
-        console.print(f"quantized layers: {bpw:.3f} bits/weight; model {mb(total.bytes_fp32)} MB -> {mb(total.bytes_now)} MB "
-                      f"({total.bytes_fp32 / max(total.bytes_now, 1):.2f}x smaller); load {t_load:.1f}s, quantize {t_quant:.1f}s")
+        seconds = {}
+        if streamed:
+            from ..entrypoints.streamed import quantize_streamed
+
+            console.print(f"quantizing {model} block by block from its weights files (--no-stream loads it whole)")
+            def results(m):  # written into the folder before it is sealed
+                return _results(m, model, fmt, layers, method, target_bits, record_of(m).source,
+                                {"quantize": time.perf_counter() - t0})
+
+            loaded = quantize_streamed(model, out, spec, method=recipe, keep_output=not quantize_output, force=force,
+                                       results=results, calibration=calibration, n_samples=samples, seq_len=seq_len)
+            seconds["quantize"] = time.perf_counter() - t0
+        else:
+            with console.status("loading model"):
+                loaded = read_model(model)
+            seconds["load"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            calib_kw = {}
+            if calibration is not None:
+                calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
+            quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, **calib_kw)
+            seconds["quantize"] = time.perf_counter() - t1
+        _print_summary(loaded, model, fmt, method, target_bits, seconds)
+        if out is not None and not streamed:
+            save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force,
+                 results=_results(loaded.model, model, fmt, layers, method, target_bits, loaded.source, seconds))
         if out is not None:
-            save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force, results={
-                "command": "quantize", "model": str(model), "source": loaded.source, "format": fmt,
-                "layers": dict(_parse_layers(layers)), "method": method, "quantized_bits_per_weight": bpw,
-                "target_bits": target_bits, "formats": done.formats, "calibration": record,
-                "sizes": [r.to_dict() for r in rows], "kept_full_precision": kept,
-                "seconds": {"load": t_load, "quantize": t_quant},
-                "check": check.to_dict() if check is not None else None,
-            })
             console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
+
+
+def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool) -> bool:
+    """Whether to quantize block by block from disk: asked (--stream: refused with the reason when the
+    folder or options do not allow it), refused (--no-stream), or by default whenever they allow it."""
+    if stream is False:
+        return False
+    from ..entrypoints.streamed import why_not_streamed
+
+    why = why_not_streamed(model, spec, keep_output=not quantize_output) if model != "default" else \
+        "the built-in model is a GGUF file"
+    if why is not None and stream:
+        raise ShrinkError(f"--stream: cannot quantize {model} block by block: {why}")
+    return why is None
+
+
+def _results(qmodel, model, fmt, layers, method, target_bits, source, seconds) -> dict:
+    """results.json of a quantize run."""
+    from ..quant import quantized_bits_per_weight, size_rows
+
+    done = record_of(qmodel)
+    rows = size_rows(qmodel, output_name=output_layer_name(qmodel))
+    return {"command": "quantize", "model": str(model), "source": source, "format": fmt,
+            "layers": dict(_parse_layers(layers)), "method": method,
+            "quantized_bits_per_weight": quantized_bits_per_weight(qmodel), "target_bits": target_bits,
+            "formats": done.formats, "calibration": done.calibration, "sizes": [r.to_dict() for r in rows],
+            "kept_full_precision": [n for n, f in done.formats.items() if f is None], "seconds": dict(seconds),
+            "check": done.check.to_dict() if done.check is not None else None}
+
+
+def _print_summary(loaded, model, fmt, method, target_bits, seconds) -> None:
+    """What quantize did: calibration, warnings, the size table, the forward check, formats, bits."""
+    from ..quant import parse_format, quantized_bits_per_weight, size_rows
+
+    done = record_of(loaded.model)
+    record = done.calibration
+    if record:
+        d = record["data"]
+        console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
+        tuned = [v for v in record["layers"].values() if v.get("tune_error_before")]
+        if tuned:
+            ratio = sum(v["tune_error_after"] / v["tune_error_before"] for v in tuned) / len(tuned)
+            console.print(f"tuning ({record['tune_steps']} steps per block): block output error "
+                          f"{100 * (1 - ratio):.0f}% lower on average over {len(tuned)} blocks")
+        for w in record.get("warnings", []):
+            console.print(f"[yellow]warning[/yellow]: {w}")
+    applied = summary_line(done.layers, method)
+    if applied:
+        console.print(f"[yellow]{applied}[/yellow]")
+    rows = size_rows(loaded.model, output_name=output_layer_name(loaded.model))
+    title_fmt = f"mixed, {target_bits} bits/weight" if target_bits else fmt
+    console.print(size_table(rows, f"{loaded.source.get('name') or model} -> {title_fmt} ({method})"))
+    check = done.check
+    if check is not None:
+        console.print(check.line() if check.skipped is None else f"[yellow]{check.line()}[/yellow]")
+    if target_bits is not None:
+        by_format: dict[str, list[str]] = {}
+        for n, f in done.formats.items():
+            if f is not None:
+                by_format.setdefault(f, []).append(n)
+        for f, names in sorted(by_format.items(), key=lambda kv: -parse_format(kv[0]).bits):
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
+            console.print(f"{f}: {shown}")
+    kept = [n for n, f in done.formats.items() if f is None]
+    if kept:
+        console.print(f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
+                      " (and all embeddings)")
+    total = rows[-1]
+    bpw = quantized_bits_per_weight(loaded.model)
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+    console.print(f"quantized layers: {bpw:.3f} bits/weight; model {mb(total.bytes_fp32)} MB -> {mb(total.bytes_now)} MB "
+                  f"({total.bytes_fp32 / max(total.bytes_now, 1):.2f}x smaller); {timing}")

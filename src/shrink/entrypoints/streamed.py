@@ -15,6 +15,7 @@ compares the last block's outputs (the output layer is not run, so as not to hol
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,12 @@ from ..io.manifest import FORMAT_VERSION
 from ..io.models import tokenizer_or_none
 from ..io.safety import refuse_custom_code
 from ..io.saved import finish_folder, layer_state, manifest_for, writing_folder
-from ..io.shards import SHARD_BYTES, Checkpoint, release
-from ..quant.apply import _validate, output_layer_name, plan_job
+from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
+from ..quant.apply import output_layer_name, plan_job, validate_weights
+from ..quant.linear import CastLinear, QuantLinear
 from ..quant.check import ForwardCheck, refuse_non_finite, relative_error, sample_input
 from ..quant.layerwise import capture_inputs, first_output, run_block
+from ..quant.mixed import MixedPrecision
 from ..quant.record import update_record
 from ..quant.replace import round_to_nearest, set_submodule
 
@@ -67,12 +70,16 @@ def _skeleton(folder: Path):
     return model.eval(), None
 
 
-def why_not_streamed(folder, job=None, model=None, checkpoint=None) -> str | None:
+def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, keep_output: bool = True,
+                     job=None, model=None, checkpoint=None) -> str | None:
     """Why `folder` cannot be quantized block by block from disk (None when it can): it must be a Hugging
     Face causal LM with safetensors weights named as the model names its tensors, one stack of decoder
-    blocks, and a job that quantizes only the blocks' layers and the output layer (mixed precision's
+    blocks, and the job (`spec` with `target_bits` and `keep_output`, as `shrink.quantize` takes them; or
+    a planned `job`) must quantize only the blocks' layers and the output layer (mixed precision's
     sensitivity pass and quantized embeddings need the whole model in memory so far)."""
     folder = Path(folder)
+    if target_bits is not None or isinstance(spec, MixedPrecision):
+        return "mixed precision (--target-bits) measures every layer on the whole model"
     if not folder.is_dir() or not (folder / "config.json").is_file():
         return f"{folder} is not a Hugging Face folder"
     if not any(folder.glob("*.safetensors")):
@@ -84,7 +91,14 @@ def why_not_streamed(folder, job=None, model=None, checkpoint=None) -> str | Non
     stacks = find_stacks(model)
     if len(stacks) != 1:
         return f"{type(model).__name__} has {len(stacks)} stacks of blocks (one decoder stack streams)"
-    checkpoint = checkpoint or Checkpoint(folder)
+    try:
+        checkpoint = checkpoint or Checkpoint(folder)
+    except ShrinkError as e:
+        return str(e)
+    if job is None and spec is not None:
+        with warnings.catch_warnings():  # said again when the job runs
+            warnings.simplefilter("ignore")
+            job = plan_job(model, spec, keep_output=keep_output)
     names = _tensor_names(model)
     unknown = [k for k in checkpoint.tensors if k not in names]
     if unknown:
@@ -126,7 +140,7 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
     checkpoint = Checkpoint(folder)
     job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
                    damp=damp, act_order=act_order, tune_steps=tune_steps, keep_output=keep_output)
-    why = why_not_streamed(folder, job, model, checkpoint)
+    why = why_not_streamed(folder, job=job, model=model, checkpoint=checkpoint)
     if why:
         raise ShrinkError(f"cannot stream {folder}: {why}")
     tokenizer = tokenizer_or_none(folder)
@@ -239,16 +253,32 @@ class _Walk:
             release(self.model.get_input_embeddings())
             release_freed_memory()
         self.checkpoint.fill(block, name + ".", float_dtype=torch.float32)
-        _validate(self.model, {n: s for n, s in self.assignment.items() if n.startswith(name + ".")})
+        validate_weights(self.model, {n: s for n, s in self.assignment.items() if n.startswith(name + ".")})
         self.original = run_block(block, self.original)
 
     def leave(self, name: str, block: nn.Module) -> None:
         self.check = run_block(block, self.check)
         refuse_non_finite(block)
+        self._as_stored(block, name + ".")
         if self.writer is not None:
             self.writer.add(layer_state(block, self.layout, prefix=name + "."))
         release(block)
         release_freed_memory()
+
+    def _as_stored(self, block: nn.Module, prefix: str) -> None:
+        """The block's tensors kept as they were (norms, a kept layer's weights) back in their stored dtype,
+        as the rest of the model is written, where that holds their values exactly (a norm AWQ folded its
+        scales into stays float32); a quantized layer's own tensors are as its format wants them."""
+        for mod_name, mod in block.named_modules():
+            if isinstance(mod, (QuantLinear, CastLinear)):
+                continue
+            for leaf, t in mod._parameters.items():
+                stored = self.checkpoint.tensors.get(f"{prefix}{mod_name}{'.' if mod_name else ''}{leaf}")
+                dtype = DTYPES.get(stored.dtype) if stored is not None else None
+                if t is not None and t.is_floating_point() and dtype is not None and dtype.is_floating_point:
+                    back = t.detach().to(dtype)
+                    if torch.equal(back.to(t.dtype), t):
+                        mod._parameters[leaf] = nn.Parameter(back, requires_grad=False)
 
     def finish_rest(self) -> None:
         """The tensors outside the blocks to the output, a tensor at a time as stored; the output layer
@@ -261,17 +291,26 @@ class _Walk:
             lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
             self.checkpoint.fill(lin, self.head + ".", torch.float32, only=lambda n: not n.endswith(".weight"))
             lin.weight = nn.Parameter(self.checkpoint.tensor(self.head_key).float(), requires_grad=False)
-            _validate(nn.ModuleDict({"head": lin}), {"head": spec})
+            validate_weights(nn.ModuleDict({"head": lin}), {"head": spec})
             new = round_to_nearest(lin, spec, self.head)
             set_submodule(self.model, self.head, new)
             if self.writer is not None:
                 self.writer.add(layer_state(new, self.layout, prefix=self.head + "."))
             release(new)
-        if self.writer is None:
-            return
-        for name in self.checkpoint.tensors:
+        for name, stored in self.checkpoint.tensors.items():
             if name.startswith(self.prefix) or (spec is not None and name.startswith(self.head + ".")):
                 continue
-            self.writer.add({name: self.checkpoint.tensor(name)})
+            if self.writer is not None:
+                self.writer.add({name: self.checkpoint.tensor(name)})
+            # the skeleton describes what was written: a placeholder of the stored dtype
+            owner, _, leaf = name.rpartition(".")
+            mod = self.model.get_submodule(owner)
+            empty = torch.empty(stored.shape, dtype=DTYPES.get(stored.dtype, torch.float32), device="meta")
+            if leaf in mod._parameters:
+                mod._parameters[leaf] = nn.Parameter(empty, requires_grad=False)
+            elif leaf in mod._buffers:
+                mod._buffers[leaf] = empty
+        if spec is None and self.head_key is not None and self.head_key != f"{self.head}.weight":
+            self.model.get_submodule(self.head).weight = self.model.get_input_embeddings().weight  # tied, as stored
         release_freed_memory()
 

@@ -26,6 +26,9 @@ SINGLE = "model.safetensors"
 # Shards of at most about 1 GB: written whole, so a streamed job holds at most one shard's worth of finished
 # tensors beside the block it works on (Hugging Face's own default, 5 GB, would be most of a memory budget).
 SHARD_BYTES = 1 << 30
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
              "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 

@@ -240,7 +240,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
                    keep_output=keep_output)
     assignment, method, needs_data = job.assignment, job.method, job.needs_data
     target_bits, ladder, spec, recipe = job.target_bits, job.ladder, job.spec, job.recipe
-    _validate(model, assignment)
+    validate_weights(model, assignment)
     undo = _Undo(model)  # any failure from here on puts the model back as it was
     try:
         for name, fmt in assignment.items():  # GPT-2's Conv1D layers to be quantized become the Linear they are
@@ -267,7 +267,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
                 errors, sizes = measure_sensitivity(model, data.samples, assignment, lad, progress=progress)
                 chosen = allocate(errors, sizes, target_bits, lad)
                 assignment.update({n: parse_format(f) for n, f in chosen.items()})
-                _validate(model, assignment)
+                validate_weights(model, assignment)
                 record["target_bits"] = target_bits
                 record["ladder"] = list(lad)
             report = quantize_calibrated(model, assignment, data.samples, recipe, backend=backend, progress=progress)
@@ -306,7 +306,7 @@ def _say_experts_kept(model: nn.Module) -> None:
 def _fall_back(model: nn.Module, assignment: dict, exact: set[str], quiet: bool = False) -> dict[str, str]:
     """Layers a glob gave a grouped format whose group does not divide their inputs (ResNet's 147-input stem)
     get the same format with one scale per output channel instead, said in a warning and returned as
-    {layer: why} for the record; a layer named exactly keeps its format (and _validate refuses it), and so
+    {layer: why} for the record; a layer named exactly keeps its format (and validate_weights refuses it), and so
     does every layer when none would keep the group asked (the format does not fit this model at all)."""
     misfits = {}  # name -> its number of inputs
     grouped = 0
@@ -442,7 +442,7 @@ def _check_options(n_samples: int, seq_len: int, target_bits: float | None, damp
                          f"and at most 1, got {damp!r}")
 
 
-def _validate(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None:
+def validate_weights(model: nn.Module, assignment: dict[str, QuantSpec | None]) -> None:
     """Check every layer against its format before changing anything, so an error leaves the model whole."""
     for name, fmt in assignment.items():
         if fmt is None:

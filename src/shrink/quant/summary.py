@@ -38,7 +38,7 @@ class SizeRow:
 def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int | None = None) -> str:
     if isinstance(module, QuantEmbedding):
         return f"Embedding {module.spec.name}" + (f" (tied to {output_name})" if output_name and isinstance(
-            output_ptr, int) and module.qweight.data_ptr() == output_ptr else "")
+            output_ptr, int) and _identity(module.qweight) == output_ptr else "")
     if isinstance(module, QuantConv2d):
         return f"Conv2d {module.spec.name}"
     if isinstance(module, (QuantLinear, CastLinear)):
@@ -46,7 +46,7 @@ def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int
     if isinstance(module, nn.Linear):
         return "Linear fp32 (output, kept)" if name == output_name else "Linear fp32 (kept)"
     if isinstance(module, nn.Embedding):
-        tied = output_ptr is not None and module.weight.data_ptr() == output_ptr
+        tied = output_ptr is not None and _identity(module.weight) == output_ptr
         return f"Embedding (kept, tied to {output_name})" if tied else "Embedding (kept)"
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.dim() >= 2:  # a weight-bearing layer shrink does not quantize
@@ -71,18 +71,24 @@ def fused_expert_tensors(model: nn.Module, recurse: bool = True) -> list[tuple[s
     return found
 
 
+def _identity(t: torch.Tensor) -> int:
+    """What tells tensors apart: their memory, or for placeholders on the meta device (a streamed model's
+    skeleton, whose tensors were written and let go) the tensor object."""
+    return id(t) if t.is_meta else t.data_ptr()
+
+
 def size_rows(model: nn.Module, output_name: str | None = None) -> list[SizeRow]:
     """Rows by kind of module plus a final "total" row."""
     rows: dict[str, SizeRow] = {}
     seen: set[int] = set()
     out = model.get_submodule(output_name) if output_name else None
     codes = out._buffers.get("qweight") if isinstance(out, QuantLinear) else None  # none: tiled alone, tied to nothing
-    output_ptr = out.weight.data_ptr() if isinstance(out, nn.Linear) else \
-        codes.data_ptr() if codes is not None else None
+    output_ptr = _identity(out.weight) if isinstance(out, nn.Linear) else \
+        _identity(codes) if codes is not None else None
     for name, module in model.named_modules():
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        fresh = [t for t in tensors if t.data_ptr() not in seen or t.numel() == 0]
-        seen.update(t.data_ptr() for t in fresh)
+        fresh = [t for t in tensors if _identity(t) not in seen or t.numel() == 0]
+        seen.update(_identity(t) for t in fresh)
         if not fresh:
             continue
         kind = _kind(module, name, output_name, output_ptr)
