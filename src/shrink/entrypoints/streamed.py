@@ -125,7 +125,7 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
                       progress: bool | None = None, force: bool = False, results=None,
                       shard_bytes: int = SHARD_BYTES) -> Streamed:
     """Quantize the Hugging Face causal LM in `folder` block by block from its safetensors weights, and write
-    it to `out` (a shrink folder, sharded past `shard_bytes`, default 1 GB; None: nothing is written).
+    it to `out` (a shrink folder, sharded past `shard_bytes`, default 2 GB; None: nothing is written).
 
     spec, method, calibration, n_samples, seq_len, damp, act_order, tune_steps, keep_output, backend,
     progress: as `shrink.quantize` takes them (defaults int4-g64, rtn, no data, 128 x 512, 0.01, on, 0,

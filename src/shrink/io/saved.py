@@ -155,7 +155,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
          results: dict | None = None, force: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write `model` to `directory` (model.safetensors, shrink.json, and for Hugging Face models
     config.json and the tokenizer if given; `results` as results.json). The folder appears whole or not at
-    all. Weights past `shard_bytes` (default 1 GB) are split into shards with an index, named the Hugging
+    all. Weights past `shard_bytes` (default 2 GB) are split into shards with an index, named the Hugging
     Face way. shrink.json lists every file with its size and SHA-256, so `load` can verify them and a later
     save can tell the folder is shrink's own. An existing folder is replaced only with force=True (default
     False) and only if it is exactly what shrink saved; anything else there is never touched. Returns the

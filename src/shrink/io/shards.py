@@ -23,12 +23,13 @@ from .manifest import header_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# Shards of at most about 1 GB: written whole, so a streamed job holds at most one shard's worth of finished
-# tensors beside the block it works on (Hugging Face's own default, 5 GB, would be most of a memory budget).
-SHARD_BYTES = 1 << 30
+# Shards of at most about 2 GB (each file small enough for any tool that reads it whole; Hugging Face's own
+# default is 5 GB). The writer holds nothing in memory, so this costs no memory either way.
+SHARD_BYTES = 2 * 10**9
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
              "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -72,9 +73,9 @@ class Checkpoint:
         return sum(math.prod(self.tensors[n].shape) * _ITEMSIZE.get(self.tensors[n].dtype, 4) for n in names)
 
     def read(self, names) -> dict[str, torch.Tensor]:
-        """The tensors `names`, read as stored (each a copy in its own memory), each file opened once."""
-        from safetensors import safe_open
-
+        """The tensors `names`, read as stored, each file opened once. Each is read straight into memory of
+        its own (not mapped: a mapped file's pages would count in the process's memory until unmapped, and
+        a copy out of them would double the largest tensor at the peak)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.tensors:
@@ -82,11 +83,18 @@ class Checkpoint:
             by_file.setdefault(self.tensors[name].file, []).append(name)
         out = {}
         for file, keys in by_file.items():
+            offsets = _offsets(file)
             try:
-                with safe_open(str(file), framework="pt") as f:
+                with open(file, "rb") as f:
                     for k in keys:
-                        out[k] = f.get_tensor(k).clone()  # safetensors may map the file: own the memory
-            except (OSError, ValueError, RuntimeError) as e:
+                        start, end = offsets[k]
+                        stored = self.tensors[k]
+                        buf = torch.empty(end - start, dtype=torch.uint8)
+                        f.seek(start)
+                        if f.readinto(buf.numpy()) != end - start:
+                            raise ShrinkError(f"{file}: cut short inside tensor {k!r}")
+                        out[k] = buf.view(DTYPES[stored.dtype]).reshape(stored.shape)
+            except (OSError, KeyError) as e:
                 raise ShrinkError(f"{file}: cannot read ({type(e).__name__}: {str(e)[:160]})") from None
         return out
 
@@ -132,6 +140,24 @@ class Checkpoint:
         return self.read([name])[name]
 
 
+def _offsets(file: Path) -> dict[str, tuple[int, int]]:
+    """{tensor: (first byte, end)} in `file`, from its safetensors header (checked by header_shapes already:
+    a JSON object after its 8-byte little-endian length; offsets count from the end of the header)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    size = file.stat().st_size
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        start, end = (8 + n + int(o) for o in v["data_offsets"])
+        if not start <= end <= size:
+            raise ShrinkError(f"{file}: tensor {k!r} lies past the end of the file")
+        out[k] = (start, end)
+    return out
+
+
 def release(module: torch.nn.Module) -> None:
     """Let `module`'s tensors go: each parameter and buffer becomes a placeholder of its shape on the meta
     device (the module keeps its structure, so what it is can still be described and saved)."""
@@ -147,49 +173,65 @@ def release(module: torch.nn.Module) -> None:
 class ShardWriter:
     """Writes tensors into `folder` as one safetensors file, or as shards of at most about `max_bytes` each
     with an index, the way Hugging Face names them (`model-00001-of-00003.safetensors` and
-    `model.safetensors.index.json` for weights "model.safetensors"). Tensors are held until a shard's worth
-    is gathered, so memory holds at most one shard beside the work; `close()` names the files (a single
+    `model.safetensors.index.json` for weights "model.safetensors"). Each tensor's bytes go to disk as it is
+    added (a shard's header, which comes first in the file, is written when the shard is complete, and the
+    bytes copied after it), so the writer holds no tensor in memory; `close()` names the files (a single
     file when everything fit in one shard) and returns their names."""
 
     def __init__(self, folder: Path, weights: str = SINGLE, max_bytes: int = SHARD_BYTES, metadata: dict | None = None):
         self.folder, self.weights, self.max_bytes = Path(folder), weights, max_bytes
-        self.metadata = metadata or {"format": "pt"}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes, self.parts, self.names, self.total = 0, [], {}, 0
+        self.metadata = {k: str(v) for k, v in (metadata or {"format": "pt"}).items()}
+        self.parts: list[Path] = []
+        self.names: dict[str, Path] = {}  # tensor -> its shard
+        self.entries: dict[str, dict] = {}  # the open shard's header
+        self.raw, self.raw_bytes, self.total = None, 0, 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Queue `tensors` (name -> tensor) for writing; a name given twice is an error."""
+        """Write `tensors` (name -> tensor) to the open shard, starting a new one when it is full; a name
+        given twice is an error."""
         for name, t in tensors.items():
-            if name in self.names or name in self.pending:
+            if name in self.names or name in self.entries:
                 raise ShrinkError(f"tensor {name!r} written twice to {self.folder}")
+            dtype = _NAMES.get(t.dtype)
+            if dtype is None:
+                raise ShrinkError(f"tensor {name!r}: {t.dtype} is not a type safetensors stores")
             nbytes = t.numel() * t.element_size()
-            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            if self.entries and self.raw_bytes + nbytes > self.max_bytes:
                 self.flush()  # a shard holds whole tensors: one larger than max_bytes is a shard alone
-            t = t.detach()
-            self.pending[name] = t if t.is_contiguous() else t.contiguous()
-            self.pending_bytes += nbytes
+            if self.raw is None:
+                self.raw = open(self.folder / f".part-{len(self.parts):05d}.data", "wb")
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            self.raw.write(memoryview(data.numpy()))
+            self.entries[name] = {"dtype": dtype, "shape": list(t.shape),
+                                  "data_offsets": [self.raw_bytes, self.raw_bytes + nbytes]}
+            self.raw_bytes += nbytes
 
     def flush(self) -> None:
-        """Write what is queued as the next shard."""
-        from safetensors.torch import save_file
+        """Complete the open shard: its header, then its tensors' bytes."""
+        import shutil
 
-        if not self.pending:
+        if self.raw is None:
             return
-        part = self.folder / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(part), metadata=self.metadata)
+        self.raw.close()
+        raw = Path(self.raw.name)
+        header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the tensors' bytes start 8-aligned
+        part = raw.with_suffix(".safetensors")
+        with open(part, "wb") as out, open(raw, "rb") as src:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(src, out, 16 << 20)
+        raw.unlink()
         self.parts.append(part)
-        self.names.update({k: part for k in self.pending})
-        self.total += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
+        self.names.update({k: part for k in self.entries})
+        self.total += self.raw_bytes
+        self.entries, self.raw, self.raw_bytes = {}, None, 0
 
     def close(self) -> list[str]:
-        """Write the last shard, give the shards their final names, write the index when there are several."""
+        """Complete the last shard, give the shards their final names, write the index when there are several."""
+        if self.raw is None and not self.parts:  # nothing was added: one empty file, still a checkpoint
+            self.raw = open(self.folder / ".part-00000.data", "wb")
         self.flush()
-        if not self.parts:
-            self.parts.append(self.folder / ".part-00000.safetensors")
-            from safetensors.torch import save_file
-
-            save_file({}, str(self.parts[0]), metadata=self.metadata)
         if len(self.parts) == 1:
             self.parts[0].rename(self.folder / self.weights)
             return [self.weights]
