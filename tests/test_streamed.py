@@ -115,3 +115,49 @@ def test_a_damaged_weight_stops_the_stream_and_nothing_is_written(tmp_path):
                                           r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape"):
         quantize_streamed(folder, tmp_path / "q", "int8", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+ESTIMATE_SCRIPT = """
+import json, sys, torch
+from shrink.entrypoints.streamed import quantize_streamed
+method = sys.argv[3]
+kw = {} if method == "rtn" else dict(method=method, calibration=list(torch.randint(0, 8000, (8, 128))))
+done = quantize_streamed(sys.argv[1], sys.argv[2], "int4-g64", progress=False, say=lambda line: None, **kw)
+print(json.dumps(done.estimate.to_dict()))
+"""
+
+
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+if os.waitstatus_to_exitcode(status) == 0:
+    print("PEAK", usage.ru_maxrss * 1024, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_memory_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, method):
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=4096, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    # the job's peak resident memory by the kernel, as /usr/bin/time measures it: a child forked from this
+    # (large) test process would start its count at this process's size, so a small launcher forks it
+    (tmp_path / "job.py").write_text(ESTIMATE_SCRIPT)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, str(tmp_path / "job.py"), str(tmp_path / "hf"),
+                        str(tmp_path / "q"), method], stdout=out, stderr=err, check=False)
+    lines = (tmp_path / "out").read_text().strip().splitlines()
+    assert lines and lines[-1].startswith("PEAK "), (tmp_path / "err").read_text()[-2000:]
+    estimate = json.loads(lines[-2])
+    peak = int(lines[-1].split()[1])
+    assert abs(estimate["total_bytes"] - peak) <= 0.25 * peak, (estimate, peak)

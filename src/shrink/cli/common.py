@@ -23,6 +23,7 @@ class _Group(click.Group):
     (transformers about running a folder's code) gets an empty answer."""
 
     def invoke(self, ctx):
+        import errno
         import os
         import warnings
 
@@ -30,7 +31,13 @@ class _Group(click.Group):
         warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
-        except (ShrinkError, OSError) as e:
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise click.ClickException(f"no space left on the device while writing the output ({e.filename or e}); "
+                                           "nothing half-written was kept: free some space, or choose another --out") from None
+            text = str(e) if e.filename is None else f"{e.filename}: {e.strerror or e}"
+            raise click.ClickException(" ".join(text.split())) from None
+        except ShrinkError as e:
             text = str(e) if not isinstance(e, OSError) or e.filename is None else \
                 f"{e.filename}: {e.strerror or e}"
             raise click.ClickException(" ".join(text.split())) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
@@ -108,12 +109,13 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
             from ..entrypoints.streamed import quantize_streamed
 
             console.print(f"quantizing {model} block by block from its weights files (--no-stream loads it whole)")
-            def results(m):  # written into the folder before it is sealed
-                return _results(m, model, fmt, layers, method, target_bits, record_of(m).source,
-                                {"quantize": time.perf_counter() - t0})
+            def results(m, estimate):  # written into the folder before it is sealed
+                return {**_results(m, model, fmt, layers, method, target_bits, record_of(m).source,
+                                   {"quantize": time.perf_counter() - t0}), "memory_estimate": estimate.to_dict()}
 
             loaded = quantize_streamed(model, out, spec, method=recipe, keep_output=not quantize_output, force=force,
-                                       results=results, calibration=calibration, n_samples=samples, seq_len=seq_len)
+                                       results=results, calibration=calibration, n_samples=samples, seq_len=seq_len,
+                                       say=console.print)
             seconds["quantize"] = time.perf_counter() - t0
         else:
             with console.status("loading model"):
@@ -158,7 +160,8 @@ def _results(qmodel, model, fmt, layers, method, target_bits, source, seconds) -
             "quantized_bits_per_weight": quantized_bits_per_weight(qmodel), "target_bits": target_bits,
             "formats": done.formats, "calibration": done.calibration, "sizes": [r.to_dict() for r in rows],
             "kept_full_precision": [n for n, f in done.formats.items() if f is None], "seconds": dict(seconds),
-            "check": done.check.to_dict() if done.check is not None else None}
+            "check": done.check.to_dict() if done.check is not None else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # so far: the folder is written next
 
 
 def _print_summary(loaded, model, fmt, method, target_bits, seconds) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +30,54 @@ def check_fits_memory(nbytes: int, what: str, detail: str = "") -> None:
     if avail is not None and nbytes > avail:
         raise ShrinkError(f"{what} needs {nbytes / 1e9:,.1f} GB{detail}, more than the {avail / 1e9:,.1f} GB of "
                           "memory available; the file or its config is wrong, or the model is too large for this machine")
+
+
+def resident_memory() -> int:
+    """Bytes this process holds in memory now (VmRSS), 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@dataclass
+class MemoryEstimate:
+    """A job's peak memory, estimated before it starts from shapes, dtypes and options: what the process
+    holds already, and what each phase adds (the peak is the largest phase: they do not overlap)."""
+
+    what: str
+    baseline: int
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> {part: bytes}
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: sum(self.phases[p].values())) if self.phases else ""
+
+    @property
+    def total(self) -> int:
+        return self.baseline + (sum(self.phases[self.peak_phase].values()) if self.phases else 0)
+
+    def line(self) -> str:
+        parts = self.phases.get(self.peak_phase, {})
+        shown = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 1e7)
+        return (f"estimated peak memory {self.total / 1e9:.2f} GB ({self.what}; at its largest, {self.peak_phase}: "
+                f"{shown or 'small'} GB, beside the {self.baseline / 1e9:.2f} GB the process holds)")
+
+    def to_dict(self) -> dict:
+        return {"what": self.what, "total_bytes": self.total, "baseline_bytes": self.baseline,
+                "peak_phase": self.peak_phase, "phases": self.phases}
+
+    def refuse_unless_fits(self, lower: str = "") -> None:
+        """ShrinkError in one line when the estimate exceeds the memory available: the estimate, what is
+        available, and `lower` (the options that lower it)."""
+        avail = available_memory()
+        if avail is not None and self.total > avail + self.baseline:
+            raise ShrinkError(f"{self.what}: estimated peak memory {self.total / 1e9:.1f} GB ({self.peak_phase}), "
+                              f"more than the {(avail + self.baseline) / 1e9:.1f} GB available"
+                              f"{'; ' + lower if lower else ''}")
 
 
 @lru_cache(maxsize=1)

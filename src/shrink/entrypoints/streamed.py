@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,13 +24,14 @@ import torch.nn as nn
 
 from ..core.architecture import find_stacks
 from ..core.errors import ShrinkError
-from ..core.memory import release_freed_memory
+from ..core.memory import MemoryEstimate, release_freed_memory, resident_memory
 from ..io.manifest import FORMAT_VERSION
 from ..io.models import tokenizer_or_none
 from ..io.safety import refuse_custom_code
-from ..io.saved import finish_folder, layer_state, manifest_for, writing_folder
+from ..io.saved import finish_folder, layer_state, manifest_for, planned_layout, writing_folder
 from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
-from ..quant.apply import output_layer_name, plan_job, validate_weights
+from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
+from ..quant.experts import LinearExperts, fused_experts, unfuse_experts
 from ..quant.linear import CastLinear, QuantLinear
 from ..quant.check import ForwardCheck, refuse_non_finite, relative_error, sample_input
 from ..quant.layerwise import capture_inputs, first_output, run_block
@@ -47,7 +48,7 @@ class Streamed:
     model: nn.Module
     tokenizer: object
     source: dict
-    notes: list[str] = field(default_factory=list)
+    estimate: MemoryEstimate | None = None
 
 
 def _skeleton(folder: Path):
@@ -70,8 +71,23 @@ def _skeleton(folder: Path):
     return model.eval(), None
 
 
+def _checkpoint(folder: Path, model: nn.Module) -> Checkpoint:
+    """The folder's weights, known by the names the model's modules give them (transformers' renamings)."""
+    import re
+
+    checkpoint = Checkpoint(folder)
+    renamings = checkpoint_names(model.config.model_type)[0]
+    if renamings:
+        def new_name(name):
+            for pattern, replacement in renamings:
+                name = re.sub(pattern, replacement, name)
+            return name
+        checkpoint.rename(new_name)
+    return checkpoint
+
+
 def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, keep_output: bool = True,
-                     job=None, model=None, checkpoint=None) -> str | None:
+                     job=None, model=None, checkpoint=None, names: bool = True) -> str | None:
     """Why `folder` cannot be quantized block by block from disk (None when it can): it must be a Hugging
     Face causal LM with safetensors weights named as the model names its tensors, one stack of decoder
     blocks, and the job (`spec` with `target_bits` and `keep_output`, as `shrink.quantize` takes them; or
@@ -92,15 +108,15 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     if len(stacks) != 1:
         return f"{type(model).__name__} has {len(stacks)} stacks of blocks (one decoder stack streams)"
     try:
-        checkpoint = checkpoint or Checkpoint(folder)
+        checkpoint = checkpoint or _checkpoint(folder, model)
     except ShrinkError as e:
         return str(e)
     if job is None and spec is not None:
         with warnings.catch_warnings():  # said again when the job runs
             warnings.simplefilter("ignore")
             job = plan_job(model, spec, keep_output=keep_output)
-    names = _tensor_names(model)
-    unknown = [k for k in checkpoint.tensors if k not in names]
+    known = _tensor_names(model, checkpoint_names(model.config.model_type)[1]) if names else set(checkpoint.tensors)
+    unknown = [k for k in checkpoint.tensors if k not in known]
     if unknown:
         return (f"the weights name tensors {type(model).__name__} does not have as such ({unknown[0]!r}"
                 f"{f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''}; transformers renames them on loading)")
@@ -115,32 +131,70 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     return None
 
 
-def _tensor_names(model: nn.Module) -> set[str]:
-    return set(model.state_dict(keep_vars=True))
+def _tensor_names(model: nn.Module, leaves: dict) -> set[str]:
+    """The names a checkpoint of `model` may use: its own, and one tensor per expert and projection for its
+    fused experts (how Mixtral's and Qwen-MoE's checkpoints store them, e.g. `experts.3.w1.weight`)."""
+    names = set(model.state_dict(keep_vars=True))
+    if len(leaves) == 2:
+        for path, m in fused_experts(model):
+            for e in range(m.gate_up_proj.shape[0]):
+                names.update(f"{path}.{e}.{leaf}" for leaf in (*leaves["gate_up"], *leaves["down"]))
+    return names
+
+
+def checkpoint_names(model_type: str | None) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """How checkpoints of `model_type` name tensors otherwise than transformers' modules do, from
+    transformers' own conversion table: (renamings as (pattern, replacement), the per-expert leaf names
+    {"gate_up": [gate, up], "down": [down]} of fused experts stored one tensor per expert)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        mapping = get_checkpoint_conversion_mapping(model_type) or []
+    except Exception:  # a transformers without the table: names as the modules have them
+        return [], {}
+    renamings, leaves = [], {}
+    for op in mapping:
+        sources, targets = list(getattr(op, "source_patterns", [])), list(getattr(op, "target_patterns", []))
+        if isinstance(op, WeightRenaming) and len(sources) == len(targets) == 1:
+            renamings.append((sources[0], targets[0]))
+        elif isinstance(op, WeightConverter) and len(targets) == 1 and all(".*." in p for p in sources):
+            per = [p.split(".*.", 1)[1] for p in sources]
+            if targets[0].endswith(".gate_up_proj") and len(per) == 2:
+                leaves["gate_up"] = per
+            elif targets[0].endswith(".down_proj") and len(per) == 1:
+                leaves["down"] = per
+    return renamings, leaves
 
 
 def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn", calibration=None,
                       n_samples: int = 128, seq_len: int = 512, damp: float = 0.01, act_order: bool = True,
                       tune_steps: int = 0, keep_output: bool = True, backend: str | None = None,
                       progress: bool | None = None, force: bool = False, results=None,
-                      shard_bytes: int = SHARD_BYTES) -> Streamed:
+                      shard_bytes: int = SHARD_BYTES, say=print) -> Streamed:
     """Quantize the Hugging Face causal LM in `folder` block by block from its safetensors weights, and write
     it to `out` (a shrink folder, sharded past `shard_bytes`, default 2 GB; None: nothing is written).
 
     spec, method, calibration, n_samples, seq_len, damp, act_order, tune_steps, keep_output, backend,
     progress: as `shrink.quantize` takes them (defaults int4-g64, rtn, no data, 128 x 512, 0.01, on, 0,
     True). force: replace a folder shrink wrote at `out` (default False). results: a function of the
-    quantized skeleton returning the dict written as results.json (default none). ShrinkError when the
+    quantized skeleton and the MemoryEstimate returning the dict written as results.json (default none). say: where the memory
+    estimate line goes (default print); the estimate is in `Streamed.estimate` too. ShrinkError when the
     folder cannot be streamed (`why_not_streamed` says why), naming the file and tensor on bad input.
     """
     folder = Path(folder)
     model, why = _skeleton(folder)
     if why:
         raise ShrinkError(f"cannot stream {folder}: {why}")
-    checkpoint = Checkpoint(folder)
+    checkpoint = _checkpoint(folder, model)
+    why = why_not_streamed(folder, model=model, checkpoint=checkpoint)  # the names as the checkpoint has them
+    if why:
+        raise ShrinkError(f"cannot stream {folder}: {why}")
+    fused = unfuse_experts(model)  # a mixture's experts one Linear layer each, read from the fused tensors
     job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
                    damp=damp, act_order=act_order, tune_steps=tune_steps, keep_output=keep_output)
-    why = why_not_streamed(folder, job=job, model=model, checkpoint=checkpoint)
+    fuse_back(model, fused, job.assignment)
+    why = why_not_streamed(folder, job=job, model=model, checkpoint=checkpoint, names=False)
     if why:
         raise ShrinkError(f"cannot stream {folder}: {why}")
     tokenizer = tokenizer_or_none(folder)
@@ -152,8 +206,13 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
         from ..quant.calibration import prepare
 
         data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
-    layout = "pack-quantized" if all(s is None or s.cast or s.symmetric for s in job.assignment.values()) else "shrink"
-    walk = _Walk(checkpoint, model, prefix, head, job.assignment, layout)
+    windows = data.samples if data is not None else []
+    estimate = estimate_memory(model, checkpoint, job, prefix, sum(int(w.numel()) for w in windows),
+                               max((int(w.shape[-1]) for w in windows), default=0), head)
+    estimate.refuse_unless_fits("--samples and --seq-len lower the calibration's share" if job.needs_data else "")
+    say(estimate.line())
+    layout = planned_layout(model, job.assignment)
+    walk = _Walk(checkpoint, model, prefix, head, job.assignment, layout, checkpoint_names(model.config.model_type)[1])
     with (writing_folder(out, {"format_version": FORMAT_VERSION, "layout": layout}, force=force,
                          shard_bytes=shard_bytes) if out is not None else _nowhere()) as (tmp, writer):
         walk.writer = writer
@@ -186,8 +245,76 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
                 raise ShrinkError(f"internal: the streamed weights were written in layout {layout!r}, but the model "
                                   f"describes {manifest['layout']!r}; nothing was written")
             finish_folder(model, tmp, writer, manifest, tokenizer=tokenizer,
-                          results=results(model) if results is not None else None)
-    return Streamed(model, tokenizer, source)
+                          results=results(model, estimate) if results is not None else None)
+    return Streamed(model, tokenizer, source, estimate)
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
+
+
+def estimate_memory(model: nn.Module, checkpoint: Checkpoint, job, prefix: str, tokens: int = 0,
+                    length: int = 0, head: str | None = None) -> MemoryEstimate:
+    """The streamed job's peak memory from the skeleton's shapes, the checkpoint's dtypes and the calibration
+    (`tokens` in all, in windows of at most `length`; none for round to nearest), by phase: capturing the first block's
+    inputs (the embedding as stored, the activations), one block (read as stored, held in float32, its
+    inputs and outputs, one sample's forward, and for calibrated methods the Hessians and GPTQ's or AWQ's
+    working copies of the largest layer), and writing the tensors outside the blocks one at a time."""
+    config = model.config
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or (hidden // heads if heads else 0))
+    blocks = model.get_submodule(prefix)
+    length = max(length, 16)  # (the forward check's sample: 16 tokens)
+    acts = tokens * hidden * 4
+    kwargs = tokens * head_dim * 4 * 2  # each window's rotary cos and sin
+    table = model.get_input_embeddings()
+    table_keys = [f"{n}.{k}" for n, m in model.named_modules() if m is table for k in m._parameters]
+    outside = [k for k in checkpoint.tensors if not k.startswith(prefix + ".")]
+    rest_f32 = sum(4 * math.prod(checkpoint.tensors[k].shape) for k in outside
+                   if k not in table_keys and not (head and k.startswith(head + ".")))  # the output layer waits
+    phases = {"capturing the first block's inputs": {
+        "embedding as stored": checkpoint.nbytes([k for k in table_keys if k in checkpoint.tensors]),
+        "other tensors outside the blocks": rest_f32, "activations": acts + kwargs}}
+    worst: dict[str, int] = {}
+    for i, block in enumerate(blocks):
+        keys = [k for k in checkpoint.tensors if k.startswith(f"{prefix}.{i}.")]
+        params = sum(p.numel() for p in block.parameters())
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        largest = max(linears.values(), key=lambda m: m.in_features * m.out_features, default=None)
+        inter = max((m.out_features for m in linears.values()), default=hidden)
+        parts = {"block as stored": checkpoint.nbytes(keys), "block in float32": 4 * params,
+                 "activations in and out": 2 * acts + kwargs + length * hidden * 4 * 2,
+                 "one sample through the block": heads * length * length * 4 + 3 * length * inter * 4}
+        if job.needs_data and largest is not None:
+            # the Hessians (float64) of the block's layers, one per distinct input, all gathered first and
+            # each let go once its layers are quantized; GPTQ on a layer of k inputs adds its dampened copy,
+            # the factorisation's workspace and the factor (about 1.75 k x k in float64) and its weights
+            hessians, seen = [], set()
+            for n, m in linears.items():
+                leaf = n.rpartition(".")[2]
+                shared = next((g for g in SHARED_INPUTS if leaf in g), None)
+                key = (n.rpartition(".")[0], shared) if shared else n
+                if key not in seen and job.assignment.get(f"{prefix}.{i}.{n}") is not None:
+                    seen.add(key)
+                    hessians.append((8 * m.in_features ** 2, m))
+            parts["input statistics (Hessians)"] = sum(b for b, _ in hessians)
+            if job.recipe.gptq is not None:
+                left, most = sum(b for b, _ in hessians), 0
+                for b, m in hessians:
+                    most = max(most, left - sum(b for b, _ in hessians) + int(1.75 * b) + 12 * m.out_features * m.in_features)
+                    left -= b
+                parts["GPTQ on one layer"] = most
+            if job.recipe.awq is not None:
+                k, o = largest.in_features, largest.out_features
+                parts["AWQ's searches"] = 4 * 4 * o * k + 512 * k * 4 * 2
+            if job.recipe.tune is not None:
+                parts["tuning"] = 3 * 4 * params + job.recipe.tune.steps * length * hidden * 4
+        if sum(parts.values()) > sum(worst.values()):
+            worst = parts
+    phases["quantizing a block"] = worst
+    biggest = max((checkpoint.nbytes([k]) for k in outside), default=0)
+    phases["writing the tensors outside the blocks"] = {"largest tensor as stored": biggest}
+    return MemoryEstimate("streamed quantization", resident_memory(), phases)
 
 
 class _nowhere:
@@ -218,8 +345,10 @@ class _Walk:
     visited, the sample input run through the original block; after it: the sample through the quantized
     block, its tensors written and let go."""
 
-    def __init__(self, checkpoint: Checkpoint, model: nn.Module, prefix: str, head: str | None, assignment, layout: str):
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module, prefix: str, head: str | None, assignment, layout: str,
+                 leaves: dict):
         self.checkpoint, self.model, self.prefix, self.head = checkpoint, model, prefix + ".", head
+        self.leaves = leaves  # per-expert tensor names, for checkpoints that store experts one by one
         self.assignment, self.layout, self.writer = assignment, layout, None
         self.check = self.original = None
         # an output layer tied to the embedding shares its tensor: the checkpoint holds it under the table's name
@@ -252,9 +381,40 @@ class _Walk:
             self.hook = None
             release(self.model.get_input_embeddings())
             release_freed_memory()
-        self.checkpoint.fill(block, name + ".", float_dtype=torch.float32)
+        experts = [n for n, m in block.named_modules() if isinstance(m, LinearExperts)]
+        inside = tuple(f"{name}.{n}." for n in experts)
+        self.checkpoint.fill(block, name + ".", float_dtype=torch.float32, only=lambda n: not n.startswith(inside))
+        for rel in experts:
+            self._fill_experts(block.get_submodule(rel), f"{name}.{rel}")
         validate_weights(self.model, {n: s for n, s in self.assignment.items() if n.startswith(name + ".")})
         self.original = run_block(block, self.original)
+
+    def _fill_experts(self, m: LinearExperts, path: str) -> None:
+        """Each expert's Linear layers from the checkpoint: slices of the fused 3-D tensors, or the expert's
+        own tensors (gate and up stacked as the fused layout stacks them)."""
+        fused = [f"{path}.gate_up_proj", f"{path}.down_proj"]
+        if all(k in self.checkpoint.tensors for k in fused):
+            tensors = self.checkpoint.read(fused)
+            per_expert = [[t[e] for e in range(m.num_experts)] for t in tensors.values()]
+        elif len(self.leaves) == 2:
+            (gate, up), (down,) = self.leaves["gate_up"], self.leaves["down"]
+            keys = [f"{path}.{e}.{leaf}" for e in range(m.num_experts) for leaf in (gate, up, down)]
+            missing = [k for k in keys if k not in self.checkpoint.tensors]
+            if missing:
+                raise ShrinkError(f"{self.checkpoint.where}: the model needs tensor {missing[0]!r}, which the weights "
+                                  "do not hold")
+            t = self.checkpoint.read(keys)
+            per_expert = [[torch.cat([t[f"{path}.{e}.{gate}"], t[f"{path}.{e}.{up}"]]) for e in range(m.num_experts)],
+                          [t[f"{path}.{e}.{down}"] for e in range(m.num_experts)]]
+        else:
+            raise ShrinkError(f"{self.checkpoint.where}: no tensors for the experts of {path!r} (neither "
+                              f"{fused[0]!r} nor one per expert)")
+        for weights, layers in zip(per_expert, (m.gate_up, m.down)):
+            for e, (w, lin) in enumerate(zip(weights, layers)):
+                if tuple(w.shape) != (lin.out_features, lin.in_features):
+                    raise ShrinkError(f"{self.checkpoint.where}: expert {e} of {path!r} has weights of shape "
+                                      f"{tuple(w.shape)}, the model's config gives {(lin.out_features, lin.in_features)}")
+                lin.weight = nn.Parameter(w.float(), requires_grad=False)
 
     def leave(self, name: str, block: nn.Module) -> None:
         self.check = run_block(block, self.check)

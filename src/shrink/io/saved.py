@@ -25,6 +25,7 @@ from ..core.outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.check import ForwardCheck, refuse_non_finite
 from ..quant.embedding import share_buffers
+from ..quant.experts import fused_experts, unfuse_experts
 from ..quant.record import LayerDone, ModelRecord, record_of, update_record
 from ..quant.replace import set_submodule
 from . import packformat
@@ -101,6 +102,16 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         **({"fallbacks": record.fallbacks} if record.fallbacks else {}),
         "layout": "pack-quantized" if linear_in_architecture else "shrink",
     }
+
+
+def planned_layout(model: nn.Module, assignment: dict) -> str:
+    """The layout `manifest_for` will give `model` once quantized as `assignment` says (layer -> QuantSpec or
+    None), decided before any weight is written: pack-quantized when every integer layer is a symmetric
+    Linear of the architecture transformers builds, else shrink's own."""
+    quant = [n for n, s in assignment.items() if s is not None and not s.cast]
+    plain = all(isinstance(model.get_submodule(n), nn.Linear) for n in quant)
+    return "pack-quantized" if plain and all(assignment[n].symmetric for n in quant) and \
+        _linear_in_architecture(model, quant) else "shrink"
 
 
 def _linear_in_architecture(model: nn.Module, names: list[str]) -> bool:
@@ -247,6 +258,9 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                 "pass an instance of its architecture: shrink.load(dir, model=MyModel())"
             )
         model = build_skeleton(directory, manifest.get("architecture"))
+    missing = [n for n in manifest["modules"] if not _has_module(model, n)]
+    if missing:  # a mixture's experts saved one Linear layer per expert: the fused modules become that first
+        unfuse_experts(model, {n for n, _ in fused_experts(model) if any(m.startswith(n + ".") for m in missing)})
     for name, info in manifest["modules"].items():
         try:
             spec = parse_format(info["format"])
@@ -297,6 +311,14 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
     release_freed_memory()
     model.eval()
     return model
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _check_fits(model: nn.Module, name: str, info: dict) -> None:

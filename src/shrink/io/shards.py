@@ -41,6 +41,7 @@ class StoredTensor:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors' name: BF16, F32, ...
+    key: str = ""  # its name in the file, where the checkpoint knows it by another (`Checkpoint.rename`)
 
 
 class Checkpoint:
@@ -61,6 +62,17 @@ class Checkpoint:
         else:
             raise ShrinkError(f"{self.folder / weights}: missing weights file (nor is there an index of shards, "
                               f"{self.index.name})")
+
+    def rename(self, new_name) -> None:
+        """Know each tensor by `new_name(name)` from now on (read from its file under its own name); two
+        tensors given one name is an error naming both."""
+        renamed = {}
+        for name, t in self.tensors.items():
+            new = new_name(name)
+            if new in renamed:
+                raise ShrinkError(f"{self.where}: tensors {renamed[new].key!r} and {name!r} are both {new!r} once renamed")
+            renamed[new] = StoredTensor(t.file, t.shape, t.dtype, t.key or name)
+        self.tensors = renamed
 
     @property
     def header(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -87,8 +99,8 @@ class Checkpoint:
             try:
                 with open(file, "rb") as f:
                     for k in keys:
-                        start, end = offsets[k]
                         stored = self.tensors[k]
+                        start, end = offsets[stored.key or k]
                         buf = torch.empty(end - start, dtype=torch.uint8)
                         f.seek(start)
                         if f.readinto(buf.numpy()) != end - start:

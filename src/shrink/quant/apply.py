@@ -4,7 +4,9 @@ The layers are `nn.Linear`, transformers' `Conv1D` and `nn.Conv2d`, and embeddin
 one format string for every such layer, or a mapping from module-name globs to format strings (first
 matching glob wins; `None` keeps the layer in full precision; unmatched layers stay in full precision).
 The output layer (`lm_head`, or the last Linear of a plain model) is kept in full precision unless
-`keep_output=False` or the mapping names it exactly. An embedding is quantized only when a glob other
+`keep_output=False` or the mapping names it exactly; so are a mixture of experts' routing gates unless a
+glob other than `*` names them. A mixture's fused 3-D expert weights become one Linear layer per expert
+(quant/experts.py), each quantized like any Linear layer. An embedding is quantized only when a glob other
 than `*` names it; a tied output layer then shares its codes.
 """
 
@@ -25,6 +27,7 @@ from ..core.errors import ShrinkError
 from .check import ForwardCheck, relative_error, sample_input
 from .check import run as run_forward
 from .embedding import QuantEmbedding
+from .experts import all_tokens, routers, unfuse_experts
 from .format import check_weight
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, MixedPrecision, allocate
@@ -97,6 +100,7 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
         rules = [("*", parse_format(spec))]
         explicit = set()
     out_name = output_layer_name(model) if keep_output else None
+    gates = set(routers(model))  # kept like the output layer unless a glob other than "*" names them
     names = linear_layers(model)
     embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
     for pattern, _ in rules:
@@ -111,6 +115,8 @@ def plan(model: nn.Module, spec: Spec, keep_output: bool = True) -> dict[str, Qu
                 chosen = fmt
                 break
         if name == out_name and name not in explicit:
+            chosen = None
+        if name in gates and not any(p != "*" and fnmatch.fnmatchcase(name, p) for p, _ in rules):
             chosen = None
         result[name] = chosen
     for name in embeddings:  # only on request: a pattern other than "*" names them
@@ -203,7 +209,8 @@ def plan_job(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
 def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | list = "rtn", calibration=None, tokenizer=None,
              n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
              ladder: tuple[str, ...] | None = None, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
-             tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None) -> nn.Module:
+             tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None,
+             all_experts: bool = False) -> nn.Module:
     """Quantize `model`'s Linear layers in place and return it.
 
     spec: a format string (default "int8"), a mapping of module-name globs to formats or None, or
@@ -229,15 +236,24 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     keep_output: keep the output layer in full precision (default True).
     backend: kernel backend for the new layers ("auto", "native", "torch"; default $SHRINK_BACKEND or auto).
     progress: show a progress bar (default: when writing to a terminal).
+    all_experts: a mixture of experts' calibration sends every token through every expert for statistics
+        only (default False: each expert sees the tokens routed to it; one that sees none is rounded to
+        nearest, and said so). The tokens each expert saw are in the record.
     What was done is recorded on the model (`shrink.info(model)`: the chosen formats, name -> format or
     None; for calibrated methods the calibration record). One sample input (random token ids, pixels, or
     a batch for the first layer) runs through the model before and after: the record's `check` holds the
     relative output error (or why the check was skipped); ShrinkError (a ValueError) when the quantized
     model no longer runs, and when the plan quantizes no layer at all.
     """
-    job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
-                   target_bits=target_bits, ladder=ladder, damp=damp, act_order=act_order, tune_steps=tune_steps,
-                   keep_output=keep_output)
+    fused = unfuse_experts(model)  # one Linear per expert; put back below when none of them is quantized
+    try:
+        job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
+                       target_bits=target_bits, ladder=ladder, damp=damp, act_order=act_order, tune_steps=tune_steps,
+                       keep_output=keep_output)
+        fuse_back(model, fused, job.assignment)
+    except BaseException:
+        fuse_back(model, fused, {})
+        raise
     assignment, method, needs_data = job.assignment, job.method, job.needs_data
     target_bits, ladder, spec, recipe = job.target_bits, job.ladder, job.spec, job.recipe
     validate_weights(model, assignment)
@@ -270,7 +286,11 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
                 validate_weights(model, assignment)
                 record["target_bits"] = target_bits
                 record["ladder"] = list(lad)
-            report = quantize_calibrated(model, assignment, data.samples, recipe, backend=backend, progress=progress)
+            all_tokens(model, all_experts)
+            try:
+                report = quantize_calibrated(model, assignment, data.samples, recipe, backend=backend, progress=progress)
+            finally:
+                all_tokens(model, False)
             record["layers"] = report.layers
             record["warnings"] = report.warnings()
         else:
@@ -286,8 +306,19 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
                       fallbacks=job.fallbacks)
     except BaseException:
         undo.restore()
+        fuse_back(model, fused, {})
         raise
     return model
+
+
+def fuse_back(model: nn.Module, fused: dict, assignment: dict) -> None:
+    """Put back the fused expert modules none of whose per-expert layers `assignment` quantizes (all of
+    them for an empty assignment): a model keeps its own layout where nothing in it changes."""
+    for name, original in fused.items():
+        if not any(s is not None for n, s in assignment.items() if n.startswith(name + ".")):
+            set_submodule(model, name, original)
+            for n in [n for n in assignment if n.startswith(name + ".")]:
+                del assignment[n]
 
 
 def _say_experts_kept(model: nn.Module) -> None:

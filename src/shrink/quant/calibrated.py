@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..core.model_outputs import kl_divergence, main_output
 from . import awq
+from .experts import expert_layers
 from .gptq import gptq_quantize
 from .layerwise import blockwise, call_model, collect_stats, first_output
 from .linear import QuantLinear
@@ -40,6 +41,7 @@ class CalibrationReport:
     def warnings(self) -> list[str]:
         out = [f"{n}: Hessian singular, dampening raised to {d['damp']:g}" for n, d in self.layers.items()
                if d.get("damp_retries")]
+        out += [f"{n}: {d['note']}" for n, d in self.layers.items() if str(d.get("note", "")).startswith("no calibration")]
         return out + [f"{n}: {d['awq_fold']}" for n, d in self.layers.items()
                       if str(d.get("awq_fold", "")).startswith("not applied")]
 
@@ -161,6 +163,15 @@ class _BlockPass:
         self.mods = dict(block.named_modules())
         tune_inputs, targets = self._tuning_targets()
         stats = collect_stats(block, inputs, names, keep_rows=AWQ_ROWS if self.recipe.awq else 0)
+        experts = expert_layers(block)
+        for n in names:
+            if n in experts:  # what each expert was calibrated on, recorded
+                self._note(self.full[n], tokens=stats[n].tokens if n in stats else 0)
+        for n in [n for n in names if n not in stats]:  # an expert no calibration token was routed to
+            self._replace(n, quantize_weight(self.mods[n].weight, self._spec(n), self.full[n]))
+            self._note(self.full[n], note="no calibration token reached it (an expert nothing was routed to): round "
+                                          "to nearest; all_experts=True (--all-experts) gives every expert statistics")
+        names = [n for n in names if n in stats]
         clips = {}
         if self.recipe.awq is not None:
             self._awq_scales(stats)
@@ -250,6 +261,8 @@ class _BlockPass:
                 if res.refit_ratio is not None:
                     self._note(self.full[n], refit_error_ratio=round(res.refit_ratio, 4))
             remaining = [n for n in remaining if n not in stage]
+            for n in stage:  # its Hessian is done with (a 14336-input layer's is 1.6 GB)
+                stats.pop(n, None)
             if remaining and g.true_sequential:
                 stats = collect_stats(self.block, self.inputs, remaining, first_stage_only=True)
                 remaining = [n for n in stats if n in remaining] + [n for n in remaining if n not in stats]

@@ -30,22 +30,42 @@ class GPTQResult:
     refit_ratio: float | None = None  # mean per-row output error after / before refit_scales
 
 
-def hessian_inverse_chol(h: torch.Tensor, damp: float, max_retries: int = 6) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of H^-1 after adding damp * mean(diag H) to the diagonal.
+def hessian_inverse_chol(h: torch.Tensor, damp: float, max_retries: int = 6, perm: torch.Tensor | None = None,
+                         diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of H^-1 after adding damp * mean(diag H) to the diagonal; `h` is not changed.
 
     A Hessian that is singular even after that is dampened ten times more, up to `max_retries` times;
-    the dampening used is returned so it can be reported, never silently skipped.
+    the dampening used is returned so it can be reported, never silently skipped. perm: the order of the
+    inputs (default theirs): the factor of H[perm][:, perm]. diagonal: H's diagonal to use instead of its
+    own (default its own; GPTQ's dead inputs get 1).
     """
-    mean = torch.diag(h).mean().item() or 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    diagonal = (torch.diag(h) if diagonal is None else diagonal).clone()
+    if perm is not None:
+        diagonal = diagonal[perm]
+    mean = diagonal.mean().item() or 1.0
     for retry in range(max_retries + 1):
+        # one k x k matrix at a time beside h (a 14336-input layer's is 1.6 GB in float64), only this
+        # function holding it: the dampened copy, its factor, the inverse, the inverse's factor, each let
+        # go when the next is made
+        dampened = _permuted(h, perm) if perm is not None else h.clone()
+        dampened.diagonal().copy_(diagonal + damp * mean)
         try:
-            chol = torch.linalg.cholesky(h + eye * (damp * mean))
+            chol = torch.linalg.cholesky(dampened)
+            del dampened
             hinv = torch.cholesky_inverse(chol)
+            del chol
             return torch.linalg.cholesky(hinv, upper=True), damp, retry
         except torch.linalg.LinAlgError:
             damp *= 10
     raise ShrinkError(f"Hessian is not positive definite even with dampening {damp:g}")
+
+
+def _permuted(h: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """h[perm][:, perm], built a slab of rows at a time (no second k x k temporary)."""
+    out = torch.empty_like(h)
+    for r in range(0, h.shape[0], rows):
+        out[r:r + rows] = h[perm[r:r + rows]][:, perm]
+    return out
 
 
 def search_group_clip(wg: torch.Tensor, h: torch.Tensor, spec: QuantSpec, name: str = "<weight>"):
@@ -74,13 +94,27 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight
     Returns (scales [out, groups] fp16, error ratio per row new/old). Rows where the fp16-rounded
     solution is not better keep their old scales, so the error never grows.
     """
+    h = hessian.detach().to(torch.float64)
     n, k = q.codes.shape
+    # rows are separate problems: solved ROWS at a time, so the [rows, groups, groups] systems stay small
+    # (all 4096 rows of a 14336-input layer in groups of 64 at once would be 1.6 GB, several times over)
+    out = [_refit_rows(weight[r:r + REFIT_ROWS], h, q, r) for r in range(0, n, REFIT_ROWS)]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+REFIT_ROWS = 512
+
+
+def _refit_rows(weight: torch.Tensor, h: torch.Tensor, q: QuantizedWeight, r0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """refit_scales for the rows r0 .. r0 + len(weight) of the layer."""
+    n = weight.shape[0]
+    k = q.codes.shape[1]
     groups = q.scales.shape[1]
     g = k // groups
-    h = hessian.detach().to(torch.float64)
+    rows = slice(r0, r0 + n)
     w = weight.detach().to(torch.float64)
-    z = q.zeros.to(torch.float64).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
-    c = q.codes.to(torch.float64) - z  # [n, k] integer levels around zero
+    z = q.zeros[rows].to(torch.float64).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
+    c = q.codes[rows].to(torch.float64) - z  # [n, k] integer levels around zero
     cg = c.reshape(n, groups, g)
     # A[r, a, b] = c_ra^T H_ab c_rb; b[r, a] = c_ra^T (H w_r)_a
     a_mat = torch.empty(n, groups, groups, dtype=torch.float64)
@@ -92,7 +126,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight
     ridge = 1e-9 * a_mat.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)
     new = torch.linalg.solve(a_mat + torch.diag_embed(ridge.unsqueeze(1).expand(n, groups)), rhs.unsqueeze(-1)).squeeze(-1)
     new = new.to(torch.float16).to(torch.float64)
-    old = q.scales.to(torch.float64)
+    old = q.scales[rows].to(torch.float64)
 
     def err(sc):  # (w - Q s)^T H (w - Q s), expanded so no k x k product is needed again
         return const - 2 * (sc * rhs).sum(1) + (sc.unsqueeze(1) @ a_mat @ sc.unsqueeze(2)).reshape(n)
@@ -116,33 +150,41 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     refit: afterwards re-solve the group scales for the chosen codes by refit_scales (default False).
     """
     check_weight(weight, spec, name)
-    h = hessian.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64)  # read, never changed: the copies below are GPTQ's own
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
     g = spec.group_for(k)
-    dead = torch.diag(h) == 0  # inputs that were always zero: any weight works, use 0
-    h[dead, dead] = 1
+    diagonal = torch.diag(h).clone()
+    dead = diagonal == 0  # inputs that were always zero: any weight works, use 0 (and 1 on H's diagonal)
+    diagonal[dead] = 1
     w[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(k)
     order = perm.tolist()
     groups = k // g
     scales = torch.zeros(n, groups)
     zeros = torch.zeros(n, groups)
-    hf = h.float()
 
-    def params(wg, cols):
+    # the clipping search reads only each group's [g, g] diagonal block of H: kept apart, so H itself can go
+    blocks = None
+    if clip_search:
+        blocks = [h[i * g:(i + 1) * g, i * g:(i + 1) * g].float() for i in range(groups)]
+        for i, b in enumerate(blocks):
+            b.diagonal().copy_(diagonal[i * g:(i + 1) * g])
+
+    def params(wg, grp):
         if clip_search:
-            return search_group_clip(wg, hf[cols][:, cols], spec, name)
+            return search_group_clip(wg, blocks[grp], spec, name)
         return group_params(wg, spec, name=name)
 
     if act_order:
         # Static groups: computed on the original weights, so groups stay contiguous when stored.
         for grp in range(groups):
-            scales[:, grp], zeros[:, grp] = params(w[:, grp * g:(grp + 1) * g], slice(grp * g, (grp + 1) * g))
-    w = w[:, perm]
-    hinv64, used_damp, retries = hessian_inverse_chol(h[perm][:, perm], damp)
+            scales[:, grp], zeros[:, grp] = params(w[:, grp * g:(grp + 1) * g], grp)
+        w = w[:, perm]
+    hinv64, used_damp, retries = hessian_inverse_chol(h, damp, perm=perm if act_order else None, diagonal=diagonal)
     hinv = hinv64.float()
+    del hinv64
 
     codes = torch.zeros(n, k)
     levels = float((1 << spec.bits) - 1)
@@ -160,7 +202,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                     # Group starts here: its parameters come from the weights as updated so far
                     # (block_size is a multiple of the group size, so the group lies in this block).
                     sc, zr = params(w1[:, i:i + g] if i + g <= i2 - i1 else
-                                    torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], slice(col, col + g))
+                                    torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], grp)
                     scales[:, grp], zeros[:, grp] = sc, zr
                 s, z = scales[:, grp], zeros[:, grp]
                 safe_s = torch.where(s == 0, torch.ones_like(s), s)

@@ -49,6 +49,8 @@ def _calibrated(asked: str, info: dict) -> LayerDone:
         method = asked
     if info.get("damp_retries"):
         notes.append(f"Hessian singular: dampening raised to {info['damp']:g}")
+    if "tokens" in info:
+        notes.append(f"an expert: calibrated on {info['tokens']:,} tokens")
     return LayerDone(method, notes)
 
 

@@ -1,0 +1,134 @@
+"""Mixtures of experts: fused 3-D expert weights become one Linear layer per expert, quantized, calibrated on
+the tokens routed to each (or on every token), saved and loaded exactly, streamed from shards."""
+
+import json
+
+import pytest
+import torch
+
+import shrink
+from shrink.quant.experts import LinearExperts, fused_experts, unfuse_experts
+
+
+def tiny_moe(family: str, experts: int = 4, seed: int = 0):
+    """A 2-layer mixture of `experts` experts (top 2) of hidden 64, built from a config."""
+    import transformers
+
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=2)
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=64, num_local_experts=experts, **common)
+        cls = transformers.MixtralForCausalLM
+    elif family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                          num_experts=experts, decoder_sparse_step=1, mlp_only_layers=[], **common)
+        cls = transformers.Qwen2MoeForCausalLM
+    else:
+        cfg = transformers.OlmoeConfig(intermediate_size=64, num_experts=experts, **common)
+        cls = transformers.OlmoeForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # weights of a trained model's size (the default init is tiny)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_linear_per_expert_computes_what_the_fused_experts_compute(family):
+    model = tiny_moe(family)
+    assert len(fused_experts(model)) == 2
+    with torch.no_grad():
+        grouped = model(IDS).logits  # transformers' default for fused experts: grouped matrix products
+        model.config._experts_implementation = "eager"  # its loop over experts, which LinearExperts is
+        before = model(IDS).logits
+        unfuse_experts(model)
+        after = model(IDS).logits
+    assert not fused_experts(model) and isinstance(model.model.layers[0].mlp.experts, LinearExperts)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(after, grouped, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_expert_is_quantized_the_router_kept_and_it_saves_and_loads_exactly(tmp_path, family):
+    model = tiny_moe(family)
+    original = model.model.layers[1].mlp.experts.down_proj.detach().clone()
+    shrink.quantize(model, "int4-g32", progress=False)
+    formats = shrink.info(model).formats
+    for e in range(4):
+        assert formats[f"model.layers.1.mlp.experts.gate_up.{e}"] == "int4-g32"
+        assert formats[f"model.layers.1.mlp.experts.down.{e}"] == "int4-g32"
+    assert not any(".gate." in n or n.endswith(".gate") for n in formats)  # routers are parameters, not Linear
+    if family == "qwen2_moe":
+        assert formats["model.layers.0.mlp.shared_expert_gate"] is None  # a gate: kept unless named
+        assert formats["model.layers.0.mlp.shared_expert.gate_proj"] == "int4-g32"
+    # each expert's codes are round-to-nearest of its own slice of the fused tensor
+    lin = torch.nn.Linear(64, 64, bias=False)
+    lin.weight.data = original[3]
+    alone = shrink.quant.QuantLinear.from_linear(lin, "int4-g32")
+    assert torch.equal(model.model.layers[1].mlp.experts.down[3].qweight, alone.qweight)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    rows = {r.kind for r in shrink.quant.size_rows(model)}
+    assert not any("fused experts" in k for k in rows)
+    shrink.save(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "shrink.json").read_text())["layout"] == "shrink"
+    back = shrink.load(tmp_path / "q")
+    assert torch.equal(back.model.layers[1].mlp.experts.down[3].qweight, model.model.layers[1].mlp.experts.down[3].qweight)
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, logits, rtol=0, atol=0)
+
+
+def test_an_expert_no_token_reached_is_said_and_all_experts_gives_every_one_statistics():
+    calibration = [torch.tensor([[7, 9]])]  # 2 tokens, top 2 of 8 experts: most experts see nothing
+    model = shrink.quantize(tiny_moe("mixtral", experts=8), "int4-g32", method="gptq", calibration=calibration,
+                            progress=False)
+    done = shrink.info(model).layers
+    experts = [n for n in done if ".experts." in n]
+    unseen = [n for n in experts if done[n].method == "rtn"]
+    assert len(experts) == 32 and 0 < len(unseen) < 32
+    assert all("no calibration token reached it" in done[n].notes[0] for n in unseen)
+    seen = [n for n in experts if n not in unseen]
+    assert all(done[n].method == "gptq" and any("calibrated on" in x for x in done[n].notes) for n in seen)
+    assert any("no calibration token reached it" in w for w in shrink.info(model).calibration["warnings"])
+    tokens = {n: d["tokens"] for n, d in shrink.info(model).calibration["layers"].items() if ".experts." in n}
+    assert set(tokens.values()) - {0} and all(tokens[n] == 0 for n in unseen)
+    # every token through every expert, for statistics only: all 32 are calibrated, on both tokens
+    model = shrink.quantize(tiny_moe("mixtral", experts=8), "int4-g32", method="gptq", calibration=calibration,
+                            progress=False, all_experts=True)
+    done = shrink.info(model).layers
+    assert all(done[n].method == "gptq" for n in experts)
+    tokens = {n: d["tokens"] for n, d in shrink.info(model).calibration["layers"].items() if ".experts." in n}
+    assert set(tokens.values()) == {2}
+
+
+def test_experts_kept_whole_stay_fused(tmp_path):
+    model = tiny_moe("mixtral")
+    shrink.quantize(model, {"*experts*": None, "*": "int8"}, progress=False)
+    assert len(fused_experts(model)) == 2  # nothing of them changed: the model keeps its own layout
+    shrink.save(model, tmp_path / "q")
+    back = shrink.load(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_mixture_streamed_from_shards_packs_what_it_packs_in_memory(tmp_path, method):
+    from shrink.entrypoints.streamed import quantize_streamed
+
+    tiny_moe("mixtral").to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="60KB")
+    kw = {} if method == "rtn" else dict(method="gptq", calibration=list(torch.randint(0, 96, (4, 16))))
+    loaded = shrink.io.read_model(tmp_path / "hf")
+    reference = shrink.quantize(loaded.model, "int4-g32", progress=False, **kw)
+    quantize_streamed(tmp_path / "hf", tmp_path / "q", "int4-g32", progress=False, say=lambda line: None, **kw)
+    back = shrink.load(tmp_path / "q")
+    want = {k: v for k, v in reference.state_dict().items() if k.endswith((".qweight", ".scales"))}
+    got = back.state_dict()
+    assert any(".experts.down." in k for k in want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
