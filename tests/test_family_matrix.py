@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers as T
 from helpers import tiny_llama, widen
+from test_experts import tiny_moe
 from test_families import bart, gemma, gpt2, t5
 
 import shrink
@@ -44,6 +45,10 @@ FAMILIES = {
         vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
         max_source_positions=32, max_target_positions=32, decoder_start_token_id=1, pad_token_id=0))),
+    # mixtures of experts: one Linear per expert (quant/experts.py), each calibrated on the tokens routed to it
+    "mixtral": lambda: tiny_moe("mixtral"),
+    "qwen2-moe": lambda: tiny_moe("qwen2_moe"),
+    "olmoe": lambda: tiny_moe("olmoe"),
     # transformers' ResNet: no input embeddings; its 147- and 144-input convolutions take no group of 32
     "resnet": lambda: T.ResNetForImageClassification(T.ResNetConfig(
         embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, layer_type="basic")).eval(),

@@ -50,6 +50,10 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--tune-steps", default=0, show_default=True, type=Number(0, MAX_TUNE_STEPS, integer=True),
               help=field_help(Tune, "steps") + " A good value: 32.")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
+@click.option("--all-experts", is_flag=True,
+              help="Mixtures of experts: calibrate every expert on every token (statistics only; the outputs still "
+                   "follow the routing). By default each expert sees the tokens routed to it, and one that sees none "
+                   "is rounded to nearest, said so.")
 @click.option("--stream/--no-stream", default=None,
               help="Quantize a Hugging Face folder block by block from its safetensors shards, so memory holds about "
                    "one block, not the model (default: whenever the folder and options allow; --stream says why not "
@@ -61,22 +65,35 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 
 
 def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
-             tune_steps, quantize_output, stream, out, force):
+             tune_steps, quantize_output, all_experts, stream, out, force):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
-    Embeddings and the output layer stay in full precision unless asked. With --out, writes
+    Embeddings and the output layer stay in full precision unless asked. A Hugging Face folder is quantized
+    block by block from its weights files (see --stream), with its estimated peak memory printed first.
+    Under `torchrun --nproc-per-node N $(which shrink) quantize ...` the calibration windows are shared
+    among N processes and their statistics combined (same result as one process); the first writes. With --out, writes
     model.safetensors, shrink.json, config and tokenizer, and results.json.
     """
     from ..quant import parse_format
+    from ..quant.distributed import init_from_env, world
 
     parse_format(fmt)  # fail on bad options before loading anything
+    init_from_env()  # under torchrun: the calibration windows shared among the processes
+    rank, processes = world()
+    if rank:
+        console.quiet = True  # one process speaks and writes
+        out = None
+    elif processes > 1:
+        console.print(f"{processes} processes share the calibration windows (torchrun); this one writes the output")
     if (method != "rtn" or target_bits is not None) and calibration is None:
         raise ShrinkError(f"--method {method}{' --target-bits' if target_bits else ''} needs --calibration FILE")
     if calibration is not None and not calibration.is_file():
         raise ShrinkError(f"{calibration}: calibration file not found")
     if calibration is not None and method == "rtn" and target_bits is None:
         raise ShrinkError("--calibration is used by --method gptq/awq/awq+gptq or --target-bits; rtn needs none")
+    if all_experts and calibration is None:
+        raise ShrinkError("--all-experts is about calibration: use it with a calibrated method and --calibration FILE")
     if tune_steps and calibration is None:
         raise ShrinkError("--tune-steps needs a calibrated method (--method gptq/awq/awq+gptq or --target-bits) "
                           "and --calibration FILE")
@@ -114,6 +131,7 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
                                    {"quantize": time.perf_counter() - t0}), "memory_estimate": estimate.to_dict()}
 
             loaded = quantize_streamed(model, out, spec, method=recipe, keep_output=not quantize_output, force=force,
+                                       all_experts=all_experts,
                                        results=results, calibration=calibration, n_samples=samples, seq_len=seq_len,
                                        say=console.print)
             seconds["quantize"] = time.perf_counter() - t0
@@ -125,7 +143,8 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
             calib_kw = {}
             if calibration is not None:
                 calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
-            quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, **calib_kw)
+            quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, all_experts=all_experts,
+                     **calib_kw)
             seconds["quantize"] = time.perf_counter() - t1
         _print_summary(loaded, model, fmt, method, target_bits, seconds)
         if out is not None and not streamed:

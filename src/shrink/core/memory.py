@@ -64,7 +64,7 @@ class MemoryEstimate:
         parts = self.phases.get(self.peak_phase, {})
         shown = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 1e7)
         return (f"estimated peak memory {self.total / 1e9:.2f} GB ({self.what}; at its largest, {self.peak_phase}: "
-                f"{shown or 'small'} GB, beside the {self.baseline / 1e9:.2f} GB the process holds)")
+                f"{shown + ' GB' if shown else 'each part under 0.01 GB'}, beside the {self.baseline / 1e9:.2f} GB the process holds)")
 
     def to_dict(self) -> dict:
         return {"what": self.what, "total_bytes": self.total, "baseline_bytes": self.baseline,

@@ -31,7 +31,7 @@ from ..io.safety import refuse_custom_code
 from ..io.saved import finish_folder, layer_state, manifest_for, planned_layout, writing_folder
 from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
 from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
-from ..quant.experts import LinearExperts, fused_experts, unfuse_experts
+from ..quant.experts import LinearExperts, all_tokens, fused_experts, unfuse_experts
 from ..quant.linear import CastLinear, QuantLinear
 from ..quant.check import ForwardCheck, refuse_non_finite, relative_error, sample_input
 from ..quant.layerwise import capture_inputs, first_output, run_block
@@ -171,13 +171,13 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
                       n_samples: int = 128, seq_len: int = 512, damp: float = 0.01, act_order: bool = True,
                       tune_steps: int = 0, keep_output: bool = True, backend: str | None = None,
                       progress: bool | None = None, force: bool = False, results=None,
-                      shard_bytes: int = SHARD_BYTES, say=print) -> Streamed:
+                      shard_bytes: int = SHARD_BYTES, say=print, all_experts: bool = False) -> Streamed:
     """Quantize the Hugging Face causal LM in `folder` block by block from its safetensors weights, and write
     it to `out` (a shrink folder, sharded past `shard_bytes`, default 2 GB; None: nothing is written).
 
     spec, method, calibration, n_samples, seq_len, damp, act_order, tune_steps, keep_output, backend,
-    progress: as `shrink.quantize` takes them (defaults int4-g64, rtn, no data, 128 x 512, 0.01, on, 0,
-    True). force: replace a folder shrink wrote at `out` (default False). results: a function of the
+    progress, all_experts: as `shrink.quantize` takes them (defaults int4-g64, rtn, no data, 128 x 512, 0.01,
+    on, 0, True, auto, auto, False). force: replace a folder shrink wrote at `out` (default False). results: a function of the
     quantized skeleton and the MemoryEstimate returning the dict written as results.json (default none). say: where the memory
     estimate line goes (default print); the estimate is in `Streamed.estimate` too. ShrinkError when the
     folder cannot be streamed (`why_not_streamed` says why), naming the file and tensor on bad input.
@@ -224,8 +224,10 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
         if job.needs_data:
             from ..quant.calibrated import quantize_calibrated
 
+            all_tokens(model, all_experts)
             report = quantize_calibrated(model, job.assignment, data.samples, job.recipe, backend=backend,
                                          progress=progress, around=walk)
+            all_tokens(model, False)
             record = {**job.calibration_record(data.record), "layers": report.layers, "warnings": report.warnings()}
         else:
             from ..quant.layerwise import blockwise

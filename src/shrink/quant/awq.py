@@ -153,6 +153,7 @@ def checked_fold(block: nn.Module, prev: nn.Module, linears: list[nn.Linear], s:
     output, as y = x * (1 + w) (Gemma's norm: w -> (1 + w) / s - 1). Returns the largest relative change
     of the fold kept and how it was folded; when none is within FOLD_TOLERANCE the tensors are restored
     exactly, from copies, and the change of the last one tried is returned with the form "none"."""
+    from .distributed import largest
     from .layerwise import first_output
 
     saved = [t.data for t in _fold_tensors(prev, linears)]  # fold_scale makes new tensors: these stay as they are
@@ -164,6 +165,7 @@ def checked_fold(block: nn.Module, prev: nn.Module, linears: list[nn.Linear], s:
         for (a, k), ref in zip(inputs, reference):
             out = first_output(block(*a, **k)).float()
             moved = max(moved, float((out - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)))
+        moved = largest(moved)  # under torchrun each process checks its own windows: all decide alike
         if moved <= FOLD_TOLERANCE:
             return moved, form
         for t, old in zip(_fold_tensors(prev, linears), saved):

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from ..core.model_outputs import kl_divergence, main_output
 from . import awq
+from ..core.errors import ShrinkError
+from .distributed import my_share, world
 from .experts import expert_layers
 from .gptq import gptq_quantize
 from .layerwise import blockwise, call_model, collect_stats, first_output
@@ -126,6 +128,11 @@ def quantize_calibrated(model: nn.Module, assignment: dict[str, QuantSpec | None
             method = Recipe(method.awq, GPTQ(damp, act_order, true_sequential, refit), method.tune)
     recipe = method
     report = CalibrationReport(method=recipe.method)
+    if world()[1] > 1:
+        if recipe.tune is not None:
+            raise ShrinkError("block tuning runs in one process: leave out --tune-steps under torchrun, or run "
+                              "without torchrun")
+        samples = my_share(samples)  # this process's windows; the statistics are combined across processes
 
     with torch.no_grad():
         blockwise(model, samples, _BlockPass(recipe, assignment, backend, report), progress=progress, desc=recipe.name,

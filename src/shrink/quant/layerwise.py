@@ -21,6 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.architecture import find_stacks
+from .distributed import combine, world
 
 
 @dataclass
@@ -96,12 +97,14 @@ def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: lis
     """Run `block` on `inputs` and gather LinearStats for its Linear submodules named in `names`.
 
     keep_rows: how many input rows per layer to keep as a sample (spread over the calibration set).
+    Under torchrun the statistics are those of every process's inputs (distributed.combine).
     first_stage_only: stop each run of the block once the first layers reached (those fed one
     tensor, like q, k and v) have their inputs; the rest of the block is not computed.
     """
     stats: dict[str, LinearStats] = {}
     modules = dict(block.named_modules())
     handles = []
+    keep_rows //= world()[1]  # processes sharing the windows keep their share of the rows
     per_call = max(1, keep_rows // max(1, len(inputs))) if keep_rows else 0
     # Layers fed the very same tensor in one call (q, k, v; gate, up) share one LinearStats object,
     # computed once: the Hessian product is the expensive part of calibration.
@@ -149,6 +152,7 @@ def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: lis
     finally:
         for h in handles:
             h.remove()
+    combine(stats)  # every process's windows (nothing when there is one process)
     return stats
 
 

@@ -44,7 +44,8 @@ def _kind(module: nn.Module, name: str, output_name: str | None, output_ptr: int
     if isinstance(module, (QuantLinear, CastLinear)):
         return f"Linear {module.spec.name}"
     if isinstance(module, nn.Linear):
-        return "Linear fp32 (output, kept)" if name == output_name else "Linear fp32 (kept)"
+        kept = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(module.weight.dtype, "fp32")  # as held (streamed: as stored)
+        return f"Linear {kept} (output, kept)" if name == output_name else f"Linear {kept} (kept)"
     if isinstance(module, nn.Embedding):
         tied = output_ptr is not None and _identity(module.weight) == output_ptr
         return f"Embedding (kept, tied to {output_name})" if tied else "Embedding (kept)"
