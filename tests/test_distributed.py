@@ -16,8 +16,8 @@ sys.path.insert(0, {tests!r})
 from helpers import tiny_llama
 from safetensors.torch import save_file
 import shrink
-from shrink.quant.distributed import init_from_env, world
-init_from_env()
+from shrink.quant.distributed import join, leave, world
+join()
 calibration = [torch.randint(3, 96, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
 import shrink.quant.calibrated as calibrated
 tokens, collect = {{}}, calibrated.collect_stats
@@ -32,6 +32,7 @@ state = {{k: v.contiguous() for k, v in model.state_dict().items() if k.endswith
 share = len(shrink.quant.distributed.my_share(calibration))
 save_file(state, sys.argv[1] + f"-{{rank}}-of-{{size}}.safetensors",
           metadata={{"tokens": str(tokens["self_attn.q_proj"]), "windows": str(share)}})
+leave()
 """
 
 

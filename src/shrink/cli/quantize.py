@@ -76,11 +76,10 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
     model.safetensors, shrink.json, config and tokenizer, and results.json.
     """
     from ..quant import parse_format
-    from ..quant.distributed import init_from_env, world
+    from ..quant.distributed import join
 
     parse_format(fmt)  # fail on bad options before loading anything
-    init_from_env()  # under torchrun: the calibration windows shared among the processes
-    rank, processes = world()
+    rank, processes = join()  # under torchrun: the calibration windows shared among the processes
     if rank:
         console.quiet = True  # one process speaks and writes
         out = None
@@ -152,6 +151,10 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
                  results=_results(loaded.model, model, fmt, layers, method, target_bits, loaded.source, seconds))
         if out is not None:
             console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
+    if processes > 1:
+        from ..quant.distributed import leave
+
+        leave()
 
 
 def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool) -> bool:

@@ -22,7 +22,8 @@ SWITCHES = {
                                                                   "tasks are kept between runs"),
     "SHRINK_LLAMA_CPP_DIR": ("~/.cache/llama.cpp-*", "a llama.cpp source folder whose converter's table of "
                                                      "pre-tokenizers the GGUF export reads (as data)"),
-    "WORLD_SIZE": ("1", "set by torchrun: distillation joins a process group when it is more than 1"),
+    "WORLD_SIZE": ("1", "set by torchrun: distillation and calibrated quantization join a process group when it "
+                        "is more than 1"),
 }
 BACKENDS = ("auto", "native", "torch")
 

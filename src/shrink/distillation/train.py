@@ -25,7 +25,7 @@ from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model
 from tqdm.auto import tqdm
 
-from ..core import switches
+from ..core import processes
 from ..core.atomic import atomic_dir, restore, write_json
 from ..core.errors import ShrinkError
 from ..core.model_outputs import kl_divergence, main_output, mean_pool
@@ -80,26 +80,11 @@ class DistillResult:
     resumed_from: int | None = None
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+_world = processes.world
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPUs."""
-    world = switches.world_size()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return _world()
-
-
-def finish_distributed() -> None:
-    """Wait for every rank (rank 0 may still be writing), then leave the process group cleanly; a
-    process that exits with gloo's threads still running aborts."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+init_distributed = processes.join  # the names distillation's callers know
+finish_distributed = processes.leave
 
 
 def _average_gradients(model: nn.Module, world: int) -> None:
@@ -291,13 +276,13 @@ def _restore(out: Path | None, student, opt, sched, cfg: DistillConfig, data: Di
         raise ShrinkError(f"{where}: field 'best' or 'history' does not hold evaluations (each with its step and "
                           "held-out loss); the checkpoint is damaged")
     _load_state_dict(student, out / "checkpoint" / "student.safetensors")
-    for field, restore_it in (("optimizer", lambda: opt.load_state_dict(state["optimizer"])),
-                              ("scheduler", lambda: sched.load_state_dict(state["scheduler"])),
-                              ("rng", lambda: torch.set_rng_state(state["rng"]))):
+    for part, restore_it in (("optimizer", lambda: opt.load_state_dict(state["optimizer"])),
+                             ("scheduler", lambda: sched.load_state_dict(state["scheduler"])),
+                             ("rng", lambda: torch.set_rng_state(state["rng"]))):
         try:
             restore_it()
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise ShrinkError(f"{where}: field {field!r} cannot be restored ({type(e).__name__}: {str(e)[:120]}); "
+            raise ShrinkError(f"{where}: field {part!r} cannot be restored ({type(e).__name__}: {str(e)[:120]}); "
                               "the checkpoint is damaged") from None
     pos = _Position(len(data), cfg.seed, state["epoch"], state["offset"])
     return state["step"], pos, history, best

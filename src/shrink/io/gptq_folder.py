@@ -131,12 +131,13 @@ def load_gptq(path: Path, qc: dict) -> tuple[nn.Module, dict]:
 
     from ..quant.replace import set_submodule
     from . import saved
+    from .manifest import WEIGHTS
     from .manifest import FLOAT_DTYPES, check_tensor, header_shapes
 
     cfg = read_config(qc, str(path / "config.json"))
-    weights = path / saved.WEIGHTS
+    weights = path / WEIGHTS
     if not weights.is_file():
-        raise ShrinkError(f"{path}: no {saved.WEIGHTS} (sharded or .bin GPTQ checkpoints are not read)")
+        raise ShrinkError(f"{path}: no {WEIGHTS} (sharded or .bin GPTQ checkpoints are not read)")
     header = header_shapes(weights)
     names = sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
     if not names:

@@ -24,6 +24,7 @@ from ..core.paths import cache_dir
 from ..quant.record import update_record
 from . import saved
 from .safety import check_config_fits, refuse_custom_code
+from .manifest import WEIGHTS_NATIVE
 from .shards import Checkpoint
 
 DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct")
@@ -77,8 +78,8 @@ def _load_model(spec: str | os.PathLike | None) -> LoadedModel:
     if saved.is_shrink_folder(path):
         model = saved.load(path)
         return LoadedModel(model, tokenizer_or_none(path), {"kind": "shrink", "path": str(path)})
-    if (path / saved.WEIGHTS_NATIVE).is_file():
-        raise ShrinkError(f"{path} holds shrink's own weights ({saved.WEIGHTS_NATIVE}) but no {saved.MANIFEST}, "
+    if (path / WEIGHTS_NATIVE).is_file():
+        raise ShrinkError(f"{path} holds shrink's own weights ({WEIGHTS_NATIVE}) but no {saved.MANIFEST}, "
                           "which says what they are; it cannot be loaded without it")
     if (path / "config.json").is_file():
         qc = _quantization_config(path)

@@ -32,11 +32,8 @@ from . import packformat
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
-    WEIGHTS,
-    WEIGHTS_NATIVE,
     check_modules_against_header,
     file_record,
-    header_shapes,
     is_own_folder,
     layout,
     read_manifest,

@@ -9,29 +9,14 @@ Nothing here runs unless torch.distributed is initialised with more than one pro
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def world() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) when not distributed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from ..core import processes
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); whether it did.
-    gloo unless CUDA is there (nccl)."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return True
+world = processes.world  # (rank, processes); (0, 1) outside torchrun
+join = processes.join  # the group torchrun describes (WORLD_SIZE > 1)
+leave = processes.leave
 
 
 def my_share(samples: list) -> list:
