@@ -10,17 +10,20 @@ import shrink
 from shrink.quant.experts import LinearExperts, fused_experts, unfuse_experts
 
 
-def tiny_moe(family: str, experts: int = 4, seed: int = 0):
-    """A 2-layer mixture of `experts` experts (top 2) of hidden 64, built from a config."""
+def tiny_moe(family: str, experts: int = 4, seed: int = 0, vocab: int = 96, std: float | None = 0.2,
+             expert_width: int = 64):
+    """A 2-layer mixture of `experts` experts (top 2) of hidden 64 and experts `expert_width` wide, built from
+    a config; its matrices drawn with `std` (default 0.2, a trained model's size; None: transformers' own)."""
     import transformers
 
-    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, num_experts_per_tok=2)
     if family == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=64, num_local_experts=experts, **common)
         cls = transformers.MixtralForCausalLM
     elif family == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=expert_width,
+                                          shared_expert_intermediate_size=4 * expert_width,
                                           num_experts=experts, decoder_sparse_step=1, mlp_only_layers=[], **common)
         cls = transformers.Qwen2MoeForCausalLM
     else:
@@ -30,8 +33,8 @@ def tiny_moe(family: str, experts: int = 4, seed: int = 0):
     model = cls(cfg).eval()
     with torch.no_grad():  # weights of a trained model's size (the default init is tiny)
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
+            if p.dim() >= 2 and std is not None:
+                p.normal_(0, std)
     return model
 
 
@@ -132,3 +135,54 @@ def test_a_mixture_streamed_from_shards_packs_what_it_packs_in_memory(tmp_path, 
     assert any(".experts.down." in k for k in want)
     for k, v in want.items():
         assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_experts_export_to_gguf_stacked_as_llama_cpp_reads_them(tmp_path, family):
+    import gguf
+    from test_export import _with_tok, bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    # Qwen2-MoE's expert widths as transformers' GGUF reader assumes them (it does not read them from the file)
+    width = 1408 if family == "qwen2_moe" else 64
+    model = shrink.quantize(tiny_moe(family, vocab=300, expert_width=width), "int4-g32", backend="torch", progress=False)
+    r = shrink.export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
+    assert all(e == 0 for e in r.max_error.values()), r.max_error  # every tensor read back exactly
+    t = {t.name: t for t in gguf.GGUFReader(str(r.path)).tensors}
+    gate = t["blk.1.ffn_gate_exps.weight"]
+    assert gate.tensor_type == gguf.GGMLQuantizationType.Q4_0 and list(gate.shape) == [64, width, 4]  # [in, rows, experts]
+    assert t["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # the router, exact
+    # expert 2's up rows are the second half of its gate_up layer's rows, codes as they are
+    up = gguf.quants.dequantize(t["blk.1.ffn_up_exps.weight"].data, gguf.GGMLQuantizationType.Q4_0)
+    want = model.model.layers[1].mlp.experts.gate_up[2].dequantized_weight()[width:].numpy()
+    assert (up[2] == want).all()
+    if family == "qwen2_moe":  # transformers reads this GGUF: the same model, computed its own way
+        from test_export import _from_gguf, _logits
+
+        ids = torch.tensor([tok("the bank said profit rose").input_ids + [5, 77, 200]])
+        torch.testing.assert_close(_logits(_from_gguf(r.path), ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_an_exported_mixtral_as_shrink_does(tmp_path):
+    from shrink.core.peers import llama_cpp_missing
+
+    if llama_cpp_missing():
+        pytest.skip(llama_cpp_missing())
+    from test_export import _with_tok, bpe_tokenizer
+
+    from shrink.evaluate.llamacpp import LlamaCpp
+
+    tok = bpe_tokenizer()
+    model = shrink.quantize(tiny_moe("mixtral", vocab=300, std=None), "int8", backend="torch", progress=False)
+    path = tmp_path / "m.gguf"
+    shrink.export_gguf(_with_tok(model, tok), path, float_type="f32")
+    ids = torch.tensor(tok("the bank said profit rose in the quarter").input_ids + [7, 70, 170, 270])
+    with LlamaCpp(path, n_ctx=128, threads=1) as rt:
+        lp = rt.logprobs(ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids[None]).logits[0, :-1], -1)
+    # llama.cpp rounds activations to 8 bits for Q8_0 dot products: close, not identical; a wrong expert
+    # order, gate/up split or router would move them by whole units
+    assert (lp.exp() - ref.exp()).abs().max() < 0.05
+    assert (lp.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

@@ -28,6 +28,7 @@ from ..core.atomic import atomic_file
 from ..core.errors import ShrinkError
 from ..core.outdir import lock_beside
 from ..core.peers import LLAMA_CPP_HINT, llama_cpp_missing
+from ..quant.experts import LinearExperts
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
 from .gguf_meta import CHECK_TEXT, write_metadata
@@ -35,7 +36,8 @@ from .gguf_meta import CHECK_TEXT, write_metadata
 FLOAT_TYPES = ("f16", "f32")
 EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
 # model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
-ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
+                 "mixtral": ("LLAMA", True), "qwen2_moe": ("QWEN2MOE", False)}
 
 
 @dataclass
@@ -220,7 +222,11 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
     state = module.state_dict(keep_vars=True)
     out, unnamed, handled, tied_head = [], [], set(), False
     for lname, layer in module.named_modules():
-        if not isinstance(layer, (QuantLinear, QuantEmbedding, CastLinear, nn.Linear)):
+        if isinstance(layer, LinearExperts):  # one 3-D tensor per projection, the experts stacked
+            handled.update(k for k in state if k.startswith(lname + "."))
+            out.extend(_experts_tensors(lname, layer, names, fkind, requant_type, report, unnamed))
+            continue
+        if not isinstance(layer, (QuantLinear, QuantEmbedding, CastLinear, nn.Linear)) or ".experts." in f".{lname}.":
             continue
         handled.update(k for k in state if k.startswith(lname + "."))
         gname = names.get_name(f"{lname}.weight", try_suffixes=(".weight", ".bias"))
@@ -233,7 +239,10 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
             continue
         leaf = lname.rpartition(".")[2]
         rows = _qk_rows(layer.out_features, heads[leaf]) if permute and leaf in heads else None
-        out.append(_layer_tensor(gname, lname, layer, rows, fkind, requant_type, report))
+        tensor = _layer_tensor(gname, lname, layer, rows, fkind, requant_type, report)
+        if gname.endswith("ffn_gate_inp_shexp.weight") and tensor.data.shape[0] == 1:  # llama.cpp's is a vector
+            tensor = _Tensor(tensor.name, tensor.kind, tensor.data.reshape(-1), tensor.expect.reshape(-1), tensor.exact)
+        out.append(tensor)
         if getattr(layer, "bias", None) is not None:
             b = layer.bias.detach().float()
             b = (b[rows] if rows is not None else b).numpy()
@@ -243,13 +252,17 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
         if key in handled or not t.numel() or t.data_ptr() in seen:
             continue  # a layer's (above), or a tied tensor already written
         seen.add(t.data_ptr())
+        if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):  # experts kept fused, in full precision
+            out.extend(_fused_experts_tensors(key, t.detach().float(), names, fkind, report, unnamed))
+            continue
         gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
             if not key.endswith("rotary_emb.inv_freq"):  # llama.cpp computes it from the config
                 unnamed.append(key)
             continue
         v = t.detach().float()
-        out.append(_float_tensor(gname, v, "F32" if v.dim() == 1 else fkind, report))  # norms: F32
+        # norms, and the routers a mixture's every choice of experts depends on: F32
+        out.append(_float_tensor(gname, v, "F32" if v.dim() == 1 or ROUTER in gname else fkind, report))
     if unnamed:
         raise ShrinkError(f"no GGUF name for {', '.join(unnamed[:4])}" + (f" ... ({len(unnamed)} in all)"
                           if len(unnamed) > 4 else "") + f" in gguf-py's tensor map of {type(module).__name__}")
@@ -260,6 +273,51 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
                             f"{report.f16_change:.2g}); float_type f32 keeps them exact")
     if tied_head:
         report.notes.append("output layer tied to the token embedding: written once, as token_embd")
+    return out
+
+
+ROUTER = "ffn_gate_inp"  # (and ffn_gate_inp_shexp): written F32, as llama.cpp's converter does
+
+
+def _fused_experts_tensors(key: str, w: torch.Tensor, names, fkind: str, report: ExportReport, unnamed: list) -> list:
+    """Fused full-precision experts ([experts, 2 x ff, hidden] gate and up; [experts, hidden, ff] down) under
+    GGUF's names, gate and up apart."""
+    base = key.rpartition(".")[0]
+    parts = {"down_proj": w} if key.endswith("down_proj") else \
+        {"gate_proj": w[:, : w.shape[1] // 2], "up_proj": w[:, w.shape[1] // 2:]}
+    out = []
+    for proj, v in parts.items():
+        gname = names.get_name(f"{base}.{proj}.weight", try_suffixes=(".weight",))
+        if gname is None:
+            unnamed.append(f"{base}.{proj}")
+            continue
+        out.append(_float_tensor(gname, v.contiguous(), fkind, report))
+    return out
+
+
+def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requant_type, report: ExportReport,
+                     unnamed: list) -> list[_Tensor]:
+    """A mixture's experts as GGUF stores them: `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`, each the
+    experts' weights stacked [experts, rows, inputs] (gate and up are the two halves of each expert's
+    gate_up layer's rows: quantized rows split exactly). Every expert of a projection must take one type."""
+    inter = experts.intermediate_dim
+    parts = {"gate_proj": [(lin, slice(0, inter)) for lin in experts.gate_up],
+             "up_proj": [(lin, slice(inter, 2 * inter)) for lin in experts.gate_up],
+             "down_proj": [(lin, slice(None)) for lin in experts.down]}
+    out = []
+    for proj, layers in parts.items():
+        gname = names.get_name(f"{lname}.{proj}.weight", try_suffixes=(".weight",))
+        if gname is None:
+            unnamed.append(f"{lname}.{proj}")
+            continue
+        tensors = [_layer_tensor(gname, f"{lname}.{proj}.{e}", lin, torch.arange(lin.out_features)[rows], fkind,
+                                 requant_type, report) for e, (lin, rows) in enumerate(layers)]
+        kinds = {t.kind for t in tensors}
+        if len(kinds) != 1:
+            raise ShrinkError(f"{lname}: the experts' {proj} layers are of several GGUF types ({', '.join(sorted(kinds))}); "
+                              "GGUF stacks a projection's experts in one tensor of one type")
+        out.append(_Tensor(gname, kinds.pop(), np.stack([t.data for t in tensors]), np.stack([t.expect for t in tensors]),
+                           exact=all(t.exact for t in tensors)))
     return out
 
 
@@ -279,7 +337,7 @@ def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, re
 
     w = _float(layer)
     w = w[rows] if rows is not None else w
-    kind = fkind if isinstance(layer, nn.Linear) else exact_type(layer)
+    kind = ("F32" if ROUTER in gname else fkind) if isinstance(layer, nn.Linear) else exact_type(layer)
     report.layers[lname] = kind
     if isinstance(layer, nn.Linear):
         return _float_tensor(gname, w, kind, report)

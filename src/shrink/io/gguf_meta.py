@@ -53,6 +53,14 @@ def add_architecture(writer, config) -> None:
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:  # a mixture of experts (as llama.cpp's converter writes them)
+        writer.add_expert_count(int(experts))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+        if getattr(config, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
 
 
 def copy_tokenizer(writer, src: Path, config) -> str | None:
