@@ -207,7 +207,7 @@ def test_models_gguf_cannot_name_are_refused(tmp_path, mlp):
     with pytest.raises(shrink.ShrinkError, match="model_type None"):
         export_gguf(shrink.quantize(mlp, "int8", progress=False), tmp_path / "m.gguf")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
-    with pytest.raises(shrink.ShrinkError, match="model_type 'gpt2'.*exports llama, mistral, qwen2"):
+    with pytest.raises(shrink.ShrinkError, match="model_type 'gpt2'.*exports llama, mistral, mixtral, qwen2, qwen2_moe models"):
         export_gguf(gpt2, tmp_path / "m.gguf")
     with pytest.raises(shrink.ShrinkError, match="no tokenizer"):
         export_gguf(shrink.quantize(bpe_llama(), "int8", progress=False), tmp_path / "m.gguf")

@@ -24,16 +24,16 @@ import torch.nn as nn
 
 from ..core.architecture import find_stacks
 from ..core.errors import ShrinkError
-from ..core.memory import MemoryEstimate, release_freed_memory, resident_memory
+from ..core.memory import MemoryEstimate, check_fits_memory, release_freed_memory, resident_memory
 from ..io.manifest import FORMAT_VERSION
 from ..io.models import tokenizer_or_none
-from ..io.safety import refuse_custom_code
+from ..io.safety import check_depths, refuse_custom_code
 from ..io.saved import finish_folder, layer_state, manifest_for, planned_layout, writing_folder
 from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
 from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
 from ..quant.experts import LinearExperts, all_tokens, fused_experts, unfuse_experts
 from ..quant.linear import CastLinear, QuantLinear
-from ..quant.check import ForwardCheck, refuse_non_finite, relative_error, sample_input
+from ..quant.check import ForwardCheck, refuse_non_finite, refuse_non_finite_tensor, relative_error, sample_input
 from ..quant.layerwise import capture_inputs, first_output, run_block
 from ..quant.mixed import MixedPrecision
 from ..quant.record import update_record
@@ -66,8 +66,26 @@ def _skeleton(folder: Path):
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if not (isinstance(cls, type) and archs[0].endswith("ForCausalLM")):
         return None, f"{folder / 'config.json'} names {archs or 'no architecture'}, not a causal LM transformers builds"
-    with init_empty_weights(include_buffers=False):
-        model = cls(config)
+    check_depths(config, folder / "config.json")  # even a skeleton's million layers would fill memory
+    # the skeleton is built a tensor at a time (each made, then put on the meta device) and keeps its
+    # buffers: what the config implies of those must fit, counted on the meta device first
+    try:
+        with torch.device("meta"):
+            probe = cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{folder / 'config.json'}: cannot build {archs[0]} from it ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
+    largest = max((p.numel() * p.element_size() for p in probe.parameters()), default=0)
+    buffers = sum(b.numel() * b.element_size() for b in probe.buffers())
+    check_fits_memory(largest + buffers, f"{folder / 'config.json'}: the model it describes",
+                      " (its largest tensor and its buffers, which a streamed job holds at once)")
+    del probe
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{folder / 'config.json'}: cannot build {archs[0]} from it ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
     return model.eval(), None
 
 
@@ -131,6 +149,33 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     return None
 
 
+def _refuse_incomplete(folder: Path, model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Before any work: every tensor the model needs must be in the weights with its shape (a tied output
+    layer's is its table's; a mixture's experts may be stored one tensor per expert), as the whole-model
+    load refuses it."""
+    leaves = checkpoint_names(model.config.model_type)[1]
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        tied.add(f"{head}.weight")
+    experts = {path for path, _ in fused_experts(model)}
+    missing, wrong = [], []
+    for name, t in model.state_dict(keep_vars=True).items():
+        stored = checkpoint.tensors.get(name)
+        if stored is None:
+            path = name.rpartition(".")[0]
+            per_expert = path in experts and len(leaves) == 2 and f"{path}.0.{leaves['down'][0]}" in checkpoint.tensors
+            if name not in tied and not per_expert:
+                missing.append(name)
+        elif stored.shape != tuple(t.shape):
+            wrong.append(name)
+    if missing or wrong:
+        def show(keys):
+            return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
+        parts = ([f"missing {show(missing)}"] if missing else []) + ([f"of the wrong shape {show(wrong)}"] if wrong else [])
+        raise ShrinkError(f"{folder}: the weights do not match config.json ({'; '.join(parts)})")
+
+
 def _tensor_names(model: nn.Module, leaves: dict) -> set[str]:
     """The names a checkpoint of `model` may use: its own, and one tensor per expert and projection for its
     fused experts (how Mixtral's and Qwen-MoE's checkpoints store them, e.g. `experts.3.w1.weight`)."""
@@ -190,6 +235,7 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
     why = why_not_streamed(folder, model=model, checkpoint=checkpoint)  # the names as the checkpoint has them
     if why:
         raise ShrinkError(f"cannot stream {folder}: {why}")
+    _refuse_incomplete(folder, model, checkpoint)
     fused = unfuse_experts(model)  # a mixture's experts one Linear layer each, read from the fused tensors
     job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
                    damp=damp, act_order=act_order, tune_steps=tune_steps, keep_output=keep_output)
@@ -372,9 +418,12 @@ class _Walk:
         vocabulary's table would double it), the rest (norms, small) in float32."""
         table = self.model.get_input_embeddings()
         table_names = {f"{n}.{k}" for n, m in self.model.named_modules() if m is table for k in m._parameters}
-        self.checkpoint.fill(self.model, float_dtype=torch.float32,
-                             only=lambda n: self._outside(n) and n not in table_names)
-        self.checkpoint.fill(self.model, only=lambda n: n in table_names)
+        read = self.checkpoint.fill(self.model, float_dtype=torch.float32,
+                                    only=lambda n: self._outside(n) and n not in table_names)
+        read += self.checkpoint.fill(self.model, only=lambda n: n in table_names)
+        state = self.model.state_dict()
+        for name in read:  # (the output layer's are checked as they are written)
+            refuse_non_finite_tensor(name, state[name])
         self.hook = table.register_forward_hook(lambda _m, _a, out: out.float() if out.is_floating_point() else out)
 
     def enter(self, name: str, block: nn.Module) -> None:
@@ -463,7 +512,9 @@ class _Walk:
             if name.startswith(self.prefix) or (spec is not None and name.startswith(self.head + ".")):
                 continue
             if self.writer is not None:
-                self.writer.add({name: self.checkpoint.tensor(name)})
+                t = self.checkpoint.tensor(name)
+                refuse_non_finite_tensor(name, t)
+                self.writer.add({name: t})
             # the skeleton describes what was written: a placeholder of the stored dtype
             owner, _, leaf = name.rpartition(".")
             mod = self.model.get_submodule(owner)

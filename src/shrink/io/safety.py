@@ -39,7 +39,7 @@ DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", 
 MAX_DEPTH = 10_000  # the deepest models people run have a few hundred layers
 
 
-def _check_depths(config, where) -> None:
+def check_depths(config, where) -> None:
     """Layer counts a config gives are refused past MAX_DEPTH before any module is built: even on the meta
     device each layer is Python objects, so a million of them fill memory before any size check can run."""
     for name in DEPTH_FIELDS:
@@ -56,7 +56,7 @@ def check_config_fits(cls, config, where, dtype=None, extra_bytes: int = 0) -> N
     at its peak (default 0; a weights file being read)."""
     import torch
 
-    _check_depths(config, where)
+    check_depths(config, where)
     try:
         with torch.device("meta"):
             skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)

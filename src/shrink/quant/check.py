@@ -100,8 +100,13 @@ def refuse_non_finite(model: nn.Module) -> None:
     """ShrinkError naming the first floating-point tensor of `model`'s state that holds NaN or infinity:
     such a model computes NaN, and a saved copy would carry it to every later user."""
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
-                              "them computes NaN, so it is not saved (check the original's weights, or the "
-                              "calibration that produced these)")
+        refuse_non_finite_tensor(name, t)
+
+
+def refuse_non_finite_tensor(name: str, t: torch.Tensor) -> None:
+    """ShrinkError naming `name` when the floating-point tensor `t` holds NaN or infinity."""
+    if t.is_floating_point() and t.numel() and not t.is_meta and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
+                          "them computes NaN, so it is not saved (check the original's weights, or the "
+                          "calibration that produced these)")
