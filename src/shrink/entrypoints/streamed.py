@@ -27,7 +27,7 @@ from ..core.errors import ShrinkError
 from ..core.memory import MemoryEstimate, check_fits_memory, release_freed_memory, resident_memory
 from ..io.manifest import FORMAT_VERSION
 from ..io.models import tokenizer_or_none
-from ..io.safety import check_depths, refuse_custom_code
+from ..io.safety import refuse_custom_code, skeleton_bytes
 from ..io.saved import finish_folder, layer_state, manifest_for, planned_layout, writing_folder
 from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
 from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
@@ -66,20 +66,10 @@ def _skeleton(folder: Path):
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if not (isinstance(cls, type) and archs[0].endswith("ForCausalLM")):
         return None, f"{folder / 'config.json'} names {archs or 'no architecture'}, not a causal LM transformers builds"
-    check_depths(config, folder / "config.json")  # even a skeleton's million layers would fill memory
     # the skeleton is built a tensor at a time (each made, then put on the meta device) and keeps its
-    # buffers: what the config implies of those must fit, counted on the meta device first
-    try:
-        with torch.device("meta"):
-            probe = cls(config)
-    except Exception as e:
-        raise ShrinkError(f"{folder / 'config.json'}: cannot build {archs[0]} from it ({type(e).__name__}: "
-                          f"{str(e)[:200]})") from None
-    largest = max((p.numel() * p.element_size() for p in probe.parameters()), default=0)
-    buffers = sum(b.numel() * b.element_size() for b in probe.buffers())
-    check_fits_memory(largest + buffers, f"{folder / 'config.json'}: the model it describes",
-                      " (its largest tensor and its buffers, which a streamed job holds at once)")
-    del probe
+    # buffers: what the config implies of those must fit (a million layers, an absurd vocabulary)
+    check_fits_memory(skeleton_bytes(cls, config, folder / "config.json"), f"{folder / 'config.json'}: the model it "
+                      "describes", " (its largest tensor and its buffers, which a streamed job holds at once)")
     try:
         with init_empty_weights(include_buffers=False):
             model = cls(config)

@@ -70,3 +70,19 @@ def check_config_fits(cls, config, where, dtype=None, extra_bytes: int = 0) -> N
         detail = f" ({model_bytes / 1e9:,.1f} GB of weights in {str(dtype).replace('torch.', '')}, as shrink loads them"
         detail += f", and {extra_bytes / 1e9:,.1f} GB of the weights file being read)" if extra_bytes else ")"
     check_fits_memory(model_bytes + extra_bytes, f"{where}: the model it describes", detail)
+
+
+def skeleton_bytes(cls, config, where) -> int:
+    """What building `cls(config)` with its parameters on the meta device holds at once: its largest
+    parameter (each is made, then moved to the meta device) and its buffers (made for real), counted on
+    the meta device first. ShrinkError naming `where` when the config cannot be built."""
+    import torch
+
+    check_depths(config, where)
+    try:
+        with torch.device("meta"):
+            probe = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{where}: cannot build the model it describes ({type(e).__name__}: {str(e)[:200]})") from None
+    largest = max((p.numel() * p.element_size() for p in probe.parameters()), default=0)
+    return largest + sum(b.numel() * b.element_size() for b in probe.buffers())

@@ -40,7 +40,7 @@ from .manifest import (
     verify_files,
     weights_file,
 )
-from .safety import check_config_fits, refuse_custom_code
+from .safety import check_config_fits, check_fits_memory, refuse_custom_code, skeleton_bytes
 from .shards import SHARD_BYTES, Checkpoint, ShardWriter
 
 
@@ -254,7 +254,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                 f"{directory} holds a plain PyTorch model ({manifest.get('architecture')}); "
                 "pass an instance of its architecture: shrink.load(dir, model=MyModel())"
             )
-        model = build_skeleton(directory, manifest.get("architecture"))
+        model = build_skeleton(directory, manifest.get("architecture"), nbytes=_loaded_bytes(manifest, checkpoint))
     missing = [n for n in manifest["modules"] if not _has_module(model, n)]
     if missing:  # a mixture's experts saved one Linear layer per expert: the fused modules become that first
         unfuse_experts(model, {n for n, _ in fused_experts(model) if any(m.startswith(n + ".") for m in missing)})
@@ -405,10 +405,25 @@ def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
         model.tie_weights()
 
 
-def build_skeleton(directory: Path, architecture: str | None = None) -> nn.Module:
+def _loaded_bytes(manifest: dict, checkpoint: Checkpoint) -> int:
+    """What loading the folder holds: its tensors as stored, the full-precision ones stored in bf16 or fp16
+    twice over (computed in float32), and the largest tensor once more (the skeleton makes each tensor
+    before putting it on the meta device)."""
+    quantized = tuple(n + "." for n in manifest["modules"])
+    total, largest = 0, 0
+    for name, t in checkpoint.tensors.items():
+        n = checkpoint.nbytes([name])
+        wide = 2 * n if t.dtype in ("BF16", "F16") and not name.startswith(quantized) else n
+        total += wide
+        largest = max(largest, wide)
+    return total + largest
+
+
+def build_skeleton(directory: Path, architecture: str | None = None, nbytes: int | None = None) -> nn.Module:
     """The Hugging Face model `directory/config.json` describes, its parameters on the meta device (to be
     filled from a weights file) and any quantization_config dropped (shrink fills its own quantized layers).
-    The class must be built into transformers and the model must fit in memory; ShrinkError otherwise."""
+    The class must be built into transformers and the model must fit in memory: its config's size, or
+    `nbytes` when the caller knows what loading holds (a quantized folder); ShrinkError otherwise."""
     import transformers
     from transformers import AutoConfig
 
@@ -424,7 +439,12 @@ def build_skeleton(directory: Path, architecture: str | None = None) -> nn.Modul
     cls = getattr(transformers, archs[0], None) if archs else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ShrinkError(f"{directory / 'config.json'}: unknown architecture {archs!r} (a model class of transformers)")
-    check_config_fits(cls, config, directory / "config.json")
+    if nbytes is None:
+        check_config_fits(cls, config, directory / "config.json")
+    else:
+        check_fits_memory(nbytes + skeleton_bytes(cls, config, directory / "config.json"),
+                          f"{directory / 'config.json'}: the model it describes", " (the weights files' tensors, "
+                          "the full-precision ones in float32, and the model's skeleton as it is built)")
     # Parameters start on the meta device (no memory, no random init): the file fills them all, so
     # loading never holds a full-precision copy of the model. Buffers are built for real.
     from accelerate import init_empty_weights

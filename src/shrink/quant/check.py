@@ -105,8 +105,13 @@ def refuse_non_finite(model: nn.Module) -> None:
 
 def refuse_non_finite_tensor(name: str, t: torch.Tensor) -> None:
     """ShrinkError naming `name` when the floating-point tensor `t` holds NaN or infinity."""
-    if t.is_floating_point() and t.numel() and not t.is_meta and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
-                          "them computes NaN, so it is not saved (check the original's weights, or the "
-                          "calibration that produced these)")
+    if not (t.is_floating_point() and t.numel() and not t.is_meta):
+        return
+    # a slab at a time: isfinite of a large bf16 table would make a float32 copy and a mask of it at once
+    flat = t.detach().reshape(-1)
+    if all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 22)):
+        return
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(1 << 22))
+    raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
+                      "them computes NaN, so it is not saved (check the original's weights, or the "
+                      "calibration that produced these)")
