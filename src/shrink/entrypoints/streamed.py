@@ -33,7 +33,7 @@ from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
 from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
 from ..quant.experts import LinearExperts, all_tokens, fused_experts, unfuse_experts
 from ..quant.linear import CastLinear, QuantLinear
-from ..quant.check import ForwardCheck, refuse_non_finite, refuse_non_finite_tensor, relative_error, sample_input
+from ..quant.check import ForwardCheck, refuse_non_finite_tensor, relative_error, sample_input
 from ..quant.layerwise import capture_inputs, first_output, run_block
 from ..quant.mixed import MixedPrecision
 from ..quant.record import update_record
@@ -427,8 +427,7 @@ class _Walk:
         self.checkpoint.fill(block, name + ".", float_dtype=torch.float32, only=lambda n: not n.startswith(inside))
         for rel in experts:
             self._fill_experts(block.get_submodule(rel), f"{name}.{rel}")
-        validate_weights(self.model, {n: s for n, s in self.assignment.items() if n.startswith(name + ".")})
-        self.original = run_block(block, self.original)
+        self.original = run_block(block, self.original)  # (each layer's weight is checked as it is quantized)
 
     def _fill_experts(self, m: LinearExperts, path: str) -> None:
         """Each expert's Linear layers from the checkpoint: slices of the fused 3-D tensors, or the expert's
@@ -458,28 +457,33 @@ class _Walk:
                 lin.weight = nn.Parameter(w.float(), requires_grad=False)
 
     def leave(self, name: str, block: nn.Module) -> None:
-        self.check = run_block(block, self.check)
-        refuse_non_finite(block)
-        self._as_stored(block, name + ".")
+        # written before the check's forward: a layer the native kernel has not run yet is still in the
+        # row layout the files hold (running it would tile it, and writing untile it again)
+        state = {k: self._as_stored(k, t) for k, t in layer_state(block, self.layout, prefix=name + ".").items()}
+        for key, t in state.items():
+            refuse_non_finite_tensor(key, t)
         if self.writer is not None:
-            self.writer.add(layer_state(block, self.layout, prefix=name + "."))
+            self.writer.add(state)
+        self.check = run_block(block, self.check)
         release(block)
+        for key, t in state.items():  # the skeleton describes what was written: placeholders of its dtypes
+            owner, _, leaf = key[len(name) + 1:].rpartition(".")
+            mod = block.get_submodule(owner)
+            if leaf in mod._parameters and mod._parameters[leaf].dtype != t.dtype:
+                mod._parameters[leaf] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
+        del state
         release_freed_memory()
 
-    def _as_stored(self, block: nn.Module, prefix: str) -> None:
-        """The block's tensors kept as they were (norms, a kept layer's weights) back in their stored dtype,
-        as the rest of the model is written, where that holds their values exactly (a norm AWQ folded its
-        scales into stays float32); a quantized layer's own tensors are as its format wants them."""
-        for mod_name, mod in block.named_modules():
-            if isinstance(mod, (QuantLinear, CastLinear)):
-                continue
-            for leaf, t in mod._parameters.items():
-                stored = self.checkpoint.tensors.get(f"{prefix}{mod_name}{'.' if mod_name else ''}{leaf}")
-                dtype = DTYPES.get(stored.dtype) if stored is not None else None
-                if t is not None and t.is_floating_point() and dtype is not None and dtype.is_floating_point:
-                    back = t.detach().to(dtype)
-                    if torch.equal(back.to(t.dtype), t):
-                        mod._parameters[leaf] = nn.Parameter(back, requires_grad=False)
+    def _as_stored(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A tensor the block kept as it was (a norm, a kept layer's weight) back in its stored dtype, as the
+        rest of the model is written, where that holds its values exactly (a norm AWQ folded its scales into
+        stays float32); anything else as it is."""
+        stored = self.checkpoint.tensors.get(key)
+        dtype = DTYPES.get(stored.dtype) if stored is not None else None
+        if dtype is None or not dtype.is_floating_point or not t.is_floating_point() or t.dtype == dtype:
+            return t
+        back = t.detach().to(dtype)
+        return back if torch.equal(back.to(t.dtype), t) else t
 
     def finish_rest(self) -> None:
         """The tensors outside the blocks to the output, a tensor at a time as stored; the output layer
