@@ -27,12 +27,11 @@ from ..core.errors import ShrinkError
 from ..core.memory import MemoryEstimate, check_fits_memory, release_freed_memory, resident_memory
 from ..io.manifest import FORMAT_VERSION
 from ..io.models import tokenizer_or_none
-from ..io.safety import refuse_custom_code, skeleton_bytes
+from ..io.safety import build_empty, read_config, skeleton_bytes
 from ..io.saved import finish_folder, layer_state, manifest_for, planned_layout, writing_folder
 from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
 from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
 from ..quant.experts import LinearExperts, all_tokens, fused_experts, unfuse_experts
-from ..quant.linear import CastLinear, QuantLinear
 from ..quant.check import ForwardCheck, refuse_non_finite_tensor, relative_error, sample_input
 from ..quant.layerwise import capture_inputs, first_output, run_block
 from ..quant.mixed import MixedPrecision
@@ -54,14 +53,8 @@ class Streamed:
 def _skeleton(folder: Path):
     """The causal LM `folder/config.json` describes, its parameters on the meta device."""
     import transformers
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    refuse_custom_code(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except Exception as e:
-        raise ShrinkError(f"{folder / 'config.json'}: cannot read Hugging Face config ({type(e).__name__}: {e})") from None
+    config = read_config(folder)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if not (isinstance(cls, type) and archs[0].endswith("ForCausalLM")):
@@ -70,12 +63,7 @@ def _skeleton(folder: Path):
     # buffers: what the config implies of those must fit (a million layers, an absurd vocabulary)
     check_fits_memory(skeleton_bytes(cls, config, folder / "config.json"), f"{folder / 'config.json'}: the model it "
                       "describes", " (its largest tensor and its buffers, which a streamed job holds at once)")
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = cls(config)
-    except Exception as e:
-        raise ShrinkError(f"{folder / 'config.json'}: cannot build {archs[0]} from it ({type(e).__name__}: "
-                          f"{str(e)[:200]})") from None
+    model = build_empty(cls, config, folder / "config.json")
     return model.eval(), None
 
 

@@ -23,7 +23,7 @@ from ..core.errors import ShrinkError
 from ..core.paths import cache_dir
 from ..quant.record import update_record
 from . import saved
-from .safety import check_config_fits, refuse_custom_code
+from .safety import check_config_fits, read_config, refuse_custom_code
 from .manifest import WEIGHTS_NATIVE
 from .shards import Checkpoint
 
@@ -228,14 +228,10 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
     in memory; every tensor the architecture expects must be in the weights with its shape, and no tensor
     may be left unused (transformers alone would initialise the missing ones at random)."""
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     path = Path(path)
-    refuse_custom_code(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except Exception as e:
-        raise ShrinkError(f"{path / 'config.json'}: cannot read Hugging Face config ({type(e).__name__}: {e})") from None
+    config = read_config(path)
     archs = getattr(config, "architectures", None) or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ShrinkError(f"{path / 'config.json'}: 'architectures' must be a list of class names, got {archs!r}")

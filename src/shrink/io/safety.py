@@ -86,3 +86,28 @@ def skeleton_bytes(cls, config, where) -> int:
         raise ShrinkError(f"{where}: cannot build the model it describes ({type(e).__name__}: {str(e)[:200]})") from None
     largest = max((p.numel() * p.element_size() for p in probe.parameters()), default=0)
     return largest + sum(b.numel() * b.element_size() for b in probe.buffers())
+
+
+def read_config(folder: str | os.PathLike):
+    """The Hugging Face config of `folder`, read without running anything of the folder's (a folder asking
+    to run its own code is refused first); ShrinkError naming config.json when it cannot be read."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    refuse_custom_code(folder)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:
+        raise ShrinkError(f"{folder / 'config.json'}: cannot read Hugging Face config ({type(e).__name__}: {e})") from None
+
+
+def build_empty(cls, config, where):
+    """`cls(config)` with its parameters on the meta device (no memory, no random initialisation: a file
+    fills them) and its buffers built for real; ShrinkError naming `where` when it cannot be built."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{where}: cannot build {cls.__name__} from it ({type(e).__name__}: {str(e)[:200]})") from None

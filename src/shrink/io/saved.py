@@ -40,7 +40,7 @@ from .manifest import (
     verify_files,
     weights_file,
 )
-from .safety import check_config_fits, check_fits_memory, refuse_custom_code, skeleton_bytes
+from .safety import build_empty, check_config_fits, check_fits_memory, read_config, refuse_custom_code, skeleton_bytes
 from .shards import SHARD_BYTES, Checkpoint, ShardWriter
 
 
@@ -425,12 +425,8 @@ def build_skeleton(directory: Path, architecture: str | None = None, nbytes: int
     The class must be built into transformers and the model must fit in memory: its config's size, or
     `nbytes` when the caller knows what loading holds (a quantized folder); ShrinkError otherwise."""
     import transformers
-    from transformers import AutoConfig
 
-    try:  # check() has refused a folder that asks to run its own code
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    except Exception as e:
-        raise ShrinkError(f"{directory / 'config.json'}: cannot read Hugging Face config ({e})") from None
+    config = read_config(directory)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # shrink fills its own quantized layers; transformers must not
     archs = getattr(config, "architectures", None) or ([architecture] if architecture else [])
@@ -445,14 +441,6 @@ def build_skeleton(directory: Path, architecture: str | None = None, nbytes: int
         check_fits_memory(nbytes + skeleton_bytes(cls, config, directory / "config.json"),
                           f"{directory / 'config.json'}: the model it describes", " (the weights files' tensors, "
                           "the full-precision ones in float32, and the model's skeleton as it is built)")
-    # Parameters start on the meta device (no memory, no random init): the file fills them all, so
-    # loading never holds a full-precision copy of the model. Buffers are built for real.
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = cls(config)
-    except Exception as e:
-        raise ShrinkError(f"{directory / 'config.json'}: cannot build {archs[0]} from it ({type(e).__name__}: "
-                          f"{str(e)[:200]})") from None
-    return model
+    # Parameters start on the meta device: the file fills them all, so loading never holds a full-precision
+    # copy of the model.
+    return build_empty(cls, config, directory / "config.json")
