@@ -48,20 +48,25 @@ def check_depths(config, where) -> None:
             raise ShrinkError(f"{where}: {name!r} is {n!r}; a model has from 0 to {MAX_DEPTH:,} layers")
 
 
+def _on_meta(cls, config, where):
+    """The model `config` describes, all of it on the meta device (nothing allocated), its depth checked first."""
+    import torch
+
+    check_depths(config, where)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception as e:
+        raise ShrinkError(f"{where}: cannot build the model it describes ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def check_config_fits(cls, config, where, dtype=None, extra_bytes: int = 0) -> None:
     """The parameters and buffers of the model `config` describes must fit in memory; counted on the meta
     device, so a config that names an absurd size allocates nothing. `where` names the file in errors.
     dtype: the dtype the load gives floating-point tensors (default: as the config builds them), so a bf16
     checkpoint loaded in float32 counts 4 bytes a weight; extra_bytes: what the load holds beside the model
     at its peak (default 0; a weights file being read)."""
-    import torch
-
-    check_depths(config, where)
-    try:
-        with torch.device("meta"):
-            skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    except Exception as e:
-        raise ShrinkError(f"{where}: cannot build the model it describes ({type(e).__name__}: {str(e)[:200]})") from None
+    skeleton = _on_meta(cls, config, where)
     tensors = list(skeleton.parameters()) + list(skeleton.buffers())
     size = lambda t: t.element_size() if dtype is None or not t.is_floating_point() else dtype.itemsize  # noqa: E731
     model_bytes = sum(t.numel() * size(t) for t in tensors)
@@ -76,14 +81,7 @@ def skeleton_bytes(cls, config, where) -> int:
     """What building `cls(config)` with its parameters on the meta device holds at once: its largest
     parameter (each is made, then moved to the meta device) and its buffers (made for real), counted on
     the meta device first. ShrinkError naming `where` when the config cannot be built."""
-    import torch
-
-    check_depths(config, where)
-    try:
-        with torch.device("meta"):
-            probe = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    except Exception as e:
-        raise ShrinkError(f"{where}: cannot build the model it describes ({type(e).__name__}: {str(e)[:200]})") from None
+    probe = _on_meta(cls, config, where)
     largest = max((p.numel() * p.element_size() for p in probe.parameters()), default=0)
     return largest + sum(b.numel() * b.element_size() for b in probe.buffers())
 
