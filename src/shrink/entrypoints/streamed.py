@@ -29,7 +29,7 @@ from ..io.manifest import FORMAT_VERSION
 from ..io.models import tokenizer_or_none
 from ..io.safety import build_empty, read_config, skeleton_bytes
 from ..io.saved import finish_folder, layer_state, manifest_for, planned_layout, writing_folder
-from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, release
+from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, placeholder, release
 from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
 from ..quant.experts import LinearExperts, all_tokens, fused_experts, unfuse_experts
 from ..quant.check import ForwardCheck, refuse_non_finite_tensor, relative_error, sample_input
@@ -458,7 +458,7 @@ class _Walk:
             owner, _, leaf = key[len(name) + 1:].rpartition(".")
             mod = block.get_submodule(owner)
             if leaf in mod._parameters and mod._parameters[leaf].dtype != t.dtype:
-                mod._parameters[leaf] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
+                placeholder(mod, leaf, t.shape, t.dtype)
         del state
         release_freed_memory()
 
@@ -499,12 +499,7 @@ class _Walk:
                 self.writer.add({name: t})
             # the skeleton describes what was written: a placeholder of the stored dtype
             owner, _, leaf = name.rpartition(".")
-            mod = self.model.get_submodule(owner)
-            empty = torch.empty(stored.shape, dtype=DTYPES.get(stored.dtype, torch.float32), device="meta")
-            if leaf in mod._parameters:
-                mod._parameters[leaf] = nn.Parameter(empty, requires_grad=False)
-            elif leaf in mod._buffers:
-                mod._buffers[leaf] = empty
+            placeholder(self.model.get_submodule(owner), leaf, stored.shape, DTYPES.get(stored.dtype, torch.float32))
         if spec is None and self.head_key is not None and self.head_key != f"{self.head}.weight":
             self.model.get_submodule(self.head).weight = self.model.get_input_embeddings().weight  # tied, as stored
         release_freed_memory()

@@ -285,14 +285,17 @@ def _fused_experts_tensors(key: str, w: torch.Tensor, names, fkind: str, report:
     base = key.rpartition(".")[0]
     parts = {"down_proj": w} if key.endswith("down_proj") else \
         {"gate_proj": w[:, : w.shape[1] // 2], "up_proj": w[:, w.shape[1] // 2:]}
-    out = []
-    for proj, v in parts.items():
-        gname = names.get_name(f"{base}.{proj}.weight", try_suffixes=(".weight",))
-        if gname is None:
-            unnamed.append(f"{base}.{proj}")
-            continue
-        out.append(_float_tensor(gname, v.contiguous(), fkind, report))
-    return out
+    return [_float_tensor(gname, v.contiguous(), fkind, report) for proj, v in parts.items()
+            if (gname := _expert_name(names, base, proj, unnamed))]
+
+
+def _expert_name(names, path: str, proj: str, unnamed: list) -> str | None:
+    """GGUF's name for the stacked `proj` (gate_proj, up_proj, down_proj) of the experts at `path`; None,
+    and `path.proj` added to `unnamed`, where gguf-py's map has none."""
+    gname = names.get_name(f"{path}.{proj}.weight", try_suffixes=(".weight",))
+    if gname is None:
+        unnamed.append(f"{path}.{proj}")
+    return gname
 
 
 def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requant_type, report: ExportReport,
@@ -306,9 +309,8 @@ def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requ
              "down_proj": [(lin, slice(None)) for lin in experts.down]}
     out = []
     for proj, layers in parts.items():
-        gname = names.get_name(f"{lname}.{proj}.weight", try_suffixes=(".weight",))
+        gname = _expert_name(names, lname, proj, unnamed)
         if gname is None:
-            unnamed.append(f"{lname}.{proj}")
             continue
         tensors = [_layer_tensor(gname, f"{lname}.{proj}.{e}", lin, torch.arange(lin.out_features)[rows], fkind,
                                  requant_type, report) for e, (lin, rows) in enumerate(layers)]

@@ -170,16 +170,23 @@ def _offsets(file: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def placeholder(module: torch.nn.Module, leaf: str, shape, dtype: torch.dtype) -> None:
+    """Make `module`'s own parameter or buffer `leaf` an empty tensor of `shape` and `dtype` on the meta
+    device (what a written and released tensor leaves: its description, no memory); nothing for another name."""
+    empty = torch.empty(tuple(shape), dtype=dtype, device="meta")
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(empty, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = empty
+
+
 def release(module: torch.nn.Module) -> None:
     """Let `module`'s tensors go: each parameter and buffer becomes a placeholder of its shape on the meta
     device (the module keeps its structure, so what it is can still be described and saved)."""
     for mod in module.modules():
-        for kind in ("_parameters", "_buffers"):
-            table = getattr(mod, kind)
-            for leaf, t in table.items():
-                if t is not None and not t.is_meta:
-                    empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                    table[leaf] = torch.nn.Parameter(empty, requires_grad=False) if kind == "_parameters" else empty
+        for leaf, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None and not t.is_meta:
+                placeholder(mod, leaf, t.shape, t.dtype)
 
 
 class ShardWriter:
