@@ -12,15 +12,20 @@ from pathlib import Path
 from .errors import ShrinkError
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available now (MemAvailable), or None where it cannot be read."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A `field:  N kB` line of a /proc file, in bytes (None where it cannot be read)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable), or None where it cannot be read."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def check_fits_memory(nbytes: int, what: str, detail: str = "") -> None:
@@ -34,13 +39,7 @@ def check_fits_memory(nbytes: int, what: str, detail: str = "") -> None:
 
 def resident_memory() -> int:
     """Bytes this process holds in memory now (VmRSS), 0 where it cannot be read."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 @dataclass
