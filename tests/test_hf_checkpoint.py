@@ -170,6 +170,22 @@ def test_pack_quantized_words_read_as_compressed_tensors_writes_them(bits, width
     assert got.dtype == torch.uint8 and torch.equal(got.to(torch.int16) - (1 << (bits - 1)), signed.to(torch.int16))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("width", [64, 40, 8])
+def test_pack_quantized_words_written_are_compressed_tensors_own(bits, width):
+    """shrink writes pack-quantized words (its own byte path for 2, 4 and 8 bits where rows fill whole
+    words) identical to compressed-tensors' pack_to_int32."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from shrink.io.packformat import _words
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (6, width), generator=g, dtype=torch.uint8)
+    signed = (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    got = _words(codes, bits, 1 << (bits - 1))
+    assert got.dtype == torch.int32 and torch.equal(got, pack_to_int32(signed, bits))
+
+
 def test_a_bf16_checkpoint_is_counted_as_it_is_loaded_in_float32(tmp_path, monkeypatch):
     # the up-front check once counted a bf16 folder's bytes while the load makes float32 weights: a model that
     # fits as stored but not as loaded went ahead and was killed for memory

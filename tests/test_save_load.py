@@ -223,3 +223,29 @@ def test_save_takes_a_loaded_model_with_its_tokenizer(tmp_path):
     back = shrink.io.read_model(tmp_path / "q")
     assert back.tokenizer is not None and back.tokenizer("the bank").input_ids == loaded.tokenizer("the bank").input_ids
     assert shrink.info(tmp_path / "q").source == loaded.source
+
+
+@pytest.mark.parametrize("case", ["room", "header-too-large", "small-shard"])
+def test_shards_are_written_in_place_and_read_by_safetensors_itself(tmp_path, monkeypatch, case):
+    """ShardWriter writes a large shard's tensors once, after room kept for its header (padded with
+    spaces); a header larger than the room, or a small shard, is written compactly instead. safetensors'
+    own reader gets every tensor back exactly either way."""
+    from safetensors.torch import load_file
+
+    from shrink.io import shards
+
+    monkeypatch.setattr(shards, "HEADER_ROOM", 1024)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(40_000, generator=g) if case != "small-shard" else torch.randn(8, generator=g)}
+    many = 200 if case == "header-too-large" else 3
+    tensors |= {f"layer.{i}.a_rather_long_tensor_name.weight": torch.randn(4, 3, generator=g) for i in range(many)}
+    tensors["codes"] = torch.randint(0, 255, (5, 7), generator=g, dtype=torch.uint8)
+    writer = shards.ShardWriter(tmp_path)
+    writer.add(tensors)
+    assert writer.close() == ["model.safetensors"]
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert (n == 1024) == (case == "room") and n % 8 == 0
+    assert not list(tmp_path.glob(".part-*"))
+    back = load_file(tmp_path / "model.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], t) for k, t in tensors.items())

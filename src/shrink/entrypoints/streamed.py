@@ -308,9 +308,12 @@ def estimate_memory(model: nn.Module, checkpoint: Checkpoint, job, prefix: str, 
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         largest = max(linears.values(), key=lambda m: m.in_features * m.out_features, default=None)
         inter = max((m.out_features for m in linears.values()), default=hidden)
+        # the block as stored: this one's bytes while they are made float32, then the next one's, read ahead
         parts = {"block as stored": checkpoint.nbytes(keys), "block in float32": 4 * params,
                  "activations in and out": 2 * acts + kwargs + length * hidden * 4 * 2,
                  "one sample through the block": heads * length * length * 4 + 3 * length * inter * 4}
+        if largest is not None:  # its codes (a byte each) and their packed form, rounded in the weight's memory
+            parts["rounding a layer"] = 3 * largest.in_features * largest.out_features // 2
         if job.needs_data and largest is not None:
             # the Hessians (float64) of the block's layers, one per distinct input, all gathered first and
             # each let go once its layers are quantized; GPTQ on a layer of k inputs adds its dampened copy,
@@ -363,7 +366,8 @@ class _RoundBlock:
         for rel, m in list(block.named_modules()):
             spec = self.assignment.get(f"{name}.{rel}")
             if spec is not None:
-                set_submodule(block, rel, round_to_nearest(m, spec, f"{name}.{rel}", self.backend))
+                # the block's weights were read from disk for this alone: rounded in their own memory
+                set_submodule(block, rel, round_to_nearest(m, spec, f"{name}.{rel}", self.backend, overwrite=True))
 
 
 class _Walk:
@@ -415,6 +419,10 @@ class _Walk:
         self.checkpoint.fill(block, name + ".", float_dtype=torch.float32, only=lambda n: not n.startswith(inside))
         for rel in experts:
             self._fill_experts(block.get_submodule(rel), f"{name}.{rel}")
+        # the next block's tensors read while this one is worked on (its bytes as stored are what reading this
+        # one held a moment ago: the peak is the same)
+        after = f"{self.prefix}{int(name[len(self.prefix):]) + 1}."
+        self.checkpoint.read_ahead(k for k in self.checkpoint.tensors if k.startswith(after))
         self.original = run_block(block, self.original)  # (each layer's weight is checked as it is quantized)
 
     def _fill_experts(self, m: LinearExperts, path: str) -> None:
@@ -497,6 +505,7 @@ class _Walk:
                 t = self.checkpoint.tensor(name)
                 refuse_non_finite_tensor(name, t)
                 self.writer.add({name: t})
+                del t  # before the next is read: two large tables (embedding, output layer) never held at once
             # the skeleton describes what was written: a placeholder of the stored dtype
             owner, _, leaf = name.rpartition(".")
             placeholder(self.model.get_submodule(owner), leaf, stored.shape, DTYPES.get(stored.dtype, torch.float32))

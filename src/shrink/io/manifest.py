@@ -28,6 +28,7 @@ The fields (format_version 1):
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -173,12 +174,14 @@ def read_manifest(directory: str | Path) -> dict:
 
 def file_record(directory: Path) -> dict:
     """{relative path: {"bytes", "sha256"}} of every file under `directory` but shrink.json."""
-    out = {}
-    for p in sorted(directory.rglob("*")):
-        rel = p.relative_to(directory).as_posix()
-        if p.is_file() and rel != MANIFEST:
-            out[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
-    return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST]
+    # the shards of a large model hashed side by side (hashlib and file reads let other threads run)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(sha256, files))
+    return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": d}
+            for p, d in zip(files, digests)}
 
 
 def verify_files(directory: Path, manifest: dict) -> None:

@@ -26,6 +26,9 @@ SINGLE = "model.safetensors"
 # Shards of at most about 2 GB (each file small enough for any tool that reads it whole; Hugging Face's own
 # default is 5 GB). The writer holds nothing in memory, so this costs no memory either way.
 SHARD_BYTES = 2 * 10**9
+# bytes kept before a shard's tensors for its header, so that the tensors are written once, in place (a header
+# of a 2 GB shard of a large model's layers takes some tens of KB); a multiple of 8, so they start aligned
+HEADER_ROOM = 256 * 1024
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -52,6 +55,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path, weights: str = SINGLE):
         self.folder = Path(folder)
+        self._reader = self._ahead = None  # the background reader of `read_ahead`, and what it is reading
         self.index = self.folder / (weights + ".index.json")
         self.where = self.index if self.index.is_file() else self.folder / weights  # named in errors
         if self.index.is_file():
@@ -84,10 +88,33 @@ class Checkpoint:
         names = self.tensors if names is None else names
         return sum(math.prod(self.tensors[n].shape) * _ITEMSIZE.get(self.tensors[n].dtype, 4) for n in names)
 
+    def read_ahead(self, names) -> None:
+        """Start reading the tensors `names` in the background (one thread: the disk works while the caller
+        computes); `read` takes them from there. Tensors read ahead and not asked for by the next call to
+        `read_ahead` are let go."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shrink-read-ahead")
+        names = list(names)
+        self._ahead = (set(names), self._reader.submit(self._read, names)) if names else None
+
     def read(self, names) -> dict[str, torch.Tensor]:
         """The tensors `names`, read as stored, each file opened once. Each is read straight into memory of
         its own (not mapped: a mapped file's pages would count in the process's memory until unmapped, and
-        a copy out of them would double the largest tensor at the peak)."""
+        a copy out of them would double the largest tensor at the peak). Those `read_ahead` fetched are
+        taken from there (an error it met is raised here)."""
+        names = list(names)
+        got = {}
+        if self._ahead is not None and not self._ahead[0].isdisjoint(names):
+            ready = self._ahead[1].result()
+            got = {n: ready.pop(n) for n in names if n in ready}
+            if not ready:
+                self._ahead = None
+        got.update(self._read([n for n in names if n not in got]))
+        return {n: got[n] for n in names}
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.tensors:
@@ -218,29 +245,46 @@ class ShardWriter:
             if self.entries and self.raw_bytes + nbytes > self.max_bytes:
                 self.flush()  # a shard holds whole tensors: one larger than max_bytes is a shard alone
             if self.raw is None:
-                self.raw = open(self.folder / f".part-{len(self.parts):05d}.data", "wb")
+                self.raw = self._open()
             data = t.detach().contiguous().reshape(-1).view(torch.uint8)
             self.raw.write(memoryview(data.numpy()))
             self.entries[name] = {"dtype": dtype, "shape": list(t.shape),
                                   "data_offsets": [self.raw_bytes, self.raw_bytes + nbytes]}
             self.raw_bytes += nbytes
 
+    def _open(self):
+        """A new shard's file, its tensors' bytes to follow the room kept for its header."""
+        f = open(self.folder / f".part-{len(self.parts):05d}.data", "w+b")
+        f.seek(8 + HEADER_ROOM)
+        return f
+
     def flush(self) -> None:
-        """Complete the open shard: its header, then its tensors' bytes."""
+        """Complete the open shard: its header in the room kept before its tensors' bytes (padded with
+        spaces, which safetensors' JSON header allows), or, for a header larger than the room or a small
+        shard (where the room would be most of the file), the bytes copied after a header of its own size."""
         import shutil
 
         if self.raw is None:
             return
-        self.raw.close()
-        raw = Path(self.raw.name)
         header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the tensors' bytes start 8-aligned
+        raw = Path(self.raw.name)
         part = raw.with_suffix(".safetensors")
-        with open(part, "wb") as out, open(raw, "rb") as src:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            shutil.copyfileobj(src, out, 16 << 20)
-        raw.unlink()
+        if len(header) <= HEADER_ROOM and self.raw_bytes >= 64 * HEADER_ROOM:
+            header += b" " * (HEADER_ROOM - len(header))
+            self.raw.seek(0)
+            self.raw.write(len(header).to_bytes(8, "little"))
+            self.raw.write(header)
+            self.raw.close()
+            raw.rename(part)
+        else:
+            self.raw.close()
+            header += b" " * (-len(header) % 8)  # the tensors' bytes start 8-aligned
+            with open(part, "wb") as out, open(raw, "rb") as src:
+                out.write(len(header).to_bytes(8, "little"))
+                out.write(header)
+                src.seek(8 + HEADER_ROOM)
+                shutil.copyfileobj(src, out, 16 << 20)
+            raw.unlink()
         self.parts.append(part)
         self.names.update({k: part for k in self.entries})
         self.total += self.raw_bytes
@@ -249,7 +293,7 @@ class ShardWriter:
     def close(self) -> list[str]:
         """Complete the last shard, give the shards their final names, write the index when there are several."""
         if self.raw is None and not self.parts:  # nothing was added: one empty file, still a checkpoint
-            self.raw = open(self.folder / ".part-00000.data", "wb")
+            self.raw = self._open()
         self.flush()
         if len(self.parts) == 1:
             self.parts[0].rename(self.folder / self.weights)

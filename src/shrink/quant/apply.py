@@ -24,6 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.errors import ShrinkError
+from ..core.finite import all_finite
 from .check import ForwardCheck, relative_error, sample_input
 from .check import run as run_forward
 from .embedding import QuantEmbedding
@@ -482,7 +483,7 @@ def validate_weights(model: nn.Module, assignment: dict[str, QuantSpec | None]) 
         if fmt.cast and isinstance(model.get_submodule(name), nn.Conv2d):
             raise ShrinkError(f"layer {name!r}: convolutions take integer formats (int8, int4-g32, ...), not {fmt.name}")
         if fmt.cast:
-            if not torch.isfinite(w).all():
+            if not all_finite(w):
                 raise ShrinkError(f"layer {name!r}: weight has NaN or infinite values")
         else:
             check_weight(w, fmt, name)

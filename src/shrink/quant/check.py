@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ShrinkError
+from ..core.finite import all_finite, count_non_finite
 from ..core.model_outputs import main_output
 
 SEED = 0
@@ -107,11 +108,9 @@ def refuse_non_finite_tensor(name: str, t: torch.Tensor) -> None:
     """ShrinkError naming `name` when the floating-point tensor `t` holds NaN or infinity."""
     if not (t.is_floating_point() and t.numel() and not t.is_meta):
         return
-    # a slab at a time: isfinite of a large bf16 table would make a float32 copy and a mask of it at once
-    flat = t.detach().reshape(-1)
-    if all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 22)):
+    if all_finite(t):
         return
-    bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(1 << 22))
+    bad = count_non_finite(t)
     raise ShrinkError(f"{name}: {bad:,} of its {t.numel():,} values are NaN or infinite; a model holding "
                       "them computes NaN, so it is not saved (check the original's weights, or the "
                       "calibration that produced these)")

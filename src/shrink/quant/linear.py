@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.errors import ShrinkError
+from ..core.finite import all_finite
 from . import kernels
 from .format import QuantizedWeight, symmetric_zero
 from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)
@@ -149,10 +150,11 @@ class QuantLinear(PackedRows):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, name: str = "<linear>",
-                    backend: str | None = None) -> "QuantLinear":
-        """Quantize an `nn.Linear` by round-to-nearest (`name` is used in error messages)."""
+                    backend: str | None = None, overwrite: bool = False) -> "QuantLinear":
+        """Quantize an `nn.Linear` by round-to-nearest (`name` is used in error messages). overwrite: the
+        Linear's float32 weight may serve as workspace and is meaningless afterwards (default False)."""
         spec = parse_format(spec)
-        q = quantize_weight(linear.weight, spec, name)
+        q = quantize_weight(linear.weight, spec, name, overwrite=overwrite)
         return cls.from_quantized(q, linear.in_features, linear.out_features, spec, linear.bias, backend)
 
     @classmethod
@@ -240,7 +242,7 @@ class CastLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, name: str = "<linear>") -> "CastLinear":
         """Cast an `nn.Linear`'s weight (and bias) to the format's dtype."""
         layer = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
-        if not torch.isfinite(linear.weight).all():
+        if not all_finite(linear.weight):
             raise ShrinkError(f"layer {name!r}: weight has NaN or infinite values")
         layer.weight.copy_(linear.weight.detach())
         if linear.bias is not None:

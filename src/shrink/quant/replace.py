@@ -11,16 +11,18 @@ from .linear import CastLinear, QuantLinear
 from .spec import QuantSpec
 
 
-def round_to_nearest(linear: nn.Module, spec: QuantSpec, name: str, backend: str | None = None) -> nn.Module:
+def round_to_nearest(linear: nn.Module, spec: QuantSpec, name: str, backend: str | None = None,
+                     overwrite: bool = False) -> nn.Module:
     """The replacement for `linear` (a Linear, or an Embedding) in `spec` without calibration: a cast, or a
-    round-to-nearest QuantLinear (QuantEmbedding)."""
+    round-to-nearest QuantLinear (QuantEmbedding). overwrite: a Linear's float32 weight, which nothing else
+    reads, may be used as the rounding's workspace (default False)."""
     if isinstance(linear, nn.Embedding):
         return QuantEmbedding.from_embedding(linear, spec, name=name)
     if isinstance(linear, nn.Conv2d):
         return QuantConv2d.from_conv(linear, spec, name=name)
     if spec.cast:
         return CastLinear.from_linear(linear, spec, name=name)
-    return QuantLinear.from_linear(linear, spec, name=name, backend=backend)
+    return QuantLinear.from_linear(linear, spec, name=name, backend=backend, overwrite=overwrite)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

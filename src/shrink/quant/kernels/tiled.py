@@ -51,10 +51,13 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     if not supports(n, k, group_size):
         raise ValueError(f"no tiled layout for {n} outputs x {k} inputs at group size {group_size}")
     t, nb, g = n // TILE, k // BLOCK, k // group_size
-    codes = unpack(qweight, bits, k).contiguous()  # [n, k] uint8
-    if bits != 8:  # inputs 8j..8j+3 in the low nibbles, 8j+4..8j+7 in the high
-        c = codes.view(n, nb, 4, 2, 4)
-        codes = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [n, block, 4 runs of 4 inputs]
+    if bits == 4:
+        codes = _nibble_runs(qweight, n, nb)
+    else:
+        codes = unpack(qweight, bits, k).contiguous()  # [n, k] uint8
+        if bits != 8:  # inputs 8j..8j+3 in the low nibbles, 8j+4..8j+7 in the high
+            c = codes.view(n, nb, 4, 2, 4)
+            codes = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [n, block, 4 runs of 4 inputs]
     # [tile, block, run of 4 inputs, output, input]: runs of 4 bytes moved as one int32 (4x fewer elements)
     quads = codes.reshape(n, -1)
     quads = (quads if quads.storage_offset() % 4 == 0 else quads.clone()).view(torch.int32)
@@ -62,6 +65,17 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     by_tile = lambda v: v.reshape(t, TILE, g).permute(0, 2, 1).contiguous()  # noqa: E731
     return TiledWeight(packed.reshape(t, -1), by_tile(scales.to(torch.float16)),
                        None if zeros is None else by_tile(zeros), zero_const, bits, group_size)
+
+
+def _nibble_runs(qweight: torch.Tensor, n: int, nb: int) -> torch.Tensor:
+    """4-bit codes regrouped as the tiles hold them, [n, block, run r of 8 inputs, i]: input 8r + i in the
+    low nibble, 8r + 4 + i in the high, straight from the row layout's bytes (byte j of a block: input j low,
+    j + 16 high) without unpacking every code to a byte of its own."""
+    p = qweight.reshape(n, nb, 2, 2, 4)  # [.., h, half, i]: byte 8h + 4 half + i of the block
+    a, b = p[:, :, :, 0], p[:, :, :, 1]  # bytes 8h + i and 8h + 4 + i
+    low = (a & 0x0F) | (b << 4)          # runs 0, 1 (inputs 8h + i, 8h + 4 + i)
+    high = (a >> 4) | (b & 0xF0)         # runs 2, 3 (inputs 16 + 8h + i, 16 + 8h + 4 + i)
+    return torch.cat([low, high], dim=2)
 
 
 def untile(t: TiledWeight, rows: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
