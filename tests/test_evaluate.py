@@ -451,3 +451,81 @@ def test_an_example_without_the_chat_template_is_plain_text(tok):
     text = "the market rose"
     assert ad.prompt_ids(text, chat=False).tolist() == tok(text).input_ids
     assert ad.prompt_ids(text).tolist() == [1] + tok(text).input_ids + [2]
+
+
+def test_an_original_named_by_path_runs_alone_and_its_stored_outcomes_are_reused(tmp_path, tok, monkeypatch, capsys):
+    """compare(path, path, out=DIR) runs the original alone first, keeps its outcomes in DIR/original-outcomes
+    and lets it go before the compressed model is loaded, with the results of both models run together; a
+    later comparison into DIR reuses them without loading the original, unless its files or the task changed."""
+    from shrink.entrypoints import compare as entry
+    from shrink.io import read_model
+
+    m = tiny_llama(seed=3, tie=False)
+    m.save_pretrained(tmp_path / "orig")
+    tok.save_pretrained(tmp_path / "orig")
+    shrink.save(shrink.quantize(copy.deepcopy(m), "int4-g32", progress=False), tmp_path / "q", tokenizer=tok)
+    lines = [{"id": f"g{i}", "input": word_text(3 + 2 * i, seed=i), "target": word_text(1, seed=100 + i),
+              "match": "contains", "max_new_tokens": 2 + i % 3} for i in range(6)]
+    lines += [{"id": f"c{i}", "input": word_text(2 + 3 * i, seed=i), "answer": i % 3,
+               "choices": [word_text(1, seed=200 + i), "oil", word_text(2, seed=300 + i)]} for i in range(4)]
+    task = _write(tmp_path, lines)
+    together = compare_models(read_model(tmp_path / "orig").model, read_model(tmp_path / "q").model, task,
+                              tokenizer=tok, batch_size=4)
+
+    loaded = []
+    real = entry.resolve
+    monkeypatch.setattr(entry, "resolve", lambda spec, tok=None: loaded.append(str(spec)) or real(spec, tok))
+    alone = shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", batch_size=4, progress=False)
+    assert loaded == [str(tmp_path / "orig"), str(tmp_path / "q")]
+    stored = json.loads((tmp_path / "cmp" / "original-outcomes" / "outcomes.json").read_text())
+    assert sorted(stored["examples"]) == sorted(x["id"] for x in lines)
+
+    def same(a, b):
+        assert [e.id for e in a.examples] == [e.id for e in b.examples]
+        for x, y in zip(a.examples, b.examples):
+            assert (x.original_output, x.compressed_output, x.original_score, x.compressed_score, x.kl_mean) == \
+                (y.original_output, y.compressed_output, y.original_score, y.compressed_score, y.kl_mean)
+        assert a.divergence == b.divergence and a.verdict == b.verdict and a.original["bytes"] == b.original["bytes"]
+
+    same(alone, together)
+    loaded.clear()
+    capsys.readouterr()
+    again = shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", force=True, batch_size=4,
+                           progress=False)
+    assert loaded == [str(tmp_path / "q")] and "not run again" in capsys.readouterr().err
+    same(again, together)
+    # other options, or another task: the original runs again
+    loaded.clear()
+    shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", force=True, batch_size=2, progress=False)
+    assert loaded[0] == str(tmp_path / "orig")
+    loaded.clear()
+    shrink.compare(tmp_path / "orig", tmp_path / "q", _write(tmp_path, lines[:-1]), out=tmp_path / "cmp", force=True,
+                   batch_size=2, progress=False)
+    assert loaded[0] == str(tmp_path / "orig")
+    # bad options are refused before the original runs
+    loaded.clear()
+    with pytest.raises(ShrinkError, match="batch_size"):
+        shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", force=True, batch_size=0)
+    assert loaded == []
+
+
+def test_a_bf16_original_too_large_in_float32_is_compared_as_stored(tmp_path, tok, monkeypatch, capsys):
+    """A bf16 folder that fits in memory as stored but not in float32 is loaded, and run, in bf16 (said so);
+    compared by path it runs alone, then the compressed model, with sound results."""
+    import shrink.core.memory as memory
+    from shrink.io import read_model
+
+    m = tiny_llama(seed=3, tie=False)
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "orig")
+    tok.save_pretrained(tmp_path / "orig")
+    shrink.save(shrink.quantize(copy.deepcopy(m).float(), "int8", progress=False), tmp_path / "q", tokenizer=tok)
+    weights = sum(p.numel() for p in m.parameters())
+    monkeypatch.setattr(memory, "available_memory", lambda: 5 * weights)  # bf16 and its file fit; float32 does not
+    loaded = read_model(tmp_path / "orig")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16} and loaded.source["dtype"] == "bfloat16"
+    assert "loaded in bfloat16, as stored" in capsys.readouterr().err
+    del loaded
+    c = shrink.compare(tmp_path / "orig", tmp_path / "q", _gen_task(tmp_path), out=tmp_path / "cmp", progress=False)
+    assert c.errors == 0 and math.isfinite(c.divergence["kl"]["mean"])
+    assert 2 * weights <= c.original["bytes"] < 2.1 * weights  # its weights held in bf16 (and a float32 buffer)
+    assert c.divergence["top1_agreement"] > 0.5  # int8 of the same weights: mostly the same next tokens

@@ -172,13 +172,15 @@ def _check_writable(path: Path) -> None:
 
 @contextmanager
 def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, force: bool = False,
-          resume: bool | None = None, owned: Callable[[Path], bool] | None = None):
+          resume: bool | None = None, owned: Callable[[Path], bool] | None = None, keep: Iterable[str] = ()):
     """Hold `path` as the output folder of `command` for the duration of the block (see the module doc).
 
     names: the entries the command writes at the top of the folder (for folders with a marker).
     owned: for model folders, a test that the folder is exactly what shrink saved (then no marker is
     written: the folder is made whole at the end by an atomic save). force: replace shrink's own output
     (default False). resume: continue shrink's own output (None: the command cannot resume).
+    keep: entries among `names` that starting afresh (force) leaves in place, for the command to reuse
+    when they still hold (it checks them itself; default none).
     Nested claims of one folder in one process are allowed and do nothing. An error inside the block
     leaves no folder behind if the claim made it and nothing but the marker was written.
     """
@@ -207,7 +209,7 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
         remove_stale_temporaries(path)  # only once the folder is known to be shrink's to write
         if owned is None:
             if fresh:
-                for name in names | {MARK}:
+                for name in (names - set(keep)) | {MARK}:
                     p = path / name
                     if p.is_dir() and not p.is_symlink():
                         remove_own(p)

@@ -7,15 +7,20 @@ writes the report, so evaluate knows nothing of files of models or of reports.
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from contextlib import nullcontext
+from pathlib import Path
 
 from ..core.errors import ShrinkError
 from ..core.outdir import claim
-from ..evaluate import Comparison, compare_models
+from ..evaluate import Comparison, compare_models, load_task
 from ..evaluate.llamacpp import RUNTIMES
 from ..io import resolve
+from ..io.models import DEFAULT_NAMES
 
-OUT_NAMES = ("results.json", "report.md", "report.html")  # what a comparison writes in its folder
+ORIGINAL_OUTCOMES = "original-outcomes"  # the original's outcomes on the task, reused by a later comparison
+OUT_NAMES = ("results.json", "report.md", "report.html", ORIGINAL_OUTCOMES)  # what a comparison writes in its folder
 
 
 def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.PathLike | None = None,
@@ -32,6 +37,11 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
     chat_template=None, max_new_tokens=32, progress=None). runtime: what runs `compressed`: "shrink"
     (default: shrink's own PyTorch model) or "llama.cpp" (a .gguf file run by llama.cpp, so the verdict
     is on what llama.cpp computes; needs llama-cpp-python).
+
+    An original given by name or path runs alone first, its outcomes kept in `out`/original-outcomes
+    (a temporary folder without `out`) and let go before the compressed model is loaded: one model is in
+    memory at a time. A later comparison into the same folder (force=True) with the same original (its
+    files unchanged), task and options reuses them without loading the original.
     """
     if runtime not in RUNTIMES:
         raise ShrinkError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
@@ -39,8 +49,15 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
         if "tolerance" in options:
             raise ShrinkError("give max_drop or tolerance (its older name), not both")
         options["tolerance"] = options.pop("max_drop")
-    with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
-        a, tok_a, name_a = resolve(original, tokenizer)
+    with claim(out, "compare", OUT_NAMES, force=force, keep=(ORIGINAL_OUTCOMES,)) if out is not None else nullcontext(), \
+            (nullcontext(out) if out is not None else tempfile.TemporaryDirectory(prefix="shrink-compare-")) as where:
+        if isinstance(original, (str, os.PathLike)):
+            task = load_task(task)
+            _check_before_running(task, options)
+            a, tok_a, name_a, options["cache"] = _original_alone(original, task, tokenizer, Path(where), out is not None,
+                                                                 options)
+        else:
+            a, tok_a, name_a = resolve(original, tokenizer)
         if runtime == "llama.cpp":
             b, tok_b, name_b = _in_llama_cpp(compressed, tokenizer or tok_a, options)
         else:
@@ -58,6 +75,67 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
 
             write_comparison_report(result, out)
     return result
+
+
+def _check_before_running(task, options: dict) -> None:
+    """What compare_models checks before any model runs, checked before the original runs alone (it is said
+    once: compare_models then does not warn of a small task again)."""
+    import warnings
+
+    from ..evaluate.paired import check_batch_size, check_options, task_too_small
+
+    check_options(task, options.get("tolerance", 1.0), options.get("scorer"))
+    check_batch_size(options.get("batch_size", 16))
+    small = task_too_small(task, options.get("tolerance", 1.0), options.get("relative", False)) \
+        if options.get("warn_small", True) else None
+    if small:
+        warnings.warn(small, stacklevel=3)
+    options["warn_small"] = False
+
+
+def _original_alone(original, task, tokenizer, where: Path, reuse: bool, options: dict):
+    """(stand-in adapter, tokenizer, name, stored outcomes) of the original named by `original`: its outcomes
+    on `task` read from `where`/original-outcomes when they were stored for this model, task and options
+    (`reuse`), else computed with the model loaded alone, stored there, and the model let go."""
+    import gc
+
+    from ..core.memory import release_freed_memory
+    from ..evaluate import StoredOutcomes, store_original
+    from ..io.models import read_tokenizer
+
+    run = {k: options[k] for k in ("scorer", "chat_template", "max_new_tokens", "batch_size") if k in options}
+    key = _outcomes_key(original, task, tokenizer, run)
+    folder = where / ORIGINAL_OUTCOMES
+    stored = StoredOutcomes.open(folder, key) if reuse else None
+    if stored is not None:
+        print(f"note: the original's outcomes on this task are those stored in {folder} (its files, the task and the "
+              "options are unchanged); the original is not run again (delete that folder to run it)", file=sys.stderr)
+        return stored.adapter(), tokenizer or read_tokenizer(original), str(original), stored
+    model, tok, name = resolve(original, tokenizer)
+    stored = store_original(model, task, folder, key, tokenizer=tok, progress=options.get("progress"), **run)
+    del model
+    gc.collect()
+    release_freed_memory()
+    return stored.adapter(), tok, name, stored
+
+
+def _outcomes_key(original, task, tokenizer, run: dict) -> str:
+    """What the original's outcomes depend on: its files (names, sizes, modification times), the task's
+    examples, a given tokenizer's vocabulary and the options that change what it computes."""
+    import hashlib
+    import json
+
+    from ..evaluate import task_digest
+    from ..io import default_gguf_path
+
+    path = default_gguf_path() if str(original).lower() in DEFAULT_NAMES else Path(original)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    model = [[p.relative_to(path).as_posix() if path.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+             for p in files]
+    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else None
+    h = hashlib.sha256(json.dumps([str(path.resolve()), model, task_digest(task), repr(vocab), repr(sorted(run.items()))],
+                                  default=str).encode())
+    return h.hexdigest()[:32]
 
 
 def _in_llama_cpp(compressed, tokenizer, options: dict):

@@ -24,6 +24,7 @@ from ..core.errors import ShrinkError
 from ..core.model_outputs import kl_divergence
 from .adapters import Adapter, Outcome, adapter_for
 from .scorers import load_scorer
+from .stored import StoredOutcomes, run_original, same_inputs
 from .stats import divergence_summary, mcnemar_exact, paired_bootstrap
 from .tasks import Task, load_task
 from .verdict import CANNOT_TELL, PAST, Verdict, decide, too_small
@@ -289,6 +290,12 @@ def check_options(task: Task, tolerance: float, scorer: str | None) -> None:
                           "scored without one (leave out --scorer)")
 
 
+def check_batch_size(batch_size) -> None:
+    """ShrinkError unless `batch_size` is an integer of 1 or more."""
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise ShrinkError(f"batch_size must be an integer of 1 or more, got {batch_size!r}")
+
+
 def task_too_small(task: Task, tolerance: float, relative: bool) -> str | None:
     """Why `task` is too small for any verdict at this tolerance (before any model runs), or None. Perplexity
     tasks, whose scores are not right or wrong, are never too small by this measure; a relative tolerance
@@ -329,8 +336,7 @@ def compare_models(original, compressed, task: Task | str | None = None, *, toke
     small = task_too_small(task, tolerance, relative) if warn_small else None
     if small:
         warnings.warn(small, stacklevel=2)
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ShrinkError(f"batch_size must be an integer of 1 or more, got {batch_size!r}")
+    check_batch_size(batch_size)
     score_fn = load_scorer(scorer) if scorer else None  # runs the scorer module's code: only when it is used
     a, b = _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_template, max_new_tokens, names, task)
     perplexity = task.kind == "perplexity"
@@ -352,6 +358,26 @@ def compare_models(original, compressed, task: Task | str | None = None, *, toke
         divergence=_divergence(kls, agree, cosines), within=verdict.within, verdict=verdict.line,
         errors=len(rows) - len(ok), status=verdict.status, needed=verdict.needed,
     )
+
+
+def store_original(original, task: Task | str | None, folder, key: str, *, tokenizer=None, scorer: str | None = None,
+                   chat_template: bool | None = None, max_new_tokens: int = 32, batch_size: int = 16,
+                   progress: bool | None = None) -> StoredOutcomes:
+    """Run `original` alone over `task`, in the batches `compare_models` runs it in, and keep its outcomes in
+    `folder` under `key` (what they depend on: the caller's digest of the model, task and options), so that
+    `compare_models(stored.adapter(), compressed, task, cache=stored, ...)` compares without the original
+    in memory, with the same results. Options as `compare_models` takes them (scorer, chat_template,
+    max_new_tokens, batch_size must be those of that call)."""
+    task = load_task(task)
+    check_batch_size(batch_size)
+    score_fn = load_scorer(scorer) if scorer else None
+    a = adapter_for(original, tokenizer, chat_template, max_new_tokens)
+    a.check_task(task)
+    if hasattr(a, "prepare"):
+        a.prepare()
+    return run_original(a, task, folder, key, _batches(task, batch_size),
+                        lambda ad, examples: _outcomes(ad, examples, task, score_fn, None),
+                        _model_info(a, [], "")["bytes"], progress)
 
 
 def _prepare(a: Adapter, b: Adapter) -> tuple[float, float]:
@@ -376,7 +402,7 @@ def _adapters(original, compressed, tokenizer, compressed_tokenizer, chat_templa
     if a.kind != b.kind:
         raise ShrinkError(f"the models are of different kinds: {names[0]} is a {a.kind} model, {names[1]} a {b.kind} model")
     sa, sb = a.signature(), b.signature()
-    if sa != sb:
+    if not same_inputs(a, b):
         what = "label sets" if sa and sa[0] == "labels" and sa[1] != sb[1] else "tokenizers"
         raise ShrinkError(f"the two models have different {what}; they must see exactly the same inputs")
     for ad in (a, b):

@@ -207,6 +207,16 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, tok, source)
 
 
+def read_tokenizer(spec: str | os.PathLike | None = None):
+    """The tokenizer `read_model(spec)` gives, without loading the model (None where it has none)."""
+    if spec is None or str(spec).lower() in DEFAULT_NAMES:
+        return gguf_tokenizer(default_gguf_path())
+    path = Path(spec)
+    if path.is_file():
+        return gguf_tokenizer(path)
+    return tokenizer_or_none(path) if path.is_dir() else None
+
+
 def gguf_tokenizer(path: str | os.PathLike):
     """The Hugging Face tokenizer built from a GGUF file's metadata (the file's weights are not read)."""
     from transformers import AutoTokenizer
@@ -244,16 +254,45 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
     # the index and every shard's header are checked before transformers reads them (one line naming the file)
     shards = [f.stat().st_size for f in Checkpoint(path).files] if any(path.glob("*.safetensors")) else \
         [f.stat().st_size for f in path.glob("*.bin")]
-    # transformers reads a shard at a time into the float32 model: the peak is the model plus the largest shard
-    check_config_fits(cls, config, path / "config.json", dtype=torch.float32, extra_bytes=max(shards, default=0))
+    # transformers reads a shard at a time into the float32 model: the peak is the model plus the largest shard;
+    # a model stored in bf16/fp16 that fits only as stored is loaded, and computes, as stored (said so)
+    dtype, extra = torch.float32, max(shards, default=0)
+    stored = _stored_dtype(path)
+    if stored is not None:
+        try:
+            check_config_fits(cls, config, path / "config.json", dtype=torch.float32, extra_bytes=extra)
+        except ShrinkError as too_big:
+            try:
+                check_config_fits(cls, config, path / "config.json", dtype=stored, extra_bytes=extra)
+            except ShrinkError:
+                raise too_big from None
+            dtype = stored
+            print(f"note: {path}: loaded in {str(stored).removeprefix('torch.')}, as stored: in float32 it would not "
+                  "fit in memory (it computes in that dtype; shrink's runtime, which computes in float32, is not used)",
+                  file=sys.stderr)
+    check_config_fits(cls, config, path / "config.json", dtype=dtype, extra_bytes=extra)
     try:
-        model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, trust_remote_code=False,
+        model, info = cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False,
                                           output_loading_info=True)
     except Exception as e:
         raise ShrinkError(f"{path}: cannot load Hugging Face model ({type(e).__name__}: {str(e)[:300]})") from None
     _check_loading_info(info, path)
     model.eval()
-    return LoadedModel(model, tokenizer_or_none(path), {"kind": "huggingface", "path": str(path)})
+    source = {"kind": "huggingface", "path": str(path)}
+    if dtype != torch.float32:
+        source["dtype"] = str(dtype).removeprefix("torch.")
+    return LoadedModel(model, tokenizer_or_none(path), source)
+
+
+def _stored_dtype(path: Path) -> torch.dtype | None:
+    """bf16 or fp16 when every floating-point tensor of the folder's safetensors weights is stored so (one
+    of them), else None."""
+    from .shards import DTYPES
+
+    if not any(path.glob("*.safetensors")):
+        return None
+    kinds = {t.dtype for t in Checkpoint(path).tensors.values() if DTYPES.get(t.dtype, torch.int8).is_floating_point}
+    return DTYPES[next(iter(kinds))] if len(kinds) == 1 and kinds <= {"BF16", "F16"} else None
 
 
 def _quantization_config(path: Path) -> dict | None:
