@@ -149,6 +149,12 @@ def test_experts_export_to_gguf_stacked_as_llama_cpp_reads_them(tmp_path, family
     r = shrink.export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
     assert all(e == 0 for e in r.max_error.values()), r.max_error  # every tensor read back exactly
     t = {t.name: t for t in gguf.GGUFReader(str(r.path)).tensors}
+    # its saved folder, exported a module at a time (the experts of a block together): the same tensors
+    shrink.save(model, tmp_path / "q", tokenizer=tok)
+    s = shrink.export_gguf(tmp_path / "q", tmp_path / "s.gguf", float_type="f32")
+    assert s.tensors == r.tensors and all(e == 0 for e in s.max_error.values())
+    assert all(x.name == y.name and (x.data == y.data).all()
+               for x, y in zip(gguf.GGUFReader(str(r.path)).tensors, gguf.GGUFReader(str(s.path)).tensors))
     gate = t["blk.1.ffn_gate_exps.weight"]
     assert gate.tensor_type == gguf.GGMLQuantizationType.Q4_0 and list(gate.shape) == [64, width, 4]  # [in, rows, experts]
     assert t["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # the router, exact

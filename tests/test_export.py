@@ -268,3 +268,35 @@ def test_a_llama_cpp_converter_on_the_machine_names_more_pre_tokenizers(tmp_path
     monkeypatch.setenv("SHRINK_LLAMA_CPP_DIR", str(tmp_path / "llama.cpp"))
     monkeypatch.setenv("HOME", str(tmp_path))
     assert pre_tokenizer_name(tok) == ("tiny-bpe", pre_tokenizer_hash(tok))
+
+
+@pytest.mark.parametrize("spec,tie,shard", [("int4-g32", True, None), ("int4-g64-asym", False, 30_000),
+                                            ({"*.mlp.*": "int8", "*": "int4-g32"}, False, 20_000)])
+def test_a_folder_is_exported_a_module_at_a_time_as_the_loaded_model_is(tmp_path, tok, monkeypatch, spec, tie, shard):
+    """Exporting a shrink folder (sharded or not) reads one module at a time, lets it go once its tensors are
+    written, and writes the very file exporting the loaded model writes: the same tensors, byte for byte,
+    and the same metadata."""
+    import shrink.io.saved as saved
+
+    model = shrink.quantize(bpe_llama(tie=tie), spec, backend="torch", progress=False)
+    shrink.save(model, tmp_path / "q", tokenizer=tok, **({"shard_bytes": shard} if shard else {}))
+    whole = export_gguf(shrink.io.read_model(tmp_path / "q"), tmp_path / "whole.gguf", float_type="f16")
+
+    filled, real = [], saved.fill_module
+
+    def one_at_a_time(m, name, manifest, checkpoint):
+        held = {k for k, t in [*m.named_parameters(), *m.named_buffers()] if not t.is_meta}
+        assert held <= {k for k, _ in m.named_buffers() if k.endswith("inv_freq")}, held  # all else let go
+        filled.append(name)
+        real(m, name, manifest, checkpoint)
+
+    monkeypatch.setattr(saved, "fill_module", one_at_a_time)
+    monkeypatch.setattr(saved, "load", lambda *a, **k: pytest.fail("the folder was loaded whole"))
+    streamed = export_gguf(tmp_path / "q", tmp_path / "streamed.gguf", float_type="f16")
+    assert len(filled) > 10 and streamed.tensors == whole.tensors
+    a, b = gguf.GGUFReader(str(tmp_path / "whole.gguf")), gguf.GGUFReader(str(tmp_path / "streamed.gguf"))
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in a.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in b.tensors]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
+    assert {k: str(f.parts[-1].tolist()) for k, f in a.fields.items()} == \
+        {k: str(f.parts[-1].tolist()) for k, f in b.fields.items()}

@@ -32,6 +32,7 @@ from ..quant.experts import LinearExperts
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
 from .gguf_meta import CHECK_TEXT, write_metadata
+from .saved import is_shrink_folder
 
 FLOAT_TYPES = ("f16", "f32")
 EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
@@ -122,6 +123,8 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     path = Path(path)
     with lock_beside(path, "export"):
         _check_target(path, force)
+        if isinstance(model, (str, os.PathLike)) and is_shrink_folder(model):
+            return _export_streamed(Path(model), path, float_type, requant_type, source_gguf)
         return _export(model, path, float_type, requant_type, source_gguf)
 
 
@@ -154,23 +157,117 @@ def _export(model, path: Path, float_type: str, requant_type, source_gguf) -> Ex
     return report
 
 
+def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, source_gguf) -> ExportReport:
+    """A shrink folder exported a module at a time: each read from the weights, made into its GGUF tensors,
+    checked against the values the model computes with, written (gguf-py's temporary file holds the
+    tensors' bytes until the header, which comes first, can be written) and let go; the finished file is
+    read back: its tensor list, types and shapes, and each tensor's bytes by checksum."""
+    import hashlib
+
+    import gguf
+    from tqdm.auto import tqdm
+
+    from .models import tokenizer_or_none
+    from .saved import fill_module, open_folder
+    from .shards import release
+
+    module, manifest, checkpoint = open_folder(folder)
+    tokenizer = tokenizer_or_none(folder)
+    config = getattr(module, "config", None)
+    mtype = getattr(config, "model_type", None)
+    if mtype not in ARCHITECTURES:
+        raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
+                          f"{', '.join(sorted(ARCHITECTURES))} models")
+    if requant_type is None:
+        _refuse_inexact(module)
+    arch_name, permute = ARCHITECTURES[mtype]
+    arch = gguf.MODEL_ARCH[arch_name]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    report = ExportReport(path=path, bytes=0)
+
+    def fill(name):
+        fill_module(module, name, manifest, checkpoint)
+        return lambda: release(module.get_submodule(name))
+
+    src = Path(source_gguf) if source_gguf else source_gguf_of(module)
+    written: dict[str, tuple] = {}  # name -> (type, shape, sha256 of its bytes)
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
+        bar = tqdm(desc="export", unit="tensor", total=len(module.state_dict()), disable=None)
+        for t in _each_tensor(module, config, names, float_type, requant_type, permute, report, fill=fill):
+            if t.expect is not None:  # quantized blocks: they must be the model's values (floats are as given)
+                _check_values(t, t.data, path, report)
+            writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
+            written[t.name] = (t.kind, t.data.shape, hashlib.sha256(np.ascontiguousarray(t.data).data).hexdigest())
+            report.tensors[t.kind] = report.tensors.get(t.kind, 0) + 1
+            bar.update()
+            del t
+        bar.close()
+        if report.f16_change > 0:
+            report.notes.append(f"embeddings and full-precision layers written as F16 (largest change "
+                                f"{report.f16_change:.2g}); float_type f32 keeps them exact")
+        _finish(writer, config, tokenizer, src, report)
+        _verify_bytes(tmp, path, written)
+        if tokenizer is not None:
+            _verify_tokens(tmp, path, tokenizer, report)
+    report.bytes = path.stat().st_size
+    return report
+
+
+def _verify_bytes(tmp: Path, path: Path, written: dict[str, tuple]) -> None:
+    """The file read back: the tensors written, each of its type and shape and with the bytes written
+    (SHA-256, read a tensor at a time from the file, not mapped)."""
+    import hashlib
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp))
+    found = {t.name: t for t in reader.tensors}
+    if set(found) != set(written):
+        odd = sorted(set(found) ^ set(written))
+        raise ShrinkError(f"{path}: tensor {odd[0]} is {'missing from' if odd[0] in written else 'unexpected in'} the "
+                          "file read back; nothing was written")
+    with open(tmp, "rb") as f:
+        for name, (kind, shape, digest) in written.items():
+            t = found[name]
+            if t.tensor_type.name != kind:
+                raise ShrinkError(f"{path}: tensor {name} did not read back as {kind}; nothing was written")
+            f.seek(int(t.data_offset))
+            h, left = hashlib.sha256(), int(t.n_bytes)
+            while left:
+                block = f.read(min(left, 16 << 20))
+                if not block:
+                    break
+                h.update(block)
+                left -= len(block)
+            if left or h.hexdigest() != digest:
+                raise ShrinkError(f"{path}: tensor {name} ({kind}) reads back with other bytes than were written; "
+                                  "nothing was written")
+
+
+def _finish(writer, config, tokenizer, src: Path | None, report: ExportReport) -> None:
+    """Metadata and tokenizer, file type, then the header and the tensors added to `writer`."""
+    import gguf
+
+    report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
+    report.notes.extend(notes)
+    writer.add_string(EXPORTED_BY, f"shrink {VERSION}")  # the mark that lets --force replace it later
+    writer.add_file_type(_file_type(report.tensors))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _write(path: Path, arch: str, tensors: list, config, tokenizer, src: Path | None, report: ExportReport) -> None:
     """The GGUF file: metadata and tokenizer, file type, then the tensors as they are."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
-    report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
-    report.notes.extend(notes)
-
-    writer.add_string(EXPORTED_BY, f"shrink {VERSION}")  # the mark that lets --force replace it later
-    writer.add_file_type(_file_type(report.tensors))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for t in tensors:
         writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer, config, tokenizer, src, report)
 
 
 def _requant_type(requantize: str | None):
@@ -207,24 +304,50 @@ class _Tensor:
     name: str
     kind: str            # GGUF type name
     data: np.ndarray     # what is written: float arrays, or GGUF blocks as uint8
-    expect: np.ndarray   # float32 values the file must read back as (rows as written)
+    expect: np.ndarray | None  # float32 values the file must read back as (rows as written); None: data's own
     exact: bool = True   # False where the type rounds the model's values (Q4_1 offsets, re-quantized)
+
+    def expected(self) -> np.ndarray:
+        """The float32 values the file must read back as."""
+        return self.expect if self.expect is not None else self.data.astype(np.float32)
 
 
 def _collect(module: nn.Module, config, names, float_type: str, requant_type, permute: bool,
              report: ExportReport) -> list[_Tensor]:
     """Every tensor of the model under its GGUF name, in the GGUF type chosen for it: the weight-bearing
     layers first (quantized, cast or full precision), then everything else (embeddings, norms)."""
+    out = list(_each_tensor(module, config, names, float_type, requant_type, permute, report))
+    _count(out, report)
+    return out
+
+
+def _count(tensors: list, report: ExportReport) -> None:
+    """The report's count of tensors by type, and its notes on the float and tied tensors."""
+    for t in tensors:
+        report.tensors[t.kind] = report.tensors.get(t.kind, 0) + 1
+    if report.f16_change > 0:
+        report.notes.append(f"embeddings and full-precision layers written as F16 (largest change "
+                            f"{report.f16_change:.2g}); float_type f32 keeps them exact")
+
+
+def _each_tensor(module: nn.Module, config, names, float_type: str, requant_type, permute: bool,
+                 report: ExportReport, fill=None):
+    """The tensors of `_collect`, one at a time. fill: where the model's tensors are on the meta device (a
+    folder walked a module at a time), `fill(name)` gives module `name` its tensors and returns a function
+    that lets them go, called once that module's tensors are made (default None: the model is in memory)."""
+    fill = fill or (lambda name: (lambda: None))
     fkind = float_type.upper()
     heads = {"q_proj": config.num_attention_heads,
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
     state = module.state_dict(keep_vars=True)
-    out, unnamed, handled, tied_head = [], [], set(), False
-    for lname, layer in module.named_modules():
+    unnamed, handled = [], set()
+    for lname, layer in list(module.named_modules()):
         if isinstance(layer, LinearExperts):  # one 3-D tensor per projection, the experts stacked
             handled.update(k for k in state if k.startswith(lname + "."))
-            out.extend(_experts_tensors(lname, layer, names, fkind, requant_type, report, unnamed))
+            done = fill(lname)
+            yield from _experts_tensors(lname, layer, names, fkind, requant_type, report, unnamed)
+            done()
             continue
         if not isinstance(layer, (QuantLinear, QuantEmbedding, CastLinear, nn.Linear)) or ".experts." in f".{lname}.":
             continue
@@ -235,45 +358,51 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
             continue
         if (isinstance(layer, nn.Linear) and emb is not None and layer.weight is getattr(emb, "weight", None)) or (
                 isinstance(layer, QuantLinear) and isinstance(emb, QuantEmbedding) and layer.qweight is emb.qweight):
-            tied_head = True  # written once, as the token embedding, which llama.cpp then uses as output
+            # written once, as the token embedding, which llama.cpp then uses as output
+            report.notes.append("output layer tied to the token embedding: written once, as token_embd")
             continue
         leaf = lname.rpartition(".")[2]
         rows = _qk_rows(layer.out_features, heads[leaf]) if permute and leaf in heads else None
+        done = fill(lname)
         tensor = _layer_tensor(gname, lname, layer, rows, fkind, requant_type, report)
         if gname.endswith("ffn_gate_inp_shexp.weight") and tensor.data.shape[0] == 1:  # llama.cpp's is a vector
-            tensor = _Tensor(tensor.name, tensor.kind, tensor.data.reshape(-1), tensor.expect.reshape(-1), tensor.exact)
-        out.append(tensor)
+            tensor = _Tensor(tensor.name, tensor.kind, tensor.data.reshape(-1),
+                             None if tensor.expect is None else tensor.expect.reshape(-1), tensor.exact)
+        bias = None
         if getattr(layer, "bias", None) is not None:
             b = layer.bias.detach().float()
             b = (b[rows] if rows is not None else b).numpy()
-            out.append(_Tensor(gname[: -len(".weight")] + ".bias", "F32", b, b))
+            bias = _Tensor(gname[: -len(".weight")] + ".bias", "F32", b, b)
+        done()
+        yield tensor
+        if bias is not None:
+            yield bias
     seen: set[int] = set()
     for key, t in state.items():
-        if key in handled or not t.numel() or t.data_ptr() in seen:
-            continue  # a layer's (above), or a tied tensor already written
-        seen.add(t.data_ptr())
+        # a layer's (above), or a tied tensor already written (on the meta device, tied tensors are one object)
+        ident = id(t) if t.is_meta else t.data_ptr()
+        if key in handled or not t.numel() or ident in seen:
+            continue
+        seen.add(ident)
+        if not key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                if not key.endswith("rotary_emb.inv_freq"):  # llama.cpp computes it from the config
+                    unnamed.append(key)
+                continue
+        owner, _, leaf = key.rpartition(".")
+        done = fill(owner)
+        v = getattr(module.get_submodule(owner), leaf).detach().float()
         if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):  # experts kept fused, in full precision
-            out.extend(_fused_experts_tensors(key, t.detach().float(), names, fkind, report, unnamed))
-            continue
-        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            if not key.endswith("rotary_emb.inv_freq"):  # llama.cpp computes it from the config
-                unnamed.append(key)
-            continue
-        v = t.detach().float()
-        # norms, and the routers a mixture's every choice of experts depends on: F32
-        out.append(_float_tensor(gname, v, "F32" if v.dim() == 1 or ROUTER in gname else fkind, report))
+            made = _fused_experts_tensors(key, v, names, fkind, report, unnamed)
+        else:  # norms, and the routers a mixture's every choice of experts depends on: F32
+            made = [_float_tensor(gname, v, "F32" if v.dim() == 1 or ROUTER in gname else fkind, report)]
+        del v
+        done()
+        yield from made
     if unnamed:
         raise ShrinkError(f"no GGUF name for {', '.join(unnamed[:4])}" + (f" ... ({len(unnamed)} in all)"
                           if len(unnamed) > 4 else "") + f" in gguf-py's tensor map of {type(module).__name__}")
-    for t in out:
-        report.tensors[t.kind] = report.tensors.get(t.kind, 0) + 1
-    if report.f16_change > 0:
-        report.notes.append(f"embeddings and full-precision layers written as F16 (largest change "
-                            f"{report.f16_change:.2g}); float_type f32 keeps them exact")
-    if tied_head:
-        report.notes.append("output layer tied to the token embedding: written once, as token_embd")
-    return out
 
 
 ROUTER = "ffn_gate_inp"  # (and ffn_gate_inp_shexp): written F32, as llama.cpp's converter does
@@ -318,17 +447,22 @@ def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requ
         if len(kinds) != 1:
             raise ShrinkError(f"{lname}: the experts' {proj} layers are of several GGUF types ({', '.join(sorted(kinds))}); "
                               "GGUF stacks a projection's experts in one tensor of one type")
-        out.append(_Tensor(gname, kinds.pop(), np.stack([t.data for t in tensors]), np.stack([t.expect for t in tensors]),
+        expect = None if any(t.expect is None for t in tensors) else np.stack([t.expect for t in tensors])
+        out.append(_Tensor(gname, kinds.pop(), np.stack([t.data for t in tensors]), expect,
                            exact=all(t.exact for t in tensors)))
     return out
 
 
 def _float_tensor(gname: str, w: torch.Tensor, kind: str, report: ExportReport) -> _Tensor:
-    """A float32 tensor written as F16 or F32 (the rounding to F16 is asked for, and reported)."""
+    """A float32 tensor written as F16 or F32 (the rounding to F16 is asked for, and reported; measured a
+    slab of rows at a time, so a large vocabulary's table is not copied whole in float32 twice over)."""
     data = w.numpy().astype(np.float16 if kind == "F16" else np.float32)
     if kind == "F16":
-        report.f16_change = max(report.f16_change, float(np.abs(data.astype(np.float32) - w.numpy()).max()))
-    return _Tensor(gname, kind, data, data.astype(np.float32))
+        flat, back = w.reshape(-1).numpy(), data.reshape(-1)
+        for i in range(0, flat.size, 1 << 22):
+            change = np.abs(back[i:i + (1 << 22)].astype(np.float32) - flat[i:i + (1 << 22)]).max(initial=0.0)
+            report.f16_change = max(report.f16_change, float(change))
+    return _Tensor(gname, kind, data, None)
 
 
 def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, requant_type,
@@ -472,6 +606,20 @@ def _file_type(counts: dict[str, int]) -> int:
             "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(main, gguf.LlamaFileType.ALL_F32)
 
 
+def _check_values(t: _Tensor, data: np.ndarray, path: Path, report: ExportReport) -> None:
+    """`data` (t's GGUF blocks or floats, as written or read back) must dequantize to the values the model
+    computes with: exactly, but for Q4_1 offsets rounded to fp16 and re-quantized layers (measured)."""
+    import gguf
+
+    expect = t.expected()
+    values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[t.kind]).reshape(expect.shape)
+    err = float(np.abs(values.astype(np.float32) - expect).max()) if expect.size else 0.0
+    report.max_error[t.kind] = max(report.max_error.get(t.kind, 0.0), err)
+    if err > 0 and t.exact:
+        raise ShrinkError(f"{path}: tensor {t.name} ({t.kind}) reads back different from the model "
+                          f"(largest difference {err:.3g}); nothing was written")
+
+
 def _verify(path: Path, tensors: list[_Tensor], report: ExportReport) -> None:
     """Read the file back: every tensor present, of its type and shape, and dequantizing to the values the
     model computes with (exactly, but for Q4_1 offsets rounded to fp16 and re-quantized layers)."""
@@ -483,12 +631,7 @@ def _verify(path: Path, tensors: list[_Tensor], report: ExportReport) -> None:
         got = found.get(t.name)
         if got is None or got.tensor_type.name != t.kind:
             raise ShrinkError(f"{path}: tensor {t.name} did not read back as {t.kind}")
-        values = gguf.quants.dequantize(got.data, got.tensor_type).reshape(t.expect.shape)
-        err = float(np.abs(values.astype(np.float32) - t.expect).max()) if t.expect.size else 0.0
-        report.max_error[t.kind] = max(report.max_error.get(t.kind, 0.0), err)
-        if err > 0 and t.exact:
-            raise ShrinkError(f"{path}: tensor {t.name} ({t.kind}) reads back different from the model "
-                              f"(largest difference {err:.3g}); nothing was written")
+        _check_values(t, got.data, path, report)
     extra = set(found) - {t.name for t in tensors}
     if extra:
         raise ShrinkError(f"{path}: unexpected tensors {sorted(extra)[:4]}")

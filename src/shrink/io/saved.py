@@ -255,6 +255,91 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
                 "pass an instance of its architecture: shrink.load(dir, model=MyModel())"
             )
         model = build_skeleton(directory, manifest.get("architecture"), nbytes=_loaded_bytes(manifest, checkpoint))
+    _quantized_modules(directory, manifest, model, backend)
+    _check_state_shapes(model, header, weights)
+    state = checkpoint.read(list(header))
+    tied = {n: i["tied_to"] for n, i in manifest["modules"].items() if i.get("tied_to")}
+    for head, table in tied.items():  # stored once, under the table's name
+        for k in model.get_submodule(table).state_dict():
+            if f"{table}.{k}" in state:
+                state[f"{head}.{k}"] = state[f"{table}.{k}"]
+    if layout(manifest) == "pack-quantized":
+        _to_shrink(state, manifest, weights)
+    _load_state(model, state, weights)
+    for head, table in tied.items():
+        share_buffers(model.get_submodule(head), model.get_submodule(table))
+    record = record_from_manifest(manifest)  # as quantize made it, kept by a later save
+    update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
+                  check=record.check, source=record.source, fallbacks=record.fallbacks)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ShrinkError(f"{weights}: {len(empty)} tensors of the model were not filled from the file "
+                          f"({', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''})")
+    release_freed_memory()
+    model.eval()
+    return model
+
+
+def open_folder(directory: str | Path) -> tuple[nn.Module, dict, Checkpoint]:
+    """A Hugging Face model's shrink folder, checked as `load` checks it, as (the model with its quantized
+    layers in place and every tensor on the meta device, its manifest, its weights), for work that takes
+    the model a module at a time (`fill_module`, then `shards.release`) instead of loading it whole."""
+    directory = Path(directory)
+    manifest, checkpoint = _checked(directory)
+    if manifest["kind"] != "transformers":
+        raise ShrinkError(f"{directory} holds a plain PyTorch model ({manifest.get('architecture')}), which only "
+                          "shrink.load(dir, model=...) can rebuild")
+    largest = max((checkpoint.nbytes([k]) for k in checkpoint.tensors), default=0)
+    model = build_skeleton(directory, manifest.get("architecture"), nbytes=2 * largest)
+    _quantized_modules(directory, manifest, model, None)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # an output layer tied to its table is the table's tensor (stored once)
+    _check_state_shapes(model, checkpoint.header, checkpoint.where)
+    record = record_from_manifest(manifest)
+    update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
+                  check=record.check, source=record.source, fallbacks=record.fallbacks)
+    return model.eval(), manifest, checkpoint
+
+
+def fill_module(model: nn.Module, name: str, manifest: dict, checkpoint: Checkpoint) -> None:
+    """Give the module `name` of an `open_folder` model its tensors from the folder's weights, as `load`
+    gives them (pack-quantized layers in shrink's layout, float tensors stored in bf16/fp16 in float32, an
+    output layer tied to its table read under the table's name). ShrinkError naming the file and tensor
+    when they do not match the module."""
+    module = model.get_submodule(name)
+    source = manifest["modules"].get(name, {}).get("tied_to") or name
+    keys = [k for k in checkpoint.tensors if k.startswith(source + ".")]
+    state = {name + k[len(source):]: t for k, t in checkpoint.read(keys).items()}
+    if layout(manifest) == "pack-quantized":
+        _to_shrink(state, manifest, checkpoint.where, under=name)
+    own = module.state_dict()
+    rel = {k[len(name) + 1:]: t for k, t in state.items()}
+    for k, t in rel.items():
+        if k in own and own[k].dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16):
+            rel[k] = t.float()
+    bad = sorted(set(own) ^ set(rel)) or [k for k in own if (own[k].shape, own[k].dtype) != (rel[k].shape, rel[k].dtype)]
+    if bad:
+        raise ShrinkError(f"{checkpoint.where}: tensor {name}.{bad[0]} does not match the model (missing, unexpected, "
+                          "or of another shape or dtype)")
+    module.load_state_dict(rel, strict=True, assign=True)
+
+
+def _to_shrink(state: dict, manifest: dict, weights: Path, under: str | None = None) -> None:
+    """Pack-quantized layers' tensors in `state` into shrink's layout, in place (those of module `under` and
+    its submodules, or all)."""
+    for name, info in manifest["modules"].items():
+        if under is not None and name != under and not name.startswith(under + "."):
+            continue
+        spec = parse_format(info["format"])
+        if not spec.cast:
+            try:
+                packformat.to_shrink(state, name, spec, info["in_features"], info["out_features"])
+            except (ValueError, RuntimeError, KeyError) as e:
+                raise ShrinkError(f"{weights}: module {name!r}: {e}") from None
+
+
+def _quantized_modules(directory: Path, manifest: dict, model: nn.Module, backend) -> None:
+    """Put the manifest's quantized modules in place in `model` (their tensors on the meta device)."""
     missing = [n for n in manifest["modules"] if not _has_module(model, n)]
     if missing:  # a mixture's experts saved one Linear layer per expert: the fused modules become that first
         unfuse_experts(model, {n for n, _ in fused_experts(model) if any(m.startswith(n + ".") for m in missing)})
@@ -280,34 +365,6 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
             set_submodule(model, name, new)
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
-    _check_state_shapes(model, header, weights)
-    state = checkpoint.read(list(header))
-    tied = {n: i["tied_to"] for n, i in manifest["modules"].items() if i.get("tied_to")}
-    for head, table in tied.items():  # stored once, under the table's name
-        for k in model.get_submodule(table).state_dict():
-            if f"{table}.{k}" in state:
-                state[f"{head}.{k}"] = state[f"{table}.{k}"]
-    if layout(manifest) == "pack-quantized":
-        for name, info in manifest["modules"].items():
-            spec = parse_format(info["format"])
-            if not spec.cast:
-                try:
-                    packformat.to_shrink(state, name, spec, info["in_features"], info["out_features"])
-                except (ValueError, RuntimeError) as e:
-                    raise ShrinkError(f"{weights}: module {name!r}: {e}") from None
-    _load_state(model, state, weights)
-    for head, table in tied.items():
-        share_buffers(model.get_submodule(head), model.get_submodule(table))
-    record = record_from_manifest(manifest)  # as quantize made it, kept by a later save
-    update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
-                  check=record.check, source=record.source, fallbacks=record.fallbacks)
-    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if empty:
-        raise ShrinkError(f"{weights}: {len(empty)} tensors of the model were not filled from the file "
-                          f"({', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''})")
-    release_freed_memory()
-    model.eval()
-    return model
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
