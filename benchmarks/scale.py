@@ -11,7 +11,8 @@ other, a peer right after shrink's job on the same weights):
   bf16 GGUF file (where `../shared/tools/build-llama-cpp.sh` built it; Llama shapes);
 - `gptq`: `--method gptq` on 16 windows of 256 tokens (time per block; the Hessians' and forward passes'
   share grows with the tokens, the solve does not);
-- `load`: `shrink.load` of the RTN output and one forward step of 4 tokens.
+- `load`: `shrink.load` of the RTN output and one forward step of 4 tokens;
+- `export`: `shrink export` of the RTN output to a GGUF file (Q4_0, read a module at a time).
 A job shrink refuses up front (it would not fit in memory) is reported as refused with its one line.
 
     .venv/bin/python benchmarks/scale.py [--shapes 1b,8b] [--jobs rtn,llama-quantize,gptq,load]
@@ -208,7 +209,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="1b", help=f"comma-separated, of {', '.join(SHAPES)} (default 1b)")
     ap.add_argument("--jobs", default="rtn,llama-quantize,load",
-                    help="comma-separated, of rtn, llama-quantize, gptq, load (default rtn,llama-quantize,load)")
+                    help="comma-separated, of rtn, llama-quantize, gptq, load, export (default rtn,llama-quantize,load)")
     ap.add_argument("--work", default="/tmp/shrink-scale", help="where the models and outputs go (default /tmp/shrink-scale)")
     ap.add_argument("--out", default="benchmarks/results/scale.json")
     args = ap.parse_args(argv)
@@ -223,6 +224,7 @@ def main(argv=None):
         blocks = SHAPES[shape][1]["num_hidden_layers"]
         r = rows[shape] = {"model": made, "blocks": blocks}
         out = Path(args.work) / f"{shape}-int4-g64"
+        give_tokenizer(folder)  # random weights come with no tokenizer: the output and its GGUF file need one
         if "rtn" in jobs:
             r["shrink rtn int4-g64"] = measured([shrink_cli, "quantize", str(folder), "--format", "int4-g64",
                                                  "--out", str(out), "--force"])
@@ -233,7 +235,6 @@ def main(argv=None):
             r["llama-quantize Q4_0"] = measured([str(tool), str(gguf_path), str(Path(args.work) / f"{shape}-q4_0.gguf"),
                                                  "Q4_0"])
         if "gptq" in jobs:
-            give_tokenizer(folder)
             text = calibration_text(Path(args.work) / "calibration.txt")
             job = measured([shrink_cli, "quantize", str(folder), "--format", "int4-g64", "--method", "gptq",
                             "--calibration", str(text), "--samples", "16", "--seq-len", "256",
@@ -242,6 +243,9 @@ def main(argv=None):
             r["shrink gptq int4-g64 16x256"] = job
         if "load" in jobs and (out / "shrink.json").is_file():
             r["shrink load + one step"] = measured([sys.executable, "-c", LOAD_AND_STEP, str(out)])
+        if "export" in jobs and (out / "shrink.json").is_file():
+            r["shrink export --gguf (streamed)"] = measured([shrink_cli, "export", str(out), "--gguf",
+                                                            str(Path(args.work) / f"{shape}-int4-g64.gguf"), "--force"])
     t = Table(title="shrink on random-weight models of real shapes (bf16 shards): wall time and peak resident memory "
                     "(the kernel's count for the job's process); 2 threads")
     for c in ("shape", "parameters", "bf16 GB", "job", "exit", "wall s", "s/block", "peak RSS GB", "note"):

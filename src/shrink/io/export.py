@@ -193,6 +193,7 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, so
     written: dict[str, tuple] = {}  # name -> (type, shape, sha256 of its bytes)
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
+        _metadata(writer, config, tokenizer, src, report)
         bar = tqdm(desc="export", unit="tensor", total=len(module.state_dict()), disable=None)
         for t in _each_tensor(module, config, names, float_type, requant_type, permute, report, fill=fill):
             if t.expect is not None:  # quantized blocks: they must be the model's values (floats are as given)
@@ -206,7 +207,7 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, so
         if report.f16_change > 0:
             report.notes.append(f"embeddings and full-precision layers written as F16 (largest change "
                                 f"{report.f16_change:.2g}); float_type f32 keeps them exact")
-        _finish(writer, config, tokenizer, src, report)
+        _finish(writer, report)
         _verify_bytes(tmp, path, written)
         if tokenizer is not None:
             _verify_tokens(tmp, path, tokenizer, report)
@@ -245,13 +246,17 @@ def _verify_bytes(tmp: Path, path: Path, written: dict[str, tuple]) -> None:
                                   "nothing was written")
 
 
-def _finish(writer, config, tokenizer, src: Path | None, report: ExportReport) -> None:
-    """Metadata and tokenizer, file type, then the header and the tensors added to `writer`."""
-    import gguf
-
+def _metadata(writer, config, tokenizer, src: Path | None, report: ExportReport) -> None:
+    """Metadata and tokenizer (first: a model without a tokenizer is refused before any tensor is made)."""
     report.metadata_from, notes = write_metadata(writer, config, tokenizer, src)
     report.notes.extend(notes)
     writer.add_string(EXPORTED_BY, f"shrink {VERSION}")  # the mark that lets --force replace it later
+
+
+def _finish(writer, report: ExportReport) -> None:
+    """The file type, then the header and the tensors added to `writer`."""
+    import gguf
+
     writer.add_file_type(_file_type(report.tensors))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.write_header_to_file()
@@ -265,9 +270,10 @@ def _write(path: Path, arch: str, tensors: list, config, tokenizer, src: Path | 
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
+    _metadata(writer, config, tokenizer, src, report)
     for t in tensors:
         writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
-    _finish(writer, config, tokenizer, src, report)
+    _finish(writer, report)
 
 
 def _requant_type(requantize: str | None):
