@@ -48,7 +48,9 @@ SHAPES = {
     "8b-2": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                            tie_word_embeddings=False, rope_theta=500000.0)),
-    "moe": ("mixtral", dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=12,
+    # Mixtral's widths, with the built-in tokenizer's 49,152 tokens (Mixtral's 32,000 are fewer: its GGUF
+    # export would refuse the tokenizer these random weights are given)
+    "moe": ("mixtral", dict(vocab_size=49152, hidden_size=1024, intermediate_size=3584, num_hidden_layers=12,
                             num_attention_heads=16, num_key_value_heads=8, num_local_experts=8,
                             num_experts_per_tok=2, max_position_embeddings=32768, tie_word_embeddings=False)),
 }

@@ -54,28 +54,26 @@ def compare_command(original, compressed, task, out, tolerance, relative, scorer
     Prints the verdict (within tolerance, or past the sweet spot and why), scores per slice
     (tags, difficulty from the original's confidence, input length) with bootstrap intervals and
     McNemar's test on flips, and for language models the KL divergence of next-token distributions.
+    One model is in memory at a time: the original runs first, its outcomes kept in OUT/original-outcomes
+    (a later --force run into OUT with the same original, task and options reuses them).
     """
     from contextlib import nullcontext
 
     from ..core.outdir import claim
-    from ..entrypoints.compare import OUT_NAMES, compare
+    from ..entrypoints.compare import ORIGINAL_OUTCOMES, OUT_NAMES, compare
     from ..evaluate import load_task
     from ..evaluate.paired import check_options
 
     tk = load_task(task)  # fail on a bad task or options before loading models
     check_options(tk, tolerance, scorer)
-    with claim(out, "compare", OUT_NAMES, force=force) if out is not None else nullcontext():
-        with console.status("loading models"):
-            from ..io import read_model
+    if runtime == "llama.cpp":
+        from ..core.peers import llama_cpp_missing
 
-            if runtime == "llama.cpp":
-                from ..core.peers import llama_cpp_missing
-
-                if llama_cpp_missing():
-                    raise ShrinkError(llama_cpp_missing())
-            a = read_model(original)
-            b = read_model(compressed) if runtime == "shrink" else compressed
-        result = compare(a, b, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
+        if llama_cpp_missing():
+            raise ShrinkError(llama_cpp_missing())
+    with claim(out, "compare", OUT_NAMES, force=force, keep=(ORIGINAL_OUTCOMES,)) if out is not None else nullcontext():
+        # by name: the original runs alone, then the compressed model (one in memory at a time)
+        result = compare(original, compressed, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
                              max_new_tokens=max_new_tokens, chat_template=chat_template, runtime=runtime, batch_size=batch_size,
                              names=(Path(original).name, Path(compressed).name), force=force)
     _print_comparison(result)

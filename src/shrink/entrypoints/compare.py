@@ -17,7 +17,7 @@ from ..core.outdir import claim
 from ..evaluate import Comparison, compare_models, load_task
 from ..evaluate.llamacpp import RUNTIMES
 from ..io import resolve
-from ..io.models import DEFAULT_NAMES
+from ..io.models import DEFAULT_NAMES, check_model_path
 
 ORIGINAL_OUTCOMES = "original-outcomes"  # the original's outcomes on the task, reused by a later comparison
 OUT_NAMES = ("results.json", "report.md", "report.html", ORIGINAL_OUTCOMES)  # what a comparison writes in its folder
@@ -52,6 +52,9 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
     with claim(out, "compare", OUT_NAMES, force=force, keep=(ORIGINAL_OUTCOMES,)) if out is not None else nullcontext(), \
             (nullcontext(out) if out is not None else tempfile.TemporaryDirectory(prefix="shrink-compare-")) as where:
         if isinstance(original, (str, os.PathLike)):
+            for spec in (original, compressed):
+                if isinstance(spec, (str, os.PathLike)):
+                    check_model_path(spec)  # before the original runs, not after
             task = load_task(task)
             _check_before_running(task, options)
             a, tok_a, name_a, options["cache"] = _original_alone(original, task, tokenizer, Path(where), out is not None,

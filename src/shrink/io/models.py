@@ -65,12 +65,22 @@ def read_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     return loaded
 
 
+def check_model_path(spec: str | os.PathLike | None) -> None:
+    """ShrinkError, before any work, when `spec` names no model `read_model` could read: a path that is not
+    there, or a folder that asks to run its own code (the model itself is checked as it is loaded)."""
+    if spec is None or str(spec).lower() in DEFAULT_NAMES:
+        return
+    path = Path(spec)
+    if not path.exists():
+        raise ShrinkError(f"{spec}: no such file or folder (expected a .gguf file, a model folder, or 'default')")
+    refuse_custom_code(path if path.is_dir() else path.parent)
+
+
 def _load_model(spec: str | os.PathLike | None) -> LoadedModel:
     if spec is None or str(spec).lower() in DEFAULT_NAMES:
         return load_default()
+    check_model_path(spec)
     path = Path(spec)
-    if not path.exists():
-        raise ShrinkError(f"{path}: no such file or folder (expected a .gguf file, a model folder, or 'default')")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ShrinkError(f"{path}: unsupported model file (expected .gguf, or a folder with config.json)")
