@@ -475,7 +475,8 @@ def test_an_original_named_by_path_runs_alone_and_its_stored_outcomes_are_reused
     loaded = []
     real = entry.resolve
     monkeypatch.setattr(entry, "resolve", lambda spec, tok=None: loaded.append(str(spec)) or real(spec, tok))
-    alone = shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", batch_size=4, progress=False)
+    alone = shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", batch_size=4, progress=False,
+                           one_at_a_time=True)
     assert loaded == [str(tmp_path / "orig"), str(tmp_path / "q")]
     stored = json.loads((tmp_path / "cmp" / "original-outcomes" / "outcomes.json").read_text())
     assert sorted(stored["examples"]) == sorted(x["id"] for x in lines)
@@ -496,12 +497,17 @@ def test_an_original_named_by_path_runs_alone_and_its_stored_outcomes_are_reused
     same(again, together)
     # other options, or another task: the original runs again
     loaded.clear()
-    shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", force=True, batch_size=2, progress=False)
+    shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp", force=True, batch_size=2, progress=False,
+                   one_at_a_time=True)
     assert loaded[0] == str(tmp_path / "orig")
     loaded.clear()
-    shrink.compare(tmp_path / "orig", tmp_path / "q", _write(tmp_path, lines[:-1]), out=tmp_path / "cmp", force=True,
-                   batch_size=2, progress=False)
+    shrink.compare(tmp_path / "orig", tmp_path / "q", _write(tmp_path, lines[:-1], "fewer.jsonl"), out=tmp_path / "cmp", force=True,
+                   batch_size=2, progress=False, one_at_a_time=True)
     assert loaded[0] == str(tmp_path / "orig")
+    # models that fit in memory together run together by default: nothing is stored
+    plain = shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp2", batch_size=4, progress=False)
+    same(plain, together)
+    assert not (tmp_path / "cmp2" / "original-outcomes").exists()
     # bad options are refused before the original runs
     loaded.clear()
     with pytest.raises(ShrinkError, match="batch_size"):
@@ -529,3 +535,5 @@ def test_a_bf16_original_too_large_in_float32_is_compared_as_stored(tmp_path, to
     assert c.errors == 0 and math.isfinite(c.divergence["kl"]["mean"])
     assert 2 * weights <= c.original["bytes"] < 2.1 * weights  # its weights held in bf16 (and a float32 buffer)
     assert c.divergence["top1_agreement"] > 0.5  # int8 of the same weights: mostly the same next tokens
+    assert (tmp_path / "cmp" / "original-outcomes" / "outcomes.json").is_file()  # too large together: one at a time
+    assert "the original runs alone first" in capsys.readouterr().err

@@ -42,11 +42,15 @@ from .common import FORCE, Number, console, default_of, main
 @click.option("--runtime", type=click.Choice(["shrink", "llama.cpp"]), default="shrink", show_default=True,
               help="What runs COMPRESSED: shrink's own model, or llama.cpp running a .gguf file (needs "
                    "llama-cpp-python: bash scripts/setup.sh --llama-cpp), so the verdict is on what llama.cpp computes.")
+@click.option("--one-at-a-time", "one_at_a_time", flag_value=True, default=None,
+              help="Run the original alone first, keep its outcomes in OUT/original-outcomes (reused by a later "
+                   "--force run with the same original, task and options) and let it go before loading the "
+                   "compressed model. Default: when the two would not fit in memory together.")
 @FORCE
 
 
 def compare_command(original, compressed, task, out, tolerance, relative, scorer, max_new_tokens, chat_template, batch_size,
-            strict, runtime, force):
+            strict, runtime, one_at_a_time, force):
     """Compare COMPRESSED against ORIGINAL on a task, example by example.
 
     Each model may be "default", a .gguf file, a Hugging Face folder or a folder saved by shrink; with
@@ -54,8 +58,9 @@ def compare_command(original, compressed, task, out, tolerance, relative, scorer
     Prints the verdict (within tolerance, or past the sweet spot and why), scores per slice
     (tags, difficulty from the original's confidence, input length) with bootstrap intervals and
     McNemar's test on flips, and for language models the KL divergence of next-token distributions.
-    One model is in memory at a time: the original runs first, its outcomes kept in OUT/original-outcomes
-    (a later --force run into OUT with the same original, task and options reuses them).
+    Models too large to hold together are run one at a time (--one-at-a-time): the original first, its
+    outcomes kept in OUT/original-outcomes (a later --force run into OUT with the same original, task and
+    options reuses them).
     """
     from contextlib import nullcontext
 
@@ -72,8 +77,8 @@ def compare_command(original, compressed, task, out, tolerance, relative, scorer
         if llama_cpp_missing():
             raise ShrinkError(llama_cpp_missing())
     with claim(out, "compare", OUT_NAMES, force=force, keep=(ORIGINAL_OUTCOMES,)) if out is not None else nullcontext():
-        # by name: the original runs alone, then the compressed model (one in memory at a time)
-        result = compare(original, compressed, tk, out=out, tolerance=tolerance, relative=relative, scorer=scorer,
+        # by name: models too large to hold together are run one at a time
+        result = compare(original, compressed, tk, out=out, one_at_a_time=one_at_a_time, tolerance=tolerance, relative=relative, scorer=scorer,
                              max_new_tokens=max_new_tokens, chat_template=chat_template, runtime=runtime, batch_size=batch_size,
                              names=(Path(original).name, Path(compressed).name), force=force)
     _print_comparison(result)

@@ -24,7 +24,7 @@ OUT_NAMES = ("results.json", "report.md", "report.html", ORIGINAL_OUTCOMES)  # w
 
 
 def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.PathLike | None = None,
-            force: bool = False, runtime: str = "shrink", **options) -> Comparison:
+            force: bool = False, runtime: str = "shrink", one_at_a_time: bool | None = None, **options) -> Comparison:
     """Compare `compressed` against `original` on `task`, example by example, and return the Comparison.
 
     original, compressed: a module, a LoadedModel, or a name/path for `shrink.io.read_model` ("default",
@@ -38,10 +38,11 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
     (default: shrink's own PyTorch model) or "llama.cpp" (a .gguf file run by llama.cpp, so the verdict
     is on what llama.cpp computes; needs llama-cpp-python).
 
-    An original given by name or path runs alone first, its outcomes kept in `out`/original-outcomes
-    (a temporary folder without `out`) and let go before the compressed model is loaded: one model is in
-    memory at a time. A later comparison into the same folder (force=True) with the same original (its
-    files unchanged), task and options reuses them without loading the original.
+    one_at_a_time: with both models given by name or path, run the original alone first, keep its
+    outcomes in `out`/original-outcomes (a temporary folder without `out`) and let it go before the
+    compressed model is loaded (default None: when the two, loaded, would not fit in memory together).
+    A later comparison into the same folder (force=True) with the same original (its files unchanged),
+    task and options reuses stored outcomes without loading the original, whatever this says.
     """
     if runtime not in RUNTIMES:
         raise ShrinkError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
@@ -51,14 +52,16 @@ def compare(original, compressed, task=None, *, tokenizer=None, out: str | os.Pa
         options["tolerance"] = options.pop("max_drop")
     with claim(out, "compare", OUT_NAMES, force=force, keep=(ORIGINAL_OUTCOMES,)) if out is not None else nullcontext(), \
             (nullcontext(out) if out is not None else tempfile.TemporaryDirectory(prefix="shrink-compare-")) as where:
-        if isinstance(original, (str, os.PathLike)):
+        stored = None
+        if isinstance(original, (str, os.PathLike)) and isinstance(compressed, (str, os.PathLike)):
             for spec in (original, compressed):
-                if isinstance(spec, (str, os.PathLike)):
-                    check_model_path(spec)  # before the original runs, not after
+                check_model_path(spec)  # before the original runs, not after
             task = load_task(task)
             _check_before_running(task, options)
-            a, tok_a, name_a, options["cache"] = _original_alone(original, task, tokenizer, Path(where), out is not None,
-                                                                 options)
+            stored = _original_alone(original, compressed, task, tokenizer, Path(where), out is not None,
+                                     one_at_a_time, options)
+        if stored is not None:
+            a, tok_a, name_a, options["cache"] = stored
         else:
             a, tok_a, name_a = resolve(original, tokenizer)
         if runtime == "llama.cpp":
@@ -96,15 +99,17 @@ def _check_before_running(task, options: dict) -> None:
     options["warn_small"] = False
 
 
-def _original_alone(original, task, tokenizer, where: Path, reuse: bool, options: dict):
+def _original_alone(original, compressed, task, tokenizer, where: Path, reuse: bool, one_at_a_time: bool | None,
+                    options: dict):
     """(stand-in adapter, tokenizer, name, stored outcomes) of the original named by `original`: its outcomes
     on `task` read from `where`/original-outcomes when they were stored for this model, task and options
-    (`reuse`), else computed with the model loaded alone, stored there, and the model let go."""
+    (`reuse`), else, when one model at a time is asked for or needed, computed with the model loaded alone,
+    stored there, and the model let go. None: the two models are to be run together."""
     import gc
 
-    from ..core.memory import release_freed_memory
+    from ..core.memory import available_memory, release_freed_memory
     from ..evaluate import StoredOutcomes, store_original
-    from ..io.models import read_tokenizer
+    from ..io.models import loaded_size, read_tokenizer
 
     run = {k: options[k] for k in ("scorer", "chat_template", "max_new_tokens", "batch_size") if k in options}
     key = _outcomes_key(original, task, tokenizer, run)
@@ -114,6 +119,15 @@ def _original_alone(original, task, tokenizer, where: Path, reuse: bool, options
         print(f"note: the original's outcomes on this task are those stored in {folder} (its files, the task and the "
               "options are unchanged); the original is not run again (delete that folder to run it)", file=sys.stderr)
         return stored.adapter(), tokenizer or read_tokenizer(original), str(original), stored
+    if one_at_a_time is None:
+        need, avail = loaded_size(original) + loaded_size(compressed), available_memory()
+        one_at_a_time = avail is not None and need > 0.8 * avail
+        if one_at_a_time:
+            print(f"note: the two models need about {need / 1e9:.1f} GB loaded together, more than the "
+                  f"{avail / 1e9:.1f} GB available allows: the original runs alone first, its outcomes kept in {folder} "
+                  "(its log-probabilities take positions x vocabulary x 4 bytes of disk)", file=sys.stderr)
+    if not one_at_a_time:
+        return None
     model, tok, name = resolve(original, tokenizer)
     stored = store_original(model, task, folder, key, tokenizer=tok, progress=options.get("progress"), **run)
     del model

@@ -76,6 +76,29 @@ def check_model_path(spec: str | os.PathLike | None) -> None:
     refuse_custom_code(path if path.is_dir() else path.parent)
 
 
+def loaded_size(spec: str | os.PathLike | None) -> int:
+    """About how many bytes `read_model(spec)` holds once loaded, from the files alone (nothing is loaded):
+    a Hugging Face folder's weights in float32, a shrink folder's as `shrink.load` holds them, a GGUF
+    file's dequantized to float32 (at most 8 bytes per byte of the file); 0 where it cannot tell."""
+    from .manifest import read_manifest, weights_file
+    from .shards import DTYPES
+
+    path = default_gguf_path() if spec is None or str(spec).lower() in DEFAULT_NAMES else Path(spec)
+    try:
+        if path.is_file():
+            return 8 * path.stat().st_size
+        if saved.is_shrink_folder(path):
+            manifest = read_manifest(path)
+            return saved._loaded_bytes(manifest, Checkpoint(path, weights_file(manifest)))
+        if any(path.glob("*.safetensors")):
+            c = Checkpoint(path)
+            return sum(c.nbytes([k]) * (4 // DTYPES[t.dtype].itemsize if t.dtype in ("BF16", "F16") else 1)
+                       for k, t in c.tensors.items())
+    except (ShrinkError, OSError):
+        pass
+    return 0
+
+
 def _load_model(spec: str | os.PathLike | None) -> LoadedModel:
     if spec is None or str(spec).lower() in DEFAULT_NAMES:
         return load_default()
