@@ -504,6 +504,22 @@ def test_an_original_named_by_path_runs_alone_and_its_stored_outcomes_are_reused
     shrink.compare(tmp_path / "orig", tmp_path / "q", _write(tmp_path, lines[:-1], "fewer.jsonl"), out=tmp_path / "cmp", force=True,
                    batch_size=2, progress=False, one_at_a_time=True)
     assert loaded[0] == str(tmp_path / "orig")
+    # a stored batch gone: the comparison names the file and says how to run the original again
+    batch = next((tmp_path / "cmp" / "original-outcomes").glob("batch-*.safetensors"))
+    batch.unlink()
+    with pytest.raises(ShrinkError, match=rf"{batch.name}: the original's stored outcomes cannot be read .* delete"):
+        shrink.compare(tmp_path / "orig", tmp_path / "q", _write(tmp_path, lines[:-1], "fewer.jsonl"),
+                       out=tmp_path / "cmp", force=True, batch_size=2, progress=False)
+    # a disk that fills while they are written: one line, nothing of them kept
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as mp:
+        mp.setattr("shrink.evaluate.stored.save_file", full)
+        with pytest.raises(ShrinkError, match="cannot write the original's outcomes \\(No space left on device\\)"):
+            shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp3", progress=False,
+                           one_at_a_time=True)
+    assert not list((tmp_path / "cmp3").glob("*original*"))
     # models that fit in memory together run together by default: nothing is stored
     plain = shrink.compare(tmp_path / "orig", tmp_path / "q", task, out=tmp_path / "cmp2", batch_size=4, progress=False)
     same(plain, together)

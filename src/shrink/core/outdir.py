@@ -229,7 +229,7 @@ def claim(path: str | os.PathLike, command: str, names: Iterable[str] = (), *, f
             _held.pop(key, None)
             if not ok and created and path.is_dir() and [p.name for p in path.iterdir()] == [MARK]:
                 shutil.rmtree(path, ignore_errors=True)  # nothing was written: leave nothing behind
-            elif not ok and marked and not created:
+            elif not ok and marked and not created and not fresh:
                 # a resume of a folder without a marker that failed: it is not known to be shrink's
                 (path / MARK).unlink(missing_ok=True)
     finally:

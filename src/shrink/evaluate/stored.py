@@ -130,8 +130,12 @@ def run_original(adapter: Adapter, task: Task, folder: str | Path, key: str, bat
     examples)` gives each batch's (Outcome or exception, seconds)), writing each batch's outcomes to `folder`
     as they come (into a temporary folder that becomes `folder` when complete), with the model's size
     (`size_bytes`, as the comparison reports it); the stored outcomes."""
-    with atomic_dir(folder) as tmp:  # whole or not at all; sealed, so a later run knows it is shrink's
-        return _write(adapter, task, Path(folder), tmp, key, batches, run, size_bytes, progress)
+    try:
+        with atomic_dir(folder) as tmp:  # whole or not at all; sealed, so a later run knows it is shrink's
+            return _write(adapter, task, Path(folder), tmp, key, batches, run, size_bytes, progress)
+    except OSError as e:  # a full disk, most likely: the log-probabilities take positions x vocabulary x 4 bytes
+        raise ShrinkError(f"{folder}: cannot write the original's outcomes ({e.strerror or e}); nothing of them was "
+                          "kept: free some disk space, or choose another --out") from None
 
 
 def _write(adapter, task, folder: Path, tmp: Path, key, batches, run, size_bytes, progress) -> StoredOutcomes:
