@@ -134,17 +134,8 @@ def _export(model, path: Path, float_type: str, requant_type, source_gguf) -> Ex
     from .models import resolve
 
     module, tokenizer, _ = resolve(model)
-    config = getattr(module, "config", None)
-    mtype = getattr(config, "model_type", None)
-    if mtype not in ARCHITECTURES:
-        raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
-                          f"{', '.join(sorted(ARCHITECTURES))} models")
-    if requant_type is None:
-        _refuse_inexact(module)
-    arch_name, permute = ARCHITECTURES[mtype]
-    arch = gguf.MODEL_ARCH[arch_name]
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-
+    config = module.config if hasattr(module, "config") else None
+    arch, permute, names = _architecture(module, config, requant_type)
     report = ExportReport(path=path, bytes=0)
     tensors = _collect(module, config, names, float_type, requant_type, permute, report)
     src = Path(source_gguf) if source_gguf else source_gguf_of(module)
@@ -155,6 +146,22 @@ def _export(model, path: Path, float_type: str, requant_type, source_gguf) -> Ex
             _verify_tokens(tmp, path, tokenizer, report)
     report.bytes = path.stat().st_size
     return report
+
+
+def _architecture(module: nn.Module, config, requant_type):
+    """(gguf-py architecture, whether q/k rows are permuted, its tensor name map) of the model; ShrinkError
+    for an architecture shrink does not export, or (without `requant_type`) layers no GGUF type holds."""
+    import gguf
+
+    mtype = getattr(config, "model_type", None)
+    if mtype not in ARCHITECTURES:
+        raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
+                          f"{', '.join(sorted(ARCHITECTURES))} models")
+    if requant_type is None:
+        _refuse_inexact(module)
+    arch_name, permute = ARCHITECTURES[mtype]
+    arch = gguf.MODEL_ARCH[arch_name]
+    return arch, permute, gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
 
 def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, source_gguf) -> ExportReport:
@@ -173,16 +180,8 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, so
 
     module, manifest, checkpoint = open_folder(folder)
     tokenizer = tokenizer_or_none(folder)
-    config = getattr(module, "config", None)
-    mtype = getattr(config, "model_type", None)
-    if mtype not in ARCHITECTURES:
-        raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
-                          f"{', '.join(sorted(ARCHITECTURES))} models")
-    if requant_type is None:
-        _refuse_inexact(module)
-    arch_name, permute = ARCHITECTURES[mtype]
-    arch = gguf.MODEL_ARCH[arch_name]
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    config = module.config
+    arch, permute, names = _architecture(module, config, requant_type)
     report = ExportReport(path=path, bytes=0)
 
     def fill(name):
