@@ -65,6 +65,19 @@ class StoredAdapter(Adapter):
         raise ShrinkError(f"example {examples[0].id!r}: the original's outcomes hold no such example")
 
 
+def _well_formed(rec) -> bool:
+    """Whether one example's stored record has the fields it is read by: an error, or a batch file beside
+    the index (a bare name) with the outcome's output, score and confidence; and its seconds."""
+    num = (int, float)
+    if not isinstance(rec, dict) or not isinstance(rec.get("seconds"), num):
+        return False
+    if rec.get("error") is not None:
+        return isinstance(rec["error"], str)
+    f = rec.get("file")
+    return (isinstance(f, str) and Path(f).name == f and f.endswith(".safetensors") and isinstance(rec.get("output"), str)
+            and isinstance(rec.get("score"), num) and isinstance(rec.get("confidence"), num))
+
+
 def same_inputs(a: Adapter, b: Adapter) -> bool:
     """Whether two adapters see the same inputs (a stored original by its digest)."""
     da = a.digest if isinstance(a, StoredAdapter) else signature_digest(a)
@@ -90,8 +103,10 @@ class StoredOutcomes(Mapping):
         except (OSError, ValueError, RecursionError):
             return None
         if not (isinstance(index, dict) and index.get("version") == STORE_VERSION and index.get("key") == key
-                and isinstance(index.get("examples"), dict)):
-            return None
+                and isinstance(index.get("examples"), dict) and isinstance(index.get("kind"), str)
+                and isinstance(index.get("tasks"), list) and isinstance(index.get("signature"), str)
+                and all(_well_formed(r) for r in index["examples"].values())):
+            return None  # another model, task or options, or a damaged index: the original runs again
         return cls(folder, index)
 
     def adapter(self) -> StoredAdapter:
