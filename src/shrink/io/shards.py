@@ -220,8 +220,8 @@ class ShardWriter:
     """Writes tensors into `folder` as one safetensors file, or as shards of at most about `max_bytes` each
     with an index, the way Hugging Face names them (`model-00001-of-00003.safetensors` and
     `model.safetensors.index.json` for weights "model.safetensors"). Each tensor's bytes go to disk as it is
-    added (a shard's header, which comes first in the file, is written when the shard is complete, and the
-    bytes copied after it), so the writer holds no tensor in memory; `close()` names the files (a single
+    added (after room kept for the shard's header, which comes first in the file and is written when the
+    shard is complete), so the writer holds no tensor in memory; `close()` names the files (a single
     file when everything fit in one shard) and returns their names."""
 
     def __init__(self, folder: Path, weights: str = SINGLE, max_bytes: int = SHARD_BYTES, metadata: dict | None = None):
