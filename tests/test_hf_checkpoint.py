@@ -222,6 +222,16 @@ def test_a_sharded_folder_is_read_whole_and_a_tensor_at_a_time_as_stored(tmp_pat
     assert got.dtype == torch.bfloat16 and torch.equal(got, state[name]) and ck.tensors[name].dtype == "BF16"
     loaded = shrink.io.read_model(folder).model
     assert torch.equal(loaded.state_dict()[name], state[name].float())
+    # read ahead in the background: the same tensors; the rest read as asked; an error met there named here
+    block = [k for k in ck.tensors if k.startswith("model.layers.1.")]
+    ck.read_ahead(block)
+    got = ck.read(block + ["model.norm.weight"])
+    assert list(got) == block + ["model.norm.weight"] and all(torch.equal(got[k], state[k]) for k in got)
+    file = ck.tensors[name].file
+    file.write_bytes(file.read_bytes()[:-100])  # the shard cut short after its headers were read
+    ck.read_ahead([name])
+    with pytest.raises(shrink.ShrinkError, match=rf"{file.name}: cut short inside tensor '{name}'|{file.name}: tensor"):
+        ck.read([name])
 
 
 @pytest.mark.parametrize("damage, message", [
