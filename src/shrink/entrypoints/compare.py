@@ -17,7 +17,7 @@ from ..core.outdir import claim
 from ..evaluate import Comparison, compare_models, load_task
 from ..evaluate.llamacpp import RUNTIMES
 from ..io import resolve
-from ..io.models import DEFAULT_NAMES, check_model_path
+from ..io.models import check_model_path, model_path
 
 ORIGINAL_OUTCOMES = "original-outcomes"  # the original's outcomes on the task, reused by a later comparison
 OUT_NAMES = ("results.json", "report.md", "report.html", ORIGINAL_OUTCOMES)  # what a comparison writes in its folder
@@ -143,9 +143,8 @@ def _outcomes_key(original, task, tokenizer, run: dict) -> str:
     import json
 
     from ..evaluate import task_digest
-    from ..io import default_gguf_path
 
-    path = default_gguf_path() if str(original).lower() in DEFAULT_NAMES else Path(original)
+    path = model_path(original)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     model = [[p.relative_to(path).as_posix() if path.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
              for p in files]

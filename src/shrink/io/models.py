@@ -65,6 +65,11 @@ def read_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     return loaded
 
 
+def model_path(spec: str | os.PathLike | None) -> Path:
+    """The file or folder `spec` names: the built-in model's GGUF file for None or "default"."""
+    return default_gguf_path() if spec is None or str(spec).lower() in DEFAULT_NAMES else Path(spec)
+
+
 def check_model_path(spec: str | os.PathLike | None) -> None:
     """ShrinkError, before any work, when `spec` names no model `read_model` could read: a path that is not
     there, or a folder that asks to run its own code (the model itself is checked as it is loaded)."""
@@ -83,7 +88,7 @@ def loaded_size(spec: str | os.PathLike | None) -> int:
     from .manifest import read_manifest, weights_file
     from .shards import DTYPES
 
-    path = default_gguf_path() if spec is None or str(spec).lower() in DEFAULT_NAMES else Path(spec)
+    path = model_path(spec)
     try:
         if path.is_file():
             return 8 * path.stat().st_size
@@ -242,9 +247,7 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
 
 def read_tokenizer(spec: str | os.PathLike | None = None):
     """The tokenizer `read_model(spec)` gives, without loading the model (None where it has none)."""
-    if spec is None or str(spec).lower() in DEFAULT_NAMES:
-        return gguf_tokenizer(default_gguf_path())
-    path = Path(spec)
+    path = model_path(spec)
     if path.is_file():
         return gguf_tokenizer(path)
     return tokenizer_or_none(path) if path.is_dir() else None
@@ -290,20 +293,20 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
     # transformers reads a shard at a time into the float32 model: the peak is the model plus the largest shard;
     # a model stored in bf16/fp16 that fits only as stored is loaded, and computes, as stored (said so)
     dtype, extra = torch.float32, max(shards, default=0)
-    stored = _stored_dtype(path)
-    if stored is not None:
+    try:
+        check_config_fits(cls, config, path / "config.json", dtype=torch.float32, extra_bytes=extra)
+    except ShrinkError as too_big:
+        stored = _stored_dtype(path)
+        if stored is None:
+            raise
         try:
-            check_config_fits(cls, config, path / "config.json", dtype=torch.float32, extra_bytes=extra)
-        except ShrinkError as too_big:
-            try:
-                check_config_fits(cls, config, path / "config.json", dtype=stored, extra_bytes=extra)
-            except ShrinkError:
-                raise too_big from None
-            dtype = stored
-            print(f"note: {path}: loaded in {str(stored).removeprefix('torch.')}, as stored: in float32 it would not "
-                  "fit in memory (it computes in that dtype; shrink's runtime, which computes in float32, is not used)",
-                  file=sys.stderr)
-    check_config_fits(cls, config, path / "config.json", dtype=dtype, extra_bytes=extra)
+            check_config_fits(cls, config, path / "config.json", dtype=stored, extra_bytes=extra)
+        except ShrinkError:
+            raise too_big from None
+        dtype = stored
+        print(f"note: {path}: loaded in {str(stored).removeprefix('torch.')}, as stored: in float32 it would not "
+              "fit in memory (it computes in that dtype; shrink's runtime, which computes in float32, is not used)",
+              file=sys.stderr)
     try:
         model, info = cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False,
                                           output_loading_info=True)

@@ -314,13 +314,10 @@ def fill_module(model: nn.Module, name: str, manifest: dict, checkpoint: Checkpo
         _to_shrink(state, manifest, checkpoint.where, under=name)
     own = module.state_dict()
     rel = {k[len(name) + 1:]: t for k, t in state.items()}
-    for k, t in rel.items():
-        if k in own and own[k].dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16):
-            rel[k] = t.float()
-    bad = sorted(set(own) ^ set(rel)) or [k for k in own if (own[k].shape, own[k].dtype) != (rel[k].shape, rel[k].dtype)]
+    bad = sorted(set(own) ^ set(rel))
     if bad:
-        raise ShrinkError(f"{checkpoint.where}: tensor {name}.{bad[0]} does not match the model (missing, unexpected, "
-                          "or of another shape or dtype)")
+        raise ShrinkError(f"{checkpoint.where}: tensor {name}.{bad[0]} does not match the model (missing, or unexpected)")
+    _as_loaded(own, rel, checkpoint.where, prefix=name + ".")
     module.load_state_dict(rel, strict=True, assign=True)
 
 
@@ -443,13 +440,7 @@ def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         raise ShrinkError(f"{weights}: tensors do not match the model: {'; '.join(parts)}")
-    for k, t in state.items():
-        if own[k].dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16) and own[k].shape == t.shape:
-            state[k] = t = t.float()  # kept in the original's dtype on disk (a streamed job), computed in float32
-        if own[k].shape != t.shape or own[k].dtype != t.dtype:
-            raise ShrinkError(
-                f"{weights}: tensor {k!r} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(own[k].shape)} {own[k].dtype}"
-            )
+    _as_loaded(own, state, weights)
     # safetensors may hand out tensors at any byte offset of the file; float kernels round differently
     # (and run slower) on unaligned memory, so the loaded model would not compute exactly what was saved
     copies: dict[int, torch.Tensor] = {}
@@ -460,6 +451,18 @@ def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
     model.load_state_dict(state, strict=True, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _as_loaded(own: dict, state: dict, weights: Path, prefix: str = "") -> None:
+    """The file's tensors `state` as the model `own`s them, in place: those kept in bf16/fp16 on disk (a
+    streamed job wrote the original's dtype) made float32 where the model computes in float32; ShrinkError
+    naming the tensor (`prefix` + its name) for any other shape or dtype."""
+    for k, t in state.items():
+        if own[k].dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16) and own[k].shape == t.shape:
+            state[k] = t = t.float()
+        if own[k].shape != t.shape or own[k].dtype != t.dtype:
+            raise ShrinkError(f"{weights}: tensor {prefix + k!r} has shape {tuple(t.shape)} {t.dtype}, expected "
+                              f"{tuple(own[k].shape)} {own[k].dtype}")
 
 
 def _loaded_bytes(manifest: dict, checkpoint: Checkpoint) -> int:
