@@ -189,7 +189,7 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, so
         return lambda: release(module.get_submodule(name))
 
     src = Path(source_gguf) if source_gguf else source_gguf_of(module)
-    written: dict[str, tuple] = {}  # name -> (type, shape, sha256 of its bytes)
+    written: dict[str, tuple] = {}  # name -> (type, shape in elements, sha256 of its bytes)
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
         _metadata(writer, config, tokenizer, src, report)
@@ -198,14 +198,13 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, so
             if t.expect is not None:  # quantized blocks: they must be the model's values (floats are as given)
                 _check_values(t, t.data, path, report)
             writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
-            written[t.name] = (t.kind, t.data.shape, hashlib.sha256(np.ascontiguousarray(t.data).data).hexdigest())
-            report.tensors[t.kind] = report.tensors.get(t.kind, 0) + 1
+            qtype = gguf.GGMLQuantizationType[t.kind]
+            shape = gguf.quant_shape_from_byte_shape(t.data.shape, qtype) if t.data.dtype == np.uint8 else t.data.shape
+            written[t.name] = (t.kind, tuple(shape), hashlib.sha256(np.ascontiguousarray(t.data).data).hexdigest())
             bar.update()
             del t
         bar.close()
-        if report.f16_change > 0:
-            report.notes.append(f"embeddings and full-precision layers written as F16 (largest change "
-                                f"{report.f16_change:.2g}); float_type f32 keeps them exact")
+        _count([kind for kind, _, _ in written.values()], report)
         _finish(writer, report)
         _verify_bytes(tmp, path, written)
         if tokenizer is not None:
@@ -230,8 +229,9 @@ def _verify_bytes(tmp: Path, path: Path, written: dict[str, tuple]) -> None:
     with open(tmp, "rb") as f:
         for name, (kind, shape, digest) in written.items():
             t = found[name]
-            if t.tensor_type.name != kind:
-                raise ShrinkError(f"{path}: tensor {name} did not read back as {kind}; nothing was written")
+            if t.tensor_type.name != kind or tuple(reversed([int(n) for n in t.shape])) != shape:
+                raise ShrinkError(f"{path}: tensor {name} did not read back as {kind} of shape {shape}; nothing was "
+                                  "written")
             f.seek(int(t.data_offset))
             h, left = hashlib.sha256(), int(t.n_bytes)
             while left:
@@ -322,14 +322,14 @@ def _collect(module: nn.Module, config, names, float_type: str, requant_type, pe
     """Every tensor of the model under its GGUF name, in the GGUF type chosen for it: the weight-bearing
     layers first (quantized, cast or full precision), then everything else (embeddings, norms)."""
     out = list(_each_tensor(module, config, names, float_type, requant_type, permute, report))
-    _count(out, report)
+    _count([t.kind for t in out], report)
     return out
 
 
-def _count(tensors: list, report: ExportReport) -> None:
-    """The report's count of tensors by type, and its notes on the float and tied tensors."""
-    for t in tensors:
-        report.tensors[t.kind] = report.tensors.get(t.kind, 0) + 1
+def _count(kinds: list[str], report: ExportReport) -> None:
+    """The report's count of tensors by GGUF type (`kinds`, one per tensor), and its note on float tensors."""
+    for kind in kinds:
+        report.tensors[kind] = report.tensors.get(kind, 0) + 1
     if report.f16_change > 0:
         report.notes.append(f"embeddings and full-precision layers written as F16 (largest change "
                             f"{report.f16_change:.2g}); float_type f32 keeps them exact")
