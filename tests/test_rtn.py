@@ -63,3 +63,55 @@ def test_zero_group_gives_zero_weights():
     for fmt in ("int4-g32", "int4-g32-asym", "int8"):
         q = quantize_weight(w, parse_format(fmt))
         assert torch.equal(dequantize(q.codes, q.scales.float(), q.zeros, q.zero_const), w)
+
+
+def _hard_weights(n, k, seed, dtype):
+    """Random weights with the cases the arithmetic must agree on: ties between a value and its negation
+    (largest first met either way), all-zero groups, values on the grid's half steps, tiny and huge groups."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[0, :32] = 0.0
+    w[1, 5], w[1, 9] = 2.5, -2.5
+    w[2, 3], w[2, 7] = -3.0, 3.0
+    w[3] = torch.randint(-16, 17, (k,), generator=g).float() / 4  # many exact halves of a step
+    w[4] *= 1e-30
+    w[5] *= 1e4
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g64", "int4", "int8", "int8-g32"])
+def test_compiled_rounding_gives_the_pytorch_paths_bytes(dtype, fmt):
+    from shrink.quant.kernels import native
+    from shrink.quant.packing import pack
+    from shrink.quant.rtn import round_packed
+
+    if not native.available():
+        pytest.skip("native kernel not built on this machine")
+    spec = parse_format(fmt)
+    for seed, (n, k) in enumerate([(16, 128), (7, 96), (40, 576)]):
+        if k % spec.group_for(k):
+            continue
+        w = _hard_weights(n, k, seed, dtype)
+        qweight, scales = round_packed(w, spec, "x")
+        q = quantize_weight(w, spec, "x")
+        assert torch.equal(qweight, pack(q.codes, spec.bits)), (fmt, n, k)
+        assert torch.equal(scales.view(torch.int16), q.scales.view(torch.int16)), (fmt, n, k)  # bit for bit
+
+
+def test_compiled_rounding_refuses_what_the_pytorch_path_refuses():
+    from shrink.quant.kernels import native
+    from shrink.quant.rtn import round_packed
+
+    if not native.available():
+        pytest.skip("native kernel not built on this machine")
+    spec = parse_format("int4-g32")
+    w = _w(8, 64)
+    w[3, 40] = float("nan")
+    w[5, 1] = float("inf")
+    with pytest.raises(Exception, match="'blk.q': weight has 2 NaN or infinite"):
+        round_packed(w, spec, "blk.q")
+    with pytest.raises(Exception, match="too large for fp16 scales"):
+        round_packed(_w(8, 64) * 1e6, spec, "blk.q")
+    assert round_packed(_w(8, 64), parse_format("int4-g32-asym")) is None  # not its format: PyTorch's
+    assert round_packed(_w(8, 40), parse_format("int8")) is None  # 40 inputs: not blocks of 32

@@ -161,3 +161,27 @@ def test_the_memory_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, 
     estimate = json.loads(lines[-2])
     peak = int(lines[-1].split()[1])
     assert abs(estimate["total_bytes"] - peak) <= 0.25 * peak, (estimate, peak)
+
+
+def test_a_block_held_as_stored_computes_in_float32_one_layer_at_a_time():
+    import copy
+
+    from shrink.quant.layerwise import float32_weights
+
+    mlp = tiny_llama(tie=False).model.layers[0].mlp
+    for p in mlp.parameters():
+        p.data = p.data.bfloat16()  # held as stored
+    ref = copy.deepcopy(mlp).float()  # float32 weights of the same values
+    exact = {n: p.clone() for n, p in mlp.named_parameters()}
+    x = torch.randn(2, 5, mlp.gate_proj.in_features)
+    workspace = torch.empty(max(p.numel() for p in mlp.parameters()))
+    with float32_weights(mlp, workspace):
+        got = mlp(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-5)  # (the order of the sums differs)
+    assert all(torch.equal(p, exact[n]) and p.dtype == torch.bfloat16 for n, p in mlp.named_parameters())
+    assert not any("forward" in m.__dict__ for m in mlp.modules())  # each layer's own forward again
+    with pytest.raises(ValueError, match="too small"):
+        with float32_weights(mlp, torch.empty(10)):
+            pass
+    assert not any("forward" in m.__dict__ for m in mlp.modules())

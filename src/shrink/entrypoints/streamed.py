@@ -2,11 +2,13 @@
 
 The model is built as a skeleton on the meta device (no memory). The tensors outside the decoder blocks
 that the first block's inputs need (the input embedding, in its stored dtype) are read once; then each
-block's tensors are read from the shards in float32 when it is its turn, the block is quantized (round to
-nearest, or calibrated on the inputs the quantized blocks before it give, exactly as in memory), its
-outputs are computed for the next block, its packed tensors are written out and its memory is let go. The
-tensors outside the blocks go to the output as stored (bf16 stays bf16). So the peak is about one block in
-float32, plus the embedding, the calibration activations and one output shard, never the whole model.
+block's tensors are read from the shards when it is its turn, the block is quantized (round to nearest, or
+calibrated on the inputs the quantized blocks before it give, exactly as in memory), its outputs are computed
+for the next block, its packed tensors are written out and its memory is let go. Round to nearest keeps the
+weights it rounds as stored (bf16) and makes each float32 in one reused workspace as it is computed with or
+rounded; calibrated methods hold the block in float32. The tensors outside the blocks go to the output as
+stored (bf16 stays bf16). So the peak is about one block, plus the embedding, the calibration activations and
+one output shard, never the whole model.
 
 The forward check follows one sample input through both the original and the quantized blocks, and
 compares the last block's outputs (the output layer is not run, so as not to hold it in float32).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from ..io.shards import DTYPES, SHARD_BYTES, Checkpoint, placeholder, release
 from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weights
 from ..quant.experts import LinearExperts, all_tokens, fused_experts, unfuse_experts
 from ..quant.check import ForwardCheck, refuse_non_finite_tensor, relative_error, sample_input
-from ..quant.layerwise import capture_inputs, first_output, run_block
+from ..quant.layerwise import capture_inputs, first_output, float32_weights, run_block
 from ..quant.mixed import MixedPrecision
 from ..quant.record import update_record
 from ..quant.replace import round_to_nearest, set_submodule
@@ -236,7 +239,8 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
     estimate.refuse_unless_fits("--samples and --seq-len lower the calibration's share" if job.needs_data else "")
     say(estimate.line())
     layout = planned_layout(model, job.assignment)
-    walk = _Walk(checkpoint, model, prefix, head, job.assignment, layout, checkpoint_names(model.config.model_type)[1])
+    walk = _Walk(checkpoint, model, prefix, head, job.assignment, layout, checkpoint_names(model.config.model_type)[1],
+                 rounding=not job.needs_data)
     with (writing_folder(out, {"format_version": FORMAT_VERSION, "layout": layout}, force=force,
                          shard_bytes=shard_bytes) if out is not None else _nowhere()) as (tmp, writer):
         walk.writer = writer
@@ -256,7 +260,8 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
         else:
             from ..quant.layerwise import blockwise
 
-            blockwise(model, [], _RoundBlock(job.assignment, backend), progress=progress, desc="quantize", around=walk)
+            blockwise(model, [], _RoundBlock(job.assignment, backend, walk.workspace), progress=progress,
+                      desc="quantize", around=walk)
         walk.finish_rest()
         err = relative_error(first_output(walk.original[0][0]), first_output(walk.check[0][0]))
         if not math.isfinite(err):
@@ -302,17 +307,23 @@ def estimate_memory(model: nn.Module, checkpoint: Checkpoint, job, prefix: str, 
         "embedding as stored": checkpoint.nbytes([k for k in table_keys if k in checkpoint.tensors]),
         "other tensors outside the blocks": rest_f32, "activations": acts + kwargs}}
     worst: dict[str, int] = {}
+    rounded = rounded_weights(model, prefix, job.assignment)
     for i, block in enumerate(blocks):
         keys = [k for k in checkpoint.tensors if k.startswith(f"{prefix}.{i}.")]
         params = sum(p.numel() for p in block.parameters())
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         largest = max(linears.values(), key=lambda m: m.in_features * m.out_features, default=None)
         inter = max((m.out_features for m in linears.values()), default=hidden)
-        # the block as stored: this one's bytes while they are made float32, then the next one's, read ahead
-        parts = {"block as stored": checkpoint.nbytes(keys), "block in float32": 4 * params,
-                 "activations in and out": 2 * acts + kwargs + length * hidden * 4 * 2,
-                 "one sample through the block": heads * length * length * 4 + 3 * length * inter * 4}
-        if largest is not None:  # its codes (a byte each) and their packed form, rounded in the weight's memory
+        if job.needs_data:  # the block as stored: this one's bytes while they are made float32, then the next one's
+            parts = {"block as stored": checkpoint.nbytes(keys), "block in float32": 4 * params}
+        else:  # rounded weights held as stored, made float32 one at a time; the next block read ahead
+            kept = {k: v for k, v in rounded.items() if k.startswith(f"{prefix}.{i}.")}
+            parts = {"block as stored": checkpoint.nbytes(keys), "next block read ahead": checkpoint.nbytes(keys),
+                     "the rest of the block in float32": 4 * (params - sum(kept.values())),
+                     "float32 workspace": 4 * max(kept.values(), default=0)}
+        parts |= {"activations in and out": 2 * acts + kwargs + length * hidden * 4 * 2,
+                  "one sample through the block": heads * length * length * 4 + 3 * length * inter * 4}
+        if largest is not None:  # its codes (a byte each) and their packed form, rounded in float32 memory
             parts["rounding a layer"] = 3 * largest.in_features * largest.out_features // 2
         if job.needs_data and largest is not None:
             # the Hessians (float64) of the block's layers, one per distinct input, all gathered first and
@@ -356,27 +367,36 @@ class _nowhere:
         return False
 
 
+def rounded_weights(model: nn.Module, prefix: str, assignment) -> dict[str, int]:
+    """{weight name: values} of the Linear layers in the blocks under `prefix` that `assignment` rounds to an
+    integer format (what a streamed round to nearest keeps as stored and makes float32 one at a time)."""
+    return {f"{n}.weight": m.in_features * m.out_features for n, m in model.named_modules()
+            if n.startswith(prefix + ".") and isinstance(m, nn.Linear) and assignment.get(n) is not None
+            and not assignment[n].cast}
+
+
 class _RoundBlock:
     """Round to nearest for one block's layers (blockwise's visit when there is no calibration)."""
 
-    def __init__(self, assignment, backend):
-        self.assignment, self.backend = assignment, backend
+    def __init__(self, assignment, backend, workspace: torch.Tensor | None = None):
+        self.assignment, self.backend, self.workspace = assignment, backend, workspace
 
     def __call__(self, name, block, inputs) -> None:
         for rel, m in list(block.named_modules()):
             spec = self.assignment.get(f"{name}.{rel}")
-            if spec is not None:
-                # the block's weights were read from disk for this alone: rounded in their own memory
-                set_submodule(block, rel, round_to_nearest(m, spec, f"{name}.{rel}", self.backend, overwrite=True))
+            if spec is not None:  # each weight made float32 and rounded in the one workspace
+                set_submodule(block, rel, round_to_nearest(m, spec, f"{name}.{rel}", self.backend, self.workspace))
 
 
 class _Walk:
-    """Around each block (layerwise.BlockHooks): its tensors read in float32 and checked before it is
-    visited, the sample input run through the original block; after it: the sample through the quantized
-    block, its tensors written and let go."""
+    """Around each block (layerwise.BlockHooks): its tensors read and checked before it is visited, the sample
+    input run through the original block; after it: the sample through the quantized block, its tensors
+    written and let go. rounding (round to nearest): the weights of the Linear layers to be rounded are held as
+    stored and made float32 one at a time in `workspace` (the forward through the original block, the
+    rounding); otherwise the block is held in float32."""
 
     def __init__(self, checkpoint: Checkpoint, model: nn.Module, prefix: str, head: str | None, assignment, layout: str,
-                 leaves: dict):
+                 leaves: dict, rounding: bool = False):
         self.checkpoint, self.model, self.prefix, self.head = checkpoint, model, prefix + ".", head
         self.leaves = leaves  # per-expert tensor names, for checkpoints that store experts one by one
         self.assignment, self.layout, self.writer = assignment, layout, None
@@ -390,6 +410,8 @@ class _Walk:
                 if getattr(model.config, "tie_word_embeddings", False) else []
             self.head_key = key if key in checkpoint.tensors else next(iter(tied), None)
         self.hook = None
+        self.stored = rounded_weights(model, prefix, assignment) if rounding else {}
+        self.workspace = torch.empty(max(self.stored.values()), dtype=torch.float32) if self.stored else None
 
     def _outside(self, name: str) -> bool:
         return not name.startswith(self.prefix) and (self.head is None or not name.startswith(self.head + "."))
@@ -416,14 +438,18 @@ class _Walk:
             release_freed_memory()
         experts = [n for n, m in block.named_modules() if isinstance(m, LinearExperts)]
         inside = tuple(f"{name}.{n}." for n in experts)
-        self.checkpoint.fill(block, name + ".", float_dtype=torch.float32, only=lambda n: not n.startswith(inside))
+        stored = self.stored
+        self.checkpoint.fill(block, name + ".", float_dtype=torch.float32,
+                             only=lambda n: not n.startswith(inside) and n not in stored)
+        self.checkpoint.fill(block, name + ".", only=lambda n: not n.startswith(inside) and n in stored)
         for rel in experts:
             self._fill_experts(block.get_submodule(rel), f"{name}.{rel}")
         # the next block's tensors read while this one is worked on (its bytes as stored are what reading this
         # one held a moment ago: the peak is the same)
         after = f"{self.prefix}{int(name[len(self.prefix):]) + 1}."
         self.checkpoint.read_ahead(k for k in self.checkpoint.tensors if k.startswith(after))
-        self.original = run_block(block, self.original)  # (each layer's weight is checked as it is quantized)
+        with float32_weights(block, self.workspace) if self.workspace is not None else nullcontext():
+            self.original = run_block(block, self.original)  # (each layer's weight is checked as it is quantized)
 
     def _fill_experts(self, m: LinearExperts, path: str) -> None:
         """Each expert's Linear layers from the checkpoint: slices of the fused 3-D tensors, or the expert's
@@ -450,7 +476,8 @@ class _Walk:
                 if tuple(w.shape) != (lin.out_features, lin.in_features):
                     raise ShrinkError(f"{self.checkpoint.where}: expert {e} of {path!r} has weights of shape "
                                       f"{tuple(w.shape)}, the model's config gives {(lin.out_features, lin.in_features)}")
-                lin.weight = nn.Parameter(w.float(), requires_grad=False)
+                stored = f"{path}.{'gate_up' if layers is m.gate_up else 'down'}.{e}.weight" in self.stored
+                lin.weight = nn.Parameter(w if stored else w.float(), requires_grad=False)
 
     def leave(self, name: str, block: nn.Module) -> None:
         # written before the check's forward: a layer the native kernel has not run yet is still in the

@@ -100,7 +100,8 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: in
 
 
 def _to_fp16(scale: torch.Tensor, name: str) -> torch.Tensor:
-    s16 = scale.to(torch.float16)
+    # + 0: a zero scale (an all-zero group) is +0 whatever sign of zero the reductions met first
+    s16 = (scale + 0.0).to(torch.float16)
     if not all_finite(s16):
         raise ShrinkError(f"layer {name!r}: weights too large for fp16 scales (max |w| = {scale.abs().max():.3g})")
     return s16.to(torch.float32)

@@ -13,6 +13,8 @@ treated as one block whose inputs are the calibration samples.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,6 +92,34 @@ def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
             out = first_output(block(*args, **kwargs))
             nxt.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
     return nxt
+
+
+@contextmanager
+def float32_weights(module: nn.Module, workspace: torch.Tensor):
+    """Within: `module`'s Linear layers whose weights are held in another dtype (bf16, fp16, as stored) compute
+    with them made float32, one layer at a time in `workspace` (contiguous float32, at least the largest such
+    weight's size): float32 arithmetic on the same values, with no float32 copy of the module kept. (As
+    W x^T: MKL repacks the weight for x W^T, which costs more than the product for a few rows.)"""
+    changed = []
+
+    def forward(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        w = workspace.view(-1)[: m.weight.numel()].view(m.weight.shape).copy_(m.weight)
+        y = torch.mm(w, x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], w.shape[0])
+        return y if m.bias is None else y + m.bias
+
+    try:
+        for m in module.modules():
+            w = m._parameters.get("weight") if isinstance(m, nn.Linear) else None
+            if w is not None and w.dtype != torch.float32 and w.device.type != "meta":
+                if w.numel() > workspace.numel():
+                    raise ValueError(f"a workspace of {workspace.numel()} values is too small for a weight of "
+                                     f"shape {tuple(w.shape)}")
+                m.forward = partial(forward, m)
+                changed.append(m)
+        yield
+    finally:
+        for m in changed:
+            del m.forward  # the class's own again
 
 
 def collect_stats(block: nn.Module, inputs: list[tuple[tuple, dict]], names: list[str],

@@ -25,7 +25,7 @@ from . import kernels
 from .format import QuantizedWeight, symmetric_zero
 from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)
 from .packing import pack, packed_width
-from .rtn import quantize_weight
+from .rtn import quantize_weight, round_packed
 from .spec import QuantSpec, parse_format
 
 
@@ -39,7 +39,9 @@ class PackedRows(nn.Module):
         self.spec = spec
         self.packed_shape = (rows, inputs)  # rows of codes, codes a row
         groups = inputs // spec.group_for(inputs)
-        self.register_buffer("qweight", torch.zeros(rows, packed_width(inputs, spec.bits), dtype=torch.uint8))
+        # codes left unset: with every scale zero the layer's weight is zero whatever they are (and
+        # writing a layer's worth of zero codes, replaced at once by fill or a load, cost 5% of a streamed job)
+        self.register_buffer("qweight", torch.empty(rows, packed_width(inputs, spec.bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(rows, groups, dtype=torch.float16))
         if spec.symmetric:
             self.zeros = None
@@ -48,10 +50,20 @@ class PackedRows(nn.Module):
 
     def fill(self, q: QuantizedWeight) -> None:
         """Store computed codes, scales and zero points."""
-        self.qweight.copy_(pack(q.codes, self.spec.bits))  # (reading qweight puts the row layout back)
-        self.scales.copy_(q.scales)
+        self.fill_packed(pack(q.codes, self.spec.bits), q.scales, q.zeros)
+
+    def fill_packed(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
+        """Store codes already in the row layout (packing.pack's), scales and zero points (-asym formats)."""
+        if qweight.shape != self.qweight.shape or qweight.dtype != torch.uint8:  # (reading qweight: the row layout)
+            raise ShrinkError(f"{type(self).__name__}: packed codes of shape {tuple(qweight.shape)} for a weight of "
+                              f"{self.packed_shape[0]} rows of {self.packed_shape[1]}")
+        if self.__dict__.get("shares_buffers"):  # a tied output layer: the table reads the same bytes
+            self.qweight.copy_(qweight)
+        else:  # a new tensor, no copy: tiled copies built from the old codes see it is not theirs
+            self.qweight = qweight.contiguous()
+        self.scales.copy_(scales)
         if self.zeros is not None:
-            self.zeros.copy_(q.zeros)
+            self.zeros.copy_(zeros)
 
     @property
     def zero_const(self) -> int:
@@ -150,19 +162,29 @@ class QuantLinear(PackedRows):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, name: str = "<linear>",
-                    backend: str | None = None, overwrite: bool = False) -> "QuantLinear":
-        """Quantize an `nn.Linear` by round-to-nearest (`name` is used in error messages). overwrite: the
-        Linear's float32 weight may serve as workspace and is meaningless afterwards (default False)."""
+                    backend: str | None = None, workspace: torch.Tensor | None = None) -> "QuantLinear":
+        """Quantize an `nn.Linear` by round-to-nearest (`name` is used in error messages). workspace: float32
+        memory to round in, as `rtn.quantize_weight` takes it (default None: new memory)."""
         spec = parse_format(spec)
-        q = quantize_weight(linear.weight, spec, name, overwrite=overwrite)
-        return cls.from_quantized(q, linear.in_features, linear.out_features, spec, linear.bias, backend)
+        packed = round_packed(linear.weight, spec, name)  # one compiled pass where it applies: the same bytes
+        if packed is None:
+            q = quantize_weight(linear.weight, spec, name, workspace=workspace)
+            return cls.from_quantized(q, linear.in_features, linear.out_features, spec, linear.bias, backend)
+        layer = cls._with_bias(linear.in_features, linear.out_features, spec, linear.bias, backend)
+        layer.fill_packed(*packed)
+        return layer
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, in_features: int, out_features: int, spec: QuantSpec,
                        bias: torch.Tensor | None = None, backend: str | None = None) -> "QuantLinear":
         """Build from already computed codes, scales and zero points (any quantization method)."""
-        layer = cls(in_features, out_features, spec, bias=bias is not None, backend=backend)
+        layer = cls._with_bias(in_features, out_features, spec, bias, backend)
         layer.fill(q)
+        return layer
+
+    @classmethod
+    def _with_bias(cls, in_features: int, out_features: int, spec: QuantSpec, bias, backend) -> "QuantLinear":
+        layer = cls(in_features, out_features, spec, bias=bias is not None, backend=backend)
         if bias is not None:
             layer.bias.copy_(bias.detach().to(torch.float32))
         return layer

@@ -3,6 +3,7 @@ by its dotted name (what quantize, the calibrated methods and the loaders all do
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .conv import QuantConv2d
@@ -12,17 +13,17 @@ from .spec import QuantSpec
 
 
 def round_to_nearest(linear: nn.Module, spec: QuantSpec, name: str, backend: str | None = None,
-                     overwrite: bool = False) -> nn.Module:
+                     workspace: torch.Tensor | None = None) -> nn.Module:
     """The replacement for `linear` (a Linear, or an Embedding) in `spec` without calibration: a cast, or a
-    round-to-nearest QuantLinear (QuantEmbedding). overwrite: a Linear's float32 weight, which nothing else
-    reads, may be used as the rounding's workspace (default False)."""
+    round-to-nearest QuantLinear (QuantEmbedding). workspace: float32 memory a Linear is rounded
+    in, as `rtn.quantize_weight` takes it (default None: new memory)."""
     if isinstance(linear, nn.Embedding):
         return QuantEmbedding.from_embedding(linear, spec, name=name)
     if isinstance(linear, nn.Conv2d):
         return QuantConv2d.from_conv(linear, spec, name=name)
     if spec.cast:
         return CastLinear.from_linear(linear, spec, name=name)
-    return QuantLinear.from_linear(linear, spec, name=name, backend=backend, overwrite=overwrite)
+    return QuantLinear.from_linear(linear, spec, name=name, backend=backend, workspace=workspace)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

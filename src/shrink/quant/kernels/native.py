@@ -139,6 +139,11 @@ def _register_shapes() -> None:
     def _(x, qweight, scales, zeros, zero_const, bias, bits, group_size, tcodes, tscales, tzeros, large_batch):
         return x.new_empty(*x.shape[:-1], tcodes.shape[0] * 8 if tcodes.numel() else qweight.shape[0])
 
+    @torch.library.register_fake("shrink::round_rows")
+    def _(w, bits, group_size):
+        return [w.new_empty(w.shape[0], w.shape[1] * bits // 8, dtype=torch.uint8),
+                w.new_empty(w.shape[0], w.shape[1] // group_size, dtype=torch.float16)]
+
     @torch.library.register_fake("shrink::dequantize")
     def _(qweight, scales, zeros, zero_const, bits, group_size, k):
         return qweight.new_empty(qweight.shape[0], k, dtype=torch.float32)

@@ -3,6 +3,7 @@
 // native.py), and as direct calls; and the decoding runtime's classes (llama_decoder.cpp).
 
 #include "packed_linear.h"
+#include "round_rows.h"
 
 namespace shrink_kernels {
 void bind_decoder(pybind11::module_& m);  // llama_decoder.cpp
@@ -12,6 +13,7 @@ using shrink_kernels::dequantize;
 using shrink_kernels::packed_linear;
 using shrink_kernels::qlinear;
 using shrink_kernels::quantize_x;
+using shrink_kernels::round_rows;
 using shrink_kernels::tiled_qlinear;
 
 TORCH_LIBRARY(shrink, m) {
@@ -22,6 +24,7 @@ TORCH_LIBRARY(shrink, m) {
         "int group_size) -> Tensor");
   m.def("linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int zero_const, Tensor bias, int bits, "
         "int group_size, Tensor tcodes, Tensor tscales, Tensor tzeros, int large_batch) -> Tensor");
+  m.def("round_rows(Tensor w, int bits, int group_size) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(shrink, CPU, m) {
@@ -29,6 +32,7 @@ TORCH_LIBRARY_IMPL(shrink, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("tiled_qlinear", &tiled_qlinear);
   m.impl("linear", &packed_linear);
+  m.impl("round_rows", &round_rows);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,6 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled_qlinear", &tiled_qlinear, "the same product over weights in tiles of 8 outputs (any batch)");
   m.def("uses_vnni", &shrink_kernels::use_vnni, "whether the tiled kernel runs its AVX512-VNNI copy");
   m.def("quantize_x", &quantize_x, "int8 per-block-of-32 activation quantization");
+  m.def("round_rows", &round_rows, "round to nearest: a weight as stored to packed codes and fp16 scales");
   m.def("linear", &packed_linear, "a packed weight's product by the path packed_linear.h chooses (tiled, rows, large batch)");
   shrink_kernels::bind_decoder(m);
 }

@@ -70,12 +70,17 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
 def _nibble_runs(qweight: torch.Tensor, n: int, nb: int) -> torch.Tensor:
     """4-bit codes regrouped as the tiles hold them, [n, block, run r of 8 inputs, i]: input 8r + i in the
     low nibble, 8r + 4 + i in the high, straight from the row layout's bytes (byte j of a block: input j low,
-    j + 16 high) without unpacking every code to a byte of its own."""
-    p = qweight.reshape(n, nb, 2, 2, 4)  # [.., h, half, i]: byte 8h + 4 half + i of the block
+    j + 16 high), four bytes at a time as int32 words (masks keep each byte's nibbles to itself)."""
+    q = qweight.contiguous()
+    q = q if q.storage_offset() % 4 == 0 else q.clone()
+    p = q.view(torch.int32).reshape(n, nb, 2, 2)  # [.., h, half]: bytes 8h + 4 half + (0..3) of the block
     a, b = p[:, :, :, 0], p[:, :, :, 1]  # bytes 8h + i and 8h + 4 + i
-    low = (a & 0x0F) | (b << 4)          # runs 0, 1 (inputs 8h + i, 8h + 4 + i)
-    high = (a >> 4) | (b & 0xF0)         # runs 2, 3 (inputs 16 + 8h + i, 16 + 8h + 4 + i)
-    return torch.cat([low, high], dim=2)
+    low = (a & _LOW) | ((b << 4) & _HIGH)   # runs 0, 1 (inputs 8h + i, 8h + 4 + i)
+    high = ((a >> 4) & _LOW) | (b & _HIGH)  # runs 2, 3 (inputs 16 + 8h + i, 16 + 8h + 4 + i)
+    return torch.cat([low, high], dim=2).view(torch.uint8).reshape(n, nb, 4, 4)
+
+
+_LOW, _HIGH = 0x0F0F0F0F, 0xF0F0F0F0 - (1 << 32)  # each byte's low / high nibble, as int32 values
 
 
 def untile(t: TiledWeight, rows: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
