@@ -338,3 +338,28 @@ def test_a_quantize_that_fails_leaves_the_model_as_it_was(monkeypatch, base_and_
     assert not shrink.info(model).formats
     monkeypatch.undo()
     shrink.quantize(model, how["spec"], progress=False, **kwargs)  # and it quantizes as any model would
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_sensitivity_walked_block_by_block_is_the_whole_model_measure_exactly(family):
+    # each trial starts at its own block from the full-precision hidden states: the blocks before it would
+    # compute exactly those again, so the divergences are the whole-model pass's to the last bit
+    from helpers import tiny_llama
+    from test_experts import tiny_moe
+
+    from shrink.quant import calibrated
+    from shrink.quant.apply import plan
+    from shrink.quant.experts import unfuse_experts
+    from shrink.quant.mixed import DEFAULT_LADDER
+    from shrink.quant.spec import parse_format
+
+    model = (tiny_llama(tie=False) if family == "llama" else tiny_moe("mixtral")).eval()
+    unfuse_experts(model)
+    assignment = plan(model, {"*": "int2-g32"}, keep_output=True)
+    samples = [torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    names = [n for n, s in assignment.items() if s is not None]
+    whole = calibrated._sensitivity_whole_model(model, samples, names, [parse_format(f) for f in DEFAULT_LADDER], False)
+    walked = calibrated.measure_sensitivity(model, samples, assignment, DEFAULT_LADDER, False, probe_samples=2)
+    assert walked == whole
+    errors = walked[0]["model.layers.0.mlp.down_proj" if family == "llama" else names[-1]]
+    assert errors["int2-g32"] > errors["int3-g32"] > errors["int4-g32"] > 0 == errors["int8"]  # each trial its own

@@ -19,7 +19,8 @@ from ..core.errors import ShrinkError
 from .distributed import my_share, world
 from .experts import expert_layers
 from .gptq import gptq_quantize
-from .layerwise import blockwise, call_model, collect_stats, first_output
+from ..core.architecture import find_stacks
+from .layerwise import blockwise, call_model, capture_inputs, collect_stats, first_output
 from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
 from .recipe import GPTQ, Recipe, parse_method
@@ -72,36 +73,149 @@ def _divergence(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def measure_sensitivity(model: nn.Module, samples, assignment, ladder=DEFAULT_LADDER, progress=None,
-                        probe_samples: int = 1, probe_tokens: int = 256):
+                        probe_samples: int = 1, probe_tokens: int = 256, around=None):
     """Per-layer sensitivity to each format of `ladder`: the divergence of the model's output from its
     full-precision output (KL of next-token distributions for language models) when that layer alone
     is rounded to the format, on the first `probe_tokens` tokens of the first `probe_samples` calibration
-    samples. The widest format of the ladder counts as lossless for this purpose."""
-    errors: dict[str, dict[str, float]] = {}
-    sizes: dict[str, tuple[int, int]] = {}
+    samples. The widest format of the ladder counts as lossless for this purpose.
+
+    A model with one stack of blocks is walked block by block: the full-precision hidden states reach each
+    block once, each layer-and-format trial starts from them at its own block and runs through the blocks
+    after it only (the same arithmetic as running the whole model with that layer rounded, minus the blocks
+    before it, which compute exactly what they did). So memory holds one block at a time plus every
+    trial's hidden states, and the blocks may be on disk: around (`layerwise.BlockHooks`) gives each its
+    weights and takes them back (default None: in memory). Other models run the whole model per trial.
+    Returns (errors {layer: {format: divergence}}, sizes {layer: (rows, inputs)})."""
     specs = [parse_format(f) for f in ladder]
     probe = [x if x.is_floating_point() else x[..., :probe_tokens] for x in samples[:probe_samples]]
     names = [n for n, s in assignment.items() if s is not None and not s.cast]
+    stacks = find_stacks(model)
+    prefix = stacks[0][0] + "." if len(stacks) == 1 else None
+    if prefix is None or any(not n.startswith(prefix) for n in names) or any(x.is_floating_point() for x in probe):
+        if around is not None:
+            raise ShrinkError("the sensitivity pass walks blocks from disk only for the layers of one stack of blocks")
+        return _sensitivity_whole_model(model, probe, names, specs, progress)
+    return _sensitivity_by_block(model, stacks[0], probe, names, specs, progress, around)
+
+
+def _trial_weights(original: torch.Tensor, lin: nn.Module, spec, widest: bool):
+    """A layer's `original` weight rounded to `spec` and back (in its own dtype), or a divergence that needs
+    no run: inf where the format's group does not divide the inputs, 0 for the ladder's widest format."""
+    rows = original.reshape(original.shape[0], -1) if isinstance(lin, nn.Conv2d) else original
+    if rows.shape[1] % spec.group_for(rows.shape[1]):
+        return float("inf")
+    if widest:
+        return 0.0
+    return awq.fake_quant(rows.float(), spec).reshape(original.shape).to(original.dtype)
+
+
+def _size(lin: nn.Module) -> tuple[int, int]:
+    w = lin.weight
+    return (int(w.shape[0]), int(w.numel() // w.shape[0]))
+
+
+def _sensitivity_whole_model(model, probe, names, specs, progress):
+    errors: dict[str, dict[str, float]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     with torch.no_grad():
         refs = [_output(model, x) for x in probe]
         for full in tqdm(names, desc="sensitivity", unit="layer", disable=None if progress is None else not progress):
             lin = model.get_submodule(full)
             original = lin.weight.data  # each trial is a new tensor: this one stays as it is
-            rows = original.reshape(original.shape[0], -1) if isinstance(lin, nn.Conv2d) else original
-            sizes[full] = tuple(rows.shape)
+            sizes[full] = _size(lin)
             errors[full] = {}
             try:
                 for i, spec in enumerate(specs):
-                    if rows.shape[1] % spec.group_for(rows.shape[1]):
-                        errors[full][spec.name] = float("inf")
+                    trial = _trial_weights(original, lin, spec, i == len(specs) - 1)
+                    if isinstance(trial, float):
+                        errors[full][spec.name] = trial
                         continue
-                    if i == len(specs) - 1:
-                        errors[full][spec.name] = 0.0
-                        continue
-                    lin.weight.data = awq.fake_quant(rows, spec).reshape(original.shape).to(original.dtype)
+                    lin.weight.data = trial
                     errors[full][spec.name] = sum(_divergence(r, _output(model, x)) for r, x in zip(refs, probe)) / len(probe)
             finally:
                 lin.weight.data = original
+    return errors, sizes
+
+
+class _Given(nn.Module):
+    """Stands for the embedding (zeros of its output's shape) or for the stack's one block (the hidden states
+    it is given), so that a forward of the model runs only what comes after the blocks."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool = False):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def _after_blocks(model: nn.Module, prefix: str, hidden: torch.Tensor, x: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """The model's output for `x` when its last block gives `hidden`: the stack replaced by one stand-in block
+    returning it and the embedding by zeros (whatever the model does before its blocks, and its weights,
+    may be gone), so only the final norm and the output layer run."""
+    stack = model.get_submodule(prefix)
+    table = model.get_input_embeddings()
+    table_name = next(n for n, m in model.named_modules() if m is table)
+    set_submodule(model, prefix, nn.ModuleList([_Given(hidden, as_tuple)]))
+    set_submodule(model, table_name, _Given(torch.zeros_like(hidden)))
+    try:
+        return _output(model, x)
+    finally:
+        set_submodule(model, prefix, stack)
+        set_submodule(model, table_name, table)
+
+
+def _sensitivity_by_block(model, stack, probe, names, specs, progress, around):
+    prefix, blocks = stack
+    errors: dict[str, dict[str, float]] = {n: {} for n in names}
+    sizes: dict[str, tuple[int, int]] = {}
+    trials: dict[tuple[str, str], list] = {}  # (layer, format) -> each probe's inputs to the next block
+    as_tuple = [False]
+
+    def through(block, inputs):
+        nxt = []
+        for args, kwargs in inputs:
+            out = block(*args, **kwargs)
+            as_tuple[0] = isinstance(out, (tuple, list))
+            out = first_output(out)
+            nxt.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
+        return nxt
+
+    bar = tqdm(total=len(blocks), desc="sensitivity", unit="block", disable=None if progress is None else not progress)
+    with torch.no_grad():
+        ref = capture_inputs(model, blocks[0], probe)
+        for i, block in enumerate(blocks):
+            name = f"{prefix}.{i}"
+            if around is not None:
+                around.enter(name, block)
+            for key, inputs in trials.items():  # the trials begun in earlier blocks, one block on
+                trials[key] = through(block, inputs)
+            for full in [n for n in names if n.startswith(name + ".")]:
+                lin = model.get_submodule(full)
+                original = lin.weight.data
+                sizes[full] = _size(lin)
+                try:
+                    for j, spec in enumerate(specs):
+                        trial = _trial_weights(original, lin, spec, j == len(specs) - 1)
+                        if isinstance(trial, float):
+                            errors[full][spec.name] = trial
+                            continue
+                        lin.weight.data = trial
+                        trials[(full, spec.name)] = through(block, ref)
+                finally:
+                    lin.weight.data = original
+            ref = through(block, ref)
+            if around is not None:
+                around.leave(name, block)
+            bar.update()
+        bar.close()
+        hidden = lambda inputs: [a[0] if a else k["hidden_states"] for a, k in inputs]  # noqa: E731
+        refs = [_after_blocks(model, prefix, h, x, as_tuple[0]) for h, x in zip(hidden(ref), probe)]
+        for (full, fmt), inputs in tqdm(list(trials.items()), desc="sensitivity outputs", unit="trial",
+                                        disable=None if progress is None else not progress):
+            outs = [_after_blocks(model, prefix, h, x, as_tuple[0]) for h, x in zip(hidden(inputs), probe)]
+            errors[full][fmt] = sum(_divergence(r, o) for r, o in zip(refs, outs)) / len(probe)
+            del trials[(full, fmt)]
     return errors, sizes
 
 
