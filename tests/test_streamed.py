@@ -83,9 +83,10 @@ def test_what_cannot_stream_says_why(tmp_path):
     folder = _folder(tmp_path)
     assert why_not_streamed(folder) is None
     assert "not a Hugging Face folder" in why_not_streamed(tmp_path)
-    with pytest.raises(ShrinkError, match="cannot stream .*: mixed precision"):
-        quantize_streamed(folder, None, shrink.quant.MixedPrecision(4.5), method="gptq",
-                          calibration=[torch.randint(0, 96, (1, 16))])
+    # mixed precision streams the blocks' layers; a budget that would choose for the output layer does not
+    assert why_not_streamed(folder, shrink.quant.MixedPrecision(4.5)) is None
+    assert "mixed precision would choose a format for the output layer 'lm_head'" in \
+        why_not_streamed(folder, shrink.quant.MixedPrecision(4.5), keep_output=False)
     with pytest.raises(ShrinkError, match=r"cannot stream .*: layer 'model.embed_tokens' outside the decoder blocks"):
         quantize_streamed(folder, None, {"*": "int8", "model.embed_tokens": "int8"})
     # a tensor the model does not name as such (a checkpoint transformers would have to rename)
@@ -185,3 +186,25 @@ def test_a_block_held_as_stored_computes_in_float32_one_layer_at_a_time():
         with float32_weights(mlp, torch.empty(10)):
             pass
     assert not any("forward" in m.__dict__ for m in mlp.modules())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_mixed_precision_streams_and_chooses_and_packs_what_it_does_in_memory(tmp_path, method):
+    from shrink.quant.mixed import MixedPrecision
+
+    folder = _folder(tmp_path, tie=False)
+    ids = list(torch.randint(3, 96, (4, 32), generator=torch.Generator().manual_seed(1)))
+    reference = _in_memory(folder, MixedPrecision(3.5), method=method, calibration=ids)
+    lines = []
+    done = quantize_streamed(folder, tmp_path / "q", MixedPrecision(3.5), method=method, calibration=ids,
+                             progress=False, say=lines.append)
+    want = shrink.info(reference)
+    assert shrink.info(done.model).formats == want.formats and len(set(want.formats.values()) - {None}) > 1
+    assert "measuring sensitivity" in lines[0] or "quantizing a block" in lines[0]
+    back = shrink.load(tmp_path / "q")
+    assert shrink.info(back).calibration["target_bits"] == 3.5
+    ref_state, got_state = _packed(reference.state_dict()), _packed(back.state_dict())
+    assert ref_state and set(ref_state) == set(got_state)
+    for k in ref_state:
+        assert torch.equal(ref_state[k], got_state[k]), k
+    assert done.estimate.phases["measuring sensitivity"]["trials' hidden states"] > 0

@@ -37,7 +37,8 @@ from ..quant.apply import fuse_back, output_layer_name, plan_job, validate_weigh
 from ..quant.experts import LinearExperts, all_tokens, fused_experts, unfuse_experts
 from ..quant.check import ForwardCheck, refuse_non_finite_tensor, relative_error, sample_input
 from ..quant.layerwise import capture_inputs, first_output, float32_weights, run_block
-from ..quant.mixed import MixedPrecision
+from ..quant.mixed import DEFAULT_LADDER, MixedPrecision, allocate
+from ..quant.spec import parse_format
 from ..quant.record import update_record
 from ..quant.replace import round_to_nearest, set_submodule
 
@@ -90,11 +91,10 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     """Why `folder` cannot be quantized block by block from disk (None when it can): it must be a Hugging
     Face causal LM with safetensors weights named as the model names its tensors, one stack of decoder
     blocks, and the job (`spec` with `target_bits` and `keep_output`, as `shrink.quantize` takes them; or
-    a planned `job`) must quantize only the blocks' layers and the output layer (mixed precision's
-    sensitivity pass and quantized embeddings need the whole model in memory so far)."""
+    a planned `job`) must quantize only the blocks' layers and the output layer (quantized embeddings need
+    the whole model in memory so far), and mixed precision (`target_bits`) choose formats for the blocks'
+    layers only."""
     folder = Path(folder)
-    if target_bits is not None or isinstance(spec, MixedPrecision):
-        return "mixed precision (--target-bits) measures every layer on the whole model"
     if not folder.is_dir() or not (folder / "config.json").is_file():
         return f"{folder} is not a Hugging Face folder"
     if not any(folder.glob("*.safetensors")):
@@ -113,20 +113,22 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     if job is None and spec is not None:
         with warnings.catch_warnings():  # said again when the job runs
             warnings.simplefilter("ignore")
-            job = plan_job(model, spec, keep_output=keep_output)
+            job = plan_job(model, spec, keep_output=keep_output, target_bits=target_bits,
+                           calibration=[] if target_bits is not None or isinstance(spec, MixedPrecision) else None)
     known = _tensor_names(model, checkpoint_names(model.config.model_type)[1]) if names else set(checkpoint.tensors)
     unknown = [k for k in checkpoint.tensors if k not in known]
     if unknown:
         return (f"the weights name tensors {type(model).__name__} does not have as such ({unknown[0]!r}"
                 f"{f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''}; transformers renames them on loading)")
     if job is not None:
-        if job.target_bits is not None:
-            return "mixed precision (--target-bits) measures every layer on the whole model"
         prefix = stacks[0][0] + "."
         head = output_layer_name(model)
         outside = [n for n, s in job.assignment.items() if s is not None and not n.startswith(prefix) and n != head]
         if outside:
             return f"layer {outside[0]!r} outside the decoder blocks is to be quantized"
+        if job.target_bits is not None and job.assignment.get(head) is not None:
+            return (f"mixed precision would choose a format for the output layer {head!r} too (its sensitivity pass "
+                    "streams the blocks' layers): keep the output layer, or load the model whole")
     return None
 
 
@@ -238,6 +240,13 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
                                max((int(w.shape[-1]) for w in windows), default=0), head)
     estimate.refuse_unless_fits("--samples and --seq-len lower the calibration's share" if job.needs_data else "")
     say(estimate.line())
+    mixed = None
+    if job.target_bits is not None:  # a first walk over the blocks measures each layer's sensitivity
+        ladder = tuple(job.ladder or DEFAULT_LADDER)
+        errors, sizes = _sensitivity(checkpoint, model, prefix, head, job, data.samples, ladder, progress)
+        chosen = allocate(errors, sizes, job.target_bits, ladder)
+        job.assignment.update({n: parse_format(f) for n, f in chosen.items()})
+        mixed = {"target_bits": job.target_bits, "ladder": list(ladder)}
     layout = planned_layout(model, job.assignment)
     walk = _Walk(checkpoint, model, prefix, head, job.assignment, layout, checkpoint_names(model.config.model_type)[1],
                  rounding=not job.needs_data)
@@ -256,7 +265,8 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
             report = quantize_calibrated(model, job.assignment, data.samples, job.recipe, backend=backend,
                                          progress=progress, around=walk)
             all_tokens(model, False)
-            record = {**job.calibration_record(data.record), "layers": report.layers, "warnings": report.warnings()}
+            record = {**job.calibration_record(data.record), **(mixed or {}), "layers": report.layers,
+                      "warnings": report.warnings()}
         else:
             from ..quant.layerwise import blockwise
 
@@ -352,6 +362,17 @@ def estimate_memory(model: nn.Module, checkpoint: Checkpoint, job, prefix: str, 
         if sum(parts.values()) > sum(worst.values()):
             worst = parts
     phases["quantizing a block"] = worst
+    if job.target_bits is not None and head is not None:
+        # every layer-and-format trial's hidden states (the probe: at most 256 tokens of the first window)
+        probe = min(256, length)
+        trials = sum(1 for n, s in job.assignment.items() if s is not None and n.startswith(prefix + ".")) \
+            * (len(job.ladder or DEFAULT_LADDER) - 1)
+        out = model.get_submodule(head)
+        phases["measuring sensitivity"] = {
+            "block in float32": max(4 * sum(p.numel() for p in b.parameters()) for b in blocks),
+            "output layer in float32": 4 * out.in_features * out.out_features,
+            "trials' hidden states": trials * probe * hidden * 4,
+            "one trial's output": 4 * probe * out.out_features * 4}
     biggest = max((checkpoint.nbytes([k]) for k in outside), default=0)
     phases["writing the tensors outside the blocks"] = {"largest tensor as stored": biggest}
     return MemoryEstimate("streamed quantization", resident_memory(), phases)
@@ -365,6 +386,35 @@ class _nowhere:
 
     def __exit__(self, *exc):
         return False
+
+
+def _sensitivity(checkpoint: Checkpoint, model: nn.Module, prefix: str, head: str, job, samples, ladder, progress):
+    """Mixed precision's sensitivity pass (calibrated.measure_sensitivity) over the blocks read from disk one
+    at a time in float32, then the final norm and the output layer (float32) for every trial's output."""
+    from ..quant.calibrated import measure_sensitivity
+
+    walk = _Walk(checkpoint, model, prefix, head, job.assignment, "", checkpoint_names(model.config.model_type)[1])
+    walk.load_rest()
+    walk.load_head()
+    try:
+        return measure_sensitivity(model, samples, job.assignment, ladder, progress=progress, around=_Reading(walk))
+    finally:
+        release(model.get_submodule(head))
+        release_freed_memory()
+
+
+class _Reading:
+    """Around each block of the sensitivity pass: its tensors read (float32) before, let go after."""
+
+    def __init__(self, walk: "_Walk"):
+        self.walk = walk
+
+    def enter(self, name: str, block: nn.Module) -> None:
+        self.walk.fill_block(name, block)
+
+    def leave(self, name: str, block: nn.Module) -> None:
+        release(block)
+        release_freed_memory()
 
 
 def rounded_weights(model: nn.Module, prefix: str, assignment) -> dict[str, int]:
@@ -430,7 +480,22 @@ class _Walk:
             refuse_non_finite_tensor(name, state[name])
         self.hook = table.register_forward_hook(lambda _m, _a, out: out.float() if out.is_floating_point() else out)
 
+    def load_head(self) -> None:
+        """The output layer in float32 (its own tensors, or the embedding table's when tied)."""
+        if self.head_key is None:
+            raise ShrinkError(f"{self.checkpoint.where}: no tensor holds the output layer {self.head!r}'s weight")
+        lin = self.model.get_submodule(self.head)
+        self.checkpoint.fill(lin, self.head + ".", torch.float32, only=lambda n: not n.endswith(".weight"))
+        lin.weight = nn.Parameter(self.checkpoint.tensor(self.head_key).float(), requires_grad=False)
+
     def enter(self, name: str, block: nn.Module) -> None:
+        self.fill_block(name, block)
+        with float32_weights(block, self.workspace) if self.workspace is not None else nullcontext():
+            self.original = run_block(block, self.original)  # (each layer's weight is checked as it is quantized)
+
+    def fill_block(self, name: str, block: nn.Module) -> None:
+        """The block's tensors from the checkpoint (the embedding let go once the first block's inputs are
+        captured), and the next block's read ahead."""
         if self.hook is not None:  # the first block's inputs are captured: the embedding is not needed again
             self.hook.remove()
             self.hook = None
@@ -448,8 +513,6 @@ class _Walk:
         # one held a moment ago: the peak is the same)
         after = f"{self.prefix}{int(name[len(self.prefix):]) + 1}."
         self.checkpoint.read_ahead(k for k in self.checkpoint.tensors if k.startswith(after))
-        with float32_weights(block, self.workspace) if self.workspace is not None else nullcontext():
-            self.original = run_block(block, self.original)  # (each layer's weight is checked as it is quantized)
 
     def _fill_experts(self, m: LinearExperts, path: str) -> None:
         """Each expert's Linear layers from the checkpoint: slices of the fused 3-D tensors, or the expert's
