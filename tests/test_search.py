@@ -457,3 +457,42 @@ def test_a_resumed_search_believes_no_stored_record_without_checking_it(tmp_path
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) .replace('"rtn:int8"', '"rtn:int4"') + "\n")
     with pytest.raises(ShrinkError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(needle)):
         search_run._read_results(path, con)
+
+
+def test_one_model_at_a_time_finds_what_holding_both_finds(tmp_path, monkeypatch):
+    # the original runs once, alone, its outcomes kept on disk; each candidate is quantized block by block
+    # from the folder and loaded from there: the same comparisons as with the original in memory
+    from helpers import tiny_llama, tiny_tokenizer, word_text
+
+    tok, m = tiny_tokenizer(), tiny_llama(tie=False)
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"id": f"e{i}", "input": word_text(5, seed=i), "target": word_text(1, seed=50 + i),
+                                        "match": "contains", "max_new_tokens": 3}) + "\n" for i in range(6)))
+    cands = [Candidate("rtn:int8", "rtn", "int8"), Candidate("rtn:int4-g32", "rtn", "int4-g32")]
+    kw = dict(candidates=cands, keep_order=True, max_drop=100, progress=False)
+    together = shrink.search(str(tmp_path / "m"), str(task), out=tmp_path / "a", one_at_a_time=False, **kw)
+    alone = shrink.search(str(tmp_path / "m"), str(task), out=tmp_path / "b", one_at_a_time=True, **kw)
+    assert (tmp_path / "b" / "original-outcomes").is_dir() and not (tmp_path / "a" / "original-outcomes").exists()
+    assert [r.name for r in alone.results] == [r.name for r in together.results] == ["rtn:int8", "rtn:int4-g32"]
+    for a, b in zip(together.results, alone.results):
+        assert (a.change, a.kl_mean, a.qualifies) == (b.change, b.kl_mean, b.qualifies)
+        # sizes as written: block by block, the kept tensors stay bf16 as stored (in memory they were loaded
+        # as float32, and are saved so)
+        assert b.size_bytes < a.size_bytes
+    assert alone.recommendation.name == together.recommendation.name
+    from shrink.entrypoints.search.measure import weights_bytes
+
+    assert weights_bytes(tmp_path / "b" / "best") == alone.recommendation.size_bytes
+    best = shrink.load(tmp_path / "b" / "best")
+    assert torch.equal(best.model.layers[0].mlp.down_proj.qweight, shrink.load(tmp_path / "a" / "best").model.layers[0].mlp.down_proj.qweight)
+    # resumed with another candidate: the stored outcomes serve, the original is not run over the task again
+    more = cands + [Candidate("rtn:int4-g64", "rtn", "int4-g64")]
+    monkeypatch.setattr(shrink.evaluate, "store_original", lambda *a, **k: pytest.fail("the original ran again"))
+    again = shrink.search(str(tmp_path / "m"), str(task), out=tmp_path / "b", one_at_a_time=True, resume=True,
+                          **{**kw, "candidates": more})
+    assert [r.name for r in again.results][-1] == "rtn:int4-g64"
+    with pytest.raises(ShrinkError, match="one model at a time: students are distilled from the original in memory"):
+        shrink.search(str(tmp_path / "m"), str(task), out=tmp_path / "c", one_at_a_time=True,
+                      candidates=[Candidate("student", "rtn", "int8", student="every-other")], distill_data=str(task))

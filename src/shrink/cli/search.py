@@ -62,11 +62,15 @@ def _search_options(f):
               help="Judge each candidate in shrink's own runtime, or exported to GGUF and run by llama.cpp (its size "
                    "the file's, its latency llama.cpp's; the recommendation is written to OUT/best.gguf too). "
                    "llama.cpp needs llama-cpp-python: bash scripts/setup.sh --llama-cpp.")
+@click.option("--one-at-a-time/--together", "one_at_a_time", default=None,
+              help="For a Hugging Face folder: hold one model at a time (the original runs over the task once, its "
+                   "outcomes kept in OUT/original-outcomes; each candidate is quantized block by block from the "
+                   "folder). Default: when the original and a copy of it would not fit in memory together.")
 
 
 def search_command(model, task, out, max_drop, relative, max_size, max_latency, objective, time_budget, max_trials,
            max_new_tokens, resume, force, calibration, methods, samples, seq_len, distill_data, students, distill_time,
-           runtime):
+           runtime, one_at_a_time):
     """Find the smallest (or fastest) compressed MODEL that stays within tolerance on your task.
 
     Tries round-to-nearest from 8 bits down, then (with --calibration) calibrated methods and mixed
@@ -90,24 +94,28 @@ def search_command(model, task, out, max_drop, relative, max_size, max_latency, 
         raise ShrinkError(f"{calibration}: calibration file not found")
     distill_seconds = parse_duration(distill_time, "--distill-time")
     with _claim_search(out, resume, force):
-        with console.status("loading model"):
-            from ..io import read_model
+        if one_at_a_time is not False and Path(model).is_dir():
+            loaded = model  # a folder: search decides whether to hold one model at a time, and loads it
+        else:
+            with console.status("loading model"):
+                from ..io import read_model
 
-            loaded = read_model(model)
+                loaded = read_model(model)
         result = search(loaded, task, out=out, constraints=con, calibration=calibration, methods=meths,
                             n_samples=samples, seq_len=seq_len, distill_data=distill_data,
                             students=tuple(s.strip() for s in students.split(",") if s.strip()),
                             distill_seconds=distill_seconds, resume=resume, force=force,
-                            max_new_tokens=max_new_tokens, console=console, runtime=runtime)
+                            max_new_tokens=max_new_tokens, console=console, runtime=runtime,
+                            one_at_a_time=one_at_a_time)
     _print_search(result)
 
 
 def _claim_search(out: Path, resume: bool, force: bool):
     """The search folder, held from before the model loads (so a bad --out costs nothing)."""
     from ..core.outdir import claim
-    from ..entrypoints.search.run import OUT_NAMES
+    from ..entrypoints.search.run import ORIGINAL_OUTCOMES, OUT_NAMES
 
-    return claim(out, "search", OUT_NAMES, force=force, resume=resume)
+    return claim(out, "search", OUT_NAMES, force=force, resume=resume, keep=(ORIGINAL_OUTCOMES,))
 
 
 DEMO_CANDIDATES = (("rtn", "int8"), ("rtn", "int4-g32"), ("awq+gptq", "int4-g32"), ("awq+gptq", "int4-g64"),

@@ -112,7 +112,7 @@ def _original_alone(original, compressed, task, tokenizer, where: Path, reuse: b
     from ..io.models import loaded_size, read_tokenizer
 
     run = {k: options[k] for k in ("scorer", "chat_template", "max_new_tokens", "batch_size") if k in options}
-    key = _outcomes_key(original, task, tokenizer, run)
+    key = outcomes_key(original, task, tokenizer, run)
     folder = where / ORIGINAL_OUTCOMES
     stored = StoredOutcomes.open(folder, key) if reuse else None
     if stored is not None:
@@ -136,7 +136,7 @@ def _original_alone(original, compressed, task, tokenizer, where: Path, reuse: b
     return stored.adapter(), tok, name, stored
 
 
-def _outcomes_key(original, task, tokenizer, run: dict) -> str:
+def outcomes_key(original, task, tokenizer, run: dict) -> str:
     """What the original's outcomes depend on: its files (names, sizes, modification times), the task's
     examples, a given tokenizer's vocabulary and the options that change what it computes."""
     import hashlib

@@ -14,7 +14,7 @@ from ...io import read_manifest, save
 from ...io.manifest import weights_file
 from ...io.shards import Checkpoint
 
-__all__ = ["disk_bytes", "memory_bytes", "seconds_per_token"]
+__all__ = ["disk_bytes", "memory_bytes", "seconds_per_token", "weights_bytes"]
 
 memory_bytes = model_bytes  # parameters and buffers as held in memory, tied tensors once
 
@@ -23,6 +23,11 @@ def disk_bytes(model: nn.Module, folder: Path, tokenizer=None) -> int:
     """Save `model` to `folder` as shrink saves any model and return the size of its weights file
     (config, manifest and tokenizer are the same few kilobytes for every candidate)."""
     save(model, folder, tokenizer=tokenizer)
+    return weights_bytes(folder)
+
+
+def weights_bytes(folder: Path) -> int:
+    """The size of the weights files of the model shrink saved in `folder` (one file or shards)."""
     return sum(f.stat().st_size for f in Checkpoint(folder, weights_file(read_manifest(folder))).files)
 
 

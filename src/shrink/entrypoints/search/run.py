@@ -7,6 +7,7 @@ The folder of a search:
     students/       distilled students (each resumable from its own checkpoints)
     best/           the recommended model so far, loadable with shrink.load
     best.gguf       with runtime "llama.cpp": the recommended model as the GGUF file llama.cpp was measured on
+    original-outcomes/   one model at a time: the original's outcomes on the task, reused on resume
     report.html, report.md, results.json   written at the end
 """
 
@@ -36,11 +37,12 @@ from ...evaluate.paired import allowed_drop, estimate_seconds, finite, task_too_
 from ...evaluate.tasks import Task, load_task
 from ...io import read_model, resolve
 from ...io.manifest import read_json
+from ..compare import ORIGINAL_OUTCOMES
 from ..distill import distill
 from .candidates import Candidate, build, order, quantization_candidates, skip_reason, student_candidates
 from .constraints import Constraints, human_bytes
 from .frontier import explain, judge, pareto, recommend
-from .measure import disk_bytes, memory_bytes, seconds_per_token
+from .measure import disk_bytes, memory_bytes, seconds_per_token, weights_bytes
 from .records import CandidateResult, Original, Skipped, TaskSummary
 
 RESULTS, CONFIG = "results.jsonl", "search.json"
@@ -48,7 +50,7 @@ BROKE_KEPT = 20  # examples a candidate broke kept with both answers, for the re
 EVAL_BATCH = 16  # examples a comparison runs together (1 when latency per example is constrained)
 # what a search writes in its folder (outdir.claim refuses a folder holding anything else)
 OUT_NAMES = (CONFIG, RESULTS, "students", "best", "best.gguf", "report.html", "report.md", "results.json", ".candidate",
-             ".candidate.gguf", ".original")
+             ".candidate.gguf", ".original", ORIGINAL_OUTCOMES)
 
 
 @dataclass
@@ -211,7 +213,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
            distill_seconds: float = 600.0, distill_options: dict | None = None, tokenizer=None,
            resume: bool = False, force: bool = False, max_new_tokens: int = 32, progress: bool | None = None,
            console: Console | None = None, runtime: str = "shrink", keep_order: bool = False,
-           **constraint_options) -> SearchResult:
+           one_at_a_time: bool | None = None, **constraint_options) -> SearchResult:
     """Search compressed versions of `model` for the best one under `constraints`, measured on `task`.
 
     model: a module, a LoadedModel, or a name/path for `shrink.io.read_model` ("default", .gguf, folders).
@@ -233,6 +235,12 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     file's, its latency llama.cpp's; candidates no GGUF type holds exactly are recorded as errors; the
     recommended file is out/best.gguf). Needs llama-cpp-python.
     keep_order: measure `candidates` in the order given (default False: cheap and likely-good first).
+    one_at_a_time: for a Hugging Face folder given by its path, hold one model at a time: the original runs
+    over the task once, its outcomes kept in out/original-outcomes (reused on resume), and is let go; each
+    candidate is quantized block by block from the folder's weights into out/.candidate and loaded from there
+    (default None: when the original and a copy to quantize would not fit in memory together). Students
+    (distillation) and runtime "llama.cpp" need the original in memory and are refused so. The original's
+    size is then its weights as stored in the folder.
     A task too small to tell a change of max_drop is said so (a warning) before anything runs, and a `time`
     that cannot hold one candidate (the original's run over the task and the candidate's, estimated from one
     batch of each kind of example) is refused.
@@ -247,10 +255,11 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         raise ShrinkError(llama_cpp_missing())
     if constraint_options and constraints is not None:
         raise ShrinkError("give constraints either as a Constraints or as keywords, not both")
-    with claim(out, "search", OUT_NAMES, force=force, resume=resume):
+    with claim(out, "search", OUT_NAMES, force=force, resume=resume, keep=(ORIGINAL_OUTCOMES,)):
         con = constraints or Constraints.of(**constraint_options)
         console = console or Console(quiet=progress is False)
         out = Path(out)
+        source = _streamed_source(model, one_at_a_time, runtime, distill_data, candidates, console)
         original, tok, name = resolve(model, tokenizer)
         name = name or type(original).__name__
         original.eval()
@@ -265,7 +274,8 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         options = _BuildOptions(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
         candidates = _candidates(candidates, options, methods, students, keep_order)
         _check_size_is_reachable(original, con, candidates)
-        _compile_ahead(original)  # no budget of the user's is spent compiling
+        if source is None:
+            _compile_ahead(original)  # no budget of the user's is spent compiling
         t_start = time.perf_counter()
         if con.time is not None:
             _check_time_is_enough(con, estimate_seconds(adapter, task, _eval_batch(con)), len(task.examples), runtime)
@@ -280,7 +290,12 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
                                   "distill_data": str(distill_data) if distill_data else None, "runtime": runtime})
         (out / RESULTS).touch()
 
-        run = _Run(original, tok, name, task, con, out, options, runtime, max_new_tokens, progress, console)
+        alone = None
+        if source is not None:  # the original's outcomes kept on disk, the original let go
+            alone = _outcomes_alone(original, tok, name, source, task, tokenizer, out, con, max_new_tokens, progress)
+            original = alone[1].adapter()
+        run = _Run(original, tok, name, task, con, out, options, runtime, max_new_tokens, progress, console,
+                   source=source, alone=alone)
         skipped, untried = [], []
         for c in candidates:
             if c.name in {r.name for r in results}:
@@ -392,18 +407,77 @@ def _resumed(out: Path, identity: dict, con: Constraints, runtime: str, console)
     return results
 
 
+def _streamed_source(model, one_at_a_time: bool | None, runtime: str, distill_data, candidates, console) -> Path | None:
+    """The Hugging Face folder the candidates are to be quantized from block by block, one model at a time,
+    or None (the original held in memory): `one_at_a_time` True asks for it (refused, saying why, where it
+    cannot be), None chooses it when the original and a copy of it would not fit in memory together."""
+    from ...core.memory import available_memory
+    from ...io.models import loaded_size, model_path
+    from ..streamed import why_not_streamed
+
+    if one_at_a_time is False or not isinstance(model, (str, os.PathLike)):
+        if one_at_a_time:
+            raise ShrinkError("one model at a time needs the original given by the path of its Hugging Face folder")
+        return None
+    path = model_path(model)
+    if one_at_a_time is None:
+        need, avail = 2 * loaded_size(path), available_memory()
+        if not (avail is not None and need > 0.8 * avail and why_not_streamed(path) is None):
+            return None
+        console.print(f"note: the original and a copy of it to quantize need about {need / 1e9:.1f} GB, more than the "
+                      f"{avail / 1e9:.1f} GB available allows: one model at a time (candidates quantized block by block "
+                      f"from {path}; the original's outcomes kept in the search folder)")
+    why = why_not_streamed(path) or (
+        "runtime llama.cpp exports each candidate beside the original in memory" if runtime != "shrink" else None) or (
+        "students are distilled from the original in memory" if distill_data is not None
+        or any(c.student for c in candidates or []) else None)
+    if why:
+        raise ShrinkError(f"one model at a time: {why}")
+    return path
+
+
+def _outcomes_alone(original, tok, name, source: Path, task, tokenizer, out: Path, con, max_new_tokens, progress):
+    """(the original's record, its StoredOutcomes in out/original-outcomes): its size as stored, memory and
+    speed measured, its outcomes on the task computed (or found there from an earlier run of this search
+    with the same original files, task and options) before it is let go."""
+    import gc
+
+    from ...core.memory import release_freed_memory
+    from ...evaluate import StoredOutcomes, store_original
+    from ...io.shards import Checkpoint
+    from ..compare import outcomes_key
+
+    run = {"max_new_tokens": max_new_tokens, "batch_size": _eval_batch(con)}
+    key = outcomes_key(source, task, tokenizer, run)
+    stored = StoredOutcomes.open(out / ORIGINAL_OUTCOMES, key)
+    if stored is None:
+        stored = store_original(original, task, out / ORIGINAL_OUTCOMES, key, tokenizer=tok, progress=progress, **run)
+    size = sum(f.stat().st_size for f in Checkpoint(source).files)
+    info = Original(name, size, memory_bytes(original), seconds_per_token(original, tok))
+    del original
+    gc.collect()
+    release_freed_memory()
+    return info, stored
+
+
 class _Run:
     """One search's measuring: the original (measured once; its outcomes on the task cached for every
-    comparison), the students trained so far, and how long candidates take."""
+    comparison), the students trained so far, and how long candidates take. source: the Hugging Face
+    folder candidates are quantized from block by block (one model at a time; `alone` is then the
+    original's record and stored outcomes, and `original` their stand-in)."""
 
-    def __init__(self, original, tok, name, task, con, out, options, runtime, max_new_tokens, progress, console):
+    def __init__(self, original, tok, name, task, con, out, options, runtime, max_new_tokens, progress, console,
+                 source: Path | None = None, alone=None):
         self.original, self.tok, self.name, self.task, self.con, self.out = original, tok, name, task, con, out
         self.options, self.runtime, self.max_new_tokens = options, runtime, max_new_tokens
-        self.progress, self.console = progress, console
-        self.cache: dict = {}
+        self.progress, self.console, self.source = progress, console, source
+        self.cache = alone[1] if alone else {}
         self.batch_size = _eval_batch(con)
         self.trained: dict[str, nn.Module] = {}
         self.durations: list[float] = []
+        if alone:
+            self.original_info = alone[0]
+            return
         remove_own(out / ".original")
         orig_size = disk_bytes(original, out / ".original", tok)
         remove_own(out / ".original")
@@ -421,6 +495,8 @@ class _Run:
         t0 = time.perf_counter()
         try:
             model = self.build(c)
+        except _NotStreamed as e:
+            return self._failed(c, str(e), "not built")
         except ShrinkError:
             raise
         except Exception as e:  # one candidate that cannot be built must not end the search
@@ -447,8 +523,11 @@ class _Run:
             self.original_info.latency_example = comp.original["seconds_per_example"]
             self.original_info.score = comp.overall.original
         staging = self.out / ".candidate"
-        remove_own(staging)
-        size = disk_bytes(model, staging, self.tok) if shipped is None else _also_saved(model, staging, self.tok, shipped)
+        if self.source is not None:  # built there, block by block
+            size = weights_bytes(staging)
+        else:
+            remove_own(staging)
+            size = disk_bytes(model, staging, self.tok) if shipped is None else _also_saved(model, staging, self.tok, shipped)
         record = judge(_measured(c, comp, size, memory_bytes(model), latency_token, build_s,
                                  time.perf_counter() - t0), self.con, comp.allowed_drop())  # compared with max_drop
         _append(self.out / RESULTS, record)
@@ -468,8 +547,11 @@ class _Run:
         return record
 
     def build(self, c: Candidate) -> nn.Module:
-        """The candidate's model, training its student first when it has one not trained yet."""
+        """The candidate's model, training its student first when it has one not trained yet; one model at a
+        time: quantized block by block from the source folder into out/.candidate and loaded from there."""
         r = self.options
+        if self.source is not None:
+            return self._streamed(c)
         if c.student and c.student not in self.trained:
             self.trained[c.student] = _train_student(c.student, self.original, self.tok, r.distill_data, self.out,
                                                      r.distill_seconds, r.distill_options, self.progress)
@@ -483,12 +565,34 @@ class _Run:
             self.original_info.latency_example = done[0].original_latency_example
             self.original_info.score = done[0].original_score
 
+    def _streamed(self, c: Candidate) -> nn.Module:
+        from ...io import load
+        from ...quant.mixed import MixedPrecision
+        from ...quant.recipe import parse_method
+        from ..streamed import quantize_streamed
+
+        if c.method is None or c.student:
+            raise _NotStreamed(f"candidate {c.name} is not a quantization of the original")
+        r, staging = self.options, self.out / ".candidate"
+        remove_own(staging)
+        spec = MixedPrecision(c.target_bits) if c.target_bits is not None else c.format
+        try:
+            quantize_streamed(self.source, staging, spec, method=parse_method(c.method),
+                              calibration=r.calibration if c.needs_calibration else None, n_samples=r.n_samples,
+                              seq_len=r.seq_len, progress=self.progress, say=lambda line: self.console.print(f"  {line}"))
+        except ShrinkError as e:
+            if str(e).startswith("cannot stream"):
+                raise _NotStreamed(str(e)) from None
+            raise
+        return load(staging)
+
     def rebuild_best(self, best: CandidateResult) -> None:
         """best/ went missing (removed by hand, or the best was found before a crash in promoting it): build it again."""
         model = self.build(best.candidate)
         staging = self.out / ".candidate"
-        remove_own(staging)
-        disk_bytes(model, staging, self.tok)
+        if self.source is None:
+            remove_own(staging)
+            disk_bytes(model, staging, self.tok)
         write_json(staging / "candidate.json", best.to_json())
         swap_in(staging, self.out / "best")
         if self.runtime == "llama.cpp":
@@ -499,13 +603,18 @@ class _Run:
                         source_gguf=source_gguf_of(self.original), force=True)
 
     def _original_seconds(self) -> float:
-        return sum(v[1] for v in self.cache.values())
+        # (one model at a time: the original ran before any candidate, and its stored outcomes are on disk)
+        return 0.0 if self.source is not None else sum(v[1] for v in self.cache.values())
 
     def _failed(self, c: Candidate, error: str, verb: str) -> CandidateResult:
         record = CandidateResult.failed(c, error)
         self.console.print(f"[red]{c.name}{' ' + verb if verb else ''}[/red]: {error}")
         _append(self.out / RESULTS, record)
         return record
+
+
+class _NotStreamed(Exception):
+    """A candidate that cannot be quantized block by block from the source folder (recorded as failed)."""
 
 
 def _measured(c: Candidate, comp, size: int, memory: int, latency_token, build_s: float, seconds: float):
