@@ -292,8 +292,14 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
 
         alone = None
         if source is not None:  # the original's outcomes kept on disk, the original let go
+            import gc
+
+            from ...core.memory import release_freed_memory
+
             alone = _outcomes_alone(original, tok, name, source, task, tokenizer, out, con, max_new_tokens, progress)
-            original = alone[1].adapter()
+            original = adapter = alone[1].adapter()
+            gc.collect()
+            release_freed_memory()
         run = _Run(original, tok, name, task, con, out, options, runtime, max_new_tokens, progress, console,
                    source=source, alone=alone)
         skipped, untried = [], []
@@ -439,10 +445,7 @@ def _streamed_source(model, one_at_a_time: bool | None, runtime: str, distill_da
 def _outcomes_alone(original, tok, name, source: Path, task, tokenizer, out: Path, con, max_new_tokens, progress):
     """(the original's record, its StoredOutcomes in out/original-outcomes): its size as stored, memory and
     speed measured, its outcomes on the task computed (or found there from an earlier run of this search
-    with the same original files, task and options) before it is let go."""
-    import gc
-
-    from ...core.memory import release_freed_memory
+    with the same original files, task and options), for the caller to let it go."""
     from ...evaluate import StoredOutcomes, store_original
     from ...io.shards import Checkpoint
     from ..compare import outcomes_key
@@ -453,11 +456,7 @@ def _outcomes_alone(original, tok, name, source: Path, task, tokenizer, out: Pat
     if stored is None:
         stored = store_original(original, task, out / ORIGINAL_OUTCOMES, key, tokenizer=tok, progress=progress, **run)
     size = sum(f.stat().st_size for f in Checkpoint(source).files)
-    info = Original(name, size, memory_bytes(original), seconds_per_token(original, tok))
-    del original
-    gc.collect()
-    release_freed_memory()
-    return info, stored
+    return Original(name, size, memory_bytes(original), seconds_per_token(original, tok)), stored
 
 
 class _Run:
