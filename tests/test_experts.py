@@ -192,3 +192,22 @@ def test_llama_cpp_runs_an_exported_mixtral_as_shrink_does(tmp_path):
     # order, gate/up split or router would move them by whole units
     assert (lp.exp() - ref.exp()).abs().max() < 0.05
     assert (lp.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_mixed_precision_on_a_mixture_streams_and_chooses_what_it_chooses_in_memory(tmp_path):
+    from shrink.entrypoints.streamed import quantize_streamed
+    from shrink.quant.mixed import MixedPrecision
+
+    tiny_moe("mixtral").to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="60KB")
+    ids = list(torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3)))
+    reference = shrink.quantize(shrink.io.read_model(tmp_path / "hf").model, MixedPrecision(3.5), calibration=ids,
+                                progress=False)
+    done = quantize_streamed(tmp_path / "hf", tmp_path / "q", MixedPrecision(3.5), calibration=ids, progress=False,
+                             say=lambda line: None)
+    formats = shrink.info(reference).formats
+    assert shrink.info(done.model).formats == formats and len(set(formats.values()) - {None}) > 1
+    assert any(".experts." in n for n, f in formats.items() if f is not None)
+    back = shrink.load(tmp_path / "q").state_dict()
+    for k, v in reference.state_dict().items():
+        if k.endswith((".qweight", ".scales")):
+            assert torch.equal(v, back[k]), k
