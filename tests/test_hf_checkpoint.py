@@ -227,6 +227,17 @@ def test_a_sharded_folder_is_read_whole_and_a_tensor_at_a_time_as_stored(tmp_pat
     ck.read_ahead(block)
     got = ck.read(block + ["model.norm.weight"])
     assert list(got) == block + ["model.norm.weight"] and all(torch.equal(got[k], state[k]) for k in got)
+    # mapped instead of copied: the same values, alive after the checkpoint is gone, and a private mapping:
+    # writing to a tensor changes neither the file nor what is read next
+    mapped = Checkpoint(folder)
+    mapped.mapped = True
+    mapped.read_ahead(block)
+    got = mapped.read(block)
+    del mapped
+    assert all(torch.equal(got[k], state[k]) for k in block)
+    got[name].mul_(2)
+    assert torch.equal(ck.tensor(name), state[name]) and not torch.equal(got[name], state[name])
+    del got  # (a mapping of a file cut short under it would fault on its lost pages)
     file = ck.tensors[name].file
     file.write_bytes(file.read_bytes()[:-100])  # the shard cut short after its headers were read
     ck.read_ahead([name])

@@ -56,6 +56,9 @@ class Checkpoint:
     def __init__(self, folder: str | Path, weights: str = SINGLE):
         self.folder = Path(folder)
         self._reader = self._ahead = None  # the background reader of `read_ahead`, and what it is reading
+        # read by mapping each tensor's bytes (copy on write) rather than copying them into new memory: for
+        # a job that reads each tensor once and lets it go (a streamed quantization), see `read`
+        self.mapped = False
         self.index = self.folder / (weights + ".index.json")
         self.where = self.index if self.index.is_file() else self.folder / weights  # named in errors
         if self.index.is_file():
@@ -103,7 +106,10 @@ class Checkpoint:
         """The tensors `names`, read as stored, each file opened once. Each is read straight into memory of
         its own (not mapped: a mapped file's pages would count in the process's memory until unmapped, and
         a copy out of them would double the largest tensor at the peak). Those `read_ahead` fetched are
-        taken from there (an error it met is raised here)."""
+        taken from there (an error it met is raised here). With `mapped` set, each tensor is instead a private
+        mapping of its own bytes, let go with it: no copy and no new memory to clear, for jobs that read a tensor
+        once and drop it (the pages it touched count as resident until then); `read_ahead` then asks the
+        kernel to fetch them."""
         names = list(names)
         got = {}
         if self._ahead is not None and not self._ahead[0].isdisjoint(names):
@@ -128,10 +134,12 @@ class Checkpoint:
                     for k in keys:
                         stored = self.tensors[k]
                         start, end = offsets[stored.key or k]
-                        buf = torch.empty(end - start, dtype=torch.uint8)
-                        f.seek(start)
-                        if f.readinto(buf.numpy()) != end - start:
-                            raise ShrinkError(f"{file}: cut short inside tensor {k!r}")
+                        buf = _mapped(f, start, end) if self.mapped and end > start else None
+                        if buf is None:
+                            buf = torch.empty(end - start, dtype=torch.uint8)
+                            f.seek(start)
+                            if f.readinto(buf.numpy()) != end - start:
+                                raise ShrinkError(f"{file}: cut short inside tensor {k!r}")
                         out[k] = buf.view(DTYPES[stored.dtype]).reshape(stored.shape)
             except (OSError, KeyError) as e:
                 raise ShrinkError(f"{file}: cannot read ({type(e).__name__}: {str(e)[:160]})") from None
@@ -177,6 +185,19 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its file in its stored dtype (a copy of its own, in aligned memory)."""
         return self.read([name])[name]
+
+
+def _mapped(f, start: int, end: int) -> torch.Tensor | None:
+    """Bytes start..end of the open file `f` as a uint8 tensor over a private mapping of just them (unmapped when
+    the tensor goes), the kernel asked to read them ahead; None where they would not be aligned for their dtype."""
+    import mmap
+
+    lead = start % mmap.ALLOCATIONGRANULARITY
+    if lead % 8:  # safetensors aligns tensors to 8 bytes from the end of its header
+        return None
+    m = mmap.mmap(f.fileno(), end - start + lead, access=mmap.ACCESS_COPY, offset=start - lead)
+    m.madvise(mmap.MADV_WILLNEED)
+    return torch.frombuffer(m, dtype=torch.uint8, count=end - start, offset=lead)
 
 
 def _offsets(file: Path) -> dict[str, tuple[int, int]]:
