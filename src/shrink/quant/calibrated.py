@@ -109,6 +109,23 @@ def _trial_weights(original: torch.Tensor, lin: nn.Module, spec, widest: bool):
     return awq.fake_quant(rows.float(), spec).reshape(original.shape).to(original.dtype)
 
 
+def _each_trial(lin: nn.Module, specs, fixed: dict):
+    """Give `lin` each format's rounding of its weight in turn, yielding the format's name; a format that needs
+    no run has its divergence put in `fixed` instead. The weight is put back after (each trial is a new
+    tensor: the original stays as it is)."""
+    original = lin.weight.data
+    try:
+        for i, spec in enumerate(specs):
+            trial = _trial_weights(original, lin, spec, i == len(specs) - 1)
+            if isinstance(trial, float):
+                fixed[spec.name] = trial
+                continue
+            lin.weight.data = trial
+            yield spec.name
+    finally:
+        lin.weight.data = original
+
+
 def _size(lin: nn.Module) -> tuple[int, int]:
     w = lin.weight
     return (int(w.shape[0]), int(w.numel() // w.shape[0]))
@@ -121,19 +138,10 @@ def _sensitivity_whole_model(model, probe, names, specs, progress):
         refs = [_output(model, x) for x in probe]
         for full in tqdm(names, desc="sensitivity", unit="layer", disable=None if progress is None else not progress):
             lin = model.get_submodule(full)
-            original = lin.weight.data  # each trial is a new tensor: this one stays as it is
             sizes[full] = _size(lin)
             errors[full] = {}
-            try:
-                for i, spec in enumerate(specs):
-                    trial = _trial_weights(original, lin, spec, i == len(specs) - 1)
-                    if isinstance(trial, float):
-                        errors[full][spec.name] = trial
-                        continue
-                    lin.weight.data = trial
-                    errors[full][spec.name] = sum(_divergence(r, _output(model, x)) for r, x in zip(refs, probe)) / len(probe)
-            finally:
-                lin.weight.data = original
+            for fmt in _each_trial(lin, specs, errors[full]):
+                errors[full][fmt] = sum(_divergence(r, _output(model, x)) for r, x in zip(refs, probe)) / len(probe)
     return errors, sizes
 
 
@@ -192,18 +200,9 @@ def _sensitivity_by_block(model, stack, probe, names, specs, progress, around):
                 trials[key] = through(block, inputs)
             for full in [n for n in names if n.startswith(name + ".")]:
                 lin = model.get_submodule(full)
-                original = lin.weight.data
                 sizes[full] = _size(lin)
-                try:
-                    for j, spec in enumerate(specs):
-                        trial = _trial_weights(original, lin, spec, j == len(specs) - 1)
-                        if isinstance(trial, float):
-                            errors[full][spec.name] = trial
-                            continue
-                        lin.weight.data = trial
-                        trials[(full, spec.name)] = through(block, ref)
-                finally:
-                    lin.weight.data = original
+                for fmt in _each_trial(lin, specs, errors[full]):
+                    trials[(full, fmt)] = through(block, ref)
             ref = through(block, ref)
             if around is not None:
                 around.leave(name, block)
