@@ -115,3 +115,20 @@ def test_compiled_rounding_refuses_what_the_pytorch_path_refuses():
         round_packed(_w(8, 64) * 1e6, spec, "blk.q")
     assert round_packed(_w(8, 64), parse_format("int4-g32-asym")) is None  # not its format: PyTorch's
     assert round_packed(_w(8, 40), parse_format("int8")) is None  # 40 inputs: not blocks of 32
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int3-g32", "int4-g64-asym", "int8"])
+def test_rounding_in_a_workspace_gives_the_same_codes(fmt):
+    spec = parse_format(fmt)
+    w = _hard_weights(16, 128, 1, torch.float32)
+    want = quantize_weight(w, spec)
+    space = torch.full((5000,), float("nan"))
+    for weight in (w.bfloat16(), w):  # made float32 in the workspace; or the float32 weight itself
+        ref = quantize_weight(weight, spec)
+        got = quantize_weight(weight, spec, workspace=space)
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales)
+    own = w.clone()
+    got = quantize_weight(own, spec, workspace=own)  # its own memory: rounded in place
+    assert torch.equal(got.codes, want.codes) and not torch.equal(own, w)
+    with pytest.raises(Exception, match="workspace must be contiguous float32 of at least 2048"):
+        quantize_weight(w, spec, "x", workspace=torch.empty(100))
