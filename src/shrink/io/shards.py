@@ -57,7 +57,8 @@ class Checkpoint:
         self.folder = Path(folder)
         self._reader = self._ahead = None  # the background reader of `read_ahead`, and what it is reading
         # read by mapping each tensor's bytes (copy on write) rather than copying them into new memory: for
-        # a job that reads each tensor once and lets it go (a streamed quantization), see `read`
+        # a job that reads each tensor once and lets it go (a streamed quantization), see `read`. (The files'
+        # sizes are checked against their headers when read; a file cut short under a running job would fault.)
         self.mapped = False
         self.index = self.folder / (weights + ".index.json")
         self.where = self.index if self.index.is_file() else self.folder / weights  # named in errors
