@@ -20,7 +20,7 @@ from .distributed import my_share, world
 from .experts import expert_layers
 from .gptq import gptq_quantize
 from ..core.architecture import find_stacks
-from .layerwise import blockwise, call_model, capture_inputs, collect_stats, first_output
+from .layerwise import blockwise, call_model, capture_inputs, collect_stats, first_output, run_block
 from .linear import QuantLinear
 from .mixed import DEFAULT_LADDER
 from .recipe import GPTQ, Recipe, parse_method
@@ -178,36 +178,30 @@ def _sensitivity_by_block(model, stack, probe, names, specs, progress, around):
     errors: dict[str, dict[str, float]] = {n: {} for n in names}
     sizes: dict[str, tuple[int, int]] = {}
     trials: dict[tuple[str, str], list] = {}  # (layer, format) -> each probe's inputs to the next block
-    as_tuple = [False]
-
-    def through(block, inputs):
-        nxt = []
-        for args, kwargs in inputs:
-            out = block(*args, **kwargs)
-            as_tuple[0] = isinstance(out, (tuple, list))
-            out = first_output(out)
-            nxt.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
-        return nxt
-
+    as_tuple = []  # whether a block returns a tuple (the stand-in for the last one must, too)
+    seen = blocks[0].register_forward_hook(lambda _m, _a, out: as_tuple.append(isinstance(out, (tuple, list))))
     bar = tqdm(total=len(blocks), desc="sensitivity", unit="block", disable=None if progress is None else not progress)
     with torch.no_grad():
         ref = capture_inputs(model, blocks[0], probe)
-        for i, block in enumerate(blocks):
-            name = f"{prefix}.{i}"
-            if around is not None:
-                around.enter(name, block)
-            for key, inputs in trials.items():  # the trials begun in earlier blocks, one block on
-                trials[key] = through(block, inputs)
-            for full in [n for n in names if n.startswith(name + ".")]:
-                lin = model.get_submodule(full)
-                sizes[full] = _size(lin)
-                for fmt in _each_trial(lin, specs, errors[full]):
-                    trials[(full, fmt)] = through(block, ref)
-            ref = through(block, ref)
-            if around is not None:
-                around.leave(name, block)
-            bar.update()
-        bar.close()
+        try:
+            for i, block in enumerate(blocks):
+                name = f"{prefix}.{i}"
+                if around is not None:
+                    around.enter(name, block)
+                for key, inputs in trials.items():  # the trials begun in earlier blocks, one block on
+                    trials[key] = run_block(block, inputs)
+                for full in [n for n in names if n.startswith(name + ".")]:
+                    lin = model.get_submodule(full)
+                    sizes[full] = _size(lin)
+                    for fmt in _each_trial(lin, specs, errors[full]):
+                        trials[(full, fmt)] = run_block(block, ref)
+                ref = run_block(block, ref)
+                if around is not None:
+                    around.leave(name, block)
+                bar.update()
+        finally:
+            seen.remove()
+            bar.close()
         hidden = lambda inputs: [a[0] if a else k["hidden_states"] for a, k in inputs]  # noqa: E731
         refs = [_after_blocks(model, prefix, h, x, as_tuple[0]) for h, x in zip(hidden(ref), probe)]
         for (full, fmt), inputs in tqdm(list(trials.items()), desc="sensitivity outputs", unit="trial",
