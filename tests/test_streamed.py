@@ -188,11 +188,11 @@ def test_a_block_held_as_stored_computes_in_float32_one_layer_at_a_time():
     assert not any("forward" in m.__dict__ for m in mlp.modules())
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_mixed_precision_streams_and_chooses_and_packs_what_it_does_in_memory(tmp_path, method):
+@pytest.mark.parametrize("method, tie", [("rtn", False), ("gptq", False), ("rtn", True)])
+def test_mixed_precision_streams_and_chooses_and_packs_what_it_does_in_memory(tmp_path, method, tie):
     from shrink.quant.mixed import MixedPrecision
 
-    folder = _folder(tmp_path, tie=False)
+    folder = _folder(tmp_path, tie=tie)
     ids = list(torch.randint(3, 96, (4, 32), generator=torch.Generator().manual_seed(1)))
     reference = _in_memory(folder, MixedPrecision(3.5), method=method, calibration=ids)
     lines = []
@@ -208,3 +208,8 @@ def test_mixed_precision_streams_and_chooses_and_packs_what_it_does_in_memory(tm
     for k in ref_state:
         assert torch.equal(ref_state[k], got_state[k]), k
     assert done.estimate.phases["measuring sensitivity"]["trials' hidden states"] > 0
+    # the output layer the sensitivity pass ran leaves the skeleton as it was: a tied one stays tied
+    assert (done.model.lm_head.weight is done.model.model.embed_tokens.weight) == tie
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) == tie
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(back(ids).logits, reference(ids).logits, rtol=0, atol=0)

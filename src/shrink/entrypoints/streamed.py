@@ -396,11 +396,12 @@ def _sensitivity(checkpoint: Checkpoint, model: nn.Module, prefix: str, head: st
 
     walk = _Walk(checkpoint, model, prefix, head, job.assignment, "", checkpoint_names(model.config.model_type)[1])
     walk.load_rest()
-    walk.load_head()
+    skeleton_head = model.get_submodule(head)
+    set_submodule(model, head, walk.head_linear())  # for the trials' outputs, then the skeleton's again
     try:
         return measure_sensitivity(model, samples, job.assignment, ladder, progress=progress, around=_Reading(walk))
     finally:
-        release(model.get_submodule(head))
+        set_submodule(model, head, skeleton_head)
         release_freed_memory()
 
 
@@ -481,13 +482,16 @@ class _Walk:
             refuse_non_finite_tensor(name, state[name])
         self.hook = table.register_forward_hook(lambda _m, _a, out: out.float() if out.is_floating_point() else out)
 
-    def load_head(self) -> None:
-        """The output layer in float32 (its own tensors, or the embedding table's when tied)."""
+    def head_linear(self) -> nn.Linear:
+        """A new Linear holding the output layer in float32 (its own tensors, or the embedding table's when
+        tied): the skeleton's output layer, and a tie it has, stay as they are."""
         if self.head_key is None:
             raise ShrinkError(f"{self.checkpoint.where}: no tensor holds the output layer {self.head!r}'s weight")
-        lin = self.model.get_submodule(self.head)
+        old = self.model.get_submodule(self.head)
+        lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
         self.checkpoint.fill(lin, self.head + ".", torch.float32, only=lambda n: not n.endswith(".weight"))
         lin.weight = nn.Parameter(self.checkpoint.tensor(self.head_key).float(), requires_grad=False)
+        return lin
 
     def enter(self, name: str, block: nn.Module) -> None:
         self.fill_block(name, block)
@@ -577,12 +581,7 @@ class _Walk:
         quantized when the job says so."""
         spec = self.assignment.get(self.head) if self.head else None
         if spec is not None:
-            if self.head_key is None:
-                raise ShrinkError(f"{self.checkpoint.where}: no tensor holds the output layer {self.head!r}'s weight")
-            old = self.model.get_submodule(self.head)
-            lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
-            self.checkpoint.fill(lin, self.head + ".", torch.float32, only=lambda n: not n.endswith(".weight"))
-            lin.weight = nn.Parameter(self.checkpoint.tensor(self.head_key).float(), requires_grad=False)
+            lin = self.head_linear()
             validate_weights(nn.ModuleDict({"head": lin}), {"head": spec})
             new = round_to_nearest(lin, spec, self.head)
             set_submodule(self.model, self.head, new)

@@ -105,8 +105,8 @@ class Checkpoint:
 
     def read(self, names) -> dict[str, torch.Tensor]:
         """The tensors `names`, read as stored, each file opened once. Each is read straight into memory of
-        its own (not mapped: a mapped file's pages would count in the process's memory until unmapped, and
-        a copy out of them would double the largest tensor at the peak). Those `read_ahead` fetched are
+        its own unless `mapped` is set (a mapping of the whole file would keep every page read counted in
+        the process's memory, and a copy out of it would double the largest tensor at the peak). Those `read_ahead` fetched are
         taken from there (an error it met is raised here). With `mapped` set, each tensor is instead a private
         mapping of its own bytes, let go with it: no copy and no new memory to clear, for jobs that read a tensor
         once and drop it (the pages it touched count as resident until then); `read_ahead` then asks the
