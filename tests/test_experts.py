@@ -80,11 +80,74 @@ def test_every_expert_is_quantized_the_router_kept_and_it_saves_and_loads_exactl
     rows = {r.kind for r in shrink.quant.size_rows(model)}
     assert not any("fused experts" in k for k in rows)
     shrink.save(model, tmp_path / "q")
-    assert json.loads((tmp_path / "q" / "shrink.json").read_text())["layout"] == "shrink"
+    assert json.loads((tmp_path / "q" / "shrink.json").read_text())["layout"] == "pack-quantized"
     back = shrink.load(tmp_path / "q")
     assert torch.equal(back.model.layers[1].mlp.experts.down[3].qweight, model.model.layers[1].mlp.experts.down[3].qweight)
     with torch.no_grad():
         torch.testing.assert_close(back(IDS).logits, logits, rtol=0, atol=0)
+
+
+STORED = {"mixtral": "model.layers.1.block_sparse_moe.experts.2.{}", "qwen2_moe": "model.layers.1.mlp.experts.2.{}",
+          "olmoe": "model.layers.1.mlp.experts.2.{}"}
+LEAVES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+          "olmoe": ("gate_proj", "up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize("family,spec", [("mixtral", "int4-g32"), ("qwen2_moe", "int8"), ("olmoe", "int4-g64"),
+                                         ("mixtral", {"*self_attn*": "int8", "*": "int4-g32"})])
+def test_quantized_experts_are_saved_as_the_checkpoint_stores_them_and_transformers_loads_them(tmp_path, family, spec):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = shrink.quantize(tiny_moe(family), spec, backend="torch", progress=False)
+    shrink.save(model, tmp_path / "q")
+    manifest = json.loads((tmp_path / "q" / "shrink.json").read_text())
+    assert manifest["layout"] == "pack-quantized"
+    gate, up, down = LEAVES[family]
+    at = STORED[family]
+    assert manifest["modules"]["model.layers.1.mlp.experts.gate_up.2"]["stored_as"] == \
+        [f"model.layers.1.mlp.experts.2.{gate}", f"model.layers.1.mlp.experts.2.{up}"]
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        # the original checkpoint's names (Mixtral's block_sparse_moe, its router too): what vLLM reads
+        assert {at.format(f"{leaf}.{k}") for leaf in (gate, up, down)
+                for k in ("weight_packed", "weight_scale", "weight_shape")} <= keys
+        assert not any(".gate_up." in k or ".down." in k for k in keys)
+        if family == "mixtral":
+            assert "model.layers.1.block_sparse_moe.gate.weight" in keys
+        # expert 2's up rows: the second half of its gate_up layer's, codes and scales as they are
+        layer = model.model.layers[1].mlp.experts.gate_up[2]
+        rows = layer.out_features // 2
+        assert torch.equal(f.get_tensor(at.format(f"{up}.weight_scale")), layer.scales[rows:])
+        assert f.get_tensor(at.format(f"{up}.weight_shape")).tolist() == [rows, layer.in_features]
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["targets"] == (["Linear"] if isinstance(spec, str) else ["re:.*experts.*"])
+    with torch.no_grad():
+        logits = model(IDS).logits
+        assert torch.equal(shrink.load(tmp_path / "q", backend="torch")(IDS).logits, logits)
+        for kw in ({}, {"quantization_config": CompressedTensorsConfig(dequantize=True)}):
+            hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32,
+                                                            output_loading_info=True, **kw)
+            assert not any(info.values()), info
+            # transformers multiplies an expert's scales and codes in float16: its weights are ours to that rounding
+            want = torch.stack([g.dequantized_weight() for g in model.model.layers[1].mlp.experts.gate_up])
+            torch.testing.assert_close(hf.model.layers[1].mlp.experts.gate_up_proj.float(), want, rtol=1e-3, atol=1e-6)
+            torch.testing.assert_close(hf(IDS).logits, logits, rtol=0, atol=5e-3 * logits.abs().max().item())
+
+
+@pytest.mark.parametrize("spec", [{"*experts.down*": "int8", "*": "int4-g32"}, {"*experts.down.1": None, "*": "int4"},
+                                  "int4-g32-asym"])
+def test_experts_in_several_formats_keep_shrinks_layout_which_transformers_does_not_read(tmp_path, spec):
+    from transformers import AutoModelForCausalLM
+
+    model = shrink.quantize(tiny_moe("qwen2_moe"), spec, progress=False)
+    shrink.save(model, tmp_path / "q")
+    # transformers and vLLM take one scheme for all of a model's experts: several would be read wrong
+    assert json.loads((tmp_path / "q" / "shrink.json").read_text())["layout"] == "shrink"
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(shrink.load(tmp_path / "q")(IDS).logits, model(IDS).logits, rtol=0, atol=0)
 
 
 def test_an_expert_no_token_reached_is_said_and_all_experts_gives_every_one_statistics():
@@ -135,6 +198,16 @@ def test_a_mixture_streamed_from_shards_packs_what_it_packs_in_memory(tmp_path, 
     assert any(".experts.down." in k for k in want)
     for k, v in want.items():
         assert torch.equal(got[k], v), k
+    # the same files as saving the model quantized in memory: tensors, names (the checkpoint's), config
+    shrink.save(reference, tmp_path / "m")
+    from safetensors.torch import load_file
+
+    streamed, whole = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_packed" in streamed
+    assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k].to(streamed[k].dtype))
+                                                   for k in whole)
+    config = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("q", "m")]
+    assert config[0] == config[1]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

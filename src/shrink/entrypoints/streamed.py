@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..core.architecture import find_stacks
 from ..core.errors import ShrinkError
 from ..core.memory import MemoryEstimate, check_fits_memory, release_freed_memory, resident_memory
+from ..io.hfnames import CheckpointNames, checkpoint_names
 from ..io.manifest import FORMAT_VERSION
 from ..io.models import tokenizer_or_none
 from ..io.safety import build_empty, read_config, skeleton_bytes
@@ -73,17 +74,11 @@ def _skeleton(folder: Path):
 
 def _checkpoint(folder: Path, model: nn.Module) -> Checkpoint:
     """The folder's weights, known by the names the model's modules give them (transformers' renamings)."""
-    import re
-
     checkpoint = Checkpoint(folder)
     checkpoint.mapped = True  # each tensor read once and let go: mapped, not copied (a tenth of the time)
-    renamings = checkpoint_names(model.config.model_type)[0]
-    if renamings:
-        def new_name(name):
-            for pattern, replacement in renamings:
-                name = re.sub(pattern, replacement, name)
-            return name
-        checkpoint.rename(new_name)
+    names = checkpoint_names(model.config.model_type)
+    if names.renamings:
+        checkpoint.rename(names.loaded)
     return checkpoint
 
 
@@ -116,7 +111,7 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
             warnings.simplefilter("ignore")
             job = plan_job(model, spec, keep_output=keep_output, target_bits=target_bits,
                            calibration=[] if target_bits is not None or isinstance(spec, MixedPrecision) else None)
-    known = _tensor_names(model, checkpoint_names(model.config.model_type)[1]) if names else set(checkpoint.tensors)
+    known = _tensor_names(model, checkpoint_names(model.config.model_type).leaves) if names else set(checkpoint.tensors)
     unknown = [k for k in checkpoint.tensors if k not in known]
     if unknown:
         return (f"the weights name tensors {type(model).__name__} does not have as such ({unknown[0]!r}"
@@ -137,7 +132,7 @@ def _refuse_incomplete(folder: Path, model: nn.Module, checkpoint: Checkpoint) -
     """Before any work: every tensor the model needs must be in the weights with its shape (a tied output
     layer's is its table's; a mixture's experts may be stored one tensor per expert), as the whole-model
     load refuses it."""
-    leaves = checkpoint_names(model.config.model_type)[1]
+    leaves = checkpoint_names(model.config.model_type).leaves
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
@@ -169,31 +164,6 @@ def _tensor_names(model: nn.Module, leaves: dict) -> set[str]:
             for e in range(m.gate_up_proj.shape[0]):
                 names.update(f"{path}.{e}.{leaf}" for leaf in (*leaves["gate_up"], *leaves["down"]))
     return names
-
-
-def checkpoint_names(model_type: str | None) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-    """How checkpoints of `model_type` name tensors otherwise than transformers' modules do, from
-    transformers' own conversion table: (renamings as (pattern, replacement), the per-expert leaf names
-    {"gate_up": [gate, up], "down": [down]} of fused experts stored one tensor per expert)."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
-
-        mapping = get_checkpoint_conversion_mapping(model_type) or []
-    except Exception:  # a transformers without the table: names as the modules have them
-        return [], {}
-    renamings, leaves = [], {}
-    for op in mapping:
-        sources, targets = list(getattr(op, "source_patterns", [])), list(getattr(op, "target_patterns", []))
-        if isinstance(op, WeightRenaming) and len(sources) == len(targets) == 1:
-            renamings.append((sources[0], targets[0]))
-        elif isinstance(op, WeightConverter) and len(targets) == 1 and all(".*." in p for p in sources):
-            per = [p.split(".*.", 1)[1] for p in sources]
-            if targets[0].endswith(".gate_up_proj") and len(per) == 2:
-                leaves["gate_up"] = per
-            elif targets[0].endswith(".down_proj") and len(per) == 1:
-                leaves["down"] = per
-    return renamings, leaves
 
 
 def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn", calibration=None,
@@ -249,10 +219,10 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
         job.assignment.update({n: parse_format(f) for n, f in chosen.items()})
         mixed = {"target_bits": job.target_bits, "ladder": list(ladder)}
     layout = planned_layout(model, job.assignment)
-    walk = _Walk(checkpoint, model, prefix, head, job.assignment, layout, checkpoint_names(model.config.model_type)[1],
-                 rounding=not job.needs_data)
+    names = checkpoint_names(model.config.model_type)
+    walk = _Walk(checkpoint, model, prefix, head, job.assignment, layout, names, rounding=not job.needs_data)
     with (writing_folder(out, {"format_version": FORMAT_VERSION, "layout": layout}, force=force,
-                         shard_bytes=shard_bytes) if out is not None else _nowhere()) as (tmp, writer):
+                         shard_bytes=shard_bytes, names=names) if out is not None else _nowhere()) as (tmp, writer):
         walk.writer = writer
         walk.load_rest()
         inputs, described = sample_input(model)
@@ -379,6 +349,14 @@ def estimate_memory(model: nn.Module, checkpoint: Checkpoint, job, prefix: str, 
     return MemoryEstimate("streamed quantization", resident_memory(), phases)
 
 
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    """`module`'s submodule `name`, or None where it has none."""
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 class _nowhere:
     """writing_folder's stand-in when nothing is to be written."""
 
@@ -394,7 +372,7 @@ def _sensitivity(checkpoint: Checkpoint, model: nn.Module, prefix: str, head: st
     at a time in float32, then the final norm and the output layer (float32) for every trial's output."""
     from ..quant.calibrated import measure_sensitivity
 
-    walk = _Walk(checkpoint, model, prefix, head, job.assignment, "", checkpoint_names(model.config.model_type)[1])
+    walk = _Walk(checkpoint, model, prefix, head, job.assignment, "", checkpoint_names(model.config.model_type))
     walk.load_rest()
     skeleton_head = model.get_submodule(head)
     set_submodule(model, head, walk.head_linear())  # for the trials' outputs, then the skeleton's again
@@ -448,9 +426,9 @@ class _Walk:
     rounding); otherwise the block is held in float32."""
 
     def __init__(self, checkpoint: Checkpoint, model: nn.Module, prefix: str, head: str | None, assignment, layout: str,
-                 leaves: dict, rounding: bool = False):
+                 names: CheckpointNames, rounding: bool = False):
         self.checkpoint, self.model, self.prefix, self.head = checkpoint, model, prefix + ".", head
-        self.leaves = leaves  # per-expert tensor names, for checkpoints that store experts one by one
+        self.names = names  # its per-expert tensor names read experts stored one by one, and write them so
         self.assignment, self.layout, self.writer = assignment, layout, None
         self.check = self.original = None
         # an output layer tied to the embedding shares its tensor: the checkpoint holds it under the table's name
@@ -526,8 +504,8 @@ class _Walk:
         if all(k in self.checkpoint.tensors for k in fused):
             tensors = self.checkpoint.read(fused)
             per_expert = [[t[e] for e in range(m.num_experts)] for t in tensors.values()]
-        elif len(self.leaves) == 2:
-            (gate, up), (down,) = self.leaves["gate_up"], self.leaves["down"]
+        elif self.names.per_expert:
+            (gate, up), (down,) = self.names.leaves["gate_up"], self.names.leaves["down"]
             keys = [f"{path}.{e}.{leaf}" for e in range(m.num_experts) for leaf in (gate, up, down)]
             missing = [k for k in keys if k not in self.checkpoint.tensors]
             if missing:
@@ -550,7 +528,8 @@ class _Walk:
     def leave(self, name: str, block: nn.Module) -> None:
         # written before the check's forward: a layer the native kernel has not run yet is still in the
         # row layout the files hold (running it would tile it, and writing untile it again)
-        state = {k: self._as_stored(k, t) for k, t in layer_state(block, self.layout, prefix=name + ".").items()}
+        state = {k: self._as_stored(k, t) for k, t in
+                 layer_state(block, self.layout, prefix=name + ".", names=self.names).items()}
         for key, t in state.items():
             refuse_non_finite_tensor(key, t)
         if self.writer is not None:
@@ -559,8 +538,8 @@ class _Walk:
         release(block)
         for key, t in state.items():  # the skeleton describes what was written: placeholders of its dtypes
             owner, _, leaf = key[len(name) + 1:].rpartition(".")
-            mod = block.get_submodule(owner)
-            if leaf in mod._parameters and mod._parameters[leaf].dtype != t.dtype:
+            mod = _submodule(block, owner)  # (an expert's stored tensors are no module's)
+            if mod is not None and leaf in mod._parameters and mod._parameters[leaf].dtype != t.dtype:
                 placeholder(mod, leaf, t.shape, t.dtype)
         del state
         release_freed_memory()
@@ -586,7 +565,7 @@ class _Walk:
             new = round_to_nearest(lin, spec, self.head)
             set_submodule(self.model, self.head, new)
             if self.writer is not None:
-                self.writer.add(layer_state(new, self.layout, prefix=self.head + "."))
+                self.writer.add(layer_state(new, self.layout, prefix=self.head + ".", names=self.names))
             release(new)
         for name, stored in self.checkpoint.tensors.items():
             if name.startswith(self.prefix) or (spec is not None and name.startswith(self.head + ".")):

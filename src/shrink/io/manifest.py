@@ -11,7 +11,10 @@ The fields (format_version 1):
                             layer over that embedding's codes, stored once), "conv2d": {in_channels,
                             kernel_size, stride, padding, dilation, groups} (a QuantConv2d: in = in_channels /
                             groups * kh * kw), "done": {"method": str, "notes": [str]} (what really
-                            produced the layer's weights: quant/record.py)}}
+                            produced the layer's weights: quant/record.py), "stored_as": [name, ...]
+                            (pack-quantized only: the layer's rows are stored as these layers', an equal
+                            share each, in order: a mixture's expert as the checkpoint's per-expert
+                            tensors, gate then up)}}
     kept_full_precision  [str]                           calibration     object or null
     check           object or null: the forward check after quantizing (relative_error, input, skipped)
     fallbacks       {name: str} (optional): layers given another format than the one asked, and why
@@ -19,7 +22,8 @@ The fields (format_version 1):
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
                     (absent in folders written before it was added; then nothing is verified)
     layout          (format_version 2) "pack-quantized": model.safetensors in compressed-tensors' layout,
-                    loadable by transformers and vLLM (symmetric formats only); "shrink": shrink's own packed
+                    loadable by transformers and vLLM (symmetric formats only), tensors named as the
+                    original checkpoint names them (transformers' renamings undone); "shrink": shrink's own packed
                     layout in model.shrink.safetensors: transformers and vLLM find no model.safetensors,
                     llama.cpp's converter (any *.safetensors) cannot map its tensor names; all fail loudly.
                     Format 1 folders hold shrink's layout in model.safetensors.
@@ -131,6 +135,12 @@ def validate(manifest, path: Path) -> dict:
         if tied is not None and not (isinstance(tied, str) and (modules.get(tied) or {}).get("embedding")
                                      and modules[tied]["format"] == info.get("format")):
             raise bad(f"{where}.tied_to", "the name of a quantized embedding of the same format", tied)
+        parts = info.get("stored_as")
+        if parts is not None and not (isinstance(parts, list) and 1 <= len(parts) <= 8 and
+                                      all(isinstance(p, str) and p for p in parts) and len(set(parts)) == len(parts)
+                                      and not spec.cast and info["out_features"] % len(parts) == 0):
+            raise bad(f"{where}.stored_as", "a list of 1 to 8 layer names sharing the rows of an integer format's "
+                      "layer equally", parts)
         if not spec.cast and info["in_features"] % spec.group_for(info["in_features"]):
             raise ShrinkError(f"{path}: field '{where}': group size {spec.group_size} of {spec.name} does not divide "
                               f"in_features {info['in_features']}")
@@ -139,6 +149,9 @@ def validate(manifest, path: Path) -> dict:
         raise bad("layout", f"one of {', '.join(LAYOUTS)}", layout)
     if version == 1 and layout is not None:
         raise bad("layout", "absent in format version 1", layout)
+    for name, info in modules.items():
+        if info.get("stored_as") is not None and layout != "pack-quantized":
+            raise bad(f"modules.{name}.stored_as", "absent outside layout 'pack-quantized'", info["stored_as"])
     if layout == "pack-quantized":
         for name, info in modules.items():
             spec = parse_format(info["format"])
@@ -232,7 +245,7 @@ def expected_module_tensors(name: str, info: dict, packed: str = "shrink") -> di
     if packed == "pack-quantized" and not spec.cast:
         from .packformat import expected
 
-        return expected(name, spec, i, o, info["bias"])
+        return expected(name, spec, i, o, info["bias"], info.get("stored_as"))
     if spec.cast:
         dt = "BF16" if spec.cast == "bf16" else "F16"
         out = {f"{name}.weight": ((o, i), dt)}
@@ -262,10 +275,11 @@ def check_modules_against_header(manifest: dict, header: dict, weights: Path, ma
                 raise ShrinkError(f"{manifest_path}: module {name!r} ({info['format']}, {info['in_features']} -> "
                                   f"{info['out_features']}) needs {key!r} of shape {shape} {dtype}; {weights.name} "
                                   f"holds {header[key][0]} {header[key][1]}")
+    listed = {n for name, info in manifest["modules"].items() for n in (name, *info.get("stored_as", []))}
     for key in header:
         module, _, leaf = key.rpartition(".")
         if leaf in ("qweight", "scales", "zeros", "weight_packed", "weight_scale", "weight_shape") and \
-                module not in manifest["modules"]:
+                module not in listed:
             raise ShrinkError(f"{weights}: holds quantized tensors of {module!r}, a module {manifest_path.name} "
                               "does not list")
 

@@ -49,6 +49,22 @@ def module_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
     return out
 
 
+def split_rows(tensors: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """One layer's pack-quantized tensors (`module_tensors`) as those of `n` layers, each a consecutive
+    equal share of its rows (the words and scales are per row: exact)."""
+    out_features, in_features = (int(x) for x in tensors["weight_shape"])
+    rows = out_features // n
+    parts = []
+    for i in range(n):
+        at = slice(i * rows, (i + 1) * rows)
+        part = {k: tensors[k][at].clone() for k in ("weight_packed", "weight_scale")}
+        part["weight_shape"] = torch.tensor([rows, in_features], dtype=torch.int64)
+        if "bias" in tensors:
+            part["bias"] = tensors["bias"][at].clone()
+        parts.append(part)
+    return parts
+
+
 def _words(codes: torch.Tensor, bits: int, zero_const: int) -> torch.Tensor:
     """pack_to_int32's words of the unsigned codes [out, in] uint8 (shrink's stored code: the signed value
     + 2^(bits-1)). Widths that divide a byte, rows filling whole words, are laid straight into the words'
@@ -66,8 +82,12 @@ def _words(codes: torch.Tensor, bits: int, zero_const: int) -> torch.Tensor:
     return pack_to_int32((codes.to(torch.int16) - zero_const).to(torch.int8), bits)
 
 
-def expected(name: str, spec: QuantSpec, in_features: int, out_features: int, bias: bool) -> dict:
-    """{tensor: (shape, safetensors dtype)} of one pack-quantized layer."""
+def expected(name: str, spec: QuantSpec, in_features: int, out_features: int, bias: bool, parts=None) -> dict:
+    """{tensor: (shape, safetensors dtype)} of one pack-quantized layer; stored as the layers `parts` (each an
+    equal share of its rows, `split_rows`), theirs."""
+    if parts:
+        return {k: v for part in parts for k, v in expected(part, spec, in_features, out_features // len(parts),
+                                                            bias).items()}
     groups = in_features // spec.group_for(in_features)
     out = {f"{name}.weight_packed": ((out_features, -(-in_features * spec.bits // 32)), "I32"),
            f"{name}.weight_scale": ((out_features, groups), "F16"),
@@ -92,14 +112,24 @@ def _codes(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Tensor:
     return (signed.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
 
 
-def to_shrink(state: dict, name: str, spec: QuantSpec, in_features: int, out_features: int) -> None:
-    """Replace a layer's pack-quantized tensors in `state` by QuantLinear's qweight and scales, in place."""
-    packed = state.pop(f"{name}.weight_packed")
-    shape = [int(x) for x in state.pop(f"{name}.weight_shape")]
-    if shape != [out_features, in_features]:
-        raise ValueError(f"weight_shape {shape} is not [{out_features}, {in_features}]")
-    state[f"{name}.qweight"] = pack(_codes(packed, spec.bits, shape), spec.bits)
-    state[f"{name}.scales"] = state.pop(f"{name}.weight_scale").to(torch.float16)
+def to_shrink(state: dict, name: str, spec: QuantSpec, in_features: int, out_features: int, parts=None) -> None:
+    """Replace a layer's pack-quantized tensors in `state` by QuantLinear's qweight and scales, in place; a layer
+    stored as the layers `parts` (`split_rows`) from theirs, its rows in their order."""
+    codes, scales, biases = [], [], []
+    for part in parts or [name]:
+        rows = out_features // len(parts or [name])
+        packed = state.pop(f"{part}.weight_packed")
+        shape = [int(x) for x in state.pop(f"{part}.weight_shape")]
+        if shape != [rows, in_features]:
+            raise ValueError(f"{part}.weight_shape {shape} is not [{rows}, {in_features}]")
+        codes.append(_codes(packed, spec.bits, shape))
+        scales.append(state.pop(f"{part}.weight_scale").to(torch.float16))
+        if parts and f"{part}.bias" in state:
+            biases.append(state.pop(f"{part}.bias"))
+    state[f"{name}.qweight"] = pack(codes[0] if len(codes) == 1 else torch.cat(codes), spec.bits)
+    state[f"{name}.scales"] = scales[0] if len(scales) == 1 else torch.cat(scales)
+    if biases:
+        state[f"{name}.bias"] = torch.cat(biases)
 
 
 def weights_args(spec: QuantSpec) -> dict:
@@ -109,18 +139,33 @@ def weights_args(spec: QuantSpec) -> dict:
             "dynamic": False, "observer": "minmax", "actorder": None, "block_structure": None}
 
 
-def quantization_config(formats: dict[str, QuantSpec], linear_names: list[str]) -> dict:
+def quantization_config(formats: dict[str, QuantSpec], linear_names: list[str], experts: QuantSpec | None = None,
+                        ignore=()) -> dict:
     """The `quantization_config` of config.json: one config group per format, targeting its layers by
-    name; every other Linear layer (kept in full precision, or cast to bf16/fp16) is in `ignore`."""
+    name; every other Linear layer (kept in full precision, or cast to bf16/fp16) is in `ignore`, with the
+    names in `ignore`. experts: the one format of a mixture's experts (stored one tensor per expert, which
+    no module of transformers' fused model is named after), in a first group: targeting "Linear" where every
+    quantized layer has that format, as llm-compressor writes mixtures (transformers' loader takes the first
+    group with a class-name target for the experts, vLLM looks up "Linear" for its fused experts); otherwise
+    targeting the experts by a pattern, the other layers by name in their own groups."""
     by_format: dict[str, list[str]] = {}
     for name, spec in formats.items():
         by_format.setdefault(spec.name, []).append(name)
     specs = {spec.name: spec for spec in formats.values()}
-    groups = {f"group_{i}": {"targets": sorted(names), "weights": weights_args(specs[f]), "input_activations": None,
-                             "output_activations": None, "format": "pack-quantized"}
-              for i, (f, names) in enumerate(sorted(by_format.items()))}
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups,
-            "ignore": sorted(n for n in linear_names if n not in formats), "quantization_status": "compressed"}
+    if experts is not None and set(by_format) <= {experts.name}:
+        by_format = {}  # "Linear" is all of them (naming them again makes compressed-tensors warn)
+
+    def group(targets, spec):
+        return {"targets": targets, "weights": weights_args(spec), "input_activations": None,
+                "output_activations": None, "format": "pack-quantized"}
+    # every layer of one format: "Linear"; else a pattern naming the experts, which transformers' loading with
+    # dequantize=True takes for them, and the first of the other groups for every other layer (one group: right)
+    groups = [group(["re:.*experts.*"] if by_format else ["Linear"], experts)] if experts is not None else []
+    groups += [group(sorted(names), specs[f]) for f, names in sorted(by_format.items())]
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {f"group_{i}": g for i, g in enumerate(groups)},
+            "ignore": sorted({n for n in linear_names if n not in formats} | set(ignore)),
+            "quantization_status": "compressed"}
 
 
 def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:

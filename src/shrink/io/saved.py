@@ -25,10 +25,11 @@ from ..core.outdir import claim
 from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_format
 from ..quant.check import ForwardCheck, refuse_non_finite
 from ..quant.embedding import share_buffers
-from ..quant.experts import fused_experts, unfuse_experts
+from ..quant.experts import LinearExperts, expert_layers, fused_experts, unfuse_experts
 from ..quant.record import LayerDone, ModelRecord, record_of, update_record
 from ..quant.replace import set_submodule
 from . import packformat
+from .hfnames import CheckpointNames, checkpoint_names
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -80,11 +81,16 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
     record = record_of(model)
     for name, d in record.layers.items():
         modules[name]["done"] = d.to_dict()
-    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     convs = any(isinstance(m, QuantConv2d) for m in model.modules())
+    experts = expert_layers(model)
     linear_in_architecture = not tables and not convs and \
-        all(packformat.exportable(m.spec) and m.input_order is None for m in quant) and \
-        _linear_in_architecture(model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)])
+        all(packformat.exportable(m.spec) and m.input_order is None for m in quant.values()) and \
+        _linear_in_architecture(model, [n for n in quant if n not in experts]) and \
+        _experts_packable(model, {n: m.spec for n, m in quant.items()})
+    if linear_in_architecture:
+        for name, parts in stored_as(model, checkpoint_names_of(model)).items():
+            modules[name]["stored_as"] = parts
     return {
         "format_version": FORMAT_VERSION,
         "shrink_version": VERSION,
@@ -107,8 +113,49 @@ def planned_layout(model: nn.Module, assignment: dict) -> str:
     Linear of the architecture transformers builds, else shrink's own."""
     quant = [n for n, s in assignment.items() if s is not None and not s.cast]
     plain = all(isinstance(model.get_submodule(n), nn.Linear) for n in quant)
+    experts = expert_layers(model)
     return "pack-quantized" if plain and all(assignment[n].symmetric for n in quant) and \
-        _linear_in_architecture(model, quant) else "shrink"
+        _linear_in_architecture(model, [n for n in quant if n not in experts]) and \
+        _experts_packable(model, assignment) else "shrink"
+
+
+def checkpoint_names_of(model: nn.Module) -> CheckpointNames:
+    """How checkpoints of `model`'s type name its tensors (hfnames; none for a plain PyTorch model)."""
+    config = getattr(model, "config", None) if _is_hf(model) else None
+    return checkpoint_names(getattr(config, "model_type", None)) if config is not None else CheckpointNames()
+
+
+def _experts_packable(model: nn.Module, specs: dict) -> bool:
+    """Whether `model`'s experts (one Linear layer each) can be stored pack-quantized, as the original
+    checkpoint stores them one tensor per expert: every expert layer in one symmetric integer format (`specs`:
+    layer -> QuantSpec or None; the loaders of transformers and vLLM take one scheme for all experts) and
+    a model type whose checkpoints name experts one by one. True for a model without such experts."""
+    experts = expert_layers(model)
+    if not experts:
+        return True
+    got = {specs.get(n) for n in experts}
+    spec = next(iter(got))
+    return len(got) == 1 and spec is not None and not spec.cast and spec.symmetric and \
+        checkpoint_names_of(model).per_expert
+
+
+def stored_as(module: nn.Module, names: CheckpointNames) -> dict[str, list[str]]:
+    """{expert layer: the layers its rows are stored as, in order} for the experts of each LinearExperts in
+    `module`, under the original checkpoint's per-expert names (`names.leaves`): a gate_up layer's first half
+    of rows is the gate projection (Mixtral's w1), the second the up projection (w3); a down layer is one.
+    ShrinkError when `module` has such experts and `names` no per-expert names."""
+    out = {}
+    for path, m in module.named_modules():
+        if not isinstance(m, LinearExperts):
+            continue
+        if not names.per_expert:
+            raise ShrinkError(f"{path}: no per-expert tensor names are known for this model type; its experts are "
+                              "kept in shrink's own layout")
+        (gate, up), (down,) = ([leaf.removesuffix(".weight") for leaf in names.leaves[k]] for k in ("gate_up", "down"))
+        for e in range(m.num_experts):
+            out[f"{path}.gate_up.{e}"] = [f"{path}.{e}.{gate}", f"{path}.{e}.{up}"]
+            out[f"{path}.down.{e}"] = [f"{path}.{e}.{down}"]
+    return out
 
 
 def _linear_in_architecture(model: nn.Module, names: list[str]) -> bool:
@@ -125,14 +172,17 @@ def _linear_in_architecture(model: nn.Module, names: list[str]) -> bool:
         return False
 
 
-def layer_state(module: nn.Module, layout_name: str, prefix: str = "", tied=()) -> dict:
+def layer_state(module: nn.Module, layout_name: str, prefix: str = "", tied=(),
+                names: CheckpointNames | None = None) -> dict:
     """`module`'s tensors under `prefix` as a saved folder stores them: each QuantLinear in compressed-tensors'
     pack-quantized layout (`layout_name` "pack-quantized") or shrink's own, the rest as they are; shared
     tensors once, under their first name (an input embedding and the output layer transformers ties to it);
     a layer named in `tied` (an output layer over a quantized table's codes) is left out: it is rebuilt
-    over the table's tensors."""
+    over the table's tensors. Pack-quantized experts are stored one tensor per expert and projection under
+    the per-expert names `names` gives (`stored_as`)."""
     quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)} \
         if layout_name == "pack-quantized" else {}
+    parts = stored_as(module, names or CheckpointNames()) if quant else {}
     state, seen = {}, set()
     for rel, t in module.state_dict().items():
         owner = rel.rpartition(".")[0]
@@ -144,7 +194,12 @@ def layer_state(module: nn.Module, layout_name: str, prefix: str = "", tied=()) 
         seen.add(key)
         state[prefix + rel] = t.detach().contiguous()
     for name, layer in quant.items():
-        state.update({f"{prefix}{name}{'.' if name else ''}{k}": v for k, v in packformat.module_tensors(layer).items()})
+        tensors = packformat.module_tensors(layer)
+        if name in parts:
+            for part, t in zip(parts[name], packformat.split_rows(tensors, len(parts[name]))):
+                state.update({f"{prefix}{part}.{k}": v for k, v in t.items()})
+        else:
+            state.update({f"{prefix}{name}{'.' if name else ''}{k}": v for k, v in tensors.items()})
     return state
 
 
@@ -152,11 +207,31 @@ def _add_quantization_config(path: Path, model: nn.Module) -> None:
     """config.json gains the quantization_config transformers and vLLM read for pack-quantized weights.
     torch_dtype float16: vLLM makes its scale tensors in the model's dtype, and the scales are fp16."""
     cfg = json.loads(path.read_text())
-    quant = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, CastLinear))]
-    cfg["quantization_config"] = packformat.quantization_config(quant, linear)
+    experts = expert_layers(model)
+    quant = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in experts}
+    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, CastLinear))
+              and n not in experts]
+    expert_spec = next((model.get_submodule(n).spec for n in experts), None)
+    cfg["quantization_config"] = packformat.quantization_config(quant, linear, experts=expert_spec,
+                                                                ignore=_routers(model) if experts else ())
     cfg["torch_dtype"] = "float16"
     write_json(path, cfg)
+
+
+def _routers(model: nn.Module) -> list[str]:
+    """The layers beside each mixture's experts holding a weight matrix and kept in full precision (its router,
+    Qwen2-MoE's shared expert gate), under the names transformers gives them and those the original checkpoint
+    does (vLLM builds Mixtral's router as a Linear layer named as stored: `ignore` must name it)."""
+    names = checkpoint_names_of(model)
+    out = set()
+    for path in {p for p in expert_layers(model).values()}:
+        block = path.rpartition(".")[0]
+        for child, m in model.get_submodule(block).named_children():
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, (QuantLinear, LinearExperts)):
+                name = f"{block}.{child}"
+                out.update({name, names.stored(name + ".weight").removesuffix(".weight")})
+    return sorted(out)
 
 
 def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict | None = None, *,
@@ -175,20 +250,25 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, source: dict |
     refuse_non_finite(model)
     manifest = manifest_for(model, source)
     tied = {n for n, i in manifest["modules"].items() if i.get("tied_to")}
-    with writing_folder(directory, manifest, force=force, shard_bytes=shard_bytes) as (tmp, writer):
-        writer.add(layer_state(model, manifest["layout"], tied=tied))
+    names = checkpoint_names_of(model)
+    with writing_folder(directory, manifest, force=force, shard_bytes=shard_bytes, names=names) as (tmp, writer):
+        writer.add(layer_state(model, manifest["layout"], tied=tied, names=names))
         finish_folder(model, tmp, writer, manifest, tokenizer=tokenizer, results=results)
     return directory
 
 
 @contextmanager
-def writing_folder(directory: Path, manifest: dict, force: bool = False, shard_bytes: int = SHARD_BYTES):
+def writing_folder(directory: Path, manifest: dict, force: bool = False, shard_bytes: int = SHARD_BYTES,
+                   names: CheckpointNames | None = None):
     """The temporary folder a saved model is written in, and the ShardWriter for its weights (named by
-    the manifest's layout); on success it becomes `directory` (see `save` for what may be replaced)."""
+    the manifest's layout); on success it becomes `directory` (see `save` for what may be replaced). In the
+    pack-quantized layout, which other loaders read, tensors are stored under the names the original
+    checkpoint gives them (`names.stored`: Mixtral's `block_sparse_moe`), as transformers' own save does."""
     meta = {"format": "pt", "shrink_format_version": str(FORMAT_VERSION)}
+    rename = names.stored if names is not None and names.renamings and layout(manifest) == "pack-quantized" else None
     with claim(directory, "quantize", owned=is_own_folder, force=force), \
             atomic_dir(directory, replaceable=lambda p: force and is_own_folder(p), sealed=False) as tmp:
-        yield tmp, ShardWriter(tmp, weights_file(manifest), max_bytes=shard_bytes, metadata=meta)
+        yield tmp, ShardWriter(tmp, weights_file(manifest), max_bytes=shard_bytes, metadata=meta, rename=rename)
 
 
 def finish_folder(model: nn.Module, tmp: Path, writer: ShardWriter, manifest: dict, tokenizer=None,
@@ -231,8 +311,21 @@ def _checked(directory: str | Path) -> tuple[dict, Checkpoint]:
     refuse_custom_code(directory)
     verify_files(directory, manifest)
     weights = Checkpoint(directory, weights_file(manifest))
+    if manifest["kind"] == "transformers" and layout(manifest) == "pack-quantized":
+        names = checkpoint_names(_model_type(directory))
+        if names.renamings:  # stored under the original checkpoint's names: known by the modules' names
+            weights.rename(names.loaded)
     check_modules_against_header(manifest, weights.header, weights.where, directory / MANIFEST)
     return manifest, weights
+
+
+def _model_type(directory: Path) -> str | None:
+    """config.json's model_type (None when it has none)."""
+    from .manifest import read_json
+
+    config = read_json(directory / "config.json", "model config") if (directory / "config.json").is_file() else {}
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def load(directory: str | Path, model: nn.Module | None = None, backend: str | None = None) -> nn.Module:
@@ -330,7 +423,8 @@ def _to_shrink(state: dict, manifest: dict, weights: Path, under: str | None = N
         spec = parse_format(info["format"])
         if not spec.cast:
             try:
-                packformat.to_shrink(state, name, spec, info["in_features"], info["out_features"])
+                packformat.to_shrink(state, name, spec, info["in_features"], info["out_features"],
+                                     parts=info.get("stored_as"))
             except (ValueError, RuntimeError, KeyError) as e:
                 raise ShrinkError(f"{weights}: module {name!r}: {e}") from None
 
@@ -469,7 +563,7 @@ def _loaded_bytes(manifest: dict, checkpoint: Checkpoint) -> int:
     """What loading the folder holds: its tensors as stored, the full-precision ones stored in bf16 or fp16
     twice over (computed in float32), and the largest tensor once more (the skeleton makes each tensor
     before putting it on the meta device)."""
-    quantized = tuple(n + "." for n in manifest["modules"])
+    quantized = tuple(n + "." for name, info in manifest["modules"].items() for n in (name, *info.get("stored_as", [])))
     total, largest = 0, 0
     for name, t in checkpoint.tensors.items():
         n = checkpoint.nbytes([name])

@@ -244,10 +244,13 @@ class ShardWriter:
     `model.safetensors.index.json` for weights "model.safetensors"). Each tensor's bytes go to disk as it is
     added (after room kept for the shard's header, which comes first in the file and is written when the
     shard is complete), so the writer holds no tensor in memory; `close()` names the files (a single
-    file when everything fit in one shard) and returns their names."""
+    file when everything fit in one shard) and returns their names. rename: each tensor is stored under
+    `rename(name)` (default: its own name)."""
 
-    def __init__(self, folder: Path, weights: str = SINGLE, max_bytes: int = SHARD_BYTES, metadata: dict | None = None):
+    def __init__(self, folder: Path, weights: str = SINGLE, max_bytes: int = SHARD_BYTES, metadata: dict | None = None,
+                 rename=None):
         self.folder, self.weights, self.max_bytes = Path(folder), weights, max_bytes
+        self.rename = rename
         self.metadata = {k: str(v) for k, v in (metadata or {"format": "pt"}).items()}
         self.parts: list[Path] = []
         self.names: dict[str, Path] = {}  # tensor -> its shard
@@ -258,6 +261,7 @@ class ShardWriter:
         """Write `tensors` (name -> tensor) to the open shard, starting a new one when it is full; a name
         given twice is an error."""
         for name, t in tensors.items():
+            name = self.rename(name) if self.rename is not None else name
             if name in self.names or name in self.entries:
                 raise ShrinkError(f"tensor {name!r} written twice to {self.folder}")
             dtype = _NAMES.get(t.dtype)
