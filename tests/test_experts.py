@@ -2,6 +2,7 @@
 the tokens routed to each (or on every token), saved and loaded exactly, streamed from shards."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -133,6 +134,31 @@ def test_quantized_experts_are_saved_as_the_checkpoint_stores_them_and_transform
             want = torch.stack([g.dequantized_weight() for g in model.model.layers[1].mlp.experts.gate_up])
             torch.testing.assert_close(hf.model.layers[1].mlp.experts.gate_up_proj.float(), want, rtol=1e-3, atol=1e-6)
             torch.testing.assert_close(hf(IDS).logits, logits, rtol=0, atol=5e-3 * logits.abs().max().item())
+
+
+@pytest.mark.parametrize("family,spec", [("mixtral", "int4-g32"), ("qwen2_moe", {"*self_attn*": "int8", "*": "int4-g64"})])
+def test_a_compressed_tensors_mixture_without_shrink_json_is_read_expert_by_expert(tmp_path, family, spec):
+    """What llm-compressor writes for a mixture (experts one tensor each, a "Linear" or an experts group),
+    read as another tool's checkpoint: the same codes and scales, every expert a QuantLinear."""
+    model = shrink.quantize(tiny_moe(family), spec, backend="torch", progress=False)
+    shrink.save(model, tmp_path / "q", shard_bytes=20_000)
+    assert len(list((tmp_path / "q").glob("model-*-of-*.safetensors"))) > 2  # shards and their index, read as one
+    (tmp_path / "q" / "shrink.json").unlink()
+    loaded = shrink.io.read_model(tmp_path / "q")
+    assert loaded.source["kind"] == "compressed-tensors"
+    def quantized(m):
+        return {n: f for n, f in shrink.info(m).formats.items() if f is not None}
+    assert quantized(loaded.model) == quantized(model)
+    mine, theirs = model.state_dict(), loaded.model.state_dict()
+    assert any(".experts.gate_up.3.qweight" in k for k in theirs)
+    for k, v in mine.items():
+        if k.endswith((".qweight", ".scales")):
+            assert torch.equal(theirs[k], v), k
+    for m in loaded.model.modules():
+        if isinstance(m, shrink.quant.QuantLinear):
+            m.backend = "torch"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(IDS).logits, model(IDS).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("spec", [{"*experts.down*": "int8", "*": "int4-g32"}, {"*experts.down.1": None, "*": "int4"},
@@ -284,3 +310,34 @@ def test_mixed_precision_on_a_mixture_streams_and_chooses_what_it_chooses_in_mem
     for k, v in reference.state_dict().items():
         if k.endswith((".qweight", ".scales")):
             assert torch.equal(v, back[k]), k
+
+
+def test_inspect_counts_an_expert_stored_one_tensor_per_projection_as_its_layer(tmp_path):
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    shrink.save(shrink.quantize(tiny_moe("mixtral"), "int4-g32", progress=False), tmp_path / "q")
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "q")], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    # 8 attention layers and 2 x 4 experts x (gate_up, down); the norms, routers, embedding, output layer
+    rows = [[c.strip() for c in line.split("│")[1:4]] for line in out.output.splitlines() if line.startswith("│")]
+    assert rows[:2] == [["full precision", "9", "9"], ["Linear int4-g32", "24", "96"]]
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["modules"]["model.layers.1.mlp.experts.down.2"].update(stored_as=["model.layers.1.mlp.experts.2.w9"]),
+     "needs tensor 'model.layers.1.mlp.experts.2.w9.weight_packed'"),
+    (lambda m: m["modules"]["model.layers.1.mlp.experts.down.2"].pop("stored_as"),
+     "needs tensor 'model.layers.1.mlp.experts.down.2.weight_packed', which model.safetensors does not hold"),
+    (lambda m: m["modules"]["model.layers.1.mlp.experts.down.2"].update(stored_as=["a", "b", "c"]),
+     "'modules.model.layers.1.mlp.experts.down.2.stored_as' must be a list of 1 to 8 layer names sharing"),
+])
+def test_a_manifest_whose_stored_experts_disagree_with_the_weights_is_refused(tmp_path, edit, needle):
+    shrink.save(shrink.quantize(tiny_moe("mixtral"), "int4-g32", progress=False), tmp_path / "q")
+    path = tmp_path / "q" / "shrink.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(shrink.ShrinkError, match=re.escape(needle)):
+        shrink.load(tmp_path / "q")

@@ -53,12 +53,15 @@ def _folder_rows(manifest: dict, header: dict) -> dict:
     """(modules, tensors, bytes) per kind of tensor, from the weights file's header."""
     rows: dict[str, list] = {}
     module_fmt = manifest["modules"]
+    # a layer stored as several (a mixture's expert, as per-expert tensors) is counted as itself
+    owner = {part: name for name, info in module_fmt.items() for part in info.get("stored_as", [])}
     seen_modules: dict[str, set] = {}
     for k, (shape, dtype) in header.items():
         n = 1
         for d in shape:
             n *= d
         mod = k.rsplit(".", 1)[0]
+        mod = owner.get(mod, mod)
         kind = f"Linear {module_fmt[mod]['format']}" if mod in module_fmt else "full precision"
         r = rows.setdefault(kind, [0, 0, 0])
         seen_modules.setdefault(kind, set()).add(mod)

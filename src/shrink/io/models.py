@@ -21,8 +21,10 @@ from .. import runtime
 from ..core.atomic import atomic_dir
 from ..core.errors import ShrinkError
 from ..core.paths import cache_dir
+from ..quant.experts import fused_experts, unfuse_experts
 from ..quant.record import update_record
 from . import saved
+from .hfnames import checkpoint_names
 from .safety import check_config_fits, read_config, refuse_custom_code
 from .manifest import WEIGHTS_NATIVE
 from .shards import Checkpoint
@@ -352,12 +354,26 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     refuse_custom_code(path)
     qc = qc or _quantization_config(path) or {}
     checkpoint = Checkpoint(path)
-    weights, header = checkpoint.where, checkpoint.header
     model = saved.build_skeleton(path)
-    formats = packformat.formats_of(qc, model, str(path / "config.json"))
+    names = checkpoint_names(getattr(model.config, "model_type", None))
+    if names.renamings:  # (Mixtral's block_sparse_moe): known by the names of transformers' modules
+        checkpoint.rename(names.loaded)
+    weights, header = checkpoint.where, checkpoint.header
+    # a mixture's experts stored quantized one tensor per expert (llm-compressor's layout, and shrink's):
+    # one Linear layer each, read from the per-expert tensors, gate and up rows stacked
+    experts = [p for p, _ in fused_experts(model)
+               if names.per_expert and f"{p}.0.{names.leaves['down'][0].removesuffix('.weight')}.weight_packed" in header]
+    formats = packformat.formats_of(qc, model, str(path / "config.json"), experts=experts)
+    parts = {}
+    if experts:
+        unfuse_experts(model, set(experts))
+        parts = saved.stored_as(model, names)
+        spec = packformat.experts_format(qc, str(path / "config.json"))
+        formats.update({n: spec for n in parts})
     for name, spec in formats.items():
         lin = model.get_submodule(name)
-        want = packformat.expected(name, spec, lin.in_features, lin.out_features, lin.bias is not None)
+        want = packformat.expected(name, spec, lin.in_features, lin.out_features, lin.bias is not None,
+                                   parts.get(name))
         for key, (shape, dtype) in want.items():
             allowed = FLOAT_DTYPES if dtype.startswith(("F", "BF")) else ("I64", "I32") if key.endswith("_shape") \
                 else (dtype,)
@@ -366,17 +382,17 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     state = checkpoint.read(list(header))
     worst = 0.0
     for name, spec in formats.items():
-        key = f"{name}.weight_scale"
-        s = state[key]
-        half = s.to(torch.float16)
-        if s.dtype != torch.float16:
-            worst = max(worst, float(((half.to(s.dtype) - s).abs() / s.abs().clamp_min(1e-30)).max()))
-        if not torch.isfinite(half).all() or (half == 0).logical_and(s != 0).any():
-            raise ShrinkError(f"{weights}: layer {name!r}: scales outside the range of float16")
-        state[key] = half
+        for key in (f"{part}.weight_scale" for part in parts.get(name, [name])):
+            s = state[key]
+            half = s.to(torch.float16)
+            if s.dtype != torch.float16:
+                worst = max(worst, float(((half.to(s.dtype) - s).abs() / s.abs().clamp_min(1e-30)).max()))
+            if not torch.isfinite(half).all() or (half == 0).logical_and(s != 0).any():
+                raise ShrinkError(f"{weights}: layer {name!r}: scales outside the range of float16")
+            state[key] = half
         lin = model.get_submodule(name)
         try:
-            packformat.to_shrink(state, name, spec, lin.in_features, lin.out_features)
+            packformat.to_shrink(state, name, spec, lin.in_features, lin.out_features, parts=parts.get(name))
         except (ValueError, RuntimeError, OverflowError) as e:
             raise ShrinkError(f"{weights}: layer {name!r}: {e}") from None
         if f"{name}.bias" in state:

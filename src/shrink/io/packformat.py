@@ -168,17 +168,17 @@ def quantization_config(formats: dict[str, QuantSpec], linear_names: list[str], 
             "quantization_status": "compressed"}
 
 
-def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:
+def formats_of(qc: dict, model, where: str, experts=()) -> dict[str, QuantSpec]:
     """The shrink format of each Linear layer a compressed-tensors `quantization_config` quantizes, matched
     by compressed-tensors' own target rules; ShrinkError naming `where` and the group or layer for a scheme
     shrink's formats cannot hold exactly (activation quantization, asymmetric, float, other bit widths or
-    group sizes, dynamic activation order)."""
+    group sizes, dynamic activation order). experts: the paths of fused expert modules, whose experts are
+    stored one tensor per expert (`experts_format`): what a target matches there is theirs, and a config
+    matching no other layer is then not an error."""
     import torch.nn as nn
     match_named_modules = _ct("utils.match").match_named_modules
 
     from ..core.errors import ShrinkError
-    from ..core.readers import is_count
-    from ..quant.spec import BITS, GROUP_SIZES
 
     if qc.get("format") != "pack-quantized":
         raise ShrinkError(f"{where}: quantization_config format {qc.get('format')!r} is not supported; shrink reads "
@@ -189,34 +189,63 @@ def formats_of(qc: dict, model, where: str) -> dict[str, QuantSpec]:
     out: dict[str, QuantSpec] = {}
     for gname, group in groups.items():
         at = f"{where}: quantization_config.config_groups.{gname}"
-        w = group.get("weights") if isinstance(group, dict) else None
-        if not isinstance(w, dict):
-            raise ShrinkError(f"{at}: no 'weights' scheme")
-        if group.get("input_activations") or group.get("output_activations"):
-            raise ShrinkError(f"{at}: quantizes activations; shrink reads weight-only schemes")
-        strategy, gs, bits = w.get("strategy"), w.get("group_size"), w.get("num_bits")
-        why = None
-        if w.get("type", "int") != "int":
-            why = f"type {w.get('type')!r} (shrink holds integer codes)"
-        elif not w.get("symmetric", True):
-            why = "asymmetric (zero points are not read)"
-        elif not is_count(bits) or bits not in BITS:
-            why = f"{bits!r} bits (num_bits: shrink has the integers {', '.join(map(str, BITS))})"
-        elif strategy not in ("group", "channel") or (strategy == "group" and (not is_count(gs) or gs not in GROUP_SIZES)):
-            why = f"strategy {strategy!r} with group size {gs} (shrink has channel, or groups of " \
-                  f"{', '.join(map(str, GROUP_SIZES))})"
-        elif w.get("actorder") not in (None, "weight", "static"):
-            why = f"activation order {w.get('actorder')!r} (a g_idx permutation shrink's layout does not hold)"
-        if why:
-            raise ShrinkError(f"{at}: {why}")
-        spec = QuantSpec(bits=bits, group_size=gs if strategy == "group" else None)
+        spec = _group_format(group, at)
         targets = group.get("targets") or []
         for name, module in match_named_modules(model, targets, qc.get("ignore") or []):
+            if any(name == p or name.startswith(p + ".") for p in experts):
+                continue
             if not isinstance(module, nn.Linear):
                 raise ShrinkError(f"{at}: layer {name!r} is a {type(module).__name__}; shrink reads Linear layers")
             if module.in_features % spec.group_for(module.in_features):
-                raise ShrinkError(f"{at}: layer {name!r}: group size {gs} does not divide {module.in_features}")
+                raise ShrinkError(f"{at}: layer {name!r}: group size {spec.group_size} does not divide "
+                                  f"{module.in_features}")
             out.setdefault(name, spec)
-    if not out:
+    if not out and not experts:
         raise ShrinkError(f"{where}: quantization_config matches no Linear layer of the model")
     return out
+
+
+def _group_format(group, at: str) -> QuantSpec:
+    """The shrink format of a compressed-tensors config group's weight scheme; ShrinkError naming `at` for a
+    scheme shrink's formats cannot hold exactly."""
+    from ..core.errors import ShrinkError
+    from ..core.readers import is_count
+    from ..quant.spec import BITS, GROUP_SIZES
+
+    w = group.get("weights") if isinstance(group, dict) else None
+    if not isinstance(w, dict):
+        raise ShrinkError(f"{at}: no 'weights' scheme")
+    if group.get("input_activations") or group.get("output_activations"):
+        raise ShrinkError(f"{at}: quantizes activations; shrink reads weight-only schemes")
+    strategy, gs, bits = w.get("strategy"), w.get("group_size"), w.get("num_bits")
+    why = None
+    if w.get("type", "int") != "int":
+        why = f"type {w.get('type')!r} (shrink holds integer codes)"
+    elif not w.get("symmetric", True):
+        why = "asymmetric (zero points are not read)"
+    elif not is_count(bits) or bits not in BITS:
+        why = f"{bits!r} bits (num_bits: shrink has the integers {', '.join(map(str, BITS))})"
+    elif strategy not in ("group", "channel") or (strategy == "group" and (not is_count(gs) or gs not in GROUP_SIZES)):
+        why = f"strategy {strategy!r} with group size {gs} (shrink has channel, or groups of " \
+              f"{', '.join(map(str, GROUP_SIZES))})"
+    elif w.get("actorder") not in (None, "weight", "static"):
+        why = f"activation order {w.get('actorder')!r} (a g_idx permutation shrink's layout does not hold)"
+    if why:
+        raise ShrinkError(f"{at}: {why}")
+    return QuantSpec(bits=bits, group_size=gs if strategy == "group" else None)
+
+
+def experts_format(qc: dict, where: str) -> QuantSpec:
+    """The format of a mixture's experts stored one tensor per expert, chosen from the config groups as
+    transformers' loader chooses it: the first group with a `re:` target naming experts, else the first with
+    a class-name or layer-name target (e.g. "Linear": the experts were Linear layers when written)."""
+    groups = list((qc.get("config_groups") or {}).items())
+    targets = [(n, g, [t for t in (g.get("targets") or []) if isinstance(t, str)]) for n, g in groups
+               if isinstance(g, dict)]
+    pick = next((x for x in targets if any(t.startswith("re:") and "experts" in t for t in x[2])), None) or \
+        next((x for x in targets if any(not t.startswith("re:") for t in x[2])), None) or next(iter(targets), None)
+    if pick is None:
+        from ..core.errors import ShrinkError
+
+        raise ShrinkError(f"{where}: quantization_config has no config group for the experts")
+    return _group_format(pick[1], f"{where}: quantization_config.config_groups.{pick[0]}")
