@@ -110,7 +110,8 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
 def planned_layout(model: nn.Module, assignment: dict) -> str:
     """The layout `manifest_for` will give `model` once quantized as `assignment` says (layer -> QuantSpec or
     None), decided before any weight is written: pack-quantized when every integer layer is a symmetric
-    Linear of the architecture transformers builds, else shrink's own."""
+    Linear of the architecture transformers builds, or an expert of a mixture whose experts all take one
+    such format (`_experts_packable`), else shrink's own."""
     quant = [n for n, s in assignment.items() if s is not None and not s.cast]
     plain = all(isinstance(model.get_submodule(n), nn.Linear) for n in quant)
     experts = expert_layers(model)
@@ -224,7 +225,7 @@ def _routers(model: nn.Module) -> list[str]:
     does (vLLM builds Mixtral's router as a Linear layer named as stored: `ignore` must name it)."""
     names = checkpoint_names_of(model)
     out = set()
-    for path in {p for p in expert_layers(model).values()}:
+    for path in set(expert_layers(model).values()):
         block = path.rpartition(".")[0]
         for child, m in model.get_submodule(block).named_children():
             w = getattr(m, "weight", None)
