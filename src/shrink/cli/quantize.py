@@ -11,7 +11,7 @@ import click
 from ..core.errors import ShrinkError
 from ..quant import output_layer_name, quantize
 from ..quant.mixed import MixedPrecision
-from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, Tune, parse_method
+from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, ROTATED, Tune, parse_method
 from ..quant.record import record_of, summary_line
 from .common import FORCE, Number, calibration_windows, config_option, console, field_help, main, mb, size_table
 
@@ -33,9 +33,11 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
                    "omit -gN for per-channel), optional -asym; or bf16/fp16.")
 @click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
               help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice([*METHODS, *ROTATED]), default="rtn", show_default=True,
               help="rtn: round to nearest (no data); gptq: error-compensating GPTQ; awq: activation-aware scaling "
-                   "and clipping; awq+gptq: scaling, then GPTQ. All but rtn need --calibration.")
+                   "and clipping; awq+gptq: scaling, then GPTQ. All but rtn need --calibration. rotate+...: first "
+                   "rotate the residual stream and attention values by Hadamard matrices folded into the weights "
+                   "(Llama-shaped models, in memory; 'rotate' alone: then rtn).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text: a .txt file, or .jsonl with a \"text\" (or \"input\") field per line. "
                    "Keep it apart from the text you evaluate on.")
@@ -85,18 +87,19 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
         out = None
     elif processes > 1:
         console.print(f"{processes} processes share the calibration windows (torchrun); this one writes the output")
-    if (method != "rtn" or target_bits is not None) and calibration is None:
+    base = parse_method(method).method  # (rotate+gptq: gptq)
+    if (base != "rtn" or target_bits is not None) and calibration is None:
         raise ShrinkError(f"--method {method}{' --target-bits' if target_bits else ''} needs --calibration FILE")
     if calibration is not None and not calibration.is_file():
         raise ShrinkError(f"{calibration}: calibration file not found")
-    if calibration is not None and method == "rtn" and target_bits is None:
+    if calibration is not None and base == "rtn" and target_bits is None:
         raise ShrinkError("--calibration is used by --method gptq/awq/awq+gptq or --target-bits; rtn needs none")
     if all_experts and calibration is None:
         raise ShrinkError("--all-experts is about calibration: use it with a calibrated method and --calibration FILE")
     if tune_steps and calibration is None:
         raise ShrinkError("--tune-steps needs a calibrated method (--method gptq/awq/awq+gptq or --target-bits) "
                           "and --calibration FILE")
-    if (true_sequential or not refit) and not method.endswith("gptq"):
+    if (true_sequential or not refit) and not base.endswith("gptq"):
         raise ShrinkError("--true-sequential and --no-refit are GPTQ's options: use them with --method gptq or awq+gptq")
     fmt_given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
     spec = _parse_layers(layers) if layers else fmt
@@ -117,7 +120,7 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
 
     recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
                           true_sequential=true_sequential, refit=refit)
-    streamed = _stream_or_not(model, stream, spec, quantize_output)
+    streamed = _stream_or_not(model, stream, spec, quantize_output, recipe.rotate is not None)
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
         t0 = time.perf_counter()
         seconds = {}
@@ -157,7 +160,7 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
         leave()
 
 
-def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool) -> bool:
+def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool, rotate: bool = False) -> bool:
     """Whether to quantize block by block from disk: asked (--stream: refused with the reason when the
     folder or options do not allow it), refused (--no-stream), or by default whenever they allow it."""
     if stream is False:
@@ -166,6 +169,8 @@ def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool)
 
     why = why_not_streamed(model, spec, keep_output=not quantize_output) if model != "default" else \
         "the built-in model is a GGUF file"
+    if why is None and rotate:
+        why = "a rotation (--method rotate+...) needs the whole model in memory"
     if why is not None and stream:
         raise ShrinkError(f"--stream: cannot quantize {model} block by block: {why}")
     return why is None

@@ -116,6 +116,9 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     if unknown:
         return (f"the weights name tensors {type(model).__name__} does not have as such ({unknown[0]!r}"
                 f"{f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''}; transformers renames them on loading)")
+    if job is not None and job.recipe.rotate is not None:
+        return ("a rotation folds into the embedding, every block and the output layer at once: it needs the "
+                "whole model in memory")
     if job is not None:
         prefix = stacks[0][0] + "."
         head = output_layer_name(model)

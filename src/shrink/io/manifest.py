@@ -17,6 +17,7 @@ The fields (format_version 1):
                             tensors, gate then up)}}
     kept_full_precision  [str]                           calibration     object or null
     check           object or null: the forward check after quantizing (relative_error, input, skipped)
+    rotation        object (optional): the rotation folded into the weights before quantizing (quant/rotate.py)
     fallbacks       {name: str} (optional): layers given another format than the one asked, and why
                     (a group that does not divide the layer's inputs)
     files           {relative path: {"bytes": int, "sha256": hex}}, every file but shrink.json
@@ -88,7 +89,7 @@ def validate(manifest, path: Path) -> dict:
             raise bad(field, "a string", manifest[field])
     if manifest.get("method") is not None and manifest["method"] not in METHODS:
         raise bad("method", f"null or one of {', '.join(METHODS)}", manifest["method"])
-    for field in ("source", "calibration", "check"):
+    for field in ("source", "calibration", "check", "rotation"):
         if manifest.get(field) is not None and not isinstance(manifest[field], dict):
             raise bad(field, "an object", manifest[field])
     fallbacks = manifest.get("fallbacks", {})

@@ -103,6 +103,7 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "calibration": record.calibration,
         "check": record.check.to_dict() if record.check else None,
         **({"fallbacks": record.fallbacks} if record.fallbacks else {}),
+        **({"rotation": record.rotation} if record.rotation else {}),
         "layout": "pack-quantized" if linear_in_architecture else "shrink",
     }
 
@@ -364,7 +365,7 @@ def load(directory: str | Path, model: nn.Module | None = None, backend: str | N
         share_buffers(model.get_submodule(head), model.get_submodule(table))
     record = record_from_manifest(manifest)  # as quantize made it, kept by a later save
     update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
-                  check=record.check, source=record.source, fallbacks=record.fallbacks)
+                  check=record.check, source=record.source, fallbacks=record.fallbacks, rotation=record.rotation)
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise ShrinkError(f"{weights}: {len(empty)} tensors of the model were not filled from the file "
@@ -391,7 +392,7 @@ def open_folder(directory: str | Path) -> tuple[nn.Module, dict, Checkpoint]:
     _check_state_shapes(model, checkpoint.header, checkpoint.where)
     record = record_from_manifest(manifest)
     update_record(model, method=record.method, formats=record.formats, calibration=record.calibration,
-                  check=record.check, source=record.source, fallbacks=record.fallbacks)
+                  check=record.check, source=record.source, fallbacks=record.fallbacks, rotation=record.rotation)
     return model.eval(), manifest, checkpoint
 
 
@@ -502,7 +503,8 @@ def record_from_manifest(manifest: dict) -> ModelRecord:
               if m.get("done")}
     return ModelRecord(method=manifest.get("method"), formats=formats, calibration=manifest.get("calibration"),
                        check=ForwardCheck.from_dict(manifest.get("check")), source=manifest.get("source") or {},
-                       layers=layers, fallbacks=dict(manifest.get("fallbacks") or {}))
+                       layers=layers, fallbacks=dict(manifest.get("fallbacks") or {}),
+                       rotation=manifest.get("rotation"))
 
 
 def _check_state_shapes(model: nn.Module, header: dict, weights: Path) -> None:

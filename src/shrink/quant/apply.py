@@ -218,9 +218,11 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         `MixedPrecision(target_bits, ladder)` (a format per layer to a bit budget; as target_bits below).
     method: "rtn" (round to nearest, default, no data needed), "gptq", "awq" (activation-aware scaling
         and clipping), or "awq+gptq" (scaling, then GPTQ), each calibrated one optionally "+tune[N]"
-        (block tuning, as tune_steps); or the method objects in the order they run
-        (`[AWQ(), GPTQ(damp=0.05), Tune(32)]`, from `shrink.quant`), or a `Recipe` of them. All but rtn
-        need `calibration`.
+        (block tuning, as tune_steps), each optionally after "rotate+" ("rotate" alone: with rtn): the
+        residual stream and attention values rotated by Hadamard matrices folded into the weights first
+        (Llama-shaped decoders, float32; an output layer tied to its table is untied, said in the record);
+        or the method objects in the order they run (`[Rotate(), AWQ(), GPTQ(damp=0.05), Tune(32)]`, from
+        `shrink.quant`), or a `Recipe` of them. All but rtn need `calibration`.
     calibration: a .txt or .jsonl path (needs `tokenizer`), or an iterable of tensors (token ids or
         model inputs); text is cut into `n_samples` (default 128) windows of `seq_len` (default 512) tokens.
     target_bits: (or MixedPrecision as the spec) instead of one format, choose one per layer from
@@ -272,6 +274,11 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
                 before = run_forward(model, inputs)
             except Exception as e:  # our guess at an input did not fit this model: say so, do not fail
                 skipped = f"the original model does not run on {described} ({type(e).__name__}: {str(e)[:160]})"
+        rotation = None
+        if recipe.rotate is not None:  # before anything reads the weights: every method works on the rotated model
+            from .rotate import rotate_model
+
+            rotation = rotate_model(model, recipe.rotate.seed)
         record = {}
         if needs_data:
             from .calibrated import measure_sensitivity, quantize_calibrated
@@ -304,7 +311,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         update_record(model, method=method,
                       formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},
                       calibration=record or None, check=_check_forward(model, inputs, described, before, skipped),
-                      fallbacks=job.fallbacks)
+                      fallbacks=job.fallbacks, rotation=rotation)
     except BaseException:
         undo.restore()
         fuse_back(model, fused, {})

@@ -1,5 +1,6 @@
 """Quantization methods as objects: a recipe of steps applied per block, parsed once from the strings the
-CLI and the search use ("rtn", "gptq", "awq", "awq+gptq", each optionally "+tune" or "+tuneN")."""
+CLI and the search use ("rtn", "gptq", "awq", "awq+gptq", each optionally after "rotate+" and followed by
+"+tune" or "+tuneN")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from ..core.errors import ShrinkError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")  # the base methods; shrink.json's "method" is one of them
+ROTATED = ("rotate", "rotate+gptq", "rotate+awq", "rotate+awq+gptq")  # the same after a rotation
 DEFAULT_TUNE_STEPS = 32  # "+tune" without a count
 
 
@@ -34,6 +36,16 @@ class GPTQ:
         "help": "GPTQ: after rounding, solve each layer's group scales again for the codes it chose."})
 
 
+@dataclass(frozen=True)
+class Rotate:
+    """Before the method: the residual stream and each attention head's values rotated by Hadamard matrices
+    with random signs, folded into the weights (rotate.py; checked numerically), so outliers spread over
+    every channel before rounding. The architecture is unchanged: the result saves, loads and exports as
+    any other."""
+
+    seed: int = field(default=0, metadata={"help": "Rotation: the seed of the random signs."})
+
+
 MAX_TUNE_STEPS = 100_000  # far past where tuning stops paying (32 is a good value); a bound on the work
 
 
@@ -54,6 +66,7 @@ class Recipe:
     awq: AWQ | None = None
     gptq: GPTQ | None = None
     tune: Tune | None = None
+    rotate: Rotate | None = None
 
     @property
     def method(self) -> str:
@@ -62,8 +75,11 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """The recipe as a string parse_method reads back ("awq+gptq+tune32")."""
-        return self.method + (f"+tune{self.tune.steps}" if self.tune else "")
+        """The recipe as a string parse_method reads back ("awq+gptq+tune32", "rotate+gptq", "rotate")."""
+        base = self.method + (f"+tune{self.tune.steps}" if self.tune else "")
+        if self.rotate is None:
+            return base
+        return "rotate" if base == "rtn" else f"rotate+{base}"
 
     @property
     def calibrated(self) -> bool:
@@ -72,20 +88,22 @@ class Recipe:
 
 def parse_method(method: str | Recipe | list, *, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
                  tune_steps: int = 0, true_sequential: bool = GPTQ.true_sequential, refit: bool = GPTQ.refit) -> Recipe:
-    """The Recipe of a method string, of a list of method objects in the order they run ([AWQ(), GPTQ(),
-    Tune()]), or a Recipe (returned as is). A string is one of METHODS, optionally followed by
-    "+tune" (DEFAULT_TUNE_STEPS steps) or "+tuneN". damp, act_order, true_sequential and refit configure
-    GPTQ (defaults: GPTQ's); tune_steps > 0 adds tuning to a string without it. ShrinkError naming the
-    methods for anything else."""
+    """The Recipe of a method string, of a list of method objects in the order they run ([Rotate(), AWQ(),
+    GPTQ(), Tune()]), or a Recipe (returned as is). A string is one of METHODS, optionally after "rotate+"
+    ("rotate" alone: rotation, then round to nearest) and followed by "+tune" (DEFAULT_TUNE_STEPS steps) or
+    "+tuneN". damp, act_order, true_sequential and refit configure GPTQ (defaults: GPTQ's); tune_steps > 0
+    adds tuning to a string without it. ShrinkError naming the methods for anything else."""
     if isinstance(method, Recipe):
         return method
     if isinstance(method, (list, tuple)):
         return _from_steps(method)
-    m = re.fullmatch(r"(rtn|gptq|awq|awq\+gptq)(?:\+tune(\d*))?", method) if isinstance(method, str) else None
-    if m is None:
-        raise ShrinkError(f"unknown method {method!r}: available methods are {', '.join(METHODS)} "
-                         "(a calibrated one may end in +tune or +tuneN)")
-    base, tune = m.group(1), m.group(2)
+    m = re.fullmatch(r"(rotate\+?)?(rtn|gptq|awq|awq\+gptq)?(?:\+tune(\d*))?", method) \
+        if isinstance(method, str) else None
+    if m is None or (m.group(1) or "") not in (("", "rotate+") if m.group(2) else ("rotate",)):
+        raise ShrinkError(f"unknown method {method!r}: available methods are {', '.join(METHODS)}, each optionally "
+                         "after 'rotate+' ('rotate' alone: rotation and round to nearest), a calibrated one may end "
+                         "in +tune or +tuneN")
+    rotate, base, tune = m.group(1), m.group(2) or "rtn", m.group(3)
     if tune is not None and base == "rtn":
         raise ShrinkError(f"method {method!r}: tuning needs a calibrated method (gptq, awq, awq+gptq)")
     steps = (int(tune) if tune else DEFAULT_TUNE_STEPS) if tune is not None else tune_steps
@@ -93,26 +111,26 @@ def parse_method(method: str | Recipe | list, *, damp: float = GPTQ.damp, act_or
         raise ShrinkError(f"method {method!r} and tune_steps={tune_steps} disagree; give the steps once")
     return Recipe(awq=AWQ() if base.startswith("awq") else None,
                   gptq=GPTQ(damp, act_order, true_sequential, refit) if base.endswith("gptq") else None,
-                  tune=Tune(steps) if steps else None)
+                  tune=Tune(steps) if steps else None, rotate=Rotate() if rotate else None)
 
 
 def _from_steps(steps) -> Recipe:
-    """A Recipe from method objects in the order they run: AWQ, then GPTQ, then Tune, each at most once."""
-    kinds = {AWQ: "awq", GPTQ: "gptq", Tune: "tune"}
+    """A Recipe from method objects in the order they run: Rotate, AWQ, GPTQ, then Tune, each at most once."""
+    kinds = {Rotate: "rotate", AWQ: "awq", GPTQ: "gptq", Tune: "tune"}
     order = list(kinds)
     found: dict[str, object] = {}
     last = -1
     for step in steps:
         kind = kinds.get(type(step))
         if kind is None:
-            raise ShrinkError(f"method step {step!r}: expected AWQ(), GPTQ(...) or Tune(...)")
+            raise ShrinkError(f"method step {step!r}: expected Rotate(), AWQ(), GPTQ(...) or Tune(...)")
         if kind in found:
             raise ShrinkError(f"method steps: {type(step).__name__} given twice")
         if order.index(type(step)) < last:
             raise ShrinkError(f"method steps: {type(step).__name__} must come before "
-                              f"{', '.join(type(s).__name__ for s in found.values())} (they run AWQ, GPTQ, Tune)")
+                              f"{', '.join(type(s).__name__ for s in found.values())} (they run Rotate, AWQ, GPTQ, Tune)")
         last = order.index(type(step))
         found[kind] = step
     if "tune" in found and not ("awq" in found or "gptq" in found):
         raise ShrinkError("method steps: Tune needs a calibrated method before it (AWQ() or GPTQ())")
-    return Recipe(awq=found.get("awq"), gptq=found.get("gptq"), tune=found.get("tune"))
+    return Recipe(awq=found.get("awq"), gptq=found.get("gptq"), tune=found.get("tune"), rotate=found.get("rotate"))

@@ -96,6 +96,7 @@ class ModelRecord:
     source: dict = field(default_factory=dict)
     layers: dict[str, LayerDone] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)  # layer -> why it got another format than asked
+    rotation: dict | None = None  # the rotation folded into the weights before quantizing (rotate.py), if any
 
     @property
     def kept_full_precision(self) -> list[str]:
@@ -105,7 +106,7 @@ class ModelRecord:
         return {"method": self.method, "formats": dict(self.formats), "kept_full_precision": self.kept_full_precision,
                 "calibration": self.calibration, "check": self.check.to_dict() if self.check else None,
                 "source": dict(self.source), "layers": {n: d.to_dict() for n, d in self.layers.items()},
-                "fallbacks": dict(self.fallbacks)}
+                "fallbacks": dict(self.fallbacks), "rotation": self.rotation}
 
 
 ATTRIBUTE = "shrink_record"  # the one attribute shrink sets on a module it quantized or loaded
@@ -114,7 +115,7 @@ ATTRIBUTE = "shrink_record"  # the one attribute shrink sets on a module it quan
 def update_record(model: nn.Module, **changes) -> ModelRecord:
     """Set fields of the ModelRecord `model` carries (a new one when it has none) and return it."""
     stored = model.__dict__.get(ATTRIBUTE) or ModelRecord()
-    bad = set(changes) - {"method", "formats", "calibration", "check", "source", "fallbacks"}
+    bad = set(changes) - {"method", "formats", "calibration", "check", "source", "fallbacks", "rotation"}
     if bad:
         raise TypeError(f"update_record: no field {', '.join(sorted(bad))} (layers are read from the model)")
     record = replace(stored, **changes)

@@ -1,0 +1,242 @@
+"""Rotations folded into the weights (QuaRot's exact part): outliers spread over every channel before rounding.
+
+A decoder's residual stream can be multiplied by any orthogonal matrix Q if every layer that reads it reads
+through Q and every layer that writes it writes through Q^T: RMS normalisation commutes with Q once its
+weight is folded into the layers it feeds (the norm of a rotated vector is the norm of the vector). So:
+
+- each RMSNorm's weight moves into the columns of the Linear layers after it (the norm keeps ones);
+- the embedding's rows become E Q, each reading layer W Q (q, k, v, gate, up, the output layer), each
+  writing layer Q^T W (o, down, their biases);
+- each attention head's values are rotated by H (v's rows H^T W, o's columns W H): attention mixes a head's
+  values with scalar weights, so the rotation passes through it.
+
+Q is a Hadamard matrix with random signs (Sylvester's for powers of two, Paley's for q + 1 with q a prime
+3 mod 4, and Kronecker products of those; SmolLM2's 576 = 4 x 12 x 12), or, where no such order is found, a
+random orthogonal matrix (said so in the record). The model keeps its architecture: it saves, loads and
+exports as any other. An output layer tied to the embedding is untied when the final norm's weight is not
+all ones (the table then serves two different matrices): the cost is said. Architectures whose norms or
+layers cannot be folded exactly are refused, naming the layer; the fold is checked numerically.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+
+from ..core.errors import ShrinkError
+
+READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+WRITES = ("self_attn.o_proj", "mlp.down_proj")
+# parameters of a block outside the residual stream's path: per-head norms of queries and keys (Qwen3)
+ASIDE = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+FOLD_TOLERANCE = 1e-4  # the rotated model's output, relative to the original's: float32 rounding, not a change
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, int(math.isqrt(q)) + 1))
+
+
+def _paley(n: int) -> torch.Tensor | None:
+    """Paley's Hadamard matrix of order n = q + 1, q a prime 3 mod 4 (None for other n)."""
+    q = n - 1
+    if q < 3 or q % 4 != 3 or not _is_prime(q):
+        return None
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if i in squares else -1 for i in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    s = torch.zeros(n, n, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, chi[idx]
+    return s + torch.eye(n, dtype=torch.float64)
+
+
+@lru_cache(maxsize=16)
+def hadamard(n: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order n (entries +-1, H H^T = n I; float64) or None where none is built here:
+    Sylvester's for powers of two, Paley's, and Kronecker products of smaller ones."""
+    if n in (1, 2):
+        return torch.tensor([[1.0]] if n == 1 else [[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    if n % 4:
+        return None
+    found = _paley(n)
+    if found is None:
+        for a in (2, *range(4, int(math.isqrt(n)) + 1, 4)):
+            if n % a == 0 and (ha := hadamard(a)) is not None and (hb := hadamard(n // a)) is not None:
+                found = torch.kron(ha, hb)
+                break
+    if found is not None and not torch.equal(found @ found.T, n * torch.eye(n, dtype=torch.float64)):
+        raise AssertionError(f"internal: the Hadamard matrix of order {n} is not one")
+    return found
+
+
+def orthogonal(n: int, seed: int) -> tuple[torch.Tensor, str]:
+    """An n x n orthogonal matrix (float64) and what it is: a Hadamard matrix with random signs on its rows,
+    scaled by 1/sqrt(n), or a random orthogonal matrix where no Hadamard matrix of order n is built."""
+    g = torch.Generator().manual_seed(seed)
+    h = hadamard(n)
+    if h is not None:
+        signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+        return signs[:, None] * h / math.sqrt(n), f"hadamard {n} with random signs"
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :], f"random orthogonal {n} (no Hadamard matrix of that order here)"
+
+
+def _rms_weight(norm: nn.Module, where: str) -> torch.Tensor:
+    """The weight of an RMS normalisation computing x / rms(x) * weight (checked on a random input);
+    ShrinkError naming `where` for any other (a bias, Gemma's 1 + weight, a LayerNorm's mean)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or getattr(norm, "bias", None) is not None:
+        raise ShrinkError(f"cannot rotate: {where} ({type(norm).__name__}) is not an RMS normalisation with a weight")
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0), dtype=w.dtype)
+    with torch.no_grad():
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+        got = norm(x)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise ShrinkError(f"cannot rotate: {where} ({type(norm).__name__}) does not compute x / rms(x) * weight, so "
+                          "its weight cannot be folded into the layers after it")
+    return w.detach()
+
+
+def _parts(model: nn.Module):
+    """(embedding, blocks, final norm, output layer) of a Llama-shaped causal LM; ShrinkError naming what
+    does not fit."""
+    base = getattr(model, "model", None)
+    need = {"model.embed_tokens": getattr(base, "embed_tokens", None), "model.layers": getattr(base, "layers", None),
+            "model.norm": getattr(base, "norm", None), "lm_head": getattr(model, "lm_head", None)}
+    missing = [n for n, m in need.items() if m is None]
+    if missing:
+        raise ShrinkError(f"cannot rotate {type(model).__name__}: it has no {missing[0]!r} (rotations fold into "
+                          "Llama-shaped decoders: an embedding, blocks of attention and a gated MLP, RMS norms)")
+    if not isinstance(need["model.embed_tokens"], nn.Embedding) or not isinstance(need["lm_head"], nn.Linear):
+        raise ShrinkError("cannot rotate: the embedding or the output layer is not in full precision (rotate first, "
+                          "then quantize)")
+    return need["model.embed_tokens"], need["model.layers"], need["model.norm"], need["lm_head"]
+
+
+def _check_block(i: int, block: nn.Module) -> None:
+    """Every parameter of block i is a layer or norm the rotation folds, or outside the residual stream."""
+    known = {f"{n}.{leaf}" for n in (*READS, *[r for rs in READS.values() for r in rs], *WRITES)
+             for leaf in ("weight", "bias")} | set(ASIDE)
+    for name, _ in block.named_parameters():
+        if name not in known:
+            raise ShrinkError(f"cannot rotate: model.layers.{i}.{name} is a parameter the rotation does not fold "
+                              "(rotations fold into Llama-shaped blocks; refused rather than applied approximately)")
+    for name in (*[r for rs in READS.values() for r in rs], *WRITES):
+        if not isinstance(_get(block, name), nn.Linear):
+            raise ShrinkError(f"cannot rotate: model.layers.{i}.{name} is not a full-precision Linear layer")
+    for name in READS:
+        if _get(block, name) is None:
+            raise ShrinkError(f"cannot rotate: model.layers.{i} has no {name}")
+
+
+def _get(module: nn.Module, name: str):
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _set(p: nn.Parameter, value: torch.Tensor) -> None:
+    # a new tensor, not a change in place: quantize's undo puts the old one back
+    p.data = value.to(p.dtype).contiguous()
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def rotate_model(model: nn.Module, seed: int = 0) -> dict:
+    """Rotate a Llama-shaped causal LM's residual stream and its attention values in place, the rotations
+    folded into its weights (module docstring), and return the record of what was done: the residual and
+    head rotations, the seed (default 0), the norms folded, whether the output layer was untied, and the
+    fold's measured relative change of the output on a sample. ShrinkError, the model left as it was, for an
+    architecture that cannot be folded exactly (naming the layer), weights not in float32, or a fold whose
+    output differs beyond float rounding."""
+    embed, blocks, final, head = _parts(model)
+    for i, block in enumerate(blocks):
+        _check_block(i, block)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if any(p.dtype != torch.float32 for p in params):
+        raise ShrinkError("cannot rotate: the weights are not float32 (load the model in float32 first: the rotation "
+                          "is exact only to float32 rounding)")
+    hidden = embed.embedding_dim
+    attn = blocks[0].self_attn
+    head_dim = getattr(attn, "head_dim", None) or hidden // model.config.num_attention_heads
+    vocab = embed.num_embeddings
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(seed))
+    before = _logits(model, ids)
+
+    norms = {f"model.layers.{i}.{n}": _rms_weight(b.get_submodule(n), f"model.layers.{i}.{n}")
+             for i, b in enumerate(blocks) for n in READS}
+    norms["model.norm"] = _rms_weight(final, "model.norm")
+    kept = [(p, p.data) for p in model.parameters()], head.weight, model.config.tie_word_embeddings
+    try:
+        record = _fold(model, embed, blocks, final, head, norms, hidden, head_dim, seed)
+        after = _logits(model, ids)
+        change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
+        if not change <= FOLD_TOLERANCE:
+            raise ShrinkError(f"the rotated model's output differs from the original's by {change:.2e} (relative; "
+                              f"float rounding is below {FOLD_TOLERANCE:g}): the rotation does not fold into this "
+                              "model exactly")
+    except BaseException:
+        (data, head.weight, model.config.tie_word_embeddings) = kept
+        for p, d in data:
+            p.data = d
+        raise
+    return {**record, "fold_change": change}
+
+
+def _fold(model, embed, blocks, final, head, norms: dict, hidden: int, head_dim: int, seed: int) -> dict:
+    """The folds of `rotate_model`, in place; the record without the check."""
+    q, residual = orthogonal(hidden, seed)
+    h, heads = orthogonal(head_dim, seed + 1)
+    vocab = embed.num_embeddings
+    untied = False
+    if head.weight is embed.weight:
+        if not torch.all(final.weight == 1):  # the table would have to be two matrices: untie, and say so
+            head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+            untied = True
+        # else: E Q serves both as the table and (the final norm all ones) the output layer: stays tied
+
+    def reads(lin: nn.Linear, g: torch.Tensor) -> None:  # W diag(g) Q
+        _set(lin.weight, (lin.weight.double() * g.double()[None, :]) @ q)
+
+    def writes(lin: nn.Linear) -> None:  # Q^T W, Q^T b
+        _set(lin.weight, q.T @ lin.weight.double())
+        if lin.bias is not None:
+            _set(lin.bias, q.T @ lin.bias.double())
+
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            for norm_name, layers in READS.items():
+                norm = block.get_submodule(norm_name)
+                g = norms[f"model.layers.{i}.{norm_name}"]
+                for name in layers:
+                    reads(block.get_submodule(name), g)
+                _set(norm.weight, torch.ones_like(norm.weight))
+            for name in WRITES:
+                writes(block.get_submodule(name))
+            v, o = block.self_attn.v_proj, block.self_attn.o_proj
+            kv = v.out_features // head_dim
+            wv = v.weight.double().reshape(kv, head_dim, hidden)
+            _set(v.weight, (h.T[None] @ wv).reshape(v.out_features, hidden))
+            if v.bias is not None:
+                _set(v.bias, (h.T[None] @ v.bias.double().reshape(kv, head_dim, 1)).reshape(-1))
+            wo = o.weight.double().reshape(o.out_features, -1, head_dim)
+            _set(o.weight, (wo @ h).reshape(o.out_features, -1))
+        tied = head.weight is embed.weight
+        _set(embed.weight, embed.weight.double() @ q)
+        if not tied:
+            reads(head, norms["model.norm"])
+        _set(final.weight, torch.ones_like(final.weight))
+    record = {"residual": residual, "heads": heads, "seed": seed, "norms_folded": len(norms)}
+    if untied:
+        record["untied"] = (f"the output layer was tied to the embedding: untied, {vocab * hidden:,} more parameters "
+                            "(the final norm's weight folds into the output layer, not into the table)")
+    return record
