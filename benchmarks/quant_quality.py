@@ -10,7 +10,10 @@ quantized and dequantized). Everything here is deterministic and comparable acro
     .venv/bin/python benchmarks/quant_quality.py [--samples 32] [--seq-len 512] [--windows 8]
         [--variants rtn:int4-g64,gptq:int4-g64,...] [--time-full] [--out benchmarks/results/quant_quality.json]
 
-A method ending in +tuneN (awq+gptq+tune32) adds N steps of block tuning (shrink.quantize's tune_steps).
+A method ending in +tuneN (awq+gptq+tune32) adds N steps of block tuning (shrink.quantize's tune_steps);
+one starting rotate+ (rotate+gptq; "rotate" alone: then round to nearest) first folds Hadamard rotations
+into the weights (SmolLM2's output layer is tied to its table: rotation unties it, 28.3M more parameters
+kept in full precision, which bits/w, counting the quantized layers, does not show).
 GPTQ always re-solves its group scales for the chosen codes (refit), since results of 2026-11-29.
 """
 
@@ -73,7 +76,7 @@ def build(base, tok, variant: str, calib_path: Path, args):
     tune = [int(p[4:]) for p in parts if p.startswith("tune")]  # "awq+gptq+tune32": 32 tuning steps
     method = "+".join(p for p in parts if not p.startswith("tune"))
     kw = {"method": method, "progress": False}
-    if method != "rtn":
+    if shrink.quant.parse_method(method).method != "rtn":  # ("rotate" alone rounds to nearest: no data)
         kw.update(calibration=calib_path, tokenizer=tok, n_samples=args.samples, seq_len=args.seq_len,
                   tune_steps=tune[0] if tune else 0)
     if fmt.startswith("mixed-"):
