@@ -28,11 +28,17 @@ import torch.nn as nn
 
 from ..core.errors import ShrinkError
 
-READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-WRITES = ("self_attn.o_proj", "mlp.down_proj")
-# parameters of a block outside the residual stream's path: per-head norms of queries and keys (Qwen3)
-ASIDE = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+# the parameters of a block that read the residual stream, by the norm whose output they read (a Linear's
+# weight, a router's, a mixture's fused or one-per-expert experts), and those that write it (regexes)
+READS = {"input_layernorm": (r"self_attn\.(q|k|v|qkv)_proj\.weight",),
+         "post_attention_layernorm": (r"mlp\.(gate|up|gate_up)_proj\.weight", r"mlp\.gate\.weight",
+                                      r"mlp\.experts\.gate_up_proj", r"mlp\.experts\.gate_up\.\d+\.weight",
+                                      r"mlp\.shared_expert\.(gate|up)_proj\.weight", r"mlp\.shared_expert_gate\.weight")}
+WRITES = (r"self_attn\.o_proj\.(weight|bias)", r"mlp\.down_proj\.(weight|bias)", r"mlp\.experts\.down_proj",
+          r"mlp\.experts\.down\.\d+\.weight", r"mlp\.shared_expert\.down_proj\.(weight|bias)")
+# parameters of a block outside the residual stream's path: the biases of layers reading it, per-head norms
+# of queries and keys (Qwen3)
+ASIDE = (r"self_attn\.(q|k|v|qkv)_proj\.bias", r"self_attn\.(q|k)_norm\.weight", r"(input|post_attention)_layernorm\.weight")
 FOLD_TOLERANCE = 1e-4  # the rotated model's output, relative to the original's: float32 rounding, not a change
 
 
@@ -117,20 +123,28 @@ def _parts(model: nn.Module):
     return need["model.embed_tokens"], need["model.layers"], need["model.norm"], need["lm_head"]
 
 
-def _check_block(i: int, block: nn.Module) -> None:
-    """Every parameter of block i is a layer or norm the rotation folds, or outside the residual stream."""
-    known = {f"{n}.{leaf}" for n in (*READS, *[r for rs in READS.values() for r in rs], *WRITES)
-             for leaf in ("weight", "bias")} | set(ASIDE)
+def _roles(i: int, block: nn.Module) -> dict[str, str]:
+    """{parameter name: its role} for block i: the norm it reads the stream through, "write", or "aside";
+    ShrinkError naming a parameter that is none of these (refused rather than applied approximately)."""
+    import re
+
+    roles = {}
     for name, _ in block.named_parameters():
-        if name not in known:
+        role = next((norm for norm, pats in READS.items() if any(re.fullmatch(p, name) for p in pats)), None)
+        if role is None and any(re.fullmatch(p, name) for p in WRITES):
+            role = "write"
+        if role is None and any(re.fullmatch(p, name) for p in ASIDE):
+            role = "aside"
+        if role is None:
             raise ShrinkError(f"cannot rotate: model.layers.{i}.{name} is a parameter the rotation does not fold "
                               "(rotations fold into Llama-shaped blocks; refused rather than applied approximately)")
-    for name in (*[r for rs in READS.values() for r in rs], *WRITES):
-        if not isinstance(_get(block, name), nn.Linear):
-            raise ShrinkError(f"cannot rotate: model.layers.{i}.{name} is not a full-precision Linear layer")
-    for name in READS:
-        if _get(block, name) is None:
-            raise ShrinkError(f"cannot rotate: model.layers.{i} has no {name}")
+        roles[name] = role
+    for norm in READS:
+        if _get(block, norm) is None:
+            raise ShrinkError(f"cannot rotate: model.layers.{i} has no {norm}")
+    if not any(r == "input_layernorm" for r in roles.values()) or not any(r == "write" for r in roles.values()):
+        raise ShrinkError(f"cannot rotate: model.layers.{i} has no attention projections of Llama's names")
+    return roles
 
 
 def _get(module: nn.Module, name: str):
@@ -158,8 +172,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
     architecture that cannot be folded exactly (naming the layer), weights not in float32, or a fold whose
     output differs beyond float rounding."""
     embed, blocks, final, head = _parts(model)
-    for i, block in enumerate(blocks):
-        _check_block(i, block)
+    roles = [_roles(i, block) for i, block in enumerate(blocks)]
     params = [p for p in model.parameters() if p.is_floating_point()]
     if any(p.dtype != torch.float32 for p in params):
         raise ShrinkError("cannot rotate: the weights are not float32 (load the model in float32 first: the rotation "
@@ -176,7 +189,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
     norms["model.norm"] = _rms_weight(final, "model.norm")
     kept = [(p, p.data) for p in model.parameters()], head.weight, model.config.tie_word_embeddings
     try:
-        record = _fold(model, embed, blocks, final, head, norms, hidden, head_dim, seed)
+        record = _fold(model, embed, blocks, roles, final, head, norms, hidden, head_dim, seed)
         after = _logits(model, ids)
         change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
         if not change <= FOLD_TOLERANCE:
@@ -191,7 +204,28 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
     return {**record, "fold_change": change}
 
 
-def _fold(model, embed, blocks, final, head, norms: dict, hidden: int, head_dim: int, seed: int) -> dict:
+def _rotate_heads(attn: nn.Module, h: torch.Tensor, head_dim: int, hidden: int) -> None:
+    """Each head's values rotated by h (v's rows h^T W, within a fused qkv projection its last rows) and
+    undone in the output projection's columns (W h)."""
+    o = attn.o_proj
+    if getattr(attn, "v_proj", None) is not None:
+        v, first = attn.v_proj, 0
+    else:  # Phi-3's qkv_proj: queries, keys, values
+        v = attn.qkv_proj
+        first = o.in_features + (v.out_features - o.in_features) // 2
+    rows = v.out_features - first
+    w = v.weight.double()
+    w[first:] = (h.T[None] @ w[first:].reshape(rows // head_dim, head_dim, hidden)).reshape(rows, hidden)
+    _set(v.weight, w)
+    if v.bias is not None:
+        b = v.bias.double()
+        b[first:] = (h.T[None] @ b[first:].reshape(rows // head_dim, head_dim, 1)).reshape(-1)
+        _set(v.bias, b)
+    wo = o.weight.double().reshape(o.out_features, -1, head_dim)
+    _set(o.weight, (wo @ h).reshape(o.out_features, -1))
+
+
+def _fold(model, embed, blocks, roles, final, head, norms: dict, hidden: int, head_dim: int, seed: int) -> dict:
     """The folds of `rotate_model`, in place; the record without the check."""
     q, residual = orthogonal(hidden, seed)
     h, heads = orthogonal(head_dim, seed + 1)
@@ -204,36 +238,27 @@ def _fold(model, embed, blocks, final, head, norms: dict, hidden: int, head_dim:
             untied = True
         # else: E Q serves both as the table and (the final norm all ones) the output layer: stays tied
 
-    def reads(lin: nn.Linear, g: torch.Tensor) -> None:  # W diag(g) Q
-        _set(lin.weight, (lin.weight.double() * g.double()[None, :]) @ q)
+    def reads(p: nn.Parameter, g: torch.Tensor) -> None:  # W diag(g) Q (each expert's, for 3-D experts)
+        _set(p, (p.double() * g.double()) @ q)
 
-    def writes(lin: nn.Linear) -> None:  # Q^T W, Q^T b
-        _set(lin.weight, q.T @ lin.weight.double())
-        if lin.bias is not None:
-            _set(lin.bias, q.T @ lin.bias.double())
+    def writes(p: nn.Parameter) -> None:  # Q^T W (each expert's), Q^T b
+        _set(p, q.T @ p.double())
 
     with torch.no_grad():
-        for i, block in enumerate(blocks):
-            for norm_name, layers in READS.items():
-                norm = block.get_submodule(norm_name)
-                g = norms[f"model.layers.{i}.{norm_name}"]
-                for name in layers:
-                    reads(block.get_submodule(name), g)
-                _set(norm.weight, torch.ones_like(norm.weight))
-            for name in WRITES:
-                writes(block.get_submodule(name))
-            v, o = block.self_attn.v_proj, block.self_attn.o_proj
-            kv = v.out_features // head_dim
-            wv = v.weight.double().reshape(kv, head_dim, hidden)
-            _set(v.weight, (h.T[None] @ wv).reshape(v.out_features, hidden))
-            if v.bias is not None:
-                _set(v.bias, (h.T[None] @ v.bias.double().reshape(kv, head_dim, 1)).reshape(-1))
-            wo = o.weight.double().reshape(o.out_features, -1, head_dim)
-            _set(o.weight, (wo @ h).reshape(o.out_features, -1))
+        for i, (block, role) in enumerate(zip(blocks, roles)):
+            params = dict(block.named_parameters())
+            for name, r in role.items():
+                if r in READS:
+                    reads(params[name], norms[f"model.layers.{i}.{r}"])
+                elif r == "write":
+                    writes(params[name])
+            for norm_name in READS:
+                _set(block.get_submodule(norm_name).weight, torch.ones_like(params[f"{norm_name}.weight"]))
+            _rotate_heads(block.self_attn, h, head_dim, hidden)
         tied = head.weight is embed.weight
         _set(embed.weight, embed.weight.double() @ q)
         if not tied:
-            reads(head, norms["model.norm"])
+            reads(head.weight, norms["model.norm"])
         _set(final.weight, torch.ones_like(final.weight))
     record = {"residual": residual, "heads": heads, "seed": seed, "norms_folded": len(norms)}
     if untied:
