@@ -207,3 +207,17 @@ def test_a_rotated_mixture_quantizes_saves_and_loads(tmp_path):
     assert float((logits - before).abs().max() / before.abs().max()) < 0.06
     shrink.save(model, tmp_path / "q")
     assert torch.equal(_logits(shrink.load(tmp_path / "q", backend="torch")), logits)
+
+
+def test_a_rotated_model_exports_to_gguf_exactly_and_transformers_reads_it_back(tmp_path):
+    from test_export import _from_gguf, _with_tok, bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    model = _norms_not_one(tiny_llama(tie=True))
+    model.resize_token_embeddings(300)
+    shrink.quantize(model, "int8-g32", method="rotate", backend="torch", progress=False)
+    assert "untied" in shrink.info(model).rotation  # an output layer of its own, written as GGUF's output.weight
+    r = shrink.export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
+    assert all(e == 0 for e in r.max_error.values()), r.max_error  # Q8_0 blocks: shrink's codes and scales
+    ids = torch.tensor([tok("the bank said profit rose").input_ids])
+    torch.testing.assert_close(_logits(_from_gguf(r.path), ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
