@@ -194,7 +194,7 @@ def test_the_cli_rotates_in_memory_and_says_why_it_does_not_stream(tmp_path):
     assert "block by block" not in r.output  # a rotation needs the whole model: loaded whole, not streamed
     assert json.loads((tmp_path / "q" / "shrink.json").read_text())["rotation"]["heads"].startswith("hadamard 16")
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), "--method", "rotate", "--stream"])
-    assert r.exit_code != 0 and "a rotation (--method rotate+...) needs the whole model in memory" in r.output
+    assert r.exit_code != 0 and "a rotation (--method rotate+...) or --qad needs the whole model in memory" in r.output
 
 
 def test_a_rotated_mixture_quantizes_saves_and_loads(tmp_path):

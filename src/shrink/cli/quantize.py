@@ -51,6 +51,14 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @config_option(GPTQ, "refit", "--refit/--no-refit")
 @click.option("--tune-steps", default=0, show_default=True, type=Number(0, MAX_TUNE_STEPS, integer=True),
               help=field_help(Tune, "steps") + " A good value: 32.")
+@click.option("--qad", "qad_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Quantization-aware distillation after the method: train the quantized model's scales and norms "
+                   "(codes fixed) end to end against the original's outputs on this text (.txt or .jsonl, windows as "
+                   "--samples/--seq-len), an eighth held out; kept only if its KL went down.")
+@click.option("--qad-steps", default=0, show_default=True, type=Number(0, 10**7, integer=True),
+              help="QAD: training steps, one window each (with neither this nor --qad-time: 100).")
+@click.option("--qad-time", default=None, metavar="DURATION",
+              help="QAD: time budget, e.g. 90s, 20m, 1.5h (with --qad-steps too: whichever ends first).")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
 @click.option("--all-experts", is_flag=True,
               help="Mixtures of experts: calibrate every expert on every token (statistics only; the outputs still "
@@ -67,7 +75,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 
 
 def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
-             tune_steps, quantize_output, all_experts, stream, out, force):
+             tune_steps, qad_file, qad_steps, qad_time, quantize_output, all_experts, stream, out, force):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
@@ -120,7 +128,8 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
 
     recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
                           true_sequential=true_sequential, refit=refit)
-    streamed = _stream_or_not(model, stream, spec, quantize_output, recipe.rotate is not None)
+    recipe = _with_qad(recipe, qad_file, qad_steps, qad_time)
+    streamed = _stream_or_not(model, stream, spec, quantize_output, recipe.rotate is not None or recipe.qad is not None)
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
         t0 = time.perf_counter()
         seconds = {}
@@ -145,6 +154,8 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
             calib_kw = {}
             if calibration is not None:
                 calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
+            if qad_file is not None:
+                calib_kw.update(qad_data=qad_file, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
             quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, all_experts=all_experts,
                      **calib_kw)
             seconds["quantize"] = time.perf_counter() - t1
@@ -160,17 +171,39 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
         leave()
 
 
-def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool, rotate: bool = False) -> bool:
+def _with_qad(recipe, qad_file, steps: int, duration: str | None):
+    """The recipe with a QAD step when --qad is given (its budget: --qad-steps and --qad-time, else 100
+    steps); ShrinkError for the budget options without --qad, a missing file or a bad duration."""
+    from dataclasses import replace
+
+    from ..quant import QAD
+    from ..quant.qad import parse_seconds
+
+    if qad_file is None:
+        if steps or duration:
+            raise ShrinkError("--qad-steps and --qad-time are the budget of --qad FILE: give the file too")
+        return recipe
+    if not qad_file.is_file():
+        raise ShrinkError(f"{qad_file}: QAD text file not found")
+    try:
+        seconds = parse_seconds(duration) if duration is not None else None
+    except ValueError as e:
+        raise ShrinkError(f"--qad-time {e}") from None
+    return replace(recipe, qad=QAD(steps=steps or (0 if seconds else 100), seconds=seconds))
+
+
+def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool, whole: bool = False) -> bool:
     """Whether to quantize block by block from disk: asked (--stream: refused with the reason when the
-    folder or options do not allow it), refused (--no-stream), or by default whenever they allow it."""
+    folder or options do not allow it), refused (--no-stream), or by default whenever they allow it.
+    whole: the recipe needs the whole model in memory (a rotation, QAD)."""
     if stream is False:
         return False
     from ..entrypoints.streamed import why_not_streamed
 
     why = why_not_streamed(model, spec, keep_output=not quantize_output) if model != "default" else \
         "the built-in model is a GGUF file"
-    if why is None and rotate:
-        why = "a rotation (--method rotate+...) needs the whole model in memory"
+    if why is None and whole:
+        why = "a rotation (--method rotate+...) or --qad needs the whole model in memory"
     if why is not None and stream:
         raise ShrinkError(f"--stream: cannot quantize {model} block by block: {why}")
     return why is None
@@ -200,7 +233,7 @@ def _print_summary(loaded, model, fmt, method, target_bits, seconds) -> None:
     if record:
         d = record["data"]
         console.print(f"calibration: {d.get('samples')} x {d.get('seq_len')} tokens from {d.get('source')}")
-        tuned = [v for v in record["layers"].values() if v.get("tune_error_before")]
+        tuned = [v for v in record.get("layers", {}).values() if v.get("tune_error_before")]
         if tuned:
             ratio = sum(v["tune_error_after"] / v["tune_error_before"] for v in tuned) / len(tuned)
             console.print(f"tuning ({record['tune_steps']} steps per block): block output error "

@@ -119,6 +119,8 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     if job is not None and job.recipe.rotate is not None:
         return ("a rotation folds into the embedding, every block and the output layer at once: it needs the "
                 "whole model in memory")
+    if job is not None and job.recipe.qad is not None:
+        return "quantization-aware distillation trains the whole model at once: it needs it in memory"
     if job is not None:
         prefix = stacks[0][0] + "."
         head = output_layer_name(model)

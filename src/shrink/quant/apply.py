@@ -193,7 +193,7 @@ def plan_job(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     if tune_steps and not needs_data:
         raise ShrinkError(f"tune_steps={tune_steps}: tuning needs a calibrated method (gptq, awq, awq+gptq) "
                          "or target_bits, and a number of steps >= 0")
-    if calibration is not None and not needs_data:
+    if calibration is not None and not needs_data and recipe.qad is None:
         raise ShrinkError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
     if target_bits is not None:
         spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
@@ -211,7 +211,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
              n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
              ladder: tuple[str, ...] | None = None, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
              tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None,
-             all_experts: bool = False) -> nn.Module:
+             all_experts: bool = False, qad_data=None) -> nn.Module:
     """Quantize `model`'s Linear layers in place and return it.
 
     spec: a format string (default "int8"), a mapping of module-name globs to formats or None, or
@@ -242,6 +242,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     all_experts: a mixture of experts' calibration sends every token through every expert for statistics
         only (default False: each expert sees the tokens routed to it; one that sees none is rounded to
         nearest, and said so). The tokens each expert saw are in the record.
+    qad_data: the text (or token windows, as calibration) a `QAD(...)` step in `method` trains on: the
+        quantized model's scales and norms trained end to end against the original's outputs (default None:
+        the calibration data). Its before/after held-out KL is in the record (`calibration["qad"]`).
     What was done is recorded on the model (`shrink.info(model)`: the chosen formats, name -> format or
     None; for calibrated methods the calibration record). One sample input (random token ids, pixels, or
     a batch for the first layer) runs through the model before and after: the record's `check` holds the
@@ -279,6 +282,16 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
             from .rotate import rotate_model
 
             rotation = rotate_model(model, recipe.rotate.seed)
+        qad = None
+        if recipe.qad is not None:  # the teacher's outputs, while the model is still the original
+            from .calibration import prepare
+            from .qad import teacher_targets
+
+            if qad_data is None and calibration is None:
+                raise ShrinkError("QAD needs data: pass qad_data= (or calibration=) text or token windows")
+            qad = prepare(qad_data if qad_data is not None else calibration, tokenizer=tokenizer, model=model,
+                          n_samples=n_samples, seq_len=seq_len)
+            qad_targets = teacher_targets(model, qad.samples, recipe.qad.top_k)
         record = {}
         if needs_data:
             from .calibrated import measure_sensitivity, quantize_calibrated
@@ -307,6 +320,15 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
             for name, fmt in tqdm(todo, desc="quantize", unit="layer", disable=None if progress is None else not progress):
                 set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
         _tie_quantized_embedding(model, assignment, spec, backend)
+        if qad is not None:
+            from .qad import distill_quantized
+
+            q = recipe.qad
+            result = distill_quantized(model, qad.samples, qad_targets, steps=q.steps, seconds=q.seconds, lr=q.lr,
+                                       progress=progress)
+            record = record or job.calibration_record(qad.record)  # (round to nearest: the data is QAD's)
+            record["qad"] = {**result.to_dict(), "data": qad.record, "lr": q.lr, "budget_steps": q.steps,
+                             "budget_seconds": q.seconds}
         previous = record_of(model).formats
         update_record(model, method=method,
                       formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},

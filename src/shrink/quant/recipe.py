@@ -46,6 +46,30 @@ class Rotate:
     seed: int = field(default=0, metadata={"help": "Rotation: the seed of the random signs."})
 
 
+@dataclass(frozen=True)
+class QAD:
+    """After the method: quantization-aware distillation (qad.py): the quantized model's scales and norms
+    trained end to end against the original's next-token distributions on data (codes fixed), for `steps`
+    Adam steps and/or `seconds`, whichever ends first; kept only if the held-out KL went down."""
+
+    steps: int = field(default=0, metadata={"help": "QAD: Adam steps, one window each (0: as many as the time allows)."})
+    seconds: float | None = field(default=None, metadata={"help": "QAD: time budget in seconds (None: steps alone)."})
+    lr: float = field(default=1e-3, metadata={"help": "QAD: learning rate of the scales' relative changes."})
+    top_k: int = field(default=64, metadata={"help": "QAD: the teacher's top k tokens the KL is taken over."})
+
+    def __post_init__(self):
+        def count(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not count(self.steps) or not (self.seconds is None or (isinstance(self.seconds, (int, float))
+                                                                   and 0 < self.seconds < float("inf"))):
+            raise ShrinkError(f"QAD(steps={self.steps!r}, seconds={self.seconds!r}): steps must be an integer >= 0, "
+                              "seconds a positive number or None")
+        if not self.steps and self.seconds is None:
+            raise ShrinkError("QAD needs a budget: steps=N or seconds=S (or both: whichever ends first)")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1) or not (count(self.top_k) and self.top_k >= 1):
+            raise ShrinkError(f"QAD(lr={self.lr!r}, top_k={self.top_k!r}): lr must be in (0, 1), top_k an integer >= 1")
+
+
 MAX_TUNE_STEPS = 100_000  # far past where tuning stops paying (32 is a good value); a bound on the work
 
 
@@ -67,6 +91,7 @@ class Recipe:
     gptq: GPTQ | None = None
     tune: Tune | None = None
     rotate: Rotate | None = None
+    qad: QAD | None = None
 
     @property
     def method(self) -> str:
@@ -115,22 +140,23 @@ def parse_method(method: str | Recipe | list, *, damp: float = GPTQ.damp, act_or
 
 
 def _from_steps(steps) -> Recipe:
-    """A Recipe from method objects in the order they run: Rotate, AWQ, GPTQ, then Tune, each at most once."""
-    kinds = {Rotate: "rotate", AWQ: "awq", GPTQ: "gptq", Tune: "tune"}
+    """A Recipe from method objects in the order they run: Rotate, AWQ, GPTQ, Tune, then QAD, each at most once."""
+    kinds = {Rotate: "rotate", AWQ: "awq", GPTQ: "gptq", Tune: "tune", QAD: "qad"}
     order = list(kinds)
     found: dict[str, object] = {}
     last = -1
     for step in steps:
         kind = kinds.get(type(step))
         if kind is None:
-            raise ShrinkError(f"method step {step!r}: expected Rotate(), AWQ(), GPTQ(...) or Tune(...)")
+            raise ShrinkError(f"method step {step!r}: expected Rotate(), AWQ(), GPTQ(...), Tune(...) or QAD(...)")
         if kind in found:
             raise ShrinkError(f"method steps: {type(step).__name__} given twice")
         if order.index(type(step)) < last:
             raise ShrinkError(f"method steps: {type(step).__name__} must come before "
-                              f"{', '.join(type(s).__name__ for s in found.values())} (they run Rotate, AWQ, GPTQ, Tune)")
+                              f"{', '.join(type(s).__name__ for s in found.values())} (they run Rotate, AWQ, GPTQ, Tune, QAD)")
         last = order.index(type(step))
         found[kind] = step
     if "tune" in found and not ("awq" in found or "gptq" in found):
         raise ShrinkError("method steps: Tune needs a calibrated method before it (AWQ() or GPTQ())")
-    return Recipe(awq=found.get("awq"), gptq=found.get("gptq"), tune=found.get("tune"), rotate=found.get("rotate"))
+    return Recipe(awq=found.get("awq"), gptq=found.get("gptq"), tune=found.get("tune"), rotate=found.get("rotate"),
+                  qad=found.get("qad"))

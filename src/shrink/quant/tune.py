@@ -60,6 +60,68 @@ def _norms(block: nn.Module) -> list[nn.Module]:
             if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
+class Trainable:
+    """While in its `with`: `module`'s QuantLinear layers compute from their codes and relative scales
+    (`_Tunable`), its norms' weights from relative changes, all of them `params` (scales, norm weights) to
+    train; `weights()` sets the norms' weights before each forward. After it, the layers are back; `keep()`
+    writes the trained scales (fp16) and norm weights into them and returns what `undo(saved)` restores."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+        self.tunables = {n: _Tunable(m) for n, m in self.quant.items()}
+        self.norms = _norms(module)
+        self.norm0 = [m.weight for m in self.norms]  # the Parameters themselves, put back at the end
+        self.norm_d = [nn.Parameter(torch.zeros_like(w)) for w in self.norm0]
+
+    def params(self, lr: float, norm_lr: float) -> list[dict]:
+        """Optimizer parameter groups: the scales' relative changes at `lr`, the norms' at `norm_lr`."""
+        return [{"params": [t.d for t in self.tunables.values()], "lr": lr}, {"params": self.norm_d, "lr": norm_lr}]
+
+    def _swap(self, to: dict) -> None:
+        for n, m in to.items():
+            parent, _, leaf = n.rpartition(".")
+            setattr(self.module.get_submodule(parent) if parent else self.module, leaf, m)
+
+    def __enter__(self) -> "Trainable":
+        self._swap(self.tunables)
+        for m in self.norms:
+            del m.weight  # replaced by w0 * (1 + d) at each step (`weights`)
+        return self
+
+    def weights(self) -> None:
+        """The norms' weights from their relative changes, before a forward."""
+        for m, w0, d in zip(self.norms, self.norm0, self.norm_d):
+            m.weight = w0.detach() * (1 + d)
+
+    def __exit__(self, *exc) -> bool:
+        with torch.no_grad():
+            for m, w0 in zip(self.norms, self.norm0):
+                m.__dict__.pop("weight", None)  # the plain tensor of the last step, if any
+                m.weight = w0
+        self._swap(self.quant)
+        return False
+
+    def keep(self):
+        """Write the trained scales and norm weights into the layers; returns what `undo` needs."""
+        with torch.no_grad():
+            saved = ({n: q.scales.clone() for n, q in self.quant.items()}, [w.data for w in self.norm0])
+            for n, t in self.tunables.items():
+                self.quant[n].scales.copy_(t.scales().to(torch.float16))
+            for w, d in zip(self.norm0, self.norm_d):
+                w.data = w.data * (1 + d)  # a new tensor: the old one is what undo puts back
+        return saved
+
+    def undo(self, saved) -> None:
+        """Put back the scales and norm weights `keep` replaced."""
+        scales, norms = saved
+        with torch.no_grad():
+            for n, s in scales.items():
+                self.quant[n].scales.copy_(s)
+            for w, old in zip(self.norm0, norms):
+                w.data = old
+
+
 def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], *,
                steps: int = 32, lr: float = 1e-3, norm_lr: float = 1e-4) -> TuneResult:
     """Tune the QuantLinear scales and norm weights of `block` in place so that its outputs on
@@ -70,58 +132,27 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
     norm_lr: learning rate of the norm weights' relative change (default 1e-4).
     The result is kept only if the error over the inputs went down; otherwise the block is restored.
     """
-    quant = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
-    if not quant:
+    if not any(isinstance(m, QuantLinear) for m in block.modules()):
         return TuneResult(0.0, 0.0, 0)
-    tunables = {n: _Tunable(m) for n, m in quant.items()}
-    norms = _norms(block)
-    norm0 = [m.weight for m in norms]  # the Parameters themselves, put back at the end
-    norm_d = [nn.Parameter(torch.zeros_like(w)) for w in norm0]
-
-    def swap(to):
-        for n, m in to.items():
-            parent, _, leaf = n.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, leaf, m)
 
     def error() -> float:
         with torch.no_grad():
             return sum(float(F.mse_loss(first_output(block(*a, **k)), t)) for (a, k), t in zip(inputs, targets)) / len(inputs)
 
     before = error()
-    opt = torch.optim.Adam([{"params": [t.d for t in tunables.values()], "lr": lr},
-                            {"params": norm_d, "lr": norm_lr}])
-    swap(tunables)
-    try:
-        for m in norms:
-            del m.weight  # replaced by w0 * (1 + d) at each step, below
-        with torch.enable_grad():
-            for step in range(steps):
-                (args, kwargs), target = inputs[step % len(inputs)], targets[step % len(inputs)]
-                for m, w0, d in zip(norms, norm0, norm_d):
-                    m.weight = w0.detach() * (1 + d)
-                loss = F.mse_loss(first_output(block(*args, **kwargs)), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        with torch.no_grad():
-            for m, w0 in zip(norms, norm0):
-                m.__dict__.pop("weight", None)  # the plain tensor of the last step, if any
-                m.weight = w0
-        swap(quant)
-    with torch.no_grad():
-        old_scales = {n: quant[n].scales.clone() for n in quant}
-        old_norms = [w.data for w in norm0]  # replaced below, not changed in place
-        for n, t in tunables.items():
-            quant[n].scales.copy_(t.scales().to(torch.float16))
-        for w, d in zip(norm0, norm_d):
-            w.data = w.data * (1 + d)
+    trainable = Trainable(block)
+    opt = torch.optim.Adam(trainable.params(lr, norm_lr))
+    with trainable, torch.enable_grad():
+        for step in range(steps):
+            (args, kwargs), target = inputs[step % len(inputs)], targets[step % len(inputs)]
+            trainable.weights()
+            loss = F.mse_loss(first_output(block(*args, **kwargs)), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    saved = trainable.keep()
     after = error()
     if not after < before:  # keep what was there
-        with torch.no_grad():
-            for n in quant:
-                quant[n].scales.copy_(old_scales[n])
-            for w, w_old in zip(norm0, old_norms):
-                w.data = w_old
+        trainable.undo(saved)
         after = before
     return TuneResult(before, after, steps)

@@ -1,0 +1,144 @@
+"""Quantization-aware distillation: the quantized model trained end to end to match the original's outputs.
+
+Block tuning (tune.py) matches each block's output to the full-precision block's; here the whole quantized
+model is the student and the original the teacher, the loss the KL divergence of the student's next-token
+distribution from the teacher's (over the teacher's top k tokens, renormalised, as distillation caches
+them), on the user's text. What trains is what block tuning trains: every quantized layer's fp16 group scales
+(relative changes) and the norms' weights; the integer codes stay, so the packed format and the kernels are
+unchanged (EfficientQAT's end-to-end step, on a budget of steps or seconds). Some windows are held out: their
+KL before and after is measured, and the result is kept only if it went down.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..core.errors import ShrinkError
+from .tune import Trainable
+
+DEFAULT_TOP_K = 64
+
+
+@dataclass
+class QADResult:
+    """What quantization-aware distillation did: steps taken in `seconds`, the mean KL on the held-out windows
+    before and after (per token, nats, over the teacher's top k), and whether the trained scales were kept."""
+
+    steps: int
+    seconds: float
+    kl_before: float
+    kl_after: float
+    kept: bool
+    train_windows: int
+    held_out_windows: int
+    top_k: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def teacher_targets(model: torch.nn.Module, windows: list[torch.Tensor], top_k: int = DEFAULT_TOP_K) -> list:
+    """The model's top-k next-token log-probabilities and their token ids for each window, as (values [T, k],
+    ids [T, k]): the teacher's outputs, taken before the model is quantized (it is quantized in place)."""
+    out = []
+    with torch.no_grad():
+        for w in windows:
+            logp = F.log_softmax(model(w.reshape(1, -1)).logits[0, :-1].float(), -1)
+            values, ids = logp.topk(min(top_k, logp.shape[-1]), -1)
+            out.append((values, ids))
+    return out
+
+
+def _kl(model: torch.nn.Module, window: torch.Tensor, target) -> torch.Tensor:
+    """Mean KL(teacher || student) per position over the teacher's top k tokens (both renormalised there)."""
+    values, ids = target
+    student = F.log_softmax(model(window.reshape(1, -1)).logits[0, :-1].float(), -1).gather(-1, ids)
+    teacher = values.log_softmax(-1)
+    return (teacher.exp() * (teacher - student.log_softmax(-1))).sum(-1).mean()
+
+
+def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targets: list, *, steps: int = 0,
+                      seconds: float | None = None, lr: float = 1e-3, norm_lr: float = 1e-4,
+                      progress: bool | None = None, say=print) -> QADResult:
+    """Train `model`'s quantized layers' scales and its norms' weights (codes fixed) so its next-token
+    distributions on `windows` approach `targets` (`teacher_targets` of the original on the same windows).
+
+    The last eighth of the windows (at least one) is held out: its KL is measured before and after, and the
+    change is kept only if it went down. steps: Adam steps, one window each, cycling (0: as many as `seconds`
+    allows); seconds: a time budget (None: `steps` alone); lr, norm_lr: learning rates of the scales' and the
+    norms' relative changes (defaults 1e-3, 1e-4). ShrinkError before any training for fewer than two
+    windows, no budget, or a budget of seconds below one step's estimated time.
+    """
+    if not all(isinstance(w, torch.Tensor) and not w.is_floating_point() for w in windows):
+        raise ShrinkError("quantization-aware distillation takes token windows of a causal language model")
+    if len(windows) < 2 or len(windows) != len(targets):
+        raise ShrinkError(f"quantization-aware distillation needs at least 2 windows of data (one to train on, one "
+                          f"held out), got {len(windows)}: give more text, or shorter windows")
+    if not steps and not seconds:
+        raise ShrinkError("quantization-aware distillation needs a budget: steps or seconds")
+    held = max(1, len(windows) // 8)
+    train, test = list(zip(windows, targets))[:-held], list(zip(windows, targets))[-held:]
+    trainable = Trainable(model)
+    if not trainable.quant:
+        raise ShrinkError("quantization-aware distillation trains quantized layers' scales: the model has none")
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(_kl(model, w, t)) for w, t in test) / len(test)
+
+    t0 = time.perf_counter()
+    before = held_out()
+    per_window = (time.perf_counter() - t0) / len(test)
+    if seconds is not None and seconds < 3 * per_window:  # a step: a forward and a backward, about 3 forwards
+        raise ShrinkError(f"a time budget of {seconds:g} s is below one training step here (about {3 * per_window:.1f} s "
+                          "for a window): give more time, or shorter windows")
+    opt = torch.optim.Adam(trainable.params(lr, norm_lr))
+    total = steps or None
+    done, start = 0, time.perf_counter()
+    bar = tqdm(total=total, desc="qad", unit="step", disable=None if progress is None else not progress)
+    with trainable, torch.enable_grad():
+        while (not steps or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
+            window, target = train[done % len(train)]
+            trainable.weights()
+            loss = _kl(model, window, target)
+            if not torch.isfinite(loss):
+                raise ShrinkError(f"quantization-aware distillation: the loss is {float(loss.detach())} at step {done}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            bar.update()
+            bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
+    bar.close()
+    spent = time.perf_counter() - start
+    saved = trainable.keep()
+    after = held_out()
+    kept = after < before
+    if not kept:
+        trainable.undo(saved)
+        say(f"quantization-aware distillation did not lower the held-out KL ({before:.4f} -> {after:.4f}): "
+            "the scales are kept as they were")
+    else:
+        say(f"quantization-aware distillation: held-out KL {before:.4f} -> {after:.4f} in {done} steps ({spent:.0f} s)")
+    return QADResult(done, spent, before, after if kept else before, kept, len(train), len(test),
+                     int(targets[0][1].shape[-1]))
+
+
+def parse_seconds(text: str) -> float:
+    """A duration: seconds ("90", "90s"), minutes ("20m") or hours ("1.5h"); ValueError naming it."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 20m, 1.5h)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{text!r}: a duration must be positive")
+    return value

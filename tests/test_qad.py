@@ -1,0 +1,113 @@
+"""Quantization-aware distillation (quant/qad.py): a quantized model's scales and norms trained end to end
+against the original's outputs, the codes fixed, kept only where the held-out KL went down."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_llama, tiny_tokenizer, word_text
+
+import shrink
+from shrink.quant import GPTQ, QAD, QuantLinear
+from shrink.quant.qad import distill_quantized, parse_seconds, teacher_targets
+
+WINDOWS = list(torch.randint(3, 96, (16, 32), generator=torch.Generator().manual_seed(0)))
+
+
+def _codes_and_scales(model):
+    return {n: (m.qweight.clone(), m.scales.clone()) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_training_the_scales_lowers_the_held_out_kl_and_keeps_the_codes():
+    model = tiny_llama(tie=False)
+    targets = teacher_targets(model, WINDOWS, top_k=32)
+    assert targets[0][0].shape == (31, 32) and targets[0][1].shape == (31, 32)  # next-token log-probs, top 32
+    shrink.quantize(model, "int4-g32", backend="torch", progress=False)
+    before = _codes_and_scales(model)
+    norm = model.model.layers[0].input_layernorm.weight.detach().clone()
+    said = []
+    r = distill_quantized(model, WINDOWS, targets, steps=60, progress=False, say=said.append)
+    assert r.kept and r.kl_after < r.kl_before and r.steps == 60
+    assert (r.train_windows, r.held_out_windows, r.top_k) == (14, 2, 32)
+    assert "held-out KL" in said[0]
+    after = _codes_and_scales(model)
+    assert all(torch.equal(after[n][0], before[n][0]) for n in before)  # the codes: untouched
+    assert any(not torch.equal(after[n][1], before[n][1]) for n in before)  # the scales: trained
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm)
+    assert all(m.scales.dtype == torch.float16 for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_a_change_that_does_not_lower_the_held_out_kl_is_not_kept():
+    model = tiny_llama(tie=False)
+    targets = teacher_targets(model, WINDOWS)
+    shrink.quantize(model, "int4-g32", backend="torch", progress=False)
+    before = _codes_and_scales(model)
+    said = []
+    r = distill_quantized(model, WINDOWS, targets, steps=3, lr=0.9, norm_lr=0.9, progress=False, say=said.append)
+    assert not r.kept and r.kl_after == r.kl_before and "the scales are kept as they were" in said[0]
+    after = _codes_and_scales(model)
+    assert all(torch.equal(after[n][1], before[n][1]) for n in before)
+
+
+def test_bad_budgets_and_data_are_refused_before_any_training():
+    model = tiny_llama(tie=False)
+    targets = teacher_targets(model, WINDOWS[:2])
+    with pytest.raises(shrink.ShrinkError, match="trains quantized layers' scales: the model has none"):
+        distill_quantized(model, WINDOWS[:2], targets, steps=1, progress=False)
+    shrink.quantize(model, "int4-g32", backend="torch", progress=False)
+    with pytest.raises(shrink.ShrinkError, match="needs at least 2 windows of data"):
+        distill_quantized(model, WINDOWS[:1], targets[:1], steps=1, progress=False)
+    with pytest.raises(shrink.ShrinkError, match="needs a budget"):
+        distill_quantized(model, WINDOWS[:2], targets, progress=False)
+    with pytest.raises(shrink.ShrinkError, match="a time budget of 1e-09 s is below one training step"):
+        distill_quantized(model, WINDOWS[:2], targets, seconds=1e-9, progress=False)
+    for bad, needle in [(dict(), "needs a budget"), (dict(steps=-1), "steps must be an integer >= 0"),
+                        (dict(steps=5, lr=2.0), "lr must be in"), (dict(seconds=float("inf")), "a positive number")]:
+        with pytest.raises(shrink.ShrinkError, match=needle):
+            QAD(**bad)
+
+
+def test_qad_after_gptq_is_recorded_saved_and_loaded(tmp_path):
+    model = tiny_llama(tie=False)
+    shrink.quantize(model, "int4-g32", method=[GPTQ(), QAD(steps=20)], calibration=WINDOWS[:8],
+                    qad_data=WINDOWS, backend="torch", progress=False)
+    qad = shrink.info(model).calibration["qad"]
+    assert qad["steps"] == 20 and qad["budget_steps"] == 20 and qad["data"]["samples"] == 16
+    shrink.save(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "shrink.json").read_text())["calibration"]["qad"]["steps"] == 20
+    ids = torch.randint(3, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(shrink.load(tmp_path / "q", backend="torch")(ids).logits, model(ids).logits)
+
+
+def test_qad_needs_data():
+    with pytest.raises(shrink.ShrinkError, match="QAD needs data"):
+        shrink.quantize(tiny_llama(), "int4-g32", method=[QAD(steps=5)], progress=False)
+
+
+def test_durations():
+    assert [parse_seconds(t) for t in ("90", "90s", "20m", "1.5h")] == [90, 90, 1200, 5400]
+    for bad in ("0s", "-3m", "soon", "5d"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_seconds(bad)
+
+
+def test_the_cli_distills_after_quantizing_and_checks_its_options(tmp_path):
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    tiny_llama(tie=False).save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    (tmp_path / "text.txt").write_text(word_text(2000))
+    r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), "-f", "int4-g32", "--qad", str(tmp_path / "text.txt"),
+                                  "--qad-steps", "4", "--samples", "8", "--seq-len", "32", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert "held-out KL" in r.output and "block by block" not in r.output
+    qad = json.loads((tmp_path / "q" / "shrink.json").read_text())["calibration"]["qad"]
+    assert qad["budget_steps"] == 4 and qad["train_windows"] == 7 and qad["held_out_windows"] == 1
+    for args, needle in [(["--qad-steps", "4"], "--qad-steps and --qad-time are the budget of --qad FILE"),
+                         (["--qad", str(tmp_path / "text.txt"), "--qad-time", "soon"], "--qad-time 'soon' is not a duration"),
+                         (["--qad", str(tmp_path / "none.txt")], "QAD text file not found")]:
+        r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), *args])
+        assert r.exit_code != 0 and needle in r.output, r.output
