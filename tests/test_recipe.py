@@ -1,6 +1,8 @@
 """Methods as objects: the strings the CLI and the search use parse once into a Recipe, and quantize
 takes either."""
 
+import re
+
 import pytest
 import torch
 from helpers import tiny_llama
@@ -41,6 +43,6 @@ def test_a_list_of_method_objects_is_a_recipe_in_the_order_they_run():
     assert parse_method([AWQ(), GPTQ(damp=0.05), Tune(8)]) == Recipe(AWQ(), GPTQ(damp=0.05), Tune(8))
     assert parse_method([GPTQ(true_sequential=True)]).gptq.true_sequential
     for steps, msg in (([GPTQ(), AWQ()], "AWQ must come before GPTQ"), ([GPTQ(), GPTQ()], "GPTQ given twice"),
-                       ([Tune(4)], "Tune needs a calibrated method"), (["gptq"], "expected AWQ")):
+                       ([Tune(4)], "Tune needs a calibrated method"), (["gptq"], "expected Rotate(), AWQ(), GPTQ(...), Tune(...) or QAD(...)")):
         with pytest.raises(shrink.ShrinkError, match=msg):
             parse_method(steps)
