@@ -13,7 +13,9 @@ quantized and dequantized). Everything here is deterministic and comparable acro
 A method ending in +tuneN (awq+gptq+tune32) adds N steps of block tuning (shrink.quantize's tune_steps);
 one starting rotate+ (rotate+gptq; "rotate" alone: then round to nearest) first folds Hadamard rotations
 into the weights (SmolLM2's output layer is tied to its table: rotation unties it, 28.3M more parameters
-kept in full precision, which bits/w, counting the quantized layers, does not show).
+kept in full precision, which bits/w, counting the quantized layers, does not show); one ending +qadN
+(gptq+qad100) then trains the scales and norms by N steps of quantization-aware distillation on the
+calibration text's windows (an eighth held out).
 GPTQ always re-solves its group scales for the chosen codes (refit), since results of 2026-11-29.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -74,11 +77,14 @@ def build(base, tok, variant: str, calib_path: Path, args):
     m = copy.deepcopy(base)
     parts = method.split("+")
     tune = [int(p[4:]) for p in parts if p.startswith("tune")]  # "awq+gptq+tune32": 32 tuning steps
-    method = "+".join(p for p in parts if not p.startswith("tune"))
-    kw = {"method": method, "progress": False}
-    if shrink.quant.parse_method(method).method != "rtn":  # ("rotate" alone rounds to nearest: no data)
-        kw.update(calibration=calib_path, tokenizer=tok, n_samples=args.samples, seq_len=args.seq_len,
-                  tune_steps=tune[0] if tune else 0)
+    qad = [int(p[3:]) for p in parts if p.startswith("qad")]  # "gptq+qad100": then 100 steps of QAD
+    method = "+".join(p for p in parts if not p.startswith(("tune", "qad")))
+    recipe = shrink.quant.parse_method(method, tune_steps=tune[0] if tune else 0)
+    if qad:  # on the calibration text (disjoint from the evaluation text), an eighth of its windows held out
+        recipe = dataclasses.replace(recipe, qad=shrink.quant.QAD(steps=qad[0]))
+    kw = {"method": recipe, "progress": False}
+    if recipe.method != "rtn" or qad:  # ("rotate" alone rounds to nearest: no data)
+        kw.update(calibration=calib_path, tokenizer=tok, n_samples=args.samples, seq_len=args.seq_len)
     if fmt.startswith("mixed-"):
         shrink.quantize(m, target_bits=float(fmt.split("-")[1]), **kw)
     else:
