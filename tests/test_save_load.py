@@ -208,7 +208,8 @@ def test_info_says_what_was_done_to_a_model_and_to_a_folder(tmp_path):
                                                   **{n: None for n in manifest["kept_full_precision"]}},
         "kept_full_precision": manifest["kept_full_precision"], "calibration": manifest["calibration"],
         "check": manifest["check"], "source": manifest["source"],
-        "layers": {n: m["done"] for n, m in manifest["modules"].items()}, "fallbacks": manifest.get("fallbacks", {})}
+        "layers": {n: m["done"] for n, m in manifest["modules"].items()}, "fallbacks": manifest.get("fallbacks", {}),
+        "rotation": manifest.get("rotation")}
     assert from_folder.check == rec.check  # kept through save and load
 
 
