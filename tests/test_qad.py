@@ -106,6 +106,8 @@ def test_the_cli_distills_after_quantizing_and_checks_its_options(tmp_path):
     assert "held-out KL" in r.output and "block by block" not in r.output
     qad = json.loads((tmp_path / "q" / "shrink.json").read_text())["calibration"]["qad"]
     assert qad["budget_steps"] == 4 and qad["train_windows"] == 7 and qad["held_out_windows"] == 1
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "q")], terminal_width=200)
+    assert f"quantization-aware distillation: 4 steps, held-out KL {qad['kl_before']:.4f}" in r.output
     for args, needle in [(["--qad-steps", "4"], "--qad-steps and --qad-time are the budget of --qad FILE"),
                          (["--qad", str(tmp_path / "text.txt"), "--qad-time", "soon"], "--qad-time 'soon' is not a duration"),
                          (["--qad", str(tmp_path / "none.txt")], "QAD text file not found")]:

@@ -193,6 +193,9 @@ def test_the_cli_rotates_in_memory_and_says_why_it_does_not_stream(tmp_path):
     assert r.exit_code == 0, r.output
     assert "block by block" not in r.output  # a rotation needs the whole model: loaded whole, not streamed
     assert json.loads((tmp_path / "q" / "shrink.json").read_text())["rotation"]["heads"].startswith("hadamard 16")
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "q")], terminal_width=200)
+    assert "rotated before quantizing: residual stream hadamard 64 with random signs" in r.output
+    assert "output layer untied from the embedding" not in r.output  # (its output layer was its own)
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), "--method", "rotate", "--stream"])
     assert r.exit_code != 0 and "a rotation (--method rotate+...) or --qad needs the whole model in memory" in r.output
 

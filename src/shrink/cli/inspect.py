@@ -42,6 +42,16 @@ def inspect_command(path):
                       f"written by shrink {m.get('shrink_version')}")
         if m.get("kept_full_precision"):
             console.print(f"kept in full precision: {', '.join(m['kept_full_precision'])}")
+        rotation = m.get("rotation") or {}
+        if rotation:
+            console.print(f"rotated before quantizing: residual stream {rotation.get('residual')}, attention values "
+                          f"{rotation.get('heads')}" + ("; output layer untied from the embedding"
+                                                        if rotation.get("untied") else ""))
+        qad = (m.get("calibration") or {}).get("qad") or {}
+        if qad:
+            console.print(f"quantization-aware distillation: {qad.get('steps')} steps, held-out KL "
+                          f"{qad.get('kl_before', 0):.4f} -> {qad.get('kl_after', 0):.4f}"
+                          + ("" if qad.get("kept") else " (not kept: it did not go down)"))
         console.print("checksums verified" if m.get("files") else
                       "[yellow]no checksums recorded (written by an earlier shrink): files not verified[/yellow]")
         return
