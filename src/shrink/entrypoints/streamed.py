@@ -41,7 +41,7 @@ from ..quant.layerwise import capture_inputs, first_output, float32_weights, run
 from ..quant.mixed import DEFAULT_LADDER, MixedPrecision, allocate
 from ..quant.spec import parse_format
 from ..quant.record import update_record
-from ..quant.replace import round_to_nearest, set_submodule
+from ..quant.replace import find_submodule, round_to_nearest, set_submodule
 
 
 @dataclass
@@ -354,14 +354,6 @@ def estimate_memory(model: nn.Module, checkpoint: Checkpoint, job, prefix: str, 
     return MemoryEstimate("streamed quantization", resident_memory(), phases)
 
 
-def _submodule(module: nn.Module, name: str) -> nn.Module | None:
-    """`module`'s submodule `name`, or None where it has none."""
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 class _nowhere:
     """writing_folder's stand-in when nothing is to be written."""
 
@@ -543,7 +535,7 @@ class _Walk:
         release(block)
         for key, t in state.items():  # the skeleton describes what was written: placeholders of its dtypes
             owner, _, leaf = key[len(name) + 1:].rpartition(".")
-            mod = _submodule(block, owner)  # (an expert's stored tensors are no module's)
+            mod = find_submodule(block, owner)  # (an expert's stored tensors are no module's)
             if mod is not None and leaf in mod._parameters and mod._parameters[leaf].dtype != t.dtype:
                 placeholder(mod, leaf, t.shape, t.dtype)
         del state

@@ -27,7 +27,7 @@ from ..quant.check import ForwardCheck, refuse_non_finite
 from ..quant.embedding import share_buffers
 from ..quant.experts import LinearExperts, expert_layers, fused_experts, unfuse_experts
 from ..quant.record import LayerDone, ModelRecord, record_of, update_record
-from ..quant.replace import set_submodule
+from ..quant.replace import find_submodule, set_submodule
 from . import packformat
 from .hfnames import CheckpointNames, checkpoint_names
 from .manifest import (
@@ -433,7 +433,7 @@ def _to_shrink(state: dict, manifest: dict, weights: Path, under: str | None = N
 
 def _quantized_modules(directory: Path, manifest: dict, model: nn.Module, backend) -> None:
     """Put the manifest's quantized modules in place in `model` (their tensors on the meta device)."""
-    missing = [n for n in manifest["modules"] if not _has_module(model, n)]
+    missing = [n for n in manifest["modules"] if find_submodule(model, n) is None]
     if missing:  # a mixture's experts saved one Linear layer per expert: the fused modules become that first
         unfuse_experts(model, {n for n, _ in fused_experts(model) if any(m.startswith(n + ".") for m in missing)})
     for name, info in manifest["modules"].items():
@@ -458,14 +458,6 @@ def _quantized_modules(directory: Path, manifest: dict, model: nn.Module, backen
             set_submodule(model, name, new)
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def _check_fits(model: nn.Module, name: str, info: dict) -> None:

@@ -31,3 +31,11 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def find_submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule at dotted `name`, or None where `model` has none."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

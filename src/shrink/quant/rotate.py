@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ShrinkError
+from .replace import find_submodule
 
 # the parameters of a block that read the residual stream, by the norm whose output they read (a Linear's
 # weight, a router's, a mixture's fused or one-per-expert experts), and those that write it (regexes)
@@ -140,18 +141,11 @@ def _roles(i: int, block: nn.Module) -> dict[str, str]:
                               "(rotations fold into Llama-shaped blocks; refused rather than applied approximately)")
         roles[name] = role
     for norm in READS:
-        if _get(block, norm) is None:
+        if find_submodule(block, norm) is None:
             raise ShrinkError(f"cannot rotate: model.layers.{i} has no {norm}")
     if not any(r == "input_layernorm" for r in roles.values()) or not any(r == "write" for r in roles.values()):
         raise ShrinkError(f"cannot rotate: model.layers.{i} has no attention projections of Llama's names")
     return roles
-
-
-def _get(module: nn.Module, name: str):
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _set(p: nn.Parameter, value: torch.Tensor) -> None:
