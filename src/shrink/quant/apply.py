@@ -251,6 +251,8 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     relative output error (or why the check was skipped); ShrinkError (a ValueError) when the quantized
     model no longer runs, and when the plan quantizes no layer at all.
     """
+    if qad_data is None and calibration is None and parse_method(method).qad is not None:
+        raise ShrinkError("QAD needs data: pass qad_data= (or calibration=) text or token windows")
     fused = unfuse_experts(model)  # one Linear per expert; put back below when none of them is quantized
     try:
         job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
@@ -287,8 +289,6 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
             from .calibration import prepare
             from .qad import teacher_targets
 
-            if qad_data is None and calibration is None:
-                raise ShrinkError("QAD needs data: pass qad_data= (or calibration=) text or token windows")
             qad = prepare(qad_data if qad_data is not None else calibration, tokenizer=tokenizer, model=model,
                           n_samples=n_samples, seq_len=seq_len)
             qad_targets = teacher_targets(model, qad.samples, recipe.qad.top_k)
