@@ -24,7 +24,6 @@ from ..core.paths import cache_dir
 from ..quant.experts import fused_experts, unfuse_experts
 from ..quant.record import update_record
 from . import saved
-from .hfnames import checkpoint_names
 from .safety import check_config_fits, read_config, refuse_custom_code
 from .manifest import WEIGHTS_NATIVE
 from .shards import Checkpoint
@@ -355,7 +354,7 @@ def load_pack_quantized(path: str | os.PathLike, qc: dict | None = None) -> Load
     qc = qc or _quantization_config(path) or {}
     checkpoint = Checkpoint(path)
     model = saved.build_skeleton(path)
-    names = checkpoint_names(getattr(model.config, "model_type", None))
+    names = saved.checkpoint_names_of(model)
     if names.renamings:  # (Mixtral's block_sparse_moe): known by the names of transformers' modules
         checkpoint.rename(names.loaded)
     weights, header = checkpoint.where, checkpoint.header
