@@ -144,8 +144,8 @@ def test_mixed_precision_is_a_spec_and_an_ignored_format_is_said(base_and_ref):
                         progress=False)
     with pytest.raises(shrink.ShrinkError, match="give the bit budget once"):
         shrink.quantize(copy.deepcopy(base), MixedPrecision(4.5), target_bits=4.5, calibration=_samples())
-    with pytest.raises(shrink.ShrinkError, match="unknown format 'int5'"):
-        MixedPrecision(4.5, ladder=("int5", "int8"))
+    with pytest.raises(shrink.ShrinkError, match="unknown format 'int7'"):
+        MixedPrecision(4.5, ladder=("int7", "int8"))
 
 
 def test_calibration_files(tmp_path):

@@ -54,7 +54,7 @@ def _run(*args):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["quantize", "{tiny}", "--format", "int5-g64"], "unknown format 'int5-g64'"),
+    (["quantize", "{tiny}", "--format", "int7-g64"], "unknown format 'int7-g64'"),
     # a layer named exactly keeps the format asked (a glob's layers fall back per channel, said in a warning)
     (["quantize", "{tiny}", "--layer", "model.layers.0.self_attn.q_proj=int4-g128"],
      "group size 128 of format int4-g128 does not divide its input size 64"),

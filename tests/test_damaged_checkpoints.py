@@ -86,7 +86,7 @@ CT_TENSORS = [("weight_packed", "float"), ("weight_packed", "uint8"), ("weight_p
               ("weight_scale", "longer"), ("weight_scale", None), ("weight_shape", "float"),
               ("weight_shape", torch.tensor([2 ** 40, 64])), ("weight_shape", torch.tensor([-128, 64])),
               ("weight_shape", torch.tensor([128, 64, 1])), ("weight_shape", None)]
-CT_CONFIG = [(("num_bits",), 4.0), (("num_bits",), "4"), (("num_bits",), True), (("num_bits",), 5),
+CT_CONFIG = [(("num_bits",), 4.0), (("num_bits",), "4"), (("num_bits",), True), (("num_bits",), 7),
              (("num_bits",), None), (("group_size",), 32.0), (("group_size",), 7), (("group_size",), "32"),
              (("strategy",), 5), (("strategy",), "tensor"), (("type",), "float"), (("symmetric",), False),
              (("actorder",), "group")]

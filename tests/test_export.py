@@ -62,6 +62,8 @@ def _from_gguf(path):
     ("int4", True, True, {"Q4_0"}),  # one scale per row: repeated per block of 32
     ("int8", True, True, {"Q8_0"}),
     ("int8-g32", False, False, {"Q8_0"}),  # the untied output layer quantized too
+    ("int5-g32", True, True, {"Q5_0"}),
+    ("int5-g64", False, False, {"Q5_0"}),
     ({"model.layers.0.*": "bf16", "*.down_proj": "int4-g128", "*.mlp.*": "int8", "*": "int4-g64"}, True, True,
      {"BF16", "Q8_0", "Q4_0"}),
     ({"model.layers.1.mlp.*": None, "*": "fp16"}, True, True, {"F16"}),
@@ -110,6 +112,32 @@ def test_asymmetric_int4_becomes_q4_1_with_offsets_rounded(tmp_path, tok):
     r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
     assert set(r.tensors) == {"Q4_1", "F32"}
     assert 0 < r.max_error["Q4_1"] < 1e-2  # m = -d*z rounded to fp16, said in the report
+    ids = torch.tensor([[3, 50, 100, 150, 200, 250]])
+    a, b = _logits(_from_gguf(r.path), ids), _logits(model, ids)
+    assert (a - b).abs().max() < 1e-2 * b.abs().max()
+
+
+def test_int5_codes_are_llama_cpps_own_q5_0_and_asymmetric_ones_q5_1(tmp_path, tok):
+    """Round-to-nearest int5-g32 rounds as llama.cpp's Q5_0 does (d = the signed extreme / -16): the exported
+    blocks are gguf-py's Q5_0 of the original weights, the same scales and the same codes but where a weight
+    lies half-way between two (shrink rounds half to even, ggml half up). int5-g32-asym becomes Q5_1."""
+    base = bpe_llama()
+    w = base.model.layers[1].mlp.down_proj.weight.detach().clone()
+    model = shrink.quantize(base, "int5-g32", backend="torch", progress=False)
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf")
+    t = {t.name: t for t in gguf.GGUFReader(str(r.path)).tensors}
+    ours = np.asarray(t["blk.1.ffn_down.weight"].data)
+    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)
+    assert ours.shape == theirs.shape
+    assert np.array_equal(ours.reshape(64, -1, 22)[..., :2], theirs.reshape(64, -1, 22)[..., :2])  # scales
+    a, b = (gguf.quants.dequantize(x, gguf.GGMLQuantizationType.Q5_0) for x in (ours, theirs))
+    d = np.abs(np.repeat(ours.reshape(64, -1, 22)[..., :2].copy().view(np.float16)[..., 0].astype(np.float32), 32, 1))
+    differ = a != b
+    assert differ.mean() < 0.01 and np.allclose(np.abs(a - b)[differ], d[differ])  # one step apart, at most
+    assert np.allclose(np.abs(w.numpy() - a)[differ], d[differ] / 2, rtol=5e-3)  # ... at a tie (ggml: x * (1/d))
+    model = shrink.quantize(bpe_llama(), "int5-g32-asym", backend="torch", progress=False)
+    r = export_gguf(_with_tok(model, tok), tmp_path / "a.gguf", float_type="f32")
+    assert set(r.tensors) == {"Q5_1", "F32"} and 0 < r.max_error["Q5_1"] < 1e-2  # offsets rounded to fp16
     ids = torch.tensor([[3, 50, 100, 150, 200, 250]])
     a, b = _logits(_from_gguf(r.path), ids), _logits(model, ids)
     assert (a - b).abs().max() < 1e-2 * b.abs().max()

@@ -25,6 +25,7 @@ def _logits(model, ids):
     ("int4-g32", True, True), ("int4-g64", True, True), ("int4", True, True), ("int8", True, True),
     ("int8-g32", False, False), ("int3-g32", True, True), (MIXED, True, True), (CAST, False, False),
     ("int4-g32", True, False),  # a tied output layer quantized on its own: saved untied
+    ("int5-g32", True, True), ("int6-g64", False, False),
 ])
 def test_symmetric_folders_load_exactly_in_transformers(tmp_path, spec, tie, keep_output):
     model = shrink.quantize(tiny_llama(tie=tie), spec, keep_output=keep_output, backend="torch", progress=False)
@@ -129,7 +130,7 @@ def test_compressed_tensors_checkpoints_load_into_quantlinear(tmp_path, weights,
 
 @pytest.mark.parametrize("weights,needle", [
     ({"symmetric": False}, "config_groups.group_0: asymmetric"),
-    ({"group_size": 16, "num_bits": 5}, "config_groups.group_0: 5 bits"),
+    ({"group_size": 16, "num_bits": 7}, "config_groups.group_0: 7 bits"),
     ({"edit": {"actorder": "dynamic"}}, "config_groups.group_0: activation order 'dynamic'"),
     ({"edit": {"strategy": "tensor"}}, "config_groups.group_0: strategy 'tensor'"),
 ])
@@ -155,7 +156,7 @@ def test_reading_compressed_tensors_without_the_package_says_how_to_install_it(t
         shrink.io.read_model(path)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("width", [64, 40])
 def test_pack_quantized_words_read_as_compressed_tensors_writes_them(bits, width):
     """shrink reads pack-quantized words (its own byte path for 2, 4 and 8 bits) to exactly the codes
@@ -170,7 +171,7 @@ def test_pack_quantized_words_read_as_compressed_tensors_writes_them(bits, width
     assert got.dtype == torch.uint8 and torch.equal(got.to(torch.int16) - (1 << (bits - 1)), signed.to(torch.int16))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("width", [64, 40, 8])
 def test_pack_quantized_words_written_are_compressed_tensors_own(bits, width):
     """shrink writes pack-quantized words (its own byte path for 2, 4 and 8 bits where rows fill whole

@@ -573,7 +573,7 @@ CORRUPT = [
     ("modules", [], "'modules'"),
     ("modules", {MODULE: "int8"}, f"'modules.{MODULE}' must be an object"),
     ("modules." + MODULE + ".format", 5, f"'modules.{MODULE}.format'"),
-    ("modules." + MODULE + ".format", "int5", f"'modules.{MODULE}.format': unknown format 'int5'"),
+    ("modules." + MODULE + ".format", "int7", f"'modules.{MODULE}.format': unknown format 'int7'"),
     ("modules." + MODULE + ".in_features", -5, f"'modules.{MODULE}.in_features' must be an integer from 1 to"),
     ("modules." + MODULE + ".in_features", 10 ** 12, f"'modules.{MODULE}.in_features'"),
     ("modules." + MODULE + ".in_features", "64", f"'modules.{MODULE}.in_features'"),

@@ -297,3 +297,18 @@ def test_the_vnni_and_avx2_copies_compute_the_same_floats(tmp_path):
                     ",".join(fmts)], check=True, env={**os.environ, "SHRINK_VNNI": "0"})
     for q, y in zip(layers, torch.load(tmp_path / "out.pt", weights_only=True)):
         assert torch.equal(q(x), y), q
+
+
+def test_five_and_six_bit_layers_compute_in_pytorch_and_say_so_when_native_is_asked():
+    """The compiled kernels decode 2, 3, 4 and 8 bits: int5/int6 layers take the PyTorch path on their own,
+    and a layer told to use the native kernel refuses, naming the widths it decodes."""
+    lin = torch.nn.Linear(64, 16)
+    for fmt in ("int5-g32", "int6-g32-asym"):
+        q = QuantLinear.from_linear(lin, fmt)
+        assert not q.uses_native()
+        x = torch.randn(3, 64)
+        assert torch.allclose(q(x), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias))
+        q.backend = "native"
+        if native.available():
+            with pytest.raises(RuntimeError, match="it decodes 2, 3, 4, 8 bits"):
+                q.uses_native()

@@ -81,8 +81,8 @@ def test_size_rows_report_bits(llama):
 
 
 def test_errors(llama, mlp):
-    with pytest.raises(ValueError, match="unknown format 'int5'"):
-        shrink.quantize(llama, "int5")
+    with pytest.raises(ValueError, match="unknown format 'int7'"):
+        shrink.quantize(llama, "int7")
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj'.*group size 128.*input size 64"):
         shrink.quantize(llama, {"model.layers.0.self_attn.q_proj": "int4-g128"}, progress=False)
     with pytest.raises(ValueError, match="unknown method 'foo'"):

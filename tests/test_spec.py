@@ -5,7 +5,8 @@ from shrink.quant.spec import QuantSpec, parse_format
 
 @pytest.mark.parametrize("text,bits,group,sym", [
     ("int8", 8, None, True), ("int4-g64", 4, 64, True), ("int3-g32-asym", 3, 32, False),
-    ("int2-g16", 2, 16, True), ("INT8-G128", 8, 128, True), ("int4", 4, None, True),
+    ("int2-g16", 2, 16, True), ("INT8-G128", 8, 128, True), ("int4", 4, None, True), ("int5-g32", 5, 32, True),
+    ("int6-g64-asym", 6, 64, False),
 ])
 def test_parse(text, bits, group, sym):
     s = parse_format(text)
@@ -19,7 +20,7 @@ def test_casts():
 
 
 @pytest.mark.parametrize("bad,needle", [
-    ("int5-g64", "5 bits"), ("int4-g48", "group size 48"), ("int4g64", "unknown format"), ("fp8", "unknown format"), ("", "unknown"),
+    ("int7-g64", "7 bits"), ("int4-g48", "group size 48"), ("int4g64", "unknown format"), ("fp8", "unknown format"), ("", "unknown"),
 ])
 def test_bad_formats_name_the_string(bad, needle):
     with pytest.raises(ValueError, match=needle) as e:

@@ -18,7 +18,7 @@ from .common import FORCE, console, main, mb
 @click.option("--float", "float_type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
               help="Type of the embeddings and the layers kept in full precision.")
 @click.option("--requantize", default=None, metavar="TYPE",
-              help="Re-quantize layers no GGUF type holds exactly (int3, int2, groups of 16) into this gguf-py type "
+              help="Re-quantize layers no GGUF type holds exactly (int6, int3, int2, groups of 16) into this gguf-py type "
                    "(e.g. Q4_0); without it they are refused.")
 @FORCE
 
@@ -26,7 +26,8 @@ from .common import FORCE, console, main, mb
 def export_command(model, gguf_path, float_type, requantize, force):
     """Write MODEL (a folder saved by shrink) as a GGUF file for llama.cpp, copying its codes exactly.
 
-    int4 -> Q4_0, int8 -> Q8_0, int4-asym -> Q4_1 (offsets rounded to fp16), bf16/fp16 layers as they
+    int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0, int4-asym -> Q4_1 and int5-asym -> Q5_1 (offsets rounded to
+    fp16), bf16/fp16 layers as they
     are; q/k rows permuted as llama.cpp expects; the tokenizer and chat template copied from the GGUF file
     the model came from, else built from its tokenizer. The file is read back and checked tensor by
     tensor before it is put in place. Check it in llama.cpp with

@@ -3,7 +3,8 @@
 shrink's 4-bit layout (byte j of a block of 32 holds code j and code j+16, x = d*(q-8)) is GGUF Q4_0's
 `qs` byte for byte, so a symmetric int4 layer becomes Q4_0 blocks by putting its fp16 scale in front of
 each block (repeated per block of 32 for groups of 64/128 or one scale per row). Symmetric int8 becomes
-Q8_0 the same way, and asymmetric int4 becomes Q4_1 (x = d*q + m with m = -d*z, which fp16 rounds).
+Q8_0 the same way, and asymmetric int4 becomes Q4_1 (x = d*q + m with m = -d*z, which fp16 rounds). 5-bit
+codes are Q5_0/Q5_1's: shrink's 5-bit block is their qs (low nibbles, as 4 bits) then qh (the fifth bits).
 Nothing is re-quantized unless asked: gguf-py's quantizers would change many of the codes that were
 measured. The written file is read back and every tensor compared with the model before success is said.
 
@@ -35,6 +36,7 @@ from .gguf_meta import CHECK_TEXT, write_metadata
 from .saved import is_shrink_folder
 
 FLOAT_TYPES = ("f16", "f32")
+EXACT_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # GGUF types shrink's codes are copied into
 EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
 # model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -58,7 +60,8 @@ class ExportReport:
 
 
 def exact_type(layer: nn.Module) -> str | None:
-    """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q8_0, Q4_1, F16, BF16), or None."""
+    """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q5_0, Q8_0; Q4_1, Q5_1 for -asym formats;
+    F16, BF16), or None."""
     if isinstance(layer, CastLinear):
         return "F16" if layer.spec.cast == "fp16" else "BF16"
     if not isinstance(layer, (QuantLinear, QuantEmbedding)) or layer.in_features % 32 or layer.input_order is not None:
@@ -66,8 +69,8 @@ def exact_type(layer: nn.Module) -> str | None:
     spec = layer.spec
     if spec.group_size is not None and spec.group_size % 32:
         return None
-    if spec.bits == 4:
-        return "Q4_0" if spec.symmetric else "Q4_1"
+    if spec.bits in (4, 5):
+        return f"Q{spec.bits}_0" if spec.symmetric else f"Q{spec.bits}_1"
     if spec.bits == 8 and spec.symmetric:
         return "Q8_0"
     return None
@@ -84,16 +87,19 @@ def _blocks(layer: QuantLinear, kind: str) -> np.ndarray:
 
     out, nb = layer.out_features, layer.in_features // 32
     d = _block_scales(layer).contiguous().view(torch.uint8).reshape(out, nb, 2)
-    if kind == "Q4_0":
-        qs = layer.qweight.reshape(out, nb, 16)  # shrink's 4-bit block is Q4_0's qs
-        parts = [d, qs]
-    elif kind == "Q8_0":
+    if kind == "Q8_0":
         codes = unpack(layer.qweight, 8, layer.in_features).to(torch.int16) - layer.zero_const
         parts = [d, codes.to(torch.int8).view(torch.uint8).reshape(out, nb, 32)]
-    elif kind == "Q4_1":
-        z = layer.zeros.repeat_interleave(layer.spec.group_for(layer.in_features) // 32, dim=1).float()
-        m = (-_block_scales(layer).float() * z).to(torch.float16)
-        parts = [d, m.contiguous().view(torch.uint8).reshape(out, nb, 2), layer.qweight.reshape(out, nb, 16)]
+    elif kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        # shrink's 4-bit block is these types' qs; its 5-bit block is qs then qh, which GGUF puts first
+        qb = layer.qweight.reshape(out, nb, -1)
+        qs = [qb] if kind.startswith("Q4") else [qb[..., 16:20], qb[..., :16]]
+        if kind.endswith("_1"):  # x = d*q + m, m = -d*z (rounded to fp16)
+            z = layer.zeros.repeat_interleave(layer.spec.group_for(layer.in_features) // 32, dim=1).float()
+            m = (-_block_scales(layer).float() * z).to(torch.float16)
+            parts = [d, m.contiguous().view(torch.uint8).reshape(out, nb, 2), *qs]
+        else:
+            parts = [d, *qs]
     else:
         raise ValueError(kind)
     return torch.cat(parts, dim=2).reshape(out, -1).numpy()
@@ -108,7 +114,8 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
                 source_gguf: str | os.PathLike | None = None, force: bool = False) -> ExportReport:
     """Write `model` (a quantized module, a LoadedModel, or a shrink folder) to the GGUF file `path`.
 
-    Quantized layers become exact block copies (int4 symmetric -> Q4_0, int8 -> Q8_0, int4-asym -> Q4_1);
+    Quantized layers become exact block copies (int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0; int4-asym -> Q4_1,
+    int5-asym -> Q5_1);
     bf16/fp16 layers stay as they are; embeddings and full-precision layers are written as `float_type`
     ("f16", default, or "f32"); norms as F32; a tied output layer once. Layers with no exact GGUF type
     (int3, int2, groups of 16, inputs not a multiple of 32) are refused, naming them, unless `requantize`
@@ -284,7 +291,7 @@ def _requant_type(requantize: str | None):
     try:
         kind = gguf.GGMLQuantizationType[requantize.upper()]
     except KeyError:
-        raise ShrinkError(f"--requantize {requantize!r}: not a GGUF type (e.g. Q4_0, Q8_0, Q4_1)") from None
+        raise ShrinkError(f"--requantize {requantize!r}: not a GGUF type (e.g. Q4_0, Q5_0, Q8_0)") from None
     if kind not in gguf.quants._type_traits:
         raise ShrinkError(f"--requantize {requantize!r}: gguf-py cannot quantize to this type")
     return kind
@@ -300,8 +307,8 @@ def _refuse_inexact(module: nn.Module) -> None:
     if refused:
         shown = "; ".join(f"{f}: {', '.join(ns[:3])}" + (f" ... ({len(ns)} layers)" if len(ns) > 3 else "")
                           for f, ns in refused.items())
-        raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}. GGUF has int4/int8 in blocks of 32 "
-                          "(Q4_0, Q8_0, Q4_1); pass --requantize Q4_0 (or another type) to re-quantize them")
+        raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}. GGUF has int4/int5/int8 in blocks of 32 "
+                          "(Q4_0, Q5_0, Q8_0, Q4_1, Q5_1); pass --requantize Q4_0 (or another type) to re-quantize them")
 
 
 @dataclass
@@ -310,7 +317,7 @@ class _Tensor:
     kind: str            # GGUF type name
     data: np.ndarray     # what is written: float arrays, or GGUF blocks as uint8
     expect: np.ndarray | None  # float32 values the file must read back as (rows as written); None: data's own
-    exact: bool = True   # False where the type rounds the model's values (Q4_1 offsets, re-quantized)
+    exact: bool = True   # False where the type rounds the model's values (Q4_1/Q5_1 offsets, re-quantized)
 
     def expected(self) -> np.ndarray:
         """The float32 values the file must read back as."""
@@ -482,10 +489,10 @@ def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, re
     report.layers[lname] = kind
     if isinstance(layer, nn.Linear):
         return _float_tensor(gname, w, kind, report)
-    if kind in ("Q4_0", "Q8_0", "Q4_1"):
+    if kind in EXACT_BLOCKS:
         data = _blocks(layer, kind)
         data = data[rows.numpy()] if rows is not None else data
-        return _Tensor(gname, kind, data, w.numpy(), exact=kind != "Q4_1")  # Q4_1: offsets rounded to fp16
+        return _Tensor(gname, kind, data, w.numpy(), exact=not kind.endswith("_1"))  # _1: offsets rounded to fp16
     if kind == "BF16":
         bf = layer.weight.detach()
         bf = bf[rows] if rows is not None else bf
@@ -607,13 +614,14 @@ def _file_type(counts: dict[str, int]) -> int:
     quant = {k: v for k, v in counts.items() if k.startswith("Q")}
     main = max(quant, key=quant.get) if quant else ("F16" if counts.get("F16") else "F32")
     return {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+            "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
             "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16,
             "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(main, gguf.LlamaFileType.ALL_F32)
 
 
 def _check_values(t: _Tensor, data: np.ndarray, path: Path, report: ExportReport) -> None:
     """`data` (t's GGUF blocks or floats, as written or read back) must dequantize to the values the model
-    computes with: exactly, but for Q4_1 offsets rounded to fp16 and re-quantized layers (measured)."""
+    computes with: exactly, but for Q4_1/Q5_1 offsets rounded to fp16 and re-quantized layers (measured)."""
     import gguf
 
     expect = t.expected()
@@ -627,7 +635,7 @@ def _check_values(t: _Tensor, data: np.ndarray, path: Path, report: ExportReport
 
 def _verify(path: Path, tensors: list[_Tensor], report: ExportReport) -> None:
     """Read the file back: every tensor present, of its type and shape, and dequantizing to the values the
-    model computes with (exactly, but for Q4_1 offsets rounded to fp16 and re-quantized layers)."""
+    model computes with (exactly, but for Q4_1/Q5_1 offsets rounded to fp16 and re-quantized layers)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))

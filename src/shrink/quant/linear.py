@@ -211,11 +211,12 @@ class QuantLinear(PackedRows):
     def _decide_native(self) -> bool:
         if self.backend == "torch":
             return False
-        ok = kernels.native_supports(self.in_features, self._group) and kernels.native.available()
+        ok = kernels.native_supports(self.in_features, self._group, self.spec.bits) and kernels.native.available()
         if self.backend == "native" and not ok:
             raise RuntimeError(
                 f"native backend requested but unavailable for in_features={self.in_features}, format {self.spec.name} "
-                + ("(input and group sizes must be multiples of 32)" if kernels.native.available() else
+                + (f"(it decodes {', '.join(map(str, kernels.NATIVE_BITS))} bits; input and group sizes must be "
+                   "multiples of 32)" if kernels.native.available() else
                    f"({kernels.native.unavailable_reason()})")
             )
         return ok

@@ -5,6 +5,9 @@ The layout within a block is the one the AVX2 kernel unpacks with a few shifts a
   4 bits: 16 bytes; byte j holds code j in its low nibble and code j+16 in its high nibble
   2 bits: 8 bytes; byte j holds codes j, j+8, j+16, j+24 at bits 0, 2, 4, 6
   3 bits: the low two bits as for 2 bits (8 bytes), then 4 bytes whose bit i is bit 2 of code i
+  5 bits: the low four bits as for 4 bits (16 bytes), then 4 bytes whose bit i is bit 4 of code i
+          (GGUF Q5_0/Q5_1's qs and qh, in the other order)
+  6 bits: the low four bits as for 4 bits (16 bytes), then the high two as for 2 bits (8 bytes)
 A row whose length is not a multiple of 32 is padded with zero codes; `unpack` drops the padding.
 """
 
@@ -38,14 +41,29 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 2:
         out = _pack2(b)
     elif bits == 3:
-        low = _pack2(b & 0x3)
-        hi = ((b >> 2) & 1).reshape(rows, -1, 4, 8)
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-        hb = (hi * weights).sum(-1, dtype=torch.int32).to(torch.uint8)  # [rows, blocks, 4]
-        out = torch.cat([low, hb], dim=-1)
+        out = torch.cat([_pack2(b & 0x3), _bit_plane(b, 2)], dim=-1)
+    elif bits == 5:
+        out = torch.cat([_pack4((b & 0xF).reshape(rows, -1).contiguous(), rows).reshape(rows, -1, 16),
+                         _bit_plane(b, 4)], dim=-1)
+    elif bits == 6:
+        out = torch.cat([_pack4((b & 0xF).reshape(rows, -1).contiguous(), rows).reshape(rows, -1, 16),
+                         _pack2(b >> 4)], dim=-1)
     else:
         raise ValueError(f"cannot pack {bits}-bit codes")
     return out.reshape(rows, -1).contiguous()
+
+
+def _bit_plane(b: torch.Tensor, bit: int) -> torch.Tensor:
+    """[rows, blocks, 4] uint8: bit i of a block's 4 bytes (little endian) is bit `bit` of code i."""
+    hi = ((b >> bit) & 1).reshape(*b.shape[:-1], 4, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (hi * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unbit_plane(hb: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_bit_plane`: [rows, blocks, 4] -> [rows, blocks, 32] bits (0 or 1)."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((hb.unsqueeze(-1) >> shifts) & 1).reshape(*hb.shape[:-1], BLOCK)
 
 
 def _pack4(c: torch.Tensor, rows: int) -> torch.Tensor:
@@ -76,11 +94,13 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     elif bits == 2:
         out = _unpack2(b)
     elif bits == 3:
-        low = _unpack2(b[..., :8])
-        hb = b[..., 8:12]  # [rows, blocks, 4]
-        shifts = torch.arange(8, dtype=torch.uint8)
-        hi = ((hb.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1, BLOCK)
-        out = low | (hi << 2)
+        out = _unpack2(b[..., :8]) | (_unbit_plane(b[..., 8:12]) << 2)
+    elif bits == 5:
+        q = b[..., :16]
+        out = torch.cat([q & 0x0F, q >> 4], dim=-1) | (_unbit_plane(b[..., 16:20]) << 4)
+    elif bits == 6:
+        q = b[..., :16]
+        out = torch.cat([q & 0x0F, q >> 4], dim=-1) | (_unpack2(b[..., 16:24]) << 4)
     else:
         raise ValueError(f"cannot unpack {bits}-bit codes")
     return out.reshape(rows, -1)[:, :in_features]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..core.errors import ShrinkError
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (16, 32, 64, 128)
 CASTS = ("bf16", "fp16")
 
@@ -23,7 +23,7 @@ _PATTERN = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?$"
 class QuantSpec:
     """One quantization format.
 
-    bits: 2, 3, 4 or 8 for integer formats, 16 for casts.
+    bits: 2, 3, 4, 5, 6 or 8 for integer formats, 16 for casts.
     group_size: inputs sharing one scale; None means one scale per output channel.
     symmetric: False adds a zero point per group.
     cast: "bf16" or "fp16" for the cast baselines, else None.

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..core import switches
 from ..core.errors import ShrinkError
 from ..quant.embedding import QuantEmbedding
-from ..quant.kernels import LARGE_BATCH, native, tiled
+from ..quant.kernels import LARGE_BATCH, native, native_supports, tiled
 from ..quant.linear import CastLinear, QuantLinear
 
 PREFILL_CHUNK = 512  # prompt tokens per call: bounds the activations' memory, keeps GEMMs large
@@ -131,7 +131,7 @@ def _linear(m: nn.Module, ext, products: bool = True):
     bias = f32 if bias is None else bias.detach().float().contiguous()
     if isinstance(m, (QuantLinear, QuantEmbedding)):
         native_ok = m.uses_native() if isinstance(m, QuantLinear) else (
-            native.available() and m.spec.group_for(m.in_features) % 32 == 0 and m.in_features % 32 == 0)
+            native.available() and native_supports(m.in_features, m.spec.group_for(m.in_features), m.spec.bits))
         if native_ok:
             t = tiled.for_layer(m) if products else None
             f16 = _EMPTY[torch.float16]

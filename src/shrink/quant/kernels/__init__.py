@@ -30,9 +30,14 @@ def default_backend() -> str:
     return switches.backend()
 
 
-def native_supports(in_features: int, group_size: int) -> bool:
-    """Shapes the native kernel handles: multiples of 32, at most 1024 groups per row."""
-    return in_features % 32 == 0 and group_size % 32 == 0 and in_features // group_size <= 1024
+NATIVE_BITS = (2, 3, 4, 8)  # code widths the compiled kernels decode; 5 and 6 bits run in PyTorch
+
+
+def native_supports(in_features: int, group_size: int, bits: int) -> bool:
+    """Layers the native kernel handles: 2, 3, 4 or 8 bits, input and group sizes multiples of 32, at most
+    1024 groups per row."""
+    return (bits in NATIVE_BITS and in_features % 32 == 0 and group_size % 32 == 0
+            and in_features // group_size <= 1024)
 
 
 def dequantize(layer, native_kernel: bool) -> torch.Tensor:
@@ -76,5 +81,5 @@ def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
     return torch.ops.shrink.linear(*args) if torch.compiler.is_compiling() else native.load().linear(*args)
 
 
-__all__ = ["BACKENDS", "LARGE_BATCH", "default_backend", "dequantize", "int8_activations", "native",
+__all__ = ["BACKENDS", "LARGE_BATCH", "NATIVE_BITS", "default_backend", "dequantize", "int8_activations", "native",
            "native_supports", "qlinear", "reference", "tiled"]
