@@ -2,6 +2,7 @@
 back as the very weights shrink measured; refusals that name the layers; nothing half-written."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from helpers import WORDS, widen, word_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import shrink
+from shrink.core.peers import llama_cpp_missing
 from shrink.io.export import export_gguf
 from shrink.quant.record import update_record
 
@@ -328,3 +330,85 @@ def test_a_folder_is_exported_a_module_at_a_time_as_the_loaded_model_is(tmp_path
     assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
     assert {k: str(f.parts[-1].tolist()) for k, f in a.fields.items()} == \
         {k: str(f.parts[-1].tolist()) for k, f in b.fields.items()}
+
+
+def _wide_llama(tok):
+    """bpe_llama with 256 intermediate features: down_proj's inputs fit K-quants' blocks of 256, the rest 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    return widen(LlamaForCausalLM(cfg))
+
+
+needs_ggml = pytest.mark.skipif(llama_cpp_missing() is not None, reason=f"ggml's quantizers: {llama_cpp_missing()}")
+
+
+@needs_ggml
+def test_requantize_takes_the_first_type_that_fits_each_layer_and_weighs_by_the_imatrix(tmp_path, tok):
+    """--requantize Q4_K,Q5_0: the int3 layers whose inputs are a multiple of 256 become Q4_K (ggml's own
+    rounding, read back by gguf-py), the others Q5_0; an imatrix file's importance changes the rounding
+    towards the inputs it weighs, lowering the error there."""
+    model = shrink.quantize(_wide_llama(tok), "int3-g32", backend="torch", progress=False)
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", requantize="Q4_K,Q5_0")
+    assert {n: k for n, k in r.layers.items() if n.endswith("down_proj")} == {
+        "model.layers.0.mlp.down_proj": "Q4_K", "model.layers.1.mlp.down_proj": "Q4_K"}
+    assert r.tensors["Q5_0"] == 12 and set(r.requantized) == {n for n, k in r.layers.items() if k[0] == "Q"}
+    _from_gguf(r.path)  # transformers reads it
+
+    w = model.model.layers[0].mlp.down_proj.dequantized_weight().numpy()
+    imp = np.ones((1, 256), np.float32)
+    imp[0, :32] = 1000.0  # the first 32 inputs matter most
+    writer = gguf.GGUFWriter(str(tmp_path / "imatrix.gguf"), "imatrix")
+    writer.add_tensor("blk.0.ffn_down.weight.in_sum2", imp * 7)
+    writer.add_tensor("blk.0.ffn_down.weight.counts", np.array([7.0], np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    weighted = export_gguf(_with_tok(model, tok), tmp_path / "w.gguf", requantize="Q4_K,Q5_0",
+                           imatrix=tmp_path / "imatrix.gguf")
+    t = {x.name: x for x in gguf.GGUFReader(str(weighted.path)).tensors}
+    u = {x.name: x for x in gguf.GGUFReader(str(r.path)).tensors}
+    back_w, back_u = (gguf.quants.dequantize(x["blk.0.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q4_K)
+                      for x in (t, u))
+    err = lambda b: float((((b - w) ** 2) * imp).sum())  # noqa: E731
+    assert err(back_w) < err(back_u)
+    assert np.array_equal(t["blk.1.ffn_down.weight"].data, u["blk.1.ffn_down.weight"].data)  # no importance there
+    assert any("no importance for blk.1.ffn_down.weight" in n for n in weighted.notes)
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({"requantize": "Q4_K"}, r"--requantize Q4_K: no type's block \(Q4_K 256\) divides the inputs of "
+                             r"model\.layers\.0\.self_attn\.q_proj \(64 inputs\).*--requantize Q4_K,Q5_0"),
+    ({"requantize": "Q4_K,Q9_9"}, "'Q9_9': not a GGUF type"),
+    ({"requantize": "Q4_0", "imatrix": "nowhere.gguf"}, "nowhere.gguf"),
+    ({"imatrix": "x.gguf"}, "give --requantize TYPE too"),
+])
+def test_requantize_refuses_before_the_work(tmp_path, tok, args, needle):
+    model = shrink.quantize(_wide_llama(tok), "int3-g32", backend="torch", progress=False)
+    if llama_cpp_missing() is not None and "imatrix" in args and "requantize" in args:
+        needle = "gguf-py's quantizers take no importance"
+    with pytest.raises(shrink.ShrinkError, match=needle):
+        export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", **args)
+    assert not list(tmp_path.iterdir())
+
+
+def test_without_llama_cpp_only_gguf_py_types_are_requantized(tmp_path, tok, monkeypatch):
+    from shrink.io import requant
+
+    monkeypatch.setattr(requant, "_LIB", [None])
+    with pytest.raises(shrink.ShrinkError, match="gguf-py quantizes only Q4_0, .*llama.cpp's quantizers write Q4_K"):
+        requant.plan("Q4_K,Q5_0")
+    assert requant.plan("Q5_0").quantizer == "gguf-py"
+
+
+@needs_ggml
+def test_types_llama_cpp_rounds_only_with_importance_need_an_imatrix():
+    from shrink.io import requant
+
+    with pytest.raises(shrink.ShrinkError, match="IQ2_XS only with an importance matrix; give --imatrix"):
+        requant.plan("IQ2_XS,Q4_0")
+    with pytest.raises(shrink.ShrinkError, match="not a GGUF imatrix file"):
+        requant.read_imatrix(Path(__file__))

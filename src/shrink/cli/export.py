@@ -17,13 +17,17 @@ from .common import FORCE, console, main, mb
               help="The GGUF file to write.")
 @click.option("--float", "float_type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
               help="Type of the embeddings and the layers kept in full precision.")
-@click.option("--requantize", default=None, metavar="TYPE",
-              help="Re-quantize layers no GGUF type holds exactly (int6, int3, int2, groups of 16) into this gguf-py type "
-                   "(e.g. Q4_0); without it they are refused.")
+@click.option("--requantize", default=None, metavar="TYPE[,TYPE...]",
+              help="Re-quantize layers no GGUF type holds exactly (int6, int3, int2, groups of 16) into these GGUF "
+                   "types, each layer the first whose block divides its inputs (e.g. Q4_K,Q5_0): llama.cpp's "
+                   "quantizers where llama-cpp-python is installed, else gguf-py's (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0). "
+                   "Without it such layers are refused.")
+@click.option("--imatrix", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="llama-imatrix's importance file: weights the rounding of --requantize (llama.cpp's quantizers).")
 @FORCE
 
 
-def export_command(model, gguf_path, float_type, requantize, force):
+def export_command(model, gguf_path, float_type, requantize, imatrix, force):
     """Write MODEL (a folder saved by shrink) as a GGUF file for llama.cpp, copying its codes exactly.
 
     int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0, int4-asym -> Q4_1 and int5-asym -> Q5_1 (offsets rounded to
@@ -38,7 +42,7 @@ def export_command(model, gguf_path, float_type, requantize, force):
     if not (Path(model).is_dir() and is_shrink_folder(model)):
         raise ShrinkError(f"{model}: not a folder saved by shrink (export takes the --out of shrink quantize)")
     with console.status("exporting"):
-        r = export_gguf(model, gguf_path, float_type=float_type, requantize=requantize, force=force)
+        r = export_gguf(model, gguf_path, float_type=float_type, requantize=requantize, imatrix=imatrix, force=force)
     t = Table(title=f"{model} -> {r.path}")
     for col in ("GGUF type", "tensors", "largest difference read back"):
         t.add_column(col, justify="left" if col == "GGUF type" else "right")
@@ -49,7 +53,12 @@ def export_command(model, gguf_path, float_type, requantize, force):
     console.print(f"{mb(r.bytes)} MB; {r.metadata_from}")
     if r.requantized:
         share = sum(r.requantized.values()) / len(r.requantized)
-        console.print(f"[yellow]re-quantized {len(r.requantized)} layers to {requantize.upper()}: {share:.1%} of "
-                      f"their weights changed value (these layers differ from what shrink measured)[/yellow]")
+        kinds = {}
+        for n in r.requantized:
+            kinds[r.layers[n]] = kinds.get(r.layers[n], 0) + 1
+        into = ", ".join(f"{k} {c}" for k, c in sorted(kinds.items()))
+        console.print(f"[yellow]re-quantized {len(r.requantized)} layers ({into}{', weighted by ' + imatrix if imatrix else ''}): "
+                      f"{share:.1%} of their weights changed value (these layers differ from what shrink "
+                      "measured)[/yellow]")
     for note in r.notes:
         console.print(f"note: {note}")

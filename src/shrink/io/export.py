@@ -33,6 +33,7 @@ from ..quant.experts import LinearExperts
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
 from .gguf_meta import CHECK_TEXT, write_metadata
+from .requant import Requant, plan
 from .saved import is_shrink_folder
 
 FLOAT_TYPES = ("f16", "f32")
@@ -111,40 +112,43 @@ def _qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 
 def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requantize: str | None = None,
-                source_gguf: str | os.PathLike | None = None, force: bool = False) -> ExportReport:
+                imatrix: str | os.PathLike | None = None, source_gguf: str | os.PathLike | None = None,
+                force: bool = False) -> ExportReport:
     """Write `model` (a quantized module, a LoadedModel, or a shrink folder) to the GGUF file `path`.
 
     Quantized layers become exact block copies (int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0; int4-asym -> Q4_1,
     int5-asym -> Q5_1);
     bf16/fp16 layers stay as they are; embeddings and full-precision layers are written as `float_type`
     ("f16", default, or "f32"); norms as F32; a tied output layer once. Layers with no exact GGUF type
-    (int3, int2, groups of 16, inputs not a multiple of 32) are refused, naming them, unless `requantize`
-    names a gguf-py type (e.g. "Q4_0") to re-quantize them into; the report says how much that changed.
+    (int6, int3, int2, groups of 16, inputs not a multiple of 32) are refused, naming them, unless `requantize`
+    names GGUF types to re-quantize them into ("Q4_K,Q5_0": each layer the first whose block divides its
+    inputs; llama.cpp's quantizers where llama-cpp-python is installed, weighted by `imatrix`, llama-imatrix's
+    file, else gguf-py's); the report says how much that changed.
     Metadata and tokenizer are copied from the GGUF file the model came from (`source_gguf`, default: the
     one its source record names, if any) and otherwise built from its config and tokenizer. An existing
     `path` is replaced only with force=True and only if it is a GGUF file. The file is written to a
     temporary name, read back and compared tensor by tensor with the model, then moved into place."""
     if float_type not in FLOAT_TYPES:
         raise ShrinkError(f"float type {float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
-    requant_type = _requant_type(requantize)
+    requant = plan(requantize, imatrix)
     path = Path(path)
     with lock_beside(path, "export"):
         _check_target(path, force)
         if isinstance(model, (str, os.PathLike)) and is_shrink_folder(model):
-            return _export_streamed(Path(model), path, float_type, requant_type, source_gguf)
-        return _export(model, path, float_type, requant_type, source_gguf)
+            return _export_streamed(Path(model), path, float_type, requant, source_gguf)
+        return _export(model, path, float_type, requant, source_gguf)
 
 
-def _export(model, path: Path, float_type: str, requant_type, source_gguf) -> ExportReport:
+def _export(model, path: Path, float_type: str, requant, source_gguf) -> ExportReport:
     import gguf
 
     from .models import resolve
 
     module, tokenizer, _ = resolve(model)
     config = module.config if hasattr(module, "config") else None
-    arch, permute, names = _architecture(module, config, requant_type)
+    arch, permute, names = _architecture(module, config, requant)
     report = ExportReport(path=path, bytes=0)
-    tensors = _collect(module, config, names, float_type, requant_type, permute, report)
+    tensors = _collect(module, config, names, float_type, requant, permute, report)
     src = Path(source_gguf) if source_gguf else source_gguf_of(module)
     with atomic_file(path) as tmp:
         _write(tmp, gguf.MODEL_ARCH_NAMES[arch], tensors, config, tokenizer, src, report)
@@ -155,23 +159,22 @@ def _export(model, path: Path, float_type: str, requant_type, source_gguf) -> Ex
     return report
 
 
-def _architecture(module: nn.Module, config, requant_type):
+def _architecture(module: nn.Module, config, requant):
     """(gguf-py architecture, whether q/k rows are permuted, its tensor name map) of the model; ShrinkError
-    for an architecture shrink does not export, or (without `requant_type`) layers no GGUF type holds."""
+    for an architecture shrink does not export, or layers no GGUF type holds (nor, with `requant`, any of its types fits)."""
     import gguf
 
     mtype = getattr(config, "model_type", None)
     if mtype not in ARCHITECTURES:
         raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
                           f"{', '.join(sorted(ARCHITECTURES))} models")
-    if requant_type is None:
-        _refuse_inexact(module)
+    _refuse_inexact(module, requant)
     arch_name, permute = ARCHITECTURES[mtype]
     arch = gguf.MODEL_ARCH[arch_name]
     return arch, permute, gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
 
-def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, source_gguf) -> ExportReport:
+def _export_streamed(folder: Path, path: Path, float_type: str, requant, source_gguf) -> ExportReport:
     """A shrink folder exported a module at a time: each read from the weights, made into its GGUF tensors,
     checked against the values the model computes with, written (gguf-py's temporary file holds the
     tensors' bytes until the header, which comes first, can be written) and let go; the finished file is
@@ -188,7 +191,7 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, so
     module, manifest, checkpoint = open_folder(folder)
     tokenizer = tokenizer_or_none(folder)
     config = module.config
-    arch, permute, names = _architecture(module, config, requant_type)
+    arch, permute, names = _architecture(module, config, requant)
     report = ExportReport(path=path, bytes=0)
 
     def fill(name):
@@ -201,7 +204,7 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant_type, so
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
         _metadata(writer, config, tokenizer, src, report)
         bar = tqdm(desc="export", unit="tensor", total=len(module.state_dict()), disable=None)
-        for t in _each_tensor(module, config, names, float_type, requant_type, permute, report, fill=fill):
+        for t in _each_tensor(module, config, names, float_type, requant, permute, report, fill=fill):
             if t.expect is not None:  # quantized blocks: they must be the model's values (floats are as given)
                 _check_values(t, t.data, path, report)
             writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
@@ -282,23 +285,23 @@ def _write(path: Path, arch: str, tensors: list, config, tokenizer, src: Path | 
     _finish(writer, report)
 
 
-def _requant_type(requantize: str | None):
-    """The gguf-py type named by `requantize` (None for None); ShrinkError for a name gguf-py cannot write."""
-    import gguf
+def _refuse_inexact(module: nn.Module, requant: Requant | None) -> None:
+    """ShrinkError naming, by format, the quantized layers no GGUF type holds exactly (without `requant`), or
+    those whose inputs no type of `requant` fits."""
+    if requant is not None:
+        unfit = [(n, m.in_features) for n, m in module.named_modules()
+                 if isinstance(m, (QuantLinear, QuantEmbedding)) and exact_type(m) is None
+                 and requant.type_for(m.in_features) is None]
+        if unfit:
+            import gguf
 
-    if requantize is None:
-        return None
-    try:
-        kind = gguf.GGMLQuantizationType[requantize.upper()]
-    except KeyError:
-        raise ShrinkError(f"--requantize {requantize!r}: not a GGUF type (e.g. Q4_0, Q5_0, Q8_0)") from None
-    if kind not in gguf.quants._type_traits:
-        raise ShrinkError(f"--requantize {requantize!r}: gguf-py cannot quantize to this type")
-    return kind
-
-
-def _refuse_inexact(module: nn.Module) -> None:
-    """ShrinkError naming, by format, the quantized layers no GGUF type holds exactly."""
+            blocks = ", ".join(f"{t.name} {gguf.GGML_QUANT_SIZES[t][0]}" for t in requant.types)
+            shown = ", ".join(f"{n} ({k} inputs)" for n, k in unfit[:3]) + (
+                f" ... ({len(unfit)} layers)" if len(unfit) > 3 else "")
+            raise ShrinkError(f"--requantize {requant.names()}: no type's block ({blocks}) divides the inputs of "
+                              f"{shown}; add a type after it for those (e.g. --requantize {requant.names()},Q5_0, "
+                              "llama.cpp's own fallback for Q4_K)")
+        return
     refused: dict[str, list[str]] = {}
     for n, m in module.named_modules():
         if isinstance(m, (QuantLinear, QuantEmbedding)) and exact_type(m) is None:
@@ -308,7 +311,7 @@ def _refuse_inexact(module: nn.Module) -> None:
         shown = "; ".join(f"{f}: {', '.join(ns[:3])}" + (f" ... ({len(ns)} layers)" if len(ns) > 3 else "")
                           for f, ns in refused.items())
         raise ShrinkError(f"no GGUF type holds these layers exactly: {shown}. GGUF has int4/int5/int8 in blocks of 32 "
-                          "(Q4_0, Q5_0, Q8_0, Q4_1, Q5_1); pass --requantize Q4_0 (or another type) to re-quantize them")
+                          "(Q4_0, Q5_0, Q8_0, Q4_1, Q5_1); pass --requantize Q4_0 (or other types) to re-quantize them")
 
 
 @dataclass
@@ -324,11 +327,11 @@ class _Tensor:
         return self.expect if self.expect is not None else self.data.astype(np.float32)
 
 
-def _collect(module: nn.Module, config, names, float_type: str, requant_type, permute: bool,
+def _collect(module: nn.Module, config, names, float_type: str, requant, permute: bool,
              report: ExportReport) -> list[_Tensor]:
     """Every tensor of the model under its GGUF name, in the GGUF type chosen for it: the weight-bearing
     layers first (quantized, cast or full precision), then everything else (embeddings, norms)."""
-    out = list(_each_tensor(module, config, names, float_type, requant_type, permute, report))
+    out = list(_each_tensor(module, config, names, float_type, requant, permute, report))
     _count([t.kind for t in out], report)
     return out
 
@@ -342,7 +345,7 @@ def _count(kinds: list[str], report: ExportReport) -> None:
                             f"{report.f16_change:.2g}); float_type f32 keeps them exact")
 
 
-def _each_tensor(module: nn.Module, config, names, float_type: str, requant_type, permute: bool,
+def _each_tensor(module: nn.Module, config, names, float_type: str, requant, permute: bool,
                  report: ExportReport, fill=None):
     """The tensors of `_collect`, one at a time. fill: where the model's tensors are on the meta device (a
     folder walked a module at a time), `fill(name)` gives module `name` its tensors and returns a function
@@ -358,7 +361,7 @@ def _each_tensor(module: nn.Module, config, names, float_type: str, requant_type
         if isinstance(layer, LinearExperts):  # one 3-D tensor per projection, the experts stacked
             handled.update(k for k in state if k.startswith(lname + "."))
             done = fill(lname)
-            yield from _experts_tensors(lname, layer, names, fkind, requant_type, report, unnamed)
+            yield from _experts_tensors(lname, layer, names, fkind, requant, report, unnamed)
             done()
             continue
         if not isinstance(layer, (QuantLinear, QuantEmbedding, CastLinear, nn.Linear)) or ".experts." in f".{lname}.":
@@ -376,7 +379,7 @@ def _each_tensor(module: nn.Module, config, names, float_type: str, requant_type
         leaf = lname.rpartition(".")[2]
         rows = _qk_rows(layer.out_features, heads[leaf]) if permute and leaf in heads else None
         done = fill(lname)
-        tensor = _layer_tensor(gname, lname, layer, rows, fkind, requant_type, report)
+        tensor = _layer_tensor(gname, lname, layer, rows, fkind, requant, report)
         if gname.endswith("ffn_gate_inp_shexp.weight") and tensor.data.shape[0] == 1:  # llama.cpp's is a vector
             tensor = _Tensor(tensor.name, tensor.kind, tensor.data.reshape(-1),
                              None if tensor.expect is None else tensor.expect.reshape(-1), tensor.exact)
@@ -439,7 +442,7 @@ def _expert_name(names, path: str, proj: str, unnamed: list) -> str | None:
     return gname
 
 
-def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requant_type, report: ExportReport,
+def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requant, report: ExportReport,
                      unnamed: list) -> list[_Tensor]:
     """A mixture's experts as GGUF stores them: `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`, each the
     experts' weights stacked [experts, rows, inputs] (gate and up are the two halves of each expert's
@@ -454,7 +457,7 @@ def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requ
         if gname is None:
             continue
         tensors = [_layer_tensor(gname, f"{lname}.{proj}.{e}", lin, torch.arange(lin.out_features)[rows], fkind,
-                                 requant_type, report) for e, (lin, rows) in enumerate(layers)]
+                                 requant, report, expert=e) for e, (lin, rows) in enumerate(layers)]
         kinds = {t.kind for t in tensors}
         if len(kinds) != 1:
             raise ShrinkError(f"{lname}: the experts' {proj} layers are of several GGUF types ({', '.join(sorted(kinds))}); "
@@ -477,10 +480,11 @@ def _float_tensor(gname: str, w: torch.Tensor, kind: str, report: ExportReport) 
     return _Tensor(gname, kind, data, None)
 
 
-def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, requant_type,
-                  report: ExportReport) -> _Tensor:
+def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, requant: Requant | None,
+                  report: ExportReport, expert: int | None = None) -> _Tensor:
     """One layer's weight: exact GGUF blocks for quantized layers, BF16/F16 for cast ones, `fkind` for
-    full-precision ones; re-quantized by gguf-py only where no type holds it exactly (and asked for)."""
+    full-precision ones; re-quantized (by `requant`, the importance of `gname`, its row `expert` for stacked
+    experts) only where no type holds it exactly and that was asked for."""
     import gguf
 
     w = _float(layer)
@@ -499,16 +503,14 @@ def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, re
         return _Tensor(gname, kind, bf.contiguous().view(torch.int16).numpy().view(np.uint8), w.numpy())
     if kind == "F16":
         return _Tensor(gname, kind, w.numpy().astype(np.float16), w.numpy())
-    block = gguf.GGML_QUANT_SIZES[requant_type][0]
-    if layer.in_features % block:
-        report.layers[lname] = fkind
-        report.notes.append(f"{lname}: {layer.in_features} inputs fit no {requant_type.name} block; written as {fkind}")
-        return _float_tensor(gname, w, fkind, report)
-    data = gguf.quants.quantize(w.numpy(), requant_type)
-    back = torch.from_numpy(gguf.quants.dequantize(data, requant_type)).reshape(w.shape)
+    qtype = requant.type_for(layer.in_features)  # (checked before the work: every such layer has one)
+    data = requant.quantize(w.numpy(), qtype, gname, expert)
+    back = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(w.shape)
     report.requantized[lname] = float((back != w).float().mean())
-    report.layers[lname] = requant_type.name
-    return _Tensor(gname, requant_type.name, data, w.numpy(), exact=False)
+    report.layers[lname] = qtype.name
+    if requant.importance and gname not in requant.importance:
+        report.notes.append(f"{lname}: no importance for {gname} in the imatrix file; rounded unweighted")
+    return _Tensor(gname, qtype.name, data, w.numpy(), exact=False)
 
 
 def _float(layer: nn.Module) -> torch.Tensor:
@@ -611,12 +613,11 @@ def source_gguf_of(module: nn.Module) -> Path | None:
 def _file_type(counts: dict[str, int]) -> int:
     import gguf
 
-    quant = {k: v for k, v in counts.items() if k.startswith("Q")}
+    quant = {k: v for k, v in counts.items() if k.startswith(("Q", "IQ"))}
     main = max(quant, key=quant.get) if quant else ("F16" if counts.get("F16") else "F32")
-    return {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-            "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
-            "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16,
-            "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(main, gguf.LlamaFileType.ALL_F32)
+    # K-types name their mixes: a file mostly of one K-type is called its medium mix, as llama.cpp calls them
+    named = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "F32": "ALL_F32"}.get(main, main)
+    return getattr(gguf.LlamaFileType, named if named == "ALL_F32" else f"MOSTLY_{named}", gguf.LlamaFileType.ALL_F32)
 
 
 def _check_values(t: _Tensor, data: np.ndarray, path: Path, report: ExportReport) -> None:
