@@ -408,7 +408,33 @@ def test_without_llama_cpp_only_gguf_py_types_are_requantized(tmp_path, tok, mon
 def test_types_llama_cpp_rounds_only_with_importance_need_an_imatrix():
     from shrink.io import requant
 
-    with pytest.raises(shrink.ShrinkError, match="IQ2_XS only with an importance matrix; give --imatrix"):
+    with pytest.raises(shrink.ShrinkError, match="IQ2_XS only with an importance matrix; give --calibration"):
         requant.plan("IQ2_XS,Q4_0")
     with pytest.raises(shrink.ShrinkError, match="not a GGUF imatrix file"):
         requant.read_imatrix(Path(__file__))
+
+
+@needs_ggml
+def test_importance_measured_on_calibration_text_is_each_layers_mean_square_input(tmp_path, tok):
+    """--calibration: shrink measures the mean square input of each layer as llama-imatrix does (checked for
+    the first q projection against its input computed by hand: the normed embeddings), and the export's
+    re-quantized layers are rounded with it; a folder is measured loaded whole, then exported."""
+    from shrink.io.requant import measure_importance
+
+    model = shrink.quantize(_wide_llama(tok), "int3-g32", backend="torch", progress=False)
+    ids = [torch.randint(3, len(tok), (1, 40), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    imp = measure_importance(model, ids, None, 3, 40)
+    with torch.no_grad():
+        x = torch.cat([model.model.layers[0].input_layernorm(model.model.embed_tokens(i))[0] for i in ids])
+    assert np.allclose(imp["model.layers.0.self_attn.q_proj"], x.pow(2).mean(0).numpy(), rtol=1e-5)
+    assert imp["model.layers.1.mlp.down_proj"].shape == (256,)
+
+    shrink.save(model, tmp_path / "q", tokenizer=tok)
+    text = tmp_path / "calib.txt"
+    text.write_text(word_text(600, seed=3))
+    plain = export_gguf(tmp_path / "q", tmp_path / "plain.gguf", requantize="Q4_K,Q5_0")
+    weighted = export_gguf(tmp_path / "q", tmp_path / "w.gguf", requantize="Q4_K,Q5_0", calibration=text,
+                           n_samples=4, seq_len=32)
+    assert not any("no importance" in n for n in weighted.notes)
+    a, b = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(r.path)).tensors} for r in (plain, weighted))
+    assert not np.array_equal(a["blk.0.ffn_down.weight"], b["blk.0.ffn_down.weight"])

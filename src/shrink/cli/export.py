@@ -24,10 +24,15 @@ from .common import FORCE, console, main, mb
                    "Without it such layers are refused.")
 @click.option("--imatrix", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="llama-imatrix's importance file: weights the rounding of --requantize (llama.cpp's quantizers).")
+@click.option("--calibration", default=None, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Text (.txt/.jsonl) on which shrink measures each layer's mean square input, to weigh the rounding "
+                   "of --requantize as --imatrix does (the model is loaded whole for it).")
+@click.option("--samples", "n_samples", default=32, show_default=True, help="Windows of --calibration text to use.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per --calibration window.")
 @FORCE
 
 
-def export_command(model, gguf_path, float_type, requantize, imatrix, force):
+def export_command(model, gguf_path, float_type, requantize, imatrix, calibration, n_samples, seq_len, force):
     """Write MODEL (a folder saved by shrink) as a GGUF file for llama.cpp, copying its codes exactly.
 
     int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0, int4-asym -> Q4_1 and int5-asym -> Q5_1 (offsets rounded to
@@ -42,7 +47,8 @@ def export_command(model, gguf_path, float_type, requantize, imatrix, force):
     if not (Path(model).is_dir() and is_shrink_folder(model)):
         raise ShrinkError(f"{model}: not a folder saved by shrink (export takes the --out of shrink quantize)")
     with console.status("exporting"):
-        r = export_gguf(model, gguf_path, float_type=float_type, requantize=requantize, imatrix=imatrix, force=force)
+        r = export_gguf(model, gguf_path, float_type=float_type, requantize=requantize, imatrix=imatrix,
+                        calibration=calibration, n_samples=n_samples, seq_len=seq_len, force=force)
     t = Table(title=f"{model} -> {r.path}")
     for col in ("GGUF type", "tensors", "largest difference read back"):
         t.add_column(col, justify="left" if col == "GGUF type" else "right")
@@ -57,8 +63,9 @@ def export_command(model, gguf_path, float_type, requantize, imatrix, force):
         for n in r.requantized:
             kinds[r.layers[n]] = kinds.get(r.layers[n], 0) + 1
         into = ", ".join(f"{k} {c}" for k, c in sorted(kinds.items()))
-        console.print(f"[yellow]re-quantized {len(r.requantized)} layers ({into}{', weighted by ' + imatrix if imatrix else ''}): "
-                      f"{share:.1%} of their weights changed value (these layers differ from what shrink "
-                      "measured)[/yellow]")
+        weights = imatrix or calibration
+        console.print(f"[yellow]re-quantized {len(r.requantized)} layers ({into}"
+                      f"{', weighted by the inputs of ' + weights if weights else ', unweighted'}): {share:.1%} of "
+                      "their weights changed value (these layers differ from what shrink measured)[/yellow]")
     for note in r.notes:
         console.print(f"note: {note}")

@@ -112,8 +112,8 @@ def _qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 
 def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requantize: str | None = None,
-                imatrix: str | os.PathLike | None = None, source_gguf: str | os.PathLike | None = None,
-                force: bool = False) -> ExportReport:
+                imatrix: str | os.PathLike | None = None, calibration=None, n_samples: int = 32,
+                seq_len: int = 512, source_gguf: str | os.PathLike | None = None, force: bool = False) -> ExportReport:
     """Write `model` (a quantized module, a LoadedModel, or a shrink folder) to the GGUF file `path`.
 
     Quantized layers become exact block copies (int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0; int4-asym -> Q4_1,
@@ -122,21 +122,40 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     ("f16", default, or "f32"); norms as F32; a tied output layer once. Layers with no exact GGUF type
     (int6, int3, int2, groups of 16, inputs not a multiple of 32) are refused, naming them, unless `requantize`
     names GGUF types to re-quantize them into ("Q4_K,Q5_0": each layer the first whose block divides its
-    inputs; llama.cpp's quantizers where llama-cpp-python is installed, weighted by `imatrix`, llama-imatrix's
-    file, else gguf-py's); the report says how much that changed.
+    inputs; llama.cpp's quantizers where llama-cpp-python is installed, weighted by the mean square inputs
+    measured on `calibration` (text, `n_samples` windows of `seq_len` tokens, default 32 x 512; the model is
+    loaded whole for it) or read from `imatrix`, llama-imatrix's file; else gguf-py's); the report says how
+    much that changed.
     Metadata and tokenizer are copied from the GGUF file the model came from (`source_gguf`, default: the
     one its source record names, if any) and otherwise built from its config and tokenizer. An existing
     `path` is replaced only with force=True and only if it is a GGUF file. The file is written to a
     temporary name, read back and compared tensor by tensor with the model, then moved into place."""
     if float_type not in FLOAT_TYPES:
         raise ShrinkError(f"float type {float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
-    requant = plan(requantize, imatrix)
+    requant = plan(requantize, imatrix, calibration is not None)
     path = Path(path)
     with lock_beside(path, "export"):
         _check_target(path, force)
+        if calibration is not None:
+            _measure(model, requant, calibration, n_samples, seq_len)
         if isinstance(model, (str, os.PathLike)) and is_shrink_folder(model):
             return _export_streamed(Path(model), path, float_type, requant, source_gguf)
         return _export(model, path, float_type, requant, source_gguf)
+
+
+def _measure(model, requant: Requant, calibration, n_samples: int, seq_len: int) -> None:
+    """Fill `requant.by_module` with the mean square inputs of the model's layers on the calibration data (a
+    folder is loaded whole for it, then let go)."""
+    from .models import resolve, tokenizer_or_none
+    from .requant import measure_importance
+
+    if isinstance(model, (str, os.PathLike)) and is_shrink_folder(model):
+        from .saved import load
+
+        module, tokenizer = load(model), tokenizer_or_none(Path(model))
+    else:
+        module, tokenizer, _ = resolve(model)
+    requant.by_module = measure_importance(module, calibration, tokenizer, n_samples, seq_len)
 
 
 def _export(model, path: Path, float_type: str, requant, source_gguf) -> ExportReport:
@@ -448,16 +467,17 @@ def _experts_tensors(lname: str, experts: LinearExperts, names, fkind: str, requ
     experts' weights stacked [experts, rows, inputs] (gate and up are the two halves of each expert's
     gate_up layer's rows: quantized rows split exactly). Every expert of a projection must take one type."""
     inter = experts.intermediate_dim
-    parts = {"gate_proj": [(lin, slice(0, inter)) for lin in experts.gate_up],
-             "up_proj": [(lin, slice(inter, 2 * inter)) for lin in experts.gate_up],
-             "down_proj": [(lin, slice(None)) for lin in experts.down]}
+    parts = {"gate_proj": [(lin, slice(0, inter), "gate_up") for lin in experts.gate_up],
+             "up_proj": [(lin, slice(inter, 2 * inter), "gate_up") for lin in experts.gate_up],
+             "down_proj": [(lin, slice(None), "down") for lin in experts.down]}
     out = []
     for proj, layers in parts.items():
         gname = _expert_name(names, lname, proj, unnamed)
         if gname is None:
             continue
         tensors = [_layer_tensor(gname, f"{lname}.{proj}.{e}", lin, torch.arange(lin.out_features)[rows], fkind,
-                                 requant, report, expert=e) for e, (lin, rows) in enumerate(layers)]
+                                 requant, report, expert=e, module=f"{lname}.{part}.{e}")
+                   for e, (lin, rows, part) in enumerate(layers)]
         kinds = {t.kind for t in tensors}
         if len(kinds) != 1:
             raise ShrinkError(f"{lname}: the experts' {proj} layers are of several GGUF types ({', '.join(sorted(kinds))}); "
@@ -481,10 +501,12 @@ def _float_tensor(gname: str, w: torch.Tensor, kind: str, report: ExportReport) 
 
 
 def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, requant: Requant | None,
-                  report: ExportReport, expert: int | None = None) -> _Tensor:
+                  report: ExportReport, expert: int | None = None, module: str | None = None) -> _Tensor:
     """One layer's weight: exact GGUF blocks for quantized layers, BF16/F16 for cast ones, `fkind` for
-    full-precision ones; re-quantized (by `requant`, the importance of `gname`, its row `expert` for stacked
-    experts) only where no type holds it exactly and that was asked for."""
+    full-precision ones; re-quantized (by `requant`, with the importance measured for the module `module`,
+    default `lname`, or read for `gname`, its row `expert` for stacked experts) only where no type holds it
+    exactly and that was asked for."""
+    module = module or lname
     import gguf
 
     w = _float(layer)
@@ -504,12 +526,12 @@ def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, re
     if kind == "F16":
         return _Tensor(gname, kind, w.numpy().astype(np.float16), w.numpy())
     qtype = requant.type_for(layer.in_features)  # (checked before the work: every such layer has one)
-    data = requant.quantize(w.numpy(), qtype, gname, expert)
+    data = requant.quantize(w.numpy(), qtype, gname, expert, module)
     back = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(w.shape)
     report.requantized[lname] = float((back != w).float().mean())
     report.layers[lname] = qtype.name
-    if requant.importance and gname not in requant.importance:
-        report.notes.append(f"{lname}: no importance for {gname} in the imatrix file; rounded unweighted")
+    if requant.weighted() and not requant.covers(gname, module):
+        report.notes.append(f"{lname}: no importance for {gname}; rounded unweighted")
     return _Tensor(gname, qtype.name, data, w.numpy(), exact=False)
 
 
