@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import dataclasses
 import re
 import subprocess
@@ -104,6 +105,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=32, help="calibration chunks of 512 tokens (default 32)")
     ap.add_argument("--work", default="/tmp/shrink-gguf", help="folder for the GGUF files (default /tmp/shrink-gguf)")
     ap.add_argument("--out", default="benchmarks/results/gguf_quality.json")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of an existing --out file not measured now")
     args = ap.parse_args(argv)
     console = Console(width=140)
     if not (TOOLS / "llama-perplexity").exists():
@@ -134,8 +136,9 @@ def main(argv=None):
         console.print(f"llama-imatrix: {time.perf_counter() - t:.0f} s")
     params = sum(p.numel() for p in base.parameters())  # the table counted once (tied)
 
-    rows = {}
-    for kind in args.llama.split(","):
+    out_path = Path(args.out)
+    rows = json.loads(out_path.read_text())["rows"] if args.merge and out_path.exists() else {}
+    for kind in filter(None, args.llama.split(",")):
         qtype, plain = kind.split("-")[0], kind.endswith("-noimatrix")
         path = work / f"llama-{kind}.gguf"
         t = time.perf_counter()
@@ -149,7 +152,7 @@ def main(argv=None):
     ids = tok(eval_path.read_text(), return_tensors="pt").input_ids[0]
     if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
         ids = torch.cat([torch.tensor([tok.bos_token_id]), ids])
-    for v in args.shrink.split(","):
+    for v in filter(None, args.shrink.split(",")):
         t = time.perf_counter()
         m = shrink_variant(base, tok, v, calib, args.samples)
         seconds = time.perf_counter() - t

@@ -145,6 +145,20 @@ def test_int5_codes_are_llama_cpps_own_q5_0_and_asymmetric_ones_q5_1(tmp_path, t
     assert (a - b).abs().max() < 1e-2 * b.abs().max()
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_iq4nl_codes_are_llama_cpps_iq4_nl_blocks(tmp_path, tok, method):
+    """iq4nl-g32 (llama.cpp's IQ4_NL levels, one fp16 scale per 32) exports as IQ4_NL blocks copied exactly:
+    transformers' GGUF loader gives the model's own logits; the levels are IQ4_NL's (gguf-py dequantizes
+    them to the weights shrink computes with)."""
+    calib = [torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model = shrink.quantize(bpe_llama(), "iq4nl-g32", method=method, calibration=None if method == "rtn" else calib,
+                            backend="torch", progress=False)
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
+    assert set(r.tensors) == {"IQ4_NL", "F32"} and r.max_error["IQ4_NL"] == 0
+    ids = torch.tensor([[3, 50, 100, 150, 200, 250]])
+    assert torch.equal(_logits(_from_gguf(r.path), ids), _logits(model, ids))
+
+
 def test_formats_without_a_gguf_type_are_refused_naming_layers_unless_requantized(tmp_path, tok):
     model = shrink.quantize(bpe_llama(), {"model.layers.0.mlp.*": "int3-g32", "*": "int4-g16"}, backend="torch",
                             progress=False)

@@ -43,7 +43,7 @@ def test_symmetric_folders_load_exactly_in_transformers(tmp_path, spec, tie, kee
     assert torch.equal(_logits(mine, ids), _logits(model, ids))
 
 
-@pytest.mark.parametrize("spec", ["int4-g32-asym", {"model.layers.0.*": "int8-asym", "*": "int4-g32"}])
+@pytest.mark.parametrize("spec", ["int4-g32-asym", {"model.layers.0.*": "int8-asym", "*": "int4-g32"}, "iq4nl-g32"])
 def test_folders_transformers_cannot_read_make_it_fail_loudly(tmp_path, spec):
     model = shrink.quantize(tiny_llama(), spec, progress=False)
     shrink.save(model, tmp_path / "q")

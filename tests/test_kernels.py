@@ -310,5 +310,5 @@ def test_five_and_six_bit_layers_compute_in_pytorch_and_say_so_when_native_is_as
         assert torch.allclose(q(x), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias))
         q.backend = "native"
         if native.available():
-            with pytest.raises(RuntimeError, match="it decodes 2, 3, 4, 8 bits"):
+            with pytest.raises(RuntimeError, match="it decodes integer codes of 2, 3, 4, 8 bits"):
                 q.uses_native()

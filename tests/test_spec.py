@@ -28,6 +28,23 @@ def test_bad_formats_name_the_string(bad, needle):
     assert repr(bad) in str(e.value)
 
 
+def test_grid_formats_name_their_levels():
+    from shrink.quant.format import dequantize, grid_levels
+
+    s = parse_format("iq4nl-g32")
+    assert (s.bits, s.group_size, s.symmetric, s.grid, s.name) == (4, 32, True, "iq4nl", "iq4nl-g32")
+    assert parse_format("iq4nl").group_size is None and parse_format(s.name) == s
+    assert s.bits_per_weight(2048) == pytest.approx(4.5)
+    levels = grid_levels(s)
+    assert levels.tolist()[:3] == [-127, -104, -83] and levels.tolist()[-1] == 113 and len(levels) == 16
+    import torch
+    codes = torch.tensor([[0, 15] * 16], dtype=torch.uint8)
+    w = dequantize(codes, torch.tensor([[0.5]], dtype=torch.float16), None, 8, levels)
+    assert w[0, :2].tolist() == [-63.5, 56.5]
+    with pytest.raises(ValueError, match="group size 48"):
+        parse_format("iq4nl-g48")
+
+
 def test_bits_per_weight():
     assert parse_format("int4-g64").bits_per_weight(2048) == pytest.approx(4.25)
     assert parse_format("int4-g64-asym").bits_per_weight(2048) == pytest.approx(4.375)

@@ -37,7 +37,7 @@ from .requant import Requant, plan
 from .saved import is_shrink_folder
 
 FLOAT_TYPES = ("f16", "f32")
-EXACT_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # GGUF types shrink's codes are copied into
+EXACT_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")  # GGUF types shrink's codes are copied into
 EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
 # model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -62,7 +62,7 @@ class ExportReport:
 
 def exact_type(layer: nn.Module) -> str | None:
     """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q5_0, Q8_0; Q4_1, Q5_1 for -asym formats;
-    F16, BF16), or None."""
+    IQ4_NL for iq4nl; F16, BF16), or None."""
     if isinstance(layer, CastLinear):
         return "F16" if layer.spec.cast == "fp16" else "BF16"
     if not isinstance(layer, (QuantLinear, QuantEmbedding)) or layer.in_features % 32 or layer.input_order is not None:
@@ -70,6 +70,8 @@ def exact_type(layer: nn.Module) -> str | None:
     spec = layer.spec
     if spec.group_size is not None and spec.group_size % 32:
         return None
+    if spec.grid == "iq4nl":
+        return "IQ4_NL"
     if spec.bits in (4, 5):
         return f"Q{spec.bits}_0" if spec.symmetric else f"Q{spec.bits}_1"
     if spec.bits == 8 and spec.symmetric:
@@ -91,6 +93,8 @@ def _blocks(layer: QuantLinear, kind: str) -> np.ndarray:
     if kind == "Q8_0":
         codes = unpack(layer.qweight, 8, layer.in_features).to(torch.int16) - layer.zero_const
         parts = [d, codes.to(torch.int8).view(torch.uint8).reshape(out, nb, 32)]
+    elif kind == "IQ4_NL":  # the levels' codes in Q4_0's nibble layout
+        parts = [d, layer.qweight.reshape(out, nb, 16)]
     elif kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         # shrink's 4-bit block is these types' qs; its 5-bit block is qs then qh, which GGUF puts first
         qb = layer.qweight.reshape(out, nb, -1)

@@ -156,9 +156,9 @@ def validate(manifest, path: Path) -> dict:
     if layout == "pack-quantized":
         for name, info in modules.items():
             spec = parse_format(info["format"])
-            if not spec.cast and not spec.symmetric:
+            if not spec.cast and (not spec.symmetric or spec.grid):
                 raise ShrinkError(f"{path}: field 'modules.{name}.format': {spec.name} cannot be stored "
-                                  "pack-quantized (layout); asymmetric formats use layout 'shrink'")
+                                  "pack-quantized (layout); asymmetric and grid formats use layout 'shrink'")
     kept = manifest.get("kept_full_precision", [])
     if not isinstance(kept, list) or not all(isinstance(k, str) and k for k in kept):
         raise bad("kept_full_precision", "a list of module names", kept)

@@ -34,8 +34,9 @@ def _ct(module: str):
 
 
 def exportable(spec: QuantSpec) -> bool:
-    """Whether a format's codes and scales are stored exactly in pack-quantized."""
-    return not spec.cast and spec.symmetric
+    """Whether a format's codes and scales are stored exactly in pack-quantized (symmetric integer grids: a
+    grid format's levels have no compressed-tensors scheme)."""
+    return not spec.cast and spec.symmetric and spec.grid is None
 
 
 def module_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:

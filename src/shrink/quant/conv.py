@@ -99,7 +99,8 @@ class QuantConv2d(PackedRows):
 
     def _native(self) -> bool:
         return (self.backend != "torch" and self.qweight.is_cpu and
-                kernels.native_supports(self.in_features, self.spec.group_for(self.in_features), self.spec.bits) and
+                kernels.native_supports(self.in_features, self.spec.group_for(self.in_features), self.spec.bits,
+                                        self.spec.grid) and
                 kernels.native.available())
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import kernels
 from .linear import PackedRows, QuantLinear, apply_keeping_dtypes
+from .format import grid_levels
 from .rtn import quantize_weight
 from .spec import QuantSpec, parse_format
 
@@ -57,13 +58,14 @@ class QuantEmbedding(PackedRows):
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 table these codes stand for."""
         return kernels.reference.dequant_weight(self.qweight, self.scales, self.zeros, self.zero_const,
-                                                self.spec.bits, self.embedding_dim)
+                                                self.spec.bits, self.embedding_dim, grid_levels(self.spec))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = ids.reshape(-1)
         zeros = self.zeros.index_select(0, rows) if self.zeros is not None else None
         w = kernels.reference.dequant_weight(self.qweight.index_select(0, rows), self.scales.index_select(0, rows),
-                                             zeros, self.zero_const, self.spec.bits, self.embedding_dim)
+                                             zeros, self.zero_const, self.spec.bits, self.embedding_dim,
+                                             grid_levels(self.spec))
         return w.reshape(*ids.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse=True):

@@ -5,7 +5,8 @@ A weight is `scale[g] * (code - zero[g])`. Symmetric formats below 8 bits use th
 as llama.cpp's Q4_0 does: the weight of largest magnitude in a group maps to the most negative code,
 so 4 bits give 16 levels rather than 15. Asymmetric formats span [min(w, 0), max(w, 0)] of the group.
 Scales are stored in fp16, and codes are computed against the rounded fp16 scale so that storage
-adds no error of its own.
+adds no error of its own. A grid format (`iq4nl`) stands codes for fixed levels instead: weight =
+scale[g] * levels[code], the scale putting the group's value of largest magnitude on the outermost level.
 """
 
 from __future__ import annotations
@@ -16,18 +17,39 @@ import torch
 
 from ..core.errors import ShrinkError
 from ..core.finite import all_finite, count_non_finite
-from .spec import QuantSpec
+from .spec import GRIDS, QuantSpec
 
 
 @dataclass
 class QuantizedWeight:
     """Unpacked result of quantizing a [out, in] weight: codes [out, in] uint8, scales [out, groups]
-    fp16, zeros [out, groups] uint8 or None for symmetric formats (whose zero is `zero_const`)."""
+    fp16, zeros [out, groups] uint8 or None for symmetric formats (whose zero is `zero_const`); grid: the
+    levels codes stand for in a grid format (float32 [2^bits]), else None."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
     zero_const: int
+    grid: torch.Tensor | None = None
+
+
+_GRID_TENSORS: dict[str, torch.Tensor] = {}
+
+
+def grid_levels(spec: QuantSpec | None) -> torch.Tensor | None:
+    """The float32 levels of a grid format's codes (None for integer formats)."""
+    if spec is None or spec.grid is None:
+        return None
+    if spec.grid not in _GRID_TENSORS:
+        _GRID_TENSORS[spec.grid] = torch.tensor(GRIDS[spec.grid], dtype=torch.float32)
+    return _GRID_TENSORS[spec.grid]
+
+
+def levels_of(codes: torch.Tensor, zero, grid: torch.Tensor | None) -> torch.Tensor:
+    """The float32 levels codes stand for (the scale multiplies them): code - zero, or the grid's level."""
+    if grid is not None:
+        return grid[codes.long()]
+    return codes.to(torch.float32) - zero
 
 
 def symmetric_zero(bits: int) -> int:
@@ -59,6 +81,10 @@ def group_params(wg: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float =
     the constant offset).
     """
     levels = (1 << spec.bits) - 1
+    if spec.grid is not None:  # the signed extreme on the outermost level (grids are symmetric in range)
+        g = grid_levels(spec)
+        scale = _to_fp16(signed_extreme(wg) / g[0] * clip, name)
+        return scale, torch.zeros(wg.shape[:-1])
     if spec.symmetric:
         zero = torch.full(wg.shape[:-1], float(symmetric_zero(spec.bits)))
         if spec.bits == 8:
@@ -89,14 +115,23 @@ def signed_extreme(wg: torch.Tensor) -> torch.Tensor:
     return pick
 
 
-def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, overwrite: bool = False) -> torch.Tensor:
-    """Round `w` to codes on the grid scale * (code - zero); shapes broadcast. Float codes. overwrite: the
-    codes are computed in `w`'s own memory (a float32 tensor of the result's shape; default False: `w` is
-    left as it was)."""
+def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, overwrite: bool = False,
+              grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Round `w` to codes on the grid scale * (code - zero), or scale * grid[code] for a grid format (the
+    nearest level); shapes broadcast. Float codes. overwrite: the codes are computed in `w`'s own memory (a
+    float32 tensor of the result's shape; default False: `w` is left as it was)."""
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     # at most one new tensor: rounding, offset and range applied in place
     q = w.div_(safe) if overwrite else torch.div(w, safe)
+    if grid is not None:
+        return nearest_level(q, grid).to(torch.float32)
     return q.round_().add_(zero).clamp_(0, (1 << bits) - 1)
+
+
+def nearest_level(q: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Index of the level of `grid` (ascending) nearest each value of `q` (int64)."""
+    mids = (grid[1:] + grid[:-1]) / 2
+    return torch.bucketize(q, mids)
 
 
 def _to_fp16(scale: torch.Tensor, name: str) -> torch.Tensor:
@@ -107,10 +142,12 @@ def _to_fp16(scale: torch.Tensor, name: str) -> torch.Tensor:
     return s16.to(torch.float32)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero_const: int) -> torch.Tensor:
-    """Weights in float32 from codes [out, in], scales [out, groups] and zeros (or the constant zero)."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero_const: int,
+               grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights in float32 from codes [out, in], scales [out, groups] and zeros (or the constant zero), or
+    the levels of `grid` for a grid format."""
     n, k = codes.shape
     groups = scales.shape[1]
     z = zeros.to(torch.float32).unsqueeze(-1) if zeros is not None else float(zero_const)
-    w = (codes.reshape(n, groups, k // groups).to(torch.float32) - z) * scales.to(torch.float32).unsqueeze(-1)
+    w = levels_of(codes.reshape(n, groups, k // groups), z, grid) * scales.to(torch.float32).unsqueeze(-1)
     return w.reshape(n, k)

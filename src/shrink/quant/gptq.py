@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ShrinkError
-from .format import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
+from .format import (QuantizedWeight, check_weight, codes_for, grid_levels, group_params, levels_of, nearest_level,
+                     symmetric_zero)
 from .spec import QuantSpec
 
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 down to 0.6
@@ -73,9 +74,11 @@ def search_group_clip(wg: torch.Tensor, h: torch.Tensor, spec: QuantSpec, name: 
     CLIP_RATIOS whose rounding error e costs least on the layer's output, e^T H e with H the group's
     [g, g] block of the input Hessian. Returns (scale [out], zero [out])."""
     best_err = best_s = best_z = None
+    grid = grid_levels(spec)
     for r in CLIP_RATIOS:
         sc, zr = group_params(wg, spec, r, name)
-        e = (codes_for(wg, sc.unsqueeze(1), zr.unsqueeze(1), spec.bits) - zr.unsqueeze(1)) * sc.unsqueeze(1) - wg
+        c = codes_for(wg, sc.unsqueeze(1), zr.unsqueeze(1), spec.bits, grid=grid)
+        e = levels_of(c, zr.unsqueeze(1), grid) * sc.unsqueeze(1) - wg
         err = ((e @ h) * e).sum(1)
         if best_err is None:
             best_err, best_s, best_z = err, sc, zr
@@ -113,8 +116,8 @@ def _refit_rows(weight: torch.Tensor, h: torch.Tensor, q: QuantizedWeight, r0: i
     g = k // groups
     rows = slice(r0, r0 + n)
     w = weight.detach().to(torch.float64)
-    z = q.zeros[rows].to(torch.float64).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
-    c = q.codes[rows].to(torch.float64) - z  # [n, k] integer levels around zero
+    z = q.zeros[rows].to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
+    c = levels_of(q.codes[rows], z, q.grid).to(torch.float64)  # [n, k] the levels the scales multiply
     cg = c.reshape(n, groups, g)
     # A[r, a, b] = c_ra^T H_ab c_rb; b[r, a] = c_ra^T (H w_r)_a
     a_mat = torch.empty(n, groups, groups, dtype=torch.float64)
@@ -188,6 +191,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 
     codes = torch.zeros(n, k)
     levels = float((1 << spec.bits) - 1)
+    grid = grid_levels(spec)
     s = z = safe_s = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -207,9 +211,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 s, z = scales[:, grp], zeros[:, grp]
                 safe_s = torch.where(s == 0, torch.ones_like(s), s)
             x = w1[:, i]
-            c = torch.clamp(torch.round(x / safe_s) + z, 0, levels)  # as format.codes_for rounds
+            if grid is None:
+                c = torch.clamp(torch.round(x / safe_s) + z, 0, levels)  # as format.codes_for rounds
+                v = c - z
+            else:  # the nearest level of a grid format
+                c = nearest_level(x / safe_s, grid)
+                v = grid[c]
             codes[:, col] = c
-            e = (x - (c - z) * s) / hinv1[i, i]
+            e = (x - v * s) / hinv1[i, i]
             w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
             err1[:, i] = e
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
@@ -218,6 +227,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         scales=scales.to(torch.float16),
         zeros=None if spec.symmetric else zeros.to(torch.uint8),
         zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
+        grid=grid,
     )
     ratio = None
     if refit:

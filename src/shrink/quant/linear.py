@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..core.errors import ShrinkError
 from ..core.finite import all_finite
 from . import kernels
-from .format import QuantizedWeight, symmetric_zero
+from .format import QuantizedWeight, grid_levels, symmetric_zero
 from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)
 from .packing import pack, packed_width
 from .rtn import quantize_weight, round_packed
@@ -196,7 +196,7 @@ class QuantLinear(PackedRows):
         b = self._buffers
         qweight, scales = (b["qweight"], b["scales"]) if "qweight" in b else self._row_form()
         w = kernels.reference.dequant_weight(qweight, scales, self.zeros, self.zero_const, self.spec.bits,
-                                             self.in_features)
+                                             self.in_features, grid_levels(self.spec))
         if self.input_order is not None:
             w = torch.empty_like(w).index_copy_(1, self.input_order, w)
         return w
@@ -211,12 +211,13 @@ class QuantLinear(PackedRows):
     def _decide_native(self) -> bool:
         if self.backend == "torch":
             return False
-        ok = kernels.native_supports(self.in_features, self._group, self.spec.bits) and kernels.native.available()
+        ok = (kernels.native_supports(self.in_features, self._group, self.spec.bits, self.spec.grid)
+              and kernels.native.available())
         if self.backend == "native" and not ok:
             raise RuntimeError(
                 f"native backend requested but unavailable for in_features={self.in_features}, format {self.spec.name} "
-                + (f"(it decodes {', '.join(map(str, kernels.NATIVE_BITS))} bits; input and group sizes must be "
-                   "multiples of 32)" if kernels.native.available() else
+                + (f"(it decodes integer codes of {', '.join(map(str, kernels.NATIVE_BITS))} bits; input and group "
+                   "sizes must be multiples of 32)" if kernels.native.available() else
                    f"({kernels.native.unavailable_reason()})")
             )
         return ok

@@ -7,7 +7,7 @@ import torch
 
 from ..core.errors import ShrinkError
 from ..core.finite import all_finite
-from .format import QuantizedWeight, check_weight, codes_for, group_params, symmetric_zero
+from .format import QuantizedWeight, check_weight, codes_for, grid_levels, group_params, symmetric_zero
 from .spec import QuantSpec
 
 
@@ -34,12 +34,15 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>
     g = spec.group_for(k)
     wg = w.reshape(n, k // g, g)
     scale, zero = group_params(wg, spec, clip, name)
-    codes = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits, overwrite=workspace is not None)
+    grid = grid_levels(spec)
+    codes = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits, overwrite=workspace is not None,
+                      grid=grid)
     return QuantizedWeight(
         codes=codes.reshape(n, k).to(torch.uint8),
         scales=scale.to(torch.float16),
         zeros=None if spec.symmetric else zero.to(torch.uint8),
         zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
+        grid=grid,
     )
 
 
@@ -51,7 +54,7 @@ def round_packed(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>") 
     format cannot hold are refused as `quantize_weight` refuses them."""
     from .kernels import native
 
-    if not (spec.symmetric and spec.bits in (4, 8) and weight.dim() == 2 and weight.shape[1] % 32 == 0
+    if not (spec.symmetric and spec.grid is None and spec.bits in (4, 8) and weight.dim() == 2 and weight.shape[1] % 32 == 0
             and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return None
     g = spec.group_for(weight.shape[1])

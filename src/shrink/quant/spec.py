@@ -1,8 +1,9 @@
 """Format strings: what a quantization is called and what it means.
 
 `int4-g64` is 4-bit integers with one fp16 scale per group of 64 inputs; `int8` is 8 bits with one
-scale per output channel; `-asym` adds a uint8 zero point per group. `bf16` and `fp16` are plain casts,
-kept as baselines.
+scale per output channel; `-asym` adds a uint8 zero point per group. `iq4nl-g32` is 4-bit codes on
+llama.cpp's IQ4_NL grid: sixteen fixed levels, denser near zero, times an fp16 scale per group. `bf16` and
+`fp16` are plain casts, kept as baselines.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ GROUP_SIZES = (16, 32, 64, 128)
 CASTS = ("bf16", "fp16")
 
 _PATTERN = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?$")
+# non-uniform grids: name -> the integer levels codes 0..2^bits-1 stand for (times the group's scale)
+GRIDS = {"iq4nl": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)}  # llama.cpp's IQ4_NL
+_GRID_PATTERN = re.compile(r"^(?P<grid>iq4nl)(?:-g(?P<group>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -27,18 +31,21 @@ class QuantSpec:
     group_size: inputs sharing one scale; None means one scale per output channel.
     symmetric: False adds a zero point per group.
     cast: "bf16" or "fp16" for the cast baselines, else None.
+    grid: a name in GRIDS for codes standing for fixed non-uniform levels (symmetric, no zero point), else
+    None (the integer grid).
     """
 
     bits: int
     group_size: int | None = None
     symmetric: bool = True
     cast: str | None = None
+    grid: str | None = None
 
     @property
     def name(self) -> str:
         if self.cast:
             return self.cast
-        name = f"int{self.bits}"
+        name = self.grid or f"int{self.bits}"
         if self.group_size is not None:
             name += f"-g{self.group_size}"
         return name if self.symmetric else name + "-asym"
@@ -70,10 +77,18 @@ def parse_format(text: str | QuantSpec) -> QuantSpec:
     t = text.strip().lower()
     if t in CASTS:
         return QuantSpec(bits=16, cast=t)
+    m = _GRID_PATTERN.match(t)
+    if m:
+        group = int(m["group"]) if m["group"] else None
+        if group is not None and group not in GROUP_SIZES:
+            raise ShrinkError(f"unknown format {text!r}: group size {group} is not supported; groups "
+                              f"{'/'.join(map(str, GROUP_SIZES))} or none for per-channel")
+        return QuantSpec(bits=(len(GRIDS[m["grid"]]) - 1).bit_length(), group_size=group, grid=m["grid"])
     m = _PATTERN.match(t)
     hint = (
         f"formats are int8, int4-g64, int3-g32-asym, ... (bits {'/'.join(map(str, BITS))}, "
-        f"groups {'/'.join(map(str, GROUP_SIZES))} or none for per-channel, optional -asym) or bf16/fp16"
+        f"groups {'/'.join(map(str, GROUP_SIZES))} or none for per-channel, optional -asym), iq4nl-g32 (llama.cpp's "
+        "IQ4_NL levels) or bf16/fp16"
     )
     if not m:
         raise ShrinkError(f"unknown format {text!r}: {hint}")

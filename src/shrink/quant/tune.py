@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .format import grid_levels, levels_of
 from .layerwise import first_output
 from .linear import QuantLinear
 from .packing import unpack
@@ -40,7 +41,7 @@ class _Tunable(nn.Module):
         g = q.in_features // s.shape[1]
         codes = unpack(q.qweight, q.spec.bits, q.in_features).to(torch.float32)
         zero = q.zeros.to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
-        self.register_buffer("levels", codes - zero)  # the integer levels the scales multiply
+        self.register_buffer("levels", levels_of(codes, zero, grid_levels(q.spec)))  # what the scales multiply
         self.register_buffer("s0", s)
         self.d = nn.Parameter(torch.zeros_like(s))
         self.bias = q.bias

@@ -15,14 +15,16 @@ from ..format import dequantize
 from ..packing import BLOCK, unpack
 
 
-def dequant_weight(qweight, scales, zeros, zero_const: int, bits: int, in_features: int) -> torch.Tensor:
-    """Float32 [out, in] weight from packed storage."""
-    return dequantize(unpack(qweight, bits, in_features), scales, zeros, zero_const)
+def dequant_weight(qweight, scales, zeros, zero_const: int, bits: int, in_features: int,
+                   grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 [out, in] weight from packed storage (codes standing for `grid`'s levels where given)."""
+    return dequantize(unpack(qweight, bits, in_features), scales, zeros, zero_const, grid)
 
 
-def dequant_linear(x, qweight, scales, zeros, zero_const, bias, bits: int, in_features: int) -> torch.Tensor:
+def dequant_linear(x, qweight, scales, zeros, zero_const, bias, bits: int, in_features: int,
+                   grid: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + b with W dequantized in full; x is [..., K] float32."""
-    w = dequant_weight(qweight, scales, zeros, zero_const, bits, in_features)
+    w = dequant_weight(qweight, scales, zeros, zero_const, bits, in_features, grid)
     return F.linear(x, w, bias)
 
 
