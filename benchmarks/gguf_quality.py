@@ -45,7 +45,8 @@ from shrink.io import read_model  # noqa: E402
 
 TOOLS = Path.home() / ".cache" / "llama.cpp-0.3.36" / "bin"
 CTX = 512
-SHRINK_DEFAULT = "gptq:int4-g32,awq+gptq:int4-g32,gptq+qad100:int4-g32,gptq:int5-g32,gptq:int8-g32"
+SHRINK_DEFAULT = ("gptq:int4-g32,gptq:iq4nl-g32,awq+gptq:iq4nl-g32,gptq+qad100:iq4nl-g32,gptq+qad100:int4-g32,"
+                  "gptq:int5-g32,gptq:int8-g32")
 LLAMA_DEFAULT = "Q4_0-noimatrix,Q4_0,Q4_1,IQ4_NL,Q4_K_M,Q5_0,Q5_1,Q8_0"
 
 

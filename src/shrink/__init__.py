@@ -7,7 +7,7 @@
     shrink.compare("default", "out/", "task.jsonl", out="report/")  # per example, slices, verdict
     student, run = shrink.distill("default", "every-other", "text.txt", out="student/", steps=500)
     found = shrink.search("default", "task.jsonl", out="search/")  # the smallest model within tolerance
-    shrink.export_gguf("out/", "out.gguf")        # llama.cpp's GGUF, codes copied exactly (Q4_0, Q5_0, Q8_0)
+    shrink.export_gguf("out/", "out.gguf")        # llama.cpp's GGUF, codes copied exactly (Q4_0, Q5_0, Q8_0, IQ4_NL)
     shrink.info(model)                            # what was done to it, per layer (as shrink.json says)
 """
 

@@ -30,8 +30,9 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.argument("model", default="default")
 @click.option("--format", "-f", "fmt", default="int4-g64", show_default=True,
               help="Format for every Linear layer: int8, int6, int5, int4, int3 or int2, each with -gN (N in "
-                   "16/32/64/128; omit for per-channel), optional -asym; or bf16/fp16. int4/int5/int8 in groups "
-                   "of 32 or more export to GGUF exactly (Q4_0/Q5_0/Q8_0, -asym Q4_1/Q5_1).")
+                   "16/32/64/128; omit for per-channel), optional -asym; iq4nl-gN (llama.cpp's IQ4_NL levels); or "
+                   "bf16/fp16. int4/int5/int8/iq4nl in groups of 32 or more export to GGUF exactly "
+                   "(Q4_0/Q5_0/Q8_0/IQ4_NL, -asym Q4_1/Q5_1).")
 @click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
               help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
 @click.option("--method", type=click.Choice([*METHODS, *ROTATED]), default="rtn", show_default=True,
