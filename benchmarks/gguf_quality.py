@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct, full precision (shrink's float32 model, dequantized from 
 as an F32 GGUF. llama.cpp's side: `llama-imatrix` on the calibration text (BBC business articles 200-399, 32
 chunks of 512 tokens, as shrink calibrates), then `llama-quantize --imatrix` of that F32 file into each type
 (its defaults otherwise: the tied output/embedding table in Q8_0 where Q6_K does not fit 576 columns, K-types
-falling back to Q5_0/Q5_1 on 576-wide layers), and Q4_0 without an importance matrix. shrink's side: each
+falling back to Q5_0/Q5_1 on 576-wide layers), and Q4_0 without an importance matrix. `mix-iq4nl-int5` is
+shrink's analogue of Q4_K_M's mix: iq4nl-g32, with int5-g32 for the attention values and down projections. shrink's side: each
 recipe on the same calibration text, the embedding table (tied to the output layer) in int8-g32 as llama.cpp
 keeps it (Q8_0), exported with `shrink.export_gguf` (codes copied exactly). Every file goes through
 `llama-perplexity --kl-divergence` against the F32 file's logits on held-out text (BBC business articles
@@ -84,8 +85,14 @@ def shrink_kld(base, model, ids: torch.Tensor) -> float:
     return total / n
 
 
+# shrink's analogue of llama.cpp's Q4_K_M mix (more bits where llama.cpp gives them: attention values and the
+# MLP's down projection), in types shrink's codes copy into exactly
+MIXES = {"mix-iq4nl-int5": {"*.v_proj": "int5-g32", "*.down_proj": "int5-g32", "*": "iq4nl-g32"}}
+
+
 def shrink_variant(base, tok, variant: str, calib: Path, samples: int):
-    """The recipe `method:format` on the calibration text, the tied embedding table in int8-g32."""
+    """The recipe `method:format` (a format, or a name in MIXES) on the calibration text, the tied embedding
+    table in int8-g32."""
     method, fmt = variant.split(":")
     parts = method.split("+")
     qad = [int(p[3:]) for p in parts if p.startswith("qad")]
@@ -95,7 +102,8 @@ def shrink_variant(base, tok, variant: str, calib: Path, samples: int):
     m = copy.deepcopy(base)
     kw = {} if recipe.method == "rtn" and not qad else dict(calibration=calib, tokenizer=tok, n_samples=samples,
                                                            seq_len=CTX)
-    shrink.quantize(m, {"model.embed_tokens": "int8-g32", "*": fmt}, method=recipe, progress=False, **kw)
+    spec = {"model.embed_tokens": "int8-g32", **MIXES.get(fmt, {"*": fmt})}
+    shrink.quantize(m, spec, method=recipe, progress=False, **kw)
     return m
 
 
