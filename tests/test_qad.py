@@ -113,3 +113,87 @@ def test_the_cli_distills_after_quantizing_and_checks_its_options(tmp_path):
                          (["--qad", str(tmp_path / "none.txt")], "QAD text file not found")]:
         r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), *args])
         assert r.exit_code != 0 and needle in r.output, r.output
+
+
+def _quantized_with_targets():
+    model = tiny_llama(tie=False)
+    targets = teacher_targets(model, WINDOWS, top_k=32)
+    shrink.quantize(model, "int4-g32", backend="torch", progress=False)
+    return model, targets
+
+
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Ctrl-C at step 5 writes the training state (trained changes, Adam's moments, step, seconds); resuming
+    from it runs the other 7 steps and gives the same scales, bit for bit, as 12 steps in one go."""
+    straight, targets = _quantized_with_targets()
+    r = distill_quantized(straight, WINDOWS, targets, steps=12, progress=False, say=lambda s: None)
+
+    model, _ = _quantized_with_targets()
+    calls = {"n": 0}
+    real = torch.optim.Adam.step
+
+    def step(self, *a, **k):  # the sixth step is interrupted, as by Ctrl-C
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        distill_quantized(model, WINDOWS, targets, steps=12, progress=False, say=said.append,
+                          checkpoint=tmp_path / "ck")
+    assert "interrupted at step 5" in said[-1] and (tmp_path / "ck" / "state.pt").is_file()
+    monkeypatch.setattr(torch.optim.Adam, "step", real)
+    resumed, _ = _quantized_with_targets()  # a new process: the model quantized again, as before
+    r2 = distill_quantized(resumed, WINDOWS, targets, steps=12, progress=False, say=said.append,
+                           checkpoint=tmp_path / "ck", resume=True)
+    assert "resumed from" in said[-2] and r2.resumed_from == 5 and r2.steps == 12
+    assert r2.kl_before == r.kl_before and r2.kl_after == r.kl_after
+    a, b = _codes_and_scales(straight), _codes_and_scales(resumed)
+    assert all(torch.equal(a[n][1], b[n][1]) for n in a)
+
+
+def test_a_checkpoint_of_another_model_or_a_damaged_one_is_refused(tmp_path):
+    model, targets = _quantized_with_targets()
+    distill_quantized(model, WINDOWS, targets, steps=2, progress=False, say=lambda s: None,
+                      checkpoint=tmp_path / "ck", every=0)  # a checkpoint after every step
+    other, _ = _quantized_with_targets()
+    with pytest.raises(shrink.ShrinkError, match="made for another quantized model, data or learning rate"):
+        distill_quantized(other, WINDOWS, targets, steps=4, lr=2e-3, progress=False, checkpoint=tmp_path / "ck",
+                          resume=True)
+    (tmp_path / "ck" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(shrink.ShrinkError, match="state.pt: not a readable QAD checkpoint"):
+        distill_quantized(other, WINDOWS, targets, steps=4, progress=False, checkpoint=tmp_path / "ck", resume=True)
+    with pytest.raises(shrink.ShrinkError, match="nothing to resume"):
+        distill_quantized(other, WINDOWS, targets, steps=4, progress=False, checkpoint=tmp_path / "none", resume=True)
+
+
+def test_the_cli_resumes_qad_from_its_checkpoint_and_removes_it_when_done(tmp_path):
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+
+    tiny_llama(tie=False).save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    (tmp_path / "text.txt").write_text(word_text(2000))
+    args = ["quantize", str(tmp_path / "hf"), "-f", "int4-g32", "--qad", str(tmp_path / "text.txt"), "--qad-steps", "4",
+            "--samples", "8", "--seq-len", "32", "--out", str(tmp_path / "q")]
+    r = CliRunner().invoke(main, [*args, "--resume"])
+    assert r.exit_code != 0 and "q.qad-checkpoint does not exist; nothing to resume" in r.output
+    r = CliRunner().invoke(main, [*args[:4], "--resume"])
+    assert r.exit_code != 0 and "--resume continues an interrupted QAD" in r.output
+    # a checkpoint as an interrupted run leaves it: 2 of the 4 steps done
+    model = tiny_llama(tie=False)
+    from shrink.quant.calibration import from_file
+
+    data = from_file(tmp_path / "text.txt", tiny_tokenizer(), model, 8, 32)
+    targets = teacher_targets(model, data.samples)
+    shrink.quantize(model, "int4-g32", progress=False)
+    distill_quantized(model, data.samples, targets, steps=2, progress=False, say=lambda s: None,
+                      checkpoint=tmp_path / "q.qad-checkpoint", every=0)
+    r = CliRunner().invoke(main, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "resumed from" in r.output and not (tmp_path / "q.qad-checkpoint").exists()
+    qad = json.loads((tmp_path / "q" / "shrink.json").read_text())["calibration"]["qad"]
+    assert qad["steps"] == 4 and qad["resumed_from"] == 2

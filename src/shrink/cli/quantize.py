@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import ShrinkError
+from ..core.ownership import remove_own
 from ..quant import output_layer_name, quantize
 from ..quant.mixed import MixedPrecision
 from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, ROTATED, Tune, parse_method
@@ -61,6 +62,9 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
               help="QAD: training steps, one window each (with neither this nor --qad-time: 100).")
 @click.option("--qad-time", default=None, metavar="DURATION",
               help="QAD: time budget, e.g. 90s, 20m, 1.5h (with --qad-steps too: whichever ends first).")
+@click.option("--resume", is_flag=True,
+              help="QAD: continue from the checkpoint OUT.qad-checkpoint an interrupted run left (written every minute "
+                   "and on Ctrl-C; the steps before QAD run again and must give the same model, checked).")
 @click.option("--quantize-output", is_flag=True, help="Also quantize the output layer (kept in full precision by default).")
 @click.option("--all-experts", is_flag=True,
               help="Mixtures of experts: calibrate every expert on every token (statistics only; the outputs still "
@@ -77,7 +81,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 
 
 def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
-             tune_steps, qad_file, qad_steps, qad_time, quantize_output, all_experts, stream, out, force):
+             tune_steps, qad_file, qad_steps, qad_time, resume, quantize_output, all_experts, stream, out, force):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
@@ -131,6 +135,7 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
     recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
                           true_sequential=true_sequential, refit=refit)
     recipe = _with_qad(recipe, qad_file, qad_steps, qad_time)
+    qad_checkpoint = _qad_checkpoint(out, recipe, resume)
     streamed = _stream_or_not(model, stream, spec, quantize_output, recipe.rotate is not None or recipe.qad is not None)
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
         t0 = time.perf_counter()
@@ -157,7 +162,8 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
             if calibration is not None:
                 calib_kw = dict(calibration=calibration, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
             if qad_file is not None:
-                calib_kw.update(qad_data=qad_file, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len)
+                calib_kw.update(qad_data=qad_file, tokenizer=loaded.tokenizer, n_samples=samples, seq_len=seq_len,
+                                qad_checkpoint=qad_checkpoint, qad_resume=resume)
             quantize(loaded.model, spec, method=recipe, keep_output=not quantize_output, all_experts=all_experts,
                      **calib_kw)
             seconds["quantize"] = time.perf_counter() - t1
@@ -165,6 +171,8 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
         if out is not None and not streamed:
             save(loaded.model, out, tokenizer=loaded.tokenizer, source=loaded.source, force=force,
                  results=_results(loaded.model, model, fmt, layers, method, target_bits, loaded.source, seconds))
+        if qad_checkpoint is not None:
+            remove_own(qad_checkpoint)  # the model it was for is saved
         if out is not None:
             console.print(f"saved to {out} (load it with shrink.load({str(out)!r}); see `shrink inspect {out}`)")
     if processes > 1:
@@ -192,6 +200,19 @@ def _with_qad(recipe, qad_file, steps: int, duration: str | None):
     except ValueError as e:
         raise ShrinkError(f"--qad-time {e}") from None
     return replace(recipe, qad=QAD(steps=steps or (0 if seconds else 100), seconds=seconds))
+
+
+def _qad_checkpoint(out: Path | None, recipe, resume: bool) -> Path | None:
+    """Where QAD keeps its training state: OUT.qad-checkpoint beside the output folder (None without QAD or
+    --out); ShrinkError for --resume without QAD or --out, or with nothing to resume."""
+    if recipe.qad is None or out is None:
+        if resume:
+            raise ShrinkError("--resume continues an interrupted QAD (--qad FILE) into --out: give both")
+        return None
+    folder = Path(f"{out}.qad-checkpoint")
+    if resume and not folder.is_dir():
+        raise ShrinkError(f"--resume: {folder} does not exist; nothing to resume (run without --resume)")
+    return folder
 
 
 def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool, whole: bool = False) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import math
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -211,7 +212,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
              n_samples: int = 128, seq_len: int = 512, target_bits: float | None = None,
              ladder: tuple[str, ...] | None = None, damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
              tune_steps: int = 0, keep_output: bool = True, backend: str | None = None, progress: bool | None = None,
-             all_experts: bool = False, qad_data=None) -> nn.Module:
+             all_experts: bool = False, qad_data=None, qad_checkpoint=None, qad_resume: bool = False) -> nn.Module:
     """Quantize `model`'s Linear layers in place and return it.
 
     spec: a format string (default "int8"), a mapping of module-name globs to formats or None, or
@@ -245,6 +246,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     qad_data: the text (or token windows, as calibration) a `QAD(...)` step in `method` trains on: the
         quantized model's scales and norms trained end to end against the original's outputs (default None:
         the calibration data). Its before/after held-out KL is in the record (`calibration["qad"]`).
+    qad_checkpoint, qad_resume: a folder QAD writes its training state to every minute and when interrupted
+        (default None), and whether to continue from it (default False; the steps before QAD run again, and
+        must give the same quantized model: checked).
     What was done is recorded on the model (`shrink.info(model)`: the chosen formats, name -> format or
     None; for calibrated methods the calibration record). One sample input (random token ids, pixels, or
     a batch for the first layer) runs through the model before and after: the record's `check` holds the
@@ -253,6 +257,13 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     """
     if qad_data is None and calibration is None and parse_method(method).qad is not None:
         raise ShrinkError("QAD needs data: pass qad_data= (or calibration=) text or token windows")
+    if qad_resume and (qad_checkpoint is None or parse_method(method).qad is None):
+        raise ShrinkError("qad_resume continues a QAD step from qad_checkpoint: give both, and QAD in the method")
+    if qad_resume:
+        from .qad import STATE
+
+        if not (Path(qad_checkpoint) / STATE).is_file():  # before the work that comes first
+            raise ShrinkError(f"{qad_checkpoint}: nothing to resume (no {STATE}); run without --resume to start afresh")
     fused = unfuse_experts(model)  # one Linear per expert; put back below when none of them is quantized
     try:
         job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,
@@ -325,7 +336,7 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
 
             q = recipe.qad
             result = distill_quantized(model, qad.samples, qad_targets, steps=q.steps, seconds=q.seconds, lr=q.lr,
-                                       progress=progress)
+                                       progress=progress, checkpoint=qad_checkpoint, resume=qad_resume)
             record = record or job.calibration_record(qad.record)  # (round to nearest: the data is QAD's)
             record["qad"] = {**result.to_dict(), "data": qad.record, "lr": q.lr, "budget_steps": q.steps,
                              "budget_seconds": q.seconds}
