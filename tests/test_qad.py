@@ -108,7 +108,7 @@ def test_the_cli_distills_after_quantizing_and_checks_its_options(tmp_path):
     assert qad["budget_steps"] == 4 and qad["train_windows"] == 7 and qad["held_out_windows"] == 1
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "q")], terminal_width=200)
     assert f"quantization-aware distillation: 4 steps, held-out KL {qad['kl_before']:.4f}" in r.output
-    for args, needle in [(["--qad-steps", "4"], "--qad-steps and --qad-time are the budget of --qad FILE"),
+    for args, needle in [(["--qad-steps", "4"], "--qad-steps, --qad-time and --qad-codes-lr set --qad FILE's training"),
                          (["--qad", str(tmp_path / "text.txt"), "--qad-time", "soon"], "--qad-time 'soon' is not a duration"),
                          (["--qad", str(tmp_path / "none.txt")], "QAD text file not found")]:
         r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), *args])
@@ -197,3 +197,61 @@ def test_the_cli_resumes_qad_from_its_checkpoint_and_removes_it_when_done(tmp_pa
     assert "resumed from" in r.output and not (tmp_path / "q.qad-checkpoint").exists()
     qad = json.loads((tmp_path / "q" / "shrink.json").read_text())["calibration"]["qad"]
     assert qad["steps"] == 4 and qad["resumed_from"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int3-g32-asym", "iq4nl-g32"])
+def test_codes_train_through_a_straight_through_estimator_and_stay_on_the_grid(fmt):
+    """Trainable(codes=True): the codes move (some change), each still a code of the format; what `keep`
+    writes is what was trained (the same held-out KL in and out of training, the layer's weight exactly scale
+    x its level); `undo` puts the codes back, byte for byte."""
+    from shrink.quant.format import grid_levels
+    from shrink.quant.qad import _kl
+    from shrink.quant.tune import Trainable
+
+    model = tiny_llama(tie=False)
+    targets = teacher_targets(model, WINDOWS, top_k=32)
+    shrink.quantize(model, fmt, backend="torch", progress=False)
+    before = _codes_and_scales(model)
+
+    def held_out():
+        with torch.no_grad():
+            return sum(float(_kl(model, w, t)) for w, t in zip(WINDOWS[-2:], targets[-2:]))
+
+    trainable = Trainable(model, codes=True)
+    opt = torch.optim.Adam(trainable.params(1e-3, 1e-4, 0.05))
+    with trainable, torch.enable_grad():
+        for i in range(30):
+            trainable.weights()
+            loss = _kl(model, WINDOWS[i % 14], targets[i % 14])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        trainable.weights()
+        trained = held_out()
+    saved = trainable.keep()
+    assert held_out() == pytest.approx(trained, rel=1e-3)  # (the scales rounded to fp16 as they are stored)
+    after = _codes_and_scales(model)
+    assert any(not torch.equal(after[n][0], before[n][0]) for n in before)
+    q = model.model.layers[0].mlp.down_proj
+    codes = shrink.quant.packing.unpack(q.qweight, q.spec.bits, q.in_features)
+    assert int(codes.max()) < (1 << q.spec.bits)
+    levels = grid_levels(q.spec)
+    lv = levels[codes.long()] if levels is not None else codes.float() - (
+        q.zeros.float().repeat_interleave(32, 1) if q.zeros is not None else q.zero_const)
+    assert torch.equal(q.dequantized_weight(), lv * q.scales.float().repeat_interleave(32, 1))
+    trainable.undo(saved)
+    assert all(torch.equal(_codes_and_scales(model)[n][0], before[n][0]) for n in before)
+
+
+def test_qad_with_codes_is_recorded(tmp_path):
+    model = tiny_llama(tie=False)
+    shrink.quantize(model, "int4-g32", method=[GPTQ(), QAD(steps=4, codes_lr=0.01)], calibration=WINDOWS,
+                    backend="torch", progress=False)
+    qad = shrink.info(model).calibration["qad"]
+    assert qad["codes_lr"] == 0.01 and qad["steps"] == 4
+
+
+def test_the_recipe_and_the_cli_check_the_codes_learning_rate():
+    with pytest.raises(shrink.ShrinkError, match=r"QAD\(codes_lr=1.5\): must be in \[0, 1\)"):
+        QAD(steps=4, codes_lr=1.5)
+    assert QAD(steps=4, codes_lr=5e-3).codes_lr == 5e-3

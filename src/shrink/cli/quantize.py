@@ -12,7 +12,7 @@ from ..core.errors import ShrinkError
 from ..core.ownership import remove_own
 from ..quant import output_layer_name, quantize
 from ..quant.mixed import MixedPrecision
-from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, ROTATED, Tune, parse_method
+from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, QAD, ROTATED, Tune, parse_method
 from ..quant.record import record_of, summary_line
 from .common import FORCE, Number, calibration_windows, config_option, console, field_help, main, mb, size_table
 
@@ -62,6 +62,8 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
               help="QAD: training steps, one window each (with neither this nor --qad-time: 100).")
 @click.option("--qad-time", default=None, metavar="DURATION",
               help="QAD: time budget, e.g. 90s, 20m, 1.5h (with --qad-steps too: whichever ends first).")
+@click.option("--qad-codes-lr", default=0.0, show_default=True, type=float,
+              help="QAD: " + field_help(QAD, "codes_lr").removeprefix("QAD: "))
 @click.option("--resume", is_flag=True,
               help="QAD: continue from the checkpoint OUT.qad-checkpoint an interrupted run left (written every minute "
                    "and on Ctrl-C; the steps before QAD run again and must give the same model, checked).")
@@ -81,7 +83,7 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 
 
 def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, target_bits, act_order, damp, true_sequential, refit,
-             tune_steps, qad_file, qad_steps, qad_time, resume, quantize_output, all_experts, stream, out, force):
+             tune_steps, qad_file, qad_steps, qad_time, qad_codes_lr, resume, quantize_output, all_experts, stream, out, force):
     """Quantize MODEL's Linear layers and print sizes before and after.
 
     MODEL defaults to the built-in SmolLM2-135M-Instruct.
@@ -134,7 +136,7 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
 
     recipe = parse_method(method, damp=damp, act_order=act_order, tune_steps=tune_steps,
                           true_sequential=true_sequential, refit=refit)
-    recipe = _with_qad(recipe, qad_file, qad_steps, qad_time)
+    recipe = _with_qad(recipe, qad_file, qad_steps, qad_time, qad_codes_lr)
     qad_checkpoint = _qad_checkpoint(out, recipe, resume)
     streamed = _stream_or_not(model, stream, spec, quantize_output, recipe.rotate is not None or recipe.qad is not None)
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
@@ -181,17 +183,18 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
         leave()
 
 
-def _with_qad(recipe, qad_file, steps: int, duration: str | None):
+def _with_qad(recipe, qad_file, steps: int, duration: str | None, codes_lr: float = 0.0):
     """The recipe with a QAD step when --qad is given (its budget: --qad-steps and --qad-time, else 100
-    steps); ShrinkError for the budget options without --qad, a missing file or a bad duration."""
+    steps; codes trained at `codes_lr` when above 0); ShrinkError for the QAD options without --qad, a
+    missing file or a bad duration."""
     from dataclasses import replace
 
     from ..quant import QAD
     from ..quant.qad import parse_seconds
 
     if qad_file is None:
-        if steps or duration:
-            raise ShrinkError("--qad-steps and --qad-time are the budget of --qad FILE: give the file too")
+        if steps or duration or codes_lr:
+            raise ShrinkError("--qad-steps, --qad-time and --qad-codes-lr set --qad FILE's training: give the file too")
         return recipe
     if not qad_file.is_file():
         raise ShrinkError(f"{qad_file}: QAD text file not found")
@@ -199,7 +202,7 @@ def _with_qad(recipe, qad_file, steps: int, duration: str | None):
         seconds = parse_seconds(duration) if duration is not None else None
     except ValueError as e:
         raise ShrinkError(f"--qad-time {e}") from None
-    return replace(recipe, qad=QAD(steps=steps or (0 if seconds else 100), seconds=seconds))
+    return replace(recipe, qad=QAD(steps=steps or (0 if seconds else 100), seconds=seconds, codes_lr=codes_lr))
 
 
 def _qad_checkpoint(out: Path | None, recipe, resume: bool) -> Path | None:

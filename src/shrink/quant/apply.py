@@ -336,10 +336,11 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
 
             q = recipe.qad
             result = distill_quantized(model, qad.samples, qad_targets, steps=q.steps, seconds=q.seconds, lr=q.lr,
-                                       progress=progress, checkpoint=qad_checkpoint, resume=qad_resume)
+                                       progress=progress, checkpoint=qad_checkpoint, resume=qad_resume,
+                                       codes_lr=q.codes_lr)
             record = record or job.calibration_record(qad.record)  # (round to nearest: the data is QAD's)
             record["qad"] = {**result.to_dict(), "data": qad.record, "lr": q.lr, "budget_steps": q.steps,
-                             "budget_seconds": q.seconds}
+                             "budget_seconds": q.seconds, "codes_lr": q.codes_lr}
         previous = record_of(model).formats
         update_record(model, method=method,
                       formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},

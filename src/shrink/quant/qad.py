@@ -4,7 +4,8 @@ Block tuning (tune.py) matches each block's output to the full-precision block's
 model is the student and the original the teacher, the loss the KL divergence of the student's next-token
 distribution from the teacher's (over the teacher's top k tokens, renormalised, as distillation caches
 them), on the user's text. What trains is what block tuning trains: every quantized layer's fp16 group scales
-(relative changes) and the norms' weights; the integer codes stay, so the packed format and the kernels are
+(relative changes) and the norms' weights; the integer codes stay (or, asked, train too through a
+straight-through estimator, each still one of its format's codes), so the packed format and the kernels are
 unchanged (EfficientQAT's end-to-end step, on a budget of steps or seconds). Some windows are held out: their
 KL before and after is measured, and the result is kept only if it went down. With a checkpoint folder, the
 trained changes and the optimizer's state are written there every minute and when interrupted; a resumed
@@ -75,14 +76,15 @@ def _kl(model: torch.nn.Module, window: torch.Tensor, target) -> torch.Tensor:
 def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targets: list, *, steps: int = 0,
                       seconds: float | None = None, lr: float = 1e-3, norm_lr: float = 1e-4,
                       progress: bool | None = None, say=print, checkpoint: str | Path | None = None,
-                      resume: bool = False, every: float = CHECKPOINT_EVERY) -> QADResult:
+                      resume: bool = False, every: float = CHECKPOINT_EVERY, codes_lr: float = 0.0) -> QADResult:
     """Train `model`'s quantized layers' scales and its norms' weights (codes fixed) so its next-token
     distributions on `windows` approach `targets` (`teacher_targets` of the original on the same windows).
 
     The last eighth of the windows (at least one) is held out: its KL is measured before and after, and the
     change is kept only if it went down. steps: Adam steps, one window each, cycling (0: as many as `seconds`
     allows); seconds: a time budget (None: `steps` alone); lr, norm_lr: learning rates of the scales' and the
-    norms' relative changes (defaults 1e-3, 1e-4). checkpoint: a folder the training state is written to
+    norms' relative changes (defaults 1e-3, 1e-4); codes_lr: above 0, the codes train too, by a
+    straight-through estimator (tune._Tunable), at this rate in code steps (default 0: fixed). checkpoint: a folder the training state is written to
     every `every` seconds (default 60) and on an interruption (default None: none); resume: continue from it
     (the budget counts the steps and seconds already spent). ShrinkError before any training for fewer than
     two windows, no budget, a budget of seconds below one step's estimated time, or a checkpoint to resume
@@ -97,7 +99,7 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
         raise ShrinkError("quantization-aware distillation needs a budget: steps or seconds")
     held = max(1, len(windows) // 8)
     train, test = list(zip(windows, targets))[:-held], list(zip(windows, targets))[-held:]
-    trainable = Trainable(model)
+    trainable = Trainable(model, codes=codes_lr > 0)
     if not trainable.quant:
         raise ShrinkError("quantization-aware distillation trains quantized layers' scales: the model has none")
 
@@ -108,8 +110,8 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
     folder = Path(checkpoint) if checkpoint is not None else None
     if resume and folder is None:
         raise ShrinkError("resuming quantization-aware distillation needs its checkpoint folder")
-    fingerprint = _fingerprint(model, windows, targets, lr, norm_lr) if folder is not None else None
-    opt = torch.optim.Adam(trainable.params(lr, norm_lr))
+    fingerprint = _fingerprint(model, windows, targets, lr, norm_lr, codes_lr) if folder is not None else None
+    opt = torch.optim.Adam(trainable.params(lr, norm_lr, codes_lr))
     params = [p for group in opt.param_groups for p in group["params"]]
     done, spent_before, resumed = 0, 0.0, None
     if resume:
@@ -169,12 +171,13 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
                      int(targets[0][1].shape[-1]), resumed)
 
 
-def _fingerprint(model: torch.nn.Module, windows: list, targets: list, lr: float, norm_lr: float) -> str:
+def _fingerprint(model: torch.nn.Module, windows: list, targets: list, lr: float, norm_lr: float,
+                 codes_lr: float = 0.0) -> str:
     """What a checkpoint must have been made from: the quantized model before training (every quantized
     layer's codes and scales, the norms' weights), the windows, the teacher's targets and the learning rates."""
     from .linear import QuantLinear
 
-    h = hashlib.sha256(f"{lr!r} {norm_lr!r}".encode())
+    h = hashlib.sha256(f"{lr!r} {norm_lr!r} {codes_lr!r}".encode())
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             h.update(name.encode())

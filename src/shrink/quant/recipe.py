@@ -49,13 +49,17 @@ class Rotate:
 @dataclass(frozen=True)
 class QAD:
     """After the method: quantization-aware distillation (qad.py): the quantized model's scales and norms
-    trained end to end against the original's next-token distributions on data (codes fixed), for `steps`
+    trained end to end against the original's next-token distributions on data (codes fixed, or trained by a
+    straight-through estimator with `codes_lr`), for `steps`
     Adam steps and/or `seconds`, whichever ends first; kept only if the held-out KL went down."""
 
     steps: int = field(default=0, metadata={"help": "QAD: Adam steps, one window each (0: as many as the time allows)."})
     seconds: float | None = field(default=None, metadata={"help": "QAD: time budget in seconds (None: steps alone)."})
     lr: float = field(default=1e-3, metadata={"help": "QAD: learning rate of the scales' relative changes."})
     top_k: int = field(default=64, metadata={"help": "QAD: the teacher's top k tokens the KL is taken over."})
+    codes_lr: float = field(default=0.0, metadata={
+        "help": "QAD: also train the integer codes through a straight-through estimator, at this learning rate in "
+                "units of a code step (0: codes fixed; 5e-3 moves a code by at most one in about 100 steps)."})
 
     def __post_init__(self):
         def count(v):
@@ -68,6 +72,8 @@ class QAD:
             raise ShrinkError("QAD needs a budget: steps=N or seconds=S (or both: whichever ends first)")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1) or not (count(self.top_k) and self.top_k >= 1):
             raise ShrinkError(f"QAD(lr={self.lr!r}, top_k={self.top_k!r}): lr must be in (0, 1), top_k an integer >= 1")
+        if not (isinstance(self.codes_lr, (int, float)) and 0 <= self.codes_lr < 1):
+            raise ShrinkError(f"QAD(codes_lr={self.codes_lr!r}): must be in [0, 1) (0: the codes stay fixed)")
 
 
 MAX_TUNE_STEPS = 100_000  # far past where tuning stops paying (32 is a good value); a bound on the work

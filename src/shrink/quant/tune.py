@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .format import grid_levels, levels_of
+from .format import grid_levels, levels_of, nearest_level
 from .layerwise import first_output
 from .linear import QuantLinear
-from .packing import unpack
+from .packing import pack, unpack
 
 
 @dataclass
@@ -33,25 +33,56 @@ class TuneResult:
 
 
 class _Tunable(nn.Module):
-    """A QuantLinear's codes as a fixed float matrix, its scales as a relative parameter."""
+    """A QuantLinear's codes as a fixed float matrix, its scales as a relative parameter; with `codes`, the
+    levels the codes stand for as a float parameter too, rounded back to the grid in every forward with a
+    straight-through gradient (round-STE), so that training can move a weight to a neighbouring code. Levels
+    are held in units of the grid's mean step (1 for integer formats), so one learning rate suits every
+    format."""
 
-    def __init__(self, q: QuantLinear):
+    def __init__(self, q: QuantLinear, codes: bool = False):
         super().__init__()
         s = q.scales.to(torch.float32)
         g = q.in_features // s.shape[1]
-        codes = unpack(q.qweight, q.spec.bits, q.in_features).to(torch.float32)
+        stored = unpack(q.qweight, q.spec.bits, q.in_features).to(torch.float32)
         zero = q.zeros.to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
-        self.register_buffer("levels", levels_of(codes, zero, grid_levels(q.spec)))  # what the scales multiply
+        grid = grid_levels(q.spec)
+        self.unit = 1.0 if grid is None else float(grid[-1] - grid[0]) / (len(grid) - 1)
+        self.grid = None if grid is None else grid / self.unit
+        self.lo, self.hi = -zero, float((1 << q.spec.bits) - 1) - zero  # integer levels' range (per group: -asym)
+        levels = levels_of(stored, zero, grid) / self.unit  # what the scales multiply, in grid units
+        if codes:
+            self.latent = nn.Parameter(levels)
+        else:
+            self.register_buffer("levels", levels)
         self.register_buffer("s0", s)
         self.d = nn.Parameter(torch.zeros_like(s))
         self.bias = q.bias
         self.g = g
+        self.zero = zero
 
     def scales(self) -> torch.Tensor:
         return self.s0 * (1 + self.d)
 
+    def snapped(self) -> torch.Tensor:
+        """The levels as the codes will store them: the latent levels rounded to the grid (straight-through)."""
+        if "latent" not in self._parameters:
+            return self.levels
+        v = self.latent
+        if self.grid is not None:
+            near = self.grid[nearest_level(v.detach(), self.grid)]
+        elif isinstance(self.lo, float):
+            near = v.detach().round().clamp(self.lo, self.hi)
+        else:
+            near = torch.minimum(torch.maximum(v.detach().round(), self.lo), self.hi)
+        return v + (near - v).detach()
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 codes of the levels as they are now."""
+        v = self.snapped().detach()
+        return (nearest_level(v, self.grid) if self.grid is not None else v + self.zero).to(torch.uint8)
+
     def forward(self, x):
-        w = self.levels * self.scales().repeat_interleave(self.g, 1)
+        w = self.snapped() * (self.scales() * self.unit).repeat_interleave(self.g, 1)
         return F.linear(x, w, self.bias)
 
 
@@ -67,17 +98,24 @@ class Trainable:
     train; `weights()` sets the norms' weights before each forward. After it, the layers are back; `keep()`
     writes the trained scales (fp16) and norm weights into them and returns what `undo(saved)` restores."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, codes: bool = False):
         self.module = module
         self.quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-        self.tunables = {n: _Tunable(m) for n, m in self.quant.items()}
+        # a tied output layer's codes are also its table's: they stay (the table's lookups are not trained)
+        self.tunables = {n: _Tunable(m, codes and not m.__dict__.get("shares_buffers")) for n, m in self.quant.items()}
+        self.codes = codes
         self.norms = _norms(module)
         self.norm0 = [m.weight for m in self.norms]  # the Parameters themselves, put back at the end
         self.norm_d = [nn.Parameter(torch.zeros_like(w)) for w in self.norm0]
 
-    def params(self, lr: float, norm_lr: float) -> list[dict]:
-        """Optimizer parameter groups: the scales' relative changes at `lr`, the norms' at `norm_lr`."""
-        return [{"params": [t.d for t in self.tunables.values()], "lr": lr}, {"params": self.norm_d, "lr": norm_lr}]
+    def params(self, lr: float, norm_lr: float, codes_lr: float = 0.0) -> list[dict]:
+        """Optimizer parameter groups: the scales' relative changes at `lr`, the norms' at `norm_lr`, and with
+        codes trained, the latent levels at `codes_lr`."""
+        groups = [{"params": [t.d for t in self.tunables.values()], "lr": lr}, {"params": self.norm_d, "lr": norm_lr}]
+        if self.codes:
+            groups.append({"params": [t.latent for t in self.tunables.values() if "latent" in t._parameters],
+                           "lr": codes_lr})
+        return groups
 
     def _swap(self, to: dict) -> None:
         for n, m in to.items():
@@ -104,11 +142,15 @@ class Trainable:
         return False
 
     def keep(self):
-        """Write the trained scales and norm weights into the layers; returns what `undo` needs."""
+        """Write the trained scales (and codes) and norm weights into the layers; returns what `undo` needs."""
         with torch.no_grad():
-            saved = ({n: q.scales.clone() for n, q in self.quant.items()}, [w.data for w in self.norm0])
+            saved = ({n: (q.scales.clone(), q.qweight if "latent" in self.tunables[n]._parameters else None)
+                      for n, q in self.quant.items()}, [w.data for w in self.norm0])
             for n, t in self.tunables.items():
                 self.quant[n].scales.copy_(t.scales().to(torch.float16))
+                if saved[0][n][1] is not None:  # a new packed tensor (tiled copies of the old codes see it is not theirs)
+                    q = self.quant[n]
+                    q.fill_packed(pack(t.codes(), q.spec.bits), q.scales.clone(), q.zeros)
             for w, d in zip(self.norm0, self.norm_d):
                 w.data = w.data * (1 + d)  # a new tensor: the old one is what undo puts back
         return saved
@@ -117,8 +159,10 @@ class Trainable:
         """Put back the scales and norm weights `keep` replaced."""
         scales, norms = saved
         with torch.no_grad():
-            for n, s in scales.items():
+            for n, (s, packed) in scales.items():
                 self.quant[n].scales.copy_(s)
+                if packed is not None:
+                    self.quant[n].fill_packed(packed, s, self.quant[n].zeros)
             for w, old in zip(self.norm0, norms):
                 w.data = old
 
