@@ -95,10 +95,10 @@ def shrink_variant(base, tok, variant: str, calib: Path, samples: int):
     table in int8-g32."""
     method, fmt = variant.split(":")
     parts = method.split("+")
-    qad = [int(p[3:]) for p in parts if p.startswith("qad")]
+    qad = [(int(p.lstrip("qadc")), p.startswith("qadc")) for p in parts if p.startswith("qad")]
     recipe = shrink.quant.parse_method("+".join(p for p in parts if not p.startswith("qad")))
-    if qad:
-        recipe = dataclasses.replace(recipe, qad=shrink.quant.QAD(steps=qad[0]))
+    if qad:  # qadcN: the codes trained too, at 5e-3 a step
+        recipe = dataclasses.replace(recipe, qad=shrink.quant.QAD(steps=qad[0][0], codes_lr=5e-3 * qad[0][1]))
     m = copy.deepcopy(base)
     kw = {} if recipe.method == "rtn" and not qad else dict(calibration=calib, tokenizer=tok, n_samples=samples,
                                                            seq_len=CTX)

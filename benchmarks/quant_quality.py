@@ -15,7 +15,7 @@ one starting rotate+ (rotate+gptq; "rotate" alone: then round to nearest) first 
 into the weights (SmolLM2's output layer is tied to its table: rotation unties it, 28.3M more parameters
 kept in full precision, which bits/w, counting the quantized layers, does not show); one ending +qadN
 (gptq+qad100) then trains the scales and norms by N steps of quantization-aware distillation on the
-calibration text's windows (an eighth held out).
+calibration text's windows (an eighth held out); +qadcN trains the codes too (codes_lr 5e-3).
 GPTQ always re-solves its group scales for the chosen codes (refit), since results of 2026-11-29.
 """
 
@@ -77,11 +77,12 @@ def build(base, tok, variant: str, calib_path: Path, args):
     m = copy.deepcopy(base)
     parts = method.split("+")
     tune = [int(p[4:]) for p in parts if p.startswith("tune")]  # "awq+gptq+tune32": 32 tuning steps
-    qad = [int(p[3:]) for p in parts if p.startswith("qad")]  # "gptq+qad100": then 100 steps of QAD
+    # "gptq+qad100": then 100 steps of QAD; "qadc100": the codes trained too, at 5e-3 a step
+    qad = [(int(p.lstrip("qadc")), p.startswith("qadc")) for p in parts if p.startswith("qad")]
     method = "+".join(p for p in parts if not p.startswith(("tune", "qad")))
     recipe = shrink.quant.parse_method(method, tune_steps=tune[0] if tune else 0)
     if qad:  # on the calibration text (disjoint from the evaluation text), an eighth of its windows held out
-        recipe = dataclasses.replace(recipe, qad=shrink.quant.QAD(steps=qad[0]))
+        recipe = dataclasses.replace(recipe, qad=shrink.quant.QAD(steps=qad[0][0], codes_lr=5e-3 * qad[0][1]))
     kw = {"method": recipe, "progress": False}
     if recipe.method != "rtn" or qad:  # ("rotate" alone rounds to nearest: no data)
         kw.update(calibration=calib_path, tokenizer=tok, n_samples=args.samples, seq_len=args.seq_len)
