@@ -71,7 +71,8 @@ def test_few_row_float_products_match_transformers_at_every_row_count():
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4-g32", "int4-g32-asym", {"*.q_proj": "int3-g32", "*.down_proj": "int2-g32", "*": "int8"},
-                                  {"model.embed_tokens": "int8", "*": "int4-g32"}])
+                                  {"model.embed_tokens": "int8", "*": "int4-g32"},
+                                  {"model.embed_tokens": "iq4nl-g32", "*.v_proj": "int5-g32", "*": "iq4nl-g32"}])
 @pytest.mark.parametrize("tie", [True, False])
 def test_quantized_logits_match_transformers(spec, tie):
     m = tiny_llama(tie=tie)
