@@ -107,6 +107,12 @@ def shrink_variant(base, tok, variant: str, calib: Path, samples: int):
     return m
 
 
+def save(args, rows: dict) -> None:
+    write_json(args.out, {"machine": machine(), "eval": f"BBC business articles {EVAL_FILES}",
+                          "calibration": f"BBC business articles {CALIB_FILES}, {args.samples} x {CTX} tokens",
+                          "llama_cpp": "0.3.36 (llama-cpp-python's vendored llama.cpp)", "rows": rows})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shrink", default=SHRINK_DEFAULT, help=f"shrink recipes method:format (default {SHRINK_DEFAULT})")
@@ -156,6 +162,7 @@ def main(argv=None):
         r = {"side": "llama.cpp", "seconds": time.perf_counter() - t, **llama_kld(path, base_logits, work)}
         r["bits_per_weight"] = path.stat().st_size * 8 / params
         rows[f"llama.cpp {kind}"] = r
+        save(args, rows)  # after every row: a long run stopped part way keeps what it measured
         console.print(f"llama.cpp {kind}: KLD {r['kld']}, {r['bits_per_weight']:.2f} bits/w")
 
     ids = tok(eval_path.read_text(), return_tensors="pt").input_ids[0]
@@ -171,6 +178,7 @@ def main(argv=None):
              "kld_shrink": shrink_kld(base, m, ids), "types": rep.tensors}
         r["bits_per_weight"] = path.stat().st_size * 8 / params
         rows[f"shrink {v}"] = r
+        save(args, rows)
         console.print(f"shrink {v}: KLD {r['kld']} (shrink measures {r['kld_shrink']:.5f}), "
                       f"{r['bits_per_weight']:.2f} bits/w, {seconds:.0f} s")
         del m
@@ -184,9 +192,7 @@ def main(argv=None):
                   f"{100 * (r['ppl'] / r['ppl_base'] - 1):+.1f}%", f"{r['same_top']:.1f}%",
                   f"{r['kld_shrink']:.4f}" if "kld_shrink" in r else "", f"{r['seconds']:.0f}")
     console.print(t)
-    write_json(args.out, {"machine": machine(), "eval": f"BBC business articles {EVAL_FILES}",
-                          "calibration": f"BBC business articles {CALIB_FILES}, {args.samples} x {CTX} tokens",
-                          "llama_cpp": "0.3.36 (llama-cpp-python's vendored llama.cpp)", "rows": rows})
+    save(args, rows)
     console.print(f"wrote {args.out}")
 
 
