@@ -255,3 +255,15 @@ def test_the_recipe_and_the_cli_check_the_codes_learning_rate():
     with pytest.raises(shrink.ShrinkError, match=r"QAD\(codes_lr=1.5\): must be in \[0, 1\)"):
         QAD(steps=4, codes_lr=1.5)
     assert QAD(steps=4, codes_lr=5e-3).codes_lr == 5e-3
+
+
+def test_a_tied_quantized_output_layer_is_not_trained_with_its_table():
+    """An output layer sharing its quantized table's codes and scales stays as it is: training its scales for
+    the products alone would change every lookup of the table."""
+    model = tiny_llama(tie=True)
+    targets = teacher_targets(model, WINDOWS, top_k=32)
+    shrink.quantize(model, {"model.embed_tokens": "int8-g32", "*": "int4-g32"}, backend="torch", progress=False)
+    table = model.model.embed_tokens.scales.clone()
+    r = distill_quantized(model, WINDOWS, targets, steps=20, progress=False, say=lambda s: None)
+    assert r.kept and torch.equal(model.model.embed_tokens.scales, table)
+    assert model.lm_head.scales.data_ptr() == model.model.embed_tokens.scales.data_ptr()  # still one table

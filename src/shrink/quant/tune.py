@@ -100,9 +100,11 @@ class Trainable:
 
     def __init__(self, module: nn.Module, codes: bool = False):
         self.module = module
-        self.quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-        # a tied output layer's codes are also its table's: they stay (the table's lookups are not trained)
-        self.tunables = {n: _Tunable(m, codes and not m.__dict__.get("shares_buffers")) for n, m in self.quant.items()}
+        # a tied output layer's codes and scales are also its table's: it stays as it is (training them for the
+        # products alone would change every lookup of the table untrained)
+        self.quant = {n: m for n, m in module.named_modules()
+                      if isinstance(m, QuantLinear) and not m.__dict__.get("shares_buffers")}
+        self.tunables = {n: _Tunable(m, codes) for n, m in self.quant.items()}
         self.codes = codes
         self.norms = _norms(module)
         self.norm0 = [m.weight for m in self.norms]  # the Parameters themselves, put back at the end
@@ -113,8 +115,7 @@ class Trainable:
         codes trained, the latent levels at `codes_lr`."""
         groups = [{"params": [t.d for t in self.tunables.values()], "lr": lr}, {"params": self.norm_d, "lr": norm_lr}]
         if self.codes:
-            groups.append({"params": [t.latent for t in self.tunables.values() if "latent" in t._parameters],
-                           "lr": codes_lr})
+            groups.append({"params": [t.latent for t in self.tunables.values()], "lr": codes_lr})
         return groups
 
     def _swap(self, to: dict) -> None:
@@ -144,8 +145,8 @@ class Trainable:
     def keep(self):
         """Write the trained scales (and codes) and norm weights into the layers; returns what `undo` needs."""
         with torch.no_grad():
-            saved = ({n: (q.scales.clone(), q.qweight if "latent" in self.tunables[n]._parameters else None)
-                      for n, q in self.quant.items()}, [w.data for w in self.norm0])
+            saved = ({n: (q.scales.clone(), q.qweight if self.codes else None) for n, q in self.quant.items()},
+                     [w.data for w in self.norm0])
             for n, t in self.tunables.items():
                 self.quant[n].scales.copy_(t.scales().to(torch.float16))
                 if saved[0][n][1] is not None:  # a new packed tensor (tiled copies of the old codes see it is not theirs)
