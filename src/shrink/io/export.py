@@ -93,12 +93,11 @@ def _blocks(layer: QuantLinear, kind: str) -> np.ndarray:
     if kind == "Q8_0":
         codes = unpack(layer.qweight, 8, layer.in_features).to(torch.int16) - layer.zero_const
         parts = [d, codes.to(torch.int8).view(torch.uint8).reshape(out, nb, 32)]
-    elif kind == "IQ4_NL":  # the levels' codes in Q4_0's nibble layout
-        parts = [d, layer.qweight.reshape(out, nb, 16)]
-    elif kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
-        # shrink's 4-bit block is these types' qs; its 5-bit block is qs then qh, which GGUF puts first
+    elif kind in ("Q4_0", "Q4_1", "IQ4_NL", "Q5_0", "Q5_1"):
+        # shrink's 4-bit block is these types' qs (IQ4_NL's codes stand for its levels); its 5-bit block is qs
+        # then qh, which GGUF puts first
         qb = layer.qweight.reshape(out, nb, -1)
-        qs = [qb] if kind.startswith("Q4") else [qb[..., 16:20], qb[..., :16]]
+        qs = [qb[..., 16:20], qb[..., :16]] if kind.startswith("Q5") else [qb]
         if kind.endswith("_1"):  # x = d*q + m, m = -d*z (rounded to fp16)
             z = layer.zeros.repeat_interleave(layer.spec.group_for(layer.in_features) // 32, dim=1).float()
             m = (-_block_scales(layer).float() * z).to(torch.float16)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .format import codes_for, grid_levels, group_params, levels_of
+from .format import group_params, rounded
 from .spec import QuantSpec
 
 # (module producing the input, Linear layers sharing that input), by the names Llama-style decoder
@@ -98,9 +98,7 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec, clip=1.0) -> torch.Tensor:
     g = spec.group_for(k)
     wg = w.reshape(n, k // g, g)
     scale, zero = group_params(wg, spec, clip)
-    grid = grid_levels(spec)
-    c = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits, grid=grid)
-    return (levels_of(c, zero.unsqueeze(-1), grid) * scale.unsqueeze(-1)).reshape(n, k)
+    return rounded(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec).reshape(n, k)
 
 
 def search_scale(weights: list[torch.Tensor], x: torch.Tensor, abs_mean: torch.Tensor, spec: QuantSpec,

@@ -128,6 +128,12 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: in
     return q.round_().add_(zero).clamp_(0, (1 << bits) - 1)
 
 
+def rounded(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`w` rounded to the format's grid for the given scale and zero (shapes broadcast), back in float32."""
+    grid = grid_levels(spec)
+    return levels_of(codes_for(w, scale, zero, spec.bits, grid=grid), zero, grid) * scale
+
+
 def nearest_level(q: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Index of the level of `grid` (ascending) nearest each value of `q` (int64)."""
     mids = (grid[1:] + grid[:-1]) / 2

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ShrinkError
-from .format import (QuantizedWeight, check_weight, codes_for, grid_levels, group_params, levels_of, nearest_level,
+from .format import (QuantizedWeight, check_weight, grid_levels, group_params, levels_of, nearest_level, rounded,
                      symmetric_zero)
 from .spec import QuantSpec
 
@@ -74,11 +74,9 @@ def search_group_clip(wg: torch.Tensor, h: torch.Tensor, spec: QuantSpec, name: 
     CLIP_RATIOS whose rounding error e costs least on the layer's output, e^T H e with H the group's
     [g, g] block of the input Hessian. Returns (scale [out], zero [out])."""
     best_err = best_s = best_z = None
-    grid = grid_levels(spec)
     for r in CLIP_RATIOS:
         sc, zr = group_params(wg, spec, r, name)
-        c = codes_for(wg, sc.unsqueeze(1), zr.unsqueeze(1), spec.bits, grid=grid)
-        e = levels_of(c, zr.unsqueeze(1), grid) * sc.unsqueeze(1) - wg
+        e = rounded(wg, sc.unsqueeze(1), zr.unsqueeze(1), spec) - wg
         err = ((e @ h) * e).sum(1)
         if best_err is None:
             best_err, best_s, best_z = err, sc, zr

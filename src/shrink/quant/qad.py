@@ -110,7 +110,7 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
     folder = Path(checkpoint) if checkpoint is not None else None
     if resume and folder is None:
         raise ShrinkError("resuming quantization-aware distillation needs its checkpoint folder")
-    fingerprint = _fingerprint(model, windows, targets, lr, norm_lr, codes_lr) if folder is not None else None
+    fingerprint = _fingerprint(trainable, windows, targets, lr, norm_lr, codes_lr) if folder is not None else None
     opt = torch.optim.Adam(trainable.params(lr, norm_lr, codes_lr))
     params = [p for group in opt.param_groups for p in group["params"]]
     done, spent_before, resumed = 0, 0.0, None
@@ -171,25 +171,17 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
                      int(targets[0][1].shape[-1]), resumed)
 
 
-def _fingerprint(model: torch.nn.Module, windows: list, targets: list, lr: float, norm_lr: float,
+def _fingerprint(trainable: Trainable, windows: list, targets: list, lr: float, norm_lr: float,
                  codes_lr: float = 0.0) -> str:
-    """What a checkpoint must have been made from: the quantized model before training (every quantized
-    layer's codes and scales, the norms' weights), the windows, the teacher's targets and the learning rates."""
-    from .linear import QuantLinear
-
+    """What a checkpoint must have been made from: what trains, as it was before training (the codes and
+    scales of the layers `trainable` trains, the weights of its norms), the windows, the teacher's targets
+    and the learning rates."""
     h = hashlib.sha256(f"{lr!r} {norm_lr!r} {codes_lr!r}".encode())
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            h.update(name.encode())
-            for t in (m.qweight, m.scales):
-                h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            h.update(name.encode())
-            h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    for w, (values, ids) in zip(windows, targets):
-        for t in (w, values, ids):
-            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    tensors = [t for name, q in trainable.quant.items() for t in (name.encode(), q.qweight, q.scales)]
+    tensors += trainable.norm0
+    tensors += [t for w, (values, ids) in zip(windows, targets) for t in (w, values, ids)]
+    for t in tensors:
+        h.update(t if isinstance(t, bytes) else t.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
