@@ -32,12 +32,14 @@ from ..core.peers import LLAMA_CPP_HINT, llama_cpp_missing
 from ..quant.experts import LinearExperts
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
+from ..quant.spec import KQUANTS, SUPERBLOCK
 from .gguf_meta import CHECK_TEXT, write_metadata
 from .requant import Requant, plan
 from .saved import is_shrink_folder
 
 FLOAT_TYPES = ("f16", "f32")
-EXACT_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")  # GGUF types shrink's codes are copied into
+EXACT_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",  # GGUF types shrink's codes are copied into
+                "Q4_K", "Q5_K", "Q6_K")
 EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
 # model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -62,12 +64,14 @@ class ExportReport:
 
 def exact_type(layer: nn.Module) -> str | None:
     """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q5_0, Q8_0; Q4_1, Q5_1 for -asym formats;
-    IQ4_NL for iq4nl; F16, BF16), or None."""
+    IQ4_NL for iq4nl; Q4_K, Q5_K, Q6_K for q4k, q5k, q6k; F16, BF16), or None."""
     if isinstance(layer, CastLinear):
         return "F16" if layer.spec.cast == "fp16" else "BF16"
     if not isinstance(layer, (QuantLinear, QuantEmbedding)) or layer.in_features % 32 or layer.input_order is not None:
         return None  # GGUF blocks hold contiguous inputs
     spec = layer.spec
+    if spec.kquant:
+        return KQUANTS[spec.kquant].gguf
     if spec.group_size is not None and spec.group_size % 32:
         return None
     if spec.grid == "iq4nl":
@@ -84,10 +88,12 @@ def _block_scales(layer: QuantLinear) -> torch.Tensor:
     return layer.scales.repeat_interleave(layer.spec.group_for(layer.in_features) // 32, dim=1)
 
 
-def _blocks(layer: QuantLinear, kind: str) -> np.ndarray:
+def _blocks(layer: QuantLinear, kind: str, name: str = "") -> np.ndarray:
     """The layer's weights as GGUF blocks, [out, in/32 * block bytes] uint8, codes copied as they are."""
     from ..quant.packing import unpack
 
+    if kind.endswith("_K"):
+        return _kquant_blocks(layer, kind, name)
     out, nb = layer.out_features, layer.in_features // 32
     d = _block_scales(layer).contiguous().view(torch.uint8).reshape(out, nb, 2)
     if kind == "Q8_0":
@@ -106,6 +112,44 @@ def _blocks(layer: QuantLinear, kind: str) -> np.ndarray:
             parts = [d, *qs]
     else:
         raise ValueError(kind)
+    return torch.cat(parts, dim=2).reshape(out, -1).numpy()
+
+
+def _kquant_blocks(layer: QuantLinear, kind: str, name: str) -> np.ndarray:
+    """A K-quant layer as GGUF Q4_K/Q5_K/Q6_K super-blocks of 256 inputs, [out, in/256 * block bytes] uint8:
+    its codes, integer scales (and minimums) and fp16 d (and dmin) copied, laid out as ggml lays them."""
+    from ..quant.packing import unpack
+
+    out, nsb = layer.out_features, layer.in_features // SUPERBLOCK
+    kq = KQUANTS[layer.spec.kquant]
+    lo = -(1 << (kq.scale_bits - 1)) if not kq.minimum else 0
+    for what, v in (("scales", layer.scales), ("minimums", layer.zeros)):
+        if v is not None and not (torch.equal(v.float(), v.float().round()) and int(v.min()) >= lo
+                                  and int(v.max()) < lo + (1 << kq.scale_bits)):
+            raise ShrinkError(f"layer {name!r} ({layer.spec.name}): its group {what} are not "
+                              f"integers of {kq.scale_bits} bits, so {kind} cannot hold them; was the folder edited?")
+    q = unpack(layer.qweight, layer.spec.bits, layer.in_features).reshape(out, nsb, SUPERBLOCK)
+    sup = layer.superscales.contiguous().view(torch.uint8).reshape(out, nsb, -1)  # d (, dmin) as fp16 bytes
+    if kind == "Q6_K":
+        sc = layer.scales.float().to(torch.int8).view(torch.uint8).reshape(out, nsb, 16)
+        h = q.reshape(out, nsb, 2, 4, 32)  # [half, quarter, l]: value 128*half + 32*quarter + l
+        ql = torch.cat([(h[:, :, :, 0] & 0xF) | ((h[:, :, :, 2] & 0xF) << 4),
+                        (h[:, :, :, 1] & 0xF) | ((h[:, :, :, 3] & 0xF) << 4)], -1)  # [out, nsb, 2, 64]
+        qh = (h[:, :, :, 0] >> 4) | ((h[:, :, :, 1] >> 4) << 2) | ((h[:, :, :, 2] >> 4) << 4) | ((h[:, :, :, 3] >> 4) << 6)
+        parts = [ql.reshape(out, nsb, 128), qh.reshape(out, nsb, 64), sc, sup]
+    else:
+        sc = layer.scales.to(torch.uint8).reshape(out, nsb, 8)
+        m = layer.zeros.reshape(out, nsb, 8)
+        lo, hi = slice(0, 4), slice(4, 8)  # sub-blocks 4..7 keep their low 4 bits in bytes 8..11, top 2 bits above
+        packed = torch.cat([sc[..., lo] | ((sc[..., hi] >> 4) << 6), m[..., lo] | ((m[..., hi] >> 4) << 6),
+                            (sc[..., hi] & 0xF) | ((m[..., hi] & 0xF) << 4)], -1)
+        c = q.reshape(out, nsb, 4, 2, 32)  # [chunk of 64, half, l]
+        qs = ((c[:, :, :, 0] & 0xF) | ((c[:, :, :, 1] & 0xF) << 4)).reshape(out, nsb, 128)
+        parts = [sup, packed]
+        if kind == "Q5_K":  # bit 2*chunk (+1 for the second half) of qh[l] is the fifth bit of that value
+            bit = (c >> 4).to(torch.int32) << (2 * torch.arange(4).reshape(4, 1, 1) + torch.arange(2).reshape(2, 1))
+            parts.append(bit.sum((2, 3)).to(torch.uint8))
+        parts.append(qs)
     return torch.cat(parts, dim=2).reshape(out, -1).numpy()
 
 
@@ -519,7 +563,7 @@ def _layer_tensor(gname: str, lname: str, layer: nn.Module, rows, fkind: str, re
     if isinstance(layer, nn.Linear):
         return _float_tensor(gname, w, kind, report)
     if kind in EXACT_BLOCKS:
-        data = _blocks(layer, kind)
+        data = _blocks(layer, kind, lname)
         data = data[rows.numpy()] if rows is not None else data
         return _Tensor(gname, kind, data, w.numpy(), exact=not kind.endswith("_1"))  # _1: offsets rounded to fp16
     if kind == "BF16":

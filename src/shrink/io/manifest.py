@@ -42,6 +42,7 @@ from ..core.ownership import MODEL_MANIFEST, is_own_folder, sha256  # noqa: F401
 from ..core.readers import read_utf8
 from ..quant import METHODS, parse_format
 from ..quant.packing import packed_width
+from ..quant.spec import SUPERBLOCK
 
 FORMAT_VERSION = 2
 MANIFEST = MODEL_MANIFEST
@@ -156,9 +157,9 @@ def validate(manifest, path: Path) -> dict:
     if layout == "pack-quantized":
         for name, info in modules.items():
             spec = parse_format(info["format"])
-            if not spec.cast and (not spec.symmetric or spec.grid):
+            if not spec.cast and (not spec.symmetric or spec.grid or spec.kquant):
                 raise ShrinkError(f"{path}: field 'modules.{name}.format': {spec.name} cannot be stored "
-                                  "pack-quantized (layout); asymmetric and grid formats use layout 'shrink'")
+                                  "pack-quantized (layout); asymmetric, grid and K-quant formats use layout 'shrink'")
     kept = manifest.get("kept_full_precision", [])
     if not isinstance(kept, list) or not all(isinstance(k, str) and k for k in kept):
         raise bad("kept_full_precision", "a list of module names", kept)
@@ -257,6 +258,8 @@ def expected_module_tensors(name: str, info: dict, packed: str = "shrink") -> di
     out = {f"{name}.qweight": ((o, packed_width(i, spec.bits)), "U8"), f"{name}.scales": ((o, groups), "F16")}
     if not spec.symmetric:
         out[f"{name}.zeros"] = ((o, groups), "U8")
+    if spec.kquant:
+        out[f"{name}.superscales"] = ((o, i // SUPERBLOCK, 1 if spec.symmetric else 2), "F16")
     if info["bias"]:
         out[f"{name}.bias"] = ((o,), "F32")
     if info.get("input_order"):
@@ -279,7 +282,7 @@ def check_modules_against_header(manifest: dict, header: dict, weights: Path, ma
     listed = {n for name, info in manifest["modules"].items() for n in (name, *info.get("stored_as", []))}
     for key in header:
         module, _, leaf = key.rpartition(".")
-        if leaf in ("qweight", "scales", "zeros", "weight_packed", "weight_scale", "weight_shape") and \
+        if leaf in ("qweight", "scales", "zeros", "superscales", "weight_packed", "weight_scale", "weight_shape") and \
                 module not in listed:
             raise ShrinkError(f"{weights}: holds quantized tensors of {module!r}, a module {manifest_path.name} "
                               "does not list")

@@ -35,8 +35,8 @@ def _ct(module: str):
 
 def exportable(spec: QuantSpec) -> bool:
     """Whether a format's codes and scales are stored exactly in pack-quantized (symmetric integer grids: a
-    grid format's levels have no compressed-tensors scheme)."""
-    return not spec.cast and spec.symmetric and spec.grid is None
+    grid format's levels and a K-quant format's two scale levels have no compressed-tensors scheme)."""
+    return not spec.cast and spec.symmetric and spec.grid is None and spec.kquant is None
 
 
 def module_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:

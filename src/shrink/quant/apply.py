@@ -36,7 +36,7 @@ from .mixed import DEFAULT_LADDER, MixedPrecision, allocate
 from .recipe import GPTQ, MAX_TUNE_STEPS, Recipe, parse_method
 from .record import record_of, update_record
 from .replace import round_to_nearest, set_submodule
-from .spec import QuantSpec, parse_format
+from .spec import KQUANTS, SUPERBLOCK, QuantSpec, parse_format
 from .summary import fused_expert_tensors
 
 Spec = str | QuantSpec | Mapping[str, "str | QuantSpec | None"] | MixedPrecision
@@ -378,9 +378,11 @@ def _say_experts_kept(model: nn.Module) -> None:
 
 def _fall_back(model: nn.Module, assignment: dict, exact: set[str], quiet: bool = False) -> dict[str, str]:
     """Layers a glob gave a grouped format whose group does not divide their inputs (ResNet's 147-input stem)
-    get the same format with one scale per output channel instead, said in a warning and returned as
-    {layer: why} for the record; a layer named exactly keeps its format (and validate_weights refuses it), and so
-    does every layer when none would keep the group asked (the format does not fit this model at all)."""
+    get the same format with one scale per output channel instead, and layers a glob gave a K-quant format whose
+    super-blocks of 256 do not divide their inputs get the format llama.cpp gives them (q4k: int5-g32, which is
+    Q5_0); said in a warning and returned as {layer: why} for the record. A layer named exactly keeps its
+    format (and validate_weights refuses it), and so does every layer when none would keep the format asked
+    (the format does not fit this model at all)."""
     misfits = {}  # name -> its number of inputs
     grouped = 0
     for name, fmt in assignment.items():
@@ -388,21 +390,33 @@ def _fall_back(model: nn.Module, assignment: dict, exact: set[str], quiet: bool 
             continue
         grouped += 1
         k = weight_2d(model.get_submodule(name)).shape[1]
-        if k % fmt.group_size:
+        if k % (SUPERBLOCK if fmt.kquant else fmt.group_size):
             misfits[name] = k
     if not misfits or len(misfits) == grouped:
         return {}
     out = {}
     for name, k in misfits.items():
         fmt = assignment[name]
+        if fmt.kquant:
+            assignment[name] = new = parse_format(KQUANTS[fmt.kquant].fallback)
+            out[name] = (f"asked {fmt.name}: its super-blocks of {SUPERBLOCK} do not divide the layer's {k} inputs, "
+                         f"so it is {new.name}, as llama.cpp does")
+            continue
         assignment[name] = new = dataclasses.replace(fmt, group_size=None)
         out[name] = (f"asked {fmt.name}: its groups of {fmt.group_size} do not divide the layer's {k} inputs, "
                      f"so it is {new.name} (one scale per output channel)")
     if not quiet:
-        shown = ", ".join(f"{n} ({misfits[n]} inputs)" for n in list(out)[:4])
-        more = f" and {len(out) - 4} more" if len(out) > 4 else ""
-        warnings.warn(f"{len(out)} layer{'s' * (len(out) != 1)} kept per channel, not in groups: {shown}{more}; their "
-                      "input sizes are not a multiple of the group (shrink.json's 'fallbacks' lists them)", stacklevel=5)
+        for kquant in (False, True):
+            names = [n for n in out if (assignment[n].group_size is not None) == kquant]
+            if not names:
+                continue
+            shown = ", ".join(f"{n} ({misfits[n]} inputs)" for n in names[:4])
+            more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+            what = (f"given {', '.join(sorted({assignment[n].name for n in names}))} (as llama.cpp gives them), not "
+                    f"the K-quant asked" if kquant else "kept per channel, not in groups")
+            why = "super-blocks of 256" if kquant else "the group"
+            warnings.warn(f"{len(names)} layer{'s' * (len(names) != 1)} {what}: {shown}{more}; their input sizes are "
+                          f"not a multiple of {why} (shrink.json's 'fallbacks' lists them)", stacklevel=5)
     return out
 
 

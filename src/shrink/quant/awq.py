@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .format import group_params, rounded
+from .format import dequantize, group_params, kquant_params, rounded
+from .rtn import kquant_weight
 from .spec import QuantSpec
 
 # (module producing the input, Linear layers sharing that input), by the names Llama-style decoder
@@ -97,6 +98,9 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec, clip=1.0) -> torch.Tensor:
     n, k = w.shape
     g = spec.group_for(k)
     wg = w.reshape(n, k // g, g)
+    if spec.kquant:  # both scale levels quantized, as the layer will be
+        q = kquant_weight(wg, kquant_params(wg, spec, clip), spec)
+        return dequantize(q.codes, q.scales, q.zeros, q.zero_const, superscales=q.superscales)
     scale, zero = group_params(wg, spec, clip)
     return rounded(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec).reshape(n, k)
 

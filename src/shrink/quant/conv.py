@@ -100,7 +100,7 @@ class QuantConv2d(PackedRows):
     def _native(self) -> bool:
         return (self.backend != "torch" and self.qweight.is_cpu and
                 kernels.native_supports(self.in_features, self.spec.group_for(self.in_features), self.spec.bits,
-                                        self.spec.grid) and
+                                        self.spec.grid, self.spec.kquant) and
                 kernels.native.available())
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -117,7 +117,7 @@ class QuantConv2d(PackedRows):
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        return apply_keeping_dtypes(self, fn, ("scales", "bias"), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales", "bias", "superscales"), recurse)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -58,18 +58,20 @@ class QuantEmbedding(PackedRows):
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 table these codes stand for."""
         return kernels.reference.dequant_weight(self.qweight, self.scales, self.zeros, self.zero_const,
-                                                self.spec.bits, self.embedding_dim, grid_levels(self.spec))
+                                                self.spec.bits, self.embedding_dim, grid_levels(self.spec),
+                                                self.superscales)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = ids.reshape(-1)
         zeros = self.zeros.index_select(0, rows) if self.zeros is not None else None
+        sup = self.superscales.index_select(0, rows) if self.superscales is not None else None
         w = kernels.reference.dequant_weight(self.qweight.index_select(0, rows), self.scales.index_select(0, rows),
                                              zeros, self.zero_const, self.spec.bits, self.embedding_dim,
-                                             grid_levels(self.spec))
+                                             grid_levels(self.spec), sup)
         return w.reshape(*ids.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse=True):
-        return apply_keeping_dtypes(self, fn, ("scales",), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales", "superscales"), recurse)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.spec.name}"
@@ -78,7 +80,7 @@ class QuantEmbedding(PackedRows):
 def share_buffers(head: QuantLinear, table: QuantEmbedding) -> None:
     """Make `head` use `table`'s packed buffers (one copy in memory and on disk)."""
     head.qweight  # noqa: B018  (a head holding the tiled layout puts its row form back first)
-    for key in ("qweight", "scales", "zeros"):
+    for key in ("qweight", "scales", "zeros", "superscales"):
         if getattr(table, key) is not None:
             head._buffers[key] = table._buffers[key]
     head.shares_buffers = True  # so the head never lets go of the row form the table reads rows from

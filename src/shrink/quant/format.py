@@ -7,6 +7,9 @@ so 4 bits give 16 levels rather than 15. Asymmetric formats span [min(w, 0), max
 Scales are stored in fp16, and codes are computed against the rounded fp16 scale so that storage
 adds no error of its own. A grid format (`iq4nl`) stands codes for fixed levels instead: weight =
 scale[g] * levels[code], the scale putting the group's value of largest magnitude on the outermost level.
+A K-quant format (`q4k`, `q6k`) quantizes the group scales too: `scales` then hold each group's integer scale
+sc (and `zeros` its integer minimum m), and `superscales` one fp16 d (and dmin) per super-block of 256 inputs;
+a weight is d*sc*code - dmin*m (Q4_K, Q5_K) or d*sc*(code - 32) (Q6_K), computed as llama.cpp computes it.
 """
 
 from __future__ import annotations
@@ -17,20 +20,23 @@ import torch
 
 from ..core.errors import ShrinkError
 from ..core.finite import all_finite, count_non_finite
-from .spec import GRIDS, QuantSpec
+from .spec import GRIDS, KQUANTS, SUPERBLOCK, QuantSpec
 
 
 @dataclass
 class QuantizedWeight:
     """Unpacked result of quantizing a [out, in] weight: codes [out, in] uint8, scales [out, groups]
     fp16, zeros [out, groups] uint8 or None for symmetric formats (whose zero is `zero_const`); grid: the
-    levels codes stand for in a grid format (float32 [2^bits]), else None."""
+    levels codes stand for in a grid format (float32 [2^bits]), else None. In a K-quant format, scales hold
+    the groups' integer scales and zeros their integer minimums (None for q6k), and superscales [out,
+    in/256, 2] fp16 each super-block's d and dmin ([..., 1]: d alone for q6k); else superscales is None."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
     zero_const: int
     grid: torch.Tensor | None = None
+    superscales: torch.Tensor | None = None
 
 
 _GRID_TENSORS: dict[str, torch.Tensor] = {}
@@ -66,6 +72,11 @@ def check_weight(weight: torch.Tensor, spec: QuantSpec, name: str) -> None:
         raise ShrinkError(f"layer {name!r}: weight has {bad} NaN or infinite values; cannot quantize")
     k = weight.shape[1]
     g = spec.group_for(k)
+    if spec.kquant and k % SUPERBLOCK:
+        raise ShrinkError(
+            f"layer {name!r}: format {spec.name} works in super-blocks of {SUPERBLOCK} inputs, which do not divide "
+            f"its input size {k}; llama.cpp gives such a layer {KQUANTS[spec.kquant].fallback} (so does shrink "
+            "where a format is given to many layers by a pattern)")
     if k % g:
         raise ShrinkError(
             f"layer {name!r}: group size {g} of format {spec.name} does not divide its input size {k}; "
@@ -149,11 +160,99 @@ def _to_fp16(scale: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero_const: int,
-               grid: torch.Tensor | None = None) -> torch.Tensor:
+               grid: torch.Tensor | None = None, superscales: torch.Tensor | None = None) -> torch.Tensor:
     """Weights in float32 from codes [out, in], scales [out, groups] and zeros (or the constant zero), or
-    the levels of `grid` for a grid format."""
+    the levels of `grid` for a grid format, or a K-quant format's integer scales and `superscales`."""
     n, k = codes.shape
     groups = scales.shape[1]
+    if superscales is not None:
+        s, o = kquant_effective(scales, zeros, superscales)
+        c = codes.reshape(n, groups, k // groups).to(torch.float32)
+        w = s.unsqueeze(-1) * (c if o is not None else c - zero_const)
+        return (w - o.unsqueeze(-1) if o is not None else w).reshape(n, k)
     z = zeros.to(torch.float32).unsqueeze(-1) if zeros is not None else float(zero_const)
     w = levels_of(codes.reshape(n, groups, k // groups), z, grid) * scales.to(torch.float32).unsqueeze(-1)
     return w.reshape(n, k)
+
+
+@dataclass
+class KScales:
+    """A K-quant layer's two-level scales: d [out, super-blocks] and dmin (None for q6k) fp16 values in
+    float32, and per group the integer scale sc and minimum m (None for q6k) as float32 [out, groups]."""
+
+    d: torch.Tensor
+    dmin: torch.Tensor | None
+    sc: torch.Tensor
+    m: torch.Tensor | None
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per group, the scale d*sc and the offset dmin*m (None for q6k) a weight is computed with."""
+        per = self.sc.shape[1] // self.d.shape[1]
+        s = self.d.repeat_interleave(per, 1) * self.sc
+        return s, None if self.m is None else self.dmin.repeat_interleave(per, 1) * self.m
+
+    def superscales(self) -> torch.Tensor:
+        """[out, super-blocks, 2 or 1] fp16: d (and dmin) as stored."""
+        parts = [self.d] if self.dmin is None else [self.d, self.dmin]
+        return torch.stack(parts, -1).to(torch.float16)
+
+
+def kquant_effective(scales: torch.Tensor, zeros: torch.Tensor | None, superscales: torch.Tensor):
+    """The effective per-group scale and offset (None for q6k) of a K-quant layer's stored values."""
+    ss = superscales.to(torch.float32)
+    k = KScales(ss[..., 0], ss[..., 1] if zeros is not None else None, scales.to(torch.float32),
+                zeros.to(torch.float32) if zeros is not None else None)
+    return k.effective()
+
+
+def plain_spec(spec: QuantSpec) -> QuantSpec:
+    """The one-level format a K-quant format refines: its codes and groups, fp16 scales (q4k: int4-g32-asym)."""
+    return QuantSpec(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
+
+
+def kquant_scales(scale: torch.Tensor, offset: torch.Tensor | None, spec: QuantSpec, name: str = "<weight>") -> KScales:
+    """Quantize groups' float scales [out, groups] (and offsets dmin*m >= 0 to subtract, for formats with a
+    minimum) to a K-quant format's two levels, as llama.cpp does: per super-block, d (dmin) puts the largest
+    scale (offset) on the largest integer, and each group's integer is the nearest. A q6k scale keeps its sign
+    (the largest in magnitude goes to -128)."""
+    kq = KQUANTS[spec.kquant]
+    n, groups = scale.shape
+    per = SUPERBLOCK // kq.group
+    top = (1 << kq.scale_bits) - 1
+
+    def two_level(v, signed):
+        vb = v.reshape(n, groups // per, per)
+        if signed:
+            d = _to_fp16(signed_extreme(vb) / -float(1 << (kq.scale_bits - 1)), name)
+            lo, hi = -float(1 << (kq.scale_bits - 1)), float((1 << (kq.scale_bits - 1)) - 1)
+        else:
+            d = _to_fp16(vb.amax(-1).clamp(min=0) / top, name)
+            lo, hi = 0.0, float(top)
+        safe = torch.where(d == 0, torch.ones_like(d), d)
+        q = torch.round(vb / safe.unsqueeze(-1)).clamp_(lo, hi)
+        return d, q.reshape(n, groups)
+
+    d, sc = two_level(scale, signed=not kq.minimum)
+    if not kq.minimum:
+        return KScales(d, None, sc, None)
+    dmin, m = two_level(offset, signed=False)
+    return KScales(d, dmin, sc, m)
+
+
+def kquant_codes(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Float codes of `w` on a K-quant grid with per-group scale s and offset o (shapes broadcast): the nearest
+    of s*code - o, or s*(code - 32) for q6k."""
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    top = float((1 << spec.bits) - 1)
+    if o is None:
+        return torch.round(w / safe).add_(symmetric_zero(spec.bits)).clamp_(0, top)
+    return torch.round((w + o) / safe).clamp_(0, top)
+
+
+def kquant_params(wg: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0,
+                  name: str = "<weight>") -> KScales:
+    """K-quant scales for weights grouped [out, groups, group]: each group's range as the plain format finds it
+    (`clip` as group_params takes it), then both scale levels quantized (kquant_scales)."""
+    plain = plain_spec(spec)
+    scale, zero = group_params(wg, plain, clip, name)
+    return kquant_scales(scale, None if spec.symmetric else zero * scale, spec, name)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ShrinkError
-from .format import (QuantizedWeight, check_weight, grid_levels, group_params, levels_of, nearest_level, rounded,
-                     symmetric_zero)
-from .spec import QuantSpec
+from .format import (QuantizedWeight, check_weight, grid_levels, group_params, kquant_scales, levels_of, nearest_level,
+                     plain_spec, rounded, symmetric_zero)
+from .spec import SUPERBLOCK, QuantSpec
 
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 down to 0.6
 
@@ -91,6 +91,8 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight
     """Best fp16 group scales for fixed codes: per row, the scales s minimising the output error
     (w - Q s)^T H (w - Q s) of the original weight row w, where Q holds the row's codes minus zero
     points, one column per group. A least-squares problem of one unknown per group, solved exactly.
+    For a K-quant format the unknowns are each super-block's d (and dmin), the integer scales and minimums
+    fixed: the result is then the new superscales [out, super-blocks, 2|1].
 
     Returns (scales [out, groups] fp16, error ratio per row new/old). Rows where the fp16-rounded
     solution is not better keep their old scales, so the error never grows.
@@ -100,34 +102,57 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight
     # rows are separate problems: solved ROWS at a time, so the [rows, groups, groups] systems stay small
     # (all 4096 rows of a 14336-input layer in groups of 64 at once would be 1.6 GB, several times over)
     out = [_refit_rows(weight[r:r + REFIT_ROWS], h, q, r) for r in range(0, n, REFIT_ROWS)]
-    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    scales = torch.cat([o[0] for o in out])
+    if q.superscales is not None:  # [d of every super-block, dmin of every one] -> [super-blocks, (d, dmin)]
+        scales = scales.reshape(n, q.superscales.shape[-1], -1).transpose(1, 2).contiguous()
+    return scales, torch.cat([o[1] for o in out])
 
 
 REFIT_ROWS = 512
 
 
-def _refit_rows(weight: torch.Tensor, h: torch.Tensor, q: QuantizedWeight, r0: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """refit_scales for the rows r0 .. r0 + len(weight) of the layer."""
-    n = weight.shape[0]
-    k = q.codes.shape[1]
+def _bases(q: QuantizedWeight, rows: slice) -> tuple[list[torch.Tensor], int, torch.Tensor]:
+    """What the refit's unknowns multiply, for the rows: a list of [n, k] float64 level tensors, each with one
+    unknown per span of columns; the span; and the unknowns' current values [n, unknowns]."""
+    n, k = q.codes[rows].shape
     groups = q.scales.shape[1]
     g = k // groups
-    rows = slice(r0, r0 + n)
+    if q.superscales is None:
+        z = q.zeros[rows].to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
+        c = levels_of(q.codes[rows], z, q.grid).to(torch.float64)  # [n, k] the levels the scales multiply
+        return [c], g, q.scales[rows].to(torch.float64)
+    # K-quant: w = d * (sc * code) - dmin * m per super-block (or d * sc * (code - 32))
+    sc = q.scales[rows].to(torch.float64).repeat_interleave(g, 1)
+    c = q.codes[rows].to(torch.float64)
+    sup = q.superscales[rows].to(torch.float64)
+    if q.zeros is None:
+        return [sc * (c - q.zero_const)], SUPERBLOCK, sup[..., 0]
+    m = q.zeros[rows].to(torch.float64).repeat_interleave(g, 1)
+    return [sc * c, -m], SUPERBLOCK, torch.cat([sup[..., 0], sup[..., 1]], 1)
+
+
+def _refit_rows(weight: torch.Tensor, h: torch.Tensor, q: QuantizedWeight, r0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """refit_scales for the rows r0 .. r0 + len(weight) of the layer: [n, unknowns] fp16 and the ratios."""
+    n = weight.shape[0]
+    k = q.codes.shape[1]
+    bases, g, old = _bases(q, slice(r0, r0 + n))
+    spans = k // g
     w = weight.detach().to(torch.float64)
-    z = q.zeros[rows].to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
-    c = levels_of(q.codes[rows], z, q.grid).to(torch.float64)  # [n, k] the levels the scales multiply
-    cg = c.reshape(n, groups, g)
-    # A[r, a, b] = c_ra^T H_ab c_rb; b[r, a] = c_ra^T (H w_r)_a
-    a_mat = torch.empty(n, groups, groups, dtype=torch.float64)
-    for a in range(groups):
-        a_mat[:, a] = ((cg[:, a] @ h[a * g:(a + 1) * g]).reshape(n, groups, g) * cg).sum(-1)
+    cgs = [c.reshape(n, spans, g) for c in bases]
+    u = len(bases) * spans
+    # A[r, a, b] = c_ra^T H_ab c_rb; b[r, a] = c_ra^T (H w_r)_a, over the unknowns of every basis
+    a_mat = torch.empty(n, u, u, dtype=torch.float64)
+    for i, ci in enumerate(cgs):
+        for a in range(spans):
+            ch = (ci[:, a] @ h[a * g:(a + 1) * g]).reshape(n, spans, g)
+            for j, cj in enumerate(cgs):
+                a_mat[:, i * spans + a, j * spans:(j + 1) * spans] = (ch * cj).sum(-1)
     wh = w @ h
-    rhs = (wh.reshape(n, groups, g) * cg).sum(-1)
+    rhs = torch.cat([(wh.reshape(n, spans, g) * cg).sum(-1) for cg in cgs], 1)
     const = (wh * w).sum(1)
     ridge = 1e-9 * a_mat.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)
-    new = torch.linalg.solve(a_mat + torch.diag_embed(ridge.unsqueeze(1).expand(n, groups)), rhs.unsqueeze(-1)).squeeze(-1)
+    new = torch.linalg.solve(a_mat + torch.diag_embed(ridge.unsqueeze(1).expand(n, u)), rhs.unsqueeze(-1)).squeeze(-1)
     new = new.to(torch.float16).to(torch.float64)
-    old = q.scales[rows].to(torch.float64)
 
     def err(sc):  # (w - Q s)^T H (w - Q s), expanded so no k x k product is needed again
         return const - 2 * (sc * rhs).sum(1) + (sc.unsqueeze(1) @ a_mat @ sc.unsqueeze(2)).reshape(n)
@@ -163,8 +188,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(k)
     order = perm.tolist()
     groups = k // g
+    kq = spec.kquant is not None
+    span = SUPERBLOCK if kq else g  # columns whose parameters are set together (a K-quant super-block's scale)
     scales = torch.zeros(n, groups)
-    zeros = torch.zeros(n, groups)
+    zeros = torch.zeros(n, groups)  # a K-quant format with minimums: the offsets dmin*m to subtract instead
+    kparts = {}  # K-quant: super-block -> its format.KScales
 
     # the clipping search reads only each group's [g, g] diagonal block of H: kept apart, so H itself can go
     blocks = None
@@ -172,16 +200,30 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         blocks = [h[i * g:(i + 1) * g, i * g:(i + 1) * g].float() for i in range(groups)]
         for i, b in enumerate(blocks):
             b.diagonal().copy_(diagonal[i * g:(i + 1) * g])
+    plain = plain_spec(spec) if kq else spec
 
     def params(wg, grp):
         if clip_search:
-            return search_group_clip(wg, blocks[grp], spec, name)
-        return group_params(wg, spec, name=name)
+            return search_group_clip(wg, blocks[grp], plain, name)
+        return group_params(wg, plain, name=name)
+
+    def set_params(ws, first):
+        """Parameters of the groups first .. of the columns ws [n, span] (a K-quant super-block: its groups' ranges,
+        then both scale levels quantized)."""
+        per = ws.shape[1] // g
+        for j in range(per):
+            scales[:, first + j], zeros[:, first + j] = params(ws[:, j * g:(j + 1) * g], first + j)
+        if kq:
+            sl = slice(first, first + per)
+            ks = kquant_scales(scales[:, sl], None if spec.symmetric else zeros[:, sl] * scales[:, sl], spec, name)
+            kparts[first // per] = ks
+            scales[:, sl], off = ks.effective()
+            zeros[:, sl] = float(symmetric_zero(spec.bits)) if off is None else off
 
     if act_order:
         # Static groups: computed on the original weights, so groups stay contiguous when stored.
-        for grp in range(groups):
-            scales[:, grp], zeros[:, grp] = params(w[:, grp * g:(grp + 1) * g], grp)
+        for first in range(0, k, span):
+            set_params(w[:, first:first + span], first // g)
         w = w[:, perm]
     hinv64, used_damp, retries = hessian_inverse_chol(h, damp, perm=perm if act_order else None, diagonal=diagonal)
     hinv = hinv64.float()
@@ -190,6 +232,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     codes = torch.zeros(n, k)
     levels = float((1 << spec.bits) - 1)
     grid = grid_levels(spec)
+    offset = kq and not spec.symmetric  # a weight is code * s - o
     s = z = safe_s = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -200,35 +243,51 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             col = order[i1 + i]
             grp = col // g
             if act_order or col % g == 0 or s is None:
-                if not act_order and col % g == 0:
-                    # Group starts here: its parameters come from the weights as updated so far
-                    # (block_size is a multiple of the group size, so the group lies in this block).
-                    sc, zr = params(w1[:, i:i + g] if i + g <= i2 - i1 else
-                                    torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], grp)
-                    scales[:, grp], zeros[:, grp] = sc, zr
+                if not act_order and col % span == 0:
+                    # Group (super-block) starts here: its parameters come from the weights as updated so far
+                    # (a span running past this block of columns reads the rest from w, updated up to here).
+                    set_params(w1[:, i:i + span] if i + span <= i2 - i1 else
+                               torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :span], grp)
                 s, z = scales[:, grp], zeros[:, grp]
                 safe_s = torch.where(s == 0, torch.ones_like(s), s)
             x = w1[:, i]
-            if grid is None:
+            if offset:  # K-quant with minimums: as format.kquant_codes rounds
+                c = torch.clamp(torch.round((x + z) / safe_s), 0, levels)
+                val = c * s - z
+            elif grid is None:
                 c = torch.clamp(torch.round(x / safe_s) + z, 0, levels)  # as format.codes_for rounds
-                v = c - z
+                val = (c - z) * s
             else:  # the nearest level of a grid format
                 c = nearest_level(x / safe_s, grid)
-                v = grid[c]
+                val = grid[c] * s
             codes[:, col] = c
-            e = (x - v * s) / hinv1[i, i]
+            e = (x - val) / hinv1[i, i]
             w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
             err1[:, i] = e
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
-    q = QuantizedWeight(
-        codes=codes.to(torch.uint8),
-        scales=scales.to(torch.float16),
-        zeros=None if spec.symmetric else zeros.to(torch.uint8),
-        zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
-        grid=grid,
-    )
+    if kq:
+        ks = [kparts[b] for b in range(len(kparts))]
+        q = QuantizedWeight(
+            codes=codes.to(torch.uint8),
+            scales=torch.cat([p.sc for p in ks], 1).to(torch.float16),
+            zeros=None if spec.symmetric else torch.cat([p.m for p in ks], 1).to(torch.uint8),
+            zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
+            superscales=torch.cat([p.superscales() for p in ks], 1),
+        )
+    else:
+        q = QuantizedWeight(
+            codes=codes.to(torch.uint8),
+            scales=scales.to(torch.float16),
+            zeros=None if spec.symmetric else zeros.to(torch.uint8),
+            zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
+            grid=grid,
+        )
     ratio = None
     if refit:
-        q.scales, rows = refit_scales(weight, hessian, q)
+        fitted, rows = refit_scales(weight, hessian, q)
+        if kq:
+            q.superscales = fitted
+        else:
+            q.scales = fitted
         ratio = float(rows.mean())
     return GPTQResult(weight=q, damp=used_damp, retries=retries, refit_ratio=ratio)

@@ -4,6 +4,7 @@ Buffers (all saved in the state dict, nothing else needed to rebuild the layer):
   qweight  uint8 [out, packed bytes]   codes packed in blocks of 32 inputs (see packing.py)
   scales   fp16  [out, groups]
   zeros    uint8 [out, groups]         only for -asym formats
+  superscales fp16 [out, in/256, 2|1]  only for K-quant formats (scales and zeros then hold integers)
   bias     fp32  [out]                 when the original layer had one
   input_order int64 [in]               only for weights whose groups are not contiguous inputs (GPTQ's
                                        activation order): the kernel sees x[:, input_order]
@@ -26,7 +27,7 @@ from .format import QuantizedWeight, grid_levels, symmetric_zero
 from .kernels import LARGE_BATCH  # noqa: F401  (re-exported: where tests and benchmarks look for it)
 from .packing import pack, packed_width
 from .rtn import quantize_weight, round_packed
-from .spec import QuantSpec, parse_format
+from .spec import SUPERBLOCK, QuantSpec, parse_format
 
 
 class PackedRows(nn.Module):
@@ -47,13 +48,27 @@ class PackedRows(nn.Module):
             self.zeros = None
         else:
             self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
+        if spec.kquant:
+            if inputs % SUPERBLOCK:
+                raise ShrinkError(f"{type(self).__name__}: format {spec.name} needs inputs in super-blocks of "
+                                  f"{SUPERBLOCK}, not {inputs}")
+            parts = 1 if spec.symmetric else 2
+            self.register_buffer("superscales", torch.zeros(rows, inputs // SUPERBLOCK, parts, dtype=torch.float16))
+        else:
+            self.superscales = None
 
     def fill(self, q: QuantizedWeight) -> None:
-        """Store computed codes, scales and zero points."""
+        """Store computed codes, scales and zero points (and a K-quant format's superscales)."""
+        if (q.superscales is None) != (self.superscales is None):
+            raise ShrinkError(f"{type(self).__name__} in {self.spec.name}: given "
+                              f"{'no ' if q.superscales is None else ''}super-block scales")
+        if q.superscales is not None:
+            self.superscales.copy_(q.superscales)
         self.fill_packed(pack(q.codes, self.spec.bits), q.scales, q.zeros)
 
     def fill_packed(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
-        """Store codes already in the row layout (packing.pack's), scales and zero points (-asym formats)."""
+        """Store codes already in the row layout (packing.pack's), scales and zero points (-asym formats); a
+        K-quant layer's superscales are set apart (`fill`, or in place)."""
         if qweight.shape != self.qweight.shape or qweight.dtype != torch.uint8:  # (reading qweight: the row layout)
             raise ShrinkError(f"{type(self).__name__}: packed codes of shape {tuple(qweight.shape)} for a weight of "
                               f"{self.packed_shape[0]} rows of {self.packed_shape[1]}")
@@ -75,7 +90,10 @@ class PackedRows(nn.Module):
         the buffers would make a layer holding the tiled layout build its row form."""
         rows, inputs = self.packed_shape
         groups = inputs // self.spec.group_for(inputs)
-        return rows * (packed_width(inputs, self.spec.bits) + groups * (2 + (0 if self.spec.symmetric else 1)))
+        held = rows * (packed_width(inputs, self.spec.bits) + groups * (2 + (0 if self.spec.symmetric else 1)))
+        if self.spec.kquant:  # and d (and dmin) in fp16 per super-block (GGUF packs the integers tighter)
+            held += rows * (inputs // SUPERBLOCK) * 2 * (1 if self.spec.symmetric else 2)
+        return held
 
 
 class QuantLinear(PackedRows):
@@ -196,7 +214,7 @@ class QuantLinear(PackedRows):
         b = self._buffers
         qweight, scales = (b["qweight"], b["scales"]) if "qweight" in b else self._row_form()
         w = kernels.reference.dequant_weight(qweight, scales, self.zeros, self.zero_const, self.spec.bits,
-                                             self.in_features, grid_levels(self.spec))
+                                             self.in_features, grid_levels(self.spec), self.superscales)
         if self.input_order is not None:
             w = torch.empty_like(w).index_copy_(1, self.input_order, w)
         return w
@@ -211,13 +229,13 @@ class QuantLinear(PackedRows):
     def _decide_native(self) -> bool:
         if self.backend == "torch":
             return False
-        ok = (kernels.native_supports(self.in_features, self._group, self.spec.bits, self.spec.grid)
+        ok = (kernels.native_supports(self.in_features, self._group, self.spec.bits, self.spec.grid, self.spec.kquant)
               and kernels.native.available())
         if self.backend == "native" and not ok:
             raise RuntimeError(
                 f"native backend requested but unavailable for in_features={self.in_features}, format {self.spec.name} "
-                + (f"(it decodes integer codes of {', '.join(map(str, kernels.NATIVE_BITS))} bits; input and group "
-                   "sizes must be multiples of 32)" if kernels.native.available() else
+                + (f"(it decodes integer codes of {', '.join(map(str, kernels.NATIVE_BITS))} bits with fp16 group "
+                   "scales; input and group sizes must be multiples of 32)" if kernels.native.available() else
                    f"({kernels.native.unavailable_reason()})")
             )
         return ok
@@ -234,7 +252,7 @@ class QuantLinear(PackedRows):
     def _apply(self, fn, recurse=True):
         # .half(), .to(torch.bfloat16), .to(device): the storage moves but keeps its types (codes uint8,
         # scales fp16, bias fp32), since the kernels read exactly those; compute follows the input's dtype.
-        return apply_keeping_dtypes(self, fn, ("scales", "bias", "tiled_scales"), recurse)
+        return apply_keeping_dtypes(self, fn, ("scales", "bias", "tiled_scales", "superscales"), recurse)
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights, scales, zero points and input order (bias excluded)."""

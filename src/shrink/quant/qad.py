@@ -177,7 +177,8 @@ def _fingerprint(trainable: Trainable, windows: list, targets: list, lr: float, 
     scales of the layers `trainable` trains, the weights of its norms), the windows, the teacher's targets
     and the learning rates."""
     h = hashlib.sha256(f"{lr!r} {norm_lr!r} {codes_lr!r}".encode())
-    tensors = [t for name, q in trainable.quant.items() for t in (name.encode(), q.qweight, q.scales)]
+    tensors = [t for name, q in trainable.quant.items()
+               for t in (name.encode(), q.qweight, q.scales, *([] if q.superscales is None else [q.superscales]))]
     tensors += trainable.norm0
     tensors += [t for w, (values, ids) in zip(windows, targets) for t in (w, values, ids)]
     for t in tensors:

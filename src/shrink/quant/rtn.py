@@ -7,7 +7,8 @@ import torch
 
 from ..core.errors import ShrinkError
 from ..core.finite import all_finite
-from .format import QuantizedWeight, check_weight, codes_for, grid_levels, group_params, symmetric_zero
+from .format import (QuantizedWeight, check_weight, codes_for, grid_levels, group_params, kquant_codes, kquant_params,
+                     symmetric_zero)
 from .spec import QuantSpec
 
 
@@ -33,6 +34,8 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>
             w.copy_(weight.detach())
     g = spec.group_for(k)
     wg = w.reshape(n, k // g, g)
+    if spec.kquant:
+        return kquant_weight(wg, kquant_params(wg, spec, clip, name), spec)
     scale, zero = group_params(wg, spec, clip, name)
     grid = grid_levels(spec)
     codes = codes_for(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits, overwrite=workspace is not None,
@@ -46,6 +49,20 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>
     )
 
 
+def kquant_weight(wg: torch.Tensor, ks, spec: QuantSpec) -> QuantizedWeight:
+    """The QuantizedWeight of weights grouped [out, groups, group] rounded to a K-quant format's scales `ks`
+    (format.KScales)."""
+    s, o = ks.effective()
+    codes = kquant_codes(wg, s.unsqueeze(-1), None if o is None else o.unsqueeze(-1), spec)
+    return QuantizedWeight(
+        codes=codes.reshape(wg.shape[0], -1).to(torch.uint8),
+        scales=ks.sc.to(torch.float16),
+        zeros=None if ks.m is None else ks.m.to(torch.uint8),
+        zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
+        superscales=ks.superscales(),
+    )
+
+
 def round_packed(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>") -> tuple[torch.Tensor, torch.Tensor] | None:
     """Round to nearest straight to the row layout of packing.py: (qweight uint8, scales fp16), by the compiled
     kernel in one pass over the weight as stored (float32, bf16 or fp16), no float32 copy: the same bytes as
@@ -54,7 +71,7 @@ def round_packed(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>") 
     format cannot hold are refused as `quantize_weight` refuses them."""
     from .kernels import native
 
-    if not (spec.symmetric and spec.grid is None and spec.bits in (4, 8) and weight.dim() == 2 and weight.shape[1] % 32 == 0
+    if not (spec.symmetric and spec.grid is None and spec.kquant is None and spec.bits in (4, 8) and weight.dim() == 2 and weight.shape[1] % 32 == 0
             and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return None
     g = spec.group_for(weight.shape[1])

@@ -21,6 +21,7 @@ from .format import grid_levels, levels_of, nearest_level
 from .layerwise import first_output
 from .linear import QuantLinear
 from .packing import pack, unpack
+from .spec import SUPERBLOCK
 
 
 @dataclass
@@ -37,14 +38,22 @@ class _Tunable(nn.Module):
     levels the codes stand for as a float parameter too, rounded back to the grid in every forward with a
     straight-through gradient (round-STE), so that training can move a weight to a neighbouring code. Levels
     are held in units of the grid's mean step (1 for integer formats), so one learning rate suits every
-    format."""
+    format. In a K-quant format the integer group scales (and minimums) stay and each super-block's fp16 d
+    (and dmin) moves: `scales()` then are the superscales."""
 
     def __init__(self, q: QuantLinear, codes: bool = False):
         super().__init__()
-        s = q.scales.to(torch.float32)
-        g = q.in_features // s.shape[1]
+        self.kquant = q.superscales is not None
+        s = (q.superscales if self.kquant else q.scales).to(torch.float32)
+        g = q.in_features // q.scales.shape[1]
         stored = unpack(q.qweight, q.spec.bits, q.in_features).to(torch.float32)
-        zero = q.zeros.to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
+        if self.kquant:  # the levels are the codes (minus 32 for q6k); the integer scales and minimums are fixed
+            zero = float(q.zero_const)
+            self.register_buffer("sc", q.scales.to(torch.float32).repeat_interleave(g, 1))
+            self.register_buffer("mins", None if q.zeros is None else q.zeros.to(torch.float32).repeat_interleave(g, 1))
+            g = SUPERBLOCK
+        else:
+            zero = q.zeros.to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
         grid = grid_levels(q.spec)
         self.unit = 1.0 if grid is None else float(grid[-1] - grid[0]) / (len(grid) - 1)
         self.grid = None if grid is None else grid / self.unit
@@ -82,8 +91,18 @@ class _Tunable(nn.Module):
         return (nearest_level(v, self.grid) if self.grid is not None else v + self.zero).to(torch.uint8)
 
     def forward(self, x):
-        w = self.snapped() * (self.scales() * self.unit).repeat_interleave(self.g, 1)
+        s = self.scales()
+        if self.kquant:  # d * sc * level - dmin * m, as format.dequantize computes it
+            w = self.snapped() * (self.sc * s[..., 0].repeat_interleave(self.g, 1))
+            if self.mins is not None:
+                w = w - self.mins * s[..., 1].repeat_interleave(self.g, 1)
+        else:
+            w = self.snapped() * (s * self.unit).repeat_interleave(self.g, 1)
         return F.linear(x, w, self.bias)
+
+    def stored(self, q: QuantLinear) -> torch.Tensor:
+        """The buffer of `q` that `scales()` trains: its fp16 scales, or a K-quant layer's superscales."""
+        return q.superscales if self.kquant else q.scales
 
 
 def _norms(block: nn.Module) -> list[nn.Module]:
@@ -145,10 +164,10 @@ class Trainable:
     def keep(self):
         """Write the trained scales (and codes) and norm weights into the layers; returns what `undo` needs."""
         with torch.no_grad():
-            saved = ({n: (q.scales.clone(), q.qweight if self.codes else None) for n, q in self.quant.items()},
-                     [w.data for w in self.norm0])
+            saved = ({n: (self.tunables[n].stored(q).clone(), q.qweight if self.codes else None)
+                      for n, q in self.quant.items()}, [w.data for w in self.norm0])
             for n, t in self.tunables.items():
-                self.quant[n].scales.copy_(t.scales().to(torch.float16))
+                t.stored(self.quant[n]).copy_(t.scales().to(torch.float16))
                 if saved[0][n][1] is not None:  # a new packed tensor (tiled copies of the old codes see it is not theirs)
                     q = self.quant[n]
                     q.fill_packed(pack(t.codes(), q.spec.bits), q.scales.clone(), q.zeros)
@@ -161,9 +180,10 @@ class Trainable:
         scales, norms = saved
         with torch.no_grad():
             for n, (s, packed) in scales.items():
-                self.quant[n].scales.copy_(s)
+                q = self.quant[n]
+                self.tunables[n].stored(q).copy_(s)
                 if packed is not None:
-                    self.quant[n].fill_packed(packed, s, self.quant[n].zeros)
+                    q.fill_packed(packed, q.scales.clone(), q.zeros)
             for w, old in zip(self.norm0, norms):
                 w.data = old
 

@@ -132,7 +132,7 @@ def _linear(m: nn.Module, ext, products: bool = True):
     if isinstance(m, (QuantLinear, QuantEmbedding)):
         native_ok = m.uses_native() if isinstance(m, QuantLinear) else (
             native.available() and native_supports(m.in_features, m.spec.group_for(m.in_features), m.spec.bits,
-                                                    m.spec.grid))
+                                                    m.spec.grid, m.spec.kquant))
         if native_ok:
             t = tiled.for_layer(m) if products else None
             f16 = _EMPTY[torch.float16]

@@ -34,10 +34,11 @@ def default_backend() -> str:
 NATIVE_BITS = (2, 3, 4, 8)  # code widths the compiled kernels decode; 5 and 6 bits run in PyTorch
 
 
-def native_supports(in_features: int, group_size: int, bits: int, grid: str | None = None) -> bool:
-    """Layers the native kernel handles: integer codes (no grid format) of 2, 3, 4 or 8 bits, input and
-    group sizes multiples of 32, at most 1024 groups per row."""
-    return (grid is None and bits in NATIVE_BITS and in_features % 32 == 0 and group_size % 32 == 0
+def native_supports(in_features: int, group_size: int, bits: int, grid: str | None = None,
+                    kquant: str | None = None) -> bool:
+    """Layers the native kernel handles: integer codes (no grid or K-quant format) of 2, 3, 4 or 8 bits, input
+    and group sizes multiples of 32, at most 1024 groups per row."""
+    return (grid is None and kquant is None and bits in NATIVE_BITS and in_features % 32 == 0 and group_size % 32 == 0
             and in_features // group_size <= 1024)
 
 
@@ -46,7 +47,7 @@ def dequantize(layer, native_kernel: bool) -> torch.Tensor:
     in_features), by the compiled kernel when `native_kernel`, else in PyTorch: the same values."""
     if not native_kernel:
         return reference.dequant_weight(layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.spec.bits,
-                                        layer.in_features, grid_levels(layer.spec))
+                                        layer.in_features, grid_levels(layer.spec), getattr(layer, "superscales", None))
     args = (layer.qweight, layer.scales, _NO_U8 if layer.zeros is None else layer.zeros, layer.zero_const,
             layer.spec.bits, layer.spec.group_for(layer.in_features), layer.in_features)
     if torch.compiler.is_compiling():
@@ -70,7 +71,8 @@ def qlinear(x: torch.Tensor, layer, native_kernel: bool) -> torch.Tensor:
     activations."""
     if not native_kernel:
         return reference.dequant_linear(x, layer.qweight, layer.scales, layer.zeros, layer.zero_const, layer.bias,
-                                        layer.spec.bits, layer.in_features, grid_levels(layer.spec))
+                                        layer.spec.bits, layer.in_features, grid_levels(layer.spec),
+                                        getattr(layer, "superscales", None))
     t = tiled.for_layer(layer)
     b = layer._buffers  # a layer holding the tiled layout alone has no row form, and needs none here
     args = (x, b.get("qweight", _NO_U8), b.get("scales", _NO_F16), _NO_U8 if layer.zeros is None else layer.zeros,

@@ -16,15 +16,16 @@ from ..packing import BLOCK, unpack
 
 
 def dequant_weight(qweight, scales, zeros, zero_const: int, bits: int, in_features: int,
-                   grid: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 [out, in] weight from packed storage (codes standing for `grid`'s levels where given)."""
-    return dequantize(unpack(qweight, bits, in_features), scales, zeros, zero_const, grid)
+                   grid: torch.Tensor | None = None, superscales: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 [out, in] weight from packed storage (codes standing for `grid`'s levels where given; a
+    K-quant format's integer scales with its `superscales`)."""
+    return dequantize(unpack(qweight, bits, in_features), scales, zeros, zero_const, grid, superscales)
 
 
 def dequant_linear(x, qweight, scales, zeros, zero_const, bias, bits: int, in_features: int,
-                   grid: torch.Tensor | None = None) -> torch.Tensor:
+                   grid: torch.Tensor | None = None, superscales: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + b with W dequantized in full; x is [..., K] float32."""
-    w = dequant_weight(qweight, scales, zeros, zero_const, bits, in_features, grid)
+    w = dequant_weight(qweight, scales, zeros, zero_const, bits, in_features, grid, superscales)
     return F.linear(x, w, bias)
 
 

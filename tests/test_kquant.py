@@ -1,0 +1,202 @@
+"""K-quant formats (q4k, q5k, q6k): llama.cpp's Q4_K/Q5_K/Q6_K grids, whose group scales are integers times one
+fp16 scale per super-block of 256 inputs, produced by every method and exported to GGUF as block copies."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from helpers import widen
+from test_export import _from_gguf, _logits, _with_tok, bpe_tokenizer
+
+import shrink
+from shrink.io.export import _kquant_blocks, export_gguf
+from shrink.quant import QuantLinear
+from shrink.quant.format import dequantize, kquant_scales
+from shrink.quant.gptq import gptq_quantize
+from shrink.quant.rtn import quantize_weight
+from shrink.quant.spec import parse_format
+
+GGUF_TYPE = {"q4k": "Q4_K", "q5k": "Q5_K", "q6k": "Q6_K"}
+CALIB = [torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+
+def llama256(seed: int = 0, hidden: int = 256):
+    """A 2-layer Llama whose matrices have inputs in multiples of 256 (hidden 256, MLP 512) over 300 tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
+    return widen(LlamaForCausalLM(cfg))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bpe_tokenizer()
+
+
+def _weight(n=16, k=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 2
+
+
+def test_formats_parse_with_llama_cpps_bits_per_weight():
+    assert {f: parse_format(f).bits_per_weight(4096) for f in GGUF_TYPE} == {"q4k": 4.5, "q5k": 5.5, "q6k": 6.5625}
+    assert [str(parse_format(f)) for f in GGUF_TYPE] == list(GGUF_TYPE)
+    with pytest.raises(shrink.ShrinkError, match="q4k/q5k/q6k"):
+        parse_format("q3k")
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_TYPE))
+def test_two_level_scales_are_integers_times_a_super_block_scale(fmt):
+    """Round to nearest: each group's scale is an integer of 6 bits (q6k: signed 8) times the super-block's fp16
+    d, the largest on the largest integer; codes are the nearest on that grid, so no weight is further than half
+    a step from its value (bar a clipped extreme)."""
+    spec = parse_format(fmt)
+    w = _weight()
+    q = quantize_weight(w, spec)
+    sc, sup = q.scales.float(), q.superscales.float()
+    assert torch.equal(sc, sc.round())
+    per = 256 // spec.group_size
+    top = sc.reshape(16, 2, per).abs().amax(-1)
+    assert torch.equal(top, torch.full_like(top, 128.0 if fmt == "q6k" else 63.0))
+    assert sup.shape == (16, 2, 1 if fmt == "q6k" else 2) and torch.equal(sup, sup.half().float())
+    back = dequantize(q.codes, q.scales, q.zeros, q.zero_const, superscales=q.superscales)
+    step = (sup[..., 0].repeat_interleave(per, 1) * sc).abs().repeat_interleave(spec.group_size, 1)
+    assert ((back - w).abs() <= step * 0.5 + 1e-6).float().mean() > 0.99
+    rel = float((back - w).pow(2).mean() / w.pow(2).mean())
+    assert rel < {"q4k": 0.01, "q5k": 0.003, "q6k": 0.001}[fmt]
+
+
+def test_kquant_scales_follow_llama_cpps_rule():
+    """d = the largest scale / 63 in fp16, each group's integer the nearest; dmin likewise for the offsets."""
+    scale = torch.tensor([[0.5, 1.0, 0.25, 2.0, 0.0, 1.5, 0.75, 1.25]])
+    offset = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]])
+    ks = kquant_scales(scale, offset, parse_format("q4k"))
+    d = torch.tensor(2.0 / 63).half().float()
+    assert torch.equal(ks.d, d.reshape(1, 1)) and torch.equal(ks.sc, torch.round(scale / d))
+    dmin = torch.tensor(0.8 / 63).half().float()
+    assert torch.equal(ks.dmin, dmin.reshape(1, 1)) and torch.equal(ks.m, torch.round(offset / dmin))
+    s, o = ks.effective()
+    assert torch.equal(s, d * ks.sc) and torch.equal(o, dmin * ks.m)
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_TYPE))
+def test_blocks_are_ggmls_layout(fmt):
+    """The layer's bytes are GGUF blocks gguf-py (ggml's layout) dequantizes to exactly the layer's weight."""
+    lin = torch.nn.Linear(512, 8, bias=False)
+    lin.weight.data = _weight(8, 512)
+    layer = QuantLinear.from_linear(lin, fmt, backend="torch")
+    data = _kquant_blocks(layer, GGUF_TYPE[fmt], "fc")
+    assert data.shape == (8, 2 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[GGUF_TYPE[fmt]]][1])
+    back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[GGUF_TYPE[fmt]]).reshape(8, 512)
+    assert np.array_equal(back, layer.dequantized_weight().numpy())
+
+
+@pytest.mark.parametrize("fmt", ["q4k", "q6k"])
+def test_gptq_on_the_k_grid_beats_rounding_and_its_refit_solves_d(fmt):
+    """GPTQ rounds on the two-level grid (its output error below round-to-nearest's); the refit then solves each
+    super-block's d (and dmin) by least squares, never making the error larger; the integers stay."""
+    spec = parse_format(fmt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 512, generator=g) * torch.rand(512, generator=g) * 3
+    h = 2 * x.T @ x / x.shape[0]
+    w = _weight(32, 512)
+
+    def err(q):
+        e = dequantize(q.codes, q.scales, q.zeros, q.zero_const, superscales=q.superscales) - w
+        return float(((e @ h) * e).sum())
+
+    plain = gptq_quantize(w, h, spec, refit=False)
+    fitted = gptq_quantize(w, h, spec, refit=True)
+    assert err(plain.weight) < 0.9 * err(quantize_weight(w, spec))
+    assert torch.equal(plain.weight.codes, fitted.weight.codes) and torch.equal(plain.weight.scales, fitted.weight.scales)
+    assert err(fitted.weight) <= err(plain.weight) and fitted.refit_ratio <= 1
+    assert not torch.equal(plain.weight.superscales, fitted.weight.superscales)
+    ordered = gptq_quantize(w, h, spec, act_order=True)
+    assert err(ordered.weight) < err(quantize_weight(w, spec))
+
+
+@pytest.mark.parametrize("fmt,method", [("q4k", "rtn"), ("q4k", "awq+gptq"), ("q5k", "gptq"), ("q6k", "gptq")])
+def test_exported_gguf_gives_the_models_logits_and_saves_in_shrinks_layout(tmp_path, tok, fmt, method):
+    """Every layer (embedding table and tied output included) exports as its K type by block copies: transformers'
+    GGUF loader gives shrink's logits bit for bit; the folder (shrink's layout) loads back to the same logits."""
+    model = shrink.quantize(llama256(), {"model.embed_tokens": fmt, "*": fmt}, method=method,
+                            calibration=None if method == "rtn" else CALIB, backend="torch", progress=False)
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
+    assert r.tensors[GGUF_TYPE[fmt]] == 15 and r.max_error[GGUF_TYPE[fmt]] == 0 and not r.requantized
+    ids = torch.tensor([[3, 50, 100, 150, 200, 250]])
+    assert torch.equal(_logits(_from_gguf(r.path), ids), _logits(model, ids))
+    shrink.save(model, tmp_path / "saved")
+    assert '"layout": "shrink"' in (tmp_path / "saved" / "shrink.json").read_text()
+    assert torch.equal(_logits(shrink.load(tmp_path / "saved"), ids), _logits(model, ids))
+
+
+def test_layers_whose_inputs_are_not_super_blocks_get_llama_cpps_fallback(tmp_path, tok):
+    """A pattern giving q4k to layers of 320 inputs gives them int5-g32 (Q5_0), as llama-quantize does, said
+    in a warning and recorded; the export then holds Q4_K and Q5_0 blocks, both exact."""
+    with pytest.warns(UserWarning, match=r"given int5-g32 \(as llama.cpp gives them\), not the K-quant asked: "
+                                         r"model\.layers\.0\.self_attn\.q_proj \(320 inputs\)"):
+        model = shrink.quantize(llama256(hidden=320), "q4k", backend="torch", progress=False)
+    q = model.model.layers[0]
+    assert q.self_attn.q_proj.spec.name == "int5-g32" and q.mlp.down_proj.spec.name == "q4k"
+    assert "as llama.cpp does" in shrink.info(model).fallbacks["model.layers.0.self_attn.q_proj"]
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
+    assert (r.tensors["Q4_K"], r.tensors["Q5_0"]) == (2, 12) and r.max_error["Q4_K"] == 0
+
+
+def test_a_layer_named_for_a_k_quant_it_cannot_hold_is_refused_naming_it():
+    with pytest.raises(shrink.ShrinkError, match=r"model\.layers\.0\.self_attn\.q_proj.*super-blocks of 256 inputs, "
+                                                 r"which do not divide its input size 320.*int5-g32"):
+        shrink.quantize(llama256(hidden=320), {"model.layers.0.self_attn.q_proj": "q4k"}, progress=False)
+    layer = QuantLinear(512, 4, "q4k", backend="native")
+    with pytest.raises(RuntimeError, match="fp16 group scales"):
+        layer(torch.randn(1, 512))
+
+
+def test_edited_integer_scales_are_refused_by_the_export():
+    lin = torch.nn.Linear(256, 4, bias=False)
+    layer = QuantLinear.from_linear(lin, "q4k", backend="torch")
+    layer.scales[0, 0] = 64.0
+    with pytest.raises(shrink.ShrinkError, match=r"layer 'fc' \(q4k\): its group scales are not integers of 6 bits"):
+        _kquant_blocks(layer, "Q4_K", "fc")
+
+
+@pytest.mark.parametrize("fmt", ["q4k", "q6k"])
+def test_training_moves_the_super_block_scales_and_keeps_the_integers(fmt):
+    """Trainable on a K-quant model: at the start it computes what the layers compute; `keep` writes the trained
+    d (and dmin) as fp16 superscales, the integer scales and the codes untouched (or, with codes, still on the
+    grid); `undo` puts everything back byte for byte."""
+    from shrink.quant.packing import unpack
+    from shrink.quant.tune import Trainable
+
+    model = shrink.quantize(llama256(), fmt, backend="torch", progress=False)
+    ids = torch.tensor([[3, 50, 100, 150, 200, 250]])
+    before = _logits(model, ids)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    kept = {n: (m.qweight.clone(), m.scales.clone(), m.superscales.clone()) for n, m in layers.items()}
+    for codes in (False, True):
+        trainable = Trainable(model, codes=codes)
+        opt = torch.optim.Adam(trainable.params(1e-2, 1e-3, 0.05))
+        with trainable, torch.enable_grad():
+            trainable.weights()
+            assert torch.allclose(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+            for _ in range(3):
+                trainable.weights()
+                loss = model(ids).logits.pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        saved = trainable.keep()
+        for n, m in layers.items():
+            assert torch.equal(m.scales, kept[n][1]) and m.superscales.dtype == torch.float16
+            if not codes:
+                assert torch.equal(m.qweight, kept[n][0])
+            assert int(unpack(m.qweight, m.spec.bits, m.in_features).max()) < (1 << m.spec.bits)
+        assert any(not torch.equal(m.superscales, kept[n][2]) for n, m in layers.items())
+        assert not torch.equal(_logits(model, ids), before)
+        trainable.undo(saved)
+        assert all(torch.equal(m.qweight, kept[n][0]) and torch.equal(m.superscales, kept[n][2])
+                   for n, m in layers.items())
+        assert torch.equal(_logits(model, ids), before)
