@@ -7,7 +7,9 @@ chunks of 512 tokens, as shrink calibrates), then `llama-quantize --imatrix` of 
 falling back to Q5_0/Q5_1 on 576-wide layers), and Q4_0 without an importance matrix. `mix-iq4nl-int5` is
 shrink's analogue of Q4_K_M's mix: iq4nl-g32, with int5-g32 for the attention values and down projections. shrink's side: each
 recipe on the same calibration text, the embedding table (tied to the output layer) in int8-g32 as llama.cpp
-keeps it (Q8_0), exported with `shrink.export_gguf` (codes copied exactly). Every file goes through
+keeps it (Q8_0), exported with `shrink.export_gguf` (codes copied exactly). `like-Q4_K_M` (any llama.cpp type
+measured in the same run) is shrink in exactly the types llama-quantize chose for each tensor of that file (Q4_K ->
+q4k, Q6_K -> q6k, Q5_0 -> int5-g32, Q8_0 -> int8-g32, ...): the same file size, shrink's codes against llama.cpp's. Every file goes through
 `llama-perplexity --kl-divergence` against the F32 file's logits on held-out text (BBC business articles
 000-059): mean KL divergence, perplexity, top-token agreement, and bits per weight from the file size.
 shrink's own measurement of its model (PyTorch, the same tokens and positions as llama-perplexity scores:
@@ -47,8 +49,14 @@ from shrink.io import read_model  # noqa: E402
 TOOLS = Path.home() / ".cache" / "llama.cpp-0.3.36" / "bin"
 CTX = 512
 SHRINK_DEFAULT = ("gptq:int4-g32,gptq:iq4nl-g32,awq+gptq:iq4nl-g32,gptq+qad100:iq4nl-g32,gptq+qad100:int4-g32,"
-                  "gptq:int5-g32,gptq:int8-g32")
-LLAMA_DEFAULT = "Q4_0-noimatrix,Q4_0,Q4_1,IQ4_NL,Q4_K_M,Q5_0,Q5_1,Q8_0"
+                  "gptq:int5-g32,gptq:int8-g32,gptq:like-Q4_K_S,gptq:like-Q4_K_M,awq+gptq:like-Q4_K_M")
+LLAMA_DEFAULT = "Q4_0-noimatrix,Q4_0,Q4_1,IQ4_NL,Q4_K_S,Q4_K_M,Q5_0,Q5_1,Q8_0"
+# GGUF type -> the shrink format that copies into it exactly; GGUF tensor -> the module it comes from
+LIKE = {"Q4_0": "int4-g32", "Q4_1": "int4-g32-asym", "Q5_0": "int5-g32", "Q5_1": "int5-g32-asym", "Q8_0": "int8-g32",
+        "IQ4_NL": "iq4nl-g32", "Q4_K": "q4k", "Q5_K": "q5k", "Q6_K": "q6k"}
+MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+           "ffn_down": "mlp.down_proj"}
 
 
 def run(cmd: list, log: Path) -> str:
@@ -90,9 +98,27 @@ def shrink_kld(base, model, ids: torch.Tensor) -> float:
 MIXES = {"mix-iq4nl-int5": {"*.v_proj": "int5-g32", "*.down_proj": "int5-g32", "*": "iq4nl-g32"}}
 
 
-def shrink_variant(base, tok, variant: str, calib: Path, samples: int):
-    """The recipe `method:format` (a format, or a name in MIXES) on the calibration text, the tied embedding
-    table in int8-g32."""
+def like(path: Path) -> dict:
+    """{module: shrink format} giving every tensor of llama.cpp's file `path` the format that copies into its type."""
+    import gguf
+
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.tensor_type.name not in LIKE:
+            continue
+        if t.name == "token_embd.weight":
+            out["model.embed_tokens"] = LIKE[t.tensor_type.name]
+            continue
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
+        if not m or m[2] not in MODULES:
+            raise SystemExit(f"{path}: tensor {t.name} ({t.tensor_type.name}) has no module here")
+        out[f"model.layers.{m[1]}.{MODULES[m[2]]}"] = LIKE[t.tensor_type.name]
+    return out
+
+
+def shrink_variant(base, tok, variant: str, calib: Path, samples: int, work: Path):
+    """The recipe `method:format` (a format, a name in MIXES, or like-TYPE: llama.cpp's file of that type, tensor
+    by tensor) on the calibration text, the tied embedding table in int8-g32 (like-TYPE: in the file's type)."""
     method, fmt = variant.split(":")
     parts = method.split("+")
     qad = [(int(p.lstrip("qadc")), p.startswith("qadc")) for p in parts if p.startswith("qad")]
@@ -102,7 +128,10 @@ def shrink_variant(base, tok, variant: str, calib: Path, samples: int):
     m = copy.deepcopy(base)
     kw = {} if recipe.method == "rtn" and not qad else dict(calibration=calib, tokenizer=tok, n_samples=samples,
                                                            seq_len=CTX)
-    spec = {"model.embed_tokens": "int8-g32", **MIXES.get(fmt, {"*": fmt})}
+    if fmt.startswith("like-"):
+        spec = like(work / f"llama-{fmt[5:]}.gguf")
+    else:
+        spec = {"model.embed_tokens": "int8-g32", **MIXES.get(fmt, {"*": fmt})}
     shrink.quantize(m, spec, method=recipe, progress=False, **kw)
     return m
 
@@ -170,7 +199,7 @@ def main(argv=None):
         ids = torch.cat([torch.tensor([tok.bos_token_id]), ids])
     for v in filter(None, args.shrink.split(",")):
         t = time.perf_counter()
-        m = shrink_variant(base, tok, v, calib, args.samples)
+        m = shrink_variant(base, tok, v, calib, args.samples, work)
         seconds = time.perf_counter() - t
         path = work / f"shrink-{v.replace(':', '-').replace('+', '_')}.gguf"
         rep = shrink.export_gguf(shrink.io.LoadedModel(m, tok, loaded.source), path, force=True)

@@ -200,3 +200,47 @@ def test_training_moves_the_super_block_scales_and_keeps_the_integers(fmt):
         assert all(torch.equal(m.qweight, kept[n][0]) and torch.equal(m.superscales, kept[n][2])
                    for n, m in layers.items())
         assert torch.equal(_logits(model, ids), before)
+
+
+def _llama(layers: int, hidden: int = 256, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
+    return widen(LlamaForCausalLM(cfg))
+
+
+def test_q4k_m_is_llama_cpps_mix_layer_by_layer():
+    """q4k-m over 16 layers: Q6_K (q6k) for the values and down projections of layers 0, 1, 4, 7, 10, 13, 14, 15
+    (llama.cpp's use_more_bits), q4k elsewhere; the output layer q6k, an untied table q4k; q4k-s: q5k for the first
+    4 values and first 2 down projections."""
+    from shrink.quant.kmix import more_bits
+
+    assert [i for i in range(16) if more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert [i for i in range(30) if more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    model = shrink.quantize(_llama(16, tie=False), "q4k-m", progress=False)
+    fmt = shrink.info(model).formats
+    assert [i for i in range(16) if fmt[f"model.layers.{i}.self_attn.v_proj"] == "q6k"] == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert [i for i in range(16) if fmt[f"model.layers.{i}.mlp.down_proj"] == "q6k"] == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert {fmt[f"model.layers.{i}.self_attn.q_proj"] for i in range(16)} == {"q4k"}
+    assert (fmt["lm_head"], fmt["model.embed_tokens"]) == ("q6k", "q4k")
+    s = shrink.info(shrink.quantize(_llama(16, tie=False), "q4k-s", progress=False)).formats
+    assert [i for i in range(16) if s[f"model.layers.{i}.self_attn.v_proj"] == "q5k"] == [0, 1, 2, 3]
+    assert [i for i in range(16) if s[f"model.layers.{i}.mlp.down_proj"] == "q5k"] == [0, 1]
+
+
+def test_a_mix_on_a_tied_model_with_narrow_layers_exports_as_llama_cpp_would(tmp_path, tok):
+    """Tied: the table takes the output's q6k; 320-wide layers fall back as llama-quantize does (q4k -> int5-g32,
+    q6k -> int8-g32); over 2 layers only the second is one of use_more_bits'; the GGUF holds Q4_K/Q6_K down
+    projections and Q5_0/Q8_0 elsewhere, all exact."""
+    with pytest.warns(UserWarning, match="as llama.cpp gives them"):
+        model = shrink.quantize(_llama(2, hidden=320), "q4k-m", backend="torch", progress=False)
+    fmt = shrink.info(model).formats
+    assert fmt["model.embed_tokens"] == "int8-g32" and fmt["model.layers.1.self_attn.v_proj"] == "int8-g32"
+    assert fmt["model.layers.0.self_attn.v_proj"] == "int5-g32" and fmt["model.layers.0.self_attn.q_proj"] == "int5-g32"
+    assert (fmt["model.layers.0.mlp.down_proj"], fmt["model.layers.1.mlp.down_proj"]) == ("q4k", "q6k")
+    r = export_gguf(_with_tok(model, tok), tmp_path / "m.gguf", float_type="f32")
+    assert (r.tensors["Q4_K"], r.tensors["Q6_K"], r.tensors["Q8_0"], r.tensors["Q5_0"]) == (1, 1, 2, 11)
+    assert r.max_error["Q6_K"] == r.max_error["Q4_K"] == 0

@@ -5,6 +5,8 @@ shrink's 4-bit layout (byte j of a block of 32 holds code j and code j+16, x = d
 each block (repeated per block of 32 for groups of 64/128 or one scale per row). Symmetric int8 becomes
 Q8_0 the same way, and asymmetric int4 becomes Q4_1 (x = d*q + m with m = -d*z, which fp16 rounds). 5-bit
 codes are Q5_0/Q5_1's: shrink's 5-bit block is their qs (low nibbles, as 4 bits) then qh (the fifth bits).
+The K-quant formats hold what Q4_K/Q5_K/Q6_K hold (codes, integer group scales and minimums, fp16 d and dmin
+per 256 inputs), laid out again in ggml's order.
 Nothing is re-quantized unless asked: gguf-py's quantizers would change many of the codes that were
 measured. The written file is read back and every tensor compared with the model before success is said.
 
@@ -164,7 +166,7 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     """Write `model` (a quantized module, a LoadedModel, or a shrink folder) to the GGUF file `path`.
 
     Quantized layers become exact block copies (int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0; int4-asym -> Q4_1,
-    int5-asym -> Q5_1);
+    int5-asym -> Q5_1; iq4nl -> IQ4_NL; q4k, q5k, q6k -> Q4_K, Q5_K, Q6_K);
     bf16/fp16 layers stay as they are; embeddings and full-precision layers are written as `float_type`
     ("f16", default, or "f32"); norms as F32; a tied output layer once. Layers with no exact GGUF type
     (int6, int3, int2, groups of 16, inputs not a multiple of 32) are refused, naming them, unless `requantize`

@@ -31,6 +31,7 @@ from .check import run as run_forward
 from .embedding import QuantEmbedding
 from .experts import all_tokens, routers, unfuse_experts
 from .format import check_weight
+from .kmix import is_mix, kquant_mix
 from .linear import CastLinear, QuantLinear
 from .mixed import DEFAULT_LADDER, MixedPrecision, allocate
 from .recipe import GPTQ, MAX_TUNE_STEPS, Recipe, parse_method
@@ -198,10 +199,13 @@ def plan_job(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         raise ShrinkError("method 'rtn' uses no calibration data; leave calibration=None or choose method='gptq' or 'awq'")
     if target_bits is not None:
         spec = {"*": (ladder or DEFAULT_LADDER)[0]} if not isinstance(spec, Mapping) else spec
+    mix = is_mix(spec)
+    if mix:  # llama.cpp's K-quant mix, layer by layer (its fallbacks below, as for a pattern)
+        spec = kquant_mix(model, spec, output_layer_name(model), linear_layers(model))
     assignment = plan(model, spec, keep_output=keep_output)
     _refuse_nothing_to_do(model, assignment)
     _say_experts_kept(model)
-    exact = {k for k in spec if not any(c in k for c in "*?[")} if isinstance(spec, Mapping) else set()
+    exact = {k for k in spec if not any(c in k for c in "*?[")} if isinstance(spec, Mapping) and not mix else set()
     fell_back = _fall_back(model, assignment, exact, quiet=target_bits is not None)
     # with target_bits the plan's format is a stand-in: the allocation chooses from the ladder, fitting each layer
     fallbacks = {} if target_bits is not None else fell_back
