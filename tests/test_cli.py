@@ -64,6 +64,9 @@ def _run(*args):
     (["quantize", "{tmp}/bad.gguf"], "bad.gguf: cannot load GGUF file"),
     (["inspect", "{tmp}"], "not a model folder"),
     (["quantize", "{tiny}", "--layer", "oops"], "expected GLOB=FORMAT"),
+    # llama.cpp's mix on a model none of whose layers has inputs in super-blocks of 256
+    (["quantize", "{tiny}", "--format", "q4k-m"], "works in super-blocks of 256 inputs, which do not divide its input size 64"),
+    (["quantize", "{tiny}", "--format", "q4k-m", "--layer", "*.mlp.*=int8"], "--layer cannot change it"),
 ])
 def test_bad_input_one_line_nonzero_exit(hf_folder, tmp_path, args, needle):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
