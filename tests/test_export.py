@@ -69,6 +69,8 @@ def _from_gguf(path):
     ({"model.layers.0.*": "bf16", "*.down_proj": "int4-g128", "*.mlp.*": "int8", "*": "int4-g64"}, True, True,
      {"BF16", "Q8_0", "Q4_0"}),
     ({"model.layers.1.mlp.*": None, "*": "fp16"}, True, True, {"F16"}),
+    # a quantized table with its output layer tied to it: the folder's table written once, as token_embd
+    ({"model.embed_tokens": "int8-g32", "*": "int4-g32"}, True, True, {"Q8_0", "Q4_0"}),
 ])
 def test_exported_file_loads_in_transformers_with_the_same_logits(tmp_path, tok, spec, tie, keep_output, kinds):
     model = shrink.quantize(bpe_llama(tie=tie), spec, keep_output=keep_output, backend="torch", progress=False)

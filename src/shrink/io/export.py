@@ -272,7 +272,8 @@ def _export_streamed(folder: Path, path: Path, float_type: str, requant, source_
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
         _metadata(writer, config, tokenizer, src, report)
         bar = tqdm(desc="export", unit="tensor", total=len(module.state_dict()), disable=None)
-        for t in _each_tensor(module, config, names, float_type, requant, permute, report, fill=fill):
+        tied = {n for n, info in manifest["modules"].items() if info.get("tied_to")}
+        for t in _each_tensor(module, config, names, float_type, requant, permute, report, fill=fill, tied=tied):
             if t.expect is not None:  # quantized blocks: they must be the model's values (floats are as given)
                 _check_values(t, t.data, path, report)
             writer.add_tensor(t.name, t.data, raw_dtype=gguf.GGMLQuantizationType[t.kind])
@@ -414,10 +415,12 @@ def _count(kinds: list[str], report: ExportReport) -> None:
 
 
 def _each_tensor(module: nn.Module, config, names, float_type: str, requant, permute: bool,
-                 report: ExportReport, fill=None):
+                 report: ExportReport, fill=None, tied=frozenset()):
     """The tensors of `_collect`, one at a time. fill: where the model's tensors are on the meta device (a
     folder walked a module at a time), `fill(name)` gives module `name` its tensors and returns a function
-    that lets them go, called once that module's tensors are made (default None: the model is in memory)."""
+    that lets them go, called once that module's tensors are made (default None: the model is in memory);
+    tied: the output layers such a folder's manifest says are tied to their table (in memory, they are seen
+    to share its codes)."""
     fill = fill or (lambda name: (lambda: None))
     fkind = float_type.upper()
     heads = {"q_proj": config.num_attention_heads,
@@ -439,7 +442,7 @@ def _each_tensor(module: nn.Module, config, names, float_type: str, requant, per
         if gname is None:
             unnamed.append(f"{lname}.weight")
             continue
-        if (isinstance(layer, nn.Linear) and emb is not None and layer.weight is getattr(emb, "weight", None)) or (
+        if lname in tied or (isinstance(layer, nn.Linear) and emb is not None and layer.weight is getattr(emb, "weight", None)) or (
                 isinstance(layer, QuantLinear) and isinstance(emb, QuantEmbedding) and layer.qweight is emb.qweight):
             # written once, as the token embedding, which llama.cpp then uses as output
             report.notes.append("output layer tied to the token embedding: written once, as token_embd")
