@@ -33,12 +33,13 @@ def bpe_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
 
 
-def bpe_llama(seed: int = 0, tie: bool = True, vocab: int = 300):
+def bpe_llama(seed: int = 0, tie: bool = True, vocab: int = 300, hidden: int = 64, intermediate: int = 128,
+              layers: int = 2):
     """A 2-layer Llama (hidden 64, 4 heads of 16, 2 kv heads) over the BPE tokenizer's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
     return widen(LlamaForCausalLM(cfg))

@@ -5,8 +5,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import widen
-from test_export import _from_gguf, _logits, _with_tok, bpe_tokenizer
+from test_export import _from_gguf, _logits, _with_tok, bpe_llama, bpe_tokenizer
 
 import shrink
 from shrink.io.export import _kquant_blocks, export_gguf
@@ -22,13 +21,7 @@ CALIB = [torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(
 
 def llama256(seed: int = 0, hidden: int = 256):
     """A 2-layer Llama whose matrices have inputs in multiples of 256 (hidden 256, MLP 512) over 300 tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
-    return widen(LlamaForCausalLM(cfg))
+    return bpe_llama(seed, hidden=hidden, intermediate=512)
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +196,7 @@ def test_training_moves_the_super_block_scales_and_keeps_the_integers(fmt):
 
 
 def _llama(layers: int, hidden: int = 256, tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
-    return widen(LlamaForCausalLM(cfg))
+    return bpe_llama(tie=tie, hidden=hidden, intermediate=512, layers=layers)
 
 
 def test_q4k_m_is_llama_cpps_mix_layer_by_layer():
