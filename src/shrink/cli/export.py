@@ -35,7 +35,7 @@ from .common import FORCE, console, main, mb
 def export_command(model, gguf_path, float_type, requantize, imatrix, calibration, n_samples, seq_len, force):
     """Write MODEL (a folder saved by shrink) as a GGUF file for llama.cpp, copying its codes exactly.
 
-    int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0, iq4nl -> IQ4_NL, q4k/q5k/q6k -> Q4_K/Q5_K/Q6_K, int4-asym ->
+    int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0, iq4nl -> IQ4_NL, q2k ... q6k -> Q2_K ... Q6_K, int4-asym ->
     Q4_1 and int5-asym -> Q5_1 (offsets rounded to fp16), bf16/fp16 layers as they
     are; q/k rows permuted as llama.cpp expects; the tokenizer and chat template copied from the GGUF file
     the model came from, else built from its tokenizer. The file is read back and checked tensor by

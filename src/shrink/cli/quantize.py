@@ -32,11 +32,11 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--format", "-f", "fmt", default="int4-g64", show_default=True,
               help="Format for every Linear layer: int8, int6, int5, int4, int3 or int2, each with -gN (N in "
                    "16/32/64/128; omit for per-channel), optional -asym; iq4nl-gN (llama.cpp's IQ4_NL levels); "
-                   "q4k/q5k/q6k (llama.cpp's K-quants: integer group scales times an fp16 scale per 256 inputs; "
+                   "q2k/q3k/q4k/q5k/q6k (llama.cpp's K-quants: integer group scales times an fp16 scale per 256 inputs; "
                    "layers whose inputs are not multiples of 256 get llama.cpp's fallback, e.g. q4k -> int5-g32); "
                    "q4k-m/q4k-s/q5k-m/q5k-s (llama.cpp's Q4_K_M/... mixes of those, output layer included); or "
                    "bf16/fp16. int4/int5/int8/iq4nl in groups of 32 or more and the K-quants export to GGUF exactly "
-                   "(Q4_0/Q5_0/Q8_0/IQ4_NL/Q4_K/Q5_K/Q6_K, -asym Q4_1/Q5_1).")
+                   "(Q4_0/Q5_0/Q8_0/IQ4_NL/Q2_K../Q6_K, -asym Q4_1/Q5_1).")
 @click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
               help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
 @click.option("--method", type=click.Choice([*METHODS, *ROTATED]), default="rtn", show_default=True,

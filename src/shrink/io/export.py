@@ -5,7 +5,7 @@ shrink's 4-bit layout (byte j of a block of 32 holds code j and code j+16, x = d
 each block (repeated per block of 32 for groups of 64/128 or one scale per row). Symmetric int8 becomes
 Q8_0 the same way, and asymmetric int4 becomes Q4_1 (x = d*q + m with m = -d*z, which fp16 rounds). 5-bit
 codes are Q5_0/Q5_1's: shrink's 5-bit block is their qs (low nibbles, as 4 bits) then qh (the fifth bits).
-The K-quant formats hold what Q4_K/Q5_K/Q6_K hold (codes, integer group scales and minimums, fp16 d and dmin
+The K-quant formats hold what Q2_K ... Q6_K hold (codes, integer group scales and minimums, fp16 d and dmin
 per 256 inputs), laid out again in ggml's order.
 Nothing is re-quantized unless asked: gguf-py's quantizers would change many of the codes that were
 measured. The written file is read back and every tensor compared with the model before success is said.
@@ -41,7 +41,7 @@ from .saved import is_shrink_folder
 
 FLOAT_TYPES = ("f16", "f32")
 EXACT_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",  # GGUF types shrink's codes are copied into
-                "Q4_K", "Q5_K", "Q6_K")
+                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 EXPORTED_BY = "shrink.exported_by"  # metadata key: which shrink wrote the file
 # model_type of the Hugging Face config -> gguf-py architecture name, and whether q/k rows are permuted
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -66,7 +66,7 @@ class ExportReport:
 
 def exact_type(layer: nn.Module) -> str | None:
     """The GGUF type that holds `layer`'s weights exactly (Q4_0, Q5_0, Q8_0; Q4_1, Q5_1 for -asym formats;
-    IQ4_NL for iq4nl; Q4_K, Q5_K, Q6_K for q4k, q5k, q6k; F16, BF16), or None."""
+    IQ4_NL for iq4nl; Q2_K ... Q6_K for q2k ... q6k; F16, BF16), or None."""
     if isinstance(layer, CastLinear):
         return "F16" if layer.spec.cast == "fp16" else "BF16"
     if not isinstance(layer, (QuantLinear, QuantEmbedding)) or layer.in_features % 32 or layer.input_order is not None:
@@ -118,7 +118,7 @@ def _blocks(layer: QuantLinear, kind: str, name: str = "") -> np.ndarray:
 
 
 def _kquant_blocks(layer: QuantLinear, kind: str, name: str) -> np.ndarray:
-    """A K-quant layer as GGUF Q4_K/Q5_K/Q6_K super-blocks of 256 inputs, [out, in/256 * block bytes] uint8:
+    """A K-quant layer as GGUF Q2_K ... Q6_K super-blocks of 256 inputs, [out, in/256 * block bytes] uint8:
     its codes, integer scales (and minimums) and fp16 d (and dmin) copied, laid out as ggml lays them."""
     from ..quant.packing import unpack
 
@@ -132,7 +132,20 @@ def _kquant_blocks(layer: QuantLinear, kind: str, name: str) -> np.ndarray:
                               f"integers of {kq.scale_bits} bits, so {kind} cannot hold them; was the folder edited?")
     q = unpack(layer.qweight, layer.spec.bits, layer.in_features).reshape(out, nsb, SUPERBLOCK)
     sup = layer.superscales.contiguous().view(torch.uint8).reshape(out, nsb, -1)  # d (, dmin) as fp16 bytes
-    if kind == "Q6_K":
+    if kind in ("Q2_K", "Q3_K"):  # 2-bit planes: byte 32*half + l holds value 128*half + 32*j + l at bits 2j
+        h = q.reshape(out, nsb, 2, 4, 32)
+        qs = ((h & 3).to(torch.int32) << (2 * torch.arange(4).reshape(4, 1))).sum(3).to(torch.uint8).reshape(out, nsb, 64)
+        if kind == "Q2_K":  # scale in the low nibble, minimum in the high one; then d, dmin
+            sc = layer.scales.to(torch.uint8).reshape(out, nsb, 16) | (layer.zeros.reshape(out, nsb, 16) << 4)
+            parts = [sc, qs, sup]
+        else:  # hmask bit 4*half + j of byte l: bit 2 of that value; the 6-bit scales + 32 packed in 12 bytes
+            hm = (((h >> 2) & 1).to(torch.int32) << torch.arange(8).reshape(2, 4, 1)).sum((2, 3)).to(torch.uint8)
+            s6 = (layer.scales.float() + 32).to(torch.uint8).reshape(out, nsb, 16)
+            low = (s6[..., :8] & 0xF) | ((s6[..., 8:] & 0xF) << 4)
+            top = (s6 >> 4).reshape(out, nsb, 4, 4)  # [j // 4, j % 4]
+            high = (top.to(torch.int32) << (2 * torch.arange(4).reshape(4, 1))).sum(2).to(torch.uint8)
+            parts = [hm, qs, low, high, sup]
+    elif kind == "Q6_K":
         sc = layer.scales.float().to(torch.int8).view(torch.uint8).reshape(out, nsb, 16)
         h = q.reshape(out, nsb, 2, 4, 32)  # [half, quarter, l]: value 128*half + 32*quarter + l
         ql = torch.cat([(h[:, :, :, 0] & 0xF) | ((h[:, :, :, 2] & 0xF) << 4),
@@ -166,7 +179,7 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     """Write `model` (a quantized module, a LoadedModel, or a shrink folder) to the GGUF file `path`.
 
     Quantized layers become exact block copies (int4 -> Q4_0, int5 -> Q5_0, int8 -> Q8_0; int4-asym -> Q4_1,
-    int5-asym -> Q5_1; iq4nl -> IQ4_NL; q4k, q5k, q6k -> Q4_K, Q5_K, Q6_K);
+    int5-asym -> Q5_1; iq4nl -> IQ4_NL; q2k ... q6k -> Q2_K ... Q6_K);
     bf16/fp16 layers stay as they are; embeddings and full-precision layers are written as `float_type`
     ("f16", default, or "f32"); norms as F32; a tied output layer once. Layers with no exact GGUF type
     (int6, int3, int2, groups of 16, inputs not a multiple of 32) are refused, naming them, unless `requantize`

@@ -3,8 +3,9 @@
 `int4-g64` is 4-bit integers with one fp16 scale per group of 64 inputs; `int8` is 8 bits with one
 scale per output channel; `-asym` adds a uint8 zero point per group. `iq4nl-g32` is 4-bit codes on
 llama.cpp's IQ4_NL grid: sixteen fixed levels, denser near zero, times an fp16 scale per group. `q4k`,
-`q5k` and `q6k` are llama.cpp's K-quant grids (Q4_K, Q5_K, Q6_K): groups of 32 (16 for q6k) whose scales
-(and minimums) are themselves integers of 6 (8) bits times one fp16 scale per super-block of 256 inputs.
+`q5k`, `q6k`, `q3k` and `q2k` are llama.cpp's K-quant grids (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K): groups of 32 (16
+for q6k, q3k, q2k) whose scales (and minimums) are themselves integers of 6 (8 for q6k, 4 for q2k) bits times
+one fp16 scale per super-block of 256 inputs.
 `bf16` and `fp16` are plain casts, kept as baselines.
 """
 
@@ -31,7 +32,7 @@ class KQuant:
     """A K-quant grid: codes of `bits` bits in groups of `group` inputs; each group's scale is an integer of
     `scale_bits` bits (signed where there is no minimum) times the super-block's fp16 scale d; with `minimum`,
     each group also has an unsigned `scale_bits` integer minimum times a second fp16 scale dmin, and a weight is
-    d*sc*q - dmin*m (Q4_K, Q5_K); without, d*sc*(q - 2^(bits-1)) (Q6_K). `fallback`: the format llama.cpp
+    d*sc*q - dmin*m (Q2_K, Q4_K, Q5_K); without, d*sc*(q - 2^(bits-1)) (Q3_K, Q6_K). `fallback`: the format llama.cpp
     gives a layer whose inputs are not a multiple of 256."""
 
     bits: int
@@ -43,6 +44,8 @@ class KQuant:
 
 
 KQUANTS = {
+    "q2k": KQuant(2, 16, 4, True, "Q2_K", "int4-g32"),
+    "q3k": KQuant(3, 16, 6, False, "Q3_K", "int4-g32"),
     "q4k": KQuant(4, 32, 6, True, "Q4_K", "int5-g32"),
     "q5k": KQuant(5, 32, 6, True, "Q5_K", "int5-g32-asym"),
     "q6k": KQuant(6, 16, 8, False, "Q6_K", "int8-g32"),
@@ -125,7 +128,7 @@ def parse_format(text: str | QuantSpec) -> QuantSpec:
     hint = (
         f"formats are int8, int4-g64, int3-g32-asym, ... (bits {'/'.join(map(str, BITS))}, "
         f"groups {'/'.join(map(str, GROUP_SIZES))} or none for per-channel, optional -asym), iq4nl-g32 (llama.cpp's "
-        "IQ4_NL levels), q4k/q5k/q6k (llama.cpp's K-quants) or bf16/fp16"
+        "IQ4_NL levels), q2k/q3k/q4k/q5k/q6k (llama.cpp's K-quants) or bf16/fp16"
     )
     if not m:
         raise ShrinkError(f"unknown format {text!r}: {hint}")
