@@ -221,6 +221,13 @@ def test_q4k_m_is_llama_cpps_mix_layer_by_layer():
     s = shrink.info(shrink.quantize(_llama(16, tie=False), "q4k-s", progress=False)).formats
     assert [i for i in range(16) if s[f"model.layers.{i}.self_attn.v_proj"] == "q5k"] == [0, 1, 2, 3]
     assert [i for i in range(16) if s[f"model.layers.{i}.mlp.down_proj"] == "q5k"] == [0, 1]
+    m3 = shrink.info(shrink.quantize(_llama(16, tie=False), "q3k-m", progress=False)).formats
+    assert [m3[f"model.layers.{i}.self_attn.v_proj"] for i in range(4)] == ["q5k", "q5k", "q4k", "q4k"]
+    assert [m3[f"model.layers.{i}.mlp.down_proj"] for i in range(3)] == ["q5k", "q4k", "q4k"]
+    assert (m3["model.layers.3.self_attn.o_proj"], m3["model.layers.3.self_attn.q_proj"]) == ("q4k", "q3k")
+    m2 = shrink.info(shrink.quantize(_llama(2, tie=False), "q2k-m", progress=False)).formats  # 2 query heads a kv head
+    assert [m2[f"model.layers.1.{r}"] for r in ("self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj", "mlp.up_proj")] \
+        == ["q3k", "q3k", "q3k", "q2k"]
 
 
 def test_a_mix_on_a_tied_model_with_narrow_layers_exports_as_llama_cpp_would(tmp_path, tok):

@@ -34,7 +34,8 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
                    "16/32/64/128; omit for per-channel), optional -asym; iq4nl-gN (llama.cpp's IQ4_NL levels); "
                    "q2k/q3k/q4k/q5k/q6k (llama.cpp's K-quants: integer group scales times an fp16 scale per 256 inputs; "
                    "layers whose inputs are not multiples of 256 get llama.cpp's fallback, e.g. q4k -> int5-g32); "
-                   "q4k-m/q4k-s/q5k-m/q5k-s (llama.cpp's Q4_K_M/... mixes of those, output layer included); or "
+                   "q4k-m, q4k-s, q5k-m, q5k-s, q3k-s/m/l, q2k-m (llama.cpp's Q4_K_M ... Q2_K mixes of those, output layer "
+                   "included); or "
                    "bf16/fp16. int4/int5/int8/iq4nl in groups of 32 or more and the K-quants export to GGUF exactly "
                    "(Q4_0/Q5_0/Q8_0/IQ4_NL/Q2_K../Q6_K, -asym Q4_1/Q5_1).")
 @click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",

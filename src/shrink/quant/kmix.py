@@ -1,4 +1,4 @@
-"""llama.cpp's K-quant mixes (Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M) as shrink formats per layer.
+"""llama.cpp's K-quant mixes (Q2_K as q2k-m, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M) as shrink formats per layer.
 
 llama-quantize gives most tensors of a Q4_K_M file Q4_K and spends more bits where they pay: Q6_K for the output
 layer (or the embedding table it is tied to), and for the attention values and the MLP's down projections of the
@@ -17,12 +17,23 @@ import torch.nn as nn
 
 from ..core.errors import ShrinkError
 
-# mix -> (the format of most layers, of attention values, of down projections) as functions of (layer, layers)
+# mix -> its base format and, per role (attention values, down projections, attention outputs), the format as a
+# function of the layer's index i among that role's layers, their number n and the model's query heads per kv head
 KMIXES = {
-    "q4k-s": ("q4k", lambda i, n: "q5k" if i < 4 else "q4k", lambda i, n: "q5k" if i < n // 8 else "q4k"),
-    "q4k-m": ("q4k", lambda i, n: "q6k" if more_bits(i, n) else "q4k", lambda i, n: "q6k" if more_bits(i, n) else "q4k"),
-    "q5k-s": ("q5k", lambda i, n: "q5k", lambda i, n: "q5k"),
-    "q5k-m": ("q5k", lambda i, n: "q6k" if more_bits(i, n) else "q5k", lambda i, n: "q6k" if more_bits(i, n) else "q5k"),
+    "q2k-m": ("q2k", {"v_proj": lambda i, n, gqa: "q4k" if gqa >= 4 else "q3k", "down_proj": lambda i, n, gqa: "q3k",
+                      "o_proj": lambda i, n, gqa: "q3k"}),
+    "q3k-s": ("q3k", {}),
+    "q3k-m": ("q3k", {"v_proj": lambda i, n, gqa: "q5k" if i < 2 else "q4k",
+                      "down_proj": lambda i, n, gqa: "q5k" if i < n // 16 else "q4k", "o_proj": lambda i, n, gqa: "q4k"}),
+    "q3k-l": ("q3k", {"v_proj": lambda i, n, gqa: "q5k", "down_proj": lambda i, n, gqa: "q5k",
+                      "o_proj": lambda i, n, gqa: "q5k"}),
+    "q4k-s": ("q4k", {"v_proj": lambda i, n, gqa: "q5k" if i < 4 else "q4k",
+                      "down_proj": lambda i, n, gqa: "q5k" if i < n // 8 else "q4k"}),
+    "q4k-m": ("q4k", {"v_proj": lambda i, n, gqa: "q6k" if more_bits(i, n) else "q4k",
+                      "down_proj": lambda i, n, gqa: "q6k" if more_bits(i, n) else "q4k"}),
+    "q5k-s": ("q5k", {}),
+    "q5k-m": ("q5k", {"v_proj": lambda i, n, gqa: "q6k" if more_bits(i, n) else "q5k",
+                      "down_proj": lambda i, n, gqa: "q6k" if more_bits(i, n) else "q5k"}),
 }
 OUTPUT = "q6k"  # every mix's output layer (and an embedding table tied to it)
 _INDEX = re.compile(r"\.(\d+)\.")
@@ -43,16 +54,19 @@ def kquant_mix(model: nn.Module, name: str, output: str | None, layers: list[str
     or None), with the embedding table: the output's format where the output is tied to it (the output layer
     then follows its table), else the mix's base. Attention values are the layers named `*.v_proj`, down projections `*.down_proj`, numbered by the first
     index in their names."""
-    base, values, downs = KMIXES[name.strip().lower()]
+    base, rules = KMIXES[name.strip().lower()]
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    gqa = heads // (getattr(config, "num_key_value_heads", None) or heads) if heads else 1
+    index = {role: sorted({int(_INDEX.search(n)[1]) for n in layers if n.endswith("." + role) and _INDEX.search(n)})
+             for role in rules}
     out = {}
-    counts = {suffix: sorted({int(_INDEX.search(n)[1]) for n in layers if n.endswith(suffix) and _INDEX.search(n)})
-              for suffix in (".v_proj", ".down_proj")}
     for layer in layers:
         fmt = base
-        for suffix, rule in ((".v_proj", values), (".down_proj", downs)):
-            idx = _INDEX.search(layer)
-            if layer.endswith(suffix) and idx:
-                fmt = rule(counts[suffix].index(int(idx[1])), len(counts[suffix]))
+        role = layer.rpartition(".")[2]
+        idx = _INDEX.search(layer)
+        if role in rules and idx:
+            fmt = rules[role](index[role].index(int(idx[1])), len(index[role]), gqa)
         out[layer] = OUTPUT if layer == output else fmt
     get = getattr(model, "get_input_embeddings", None)
     table = get() if callable(get) else None
