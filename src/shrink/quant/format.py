@@ -251,8 +251,45 @@ def kquant_codes(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, spec:
 
 def kquant_params(wg: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0,
                   name: str = "<weight>") -> KScales:
-    """K-quant scales for weights grouped [out, groups, group]: each group's range as the plain format finds it
-    (`clip` as group_params takes it), then both scale levels quantized (kquant_scales)."""
-    plain = plain_spec(spec)
-    scale, zero = group_params(wg, plain, clip, name)
+    """K-quant scales for weights grouped [out, groups, group]: each group's scale (and offset: scale_offset_search)
+    as the plain format finds it (`clip` as group_params takes it), then both levels quantized (kquant_scales)."""
+    if not spec.symmetric and (not torch.is_tensor(clip) and clip == 1.0):
+        scale, offset = scale_offset_search(wg, spec.bits)
+        return kquant_scales(scale, offset, spec, name)
+    scale, zero = group_params(wg, plain_spec(spec), clip, name)
     return kquant_scales(scale, None if spec.symmetric else zero * scale, spec, name)
+
+
+OFFSET_STEPS = tuple(-0.9 + 0.05 * i for i in range(37))  # llama.cpp's make_qkx3_quants' search for Q4_K/Q5_K
+
+
+def scale_offset_search(wg: torch.Tensor, bits: int, weights: torch.Tensor | None = None):
+    """Float scale s and offset o >= 0 per group of wg [..., group] for weights s*code - o (codes 0..2^bits-1)
+    minimising sum(weights * error^2), as llama.cpp searches a K-quant group: codes from the range [min(w, 0),
+    max(w)] split into 2^bits - 1 + t steps for t in OFFSET_STEPS, then s and o solved by weighted least squares
+    for those codes; the best of them, and of the plain range. weights: [..., group] or broadcastable (default
+    ones). Returns (scale [...], offset [...]), float32."""
+    top = float((1 << bits) - 1)
+    w = torch.ones_like(wg) if weights is None else weights.expand_as(wg)
+    lo = wg.amin(-1).clamp(max=0)
+    span = (wg.amax(-1) - lo).clamp(min=1e-30)
+    best_s, best_o = span / top, -lo
+    x = wg - lo.unsqueeze(-1)
+    best_e = (w * (wg - (torch.round(x / best_s.unsqueeze(-1)).clamp(0, top) * best_s.unsqueeze(-1) + lo.unsqueeze(-1))) ** 2).sum(-1)
+    sw, swx = w.sum(-1), (w * wg).sum(-1)
+    for t in OFFSET_STEPS:
+        q = torch.round(x * ((top + t) / span).unsqueeze(-1)).clamp_(0, top)
+        swq, swqq, swqx = (w * q).sum(-1), (w * q * q).sum(-1), (w * q * wg).sum(-1)
+        det = sw * swqq - swq * swq
+        ok = det > 0
+        safe = torch.where(ok, det, torch.ones_like(det))
+        s = (sw * swqx - swq * swx) / safe
+        m = (swqq * swx - swq * swqx) / safe  # w = s*q + m, with m = -o <= 0
+        pos = m > 0  # an offset below zero is not stored: then the least squares for s alone, m = 0
+        s = torch.where(pos, swqx / swqq.clamp(min=1e-30), s)
+        m = torch.where(pos, torch.zeros_like(m), m)
+        e = (w * (wg - (s.unsqueeze(-1) * q + m.unsqueeze(-1))) ** 2).sum(-1)
+        better = ok & (s > 0) & (e < best_e)
+        best_e = torch.where(better, e, best_e)
+        best_s, best_o = torch.where(better, s, best_s), torch.where(better, -m, best_o)
+    return best_s, best_o

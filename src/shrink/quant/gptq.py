@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import ShrinkError
 from .format import (QuantizedWeight, check_weight, grid_levels, group_params, kquant_scales, levels_of, nearest_level,
-                     plain_spec, rounded, symmetric_zero)
+                     plain_spec, rounded, scale_offset_search, symmetric_zero)
 from .spec import SUPERBLOCK, QuantSpec
 
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 down to 0.6
@@ -208,14 +208,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         return group_params(wg, plain, name=name)
 
     def set_params(ws, first):
-        """Parameters of the groups first .. of the columns ws [n, span] (a K-quant super-block: its groups' ranges,
-        then both scale levels quantized)."""
+        """Parameters of the groups first .. of the columns ws [n, span] (a K-quant super-block: its groups' scales
+        and offsets, then both levels quantized)."""
         per = ws.shape[1] // g
-        for j in range(per):
-            scales[:, first + j], zeros[:, first + j] = params(ws[:, j * g:(j + 1) * g], first + j)
+        if kq and not spec.symmetric:  # scale and offset searched together, each input weighted by H's diagonal
+            s_f, o_f = scale_offset_search(ws.reshape(n, per, g), spec.bits,
+                                           diagonal[first * g:(first + per) * g].float().reshape(per, g))
+            ks = kquant_scales(s_f, o_f, spec, name)
+        else:
+            for j in range(per):
+                scales[:, first + j], zeros[:, first + j] = params(ws[:, j * g:(j + 1) * g], first + j)
         if kq:
             sl = slice(first, first + per)
-            ks = kquant_scales(scales[:, sl], None if spec.symmetric else zeros[:, sl] * scales[:, sl], spec, name)
+            if spec.symmetric:
+                ks = kquant_scales(scales[:, sl], None, spec, name)
             kparts[first // per] = ks
             scales[:, sl], off = ks.effective()
             zeros[:, sl] = float(symmetric_zero(spec.bits)) if off is None else off
