@@ -53,7 +53,7 @@ SHRINK_DEFAULT = ("gptq:int4-g32,gptq:iq4nl-g32,awq+gptq:iq4nl-g32,gptq+qad100:i
 LLAMA_DEFAULT = "Q4_0-noimatrix,Q4_0,Q4_1,IQ4_NL,Q4_K_S,Q4_K_M,Q5_0,Q5_1,Q8_0"
 # GGUF type -> the shrink format that copies into it exactly; GGUF tensor -> the module it comes from
 LIKE = {"Q4_0": "int4-g32", "Q4_1": "int4-g32-asym", "Q5_0": "int5-g32", "Q5_1": "int5-g32-asym", "Q8_0": "int8-g32",
-        "IQ4_NL": "iq4nl-g32", "Q4_K": "q4k", "Q5_K": "q5k", "Q6_K": "q6k"}
+        "IQ4_NL": "iq4nl-g32", "Q2_K": "q2k", "Q3_K": "q3k", "Q4_K": "q4k", "Q5_K": "q5k", "Q6_K": "q6k"}
 MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
            "ffn_down": "mlp.down_proj"}
@@ -104,8 +104,10 @@ def like(path: Path) -> dict:
 
     out = {}
     for t in gguf.GGUFReader(str(path)).tensors:
-        if t.tensor_type.name not in LIKE:
+        if t.tensor_type.name in ("F32", "F16", "BF16"):
             continue
+        if t.tensor_type.name not in LIKE:
+            raise SystemExit(f"{path}: tensor {t.name} is {t.tensor_type.name}, which no shrink format copies into")
         if t.name == "token_embd.weight":
             out["model.embed_tokens"] = LIKE[t.tensor_type.name]
             continue
