@@ -196,7 +196,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 
     # the clipping search reads only each group's [g, g] diagonal block of H: kept apart, so H itself can go
     blocks = None
-    if clip_search:
+    if clip_search and not (kq and not spec.symmetric):  # (a K-quant with a minimum searches its own way)
         blocks = [h[i * g:(i + 1) * g, i * g:(i + 1) * g].float() for i in range(groups)]
         for i, b in enumerate(blocks):
             b.diagonal().copy_(diagonal[i * g:(i + 1) * g])
