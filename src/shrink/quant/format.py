@@ -196,6 +196,23 @@ class KScales:
         parts = [self.d] if self.dmin is None else [self.d, self.dmin]
         return torch.stack(parts, -1).to(torch.float16)
 
+    def weight(self, codes: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+        """The QuantizedWeight of `codes` [out, in] on these scales, as stored."""
+        return QuantizedWeight(
+            codes=codes.to(torch.uint8),
+            scales=self.sc.to(torch.float16),
+            zeros=None if self.m is None else self.m.to(torch.uint8),
+            zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
+            superscales=self.superscales(),
+        )
+
+    @staticmethod
+    def cat(parts: list["KScales"]) -> "KScales":
+        """Super-blocks' scales side by side along the inputs, in order."""
+        def joined(name):
+            return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts], 1)
+        return KScales(joined("d"), joined("dmin"), joined("sc"), joined("m"))
+
 
 def kquant_effective(scales: torch.Tensor, zeros: torch.Tensor | None, superscales: torch.Tensor):
     """The effective per-group scale and offset (None for q6k) of a K-quant layer's stored values."""

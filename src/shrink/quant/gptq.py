@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ShrinkError
-from .format import (QuantizedWeight, check_weight, grid_levels, group_params, kquant_scales, levels_of, nearest_level,
-                     plain_spec, rounded, scale_offset_search, symmetric_zero)
+from .format import (KScales, QuantizedWeight, check_weight, grid_levels, group_params, kquant_scales, levels_of,
+                     nearest_level, plain_spec, rounded, scale_offset_search, symmetric_zero)
 from .spec import SUPERBLOCK, QuantSpec
 
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 down to 0.6
@@ -211,6 +211,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         """Parameters of the groups first .. of the columns ws [n, span] (a K-quant super-block: its groups' scales
         and offsets, then both levels quantized)."""
         per = ws.shape[1] // g
+        sl = slice(first, first + per)
         if kq and not spec.symmetric:  # scale and offset searched together, each input weighted by H's diagonal
             s_f, o_f = scale_offset_search(ws.reshape(n, per, g), spec.bits,
                                            diagonal[first * g:(first + per) * g].float().reshape(per, g))
@@ -218,13 +219,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         else:
             for j in range(per):
                 scales[:, first + j], zeros[:, first + j] = params(ws[:, j * g:(j + 1) * g], first + j)
-        if kq:
-            sl = slice(first, first + per)
-            if spec.symmetric:
-                ks = kquant_scales(scales[:, sl], None, spec, name)
-            kparts[first // per] = ks
-            scales[:, sl], off = ks.effective()
-            zeros[:, sl] = float(symmetric_zero(spec.bits)) if off is None else off
+            if not kq:
+                return
+            ks = kquant_scales(scales[:, sl], None, spec, name)
+        kparts[first // per] = ks
+        scales[:, sl], off = ks.effective()
+        zeros[:, sl] = float(symmetric_zero(spec.bits)) if off is None else off
 
     if act_order:
         # Static groups: computed on the original weights, so groups stay contiguous when stored.
@@ -272,14 +272,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             err1[:, i] = e
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
     if kq:
-        ks = [kparts[b] for b in range(len(kparts))]
-        q = QuantizedWeight(
-            codes=codes.to(torch.uint8),
-            scales=torch.cat([p.sc for p in ks], 1).to(torch.float16),
-            zeros=None if spec.symmetric else torch.cat([p.m for p in ks], 1).to(torch.uint8),
-            zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
-            superscales=torch.cat([p.superscales() for p in ks], 1),
-        )
+        q = KScales.cat([kparts[b] for b in range(len(kparts))]).weight(codes, spec)
     else:
         q = QuantizedWeight(
             codes=codes.to(torch.uint8),

@@ -54,13 +54,7 @@ def kquant_weight(wg: torch.Tensor, ks, spec: QuantSpec) -> QuantizedWeight:
     (format.KScales)."""
     s, o = ks.effective()
     codes = kquant_codes(wg, s.unsqueeze(-1), None if o is None else o.unsqueeze(-1), spec)
-    return QuantizedWeight(
-        codes=codes.reshape(wg.shape[0], -1).to(torch.uint8),
-        scales=ks.sc.to(torch.float16),
-        zeros=None if ks.m is None else ks.m.to(torch.uint8),
-        zero_const=symmetric_zero(spec.bits) if spec.symmetric else 0,
-        superscales=ks.superscales(),
-    )
+    return ks.weight(codes.reshape(wg.shape[0], -1), spec)
 
 
 def round_packed(weight: torch.Tensor, spec: QuantSpec, name: str = "<weight>") -> tuple[torch.Tensor, torch.Tensor] | None:
