@@ -1,6 +1,7 @@
 """Quantization-aware distillation (quant/qad.py): a quantized model's scales and norms trained end to end
 against the original's outputs, the codes fixed, kept only where the held-out KL went down."""
 
+import copy
 import json
 
 import pytest
@@ -103,9 +104,19 @@ def test_the_cli_distills_after_quantizing_and_checks_its_options(tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), "-f", "int4-g32", "--qad", str(tmp_path / "text.txt"),
                                   "--qad-steps", "4", "--samples", "8", "--seq-len", "32", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
-    assert "held-out KL" in r.output and "block by block" not in r.output
+    # a folder with --out: quantized block by block, the original's outputs too, and the folder written trained
+    assert "held-out KL" in r.output and "block by block" in r.output
     qad = json.loads((tmp_path / "q" / "shrink.json").read_text())["calibration"]["qad"]
     assert qad["budget_steps"] == 4 and qad["train_windows"] == 7 and qad["held_out_windows"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "q", "text.txt"]  # (its staging folder: gone)
+    r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), "-f", "int4-g32", "--qad", str(tmp_path / "text.txt"),
+                                  "--qad-steps", "4", "--samples", "8", "--seq-len", "32", "--no-stream",
+                                  "--out", str(tmp_path / "whole")])
+    assert r.exit_code == 0 and "block by block" not in r.output, r.output
+    whole = json.loads((tmp_path / "whole" / "shrink.json").read_text())["calibration"]["qad"]
+    assert (whole["kl_before"], whole["kl_after"]) == (qad["kl_before"], qad["kl_after"])
+    a, b = shrink.load(tmp_path / "q").state_dict(), shrink.load(tmp_path / "whole").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".scales"))
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "q")], terminal_width=200)
     assert f"quantization-aware distillation: 4 steps, held-out KL {qad['kl_before']:.4f}" in r.output
     for args, needle in [(["--qad-steps", "4"], "--qad-steps, --qad-time and --qad-codes-lr set --qad FILE's training"),
@@ -267,3 +278,68 @@ def test_a_tied_quantized_output_layer_is_not_trained_with_its_table():
     r = distill_quantized(model, WINDOWS, targets, steps=20, progress=False, say=lambda s: None)
     assert r.kept and torch.equal(model.model.embed_tokens.scales, table)
     assert model.lm_head.scales.data_ptr() == model.model.embed_tokens.scales.data_ptr()  # still one table
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g32-asym", "iq4nl-g32"])
+def test_training_a_block_at_a_time_computes_the_same_steps_as_the_whole_graph(fmt):
+    """blockwise=True: the levels unpacked from the codes in each forward and every block run again in the
+    backward pass (its forward counted: twice a step), yet the same trained scales and norms, bit for bit."""
+    model = tiny_llama(tie=False)
+    targets = teacher_targets(model, WINDOWS, top_k=32)
+    shrink.quantize(model, fmt, backend="torch", progress=False)
+    whole, blocks = copy.deepcopy(model), copy.deepcopy(model)
+    a = distill_quantized(whole, WINDOWS, targets, steps=6, progress=False, say=lambda s: None, blockwise=False)
+    runs = []
+    blocks.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: runs.append(torch.is_grad_enabled()))
+    b = distill_quantized(blocks, WINDOWS, targets, steps=6, progress=False, say=lambda s: None, blockwise=True)
+    assert a.kept and b.kept and (a.blockwise, b.blockwise) == (False, True)
+    assert (a.kl_before, a.kl_after) == (b.kl_before, b.kl_after)
+    assert runs.count(True) == 2 * 6  # each step: the forward, and again in the backward
+    sa, sb = whole.state_dict(), blocks.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert any(not torch.equal(sa[k], v) for k, v in model.state_dict().items() if k.endswith(".scales"))
+
+
+def test_the_memory_decides_whole_or_a_block_at_a_time_and_refuses_what_fits_neither(monkeypatch):
+    from shrink.core import memory
+    from shrink.quant.qad import qad_memory
+
+    model, targets = _quantized_with_targets()
+    whole = qad_memory(model, 32, blockwise=False)
+    blocks = qad_memory(model, 32, blockwise=True)
+    assert blocks.total < whole.total and "whole" in whole.what and "a block at a time" in blocks.what
+    # the two estimates differ by what a block at a time does not hold: every quantized weight as float levels
+    levels = 4 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    assert whole.phases["a training step"]["the quantized weights as float32 levels"] == levels
+    room = (blocks.total + whole.total) // 2 - blocks.baseline
+    monkeypatch.setattr(memory, "available_memory", lambda: room)
+    said = []
+    r = distill_quantized(model, WINDOWS, targets, steps=2, progress=False, say=said.append)
+    assert r.blockwise and "trains a block at a time: whole, it would need about" in said[0]
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    with pytest.raises(shrink.ShrinkError, match=r"quantization-aware distillation \(a block at a time\): estimated "
+                                                 r"peak memory .* more than the .* available; shorter windows"):
+        distill_quantized(model, WINDOWS, targets, steps=2, progress=False, say=said.append)
+    with pytest.raises(shrink.ShrinkError, match="available; without --qad-codes-lr it trains a block at a time"):
+        distill_quantized(model, WINDOWS, targets, steps=2, progress=False, codes_lr=0.01)
+    monkeypatch.undo()
+    with pytest.raises(shrink.ShrinkError, match="holds them as float levels: it cannot train a block at a time"):
+        distill_quantized(model, WINDOWS, targets, steps=2, progress=False, codes_lr=0.01, blockwise=True)
+
+
+def test_the_original_outputs_streamed_from_disk_are_the_whole_models(tmp_path):
+    """teacher_streamed: the blocks read from the shards one at a time give the targets the model in memory
+    gives (bf16 weights, computed in float32 either way)."""
+    from shrink.entrypoints.streamed import quantize_streamed, teacher_streamed
+
+    tiny_llama(tie=True).to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    streamed = teacher_streamed(tmp_path / "hf", WINDOWS[:3], top_k=16)
+    whole = teacher_targets(shrink.io.read_model(tmp_path / "hf").model, WINDOWS[:3], top_k=16)
+    for (v, i), (w, j) in zip(streamed, whole):
+        assert torch.equal(i, j) and torch.equal(v, w)
+    with pytest.raises(shrink.ShrinkError, match="trains the folder it writes: give an output folder"):
+        quantize_streamed(tmp_path / "hf", None, "int4-g32", method=[QAD(steps=2)], qad_data=WINDOWS, progress=False)
+    with pytest.raises(shrink.ShrinkError, match="needs at least 2 windows of data"):
+        quantize_streamed(tmp_path / "hf", tmp_path / "q", "int4-g32", method=[QAD(steps=2)], qad_data=WINDOWS[:1],
+                          progress=False)
+    assert not (tmp_path / "q").exists()

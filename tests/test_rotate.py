@@ -197,7 +197,7 @@ def test_the_cli_rotates_in_memory_and_says_why_it_does_not_stream(tmp_path):
     assert "rotated before quantizing: residual stream hadamard 64 with random signs" in r.output
     assert "output layer untied from the embedding" not in r.output  # (its output layer was its own)
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "hf"), "--method", "rotate", "--stream"])
-    assert r.exit_code != 0 and "a rotation (--method rotate+...) or --qad needs the whole model in memory" in r.output
+    assert r.exit_code != 0 and "a rotation (--method rotate+...) needs the whole model in memory" in r.output
 
 
 def test_a_rotated_mixture_quantizes_saves_and_loads(tmp_path):

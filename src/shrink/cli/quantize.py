@@ -147,7 +147,10 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
                           true_sequential=true_sequential, refit=refit)
     recipe = _with_qad(recipe, qad_file, qad_steps, qad_time, qad_codes_lr)
     qad_checkpoint = _qad_checkpoint(out, recipe, resume)
-    streamed = _stream_or_not(model, stream, spec, quantize_output, recipe.rotate is not None or recipe.qad is not None)
+    whole = ("a rotation (--method rotate+...) needs the whole model in memory" if recipe.rotate is not None else
+             "--qad without --out trains the model in memory (block by block, it trains the folder written)"
+             if recipe.qad is not None and out is None else None)
+    streamed = _stream_or_not(model, stream, spec, quantize_output, whole)
     with claim(out, "quantize", owned=is_own_folder, force=force) if out is not None else nullcontext():
         t0 = time.perf_counter()
         seconds = {}
@@ -162,7 +165,8 @@ def quantize_command(model, fmt, layers, method, calibration, samples, seq_len, 
             loaded = quantize_streamed(model, out, spec, method=recipe, keep_output=not quantize_output, force=force,
                                        all_experts=all_experts,
                                        results=results, calibration=calibration, n_samples=samples, seq_len=seq_len,
-                                       say=console.print)
+                                       say=console.print, qad_data=qad_file, qad_checkpoint=qad_checkpoint,
+                                       qad_resume=resume)
             seconds["quantize"] = time.perf_counter() - t0
         else:
             with console.status("loading model"):
@@ -227,10 +231,10 @@ def _qad_checkpoint(out: Path | None, recipe, resume: bool) -> Path | None:
     return folder
 
 
-def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool, whole: bool = False) -> bool:
+def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool, whole: str | None = None) -> bool:
     """Whether to quantize block by block from disk: asked (--stream: refused with the reason when the
     folder or options do not allow it), refused (--no-stream), or by default whenever they allow it.
-    whole: the recipe needs the whole model in memory (a rotation, QAD)."""
+    whole: why the job needs the whole model in memory (default None: it does not)."""
     if stream is False:
         return False
     from ..entrypoints.streamed import why_not_streamed
@@ -238,7 +242,7 @@ def _stream_or_not(model: str, stream: bool | None, spec, quantize_output: bool,
     why = why_not_streamed(model, spec, keep_output=not quantize_output) if model != "default" else \
         "the built-in model is a GGUF file"
     if why is None and whole:
-        why = "a rotation (--method rotate+...) or --qad needs the whole model in memory"
+        why = whole
     if why is not None and stream:
         raise ShrinkError(f"--stream: cannot quantize {model} block by block: {why}")
     return why is None

@@ -12,6 +12,11 @@ one output shard, never the whole model.
 
 The forward check follows one sample input through both the original and the quantized blocks, and
 compares the last block's outputs (the output layer is not run, so as not to hold it in float32).
+
+With quantization-aware distillation (a QAD step in the recipe), the original's outputs on the QAD text are
+computed first, a block at a time from the shards (`teacher_streamed`); the quantized model is written to
+a temporary folder beside the output, read back (packed, it is a fraction of the original), trained (a
+block at a time where whole it would not fit: quant/qad.py) and written to the output.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -119,8 +124,6 @@ def why_not_streamed(folder, spec=None, *, target_bits: float | None = None, kee
     if job is not None and job.recipe.rotate is not None:
         return ("a rotation folds into the embedding, every block and the output layer at once: it needs the "
                 "whole model in memory")
-    if job is not None and job.recipe.qad is not None:
-        return "quantization-aware distillation trains the whole model at once: it needs it in memory"
     if job is not None:
         prefix = stacks[0][0] + "."
         head = output_layer_name(model)
@@ -175,7 +178,8 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
                       n_samples: int = 128, seq_len: int = 512, damp: float = 0.01, act_order: bool = True,
                       tune_steps: int = 0, keep_output: bool = True, backend: str | None = None,
                       progress: bool | None = None, force: bool = False, results=None,
-                      shard_bytes: int = SHARD_BYTES, say=print, all_experts: bool = False) -> Streamed:
+                      shard_bytes: int = SHARD_BYTES, say=print, all_experts: bool = False, qad_data=None,
+                      qad_checkpoint: Path | None = None, qad_resume: bool = False) -> Streamed:
     """Quantize the Hugging Face causal LM in `folder` block by block from its safetensors weights, and write
     it to `out` (a shrink folder, sharded past `shard_bytes`, default 2 GB; None: nothing is written).
 
@@ -183,7 +187,9 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
     progress, all_experts: as `shrink.quantize` takes them (defaults int4-g64, rtn, no data, 128 x 512, 0.01,
     on, 0, True, auto, auto, False). force: replace a folder shrink wrote at `out` (default False). results: a function of the
     quantized skeleton and the MemoryEstimate returning the dict written as results.json (default none). say: where the memory
-    estimate line goes (default print); the estimate is in `Streamed.estimate` too. ShrinkError when the
+    estimate line goes (default print); the estimate is in `Streamed.estimate` too. qad_data,
+    qad_checkpoint, qad_resume: a QAD step's text (default: the calibration text), its checkpoint folder and
+    whether to resume from it, as `shrink.quantize` takes them; QAD needs `out`. ShrinkError when the
     folder cannot be streamed (`why_not_streamed` says why), naming the file and tensor on bad input.
     """
     folder = Path(folder)
@@ -206,16 +212,50 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
     source = {"kind": "huggingface", "path": str(folder), "streamed": True}
     (prefix, blocks), = find_stacks(model)
     head = output_layer_name(model)
-    data = None
-    if job.needs_data:
-        from ..quant.calibration import prepare
+    data = qad = None
+    from ..quant.calibration import prepare
 
+    if job.needs_data:
         data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
-    windows = data.samples if data is not None else []
-    estimate = estimate_memory(model, checkpoint, job, prefix, sum(int(w.numel()) for w in windows),
+    if job.recipe.qad is not None:  # its data checked before any work
+        from ..quant.qad import check_windows
+
+        if out is None:
+            raise ShrinkError("quantization-aware distillation of a model quantized block by block trains the "
+                              "folder it writes: give an output folder")
+        if qad_data is None and calibration is None:
+            raise ShrinkError("QAD needs data: pass qad_data= (or calibration=) text or token windows")
+        qad = prepare(qad_data if qad_data is not None else calibration, tokenizer=tokenizer, model=model,
+                      n_samples=n_samples, seq_len=seq_len)
+        check_windows(qad.samples)
+        if qad_resume and not (Path(qad_checkpoint or "") / "state.pt").is_file():
+            raise ShrinkError(f"{qad_checkpoint}: nothing to resume; run without --resume to start afresh")
+    windows = (data.samples if data is not None else []) + (qad.samples if qad is not None else [])
+    tokens = max(sum(int(w.numel()) for w in part.samples) if part is not None else 0 for part in (data, qad))
+    estimate = estimate_memory(model, checkpoint, job, prefix, tokens,
                                max((int(w.shape[-1]) for w in windows), default=0), head)
-    estimate.refuse_unless_fits("--samples and --seq-len lower the calibration's share" if job.needs_data else "")
+    estimate.refuse_unless_fits("--samples and --seq-len lower the calibration's share" if windows else "")
     say(estimate.line())
+    if qad is not None:
+        targets = teacher_streamed(folder, qad.samples, job.recipe.qad.top_k, progress=progress)
+        import tempfile
+
+        from ..core.ownership import remove_own
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.quantized-", dir=Path(out).parent))
+        try:
+            streamed = quantize_streamed(folder, staging / "model", spec, method=replace(job.recipe, qad=None),
+                                         calibration=calibration, n_samples=n_samples, seq_len=seq_len, damp=damp,
+                                         act_order=act_order, tune_steps=tune_steps, keep_output=keep_output,
+                                         backend=backend, progress=progress, shard_bytes=shard_bytes,
+                                         say=lambda _line: None, all_experts=all_experts)
+            return _distill_written(staging / "model", out, qad, targets, job, streamed, estimate,
+                                    results=results, force=force, shard_bytes=shard_bytes, progress=progress,
+                                    say=say, checkpoint=qad_checkpoint, resume=qad_resume)
+        finally:
+            if (staging / "model").exists():
+                remove_own(staging / "model")
+            staging.rmdir()
     mixed = None
     if job.target_bits is not None:  # a first walk over the blocks measures each layer's sensitivity
         ladder = tuple(job.ladder or DEFAULT_LADDER)
@@ -264,6 +304,57 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
             finish_folder(model, tmp, writer, manifest, tokenizer=tokenizer,
                           results=results(model, estimate) if results is not None else None)
     return Streamed(model, tokenizer, source, estimate)
+
+
+def _distill_written(written: Path, out: Path, qad, targets, job, streamed: Streamed, estimate, *, results,
+                     force: bool, shard_bytes: int, progress, say, checkpoint, resume) -> Streamed:
+    """QAD of the quantized model in `written` (read back whole: packed, it is a fraction of the original)
+    against the original's `targets` on `qad`'s windows, then the model written to `out`, its record saying
+    what QAD did."""
+    from ..io import read_model, save
+    from ..quant.qad import distill_quantized, qad_record
+    from ..quant.record import record_of
+
+    loaded = read_model(written)
+    model = loaded.model
+    q = job.recipe.qad
+    result = distill_quantized(model, qad.samples, targets, steps=q.steps, seconds=q.seconds, lr=q.lr,
+                               progress=progress, say=say, checkpoint=checkpoint, resume=resume, codes_lr=q.codes_lr)
+    record = record_of(model).calibration or job.calibration_record(qad.record)
+    record["qad"] = qad_record(result, qad.record, q)
+    update_record(model, calibration=record)
+    source = streamed.source
+    save(model, out, tokenizer=loaded.tokenizer, source=source, force=force, shard_bytes=shard_bytes,
+         results=results(model, estimate) if results is not None else None)
+    return Streamed(model, loaded.tokenizer, source, estimate)
+
+
+def teacher_streamed(folder, windows: list[torch.Tensor], top_k: int = 64, progress: bool | None = None) -> list:
+    """`quant.qad.teacher_targets` of the Hugging Face causal LM in `folder` on token `windows` (the top-k
+    next-token log-probabilities and ids, default k 64), its blocks read from the safetensors weights one at
+    a time in float32, all windows through each, then the final norm and the output layer per window: the
+    original's outputs for a model that does not fit in memory."""
+    from ..quant.calibrated import outputs_by_block
+    from ..quant.qad import top_tokens
+
+    folder = Path(folder)
+    model, why = _skeleton(folder)
+    if why:
+        raise ShrinkError(f"cannot stream {folder}: {why}")
+    checkpoint = _checkpoint(folder, model)
+    _refuse_incomplete(folder, model, checkpoint)
+    unfuse_experts(model)
+    (prefix, _), = find_stacks(model)
+    head = output_layer_name(model)
+    walk = _Walk(checkpoint, model, prefix, head, {}, "", checkpoint_names(model.config.model_type))
+    walk.load_rest()
+    set_submodule(model, head, walk.head_linear())
+    try:
+        return outputs_by_block(model, [w.reshape(1, -1) for w in windows], lambda out: top_tokens(out[0], top_k),
+                                around=_Reading(walk), progress=progress, desc="teacher")
+    finally:
+        release(model)
+        release_freed_memory()
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))

@@ -336,15 +336,14 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
                 set_submodule(model, name, round_to_nearest(modules[name], fmt, name, backend))
         _tie_quantized_embedding(model, assignment, spec, backend)
         if qad is not None:
-            from .qad import distill_quantized
+            from .qad import distill_quantized, qad_record
 
             q = recipe.qad
             result = distill_quantized(model, qad.samples, qad_targets, steps=q.steps, seconds=q.seconds, lr=q.lr,
                                        progress=progress, checkpoint=qad_checkpoint, resume=qad_resume,
                                        codes_lr=q.codes_lr)
             record = record or job.calibration_record(qad.record)  # (round to nearest: the data is QAD's)
-            record["qad"] = {**result.to_dict(), "data": qad.record, "lr": q.lr, "budget_steps": q.steps,
-                             "budget_seconds": q.seconds, "codes_lr": q.codes_lr}
+            record["qad"] = qad_record(result, qad.record, q)
         previous = record_of(model).formats
         update_record(model, method=method,
                       formats={**previous, **{n: (s.name if s else previous.get(n)) for n, s in assignment.items()}},

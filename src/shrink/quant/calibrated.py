@@ -173,6 +173,32 @@ def _after_blocks(model: nn.Module, prefix: str, hidden: torch.Tensor, x: torch.
         set_submodule(model, table_name, table)
 
 
+def outputs_by_block(model: nn.Module, samples: list[torch.Tensor], keep=lambda out: out, *, around=None,
+                     progress: bool | None = None, desc: str = "forward") -> list:
+    """`keep` of the model's main output (float32, as `_output` gives it) on each sample, computed a block at a
+    time: every sample's hidden states through one block before the next (one stack of blocks), then the
+    final norm and output layer per sample; around (`layerwise.BlockHooks`) gives each block its weights and
+    takes them back, so the blocks may be on disk (default None: in memory). keep: what is kept of each
+    output (default all of it; a window's logits are vocabulary x tokens floats)."""
+    (prefix, blocks), = find_stacks(model)
+    as_tuple = []
+    seen = blocks[0].register_forward_hook(lambda _m, _a, out: as_tuple.append(isinstance(out, (tuple, list))))
+    with torch.no_grad():
+        inputs = capture_inputs(model, blocks[0], samples)
+        try:
+            for i, block in enumerate(tqdm(blocks, desc=desc, unit="block",
+                                           disable=None if progress is None else not progress)):
+                if around is not None:
+                    around.enter(f"{prefix}.{i}", block)
+                inputs = run_block(block, inputs)
+                if around is not None:
+                    around.leave(f"{prefix}.{i}", block)
+        finally:
+            seen.remove()
+        return [keep(_after_blocks(model, prefix, a[0] if a else k["hidden_states"], x, as_tuple[0]))
+                for (a, k), x in zip(inputs, samples)]
+
+
 def _sensitivity_by_block(model, stack, probe, names, specs, progress, around):
     prefix, blocks = stack
     errors: dict[str, dict[str, float]] = {n: {} for n in names}

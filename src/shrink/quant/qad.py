@@ -11,6 +11,12 @@ KL before and after is measured, and the result is kept only if it went down. Wi
 trained changes and the optimizer's state are written there every minute and when interrupted; a resumed
 run continues from them exactly (the same steps, the same scales), once it has checked the checkpoint was
 made for the same quantized model, data and settings.
+
+Memory: trained as a whole, the graph of one window holds every layer's weights in float32 (and the codes
+as float levels). When that does not fit (or asked, `blockwise=True`), training goes a block at a time:
+each layer's levels are unpacked from its codes while it computes, and each decoder block keeps only its
+input in the forward pass and runs again in the backward (activation checkpointing), so the peak is the
+packed model, one block in float32 and the blocks' inputs. The steps compute the same numbers either way.
 """
 
 from __future__ import annotations
@@ -18,15 +24,20 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute
 from tqdm.auto import tqdm
 
+from ..core.architecture import find_stacks
 from ..core.atomic import atomic_dir
 from ..core.errors import ShrinkError
+from ..core.memory import MemoryEstimate, resident_memory
+from .linear import QuantLinear
 from .tune import Trainable
 
 DEFAULT_TOP_K = 64
@@ -48,6 +59,7 @@ class QADResult:
     held_out_windows: int
     top_k: int
     resumed_from: int | None = None
+    blockwise: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,19 +68,37 @@ class QADResult:
 def teacher_targets(model: torch.nn.Module, windows: list[torch.Tensor], top_k: int = DEFAULT_TOP_K) -> list:
     """The model's top-k next-token log-probabilities and their token ids for each window, as (values [T, k],
     ids [T, k]): the teacher's outputs, taken before the model is quantized (it is quantized in place)."""
-    out = []
     with torch.no_grad():
-        for w in windows:
-            logp = F.log_softmax(model(w.reshape(1, -1)).logits[0, :-1].float(), -1)
-            values, ids = logp.topk(min(top_k, logp.shape[-1]), -1)
-            out.append((values, ids))
-    return out
+        return [top_tokens(model(w.reshape(1, -1), use_cache=False).logits[0], top_k) for w in windows]
+
+
+def check_windows(windows: list) -> None:
+    """ShrinkError unless `windows` are token windows, at least 2 (one to train on, one held out)."""
+    if not all(isinstance(w, torch.Tensor) and not w.is_floating_point() for w in windows):
+        raise ShrinkError("quantization-aware distillation takes token windows of a causal language model")
+    if len(windows) < 2:
+        raise ShrinkError(f"quantization-aware distillation needs at least 2 windows of data (one to train on, one "
+                          f"held out), got {len(windows)}: give more text, or shorter windows")
+
+
+def qad_record(result: QADResult, data: dict, qad) -> dict:
+    """What shrink.json's calibration["qad"] says of a QAD step: its result, its data and its settings."""
+    return {**result.to_dict(), "data": data, "lr": qad.lr, "budget_steps": qad.steps,
+            "budget_seconds": qad.seconds, "codes_lr": qad.codes_lr}
+
+
+def top_tokens(logits: torch.Tensor, top_k: int = DEFAULT_TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """A window's targets from its logits [T, vocab]: the top-k log-probabilities of each position but the
+    last (which predicts past the window) and their token ids."""
+    logp = F.log_softmax(logits[:-1].float(), -1)
+    return logp.topk(min(top_k, logp.shape[-1]), -1)
 
 
 def _kl(model: torch.nn.Module, window: torch.Tensor, target) -> torch.Tensor:
     """Mean KL(teacher || student) per position over the teacher's top k tokens (both renormalised there)."""
     values, ids = target
-    student = F.log_softmax(model(window.reshape(1, -1)).logits[0, :-1].float(), -1).gather(-1, ids)
+    logits = model(window.reshape(1, -1), use_cache=False).logits[0, :-1]
+    student = F.log_softmax(logits.float(), -1).gather(-1, ids)
     teacher = values.log_softmax(-1)
     return (teacher.exp() * (teacher - student.log_softmax(-1))).sum(-1).mean()
 
@@ -76,7 +106,8 @@ def _kl(model: torch.nn.Module, window: torch.Tensor, target) -> torch.Tensor:
 def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targets: list, *, steps: int = 0,
                       seconds: float | None = None, lr: float = 1e-3, norm_lr: float = 1e-4,
                       progress: bool | None = None, say=print, checkpoint: str | Path | None = None,
-                      resume: bool = False, every: float = CHECKPOINT_EVERY, codes_lr: float = 0.0) -> QADResult:
+                      resume: bool = False, every: float = CHECKPOINT_EVERY, codes_lr: float = 0.0,
+                      blockwise: bool | None = None) -> QADResult:
     """Train `model`'s quantized layers' scales and its norms' weights (codes fixed) so its next-token
     distributions on `windows` approach `targets` (`teacher_targets` of the original on the same windows).
 
@@ -86,22 +117,24 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
     norms' relative changes (defaults 1e-3, 1e-4); codes_lr: above 0, the codes train too, by a
     straight-through estimator (tune._Tunable), at this rate in code steps (default 0: fixed). checkpoint: a folder the training state is written to
     every `every` seconds (default 60) and on an interruption (default None: none); resume: continue from it
-    (the budget counts the steps and seconds already spent). ShrinkError before any training for fewer than
-    two windows, no budget, a budget of seconds below one step's estimated time, or a checkpoint to resume
-    that is missing, damaged or made for another model, data or settings.
+    (the budget counts the steps and seconds already spent). blockwise: train a block at a time (True), the
+    whole graph at once (False), or the latter when `qad_memory` says it fits and the former otherwise
+    (default None; said when chosen); the codes cannot train a block at a time. ShrinkError before any
+    training for fewer than two windows, no budget, a budget of seconds below one step's estimated time, a
+    step that does not fit in the memory available either way, or a checkpoint to resume that is missing,
+    damaged or made for another model, data or settings.
     """
-    if not all(isinstance(w, torch.Tensor) and not w.is_floating_point() for w in windows):
-        raise ShrinkError("quantization-aware distillation takes token windows of a causal language model")
-    if len(windows) < 2 or len(windows) != len(targets):
-        raise ShrinkError(f"quantization-aware distillation needs at least 2 windows of data (one to train on, one "
-                          f"held out), got {len(windows)}: give more text, or shorter windows")
+    check_windows(windows)
+    if len(windows) != len(targets):
+        raise ShrinkError(f"quantization-aware distillation: {len(windows)} windows but {len(targets)} targets")
     if not steps and not seconds:
         raise ShrinkError("quantization-aware distillation needs a budget: steps or seconds")
     held = max(1, len(windows) // 8)
     train, test = list(zip(windows, targets))[:-held], list(zip(windows, targets))[-held:]
-    trainable = Trainable(model, codes=codes_lr > 0)
-    if not trainable.quant:
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ShrinkError("quantization-aware distillation trains quantized layers' scales: the model has none")
+    blockwise = _choose(model, max(int(w.numel()) for w in windows), codes_lr > 0, blockwise, say)
+    trainable = Trainable(model, codes=codes_lr > 0, lazy=blockwise)
 
     def held_out() -> float:
         with torch.no_grad():
@@ -133,7 +166,7 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
     def save() -> None:
         _save(folder, params, opt, done, time.perf_counter() - start, before, fingerprint)
 
-    with trainable, torch.enable_grad():
+    with _recomputed(model, blockwise), trainable, torch.enable_grad():  # (the blocks found before the swap)
         try:
             while (not steps or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
                 window, target = train[done % len(train)]
@@ -168,7 +201,95 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
     else:
         say(f"quantization-aware distillation: held-out KL {before:.4f} -> {after:.4f} in {done} steps ({spent:.0f} s)")
     return QADResult(done, spent, before, after if kept else before, kept, len(train), len(test),
-                     int(targets[0][1].shape[-1]), resumed)
+                     int(targets[0][1].shape[-1]), resumed, blockwise)
+
+
+@contextmanager
+def _recomputed(model: torch.nn.Module, on: bool):
+    """While in it, with `on`: each block of the model's stacks keeps only its inputs for the backward pass
+    and runs again there (activation checkpointing; the random state is restored for the rerun)."""
+    blocks = _blocks(model) if on else []
+    for b in blocks:
+        def forward(*args, _run=b.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _run(*args, **kwargs)
+            return recompute(_run, *args, use_reentrant=False, **kwargs)
+        b.forward = forward  # an instance attribute over the class's method, removed after
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.forward
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of the model's stacks, their layers quantized or not."""
+    return [b for _, stack in find_stacks(model, layers=(torch.nn.Linear, QuantLinear)) for b in stack]
+
+
+def qad_memory(model: torch.nn.Module, length: int, *, blockwise: bool, codes: bool = False) -> MemoryEstimate:
+    """The peak memory one QAD step adds to what the process holds, from the model's shapes: the trained
+    parameters with their gradients and Adam's moments; whole (blockwise False), every quantized weight as
+    float32 levels (and trained codes' gradients and moments) and the graph of a window of `length` tokens
+    through every block; a block at a time, each block's input and one block's float32 weights and graph;
+    and the logits of the window either way."""
+    config = getattr(model, "config", None)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.__dict__.get("shares_buffers")]
+    trained = sum(int(m.scales.numel() if m.superscales is None else m.superscales.numel()) for m in quant)
+    stacks = _blocks(model)
+
+    def graph(block) -> int:  # a block's saved activations for one window (a rough upper bound, float32)
+        linears = [m for m in block.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+        widths = sum(m.out_features for m in linears) + sum(m.in_features for m in linears)
+        return 4 * length * (widths + 4 * hidden) + 4 * 3 * heads * length * length
+
+    def weights(mods) -> int:
+        return sum(m.in_features * m.out_features for m in mods)
+
+    parts = {"trained parameters, gradients and Adam's moments": 4 * 4 * trained,
+             "logits and their gradient": 4 * 4 * length * vocab}
+    if blockwise:
+        largest = max(stacks, key=lambda b: weights(m for m in b.modules() if isinstance(m, QuantLinear)),
+                      default=None)
+        parts["each block's input"] = 4 * length * hidden * len(stacks)
+        if largest is not None:
+            n = weights(m for m in largest.modules() if isinstance(m, QuantLinear))
+            parts["one block in float32, its graph"] = 3 * 4 * n + graph(largest)
+    else:
+        n = weights(quant)
+        parts["the quantized weights as float32 levels"] = 4 * n * (4 if codes else 1)
+        parts["every block's graph, its weights in float32"] = 4 * n + sum(graph(b) for b in stacks)
+    how = "a block at a time" if blockwise else "whole"
+    return MemoryEstimate(f"quantization-aware distillation ({how})", resident_memory(), {"a training step": parts})
+
+
+def _choose(model: torch.nn.Module, length: int, codes: bool, blockwise: bool | None, say) -> bool:
+    """Whether to train a block at a time: as asked, else whole when that fits. ShrinkError when the step
+    does not fit either way (or a block at a time with the codes trained)."""
+    if blockwise and not _blocks(model):
+        raise ShrinkError(f"{type(model).__name__} has no stack of blocks: quantization-aware distillation cannot "
+                          "train it a block at a time")
+    if blockwise and codes:
+        raise ShrinkError("quantization-aware distillation of the codes holds them as float levels: it cannot train "
+                          "a block at a time (leave out --qad-codes-lr)")
+    if blockwise is None:
+        whole = qad_memory(model, length, blockwise=False, codes=codes)
+        try:
+            whole.refuse_unless_fits()
+            return False
+        except ShrinkError:
+            if codes or not _blocks(model):
+                raise ShrinkError(f"{whole.what}: estimated peak memory {whole.total / 1e9:.1f} GB, more than "
+                                  "available" + ("; without --qad-codes-lr it trains a block at a time in less" if codes else "")) from None
+        blockwise = True
+        say(f"quantization-aware distillation trains a block at a time: whole, it would need about "
+            f"{whole.total / 1e9:.1f} GB")
+    qad_memory(model, length, blockwise=blockwise, codes=codes).refuse_unless_fits(
+        "shorter windows (--seq-len) lower it" if blockwise else "")
+    return bool(blockwise)
 
 
 def _fingerprint(trainable: Trainable, windows: list, targets: list, lr: float, norm_lr: float,

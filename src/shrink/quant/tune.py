@@ -39,35 +39,52 @@ class _Tunable(nn.Module):
     straight-through gradient (round-STE), so that training can move a weight to a neighbouring code. Levels
     are held in units of the grid's mean step (1 for integer formats), so one learning rate suits every
     format. In a K-quant format the integer group scales (and minimums) stay and each super-block's fp16 d
-    (and dmin) moves: `scales()` then are the superscales."""
+    (and dmin) moves: `scales()` then are the superscales. With `lazy` (codes fixed), nothing of the weight's
+    size is held: the levels are unpacked from the layer's codes in every forward (a float32 matrix only
+    while the layer computes), which is what lets a model train a block at a time."""
 
-    def __init__(self, q: QuantLinear, codes: bool = False):
+    def __init__(self, q: QuantLinear, codes: bool = False, lazy: bool = False):
         super().__init__()
+        if codes and lazy:
+            raise ValueError("trained codes are held as float levels: they cannot be unpacked lazily")
         self.kquant = q.superscales is not None
+        self.__dict__["source"] = q  # (not a submodule: the layer stays where it is in the model)
+        self.lazy = lazy
         s = (q.superscales if self.kquant else q.scales).to(torch.float32)
-        g = q.in_features // q.scales.shape[1]
-        stored = unpack(q.qweight, q.spec.bits, q.in_features).to(torch.float32)
-        if self.kquant:  # the levels are the codes (minus 32 for q6k); the integer scales and minimums are fixed
-            zero = float(q.zero_const)
-            self.register_buffer("sc", q.scales.to(torch.float32).repeat_interleave(g, 1))
-            self.register_buffer("mins", None if q.zeros is None else q.zeros.to(torch.float32).repeat_interleave(g, 1))
-            g = SUPERBLOCK
-        else:
-            zero = q.zeros.to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
         grid = grid_levels(q.spec)
         self.unit = 1.0 if grid is None else float(grid[-1] - grid[0]) / (len(grid) - 1)
         self.grid = None if grid is None else grid / self.unit
+        self.g = SUPERBLOCK if self.kquant else q.in_features // q.scales.shape[1]
+        self.register_buffer("s0", s)
+        self.d = nn.Parameter(torch.zeros_like(s))
+        self.bias = q.bias
+        if lazy:
+            return
+        levels, sc, mins, zero = self._expanded()
+        self.register_buffer("sc", sc)
+        self.register_buffer("mins", mins)
+        self.zero = zero
         self.lo, self.hi = -zero, float((1 << q.spec.bits) - 1) - zero  # integer levels' range (per group: -asym)
-        levels = levels_of(stored, zero, grid) / self.unit  # what the scales multiply, in grid units
         if codes:
             self.latent = nn.Parameter(levels)
         else:
             self.register_buffer("levels", levels)
-        self.register_buffer("s0", s)
-        self.d = nn.Parameter(torch.zeros_like(s))
-        self.bias = q.bias
-        self.g = g
-        self.zero = zero
+
+    def _expanded(self):
+        """From the layer's codes, one value per weight: the levels the scales multiply (in grid units), and
+        for a K-quant the integer group scales and minimums (None otherwise); and the zero point (a number,
+        or per weight for asymmetric groups)."""
+        q = self.__dict__["source"]
+        g = q.in_features // q.scales.shape[1]
+        stored = unpack(q.qweight, q.spec.bits, q.in_features).to(torch.float32)
+        sc = mins = None
+        if self.kquant:  # the levels are the codes (minus 32 for q6k); the integer scales and minimums are fixed
+            zero = float(q.zero_const)
+            sc = q.scales.to(torch.float32).repeat_interleave(g, 1)
+            mins = None if q.zeros is None else q.zeros.to(torch.float32).repeat_interleave(g, 1)
+        else:
+            zero = q.zeros.to(torch.float32).repeat_interleave(g, 1) if q.zeros is not None else float(q.zero_const)
+        return levels_of(stored, zero, grid_levels(q.spec)) / self.unit, sc, mins, zero
 
     def scales(self) -> torch.Tensor:
         return self.s0 * (1 + self.d)
@@ -92,12 +109,16 @@ class _Tunable(nn.Module):
 
     def forward(self, x):
         s = self.scales()
-        if self.kquant:  # d * sc * level - dmin * m, as format.dequantize computes it
-            w = self.snapped() * (self.sc * s[..., 0].repeat_interleave(self.g, 1))
-            if self.mins is not None:
-                w = w - self.mins * s[..., 1].repeat_interleave(self.g, 1)
+        if self.lazy:
+            levels, sc, mins, _ = self._expanded()
         else:
-            w = self.snapped() * (s * self.unit).repeat_interleave(self.g, 1)
+            levels, sc, mins = self.snapped(), self.sc, self.mins
+        if self.kquant:  # d * sc * level - dmin * m, as format.dequantize computes it
+            w = levels * (sc * s[..., 0].repeat_interleave(self.g, 1))
+            if mins is not None:
+                w = w - mins * s[..., 1].repeat_interleave(self.g, 1)
+        else:
+            w = levels * (s * self.unit).repeat_interleave(self.g, 1)
         return F.linear(x, w, self.bias)
 
     def stored(self, q: QuantLinear) -> torch.Tensor:
@@ -115,15 +136,16 @@ class Trainable:
     """While in its `with`: `module`'s QuantLinear layers compute from their codes and relative scales
     (`_Tunable`), its norms' weights from relative changes, all of them `params` (scales, norm weights) to
     train; `weights()` sets the norms' weights before each forward. After it, the layers are back; `keep()`
-    writes the trained scales (fp16) and norm weights into them and returns what `undo(saved)` restores."""
+    writes the trained scales (fp16) and norm weights into them and returns what `undo(saved)` restores.
+    lazy: each layer's levels are unpacked from its codes in every forward (`_Tunable`), not held."""
 
-    def __init__(self, module: nn.Module, codes: bool = False):
+    def __init__(self, module: nn.Module, codes: bool = False, lazy: bool = False):
         self.module = module
         # a tied output layer's codes and scales are also its table's: it stays as it is (training them for the
         # products alone would change every lookup of the table untrained)
         self.quant = {n: m for n, m in module.named_modules()
                       if isinstance(m, QuantLinear) and not m.__dict__.get("shares_buffers")}
-        self.tunables = {n: _Tunable(m, codes) for n, m in self.quant.items()}
+        self.tunables = {n: _Tunable(m, codes, lazy) for n, m in self.quant.items()}
         self.codes = codes
         self.norms = _norms(module)
         self.norm0 = [m.weight for m in self.norms]  # the Parameters themselves, put back at the end
