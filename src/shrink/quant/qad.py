@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..core.architecture import find_stacks
 from ..core.atomic import atomic_dir
 from ..core.errors import ShrinkError
-from ..core.memory import MemoryEstimate, resident_memory
+from ..core.memory import MemoryEstimate, release_freed_memory, resident_memory
 from .linear import QuantLinear
 from .tune import Trainable
 
@@ -178,6 +178,7 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
                 loss.backward()
                 opt.step()
                 done += 1
+                release_freed_memory()  # (else the allocator's heap grows step by step: freed, not returned)
                 bar.update()
                 bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
                 if folder is not None and time.perf_counter() - saved_at >= every:
@@ -250,7 +251,7 @@ def qad_memory(model: torch.nn.Module, length: int, *, blockwise: bool, codes: b
         return sum(m.in_features * m.out_features for m in mods)
 
     parts = {"trained parameters, gradients and Adam's moments": 4 * 4 * trained,
-             "logits and their gradient": 4 * 4 * length * vocab}
+             "logits, log-probabilities and their gradients": 6 * 4 * length * vocab}  # (measured: 6 copies)
     if blockwise:
         largest = max(stacks, key=lambda b: weights(m for m in b.modules() if isinstance(m, QuantLinear)),
                       default=None)

@@ -165,6 +165,10 @@ class Trainable:
             setattr(self.module.get_submodule(parent) if parent else self.module, leaf, m)
 
     def __enter__(self) -> "Trainable":
+        # what does not train takes no gradient (an embedding's would cost its size and a product per step)
+        self.frozen = [p for p in self.module.parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
         self._swap(self.tunables)
         for m in self.norms:
             del m.weight  # replaced by w0 * (1 + d) at each step (`weights`)
@@ -181,6 +185,8 @@ class Trainable:
                 m.__dict__.pop("weight", None)  # the plain tensor of the last step, if any
                 m.weight = w0
         self._swap(self.quant)
+        for p in self.frozen:
+            p.requires_grad_(True)
         return False
 
     def keep(self):
