@@ -61,7 +61,9 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
 @click.option("--qad", "qad_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Quantization-aware distillation after the method: train the quantized model's scales and norms "
                    "(codes fixed) end to end against the original's outputs on this text (.txt or .jsonl, windows as "
-                   "--samples/--seq-len), an eighth held out; kept only if its KL went down.")
+                   "--samples/--seq-len), an eighth held out; kept only if its KL went down. Trained a block at "
+                   "a time where the whole graph would not fit; a folder with --out streams (the original's "
+                   "outputs read from its shards, the folder written then trained).")
 @click.option("--qad-steps", default=0, show_default=True, type=Number(0, 10**7, integer=True),
               help="QAD: training steps, one window each (with neither this nor --qad-time: 100).")
 @click.option("--qad-time", default=None, metavar="DURATION",
