@@ -11,11 +11,14 @@ other, a peer right after shrink's job on the same weights):
   bf16 GGUF file (where `../shared/tools/build-llama-cpp.sh` built it; Llama shapes);
 - `gptq`: `--method gptq` on 16 windows of 256 tokens (time per block; the Hessians' and forward passes'
   share grows with the tokens, the solve does not);
+- `qad`: round to nearest and 2 steps of quantization-aware distillation on 8 windows of 256 tokens (one held
+  out), streamed (`--stream`: the original's outputs computed from the shards a block at a time, the packed
+  output read back and trained) and then loaded whole (`--no-stream`), for the peak of each;
 - `load`: `shrink.load` of the RTN output and one forward step of 4 tokens;
 - `export`: `shrink export` of the RTN output to a GGUF file (Q4_0, read a module at a time).
 A job shrink refuses up front (it would not fit in memory) is reported as refused with its one line.
 
-    .venv/bin/python benchmarks/scale.py [--shapes 1b,8b] [--jobs rtn,llama-quantize,gptq,load]
+    .venv/bin/python benchmarks/scale.py [--shapes 1b,8b] [--jobs rtn,llama-quantize,gptq,qad,load]
         [--work /tmp/shrink-scale] [--out benchmarks/results/scale.json]
 """
 
@@ -211,7 +214,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="1b", help=f"comma-separated, of {', '.join(SHAPES)} (default 1b)")
     ap.add_argument("--jobs", default="rtn,llama-quantize,load",
-                    help="comma-separated, of rtn, llama-quantize, gptq, load, export (default rtn,llama-quantize,load)")
+                    help="comma-separated, of rtn, llama-quantize, gptq, qad, load, export (default rtn,llama-quantize,load)")
     ap.add_argument("--work", default="/tmp/shrink-scale", help="where the models and outputs go (default /tmp/shrink-scale)")
     ap.add_argument("--out", default="benchmarks/results/scale.json")
     args = ap.parse_args(argv)
@@ -243,6 +246,12 @@ def main(argv=None):
                             "--out", str(Path(args.work) / f"{shape}-gptq"), "--force"])
             job["seconds_per_block"] = job["seconds"] / blocks
             r["shrink gptq int4-g64 16x256"] = job
+        if "qad" in jobs:  # streamed (the original's outputs from the shards, the packed output trained), then whole
+            text = calibration_text(Path(args.work) / "calibration.txt")
+            for how in ("--stream", "--no-stream"):
+                r[f"shrink rtn int4-g64 + QAD 2 steps 8x256 {how}"] = measured(
+                    [shrink_cli, "quantize", str(folder), "--format", "int4-g64", "--qad", str(text), "--qad-steps", "2",
+                     "--samples", "8", "--seq-len", "256", how, "--out", str(Path(args.work) / f"{shape}-qad"), "--force"])
         if "load" in jobs and (out / "shrink.json").is_file():
             r["shrink load + one step"] = measured([sys.executable, "-c", LOAD_AND_STEP, str(out)])
         if "export" in jobs and (out / "shrink.json").is_file():

@@ -131,7 +131,7 @@ def distill_quantized(model: torch.nn.Module, windows: list[torch.Tensor], targe
         raise ShrinkError("quantization-aware distillation needs a budget: steps or seconds")
     held = max(1, len(windows) // 8)
     train, test = list(zip(windows, targets))[:-held], list(zip(windows, targets))[-held:]
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+    if not _trained(model):
         raise ShrinkError("quantization-aware distillation trains quantized layers' scales: the model has none")
     blockwise = _choose(model, max(int(w.numel()) for w in windows), codes_lr > 0, blockwise, say)
     trainable = Trainable(model, codes=codes_lr > 0, lazy=blockwise)
@@ -223,6 +223,11 @@ def _recomputed(model: torch.nn.Module, on: bool):
             del b.forward
 
 
+def _trained(model: torch.nn.Module) -> list[QuantLinear]:
+    """The quantized layers whose scales QAD trains (as tune.Trainable picks them: not a tied output layer)."""
+    return [m for m in model.modules() if isinstance(m, QuantLinear) and not m.__dict__.get("shares_buffers")]
+
+
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks of the model's stacks, their layers quantized or not."""
     return [b for _, stack in find_stacks(model, layers=(torch.nn.Linear, QuantLinear)) for b in stack]
@@ -238,7 +243,7 @@ def qad_memory(model: torch.nn.Module, length: int, *, blockwise: bool, codes: b
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    quant = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.__dict__.get("shares_buffers")]
+    quant = _trained(model)
     trained = sum(int(m.scales.numel() if m.superscales is None else m.superscales.numel()) for m in quant)
     stacks = _blocks(model)
 
