@@ -30,7 +30,8 @@ def test_training_the_scales_lowers_the_held_out_kl_and_keeps_the_codes():
     r = distill_quantized(model, WINDOWS, targets, steps=60, progress=False, say=said.append)
     assert r.kept and r.kl_after < r.kl_before and r.steps == 60
     assert (r.train_windows, r.held_out_windows, r.top_k) == (14, 2, 32)
-    assert "held-out KL" in said[0]
+    assert said[0].startswith("estimated peak memory") and "quantization-aware distillation (whole)" in said[0]
+    assert "held-out KL" in said[1]
     after = _codes_and_scales(model)
     assert all(torch.equal(after[n][0], before[n][0]) for n in before)  # the codes: untouched
     assert any(not torch.equal(after[n][1], before[n][1]) for n in before)  # the scales: trained
@@ -45,7 +46,7 @@ def test_a_change_that_does_not_lower_the_held_out_kl_is_not_kept():
     before = _codes_and_scales(model)
     said = []
     r = distill_quantized(model, WINDOWS, targets, steps=3, lr=0.9, norm_lr=0.9, progress=False, say=said.append)
-    assert not r.kept and r.kl_after == r.kl_before and "the scales are kept as they were" in said[0]
+    assert not r.kept and r.kl_after == r.kl_before and "the scales are kept as they were" in said[-1]
     after = _codes_and_scales(model)
     assert all(torch.equal(after[n][1], before[n][1]) for n in before)
 
@@ -115,6 +116,7 @@ def test_the_cli_distills_after_quantizing_and_checks_its_options(tmp_path):
     assert r.exit_code == 0 and "block by block" not in r.output, r.output
     whole = json.loads((tmp_path / "whole" / "shrink.json").read_text())["calibration"]["qad"]
     assert (whole["kl_before"], whole["kl_after"]) == (qad["kl_before"], qad["kl_after"])
+    assert qad["blockwise"] and not whole["blockwise"]  # (streamed: a block at a time; the same steps)
     a, b = shrink.load(tmp_path / "q").state_dict(), shrink.load(tmp_path / "whole").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".scales"))
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "q")], terminal_width=200)
@@ -316,6 +318,7 @@ def test_the_memory_decides_whole_or_a_block_at_a_time_and_refuses_what_fits_nei
     said = []
     r = distill_quantized(model, WINDOWS, targets, steps=2, progress=False, say=said.append)
     assert r.blockwise and "trains a block at a time: whole, it would need about" in said[0]
+    assert "(quantization-aware distillation (a block at a time); at its largest, a training step" in said[1]
     monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     with pytest.raises(shrink.ShrinkError, match=r"quantization-aware distillation \(a block at a time\): estimated "
                                                  r"peak memory .* more than the .* available; shorter windows"):

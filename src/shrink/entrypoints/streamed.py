@@ -309,8 +309,8 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
 def _distill_written(written: Path, out: Path, qad, targets, job, streamed: Streamed, estimate, *, results,
                      force: bool, shard_bytes: int, progress, say, checkpoint, resume) -> Streamed:
     """QAD of the quantized model in `written` (read back whole: packed, it is a fraction of the original)
-    against the original's `targets` on `qad`'s windows, then the model written to `out`, its record saying
-    what QAD did."""
+    against the original's `targets` on `qad`'s windows, a block at a time (whole when the codes train too),
+    then the model written to `out`, its record saying what QAD did."""
     from ..io import read_model, save
     from ..quant.qad import distill_quantized, qad_record
     from ..quant.record import record_of
@@ -318,8 +318,10 @@ def _distill_written(written: Path, out: Path, qad, targets, job, streamed: Stre
     loaded = read_model(written)
     model = loaded.model
     q = job.recipe.qad
+    # a block at a time, as the rest of a streamed job (whole, the float32 levels alone are twice the bf16 model)
     result = distill_quantized(model, qad.samples, targets, steps=q.steps, seconds=q.seconds, lr=q.lr,
-                               progress=progress, say=say, checkpoint=checkpoint, resume=resume, codes_lr=q.codes_lr)
+                               progress=progress, say=say, checkpoint=checkpoint, resume=resume, codes_lr=q.codes_lr,
+                               blockwise=not q.codes_lr)
     record = record_of(model).calibration or job.calibration_record(qad.record)
     record["qad"] = qad_record(result, qad.record, q)
     update_record(model, calibration=record)

@@ -285,6 +285,7 @@ def _choose(model: torch.nn.Module, length: int, codes: bool, blockwise: bool | 
         whole = qad_memory(model, length, blockwise=False, codes=codes)
         try:
             whole.refuse_unless_fits()
+            say(whole.line())
             return False
         except ShrinkError:
             if codes or not _blocks(model):
@@ -293,8 +294,9 @@ def _choose(model: torch.nn.Module, length: int, codes: bool, blockwise: bool | 
         blockwise = True
         say(f"quantization-aware distillation trains a block at a time: whole, it would need about "
             f"{whole.total / 1e9:.1f} GB")
-    qad_memory(model, length, blockwise=blockwise, codes=codes).refuse_unless_fits(
-        "shorter windows (--seq-len) lower it" if blockwise else "")
+    estimate = qad_memory(model, length, blockwise=blockwise, codes=codes)
+    estimate.refuse_unless_fits("shorter windows (--seq-len) lower it" if blockwise else "")
+    say(estimate.line())
     return bool(blockwise)
 
 
