@@ -245,6 +245,33 @@ def test_candidate_order_puts_cheap_first():
     assert names[9:] == ["awq:mixed-6", "awq:mixed-4.5", "awq:mixed-3.5"]
 
 
+def test_judged_in_llama_cpp_the_candidates_are_gguf_types_widest_first():
+    """The llama.cpp ladder: Q8_0, Q6_K, llama.cpp's mixes, IQ4_NL, Q4_0, narrower ones after (a mix ordered by
+    its base type's bits and what its layers of more bits add), every one a format the GGUF export copies
+    exactly; no mixed precision. A mix builds as `shrink quantize -f q4k-m` does."""
+    from test_kquant import llama256
+
+    from shrink.entrypoints.search.candidates import build
+    from shrink.io.export import exact_type
+    from shrink.quant import QuantLinear
+
+    cands = order(quantization_candidates(calibration=True, llama_cpp=True))
+    names = [c.name for c in cands]
+    assert names[:8] == ["rtn:int8-g32", "rtn:q6k", "rtn:q5k-m", "rtn:q4k-m", "rtn:iq4nl-g32", "rtn:int4-g32",
+                         "rtn:q3k-m", "rtn:q2k-m"]
+    assert names[8:] == ["awq+gptq:q5k-m", "awq+gptq:q4k-m", "awq+gptq:iq4nl-g32", "awq+gptq:q3k-m", "awq+gptq:q2k-m"]
+    assert all(c.target_bits is None for c in cands)
+    bits = {c.format: c.bits for c in cands}
+    assert bits["q4k-m"] == pytest.approx(4.9) and bits["q3k-m"] == pytest.approx(3.4375 + 0.4)
+    original = llama256(hidden=320)  # (down projections of 512 inputs take K-quants, the 320-wide llama.cpp's fallbacks)
+    for c in cands[:8]:  # each builds, every quantized layer a GGUF type's exact copy
+        model = build(c, original, students={})
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        assert layers and all(exact_type(m) is not None for _, m in layers), c.name
+    formats = shrink.info(model).formats  # (the last: q2k-m, llama.cpp's Q2_K)
+    assert formats["model.layers.0.mlp.down_proj"] == "q3k" and formats["model.layers.0.mlp.up_proj"] == "int4-g32"
+
+
 # ---- the command line and the report in a browser ----------------------------------------------
 
 def test_cli_search_on_a_tiny_language_model(tmp_path):

@@ -60,7 +60,8 @@ def _search_options(f):
 @click.option("--distill-time", default="10m", show_default=True, metavar="TIME", help="Training budget per student.")
 @click.option("--runtime", type=click.Choice(["shrink", "llama.cpp"]), default="shrink", show_default=True,
               help="Judge each candidate in shrink's own runtime, or exported to GGUF and run by llama.cpp (its size "
-                   "the file's, its latency llama.cpp's; the recommendation is written to OUT/best.gguf too). "
+                   "the file's, its latency llama.cpp's; the recommendation is written to OUT/best.gguf too; the "
+                   "candidates are then GGUF types: Q8_0, Q6_K, the Q5_K_M/Q4_K_M/Q3_K_M/Q2_K mixes, IQ4_NL, Q4_0). "
                    "llama.cpp needs llama-cpp-python: bash scripts/setup.sh --llama-cpp.")
 @click.option("--one-at-a-time/--together", "one_at_a_time", default=None,
               help="For a Hugging Face folder: hold one model at a time (the original runs over the task once, its "

@@ -18,13 +18,22 @@ import torch.nn as nn
 from ...core.errors import ShrinkError
 from ...evaluate.verdict import CANNOT_TELL, status_of
 from ...quant import MixedPrecision, parse_format, parse_method, quantize
+from ...quant.kmix import is_mix
 from ...quant.recipe import DEFAULT_TUNE_STEPS
+from ...quant.spec import SUPERBLOCK
 
 METHODS_CALIBRATED = ("gptq", "awq", "awq+gptq", "gptq+tune", "awq+gptq+tune")
 TUNE_STEPS = DEFAULT_TUNE_STEPS  # block tuning steps of the "+tune" methods (shrink.quantize's tune_steps)
 RTN_FORMATS = ("int8", "int4-g32", "int4-g64", "int3-g32", "int2-g32")
 CALIBRATED_FORMATS = ("int4-g32", "int4-g64", "int3-g32", "int2-g32")
 MIXED_BITS = (6.0, 4.5, 3.5)
+# judged in llama.cpp, a candidate must be a GGUF type's exact copy: Q8_0, llama.cpp's K-quant mixes (Q4_K_M ...;
+# on layers whose inputs are not a multiple of 256, llama.cpp's own fallbacks), IQ4_NL and Q4_0 (no mixed
+# precision: its ladder's per-channel formats have no GGUF type)
+LLAMA_CPP_FORMATS = ("int8-g32", "q6k", "q5k-m", "q4k-m", "iq4nl-g32", "int4-g32", "q3k-m", "q2k-m")
+LLAMA_CPP_CALIBRATED = ("q5k-m", "q4k-m", "iq4nl-g32", "q3k-m", "q2k-m")
+MIX_EXTRA_BITS = {"s": 0.1, "m": 0.4, "l": 0.7}  # a mix's bits over its base type, for ordering (llama.cpp's
+# files of Llama-3-8B: Q4_K_M 4.89 bits per weight, Q3_K_M 3.91, Q5_K_M 5.70)
 STUDENT_FORMATS = ("int8", "int4-g32")
 TYPICAL_IN_FEATURES = 576  # for ordering only: per-channel scales cost 16 bits per row of this width
 
@@ -47,6 +56,9 @@ class Candidate:
             return self.target_bits
         if self.format is None:
             return 16.0
+        if is_mix(self.format):
+            base, _, size = self.format.lower().partition("-")
+            return parse_format(base).bits_per_weight(SUPERBLOCK) + MIX_EXTRA_BITS[size]
         return parse_format(self.format).bits_per_weight(TYPICAL_IN_FEATURES)
 
     @property
@@ -70,9 +82,12 @@ class Candidate:
 
 def quantization_candidates(formats=RTN_FORMATS, methods=("awq+gptq",), calibrated_formats=CALIBRATED_FORMATS,
                             mixed_bits=MIXED_BITS, calibration: bool = False, mixed_method: str = "awq",
-                            student: str | None = None) -> list[Candidate]:
+                            student: str | None = None, llama_cpp: bool = False) -> list[Candidate]:
     """The quantization ladder: rtn at `formats` (widest first); with calibration, each of `methods` at
-    `calibrated_formats` and mixed precision (`mixed_method`) at each of `mixed_bits`."""
+    `calibrated_formats` and mixed precision (`mixed_method`) at each of `mixed_bits`. llama_cpp: the ladder
+    of what GGUF types hold exactly instead (LLAMA_CPP_FORMATS, LLAMA_CPP_CALIBRATED, no mixed precision)."""
+    if llama_cpp:
+        formats, calibrated_formats, mixed_bits = LLAMA_CPP_FORMATS, LLAMA_CPP_CALIBRATED, ()
     prefix = f"student:{student}+" if student else ""
     out = [Candidate(f"{prefix}rtn:{f}", "rtn", f, student=student) for f in formats]
     if calibration:
@@ -142,4 +157,7 @@ def build(c: Candidate, original: nn.Module, *, students: dict[str, nn.Module], 
     method = parse_method(c.method)  # "+tune" adds block tuning (TUNE_STEPS)
     if c.target_bits is not None:
         return quantize(model, MixedPrecision(c.target_bits), method=method, progress=progress, **kw)
-    return quantize(model, c.format, method=method, progress=progress, **kw)
+    # a K-quant given to every layer by a pattern: a layer whose inputs are not a multiple of 256 gets llama.cpp's
+    # fallback for it (given by name, it would be refused)
+    kquant = not is_mix(c.format) and parse_format(c.format).kquant
+    return quantize(model, {"*": c.format} if kquant else c.format, method=method, progress=progress, **kw)

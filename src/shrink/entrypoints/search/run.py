@@ -223,7 +223,8 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
     or give them as keywords as people write them (max_drop=2, max_size="60MB", max_latency="20ms/token",
     objective="latency", time="1h", max_trials=10; see `Constraints.of`).
     candidates: the candidates to try (default: the rtn ladder; with `calibration`, `methods` at 4/3/2 bits
-    and mixed precision at 6, 4.5 and 3.5 bits per weight; with `distill_data`, each of `students`
+    and mixed precision at 6, 4.5 and 3.5 bits per weight; with runtime "llama.cpp", GGUF types instead: Q8_0,
+    Q6_K, the Q5_K_M/Q4_K_M/Q3_K_M/Q2_K mixes, IQ4_NL and Q4_0; with `distill_data`, each of `students`
     trained for `distill_seconds` (default 600) and then quantized). They are tried cheap and likely-good
     first, and a direction is abandoned at its first failure. n_samples, seq_len: calibration windows
     (default 32 of 512 tokens; fewer than quantize's 128, as a search calibrates many candidates).
@@ -272,7 +273,7 @@ def search(model, task=None, constraints: Constraints | None = None, *, out: str
         if con.latency_per == "token" and con.max_latency is not None and tok is None:
             raise ShrinkError("--max-latency per token needs a language model; give a time per example (like 50ms)")
         options = _BuildOptions(calibration, n_samples, seq_len, distill_data, distill_seconds, dict(distill_options or {}))
-        candidates = _candidates(candidates, options, methods, students, keep_order)
+        candidates = _candidates(candidates, options, methods, students, keep_order, runtime)
         _check_size_is_reachable(original, con, candidates)
         if source is None:
             _compile_ahead(original)  # no budget of the user's is spent compiling
@@ -359,10 +360,13 @@ def _check_time_is_enough(con: Constraints, seconds: float, examples: int, runti
                           f"candidate, before the candidate is built; give at least --time {max(1, math.ceil(need * 1.5))}s")
 
 
-def _candidates(candidates, options: _BuildOptions, methods, students, keep_order: bool = False) -> list[Candidate]:
-    """The candidates to try, in order (defaults from what data was given), checked against that data."""
+def _candidates(candidates, options: _BuildOptions, methods, students, keep_order: bool = False,
+                runtime: str = "shrink") -> list[Candidate]:
+    """The candidates to try, in order (defaults from what data was given and the runtime judging them: GGUF
+    types for llama.cpp), checked against that data."""
     if candidates is None:
-        candidates = quantization_candidates(calibration=options.calibration is not None, methods=methods)
+        candidates = quantization_candidates(calibration=options.calibration is not None, methods=methods,
+                                             llama_cpp=runtime == "llama.cpp")
         if options.distill_data is not None:
             candidates += student_candidates(students)
     candidates = list(candidates) if keep_order else order(candidates)
