@@ -330,7 +330,7 @@ def test_the_memory_decides_whole_or_a_block_at_a_time_and_refuses_what_fits_nei
         distill_quantized(model, WINDOWS, targets, steps=2, progress=False, codes_lr=0.01, blockwise=True)
 
 
-def test_the_original_outputs_streamed_from_disk_are_the_whole_models(tmp_path):
+def test_the_original_outputs_streamed_from_disk_are_the_whole_models(tmp_path, monkeypatch):
     """teacher_streamed: the blocks read from the shards one at a time give the targets the model in memory
     gives (bf16 weights, computed in float32 either way)."""
     from shrink.entrypoints.streamed import quantize_streamed, teacher_streamed
@@ -346,3 +346,12 @@ def test_the_original_outputs_streamed_from_disk_are_the_whole_models(tmp_path):
         quantize_streamed(tmp_path / "hf", tmp_path / "q", "int4-g32", method=[QAD(steps=2)], qad_data=WINDOWS[:1],
                           progress=False)
     assert not (tmp_path / "q").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's")
+    calls = []
+    monkeypatch.setattr("shrink.entrypoints.streamed.teacher_streamed", lambda *a, **k: calls.append(1))
+    with pytest.raises(shrink.ShrinkError, match="mine"):  # a folder shrink did not write: refused before any work
+        quantize_streamed(tmp_path / "hf", tmp_path / "mine", "int4-g32", method=[QAD(steps=2)], qad_data=WINDOWS,
+                          progress=False, force=True)
+    assert not calls and (tmp_path / "mine" / "notes.txt").read_text() == "a user's"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -237,25 +237,27 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
     estimate.refuse_unless_fits("--samples and --seq-len lower the calibration's share" if windows else "")
     say(estimate.line())
     if qad is not None:
-        targets = teacher_streamed(folder, qad.samples, job.recipe.qad.top_k, progress=progress)
         import tempfile
 
-        from ..core.ownership import remove_own
+        from ..core.outdir import claim
+        from ..core.ownership import is_own_folder, remove_own
 
-        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.quantized-", dir=Path(out).parent))
-        try:
-            streamed = quantize_streamed(folder, staging / "model", spec, method=replace(job.recipe, qad=None),
-                                         calibration=calibration, n_samples=n_samples, seq_len=seq_len, damp=damp,
-                                         act_order=act_order, tune_steps=tune_steps, keep_output=keep_output,
-                                         backend=backend, progress=progress, shard_bytes=shard_bytes,
-                                         say=lambda _line: None, all_experts=all_experts)
-            return _distill_written(staging / "model", out, qad, targets, job, streamed, estimate,
-                                    results=results, force=force, shard_bytes=shard_bytes, progress=progress,
-                                    say=say, checkpoint=qad_checkpoint, resume=qad_resume)
-        finally:
-            if (staging / "model").exists():
-                remove_own(staging / "model")
-            staging.rmdir()
+        with claim(Path(out), "quantize", owned=is_own_folder, force=force):  # (refused now, not after the work)
+            targets = teacher_streamed(folder, qad.samples, job.recipe.qad.top_k, progress=progress)
+            staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.quantized-", dir=Path(out).parent))
+            try:
+                streamed = quantize_streamed(folder, staging / "model", spec, method=replace(job.recipe, qad=None),
+                                             calibration=calibration, n_samples=n_samples, seq_len=seq_len, damp=damp,
+                                             act_order=act_order, tune_steps=tune_steps, keep_output=keep_output,
+                                             backend=backend, progress=progress, shard_bytes=shard_bytes,
+                                             say=lambda _line: None, all_experts=all_experts)
+                return _distill_written(staging / "model", out, qad, targets, job, streamed, estimate,
+                                        results=results, force=force, shard_bytes=shard_bytes, progress=progress,
+                                        say=say, checkpoint=qad_checkpoint, resume=qad_resume)
+            finally:
+                if (staging / "model").exists():
+                    remove_own(staging / "model")
+                staging.rmdir()
     mixed = None
     if job.target_bits is not None:  # a first walk over the blocks measures each layer's sensitivity
         ladder = tuple(job.ladder or DEFAULT_LADDER)
