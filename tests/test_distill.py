@@ -416,3 +416,68 @@ def test_layer_fitting_has_its_own_learning_rate_schedule():
     assert f(20) == pytest.approx(1 / 8) and f(27) == pytest.approx(1.0) and f(99) < 1e-3
     plain = _schedule(DistillConfig(steps=100, lr=1e-3, warmup=0.1))
     assert plain(0) == pytest.approx(0.1) and plain(9) == pytest.approx(1.0)
+
+
+def _four_blocks_two_idle(seed: int = 0):
+    """A 4-layer Llama whose blocks 1 and 2 write nothing to the residual stream (attention and MLP outputs 0)."""
+    from helpers import widen
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    model = widen(LlamaForCausalLM(cfg))
+    with torch.no_grad():
+        for i in (1, 2):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return model
+
+
+def test_block_importance_is_one_minus_the_cosine_of_each_blocks_output_with_its_input():
+    from shrink.distillation import block_importance, most_important
+
+    model = _four_blocks_two_idle()
+    rows = torch.randint(3, 96, (3, 16), generator=torch.Generator().manual_seed(1))
+    got = block_importance(model, rows)
+    # reference: transformers' hidden states, the input of block i at i (the last entry is after the final norm)
+    want = [0.0] * 3
+    with torch.no_grad():
+        for r in rows:
+            hs = model(r.reshape(1, -1), output_hidden_states=True).hidden_states
+            for i in range(3):
+                want[i] += float((1 - F.cosine_similarity(hs[i][0], hs[i + 1][0], dim=-1)).sum()) / (3 * 16)
+    assert got[:3] == pytest.approx(want, abs=1e-5)
+    assert got[1] < 1e-6 and got[2] < 1e-6 and got[0] > 0.01 and got[3] > 0.01  # the idle blocks change nothing
+    assert most_important(got, 2) == [0, 3]
+    with pytest.raises(ShrinkError, match="student layers 5: the teacher has 4 layers"):
+        most_important(got, 5)
+
+
+def test_a_student_of_the_blocks_that_matter_most_is_chosen_on_the_data_and_recorded(tmp_path):
+    from click.testing import CliRunner
+
+    from shrink.cli import main
+    from shrink.entrypoints.distill import build_student
+
+    teacher = tmp_path / "teacher"
+    _four_blocks_two_idle().save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    text = tmp_path / "text.txt"
+    text.write_text(word_text(900, seed=4))
+    out = tmp_path / "student"
+    r = CliRunner().invoke(main, ["distill", "--teacher", str(teacher), "--student", "layers=2:importance", "--data",
+                                  str(text), "--out", str(out), "--steps", "2", "--batch-size", "4", "--seq-len", "32",
+                                  "--eval-every", "2"])
+    assert r.exit_code == 0, r.output
+    assert "block importance (1 - cosine of each block's output with its input): 0: " in r.output
+    assert "kept [0, 3]" in r.output
+    record = json.loads((out / "results.json").read_text())["student"]
+    assert record["teacher_layers"] == [0, 3] and len(record["importance"]) == 4
+    for spec, needle in [("layers=two:importance", "choosing blocks by importance takes a count"),
+                         ("layers=9:importance", "student layers 9: the teacher has 4 layers")]:
+        r = CliRunner().invoke(main, ["distill", "--teacher", str(teacher), "--student", spec, "--data", str(text),
+                                      "--out", str(tmp_path / "other"), "--steps", "2", "--seq-len", "32"])
+        assert r.exit_code != 0 and needle in r.output, r.output
+    with pytest.raises(ShrinkError, match="needs a language model's text data"):
+        build_student("layers=2:importance", _four_blocks_two_idle())

@@ -17,7 +17,9 @@ from .common import FORCE, Number, config_option, console, main, mb
                    "shrink distill, or 'none' to train the student on hard labels alone (the baseline).")
 @click.option("--student", required=True, metavar="SPEC",
               help="'every-other' (the teacher's layers 0, 2, 4, ..., as DistilBERT), 'layers=N' (N layers spread "
-                   "evenly), 'layers=0,3,6', or for classifiers 'mlp:784-128-10' / 'cnn:1x28x28-16-32-10'.")
+                   "evenly), 'layers=0,3,6', 'layers=N:importance' (the N blocks that change their input most on "
+                   "the data's first 8 rows, printed and recorded), or for classifiers 'mlp:784-128-10' / "
+                   "'cnn:1x28x28-16-32-10'.")
 @click.option("--data", required=True, metavar="FILE",
               help="Text (.txt, or .jsonl with a \"text\" field) for language models; for sequence classifiers a .jsonl "
                    "of {\"input\": ..., \"label\": ...}; for encoders texts (.jsonl, or .txt with one per line), whose "
@@ -77,7 +79,16 @@ def distill_command(teacher, student, data, out, intermediate_size, temperature,
                             batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every,
                             checkpoint_every=checkpoint_every, seed=seed)
         t_model, t_tok, _ = resolve_teacher(teacher)
-        s_model, record = build_student(student, t_model, intermediate_size)
+        measured = None
+        if student.endswith(":importance") and t_model is not None:  # the blocks' importance, on the data
+            from ..entrypoints.distill import load_data
+
+            measured = load_data(data, t_tok, seq_len, max_sequences=max_sequences, model=t_model)
+        s_model, record = build_student(student, t_model, intermediate_size, measured)
+        if rank == 0 and "importance" in record:
+            shown = ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(record["importance"]))
+            console.print(f"block importance (1 - cosine of each block's output with its input): {shown}; "
+                          f"kept {record['teacher_layers']}")
         if rank == 0:
             t = Table(title="teacher and student")
             for col in ("model", "parameters", "MB (fp32)"):

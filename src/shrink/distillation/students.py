@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 
+import torch
 import torch.nn as nn
 
 from ..core.architecture import find_stacks
@@ -48,6 +49,48 @@ def parse_layers(keep: str | int | list[int], n: int) -> list[int]:
     if not idx or any(not 0 <= i < n for i in idx) or len(set(idx)) != len(idx):
         raise ShrinkError(f"student layers {idx}: need distinct indices between 0 and {n - 1}")
     return idx
+
+
+IMPORTANCE_WINDOWS = 8  # data rows the block importance is measured on
+
+
+def block_importance(model: nn.Module, inputs: torch.Tensor) -> list[float]:
+    """How much each block of the model's layer stack changes what it is given, on `inputs` (token rows
+    [N, T], at most IMPORTANCE_WINDOWS of them used): 1 - the mean cosine similarity of each position's
+    hidden state leaving the block with the one entering it (ShortGPT's block influence). A block that
+    changes little can go with least loss."""
+    _, blocks = layer_list(model)
+    sums = [0.0] * len(blocks)
+    count = [0] * len(blocks)
+
+    def hook(i):
+        def measure(_m, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            sums[i] += float((1 - cos).sum())
+            count[i] += cos.numel()
+        return measure
+
+    hooks = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for row in inputs[:IMPORTANCE_WINDOWS]:
+                model(row.reshape(1, -1))
+    finally:
+        for h in hooks:
+            h.remove()
+    if not all(count):
+        raise ShrinkError(f"{type(model).__name__}: its blocks did not run on the data, so their importance "
+                          "cannot be measured")
+    return [s_ / c for s_, c in zip(sums, count)]
+
+
+def most_important(importance: list[float], keep: int) -> list[int]:
+    """The indices of the `keep` blocks of largest importance, in order."""
+    if not 1 <= keep <= len(importance):
+        raise ShrinkError(f"student layers {keep}: the teacher has {len(importance)} layers")
+    return sorted(sorted(range(len(importance)), key=lambda i: -importance[i])[:keep])
 
 
 def student_from_teacher(teacher: nn.Module, layers: str | int | list[int] = "every-other",

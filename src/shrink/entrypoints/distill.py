@@ -25,11 +25,14 @@ from ..distillation import (
     read_labelled,
     read_texts,
     sentence_data,
+    block_importance,
+    most_important,
     student_from_spec,
     student_from_teacher,
     train_student,
 )
 from ..io import resolve
+from ..io.manifest import read_json
 from ..quant.record import update_record
 
 STUDENT_SPEC = "student.json"
@@ -82,9 +85,12 @@ def check_distillable(model: nn.Module | None, role: str) -> None:
                           "its embeddings")
 
 
-def build_student(student, teacher: nn.Module | None, intermediate_size: int | None = None) -> tuple[nn.Module, dict]:
+def build_student(student, teacher: nn.Module | None, intermediate_size: int | None = None,
+                  data: DistillData | None = None) -> tuple[nn.Module, dict]:
     """The student and a record of how it was made: a module as is; a spec "mlp:..."/"cnn:..."; from the
-    teacher: "every-other", "layers=N" (N spread evenly) or "layers=0,3,6"."""
+    teacher: "every-other", "layers=N" (N spread evenly), "layers=0,3,6", or "layers=N:importance" (the N
+    blocks that change their input most on the first rows of `data`, a language model's token rows:
+    `block_importance`; each block's importance goes into the record)."""
     if isinstance(student, nn.Module):
         return student, {"kind": "module", "class": type(student).__name__}
     spec = str(student)
@@ -93,16 +99,29 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
     if teacher is None:
         raise ShrinkError(f"student {spec!r}: building a student from the teacher needs a teacher")
     check_distillable(teacher, "teacher")
-    if spec == "every-other":
+    importance = None
+    if spec.startswith("layers=") and spec.endswith(":importance"):
+        count = spec[len("layers="):-len(":importance")]
+        if not count.isdigit():
+            raise ShrinkError(f"student {spec!r}: choosing blocks by importance takes a count (layers=N:importance)")
+        if data is None or data.kind != "text":
+            raise ShrinkError(f"student {spec!r}: measuring the blocks' importance needs a language model's text "
+                              "data (--data)")
+        importance = block_importance(teacher, data.train_x)
+        layers = most_important(importance, int(count))
+    elif spec == "every-other":
         layers = "every-other"
     elif spec.startswith("layers="):
         body = spec[len("layers="):]
         layers = [int(x) for x in body.split(",")] if "," in body else body
     else:
         raise ShrinkError(f"student {spec!r}: expected 'every-other', 'layers=N', 'layers=0,2,4', "
-                          "'mlp:784-128-10' or 'cnn:1x28x28-16-32-10'")
+                          "'layers=N:importance', 'mlp:784-128-10' or 'cnn:1x28x28-16-32-10'")
     model, idx = student_from_teacher(teacher, layers, intermediate_size)
-    return model, {"kind": "from-teacher", "teacher_layers": idx, "intermediate_size": intermediate_size}
+    record = {"kind": "from-teacher", "teacher_layers": idx, "intermediate_size": intermediate_size}
+    if importance is not None:
+        record["importance"] = [round(v, 6) for v in importance]
+    return model, record
 
 
 def resolve_teacher(teacher):
@@ -170,7 +189,10 @@ def _distill(teacher, student, data, out, config, tokenizer, intermediate_size, 
     if isinstance(student, nn.Module) and student_record is not None:
         s_model, record = student, student_record  # built by build_student already
     else:
-        s_model, record = build_student(student, t_model, intermediate_size)
+        dd = None
+        if isinstance(student, str) and student.endswith(":importance") and t_model is not None:
+            dd = load_data(data, tok, seq_len, max_sequences=max_sequences, model=t_model)
+        s_model, record = build_student(student, t_model, intermediate_size, dd)
     check_distillable(s_model, "student")
     dd = load_data(data, tok, seq_len, max_sequences=max_sequences, model=t_model if t_model is not None else s_model)
     if cache_topk and dd.kind == "sentences":
@@ -206,6 +228,9 @@ def _distill(teacher, student, data, out, config, tokenizer, intermediate_size, 
         if (out / "best" / "student.safetensors").is_file():
             load_weights(s_model, str(out / "best" / "student.safetensors"), strict=True)
         save_student(s_model, out / "model", record, tok)
+        if (out / "results.json").is_file():  # how the student was made (its teacher layers, their importance)
+            write_json(out / "results.json", {**read_json(out / "results.json", "distillation results"),
+                                              "student": record})
     # where the student came from, recorded by a later save in shrink.json's source
     update_record(s_model, source={"kind": "distilled", "teacher": t_name, "student": record})
     return s_model, result
