@@ -355,3 +355,21 @@ def test_the_original_outputs_streamed_from_disk_are_the_whole_models(tmp_path, 
                           progress=False, force=True)
     assert not calls and (tmp_path / "mine" / "notes.txt").read_text() == "a user's"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_k_quant_model_trains_a_block_at_a_time_as_it_does_whole():
+    """q4k (integer group scales and minimums, super-block d and dmin trained): the lazy levels and group
+    scales give the same trained superscales as the whole graph."""
+    from test_kquant import llama256
+
+    model = llama256()
+    windows = list(torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(3)))
+    targets = teacher_targets(model, windows, top_k=16)
+    shrink.quantize(model, "q4k", backend="torch", progress=False)
+    whole, blocks = copy.deepcopy(model), copy.deepcopy(model)
+    a = distill_quantized(whole, windows, targets, steps=3, lr=1e-4, progress=False, say=lambda s: None, blockwise=False)
+    b = distill_quantized(blocks, windows, targets, steps=3, lr=1e-4, progress=False, say=lambda s: None, blockwise=True)
+    assert (a.kl_before, a.kl_after, a.kept) == (b.kl_before, b.kl_after, b.kept)
+    sa, sb = whole.state_dict(), blocks.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.kept and any(not torch.equal(sa[k], v) for k, v in model.state_dict().items() if k.endswith(".superscales"))
