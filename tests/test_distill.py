@@ -481,3 +481,34 @@ def test_a_student_of_the_blocks_that_matter_most_is_chosen_on_the_data_and_reco
         assert r.exit_code != 0 and needle in r.output, r.output
     with pytest.raises(ShrinkError, match="needs a language model's text data"):
         build_student("layers=2:importance", _four_blocks_two_idle())
+
+
+def test_mlp_channels_kept_by_their_activations_on_the_data():
+    """Channels whose up projection is zero never reach the down projection, however large their other
+    weights: kept by activation (layers=N:importance with an intermediate size), the narrower student computes
+    exactly what the teacher does; kept by weight norms, it keeps the large dead channels and does not."""
+    from helpers import tiny_llama
+
+    from shrink.distillation import channel_importance
+    from shrink.entrypoints.distill import build_student
+
+    teacher = tiny_llama(tie=False)
+    dead = torch.arange(0, 128, 4)  # 32 of the 128 channels
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            layer.mlp.up_proj.weight[dead] = 0
+            layer.mlp.gate_proj.weight[dead] *= 10
+            layer.mlp.down_proj.weight[:, dead] *= 10
+    rows = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    scores = channel_importance(teacher, rows)
+    assert sorted(scores) == [0, 1] and all(float(v[dead].abs().max()) == 0 for v in scores.values())
+    assert all(bool((v[[i for i in range(128) if i % 4]] > 0).all()) for v in scores.values())
+    data = from_tensors(rows, torch.zeros(4, dtype=torch.long), eval_fraction=0.25)
+    data.kind = "text"
+    measured, record = build_student("layers=2:importance", teacher, intermediate_size=96, data=data)
+    by_norm, _ = build_student("layers=2", teacher, intermediate_size=96)
+    assert record["channels"] == "activation magnitude" and measured.config.intermediate_size == 96
+    with torch.no_grad():
+        want = teacher(rows).logits
+        torch.testing.assert_close(measured(rows).logits, want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(by_norm(rows).logits, want, atol=1e-2)

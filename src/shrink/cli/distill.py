@@ -18,7 +18,8 @@ from .common import FORCE, Number, config_option, console, main, mb
 @click.option("--student", required=True, metavar="SPEC",
               help="'every-other' (the teacher's layers 0, 2, 4, ..., as DistilBERT), 'layers=N' (N layers spread "
                    "evenly), 'layers=0,3,6', 'layers=N:importance' (the N blocks that change their input most on "
-                   "the data's first 8 rows, printed and recorded), or for classifiers 'mlp:784-128-10' / "
+                   "the data's first 8 rows, printed and recorded; with --intermediate-size, the MLP channels of "
+                   "largest activation there), or for classifiers 'mlp:784-128-10' / "
                    "'cnn:1x28x28-16-32-10'.")
 @click.option("--data", required=True, metavar="FILE",
               help="Text (.txt, or .jsonl with a \"text\" field) for language models; for sequence classifiers a .jsonl "

@@ -86,6 +86,46 @@ def block_importance(model: nn.Module, inputs: torch.Tensor) -> list[float]:
     return [s_ / c for s_, c in zip(sums, count)]
 
 
+def channel_importance(model: nn.Module, inputs: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{block index: the mean magnitude of each MLP intermediate channel} on `inputs` (token rows [N, T], at
+    most IMPORTANCE_WINDOWS of them): what each channel feeds the down projection (Llama's down_proj, BERT's
+    output.dense), as Minitron ranks channels by their activations."""
+    prefix, blocks = layer_list(model)
+    sums: dict[int, torch.Tensor] = {}
+    count = [0] * len(blocks)
+
+    def hook(i):
+        def measure(_m, args):
+            x = args[0].detach().float().abs()
+            sums[i] = sums.get(i, 0) + x.reshape(-1, x.shape[-1]).sum(0)
+            count[i] += x.numel() // x.shape[-1]
+        return measure
+
+    hooks = []
+    for i, b in enumerate(blocks):
+        reader = next((b.get_submodule(c) for _, cols in _MLP_NAMES for c in cols if _has(b, c)), None)
+        if reader is None:
+            raise ShrinkError(f"{prefix}.{i}: narrowing the MLP knows Llama-style (gate/up/down) and BERT-style "
+                              "layers only")
+        hooks.append(reader.register_forward_pre_hook(hook(i)))
+    try:
+        with torch.no_grad():
+            for row in inputs[:IMPORTANCE_WINDOWS]:
+                model(row.reshape(1, -1))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: sums[i] / count[i] for i in sums}
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def most_important(importance: list[float], keep: int) -> list[int]:
     """The indices of the `keep` blocks of largest importance, in order."""
     if not 1 <= keep <= len(importance):
@@ -94,10 +134,13 @@ def most_important(importance: list[float], keep: int) -> list[int]:
 
 
 def student_from_teacher(teacher: nn.Module, layers: str | int | list[int] = "every-other",
-                         intermediate_size: int | None = None) -> tuple[nn.Module, list[int]]:
+                         intermediate_size: int | None = None,
+                         channels: dict[int, torch.Tensor] | None = None) -> tuple[nn.Module, list[int]]:
     """A Hugging Face student with a subset of the teacher's layers, initialised from them (as DistilBERT
-    was), and optionally a narrower MLP keeping the intermediate channels whose weights have the largest
-    norm. Embeddings, norms and head are copied. Returns (student, teacher layer index per student layer)."""
+    was), and optionally a narrower MLP keeping the intermediate channels of largest importance: `channels`
+    ({teacher block: per-channel importance}, `channel_importance`) where given, else the norms of the weights
+    that write and read each channel. Embeddings, norms and head are copied. Returns (student, teacher layer
+    index per student layer)."""
     config = getattr(teacher, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise ShrinkError(f"{type(teacher).__name__}: building a student from the teacher needs a Hugging Face "
@@ -128,7 +171,8 @@ def student_from_teacher(teacher: nn.Module, layers: str | int | list[int] = "ev
         elif int(m.group(1)) in idx:
             out[f"{prefix}.{idx.index(int(m.group(1)))}.{m.group(2)}"] = v
     if intermediate_size is not None and intermediate_size < config.intermediate_size:
-        out = _narrow_mlp(out, prefix, len(idx), intermediate_size)
+        out = _narrow_mlp(out, prefix, len(idx), intermediate_size,
+                          None if channels is None else [channels[i] for i in idx])
     missing, unexpected = student.load_state_dict(out, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
@@ -148,15 +192,16 @@ def hidden_layer_map(teacher_layers: list[int], teacher_depth: int) -> dict[int,
     return {j + 1: end for j, end in enumerate(ends)}
 
 
-def _narrow_mlp(sd: dict, prefix: str, n_layers: int, width: int) -> dict:
+def _narrow_mlp(sd: dict, prefix: str, n_layers: int, width: int, scores: list | None = None) -> dict:
     for i in range(n_layers):
         for rows, cols in _MLP_NAMES:
             rk = [f"{prefix}.{i}.{r}.weight" for r in rows]
             ck = [f"{prefix}.{i}.{c}.weight" for c in cols]
             if not all(k in sd for k in rk + ck):
                 continue
-            # importance of an intermediate channel: norms of what writes it and what reads it
-            score = sum(sd[k].float().norm(dim=1) for k in rk) * sum(sd[k].float().norm(dim=0) for k in ck)
+            # importance of an intermediate channel: measured, or the norms of what writes it and what reads it
+            score = scores[i] if scores is not None else \
+                sum(sd[k].float().norm(dim=1) for k in rk) * sum(sd[k].float().norm(dim=0) for k in ck)
             keep = score.topk(width).indices.sort().values
             for k in rk:
                 sd[k] = sd[k][keep].clone()

@@ -26,6 +26,7 @@ from ..distillation import (
     read_texts,
     sentence_data,
     block_importance,
+    channel_importance,
     most_important,
     student_from_spec,
     student_from_teacher,
@@ -90,7 +91,8 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
     """The student and a record of how it was made: a module as is; a spec "mlp:..."/"cnn:..."; from the
     teacher: "every-other", "layers=N" (N spread evenly), "layers=0,3,6", or "layers=N:importance" (the N
     blocks that change their input most on the first rows of `data`, a language model's token rows:
-    `block_importance`; each block's importance goes into the record)."""
+    `block_importance`; each block's importance goes into the record; with `intermediate_size`, the MLP
+    channels kept are those of largest mean activation on the same rows: `channel_importance`)."""
     if isinstance(student, nn.Module):
         return student, {"kind": "module", "class": type(student).__name__}
     spec = str(student)
@@ -99,7 +101,7 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
     if teacher is None:
         raise ShrinkError(f"student {spec!r}: building a student from the teacher needs a teacher")
     check_distillable(teacher, "teacher")
-    importance = None
+    importance = channels = None
     if spec.startswith("layers=") and spec.endswith(":importance"):
         count = spec[len("layers="):-len(":importance")]
         if not count.isdigit():
@@ -109,6 +111,8 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
                               "data (--data)")
         importance = block_importance(teacher, data.train_x)
         layers = most_important(importance, int(count))
+        if intermediate_size is not None:  # the MLP's channels by their activations on the same rows
+            channels = channel_importance(teacher, data.train_x)
     elif spec == "every-other":
         layers = "every-other"
     elif spec.startswith("layers="):
@@ -117,10 +121,12 @@ def build_student(student, teacher: nn.Module | None, intermediate_size: int | N
     else:
         raise ShrinkError(f"student {spec!r}: expected 'every-other', 'layers=N', 'layers=0,2,4', "
                           "'layers=N:importance', 'mlp:784-128-10' or 'cnn:1x28x28-16-32-10'")
-    model, idx = student_from_teacher(teacher, layers, intermediate_size)
+    model, idx = student_from_teacher(teacher, layers, intermediate_size, channels)
     record = {"kind": "from-teacher", "teacher_layers": idx, "intermediate_size": intermediate_size}
     if importance is not None:
         record["importance"] = [round(v, 6) for v in importance]
+        if channels is not None:
+            record["channels"] = "activation magnitude"
     return model, record
 
 
