@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -512,3 +513,48 @@ def test_mlp_channels_kept_by_their_activations_on_the_data():
         want = teacher(rows).logits
         torch.testing.assert_close(measured(rows).logits, want, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(by_norm(rows).logits, want, atol=1e-2)
+
+
+def test_divergences_against_their_definitions():
+    """forward KL(p || q), reverse KL(q || p) and the generalized JSD, from torch's kl_div and the mixture
+    written out; zero where the distributions agree; JSD at beta 0.5 symmetric and at most log 2."""
+    from shrink.distillation.losses import divergence, soft_target_loss, topk_soft_target_loss
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(5, 7, 11, generator=g) * 3, torch.randn(5, 7, 11, generator=g) * 3
+    lp, lq = F.log_softmax(t, -1), F.log_softmax(s, -1)
+    torch.testing.assert_close(divergence(lp, lq, "forward"), F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1))
+    torch.testing.assert_close(divergence(lp, lq, "reverse"), F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1))
+    p, q = lp.exp(), lq.exp()
+    for beta in (0.5, 0.1):
+        m = beta * p + (1 - beta) * q
+        want = beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+        torch.testing.assert_close(divergence(lp, lq, "jsd", beta), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(divergence(lp, lq, "jsd"), divergence(lq, lp, "jsd"))
+    assert float(divergence(lp, lq, "jsd").max()) <= math.log(2) + 1e-6
+    for kind in ("forward", "reverse", "jsd"):
+        assert float(divergence(lp, lp, kind).abs().max()) < 1e-6
+        # the loss: T^2 times the mean over positions of the softened distributions' divergence
+        want = divergence(F.log_softmax(t / 2, -1), F.log_softmax(s / 2, -1), kind).mean() * 4
+        torch.testing.assert_close(soft_target_loss(s, t, 2.0, kind=kind), want)
+    # a cached top-k teacher: reverse KL over its k tokens, the student renormalised there
+    values, ids = t.topk(4, -1)
+    got = topk_soft_target_loss(s, values, ids, temperature=1.0, kind="reverse")
+    want = divergence(F.log_softmax(values, -1), F.log_softmax(s.gather(-1, ids), -1), "reverse").mean()
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ShrinkError, match="divergence 'kl2': expected one of forward, reverse, jsd"):
+        divergence(lp, lq, "kl2")
+
+
+@pytest.mark.parametrize("kind", ["reverse", "jsd"])
+def test_a_student_distills_under_the_other_divergences(kind, tmp_path):
+    teacher = tiny_llama(seed=2, tie=False)
+    data = pack_text([word_text(900, seed=4)], tiny_tokenizer(), seq_len=32)
+    student, _ = student_from_teacher(teacher, "every-other")
+    before = train_student(teacher, student, data, DistillConfig(steps=1, lr=1e-9, eval_every=1, divergence=kind),
+                           progress=False).history[-1]["kl"]
+    r = train_student(teacher, student, data, DistillConfig(steps=30, alpha=1.0, lr=3e-3, eval_every=30,
+                                                            divergence=kind, batch_size=4), progress=False)
+    assert r.history[-1]["kl"] < before  # the held-out KL to the teacher goes down
+    with pytest.raises(ShrinkError, match="divergence must be one of forward, reverse, jsd"):
+        train_student(teacher, student, data, DistillConfig(steps=1, divergence="kl2"), progress=False)

@@ -31,6 +31,7 @@ from .common import FORCE, Number, config_option, console, main, mb
 @click.option("--intermediate-size", type=Number(1, 1 << 20, integer=True), default=None, help="Narrow the student's MLP to this width.")
 @config_option(DistillConfig, "temperature", "--temperature", "-T", type=Number(0, 100, lo_open=True))
 @config_option(DistillConfig, "alpha", type=Number(0, 1))
+@config_option(DistillConfig, "divergence", type=click.Choice(["forward", "reverse", "jsd"]))
 @config_option(DistillConfig, "hidden_weight", type=Number(0, 1e6))
 @config_option(DistillConfig, "hidden_loss", type=click.Choice(["mse", "cosine"]))
 @config_option(DistillConfig, "layer_fit_steps", type=Number(0, 1 << 30, integer=True))
@@ -55,7 +56,8 @@ from .common import FORCE, Number, config_option, console, main, mb
 @FORCE
 
 
-def distill_command(teacher, student, data, out, intermediate_size, temperature, alpha, hidden_weight, hidden_loss,
+def distill_command(teacher, student, data, out, intermediate_size, temperature, alpha, divergence, hidden_weight,
+            hidden_loss,
             layer_fit_steps, layer_fit_lr, steps,
             time_budget, batch_size, grad_accum, lr, seq_len, max_sequences, eval_every, checkpoint_every, seed,
             cache_topk, task, resume, force):
@@ -75,6 +77,7 @@ def distill_command(teacher, student, data, out, intermediate_size, temperature,
     rank, world = init_distributed()
     with claim(out, "distill", OUT_NAMES, force=force, resume=resume) if rank == 0 else nullcontext():
         cfg = DistillConfig(temperature=temperature, alpha=alpha if teacher.lower() != "none" else 0.0,
+                            divergence=divergence,
                             hidden_weight=hidden_weight, hidden_loss=hidden_loss, layer_fit_steps=layer_fit_steps,
                             layer_fit_lr=layer_fit_lr, steps=steps, time_budget=time_budget,
                             batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every,

@@ -31,7 +31,7 @@ from ..core.errors import ShrinkError
 from ..core.model_outputs import kl_divergence, main_output, mean_pool
 from .data import PADDED_KINDS, DistillData, split_padded
 from .layerfit import layer_fit_loss, spans
-from .losses import distillation_loss, embedding_loss, hidden_state_loss
+from .losses import DIVERGENCES, distillation_loss, embedding_loss, hidden_state_loss
 
 
 def _opt(default, help_text: str):
@@ -46,6 +46,9 @@ class DistillConfig:
 
     temperature: float = _opt(2.0, "Softening of both distributions (2 for language models, as DistilBERT used).")
     alpha: float = _opt(0.5, "Weight of the soft-target loss; 1 - alpha goes to hard labels.")
+    divergence: str = _opt("forward", "Soft-target divergence: forward KL(teacher || student), reverse KL(student || "
+                                      "teacher) (mode-seeking, as MiniLLM), or jsd (the generalized Jensen-Shannon "
+                                      "divergence, beta 0.5, as GKD).")
     hidden_weight: float = _opt(0.0, "Weight of matching each student layer's hidden state to the teacher layer it "
                                      "came from (Hugging Face models of the same width).")
     hidden_loss: str = _opt("mse", "Loss of hidden-state matching: mse or cosine.")
@@ -445,7 +448,7 @@ class _Losses:
             parts = {"embedding": loss.item()}
         else:
             loss, parts = distillation_loss(s_logits, t_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
-                                            teacher_topk=topk)
+                                            teacher_topk=topk, kind=cfg.divergence)
         if self.use_hidden:
             mask = _token_mask(x, self.kind)
             h = sum(hidden_state_loss(s_hidden[si], t_hidden[ti], cfg.hidden_loss, mask)
@@ -502,6 +505,8 @@ def _check_config(cfg: DistillConfig) -> None:
         problems.append(f"temperature must be > 0 (got {cfg.temperature})")
     if not 0 <= cfg.alpha <= 1:  # also refuses NaN
         problems.append(f"alpha must be between 0 and 1 (got {cfg.alpha})")
+    if cfg.divergence not in DIVERGENCES:
+        problems.append(f"divergence must be one of {', '.join(DIVERGENCES)} (got {cfg.divergence!r})")
     if not (math.isfinite(cfg.hidden_weight) and cfg.hidden_weight >= 0):
         problems.append(f"hidden_weight must be 0 or more (got {cfg.hidden_weight})")
     if not 0 <= cfg.layer_fit_steps <= cfg.steps:
