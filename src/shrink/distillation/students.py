@@ -72,17 +72,7 @@ def block_importance(model: nn.Module, inputs: torch.Tensor) -> list[float]:
             count[i] += cos.numel()
         return measure
 
-    hooks = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for row in inputs[:IMPORTANCE_WINDOWS]:
-                model(row.reshape(1, -1))
-    finally:
-        for h in hooks:
-            h.remove()
-    if not all(count):
-        raise ShrinkError(f"{type(model).__name__}: its blocks did not run on the data, so their importance "
-                          "cannot be measured")
+    _run_rows(model, inputs, [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)], count)
     return [s_ / c for s_, c in zip(sums, count)]
 
 
@@ -101,13 +91,17 @@ def channel_importance(model: nn.Module, inputs: torch.Tensor) -> dict[int, torc
             count[i] += x.numel() // x.shape[-1]
         return measure
 
-    hooks = []
-    for i, b in enumerate(blocks):
-        reader = next((b.get_submodule(c) for _, cols in _MLP_NAMES for c in cols if _has(b, c)), None)
-        if reader is None:
-            raise ShrinkError(f"{prefix}.{i}: narrowing the MLP knows Llama-style (gate/up/down) and BERT-style "
-                              "layers only")
-        hooks.append(reader.register_forward_pre_hook(hook(i)))
+    readers = [next((b.get_submodule(c) for _, cols in _MLP_NAMES for c in cols if _has(b, c)), None) for b in blocks]
+    if None in readers:
+        raise ShrinkError(f"{prefix}.{readers.index(None)}: narrowing the MLP knows Llama-style (gate/up/down) and "
+                          "BERT-style layers only")
+    _run_rows(model, inputs, [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(readers)], count)
+    return {i: sums[i] / count[i] for i in sums}
+
+
+def _run_rows(model: nn.Module, inputs: torch.Tensor, hooks: list, count: list[int]) -> None:
+    """The first IMPORTANCE_WINDOWS rows of `inputs` through `model` (no gradients), its measuring `hooks`
+    removed after; ShrinkError when some block measured nothing (`count` per block)."""
     try:
         with torch.no_grad():
             for row in inputs[:IMPORTANCE_WINDOWS]:
@@ -115,7 +109,9 @@ def channel_importance(model: nn.Module, inputs: torch.Tensor) -> dict[int, torc
     finally:
         for h in hooks:
             h.remove()
-    return {i: sums[i] / count[i] for i in sums}
+    if not all(count):
+        raise ShrinkError(f"{type(model).__name__}: its blocks did not run on the data, so their importance "
+                          "cannot be measured")
 
 
 def _has(module: nn.Module, path: str) -> bool:
