@@ -218,7 +218,7 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
     if job.needs_data:
         data = prepare(calibration, tokenizer=tokenizer, model=model, n_samples=n_samples, seq_len=seq_len)
     if job.recipe.qad is not None:  # its data checked before any work
-        from ..quant.qad import check_windows
+        from ..quant.qad import check_resumable, check_windows
 
         if out is None:
             raise ShrinkError("quantization-aware distillation of a model quantized block by block trains the "
@@ -228,8 +228,7 @@ def quantize_streamed(folder, out: Path | None, spec="int4-g64", *, method="rtn"
         qad = prepare(qad_data if qad_data is not None else calibration, tokenizer=tokenizer, model=model,
                       n_samples=n_samples, seq_len=seq_len)
         check_windows(qad.samples)
-        if qad_resume and not (Path(qad_checkpoint or "") / "state.pt").is_file():
-            raise ShrinkError(f"{qad_checkpoint}: nothing to resume; run without --resume to start afresh")
+        check_resumable(qad_checkpoint, qad_resume)
     windows = (data.samples if data is not None else []) + (qad.samples if qad is not None else [])
     tokens = max(sum(int(w.numel()) for w in part.samples) if part is not None else 0 for part in (data, qad))
     estimate = estimate_memory(model, checkpoint, job, prefix, tokens,

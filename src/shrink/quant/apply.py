@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import math
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -264,10 +263,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
     if qad_resume and (qad_checkpoint is None or parse_method(method).qad is None):
         raise ShrinkError("qad_resume continues a QAD step from qad_checkpoint: give both, and QAD in the method")
     if qad_resume:
-        from .qad import STATE
+        from .qad import check_resumable
 
-        if not (Path(qad_checkpoint) / STATE).is_file():  # before the work that comes first
-            raise ShrinkError(f"{qad_checkpoint}: nothing to resume (no {STATE}); run without --resume to start afresh")
+        check_resumable(qad_checkpoint, qad_resume)  # before the work that comes first
     fused = unfuse_experts(model)  # one Linear per expert; put back below when none of them is quantized
     try:
         job = plan_job(model, spec, method=method, calibration=calibration, n_samples=n_samples, seq_len=seq_len,

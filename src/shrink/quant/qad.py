@@ -81,6 +81,13 @@ def check_windows(windows: list) -> None:
                           f"held out), got {len(windows)}: give more text, or shorter windows")
 
 
+def check_resumable(checkpoint, resume: bool) -> None:
+    """With `resume`, ShrinkError unless `checkpoint` holds a training state (checked before the work that
+    comes before QAD)."""
+    if resume and (checkpoint is None or not (Path(checkpoint) / STATE).is_file()):
+        raise ShrinkError(f"{checkpoint}: nothing to resume (no {STATE}); run without --resume to start afresh")
+
+
 def qad_record(result: QADResult, data: dict, qad) -> dict:
     """What shrink.json's calibration["qad"] says of a QAD step: its result, its data and its settings."""
     return {**result.to_dict(), "data": data, "lr": qad.lr, "budget_steps": qad.steps,
