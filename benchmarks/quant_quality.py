@@ -17,10 +17,9 @@ kept in full precision, which bits/w, counting the quantized layers, does not sh
 (gptq+qad100) then trains the scales and norms by N steps of quantization-aware distillation on the
 calibration text's windows (an eighth held out); +qadcN trains the codes too (codes_lr 5e-3).
 GPTQ always re-solves its group scales for the chosen codes (refit), since results of 2026-11-29.
-A method starting r4+ (r4+gptq) measures what an online rotation would give, which shrink does not build
-(issue 31): each down projection's input multiplied by a Hadamard matrix with random signs as it runs, its
-weight by the same matrix folded in before quantizing (QuaRot's R4; a wrapper module only here: such a model
-does not save or export).
+One starting rotate-online+ also rotates each down projection's input as the model runs (QuaRot's R4,
+quant/online.py; such a model runs only in shrink). results/quant_quality_r4.json was measured before that was
+built, with a wrapper that rotated the down projections alone (no residual rotation).
 """
 
 from __future__ import annotations
@@ -74,39 +73,11 @@ def gguf_variant(model, qtype_name: str):
     return m, bits
 
 
-class _InputRotated(torch.nn.Module):
-    """`linear` computing on its input times h (orthogonal), its weight times h folded in: the same outputs."""
-
-    def __init__(self, linear: torch.nn.Linear, h: torch.Tensor):
-        super().__init__()
-        self.linear = linear
-        self.register_buffer("h", h)
-        with torch.no_grad():
-            linear.weight.copy_(linear.weight @ h)
-
-    def forward(self, x):
-        return self.linear(x @ self.h)
-
-
-def _rotate_down_inputs(model, seed: int = 0) -> None:
-    """Every block's down projection wrapped in _InputRotated by a Hadamard matrix with random signs."""
-    from shrink.quant.rotate import hadamard
-
-    n = model.model.layers[0].mlp.down_proj.in_features
-    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
-    h = (hadamard(n) / n ** 0.5).float() * signs[:, None]
-    for layer in model.model.layers:
-        layer.mlp.down_proj = _InputRotated(layer.mlp.down_proj, h.clone())
-
-
 def build(base, tok, variant: str, calib_path: Path, args):
     method, fmt = variant.split(":")
     if method == "gguf":
         return gguf_variant(base, fmt)
     m = copy.deepcopy(base)
-    if method.startswith("r4+"):
-        _rotate_down_inputs(m)
-        method = method[3:]
     parts = method.split("+")
     tune = [int(p[4:]) for p in parts if p.startswith("tune")]  # "awq+gptq+tune32": 32 tuning steps
     # "gptq+qad100": then 100 steps of QAD; "qadc100": the codes trained too, at 5e-3 a step

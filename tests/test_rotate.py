@@ -53,7 +53,7 @@ def _logits(model, ids=IDS):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("n", [2, 4, 12, 20, 64, 72, 576, 768, 1536])
+@pytest.mark.parametrize("n", [2, 4, 12, 20, 28, 36, 64, 72, 76, 148, 576, 768, 1536])  # (28 ... 148: Paley II)
 def test_hadamard_matrices_of_the_orders_models_have(n):
     h = rotate.hadamard(n)
     assert set(h.unique().tolist()) == {-1.0, 1.0}
@@ -63,10 +63,10 @@ def test_hadamard_matrices_of_the_orders_models_have(n):
 
 
 def test_an_order_without_a_hadamard_matrix_here_gets_a_random_orthogonal_one_and_says_so():
-    assert rotate.hadamard(36) is None and rotate.hadamard(6) is None
-    q, what = rotate.orthogonal(36, seed=0)
-    assert what.startswith("random orthogonal 36")
-    assert torch.allclose(q @ q.T, torch.eye(36, dtype=torch.float64), atol=1e-12)
+    assert rotate.hadamard(172) is None and rotate.hadamard(6) is None  # (QuaRot stores one of order 172)
+    q, what = rotate.orthogonal(172, seed=0)
+    assert what.startswith("random orthogonal 172")
+    assert torch.allclose(q @ q.T, torch.eye(172, dtype=torch.float64), atol=1e-12)
 
 
 @pytest.mark.parametrize("family", list(FOLDABLE))

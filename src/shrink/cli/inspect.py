@@ -47,6 +47,11 @@ def inspect_command(path):
             console.print(f"rotated before quantizing: residual stream {rotation.get('residual')}, attention values "
                           f"{rotation.get('heads')}" + ("; output layer untied from the embedding"
                                                         if rotation.get("untied") else ""))
+            online = rotation.get("online") or {}
+            if online:
+                console.print(f"rotated online: the inputs of {len(online.get('layers', []))} down projections "
+                              f"(Hadamard blocks {', '.join(online.get('blocks', {}).values())}); only shrink runs "
+                              "this model (no GGUF export, no transformers loading)")
         qad = (m.get("calibration") or {}).get("qad") or {}
         if qad:
             console.print(f"quantization-aware distillation: {qad.get('steps')} steps, held-out KL "

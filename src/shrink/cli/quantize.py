@@ -12,7 +12,7 @@ from ..core.errors import ShrinkError
 from ..core.ownership import remove_own
 from ..quant import output_layer_name, quantize
 from ..quant.mixed import MixedPrecision
-from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, QAD, ROTATED, Tune, parse_method
+from ..quant.recipe import GPTQ, MAX_TUNE_STEPS, METHODS, QAD, ROTATED, ROTATED_ONLINE, Tune, parse_method
 from ..quant.record import record_of, summary_line
 from .common import FORCE, Number, calibration_windows, config_option, console, field_help, main, mb, size_table
 
@@ -40,11 +40,13 @@ def _parse_layers(items: tuple[str, ...]) -> dict:
                    "(Q4_0/Q5_0/Q8_0/IQ4_NL/Q2_K../Q6_K, -asym Q4_1/Q5_1).")
 @click.option("--layer", "layers", multiple=True, metavar="GLOB=FORMAT",
               help="Per-layer override, first match wins; FORMAT 'none' keeps full precision. Repeatable.")
-@click.option("--method", type=click.Choice([*METHODS, *ROTATED]), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice([*METHODS, *ROTATED, *ROTATED_ONLINE]), default="rtn", show_default=True,
               help="rtn: round to nearest (no data); gptq: error-compensating GPTQ; awq: activation-aware scaling "
                    "and clipping; awq+gptq: scaling, then GPTQ. All but rtn need --calibration. rotate+...: first "
                    "rotate the residual stream and attention values by Hadamard matrices folded into the weights "
-                   "(Llama-shaped models, in memory; 'rotate' alone: then rtn).")
+                   "(Llama-shaped models, in memory; 'rotate' alone: then rtn). rotate-online+...: the same, and each "
+                   "MLP down projection's input rotated as the model runs (less error at 3-4 bits; only shrink runs "
+                   "the result: no GGUF export, no transformers loading).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text: a .txt file, or .jsonl with a \"text\" (or \"input\") field per line. "
                    "Keep it apart from the text you evaluate on.")

@@ -32,10 +32,12 @@ from ..core.errors import ShrinkError
 from ..core.outdir import lock_beside
 from ..core.peers import LLAMA_CPP_HINT, llama_cpp_missing
 from ..quant.experts import LinearExperts
+from ..quant.online import refuse_online
 from ..quant import CastLinear, QuantEmbedding, QuantLinear
 from ..quant.record import record_of
 from ..quant.spec import KQUANTS, SUPERBLOCK
 from .gguf_meta import CHECK_TEXT, write_metadata
+from .manifest import read_manifest
 from .requant import Requant, plan
 from .saved import is_shrink_folder
 
@@ -198,6 +200,9 @@ def export_gguf(model, path: str | os.PathLike, *, float_type: str = "f16", requ
     path = Path(path)
     with lock_beside(path, "export"):
         _check_target(path, force)
+        if isinstance(model, (str, os.PathLike)) and is_shrink_folder(model):  # (before any measurement)
+            online = ((read_manifest(model).get("rotation") or {}).get("online") or {}).get("layers")
+            refuse_online(online, f"cannot export {model} to GGUF")
         if calibration is not None:
             _measure(model, requant, calibration, n_samples, seq_len)
         if isinstance(model, (str, os.PathLike)) and is_shrink_folder(model):
@@ -249,6 +254,7 @@ def _architecture(module: nn.Module, config, requant):
     if mtype not in ARCHITECTURES:
         raise ShrinkError(f"cannot export a {type(module).__name__} (model_type {mtype!r}) to GGUF: shrink exports "
                           f"{', '.join(sorted(ARCHITECTURES))} models")
+    refuse_online(module, "cannot export to GGUF")
     _refuse_inexact(module, requant)
     arch_name, permute = ARCHITECTURES[mtype]
     arch = gguf.MODEL_ARCH[arch_name]

@@ -26,6 +26,7 @@ from ..quant import CastLinear, QuantConv2d, QuantEmbedding, QuantLinear, parse_
 from ..quant.check import ForwardCheck, refuse_non_finite
 from ..quant.embedding import share_buffers
 from ..quant.experts import LinearExperts, expert_layers, fused_experts, unfuse_experts
+from ..quant.online import attach_recorded, online_rotated
 from ..quant.record import LayerDone, ModelRecord, record_of, update_record
 from ..quant.replace import find_submodule, set_submodule
 from . import packformat
@@ -84,7 +85,8 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     convs = any(isinstance(m, QuantConv2d) for m in model.modules())
     experts = expert_layers(model)
-    linear_in_architecture = not tables and not convs and \
+    # (a layer rotated online is not what transformers' model computes: shrink's layout, which it does not load)
+    linear_in_architecture = not tables and not convs and not online_rotated(model) and \
         all(packformat.exportable(m.spec) and m.input_order is None for m in quant.values()) and \
         _linear_in_architecture(model, [n for n in quant if n not in experts]) and \
         _experts_packable(model, {n: m.spec for n, m in quant.items()})
@@ -458,6 +460,7 @@ def _quantized_modules(directory: Path, manifest: dict, model: nn.Module, backen
             set_submodule(model, name, new)
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ShrinkError(f"{directory / MANIFEST}: module {name!r}: {e}") from None
+    attach_recorded(model, manifest.get("rotation"), str(directory / MANIFEST))  # (signs: from the weights)
 
 
 def _check_fits(model: nn.Module, name: str, info: dict) -> None:

@@ -224,7 +224,9 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
         and clipping), or "awq+gptq" (scaling, then GPTQ), each calibrated one optionally "+tune[N]"
         (block tuning, as tune_steps), each optionally after "rotate+" ("rotate" alone: with rtn): the
         residual stream and attention values rotated by Hadamard matrices folded into the weights first
-        (Llama-shaped decoders, float32; an output layer tied to its table is untied, said in the record);
+        (Llama-shaped decoders, float32; an output layer tied to its table is untied, said in the record),
+        or after "rotate-online+": the same, and each down projection's input rotated as the model runs
+        (only shrink runs the result: it exports to no other format);
         or the method objects in the order they run (`[Rotate(), AWQ(), GPTQ(damp=0.05), Tune(32)]`, from
         `shrink.quant`), or a `Recipe` of them. All but rtn need `calibration`.
     calibration: a .txt or .jsonl path (needs `tokenizer`), or an iterable of tensors (token ids or
@@ -297,6 +299,10 @@ def quantize(model: nn.Module, spec: Spec = "int8", *, method: str | Recipe | li
             from .rotate import rotate_model
 
             rotation = rotate_model(model, recipe.rotate.seed)
+            if recipe.rotate.online:  # (after the fold: the down projections' weights are the rotated ones)
+                from .online import down_projections, rotate_inputs
+
+                rotation["online"] = rotate_inputs(model, down_projections(model), recipe.rotate.seed + 2)
         qad = None
         if recipe.qad is not None:  # the teacher's outputs, while the model is still the original
             from .calibration import prepare
@@ -432,6 +438,7 @@ class _Undo:
         self.tensors = [(m, dict(m._parameters), {n: (p.data if p is not None else None)
                                                   for n, p in m._parameters.items()}, dict(m._buffers))
                         for m in model.modules()]
+        self.hooks = [(m, dict(m._forward_pre_hooks)) for m in model.modules()]  # (an online rotation's)
         config = getattr(model, "config", None)
         self.tie = getattr(config, "tie_word_embeddings", None) if config is not None else None
 
@@ -447,6 +454,9 @@ class _Undo:
                     p.data = data[n]
             m._buffers.clear()
             m._buffers.update(buffers)
+        for m, hooks in self.hooks:
+            m._forward_pre_hooks.clear()
+            m._forward_pre_hooks.update(hooks)
         if self.tie is not None:
             self.model.config.tie_word_embeddings = self.tie
 

@@ -41,6 +41,8 @@ def scale_groups(block: nn.Module, sample: tuple[tuple, dict] | None = None) -> 
     for prev, linears in pairs:
         if prev not in mods or not all(n in mods and isinstance(mods[n], nn.Linear) for n in linears):
             continue
+        if any(getattr(mods[n], "input_rotation", None) is not None for n in linears):
+            continue  # its input is rotated as it runs: a scale of the producer's channels is not one of its inputs
         width = {mods[n].in_features for n in linears}
         if len(width) != 1:
             continue

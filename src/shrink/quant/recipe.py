@@ -1,6 +1,6 @@
 """Quantization methods as objects: a recipe of steps applied per block, parsed once from the strings the
-CLI and the search use ("rtn", "gptq", "awq", "awq+gptq", each optionally after "rotate+" and followed by
-"+tune" or "+tuneN")."""
+CLI and the search use ("rtn", "gptq", "awq", "awq+gptq", each optionally after "rotate+" or "rotate-online+"
+and followed by "+tune" or "+tuneN")."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from ..core.errors import ShrinkError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")  # the base methods; shrink.json's "method" is one of them
 ROTATED = ("rotate", "rotate+gptq", "rotate+awq", "rotate+awq+gptq")  # the same after a rotation
+# and after a rotation with the down projections' inputs rotated online too (only shrink runs the result)
+ROTATED_ONLINE = tuple(m.replace("rotate", "rotate-online", 1) for m in ROTATED)
 DEFAULT_TUNE_STEPS = 32  # "+tune" without a count
 
 
@@ -41,9 +43,13 @@ class Rotate:
     """Before the method: the residual stream and each attention head's values rotated by Hadamard matrices
     with random signs, folded into the weights (rotate.py; checked numerically), so outliers spread over
     every channel before rounding. The architecture is unchanged: the result saves, loads and exports as
-    any other."""
+    any other. With `online`, each MLP's down projection also has its input rotated as the model runs
+    (online.py, QuaRot's R4): less error at 3 and 4 bits, but only shrink runs the result (no GGUF export,
+    no transformers loading, decoding by transformers' generate)."""
 
     seed: int = field(default=0, metadata={"help": "Rotation: the seed of the random signs."})
+    online: bool = field(default=False, metadata={
+        "help": "Rotation: also rotate the down projections' inputs online (only shrink runs the result)."})
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,8 @@ class Recipe:
         base = self.method + (f"+tune{self.tune.steps}" if self.tune else "")
         if self.rotate is None:
             return base
-        return "rotate" if base == "rtn" else f"rotate+{base}"
+        rotate = "rotate-online" if self.rotate.online else "rotate"
+        return rotate if base == "rtn" else f"{rotate}+{base}"
 
     @property
     def calibrated(self) -> bool:
@@ -121,19 +128,20 @@ def parse_method(method: str | Recipe | list, *, damp: float = GPTQ.damp, act_or
                  tune_steps: int = 0, true_sequential: bool = GPTQ.true_sequential, refit: bool = GPTQ.refit) -> Recipe:
     """The Recipe of a method string, of a list of method objects in the order they run ([Rotate(), AWQ(),
     GPTQ(), Tune()]), or a Recipe (returned as is). A string is one of METHODS, optionally after "rotate+"
-    ("rotate" alone: rotation, then round to nearest) and followed by "+tune" (DEFAULT_TUNE_STEPS steps) or
+    or "rotate-online+" ("rotate" alone: rotation, then round to nearest) and followed by "+tune" (DEFAULT_TUNE_STEPS steps) or
     "+tuneN". damp, act_order, true_sequential and refit configure GPTQ (defaults: GPTQ's); tune_steps > 0
     adds tuning to a string without it. ShrinkError naming the methods for anything else."""
     if isinstance(method, Recipe):
         return method
     if isinstance(method, (list, tuple)):
         return _from_steps(method)
-    m = re.fullmatch(r"(rotate\+?)?(rtn|gptq|awq|awq\+gptq)?(?:\+tune(\d*))?", method) \
+    m = re.fullmatch(r"(rotate(?:-online)?\+?)?(rtn|gptq|awq|awq\+gptq)?(?:\+tune(\d*))?", method) \
         if isinstance(method, str) else None
-    if m is None or (m.group(1) or "") not in (("", "rotate+") if m.group(2) else ("rotate",)):
+    # a rotation before a method ends in "+", one alone does not; "" is no method
+    if m is None or not (m.group(1) or m.group(2)) or (m.group(1) and m.group(1).endswith("+") != bool(m.group(2))):
         raise ShrinkError(f"unknown method {method!r}: available methods are {', '.join(METHODS)}, each optionally "
-                         "after 'rotate+' ('rotate' alone: rotation and round to nearest), a calibrated one may end "
-                         "in +tune or +tuneN")
+                         "after 'rotate+' or 'rotate-online+' ('rotate' alone: rotation and round to nearest), a "
+                         "calibrated one may end in +tune or +tuneN")
     rotate, base, tune = m.group(1), m.group(2) or "rtn", m.group(3)
     if tune is not None and base == "rtn":
         raise ShrinkError(f"method {method!r}: tuning needs a calibrated method (gptq, awq, awq+gptq)")
@@ -142,7 +150,8 @@ def parse_method(method: str | Recipe | list, *, damp: float = GPTQ.damp, act_or
         raise ShrinkError(f"method {method!r} and tune_steps={tune_steps} disagree; give the steps once")
     return Recipe(awq=AWQ() if base.startswith("awq") else None,
                   gptq=GPTQ(damp, act_order, true_sequential, refit) if base.endswith("gptq") else None,
-                  tune=Tune(steps) if steps else None, rotate=Rotate() if rotate else None)
+                  tune=Tune(steps) if steps else None,
+                  rotate=Rotate(online=rotate.startswith("rotate-online")) if rotate else None)
 
 
 def _from_steps(steps) -> Recipe:

@@ -27,10 +27,16 @@ def round_to_nearest(linear: nn.Module, spec: QuantSpec, name: str, backend: str
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted `name` ("model.layers.0.mlp.up_proj") with `new`."""
+    """Replace the submodule at dotted `name` ("model.layers.0.mlp.up_proj") with `new`; an online rotation
+    of the old one's input (online.py) moves to the new one."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
     setattr(parent, child, new)
+    if getattr(old, "input_rotation", None) is not None:
+        from .online import carry
+
+        carry(old, new)
 
 
 def find_submodule(model: nn.Module, name: str) -> nn.Module | None:

@@ -11,7 +11,7 @@ weight is folded into the layers it feeds (the norm of a rotated vector is the n
   values with scalar weights, so the rotation passes through it.
 
 Q is a Hadamard matrix with random signs (Sylvester's for powers of two, Paley's for q + 1 with q a prime
-3 mod 4, and Kronecker products of those; SmolLM2's 576 = 4 x 12 x 12), or, where no such order is found, a
+3 mod 4 and for 2 (q + 1) with q a prime 1 mod 4, and Kronecker products of those; SmolLM2's 576 = 4 x 12 x 12), or, where no such order is found, a
 random orthogonal matrix (said so in the record). The model keeps its architecture: it saves, loads and
 exports as any other. An output layer tied to the embedding is untied when the final norm's weight is not
 all ones (the table then serves two different matrices): the cost is said. Architectures whose norms or
@@ -47,34 +47,60 @@ def _is_prime(q: int) -> bool:
     return q > 1 and all(q % d for d in range(2, int(math.isqrt(q)) + 1))
 
 
-def _paley(n: int) -> torch.Tensor | None:
-    """Paley's Hadamard matrix of order n = q + 1, q a prime 3 mod 4 (None for other n)."""
-    q = n - 1
-    if q < 3 or q % 4 != 3 or not _is_prime(q):
-        return None
+def _jacobsthal(q: int) -> torch.Tensor:
+    """The q x q matrix of the quadratic character of j - i modulo the prime q (float64)."""
     squares = {(i * i) % q for i in range(1, q)}
     chi = torch.tensor([0] + [1 if i in squares else -1 for i in range(1, q)], dtype=torch.float64)
-    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
-    s = torch.zeros(n, n, dtype=torch.float64)
-    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, chi[idx]
-    return s + torch.eye(n, dtype=torch.float64)
+    return chi[(torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q]
+
+
+def _paley(n: int) -> torch.Tensor | None:
+    """Paley's Hadamard matrix of order n: n = q + 1 with q a prime 3 mod 4 (his first construction), or
+    n = 2 (q + 1) with q a prime 1 mod 4 (his second: 28, 76, 148 for Llama-3's 14336, Qwen2's 4864 and
+    18944); None for other n."""
+    q = n - 1
+    if q >= 3 and q % 4 == 3 and _is_prime(q):
+        s = torch.zeros(n, n, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+        return s + torch.eye(n, dtype=torch.float64)
+    q = n // 2 - 1
+    if n % 2 == 0 and q >= 5 and q % 4 == 1 and _is_prime(q):
+        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)  # a symmetric conference matrix
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
+        one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(c, one) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+    return None
+
+
+@lru_cache(maxsize=64)
+def hadamard_factors(n: int) -> tuple[torch.Tensor, ...] | None:
+    """Hadamard matrices (float64) whose Kronecker product is `hadamard(n)`, the 2 x 2 ones of Sylvester's
+    part and Paley's; None where no Hadamard matrix of order n is built here. A product by the factors
+    one after the other costs n * (sum of their orders) rather than n * n (how an online rotation runs)."""
+    if n in (1, 2):
+        return (torch.tensor([[1.0]] if n == 1 else [[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64),)
+    if n % 4:
+        return None
+    if (p := _paley(n)) is not None:
+        return (p,)
+    for a in (2, *range(4, int(math.isqrt(n)) + 1, 4)):
+        if n % a == 0 and (fa := hadamard_factors(a)) is not None and (fb := hadamard_factors(n // a)) is not None:
+            return fa + fb
+    return None
 
 
 @lru_cache(maxsize=16)
 def hadamard(n: int) -> torch.Tensor | None:
     """A Hadamard matrix of order n (entries +-1, H H^T = n I; float64) or None where none is built here:
-    Sylvester's for powers of two, Paley's, and Kronecker products of smaller ones."""
-    if n in (1, 2):
-        return torch.tensor([[1.0]] if n == 1 else [[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    if n % 4:
+    Sylvester's for powers of two, Paley's (both constructions), and Kronecker products of those."""
+    factors = hadamard_factors(n)
+    if factors is None:
         return None
-    found = _paley(n)
-    if found is None:
-        for a in (2, *range(4, int(math.isqrt(n)) + 1, 4)):
-            if n % a == 0 and (ha := hadamard(a)) is not None and (hb := hadamard(n // a)) is not None:
-                found = torch.kron(ha, hb)
-                break
-    if found is not None and not torch.equal(found @ found.T, n * torch.eye(n, dtype=torch.float64)):
+    found = factors[0]
+    for f in factors[1:]:
+        found = torch.kron(found, f)
+    if not torch.equal(found @ found.T, n * torch.eye(n, dtype=torch.float64)):
         raise AssertionError(f"internal: the Hadamard matrix of order {n} is not one")
     return found
 

@@ -21,6 +21,7 @@ from .format import grid_levels, levels_of, nearest_level
 from .layerwise import first_output
 from .linear import QuantLinear
 from .packing import pack, unpack
+from .replace import set_submodule
 from .spec import SUPERBLOCK
 
 
@@ -161,8 +162,7 @@ class Trainable:
 
     def _swap(self, to: dict) -> None:
         for n, m in to.items():
-            parent, _, leaf = n.rpartition(".")
-            setattr(self.module.get_submodule(parent) if parent else self.module, leaf, m)
+            set_submodule(self.module, n, m)  # (an online rotation of the layer's input goes with it)
 
     def __enter__(self) -> "Trainable":
         # what does not train takes no gradient (an embedding's would cost its size and a product per step)

@@ -19,6 +19,7 @@ from ..core.errors import ShrinkError
 from ..quant.embedding import QuantEmbedding
 from ..quant.kernels import LARGE_BATCH, native, native_supports, tiled
 from ..quant.linear import CastLinear, QuantLinear
+from ..quant.online import online_rotated
 
 PREFILL_CHUNK = 512  # prompt tokens per call: bounds the activations' memory, keeps GEMMs large
 SHARED_PREFIX = 8  # leading tokens all prompts of a call share that are run once and copied
@@ -106,6 +107,9 @@ def unsupported(model: nn.Module, compiled: bool = True) -> str | None:
             return f"{name} is on {t.device} (the runtime decodes on the CPU)"
         if t.is_floating_point() and t.dtype != torch.float32 and not _packed_part(model, name):
             return f"{name} is {str(t.dtype).removeprefix('torch.')} (the runtime computes in float32)"
+    rotated = online_rotated(model)
+    if rotated:
+        return f"{rotated[0]} rotates its input online (--method rotate-online+...), which the runtime does not run"
     for name, m in model.named_modules():
         if m is model or not name.startswith(("model.layers", "model.embed_tokens", "lm_head")):
             continue
