@@ -6,7 +6,9 @@ ask for directly, so a model is scored the same way however it was made or loade
 The runtime takes greedy and sampled decoding (temperature, top-k, top-p), end-of-sequence tokens, left
 padding through the attention mask, and max_new_tokens / min_new_tokens / max_length. A request for anything else
 (beams, repetition penalty, streamers, scores out, ...) goes to transformers unchanged, and the first time
-for each reason one warning says why.
+for each reason one warning says why. An `assistant_model` makes greedy decoding speculative (speculative.py;
+`last_speculation(model)` says how it went); with sampling it is refused (the output would not be the
+target's), and where either model cannot run here it goes to transformers' assisted generation.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch.nn as nn
 
 from ..core.errors import ShrinkError
 from .llama import LlamaDecoder, Sampling, unsupported
+from .speculative import Speculation, check_pair, speculate
 
 _HANDLED = {"max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "use_cache"}
 _IDS = {"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_new_tokens",
         "_from_model_config", "transformers_version"}
 _decoders: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, LlamaDecoder]]" = weakref.WeakKeyDictionary()
 _said: set[str] = set()
+_speculations: "weakref.WeakKeyDictionary[nn.Module, Speculation]" = weakref.WeakKeyDictionary()
 
 
 def _say_once(reason: str) -> None:
@@ -114,11 +118,20 @@ def generate(model: nn.Module, inputs: torch.Tensor | None = None, generation_co
     if inputs is None:
         return original(generation_config=generation_config, **kwargs)
     attention_mask = kwargs.get("attention_mask")
+    assistant = kwargs.pop("assistant_model", None)
     config, reason = _request(model, generation_config, kwargs)
+    if assistant is not None:
+        check_pair(model, assistant)
+        if config is not None and config.do_sample:
+            raise ShrinkError("do_sample=True with an assistant_model: shrink drafts for greedy decoding only, where "
+                              "the output is exactly the target's")
     decoder = decoder_for(model) if config is not None else None
-    if config is None or decoder is None:
+    helper = decoder_for(assistant) if assistant is not None and decoder is not None else None
+    if config is None or decoder is None or (assistant is not None and helper is None):
         if reason:
             _say_once(reason)
+        if assistant is not None:
+            kwargs["assistant_model"] = assistant  # transformers' assisted generation, as exact under greedy
         return original(inputs, generation_config=generation_config, **kwargs)
     eos = config.eos_token_id
     eos = [] if eos is None else [int(eos)] if isinstance(eos, int) or torch.is_tensor(eos) and eos.dim() == 0 \
@@ -134,7 +147,12 @@ def generate(model: nn.Module, inputs: torch.Tensor | None = None, generation_co
         return inputs.clone()
     sampling = Sampling(bool(config.do_sample), float(config.temperature if config.temperature is not None else 1.0),
                         int(config.top_k or 0), float(config.top_p if config.top_p is not None else 1.0))
-    news = decoder.generate(prompts, n_new, eos, sampling, min_new_tokens=int(config.min_new_tokens or 0))
+    if helper is not None:
+        stats = Speculation()
+        news = speculate(decoder, helper, prompts, n_new, eos, int(config.min_new_tokens or 0), stats=stats)
+        _speculations[model] = stats
+    else:
+        news = decoder.generate(prompts, n_new, eos, sampling, min_new_tokens=int(config.min_new_tokens or 0))
     longest = max(len(n) for n in news)
     if longest and pad is None and min(len(n) for n in news) < longest:
         raise ShrinkError("rows stopped at different lengths and there is no pad_token_id to fill them with")
@@ -143,6 +161,12 @@ def generate(model: nn.Module, inputs: torch.Tensor | None = None, generation_co
     for r, n in enumerate(news):
         out[r, width:width + len(n)] = n
     return out
+
+
+def last_speculation(model: nn.Module) -> Speculation | None:
+    """What the last `generate` of `model` with an assistant_model did in the runtime (proposed and accepted
+    draft tokens, the target's passes; `Speculation`), or None when none ran there."""
+    return _speculations.get(model)
 
 
 def install(model: nn.Module) -> str | None:
