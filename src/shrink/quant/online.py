@@ -85,12 +85,14 @@ class HadamardInput(nn.Module):
                               f"order m 2^j), so an input of {n} cannot be rotated online")
         self.n = n
         self.register_buffer("signs", torch.ones(n) if signs is None else signs.float().clone())
+        self.blocks = len(chunks(n))
+        for i, b in enumerate(chunks(n)):  # buffers, not saved: they move with the model (.to(device))
+            self.register_buffer(f"block{i}", b.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = chunks(self.n)
-        dims = [b.shape[0] for b in blocks]
-        y = (x.float() * self.signs).reshape(-1, *dims)
-        for i, b in enumerate(blocks):
+        blocks = [getattr(self, f"block{i}").float() for i in range(self.blocks)]
+        y = (x.float() * self.signs.float()).reshape(-1, *(b.shape[0] for b in blocks))
+        for i, b in enumerate(blocks):  # (float32 whatever the model's dtype: the product is exact to its rounding)
             y = torch.movedim(torch.movedim(y, i + 1, -1) @ b, -1, i + 1)
         return y.reshape(x.shape).to(x.dtype)
 
