@@ -114,9 +114,12 @@ def distill_draft(teacher, target, tok, layers: int, minutes: float, n_questions
         return DistillConfig(steps=steps, time_budget=budget, batch_size=8, lr=5e-4, alpha=0.9, temperature=1.0,
                              eval_every=max(1, steps // 4), checkpoint_every=10 ** 9, eval_batches=2, warmup=0.03)
 
-    t = time.perf_counter()
-    train_student(teacher, copy.deepcopy(student), data, cfg(3), progress=False, teacher_cache=cache)
-    per_step = (time.perf_counter() - t) / 3
+    def probe(n):
+        t = time.perf_counter()
+        train_student(teacher, copy.deepcopy(student), data, cfg(n), progress=False, teacher_cache=cache)
+        return time.perf_counter() - t
+
+    per_step = (probe(4) - probe(1)) / 3  # (start-up and evaluation cancel out)
     steps = max(10, int(minutes * 60 / per_step))
     console.print(f"draft: teacher blocks {idx}, {parameter_count(student):,} parameters; {steps} steps planned "
                   f"({per_step:.2f} s/step) on {len(data):,} sequences of 256 tokens")
