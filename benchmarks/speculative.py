@@ -157,7 +157,7 @@ def run_pair(target, draft, prompts, n_new: int, rounds: int):
     return times, stats, mismatched
 
 
-def llama_cpp_pair(bin_dir: Path, target, draft, tok, questions, n_new: int, console) -> dict | None:
+def llama_cpp_pair(bin_dir: Path, teacher, target, draft, tok, questions, n_new: int, console) -> dict | None:
     """llama-speculative on the same pair exported to GGUF (greedy, --draft-max 16 --draft-min 1, 2 threads), and
     llama-bench's decoding speed of the target alone (tg n_new, its defaults otherwise)."""
     spec, bench = bin_dir / "llama-speculative", bin_dir / "llama-bench"
@@ -166,8 +166,11 @@ def llama_cpp_pair(bin_dir: Path, target, draft, tok, questions, n_new: int, con
         return None
     with tempfile.TemporaryDirectory() as d:
         tg, dg = Path(d) / "target.gguf", Path(d) / "draft.gguf"
-        shrink.export_gguf(target, tg)
-        shrink.export_gguf(draft, dg)
+        from shrink.io.export import source_gguf_of
+
+        src = source_gguf_of(teacher)  # the tokenizer and metadata of the GGUF file SmolLM2 came from
+        shrink.export_gguf(target, tg, source_gguf=src)
+        shrink.export_gguf(draft, dg, source_gguf=src)
         alone = subprocess.run([str(bench), "-m", str(tg), "-p", "0", "-n", str(n_new), "-t", "2", "-o", "json"],
                                capture_output=True, text=True, check=True)
         alone_tps = json.loads(alone.stdout)[0]["avg_ts"]
@@ -234,8 +237,11 @@ def main(argv=None):
         "seconds_per_round": times,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    write_json(Path(args.out), result)  # (shrink's figures kept whatever llama.cpp does)
+    console.print(f"shrink: {tokens / alone:.1f} tokens/s alone, {tokens / drafted:.1f} with the draft "
+                  f"({alone / drafted:.2f}x), acceptance {result['acceptance']:.0%}, identical: {not mismatched}")
     if args.llama_cpp:
-        result["llama_cpp"] = llama_cpp_pair(Path(args.llama_cpp), target, draft_q, tok, [r["input"] for r in rows],
+        result["llama_cpp"] = llama_cpp_pair(Path(args.llama_cpp), teacher, target, draft_q, tok, [r["input"] for r in rows],
                                              args.new_tokens, console)
     t = Table(title=f"SmolLM2 {FORMAT['*']} (head int8), greedy, {len(prompts)} prompts x {args.new_tokens} new tokens, "
                     f"draft of {share:.0%} of the parameters")
