@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ShrinkError
-from .rotate import _paley
+from .rotate import paley
 
 MAX_CHUNK = 256  # the largest block multiplied at once: larger ones cost more products than they save calls
 ONLINE_TOLERANCE = 1e-4  # the rotated model's output, relative to the original's: float32 rounding
@@ -42,7 +42,7 @@ def chunks(n: int) -> tuple[torch.Tensor, ...] | None:
     odd = None
     for j in range(k + 1):  # the odd part's matrix takes as few of the twos as it can
         order = (n >> k) << j
-        odd = torch.ones(1, 1, dtype=torch.float64) if order == 1 else _paley(order)
+        odd = torch.ones(1, 1, dtype=torch.float64) if order == 1 else paley(order)
         if odd is not None:
             break
     if odd is None:

@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ShrinkError
-from .replace import find_submodule
 
 # the parameters of a block that read the residual stream, by the norm whose output they read (a Linear's
 # weight, a router's, a mixture's fused or one-per-expert experts), and those that write it (regexes)
@@ -54,7 +53,7 @@ def _jacobsthal(q: int) -> torch.Tensor:
     return chi[(torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q]
 
 
-def _paley(n: int) -> torch.Tensor | None:
+def paley(n: int) -> torch.Tensor | None:
     """Paley's Hadamard matrix of order n: n = q + 1 with q a prime 3 mod 4 (his first construction), or
     n = 2 (q + 1) with q a prime 1 mod 4 (his second: 28, 76, 148 for Llama-3's 14336, Qwen2's 4864 and
     18944); None for other n."""
@@ -82,7 +81,7 @@ def hadamard_factors(n: int) -> tuple[torch.Tensor, ...] | None:
         return (torch.tensor([[1.0]] if n == 1 else [[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64),)
     if n % 4:
         return None
-    if (p := _paley(n)) is not None:
+    if (p := paley(n)) is not None:
         return (p,)
     for a in (2, *range(4, int(math.isqrt(n)) + 1, 4)):
         if n % a == 0 and (fa := hadamard_factors(a)) is not None and (fb := hadamard_factors(n // a)) is not None:
@@ -167,7 +166,7 @@ def _roles(i: int, block: nn.Module) -> dict[str, str]:
                               "(rotations fold into Llama-shaped blocks; refused rather than applied approximately)")
         roles[name] = role
     for norm in READS:
-        if find_submodule(block, norm) is None:
+        if not isinstance(getattr(block, norm, None), nn.Module):
             raise ShrinkError(f"cannot rotate: model.layers.{i} has no {norm}")
     if not any(r == "input_layernorm" for r in roles.values()) or not any(r == "write" for r in roles.values()):
         raise ShrinkError(f"cannot rotate: model.layers.{i} has no attention projections of Llama's names")
