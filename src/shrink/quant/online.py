@@ -163,11 +163,10 @@ def rotate_inputs(model: nn.Module, names: list[str], seed: int = 0) -> dict:
             raise ShrinkError(f"cannot rotate online: {n} is not a float32 Linear layer ({type(m).__name__})")
         if getattr(m, "input_rotation", None) is not None:
             raise ShrinkError(f"cannot rotate online: {n} is rotated online already")
-    sizes = {m.in_features for m in layers.values()}
-    for n, m in layers.items():
         if chunks(m.in_features) is None:
             raise ShrinkError(f"cannot rotate online: {n} has {m.in_features} inputs, and no Hadamard matrix of that "
                               "order is built here")
+    sizes = {m.in_features for m in layers.values()}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
     ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
